@@ -1,0 +1,1 @@
+//! Traffic capture for a pod's network namespace.

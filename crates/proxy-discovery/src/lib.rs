@@ -1,0 +1,1 @@
+//! The mesh model, the ServiceMirror reconcile, discovery sources and the route index.
