@@ -1,1 +1,163 @@
-fn main() {}
+//! `isthmus-init`: the pod's init container. Parses flags (each also an
+//! `ISTHMUS_INIT_*` environment variable) into a validated [`Config`], then installs
+//! the capture, removes it (`--cleanup`) or prints what it would apply (`--dry-run`).
+//!
+//! Exit status: 2 for a bad flag value (nothing was changed), 1 when the rules could
+//! not be read or applied, 0 otherwise.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use iptables_init::apply::{self, Action, Plan};
+use iptables_init::config::{
+    BackendChoice, Cidr, Config, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
+    DEFAULT_SKIP_INBOUND_PORTS, PortList, parse_cidr_list, parse_port,
+};
+
+/// Redirects a pod's TCP through the Isthmus sidecar with iptables (nat table).
+#[derive(Debug, Parser)]
+#[command(name = "isthmus-init", version)]
+struct Args {
+    /// UID the proxy runs as; its connections are not captured.
+    #[arg(long, env = "ISTHMUS_INIT_PROXY_UID", default_value_t = DEFAULT_PROXY_UID)]
+    proxy_uid: u32,
+    /// Port of the proxy's outbound listener.
+    #[arg(long, env = "ISTHMUS_INIT_OUTBOUND_PORT", default_value_t = DEFAULT_OUTBOUND_PORT, value_parser = parse_port)]
+    outbound_port: u16,
+    /// Port of the proxy's inbound listener.
+    #[arg(long, env = "ISTHMUS_INIT_INBOUND_PORT", default_value_t = DEFAULT_INBOUND_PORT, value_parser = parse_port)]
+    inbound_port: u16,
+    /// Inbound destination ports not captured, e.g. `22,8000-8100` ('' for none).
+    #[arg(long, env = "ISTHMUS_INIT_SKIP_INBOUND_PORTS", default_value = DEFAULT_SKIP_INBOUND_PORTS, value_parser = parse_port_list)]
+    skip_inbound_ports: PortList,
+    /// Outbound destination ports not captured, e.g. `25,3306,8000-8100`.
+    #[arg(long, env = "ISTHMUS_INIT_SKIP_OUTBOUND_PORTS", default_value = "", value_parser = parse_port_list)]
+    skip_outbound_ports: PortList,
+    /// Outbound destination networks not captured, e.g. `10.96.0.0/12,fd00::/8`.
+    #[arg(long, env = "ISTHMUS_INIT_SKIP_OUTBOUND_SUBNETS", default_value = "", value_parser = parse_cidrs)]
+    skip_outbound_subnets: CidrList,
+    /// If set, only outbound TCP to these networks is captured (default: all).
+    #[arg(long, env = "ISTHMUS_INIT_INCLUDE_OUTBOUND_SUBNETS", default_value = "", value_parser = parse_cidrs)]
+    include_outbound_subnets: CidrList,
+    /// Also program ip6tables.
+    #[arg(long, env = "ISTHMUS_INIT_IPV6")]
+    ipv6: bool,
+    /// Which iptables implementation to program; auto picks the one the host uses.
+    #[arg(long, env = "ISTHMUS_INIT_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Print the exact iptables-restore input and change nothing.
+    #[arg(long, env = "ISTHMUS_INIT_DRY_RUN")]
+    dry_run: bool,
+    /// Remove the chains and jump rules isthmus-init installed, and nothing else.
+    #[arg(long, env = "ISTHMUS_INIT_CLEANUP")]
+    cleanup: bool,
+}
+
+/// A whole comma-separated list as one flag value (a bare `Vec` would make clap
+/// expect the flag repeated).
+#[derive(Debug, Clone)]
+struct CidrList(Vec<Cidr>);
+
+fn parse_cidrs(s: &str) -> Result<CidrList, iptables_init::config::ParseError> {
+    parse_cidr_list(s).map(CidrList)
+}
+
+fn parse_port_list(s: &str) -> Result<PortList, iptables_init::config::ParseError> {
+    s.parse()
+}
+
+impl Args {
+    fn config(&self) -> Result<Config, iptables_init::config::ConfigError> {
+        Config {
+            proxy_uid: self.proxy_uid,
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            skip_inbound_ports: self.skip_inbound_ports.clone(),
+            skip_outbound_ports: self.skip_outbound_ports.clone(),
+            skip_outbound_subnets: self.skip_outbound_subnets.0.clone(),
+            include_outbound_subnets: self.include_outbound_subnets.0.clone(),
+            ipv6: self.ipv6,
+            backend: self.backend,
+        }
+        .validate()
+    }
+}
+
+fn main() -> ExitCode {
+    // clap exits with status 2 and names the flag and value on a bad value.
+    let args = Args::parse();
+    let config = match args.config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("isthmus-init: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let action = if args.cleanup {
+        Action::Cleanup
+    } else {
+        Action::Install
+    };
+    match run(&config, action, args.dry_run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("isthmus-init: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: &Config, action: Action, dry_run: bool) -> anyhow::Result<()> {
+    let plan = apply::plan(config, action, dry_run).context("reading the current nat table")?;
+    for note in &plan.notes {
+        eprintln!("isthmus-init: {note}");
+    }
+    if dry_run {
+        print!("{}", dry_run_text(&plan));
+        return Ok(());
+    }
+    apply::execute(&plan).with_context(|| match action {
+        Action::Install => "installing the capture rules",
+        Action::Cleanup => "removing the capture rules",
+    })?;
+    for step in &plan.steps {
+        let name = step.restore_name(plan.mode);
+        match (action, &step.text) {
+            (Action::Install, Some(_)) => println!(
+                "isthmus-init: {} capture installed with {name}: outbound to port {}, inbound to port {}, proxy uid {} exempt",
+                step.family, config.outbound_port, config.inbound_port, config.proxy_uid
+            ),
+            (Action::Cleanup, Some(_)) => {
+                println!("isthmus-init: {} capture removed with {name}", step.family)
+            }
+            (_, None) => println!(
+                "isthmus-init: {} has no capture rules to remove",
+                step.family
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// The restore input of every family, each under a comment header naming the tool
+/// it is for; comments are valid restore input, so the text can be fed as is.
+fn dry_run_text(plan: &Plan) -> String {
+    let mut out = String::new();
+    for step in &plan.steps {
+        let name = step.restore_name(plan.mode);
+        match &step.text {
+            Some(text) => {
+                out.push_str(&format!(
+                    "# {} rules for: {name} --noflush\n{text}",
+                    step.family
+                ));
+            }
+            None => out.push_str(&format!(
+                "# {}: nothing of isthmus-init to remove\n",
+                step.family
+            )),
+        }
+    }
+    out
+}
