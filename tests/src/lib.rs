@@ -1,1 +1,20 @@
-//! Test support for end-to-end tests.
+//! Support for end-to-end tests that need a real kernel: network namespaces,
+//! veth pairs, iptables, and the workspace's own binaries.
+//!
+//! # Layout
+//!
+//! - [`netns`]: [`netns::Lab`], the guard that creates namespaces and links under a
+//!   per-run prefix and removes them (and kills its child processes) on drop, even when
+//!   a test fails; [`netns::Namespace`] runs commands and closures inside one.
+//! - [`binary`]: finding the workspace's binaries next to the running test, and
+//!   copying them where another UID can execute them.
+//! - [`tcp`]: listeners, dials and waits, each bounded by a timeout.
+//!
+//! Addresses come only from 198.18.0.0/15 and 2001:2::/48, inside namespaces the tests
+//! create; nothing gets a default route or NAT to the host. This crate is never a
+//! dependency of the product; it only uses the public APIs of the crates it tests.
+//! The tests in `tests/` need root and fail (never skip) without it.
+
+pub mod binary;
+pub mod netns;
+pub mod tcp;

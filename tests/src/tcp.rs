@@ -1,0 +1,75 @@
+//! Bounded TCP helpers for tests: every wait has a deadline, and "nothing arrived"
+//! is checked without waiting at all once the positive path has proven where the
+//! connection went.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+/// How long a test waits for a connection or bytes that should come.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// Poll interval of [`accept_within`]; short, since accepts normally arrive at once.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Binds a listener that [`accept_within`] and [`pending`] can use. Call it on a
+/// thread inside the namespace the listener belongs to (`Namespace::run`).
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Accepts one connection, or `Ok(None)` after `timeout`. The stream is blocking
+/// with read and write timeouts of [`WAIT`].
+pub fn accept_within(
+    listener: &TcpListener,
+    timeout: Duration,
+) -> io::Result<Option<(TcpStream, SocketAddr)>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                stream.set_nonblocking(false)?;
+                stream.set_read_timeout(Some(WAIT))?;
+                stream.set_write_timeout(Some(WAIT))?;
+                return Ok(Some((stream, peer)));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                std::thread::sleep(POLL);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether a connection is waiting to be accepted right now (it is accepted and
+/// dropped if so).
+pub fn pending(listener: &TcpListener) -> io::Result<bool> {
+    Ok(accept_within(listener, Duration::ZERO)?.is_some())
+}
+
+/// Connects within [`WAIT`]; the stream has read and write timeouts of [`WAIT`].
+/// Call it on a thread inside the client's namespace.
+pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, WAIT)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    stream.set_write_timeout(Some(WAIT))?;
+    Ok(stream)
+}
+
+/// Writes `token` and closes the write side.
+pub fn send(stream: &mut TcpStream, token: &str) -> io::Result<()> {
+    stream.write_all(token.as_bytes())?;
+    stream.shutdown(Shutdown::Write)
+}
+
+/// Reads until the peer closes its write side (bounded by the stream's timeouts).
+pub fn receive(stream: &mut TcpStream) -> io::Result<String> {
+    let mut buf = String::new();
+    stream.read_to_string(&mut buf)?;
+    Ok(buf)
+}

@@ -1,0 +1,617 @@
+//! `isthmus-init` for real: each test builds a pod namespace and a peer namespace
+//! joined by a veth pair, installs the capture with the real binary, and checks where
+//! real connections land. Needs root (fails, with instructions, without it) and the
+//! `isthmus-init` binary (`cargo test --workspace` builds it).
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command};
+
+use iptables_init::apply;
+use iptables_init::backend::{self, Mode};
+use iptables_init::config::{Config, Family};
+use iptables_init::rules::{self, NatState};
+use isthmus_tests::binary::{WorldExecutable, binary};
+use isthmus_tests::netns::{Lab, Namespace, wait_with_timeout};
+use isthmus_tests::tcp::{self, WAIT};
+use proxy_core::addr::orig_dst;
+
+const PROXY_UID: u32 = 2102;
+/// Some other unprivileged user: the app.
+const APP_UID: u32 = 2103;
+const NOBODY: u32 = 65534;
+const OUTBOUND: u16 = 4140;
+const INBOUND: u16 = 4143;
+const ADMIN: u16 = 4191;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fam {
+    V4,
+    V6,
+}
+
+/// The addresses of one family in the two-namespace topology.
+struct Net {
+    pod: IpAddr,
+    peer: IpAddr,
+    /// The peer's address on a second subnet, routed through the peer.
+    other: IpAddr,
+    other_subnet: &'static str,
+    any: IpAddr,
+    loopback: IpAddr,
+    /// The source the proxy binds when it delivers inbound traffic to the app.
+    inbound_source: IpAddr,
+}
+
+fn net(fam: Fam) -> Net {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    match fam {
+        Fam::V4 => Net {
+            pod: ip("198.18.0.2"),
+            peer: ip("198.18.0.1"),
+            other: ip("198.19.0.1"),
+            other_subnet: "198.19.0.0/24",
+            any: ip("0.0.0.0"),
+            loopback: ip("127.0.0.1"),
+            inbound_source: ip("127.0.0.6"),
+        },
+        Fam::V6 => Net {
+            pod: ip("2001:2::2"),
+            peer: ip("2001:2::1"),
+            other: ip("2001:2:0:1::1"),
+            other_subnet: "2001:2:0:1::/64",
+            any: ip("::"),
+            loopback: ip("::1"),
+            inbound_source: ip("::6"),
+        },
+    }
+}
+
+/// A pod namespace and a peer namespace joined by a veth pair, with IPv4 and IPv6.
+/// Field order matters: the helper copy outlives nothing, the lab drops last.
+struct Pod {
+    fam: Fam,
+    net: Net,
+    pod: Namespace,
+    peer: Namespace,
+    init: PathBuf,
+    dial: WorldExecutable,
+    /// Held for its drop: it deletes the namespaces.
+    _lab: Lab,
+}
+
+impl Pod {
+    fn new(fam: Fam) -> Self {
+        let lab = Lab::new();
+        let pod = lab.namespace();
+        let peer = lab.namespace();
+        let (pod_if, peer_if) = lab.veth(&pod, &peer).unwrap();
+        pod.add_addr(&pod_if, "198.18.0.2/24").unwrap();
+        pod.add_addr(&pod_if, "2001:2::2/64").unwrap();
+        peer.add_addr(&peer_if, "198.18.0.1/24").unwrap();
+        peer.add_addr(&peer_if, "198.19.0.1/24").unwrap();
+        peer.add_addr(&peer_if, "2001:2::1/64").unwrap();
+        peer.add_addr(&peer_if, "2001:2:0:1::1/64").unwrap();
+        pod.add_route("198.19.0.0/24", "198.18.0.1").unwrap();
+        pod.add_route("2001:2:0:1::/64", "2001:2::1").unwrap();
+        let init = binary("isthmus-init");
+        let dial = WorldExecutable::copy(std::path::Path::new(env!(
+            "CARGO_BIN_EXE_isthmus-test-dial"
+        )))
+        .unwrap();
+        Self {
+            fam,
+            net: net(fam),
+            pod,
+            peer,
+            init,
+            dial,
+            _lab: lab,
+        }
+    }
+
+    /// Runs `isthmus-init` in the pod with `args` (plus `--ipv6` for IPv6 tests).
+    fn init(&self, args: &[&str]) -> String {
+        let mut args: Vec<&str> = args.to_vec();
+        if self.fam == Fam::V6 {
+            args.push("--ipv6");
+        }
+        self.pod.exec(self.init.to_str().unwrap(), &args).unwrap()
+    }
+
+    fn listen(&self, ns: &Namespace, ip: IpAddr, port: u16) -> TcpListener {
+        let addr = SocketAddr::new(ip, port);
+        ns.run(|| tcp::listen(addr))
+            .unwrap_or_else(|e| panic!("listening on {addr} in {}: {e}", ns.name()))
+    }
+
+    /// Connects from the pod as the test process (root, not the proxy) and sends `token`.
+    fn send_from(&self, ns: &Namespace, ip: IpAddr, port: u16, token: &str) -> TcpStream {
+        let addr = SocketAddr::new(ip, port);
+        let mut stream = ns
+            .run(|| tcp::connect(addr))
+            .unwrap_or_else(|e| panic!("connecting from {} to {addr}: {e}", ns.name()));
+        tcp::send(&mut stream, token).unwrap();
+        stream
+    }
+
+    /// Starts the dial helper in the pod as `uid`; finish it with [`finish`].
+    fn dial_as(&self, uid: u32, ip: IpAddr, port: u16, token: &str, bind: Option<IpAddr>) -> Child {
+        let mut cmd = Command::new(self.dial.path());
+        cmd.arg(SocketAddr::new(ip, port).to_string()).arg(token);
+        if let Some(bind) = bind {
+            cmd.arg(bind.to_string());
+        }
+        self.pod.spawn_as(cmd, uid, uid).unwrap()
+    }
+}
+
+/// Waits for the dial helper, which ends once the listener side closed.
+fn finish(child: Child) -> SocketAddr {
+    let out = wait_with_timeout(child, WAIT * 2).unwrap();
+    assert!(
+        out.status.success(),
+        "dial helper failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Accepts the connection that must arrive at `listener`, checks its token, and
+/// returns it with the client's address.
+fn arrival(listener: &TcpListener, token: &str) -> (TcpStream, SocketAddr) {
+    let local = listener.local_addr().unwrap();
+    let (mut stream, peer) = tcp::accept_within(listener, WAIT)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no connection arrived at {local} within {WAIT:?}"));
+    assert_eq!(
+        tcp::receive(&mut stream).unwrap(),
+        token,
+        "token at {local}"
+    );
+    (stream, peer)
+}
+
+fn original_destination(stream: &TcpStream) -> SocketAddr {
+    orig_dst(stream, stream.local_addr().unwrap())
+        .unwrap_or_else(|e| panic!("no original destination on {stream:?}: {e}"))
+        .0
+}
+
+fn assert_nothing_at(listener: &TcpListener) {
+    assert!(
+        !tcp::pending(listener).unwrap(),
+        "a connection arrived at {} that should not have",
+        listener.local_addr().unwrap()
+    );
+}
+
+// ---- outbound ----
+
+fn outbound_is_redirected_with_original_destination(fam: Fam) {
+    let p = Pod::new(fam);
+    p.init(&["--backend", "nft"]);
+    let outbound = p.listen(&p.pod, p.net.any, OUTBOUND);
+    let server = p.listen(&p.peer, p.net.peer, 8080);
+
+    let _client = p.send_from(&p.pod, p.net.peer, 8080, "app");
+    let (stream, _) = arrival(&outbound, "app");
+    assert_eq!(
+        original_destination(&stream),
+        SocketAddr::new(p.net.peer, 8080)
+    );
+    assert_nothing_at(&server);
+}
+
+#[test]
+fn outbound_is_redirected_with_original_destination_v4() {
+    outbound_is_redirected_with_original_destination(Fam::V4);
+}
+
+#[test]
+fn outbound_is_redirected_with_original_destination_v6() {
+    outbound_is_redirected_with_original_destination(Fam::V6);
+}
+
+fn proxy_uid_reaches_the_destination_directly(fam: Fam) {
+    let p = Pod::new(fam);
+    p.init(&[]);
+    let outbound = p.listen(&p.pod, p.net.any, OUTBOUND);
+    let server = p.listen(&p.peer, p.net.peer, 8080);
+
+    let child = p.dial_as(PROXY_UID, p.net.peer, 8080, "proxy", None);
+    let (stream, client) = arrival(&server, "proxy");
+    assert_eq!(client.ip(), p.net.pod, "the server sees the pod's address");
+    drop(stream);
+    finish(child);
+    assert_nothing_at(&outbound);
+
+    // The same program under another UID is captured: the exemption is the UID's.
+    let child = p.dial_as(APP_UID, p.net.peer, 8080, "app", None);
+    let (stream, _) = arrival(&outbound, "app");
+    assert_eq!(
+        original_destination(&stream),
+        SocketAddr::new(p.net.peer, 8080)
+    );
+    drop(stream);
+    finish(child);
+    assert_nothing_at(&server);
+}
+
+#[test]
+fn proxy_uid_reaches_the_destination_directly_v4() {
+    proxy_uid_reaches_the_destination_directly(Fam::V4);
+}
+
+#[test]
+fn proxy_uid_reaches_the_destination_directly_v6() {
+    proxy_uid_reaches_the_destination_directly(Fam::V6);
+}
+
+fn skipped_ports_subnets_and_loopback_are_not_captured(fam: Fam) {
+    let p = Pod::new(fam);
+    p.init(&[
+        "--skip-outbound-ports",
+        "8081,9000-9010",
+        "--skip-outbound-subnets",
+        p.net.other_subnet,
+    ]);
+    let outbound = p.listen(&p.pod, p.net.any, OUTBOUND);
+    let direct = [
+        (&p.peer, p.net.peer, 8081, "skipped port"),
+        (&p.peer, p.net.peer, 9005, "skipped range"),
+        (&p.peer, p.net.other, 8080, "skipped subnet"),
+        (&p.pod, p.net.loopback, 8080, "loopback"),
+        (&p.pod, p.net.pod, 8082, "own pod address"),
+    ];
+    for (ns, ip, port, token) in direct {
+        let listener = p.listen(ns, ip, port);
+        let _client = p.send_from(&p.pod, ip, port, token);
+        arrival(&listener, token);
+        assert_nothing_at(&outbound);
+    }
+
+    let server = p.listen(&p.peer, p.net.peer, 8080);
+    let _client = p.send_from(&p.pod, p.net.peer, 8080, "captured");
+    let (stream, _) = arrival(&outbound, "captured");
+    assert_eq!(
+        original_destination(&stream),
+        SocketAddr::new(p.net.peer, 8080)
+    );
+    assert_nothing_at(&server);
+}
+
+#[test]
+fn skipped_ports_subnets_and_loopback_are_not_captured_v4() {
+    skipped_ports_subnets_and_loopback_are_not_captured(Fam::V4);
+}
+
+#[test]
+fn skipped_ports_subnets_and_loopback_are_not_captured_v6() {
+    skipped_ports_subnets_and_loopback_are_not_captured(Fam::V6);
+}
+
+fn include_subnets_limit_capture(fam: Fam) {
+    let p = Pod::new(fam);
+    p.init(&["--include-outbound-subnets", p.net.other_subnet]);
+    let outbound = p.listen(&p.pod, p.net.any, OUTBOUND);
+
+    let other = p.listen(&p.peer, p.net.other, 8080);
+    let _c = p.send_from(&p.pod, p.net.other, 8080, "included");
+    let (stream, _) = arrival(&outbound, "included");
+    assert_eq!(
+        original_destination(&stream),
+        SocketAddr::new(p.net.other, 8080)
+    );
+    assert_nothing_at(&other);
+
+    let server = p.listen(&p.peer, p.net.peer, 8080);
+    let _c = p.send_from(&p.pod, p.net.peer, 8080, "not included");
+    arrival(&server, "not included");
+    assert_nothing_at(&outbound);
+}
+
+#[test]
+fn include_subnets_limit_capture_v4() {
+    include_subnets_limit_capture(Fam::V4);
+}
+
+#[test]
+fn include_subnets_limit_capture_v6() {
+    include_subnets_limit_capture(Fam::V6);
+}
+
+// ---- inbound ----
+
+fn inbound_is_redirected_and_admin_is_not(fam: Fam) {
+    let p = Pod::new(fam);
+    p.init(&[]);
+    let inbound = p.listen(&p.pod, p.net.any, INBOUND);
+    let admin = p.listen(&p.pod, p.net.any, ADMIN);
+    let app = p.listen(&p.pod, p.net.any, 8080);
+
+    let _c = p.send_from(&p.peer, p.net.pod, 8080, "to app");
+    let (stream, client) = arrival(&inbound, "to app");
+    assert_eq!(client.ip(), p.net.peer);
+    assert_eq!(
+        original_destination(&stream),
+        SocketAddr::new(p.net.pod, 8080)
+    );
+    assert_nothing_at(&app);
+
+    let _c = p.send_from(&p.peer, p.net.pod, ADMIN, "probe");
+    let (stream, _) = arrival(&admin, "probe");
+    assert_eq!(stream.local_addr().unwrap().port(), ADMIN);
+    assert_nothing_at(&inbound);
+
+    // A gateway's mTLS addresses the inbound port itself.
+    let _c = p.send_from(&p.peer, p.net.pod, INBOUND, "direct");
+    let (stream, _) = arrival(&inbound, "direct");
+    assert_eq!(stream.local_addr().unwrap().port(), INBOUND);
+}
+
+#[test]
+fn inbound_is_redirected_and_admin_is_not_v4() {
+    inbound_is_redirected_and_admin_is_not(Fam::V4);
+}
+
+#[test]
+fn inbound_is_redirected_and_admin_is_not_v6() {
+    inbound_is_redirected_and_admin_is_not(Fam::V6);
+}
+
+fn proxy_calling_its_own_pod_goes_through_inbound(fam: Fam) {
+    let p = Pod::new(fam);
+    p.init(&[]);
+    if fam == Fam::V6 {
+        // IPv4 has all of 127.0.0.0/8 on lo; IPv6 only ::1, so the proxy's inbound
+        // source needs assigning (as a mesh would in the pod).
+        p.pod
+            .exec(
+                "ip",
+                &["-6", "addr", "add", "::6/128", "dev", "lo", "nodad"],
+            )
+            .unwrap();
+    }
+    let inbound = p.listen(&p.pod, p.net.any, INBOUND);
+    let admin = p.listen(&p.pod, p.net.any, ADMIN);
+    let app = p.listen(&p.pod, p.net.any, 8080);
+
+    // The proxy forwarding to its own pod IP lands on its inbound port.
+    let child = p.dial_as(PROXY_UID, p.net.pod, 8080, "self", None);
+    let (stream, _) = arrival(&inbound, "self");
+    assert_eq!(
+        original_destination(&stream),
+        SocketAddr::new(p.net.pod, 8080)
+    );
+    drop(stream);
+    finish(child);
+    assert_nothing_at(&app);
+
+    // The proxy delivering inbound traffic from its inbound source reaches the app.
+    let child = p.dial_as(
+        PROXY_UID,
+        p.net.pod,
+        8080,
+        "deliver",
+        Some(p.net.inbound_source),
+    );
+    let (stream, client) = arrival(&app, "deliver");
+    assert_eq!(client.ip(), p.net.inbound_source);
+    drop(stream);
+    finish(child);
+
+    // Skipped inbound ports stay skipped for the proxy's own calls too.
+    let child = p.dial_as(PROXY_UID, p.net.pod, ADMIN, "admin", None);
+    drop(arrival(&admin, "admin"));
+    finish(child);
+
+    // The app calling its own pod IP talks to itself directly.
+    let child = p.dial_as(APP_UID, p.net.pod, 8080, "app to itself", None);
+    drop(arrival(&app, "app to itself"));
+    finish(child);
+    assert_nothing_at(&inbound);
+}
+
+#[test]
+fn proxy_calling_its_own_pod_goes_through_inbound_v4() {
+    proxy_calling_its_own_pod_goes_through_inbound(Fam::V4);
+}
+
+#[test]
+fn proxy_calling_its_own_pod_goes_through_inbound_v6() {
+    proxy_calling_its_own_pod_goes_through_inbound(Fam::V6);
+}
+
+// ---- lifecycle: idempotence, dry run, cleanup, atomicity, both backends ----
+
+fn tool(mode: Mode, fam: Fam, verb: &str) -> String {
+    let program = match fam {
+        Fam::V4 => "iptables",
+        Fam::V6 => "ip6tables",
+    };
+    match verb {
+        "" => format!("{program}-{mode}"),
+        verb => format!("{program}-{mode}-{verb}"),
+    }
+}
+
+/// `iptables-save` and `ip6tables-save` of `mode`, without comments and counters.
+fn snapshot(ns: &Namespace, mode: Mode) -> String {
+    let mut out = String::new();
+    for fam in [Fam::V4, Fam::V6] {
+        let save = ns.exec(&tool(mode, fam, "save"), &[] as &[&str]).unwrap();
+        for line in save.lines().filter(|l| !l.starts_with('#')) {
+            let line = match line.rfind(" [") {
+                Some(i) if line.starts_with(':') => &line[..i],
+                _ => line,
+            };
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push_str("----\n");
+    }
+    out
+}
+
+fn add_foreign_rules(ns: &Namespace, mode: Mode) {
+    for fam in [Fam::V4, Fam::V6] {
+        let t = tool(mode, fam, "");
+        for args in [
+            &["-t", "nat", "-N", "FOREIGN"][..],
+            &["-t", "nat", "-A", "FOREIGN", "-j", "RETURN"],
+            &["-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "FOREIGN"],
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "--dport",
+                "9",
+                "-j",
+                "RETURN",
+            ],
+            &[
+                "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "ACCEPT",
+            ],
+        ] {
+            ns.exec(&t, args).unwrap();
+        }
+    }
+}
+
+fn lifecycle(mode: Mode) {
+    let p = Pod::new(Fam::V6);
+    let other = match mode {
+        Mode::Nft => Mode::Legacy,
+        Mode::Legacy => Mode::Nft,
+    };
+    add_foreign_rules(&p.pod, mode);
+    let before = snapshot(&p.pod, mode);
+    let other_before = snapshot(&p.pod, other);
+    assert!(!before.contains("ISTHMUS"));
+
+    // `auto` finds the backend the foreign rules live in.
+    p.init(&["--backend", "auto"]);
+    let first = snapshot(&p.pod, mode);
+    assert_eq!(
+        snapshot(&p.pod, other),
+        other_before,
+        "the other backend is untouched"
+    );
+    for chain in rules::CHAINS {
+        assert_eq!(
+            first.matches(&format!(":{chain} -")).count(),
+            2,
+            "{chain} in both families:\n{first}"
+        );
+    }
+    assert!(first.contains("-A FOREIGN -j RETURN"));
+    assert!(first.contains("-A PREROUTING -p tcp -m tcp --dport 9 -j RETURN"));
+
+    p.init(&["--backend", &mode.to_string()]);
+    assert_eq!(
+        snapshot(&p.pod, mode),
+        first,
+        "a second run changes nothing"
+    );
+
+    // A dry run, even of different settings or of a cleanup, changes nothing.
+    let dry = p.init(&[
+        "--dry-run",
+        "--outbound-port",
+        "5000",
+        "--backend",
+        &mode.to_string(),
+    ]);
+    assert!(dry.contains("--to-ports 5000"), "{dry}");
+    assert!(
+        !dry.contains("-A PREROUTING") && !dry.contains("-A OUTPUT"),
+        "jumps exist already, a run would not add them:\n{dry}"
+    );
+    p.init(&["--dry-run", "--cleanup"]);
+    assert_eq!(snapshot(&p.pod, mode), first, "a dry run changes nothing");
+
+    p.init(&["--cleanup"]);
+    assert_eq!(
+        snapshot(&p.pod, mode),
+        before,
+        "cleanup leaves exactly the rules that were there before"
+    );
+    let again = p.init(&["--cleanup", "--backend", &mode.to_string()]);
+    assert!(again.contains("no capture rules to remove"), "{again}");
+    assert_eq!(snapshot(&p.pod, mode), before);
+}
+
+#[test]
+fn apply_twice_dry_run_and_cleanup_nft() {
+    lifecycle(Mode::Nft);
+}
+
+#[test]
+fn apply_twice_dry_run_and_cleanup_legacy() {
+    lifecycle(Mode::Legacy);
+}
+
+/// A restore that fails at its last line leaves the previous rules as they were.
+fn failing_restore_changes_nothing(mode: Mode) {
+    let p = Pod::new(Fam::V4);
+    p.init(&["--backend", &mode.to_string()]);
+    let before = snapshot(&p.pod, mode);
+
+    let result = p.pod.run(|| {
+        let tools = backend::locate(mode, Family::V4).unwrap();
+        let state: NatState = apply::save_nat(&tools).unwrap();
+        let config = Config {
+            outbound_port: 5000,
+            skip_outbound_ports: "25".parse().unwrap(),
+            ..Config::default()
+        };
+        let text = rules::render_install(&config, Family::V4, &state);
+        let late_failure = text.replace(
+            "COMMIT\n",
+            "-A ISTHMUS_OUTPUT -p tcp -j ISTHMUS_NO_SUCH_CHAIN\nCOMMIT\n",
+        );
+        assert!(late_failure.contains("NO_SUCH_CHAIN"));
+        apply::run_restore(&tools, &late_failure, false)
+    });
+    let err = result.expect_err("a rule jumping to a missing chain must fail");
+    assert!(err.to_string().contains("restore"), "{err}");
+    assert_eq!(
+        snapshot(&p.pod, mode),
+        before,
+        "the failed transaction left the rules as they were"
+    );
+}
+
+#[test]
+fn failing_restore_changes_nothing_nft() {
+    failing_restore_changes_nothing(Mode::Nft);
+}
+
+#[test]
+fn failing_restore_changes_nothing_legacy() {
+    failing_restore_changes_nothing(Mode::Legacy);
+}
+
+#[test]
+fn without_permission_it_fails_saying_so() {
+    let p = Pod::new(Fam::V4);
+    let init = WorldExecutable::copy(&p.init).unwrap();
+    for backend in ["nft", "legacy"] {
+        let mut cmd = Command::new(init.path());
+        cmd.args(["--backend", backend]);
+        let out = wait_with_timeout(p.pod.spawn_as(cmd, NOBODY, NOBODY).unwrap(), WAIT).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
+        assert!(
+            stderr.contains("denied permission") && stderr.contains("CAP_NET_ADMIN"),
+            "{backend}: {stderr}"
+        );
+    }
+    assert!(!snapshot(&p.pod, Mode::Nft).contains("ISTHMUS"));
+    assert!(!snapshot(&p.pod, Mode::Legacy).contains("ISTHMUS"));
+}
