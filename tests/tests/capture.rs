@@ -535,7 +535,10 @@ fn lifecycle(mode: Mode) {
     p.init(&["--dry-run", "--cleanup"]);
     assert_eq!(snapshot(&p.pod, mode), first, "a dry run changes nothing");
 
-    p.init(&["--cleanup"]);
+    // Without --ipv6, a cleanup still removes the IPv6 capture.
+    p.pod
+        .exec(p.init.to_str().unwrap(), &["--cleanup"])
+        .unwrap();
     assert_eq!(
         snapshot(&p.pod, mode),
         before,
@@ -614,4 +617,44 @@ fn without_permission_it_fails_saying_so() {
     }
     assert!(!snapshot(&p.pod, Mode::Nft).contains("ISTHMUS"));
     assert!(!snapshot(&p.pod, Mode::Legacy).contains("ISTHMUS"));
+}
+
+/// When IPv6 fails after IPv4 went in on a namespace without our rules, IPv4 is
+/// removed again. nft's `--test` does not resolve jump targets, so a jump to a
+/// missing chain passes the pre-flight check and fails only on commit.
+#[test]
+fn a_late_ipv6_failure_rolls_back_ipv4() {
+    let p = Pod::new(Fam::V6);
+    let before = snapshot(&p.pod, Mode::Nft);
+    let config = Config {
+        ipv6: true,
+        backend: iptables_init::config::BackendChoice::Nft,
+        ..Config::default()
+    };
+    let err = p.pod.run(|| {
+        let mut plan = apply::plan(&config, apply::Action::Install, false).unwrap();
+        let v6 = plan
+            .steps
+            .iter_mut()
+            .find(|s| s.family == Family::V6)
+            .unwrap();
+        let text = v6.text.take().unwrap();
+        v6.text = Some(text.replace(
+            "COMMIT\n",
+            "-A ISTHMUS_OUTPUT -p tcp -j ISTHMUS_NO_SUCH_CHAIN\nCOMMIT\n",
+        ));
+        apply::execute(&plan).expect_err("the IPv6 transaction must fail")
+    });
+    let msg = err.to_string();
+    assert!(
+        msg.contains("IPv4 rules were applied but IPv6 rules were not")
+            && msg.contains("removed again"),
+        "{msg}"
+    );
+    // The nat table itself may now exist (empty): the tools create it on first use.
+    let after = snapshot(&p.pod, Mode::Nft);
+    assert!(
+        !after.contains("ISTHMUS") && !after.contains("-A "),
+        "before:\n{before}\nafter:\n{after}"
+    );
 }

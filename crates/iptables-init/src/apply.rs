@@ -110,14 +110,23 @@ pub enum Action {
 /// Reads the current state and renders what `action` needs, for every family of
 /// `config`. With `lenient` (dry runs), missing tools and unreadable state are notes
 /// and count as empty, so the rules can be shown on a machine that cannot apply them.
+///
+/// A cleanup also looks at IPv6 without `--ipv6`, so a capture installed with it is
+/// not left behind; IPv6 is then skipped quietly if its tools are missing.
 pub fn plan(config: &Config, action: Action, lenient: bool) -> Result<Plan, ApplyError> {
-    let families = config.families();
+    let extra_v6 = action == Action::Cleanup && !config.ipv6;
+    let families = if extra_v6 {
+        vec![Family::V4, Family::V6]
+    } else {
+        config.families()
+    };
     let (mode, why) = backend::resolve(config.backend, &families);
     let mut notes = vec![format!("backend {mode} ({why})")];
     let mut steps = Vec::new();
     for family in families {
         let tools = match backend::locate(mode, family) {
             Ok(tools) => Some(tools),
+            Err(_) if extra_v6 && family == Family::V6 => continue,
             Err(source) if lenient => {
                 notes.push(format!("{source}; assuming an empty nat table"));
                 None
