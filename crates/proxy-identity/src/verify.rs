@@ -1,0 +1,467 @@
+//! Peer verification: the chain against the store's current trust anchors, then the
+//! peer's SPIFFE ID against a [`PeerPolicy`].
+//!
+//! SPIFFE peers are named by their URI SAN, so DNS names are ignored: a client may send
+//! any SNI and the server's DNS SANs (if any) are never compared with it. The anchors
+//! are read from the [`CredentialStore`] at every handshake, so a rotated `ca.crt`
+//! applies to the next handshake without rebuilding configs.
+//!
+//! Failures are rustls errors (that is what the verifier traits return) whose cause is
+//! typed: [`HandshakeFailure::classify`] turns any handshake error back into a reason
+//! label for logs and metrics. This module does not log or count; the caller that owns
+//! the connection does, once, with the peer's address.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::server::ParsedCertificate;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, Error,
+    OtherError, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use x509_parser::extensions::GeneralName;
+
+use crate::creds::CredentialStore;
+use crate::id::{IdError, SpiffeId, TrustDomain};
+
+/// Which peer identities a connection accepts, checked after the chain verifies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerPolicy {
+    /// Exactly this identity (a sidecar dialling its gateway, a gateway its peer).
+    Exact(SpiffeId),
+    /// Any identity of this trust domain (a gateway accepting the mesh's sidecars).
+    TrustDomain(TrustDomain),
+    /// Any of these identities.
+    AnyOf(Vec<SpiffeId>),
+}
+
+impl PeerPolicy {
+    /// Whether `id` is acceptable.
+    pub fn allows(&self, id: &SpiffeId) -> bool {
+        match self {
+            Self::Exact(expected) => id == expected,
+            Self::TrustDomain(td) => id.is_member_of(td),
+            Self::AnyOf(ids) => ids.contains(id),
+        }
+    }
+
+    /// `Ok` if `id` is acceptable, else the mismatch naming both sides.
+    pub fn check(&self, id: &SpiffeId) -> Result<(), VerifyError> {
+        if self.allows(id) {
+            Ok(())
+        } else {
+            Err(VerifyError::IdentityMismatch {
+                peer: id.clone(),
+                expected: self.to_string(),
+            })
+        }
+    }
+}
+
+impl fmt::Display for PeerPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(id) => write!(f, "{id}"),
+            Self::TrustDomain(td) => write!(f, "any identity of trust domain {td}"),
+            Self::AnyOf(ids) => {
+                f.write_str("one of [")?;
+                for (i, id) in ids.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{id}")?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
+/// Why a certificate does not name an acceptable SPIFFE identity.
+///
+/// `Debug` renders like `Display` (plus the cause), because rustls shows the error it
+/// carries with `{:?}` in its own message, which is what lands in logs.
+#[derive(thiserror::Error)]
+pub enum VerifyError {
+    /// The certificate's DER does not parse.
+    #[error("certificate is not parsable X.509: {detail}")]
+    Unparsable {
+        /// The parser's message.
+        detail: String,
+    },
+    /// No URI SAN at all.
+    #[error("certificate carries no URI SAN, so no SPIFFE ID")]
+    NoSpiffeId,
+    /// The X509-SVID rule is exactly one URI SAN.
+    #[error("certificate carries {count} URI SANs; a SPIFFE certificate has exactly one")]
+    MultipleUris {
+        /// How many URI SANs it has.
+        count: usize,
+    },
+    /// The URI SAN is not a valid SPIFFE ID.
+    #[error("certificate URI SAN is not a SPIFFE ID")]
+    BadSpiffeId(#[source] IdError),
+    /// A valid identity, but not the one expected.
+    #[error("peer identity {peer} is not the expected {expected}")]
+    IdentityMismatch {
+        /// What the peer presented.
+        peer: SpiffeId,
+        /// The policy, rendered.
+        expected: String,
+    },
+}
+
+impl fmt::Debug for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")?;
+        if let Self::BadSpiffeId(cause) = self {
+            write!(f, ": {cause}")?;
+        }
+        Ok(())
+    }
+}
+
+impl VerifyError {
+    fn into_rustls(self) -> Error {
+        Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(self))))
+    }
+}
+
+/// The SPIFFE ID of a certificate: its single URI SAN, parsed strictly.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> {
+    let (_, x509) =
+        x509_parser::parse_x509_certificate(cert).map_err(|e| VerifyError::Unparsable {
+            detail: e.to_string(),
+        })?;
+    let san = x509
+        .subject_alternative_name()
+        .map_err(|e| VerifyError::Unparsable {
+            detail: format!("subjectAltName: {e}"),
+        })?;
+    let mut uris = san
+        .iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        });
+    let Some(uri) = uris.next() else {
+        return Err(VerifyError::NoSpiffeId);
+    };
+    let others = uris.count();
+    if others > 0 {
+        return Err(VerifyError::MultipleUris { count: others + 1 });
+    }
+    SpiffeId::parse(uri).map_err(VerifyError::BadSpiffeId)
+}
+
+/// Why a handshake failed, as a label for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HandshakeFailure {
+    /// The peer's chain does not lead to our trust anchors (or the peer said so of ours).
+    UnknownIssuer,
+    /// A certificate of the chain is past its notAfter. A peer's `certificate_expired`
+    /// alert lands here too, although TLS uses it for not-yet-valid as well.
+    Expired,
+    /// A certificate of the chain is before its notBefore.
+    NotYetValid,
+    /// The chain is good but the SPIFFE ID is not what the policy expects.
+    IdentityMismatch,
+    /// A client connected without a certificate (or the server said we sent none).
+    NoClientCert,
+    /// Any other certificate problem: no SPIFFE ID, bad encoding, wrong key usage,
+    /// bad signature, or a peer's generic `bad_certificate`/`certificate_unknown`.
+    BadCertificate,
+    /// Not TLS 1.3 as expected: plaintext, garbage, wrong version, no common ALPN,
+    /// a peer closing mid-handshake.
+    Protocol,
+    /// The transport failed (reset, timeout), not the TLS exchange.
+    Io,
+}
+
+impl HandshakeFailure {
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::IdentityMismatch => "identity_mismatch",
+            Self::NoClientCert => "no_client_cert",
+            Self::BadCertificate => "bad_certificate",
+            Self::Protocol => "protocol",
+            Self::Io => "io",
+        }
+    }
+
+    /// Classifies a rustls error, whether raised here or received as a peer's alert.
+    pub fn classify(err: &Error) -> Self {
+        match err {
+            Error::InvalidCertificate(cert) => Self::classify_certificate(cert),
+            Error::NoCertificatesPresented => Self::NoClientCert,
+            Error::AlertReceived(alert) => match alert {
+                AlertDescription::UnknownCA => Self::UnknownIssuer,
+                AlertDescription::CertificateExpired => Self::Expired,
+                AlertDescription::CertificateRequired => Self::NoClientCert,
+                AlertDescription::AccessDenied => Self::IdentityMismatch,
+                AlertDescription::BadCertificate
+                | AlertDescription::CertificateUnknown
+                | AlertDescription::UnsupportedCertificate
+                | AlertDescription::CertificateRevoked
+                | AlertDescription::DecryptError => Self::BadCertificate,
+                _ => Self::Protocol,
+            },
+            _ => Self::Protocol,
+        }
+    }
+
+    fn classify_certificate(err: &CertificateError) -> Self {
+        match err {
+            CertificateError::UnknownIssuer => Self::UnknownIssuer,
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => Self::Expired,
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                Self::NotYetValid
+            }
+            CertificateError::ApplicationVerificationFailure => Self::IdentityMismatch,
+            CertificateError::Other(OtherError(inner)) => {
+                match inner.downcast_ref::<VerifyError>() {
+                    Some(VerifyError::IdentityMismatch { .. }) => Self::IdentityMismatch,
+                    _ => Self::BadCertificate,
+                }
+            }
+            _ => Self::BadCertificate,
+        }
+    }
+
+    /// Classifies the `io::Error` that tokio-rustls returns from a failed handshake:
+    /// a wrapped rustls error by its cause, an early EOF as a protocol failure (the peer
+    /// gave up, often after sending us an alert or not speaking TLS), the rest as I/O.
+    pub fn classify_io(err: &io::Error) -> Self {
+        if let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
+            return Self::classify(tls);
+        }
+        match err.kind() {
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData => Self::Protocol,
+            _ => Self::Io,
+        }
+    }
+}
+
+impl fmt::Display for HandshakeFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn check_identity(end_entity: &CertificateDer<'_>, policy: &PeerPolicy) -> Result<(), Error> {
+    let id = spiffe_id_of(end_entity).map_err(VerifyError::into_rustls)?;
+    policy.check(&id).map_err(VerifyError::into_rustls)
+}
+
+/// Verifies a server's chain and identity for a client config.
+#[derive(Debug)]
+pub(crate) struct SpiffeServerVerifier {
+    store: Arc<CredentialStore>,
+    policy: PeerPolicy,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeServerVerifier {
+    pub(crate) fn new(
+        store: Arc<CredentialStore>,
+        policy: PeerPolicy,
+        algorithms: WebPkiSupportedAlgorithms,
+    ) -> Self {
+        Self {
+            store,
+            policy,
+            algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let creds = self.store.current();
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        // This checks the chain, validity and the serverAuth key usage, but no name:
+        // the name check is the SPIFFE ID below.
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            creds.roots(),
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        check_identity(end_entity, &self.policy)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        // Unreachable in practice (the configs offer TLS 1.3 only), kept correct anyway.
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Requires and verifies a client's chain and identity for a server config.
+#[derive(Debug)]
+pub(crate) struct SpiffeClientVerifier {
+    store: Arc<CredentialStore>,
+    policy: PeerPolicy,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeClientVerifier {
+    pub(crate) fn new(
+        store: Arc<CredentialStore>,
+        policy: PeerPolicy,
+        algorithms: WebPkiSupportedAlgorithms,
+    ) -> Self {
+        Self {
+            store,
+            policy,
+            algorithms,
+        }
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // The hints would have to borrow from the current anchors, which rotate; TLS 1.3
+        // makes them optional and our clients present their one leaf regardless.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let creds = self.store.current();
+        // webpki's client verifier, built over the same anchors when the credentials
+        // were loaded: chain, validity and the clientAuth key usage.
+        creds
+            .client_chain_verifier()
+            .verify_client_cert(end_entity, intermediates, now)?;
+        check_identity(end_entity, &self.policy)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn policies() {
+        let a = id("spiffe://td/ns/a/sa/a");
+        let b = id("spiffe://td/ns/b/sa/b");
+        let other = id("spiffe://other/ns/a/sa/a");
+        assert!(PeerPolicy::Exact(a.clone()).allows(&a));
+        assert!(!PeerPolicy::Exact(a.clone()).allows(&b));
+        let td = PeerPolicy::TrustDomain(TrustDomain::parse("td").unwrap());
+        assert!(td.allows(&a) && td.allows(&b) && !td.allows(&other));
+        let any = PeerPolicy::AnyOf(vec![a.clone(), b.clone()]);
+        assert!(any.allows(&b) && !any.allows(&other));
+        let err = td.check(&other).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "peer identity spiffe://other/ns/a/sa/a is not the expected any identity of trust domain td"
+        );
+    }
+
+    #[test]
+    fn classifies_errors() {
+        let mismatch = VerifyError::IdentityMismatch {
+            peer: id("spiffe://td/ns/a/sa/a"),
+            expected: "x".into(),
+        }
+        .into_rustls();
+        assert_eq!(
+            HandshakeFailure::classify(&mismatch),
+            HandshakeFailure::IdentityMismatch
+        );
+        let wrapped = io::Error::new(io::ErrorKind::InvalidData, mismatch);
+        assert_eq!(
+            HandshakeFailure::classify_io(&wrapped),
+            HandshakeFailure::IdentityMismatch
+        );
+        assert_eq!(
+            HandshakeFailure::classify(&VerifyError::NoSpiffeId.into_rustls()),
+            HandshakeFailure::BadCertificate
+        );
+        assert_eq!(
+            HandshakeFailure::classify(&Error::AlertReceived(AlertDescription::UnknownCA)),
+            HandshakeFailure::UnknownIssuer
+        );
+        assert_eq!(
+            HandshakeFailure::classify_io(&io::ErrorKind::ConnectionReset.into()),
+            HandshakeFailure::Io
+        );
+        assert_eq!(
+            HandshakeFailure::classify_io(&io::ErrorKind::UnexpectedEof.into()),
+            HandshakeFailure::Protocol
+        );
+    }
+}
