@@ -13,5 +13,13 @@
 //!
 //! Sockets, TLS and the data path (proxy-core, proxy-identity), and any other
 //! `proxy-*` crate: the proxy binary adapts this crate's types to theirs.
+pub mod index;
 pub mod model;
 pub mod reconcile;
+pub mod snapshot;
+pub mod source;
+
+pub use index::{GatewayRef, Index, Route};
+pub use model::{Authority, ClusterName, ServiceRef};
+pub use snapshot::{Refusal, Snapshot};
+pub use source::{DirSource, Discovery, DiscoveryError, ReloadStatus};

@@ -102,20 +102,20 @@ pub fn reconcile(
     let Some(remote) = remote else {
         return refuse(
             MirrorReason::UnknownCluster,
-            format!("spec.cluster: no Link names cluster {cluster:?}"),
+            format!("spec.cluster: no Link names cluster {cluster}"),
         );
     };
     let Some(remote_svc) = remote.services.get(&remote_ref) else {
         return refuse(
             MirrorReason::RemoteServiceNotFound,
-            format!("cluster {cluster:?} has no Service {remote_ref}"),
+            format!("cluster {cluster} has no Service {remote_ref}"),
         );
     };
     if !remote.is_exported(remote_svc) {
         return refuse(
             MirrorReason::NotExported,
             format!(
-                "cluster {cluster:?} does not export Service {remote_ref} (label it {}: \"true\" or list namespace {:?} in its exportedNamespaces)",
+                "cluster {cluster} does not export Service {remote_ref} (label it {}: \"true\" or list namespace {:?} in its exportedNamespaces)",
                 crate::model::EXPORTED_LABEL,
                 remote_ref.namespace
             ),
@@ -174,7 +174,7 @@ pub fn reconcile(
             ConditionStatus::True,
             MirrorReason::Mirrored,
             format!(
-                "Service {remote_ref} of cluster {cluster:?} is mirrored as {local_ref} at {ip}, ports [{}]",
+                "Service {remote_ref} of cluster {cluster} is mirrored as {local_ref} at {ip}, ports [{}]",
                 ports.join(", ")
             ),
         )],

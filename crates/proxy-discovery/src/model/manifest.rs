@@ -86,6 +86,47 @@ impl Object {
     }
 }
 
+/// Writes the object as a manifest: `apiVersion`, `kind`, then its fields.
+impl serde::Serialize for Object {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Typed<'a, T: serde::Serialize> {
+            #[serde(rename = "apiVersion")]
+            api_version: &'a str,
+            kind: &'a str,
+            #[serde(flatten)]
+            inner: &'a T,
+        }
+        #[derive(serde::Serialize)]
+        struct OtherMeta {
+            metadata: ObjectMeta,
+        }
+        let (api_version, kind) = (self.api_version(), self.kind());
+        macro_rules! typed {
+            ($inner:expr) => {
+                Typed {
+                    api_version,
+                    kind,
+                    inner: $inner,
+                }
+                .serialize(s)
+            };
+        }
+        match self {
+            Self::Service(o) => typed!(o),
+            Self::Endpoints(o) => typed!(o),
+            Self::EndpointSlice(o) => typed!(o),
+            Self::Deployment(o) => typed!(o),
+            Self::ServiceMirror(o) => typed!(o),
+            Self::Link(o) => typed!(o),
+            Self::ClusterSettings(o) => typed!(o),
+            Self::Other(o) => typed!(&OtherMeta {
+                metadata: ObjectMeta::named(&o.namespace, &o.name),
+            }),
+        }
+    }
+}
+
 /// An object of a kind the mesh does not model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OtherObject {
