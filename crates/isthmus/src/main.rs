@@ -1,1 +1,52 @@
-fn main() {}
+//! `isthmus`: operator tooling for the mesh.
+//!
+//! One module per subcommand family; today `identity` (minting trust anchors, cluster
+//! issuers and workload certificates). The local lab, mirror rendering and checks
+//! slot in beside it as their own modules and `Command` variants. The proxy itself is
+//! another binary (`isthmus-proxy`); nothing here runs on the data path.
+
+mod identity;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "isthmus",
+    version,
+    about = "Operator tooling for the Isthmus mesh"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Mint SPIFFE identities: a trust anchor, an issuer per cluster, workload leaves.
+    #[command(subcommand)]
+    Identity(identity::IdentityCommand),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ISTHMUS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Identity(command) => identity::run(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` prints the whole context chain on one line: what failed, and why.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -6,7 +6,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// `2025-01-31T12:00:00Z`; times before 1970 render as the epoch.
-pub(crate) fn format(t: SystemTime) -> String {
+pub fn format(t: SystemTime) -> String {
     let secs = t
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
