@@ -1,0 +1,190 @@
+//! Cost of the mesh's mutual TLS 1.3 handshake, against two baselines measured in the
+//! same run: a server-authenticated-only TLS 1.3 handshake with the same certificate,
+//! provider and verifier (what client authentication and the SPIFFE checks add), and a
+//! TCP connect + accept on loopback (what any new connection costs anyway).
+//!
+//! The TLS handshakes run in memory, pumping records between a client and a server
+//! connection on one thread: this measures CPU per handshake (both sides), which is
+//! what bounds a gateway's rate of new links, without scheduler or socket noise.
+//! Throughput is in handshakes per second ("elements").
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use proxy_identity::mint::{self, KeyAlgorithm, Validity};
+use proxy_identity::rustls::pki_types::ServerName;
+use proxy_identity::rustls::{
+    self, ClientConfig, ClientConnection, ServerConfig, ServerConnection,
+};
+use proxy_identity::{
+    CredentialPaths, CredentialStore, Credentials, PeerPolicy, SpiffeId, TrustDomain,
+    client_config, crypto_provider, server_config,
+};
+
+/// An in-memory identity: nothing is written, the store only names the paths.
+fn store(issuer: &mint::Authority, id: &str) -> Arc<CredentialStore> {
+    let id = SpiffeId::parse(id).expect("a valid SPIFFE ID");
+    let bundle = mint::leaf(
+        issuer,
+        &id,
+        Validity::from_now(Duration::from_secs(3600)),
+        KeyAlgorithm::default(),
+    )
+    .expect("mint a leaf");
+    let paths = CredentialPaths::in_dir("bench");
+    let creds = Credentials::from_pem(
+        &paths,
+        bundle.cert_chain_pem.as_bytes(),
+        bundle.key_pem.as_bytes(),
+        bundle.anchors_pem.as_bytes(),
+        SystemTime::now(),
+    )
+    .expect("fresh credentials are valid");
+    Arc::new(CredentialStore::from_credentials(paths, creds))
+}
+
+/// Moves records both ways until both sides finish the handshake.
+fn complete(client: &mut ClientConnection, server: &mut ServerConnection, buf: &mut Vec<u8>) {
+    while client.is_handshaking() || server.is_handshaking() {
+        buf.clear();
+        while client.wants_write() {
+            client.write_tls(buf).expect("write to a Vec");
+        }
+        if !buf.is_empty() {
+            let mut records = &buf[..];
+            while !records.is_empty() {
+                server.read_tls(&mut records).expect("read from a slice");
+                server
+                    .process_new_packets()
+                    .expect("server accepts the handshake");
+            }
+        }
+        buf.clear();
+        while server.wants_write() {
+            server.write_tls(buf).expect("write to a Vec");
+        }
+        if !buf.is_empty() {
+            let mut records = &buf[..];
+            while !records.is_empty() {
+                client.read_tls(&mut records).expect("read from a slice");
+                client
+                    .process_new_packets()
+                    .expect("client accepts the handshake");
+            }
+        }
+    }
+}
+
+fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>, buf: &mut Vec<u8>) {
+    let name = ServerName::try_from("gateway.cluster-a").expect("a valid DNS name");
+    let mut c = ClientConnection::new(client.clone(), name).expect("client connection");
+    let mut s = ServerConnection::new(server.clone()).expect("server connection");
+    complete(&mut c, &mut s, buf);
+    assert!(c.peer_certificates().is_some());
+}
+
+fn bench(c: &mut Criterion) {
+    let anchor = mint::trust_anchor(
+        &mint::default_anchor_name(),
+        Validity::from_now(mint::DEFAULT_ANCHOR_LIFETIME),
+        KeyAlgorithm::default(),
+    )
+    .expect("mint an anchor");
+    let issuer_for = |cluster| {
+        mint::issuer(
+            &anchor,
+            cluster,
+            Validity::from_now(mint::DEFAULT_ISSUER_LIFETIME),
+            KeyAlgorithm::default(),
+        )
+        .expect("mint an issuer")
+    };
+    let (issuer_a, issuer_b) = (issuer_for("cluster-a"), issuer_for("cluster-b"));
+    let gateway_id = "spiffe://cluster.local/ns/isthmus/sa/gateway";
+    let gateway = store(&issuer_a, gateway_id);
+    let sidecar = store(&issuer_b, "spiffe://cluster.local/ns/default/sa/frontend");
+    let td = TrustDomain::parse("cluster.local").expect("a valid trust domain");
+
+    let mtls_server = server_config(gateway.clone(), PeerPolicy::TrustDomain(td));
+    let mtls_client = client_config(
+        sidecar.clone(),
+        PeerPolicy::Exact(SpiffeId::parse(gateway_id).expect("valid")),
+    );
+
+    // Baseline: the same server certificate and client-side verifier, no client auth.
+    let plain_server = {
+        let key = gateway.current().certified_key().clone();
+        let mut config = ServerConfig::builder_with_provider(crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("ring supports TLS 1.3")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(FixedCert(key)));
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.send_tls13_tickets = 0;
+        Arc::new(config)
+    };
+    let plain_client = {
+        // Our client config minus its certificate: same verifier, no client auth.
+        let mut config = (*mtls_client).clone();
+        config.client_auth_cert_resolver = Arc::new(NoClientCert);
+        Arc::new(config)
+    };
+
+    let mut group = c.benchmark_group("handshake");
+    group.throughput(Throughput::Elements(1));
+    let mut buf = Vec::with_capacity(16 * 1024);
+    group.bench_function("mtls_spiffe", |b| {
+        b.iter(|| handshake(&mtls_client, &mtls_server, &mut buf))
+    });
+    group.bench_function("tls13_server_auth_only", |b| {
+        b.iter(|| handshake(&plain_client, &plain_server, &mut buf))
+    });
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("bound address");
+    group.bench_function("tcp_connect_loopback", |b| {
+        b.iter(|| {
+            let mut client = TcpStream::connect(addr).expect("connect loopback");
+            let (mut server, _) = listener.accept().expect("accept loopback");
+            // One byte each way, as a handshake's first flight would need.
+            client.write_all(b"x").expect("write");
+            let mut byte = [0u8; 1];
+            server.read_exact(&mut byte).expect("read");
+        })
+    });
+    group.finish();
+}
+
+#[derive(Debug)]
+struct FixedCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+#[derive(Debug)]
+struct NoClientCert;
+
+impl rustls::client::ResolvesClientCert for NoClientCert {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
+    }
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
