@@ -3,7 +3,8 @@
 //!
 //! The [`crate::CredentialStore`] updates the rotation metrics itself; handshake failures
 //! are recorded by whoever drives the handshake (it alone sees every failure, including
-//! the plaintext client that never reaches a verifier), with [`IdentityMetrics::handshake_error`].
+//! the plaintext client that never reaches a verifier), with [`IdentityMetrics::handshake_error`],
+//! which also logs the failure with its reason.
 //! This module does not serve `/metrics`; the admin server encodes the registry.
 
 use std::io;
@@ -71,11 +72,13 @@ impl IdentityMetrics {
             .inc();
     }
 
-    /// Classifies a tokio-rustls handshake error, counts it and returns the reason, so
-    /// the caller logs the same label it counted.
+    /// Classifies a tokio-rustls handshake error, counts it, logs it (a warning with the
+    /// reason label and the full error; call it inside a span that names the peer) and
+    /// returns the reason.
     pub fn handshake_error(&self, err: &io::Error) -> HandshakeFailure {
         let reason = HandshakeFailure::classify_io(err);
         self.handshake_failed(reason);
+        tracing::warn!(reason = reason.as_str(), error = %err, "TLS handshake failed");
         reason
     }
 

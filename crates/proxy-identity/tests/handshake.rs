@@ -233,3 +233,26 @@ async fn plaintext_and_garbage_clients_fail_promptly_as_protocol() {
     }
     assert_eq!(metrics.handshake_failures(HandshakeFailure::Protocol), 4);
 }
+
+#[tokio::test]
+async fn several_anchors_in_ca_crt_are_all_trusted() {
+    // Anchor rotation: both sides trust the old and the new anchor for a while.
+    let old = pki();
+    let new = pki_foreign();
+    let bundle_anchors = format!("{}{}", old.anchor.anchors_pem, new.anchors_pem);
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut gateway_leaf = leaf(&old.cluster_a, &gateway_id());
+    gateway_leaf.anchors_pem = bundle_anchors.clone();
+    let mut sidecar_leaf = leaf(&new, &frontend_id());
+    sidecar_leaf.anchors_pem = bundle_anchors;
+    let gateway = store_in(dirs.0.path(), &gateway_leaf);
+    let sidecar = store_in(dirs.1.path(), &sidecar_leaf);
+    assert_eq!(gateway.status().anchors, 2);
+    let result = handshake(
+        server_config(gateway, td_policy()),
+        client_config(sidecar, PeerPolicy::Exact(gateway_id())),
+    )
+    .await;
+    result.server.unwrap();
+    result.client.unwrap();
+}
