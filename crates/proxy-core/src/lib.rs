@@ -7,3 +7,5 @@
 //! route lookup and ready-made TLS configurations by its caller.
 
 pub mod addr;
+pub mod detect;
+pub mod forward;
