@@ -477,11 +477,11 @@ pub struct IdentityStatus {
     pub not_after: String,
     /// How many trust anchors are in use.
     pub anchors: usize,
-    /// The watched files.
+    /// The watched leaf-and-chain file.
     pub cert_file: String,
-    /// The watched files.
+    /// The watched private key file.
     pub key_file: String,
-    /// The watched files.
+    /// The watched trust anchors file.
     pub anchors_file: String,
     /// When the identity in use was loaded (RFC 3339).
     pub loaded_at: String,
