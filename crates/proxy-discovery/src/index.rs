@@ -127,10 +127,15 @@ impl Index {
     /// `name.ns:port`, in any case, with or without a trailing dot on the host.
     /// An authority without a port is not guessed at: the caller knows the scheme.
     pub fn lookup_authority(&self, authority: &str) -> Option<&Route> {
+        // Clients nearly always send the normalised form: try it as is first, so a
+        // hit costs one hash lookup, and only rework what could match after folding.
+        if let Some(route) = self.by_authority.get(authority) {
+            return Some(route);
+        }
         let (host, port) = authority.rsplit_once(':')?;
         let needs_normalising = host.ends_with('.') || host.bytes().any(|b| b.is_ascii_uppercase());
         if !needs_normalising {
-            return self.by_authority.get(authority);
+            return None;
         }
         let host = host.strip_suffix('.').unwrap_or(host);
         let len = host.len() + 1 + port.len();
