@@ -5,14 +5,38 @@
 //!
 //! - [`model`]: the Kubernetes objects the mesh reads (`Service`, `Endpoints`,
 //!   `EndpointSlice`, `Deployment`) and its own kinds (the seed's `ServiceMirror`,
-//!   `Link`, `ClusterSettings`), validated names (`ClusterName`, `Authority`,
-//!   `ServiceRef`, `SpiffeUri`), and the YAML manifest parser.
-//! - [`reconcile`]: ServiceMirror + remote view -> mirrored local Service and status.
+//!   accepted verbatim; `Link`; `ClusterSettings`), validated names (`ClusterName`,
+//!   `Authority`, `ServiceRef`, `SpiffeUri`, `Cidr`), the YAML manifest parser whose
+//!   errors name file, document, object and field, and [`model::ClusterView`] (one
+//!   cluster's objects, grouped and checked for duplicates).
+//! - [`reconcile`]: a ServiceMirror plus the remote view gives the mirrored local
+//!   Service and the mirror's `Ready` condition; a pure function, plus
+//!   [`reconcile::reconcile_all`] which also deletes what removed mirrors made.
+//! - [`index`]: original destination `IP:port` or authority -> [`Route`].
+//! - [`snapshot`]: one immutable, consistent state (reconciled objects, remote views,
+//!   index) and the questions roles ask of it: [`Snapshot::lookup_addr`],
+//!   [`Snapshot::lookup_authority`], [`Snapshot::link`], [`Snapshot::settings`],
+//!   [`Snapshot::exported_target`].
+//! - [`source`]: the [`Discovery`] handle (an `ArcSwap<Snapshot>` plus reload
+//!   status) and [`source::dir`], the hot-reloaded manifest directory. A Kubernetes
+//!   API source (`source::kube`) will publish through the same handle.
+//!
+//! # Differences from the first design notes
+//!
+//! - [`Snapshot`] lives in its own module, `snapshot`, as both sources build it.
+//! - [`Route::Remote`] also names the local mirrored `service` (for logs and
+//!   metrics), and its `gateway` is an `Option`: a cluster whose ClusterSettings
+//!   names no gateway cannot tunnel, and the proxy must refuse such a route.
+//! - A cluster is "known" to a ServiceMirror when a `Link` names it; what is known
+//!   of it comes from `clusters/<name>/` in the directory source.
 //!
 //! # Not here
 //!
-//! Sockets, TLS and the data path (proxy-core, proxy-identity), and any other
-//! `proxy-*` crate: the proxy binary adapts this crate's types to theirs.
+//! Sockets, TLS, probing links and the data path (proxy-core, proxy-identity, the
+//! proxy binary), and any other `proxy-*` crate: the proxy adapts these types to
+//! its own. Local Services without a ClusterIP get none allocated: only mirrored
+//! Services get addresses, since nothing here implements kube-proxy.
+
 pub mod index;
 pub mod model;
 pub mod reconcile;

@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use crate::index::{GatewayRef, Index, Route};
 use crate::model::{
-    ClusterName, ClusterSettings, ClusterView, EndpointPort, Link, MIRRORED_SERVICE_LABEL, Service,
-    ServiceMirror, ServicePort, ServiceRef, TargetPort,
+    Authority, ClusterName, ClusterSettings, ClusterView, EndpointPort, Link,
+    MIRRORED_SERVICE_LABEL, Service, ServiceMirror, ServicePort, ServiceRef, TargetPort,
 };
 use crate::reconcile::{Reconciled, reconcile_all};
 
@@ -105,10 +105,7 @@ impl Snapshot {
 
     /// What is known of linked cluster `cluster`.
     pub fn remote(&self, cluster: &str) -> Option<&ClusterView> {
-        self.remotes
-            .iter()
-            .find(|(k, _)| k.as_str() == cluster)
-            .map(|(_, v)| v)
+        self.remotes.get(cluster)
     }
 
     /// Every remote view, by cluster.
@@ -118,11 +115,7 @@ impl Snapshot {
 
     /// The Link to `cluster`.
     pub fn link(&self, cluster: &str) -> Option<&Link> {
-        self.local
-            .links
-            .iter()
-            .find(|(k, _)| k.as_str() == cluster)
-            .map(|(_, v)| v)
+        self.local.links.get(cluster)
     }
 
     /// Every Link, by target cluster.
@@ -261,6 +254,24 @@ impl Snapshot {
             });
         }
         Ok(addrs.into_iter().collect())
+    }
+
+    /// [`Snapshot::exported_target`] for a tunnel's `:authority`:
+    /// `name.ns.svc.<clusterDomain>:port`, `name.ns.svc:port` or `name.ns:port`
+    /// of this cluster. Any other authority is [`Refusal::NoSuchService`].
+    pub fn exported_target_for(&self, authority: &str) -> Result<Vec<SocketAddr>, Refusal> {
+        let authority = Authority::parse(authority).map_err(|_| Refusal::NoSuchService)?;
+        let host = authority.host();
+        let domain = &self.local.settings.spec.cluster_domain;
+        let short = host
+            .strip_suffix(domain.as_str())
+            .and_then(|h| h.strip_suffix('.'))
+            .unwrap_or(host);
+        let short = short.strip_suffix(".svc").unwrap_or(short);
+        match short.split('.').collect::<Vec<_>>()[..] {
+            [name, namespace] => self.exported_target(namespace, name, authority.port()),
+            _ => Err(Refusal::NoSuchService),
+        }
     }
 
     /// `targetPort` as a number: itself, `port` when absent, or a container port of

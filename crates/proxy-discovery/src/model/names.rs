@@ -124,6 +124,14 @@ impl ClusterName {
 }
 string_newtype!(ClusterName);
 
+// Lets maps keyed by cluster be queried with a plain `&str` (the tunnel's header).
+// Consistent with `Ord`/`Hash`, which are those of the inner string.
+impl std::borrow::Borrow<str> for ClusterName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A syntactically valid SPIFFE ID: `spiffe://<trust-domain>/<path>`.
 ///
 /// The trust domain is lowercase letters, digits, `.`, `-` and `_`; the path is

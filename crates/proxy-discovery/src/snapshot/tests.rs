@@ -133,3 +133,37 @@ fn json_view() {
     assert_eq!(j["settings"]["spec"]["serviceCIDR"], "10.96.0.0/12");
     assert_eq!(j["services"][0]["metadata"]["name"], "hello");
 }
+
+#[test]
+fn exported_target_for_an_authority() {
+    let eps = "apiVersion: v1\nkind: Endpoints\nmetadata: {name: hello}\nsubsets: [{addresses: [{ip: 198.18.0.10}], ports: [{name: http, port: 8080}]}]\n";
+    let s = snap(&format!("{SETTINGS}{HELLO}{eps}"));
+    let want: Vec<SocketAddr> = vec!["198.18.0.10:8080".parse().unwrap()];
+    for a in [
+        "hello.default.svc.cluster.local:80",
+        "Hello.Default.svc.cluster.local.:80",
+        "hello.default.svc:80",
+        "hello.default:80",
+    ] {
+        assert_eq!(s.exported_target_for(a), Ok(want.clone()), "{a}");
+    }
+    for a in [
+        "hello:80",
+        "hello.default.svc.other.domain:80",
+        "hello.default.svc.cluster.local",
+        "x.y.z:80",
+    ] {
+        assert_eq!(s.exported_target_for(a), Err(Refusal::NoSuchService), "{a}");
+    }
+    assert_eq!(
+        s.exported_target_for("hello.default:81"),
+        Err(Refusal::NoSuchPort)
+    );
+}
+
+#[test]
+fn links_and_remotes_by_str() {
+    let s = snap(&format!("{SETTINGS}{HELLO}"));
+    assert!(s.link("cluster-b").is_none());
+    assert!(s.remote("cluster-b").is_none());
+}

@@ -30,6 +30,9 @@ use crate::model::{ClusterName, ClusterView, Object, Parsed, parse_manifests};
 use crate::reconcile::READY_CONDITION;
 use crate::snapshot::Snapshot;
 
+/// The shortest poll interval honoured.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
 /// The subdirectory holding linked clusters' views.
 pub const CLUSTERS_DIR: &str = "clusters";
 
@@ -85,8 +88,8 @@ impl DirSource {
         self.read_tree().and_then(|tree| self.build(&tree))
     }
 
-    /// Loads the directory, then keeps reloading it every `interval` until
-    /// `shutdown` completes.
+    /// Loads the directory, then keeps reloading it every `interval` (at least
+    /// [`MIN_INTERVAL`]) until `shutdown` completes.
     ///
     /// Fails if the first load fails: there is no last good state to serve yet.
     /// Afterwards, a load that fails is logged with file and field, counted, and
@@ -120,7 +123,8 @@ impl DirSource {
         mut last: u64,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) {
-        let mut ticker = tokio::time::interval(interval);
+        // `interval` panics on zero; a zero interval would only spin anyway.
+        let mut ticker = tokio::time::interval(interval.max(MIN_INTERVAL));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first tick is immediate; the initial load just happened.
         ticker.tick().await;
