@@ -243,3 +243,66 @@ fn blame(e: io::Error, socket: fn(io::Error) -> DirError) -> DirError {
     );
     if local { DirError::local(e) } else { socket(e) }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// Drives the splice path itself, not `forward_tcp`, which could silently fall
+    /// back to the copy loop and hide a broken splice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn splices_both_ways_with_prefix_and_half_close() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, down) = pair(&listener).await;
+        let (up, mut server) = pair(&listener).await;
+        let pipes = Pipes::new().unwrap();
+        assert!(pipes.to_up.capacity >= 4096);
+        let counters = ByteCounters::default();
+        let shared = counters.clone();
+        let task = tokio::spawn(async move {
+            let cfg = ForwardConfig::default();
+            forward(&down, &up, pipes, b"prefix:", &cfg, &shared).await
+        });
+        let payload: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let expected = payload.clone();
+        let timeout = std::time::Duration::from_secs(30);
+        let writer = tokio::spawn(async move {
+            client.write_all(&payload).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut reply = Vec::new();
+            client.read_to_end(&mut reply).await.unwrap();
+            reply
+        });
+        let mut got = Vec::new();
+        tokio::time::timeout(timeout, server.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got[..7], b"prefix:");
+        assert!(got[7..] == expected[..], "payload corrupted through splice");
+        server.write_all(b"done").await.unwrap();
+        server.shutdown().await.unwrap();
+        let reply = tokio::time::timeout(timeout, writer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply, b"done");
+        let stats = tokio::time::timeout(timeout, task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let sent = 7 + expected.len() as u64;
+        assert_eq!((stats.to_upstream, stats.to_downstream), (sent, 4));
+        assert_eq!(counters.to_upstream.get(), sent);
+    }
+}
