@@ -60,6 +60,50 @@ pub fn orig_dst<S: AsFd>(socket: &S, local: SocketAddr) -> io::Result<OrigDstAdd
     Ok(OrigDstAddr(addr))
 }
 
+/// Where the original destination of an accepted connection comes from: the kernel
+/// in production, a fixed table in in-process tests (no iptables needed).
+pub trait OrigDst: Send + Sync + 'static {
+    fn orig_dst(
+        &self,
+        stream: &tokio::net::TcpStream,
+        local: SocketAddr,
+    ) -> io::Result<OrigDstAddr>;
+}
+
+/// Reads `SO_ORIGINAL_DST` from the kernel.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelOrigDst;
+
+impl OrigDst for KernelOrigDst {
+    fn orig_dst(
+        &self,
+        stream: &tokio::net::TcpStream,
+        local: SocketAddr,
+    ) -> io::Result<OrigDstAddr> {
+        orig_dst(stream, local)
+    }
+}
+
+/// Always answers the same destination: for tests that run without iptables.
+#[derive(Clone, Copy, Debug)]
+pub struct FixedOrigDst(pub SocketAddr);
+
+impl OrigDst for FixedOrigDst {
+    fn orig_dst(
+        &self,
+        _stream: &tokio::net::TcpStream,
+        _local: SocketAddr,
+    ) -> io::Result<OrigDstAddr> {
+        Ok(OrigDstAddr(self.0))
+    }
+}
+
+/// Whether `addr` is an address of this network namespace (binding to it works).
+/// Used to recognise a destination that is the proxy itself.
+pub fn is_local_ip(ip: std::net::IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified() || std::net::TcpListener::bind((ip, 0)).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

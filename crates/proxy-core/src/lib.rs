@@ -2,6 +2,15 @@
 //!
 //! # Layout
 //! - [`addr`]: address newtypes and the original-destination lookup (`SO_ORIGINAL_DST`).
+//! - [`route`]: the [`route::RouteLookup`] seam that discovery plugs into.
+//! - [`listen`]: accept loops with a connection bound and a graceful drain.
+//! - [`detect`]: protocol detection on a connection's first bytes.
+//! - [`forward`]: the bidirectional byte forwarder (copy loop, and `splice` between sockets).
+//! - [`http`]: per-request HTTP proxying for connections detected as HTTP.
+//! - [`tunnel`]: the HTTP/2 `CONNECT` tunnel, client and server.
+//! - [`pool`]: warm pools of tunnel connections to one peer.
+//! - [`outbound`], [`inbound`]: the sidecar's two connection handlers.
+//! - [`metrics`]: the traffic metrics the hot path updates.
 //!
 //! proxy-core knows nothing of Kubernetes, files or certificates: it is handed a
 //! route lookup and ready-made TLS configurations by its caller.
@@ -9,3 +18,11 @@
 pub mod addr;
 pub mod detect;
 pub mod forward;
+pub mod http;
+pub mod inbound;
+pub mod listen;
+pub mod metrics;
+pub mod outbound;
+pub mod pool;
+pub mod route;
+pub mod tunnel;

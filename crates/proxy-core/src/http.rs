@@ -1,0 +1,289 @@
+//! HTTP-aware forwarding: once detection has seen HTTP, hyper proxies it request by
+//! request so each request, status and latency is counted.
+//!
+//! The proxy stays transparent: one upstream connection per downstream connection
+//! (no re-balancing, no header rewriting), HTTP/1 stays HTTP/1 and HTTP/2 stays
+//! HTTP/2, and `Upgrade` (WebSocket) or `CONNECT` exchanges become raw byte streams
+//! through [`forward_io`] after the upstream agrees.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::{Mutex, oneshot, watch};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::detect::Protocol;
+use crate::forward::{ByteCounters, ForwardConfig, forward_io};
+use crate::metrics::{Direction, HttpLabels, HttpResponseLabels, ProxyMetrics};
+use crate::tunnel::{H2Settings, Io};
+
+/// Limits of the HTTP layer.
+#[derive(Clone, Debug)]
+pub struct HttpSettings {
+    /// A client must send a request's headers within this time (slowloris bound).
+    pub header_read_timeout: Duration,
+    /// Most headers in one HTTP/1 request.
+    pub max_headers: usize,
+    /// Largest HTTP/1 read buffer, which bounds one request head.
+    pub max_buf_size: usize,
+    pub h2: H2Settings,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_headers: 100,
+            // hyper's floor is 8 KiB; 64 KiB fits the largest heads browsers send.
+            max_buf_size: 64 * 1024,
+            h2: H2Settings::default(),
+        }
+    }
+}
+
+type ProxyBody = Either<Incoming, Empty<Bytes>>;
+
+/// Why an HTTP-proxied connection ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("HTTP handshake with upstream failed")]
+    UpstreamHandshake(#[source] hyper::Error),
+    #[error("HTTP connection with downstream failed")]
+    Downstream(#[source] hyper::Error),
+}
+
+/// Proxies one HTTP connection.
+#[derive(Clone, Debug)]
+pub struct HttpProxy {
+    pub metrics: ProxyMetrics,
+    pub direction: Direction,
+    pub settings: HttpSettings,
+    pub forward: ForwardConfig,
+}
+
+struct Exchange {
+    proxy: HttpProxy,
+    /// Label used when a request carries no authority of its own.
+    fallback_authority: Arc<str>,
+    counters: ByteCounters,
+}
+
+impl HttpProxy {
+    /// Serves `downstream` (already detected as `protocol`) against `upstream` until
+    /// either side closes or `drain` asks for a graceful end.
+    pub async fn serve<D: Io, U: Io>(
+        &self,
+        downstream: D,
+        upstream: U,
+        protocol: Protocol,
+        fallback_authority: &str,
+        drain: watch::Receiver<bool>,
+    ) -> Result<(), HttpError> {
+        let exchange = Arc::new(Exchange {
+            proxy: self.clone(),
+            fallback_authority: self.metrics.authority_label(fallback_authority),
+            counters: self.metrics.byte_counters(self.direction),
+        });
+        match protocol {
+            Protocol::Http2 => self.serve_h2(downstream, upstream, exchange, drain).await,
+            _ => self.serve_h1(downstream, upstream, exchange, drain).await,
+        }
+    }
+
+    async fn serve_h1<D: Io, U: Io>(
+        &self,
+        downstream: D,
+        upstream: U,
+        exchange: Arc<Exchange>,
+        mut drain: watch::Receiver<bool>,
+    ) -> Result<(), HttpError> {
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake::<_, Incoming>(TokioIo::new(upstream))
+            .await
+            .map_err(HttpError::UpstreamHandshake)?;
+        let (closed_tx, mut upstream_closed) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(error = %e, "upstream HTTP/1 connection ended");
+            }
+            let _ = closed_tx.send(());
+        });
+        // HTTP/1 serves one request at a time, so this lock is never contended.
+        let sender = Arc::new(Mutex::new(sender));
+        let service = service_fn(move |req| {
+            let exchange = exchange.clone();
+            let sender = sender.clone();
+            async move {
+                let mut sender = sender.lock().await;
+                Ok::<_, std::convert::Infallible>(
+                    exchange.forward(req, |req| sender.send_request(req)).await,
+                )
+            }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.settings.header_read_timeout)
+            .max_headers(self.settings.max_headers)
+            .max_buf_size(self.settings.max_buf_size)
+            .serve_connection(TokioIo::new(downstream), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            res = conn.as_mut() => res,
+            _ = &mut upstream_closed => {
+                // The server closed its side: let the response in flight finish, then
+                // close ours too instead of answering the next request with an error.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+            _ = crate::listen::drained(&mut drain) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        result.map_err(HttpError::Downstream)
+    }
+
+    async fn serve_h2<D: Io, U: Io>(
+        &self,
+        downstream: D,
+        upstream: U,
+        exchange: Arc<Exchange>,
+        mut drain: watch::Receiver<bool>,
+    ) -> Result<(), HttpError> {
+        let h2 = &self.settings.h2;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(h2.stream_window)
+            .initial_connection_window_size(h2.connection_window)
+            .handshake::<_, Incoming>(TokioIo::new(upstream))
+            .await
+            .map_err(HttpError::UpstreamHandshake)?;
+        let (closed_tx, mut upstream_closed) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "upstream HTTP/2 connection ended");
+            }
+            let _ = closed_tx.send(());
+        });
+        let service = service_fn(move |req| {
+            let exchange = exchange.clone();
+            let mut sender = sender.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    exchange.forward(req, |req| sender.send_request(req)).await,
+                )
+            }
+        });
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(h2.max_concurrent_streams)
+            .max_header_list_size(h2.max_header_list_size)
+            .initial_stream_window_size(h2.stream_window)
+            .initial_connection_window_size(h2.connection_window)
+            .serve_connection(TokioIo::new(downstream), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            res = conn.as_mut() => res,
+            _ = &mut upstream_closed => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+            _ = crate::listen::drained(&mut drain) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        result.map_err(HttpError::Downstream)
+    }
+}
+
+impl Exchange {
+    async fn forward<F, Fut>(&self, mut req: Request<Incoming>, send: F) -> Response<ProxyBody>
+    where
+        F: FnOnce(Request<Incoming>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<Incoming>, hyper::Error>>,
+    {
+        let proxy = &self.proxy;
+        let start = Instant::now();
+        let authority = match request_authority(&req) {
+            Some(a) => proxy.metrics.authority_label(a),
+            None => self.fallback_authority.clone(),
+        };
+        let labels = HttpLabels {
+            direction: proxy.direction,
+            authority: authority.clone(),
+        };
+        proxy.metrics.http_requests.get_or_create(&labels).inc();
+        let wants_upgrade =
+            req.method() == http::Method::CONNECT || req.headers().contains_key(header::UPGRADE);
+        let downstream_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        let response = match send(req).await {
+            Ok(mut response) => {
+                let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    || (response.status().is_success() && downstream_upgrade.is_some());
+                if let (true, Some(downstream)) = (upgraded, downstream_upgrade) {
+                    let upstream = hyper::upgrade::on(&mut response);
+                    let forward = proxy.forward.clone();
+                    let counters = self.counters.clone();
+                    tokio::spawn(async move {
+                        match tokio::try_join!(downstream, upstream) {
+                            Ok((down, up)) => {
+                                if let Err(e) = forward_io(
+                                    TokioIo::new(down),
+                                    TokioIo::new(up),
+                                    &[],
+                                    &forward,
+                                    &counters,
+                                )
+                                .await
+                                {
+                                    debug!(error = %e, "upgraded stream ended");
+                                }
+                            }
+                            Err(e) => debug!(error = %e, "upgrade did not complete"),
+                        }
+                    });
+                }
+                response.map(Either::Left)
+            }
+            Err(e) => {
+                debug!(error = %e, authority = %authority, "upstream request failed");
+                let mut response = Response::new(Either::Right(Empty::new()));
+                *response.status_mut() = StatusCode::BAD_GATEWAY;
+                response
+            }
+        };
+        proxy
+            .metrics
+            .http_responses
+            .get_or_create(&HttpResponseLabels {
+                direction: proxy.direction,
+                authority,
+                status: response.status().as_u16(),
+            })
+            .inc();
+        proxy
+            .metrics
+            .http_latency
+            .get_or_create(&labels)
+            .observe(start.elapsed().as_secs_f64());
+        response
+    }
+}
+
+/// The authority a request names: its URI's (HTTP/2, absolute-form) or its Host header.
+fn request_authority<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}

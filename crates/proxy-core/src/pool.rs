@@ -1,0 +1,356 @@
+//! Warm pools of tunnel connections to one peer (a sidecar's gateway, or a linked
+//! cluster's gateway).
+//!
+//! Each pool keeps `connections` authenticated HTTP/2 connections open and
+//! reconnects them with backoff, so opening a stream costs neither a TCP nor a TLS
+//! handshake, nor an extra round trip. The pool's [`LinkState`] is what `/config`
+//! shows and what makes streams fail fast while the peer is down.
+//!
+//! It does not choose peers or verify identities itself: the rustls client config it
+//! is handed carries the peer-identity check.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info, warn};
+
+use crate::route::{Authority, ClusterName};
+use crate::tunnel::client::{self, OpenError, TunnelSender, TunnelStream};
+use crate::tunnel::{H2Settings, Refusal};
+
+/// How to reach one peer.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// For logs and `/config`, e.g. `gateway/cluster-a`.
+    pub name: Arc<str>,
+    pub addr: SocketAddr,
+    /// SNI sent to the peer; identity is checked by the TLS config, not by this name.
+    pub server_name: ServerName<'static>,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub connect_timeout: Duration,
+    /// Connections kept open. Streams are spread over them round-robin.
+    pub connections: usize,
+    pub h2: H2Settings,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// The health of a pool, as probes and `/config` report it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// No connection has been made yet and none has failed.
+    Connecting,
+    /// At least one connection is established.
+    Up { connections: usize },
+    /// Every connection attempt since the last success failed.
+    Down { since: SystemTime, error: Arc<str> },
+}
+
+impl LinkState {
+    pub fn is_up(&self) -> bool {
+        matches!(self, LinkState::Up { .. })
+    }
+}
+
+/// Why a pooled stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("peer {peer} refused the stream: {refusal}")]
+    Refused { peer: Arc<str>, refusal: Refusal },
+    #[error("link to {peer} is down: {error}")]
+    LinkDown { peer: Arc<str>, error: Arc<str> },
+    #[error("tunnel connection to {peer} failed while opening a stream")]
+    Connection {
+        peer: Arc<str>,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+impl PoolError {
+    /// The refusal to report downstream (metric label, status, log reason).
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            PoolError::Refused { refusal, .. } => *refusal,
+            PoolError::LinkDown { .. } | PoolError::Connection { .. } => Refusal::LinkDown,
+        }
+    }
+}
+
+/// Why one connection attempt failed (kept as text in [`LinkState::Down`]).
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("TCP connect to {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("TCP connect to {addr} failed")]
+    Tcp {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {addr} failed")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 handshake with {addr} failed")]
+    H2 {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+struct Shared {
+    cfg: PeerConfig,
+    slots: Mutex<Vec<Option<TunnelSender>>>,
+    next: AtomicUsize,
+    state: watch::Sender<LinkState>,
+    last_error: Mutex<Option<(SystemTime, Arc<str>)>>,
+}
+
+/// A pool of tunnel connections to one peer. Cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("peer", &self.shared.cfg.name)
+            .field("state", &*self.shared.state.borrow())
+            .finish()
+    }
+}
+
+impl Pool {
+    /// Starts the pool's connection tasks; they stop when `shutdown` turns true.
+    pub fn spawn(cfg: PeerConfig, shutdown: watch::Receiver<bool>) -> Pool {
+        let connections = cfg.connections.max(1);
+        let (state, _) = watch::channel(LinkState::Connecting);
+        let shared = Arc::new(Shared {
+            cfg,
+            slots: Mutex::new(vec![None; connections]),
+            next: AtomicUsize::new(0),
+            state,
+            last_error: Mutex::new(None),
+        });
+        for slot in 0..connections {
+            tokio::spawn(maintain(shared.clone(), slot, shutdown.clone()));
+        }
+        Pool { shared }
+    }
+
+    pub fn peer(&self) -> &PeerConfig {
+        &self.shared.cfg
+    }
+
+    pub fn state(&self) -> LinkState {
+        self.shared.state.borrow().clone()
+    }
+
+    /// Opens a stream. While the link is down it fails at once; while the very first
+    /// connection is being made it waits up to the connect timeout.
+    pub async fn open(
+        &self,
+        authority: &Authority,
+        cluster: Option<&ClusterName>,
+    ) -> Result<TunnelStream, PoolError> {
+        let peer = &self.shared.cfg.name;
+        // One retry: a connection that died between pick and use never saw the stream.
+        for attempt in 0..2 {
+            let mut sender = match self.pick() {
+                Some(sender) => sender,
+                None => self.wait_for_connection().await?,
+            };
+            match client::open(&mut sender, authority, cluster).await {
+                Ok(stream) => return Ok(stream),
+                Err(OpenError::Refused(refusal)) => {
+                    return Err(PoolError::Refused {
+                        peer: peer.clone(),
+                        refusal,
+                    });
+                }
+                Err(OpenError::Connection(source)) => {
+                    if attempt == 1 {
+                        return Err(PoolError::Connection {
+                            peer: peer.clone(),
+                            source,
+                        });
+                    }
+                    debug!(peer = %peer, error = %source, "retrying stream on another connection");
+                }
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    fn pick(&self) -> Option<TunnelSender> {
+        let slots = lock(&self.shared.slots);
+        let start = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        (0..slots.len())
+            .filter_map(|i| slots[(start + i) % slots.len()].as_ref())
+            .find(|s| !s.is_closed())
+            .cloned()
+    }
+
+    async fn wait_for_connection(&self) -> Result<TunnelSender, PoolError> {
+        let mut state = self.shared.state.subscribe();
+        let wait = async {
+            loop {
+                if let Some(sender) = self.pick() {
+                    return Ok(sender);
+                }
+                if let LinkState::Down { error, .. } = &*state.borrow_and_update() {
+                    return Err(error.clone());
+                }
+                if state.changed().await.is_err() {
+                    return Err(Arc::from("pool stopped"));
+                }
+            }
+        };
+        match tokio::time::timeout(self.shared.cfg.connect_timeout, wait).await {
+            Ok(Ok(sender)) => Ok(sender),
+            Ok(Err(error)) => Err(PoolError::LinkDown {
+                peer: self.shared.cfg.name.clone(),
+                error,
+            }),
+            Err(_) => Err(PoolError::LinkDown {
+                peer: self.shared.cfg.name.clone(),
+                error: Arc::from("no connection established within the connect timeout"),
+            }),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section here is a plain assignment; a panic cannot tear it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receiver<bool>) {
+    let cfg = &shared.cfg;
+    let mut backoff = cfg.backoff_min;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let attempt = tokio::select! {
+            res = connect(cfg) => res,
+            _ = crate::listen::drained(&mut shutdown) => return,
+        };
+        match attempt {
+            Ok((sender, conn)) => {
+                backoff = cfg.backoff_min;
+                lock(&shared.slots)[slot] = Some(sender);
+                *lock(&shared.last_error) = None;
+                publish(&shared);
+                info!(peer = %cfg.name, addr = %cfg.addr, slot, "tunnel connection established");
+                tokio::select! {
+                    res = conn => {
+                        if let Err(e) = res {
+                            warn!(peer = %cfg.name, slot, error = %e, "tunnel connection lost");
+                        } else {
+                            info!(peer = %cfg.name, slot, "tunnel connection closed by peer");
+                        }
+                    }
+                    _ = crate::listen::drained(&mut shutdown) => return,
+                }
+                lock(&shared.slots)[slot] = None;
+                *lock(&shared.last_error) =
+                    Some((SystemTime::now(), Arc::from("tunnel connection lost")));
+                publish(&shared);
+            }
+            Err(e) => {
+                let error: Arc<str> = Arc::from(error_chain(&e));
+                warn!(peer = %cfg.name, slot, error = %error, retry_in = ?backoff, "tunnel connect failed");
+                {
+                    let mut last = lock(&shared.last_error);
+                    let since = last.as_ref().map_or_else(SystemTime::now, |(t, _)| *t);
+                    *last = Some((since, error));
+                }
+                publish(&shared);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = crate::listen::drained(&mut shutdown) => return,
+                }
+                backoff = (backoff * 2).min(cfg.backoff_max);
+            }
+        }
+    }
+}
+
+fn publish(shared: &Shared) {
+    let connections = lock(&shared.slots).iter().filter(|s| s.is_some()).count();
+    let state = if connections > 0 {
+        LinkState::Up { connections }
+    } else if let Some((since, error)) = lock(&shared.last_error).clone() {
+        LinkState::Down { since, error }
+    } else {
+        LinkState::Connecting
+    };
+    shared.state.send_if_modified(|current| {
+        if *current == state {
+            false
+        } else {
+            *current = state;
+            true
+        }
+    });
+}
+
+async fn connect(
+    cfg: &PeerConfig,
+) -> Result<
+    (
+        TunnelSender,
+        impl std::future::Future<Output = Result<(), hyper::Error>> + Send + use<>,
+    ),
+    ConnectError,
+> {
+    let tcp = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(cfg.addr))
+        .await
+        .map_err(|_| ConnectError::Timeout(cfg.addr))?
+        .map_err(|source| ConnectError::Tcp {
+            addr: cfg.addr,
+            source,
+        })?;
+    // Small writes (stream headers, window updates) must not wait for Nagle.
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio::time::timeout(
+        cfg.connect_timeout,
+        TlsConnector::from(cfg.tls.clone()).connect(cfg.server_name.clone(), tcp),
+    )
+    .await
+    .map_err(|_| ConnectError::Timeout(cfg.addr))?
+    .map_err(|source| ConnectError::Tls {
+        addr: cfg.addr,
+        source,
+    })?;
+    client::handshake(tls, &cfg.h2)
+        .await
+        .map_err(|source| ConnectError::H2 {
+            addr: cfg.addr,
+            source,
+        })
+}
+
+/// "outer: inner: innermost", so one log line or `/config` field says everything.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

@@ -1,0 +1,145 @@
+//! The tunnel end to end over loopback TCP (TLS is the caller's layer and is
+//! exercised by the proxy crate's tests).
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proxy_core::forward::ForwardConfig;
+use proxy_core::metrics::{Direction, ProxyMetrics, RefusalLabels};
+use proxy_core::route::{Authority, ClusterName};
+use proxy_core::tunnel::client::{self, OpenError};
+use proxy_core::tunnel::server::{TunnelHandler, TunnelRequest, TunnelServer};
+use proxy_core::tunnel::{BoxIo, H2Settings, Refusal};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::timeout;
+
+const STEP: Duration = Duration::from_secs(10);
+
+/// Delivers `echo.test:7` in cluster `here` to a local echo server and refuses
+/// everything else the way a gateway would.
+struct EchoHandler {
+    echo: std::net::SocketAddr,
+}
+
+impl TunnelHandler for EchoHandler {
+    async fn open(&self, request: &TunnelRequest) -> Result<BoxIo, Refusal> {
+        match (
+            request.authority.as_str(),
+            request.cluster.as_ref().map(|c| c.as_str()),
+        ) {
+            ("echo.test:7", Some("here")) => {
+                Ok(Box::new(TcpStream::connect(self.echo).await.unwrap()))
+            }
+            ("echo.test:7", Some(_)) => Err(Refusal::UnknownCluster),
+            _ => Err(Refusal::NotExported),
+        }
+    }
+}
+
+async fn echo_server() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn tunnel_server(metrics: ProxyMetrics) -> (std::net::SocketAddr, watch::Sender<bool>) {
+    let echo = echo_server().await;
+    let server = TunnelServer::new(
+        Arc::new(EchoHandler { echo }),
+        H2Settings::default(),
+        ForwardConfig::default(),
+        metrics,
+        Direction::Gateway,
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            let server = server.clone();
+            let rx = rx.clone();
+            tokio::spawn(async move {
+                server
+                    .serve_connection(s, Some(Arc::from("peer")), rx)
+                    .await
+            });
+        }
+    });
+    (addr, tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streams_share_one_connection_and_refusals_name_their_reason() {
+    let metrics = ProxyMetrics::default();
+    let (addr, _drain) = tunnel_server(metrics.clone()).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = client::handshake(tcp, &H2Settings::default())
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+
+    let authority = Authority::parse("echo.test:7").unwrap();
+    let here = ClusterName::new("here");
+    let mut tasks = Vec::new();
+    for i in 0..50u32 {
+        let mut sender = sender.clone();
+        let authority = authority.clone();
+        let here = here.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stream = client::open(&mut sender, &authority, Some(&here))
+                .await
+                .unwrap();
+            let payload: Vec<u8> = (0..100_000u32)
+                .map(|b| (b.wrapping_mul(i + 1) % 251) as u8)
+                .collect();
+            stream.write_all(&payload).await.unwrap();
+            stream.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            stream.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, payload, "stream {i} came back altered");
+        }));
+    }
+    for t in tasks {
+        timeout(STEP, t).await.unwrap().unwrap();
+    }
+
+    let mut s = sender.clone();
+    let secret = Authority::parse("secret.test:7").unwrap();
+    let refused = timeout(STEP, client::open(&mut s, &secret, Some(&here)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(refused, Err(OpenError::Refused(Refusal::NotExported))),
+        "{refused:?}"
+    );
+    let elsewhere = ClusterName::new("elsewhere");
+    let refused = timeout(STEP, client::open(&mut s, &authority, Some(&elsewhere)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(refused, Err(OpenError::Refused(Refusal::UnknownCluster))),
+        "{refused:?}"
+    );
+    let counted = metrics
+        .refusals
+        .get_or_create(&RefusalLabels {
+            direction: Direction::Gateway,
+            reason: "not_exported",
+        })
+        .get();
+    assert_eq!(counted, 1);
+}
