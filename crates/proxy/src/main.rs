@@ -1,1 +1,63 @@
-fn main() {}
+//! `isthmus-proxy`: the sidecar and gateway roles.
+//!
+//! # Layout
+//! - [`config`]: flags and environment, validated into a `Config` before binding.
+//! - [`role`]: what each role builds from the proxy-* crates.
+//! - [`admin`]: `/metrics`, `/ready`, `/live`, `/config`.
+//! - [`lookup`]: discovery's index behind proxy-core's route seam.
+
+mod admin;
+mod config;
+mod lookup;
+mod role;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Cli, CommonArgs, Config, LogFormat, RoleCommand};
+
+fn main() {
+    let cli = Cli::parse();
+    let (role, args) = match &cli.role {
+        RoleCommand::Sidecar(args) => ("sidecar", args),
+        RoleCommand::Gateway(args) => ("gateway", args),
+    };
+    init_tracing(args);
+    let config = match Config::from_args(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("isthmus-proxy {role}: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&cli.role, config) {
+        eprintln!("isthmus-proxy {role}: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing(args: &CommonArgs) {
+    let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(role: &RoleCommand, config: Config) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.workers)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        match role {
+            RoleCommand::Sidecar(_) => role::sidecar::run(config).await,
+            RoleCommand::Gateway(_) => role::gateway::run(config).await,
+        }
+    })
+}

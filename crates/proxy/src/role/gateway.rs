@@ -1,0 +1,315 @@
+//! The gateway: terminates the mesh tunnel from its cluster's sidecars and from the
+//! gateways of linked clusters, and either delivers a stream to a Service its own
+//! cluster exports or relays it over the link to the target cluster's gateway.
+//!
+//! It is never an open relay: streams for its own cluster reach only exported
+//! Services (by discovery, whatever the client's headers say), and a peer gateway
+//! may not use it to reach a third cluster.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use proxy_core::addr::KernelOrigDst;
+use proxy_core::forward::connect_upstream;
+use proxy_core::inbound::{Inbound, InboundConfig};
+use proxy_core::metrics::Direction;
+use proxy_core::pool::{LinkState, Pool};
+use proxy_core::tunnel::server::{TunnelHandler, TunnelRequest, TunnelServer};
+use proxy_core::tunnel::{BoxIo, H2Settings, Refusal};
+use proxy_discovery::model::LinkSpec;
+use proxy_discovery::{Discovery, Refusal as DiscoveryRefusal};
+use proxy_identity::SpiffeId;
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::{Base, PoolMaker, bind_admin, bind_all};
+use crate::config::Config;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LinkLabels {
+    cluster: String,
+}
+
+/// One link's pool, and what it was built from (rebuilt when the Link changes).
+struct LinkPool {
+    spec: LinkSpec,
+    pool: Pool,
+    stop: watch::Sender<bool>,
+}
+
+struct GatewayHandler {
+    cluster: String,
+    discovery: Discovery,
+    links: Mutex<HashMap<String, LinkPool>>,
+    connect_timeout: Duration,
+    next_endpoint: AtomicUsize,
+    /// The gateway's own tunnel addresses: an endpoint there would be a loop.
+    own_addrs: HashSet<SocketAddr>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl GatewayHandler {
+    fn pool_for(&self, cluster: &str) -> Option<Pool> {
+        lock(&self.links).get(cluster).map(|l| l.pool.clone())
+    }
+
+    fn is_peer_gateway(&self, peer: &str) -> bool {
+        let snapshot = self.discovery.load();
+        snapshot
+            .links()
+            .values()
+            .any(|link| link.spec.gateway_identity.as_str() == peer)
+    }
+
+    async fn deliver_local(&self, request: &TunnelRequest) -> Result<BoxIo, Refusal> {
+        let endpoints = self
+            .discovery
+            .load()
+            .exported_target_for(request.authority.as_str())
+            .map_err(|refusal| match refusal {
+                DiscoveryRefusal::NoSuchService | DiscoveryRefusal::NoSuchPort => Refusal::NoRoute,
+                DiscoveryRefusal::NotExported => Refusal::NotExported,
+                DiscoveryRefusal::NoEndpoints => Refusal::NoEndpoints,
+            })?;
+        if endpoints.is_empty() {
+            return Err(Refusal::NoEndpoints);
+        }
+        let start = self.next_endpoint.fetch_add(1, Ordering::Relaxed);
+        let mut last = Refusal::NoEndpoints;
+        // Try each endpoint once, starting round-robin, so one dead pod does not
+        // fail the stream while others are up.
+        for i in 0..endpoints.len() {
+            let endpoint = endpoints[(start + i) % endpoints.len()];
+            if self.own_addrs.contains(&endpoint) {
+                last = Refusal::Loop;
+                continue;
+            }
+            match connect_upstream(endpoint, self.connect_timeout).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(Box::new(stream));
+                }
+                Err(e) => {
+                    warn!(authority = %request.authority, %endpoint, error = %e, "endpoint unreachable");
+                    last = if e.is_connect_timeout() {
+                        Refusal::UpstreamTimeout
+                    } else {
+                        Refusal::UpstreamRefused
+                    };
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+impl TunnelHandler for GatewayHandler {
+    async fn open(&self, request: &TunnelRequest) -> Result<BoxIo, Refusal> {
+        let target = request
+            .cluster
+            .as_ref()
+            .map_or(self.cluster.as_str(), |c| c.as_str());
+        if target == self.cluster {
+            return self.deliver_local(request).await;
+        }
+        // Another cluster: only this cluster's own workloads may go there. A peer
+        // gateway relaying onward would make this gateway an open relay.
+        if request
+            .peer
+            .as_deref()
+            .is_some_and(|peer| self.is_peer_gateway(peer))
+        {
+            return Err(Refusal::Forbidden);
+        }
+        let Some(pool) = self.pool_for(target) else {
+            return Err(Refusal::UnknownCluster);
+        };
+        pool.open(&request.authority, request.cluster.as_ref())
+            .await
+            .map(|stream| Box::new(stream) as BoxIo)
+            .map_err(|e| {
+                info!(cluster = target, authority = %request.authority, error = %e, "relay to peer gateway failed");
+                e.refusal()
+            })
+    }
+}
+
+/// Keeps one warm pool per Link in discovery, rebuilding those whose Link changed.
+fn sync_links(maker: &PoolMaker, handler: &GatewayHandler) {
+    let snapshot = handler.discovery.load();
+    let mut links = lock(&handler.links);
+    let wanted: BTreeMap<String, LinkSpec> = snapshot
+        .links()
+        .iter()
+        .map(|(name, link)| (name.as_str().to_owned(), link.spec.clone()))
+        .collect();
+    links.retain(|cluster, link| {
+        let keep = wanted.get(cluster) == Some(&link.spec);
+        if !keep {
+            let _ = link.stop.send(true);
+            info!(%cluster, "link removed or changed, closing its pool");
+        }
+        keep
+    });
+    for (cluster, spec) in wanted {
+        if links.contains_key(&cluster) {
+            continue;
+        }
+        let ip: IpAddr = match spec.gateway_address.as_str().parse() {
+            Ok(ip) => ip,
+            Err(_) => {
+                warn!(%cluster, address = spec.gateway_address.as_str(), "link gateway address is not an IP address; link unusable");
+                continue;
+            }
+        };
+        let identity = match SpiffeId::parse(spec.gateway_identity.as_str()) {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(%cluster, error = %e, "link gateway identity is not a valid SPIFFE ID; link unusable");
+                continue;
+            }
+        };
+        let (stop, stopped) = watch::channel(false);
+        let mut shutdown = maker.shutdown.clone();
+        let stop_on_shutdown = stop.clone();
+        tokio::spawn(async move {
+            proxy_core::listen::drained(&mut shutdown).await;
+            let _ = stop_on_shutdown.send(true);
+        });
+        let addr = SocketAddr::new(ip, spec.gateway_port);
+        info!(%cluster, %addr, %identity, "linking to peer gateway");
+        let pool = maker.pool(format!("link/{cluster}"), addr, identity, stopped);
+        links.insert(cluster, LinkPool { spec, pool, stop });
+    }
+}
+
+pub async fn run(config: Config) -> Result<()> {
+    let inbound_listeners = bind_all("inbound-addr", &config.inbound_addrs)?;
+    let admin_listener = bind_admin(config.admin_addr).await?;
+    let mut base = Base::start(config).await?;
+
+    let handler = Arc::new(GatewayHandler {
+        cluster: base.config.cluster.clone(),
+        discovery: base.discovery.clone(),
+        links: Mutex::new(HashMap::new()),
+        connect_timeout: base.config.connect_timeout,
+        next_endpoint: AtomicUsize::new(0),
+        own_addrs: inbound_listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect(),
+    });
+    let maker = base.pool_maker();
+    sync_links(&maker, &handler);
+
+    let link_up: Family<LinkLabels, Gauge> = Family::default();
+    base.registry.register(
+        "gateway_link_up",
+        "Whether the link to a peer cluster's gateway has an established connection",
+        link_up.clone(),
+    );
+    {
+        // Follow discovery changes for links, and publish link health.
+        let handler = handler.clone();
+        let mut changes = base.discovery.subscribe();
+        let mut shutdown = base.shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = changes.changed() => sync_links(&maker, &handler),
+                    _ = tick.tick() => {}
+                    _ = proxy_core::listen::drained(&mut shutdown) => return,
+                }
+                for (cluster, link) in lock(&handler.links).iter() {
+                    link_up
+                        .get_or_create(&LinkLabels {
+                            cluster: cluster.clone(),
+                        })
+                        .set(i64::from(link.pool.state().is_up()));
+                }
+            }
+        });
+    }
+
+    let tunnel = TunnelServer::new(
+        handler.clone(),
+        H2Settings::default(),
+        base.forward_config(),
+        base.metrics.clone(),
+        Direction::Gateway,
+    );
+    let inbound = Arc::new(Inbound {
+        tls: Some(proxy_identity::server_config(
+            base.identity.clone(),
+            base.own_trust_domain_policy(),
+        )),
+        peer_name: |conn| proxy_identity::peer_identity(conn).map(|id| Arc::from(id.to_string())),
+        tunnel,
+        // A gateway is not redirected into: every connection is the tunnel.
+        orig_dst: Arc::new(KernelOrigDst),
+        cfg: InboundConfig {
+            connect_timeout: base.config.connect_timeout,
+            detect: base.detect_config(),
+            opaque_ports: base.config.opaque_ports.clone(),
+            forward: base.forward_config(),
+            proxy_ports: base.config.proxy_ports(),
+            tls_handshake_timeout: base.config.connect_timeout,
+        },
+        http: base.http_proxy(Direction::Gateway),
+        metrics: base.metrics.clone(),
+    });
+    let tasks = base.serve(inbound_listeners, inbound, Direction::Gateway);
+    info!(inbound = ?base.config.inbound_addrs, admin = %base.config.admin_addr, "gateway serving");
+
+    let identity = base.identity.clone();
+    let discovery = base.discovery.clone();
+    let cluster = base.config.cluster.clone();
+    let view_handler = handler.clone();
+    let view = Arc::new(move || {
+        let links: serde_json::Map<String, serde_json::Value> = lock(&view_handler.links)
+            .iter()
+            .map(|(cluster, link)| {
+                let state = link.pool.state();
+                (
+                    cluster.clone(),
+                    json!({
+                        "addr": link.pool.peer().addr.to_string(),
+                        "up": state.is_up(),
+                        "state": describe(&state),
+                    }),
+                )
+            })
+            .collect();
+        json!({
+            "role": "gateway",
+            "cluster": cluster,
+            "identity": identity.status(),
+            "links": links,
+            "discovery": {
+                "status": discovery.status(),
+                "snapshot": discovery.snapshot().to_json(),
+            },
+        })
+    });
+    base.run(admin_listener, view, tasks).await
+}
+
+fn describe(state: &LinkState) -> String {
+    match state {
+        LinkState::Connecting => "connecting".into(),
+        LinkState::Up { connections } => format!("up ({connections} connections)"),
+        LinkState::Down { error, .. } => format!("down: {error}"),
+    }
+}

@@ -1,0 +1,276 @@
+//! The three roles of `isthmus-proxy`, and what they share: identity, discovery,
+//! metrics, the admin server, listeners and shutdown.
+
+pub mod gateway;
+pub mod sidecar;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result};
+use prometheus_client::registry::Registry;
+use proxy_core::detect::DetectConfig;
+use proxy_core::forward::ForwardConfig;
+use proxy_core::http::{HttpProxy, HttpSettings};
+use proxy_core::listen::{Handler, ListenConfig};
+use proxy_core::metrics::{Direction, ProxyMetrics};
+use proxy_core::pool::{PeerConfig, Pool};
+use proxy_core::tunnel::H2Settings;
+use proxy_discovery::{ClusterName, DirSource, Discovery};
+use proxy_identity::rustls::pki_types::ServerName;
+use proxy_identity::{CredentialPaths, CredentialStore, IdentityMetrics, PeerPolicy, SpiffeId};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::admin::{self, Admin, ConfigView};
+use crate::config::Config;
+
+/// What every role starts with.
+pub struct Base {
+    pub config: Config,
+    pub registry: Registry,
+    pub metrics: ProxyMetrics,
+    pub identity: Arc<CredentialStore>,
+    pub discovery: Discovery,
+    pub shutdown: watch::Receiver<bool>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+impl Base {
+    /// Loads identity and discovery; fails with a message naming the directory and
+    /// the problem if either has no good state to start from.
+    pub async fn start(config: Config) -> Result<Base> {
+        let mut registry = Registry::default();
+        let metrics = ProxyMetrics::default();
+        metrics.register(&mut registry);
+        let identity_metrics = IdentityMetrics::register(&mut registry);
+        let identity = CredentialStore::load(CredentialPaths::in_dir(&config.identity_dir))
+            .with_context(|| {
+                format!(
+                    "loading the workload identity from {}",
+                    config.identity_dir.display()
+                )
+            })?
+            .with_metrics(identity_metrics);
+        let identity = Arc::new(identity);
+        tokio::spawn(identity.clone().watch(config.reload_interval));
+
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let mut stop = shutdown.clone();
+        let (discovery, _task) = DirSource::new(&config.manifests)
+            .with_cluster(
+                ClusterName::parse(&config.cluster)
+                    .map_err(|e| anyhow::anyhow!("--cluster {}: {e}", config.cluster))?,
+            )
+            .watch(config.reload_interval, async move {
+                proxy_core::listen::drained(&mut stop).await
+            })
+            .await
+            .with_context(|| {
+                format!(
+                    "loading service discovery from {}",
+                    config.manifests.display()
+                )
+            })?;
+        info!(
+            cluster = %config.cluster,
+            identity = %identity.current().id(),
+            manifests = %config.manifests.display(),
+            "identity and discovery loaded"
+        );
+        Ok(Base {
+            config,
+            registry,
+            metrics,
+            identity,
+            discovery,
+            shutdown,
+            shutdown_tx,
+        })
+    }
+
+    pub fn forward_config(&self) -> ForwardConfig {
+        ForwardConfig {
+            idle_timeout: self.config.idle_timeout,
+            ..ForwardConfig::default()
+        }
+    }
+
+    pub fn detect_config(&self) -> DetectConfig {
+        DetectConfig {
+            timeout: self.config.detect_timeout,
+            ..DetectConfig::default()
+        }
+    }
+
+    pub fn http_proxy(&self, direction: Direction) -> HttpProxy {
+        HttpProxy {
+            metrics: self.metrics.clone(),
+            direction,
+            settings: HttpSettings::default(),
+            forward: self.forward_config(),
+        }
+    }
+
+    pub fn listen_config(&self) -> ListenConfig {
+        ListenConfig {
+            max_connections: self.config.max_connections,
+            grace: self.config.shutdown_grace,
+        }
+    }
+
+    /// The trust domain of this proxy's own identity: mesh peers must share it.
+    pub fn own_trust_domain_policy(&self) -> PeerPolicy {
+        PeerPolicy::TrustDomain(self.identity.current().id().trust_domain().clone())
+    }
+
+    /// What it takes to open tunnel pools, detached from `Base` for background tasks.
+    pub fn pool_maker(&self) -> PoolMaker {
+        PoolMaker {
+            identity: self.identity.clone(),
+            connect_timeout: self.config.connect_timeout,
+            connections: self.config.tunnel_connections,
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// Serves `handler` on every address until shutdown, then drains.
+    pub fn serve<H: Handler>(
+        &self,
+        listeners: Vec<TcpListener>,
+        handler: Arc<H>,
+        direction: Direction,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        listeners
+            .into_iter()
+            .map(|listener| {
+                tokio::spawn(proxy_core::listen::serve(
+                    listener,
+                    handler.clone(),
+                    self.listen_config(),
+                    self.metrics.clone(),
+                    direction,
+                    self.shutdown.clone(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Starts the admin server, waits for SIGTERM or SIGINT, then drains `tasks`.
+    pub async fn run(
+        self,
+        admin_listener: TcpListener,
+        config: ConfigView,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    ) -> Result<()> {
+        let ready = Arc::new(AtomicBool::new(true));
+        let admin = Arc::new(Admin {
+            registry: Arc::new(self.registry),
+            ready: ready.clone(),
+            config,
+        });
+        tokio::spawn(admin.serve(admin_listener, self.shutdown.clone()));
+        wait_for_signal().await?;
+        info!(grace = ?self.config.shutdown_grace, "shutting down: no new connections, draining open ones");
+        ready.store(false, std::sync::atomic::Ordering::Release);
+        let _ = self.shutdown_tx.send(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+        info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// Opens warm tunnel pools to gateways.
+#[derive(Clone)]
+pub struct PoolMaker {
+    identity: Arc<CredentialStore>,
+    connect_timeout: std::time::Duration,
+    connections: usize,
+    /// The process shutdown, for tasks that outlive a single pool.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl PoolMaker {
+    /// A pool to a gateway that must prove `identity`; it stops when `stop` turns true.
+    pub fn pool(
+        &self,
+        name: String,
+        addr: SocketAddr,
+        identity: SpiffeId,
+        stop: watch::Receiver<bool>,
+    ) -> Pool {
+        let tls = proxy_identity::client_config(self.identity.clone(), PeerPolicy::Exact(identity));
+        Pool::spawn(
+            PeerConfig {
+                name: Arc::from(name),
+                addr,
+                server_name: ServerName::IpAddress(addr.ip().into()),
+                tls,
+                connect_timeout: self.connect_timeout,
+                connections: self.connections,
+                h2: H2Settings::default(),
+                backoff_min: std::time::Duration::from_millis(100),
+                backoff_max: std::time::Duration::from_secs(5),
+            },
+            stop,
+        )
+    }
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Binds every address. An IPv6 default on a host without IPv6 is skipped with a
+/// warning; any other failure names the address and stops the start.
+pub fn bind_all(flag: &str, addrs: &[SocketAddr]) -> Result<Vec<TcpListener>> {
+    let mut listeners = Vec::new();
+    for addr in addrs {
+        match bind(*addr) {
+            Ok(listener) => listeners.push(listener),
+            Err(e)
+                if addr.is_ipv6()
+                    && addrs.iter().any(SocketAddr::is_ipv4)
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::Unsupported
+                    )
+                    || e.raw_os_error() == Some(97) =>
+            {
+                warn!(%addr, error = %e, "no IPv6 here, listening on IPv4 only");
+            }
+            Err(e) => return Err(e).with_context(|| format!("--{flag}: binding {addr}")),
+        }
+    }
+    Ok(listeners)
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        let socket = TcpSocket::new_v6()?;
+        // Separate v4 and v6 listeners on one port: the v6 one must not claim v4.
+        socket2::SockRef::from(&socket).set_only_v6(true)?;
+        socket
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Binds the admin listener.
+pub async fn bind_admin(addr: SocketAddr) -> Result<TcpListener> {
+    admin::bind(addr).await
+}
