@@ -10,6 +10,7 @@
 //! - [`tunnel`]: the HTTP/2 `CONNECT` tunnel, client and server.
 //! - [`pool`]: warm pools of tunnel connections to one peer.
 //! - [`outbound`], [`inbound`]: the sidecar's two connection handlers.
+//! - [`explicit`]: the standalone role's explicit proxy (CONNECT, absolute-form).
 //! - [`metrics`]: the traffic metrics the hot path updates.
 //!
 //! proxy-core knows nothing of Kubernetes, files or certificates: it is handed a
@@ -17,6 +18,7 @@
 
 pub mod addr;
 pub mod detect;
+pub mod explicit;
 pub mod forward;
 pub mod http;
 pub mod inbound;

@@ -25,6 +25,9 @@ pub enum RoleCommand {
     Sidecar(CommonArgs),
     /// A cluster's gateway: carries tunnel streams between clusters.
     Gateway(CommonArgs),
+    /// An explicit proxy on loopback (HTTP CONNECT and absolute-form requests) that
+    /// reaches mirrored services by name, without iptables.
+    Standalone(CommonArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -1,4 +1,4 @@
-//! `isthmus-proxy`: the sidecar and gateway roles.
+//! `isthmus-proxy`: the sidecar, gateway and standalone roles.
 //!
 //! # Layout
 //! - [`config`]: flags and environment, validated into a `Config` before binding.
@@ -22,6 +22,7 @@ fn main() {
     let (role, args) = match &cli.role {
         RoleCommand::Sidecar(args) => ("sidecar", args),
         RoleCommand::Gateway(args) => ("gateway", args),
+        RoleCommand::Standalone(args) => ("standalone", args),
     };
     init_tracing(args);
     let config = match Config::from_args(args) {
@@ -58,6 +59,7 @@ fn run(role: &RoleCommand, config: Config) -> Result<()> {
         match role {
             RoleCommand::Sidecar(_) => role::sidecar::run(config).await,
             RoleCommand::Gateway(_) => role::gateway::run(config).await,
+            RoleCommand::Standalone(_) => role::standalone::run(config).await,
         }
     })
 }

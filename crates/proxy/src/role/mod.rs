@@ -3,6 +3,7 @@
 
 pub mod gateway;
 pub mod sidecar;
+pub mod standalone;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -124,6 +125,38 @@ impl Base {
     /// The trust domain of this proxy's own identity: mesh peers must share it.
     pub fn own_trust_domain_policy(&self) -> PeerPolicy {
         PeerPolicy::TrustDomain(self.identity.current().id().trust_domain().clone())
+    }
+
+    /// A warm pool to this cluster's gateway, as the cluster settings name it at
+    /// start; `None` (with a warning) when they name none, so mirrored services are
+    /// refused rather than misrouted.
+    pub fn cluster_gateway(&self) -> Result<Option<Pool>> {
+        let snapshot = self.discovery.snapshot();
+        let Some(gateway) = snapshot.gateway() else {
+            warn!(cluster = %self.config.cluster, "no gateway in the cluster settings: mirrored services will be refused");
+            return Ok(None);
+        };
+        let ip: std::net::IpAddr = gateway.address.as_str().parse().with_context(|| {
+            format!(
+                "the gateway address {:?} in the settings of cluster {} must be an IP address",
+                gateway.address.as_str(),
+                self.config.cluster
+            )
+        })?;
+        let identity = SpiffeId::parse(gateway.identity.as_str()).with_context(|| {
+            format!(
+                "the gateway identity in the settings of cluster {}",
+                self.config.cluster
+            )
+        })?;
+        let addr = SocketAddr::new(ip, gateway.port);
+        info!(%addr, %identity, "mirrored services go through the cluster gateway");
+        Ok(Some(self.pool_maker().pool(
+            format!("gateway/{}", self.config.cluster),
+            addr,
+            identity,
+            self.shutdown.clone(),
+        )))
     }
 
     /// What it takes to open tunnel pools, detached from `Base` for background tasks.

@@ -2,19 +2,18 @@
 //! inbound (plain TCP for the app, and the mesh tunnel terminated with the pod's
 //! identity).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use proxy_core::addr::KernelOrigDst;
 use proxy_core::inbound::{Inbound, InboundConfig, LocalDelivery};
 use proxy_core::metrics::Direction;
 use proxy_core::outbound::{Outbound, OutboundConfig};
 use proxy_core::tunnel::H2Settings;
 use proxy_core::tunnel::server::TunnelServer;
-use proxy_identity::SpiffeId;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{Base, bind_admin, bind_all};
 use crate::config::Config;
@@ -27,34 +26,7 @@ pub async fn run(config: Config) -> Result<()> {
     let base = Base::start(config).await?;
     let proxy_ports = base.config.proxy_ports();
 
-    // The gateway of this cluster, as discovery names it at start.
-    let snapshot = base.discovery.snapshot();
-    let gateway = match snapshot.gateway() {
-        Some(gateway) => {
-            let ip: IpAddr = gateway.address.as_str().parse().with_context(|| {
-                format!(
-                    "the gateway address {:?} of cluster {} must be an IP address",
-                    gateway.address.as_str(),
-                    base.config.cluster
-                )
-            })?;
-            let identity = SpiffeId::parse(gateway.identity.as_str()).with_context(|| {
-                format!("the gateway identity of cluster {}", base.config.cluster)
-            })?;
-            let addr = SocketAddr::new(ip, gateway.port);
-            info!(%addr, %identity, "tunnelling mirrored services through the cluster gateway");
-            Some(base.pool_maker().pool(
-                format!("gateway/{}", base.config.cluster),
-                addr,
-                identity,
-                base.shutdown.clone(),
-            ))
-        }
-        None => {
-            warn!(cluster = %base.config.cluster, "no gateway in the cluster settings: mirrored services will be refused");
-            None
-        }
-    };
+    let gateway = base.cluster_gateway()?;
 
     let outbound = Arc::new(Outbound {
         lookup: DiscoveryRoutes {

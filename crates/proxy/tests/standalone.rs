@@ -1,0 +1,213 @@
+//! The standalone role as a user runs it: the real binary on loopback, used as an
+//! explicit proxy (CONNECT and absolute-form requests).
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proxy_identity::SpiffeId;
+use proxy_identity::mint::{self, KeyAlgorithm, Validity};
+
+const STEP: Duration = Duration::from_secs(10);
+
+/// Kills the proxy when the test ends, whatever way it ends, and shows its log on failure.
+struct Proxy {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- proxy log ---\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn mint_identity(dir: &Path) {
+    let validity = Validity::from_now(Duration::from_secs(3600));
+    let anchor = mint::trust_anchor("test anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
+    let issuer = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/dev").unwrap();
+    mint::leaf(&issuer, &id, validity, KeyAlgorithm::EcdsaP256)
+        .unwrap()
+        .write_dir(dir, false)
+        .unwrap();
+}
+
+/// A tiny HTTP/1.1 origin that answers every request with its request line.
+fn origin() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                stream.set_read_timeout(Some(STEP)).unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let line = String::from_utf8_lossy(&head);
+                let line = line.lines().next().unwrap_or_default().to_owned();
+                let body = format!("origin saw: {line}\n");
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    addr
+}
+
+fn start(dir: &Path) -> (Proxy, SocketAddr, SocketAddr) {
+    let identity = dir.join("identity");
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    mint_identity(&identity);
+    std::fs::write(
+        manifests.join("settings.yaml"),
+        "apiVersion: multicluster.isthmus.io/v1alpha1\nkind: ClusterSettings\nmetadata: {name: cluster-b}\nspec: {clusterName: cluster-b}\n",
+    )
+    .unwrap();
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let log = dir.join("proxy.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
+        .args(["standalone", "--cluster", "cluster-b", "--identity-dir"])
+        .arg(&identity)
+        .arg("--manifests")
+        .arg(&manifests)
+        .args(["--outbound-addr", &listen.to_string()])
+        .args(["--admin-addr", &admin.to_string()])
+        .env_clear()
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let proxy = Proxy { child, log };
+    let deadline = Instant::now() + STEP;
+    while !get(admin, "/ready").starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "the proxy never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (proxy, listen, admin)
+}
+
+/// Sends `request` and reads until the server closes (bounded by [`STEP`]).
+fn exchange(addr: SocketAddr, request: &str) -> String {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, STEP) else {
+        return String::new();
+    };
+    stream.set_read_timeout(Some(STEP)).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+fn get(addr: SocketAddr, path: &str) -> String {
+    exchange(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n"),
+    )
+}
+
+#[test]
+fn explicit_requests_pass_through_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_proxy, listen, admin) = start(dir.path());
+    let origin = origin();
+
+    let absolute = exchange(
+        listen,
+        &format!(
+            "GET http://{origin}/hello?x=1 HTTP/1.1\r\nhost: {origin}\r\nconnection: close\r\n\r\n"
+        ),
+    );
+    assert!(absolute.starts_with("HTTP/1.1 200"), "{absolute}");
+    // The origin sees origin form, as if the client had connected to it directly.
+    assert!(
+        absolute.contains("origin saw: GET /hello?x=1 HTTP/1.1"),
+        "{absolute}"
+    );
+
+    let mut tunnel = TcpStream::connect(listen).unwrap();
+    tunnel.set_read_timeout(Some(STEP)).unwrap();
+    write!(
+        tunnel,
+        "CONNECT {origin} HTTP/1.1\r\nhost: {origin}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tunnel.read(&mut byte).unwrap(),
+            1,
+            "CONNECT answer cut short"
+        );
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    write!(tunnel, "GET /through HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut rest = String::new();
+    let _ = tunnel.read_to_string(&mut rest);
+    assert!(rest.contains("origin saw: GET /through"), "{rest}");
+
+    let metrics = get(admin, "/metrics");
+    let counted = format!("http_requests_total{{direction=\"outbound\",authority=\"{origin}\"}} 2");
+    assert!(
+        metrics.contains(&counted),
+        "missing {counted} in\n{metrics}"
+    );
+}
+
+#[test]
+fn unreachable_targets_are_refused_with_their_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_proxy, listen, admin) = start(dir.path());
+    let closed = free_port();
+
+    let refused = exchange(
+        listen,
+        &format!("CONNECT 127.0.0.1:{closed} HTTP/1.1\r\nhost: x\r\n\r\n"),
+    );
+    assert!(refused.starts_with("HTTP/1.1 502"), "{refused}");
+    assert!(
+        refused.contains("isthmus-refusal: upstream_refused"),
+        "{refused}"
+    );
+
+    let malformed = exchange(listen, "GET /no/authority HTTP/1.1\r\nhost: x\r\n\r\n");
+    assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed}");
+
+    let config = get(admin, "/config");
+    assert!(config.contains("\"role\": \"standalone\""), "{config}");
+}
