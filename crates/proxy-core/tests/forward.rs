@@ -743,3 +743,33 @@ async fn connect_upstream_names_the_refusing_peer() {
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
     assert!(!err.is_connect_timeout());
 }
+
+#[tokio::test]
+async fn connect_upstream_times_out_on_a_silent_listener() {
+    // A listener with a zero backlog that never accepts: once one connection waits in
+    // its queue, the kernel drops further SYNs, so the next connect hangs. Real time,
+    // with a short timeout: the wait happens in the kernel.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let listener = TcpListener::from_std(socket.into()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _queued = within(10, "first connect", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let err = within(
+        10,
+        "connect",
+        connect_upstream(addr, Duration::from_millis(300)),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.is_connect_timeout(), "{err}");
+    assert_eq!(err.close_reason(), "connect_timeout");
+    assert_eq!(err.side(), Side::Upstream);
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    drop(listener);
+}
