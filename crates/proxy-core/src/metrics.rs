@@ -98,6 +98,26 @@ pub struct ProxyMetrics {
     pub http_latency: Family<HttpLabels, Histogram>,
     pub refusals: Family<RefusalLabels, Counter>,
     authorities: Arc<Mutex<HashSet<Arc<str>>>>,
+    /// Per-direction handles looked up once, so a new connection costs atomic adds
+    /// rather than four trips through the families' locks.
+    handles: Arc<[DirectionHandles; 3]>,
+}
+
+#[derive(Debug)]
+struct DirectionHandles {
+    opened: Counter,
+    open: Gauge,
+    bytes: ByteCounters,
+}
+
+const DIRECTIONS: [Direction; 3] = [Direction::Outbound, Direction::Inbound, Direction::Gateway];
+
+fn index(direction: Direction) -> usize {
+    match direction {
+        Direction::Outbound => 0,
+        Direction::Inbound => 1,
+        Direction::Gateway => 2,
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -107,16 +127,47 @@ fn latency_histogram() -> Histogram {
 
 impl Default for ProxyMetrics {
     fn default() -> Self {
+        let tcp_opened: Family<TcpLabels, Counter> = Family::default();
+        let tcp_open: Family<TcpLabels, Gauge> = Family::default();
+        let tcp_bytes: Family<ByteLabels, Counter> = Family::default();
+        let handles = DIRECTIONS.map(|direction| {
+            // One statement per lookup: a `get_or_create` guard holds the family's
+            // read lock to the end of its statement, and a second lookup that has to
+            // insert would wait for the write lock forever.
+            let opened = tcp_opened.get_or_create(&TcpLabels { direction }).clone();
+            let open = tcp_open.get_or_create(&TcpLabels { direction }).clone();
+            let to_upstream = tcp_bytes
+                .get_or_create(&ByteLabels {
+                    direction,
+                    flow: "to_upstream",
+                })
+                .clone();
+            let to_downstream = tcp_bytes
+                .get_or_create(&ByteLabels {
+                    direction,
+                    flow: "to_downstream",
+                })
+                .clone();
+            DirectionHandles {
+                opened,
+                open,
+                bytes: ByteCounters {
+                    to_upstream,
+                    to_downstream,
+                },
+            }
+        });
         Self {
-            tcp_opened: Family::default(),
+            tcp_opened,
             tcp_closed: Family::default(),
-            tcp_open: Family::default(),
-            tcp_bytes: Family::default(),
+            tcp_open,
+            tcp_bytes,
             http_requests: Family::default(),
             http_responses: Family::default(),
             http_latency: Family::new_with_constructor(latency_histogram),
             refusals: Family::default(),
             authorities: Arc::default(),
+            handles: Arc::new(handles),
         }
     }
 }
@@ -165,32 +216,17 @@ impl ProxyMetrics {
         );
     }
 
-    /// The byte counters of one direction, looked up once per connection.
+    /// The byte counters of one direction.
     pub fn byte_counters(&self, direction: Direction) -> ByteCounters {
-        // One statement per lookup: a `get_or_create` guard holds the family's read
-        // lock until the end of its statement, and a second lookup that has to insert
-        // would wait for the write lock forever.
-        let to_upstream = self.counter(direction, "to_upstream");
-        let to_downstream = self.counter(direction, "to_downstream");
-        ByteCounters {
-            to_upstream,
-            to_downstream,
-        }
-    }
-
-    fn counter(&self, direction: Direction, flow: &'static str) -> Counter {
-        self.tcp_bytes
-            .get_or_create(&ByteLabels { direction, flow })
-            .clone()
+        self.handles[index(direction)].bytes.clone()
     }
 
     /// Marks a connection open; the returned guard marks it closed when dropped,
     /// with the reason last set on it (`eof` unless told otherwise).
     pub fn open_connection(&self, direction: Direction) -> ConnectionGuard {
-        self.tcp_opened
-            .get_or_create(&TcpLabels { direction })
-            .inc();
-        self.tcp_open.get_or_create(&TcpLabels { direction }).inc();
+        let handles = &self.handles[index(direction)];
+        handles.opened.inc();
+        handles.open.inc();
         ConnectionGuard {
             metrics: self.clone(),
             direction,
@@ -240,10 +276,7 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         let direction = self.direction;
-        self.metrics
-            .tcp_open
-            .get_or_create(&TcpLabels { direction })
-            .dec();
+        self.metrics.handles[index(direction)].open.dec();
         self.metrics
             .tcp_closed
             .get_or_create(&TcpCloseLabels {
