@@ -22,7 +22,7 @@ use crate::listen::{Accepted, Handler, reset};
 use crate::metrics::{Direction, ProxyMetrics};
 use crate::outbound::{UpstreamIo, serve_detected};
 use crate::tunnel::server::{TunnelHandler, TunnelRequest, TunnelServer};
-use crate::tunnel::{BoxIo, Refusal};
+use crate::tunnel::{BoxIo, HandshakeObserver, Refusal};
 
 /// Reads a peer's identity from a finished TLS handshake (the caller knows SPIFFE).
 pub type PeerName = fn(&rustls::CommonState) -> Option<Arc<str>>;
@@ -43,6 +43,8 @@ pub struct Inbound<H> {
     /// Mesh TLS; without it tunnel connections are refused.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub peer_name: PeerName,
+    /// Counts and logs failed handshakes by reason.
+    pub handshake_failed: HandshakeObserver,
     pub tunnel: Arc<TunnelServer<H>>,
     pub orig_dst: Arc<dyn OrigDst>,
     pub cfg: InboundConfig,
@@ -131,7 +133,8 @@ impl<H: TunnelHandler> Inbound<H> {
         {
             Ok(Ok(tls_stream)) => tls_stream,
             Ok(Err(e)) => {
-                info!(%client, error = %e, "mesh TLS handshake failed");
+                let reason = (self.handshake_failed)(&e, client);
+                debug!(%client, reason, "mesh TLS handshake refused");
                 self.metrics.refused(Direction::Inbound, "tls_handshake");
                 return;
             }

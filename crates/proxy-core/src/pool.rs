@@ -22,10 +22,10 @@ use tracing::{debug, info, warn};
 
 use crate::route::{Authority, ClusterName};
 use crate::tunnel::client::{self, OpenError, TunnelSender, TunnelStream};
-use crate::tunnel::{H2Settings, Refusal};
+use crate::tunnel::{H2Settings, HandshakeObserver, Refusal};
 
 /// How to reach one peer.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PeerConfig {
     /// For logs and `/config`, e.g. `gateway/cluster-a`.
     pub name: Arc<str>,
@@ -39,6 +39,18 @@ pub struct PeerConfig {
     pub h2: H2Settings,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Counts and logs failed handshakes by reason (a wrong peer identity, say).
+    pub handshake_failed: Option<HandshakeObserver>,
+}
+
+impl std::fmt::Debug for PeerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("name", &self.name)
+            .field("addr", &self.addr)
+            .field("connections", &self.connections)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The health of a pool, as probes and `/config` report it.
@@ -331,9 +343,14 @@ async fn connect(
     )
     .await
     .map_err(|_| ConnectError::Timeout(cfg.addr))?
-    .map_err(|source| ConnectError::Tls {
-        addr: cfg.addr,
-        source,
+    .map_err(|source| {
+        if let Some(observe) = &cfg.handshake_failed {
+            observe(&source, cfg.addr);
+        }
+        ConnectError::Tls {
+            addr: cfg.addr,
+            source,
+        }
     })?;
     client::handshake(tls, &cfg.h2)
         .await

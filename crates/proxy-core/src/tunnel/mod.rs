@@ -24,6 +24,12 @@ pub const CLUSTER_HEADER: &str = "isthmus-cluster";
 /// Response header naming the reason of a refusal (`not_exported`, `link_down`, ...).
 pub const REFUSAL_HEADER: &str = "isthmus-refusal";
 
+/// Told of every failed TLS handshake on a mesh connection, with the peer address;
+/// returns the reason label it counted. proxy-core cannot classify certificate
+/// errors itself: the identity layer that verifies peers can.
+pub type HandshakeObserver =
+    std::sync::Arc<dyn Fn(&std::io::Error, std::net::SocketAddr) -> &'static str + Send + Sync>;
+
 /// Any bidirectional byte stream the tunnel can carry.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}

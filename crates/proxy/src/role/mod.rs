@@ -17,7 +17,7 @@ use proxy_core::http::{HttpProxy, HttpSettings};
 use proxy_core::listen::{Handler, ListenConfig};
 use proxy_core::metrics::{Direction, ProxyMetrics};
 use proxy_core::pool::{PeerConfig, Pool};
-use proxy_core::tunnel::H2Settings;
+use proxy_core::tunnel::{H2Settings, HandshakeObserver};
 use proxy_discovery::{ClusterName, DirSource, Discovery};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{CredentialPaths, CredentialStore, IdentityMetrics, PeerPolicy, SpiffeId};
@@ -34,6 +34,7 @@ pub struct Base {
     pub registry: Registry,
     pub metrics: ProxyMetrics,
     pub identity: Arc<CredentialStore>,
+    pub identity_metrics: IdentityMetrics,
     pub discovery: Discovery,
     pub shutdown: watch::Receiver<bool>,
     shutdown_tx: watch::Sender<bool>,
@@ -54,7 +55,7 @@ impl Base {
                     config.identity_dir.display()
                 )
             })?
-            .with_metrics(identity_metrics);
+            .with_metrics(identity_metrics.clone());
         let identity = Arc::new(identity);
         tokio::spawn(identity.clone().watch(config.reload_interval));
 
@@ -86,6 +87,7 @@ impl Base {
             registry,
             metrics,
             identity,
+            identity_metrics,
             discovery,
             shutdown,
             shutdown_tx,
@@ -120,6 +122,15 @@ impl Base {
             max_connections: self.config.max_connections,
             grace: self.config.shutdown_grace,
         }
+    }
+
+    /// Counts and logs a failed mesh handshake under its reason, naming the peer.
+    pub fn handshake_observer(&self) -> HandshakeObserver {
+        let metrics = self.identity_metrics.clone();
+        Arc::new(move |error, peer| {
+            let _span = tracing::info_span!("tls", %peer).entered();
+            metrics.handshake_error(error).as_str()
+        })
     }
 
     /// The trust domain of this proxy's own identity: mesh peers must share it.
@@ -166,6 +177,7 @@ impl Base {
             connect_timeout: self.config.connect_timeout,
             connections: self.config.tunnel_connections,
             shutdown: self.shutdown.clone(),
+            handshake_failed: self.handshake_observer(),
         }
     }
 
@@ -223,6 +235,7 @@ pub struct PoolMaker {
     identity: Arc<CredentialStore>,
     connect_timeout: std::time::Duration,
     connections: usize,
+    handshake_failed: HandshakeObserver,
     /// The process shutdown, for tasks that outlive a single pool.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -248,6 +261,7 @@ impl PoolMaker {
                 h2: H2Settings::default(),
                 backoff_min: std::time::Duration::from_millis(100),
                 backoff_max: std::time::Duration::from_secs(5),
+                handshake_failed: Some(self.handshake_failed.clone()),
             },
             stop,
         )

@@ -63,6 +63,7 @@ pub async fn run(config: Config) -> Result<()> {
             base.own_trust_domain_policy(),
         )),
         peer_name: |conn| proxy_identity::peer_identity(conn).map(|id| Arc::from(id.to_string())),
+        handshake_failed: base.handshake_observer(),
         tunnel,
         orig_dst: Arc::new(KernelOrigDst),
         cfg: InboundConfig {
