@@ -43,6 +43,89 @@ struct LinkPool {
     spec: LinkSpec,
     pool: Pool,
     stop: watch::Sender<bool>,
+    probe: Arc<Mutex<ProbeResult>>,
+}
+
+/// The last answer of a link's probe (`probeSpec`: an HTTP GET of the peer
+/// gateway's readiness endpoint). It tells an operator whether the peer is up even
+/// while no tunnel connection exists; streams follow the tunnel pool's own state.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct ProbeResult {
+    ok: Option<bool>,
+    /// The status or error of the last probe.
+    detail: String,
+    latency_ms: Option<u64>,
+    consecutive_failures: u32,
+}
+
+/// Probes one link every `probeSpec.period` until `stop` turns true.
+async fn probe_link(
+    cluster: String,
+    addr: SocketAddr,
+    path: String,
+    period: Duration,
+    result: Arc<Mutex<ProbeResult>>,
+    success: Gauge,
+    mut stop: watch::Receiver<bool>,
+) {
+    // A probe may take at most one period, and never more than a few seconds.
+    let timeout = period.min(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = proxy_core::listen::drained(&mut stop) => return,
+        }
+        let start = tokio::time::Instant::now();
+        let outcome = tokio::time::timeout(timeout, probe_once(addr, &path)).await;
+        let mut last = lock(&result);
+        match outcome {
+            Ok(Ok(status)) if status.is_success() => {
+                if last.ok == Some(false) {
+                    info!(%cluster, %addr, "link probe succeeds again");
+                }
+                last.ok = Some(true);
+                last.detail = status.to_string();
+                last.latency_ms = Some(start.elapsed().as_millis() as u64);
+                last.consecutive_failures = 0;
+            }
+            failed => {
+                let detail = match failed {
+                    Ok(Ok(status)) => format!("answered {status}"),
+                    Ok(Err(e)) => e,
+                    Err(_) => format!("no answer within {timeout:?}"),
+                };
+                if last.ok != Some(false) {
+                    warn!(%cluster, %addr, %path, %detail, "link probe failed");
+                }
+                last.ok = Some(false);
+                last.detail = detail;
+                last.latency_ms = None;
+                last.consecutive_failures += 1;
+            }
+        }
+        success.set(i64::from(last.ok == Some(true)));
+    }
+}
+
+async fn probe_once(addr: SocketAddr, path: &str) -> Result<http::StatusCode, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
+    tokio::spawn(conn);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("probe path {path:?}: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("GET {path} from {addr}: {e}"))?;
+    Ok(response.status())
 }
 
 struct GatewayHandler {
@@ -146,7 +229,11 @@ impl TunnelHandler for GatewayHandler {
 }
 
 /// Keeps one warm pool per Link in discovery, rebuilding those whose Link changed.
-fn sync_links(maker: &PoolMaker, handler: &GatewayHandler) {
+fn sync_links(
+    maker: &PoolMaker,
+    handler: &GatewayHandler,
+    probe_success: &Family<LinkLabels, Gauge>,
+) {
     let snapshot = handler.discovery.load();
     let mut links = lock(&handler.links);
     let wanted: BTreeMap<String, LinkSpec> = snapshot
@@ -189,8 +276,31 @@ fn sync_links(maker: &PoolMaker, handler: &GatewayHandler) {
         });
         let addr = SocketAddr::new(ip, spec.gateway_port);
         info!(%cluster, %addr, %identity, "linking to peer gateway");
-        let pool = maker.pool(format!("link/{cluster}"), addr, identity, stopped);
-        links.insert(cluster, LinkPool { spec, pool, stop });
+        let pool = maker.pool(format!("link/{cluster}"), addr, identity, stopped.clone());
+        let probe = Arc::new(Mutex::new(ProbeResult::default()));
+        let success = probe_success
+            .get_or_create(&LinkLabels {
+                cluster: cluster.clone(),
+            })
+            .clone();
+        tokio::spawn(probe_link(
+            cluster.clone(),
+            SocketAddr::new(ip, spec.probe_spec.port),
+            spec.probe_spec.path.clone(),
+            spec.probe_spec.period.0,
+            probe.clone(),
+            success,
+            stopped,
+        ));
+        links.insert(
+            cluster,
+            LinkPool {
+                spec,
+                pool,
+                stop,
+                probe,
+            },
+        );
     }
 }
 
@@ -210,15 +320,20 @@ pub async fn run(config: Config) -> Result<()> {
             .filter_map(|l| l.local_addr().ok())
             .collect(),
     });
-    let maker = base.pool_maker();
-    sync_links(&maker, &handler);
-
     let link_up: Family<LinkLabels, Gauge> = Family::default();
     base.registry.register(
         "gateway_link_up",
         "Whether the link to a peer cluster's gateway has an established connection",
         link_up.clone(),
     );
+    let probe_success: Family<LinkLabels, Gauge> = Family::default();
+    base.registry.register(
+        "gateway_link_probe_success",
+        "Whether the last probe of a peer gateway (the Link's probeSpec) succeeded",
+        probe_success.clone(),
+    );
+    let maker = base.pool_maker();
+    sync_links(&maker, &handler, &probe_success);
     {
         // Follow discovery changes for links, and publish link health.
         let handler = handler.clone();
@@ -228,7 +343,7 @@ pub async fn run(config: Config) -> Result<()> {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
-                    _ = changes.changed() => sync_links(&maker, &handler),
+                    _ = changes.changed() => sync_links(&maker, &handler, &probe_success),
                     _ = tick.tick() => {}
                     _ = proxy_core::listen::drained(&mut shutdown) => return,
                 }
@@ -289,6 +404,7 @@ pub async fn run(config: Config) -> Result<()> {
                         "addr": link.pool.peer().addr.to_string(),
                         "up": state.is_up(),
                         "state": describe(&state),
+                        "probe": lock(&link.probe).clone(),
                     }),
                 )
             })
