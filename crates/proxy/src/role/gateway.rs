@@ -16,13 +16,11 @@ use anyhow::Result;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use proxy_core::addr::KernelOrigDst;
 use proxy_core::forward::connect_upstream;
-use proxy_core::inbound::{Inbound, InboundConfig};
 use proxy_core::metrics::Direction;
-use proxy_core::pool::{LinkState, Pool};
-use proxy_core::tunnel::server::{TunnelHandler, TunnelRequest, TunnelServer};
-use proxy_core::tunnel::{BoxIo, H2Settings, Refusal};
+use proxy_core::pool::Pool;
+use proxy_core::tunnel::server::{TunnelHandler, TunnelRequest};
+use proxy_core::tunnel::{BoxIo, Refusal};
 use proxy_discovery::model::LinkSpec;
 use proxy_discovery::{Discovery, Refusal as DiscoveryRefusal};
 use proxy_identity::SpiffeId;
@@ -30,7 +28,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{Base, PoolMaker, bind_admin, bind_all};
+use super::{Base, PoolMaker, bind_admin, bind_all, pool_json};
 use crate::config::Config;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -358,75 +356,21 @@ pub async fn run(config: Config) -> Result<()> {
         });
     }
 
-    let tunnel = TunnelServer::new(
-        handler.clone(),
-        H2Settings::default(),
-        base.forward_config(),
-        base.metrics.clone(),
-        Direction::Gateway,
-    );
-    let inbound = Arc::new(Inbound {
-        tls: Some(proxy_identity::server_config(
-            base.identity.clone(),
-            base.own_trust_domain_policy(),
-        )),
-        peer_name: |conn| proxy_identity::peer_identity(conn).map(|id| Arc::from(id.to_string())),
-        handshake_failed: base.handshake_observer(),
-        tunnel,
-        // A gateway is not redirected into: every connection is the tunnel.
-        orig_dst: Arc::new(KernelOrigDst),
-        cfg: InboundConfig {
-            connect_timeout: base.config.connect_timeout,
-            detect: base.detect_config(),
-            opaque_ports: base.config.opaque_ports.clone(),
-            forward: base.forward_config(),
-            proxy_ports: base.config.proxy_ports(),
-            tls_handshake_timeout: base.config.connect_timeout,
-        },
-        http: base.http_proxy(Direction::Gateway),
-        metrics: base.metrics.clone(),
-    });
+    let inbound = base.inbound(handler.clone(), Direction::Gateway);
     let tasks = base.serve(inbound_listeners, inbound, Direction::Gateway);
     info!(inbound = ?base.config.inbound_addrs, admin = %base.config.admin_addr, "gateway serving");
 
-    let identity = base.identity.clone();
-    let discovery = base.discovery.clone();
-    let cluster = base.config.cluster.clone();
     let view_handler = handler.clone();
-    let view = Arc::new(move || {
+    let view = base.config_view("gateway", move || {
         let links: serde_json::Map<String, serde_json::Value> = lock(&view_handler.links)
             .iter()
             .map(|(cluster, link)| {
-                let state = link.pool.state();
-                (
-                    cluster.clone(),
-                    json!({
-                        "addr": link.pool.peer().addr.to_string(),
-                        "up": state.is_up(),
-                        "state": describe(&state),
-                        "probe": lock(&link.probe).clone(),
-                    }),
-                )
+                let mut entry = pool_json(&link.pool);
+                entry["probe"] = json!(lock(&link.probe).clone());
+                (cluster.clone(), entry)
             })
             .collect();
-        json!({
-            "role": "gateway",
-            "cluster": cluster,
-            "identity": identity.status(),
-            "links": links,
-            "discovery": {
-                "status": discovery.status(),
-                "snapshot": discovery.snapshot().to_json(),
-            },
-        })
+        json!({ "links": links })
     });
     base.run(admin_listener, view, tasks).await
-}
-
-fn describe(state: &LinkState) -> String {
-    match state {
-        LinkState::Connecting => "connecting".into(),
-        LinkState::Up { connections } => format!("up ({connections} connections)"),
-        LinkState::Down { error, .. } => format!("down: {error}"),
-    }
 }

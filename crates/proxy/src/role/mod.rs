@@ -11,12 +11,15 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result};
 use prometheus_client::registry::Registry;
+use proxy_core::addr::KernelOrigDst;
 use proxy_core::detect::DetectConfig;
 use proxy_core::forward::ForwardConfig;
 use proxy_core::http::{HttpProxy, HttpSettings};
+use proxy_core::inbound::{Inbound, InboundConfig};
 use proxy_core::listen::{Handler, ListenConfig};
 use proxy_core::metrics::{Direction, ProxyMetrics};
-use proxy_core::pool::{PeerConfig, Pool};
+use proxy_core::pool::{LinkState, PeerConfig, Pool};
+use proxy_core::tunnel::server::{TunnelHandler, TunnelServer};
 use proxy_core::tunnel::{H2Settings, HandshakeObserver};
 use proxy_discovery::{ClusterName, DirSource, Discovery};
 use proxy_identity::rustls::pki_types::ServerName;
@@ -203,6 +206,71 @@ impl Base {
             .collect()
     }
 
+    /// The mesh-facing listener's handler: mTLS from peers of this trust domain, each
+    /// tunnel stream handed to `handler`; plain redirected TCP passes to the app.
+    pub fn inbound<H: TunnelHandler>(
+        &self,
+        handler: Arc<H>,
+        direction: Direction,
+    ) -> Arc<Inbound<H>> {
+        let tunnel = TunnelServer::new(
+            handler,
+            H2Settings::default(),
+            self.forward_config(),
+            self.metrics.clone(),
+            direction,
+        );
+        Arc::new(Inbound {
+            tls: Some(proxy_identity::server_config(
+                self.identity.clone(),
+                self.own_trust_domain_policy(),
+            )),
+            peer_name: |conn| {
+                proxy_identity::peer_identity(conn).map(|id| Arc::from(id.to_string()))
+            },
+            handshake_failed: self.handshake_observer(),
+            tunnel,
+            orig_dst: Arc::new(KernelOrigDst),
+            cfg: InboundConfig {
+                connect_timeout: self.config.connect_timeout,
+                detect: self.detect_config(),
+                opaque_ports: self.config.opaque_ports.clone(),
+                forward: self.forward_config(),
+                proxy_ports: self.config.proxy_ports(),
+                tls_handshake_timeout: self.config.connect_timeout,
+            },
+            http: self.http_proxy(direction),
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// The `/config` document: what every role shows, plus `extra` of the role.
+    pub fn config_view(
+        &self,
+        role: &'static str,
+        extra: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) -> ConfigView {
+        let identity = self.identity.clone();
+        let discovery = self.discovery.clone();
+        let cluster = self.config.cluster.clone();
+        Arc::new(move || {
+            let mut view = serde_json::json!({
+                "role": role,
+                "cluster": cluster,
+                "identity": identity.status(),
+                "discovery": {
+                    "status": discovery.status(),
+                    "snapshot": discovery.snapshot().to_json(),
+                },
+            });
+            if let (Some(view), serde_json::Value::Object(extra)) = (view.as_object_mut(), extra())
+            {
+                view.extend(extra);
+            }
+            view
+        })
+    }
+
     /// Starts the admin server, waits for SIGTERM or SIGINT, then drains `tasks`.
     pub async fn run(
         self,
@@ -227,6 +295,21 @@ impl Base {
         info!("shutdown complete");
         Ok(())
     }
+}
+
+/// A tunnel pool as `/config` shows it.
+pub fn pool_json(pool: &Pool) -> serde_json::Value {
+    let state = pool.state();
+    serde_json::json!({
+        "peer": pool.peer().name.as_ref(),
+        "addr": pool.peer().addr.to_string(),
+        "up": state.is_up(),
+        "state": match &state {
+            LinkState::Connecting => "connecting".to_owned(),
+            LinkState::Up { connections } => format!("up ({connections} connections)"),
+            LinkState::Down { error, .. } => format!("down: {error}"),
+        },
+    })
 }
 
 /// Opens warm tunnel pools to gateways.

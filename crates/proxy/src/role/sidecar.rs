@@ -7,15 +7,13 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use proxy_core::addr::KernelOrigDst;
-use proxy_core::inbound::{Inbound, InboundConfig, LocalDelivery};
+use proxy_core::inbound::LocalDelivery;
 use proxy_core::metrics::Direction;
 use proxy_core::outbound::{Outbound, OutboundConfig};
-use proxy_core::tunnel::H2Settings;
-use proxy_core::tunnel::server::TunnelServer;
 use serde_json::json;
 use tracing::info;
 
-use super::{Base, bind_admin, bind_all};
+use super::{Base, bind_admin, bind_all, pool_json};
 use crate::config::Config;
 use crate::lookup::DiscoveryRoutes;
 
@@ -50,33 +48,7 @@ pub async fn run(config: Config) -> Result<()> {
         connect_timeout: base.config.connect_timeout,
         proxy_ports: proxy_ports.clone(),
     });
-    let tunnel = TunnelServer::new(
-        delivery,
-        H2Settings::default(),
-        base.forward_config(),
-        base.metrics.clone(),
-        Direction::Inbound,
-    );
-    let inbound = Arc::new(Inbound {
-        tls: Some(proxy_identity::server_config(
-            base.identity.clone(),
-            base.own_trust_domain_policy(),
-        )),
-        peer_name: |conn| proxy_identity::peer_identity(conn).map(|id| Arc::from(id.to_string())),
-        handshake_failed: base.handshake_observer(),
-        tunnel,
-        orig_dst: Arc::new(KernelOrigDst),
-        cfg: InboundConfig {
-            connect_timeout: base.config.connect_timeout,
-            detect: base.detect_config(),
-            opaque_ports: base.config.opaque_ports.clone(),
-            forward: base.forward_config(),
-            proxy_ports,
-            tls_handshake_timeout: base.config.connect_timeout,
-        },
-        http: base.http_proxy(Direction::Inbound),
-        metrics: base.metrics.clone(),
-    });
+    let inbound = base.inbound(delivery, Direction::Inbound);
 
     let mut tasks = base.serve(outbound_listeners, outbound, Direction::Outbound);
     tasks.extend(base.serve(inbound_listeners, inbound, Direction::Inbound));
@@ -87,24 +59,9 @@ pub async fn run(config: Config) -> Result<()> {
         "sidecar serving"
     );
 
-    let identity = base.identity.clone();
-    let discovery = base.discovery.clone();
-    let cluster = base.config.cluster.clone();
-    let view = Arc::new(move || {
-        json!({
-            "role": "sidecar",
-            "cluster": cluster,
-            "identity": identity.status(),
-            "discovery": {
-                "status": discovery.status(),
-                "snapshot": discovery.snapshot().to_json(),
-            },
-            "gateway": gateway.as_ref().map(|pool| json!({
-                "peer": pool.peer().name.as_ref(),
-                "addr": pool.peer().addr.to_string(),
-                "state": format!("{:?}", pool.state()),
-            })),
-        })
-    });
+    let view = base.config_view(
+        "sidecar",
+        move || json!({ "gateway": gateway.as_ref().map(pool_json) }),
+    );
     base.run(admin_listener, view, tasks).await
 }

@@ -11,7 +11,7 @@ use proxy_core::metrics::Direction;
 use serde_json::json;
 use tracing::info;
 
-use super::{Base, bind_admin, bind_all};
+use super::{Base, bind_admin, bind_all, pool_json};
 use crate::config::Config;
 use crate::lookup::DiscoveryRoutes;
 
@@ -33,24 +33,9 @@ pub async fn run(config: Config) -> Result<()> {
     let tasks = base.serve(listeners, explicit, Direction::Outbound);
     info!(listen = ?base.config.outbound_addrs, "standalone proxy serving (HTTP CONNECT and absolute-form)");
 
-    let identity = base.identity.clone();
-    let discovery = base.discovery.clone();
-    let cluster = base.config.cluster.clone();
-    let view = Arc::new(move || {
-        json!({
-            "role": "standalone",
-            "cluster": cluster,
-            "identity": identity.status(),
-            "discovery": {
-                "status": discovery.status(),
-                "snapshot": discovery.snapshot().to_json(),
-            },
-            "gateway": gateway.as_ref().map(|pool| json!({
-                "peer": pool.peer().name.as_ref(),
-                "addr": pool.peer().addr.to_string(),
-                "up": pool.state().is_up(),
-            })),
-        })
-    });
+    let view = base.config_view(
+        "standalone",
+        move || json!({ "gateway": gateway.as_ref().map(pool_json) }),
+    );
     base.run(admin_listener, view, tasks).await
 }
