@@ -1,0 +1,897 @@
+//! The gateway role as operators run it: two real `isthmus-proxy gateway` processes
+//! (cluster-a and cluster-b) on loopback, linked to each other, with identities
+//! minted at test time and manifests written to temp dirs.
+//!
+//! The test process plays cluster-b's sidecar (a warm tunnel pool to gateway-b), a
+//! peer gateway and impostors, and runs the echo server behind cluster-a's exported
+//! Service. It counts what reaches that server, so a refusal that leaks a connection
+//! fails the test.
+//!
+//! Not covered here: iptables capture and the sidecar role (the netns suite in
+//! `tests/`), and throughput (the benches).
+#![allow(clippy::unwrap_used)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use proxy_core::pool::{LinkState, PeerConfig, Pool, PoolError};
+use proxy_core::route::{Authority, ClusterName};
+use proxy_core::tunnel::{H2Settings, Refusal};
+use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
+use proxy_identity::rustls::pki_types::ServerName;
+use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy, SpiffeId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout};
+
+/// Bound on any single step that should take milliseconds; a hang fails the test.
+const STEP: Duration = Duration::from_secs(10);
+/// How often the gateways re-read their manifests.
+const RELOAD: &str = "200ms";
+/// The gateways' connect timeout. Refusals are checked against a bound well below
+/// it, so a refusal that waits for a timeout instead of failing fast is caught.
+const GATEWAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+const FAIL_FAST_BOUND: Duration = Duration::from_secs(5);
+/// `--tunnel-connections` of the gateways: the link's pool size.
+const LINK_CONNECTIONS: usize = 2;
+
+const HELLO: &str = "hello.default.svc.cluster.local:80";
+const SECRET: &str = "secret.default.svc.cluster.local:80";
+const NAMESPACE: &str = "isthmus-multicluster";
+
+fn gateway_id(cluster: &str) -> SpiffeId {
+    SpiffeId::parse(&format!(
+        "spiffe://cluster.local/ns/{NAMESPACE}/sa/gateway-{cluster}"
+    ))
+    .unwrap()
+}
+
+fn sidecar_b_id() -> SpiffeId {
+    SpiffeId::parse("spiffe://cluster.local/ns/default/sa/frontend").unwrap()
+}
+
+/// One `isthmus-proxy gateway` process; killed when dropped, its log shown if the
+/// test is failing.
+struct Gateway {
+    cluster: &'static str,
+    child: Option<Child>,
+    log: PathBuf,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Gateway {
+    fn spawn(
+        cluster: &'static str,
+        root: &Path,
+        inbound: SocketAddr,
+        admin: SocketAddr,
+    ) -> Gateway {
+        let log = root.join(format!("gateway-{cluster}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
+            .arg("gateway")
+            .args(["--cluster", cluster])
+            .arg("--identity-dir")
+            .arg(root.join(format!("identity-{cluster}")))
+            .arg("--manifests")
+            .arg(root.join(format!("manifests-{cluster}")))
+            .args(["--inbound-addr", &inbound.to_string()])
+            .args(["--admin-addr", &admin.to_string()])
+            .args(["--reload-interval", RELOAD])
+            .args([
+                "--connect-timeout",
+                &format!("{}s", GATEWAY_CONNECT_TIMEOUT.as_secs()),
+            ])
+            .args(["--tunnel-connections", &LINK_CONNECTIONS.to_string()])
+            .args(["--shutdown-grace", "1s"])
+            .args(["--log", "info,proxy_core=debug"])
+            .env_clear()
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Gateway {
+            cluster,
+            child: Some(child),
+            log,
+            inbound,
+            admin,
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until the admin server answers `/ready`, failing at once if the process
+    /// exited (a bad flag or manifest).
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + STEP;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("gateway-{} exited: {status}", self.cluster);
+            }
+            if http_get(self.admin, "/ready").await == "ready\n" {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway-{} never became ready",
+                self.cluster
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn config(&self) -> serde_json::Value {
+        let body = http_get(self.admin, "/config").await;
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/config is not JSON ({e}): {body}"))
+    }
+
+    async fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics").await
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- gateway-{} log ---\n{}",
+                self.cluster,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// A TCP echo server that counts the connections it accepts.
+struct Echo {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Echo {
+    async fn start() -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut rd, mut wr) = stream.split();
+                    // Echo until the client half-closes, then half-close back.
+                    if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
+                        let _ = wr.shutdown().await;
+                    }
+                });
+            }
+        });
+        Echo { addr, accepted }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// A port nobody listens on at `ip` right now (bound, then released).
+fn free_addr(ip: Ipv4Addr) -> SocketAddr {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// One trust anchor and an issuer per cluster, as `isthmus identity` would make them.
+struct Pki {
+    validity: Validity,
+    anchor: mint::Authority,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let validity = Validity::from_now(Duration::from_secs(3600));
+        let anchor = mint::trust_anchor(
+            &mint::default_anchor_name(),
+            validity,
+            KeyAlgorithm::EcdsaP256,
+        )
+        .unwrap();
+        Pki { validity, anchor }
+    }
+
+    fn leaf(&self, cluster: &str, id: &SpiffeId) -> LeafBundle {
+        let issuer = mint::issuer(
+            &self.anchor,
+            cluster,
+            self.validity,
+            KeyAlgorithm::EcdsaP256,
+        )
+        .unwrap();
+        mint::leaf(&issuer, id, self.validity, KeyAlgorithm::EcdsaP256).unwrap()
+    }
+}
+
+fn write_identity(dir: &Path, leaf: &LeafBundle) -> Arc<CredentialStore> {
+    leaf.write_dir(dir, false).unwrap();
+    Arc::new(CredentialStore::load(CredentialPaths::in_dir(dir)).unwrap())
+}
+
+/// A test client's warm pool to one gateway; its tasks stop when dropped.
+struct Client {
+    pool: Pool,
+    _stop: watch::Sender<bool>,
+}
+
+impl Client {
+    fn new(store: Arc<CredentialStore>, gateway: SocketAddr, expect: SpiffeId) -> Client {
+        let (stop, stopped) = watch::channel(false);
+        let pool = Pool::spawn(
+            PeerConfig {
+                name: Arc::from(format!("test/{gateway}")),
+                addr: gateway,
+                server_name: ServerName::IpAddress(gateway.ip().into()),
+                tls: proxy_identity::client_config(store, PeerPolicy::Exact(expect)),
+                connect_timeout: STEP,
+                connections: 2,
+                h2: H2Settings::default(),
+                backoff_min: Duration::from_millis(50),
+                backoff_max: Duration::from_millis(500),
+                handshake_failed: None,
+            },
+            stopped,
+        );
+        Client { pool, _stop: stop }
+    }
+
+    async fn open(
+        &self,
+        authority: &str,
+        cluster: &str,
+    ) -> Result<proxy_core::tunnel::client::TunnelStream, PoolError> {
+        let authority = Authority::parse(authority).unwrap();
+        let cluster = ClusterName::new(cluster);
+        timeout(STEP, self.pool.open(&authority, Some(&cluster)))
+            .await
+            .unwrap_or_else(|_| panic!("opening {authority} in {cluster} hung"))
+    }
+
+    /// The refusal a stream gets, failing if it was opened or failed another way.
+    async fn refusal(&self, authority: &str, cluster: &str) -> Refusal {
+        match self.open(authority, cluster).await {
+            Ok(_) => panic!("{authority} in {cluster} was opened, expected a refusal"),
+            Err(PoolError::Refused { refusal, .. }) => refusal,
+            Err(e) => panic!("{authority} in {cluster}: expected a refusal, got: {e}"),
+        }
+    }
+
+    /// Waits until the pool's state satisfies `ok` (bounded), returning it.
+    async fn wait_state(&self, what: &str, ok: impl Fn(&LinkState) -> bool) -> LinkState {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let state = self.pool.state();
+            if ok(&state) {
+                return state;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pool never became {what}: {state:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Sends `payload` through an open tunnel stream, half-closes, and returns all that
+/// comes back until the far side closes.
+async fn round_trip(stream: proxy_core::tunnel::client::TunnelStream, payload: &[u8]) -> Vec<u8> {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let write = async {
+        wr.write_all(payload).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let read = async {
+        let mut back = Vec::with_capacity(payload.len());
+        rd.read_to_end(&mut back).await.unwrap();
+        back
+    };
+    let ((), back) = timeout(STEP, async { tokio::join!(write, read) })
+        .await
+        .expect("round trip through the gateways hung");
+    back
+}
+
+/// A plain HTTP/1.1 GET to an admin server (bounded).
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        std::io::Result::Ok(String::from_utf8_lossy(&response).into_owned())
+    };
+    let response = match timeout(STEP, exchange).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => return format!("error: {e}"),
+        Err(_) => panic!("GET {path} from {addr} hung"),
+    };
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => body.to_owned(),
+        _ => format!("error: {response}"),
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `limit`.
+async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn cluster_settings(cluster: &str, gateway: SocketAddr) -> String {
+    format!(
+        "apiVersion: multicluster.isthmus.io/v1alpha1
+kind: ClusterSettings
+metadata:
+  name: {cluster}
+  namespace: {NAMESPACE}
+spec:
+  clusterName: {cluster}
+  trustDomain: cluster.local
+  gateway:
+    address: {ip}
+    port: {port}
+    identity: {id}
+",
+        ip = gateway.ip(),
+        port = gateway.port(),
+        id = gateway_id(cluster),
+    )
+}
+
+/// A Link to `target`'s gateway at `gateway`, probed on `/ready` of its admin server.
+fn link(target: &str, gateway: SocketAddr, admin: SocketAddr) -> String {
+    format!(
+        "apiVersion: multicluster.isthmus.io/v1alpha1
+kind: Link
+metadata:
+  name: {target}
+  namespace: {NAMESPACE}
+spec:
+  targetClusterName: {target}
+  gatewayAddress: {ip}
+  gatewayPort: {port}
+  gatewayIdentity: {id}
+  probeSpec:
+    path: /ready
+    port: {probe}
+    period: 1s
+",
+        ip = gateway.ip(),
+        port = gateway.port(),
+        id = gateway_id(target),
+        probe = admin.port(),
+    )
+}
+
+/// A Service on port 80 with its Endpoints at `backend`; labelled exported or not.
+fn service(name: &str, backend: SocketAddr, exported: bool) -> String {
+    let labels = if exported {
+        "\n  labels:\n    mirror.isthmus.io/exported: \"true\""
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: default{labels}
+spec:
+  ports:
+  - port: 80
+    protocol: TCP
+    targetPort: {port}
+---
+apiVersion: v1
+kind: Endpoints
+metadata:
+  name: {name}
+  namespace: default
+subsets:
+- addresses:
+  - ip: {ip}
+  ports:
+  - port: {port}
+    protocol: TCP
+",
+        ip = backend.ip(),
+        port = backend.port(),
+    )
+}
+
+/// Two linked clusters on loopback, each with its gateway process.
+struct Mesh {
+    pki: Pki,
+    echo: Echo,
+    gw_a: Gateway,
+    gw_b: Gateway,
+    /// Dropped last: the gateways' logs live here, shown when a test fails.
+    dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    /// Starts both gateways on `127.0.<net>.1` (a) and `127.0.<net>.2` (b), so
+    /// tests running in parallel never share an address, and waits until gateway-b's
+    /// link to cluster-a is up.
+    async fn start(net: u8) -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let pki = Pki::new();
+        let echo = Echo::start().await;
+
+        let inbound_a = free_addr(Ipv4Addr::new(127, 0, net, 1));
+        let admin_a = free_addr(Ipv4Addr::new(127, 0, net, 1));
+        let inbound_b = free_addr(Ipv4Addr::new(127, 0, net, 2));
+        let admin_b = free_addr(Ipv4Addr::new(127, 0, net, 2));
+        // Where cluster-a's Link to cluster-c points: nothing listens there.
+        let cluster_c = free_addr(Ipv4Addr::new(127, 0, net, 3));
+
+        for cluster in ["cluster-a", "cluster-b"] {
+            write_identity(
+                &root.join(format!("identity-{cluster}")),
+                &pki.leaf(cluster, &gateway_id(cluster)),
+            );
+        }
+
+        let a = root.join("manifests-cluster-a");
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::write(
+            a.join("settings.yaml"),
+            cluster_settings("cluster-a", inbound_a),
+        )
+        .unwrap();
+        std::fs::write(a.join("hello.yaml"), service("hello", echo.addr, true)).unwrap();
+        std::fs::write(a.join("secret.yaml"), service("secret", echo.addr, false)).unwrap();
+        std::fs::write(
+            a.join("links.yaml"),
+            format!(
+                "{}---\n{}",
+                link("cluster-b", inbound_b, admin_b),
+                link("cluster-c", cluster_c, cluster_c)
+            ),
+        )
+        .unwrap();
+
+        let b = root.join("manifests-cluster-b");
+        std::fs::create_dir_all(b.join("clusters/cluster-a")).unwrap();
+        std::fs::write(
+            b.join("settings.yaml"),
+            cluster_settings("cluster-b", inbound_b),
+        )
+        .unwrap();
+        std::fs::write(
+            b.join("link-cluster-a.yaml"),
+            link("cluster-a", inbound_a, admin_a),
+        )
+        .unwrap();
+        // What cluster-b knows of cluster-a, as a controller watching it would see.
+        std::fs::write(
+            b.join("clusters/cluster-a/settings.yaml"),
+            cluster_settings("cluster-a", inbound_a),
+        )
+        .unwrap();
+        std::fs::write(
+            b.join("clusters/cluster-a/hello.yaml"),
+            service("hello", echo.addr, true),
+        )
+        .unwrap();
+
+        let mut gw_a = Gateway::spawn("cluster-a", root, inbound_a, admin_a);
+        let mut gw_b = Gateway::spawn("cluster-b", root, inbound_b, admin_b);
+        gw_a.wait_ready().await;
+        gw_b.wait_ready().await;
+        let mesh = Mesh {
+            pki,
+            echo,
+            gw_a,
+            gw_b,
+            dir,
+        };
+        eventually("gateway-b's link to cluster-a", STEP, || async {
+            let config = mesh.gw_b.config().await;
+            (config["links"]["cluster-a"]["up"] == true).then_some(())
+        })
+        .await;
+        mesh
+    }
+
+    /// cluster-b's sidecar: a pool to gateway-b with its own identity.
+    fn sidecar_b(&self) -> Client {
+        let store = write_identity(
+            &self.dir.path().join("identity-sidecar-b"),
+            &self.pki.leaf("cluster-b", &sidecar_b_id()),
+        );
+        Client::new(store, self.gw_b.inbound, gateway_id("cluster-b"))
+    }
+}
+
+/// Established TCP connections to `peer` seen in `/proc/net/tcp` (loopback shows
+/// both ends; the remote address picks the client side).
+fn established_to(peer: SocketAddr) -> usize {
+    let SocketAddr::V4(peer) = peer else {
+        panic!("IPv4 only")
+    };
+    let [a, b, c, d] = peer.ip().octets();
+    let wanted = format!("{d:02X}{c:02X}{b:02X}{a:02X}:{:04X}", peer.port());
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(2) == Some(&wanted.as_str()) && fields.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+fn payload(seed: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(31) ^ seed.wrapping_mul(131)) as u8)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cross_both_gateways_over_a_pooled_link() {
+    const STREAMS: usize = 100;
+    const BYTES: usize = 64 * 1024;
+    let mesh = Mesh::start(61).await;
+    let sidecar = mesh.sidecar_b();
+
+    // Every stream is open at once: each sends a first chunk and waits for its echo,
+    // then all wait while the connections to gateway-a are counted.
+    let all_open = Arc::new(tokio::sync::Barrier::new(STREAMS + 1));
+    let counted = Arc::new(tokio::sync::Barrier::new(STREAMS + 1));
+    let sidecar = Arc::new(sidecar);
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for n in 0..STREAMS {
+        let (sidecar, all_open, counted) = (sidecar.clone(), all_open.clone(), counted.clone());
+        tasks.push(tokio::spawn(async move {
+            let data = payload(n, BYTES);
+            let mut stream = sidecar
+                .open(HELLO, "cluster-a")
+                .await
+                .unwrap_or_else(|e| panic!("stream {n}: {e}"));
+            stream.write_all(&data[..1024]).await.unwrap();
+            let mut first = vec![0u8; 1024];
+            timeout(STEP, stream.read_exact(&mut first))
+                .await
+                .expect("first echo hung")
+                .unwrap();
+            assert_eq!(first, data[..1024], "stream {n}: first chunk garbled");
+            timeout(STEP, all_open.wait()).await.unwrap();
+            timeout(STEP, counted.wait()).await.unwrap();
+            let back = round_trip(stream, &data[1024..]).await;
+            assert!(back == data[1024..], "stream {n}: echo differs");
+        }));
+    }
+    timeout(STEP, all_open.wait())
+        .await
+        .expect("not every stream opened");
+    let link_connections = established_to(mesh.gw_a.inbound);
+    let echo_connections = mesh.echo.accepted();
+    counted.wait().await;
+    for task in tasks {
+        timeout(STEP, task).await.unwrap().unwrap();
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "{STREAMS} streams x {BYTES} B through two gateways in {elapsed:?}; \
+         {link_connections} link connections, {echo_connections} echo connections"
+    );
+
+    assert_eq!(
+        echo_connections, STREAMS,
+        "one upstream connection per stream"
+    );
+    assert!(
+        (1..=LINK_CONNECTIONS).contains(&link_connections),
+        "{STREAMS} streams rode {link_connections} connections from gateway-b to gateway-a; \
+         the link pool holds {LINK_CONNECTIONS}"
+    );
+    let config = mesh.gw_b.config().await;
+    let link = &config["links"]["cluster-a"];
+    assert_eq!(link["up"], true, "{config:#}");
+    assert_eq!(link["addr"], mesh.gw_a.inbound.to_string(), "{config:#}");
+    let state = link["state"].as_str().unwrap_or_default();
+    assert!(state.starts_with("up ("), "{config:#}");
+    eprintln!("gateway-b /config link state: {state}");
+    // The gauge and the probe are refreshed periodically, not on every change.
+    eventually("gateway_link_up to be 1", STEP, || async {
+        let metrics = mesh.gw_b.metrics().await;
+        metrics
+            .contains("gateway_link_up{cluster=\"cluster-a\"} 1")
+            .then_some(())
+    })
+    .await;
+    eventually("the link probe to succeed", STEP, || async {
+        let config = mesh.gw_b.config().await;
+        (config["links"]["cluster-a"]["probe"]["ok"] == true).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_prompt_and_reach_nothing() {
+    let mesh = Mesh::start(62).await;
+    let sidecar = mesh.sidecar_b();
+    // The set-up works: the refusals below are the gateways saying no.
+    let stream = sidecar.open(HELLO, "cluster-a").await.unwrap();
+    assert_eq!(round_trip(stream, b"ping").await, b"ping");
+    let reached = mesh.echo.accepted();
+    assert_eq!(reached, 1);
+
+    assert_eq!(
+        sidecar.refusal(SECRET, "cluster-a").await,
+        Refusal::NotExported
+    );
+    assert_eq!(
+        sidecar
+            .refusal("nosuch.default.svc.cluster.local:80", "cluster-a")
+            .await,
+        Refusal::NoRoute
+    );
+    assert_eq!(
+        sidecar
+            .refusal("hello.default.svc.cluster.local:81", "cluster-a")
+            .await,
+        Refusal::NoRoute
+    );
+    assert_eq!(
+        sidecar.refusal(HELLO, "cluster-z").await,
+        Refusal::UnknownCluster
+    );
+
+    // A peer gateway may reach cluster-a's exports, but not hop through gateway-a
+    // to a third cluster, even one gateway-a links to.
+    let gateway_b_store = Arc::new(
+        CredentialStore::load(CredentialPaths::in_dir(
+            mesh.dir.path().join("identity-cluster-b"),
+        ))
+        .unwrap(),
+    );
+    let peer = Client::new(gateway_b_store, mesh.gw_a.inbound, gateway_id("cluster-a"));
+    assert_eq!(peer.refusal(HELLO, "cluster-c").await, Refusal::Forbidden);
+    assert_eq!(
+        peer.refusal(HELLO, "cluster-b").await,
+        Refusal::Forbidden,
+        "relaying back to the peer's own cluster is a hop too"
+    );
+    // Whereas a workload of cluster-a is told the link is down, not forbidden.
+    let sidecar_a_store = write_identity(
+        &mesh.dir.path().join("identity-sidecar-a"),
+        &mesh.pki.leaf(
+            "cluster-a",
+            &SpiffeId::parse("spiffe://cluster.local/ns/default/sa/hello-client").unwrap(),
+        ),
+    );
+    let sidecar_a = Client::new(sidecar_a_store, mesh.gw_a.inbound, gateway_id("cluster-a"));
+    assert_eq!(
+        sidecar_a.refusal(HELLO, "cluster-c").await,
+        Refusal::LinkDown
+    );
+
+    // A client whose certificate comes from another trust anchor: gateway-b refuses
+    // the handshake. The client trusts our anchor too, so the failure is the
+    // gateway's, not the client's.
+    let foreign = Pki::new();
+    let mut impostor = foreign.leaf("cluster-b", &sidecar_b_id());
+    impostor.anchors_pem = format!("{}{}", impostor.anchors_pem, mesh.pki.anchor.anchors_pem);
+    let impostor = Client::new(
+        write_identity(&mesh.dir.path().join("identity-impostor"), &impostor),
+        mesh.gw_b.inbound,
+        gateway_id("cluster-b"),
+    );
+    let state = impostor
+        .wait_state("down", |s| matches!(s, LinkState::Down { .. }))
+        .await;
+    // With TLS 1.3 the client learns of the refusal only after its side of the
+    // handshake, so the stream fails as a lost connection or as the link down.
+    match impostor.open(HELLO, "cluster-a").await {
+        Err(e) if e.refusal() == Refusal::LinkDown => {}
+        other => panic!("foreign client: expected the link down, got {other:?}"),
+    }
+    eprintln!("foreign client: {state:?}");
+    let handshake_failures = eventually("gateway-b to count the handshake", STEP, || async {
+        let metrics = mesh.gw_b.metrics().await;
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("tunnel_refusals_total{") && l.contains("reason=\"tls_handshake\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .filter(|n| *n > 0)
+    })
+    .await;
+    eprintln!("gateway-b refused {handshake_failures} handshakes of the foreign client");
+
+    // A gateway presenting another identity than the one expected: the client
+    // refuses it (cluster-b's gateway where cluster-a's was expected).
+    let misdirected = Client::new(
+        write_identity(
+            &mesh.dir.path().join("identity-sidecar-b2"),
+            &mesh.pki.leaf("cluster-b", &sidecar_b_id()),
+        ),
+        mesh.gw_b.inbound,
+        gateway_id("cluster-a"),
+    );
+    let state = misdirected
+        .wait_state("down", |s| matches!(s, LinkState::Down { .. }))
+        .await;
+    let LinkState::Down { error, .. } = &state else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("TLS"),
+        "the wrong gateway identity should fail the TLS handshake: {error}"
+    );
+    assert!(matches!(
+        misdirected.open(HELLO, "cluster-a").await,
+        Err(PoolError::LinkDown { .. })
+    ));
+    eprintln!("wrong gateway identity: {error}");
+
+    assert_eq!(
+        mesh.echo.accepted(),
+        reached,
+        "a refused stream reached the echo server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_peer_gateway_is_link_down_fast() {
+    let mut mesh = Mesh::start(63).await;
+    let sidecar = mesh.sidecar_b();
+    let stream = sidecar.open(HELLO, "cluster-a").await.unwrap();
+    assert_eq!(round_trip(stream, b"before").await, b"before");
+    let reached = mesh.echo.accepted();
+
+    mesh.gw_a.kill();
+    let mut figures = Vec::new();
+    for attempt in 0..5 {
+        let started = Instant::now();
+        let refusal = timeout(FAIL_FAST_BOUND, sidecar.refusal(HELLO, "cluster-a"))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "attempt {attempt}: no refusal within {FAIL_FAST_BOUND:?} \
+                     (connect timeout {GATEWAY_CONNECT_TIMEOUT:?})"
+                )
+            });
+        figures.push(started.elapsed());
+        assert_eq!(refusal, Refusal::LinkDown, "attempt {attempt}");
+    }
+    eprintln!("link_down refusals after the peer died took {figures:?}");
+
+    let config = eventually("gateway-b to report the link down", STEP, || async {
+        let config = mesh.gw_b.config().await;
+        (config["links"]["cluster-a"]["up"] == false).then_some(config)
+    })
+    .await;
+    let state = config["links"]["cluster-a"]["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(state.starts_with("down"), "{config:#}");
+    eprintln!("gateway-b /config link state: {state}");
+    eventually("gateway_link_up to be 0", STEP, || async {
+        let metrics = mesh.gw_b.metrics().await;
+        metrics
+            .contains("gateway_link_up{cluster=\"cluster-a\"} 0")
+            .then_some(())
+    })
+    .await;
+    let probe = eventually("the link probe to fail", STEP, || async {
+        let config = mesh.gw_b.config().await;
+        let probe = config["links"]["cluster-a"]["probe"].clone();
+        (probe["ok"] == false).then_some(probe)
+    })
+    .await;
+    eprintln!("gateway-b probe of the dead peer: {probe}");
+    assert_eq!(mesh.echo.accepted(), reached);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_reload_without_restart_and_bad_files_keep_the_old_routes() {
+    let mesh = Mesh::start(64).await;
+    let sidecar = mesh.sidecar_b();
+    const HELLO2: &str = "hello2.default.svc.cluster.local:80";
+    assert_eq!(sidecar.refusal(HELLO2, "cluster-a").await, Refusal::NoRoute);
+
+    let manifests = mesh.dir.path().join("manifests-cluster-a");
+    std::fs::write(
+        manifests.join("hello2.yaml"),
+        service("hello2", mesh.echo.addr, true),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let stream = eventually("hello2 to be routed", STEP, || async {
+        sidecar.open(HELLO2, "cluster-a").await.ok()
+    })
+    .await;
+    eprintln!(
+        "a new export became reachable {:?} after its file was written",
+        started.elapsed()
+    );
+    assert_eq!(round_trip(stream, b"new").await, b"new");
+
+    let generation = mesh.gw_a.config().await["discovery"]["status"]["generation"].clone();
+    std::fs::write(
+        manifests.join("broken.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n",
+    )
+    .unwrap();
+    let status = eventually("gateway-a to report the bad manifest", STEP, || async {
+        let status = mesh.gw_a.config().await["discovery"]["status"].clone();
+        (status["stale"] == true).then_some(status)
+    })
+    .await;
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("broken.yaml"),
+        "the error names the file: {status:#}"
+    );
+    assert_eq!(
+        status["generation"], generation,
+        "a bad reload was published"
+    );
+    for authority in [HELLO, HELLO2] {
+        let stream = sidecar.open(authority, "cluster-a").await.unwrap();
+        assert_eq!(round_trip(stream, b"still").await, b"still", "{authority}");
+    }
+    assert_eq!(
+        sidecar.refusal(SECRET, "cluster-a").await,
+        Refusal::NotExported
+    );
+
+    // Fixing the file resumes reloads; removing an export removes the route.
+    std::fs::remove_file(manifests.join("broken.yaml")).unwrap();
+    std::fs::remove_file(manifests.join("hello2.yaml")).unwrap();
+    eventually("hello2 to be withdrawn", STEP, || async {
+        match sidecar.open(HELLO2, "cluster-a").await {
+            Err(PoolError::Refused {
+                refusal: Refusal::NoRoute,
+                ..
+            }) => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+}
