@@ -248,6 +248,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A tunnel connection that ends sooner than this after it was made counts as a
+/// failed attempt. With TLS 1.3 a server refuses a client certificate only after the
+/// client's side of the handshake is done, so "connected" does not prove the peer
+/// accepted us; without this, a refused client would reconnect in a tight loop.
+const HEALTHY_AFTER: Duration = Duration::from_secs(1);
+
 async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receiver<bool>) {
     let cfg = &shared.cfg;
     let mut backoff = cfg.backoff_min;
@@ -261,25 +267,38 @@ async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receive
         };
         match attempt {
             Ok((sender, conn)) => {
-                backoff = cfg.backoff_min;
+                let established = tokio::time::Instant::now();
                 lock(&shared.slots)[slot] = Some(sender);
                 *lock(&shared.last_error) = None;
                 publish(&shared);
                 info!(peer = %cfg.name, addr = %cfg.addr, slot, "tunnel connection established");
-                tokio::select! {
-                    res = conn => {
-                        if let Err(e) = res {
-                            warn!(peer = %cfg.name, slot, error = %e, "tunnel connection lost");
-                        } else {
-                            info!(peer = %cfg.name, slot, "tunnel connection closed by peer");
+                let lost: Arc<str> = tokio::select! {
+                    res = conn => match res {
+                        Err(e) => {
+                            let error = error_chain(&e);
+                            warn!(peer = %cfg.name, slot, %error, "tunnel connection lost");
+                            Arc::from(format!("tunnel connection lost: {error}"))
                         }
-                    }
+                        Ok(()) => {
+                            info!(peer = %cfg.name, slot, "tunnel connection closed by peer");
+                            Arc::from("tunnel connection closed by peer")
+                        }
+                    },
+                    _ = crate::listen::drained(&mut shutdown) => return,
+                };
+                lock(&shared.slots)[slot] = None;
+                *lock(&shared.last_error) = Some((SystemTime::now(), lost));
+                publish(&shared);
+                if established.elapsed() >= HEALTHY_AFTER {
+                    backoff = cfg.backoff_min;
+                    continue;
+                }
+                // Died at once: a failed attempt, so back off like one.
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
                     _ = crate::listen::drained(&mut shutdown) => return,
                 }
-                lock(&shared.slots)[slot] = None;
-                *lock(&shared.last_error) =
-                    Some((SystemTime::now(), Arc::from("tunnel connection lost")));
-                publish(&shared);
+                backoff = (backoff * 2).min(cfg.backoff_max);
             }
             Err(e) => {
                 let error: Arc<str> = Arc::from(error_chain(&e));
