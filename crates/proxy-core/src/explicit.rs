@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tracing::{debug, info};
 
 use crate::forward::{ForwardConfig, forward_io};
-use crate::listen::{Accepted, Handler, drained};
+use crate::listen::{Accepted, ConnectionTasks, Handler, drained};
 use crate::metrics::{Direction, HttpLabels, HttpResponseLabels, ProxyMetrics};
 use crate::pool::Pool;
 use crate::route::{Authority, Route, RouteLookup};
@@ -42,10 +42,13 @@ pub struct Explicit<L> {
 impl<L: RouteLookup> Handler for Explicit<L> {
     async fn handle(self: Arc<Self>, conn: Accepted, mut drain: watch::Receiver<bool>) {
         let mut guard = self.metrics.open_connection(Direction::Outbound);
+        let tasks = Arc::new(ConnectionTasks::default());
         let proxy = self.clone();
+        let service_tasks = tasks.clone();
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.request(req).await) }
+            let tasks = service_tasks.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy.request(req, &tasks).await) }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -64,11 +67,12 @@ impl<L: RouteLookup> Handler for Explicit<L> {
             guard.set_reason("http_error");
             debug!(error = %e, "explicit proxy connection failed");
         }
+        tasks.join().await;
     }
 }
 
 impl<L: RouteLookup> Explicit<L> {
-    async fn request(&self, mut req: Request<Incoming>) -> Response<Body> {
+    async fn request(&self, mut req: Request<Incoming>, tasks: &ConnectionTasks) -> Response<Body> {
         let Some(authority) = target_authority(req.uri()) else {
             return refuse(Refusal::BadRequest);
         };
@@ -89,7 +93,7 @@ impl<L: RouteLookup> Explicit<L> {
                 let on_upgrade = hyper::upgrade::on(&mut req);
                 let forward = self.forward.clone();
                 let counters = self.metrics.byte_counters(Direction::Outbound);
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     match on_upgrade.await {
                         Ok(client) => {
                             if let Err(e) =

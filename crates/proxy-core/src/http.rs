@@ -21,6 +21,7 @@ use tracing::debug;
 
 use crate::detect::Protocol;
 use crate::forward::{ByteCounters, ForwardConfig, forward_io};
+use crate::listen::ConnectionTasks;
 use crate::metrics::{Direction, HttpLabels, HttpResponseLabels, ProxyMetrics};
 use crate::tunnel::{H2Settings, Io};
 
@@ -70,6 +71,8 @@ pub struct HttpProxy {
 
 struct Exchange {
     proxy: HttpProxy,
+    /// Upgraded streams of this connection.
+    upgrades: ConnectionTasks,
     /// Label used when a request carries no authority of its own.
     fallback_authority: Arc<str>,
     counters: ByteCounters,
@@ -88,13 +91,22 @@ impl HttpProxy {
     ) -> Result<(), HttpError> {
         let exchange = Arc::new(Exchange {
             proxy: self.clone(),
+            upgrades: ConnectionTasks::default(),
             fallback_authority: self.metrics.authority_label(fallback_authority),
             counters: self.metrics.byte_counters(self.direction),
         });
-        match protocol {
-            Protocol::Http2 => self.serve_h2(downstream, upstream, exchange, drain).await,
-            _ => self.serve_h1(downstream, upstream, exchange, drain).await,
-        }
+        let served = match protocol {
+            Protocol::Http2 => {
+                self.serve_h2(downstream, upstream, exchange.clone(), drain)
+                    .await
+            }
+            _ => {
+                self.serve_h1(downstream, upstream, exchange.clone(), drain)
+                    .await
+            }
+        };
+        exchange.upgrades.join().await;
+        served
     }
 
     async fn serve_h1<D: Io, U: Io>(
@@ -234,7 +246,7 @@ impl Exchange {
                     let upstream = hyper::upgrade::on(&mut response);
                     let forward = proxy.forward.clone();
                     let counters = self.counters.clone();
-                    tokio::spawn(async move {
+                    self.upgrades.spawn(async move {
                         match tokio::try_join!(downstream, upstream) {
                             Ok((down, up)) => {
                                 if let Err(e) = forward_io(

@@ -116,9 +116,131 @@ pub async fn serve<H: Handler>(
     }
 }
 
+/// Tasks a connection spawned for streams that outlive its HTTP exchange (an
+/// upgraded WebSocket, a CONNECT tunnel), tied to the connection's own task: joined
+/// before the connection counts as finished, so drains wait for them and metrics
+/// stay true, and aborted if the connection's task is cut (grace period over).
+///
+/// A tunnel connection lives long and carries many streams, so finished tasks are
+/// pruned whenever the list has doubled since the last pruning: amortised O(1) per
+/// stream, and memory bounded by twice the streams alive.
+#[derive(Debug, Default)]
+pub struct ConnectionTasks(std::sync::Mutex<TaskList>);
+
+#[derive(Debug, Default)]
+pub struct TaskList {
+    handles: Vec<tokio::task::JoinHandle<()>>,
+    prune_at: usize,
+}
+
+/// Below this many tasks pruning is not worth its scan.
+const MIN_PRUNE: usize = 64;
+
+impl ConnectionTasks {
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task);
+        let mut list = self.list();
+        if list.handles.len() >= list.prune_at.max(MIN_PRUNE) {
+            list.handles.retain(|h| !h.is_finished());
+            list.prune_at = list.handles.len() * 2;
+        }
+        list.handles.push(handle);
+    }
+
+    /// Tasks tracked, finished ones not yet pruned included.
+    pub fn len(&self) -> usize {
+        self.list().handles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits for every task spawned so far, and for any they spawn meanwhile.
+    pub async fn join(&self) {
+        loop {
+            let Some(handle) = self.list().handles.pop() else {
+                return;
+            };
+            // If this future is dropped mid-wait, the task must not run on alone.
+            let _abort = AbortOnDrop(handle.abort_handle());
+            let _ = handle.await;
+        }
+    }
+
+    fn list(&self) -> std::sync::MutexGuard<'_, TaskList> {
+        // A push, pop or prune cannot be torn by a panic.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for ConnectionTasks {
+    fn drop(&mut self) {
+        for handle in self.list().handles.drain(..) {
+            handle.abort();
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Closes a socket with RST instead of FIN: the peer learns at once that nothing will
 /// be served, and a half-done stream is never mistaken for a complete one.
 pub fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connection_tasks_stay_bounded_and_are_joined() {
+        let tasks = ConnectionTasks::default();
+        for _ in 0..10_000 {
+            tasks.spawn(async {});
+            tokio::task::yield_now().await;
+        }
+        // Finished tasks are pruned as new ones come: never more than twice the
+        // live ones plus the pruning floor.
+        assert!(tasks.len() <= 2 * MIN_PRUNE, "{} tasks kept", tasks.len());
+
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tasks.spawn(async move {
+            let _ = rx.await;
+        });
+        let join = tasks.join();
+        tokio::pin!(join);
+        assert!(futures_util::FutureExt::now_or_never(join.as_mut()).is_none());
+        tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), join)
+            .await
+            .unwrap();
+        assert!(tasks.is_empty());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_connection_aborts_its_tasks() {
+        let tasks = ConnectionTasks::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tasks.spawn(async move {
+            let _tx = tx;
+            std::future::pending::<()>().await;
+        });
+        drop(tasks);
+        // The aborted task drops its sender, which the receiver sees.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), rx)
+                .await
+                .unwrap()
+                .is_err()
+        );
+    }
 }

@@ -19,6 +19,7 @@ use tracing::{debug, info};
 
 use super::{BoxIo, CLUSTER_HEADER, H2Settings, Io, REFUSAL_HEADER, Refusal};
 use crate::forward::{ForwardConfig, forward_io};
+use crate::listen::ConnectionTasks;
 use crate::metrics::{Direction, ProxyMetrics};
 use crate::route::{Authority, ClusterName};
 
@@ -72,11 +73,14 @@ impl<H: TunnelHandler> TunnelServer<H> {
         peer: Option<Arc<str>>,
         mut drain: watch::Receiver<bool>,
     ) -> Result<(), hyper::Error> {
+        let streams = Arc::new(ConnectionTasks::default());
         let server = self.clone();
+        let service_streams = streams.clone();
         let service = service_fn(move |req| {
             let server = server.clone();
             let peer = peer.clone();
-            async move { Ok::<_, std::convert::Infallible>(server.stream(req, peer).await) }
+            let streams = service_streams.clone();
+            async move { Ok::<_, std::convert::Infallible>(server.stream(req, peer, &streams).await) }
         });
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
@@ -89,19 +93,22 @@ impl<H: TunnelHandler> TunnelServer<H> {
             .keep_alive_timeout(self.settings.keepalive_timeout);
         let conn = builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
-        tokio::select! {
+        let result = tokio::select! {
             res = conn.as_mut() => res,
             _ = crate::listen::drained(&mut drain) => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
-        }
+        };
+        streams.join().await;
+        result
     }
 
     async fn stream(
         self: Arc<Self>,
         mut req: Request<Incoming>,
         peer: Option<Arc<str>>,
+        streams: &ConnectionTasks,
     ) -> Response<Empty<Bytes>> {
         let request = match parse_request(&req, peer) {
             Ok(request) => request,
@@ -115,7 +122,7 @@ impl<H: TunnelHandler> TunnelServer<H> {
         let metrics = self.metrics.clone();
         let direction = self.direction;
         let forward = self.forward.clone();
-        tokio::spawn(async move {
+        streams.spawn(async move {
             let mut guard = metrics.open_connection(direction);
             let counters = metrics.byte_counters(direction);
             match on_upgrade.await {
