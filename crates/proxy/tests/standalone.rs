@@ -83,6 +83,10 @@ fn origin() -> SocketAddr {
 }
 
 fn start(dir: &Path) -> (Proxy, SocketAddr, SocketAddr) {
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &Path, extra: &[&str]) -> (Proxy, SocketAddr, SocketAddr) {
     let identity = dir.join("identity");
     let manifests = dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
@@ -102,6 +106,7 @@ fn start(dir: &Path) -> (Proxy, SocketAddr, SocketAddr) {
         .arg(&manifests)
         .args(["--outbound-addr", &listen.to_string()])
         .args(["--admin-addr", &admin.to_string()])
+        .args(extra)
         .env_clear()
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -210,4 +215,122 @@ fn unreachable_targets_are_refused_with_their_reason() {
 
     let config = get(admin, "/config");
     assert!(config.contains("\"role\": \"standalone\""), "{config}");
+}
+
+/// Opens a CONNECT tunnel through the proxy and returns the stream after the 200.
+fn connect_through(listen: SocketAddr, target: SocketAddr) -> TcpStream {
+    let mut tunnel = TcpStream::connect(listen).unwrap();
+    tunnel.set_read_timeout(Some(STEP)).unwrap();
+    write!(
+        tunnel,
+        "CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tunnel.read(&mut byte).unwrap(),
+            1,
+            "CONNECT answer cut short"
+        );
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tunnel
+}
+
+/// An echo server: what a long-lived connection through the proxy talks to.
+fn echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut reader = stream.try_clone().unwrap();
+                let _ = std::io::copy(&mut reader, &mut stream);
+            });
+        }
+    });
+    addr
+}
+
+fn terminate(proxy: &Proxy) {
+    let status = Command::new("kill")
+        .args(["-TERM", &proxy.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn exited_within(proxy: &mut Proxy, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if proxy.child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn sigterm_stops_accepting_and_lets_open_connections_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut proxy, listen, admin) = start_with(dir.path(), &["--shutdown-grace", "30s"]);
+    let echo = echo();
+    let mut open = connect_through(listen, echo);
+    open.write_all(b"before").unwrap();
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).unwrap();
+
+    terminate(&proxy);
+    // Draining: the listener is closed at once, so new clients are refused.
+    let deadline = Instant::now() + STEP;
+    while TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the listener kept accepting after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !get(admin, "/ready").starts_with("HTTP/1.1 200"),
+        "still ready while draining"
+    );
+    // The connection that was open keeps working until its client is done.
+    open.write_all(b"during").unwrap();
+    open.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"during");
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "exited with a connection open"
+    );
+    drop(open);
+    assert!(
+        exited_within(&mut proxy, STEP),
+        "did not exit after its last connection closed"
+    );
+    assert!(proxy.child.wait().unwrap().success());
+}
+
+#[test]
+fn sigterm_cuts_connections_still_open_when_the_grace_period_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut proxy, listen, _admin) = start_with(dir.path(), &["--shutdown-grace", "500ms"]);
+    let echo = echo();
+    let mut open = connect_through(listen, echo);
+    terminate(&proxy);
+    assert!(
+        exited_within(&mut proxy, STEP),
+        "did not exit when the grace period ended"
+    );
+    // The cut connection ends (EOF or reset) instead of hanging.
+    let mut rest = Vec::new();
+    let _ = open.read_to_end(&mut rest);
 }
