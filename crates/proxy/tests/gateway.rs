@@ -37,6 +37,9 @@ const RELOAD: &str = "200ms";
 /// it, so a refusal that waits for a timeout instead of failing fast is caught.
 const GATEWAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 const FAIL_FAST_BOUND: Duration = Duration::from_secs(5);
+/// Reconnect backoff of the test clients' pools.
+const CLIENT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const CLIENT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// `--tunnel-connections` of the gateways: the link's pool size.
 const LINK_CONNECTIONS: usize = 2;
 
@@ -247,8 +250,8 @@ impl Client {
                 connect_timeout: STEP,
                 connections: 2,
                 h2: H2Settings::default(),
-                backoff_min: Duration::from_millis(50),
-                backoff_max: Duration::from_millis(500),
+                backoff_min: CLIENT_BACKOFF_MIN,
+                backoff_max: CLIENT_BACKOFF_MAX,
                 handshake_failed: None,
             },
             stopped,
@@ -728,8 +731,11 @@ async fn refusals_are_prompt_and_reach_nothing() {
         Err(e) if e.refusal() == Refusal::LinkDown => {}
         other => panic!("foreign client: expected the link down, got {other:?}"),
     }
-    eprintln!("foreign client: {state:?}");
-    let handshake_failures = eventually("gateway-b to count the handshake", STEP, || async {
+    let LinkState::Down { error, .. } = &state else {
+        unreachable!()
+    };
+    eprintln!("foreign client: {error}");
+    let handshake_refusals = || async {
         let metrics = mesh.gw_b.metrics().await;
         metrics
             .lines()
@@ -738,9 +744,22 @@ async fn refusals_are_prompt_and_reach_nothing() {
             })
             .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .filter(|n| *n > 0)
-    })
-    .await;
-    eprintln!("gateway-b refused {handshake_failures} handshakes of the foreign client");
+    };
+    let before = eventually("gateway-b to count the handshake", STEP, handshake_refusals).await;
+    // A refused client backs off like any failed connect: the handshake "succeeding"
+    // on the client's side must not reset its backoff to the minimum.
+    const WINDOW: Duration = Duration::from_secs(2);
+    tokio::time::sleep(WINDOW).await;
+    let after = handshake_refusals().await.unwrap();
+    let retries = after - before;
+    let per_slot_bound = WINDOW.as_millis() / CLIENT_BACKOFF_MAX.as_millis() + 4;
+    eprintln!(
+        "gateway-b refused {after} handshakes of the foreign client, {retries} in the last {WINDOW:?}"
+    );
+    assert!(
+        u128::from(retries) <= 2 * per_slot_bound,
+        "the foreign client retried {retries} times in {WINDOW:?}: its backoff does not grow"
+    );
 
     // A gateway presenting another identity than the one expected: the client
     // refuses it (cluster-b's gateway where cluster-a's was expected).
