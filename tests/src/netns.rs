@@ -189,6 +189,26 @@ impl Namespace {
         self.run(move || cmd.spawn())
     }
 
+    /// Like [`Namespace::spawn_as`], but stdout and stderr go to `log` (created or
+    /// truncated by the test process): a long-running server that logs into a pipe
+    /// nobody drains would block once the pipe is full.
+    pub fn spawn_logged_as(
+        &self,
+        mut cmd: Command,
+        uid: u32,
+        gid: u32,
+        log: &std::path::Path,
+    ) -> std::io::Result<Child> {
+        use std::os::unix::process::CommandExt;
+        let file = File::create(log)?;
+        cmd.uid(uid)
+            .gid(gid)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        self.run(move || cmd.spawn())
+    }
+
     /// Adds `addr` (`198.18.0.1/24`, `2001:2::1/64`) to `iface`; IPv6 addresses skip
     /// duplicate address detection so they are usable at once.
     ///

@@ -1,0 +1,854 @@
+//! The sidecar for real: each test builds a pod namespace and a server namespace
+//! joined by a veth pair, installs the capture with `isthmus-init`, starts
+//! `isthmus-proxy sidecar` in the pod as the proxy UID, and sends the pod's own
+//! connections (from the test process, as root, so they are captured) through it to
+//! servers in the other namespace. What is checked is what an application sees:
+//! bytes, half-closes, resets and timeouts, plus the sidecar's own metrics.
+//!
+//! Needs root (fails, with instructions, without it) and the `isthmus-init` and
+//! `isthmus-proxy` binaries (`cargo test --workspace` builds them). Nothing here is
+//! mirrored: every connection takes the sidecar's passthrough path.
+#![allow(clippy::unwrap_used)]
+
+use std::hash::{DefaultHasher, Hasher};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use isthmus_tests::binary::{WorldExecutable, binary};
+use isthmus_tests::netns::{Lab, Namespace};
+use isthmus_tests::tcp::{self, WAIT};
+use proxy_identity::SpiffeId;
+use proxy_identity::mint::{self, KeyAlgorithm, Validity};
+
+const PROXY_UID: u32 = 2102;
+const ADMIN: u16 = 4191;
+/// How long the sidecar may take to become ready (a debug build, a busy machine).
+const READY: Duration = Duration::from_secs(30);
+/// Upper bound for the long tests (the bulk transfer, a thousand connections).
+const LONG: Duration = Duration::from_secs(120);
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fam {
+    V4,
+    V6,
+}
+
+/// A pod running the real sidecar behind the real capture, and a server namespace.
+/// The lab is declared last so it drops last: it kills the sidecar and deletes the
+/// namespaces after the log has been shown.
+struct Sidecar {
+    pod: Namespace,
+    server: Namespace,
+    /// The server namespace's address of the test's family.
+    server_ip: IpAddr,
+    /// The pod's address of the test's family (what servers see as the client).
+    pod_ip: IpAddr,
+    pid: u32,
+    log: PathBuf,
+    _bin: WorldExecutable,
+    _dir: tempfile::TempDir,
+    _lab: Lab,
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- sidecar log ({}) ---\n{}",
+                self.log.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// Writes a leaf identity for the pod and a manifests directory that makes every
+/// destination a passthrough, readable by the proxy UID.
+fn prepare_dirs(dir: &Path) -> (PathBuf, PathBuf) {
+    // A temp dir is 0700; the proxy UID must be able to enter it.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let identity = dir.join("identity");
+    let validity = Validity::from_now(Duration::from_secs(3600));
+    let anchor =
+        mint::trust_anchor("sidecar test anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
+    let issuer = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/client").unwrap();
+    mint::leaf(&issuer, &id, validity, KeyAlgorithm::EcdsaP256)
+        .unwrap()
+        .write_dir(&identity, false)
+        .unwrap();
+    // The key is 0600, as it should be: hand the directory to the proxy UID.
+    std::os::unix::fs::chown(&identity, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+    for entry in std::fs::read_dir(&identity).unwrap() {
+        std::os::unix::fs::chown(entry.unwrap().path(), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+    }
+    let manifests = dir.join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    std::fs::set_permissions(&manifests, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let settings = manifests.join("settings.yaml");
+    std::fs::write(
+        &settings,
+        "apiVersion: multicluster.isthmus.io/v1alpha1\n\
+         kind: ClusterSettings\n\
+         metadata: {name: cluster-b, namespace: isthmus}\n\
+         spec: {clusterName: cluster-b}\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&settings, std::fs::Permissions::from_mode(0o644)).unwrap();
+    (identity, manifests)
+}
+
+impl Sidecar {
+    /// The topology, the capture (`isthmus-init`, `--ipv6` for [`Fam::V6`]) and a
+    /// ready sidecar started with `--connect-timeout 1s` and `extra` flags.
+    fn start(fam: Fam, extra: &[&str]) -> Self {
+        let lab = Lab::new();
+        let pod = lab.namespace();
+        let server = lab.namespace();
+        let (pod_if, server_if) = lab.veth(&pod, &server).unwrap();
+        pod.add_addr(&pod_if, "198.18.0.2/24").unwrap();
+        pod.add_addr(&pod_if, "2001:2::2/64").unwrap();
+        server.add_addr(&server_if, "198.18.0.1/24").unwrap();
+        server.add_addr(&server_if, "2001:2::1/64").unwrap();
+        let (pod_ip, server_ip): (IpAddr, IpAddr) = match fam {
+            Fam::V4 => ("198.18.0.2".parse().unwrap(), "198.18.0.1".parse().unwrap()),
+            Fam::V6 => ("2001:2::2".parse().unwrap(), "2001:2::1".parse().unwrap()),
+        };
+
+        let init = binary("isthmus-init");
+        let init_args: &[&str] = match fam {
+            Fam::V4 => &[],
+            Fam::V6 => &["--ipv6"],
+        };
+        pod.exec(init.to_str().unwrap(), init_args).unwrap();
+
+        let dir = tempfile::Builder::new()
+            .prefix("isthmus-sidecar")
+            .tempdir()
+            .unwrap();
+        let (identity, manifests) = prepare_dirs(dir.path());
+        let log = dir.path().join("sidecar.log");
+        let bin = WorldExecutable::copy(&binary("isthmus-proxy")).unwrap();
+        let mut cmd = Command::new(bin.path());
+        cmd.args(["sidecar", "--cluster", "cluster-b", "--identity-dir"])
+            .arg(&identity)
+            .arg("--manifests")
+            .arg(&manifests)
+            .args(["--connect-timeout", "1s", "--log", "info"])
+            .args(extra)
+            // Only the flags above configure it, whatever the test's environment holds.
+            .env_clear();
+        let mut child = pod
+            .spawn_logged_as(cmd, PROXY_UID, PROXY_UID, &log)
+            .unwrap();
+        let pid = child.id();
+
+        let deadline = Instant::now() + READY;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "the sidecar exited ({status}) before it was ready:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            let ready = pod
+                .run(|| http_get(SocketAddr::from(([127, 0, 0, 1], ADMIN)), "/ready"))
+                .is_ok_and(|r| r.starts_with("HTTP/1.1 200"));
+            if ready {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the sidecar was not ready within {READY:?}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        lab.adopt(child);
+        Self {
+            pod,
+            server,
+            server_ip,
+            pod_ip,
+            pid,
+            log,
+            _bin: bin,
+            _dir: dir,
+            _lab: lab,
+        }
+    }
+
+    /// A listener on the server namespace's address.
+    fn listen(&self, port: u16) -> TcpListener {
+        let addr = SocketAddr::new(self.server_ip, port);
+        self.server
+            .run(|| tcp::listen(addr))
+            .unwrap_or_else(|e| panic!("listening on {addr} in the server namespace: {e}"))
+    }
+
+    /// A connection from the pod (as root, so it is captured) to `port` on the
+    /// server's address; read and write timeouts of [`WAIT`].
+    fn connect(&self, port: u16) -> TcpStream {
+        let addr = SocketAddr::new(self.server_ip, port);
+        self.pod
+            .run(|| tcp::connect(addr))
+            .unwrap_or_else(|e| panic!("connecting from the pod to {addr}: {e}"))
+    }
+
+    /// The sidecar's `/metrics`, fetched with curl inside the pod as a user would.
+    fn metrics(&self) -> String {
+        self.pod
+            .exec(
+                "curl",
+                &[
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    &format!("http://127.0.0.1:{ADMIN}/metrics"),
+                ],
+            )
+            .unwrap()
+    }
+
+    /// The sidecar's resident set, from `/proc/PID/status`, in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in /proc/{}/status", self.pid))
+    }
+}
+
+/// A GET with `connection: close`, read to the end (bounded by [`WAIT`]).
+fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
+    let mut stream = tcp::connect(addr)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Sum of the samples of `family` whose labels contain every one of `labels`
+/// (`direction="outbound"`), 0 when there is none.
+fn metric(text: &str, family: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name_labels, value) = l.rsplit_once(' ')?;
+            let (name, rest) = name_labels.split_once('{').unwrap_or((name_labels, "}"));
+            (name == family && labels.iter().all(|want| rest.contains(want)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// Joins `handle`, failing if it has not finished within `timeout` (the threads
+/// themselves are bounded by socket timeouts; this bounds the test's wait).
+fn join_within<T>(handle: JoinHandle<T>, timeout: Duration, what: &str) -> T {
+    let deadline = Instant::now() + timeout;
+    while !handle.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not finish within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Accepts the one connection that must arrive at `listener` within [`WAIT`].
+fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    let local = listener.local_addr().unwrap();
+    tcp::accept_within(listener, WAIT)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no connection arrived at {local} within {WAIT:?}"))
+}
+
+/// Reads until `\r\n\r\n` one byte at a time, so nothing after the head is consumed.
+fn read_head(stream: &mut TcpStream) -> io::Result<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "closed after {:?}, before the end of the head",
+                    String::from_utf8_lossy(&head)
+                ),
+            ));
+        }
+        head.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+fn read_exact_string(stream: &mut TcpStream, len: usize) -> String {
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf).unwrap();
+    String::from_utf8(buf).unwrap()
+}
+
+/// What a read that must fail promptly got: a reset, a clean EOF, or bytes/timeouts
+/// (which fail the test with `what`).
+#[derive(Debug, PartialEq)]
+enum Ending {
+    Reset,
+    Eof,
+}
+
+fn ending(stream: &mut TcpStream, what: &str) -> Ending {
+    let mut buf = [0u8; 4096];
+    match stream.read(&mut buf) {
+        Ok(0) => Ending::Eof,
+        Ok(n) => panic!(
+            "{what}: expected the connection to end, got {n} bytes: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ending::Reset,
+        Err(e) => panic!("{what}: expected a reset or EOF, got {e} ({:?})", e.kind()),
+    }
+}
+
+/// Serves `count` echo connections on `listener`, each on a thread of its own:
+/// everything read is written back until the client closes its write side.
+fn echo_server(listener: TcpListener, count: usize) -> JoinHandle<Vec<SocketAddr>> {
+    std::thread::spawn(move || {
+        let mut peers = Vec::new();
+        let mut workers = Vec::new();
+        let deadline = Instant::now() + LONG;
+        while peers.len() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some((mut stream, peer)) = tcp::accept_within(&listener, left).unwrap() else {
+                panic!(
+                    "echo server: {} of {count} connections arrived",
+                    peers.len()
+                );
+            };
+            peers.push(peer);
+            workers.push(
+                std::thread::Builder::new()
+                    .stack_size(64 * 1024)
+                    .spawn(move || {
+                        let mut buf = [0u8; 4096];
+                        loop {
+                            match stream.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if stream.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    })
+                    .unwrap(),
+            );
+        }
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        peers
+    })
+}
+
+// ---- 1. HTTP with curl, and the metrics that counted it ----
+
+#[test]
+fn curl_through_the_sidecar_is_proxied_and_counted() {
+    let s = Sidecar::start(Fam::V4, &[]);
+    let listener = s.listen(8080);
+    let server = std::thread::spawn(move || {
+        let (mut stream, peer) = accept(&listener);
+        let head = read_head(&mut stream).unwrap();
+        let line = head.lines().next().unwrap_or_default().to_owned();
+        let body = format!("server saw: {line}\n");
+        write!(
+            stream,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        (head, peer)
+    });
+
+    let before = s.metrics();
+    let body = s
+        .pod
+        .exec(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                &format!("http://{}:8080/hello?x=1", s.server_ip),
+            ],
+        )
+        .unwrap();
+    assert_eq!(body, "server saw: GET /hello?x=1 HTTP/1.1\n");
+    let (head, peer) = join_within(server, WAIT, "the HTTP server");
+    assert_eq!(
+        peer.ip(),
+        s.pod_ip,
+        "the server sees the pod's own address, not a proxy's"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("user-agent: curl/"),
+        "curl's request reached the server with its headers: {head:?}"
+    );
+
+    let after = s.metrics();
+    let requests = |m: &str| metric(m, "http_requests_total", &[r#"direction="outbound""#]);
+    let opened = |m: &str| metric(m, "tcp_open_total", &[r#"direction="outbound""#]);
+    assert_eq!(
+        requests(&after) - requests(&before),
+        1.0,
+        "one outbound HTTP request counted:\n{after}"
+    );
+    assert_eq!(
+        opened(&after) - opened(&before),
+        1.0,
+        "one outbound TCP connection counted:\n{after}"
+    );
+    assert!(
+        metric(
+            &after,
+            "http_responses_total",
+            &[r#"direction="outbound""#, r#"status="200""#]
+        ) >= 1.0,
+        "the 200 counted:\n{after}"
+    );
+}
+
+// ---- 2. bulk transfer both ways ----
+
+/// Bytes each way in the bulk test.
+const BULK: usize = 100 * 1024 * 1024;
+const CHUNK: usize = 64 * 1024;
+
+/// Writes [`BULK`] bytes: a pseudo-random block whose first 8 bytes carry the
+/// chunk's index (so a lost, repeated or reordered chunk changes the checksum), then
+/// closes the write side. Returns the checksum of what was written.
+fn send_bulk(stream: &mut TcpStream, seed: u64) -> u64 {
+    let mut block = vec![0u8; CHUNK];
+    let mut x = seed | 1;
+    for byte in block.iter_mut() {
+        // xorshift64: cheap, deterministic, not compressible by anything on the path.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *byte = x as u8;
+    }
+    let mut hasher = DefaultHasher::new();
+    for i in 0..BULK / CHUNK {
+        block[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        stream.write_all(&block).unwrap();
+        hasher.write(&block);
+    }
+    stream.shutdown(Shutdown::Write).unwrap();
+    hasher.finish()
+}
+
+/// Reads to EOF; the byte count and checksum of what arrived.
+fn receive_bulk(stream: &mut TcpStream) -> (usize, u64) {
+    let mut hasher = DefaultHasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0;
+    loop {
+        match stream.read(&mut buf).unwrap() {
+            0 => return (total, hasher.finish()),
+            n => {
+                hasher.write(&buf[..n]);
+                total += n;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_hundred_mebibytes_each_way_arrive_intact() {
+    let s = Sidecar::start(Fam::V4, &[]);
+    let listener = s.listen(9000);
+    let server = std::thread::spawn(move || {
+        let (stream, _) = accept(&listener);
+        let mut reader = stream.try_clone().unwrap();
+        let receiving = std::thread::spawn(move || receive_bulk(&mut reader));
+        let mut writer = stream;
+        let sent = send_bulk(&mut writer, 0x5eed_0002);
+        (sent, receiving.join().unwrap())
+    });
+
+    let started = Instant::now();
+    let stream = s.connect(9000);
+    let mut reader = stream.try_clone().unwrap();
+    let receiving = std::thread::spawn(move || receive_bulk(&mut reader));
+    let mut writer = stream;
+    let client_sent = send_bulk(&mut writer, 0x5eed_0001);
+    let (client_got, client_sum) = join_within(receiving, LONG, "the client's reader");
+    let (server_sent, (server_got, server_sum)) = join_within(server, LONG, "the server");
+    let elapsed = started.elapsed();
+
+    assert_eq!(server_got, BULK, "bytes from the client at the server");
+    assert_eq!(client_got, BULK, "bytes from the server at the client");
+    assert_eq!(server_sum, client_sent, "checksum of client -> server");
+    assert_eq!(client_sum, server_sent, "checksum of server -> client");
+    eprintln!(
+        "100 MiB each way through the sidecar in {elapsed:?} ({:.0} MiB/s per direction)",
+        100.0 / elapsed.as_secs_f64()
+    );
+    let m = s.metrics();
+    for flow in ["to_upstream", "to_downstream"] {
+        assert_eq!(
+            metric(
+                &m,
+                "tcp_transfer_bytes_total",
+                &[r#"direction="outbound""#, &format!(r#"flow="{flow}""#)]
+            ),
+            BULK as f64,
+            "bytes counted {flow}:\n{m}"
+        );
+    }
+}
+
+// ---- 3. half-close ----
+
+#[test]
+fn a_half_close_reaches_the_server_and_its_reply_still_arrives() {
+    let s = Sidecar::start(Fam::V4, &[]);
+    let listener = s.listen(9001);
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = accept(&listener);
+        // read_to_string returns only at EOF: the client's half-close must arrive.
+        let request = tcp::receive(&mut stream).unwrap();
+        // Written after the EOF: the other direction is still open.
+        write!(stream, "reply to {request:?}").unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        request
+    });
+
+    let mut stream = s.connect(9001);
+    tcp::send(&mut stream, "half-closed request").unwrap();
+    let reply = tcp::receive(&mut stream).unwrap();
+    assert_eq!(
+        join_within(server, WAIT * 2, "the server"),
+        "half-closed request"
+    );
+    assert_eq!(reply, r#"reply to "half-closed request""#);
+}
+
+// ---- 4. a reset mid-stream ----
+
+#[test]
+fn a_server_reset_mid_stream_resets_the_client() {
+    let s = Sidecar::start(Fam::V4, &[]);
+    let listener = s.listen(9002);
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = accept(&listener);
+        assert_eq!(read_exact_string(&mut stream, 2), "go");
+        stream.write_all(&[b'x'; 1000]).unwrap();
+        // Resets only once the client has the bytes, so the reset cannot overtake them.
+        assert_eq!(read_exact_string(&mut stream, 3), "got");
+        socket2::SockRef::from(&stream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(stream);
+        Instant::now()
+    });
+
+    let mut stream = s.connect(9002);
+    stream.write_all(b"go").unwrap();
+    let mut partial = [0u8; 1000];
+    stream.read_exact(&mut partial).unwrap();
+    assert!(partial.iter().all(|&b| b == b'x'));
+    stream.write_all(b"got").unwrap();
+    let end = ending(&mut stream, "after the server's reset");
+    let reset_at = join_within(server, WAIT * 2, "the server");
+    assert_eq!(
+        end,
+        Ending::Reset,
+        "the server's reset reaches the client as a reset, not a clean EOF"
+    );
+    eprintln!(
+        "the client saw the reset {:?} after the server sent it",
+        reset_at.elapsed()
+    );
+}
+
+// ---- 5. unreachable destinations ----
+
+#[test]
+fn an_unreachable_destination_fails_the_client_promptly() {
+    let s = Sidecar::start(Fam::V4, &[]);
+    // Black hole: the server namespace drops SYNs to this port, so only the
+    // sidecar's --connect-timeout (1s) ends the attempt.
+    s.server
+        .exec(
+            "iptables",
+            &["-A", "INPUT", "-p", "tcp", "--dport", "9999", "-j", "DROP"],
+        )
+        .unwrap();
+
+    for (port, reason) in [(9, "upstream_refused"), (9999, "upstream_timeout")] {
+        let started = Instant::now();
+        let mut stream = s.connect(port);
+        let end = ending(&mut stream, &format!("a connection to port {port}"));
+        eprintln!(
+            "port {port} ({reason}): {end:?} after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            end,
+            Ending::Reset,
+            "port {port}: refused promptly with a reset"
+        );
+        let m = s.metrics();
+        assert_eq!(
+            metric(
+                &m,
+                "tcp_close_total",
+                &[r#"direction="outbound""#, &format!(r#"reason="{reason}""#)]
+            ),
+            1.0,
+            "the refusal counted with its reason:\n{m}"
+        );
+    }
+}
+
+// ---- 6. idle timeout ----
+
+#[test]
+fn an_idle_connection_is_closed_by_the_proxy() {
+    let s = Sidecar::start(Fam::V4, &["--idle-timeout", "2s"]);
+    let listener = s.listen(9003);
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = accept(&listener);
+        stream.set_read_timeout(Some(WAIT * 2)).unwrap();
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).unwrap();
+        stream.write_all(&buf).unwrap();
+        // The server idles too; what ends the connection is the proxy.
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).map(|_| rest)
+    });
+
+    let mut stream = s.connect(9003);
+    stream.write_all(b"ping").unwrap();
+    assert_eq!(read_exact_string(&mut stream, 4), "ping");
+    let idle_from = Instant::now();
+    stream.set_read_timeout(Some(WAIT * 2)).unwrap();
+    let end = ending(&mut stream, "an idle connection");
+    let idle = idle_from.elapsed();
+    eprintln!("idle connection ended ({end:?}) after {idle:?}");
+    assert!(
+        idle >= Duration::from_millis(1500),
+        "closed after {idle:?}: sooner than the 2s idle timeout"
+    );
+    // The server's side is closed as well (reset or EOF, never left open).
+    let server_end = join_within(server, WAIT * 3, "the server");
+    assert!(
+        server_end.as_ref().map_or(true, |rest| rest.is_empty()),
+        "the server got bytes after the echo: {server_end:?}"
+    );
+    let m = s.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "tcp_close_total",
+            &[r#"direction="outbound""#, r#"reason="idle_timeout""#]
+        ),
+        1.0,
+        "the close counted as idle_timeout:\n{m}"
+    );
+}
+
+// ---- 7. a thousand concurrent connections ----
+
+#[test]
+fn a_thousand_concurrent_connections_are_all_served() {
+    const CONNECTIONS: usize = 1000;
+    let s = Sidecar::start(Fam::V4, &[]);
+    let rss_idle = s.rss_kib();
+    let server = echo_server(s.listen(9004), CONNECTIONS);
+
+    let started = Instant::now();
+    let mut streams = Vec::with_capacity(CONNECTIONS);
+    for i in 0..CONNECTIONS {
+        assert!(
+            started.elapsed() < LONG,
+            "opening connections took over {LONG:?}"
+        );
+        let mut stream = s.connect(9004);
+        writeln!(stream, "connection {i:04}").unwrap();
+        streams.push(stream);
+    }
+    // Every connection is open at once: all were opened before any is read.
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let want = format!("connection {i:04}\n");
+        assert_eq!(read_exact_string(stream, want.len()), want);
+    }
+    let m = s.metrics();
+    assert_eq!(
+        metric(&m, "tcp_open_connections", &[r#"direction="outbound""#]),
+        CONNECTIONS as f64,
+        "the sidecar holds every connection open:\n{m}"
+    );
+    let rss = s.rss_kib();
+    eprintln!(
+        "{CONNECTIONS} connections echoed in {:?}; sidecar RSS {} KiB idle, {} KiB with them open",
+        started.elapsed(),
+        rss_idle,
+        rss
+    );
+    assert!(
+        rss < 200 * 1024,
+        "sidecar RSS {rss} KiB with {CONNECTIONS} connections (bound 200 MiB)"
+    );
+    for stream in &streams {
+        stream.shutdown(Shutdown::Write).unwrap();
+    }
+    for (i, stream) in streams.iter_mut().enumerate() {
+        assert_eq!(
+            ending(stream, &format!("connection {i} after its half-close")),
+            Ending::Eof
+        );
+    }
+    let peers = join_within(server, LONG, "the echo server");
+    assert_eq!(peers.len(), CONNECTIONS);
+    assert!(peers.iter().all(|p| p.ip() == s.pod_ip));
+}
+
+// ---- 8. server speaks first ----
+
+/// A server that greets first, then answers one line.
+fn banner_server(listener: TcpListener) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let (mut stream, _) = accept(&listener);
+        stream.write_all(b"220 banner first\r\n").unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            assert_eq!(stream.read(&mut byte).unwrap(), 1, "client closed early");
+            line.push(byte[0]);
+        }
+        stream.write_all(b"250 ok\r\n").unwrap();
+        String::from_utf8(line).unwrap()
+    })
+}
+
+#[test]
+fn a_server_that_speaks_first_is_served() {
+    let s = Sidecar::start(Fam::V4, &[]);
+    // 25 is one of the default --opaque-ports (no detection); 2525 is not, so there
+    // the sidecar must give up waiting for the client after --detect-timeout.
+    for port in [25, 2525] {
+        let server = banner_server(s.listen(port));
+        let mut stream = s.connect(port);
+        let started = Instant::now();
+        let banner = read_exact_string(&mut stream, "220 banner first\r\n".len());
+        let waited = started.elapsed();
+        assert_eq!(banner, "220 banner first\r\n", "port {port}");
+        stream.write_all(b"EHLO pod\r\n").unwrap();
+        assert_eq!(
+            read_exact_string(&mut stream, 8),
+            "250 ok\r\n",
+            "port {port}"
+        );
+        assert_eq!(
+            join_within(server, WAIT, "the banner server"),
+            "EHLO pod\r\n"
+        );
+        eprintln!("port {port}: banner after {waited:?}");
+    }
+}
+
+// ---- 9. an HTTP/1.1 upgrade ----
+
+#[test]
+fn a_websocket_upgrade_becomes_a_raw_stream_both_ways() {
+    let s = Sidecar::start(Fam::V4, &[]);
+    let listener = s.listen(8081);
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = accept(&listener);
+        let head = read_head(&mut stream).unwrap();
+        stream
+            .write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\
+                  upgrade: websocket\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+            )
+            .unwrap();
+        // Raw bytes, not HTTP, from here on: the server speaks first.
+        stream.write_all(b"\x81\x05hello").unwrap();
+        let mut frame = [0u8; 7];
+        stream.read_exact(&mut frame).unwrap();
+        stream.write_all(&frame).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        head
+    });
+
+    let mut stream = s.connect(8081);
+    write!(
+        stream,
+        "GET /chat HTTP/1.1\r\nhost: {}:8081\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+        s.server_ip
+    )
+    .unwrap();
+    let response = read_head(&mut stream).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 101"),
+        "the 101 reaches the client: {response:?}"
+    );
+    assert!(response.to_ascii_lowercase().contains("upgrade: websocket"));
+    let mut frame = [0u8; 7];
+    stream.read_exact(&mut frame).unwrap();
+    assert_eq!(&frame, b"\x81\x05hello");
+    stream.write_all(b"\x82\x05world").unwrap();
+    stream.read_exact(&mut frame).unwrap();
+    assert_eq!(&frame, b"\x82\x05world", "the client's raw bytes, echoed");
+    assert_eq!(ending(&mut stream, "after the server closed"), Ending::Eof);
+    let head = join_within(server, WAIT, "the upgrade server").to_ascii_lowercase();
+    assert!(head.starts_with("get /chat http/1.1"), "{head:?}");
+    assert!(head.contains("upgrade: websocket"), "{head:?}");
+    assert!(head.contains("connection: upgrade"), "{head:?}");
+}
+
+// ---- 10. IPv6 ----
+
+#[test]
+fn tcp_over_ipv6_goes_through_the_sidecar() {
+    let s = Sidecar::start(Fam::V6, &[]);
+    let server = echo_server(s.listen(9005), 1);
+    let mut stream = s.connect(9005);
+    stream.write_all(b"over ipv6").unwrap();
+    assert_eq!(read_exact_string(&mut stream, 9), "over ipv6");
+    stream.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(ending(&mut stream, "after the half-close"), Ending::Eof);
+    let peers = join_within(server, WAIT, "the echo server");
+    assert_eq!(
+        peers[0].ip(),
+        s.pod_ip,
+        "the server sees the pod's IPv6 address"
+    );
+    let m = s.metrics();
+    assert_eq!(
+        metric(&m, "tcp_open_total", &[r#"direction="outbound""#]),
+        1.0,
+        "the IPv6 connection went through the sidecar:\n{m}"
+    );
+}
