@@ -35,8 +35,8 @@ const STEP: Duration = Duration::from_secs(10);
 const RELOAD: &str = "200ms";
 /// The gateways' connect timeout. Refusals are checked against a bound well below
 /// it, so a refusal that waits for a timeout instead of failing fast is caught.
-const GATEWAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
-const FAIL_FAST_BOUND: Duration = Duration::from_secs(5);
+const GATEWAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(6);
+const FAIL_FAST_BOUND: Duration = Duration::from_secs(3);
 /// Reconnect backoff of the test clients' pools.
 const CLIENT_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const CLIENT_BACKOFF_MAX: Duration = Duration::from_millis(500);
@@ -913,4 +913,79 @@ async fn exports_reload_without_restart_and_bad_files_keep_the_old_routes() {
         }
     })
     .await;
+}
+
+/// A listener that never accepts, with its one-slot queue already taken: the kernel
+/// drops further SYNs, so a connect to it hangs until the caller's timeout.
+async fn silent_listener(ip: Ipv4Addr) -> (socket2::Socket, TcpStream) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::from((ip, 0)).into()).unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let queued = timeout(STEP, TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    (socket, queued)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_gateway_is_link_down_within_the_connect_timeout() {
+    let mesh = Mesh::start(65).await;
+    let sidecar = mesh.sidecar_b();
+    let (silent, _queued) = silent_listener(Ipv4Addr::new(127, 0, 65, 4)).await;
+    let silent_addr = silent.local_addr().unwrap().as_socket().unwrap();
+
+    // A Link added at run time gets its pool without a restart.
+    std::fs::write(
+        mesh.dir
+            .path()
+            .join("manifests-cluster-b/link-cluster-d.yaml"),
+        link("cluster-d", silent_addr, silent_addr),
+    )
+    .unwrap();
+    eventually(
+        "gateway-b to pick up the Link to cluster-d",
+        STEP,
+        || async {
+            let config = mesh.gw_b.config().await;
+            config["links"]["cluster-d"].is_object().then_some(())
+        },
+    )
+    .await;
+
+    // The first stream waits for the first connection, at most the connect timeout.
+    let started = Instant::now();
+    let refusal = timeout(
+        GATEWAY_CONNECT_TIMEOUT + STEP,
+        sidecar.refusal(HELLO, "cluster-d"),
+    )
+    .await
+    .expect("a stream to a silent peer outlived the connect timeout");
+    let first = started.elapsed();
+    assert_eq!(refusal, Refusal::LinkDown);
+
+    // Once the link is known down, streams are refused without waiting.
+    let state = eventually("gateway-b to mark cluster-d down", STEP, || async {
+        let config = mesh.gw_b.config().await;
+        let state = config["links"]["cluster-d"]["state"].as_str()?.to_owned();
+        state.starts_with("down").then_some(state)
+    })
+    .await;
+    assert!(state.contains(&silent_addr.to_string()), "{state}");
+    let started = Instant::now();
+    let refusal = timeout(FAIL_FAST_BOUND, sidecar.refusal(HELLO, "cluster-d"))
+        .await
+        .unwrap_or_else(|_| {
+            panic!("a known-down link kept the stream waiting past {FAIL_FAST_BOUND:?}")
+        });
+    assert_eq!(refusal, Refusal::LinkDown);
+    eprintln!(
+        "silent peer: first refusal after {first:?} (connect timeout {GATEWAY_CONNECT_TIMEOUT:?}), \
+         next after {:?}; {state}",
+        started.elapsed()
+    );
+    // The other link is unaffected.
+    let stream = sidecar.open(HELLO, "cluster-a").await.unwrap();
+    assert_eq!(round_trip(stream, b"unaffected").await, b"unaffected");
 }
