@@ -271,12 +271,21 @@ impl Client {
             .unwrap_or_else(|_| panic!("opening {authority} in {cluster} hung"))
     }
 
-    /// The refusal a stream gets, failing if it was opened or failed another way.
+    /// The refusal a stream gets within [`FAIL_FAST_BOUND`], failing if it was
+    /// opened, failed another way or kept waiting.
     async fn refusal(&self, authority: &str, cluster: &str) -> Refusal {
-        match self.open(authority, cluster).await {
-            Ok(_) => panic!("{authority} in {cluster} was opened, expected a refusal"),
-            Err(PoolError::Refused { refusal, .. }) => refusal,
-            Err(e) => panic!("{authority} in {cluster}: expected a refusal, got: {e}"),
+        self.refusal_within(FAIL_FAST_BOUND, authority, cluster)
+            .await
+    }
+
+    async fn refusal_within(&self, limit: Duration, authority: &str, cluster: &str) -> Refusal {
+        let authority = Authority::parse(authority).unwrap();
+        let target = ClusterName::new(cluster);
+        match timeout(limit, self.pool.open(&authority, Some(&target))).await {
+            Err(_) => panic!("{authority} in {cluster}: no answer within {limit:?}"),
+            Ok(Ok(_)) => panic!("{authority} in {cluster} was opened, expected a refusal"),
+            Ok(Err(PoolError::Refused { refusal, .. })) => refusal,
+            Ok(Err(e)) => panic!("{authority} in {cluster}: expected a refusal, got: {e}"),
         }
     }
 
@@ -658,8 +667,18 @@ async fn refusals_are_prompt_and_reach_nothing() {
     // The set-up works: the refusals below are the gateways saying no.
     let stream = sidecar.open(HELLO, "cluster-a").await.unwrap();
     assert_eq!(round_trip(stream, b"ping").await, b"ping");
+    // A peer gateway (here, gateway-b's own identity) reaches cluster-a's exports.
+    let gateway_b_store = Arc::new(
+        CredentialStore::load(CredentialPaths::in_dir(
+            mesh.dir.path().join("identity-cluster-b"),
+        ))
+        .unwrap(),
+    );
+    let peer = Client::new(gateway_b_store, mesh.gw_a.inbound, gateway_id("cluster-a"));
+    let stream = peer.open(HELLO, "cluster-a").await.unwrap();
+    assert_eq!(round_trip(stream, b"peer").await, b"peer");
     let reached = mesh.echo.accepted();
-    assert_eq!(reached, 1);
+    assert_eq!(reached, 2);
 
     assert_eq!(
         sidecar.refusal(SECRET, "cluster-a").await,
@@ -682,15 +701,8 @@ async fn refusals_are_prompt_and_reach_nothing() {
         Refusal::UnknownCluster
     );
 
-    // A peer gateway may reach cluster-a's exports, but not hop through gateway-a
-    // to a third cluster, even one gateway-a links to.
-    let gateway_b_store = Arc::new(
-        CredentialStore::load(CredentialPaths::in_dir(
-            mesh.dir.path().join("identity-cluster-b"),
-        ))
-        .unwrap(),
-    );
-    let peer = Client::new(gateway_b_store, mesh.gw_a.inbound, gateway_id("cluster-a"));
+    // A peer gateway may not hop through gateway-a to a third cluster, even one
+    // gateway-a links to, nor back to its own.
     assert_eq!(peer.refusal(HELLO, "cluster-c").await, Refusal::Forbidden);
     assert_eq!(
         peer.refusal(HELLO, "cluster-b").await,
@@ -792,6 +804,33 @@ async fn refusals_are_prompt_and_reach_nothing() {
         reached,
         "a refused stream reached the echo server"
     );
+
+    // Each gateway counted the refusals it made, by reason.
+    let metrics_a = mesh.gw_a.metrics().await;
+    let metrics_b = mesh.gw_b.metrics().await;
+    for (metrics, reason, at_least) in [
+        (&metrics_a, "not_exported", 1),
+        (&metrics_a, "no_route", 2),
+        (&metrics_a, "forbidden", 2),
+        (&metrics_a, "link_down", 1),
+        (&metrics_b, "unknown_cluster", 1),
+    ] {
+        let counted = refusals(metrics, "gateway", reason);
+        assert!(
+            counted >= at_least,
+            "{reason}: counted {counted}, expected at least {at_least}\n{metrics}"
+        );
+    }
+}
+
+/// `tunnel_refusals_total` of one direction and reason (0 if absent).
+fn refusals(metrics: &str, direction: &str, reason: &str) -> u64 {
+    let wanted = format!("direction=\"{direction}\",reason=\"{reason}\"}}");
+    metrics
+        .lines()
+        .find(|l| l.starts_with("tunnel_refusals_total{") && l.contains(&wanted))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -806,14 +845,7 @@ async fn a_dead_peer_gateway_is_link_down_fast() {
     let mut figures = Vec::new();
     for attempt in 0..5 {
         let started = Instant::now();
-        let refusal = timeout(FAIL_FAST_BOUND, sidecar.refusal(HELLO, "cluster-a"))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "attempt {attempt}: no refusal within {FAIL_FAST_BOUND:?} \
-                     (connect timeout {GATEWAY_CONNECT_TIMEOUT:?})"
-                )
-            });
+        let refusal = sidecar.refusal(HELLO, "cluster-a").await;
         figures.push(started.elapsed());
         assert_eq!(refusal, Refusal::LinkDown, "attempt {attempt}");
     }
@@ -956,12 +988,9 @@ async fn a_silent_peer_gateway_is_link_down_within_the_connect_timeout() {
 
     // The first stream waits for the first connection, at most the connect timeout.
     let started = Instant::now();
-    let refusal = timeout(
-        GATEWAY_CONNECT_TIMEOUT + STEP,
-        sidecar.refusal(HELLO, "cluster-d"),
-    )
-    .await
-    .expect("a stream to a silent peer outlived the connect timeout");
+    let refusal = sidecar
+        .refusal_within(GATEWAY_CONNECT_TIMEOUT + STEP, HELLO, "cluster-d")
+        .await;
     let first = started.elapsed();
     assert_eq!(refusal, Refusal::LinkDown);
 
@@ -974,12 +1003,11 @@ async fn a_silent_peer_gateway_is_link_down_within_the_connect_timeout() {
     .await;
     assert!(state.contains(&silent_addr.to_string()), "{state}");
     let started = Instant::now();
-    let refusal = timeout(FAIL_FAST_BOUND, sidecar.refusal(HELLO, "cluster-d"))
-        .await
-        .unwrap_or_else(|_| {
-            panic!("a known-down link kept the stream waiting past {FAIL_FAST_BOUND:?}")
-        });
-    assert_eq!(refusal, Refusal::LinkDown);
+    assert_eq!(
+        sidecar.refusal(HELLO, "cluster-d").await,
+        Refusal::LinkDown,
+        "a known-down link"
+    );
     eprintln!(
         "silent peer: first refusal after {first:?} (connect timeout {GATEWAY_CONNECT_TIMEOUT:?}), \
          next after {:?}; {state}",
