@@ -20,7 +20,7 @@ use crate::forward::{ForwardConfig, connect_upstream};
 use crate::http::HttpProxy;
 use crate::listen::{Accepted, Handler, reset};
 use crate::metrics::{Direction, ProxyMetrics};
-use crate::outbound::{UpstreamIo, serve_detected};
+use crate::outbound::{UpstreamIo, connect_while_detecting, serve_detected};
 use crate::tunnel::server::{TunnelHandler, TunnelRequest, TunnelServer};
 use crate::tunnel::{BoxIo, HandshakeObserver, Refusal};
 
@@ -85,10 +85,9 @@ impl<H: TunnelHandler> Handler for Inbound<H> {
         // The app is reached on loopback at the port the client asked for: a
         // connection of the proxy to its own pod address would be captured again.
         let app = SocketAddr::new(loopback_like(dst.0.ip()), dst.0.port());
-        let (upstream, detected) =
-            tokio::join!(connect_upstream(app, self.cfg.connect_timeout), detection);
-        let upstream = match upstream {
-            Ok(upstream) => upstream,
+        let connect = connect_upstream(app, self.cfg.connect_timeout);
+        let (upstream, detected) = match connect_while_detecting(connect, detection).await {
+            Ok(both) => both,
             Err(e) => {
                 info!(client = %client, %dst, error = %e, "inbound connection to the app failed");
                 guard.set_reason(e.close_reason());

@@ -87,9 +87,13 @@ impl<L: RouteLookup> Handler for Outbound<L> {
                 detect(&mut stream, &self.cfg.detect).await
             }
         };
-        let (upstream, detected) = tokio::join!(self.connect(&route, dst), detection);
-        let upstream = match upstream {
-            Ok(upstream) => upstream,
+        let (upstream, detected) = match connect_while_detecting(
+            self.connect(&route, dst),
+            detection,
+        )
+        .await
+        {
+            Ok(both) => both,
             Err(refusal) => {
                 info!(%client, %dst, route = ?route, reason = refusal.as_str(), "outbound connection refused");
                 self.metrics.refused(Direction::Outbound, refusal.as_str());
@@ -161,6 +165,22 @@ impl<L: RouteLookup> Outbound<L> {
     }
 }
 
+/// Connects while protocol detection waits for the client's first bytes, and
+/// returns as soon as the connect fails: a refused or timed-out upstream must reset
+/// the client at once, not after the detection window (a client that waits for
+/// the server to speak first would otherwise hang for all of it).
+pub(crate) async fn connect_while_detecting<U, E, D>(
+    connect: impl Future<Output = Result<U, E>>,
+    detection: impl Future<Output = D>,
+) -> Result<(U, D), E> {
+    let mut connect = std::pin::pin!(connect);
+    let mut detection = std::pin::pin!(detection);
+    tokio::select! {
+        upstream = &mut connect => Ok((upstream?, detection.await)),
+        detected = &mut detection => Ok((connect.await?, detected)),
+    }
+}
+
 /// The upstream side of a connection once it is established.
 pub enum UpstreamIo {
     Tcp(TcpStream),
@@ -226,5 +246,52 @@ pub(crate) async fn serve_detected(
                 debug!(%label, error = %e, "HTTP connection ended with an error");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_connect_does_not_wait_for_detection() {
+        let connect = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Err::<(), _>("refused")
+        };
+        // A client that never sends: detection would only end at its timeout.
+        let detection = std::future::pending::<()>();
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            connect_while_detecting(connect, detection).await,
+            Err("refused")
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn both_results_are_kept_whichever_ends_first() {
+        let slow = |ms, value| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            value
+        };
+        let connect = async { Ok::<_, ()>(slow(5, "upstream").await) };
+        assert_eq!(
+            connect_while_detecting(connect, slow(20, "detected")).await,
+            Ok(("upstream", "detected"))
+        );
+        let connect = async { Ok::<_, ()>(slow(20, "upstream").await) };
+        assert_eq!(
+            connect_while_detecting(connect, slow(5, "detected")).await,
+            Ok(("upstream", "detected"))
+        );
+        let connect = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err::<(), _>("timed out")
+        };
+        assert_eq!(
+            connect_while_detecting(connect, slow(5, "detected")).await,
+            Err("timed out")
+        );
     }
 }
