@@ -491,6 +491,14 @@ impl Mesh {
         .unwrap();
         std::fs::write(a.join("hello.yaml"), service("hello", echo.addr, true)).unwrap();
         std::fs::write(a.join("secret.yaml"), service("secret", echo.addr, false)).unwrap();
+        // Exported, but with nothing behind it: no Endpoints, a closed port, and
+        // gateway-a's own tunnel listener.
+        let without_endpoints = service("empty", echo.addr, true);
+        let (without_endpoints, _) = without_endpoints.split_once("---").unwrap();
+        std::fs::write(a.join("empty.yaml"), without_endpoints).unwrap();
+        let closed = free_addr(Ipv4Addr::LOCALHOST);
+        std::fs::write(a.join("dead.yaml"), service("dead", closed, true)).unwrap();
+        std::fs::write(a.join("looped.yaml"), service("looped", inbound_a, true)).unwrap();
         std::fs::write(
             a.join("links.yaml"),
             format!(
@@ -700,6 +708,19 @@ async fn refusals_are_prompt_and_reach_nothing() {
         sidecar.refusal(HELLO, "cluster-z").await,
         Refusal::UnknownCluster
     );
+    // gateway-a's answers about its exports come back through gateway-b unchanged.
+    for (service, expected) in [
+        ("empty", Refusal::NoEndpoints),
+        ("dead", Refusal::UpstreamRefused),
+        ("looped", Refusal::Loop),
+    ] {
+        let authority = format!("{service}.default.svc.cluster.local:80");
+        assert_eq!(
+            sidecar.refusal(&authority, "cluster-a").await,
+            expected,
+            "{authority}"
+        );
+    }
 
     // A peer gateway may not hop through gateway-a to a third cluster, even one
     // gateway-a links to, nor back to its own.
@@ -813,6 +834,9 @@ async fn refusals_are_prompt_and_reach_nothing() {
         (&metrics_a, "no_route", 2),
         (&metrics_a, "forbidden", 2),
         (&metrics_a, "link_down", 1),
+        (&metrics_a, "no_endpoints", 1),
+        (&metrics_a, "upstream_refused", 1),
+        (&metrics_a, "loop", 1),
         (&metrics_b, "unknown_cluster", 1),
     ] {
         let counted = refusals(metrics, "gateway", reason);
