@@ -550,6 +550,23 @@ fn a_half_close_reaches_the_server_and_its_reply_still_arrives() {
         "half-closed request"
     );
     assert_eq!(reply, r#"reply to "half-closed request""#);
+
+    // The other way round: the server finishes first, the client keeps writing.
+    let listener = s.listen(9011);
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = accept(&listener);
+        tcp::send(&mut stream, "server done").unwrap();
+        tcp::receive(&mut stream).unwrap()
+    });
+    let mut stream = s.connect(9011);
+    stream.write_all(b"first, ").unwrap();
+    assert_eq!(tcp::receive(&mut stream).unwrap(), "server done");
+    // Written after the server's EOF arrived.
+    tcp::send(&mut stream, "then the rest").unwrap();
+    assert_eq!(
+        join_within(server, WAIT * 2, "the server"),
+        "first, then the rest"
+    );
 }
 
 // ---- 4. a reset mid-stream ----
@@ -588,13 +605,48 @@ fn a_server_reset_mid_stream_resets_the_client() {
         "the client saw the reset {:?} after the server sent it",
         reset_at.elapsed()
     );
+
+    // And the other way: the client's reset reaches the server as a reset.
+    let listener = s.listen(9012);
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = accept(&listener);
+        assert_eq!(read_exact_string(&mut stream, 2), "go");
+        stream.write_all(b"ok").unwrap();
+        ending(&mut stream, "the server after the client's reset")
+    });
+    let mut stream = s.connect(9012);
+    stream.write_all(b"go").unwrap();
+    assert_eq!(read_exact_string(&mut stream, 2), "ok");
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(stream);
+    assert_eq!(
+        join_within(server, WAIT * 2, "the server"),
+        Ending::Reset,
+        "the client's reset reaches the server as a reset, not a clean EOF"
+    );
+    let m = s.metrics();
+    for reason in ["upstream_reset", "downstream_reset"] {
+        assert_eq!(
+            metric(
+                &m,
+                "tcp_close_total",
+                &[r#"direction="outbound""#, &format!(r#"reason="{reason}""#)]
+            ),
+            1.0,
+            "one close counted as {reason}:\n{m}"
+        );
+    }
 }
 
 // ---- 5. unreachable destinations ----
 
 #[test]
 fn an_unreachable_destination_fails_the_client_promptly() {
-    let s = Sidecar::start(Fam::V4, &[]);
+    // A detection window longer than any wait here: the client below waits for the
+    // server without sending, so only the refusal itself may end its connection.
+    let s = Sidecar::start(Fam::V4, &["--detect-timeout", "30s"]);
     // Black hole: the server namespace drops SYNs to this port, so only the
     // sidecar's --connect-timeout (1s) ends the attempt.
     s.server
@@ -850,5 +902,78 @@ fn tcp_over_ipv6_goes_through_the_sidecar() {
         metric(&m, "tcp_open_total", &[r#"direction="outbound""#]),
         1.0,
         "the IPv6 connection went through the sidecar:\n{m}"
+    );
+
+    // HTTP over IPv6 too, with curl.
+    let listener = s.listen(8080);
+    let server = std::thread::spawn(move || {
+        let (mut stream, peer) = accept(&listener);
+        let head = read_head(&mut stream).unwrap();
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nv6\n")
+            .unwrap();
+        (head, peer)
+    });
+    let body = s
+        .pod
+        .exec(
+            "curl",
+            &["-sS", "--max-time", "10", "http://[2001:2::1]:8080/six"],
+        )
+        .unwrap();
+    assert_eq!(body, "v6\n");
+    let (head, peer) = join_within(server, WAIT, "the HTTP server");
+    assert!(head.starts_with("GET /six HTTP/1.1"), "{head:?}");
+    assert_eq!(peer.ip(), s.pod_ip);
+    let m = s.metrics();
+    assert_eq!(
+        metric(&m, "http_requests_total", &[r#"direction="outbound""#]),
+        1.0,
+        "the IPv6 request counted:\n{m}"
+    );
+}
+
+// ---- inbound: plain TCP from outside the pod to its app ----
+
+#[test]
+fn inbound_plain_tcp_reaches_the_app_through_the_sidecar() {
+    let s = Sidecar::start(Fam::V4, &[]);
+    // The app listens on every address of the pod, as most do.
+    let app = s
+        .pod
+        .run(|| tcp::listen(SocketAddr::from(([0, 0, 0, 0], 8080))))
+        .unwrap();
+    let app_side = std::thread::spawn(move || {
+        let (mut stream, peer) = accept(&app);
+        let request = tcp::receive(&mut stream).unwrap();
+        write!(stream, "app got {request:?}").unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        peer
+    });
+    let pod_addr = SocketAddr::new(s.pod_ip, 8080);
+    let mut stream = s
+        .server
+        .run(|| tcp::connect(pod_addr))
+        .unwrap_or_else(|e| panic!("connecting from the server namespace to {pod_addr}: {e}"));
+    tcp::send(&mut stream, "from outside").unwrap();
+    assert_eq!(
+        tcp::receive(&mut stream).unwrap(),
+        r#"app got "from outside""#
+    );
+    let peer = join_within(app_side, WAIT, "the app");
+    assert!(
+        peer.ip().is_loopback(),
+        "the app is reached by the sidecar over loopback, got {peer}"
+    );
+    let m = s.metrics();
+    assert_eq!(
+        metric(&m, "tcp_open_total", &[r#"direction="inbound""#]),
+        1.0,
+        "the connection went through the inbound listener:\n{m}"
+    );
+    assert_eq!(
+        metric(&m, "tcp_open_total", &[r#"direction="outbound""#]),
+        0.0,
+        "the app's reply did not loop through outbound:\n{m}"
     );
 }
