@@ -904,7 +904,7 @@ async fn a_dead_peer_gateway_is_link_down_fast() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exports_reload_without_restart_and_bad_files_keep_the_old_routes() {
+async fn exports_and_links_reload_without_restart_and_bad_files_keep_the_old_routes() {
     let mesh = Mesh::start(64).await;
     let sidecar = mesh.sidecar_b();
     const HELLO2: &str = "hello2.default.svc.cluster.local:80";
@@ -969,6 +969,32 @@ async fn exports_reload_without_restart_and_bad_files_keep_the_old_routes() {
         }
     })
     .await;
+
+    // Removing cluster-b's Link to cluster-a closes the link; restoring it reopens it.
+    let link_file = mesh
+        .dir
+        .path()
+        .join("manifests-cluster-b/link-cluster-a.yaml");
+    let link_yaml = std::fs::read_to_string(&link_file).unwrap();
+    std::fs::remove_file(&link_file).unwrap();
+    eventually("cluster-a to become unknown at gateway-b", STEP, || async {
+        match sidecar.open(HELLO, "cluster-a").await {
+            Err(PoolError::Refused {
+                refusal: Refusal::UnknownCluster,
+                ..
+            }) => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    let config = mesh.gw_b.config().await;
+    assert!(config["links"]["cluster-a"].is_null(), "{config:#}");
+    std::fs::write(&link_file, link_yaml).unwrap();
+    let stream = eventually("the restored link to carry streams", STEP, || async {
+        sidecar.open(HELLO, "cluster-a").await.ok()
+    })
+    .await;
+    assert_eq!(round_trip(stream, b"again").await, b"again");
 }
 
 /// A listener that never accepts, with its one-slot queue already taken: the kernel
