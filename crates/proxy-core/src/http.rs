@@ -140,6 +140,9 @@ impl HttpProxy {
             }
         });
         let conn = hyper::server::conn::http1::Builder::new()
+            // A client may send its request and shut down its write side before the
+            // response (`nc -N`, scripted clients): plain TCP serves that, so must we.
+            .half_close(true)
             .timer(TokioTimer::new())
             .header_read_timeout(self.settings.header_read_timeout)
             .max_headers(self.settings.max_headers)
