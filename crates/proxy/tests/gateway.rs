@@ -107,6 +107,10 @@ impl Gateway {
         }
     }
 
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the gateway is running").id()
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -562,12 +566,26 @@ impl Mesh {
     }
 }
 
-/// Established TCP connections to `peer` seen in `/proc/net/tcp` (loopback shows
-/// both ends; the remote address picks the client side).
-fn established_to(peer: SocketAddr) -> usize {
+/// Established TCP connections that process `pid` holds to `peer`: the sockets in
+/// `/proc/net/tcp` (loopback lists both ends) whose remote end is `peer` and whose
+/// inode is among the process's open files.
+fn established(pid: u32, peer: SocketAddr) -> usize {
     let SocketAddr::V4(peer) = peer else {
         panic!("IPv4 only")
     };
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?;
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_owned(),
+            )
+        })
+        .collect();
     let [a, b, c, d] = peer.ip().octets();
     let wanted = format!("{d:02X}{c:02X}{b:02X}{a:02X}:{:04X}", peer.port());
     std::fs::read_to_string("/proc/net/tcp")
@@ -576,7 +594,9 @@ fn established_to(peer: SocketAddr) -> usize {
         .skip(1)
         .filter(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.get(2) == Some(&wanted.as_str()) && fields.get(3) == Some(&"01")
+            fields.get(2) == Some(&wanted.as_str())
+                && fields.get(3) == Some(&"01")
+                && fields.get(9).is_some_and(|inode| inodes.contains(*inode))
         })
         .count()
 }
@@ -625,7 +645,8 @@ async fn streams_cross_both_gateways_over_a_pooled_link() {
     timeout(STEP, all_open.wait())
         .await
         .expect("not every stream opened");
-    let link_connections = established_to(mesh.gw_a.inbound);
+    let link_connections = established(mesh.gw_b.pid(), mesh.gw_a.inbound);
+    let sidecar_connections = established(std::process::id(), mesh.gw_b.inbound);
     let echo_connections = mesh.echo.accepted();
     counted.wait().await;
     for task in tasks {
@@ -634,12 +655,36 @@ async fn streams_cross_both_gateways_over_a_pooled_link() {
     let elapsed = started.elapsed();
     eprintln!(
         "{STREAMS} streams x {BYTES} B through two gateways in {elapsed:?}; \
-         {link_connections} link connections, {echo_connections} echo connections"
+         {sidecar_connections} sidecar connections, {link_connections} link connections, \
+         {echo_connections} echo connections"
+    );
+
+    // One large stream both ways at once: flow control across both hops must neither
+    // stall nor drop bytes when each direction holds far more than a window.
+    const LARGE: usize = 16 * 1024 * 1024;
+    let data = payload(STREAMS, LARGE);
+    let started = Instant::now();
+    let stream = sidecar.open(HELLO, "cluster-a").await.unwrap();
+    let back = round_trip(stream, &data).await;
+    assert!(
+        back == data,
+        "the large stream came back altered ({} B)",
+        back.len()
+    );
+    eprintln!(
+        "{} MiB echoed through two gateways in {:?}",
+        LARGE >> 20,
+        started.elapsed()
     );
 
     assert_eq!(
         echo_connections, STREAMS,
         "one upstream connection per stream"
+    );
+    assert!(
+        (1..=2).contains(&sidecar_connections),
+        "{STREAMS} streams rode {sidecar_connections} connections from the sidecar to \
+         gateway-b; its pool holds 2"
     );
     assert!(
         (1..=LINK_CONNECTIONS).contains(&link_connections),
