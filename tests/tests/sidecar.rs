@@ -977,3 +977,78 @@ fn inbound_plain_tcp_reaches_the_app_through_the_sidecar() {
         "the app's reply did not loop through outbound:\n{m}"
     );
 }
+
+// ---- HTTP/1.1 details an application relies on ----
+
+/// An HTTP/1.1 origin for `count` requests on one connection, each answered with
+/// its request line; returns the heads it saw.
+fn http_origin(listener: TcpListener, count: usize) -> JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let (mut stream, _) = accept(&listener);
+        let mut heads = Vec::new();
+        for _ in 0..count {
+            let head = read_head(&mut stream).unwrap();
+            let line = head.lines().next().unwrap_or_default().to_owned();
+            let body = format!("origin saw: {line}\n");
+            write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            heads.push(head);
+        }
+        heads
+    })
+}
+
+#[test]
+fn a_client_that_half_closes_after_its_request_gets_the_response() {
+    let s = Sidecar::start(Fam::V4, &[]);
+    let origin = http_origin(s.listen(8080), 1);
+    let mut stream = s.connect(8080);
+    // Like `printf 'GET ...' | nc -N`: the request, then EOF, then the response.
+    tcp::send(
+        &mut stream,
+        "GET /half HTTP/1.1\r\nhost: origin\r\nconnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let response = tcp::receive(&mut stream).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 200")
+            && response.ends_with("origin saw: GET /half HTTP/1.1\n"),
+        "the response reaches a client that half-closed: {response:?}"
+    );
+    join_within(origin, WAIT, "the origin");
+}
+
+#[test]
+fn keep_alive_requests_share_one_connection_and_are_each_counted() {
+    let s = Sidecar::start(Fam::V4, &[]);
+    let origin = http_origin(s.listen(8080), 3);
+    let url = |p: &str| format!("http://{}:8080/{p}", s.server_ip);
+    let out = s
+        .pod
+        .exec(
+            "curl",
+            &["-sS", "--max-time", "10", &url("a"), &url("b"), &url("c")],
+        )
+        .unwrap();
+    assert_eq!(
+        out,
+        "origin saw: GET /a HTTP/1.1\norigin saw: GET /b HTTP/1.1\norigin saw: GET /c HTTP/1.1\n"
+    );
+    let heads = join_within(origin, WAIT, "the origin");
+    assert_eq!(heads.len(), 3, "all three on the origin's one connection");
+    let m = s.metrics();
+    assert_eq!(
+        metric(&m, "tcp_open_total", &[r#"direction="outbound""#]),
+        1.0,
+        "one connection:\n{m}"
+    );
+    assert_eq!(
+        metric(&m, "http_requests_total", &[r#"direction="outbound""#]),
+        3.0,
+        "three requests:\n{m}"
+    );
+}
