@@ -63,6 +63,8 @@ fn sidecar_b_id() -> SpiffeId {
 struct Gateway {
     cluster: &'static str,
     child: Option<Child>,
+    /// Holds `identity-<cluster>/` and `manifests-<cluster>/`.
+    root: PathBuf,
     log: PathBuf,
     inbound: SocketAddr,
     admin: SocketAddr,
@@ -75,7 +77,27 @@ impl Gateway {
         inbound: SocketAddr,
         admin: SocketAddr,
     ) -> Gateway {
-        let log = root.join(format!("gateway-{cluster}.log"));
+        let mut gateway = Gateway {
+            cluster,
+            child: None,
+            root: root.to_owned(),
+            log: root.join(format!("gateway-{cluster}.log")),
+            inbound,
+            admin,
+        };
+        gateway.start();
+        gateway
+    }
+
+    /// Starts the process (again, after [`Gateway::kill`]), appending to its log.
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "gateway-{} is running", self.cluster);
+        let (cluster, root) = (self.cluster, &self.root);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
             .arg("gateway")
             .args(["--cluster", cluster])
@@ -83,8 +105,8 @@ impl Gateway {
             .arg(root.join(format!("identity-{cluster}")))
             .arg("--manifests")
             .arg(root.join(format!("manifests-{cluster}")))
-            .args(["--inbound-addr", &inbound.to_string()])
-            .args(["--admin-addr", &admin.to_string()])
+            .args(["--inbound-addr", &self.inbound.to_string()])
+            .args(["--admin-addr", &self.admin.to_string()])
             .args(["--reload-interval", RELOAD])
             .args([
                 "--connect-timeout",
@@ -95,16 +117,10 @@ impl Gateway {
             .args(["--log", "info,proxy_core=debug"])
             .env_clear()
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(log)
             .spawn()
             .unwrap();
-        Gateway {
-            cluster,
-            child: Some(child),
-            log,
-            inbound,
-            admin,
-        }
+        self.child = Some(child);
     }
 
     fn pid(&self) -> u32 {
@@ -903,7 +919,7 @@ fn refusals(metrics: &str, direction: &str, reason: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_peer_gateway_is_link_down_fast() {
+async fn a_dead_peer_gateway_is_link_down_fast_and_the_link_recovers() {
     let mut mesh = Mesh::start(63).await;
     let sidecar = mesh.sidecar_b();
     let stream = sidecar.open(HELLO, "cluster-a").await.unwrap();
@@ -946,6 +962,21 @@ async fn a_dead_peer_gateway_is_link_down_fast() {
     .await;
     eprintln!("gateway-b probe of the dead peer: {probe}");
     assert_eq!(mesh.echo.accepted(), reached);
+
+    // The peer comes back on the same address: the link reconnects by itself
+    // (its backoff is capped at a few seconds) and streams flow again.
+    mesh.gw_a.start();
+    mesh.gw_a.wait_ready().await;
+    let started = Instant::now();
+    let stream = eventually("the link to recover", STEP, || async {
+        sidecar.open(HELLO, "cluster-a").await.ok()
+    })
+    .await;
+    assert_eq!(round_trip(stream, b"after").await, b"after");
+    eprintln!(
+        "streams flowed again {:?} after gateway-a restarted",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
