@@ -442,27 +442,11 @@ fn curl_through_the_sidecar_is_proxied_and_counted() {
 const BULK: usize = 100 * 1024 * 1024;
 const CHUNK: usize = 64 * 1024;
 
-/// Writes [`BULK`] bytes: a pseudo-random block whose first 8 bytes carry the
-/// chunk's index (so a lost, repeated or reordered chunk changes the checksum), then
-/// closes the write side. Returns the checksum of what was written.
+/// Writes [`BULK`] bytes of [`write_pattern`], then closes the write side.
 fn send_bulk(stream: &mut TcpStream, seed: u64) -> u64 {
-    let mut block = vec![0u8; CHUNK];
-    let mut x = seed | 1;
-    for byte in block.iter_mut() {
-        // xorshift64: cheap, deterministic, not compressible by anything on the path.
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *byte = x as u8;
-    }
-    let mut hasher = DefaultHasher::new();
-    for i in 0..BULK / CHUNK {
-        block[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        stream.write_all(&block).unwrap();
-        hasher.write(&block);
-    }
+    let sum = write_pattern(stream, BULK, seed);
     stream.shutdown(Shutdown::Write).unwrap();
-    hasher.finish()
+    sum
 }
 
 /// Reads to EOF; the byte count and checksum of what arrived.
@@ -1050,5 +1034,131 @@ fn keep_alive_requests_share_one_connection_and_are_each_counted() {
         metric(&m, "http_requests_total", &[r#"direction="outbound""#]),
         3.0,
         "three requests:\n{m}"
+    );
+}
+
+/// Bytes of the request body and of the response body in the HTTP bulk test.
+const HTTP_BULK: usize = 32 * 1024 * 1024;
+
+/// Writes `len` bytes (a multiple of [`CHUNK`]): a pseudo-random block whose first
+/// 8 bytes carry the chunk's index, so a lost, repeated or reordered chunk changes
+/// the checksum. Returns the checksum of what was written.
+fn write_pattern(stream: &mut TcpStream, len: usize, seed: u64) -> u64 {
+    let mut block = vec![0u8; CHUNK];
+    let mut x = seed | 1;
+    for byte in block.iter_mut() {
+        // xorshift64: cheap, deterministic, not compressible by anything on the path.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *byte = x as u8;
+    }
+    let mut hasher = DefaultHasher::new();
+    for i in 0..len / CHUNK {
+        block[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        stream.write_all(&block).unwrap();
+        hasher.write(&block);
+    }
+    hasher.finish()
+}
+
+/// Reads exactly `len` bytes; their checksum.
+fn read_pattern(stream: &mut TcpStream, len: usize) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = stream.read(&mut buf[..left.min(CHUNK)]).unwrap();
+        assert!(n > 0, "EOF with {left} of {len} body bytes missing");
+        hasher.write(&buf[..n]);
+        left -= n;
+    }
+    hasher.finish()
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("no content-length in {head:?}"))
+}
+
+#[test]
+fn large_http_bodies_cross_the_http_proxy_intact() {
+    let s = Sidecar::start(Fam::V4, &[]);
+    let listener = s.listen(8080);
+    let origin = std::thread::spawn(move || {
+        let (mut stream, _) = accept(&listener);
+        stream.set_read_timeout(Some(WAIT * 4)).unwrap();
+        let head = read_head(&mut stream).unwrap();
+        let got = read_pattern(&mut stream, content_length(&head));
+        write!(
+            stream,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {HTTP_BULK}\r\n\r\n"
+        )
+        .unwrap();
+        let sent = write_pattern(&mut stream, HTTP_BULK, 0x5eed_0004);
+        (head, got, sent)
+    });
+
+    let started = Instant::now();
+    let mut stream = s.connect(8080);
+    stream.set_read_timeout(Some(WAIT * 4)).unwrap();
+    write!(
+        stream,
+        "POST /upload HTTP/1.1\r\nhost: origin\r\ncontent-type: application/octet-stream\r\ncontent-length: {HTTP_BULK}\r\n\r\n"
+    )
+    .unwrap();
+    let sent = write_pattern(&mut stream, HTTP_BULK, 0x5eed_0003);
+    let head = read_head(&mut stream).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    assert_eq!(content_length(&head), HTTP_BULK);
+    let got = read_pattern(&mut stream, HTTP_BULK);
+    let (origin_head, origin_got, origin_sent) = join_within(origin, LONG, "the origin");
+    eprintln!(
+        "32 MiB up and 32 MiB down through the HTTP proxy in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        origin_head.starts_with("POST /upload HTTP/1.1"),
+        "{origin_head:?}"
+    );
+    assert_eq!(origin_got, sent, "request body checksum");
+    assert_eq!(got, origin_sent, "response body checksum");
+    let m = s.metrics();
+    assert_eq!(
+        metric(&m, "http_requests_total", &[r#"direction="outbound""#]),
+        1.0,
+        "it took the HTTP path:\n{m}"
+    );
+}
+
+#[test]
+fn a_request_line_split_across_segments_is_still_detected_as_http() {
+    let s = Sidecar::start(Fam::V4, &[]);
+    let origin = http_origin(s.listen(8080), 1);
+    let mut stream = s.connect(8080);
+    stream.set_nodelay(true).unwrap();
+    stream.write_all(b"GE").unwrap();
+    // Well inside the 1s detection window, but long enough to be a separate read.
+    std::thread::sleep(Duration::from_millis(200));
+    stream
+        .write_all(b"T /split HTTP/1.1\r\nhost: origin\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let response = tcp::receive(&mut stream).unwrap();
+    assert!(
+        response.ends_with("origin saw: GET /split HTTP/1.1\n"),
+        "{response:?}"
+    );
+    join_within(origin, WAIT, "the origin");
+    let m = s.metrics();
+    assert_eq!(
+        metric(&m, "http_requests_total", &[r#"direction="outbound""#]),
+        1.0,
+        "detected as HTTP although its first segment was two bytes:\n{m}"
     );
 }
