@@ -37,6 +37,8 @@ const RELOAD: &str = "200ms";
 /// it, so a refusal that waits for a timeout instead of failing fast is caught.
 const GATEWAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(6);
 const FAIL_FAST_BOUND: Duration = Duration::from_secs(3);
+/// `--shutdown-grace` of the gateways.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// Reconnect backoff of the test clients' pools.
 const CLIENT_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const CLIENT_BACKOFF_MAX: Duration = Duration::from_millis(500);
@@ -113,7 +115,10 @@ impl Gateway {
                 &format!("{}s", GATEWAY_CONNECT_TIMEOUT.as_secs()),
             ])
             .args(["--tunnel-connections", &LINK_CONNECTIONS.to_string()])
-            .args(["--shutdown-grace", "1s"])
+            .args([
+                "--shutdown-grace",
+                &format!("{}s", SHUTDOWN_GRACE.as_secs()),
+            ])
             .args(["--log", "info,proxy_core=debug"])
             .env_clear()
             .stdout(Stdio::null())
@@ -125,6 +130,33 @@ impl Gateway {
 
     fn pid(&self) -> u32 {
         self.child.as_ref().expect("the gateway is running").id()
+    }
+
+    /// Sends SIGTERM, as a kubelet stopping the pod would.
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM gateway-{}", self.cluster);
+    }
+
+    /// Waits (bounded) for the process to exit by itself.
+    async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("the gateway is running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway-{} still running after {limit:?}",
+                self.cluster
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn kill(&mut self) {
@@ -1142,4 +1174,49 @@ async fn a_silent_peer_gateway_is_link_down_within_the_connect_timeout() {
     // The other link is unaffected.
     let stream = sidecar.open(HELLO, "cluster-a").await.unwrap();
     assert_eq!(round_trip(stream, b"unaffected").await, b"unaffected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_relayed_streams_then_cuts_the_rest() {
+    let mut mesh = Mesh::start(67).await;
+    let sidecar = mesh.sidecar_b();
+    let mut finishing = sidecar.open(HELLO, "cluster-a").await.unwrap();
+    let mut lingering = sidecar.open(HELLO, "cluster-a").await.unwrap();
+    for stream in [&mut finishing, &mut lingering] {
+        stream.write_all(b"1").await.unwrap();
+        let mut byte = [0u8; 1];
+        timeout(STEP, stream.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&byte, b"1");
+    }
+
+    mesh.gw_b.terminate();
+    let terminated = Instant::now();
+    // gateway-b stops taking tunnel connections...
+    eventually("gateway-b to close its listener", STEP, || async {
+        TcpStream::connect(mesh.gw_b.inbound)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // ...but a stream it carries still works, and finishes cleanly.
+    let back = round_trip(finishing, b"2").await;
+    assert_eq!(back, b"2", "a stream in flight was not drained");
+    // One left open is cut when the grace period ends.
+    let mut rest = Vec::new();
+    let cut = timeout(SHUTDOWN_GRACE + STEP, lingering.read_to_end(&mut rest))
+        .await
+        .expect("a stream outlived the shutdown grace period");
+    let cut_after = terminated.elapsed();
+    assert!(rest.is_empty(), "{rest:?}");
+    let status = mesh.gw_b.wait_exit(SHUTDOWN_GRACE + STEP).await;
+    eprintln!(
+        "gateway-b exited {status} {:?} after SIGTERM; the lingering stream ended \
+         ({cut:?}) after {cut_after:?}, grace {SHUTDOWN_GRACE:?}",
+        terminated.elapsed()
+    );
+    assert!(status.success(), "gateway-b exited with {status}");
 }
