@@ -1220,3 +1220,67 @@ async fn sigterm_drains_relayed_streams_then_cuts_the_rest() {
     );
     assert!(status.success(), "gateway-b exited with {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_rotates_its_identity_without_dropping_streams() {
+    let mesh = Mesh::start(68).await;
+    let sidecar = mesh.sidecar_b();
+    let mut stream = sidecar.open(HELLO, "cluster-a").await.unwrap();
+    stream.write_all(b"1").await.unwrap();
+    let mut byte = [0u8; 1];
+    timeout(STEP, stream.read_exact(&mut byte))
+        .await
+        .unwrap()
+        .unwrap();
+    let identity = |config: serde_json::Value| config["identity"].clone();
+    let before = identity(mesh.gw_a.config().await);
+
+    // A renewed leaf (same SPIFFE ID, new key, new issuer under the same anchor).
+    let dir = mesh.dir.path().join("identity-cluster-a");
+    mesh.pki
+        .leaf("cluster-a", &gateway_id("cluster-a"))
+        .write_dir(&dir, true)
+        .unwrap();
+    let after = eventually("gateway-a to load its renewed leaf", STEP, || async {
+        let now = identity(mesh.gw_a.config().await);
+        (now["serial"] != before["serial"]).then_some(now)
+    })
+    .await;
+    assert_eq!(after["id"], before["id"]);
+    // The stream opened under the old leaf carries on, both ways.
+    assert_eq!(round_trip(stream, b"2").await, b"2");
+    // A new peer connection handshakes with the renewed leaf.
+    let gateway_b_store = Arc::new(
+        CredentialStore::load(CredentialPaths::in_dir(
+            mesh.dir.path().join("identity-cluster-b"),
+        ))
+        .unwrap(),
+    );
+    let peer = Client::new(gateway_b_store, mesh.gw_a.inbound, gateway_id("cluster-a"));
+    let fresh = peer.open(HELLO, "cluster-a").await.unwrap();
+    assert_eq!(round_trip(fresh, b"3").await, b"3");
+
+    // A broken update (a key that does not match the certificate) is refused and
+    // the renewed leaf stays in use.
+    let other = mesh.pki.leaf("cluster-a", &gateway_id("cluster-a"));
+    std::fs::write(dir.join("tls.key"), &other.key_pem).unwrap();
+    let refused = eventually("gateway-a to refuse the bad key", STEP, || async {
+        let now = identity(mesh.gw_a.config().await);
+        (now["refusals"].as_u64() > after["refusals"].as_u64()).then_some(now)
+    })
+    .await;
+    assert_eq!(refused["serial"], after["serial"], "{refused:#}");
+    eprintln!("refused identity update: {}", refused["last_refusal"]);
+    let peer_again = Client::new(
+        Arc::new(
+            CredentialStore::load(CredentialPaths::in_dir(
+                mesh.dir.path().join("identity-cluster-b"),
+            ))
+            .unwrap(),
+        ),
+        mesh.gw_a.inbound,
+        gateway_id("cluster-a"),
+    );
+    let fresh = peer_again.open(HELLO, "cluster-a").await.unwrap();
+    assert_eq!(round_trip(fresh, b"4").await, b"4");
+}
