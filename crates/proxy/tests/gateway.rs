@@ -7,11 +7,16 @@
 //! Service. It counts what reaches that server, so a refusal that leaks a connection
 //! fails the test.
 //!
+//! Covered: the relay over a pooled link (and its connection count per hop), every
+//! refusal a gateway makes and the mTLS failures on either side, a dead, silent or
+//! restarted peer, hot reload of exports and links, SIGTERM drain, identity
+//! renewal, and a link to an IPv6 gateway.
+//!
 //! Not covered here: iptables capture and the sidecar role (the netns suite in
 //! `tests/`), and throughput (the benches).
 #![allow(clippy::unwrap_used)]
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -216,8 +221,8 @@ struct Echo {
 }
 
 impl Echo {
-    async fn start() -> Echo {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    async fn start(ip: IpAddr) -> Echo {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
@@ -242,7 +247,8 @@ impl Echo {
 }
 
 /// A port nobody listens on at `ip` right now (bound, then released).
-fn free_addr(ip: Ipv4Addr) -> SocketAddr {
+fn free_addr(ip: impl Into<IpAddr>) -> SocketAddr {
+    let ip = ip.into();
     std::net::TcpListener::bind((ip, 0))
         .unwrap()
         .local_addr()
@@ -429,7 +435,7 @@ spec:
   clusterName: {cluster}
   trustDomain: cluster.local
   gateway:
-    address: {ip}
+    address: '{ip}'
     port: {port}
     identity: {id}
 ",
@@ -449,7 +455,7 @@ metadata:
   namespace: {NAMESPACE}
 spec:
   targetClusterName: {target}
-  gatewayAddress: {ip}
+  gatewayAddress: '{ip}'
   gatewayPort: {port}
   gatewayIdentity: {id}
   probeSpec:
@@ -490,7 +496,7 @@ metadata:
   namespace: default
 subsets:
 - addresses:
-  - ip: {ip}
+  - ip: '{ip}'
   ports:
   - port: {port}
     protocol: TCP
@@ -515,12 +521,28 @@ impl Mesh {
     /// tests running in parallel never share an address, and waits until gateway-b's
     /// link to cluster-a is up.
     async fn start(net: u8) -> Mesh {
+        Mesh::start_with(net, false).await
+    }
+
+    /// [`Mesh::start`], with cluster-a (gateway-a's tunnel listener and the echo
+    /// server) on `::1` when `cluster_a_on_ipv6`.
+    async fn start_with(net: u8, cluster_a_on_ipv6: bool) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let pki = Pki::new();
-        let echo = Echo::start().await;
+        let cluster_a_ip = if cluster_a_on_ipv6 {
+            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        } else {
+            IpAddr::V4(Ipv4Addr::new(127, 0, net, 1))
+        };
+        let echo = Echo::start(if cluster_a_on_ipv6 {
+            cluster_a_ip
+        } else {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        })
+        .await;
 
-        let inbound_a = free_addr(Ipv4Addr::new(127, 0, net, 1));
+        let inbound_a = free_addr(cluster_a_ip);
         let admin_a = free_addr(Ipv4Addr::new(127, 0, net, 1));
         let inbound_b = free_addr(Ipv4Addr::new(127, 0, net, 2));
         let admin_b = free_addr(Ipv4Addr::new(127, 0, net, 2));
@@ -1283,4 +1305,27 @@ async fn a_gateway_rotates_its_identity_without_dropping_streams() {
     );
     let fresh = peer_again.open(HELLO, "cluster-a").await.unwrap();
     assert_eq!(round_trip(fresh, b"4").await, b"4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_to_an_ipv6_gateway_carries_streams() {
+    let mesh = Mesh::start_with(69, true).await;
+    assert!(mesh.gw_a.inbound.is_ipv6() && mesh.echo.addr.is_ipv6());
+    let sidecar = mesh.sidecar_b();
+    for n in 0..10 {
+        let data = payload(n, 4096);
+        let stream = sidecar.open(HELLO, "cluster-a").await.unwrap();
+        assert!(round_trip(stream, &data).await == data, "stream {n}");
+    }
+    assert_eq!(mesh.echo.accepted(), 10);
+    let config = mesh.gw_b.config().await;
+    assert_eq!(
+        config["links"]["cluster-a"]["addr"],
+        mesh.gw_a.inbound.to_string(),
+        "{config:#}"
+    );
+    assert_eq!(
+        sidecar.refusal(SECRET, "cluster-a").await,
+        Refusal::NotExported
+    );
 }
