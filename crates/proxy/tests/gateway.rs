@@ -259,6 +259,7 @@ fn free_addr(ip: impl Into<IpAddr>) -> SocketAddr {
 struct Pki {
     validity: Validity,
     anchor: mint::Authority,
+    issuers: std::sync::Mutex<std::collections::HashMap<String, mint::Authority>>,
 }
 
 impl Pki {
@@ -270,18 +271,26 @@ impl Pki {
             KeyAlgorithm::EcdsaP256,
         )
         .unwrap();
-        Pki { validity, anchor }
+        Pki {
+            validity,
+            anchor,
+            issuers: Default::default(),
+        }
     }
 
+    /// A new leaf (new key, new serial) from `cluster`'s issuer.
     fn leaf(&self, cluster: &str, id: &SpiffeId) -> LeafBundle {
-        let issuer = mint::issuer(
-            &self.anchor,
-            cluster,
-            self.validity,
-            KeyAlgorithm::EcdsaP256,
-        )
-        .unwrap();
-        mint::leaf(&issuer, id, self.validity, KeyAlgorithm::EcdsaP256).unwrap()
+        let mut issuers = self.issuers.lock().unwrap();
+        let issuer = issuers.entry(cluster.to_owned()).or_insert_with(|| {
+            mint::issuer(
+                &self.anchor,
+                cluster,
+                self.validity,
+                KeyAlgorithm::EcdsaP256,
+            )
+            .unwrap()
+        });
+        mint::leaf(issuer, id, self.validity, KeyAlgorithm::EcdsaP256).unwrap()
     }
 }
 
@@ -1257,7 +1266,7 @@ async fn a_gateway_rotates_its_identity_without_dropping_streams() {
     let identity = |config: serde_json::Value| config["identity"].clone();
     let before = identity(mesh.gw_a.config().await);
 
-    // A renewed leaf (same SPIFFE ID, new key, new issuer under the same anchor).
+    // A renewed leaf: same SPIFFE ID and issuer, new key and serial.
     let dir = mesh.dir.path().join("identity-cluster-a");
     mesh.pki
         .leaf("cluster-a", &gateway_id("cluster-a"))
