@@ -6,7 +6,10 @@
 //! HTTP/2, and `Upgrade` (WebSocket) or `CONNECT` exchanges become raw byte streams
 //! through [`forward_io`] after the upstream agrees.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +18,7 @@ use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Mutex, oneshot, watch};
 use tokio::time::Instant;
 use tracing::debug;
@@ -58,6 +62,18 @@ pub enum HttpError {
     UpstreamHandshake(#[source] hyper::Error),
     #[error("HTTP connection with downstream failed")]
     Downstream(#[source] hyper::Error),
+    #[error("no bytes moved either way for {0:?} (idle timeout)")]
+    IdleTimeout(Duration),
+}
+
+impl HttpError {
+    /// The `tcp_close_total` reason of a connection that ended with this error.
+    pub fn close_reason(&self) -> &'static str {
+        match self {
+            HttpError::IdleTimeout(_) => "idle_timeout",
+            _ => "http_error",
+        }
+    }
 }
 
 /// Proxies one HTTP connection.
@@ -95,13 +111,21 @@ impl HttpProxy {
             fallback_authority: self.metrics.authority_label(fallback_authority),
             counters: self.metrics.byte_counters(self.direction),
         });
+        // Every byte of an HTTP exchange crosses the downstream side, so watching it
+        // alone is enough for the idle timeout the byte forwarder applies elsewhere.
+        let clock = Arc::new(IdleClock::new());
+        let downstream = Tracked {
+            inner: downstream,
+            clock: clock.clone(),
+        };
+        let idle = clock.idle(self.forward.idle_timeout);
         let served = match protocol {
             Protocol::Http2 => {
-                self.serve_h2(downstream, upstream, exchange.clone(), drain)
+                self.serve_h2(downstream, upstream, exchange.clone(), drain, idle)
                     .await
             }
             _ => {
-                self.serve_h1(downstream, upstream, exchange.clone(), drain)
+                self.serve_h1(downstream, upstream, exchange.clone(), drain, idle)
                     .await
             }
         };
@@ -115,6 +139,7 @@ impl HttpProxy {
         upstream: U,
         exchange: Arc<Exchange>,
         mut drain: watch::Receiver<bool>,
+        idle: impl Future<Output = ()>,
     ) -> Result<(), HttpError> {
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, Incoming>(TokioIo::new(upstream))
@@ -162,6 +187,7 @@ impl HttpProxy {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
+            () = idle => return Err(HttpError::IdleTimeout(self.forward.idle_timeout)),
         };
         result.map_err(HttpError::Downstream)
     }
@@ -172,6 +198,7 @@ impl HttpProxy {
         upstream: U,
         exchange: Arc<Exchange>,
         mut drain: watch::Receiver<bool>,
+        idle: impl Future<Output = ()>,
     ) -> Result<(), HttpError> {
         let h2 = &self.settings.h2;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -215,8 +242,108 @@ impl HttpProxy {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
+            () = idle => return Err(HttpError::IdleTimeout(self.forward.idle_timeout)),
         };
         result.map_err(HttpError::Downstream)
+    }
+}
+
+/// When bytes last moved through a connection, for its idle timeout.
+#[derive(Debug)]
+struct IdleClock {
+    origin: Instant,
+    /// Milliseconds after `origin`.
+    last: AtomicU64,
+}
+
+impl IdleClock {
+    fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte moved for `timeout`; never when `timeout` is zero.
+    async fn idle(&self, timeout: Duration) {
+        if timeout.is_zero() {
+            return std::future::pending().await;
+        }
+        loop {
+            let last = self.origin + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let deadline = last + timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// An [`Io`] that marks its [`IdleClock`] whenever bytes move through it.
+struct Tracked<T> {
+    inner: T,
+    clock: Arc<IdleClock>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.clock.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.clock.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.clock.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -301,4 +428,45 @@ fn request_authority<B>(req: &Request<B>) -> Option<&str> {
         .authority()
         .map(|a| a.as_str())
         .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_fires_only_after_a_quiet_timeout() {
+        let clock = Arc::new(IdleClock::new());
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut tracked = Tracked {
+            inner: a,
+            clock: clock.clone(),
+        };
+        let timeout = Duration::from_secs(2);
+        let start = Instant::now();
+        let idle = clock.idle(timeout);
+        tokio::pin!(idle);
+        // Bytes each way at 1.5s and 3s keep it alive; quiet from 3s, it fires at 5s.
+        tokio::select! {
+            () = &mut idle => panic!("idle fired while bytes were moving"),
+            () = async {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                b.write_all(b"in").await.unwrap();
+                let mut buf = [0u8; 2];
+                tracked.read_exact(&mut buf).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                tracked.write_all(b"out").await.unwrap();
+            } => {}
+        }
+        idle.await;
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_timeout_never_fires() {
+        let clock = IdleClock::new();
+        let waited = tokio::time::timeout(Duration::from_secs(3600), clock.idle(Duration::ZERO));
+        assert!(waited.await.is_err());
+    }
 }

@@ -242,7 +242,7 @@ pub(crate) async fn serve_detected(
                 UpstreamIo::Other(up) => http.serve(downstream, up, protocol, label, drain).await,
             };
             if let Err(e) = result {
-                guard.set_reason("http_error");
+                guard.set_reason(e.close_reason());
                 debug!(%label, error = %e, "HTTP connection ended with an error");
             }
         }
