@@ -684,7 +684,8 @@ fn an_idle_connection_is_closed_by_the_proxy() {
     let listener = s.listen(9003);
     let server = std::thread::spawn(move || {
         let (mut stream, _) = accept(&listener);
-        stream.set_read_timeout(Some(WAIT * 2)).unwrap();
+        // Longer than the client waits below: the server never ends it first.
+        stream.set_read_timeout(Some(WAIT * 3)).unwrap();
         let mut buf = [0u8; 4];
         stream.read_exact(&mut buf).unwrap();
         stream.write_all(&buf).unwrap();
@@ -697,8 +698,10 @@ fn an_idle_connection_is_closed_by_the_proxy() {
     stream.write_all(b"ping").unwrap();
     assert_eq!(read_exact_string(&mut stream, 4), "ping");
     let idle_from = Instant::now();
-    stream.set_read_timeout(Some(WAIT * 2)).unwrap();
-    let end = ending(&mut stream, "an idle connection");
+    let end = ending(
+        &mut stream,
+        "an idle connection (closed by the proxy within 5s?)",
+    );
     let idle = idle_from.elapsed();
     eprintln!("idle connection ended ({end:?}) after {idle:?}");
     assert!(
@@ -706,7 +709,7 @@ fn an_idle_connection_is_closed_by_the_proxy() {
         "closed after {idle:?}: sooner than the 2s idle timeout"
     );
     // The server's side is closed as well (reset or EOF, never left open).
-    let server_end = join_within(server, WAIT * 3, "the server");
+    let server_end = join_within(server, WAIT * 4, "the server");
     assert!(
         server_end.as_ref().map_or(true, |rest| rest.is_empty()),
         "the server got bytes after the echo: {server_end:?}"
@@ -1194,5 +1197,54 @@ fn the_app_calling_its_own_pod_address_bypasses_the_sidecar() {
         metric(&m, "tcp_open_total", &[]),
         0.0,
         "the sidecar saw no connection:\n{m}"
+    );
+}
+
+#[test]
+fn an_idle_http_keep_alive_connection_is_closed_by_the_proxy() {
+    let s = Sidecar::start(Fam::V4, &["--idle-timeout", "2s"]);
+    let listener = s.listen(8080);
+    let origin = std::thread::spawn(move || {
+        let (mut stream, _) = accept(&listener);
+        // Longer than the client waits below: the origin never ends it first.
+        stream.set_read_timeout(Some(WAIT * 3)).unwrap();
+        let head = read_head(&mut stream).unwrap();
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+            .unwrap();
+        // Keep-alive on both sides: only the proxy's idle timeout ends this.
+        let mut rest = Vec::new();
+        let end = stream.read_to_end(&mut rest).map(|_| rest);
+        (head, end)
+    });
+    let mut stream = s.connect(8080);
+    stream
+        .write_all(b"GET /idle HTTP/1.1\r\nhost: origin\r\n\r\n")
+        .unwrap();
+    let head = read_head(&mut stream).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    assert_eq!(read_exact_string(&mut stream, 3), "ok\n");
+    let idle_from = Instant::now();
+    let end = ending(
+        &mut stream,
+        "an idle keep-alive HTTP connection (closed by the proxy within 5s?)",
+    );
+    let idle = idle_from.elapsed();
+    eprintln!("idle HTTP connection ended ({end:?}) after {idle:?}");
+    assert!(
+        idle >= Duration::from_millis(1500),
+        "closed after {idle:?}: sooner than the 2s idle timeout"
+    );
+    let (origin_head, origin_end) = join_within(origin, WAIT * 4, "the origin");
+    assert!(origin_head.starts_with("GET /idle"), "{origin_head:?}");
+    assert!(
+        origin_end.as_ref().map_or(true, |rest| rest.is_empty()),
+        "the origin got bytes after the request: {origin_end:?}"
+    );
+    s.expect_metric(
+        "tcp_close_total",
+        &[r#"direction="outbound""#, r#"reason="idle_timeout""#],
+        1.0,
+        "the close counted as an idle timeout",
     );
 }
