@@ -1,11 +1,13 @@
 //! `isthmus`: operator tooling for the mesh.
 //!
-//! One module per subcommand family; today `identity` (minting trust anchors, cluster
-//! issuers and workload certificates). The local lab, mirror rendering and checks
-//! slot in beside it as their own modules and `Command` variants. The proxy itself is
+//! One module per subcommand family: `identity` (minting trust anchors, cluster
+//! issuers and workload certificates) and `lab` (the clusters of a directory, run
+//! on one machine). Mirror rendering and checks slot in beside them as their own
+//! modules and `Command` variants. The proxy itself is
 //! another binary (`isthmus-proxy`); nothing here runs on the data path.
 
 mod identity;
+mod lab;
 
 use std::process::ExitCode;
 
@@ -27,6 +29,10 @@ enum Command {
     /// Mint SPIFFE identities: a trust anchor, an issuer per cluster, workload leaves.
     #[command(subcommand)]
     Identity(identity::IdentityCommand),
+    /// The local lab: the clusters of a directory, built on this machine with
+    /// network namespaces and run with the real binaries.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
 }
 
 fn main() -> ExitCode {
@@ -39,10 +45,13 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Identity(command) => identity::run(command),
+        Command::Identity(command) => identity::run(command).map(|()| true),
+        Command::Lab(command) => lab::run(command),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        // The command ran and said what failed.
+        Ok(false) => ExitCode::FAILURE,
         Err(err) => {
             // `{:#}` prints the whole context chain on one line: what failed, and why.
             eprintln!("error: {err:#}");

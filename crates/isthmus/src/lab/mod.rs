@@ -1,0 +1,180 @@
+//! `isthmus lab`: the clusters of a directory, built on one Linux machine and run
+//! with the real binaries (DESIGN.md, "The lab").
+//!
+//! # Layout
+//!
+//! - [`spec`]: the lab directory (one folder per cluster: manifests and the mesh
+//!   install `isthmus.yaml`), read and checked; the embedded seed.
+//! - [`plan`]: what Kubernetes would decide: addresses, pods, ClusterIPs,
+//!   Endpoints, the manifests each cluster's proxies watch, kube-proxy's rules,
+//!   hosts files. Pure.
+//! - [`net`]: namespaces, bridges, veth pairs, processes in namespaces, and the
+//!   clean-up (also `isthmus lab down`).
+//! - [`run`]: `isthmus lab up`: identities, topology, gateways, pods (init,
+//!   sidecar, containers), output, the end and its summary.
+//! - [`summary`]: reading the proxies' `/metrics` into the end-of-run table.
+//! - [`hello`]: the built-in `nginxdemos/hello:plain-text`.
+//! - [`relay`]: the WAN delay relay behind `--wan-delay`.
+//!
+//! Not here: parsing manifests and the ServiceMirror reconcile (proxy-discovery),
+//! minting (proxy-identity), capture rules (`isthmus-init`), the proxy itself.
+
+pub mod hello;
+pub mod net;
+pub mod plan;
+pub mod relay;
+pub mod run;
+pub mod spec;
+pub mod summary;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+/// The `lab` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Build the clusters of DIR (one folder per cluster) on this machine and run
+    /// them until Ctrl-C or --duration; without DIR, the seed's two clusters.
+    Up(UpArgs),
+    /// Remove what a killed `lab up` left behind: processes, namespaces, files.
+    Down(DownArgs),
+    /// The built-in server standing in for nginxdemos/hello:plain-text.
+    #[command(hide = true)]
+    Hello(HelloArgs),
+    /// A TCP relay that delays every chunk, both ways (the WAN of --wan-delay).
+    #[command(hide = true)]
+    Relay(RelayArgs),
+}
+
+/// `isthmus lab up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// The lab directory: one folder per cluster, named as the cluster, holding
+    /// Kubernetes manifests and an optional isthmus.yaml [default: the seed].
+    pub dir: Option<PathBuf>,
+    /// Stop after this long (e.g. 20s, 5m); without it, run until Ctrl-C.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Added latency, in milliseconds each way, on the link between the clusters'
+    /// gateways.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub wan_delay: u64,
+    /// Print every proxy log line (info and above), not only warnings and errors.
+    #[arg(long)]
+    pub verbose: bool,
+    /// Capture the WAN between the gateways into this pcap file.
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub capture_wan: Option<PathBuf>,
+}
+
+/// `isthmus lab down`.
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// Also stop runs whose `isthmus lab up` is still running.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// `isthmus lab hello`.
+#[derive(Debug, Args)]
+pub struct HelloArgs {
+    /// Port to listen on (on 0.0.0.0).
+    #[arg(long)]
+    pub port: u16,
+    /// The pod's name, answered as "Server name".
+    #[arg(long)]
+    pub name: String,
+    /// The pod's address, answered as "Server address" for connections the
+    /// sidecar delivers over loopback.
+    #[arg(long)]
+    pub address: Option<IpAddr>,
+}
+
+/// `isthmus lab relay`.
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// Address to accept on.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Address to relay to.
+    #[arg(long)]
+    pub to: SocketAddr,
+    /// Milliseconds each chunk is held, each way.
+    #[arg(long)]
+    pub delay_ms: u64,
+}
+
+/// Runs a `lab` subcommand; `Ok(false)` when the lab ran but a pod or proxy failed.
+pub fn run(command: LabCommand) -> Result<bool> {
+    match command {
+        LabCommand::Up(args) => run::up(args),
+        LabCommand::Down(args) => down(args),
+        LabCommand::Hello(args) => small_runtime()?.block_on(async move {
+            hello::serve(args.port, args.name, args.address)
+                .await
+                .map(|()| true)
+        }),
+        LabCommand::Relay(args) => small_runtime()?.block_on(async move {
+            relay::serve(args.listen, args.to, Duration::from_millis(args.delay_ms))
+                .await
+                .map(|()| true)
+        }),
+    }
+}
+
+fn small_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The message for a user without root.
+pub const NEEDS_ROOT: &str =
+    "isthmus lab needs root (network namespaces, iptables): run it with sudo";
+
+fn down(args: DownArgs) -> Result<bool> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(NEEDS_ROOT);
+    }
+    let swept = net::sweep(args.all)?;
+    for p in &swept.removed {
+        println!("removed lab run {p}");
+    }
+    for p in &swept.live {
+        println!(
+            "lab run {p} is still running; stop it with Ctrl-C, or use `isthmus lab down --all`"
+        );
+    }
+    if swept.removed.is_empty() && swept.live.is_empty() {
+        println!("nothing to remove");
+    }
+    Ok(true)
+}
+
+/// Parses `500ms`, `20s`, `5m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit (use ms, s, m or h)"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => {
+            return Err(format!(
+                "{text:?} has unknown unit {unit:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    Ok(Duration::from_millis(number.saturating_mul(ms)))
+}

@@ -1,0 +1,155 @@
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use proxy_discovery::{DirSource, Route, ServiceRef};
+
+use super::*;
+use crate::lab::spec::LabSpec;
+
+fn seed_plan(delay: u64) -> Plan {
+    Plan::new(&LabSpec::seed().expect("seed"), delay).expect("plan")
+}
+
+#[test]
+fn the_seed_is_placed_in_the_lab_ranges() {
+    let plan = seed_plan(0);
+    let a = plan.cluster("cluster-a").expect("a");
+    let b = plan.cluster("cluster-b").expect("b");
+    assert_eq!(a.pods.len(), 1);
+    assert_eq!(a.pods[0].ip, Ipv4Addr::new(198, 18, 1, 10));
+    assert!(a.pods[0].name.starts_with("hello-deployment-"));
+    assert!(a.pods[0].name.ends_with("-0"));
+    assert_eq!(
+        a.pods[0].identity,
+        "spiffe://cluster.local/ns/default/sa/default"
+    );
+    assert_eq!(b.pods[0].ip, Ipv4Addr::new(198, 18, 2, 10));
+    assert_eq!(a.gateway_ip, Ipv4Addr::new(198, 18, 1, 2));
+    assert_eq!(b.wan_ip, Ipv4Addr::new(198, 18, 250, 2));
+    let hello = &a.services[&ServiceRef::new("default", "hello")];
+    let ip = hello.cluster_ips()[0];
+    assert!(a.service_cidr.contains_usable(ip), "{ip}");
+    assert_eq!(a.service_cidr.to_string(), "198.19.0.0/21");
+    assert_eq!(b.service_cidr.to_string(), "198.19.8.0/21");
+}
+
+#[test]
+fn endpoints_follow_ready_pods_and_kube_proxy_rules_follow_endpoints() {
+    let plan = seed_plan(0);
+    let a = plan.cluster("cluster-a").expect("a");
+    let eps = plan.endpoints(a, &|_| true);
+    assert_eq!(eps.len(), 1);
+    assert_eq!(eps[0].subsets[0].addresses[0].ip.to_string(), "198.18.1.10");
+    assert_eq!(eps[0].subsets[0].ports[0].port, 8080);
+    let routes = plan.service_routes(a, &|_| true);
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0].front.port(), 80);
+    assert_eq!(
+        routes[0].backends,
+        [SocketAddr::from(([198, 18, 1, 10], 8080))]
+    );
+    let rules = service_rules(&routes);
+    assert!(
+        rules.contains(&format!(
+            "-A LAB_SERVICES -d {}/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 198.18.1.10:8080",
+            routes[0].front.ip()
+        )),
+        "{rules}"
+    );
+    // Without a ready pod the Service has no endpoints and is answered with a reset.
+    let none = plan.service_routes(a, &|_| false);
+    assert!(none[0].backends.is_empty());
+    assert!(service_rules(&none).contains("-j REJECT --reject-with tcp-reset"));
+}
+
+#[test]
+fn three_replicas_split_evenly() {
+    let routes = [ServiceRoute {
+        service: ServiceRef::new("default", "x"),
+        front: SocketAddr::from(([198, 19, 0, 5], 80)),
+        backends: vec![
+            SocketAddr::from(([198, 18, 1, 10], 80)),
+            SocketAddr::from(([198, 18, 1, 11], 80)),
+            SocketAddr::from(([198, 18, 1, 12], 80)),
+        ],
+    }];
+    let rules = service_rules(&routes);
+    assert!(rules.contains("--probability 0.33333 -j DNAT --to-destination 198.18.1.10:80"));
+    assert!(rules.contains("--probability 0.50000 -j DNAT --to-destination 198.18.1.11:80"));
+    assert!(rules.contains("--dport 80 -j DNAT --to-destination 198.18.1.12:80"));
+}
+
+#[test]
+fn the_written_manifests_mirror_hello_into_cluster_b() {
+    let plan = seed_plan(0);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for c in &plan.clusters {
+        for (rel, text) in plan.manifests(c, &|_| true) {
+            let path = tmp.path().join(c.spec.name.as_str()).join(rel);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, text).expect("write");
+        }
+    }
+    let b = plan.cluster("cluster-b").expect("b");
+    let snapshot = DirSource::new(tmp.path().join("cluster-b"))
+        .with_cluster(b.spec.name.clone())
+        .load()
+        .expect("cluster-b's manifests load");
+    let hello = snapshot
+        .service("default", "hello")
+        .expect("mirrored hello");
+    let ip = hello.cluster_ips()[0];
+    assert!(b.service_cidr.contains_usable(ip), "{ip}");
+    match snapshot.lookup_addr(&SocketAddr::new(ip, 80)) {
+        Some(Route::Remote { .. }) => {}
+        other => panic!("hello's ClusterIP routes {other:?}"),
+    }
+    assert_eq!(
+        snapshot.gateway().map(|g| g.address.to_string()),
+        Some("198.18.2.2".to_owned())
+    );
+    let link = snapshot.link("cluster-a").expect("link to cluster-a");
+    assert_eq!(link.spec.gateway_address.to_string(), "198.18.250.1");
+    assert_eq!(link.spec.gateway_port, TUNNEL_PORT);
+    // cluster-a delivers hello to its pod.
+    let a = plan.cluster("cluster-a").expect("a");
+    let snapshot_a = DirSource::new(tmp.path().join("cluster-a"))
+        .with_cluster(a.spec.name.clone())
+        .load()
+        .expect("cluster-a's manifests load");
+    assert_eq!(
+        snapshot_a
+            .exported_target_for("hello.default.svc.cluster.local:80")
+            .expect("exported"),
+        [SocketAddr::from(([198, 18, 1, 10], 8080))]
+    );
+}
+
+#[test]
+fn a_wan_delay_points_links_at_the_relay() {
+    let plan = seed_plan(40);
+    let a = plan.cluster("cluster-a").expect("a");
+    assert_eq!(plan.link(a).spec.gateway_port, RELAY_PORT);
+}
+
+#[test]
+fn hosts_files_name_services_as_kubernetes_dns_does() {
+    let plan = seed_plan(0);
+    let b = plan.cluster("cluster-b").expect("b");
+    let pod = &b.pods[0];
+    let ips = BTreeMap::from([(
+        ServiceRef::new("default", "hello"),
+        IpAddr::from([198, 19, 8, 7]),
+    )]);
+    let hosts = hosts_file(b, pod, &ips);
+    assert!(
+        hosts.contains(&format!("198.18.2.10\t{}\n", pod.name)),
+        "{hosts}"
+    );
+    assert!(
+        hosts.contains(
+            "198.19.8.7\thello.default.svc.cluster.local hello.default.svc hello.default hello\n"
+        ),
+        "{hosts}"
+    );
+}

@@ -1,0 +1,955 @@
+//! `isthmus lab up`: mints the identities, builds the topology, starts a gateway
+//! per cluster and, per pod, `isthmus-init`, the sidecar (UID 2102) and the
+//! containers; streams their output; ends on Ctrl-C, SIGTERM or `--duration`
+//! with a summary read from the proxies; and removes everything it made.
+//!
+//! While the lab runs it keeps Endpoints (and the kube-proxy rules) in line with
+//! the pods: a pod whose containers have all exited leaves its Services.
+//!
+//! The decisions (addresses, manifests, rules) are [`super::plan`]'s; the
+//! namespaces and the clean-up are [`super::net`]'s.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::{Gid, Pid, Uid, chown};
+use proxy_discovery::DirSource;
+use proxy_discovery::model::ConditionStatus;
+use proxy_discovery::reconcile::READY_CONDITION;
+use proxy_discovery::{ClusterName, ServiceRef};
+use proxy_identity::SpiffeId;
+use proxy_identity::mint::{self, KeyAlgorithm, Validity};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::mpsc;
+
+use super::net::{Net, in_ns, run_checked, run_with_input};
+use super::plan::{
+    ADMIN_PORT, Plan, PodPlan, RELAY_PORT, SERVICES_CHAIN, TUNNEL_PORT, hosts_file, service_rules,
+};
+use super::spec::LabSpec;
+use super::summary::{self, ProxyReport};
+use super::{NEEDS_ROOT, UpArgs};
+
+/// The proxy's UID (DESIGN.md); `isthmus-init` exempts it from capture.
+pub const PROXY_UID: u32 = 2102;
+/// The image the lab serves with its built-in hello server.
+pub const HELLO_IMAGE: &str = "nginxdemos/hello:plain-text";
+/// The port nginxdemos/hello listens on when a container declares none.
+const HELLO_DEFAULT_PORT: u16 = 80;
+/// The lab's whole service range: every cluster's /21 is inside it.
+const SERVICE_RANGE: &str = "198.19.0.0/16";
+/// How long proxies get to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long identities minted for a run stay valid.
+const CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// What a container runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Workload {
+    /// The built-in `nginxdemos/hello:plain-text` on these ports.
+    Hello(Vec<u16>),
+    /// `command` + `args`, with the host's tools.
+    Command(Vec<String>),
+}
+
+/// What `image`/`command`/`args` of a container run in the lab, or an error that
+/// names the container and lists what the lab can run.
+pub fn workload(
+    cluster: &str,
+    pod: &PodPlan,
+    container: &proxy_discovery::model::Container,
+) -> Result<Workload> {
+    if !container.command.is_empty() {
+        let mut argv = container.command.clone();
+        argv.extend(container.args.iter().cloned());
+        return Ok(Workload::Command(argv));
+    }
+    if container.image == HELLO_IMAGE {
+        let mut ports: Vec<u16> = container.ports.iter().map(|p| p.container_port).collect();
+        if ports.is_empty() {
+            ports.push(HELLO_DEFAULT_PORT);
+        }
+        return Ok(Workload::Hello(ports));
+    }
+    bail!(
+        "container {} of Deployment {}/{} in cluster {cluster}: the lab cannot run image {:?} without a `command`. \
+         It runs: {HELLO_IMAGE} (a built-in server answering like that image), and any image whose container has a `command` \
+         (run in the pod's namespace with this machine's tools, e.g. /bin/sh and curl)",
+        container.name,
+        pod.namespace,
+        pod.deployment,
+        container.image
+    )
+}
+
+/// Runs `isthmus lab up`; `Ok(false)` when a pod or proxy failed.
+pub fn up(args: UpArgs) -> Result<bool> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(NEEDS_ROOT);
+    }
+    let spec = match &args.dir {
+        Some(dir) => LabSpec::read(dir)
+            .with_context(|| format!("reading the lab directory {}", dir.display()))?,
+        None => LabSpec::seed().context("reading the embedded seed")?,
+    };
+    let plan = Plan::new(&spec, args.wan_delay).context("placing the clusters")?;
+    // Every image is checked before anything is built.
+    for c in &plan.clusters {
+        for pod in &c.pods {
+            for container in &pod.containers {
+                workload(c.spec.name.as_str(), pod, container)?;
+            }
+        }
+    }
+    let binaries = Binaries::locate()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let net = Arc::new(Net::create()?);
+        let result = Lab::new(plan, args, binaries, net.clone())
+            .run(&spec.source)
+            .await;
+        net.teardown();
+        result
+    })
+}
+
+/// The workspace binaries the lab runs, found beside `isthmus`.
+struct Binaries {
+    proxy: PathBuf,
+    init: PathBuf,
+    this: PathBuf,
+}
+
+impl Binaries {
+    fn locate() -> Result<Self> {
+        let this = std::env::current_exe().context("locating the isthmus binary")?;
+        let dir = this
+            .parent()
+            .context("the isthmus binary has no directory")?
+            .to_owned();
+        let find = |name: &str| -> Result<PathBuf> {
+            let beside = dir.join(name);
+            if beside.is_file() {
+                return Ok(beside);
+            }
+            for p in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+                if p.join(name).is_file() {
+                    return Ok(p.join(name));
+                }
+            }
+            bail!(
+                "{name} not found beside {} nor on PATH: build it (`cargo build --bins`) or install it next to isthmus",
+                this.display()
+            )
+        };
+        Ok(Self {
+            proxy: find("isthmus-proxy")?,
+            init: find("isthmus-init")?,
+            this,
+        })
+    }
+}
+
+/// Which process an exit belongs to.
+#[derive(Debug, Clone)]
+enum Role {
+    Proxy,
+    Container { cluster: usize, pod: usize },
+    Helper,
+}
+
+#[derive(Debug)]
+struct Exit {
+    label: String,
+    role: Role,
+    status: std::io::Result<ExitStatus>,
+}
+
+struct Lab {
+    plan: Plan,
+    args: UpArgs,
+    bins: Binaries,
+    net: Arc<Net>,
+    exits_tx: mpsc::UnboundedSender<Exit>,
+    exits: mpsc::UnboundedReceiver<Exit>,
+    /// Process-group ids of the containers, to stop them at the end.
+    containers: Vec<i32>,
+    /// `(cluster, pod)` of pods whose containers have all exited.
+    gone: BTreeSet<(usize, usize)>,
+    /// Running containers per pod.
+    running: BTreeMap<(usize, usize), usize>,
+    failures: Vec<String>,
+    pod_ns: BTreeMap<(usize, usize), String>,
+    gateway_ns: Vec<String>,
+}
+
+impl Lab {
+    fn new(plan: Plan, args: UpArgs, bins: Binaries, net: Arc<Net>) -> Self {
+        let (exits_tx, exits) = mpsc::unbounded_channel();
+        Self {
+            plan,
+            args,
+            bins,
+            net,
+            exits_tx,
+            exits,
+            containers: Vec::new(),
+            gone: BTreeSet::new(),
+            running: BTreeMap::new(),
+            failures: Vec::new(),
+            pod_ns: BTreeMap::new(),
+            gateway_ns: Vec::new(),
+        }
+    }
+
+    fn dir(&self, parts: &[&str]) -> PathBuf {
+        parts
+            .iter()
+            .fold(self.net.run_dir().to_owned(), |p, part| p.join(part))
+    }
+
+    async fn run(mut self, source: &str) -> Result<bool> {
+        println!(
+            "isthmus lab {}: {} clusters from {source}; namespaces {}-*, files in {}",
+            self.net.prefix(),
+            self.plan.clusters.len(),
+            self.net.prefix(),
+            self.net.run_dir().display()
+        );
+        let bin = self.install_binaries()?;
+        self.mint_identities()?;
+        self.write_manifests()?;
+        let service_ips = self.service_ips()?;
+        let capture = self.build_topology(&service_ips, &bin)?;
+        self.start_proxies(&bin)?;
+        self.wait_ready().await?;
+        self.start_containers()?;
+        println!(
+            "isthmus lab {}: running{}; Ctrl-C to stop",
+            self.net.prefix(),
+            match self.args.duration {
+                Some(d) => format!(" for {}s", d.as_secs_f64()),
+                None => String::new(),
+            }
+        );
+        self.wait_for_end().await;
+        self.stop_containers().await;
+        let reports = self.read_metrics().await;
+        QUIET.store(true, Ordering::Relaxed);
+        print!("{}", summary::render(&reports));
+        if let Some(pid) = capture {
+            stop_capture(pid).await;
+        }
+        for f in &self.failures {
+            println!("FAILED: {f}");
+        }
+        Ok(self.failures.is_empty())
+    }
+
+    /// Copies the proxy and init binaries where the proxy UID can run them.
+    fn install_binaries(&self) -> Result<PathBuf> {
+        let bin = self.dir(&["bin"]);
+        std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+        for source in [&self.bins.proxy, &self.bins.init] {
+            let name = source.file_name().context("binary without a name")?;
+            let target = bin.join(name);
+            std::fs::copy(source, &target)
+                .with_context(|| format!("copying {} to {}", source.display(), target.display()))?;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))?;
+        }
+        Ok(bin)
+    }
+
+    /// One trust anchor, one issuer per cluster, a leaf per gateway and per pod;
+    /// the leaves' directories belong to the proxy UID.
+    fn mint_identities(&self) -> Result<()> {
+        let validity = Validity::from_now(CERT_LIFETIME);
+        let alg = KeyAlgorithm::EcdsaP256;
+        let anchor = mint::trust_anchor(&mint::default_anchor_name(), validity, alg)
+            .context("minting the lab's trust anchor")?;
+        anchor
+            .write_dir(&self.dir(&["identity", "trust-anchor"]), true)
+            .context("writing the trust anchor")?;
+        for c in &self.plan.clusters {
+            let name = c.spec.name.as_str();
+            let issuer = mint::issuer(&anchor, name, validity, alg)
+                .with_context(|| format!("minting the issuer of cluster {name}"))?;
+            let mut leaves = vec![("gateway".to_owned(), c.gateway_identity.clone())];
+            leaves.extend(c.pods.iter().map(|p| (p.name.clone(), p.identity.clone())));
+            for (who, id) in leaves {
+                let spiffe = SpiffeId::parse(&id).with_context(|| format!("identity {id}"))?;
+                let dir = self.dir(&["identity", name, &who]);
+                mint::leaf(&issuer, &spiffe, validity, alg)
+                    .and_then(|leaf| leaf.write_dir(&dir, true))
+                    .with_context(|| format!("minting {id} for {name}/{who}"))?;
+                for path in std::iter::once(dir.clone()).chain(
+                    std::fs::read_dir(&dir)?
+                        .filter_map(Result::ok)
+                        .map(|e| e.path()),
+                ) {
+                    chown(
+                        &path,
+                        Some(Uid::from_raw(PROXY_UID)),
+                        Some(Gid::from_raw(PROXY_UID)),
+                    )
+                    .with_context(|| format!("handing {} to UID {PROXY_UID}", path.display()))?;
+                }
+            }
+        }
+        std::fs::set_permissions(
+            self.dir(&["identity"]),
+            std::fs::Permissions::from_mode(0o755),
+        )?;
+        Ok(())
+    }
+
+    fn ready(&self) -> impl Fn(&PodPlan) -> bool + '_ {
+        move |pod: &PodPlan| {
+            !self.plan.clusters.iter().enumerate().any(|(ci, c)| {
+                c.pods
+                    .iter()
+                    .position(|p| std::ptr::eq(p, pod))
+                    .is_some_and(|pi| self.gone.contains(&(ci, pi)))
+            })
+        }
+    }
+
+    /// (Re)writes every cluster's manifests directory, each file replaced whole so
+    /// a proxy never reads half of one.
+    fn write_manifests(&self) -> Result<()> {
+        let ready = self.ready();
+        for c in &self.plan.clusters {
+            let root = self.dir(&["manifests", c.spec.name.as_str()]);
+            for (rel, text) in self.plan.manifests(c, &ready) {
+                let path = root.join(&rel);
+                let parent = path.parent().context("manifest path without a directory")?;
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+                let tmp = parent.join(format!(
+                    ".{}.tmp",
+                    path.file_name()
+                        .map(|f| f.to_string_lossy())
+                        .unwrap_or_default()
+                ));
+                std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+                std::fs::rename(&tmp, &path)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            for dir in walk_dirs(&self.dir(&["manifests"])) {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every Service's ClusterIP per cluster, mirrored ones as the proxies'
+    /// discovery computes them from the manifests just written; reports mirrors
+    /// that are not ready.
+    fn service_ips(&self) -> Result<Vec<BTreeMap<ServiceRef, IpAddr>>> {
+        let mut all = Vec::new();
+        for c in &self.plan.clusters {
+            let dir = self.dir(&["manifests", c.spec.name.as_str()]);
+            let snapshot = DirSource::new(&dir)
+                .with_cluster(ClusterName::clone(&c.spec.name))
+                .load()
+                .with_context(|| {
+                    format!("loading the manifests written for cluster {}", c.spec.name)
+                })?;
+            for m in snapshot.service_mirrors() {
+                let ready = m
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY_CONDITION));
+                match ready {
+                    Some(cond) if cond.status == ConditionStatus::True => println!(
+                        "[{}] ServiceMirror {}/{}: mirrored {} from {}",
+                        c.spec.name,
+                        m.metadata.namespace(),
+                        m.metadata.name,
+                        m.spec.service.name,
+                        m.spec.cluster
+                    ),
+                    Some(cond) => println!(
+                        "[{}] WARNING ServiceMirror {}/{} not ready: {}: {}",
+                        c.spec.name,
+                        m.metadata.namespace(),
+                        m.metadata.name,
+                        cond.reason,
+                        cond.message
+                    ),
+                    None => {}
+                }
+            }
+            let mut ips = BTreeMap::new();
+            for (key, svc) in &snapshot.local().services {
+                if let Some(ip) = svc.cluster_ips().into_iter().next() {
+                    ips.insert(key.clone(), ip);
+                }
+            }
+            all.push(ips);
+        }
+        Ok(all)
+    }
+
+    /// The lab namespace with the WAN and a bridge per cluster, a namespace per
+    /// gateway and per pod, hosts files, capture and kube-proxy rules. Returns the
+    /// pid of the WAN capture, if asked for.
+    fn build_topology(
+        &mut self,
+        service_ips: &[BTreeMap<ServiceRef, IpAddr>],
+        bin: &Path,
+    ) -> Result<Option<i32>> {
+        let net = self.net.clone();
+        let lab = net.namespace("lab")?;
+        // The lab namespace joins the bridges but never routes between them: the
+        // only way across is through the gateways.
+        run_checked(in_ns(&lab, "sysctl").args(["-q", "-w", "net.ipv4.ip_forward=0"]))?;
+        let wan = net.bridge(&lab, None)?;
+        let capture = match &self.args.capture_wan {
+            Some(file) => Some(start_capture(&lab, &wan, file).await_blocking()?),
+            None => None,
+        };
+        for (ci, c) in self.plan.clusters.iter().enumerate() {
+            let name = c.spec.name.as_str();
+            let bridge = net.bridge(&lab, Some((c.bridge_ip, 24)))?;
+            let gw = net.namespace(&format!("{name}-gateway"))?;
+            net.attach(&lab, &bridge, &gw, "eth0", c.gateway_ip, 24)?;
+            net.attach(&lab, &wan, &gw, "wan0", c.wan_ip, 24)?;
+            self.gateway_ns.push(gw);
+            for (pi, pod) in c.pods.iter().enumerate() {
+                let ns = net.namespace(&format!("{name}-{}", pod.name))?;
+                net.attach(&lab, &bridge, &ns, "eth0", pod.ip, 24)?;
+                net.route(&ns, SERVICE_RANGE, c.bridge_ip)?;
+                net.write_hosts(&ns, &hosts_file(c, pod, &service_ips[ci]))?;
+                run_checked(in_ns(&ns, bin.join("isthmus-init")).args(["--backend", "nft"]))
+                    .with_context(|| {
+                        format!("installing the capture in pod {name}/{}", pod.name)
+                    })?;
+                self.pod_ns.insert((ci, pi), ns);
+            }
+            self.apply_rules(ci, true)?;
+        }
+        Ok(capture)
+    }
+
+    /// (Re)programs cluster `ci`'s Services in each of its pods, after the
+    /// capture's own jump so the app's connections reach the sidecar first.
+    fn apply_rules(&self, ci: usize, first: bool) -> Result<()> {
+        let c = &self.plan.clusters[ci];
+        let rules = service_rules(&self.plan.service_routes(c, &self.ready()));
+        for pi in 0..c.pods.len() {
+            let Some(ns) = self.pod_ns.get(&(ci, pi)) else {
+                continue;
+            };
+            run_with_input(in_ns(ns, "iptables-nft-restore").arg("--noflush"), &rules)
+                .with_context(|| {
+                    format!(
+                        "programming the Services of cluster {} in {ns}",
+                        c.spec.name
+                    )
+                })?;
+            if first {
+                for table in ["nat", "filter"] {
+                    run_checked(in_ns(ns, "iptables-nft").args([
+                        "-t",
+                        table,
+                        "-A",
+                        "OUTPUT",
+                        "-p",
+                        "tcp",
+                        "-j",
+                        SERVICES_CHAIN,
+                    ]))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_proxies(&mut self, bin: &Path) -> Result<()> {
+        let log = if self.args.verbose { "info" } else { "warn" };
+        for (ci, c) in self.plan.clusters.iter().enumerate() {
+            let name = c.spec.name.as_str();
+            let manifests = self.dir(&["manifests", name]);
+            let gw = &self.gateway_ns[ci];
+            let mut cmd = proxy_command(
+                bin,
+                "gateway",
+                name,
+                &self.dir(&["identity", name, "gateway"]),
+                &manifests,
+                log,
+            );
+            cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")]);
+            let child = self.net.spawn_as(gw, cmd, PROXY_UID, PROXY_UID)?;
+            self.supervise(child, format!("{name}/gateway"), Role::Proxy);
+            if self.plan.wan_delay_ms > 0 {
+                let mut relay = tokio::process::Command::new("ip");
+                relay
+                    .args(["netns", "exec", gw])
+                    .arg(&self.bins.this)
+                    .args(["lab", "relay", "--listen"])
+                    .arg(format!("{}:{RELAY_PORT}", c.wan_ip))
+                    .arg("--to")
+                    .arg(format!("{}:{TUNNEL_PORT}", c.wan_ip))
+                    .arg("--delay-ms")
+                    .arg(self.plan.wan_delay_ms.to_string());
+                let child = spawn(relay)?;
+                self.supervise(child, format!("{name}/wan-relay"), Role::Helper);
+            }
+            for (pi, pod) in c.pods.iter().enumerate() {
+                let ns = &self.pod_ns[&(ci, pi)];
+                let mut cmd = proxy_command(
+                    bin,
+                    "sidecar",
+                    name,
+                    &self.dir(&["identity", name, &pod.name]),
+                    &manifests,
+                    log,
+                );
+                cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")])
+                    .args(["--outbound-addr", "127.0.0.1:4140"]);
+                let child = self.net.spawn_as(ns, cmd, PROXY_UID, PROXY_UID)?;
+                self.supervise(
+                    child,
+                    format!("{name}/{}/isthmus-proxy", pod.name),
+                    Role::Proxy,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn proxies(&self) -> Vec<(String, String, bool)> {
+        let mut out = Vec::new();
+        for (ci, c) in self.plan.clusters.iter().enumerate() {
+            out.push((c.spec.name.to_string(), self.gateway_ns[ci].clone(), true));
+            for (pi, _) in c.pods.iter().enumerate() {
+                out.push((
+                    c.spec.name.to_string(),
+                    self.pod_ns[&(ci, pi)].clone(),
+                    false,
+                ));
+            }
+        }
+        out
+    }
+
+    /// Waits until every proxy answers `/ready`; an early exit of one is an error.
+    async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        let mut pending: Vec<String> = self.proxies().into_iter().map(|(_, ns, _)| ns).collect();
+        while !pending.is_empty() {
+            if let Ok(exit) = self.exits.try_recv() {
+                if let Role::Proxy = exit.role {
+                    bail!(
+                        "{} exited while starting ({})",
+                        exit.label,
+                        describe(&exit.status)
+                    );
+                }
+                self.record(exit);
+            }
+            let mut still = Vec::new();
+            for ns in pending {
+                if !admin_get(&ns, "/ready").await.is_ok_and(|_| true) {
+                    still.push(ns);
+                }
+            }
+            pending = still;
+            if pending.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "proxies not ready after {}s: {}",
+                    READY_TIMEOUT.as_secs(),
+                    pending.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    fn start_containers(&mut self) -> Result<()> {
+        let mut started = Vec::new();
+        for (ci, c) in self.plan.clusters.iter().enumerate() {
+            let name = c.spec.name.as_str();
+            for (pi, pod) in c.pods.iter().enumerate() {
+                let ns = &self.pod_ns[&(ci, pi)];
+                for container in &pod.containers {
+                    let label = format!("{name}/{}/{}", pod.name, container.name);
+                    let env: Vec<(String, String)> = container
+                        .env
+                        .iter()
+                        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+                        .collect();
+                    match workload(name, pod, container)? {
+                        Workload::Hello(ports) => {
+                            for port in ports {
+                                let mut cmd = tokio::process::Command::new("ip");
+                                cmd.args(["netns", "exec", ns])
+                                    .arg(&self.bins.this)
+                                    .args([
+                                        "lab",
+                                        "hello",
+                                        "--port",
+                                        &port.to_string(),
+                                        "--name",
+                                        &pod.name,
+                                    ])
+                                    .arg("--address")
+                                    .arg(pod.ip.to_string());
+                                container_env(&mut cmd, pod, &env);
+                                started.push((cmd, label.clone(), ci, pi));
+                            }
+                        }
+                        Workload::Command(argv) => {
+                            let mut cmd = tokio::process::Command::new("ip");
+                            cmd.args(["netns", "exec", ns]).args(&argv);
+                            container_env(&mut cmd, pod, &env);
+                            started.push((cmd, label, ci, pi));
+                        }
+                    }
+                }
+            }
+        }
+        for (cmd, label, ci, pi) in started {
+            let child = spawn(cmd).with_context(|| format!("starting container {label}"))?;
+            if let Some(pid) = child.id() {
+                self.containers.push(pid as i32);
+            }
+            *self.running.entry((ci, pi)).or_default() += 1;
+            self.supervise(
+                child,
+                label,
+                Role::Container {
+                    cluster: ci,
+                    pod: pi,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Streams the child's output with `[label]` and reports its exit.
+    fn supervise(&self, mut child: tokio::process::Child, label: String, role: Role) {
+        let mut streams = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            streams.push(tokio::spawn(print_lines(out, label.clone())));
+        }
+        if let Some(err) = child.stderr.take() {
+            streams.push(tokio::spawn(print_lines(err, label.clone())));
+        }
+        let tx = self.exits_tx.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            for s in streams {
+                let _ = s.await;
+            }
+            let _ = tx.send(Exit {
+                label,
+                role,
+                status,
+            });
+        });
+    }
+
+    /// Records an exit while the lab runs: a proxy or helper that dies, or a
+    /// container that fails, fails the run; a pod whose containers are all gone
+    /// leaves its Services' Endpoints.
+    fn record(&mut self, exit: Exit) {
+        let ok = exit.status.as_ref().is_ok_and(ExitStatus::success);
+        println!("[{}] exited ({})", exit.label, describe(&exit.status));
+        match exit.role {
+            Role::Proxy | Role::Helper => self.failures.push(format!(
+                "{} exited ({})",
+                exit.label,
+                describe(&exit.status)
+            )),
+            Role::Container { cluster, pod } => {
+                if !ok {
+                    self.failures.push(format!(
+                        "container {} exited ({})",
+                        exit.label,
+                        describe(&exit.status)
+                    ));
+                }
+                let left = self.running.entry((cluster, pod)).or_default();
+                *left = left.saturating_sub(1);
+                if *left == 0 {
+                    self.gone.insert((cluster, pod));
+                    let updated = self
+                        .write_manifests()
+                        .and_then(|()| self.apply_rules(cluster, false));
+                    if let Err(e) = updated {
+                        self.failures.push(format!(
+                            "updating Endpoints after {} ended: {e:#}",
+                            exit.label
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn wait_for_end(&mut self) {
+        let duration = self.args.duration;
+        let end = async move {
+            match duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(end);
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let terminated = async move {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(terminated);
+        loop {
+            tokio::select! {
+                () = &mut end => {
+                    println!("isthmus lab {}: --duration reached, stopping", self.net.prefix());
+                    return;
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    println!("isthmus lab {}: interrupted, stopping", self.net.prefix());
+                    return;
+                }
+                () = &mut terminated => {
+                    println!("isthmus lab {}: terminated, stopping", self.net.prefix());
+                    return;
+                }
+                exit = self.exits.recv() => match exit {
+                    Some(exit) => self.record(exit),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// SIGTERM to each container's process group (the shell and what it started),
+    /// then SIGKILL to what is left after a grace period.
+    async fn stop_containers(&mut self) {
+        // Exits from here on are the lab's doing, not failures.
+        while let Ok(exit) = self.exits.try_recv() {
+            self.record(exit);
+        }
+        for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+            for pgid in &self.containers {
+                let _ = killpg(Pid::from_raw(*pgid), signal);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn read_metrics(&self) -> Vec<ProxyReport> {
+        let mut reports = Vec::new();
+        for (ci, c) in self.plan.clusters.iter().enumerate() {
+            let cluster = c.spec.name.to_string();
+            let gw = &self.gateway_ns[ci];
+            reports.push(ProxyReport {
+                cluster: cluster.clone(),
+                name: "gateway".to_owned(),
+                gateway: true,
+                metrics: admin_get(gw, "/metrics").await.map(|t| summary::parse(&t)),
+            });
+            for (pi, pod) in c.pods.iter().enumerate() {
+                reports.push(ProxyReport {
+                    cluster: cluster.clone(),
+                    name: pod.name.clone(),
+                    gateway: false,
+                    metrics: admin_get(&self.pod_ns[&(ci, pi)], "/metrics")
+                        .await
+                        .map(|t| summary::parse(&t)),
+                });
+            }
+        }
+        reports
+    }
+}
+
+/// `isthmus-proxy <role>` with the flags every lab proxy gets; nothing from the
+/// caller's environment (an `ISTHMUS_*` there must not reconfigure the lab).
+fn proxy_command(
+    bin: &Path,
+    role: &str,
+    cluster: &str,
+    identity: &Path,
+    manifests: &Path,
+    log: &str,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(bin.join("isthmus-proxy"));
+    cmd.env_clear()
+        .arg(role)
+        .args(["--cluster", cluster])
+        .arg("--identity-dir")
+        .arg(identity)
+        .arg("--manifests")
+        .arg(manifests)
+        .args(["--admin-addr", &format!("0.0.0.0:{ADMIN_PORT}")])
+        .args(["--log", log])
+        .args(["--shutdown-grace", "1s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// The environment a container sees: the host's `PATH`, `HOME=/root`, the pod's
+/// `HOSTNAME`, then its own `env`.
+fn container_env(cmd: &mut tokio::process::Command, pod: &PodPlan, env: &[(String, String)]) {
+    cmd.env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        )
+        .env("HOME", "/root")
+        .env("HOSTNAME", &pod.name);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    // Its own process group, so stopping it also stops what its shell started.
+    cmd.process_group(0);
+}
+
+fn spawn(mut cmd: tokio::process::Command) -> Result<tokio::process::Child> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))
+}
+
+/// Set once the summary is out: what processes say while being torn down (peers
+/// going away) would only bury it.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+async fn print_lines(stream: impl AsyncRead + Unpin, label: String) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if !QUIET.load(Ordering::Relaxed) {
+            println!("[{label}] {line}");
+        }
+    }
+}
+
+fn describe(status: &std::io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(s) => s.to_string(),
+        Err(e) => format!("could not wait for it: {e}"),
+    }
+}
+
+/// GET `path` from the admin server of the proxy in `ns`.
+async fn admin_get(ns: &str, path: &str) -> Result<String, String> {
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-sS", "--fail", "-m", "2"])
+        .arg(format!("http://127.0.0.1:{ADMIN_PORT}{path}"))
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("running curl in {ns}: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn walk_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![root.to_owned()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(entries) = std::fs::read_dir(&out[i]) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    out.push(e.path());
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Starts tcpdump on the WAN bridge, writing every packet to `file` as it comes.
+fn start_capture(lab_ns: &str, wan: &str, file: &Path) -> Capture {
+    Capture {
+        cmd: {
+            let mut cmd = std::process::Command::new("ip");
+            cmd.args([
+                "netns", "exec", lab_ns, "tcpdump", "-i", wan, "-U", "-s", "0", "-w",
+            ])
+            .arg(file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+            cmd
+        },
+        file: file.to_owned(),
+    }
+}
+
+struct Capture {
+    cmd: std::process::Command,
+    file: PathBuf,
+}
+
+impl Capture {
+    /// Starts it and waits (briefly) until tcpdump has opened its file.
+    fn await_blocking(mut self) -> Result<i32> {
+        let _ = std::fs::remove_file(&self.file);
+        let child = self
+            .cmd
+            .spawn()
+            .with_context(|| format!("starting {:?}", self.cmd))?;
+        let pid = child.id() as i32;
+        // tcpdump writes the pcap header once it listens.
+        for _ in 0..100 {
+            if std::fs::metadata(&self.file).is_ok_and(|m| m.len() > 0) {
+                // Stopped by pid (stop_capture) and by the namespace clean-up.
+                drop(child);
+                return Ok(pid);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("tcpdump did not start writing {}", self.file.display())
+    }
+}
+
+/// SIGTERM to tcpdump so it flushes, and a short wait for it.
+async fn stop_capture(pid: i32) {
+    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+    for _ in 0..40 {
+        if !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
