@@ -21,11 +21,12 @@ use crate::http::HttpProxy;
 use crate::listen::{Accepted, Handler, reset};
 use crate::metrics::{Direction, ProxyMetrics};
 use crate::outbound::{UpstreamIo, connect_while_detecting, serve_detected};
-use crate::tunnel::server::{TunnelHandler, TunnelRequest, TunnelServer};
+use crate::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServer};
 use crate::tunnel::{BoxIo, HandshakeObserver, Refusal};
 
-/// Reads a peer's identity from a finished TLS handshake (the caller knows SPIFFE).
-pub type PeerName = fn(&rustls::CommonState) -> Option<Arc<str>>;
+/// Reads a peer's identity from a finished TLS handshake (the caller knows SPIFFE
+/// and which issuer is its own).
+pub type PeerIdentify = Arc<dyn Fn(&rustls::CommonState) -> Peer + Send + Sync>;
 
 #[derive(Clone, Debug)]
 pub struct InboundConfig {
@@ -42,7 +43,7 @@ pub struct InboundConfig {
 pub struct Inbound<H> {
     /// Mesh TLS; without it tunnel connections are refused.
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    pub peer_name: PeerName,
+    pub identify: PeerIdentify,
     /// Counts and logs failed handshakes by reason.
     pub handshake_failed: HandshakeObserver,
     pub tunnel: Arc<TunnelServer<H>>,
@@ -144,7 +145,7 @@ impl<H: TunnelHandler> Inbound<H> {
                 return;
             }
         };
-        let peer = (self.peer_name)(tls_stream.get_ref().1);
+        let peer = (self.identify)(tls_stream.get_ref().1);
         if let Err(e) = self.tunnel.serve_connection(tls_stream, peer, drain).await {
             debug!(%client, error = %e, "tunnel connection ended with an error");
         }

@@ -9,7 +9,7 @@ use proxy_core::forward::ForwardConfig;
 use proxy_core::metrics::{Direction, ProxyMetrics, RefusalLabels};
 use proxy_core::route::{Authority, ClusterName};
 use proxy_core::tunnel::client::{self, OpenError};
-use proxy_core::tunnel::server::{TunnelHandler, TunnelRequest, TunnelServer};
+use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServer};
 use proxy_core::tunnel::{BoxIo, H2Settings, Refusal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -74,7 +74,14 @@ async fn tunnel_server(metrics: ProxyMetrics) -> (std::net::SocketAddr, watch::S
             let rx = rx.clone();
             tokio::spawn(async move {
                 server
-                    .serve_connection(s, Some(Arc::from("peer")), rx)
+                    .serve_connection(
+                        s,
+                        Peer {
+                            id: Some(Arc::from("peer")),
+                            local: true,
+                        },
+                        rx,
+                    )
                     .await
             });
         }

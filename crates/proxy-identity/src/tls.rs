@@ -87,6 +87,21 @@ pub fn peer_identity(conn: &CommonState) -> Option<SpiffeId> {
     verify::spiffe_id_of(leaf).ok()
 }
 
+/// Whether the authenticated peer's leaf was issued by the same issuer (the same
+/// cluster) as this proxy's own current leaf. Every cluster has its own issuer under
+/// the shared anchor, so this tells a workload of our cluster from one of a linked
+/// cluster even when both use the same trust domain.
+pub fn peer_shares_issuer(conn: &CommonState, store: &CredentialStore) -> bool {
+    let Some(peer_issuer) = conn.peer_certificates().and_then(|chain| chain.get(1)) else {
+        return false;
+    };
+    let own = store.current();
+    own.certified_key()
+        .cert
+        .get(1)
+        .is_some_and(|own_issuer| own_issuer.as_ref() == peer_issuer.as_ref())
+}
+
 /// Presents whatever leaf the store holds at the time of the handshake.
 #[derive(Debug)]
 struct StoreResolver(Arc<CredentialStore>);

@@ -854,6 +854,25 @@ async fn refusals_are_prompt_and_reach_nothing() {
         Refusal::Forbidden,
         "relaying back to the peer's own cluster is a hop too"
     );
+    // Nor may a workload of a linked cluster that dials gateway-a directly: only
+    // leaves of cluster-a's own issuer may be relayed onward, whatever their
+    // trust domain.
+    let stray_b = Client::new(
+        write_identity(
+            &mesh.dir.path().join("identity-stray-b"),
+            &mesh.pki.leaf("cluster-b", &sidecar_b_id()),
+        ),
+        mesh.gw_a.inbound,
+        gateway_id("cluster-a"),
+    );
+    assert_eq!(
+        stray_b.refusal(HELLO, "cluster-b").await,
+        Refusal::Forbidden
+    );
+    assert_eq!(
+        stray_b.refusal(HELLO, "cluster-c").await,
+        Refusal::Forbidden
+    );
     // Whereas a workload of cluster-a is told the link is down, not forbidden.
     let sidecar_a_store = write_identity(
         &mesh.dir.path().join("identity-sidecar-a"),
@@ -956,7 +975,7 @@ async fn refusals_are_prompt_and_reach_nothing() {
     for (metrics, reason, at_least) in [
         (&metrics_a, "not_exported", 1),
         (&metrics_a, "no_route", 2),
-        (&metrics_a, "forbidden", 2),
+        (&metrics_a, "forbidden", 4),
         (&metrics_a, "link_down", 1),
         (&metrics_a, "no_endpoints", 1),
         (&metrics_a, "upstream_refused", 1),

@@ -23,14 +23,24 @@ use crate::listen::ConnectionTasks;
 use crate::metrics::{Direction, ProxyMetrics};
 use crate::route::{Authority, ClusterName};
 
+/// The authenticated peer of a tunnel connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// Its SPIFFE ID, as the TLS layer verified it.
+    pub id: Option<Arc<str>>,
+    /// Whether it belongs to this proxy's own cluster (same issuer): only those may
+    /// ask a gateway to reach another cluster.
+    pub local: bool,
+}
+
 /// One CONNECT stream as the handler sees it.
 #[derive(Clone, Debug)]
 pub struct TunnelRequest {
     pub authority: Authority,
     /// The cluster the client says the target lives in; absent for a sidecar's own pod.
     pub cluster: Option<ClusterName>,
-    /// The peer's authenticated identity (its SPIFFE ID), as the TLS layer saw it.
-    pub peer: Option<Arc<str>>,
+    /// The authenticated peer.
+    pub peer: Peer,
 }
 
 /// Decides where a stream goes. Refusing is the normal way to say no: the refusal
@@ -70,7 +80,7 @@ impl<H: TunnelHandler> TunnelServer<H> {
     pub async fn serve_connection<I: Io>(
         self: &Arc<Self>,
         io: I,
-        peer: Option<Arc<str>>,
+        peer: Peer,
         mut drain: watch::Receiver<bool>,
     ) -> Result<(), hyper::Error> {
         let streams = Arc::new(ConnectionTasks::default());
@@ -107,7 +117,7 @@ impl<H: TunnelHandler> TunnelServer<H> {
     async fn stream(
         self: Arc<Self>,
         mut req: Request<Incoming>,
-        peer: Option<Arc<str>>,
+        peer: Peer,
         streams: &ConnectionTasks,
     ) -> Response<Empty<Bytes>> {
         let request = match parse_request(&req, peer) {
@@ -152,7 +162,7 @@ impl<H: TunnelHandler> TunnelServer<H> {
                 direction = ?self.direction,
                 authority = %r.authority,
                 cluster = r.cluster.as_ref().map(ClusterName::as_str),
-                peer = r.peer.as_deref(),
+                peer = r.peer.id.as_deref(),
                 reason = refusal.as_str(),
                 "tunnel stream refused"
             ),
@@ -170,7 +180,7 @@ impl<H: TunnelHandler> TunnelServer<H> {
     }
 }
 
-fn parse_request<B>(req: &Request<B>, peer: Option<Arc<str>>) -> Result<TunnelRequest, Refusal> {
+fn parse_request<B>(req: &Request<B>, peer: Peer) -> Result<TunnelRequest, Refusal> {
     if req.method() != Method::CONNECT {
         return Err(Refusal::BadRequest);
     }
@@ -217,16 +227,19 @@ mod tests {
     fn requests_are_checked_before_any_handler_runs() {
         let ok = parse_request(
             &connect("hello.default.svc.cluster.local:80", Some("cluster-a")),
-            None,
+            Peer::default(),
         )
         .unwrap();
         assert_eq!(ok.authority.as_str(), "hello.default.svc.cluster.local:80");
         assert_eq!(ok.cluster.unwrap().as_str(), "cluster-a");
         assert_eq!(
-            parse_request(&connect("hello:80", Some("Cluster A")), None).unwrap_err(),
+            parse_request(&connect("hello:80", Some("Cluster A")), Peer::default()).unwrap_err(),
             Refusal::BadRequest
         );
         let get = Request::builder().uri("http://hello:80/").body(()).unwrap();
-        assert_eq!(parse_request(&get, None).unwrap_err(), Refusal::BadRequest);
+        assert_eq!(
+            parse_request(&get, Peer::default()).unwrap_err(),
+            Refusal::BadRequest
+        );
     }
 }

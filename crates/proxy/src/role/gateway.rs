@@ -145,14 +145,6 @@ impl GatewayHandler {
         lock(&self.links).get(cluster).map(|l| l.pool.clone())
     }
 
-    fn is_peer_gateway(&self, peer: &str) -> bool {
-        let snapshot = self.discovery.load();
-        snapshot
-            .links()
-            .values()
-            .any(|link| link.spec.gateway_identity.as_str() == peer)
-    }
-
     async fn deliver_local(&self, request: &TunnelRequest) -> Result<BoxIo, Refusal> {
         let endpoints = self
             .discovery
@@ -204,13 +196,10 @@ impl TunnelHandler for GatewayHandler {
         if target == self.cluster {
             return self.deliver_local(request).await;
         }
-        // Another cluster: only this cluster's own workloads may go there. A peer
-        // gateway relaying onward would make this gateway an open relay.
-        if request
-            .peer
-            .as_deref()
-            .is_some_and(|peer| self.is_peer_gateway(peer))
-        {
+        // Another cluster: only this cluster's own workloads (leaves of our issuer)
+        // may go there. Relaying for anyone else, a peer gateway or a workload of
+        // a linked cluster, would make this gateway an open relay.
+        if !request.peer.local {
             return Err(Refusal::Forbidden);
         }
         let Some(pool) = self.pool_for(target) else {

@@ -19,7 +19,7 @@ use proxy_core::inbound::{Inbound, InboundConfig};
 use proxy_core::listen::{Handler, ListenConfig};
 use proxy_core::metrics::{Direction, ProxyMetrics};
 use proxy_core::pool::{LinkState, PeerConfig, Pool};
-use proxy_core::tunnel::server::{TunnelHandler, TunnelServer};
+use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelServer};
 use proxy_core::tunnel::{H2Settings, HandshakeObserver};
 use proxy_discovery::{ClusterName, DirSource, Discovery};
 use proxy_identity::rustls::pki_types::ServerName;
@@ -225,8 +225,12 @@ impl Base {
                 self.identity.clone(),
                 self.own_trust_domain_policy(),
             )),
-            peer_name: |conn| {
-                proxy_identity::peer_identity(conn).map(|id| Arc::from(id.to_string()))
+            identify: {
+                let store = self.identity.clone();
+                Arc::new(move |conn| Peer {
+                    id: proxy_identity::peer_identity(conn).map(|id| Arc::from(id.to_string())),
+                    local: proxy_identity::peer_shares_issuer(conn, &store),
+                })
             },
             handshake_failed: self.handshake_observer(),
             tunnel,
