@@ -1357,3 +1357,126 @@ async fn a_link_to_an_ipv6_gateway_carries_streams() {
         Refusal::NotExported
     );
 }
+
+/// The seed's ServiceMirror, verbatim but for its comments.
+const SEED_MIRROR: &str = "apiVersion: linkerd.io/v1alpha1
+kind: ServiceMirror
+metadata:
+  name: hello-mirror
+  namespace: default
+spec:
+  cluster: cluster-a
+  service:
+    name: hello
+    namespace: default
+";
+
+/// Sends `CONNECT authority` through an explicit proxy; the answer's head and, on
+/// 200, the open stream.
+async fn connect_via(proxy: SocketAddr, authority: &str) -> (String, TcpStream) {
+    let mut stream = timeout(STEP, TcpStream::connect(proxy))
+        .await
+        .unwrap()
+        .unwrap();
+    stream
+        .write_all(format!("CONNECT {authority} HTTP/1.1\r\nhost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = timeout(STEP, stream.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    (String::from_utf8_lossy(&head).into_owned(), stream)
+}
+
+/// The in-process variant of the seed's path on loopback: the standalone proxy of
+/// cluster-b (the outbound side, reached by name) -> gateway-b -> gateway-a -> the
+/// service, with the mirror added while everything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_added_at_run_time_is_reached_by_name_through_both_gateways() {
+    let mesh = Mesh::start(70).await;
+    let root = mesh.dir.path();
+    write_identity(
+        &root.join("identity-standalone-b"),
+        &mesh.pki.leaf("cluster-b", &sidecar_b_id()),
+    );
+    let listen = free_addr(Ipv4Addr::new(127, 0, 70, 4));
+    let admin = free_addr(Ipv4Addr::new(127, 0, 70, 4));
+    let log = root.join("standalone-b.log");
+    let mut standalone = Gateway {
+        cluster: "cluster-b",
+        child: Some(
+            Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
+                .arg("standalone")
+                .args(["--cluster", "cluster-b"])
+                .arg("--identity-dir")
+                .arg(root.join("identity-standalone-b"))
+                .arg("--manifests")
+                .arg(root.join("manifests-cluster-b"))
+                .args(["--outbound-addr", &listen.to_string()])
+                .args(["--admin-addr", &admin.to_string()])
+                .args(["--reload-interval", RELOAD])
+                .env_clear()
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        ),
+        root: root.to_owned(),
+        log,
+        inbound: listen,
+        admin,
+    };
+    standalone.wait_ready().await;
+    let config = standalone.config().await;
+    assert_eq!(config["gateway"]["up"], true, "{config}");
+    assert!(
+        !config.to_string().contains("hello-mirror"),
+        "the mirror exists before it was written"
+    );
+
+    // Applying the seed's ServiceMirror makes the route appear without a restart.
+    std::fs::write(root.join("manifests-cluster-b/mirror.yaml"), SEED_MIRROR).unwrap();
+    let (head, mut stream) = eventually("the mirrored route", STEP, || async {
+        let (head, stream) = connect_via(listen, HELLO).await;
+        head.starts_with("HTTP/1.1 200").then_some((head, stream))
+    })
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let before = mesh.echo.accepted();
+    let sent = payload(7, 256 * 1024);
+    stream.write_all(&sent).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    timeout(STEP, stream.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.len(), sent.len());
+    assert!(
+        back == sent,
+        "bytes changed on the way through both gateways"
+    );
+    assert_eq!(
+        mesh.echo.accepted(),
+        before,
+        "the stream's data opened further connections to the service"
+    );
+
+    // Both gateways counted the stream they carried.
+    for gateway in [&mesh.gw_b, &mesh.gw_a] {
+        let metrics = gateway.metrics().await;
+        assert!(
+            metrics.contains("tcp_open_total{direction=\"gateway\"} "),
+            "{metrics}"
+        );
+    }
+}
