@@ -240,6 +240,25 @@ impl Sidecar {
         }
     }
 
+    /// Whether the sidecar process still runs (an exited one stays a zombie until
+    /// the lab reaps it).
+    fn running(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .map(|status| {
+                !status
+                    .lines()
+                    .any(|l| l.starts_with("State:") && l.contains("zombie"))
+            })
+            .unwrap_or(false)
+    }
+
+    /// How many file descriptors the sidecar holds.
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .unwrap()
+            .count()
+    }
+
     /// The sidecar's resident set, from `/proc/PID/status`, in KiB.
     fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
@@ -729,6 +748,7 @@ fn a_thousand_concurrent_connections_are_all_served() {
     const CONNECTIONS: usize = 1000;
     let s = Sidecar::start(Fam::V4, &[]);
     let rss_idle = s.rss_kib();
+    let fds_idle = s.open_fds();
     let server = echo_server(s.listen(9004), CONNECTIONS);
 
     let started = Instant::now();
@@ -776,6 +796,28 @@ fn a_thousand_concurrent_connections_are_all_served() {
     let peers = join_within(server, LONG, "the echo server");
     assert_eq!(peers.len(), CONNECTIONS);
     assert!(peers.iter().all(|p| p.ip() == s.pod_ip));
+    drop(streams);
+
+    // Nothing is left behind: no connection counted open, no socket or pipe kept.
+    s.expect_metric(
+        "tcp_open_connections",
+        &[r#"direction="outbound""#],
+        0.0,
+        "every connection counted closed",
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let fds = s.open_fds();
+        // The slack covers the admin connection of the metrics scrape.
+        if fds <= fds_idle + 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar holds {fds} descriptors after its connections closed, {fds_idle} before"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 // ---- 8. server speaks first ----
@@ -1393,4 +1435,56 @@ fn http2_prior_knowledge_streams_share_one_connection_and_are_counted() {
         3.0,
         "three 200s:\n{m}"
     );
+}
+
+// ---- shutdown ----
+
+#[test]
+fn sigterm_drains_open_connections_and_stops_accepting() {
+    let s = Sidecar::start(Fam::V4, &["--shutdown-grace", "20s"]);
+    let server = echo_server(s.listen(9006), 1);
+    let mut stream = s.connect(9006);
+    stream.write_all(b"before").unwrap();
+    assert_eq!(read_exact_string(&mut stream, 6), "before");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(s.pid).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // New connections are no longer taken: the capture still sends them to the
+    // outbound port, where nothing listens once the listener closed.
+    let addr = SocketAddr::new(s.server_ip, 9006);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match s.pod.run(|| tcp::connect(addr)) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "connections still accepted {WAIT:?} after SIGTERM: {other:?}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    // The open connection keeps working through the grace period...
+    stream.write_all(b"after").unwrap();
+    assert_eq!(read_exact_string(&mut stream, 5), "after");
+    assert!(
+        s.running(),
+        "the sidecar exited with a connection still open"
+    );
+    // ...and once it closes, the sidecar exits without waiting out the grace.
+    stream.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(ending(&mut stream, "after the half-close"), Ending::Eof);
+    join_within(server, WAIT, "the echo server");
+    let deadline = Instant::now() + WAIT;
+    while s.running() {
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar still runs {WAIT:?} after its last connection closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
