@@ -913,6 +913,13 @@ fn a_websocket_upgrade_becomes_a_raw_stream_both_ways() {
     assert!(head.starts_with("get /chat http/1.1"), "{head:?}");
     assert!(head.contains("upgrade: websocket"), "{head:?}");
     assert!(head.contains("connection: upgrade"), "{head:?}");
+    drop(stream);
+    s.expect_metric(
+        "tcp_open_connections",
+        &[r#"direction="outbound""#],
+        0.0,
+        "the connection counted closed once both ends closed",
+    );
 }
 
 // ---- 10. IPv6 ----
@@ -1098,6 +1105,12 @@ fn keep_alive_requests_share_one_connection_and_are_each_counted() {
         metric(&m, "http_requests_total", &[r#"direction="outbound""#]),
         3.0,
         "three requests:\n{m}"
+    );
+    s.expect_metric(
+        "tcp_open_connections",
+        &[r#"direction="outbound""#],
+        0.0,
+        "curl's connection counted closed once both ends closed",
     );
 }
 
@@ -1434,6 +1447,12 @@ fn http2_prior_knowledge_streams_share_one_connection_and_are_counted() {
         ),
         3.0,
         "three 200s:\n{m}"
+    );
+    s.expect_metric(
+        "tcp_open_connections",
+        &[r#"direction="outbound""#],
+        0.0,
+        "both HTTP/2 connections counted closed",
     );
 }
 
