@@ -66,9 +66,23 @@ pub struct UpArgs {
     /// Print every proxy log line (info and above), not only warnings and errors.
     #[arg(long)]
     pub verbose: bool,
+    /// The proxies' log filter (tracing's env-filter syntax, e.g. `debug` or
+    /// `info,proxy_core=debug`); overrides --verbose.
+    #[arg(long, value_name = "FILTER")]
+    pub proxy_log: Option<String>,
     /// Capture the WAN between the gateways into this pcap file.
     #[arg(long, hide = true, value_name = "FILE")]
     pub capture_wan: Option<PathBuf>,
+    /// Capture a cluster's bridge (its pods and gateway) into a pcap file.
+    #[arg(long, hide = true, value_name = "CLUSTER=FILE", value_parser = parse_capture)]
+    pub capture_cluster: Vec<(String, PathBuf)>,
+}
+
+fn parse_capture(text: &str) -> Result<(String, PathBuf), String> {
+    text.split_once('=')
+        .filter(|(c, f)| !c.is_empty() && !f.is_empty())
+        .map(|(c, f)| (c.to_owned(), PathBuf::from(f)))
+        .ok_or_else(|| format!("{text:?} is not CLUSTER=FILE"))
 }
 
 /// `isthmus lab down`.

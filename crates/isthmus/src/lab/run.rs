@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::{Signal as Sig, killpg};
 use nix::unistd::{Gid, Pid, Uid, chown};
 use proxy_discovery::DirSource;
 use proxy_discovery::model::ConditionStatus;
@@ -28,6 +28,7 @@ use proxy_discovery::{ClusterName, ServiceRef};
 use proxy_identity::SpiffeId;
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
 use super::net::{Net, in_ns, run_checked, run_with_input};
@@ -117,9 +118,10 @@ pub fn up(args: UpArgs) -> Result<bool> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let net = Arc::new(Net::create()?);
-        let result = Lab::new(plan, args, binaries, net.clone())
-            .run(&spec.source)
-            .await;
+        let result = match Lab::new(plan, args, binaries, net.clone()) {
+            Ok(lab) => lab.run(&spec.source).await,
+            Err(e) => Err(e),
+        };
         net.teardown();
         result
     })
@@ -193,12 +195,19 @@ struct Lab {
     failures: Vec<String>,
     pod_ns: BTreeMap<(usize, usize), String>,
     gateway_ns: Vec<String>,
+    /// SIGINT and SIGTERM, caught from the start so that an interrupted start
+    /// still cleans up.
+    interrupt: Signal,
+    terminate: Signal,
 }
 
 impl Lab {
-    fn new(plan: Plan, args: UpArgs, bins: Binaries, net: Arc<Net>) -> Self {
+    fn new(plan: Plan, args: UpArgs, bins: Binaries, net: Arc<Net>) -> Result<Self> {
         let (exits_tx, exits) = mpsc::unbounded_channel();
-        Self {
+        let catch = |kind| signal(kind).context("catching signals");
+        Ok(Self {
+            interrupt: catch(SignalKind::interrupt())?,
+            terminate: catch(SignalKind::terminate())?,
             plan,
             args,
             bins,
@@ -211,7 +220,7 @@ impl Lab {
             failures: Vec::new(),
             pod_ns: BTreeMap::new(),
             gateway_ns: Vec::new(),
-        }
+        })
     }
 
     fn dir(&self, parts: &[&str]) -> PathBuf {
@@ -232,7 +241,7 @@ impl Lab {
         self.mint_identities()?;
         self.write_manifests()?;
         let service_ips = self.service_ips()?;
-        let capture = self.build_topology(&service_ips, &bin)?;
+        let captures = self.build_topology(&service_ips, &bin)?;
         self.start_proxies(&bin)?;
         self.wait_ready().await?;
         self.start_containers()?;
@@ -249,7 +258,7 @@ impl Lab {
         let reports = self.read_metrics().await;
         QUIET.store(true, Ordering::Relaxed);
         print!("{}", summary::render(&reports));
-        if let Some(pid) = capture {
+        for pid in captures {
             stop_capture(pid).await;
         }
         for f in &self.failures {
@@ -406,25 +415,33 @@ impl Lab {
 
     /// The lab namespace with the WAN and a bridge per cluster, a namespace per
     /// gateway and per pod, hosts files, capture and kube-proxy rules. Returns the
-    /// pid of the WAN capture, if asked for.
+    /// pids of the packet captures asked for.
     fn build_topology(
         &mut self,
         service_ips: &[BTreeMap<ServiceRef, IpAddr>],
         bin: &Path,
-    ) -> Result<Option<i32>> {
+    ) -> Result<Vec<i32>> {
         let net = self.net.clone();
         let lab = net.namespace("lab")?;
         // The lab namespace joins the bridges but never routes between them: the
         // only way across is through the gateways.
         run_checked(in_ns(&lab, "sysctl").args(["-q", "-w", "net.ipv4.ip_forward=0"]))?;
         let wan = net.bridge(&lab, None)?;
-        let capture = match &self.args.capture_wan {
-            Some(file) => Some(start_capture(&lab, &wan, file).await_blocking()?),
-            None => None,
-        };
+        let mut captures = Vec::new();
+        if let Some(file) = &self.args.capture_wan {
+            captures.push(start_capture(&lab, &wan, file)?);
+        }
+        for (cluster, _) in &self.args.capture_cluster {
+            if self.plan.cluster(cluster).is_none() {
+                bail!("--capture-cluster: no cluster {cluster:?} in this lab");
+            }
+        }
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
             let bridge = net.bridge(&lab, Some((c.bridge_ip, 24)))?;
+            for (_, file) in self.args.capture_cluster.iter().filter(|(n, _)| n == name) {
+                captures.push(start_capture(&lab, &bridge, file)?);
+            }
             let gw = net.namespace(&format!("{name}-gateway"))?;
             net.attach(&lab, &bridge, &gw, "eth0", c.gateway_ip, 24)?;
             net.attach(&lab, &wan, &gw, "wan0", c.wan_ip, 24)?;
@@ -442,7 +459,7 @@ impl Lab {
             }
             self.apply_rules(ci, true)?;
         }
-        Ok(capture)
+        Ok(captures)
     }
 
     /// (Re)programs cluster `ci`'s Services in each of its pods, after the
@@ -480,7 +497,12 @@ impl Lab {
     }
 
     fn start_proxies(&mut self, bin: &Path) -> Result<()> {
-        let log = if self.args.verbose { "info" } else { "warn" };
+        let log = match (&self.args.proxy_log, self.args.verbose) {
+            (Some(filter), _) => filter.clone(),
+            (None, true) => "info".to_owned(),
+            (None, false) => "warn".to_owned(),
+        };
+        let log = log.as_str();
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
             let manifests = self.dir(&["manifests", name]);
@@ -580,7 +602,11 @@ impl Lab {
                     pending.join(", ")
                 );
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = self.interrupt.recv() => bail!("interrupted while starting"),
+                _ = self.terminate.recv() => bail!("terminated while starting"),
+            }
         }
         Ok(())
     }
@@ -716,28 +742,17 @@ impl Lab {
             }
         };
         tokio::pin!(end);
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        let terminated = async move {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(terminated);
         loop {
             tokio::select! {
                 () = &mut end => {
                     println!("isthmus lab {}: --duration reached, stopping", self.net.prefix());
                     return;
                 }
-                _ = tokio::signal::ctrl_c() => {
+                _ = self.interrupt.recv() => {
                     println!("isthmus lab {}: interrupted, stopping", self.net.prefix());
                     return;
                 }
-                () = &mut terminated => {
+                _ = self.terminate.recv() => {
                     println!("isthmus lab {}: terminated, stopping", self.net.prefix());
                     return;
                 }
@@ -756,7 +771,7 @@ impl Lab {
         while let Ok(exit) = self.exits.try_recv() {
             self.record(exit);
         }
-        for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+        for signal in [Sig::SIGTERM, Sig::SIGKILL] {
             for pgid in &self.containers {
                 let _ = killpg(Pid::from_raw(*pgid), signal);
             }
@@ -895,54 +910,34 @@ fn walk_dirs(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Starts tcpdump on the WAN bridge, writing every packet to `file` as it comes.
-fn start_capture(lab_ns: &str, wan: &str, file: &Path) -> Capture {
-    Capture {
-        cmd: {
-            let mut cmd = std::process::Command::new("ip");
-            cmd.args([
-                "netns", "exec", lab_ns, "tcpdump", "-i", wan, "-U", "-s", "0", "-w",
-            ])
-            .arg(file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-            cmd
-        },
-        file: file.to_owned(),
-    }
-}
-
-struct Capture {
-    cmd: std::process::Command,
-    file: PathBuf,
-}
-
-impl Capture {
-    /// Starts it and waits (briefly) until tcpdump has opened its file.
-    fn await_blocking(mut self) -> Result<i32> {
-        let _ = std::fs::remove_file(&self.file);
-        let child = self
-            .cmd
-            .spawn()
-            .with_context(|| format!("starting {:?}", self.cmd))?;
-        let pid = child.id() as i32;
-        // tcpdump writes the pcap header once it listens.
-        for _ in 0..100 {
-            if std::fs::metadata(&self.file).is_ok_and(|m| m.len() > 0) {
-                // Stopped by pid (stop_capture) and by the namespace clean-up.
-                drop(child);
-                return Ok(pid);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+/// Starts tcpdump on `iface` of the lab namespace, writing every packet to
+/// `file` as it comes; returns its pid once it has written the pcap header.
+fn start_capture(lab_ns: &str, iface: &str, file: &Path) -> Result<i32> {
+    let _ = std::fs::remove_file(file);
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args([
+        "netns", "exec", lab_ns, "tcpdump", "-i", iface, "-U", "-s", "0", "-w",
+    ])
+    .arg(file)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let pid = child.id() as i32;
+    // Stopped by pid (stop_capture) and, failing that, by the namespace clean-up.
+    drop(child);
+    for _ in 0..100 {
+        if std::fs::metadata(file).is_ok_and(|m| m.len() > 0) {
+            return Ok(pid);
         }
-        bail!("tcpdump did not start writing {}", self.file.display())
+        std::thread::sleep(Duration::from_millis(50));
     }
+    bail!("tcpdump did not start writing {}", file.display())
 }
 
 /// SIGTERM to tcpdump so it flushes, and a short wait for it.
 async fn stop_capture(pid: i32) {
-    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Sig::SIGTERM);
     for _ in 0..40 {
         if !Path::new(&format!("/proc/{pid}")).exists()
             || std::fs::read_to_string(format!("/proc/{pid}/stat"))

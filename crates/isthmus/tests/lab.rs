@@ -1,0 +1,467 @@
+//! End-to-end tests of `isthmus lab`: the seed, verbatim, on this machine.
+//!
+//! They need root (network namespaces, iptables) and the workspace's other
+//! binaries (`isthmus-proxy`, `isthmus-init`) built beside `isthmus`; without
+//! either they fail and say how to run them. They never skip.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const HOW_TO_RUN: &str = "the lab tests build network namespaces and program iptables, so they \
+     run as root with every binary built: `cargo build --bins && sudo -E cargo test -p isthmus --test lab`";
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "not running as root: {HOW_TO_RUN}"
+    );
+    let dir = Path::new(env!("CARGO_BIN_EXE_isthmus")).parent().unwrap();
+    for bin in ["isthmus-proxy", "isthmus-init"] {
+        assert!(
+            dir.join(bin).is_file(),
+            "{bin} is not built in {}: {HOW_TO_RUN}",
+            dir.display()
+        );
+    }
+}
+
+fn seed_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed")
+}
+
+fn isthmus() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_isthmus"));
+    cmd.env_remove("ISTHMUS_LOG").stdin(Stdio::null());
+    cmd
+}
+
+/// Waits for `child` at most `timeout`, killing it after that.
+fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {timeout:?}; stdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The run prefix from the lab's first line, `isthmus lab <prefix>: ...`.
+fn run_prefix(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("isthmus lab "))
+        .and_then(|l| l.split(':').next())
+        .unwrap_or_else(|| panic!("no run prefix in the output:\n{stdout}"))
+        .to_owned()
+}
+
+fn namespaces_of(prefix: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("{prefix}-")))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn assert_nothing_left(prefix: &str) {
+    assert_eq!(
+        namespaces_of(prefix),
+        Vec::<String>::new(),
+        "namespaces left"
+    );
+    assert!(
+        !Path::new("/run/isthmus-lab").join(prefix).exists(),
+        "run directory of {prefix} left"
+    );
+    let etc: Vec<String> = std::fs::read_dir("/etc/netns")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("{prefix}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(etc.is_empty(), "hosts files left: {etc:?}");
+}
+
+/// The packets of a pcap file (classic format, either byte order).
+fn pcap_packets(bytes: &[u8]) -> Vec<&[u8]> {
+    assert!(bytes.len() >= 24, "no pcap header");
+    let le = match bytes[..4] {
+        [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => true,
+        [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] => false,
+        _ => panic!("not a pcap file"),
+    };
+    let u32_at = |i: usize| {
+        let b: [u8; 4] = bytes[i..i + 4].try_into().unwrap();
+        if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        }
+    };
+    let mut packets = Vec::new();
+    let mut at = 24;
+    while at + 16 <= bytes.len() {
+        let len = u32_at(at + 8) as usize;
+        let start = at + 16;
+        if start + len > bytes.len() {
+            break;
+        }
+        packets.push(&bytes[start..start + len]);
+        at = start + len;
+    }
+    packets
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The number in "gateway of <cluster> carried <n> tunnel streams".
+fn carried(stdout: &str, cluster: &str) -> f64 {
+    let prefix = format!("gateway of {cluster} carried ");
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no summary line for the gateway of {cluster}:\n{stdout}"))
+}
+
+#[test]
+fn the_seed_runs_verbatim_and_crosses_both_gateways_encrypted() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let pcap = tmp.path().join("wan.pcap");
+    let inside_a = tmp.path().join("cluster-a.pcap");
+    let child = isthmus()
+        .args(["lab", "up"])
+        .arg(seed_dir())
+        .args(["--duration", "20s", "--capture-wan"])
+        .arg(&pcap)
+        .arg("--capture-cluster")
+        .arg(format!("cluster-a={}", inside_a.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(child, Duration::from_secs(120));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let context = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "lab up failed ({}); {context}",
+        out.status
+    );
+
+    let frontend = |needle: &str| {
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("[cluster-b/frontend-deployment-") && l.contains(needle))
+            .count()
+    };
+    assert!(
+        frontend("] Server name: hello-deployment-") >= 2,
+        "frontend did not print hello's answer; {context}"
+    );
+    assert!(
+        frontend("] Response: 0") >= 2,
+        "no repeated `Response: 0`; {context}"
+    );
+    assert_eq!(frontend("] Response: 22"), 0, "a call failed; {context}");
+    assert!(carried(&stdout, "cluster-a") >= 2.0, "{context}");
+    assert!(carried(&stdout, "cluster-b") >= 2.0, "{context}");
+
+    let bytes = std::fs::read(&pcap).unwrap();
+    let packets = pcap_packets(&bytes);
+    assert!(
+        packets.len() >= 10,
+        "the capture of the WAN holds {} packets: it did not see the traffic",
+        packets.len()
+    );
+    for needle in [
+        &b"Server name:"[..],
+        b"Server address:",
+        b"hello-deployment-",
+    ] {
+        assert!(
+            !contains(&bytes, needle),
+            "{:?} crossed the WAN in cleartext",
+            String::from_utf8_lossy(needle)
+        );
+    }
+    // The control: inside cluster-a, gateway-a delivers to hello in plain TCP, so
+    // the same search on that capture finds the answer. The WAN capture would have
+    // shown it the same way had it crossed in cleartext.
+    let inside = std::fs::read(&inside_a).unwrap();
+    assert!(
+        contains(&inside, b"Server name: hello-deployment-"),
+        "the capture inside cluster-a does not show hello's answer: the search proves nothing"
+    );
+    assert_nothing_left(&run_prefix(&stdout));
+}
+
+#[test]
+fn lab_down_removes_what_a_killed_run_left() {
+    require_root();
+    let mut child = isthmus()
+        .args(["lab", "up"])
+        .arg(seed_dir())
+        .args(["--duration", "60s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut prefix = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(left) {
+            Ok(line) => line,
+            Err(e) => {
+                let _ = child.kill();
+                panic!("lab did not start within 60s: {e}");
+            }
+        };
+        if prefix.is_none() && line.starts_with("isthmus lab ") {
+            prefix = Some(run_prefix(&line));
+        }
+        if line.contains(": running") {
+            break;
+        }
+    }
+    let prefix = prefix.unwrap();
+    // A kill leaves no chance to clean up.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !namespaces_of(&prefix).is_empty(),
+        "the killed run left nothing to remove"
+    );
+
+    let out = wait_output(
+        isthmus()
+            .args(["lab", "down"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "lab down failed: {stdout}");
+    assert!(
+        stdout.contains(&format!("removed lab run {prefix}")),
+        "{stdout}"
+    );
+    assert_nothing_left(&prefix);
+    // Nothing of the run survives in any namespace: its processes are gone too.
+    let leftover = Command::new("pgrep")
+        .args(["-f", &format!("/run/isthmus-lab/{prefix}/")])
+        .output()
+        .unwrap();
+    assert!(
+        leftover.stdout.is_empty(),
+        "processes of the run left: {}",
+        String::from_utf8_lossy(&leftover.stdout)
+    );
+}
+
+#[test]
+fn an_image_the_lab_cannot_run_is_named_before_anything_is_built() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = tmp.path().join("cluster-x");
+    std::fs::create_dir(&cluster).unwrap();
+    std::fs::write(
+        cluster.join("db.yaml"),
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: db\nspec:\n  template:\n    metadata:\n      labels: {app: db}\n    spec:\n      containers:\n      - name: redis\n        image: redis:7\n",
+    )
+    .unwrap();
+    let out = wait_output(
+        isthmus()
+            .args(["lab", "up"])
+            .arg(tmp.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for needle in [
+        "redis:7",
+        "container redis",
+        "cluster cluster-x",
+        "nginxdemos/hello:plain-text",
+        "command",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} missing from: {stderr}");
+    }
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("isthmus lab isl"),
+        "the lab started building"
+    );
+}
+
+#[test]
+fn without_root_the_lab_says_what_it_needs() {
+    require_root();
+    // A copy any UID can run: the checkout may not be readable by others.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = tmp.path().join("isthmus");
+    std::fs::copy(env!("CARGO_BIN_EXE_isthmus"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for sub in ["up", "down"] {
+        let mut cmd = Command::new(&bin);
+        cmd.args(["lab", sub])
+            .current_dir(tmp.path())
+            .uid(65534)
+            .gid(65534)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = wait_output(cmd.spawn().unwrap(), Duration::from_secs(30));
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(
+                "isthmus lab needs root (network namespaces, iptables): run it with sudo"
+            ),
+            "lab {sub}: {stderr}"
+        );
+    }
+}
+
+const REPLICAS_LAB: &str = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  ports:
+  - port: 80
+    targetPort: http
+  selector:
+    app: web
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 2
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      containers:
+      - name: web
+        image: nginxdemos/hello:plain-text
+        ports:
+        - containerPort: 9000
+          name: http
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: client
+spec:
+  template:
+    metadata:
+      labels:
+        app: client
+    spec:
+      containers:
+      - name: client
+        image: busybox
+        env:
+        - name: TARGET
+          value: web.default.svc.cluster.local
+        command: ["/bin/sh", "-c"]
+        args:
+        - |
+          sleep 1
+          for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+            curl -s --fail -m 5 "http://$TARGET/" | grep 'Server name'
+          done
+          exit 3
+"#;
+
+#[test]
+fn a_local_service_spreads_over_replicas_and_a_failed_container_fails_the_run() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = tmp.path().join("c1");
+    std::fs::create_dir(&cluster).unwrap();
+    std::fs::write(cluster.join("app.yaml"), REPLICAS_LAB).unwrap();
+    let out = wait_output(
+        isthmus()
+            .args(["lab", "up"])
+            .arg(tmp.path())
+            .args(["--duration", "10s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(90),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let context = format!(
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answered_by = |replica: &str| {
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("[c1/client-") && l.contains("Server name: web-"))
+            .filter(|l| l.ends_with(replica))
+            .count()
+    };
+    // 20 calls split at random between two replicas: each gets some (all on one
+    // side has a chance of 2 in a million).
+    let (first, second) = (answered_by("-0"), answered_by("-1"));
+    assert_eq!(first + second, 20, "not every call was answered; {context}");
+    assert!(
+        first > 0 && second > 0,
+        "calls not spread: {first}/{second}; {context}"
+    );
+    // The container's `exit 3` is a failed pod: the run says so and fails.
+    assert!(!out.status.success(), "{context}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAILED: container c1/client-")
+                && l.ends_with("/client exited (exit status: 3)")),
+        "{context}"
+    );
+    assert_nothing_left(&run_prefix(&stdout));
+}
