@@ -1507,3 +1507,69 @@ fn sigterm_drains_open_connections_and_stops_accepting() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+// ---- an origin that fails mid-response ----
+
+/// Reads until EOF or an error, keeping what arrived; the ending says which.
+fn read_until_end(stream: &mut TcpStream) -> (Vec<u8>, Ending) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (got, Ending::Eof),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return (got, Ending::Reset),
+            Err(e) => panic!(
+                "expected the response to end, got {e} after {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+}
+
+#[test]
+fn an_origin_reset_mid_response_never_looks_like_a_complete_response() {
+    let s = Sidecar::start(Fam::V4, &[]);
+    for (port, framing) in [
+        (8083, "transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"),
+        (8084, "content-length: 1000\r\n\r\nhello"),
+        (8085, "connection: close\r\n\r\nhello"),
+    ] {
+        let listener = s.listen(port);
+        let origin = std::thread::spawn(move || {
+            let (mut stream, _) = accept(&listener);
+            read_head(&mut stream).unwrap();
+            write!(stream, "HTTP/1.1 200 OK\r\n{framing}").unwrap();
+            // Let the partial response reach the client before the reset.
+            std::thread::sleep(Duration::from_millis(200));
+            socket2::SockRef::from(&stream)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        });
+        let mut stream = s.connect(port);
+        stream
+            .write_all(b"GET /partial HTTP/1.1\r\nhost: origin\r\n\r\n")
+            .unwrap();
+        let (got, end) = read_until_end(&mut stream);
+        join_within(origin, WAIT, "the origin");
+        let text = String::from_utf8_lossy(&got).into_owned();
+        eprintln!("{framing:?}: the client got {text:?}, then {end:?}");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+        let head_end = text.find("\r\n\r\n").expect("a complete head") + 4;
+        let (head, body) = text.split_at(head_end);
+        let head = head.to_ascii_lowercase();
+        // However the proxy frames the body, a client must be able to tell it is cut.
+        let looks_complete = if head.contains("transfer-encoding: chunked") {
+            body.ends_with("0\r\n\r\n")
+        } else if head.contains("content-length:") {
+            body.len() >= content_length(&head)
+        } else {
+            // Close-delimited: only a reset tells a cut body from a whole one.
+            end == Ending::Eof
+        };
+        assert!(
+            !looks_complete,
+            "{framing:?}: the origin's reset reached the client as a complete response: {text:?} then {end:?}"
+        );
+    }
+}
