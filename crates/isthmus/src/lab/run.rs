@@ -455,6 +455,10 @@ impl Lab {
                     .with_context(|| {
                         format!("installing the capture in pod {name}/{}", pod.name)
                     })?;
+                println!(
+                    "[{name}] pod {}/{} at {} (ip netns exec {ns} ...)",
+                    pod.namespace, pod.name, pod.ip
+                );
                 self.pod_ns.insert((ci, pi), ns);
             }
             self.apply_rules(ci, true)?;
@@ -497,6 +501,10 @@ impl Lab {
     }
 
     fn start_proxies(&mut self, bin: &Path) -> Result<()> {
+        println!(
+            "isthmus lab {}: starting the proxies (until every gateway listens, its peers' first connection attempts are refused and retried)",
+            self.net.prefix()
+        );
         let log = match (&self.args.proxy_log, self.args.verbose) {
             (Some(filter), _) => filter.clone(),
             (None, true) => "info".to_owned(),
@@ -555,27 +563,21 @@ impl Lab {
         Ok(())
     }
 
-    fn proxies(&self) -> Vec<(String, String, bool)> {
-        let mut out = Vec::new();
-        for (ci, c) in self.plan.clusters.iter().enumerate() {
-            out.push((c.spec.name.to_string(), self.gateway_ns[ci].clone(), true));
-            for (pi, _) in c.pods.iter().enumerate() {
-                out.push((
-                    c.spec.name.to_string(),
-                    self.pod_ns[&(ci, pi)].clone(),
-                    false,
-                ));
-            }
-        }
-        out
-    }
-
-    /// Waits until every proxy answers `/ready`; an early exit of one is an error.
+    /// Waits until every proxy answers `/ready` and every gateway's links are up,
+    /// so the applications' first calls find a warm path; an early exit of a proxy
+    /// is an error.
     async fn wait_ready(&mut self) -> Result<()> {
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        let mut pending: Vec<String> = self.proxies().into_iter().map(|(_, ns, _)| ns).collect();
-        while !pending.is_empty() {
-            if let Ok(exit) = self.exits.try_recv() {
+        let mut pending: Vec<(String, Vec<String>)> = Vec::new();
+        for (ci, c) in self.plan.clusters.iter().enumerate() {
+            let links = c.spec.links.iter().map(|l| l.to_string()).collect();
+            pending.push((self.gateway_ns[ci].clone(), links));
+            for pi in 0..c.pods.len() {
+                pending.push((self.pod_ns[&(ci, pi)].clone(), Vec::new()));
+            }
+        }
+        loop {
+            while let Ok(exit) = self.exits.try_recv() {
                 if let Role::Proxy = exit.role {
                     bail!(
                         "{} exited while starting ({})",
@@ -586,20 +588,25 @@ impl Lab {
                 self.record(exit);
             }
             let mut still = Vec::new();
-            for ns in pending {
-                if !admin_get(&ns, "/ready").await.is_ok_and(|_| true) {
-                    still.push(ns);
+            let mut why = Vec::new();
+            for (ns, links) in pending {
+                match not_ready(&ns, &links).await {
+                    None => {}
+                    Some(reason) => {
+                        why.push(format!("{ns} ({reason})"));
+                        still.push((ns, links));
+                    }
                 }
             }
             pending = still;
             if pending.is_empty() {
-                break;
+                return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
                 bail!(
                     "proxies not ready after {}s: {}",
                     READY_TIMEOUT.as_secs(),
-                    pending.join(", ")
+                    why.join(", ")
                 );
             }
             tokio::select! {
@@ -608,7 +615,6 @@ impl Lab {
                 _ = self.terminate.recv() => bail!("terminated while starting"),
             }
         }
-        Ok(())
     }
 
     fn start_containers(&mut self) -> Result<()> {
@@ -877,6 +883,27 @@ fn describe(status: &std::io::Result<ExitStatus>) -> String {
         Ok(s) => s.to_string(),
         Err(e) => format!("could not wait for it: {e}"),
     }
+}
+
+/// Why the proxy in `ns` is not ready yet: `/ready` fails, or a link to one of
+/// `links` is not up (its `gateway_link_up` gauge); `None` when ready.
+async fn not_ready(ns: &str, links: &[String]) -> Option<String> {
+    if let Err(e) = admin_get(ns, "/ready").await {
+        return Some(format!("/ready: {e}"));
+    }
+    if links.is_empty() {
+        return None;
+    }
+    let metrics = match admin_get(ns, "/metrics").await {
+        Ok(text) => summary::parse(&text),
+        Err(e) => return Some(format!("/metrics: {e}")),
+    };
+    let down: Vec<&str> = links
+        .iter()
+        .filter(|l| summary::sum(&metrics, "gateway_link_up", &[("cluster", l)]) < 1.0)
+        .map(String::as_str)
+        .collect();
+    (!down.is_empty()).then(|| format!("link to {} not up", down.join(", ")))
 }
 
 /// GET `path` from the admin server of the proxy in `ns`.

@@ -139,6 +139,42 @@ pub fn render(reports: &[ProxyReport]) -> String {
             problems(m)
         );
     }
+    // What the applications saw: their calls, per cluster and authority.
+    let mut calls: BTreeMap<(String, String), (f64, f64, f64)> = BTreeMap::new();
+    for r in reports.iter().filter(|r| !r.gateway) {
+        let Ok(m) = &r.metrics else { continue };
+        for s in m
+            .iter()
+            .filter(|s| s.labels.get("direction").map(String::as_str) == Some("outbound"))
+        {
+            let Some(authority) = s.labels.get("authority") else {
+                continue;
+            };
+            let entry = calls
+                .entry((r.cluster.clone(), authority.clone()))
+                .or_default();
+            match s.name.as_str() {
+                "http_requests_total" => entry.0 += s.value,
+                "http_response_latency_seconds_sum" => entry.1 += s.value,
+                "http_response_latency_seconds_count" => entry.2 += s.value,
+                _ => {}
+            }
+        }
+    }
+    for ((cluster, authority), (requests, seconds, responses)) in &calls {
+        let mean = if *responses > 0.0 {
+            format!(
+                "{:.1} ms mean to response headers",
+                seconds / responses * 1000.0
+            )
+        } else {
+            "no response".to_owned()
+        };
+        let _ = writeln!(
+            out,
+            "{cluster} called {authority}: {requests} requests, {responses} responses, {mean}"
+        );
+    }
     for r in reports.iter().filter(|r| r.gateway) {
         if let Ok(m) = &r.metrics {
             let streams = sum(m, "tcp_open_total", &[("direction", "gateway")]);
