@@ -119,6 +119,25 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> anyhow::Result<
     }
 }
 
+/// Spawns `cmd`, retrying for a while on `ETXTBSY`. A program the test has just
+/// copied (see [`crate::binary::WorldExecutable`]) can be briefly "busy": a fork on
+/// another test thread between the copy's open and close keeps a writable
+/// descriptor of it until that child execs.
+fn spawn_when_not_busy(cmd: &mut Command) -> std::io::Result<Child> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match cmd.spawn() {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ExecutableFileBusy
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn allowed(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -186,7 +205,7 @@ impl Namespace {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        self.run(move || cmd.spawn())
+        self.run(move || spawn_when_not_busy(&mut cmd))
     }
 
     /// Like [`Namespace::spawn_as`], but stdout and stderr go to `log` (created or
@@ -206,7 +225,7 @@ impl Namespace {
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file);
-        self.run(move || cmd.spawn())
+        self.run(move || spawn_when_not_busy(&mut cmd))
     }
 
     /// Adds `addr` (`198.18.0.1/24`, `2001:2::1/64`) to `iface`; IPv6 addresses skip
