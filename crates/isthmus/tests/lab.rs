@@ -465,3 +465,110 @@ fn a_local_service_spreads_over_replicas_and_a_failed_container_fails_the_run() 
     );
     assert_nothing_left(&run_prefix(&stdout));
 }
+
+const ENDPOINTS_LAB: &str = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  ports:
+  - port: 80
+    targetPort: 9000
+  selector:
+    app: web
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web-a
+spec:
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      containers:
+      - name: web
+        image: nginxdemos/hello:plain-text
+        ports:
+        - containerPort: 9000
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web-b
+spec:
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      containers:
+      - name: quits
+        image: busybox
+        command: ["/bin/sh", "-c", "sleep 3; echo quitting"]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: client
+spec:
+  template:
+    metadata:
+      labels:
+        app: client
+    spec:
+      containers:
+      - name: client
+        image: busybox
+        command: ["/bin/sh", "-c"]
+        args:
+        - |
+          sleep 6
+          for i in 1 2 3 4 5 6 7 8 9 10; do
+            curl -s --fail -m 3 http://web/ | grep 'Server name' || echo "call failed"
+          done
+          sleep 60
+"#;
+
+#[test]
+fn endpoints_follow_the_pods() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = tmp.path().join("c1");
+    std::fs::create_dir(&cluster).unwrap();
+    std::fs::write(cluster.join("app.yaml"), ENDPOINTS_LAB).unwrap();
+    let out = wait_output(
+        isthmus()
+            .args(["lab", "up"])
+            .arg(tmp.path())
+            .args(["--duration", "12s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(90),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let context = format!(
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // web-b never listens and quits after 3 s, exiting 0: not a failure. From
+    // then on only web-a backs the Service, so every later call reaches it.
+    assert!(out.status.success(), "{context}");
+    let client: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("[c1/client-"))
+        .collect();
+    let answered = client
+        .iter()
+        .filter(|l| l.contains("Server name: web-a-"))
+        .count();
+    assert_eq!(answered, 10, "{context}");
+    assert!(
+        !client.iter().any(|l| l.contains("call failed")),
+        "{context}"
+    );
+    assert_nothing_left(&run_prefix(&stdout));
+}

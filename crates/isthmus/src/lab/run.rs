@@ -10,7 +10,7 @@
 //! namespaces and the clean-up are [`super::net`]'s.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -188,8 +188,9 @@ struct Lab {
     exits: mpsc::UnboundedReceiver<Exit>,
     /// Process-group ids of the containers, to stop them at the end.
     containers: Vec<i32>,
-    /// `(cluster, pod)` of pods whose containers have all exited.
-    gone: BTreeSet<(usize, usize)>,
+    /// Addresses of pods whose containers have all exited (pod addresses are
+    /// unique across the lab).
+    gone: BTreeSet<Ipv4Addr>,
     /// Running containers per pod.
     running: BTreeMap<(usize, usize), usize>,
     failures: Vec<String>,
@@ -325,15 +326,9 @@ impl Lab {
         Ok(())
     }
 
+    /// Whether a pod counts as ready for Endpoints: until its containers are gone.
     fn ready(&self) -> impl Fn(&PodPlan) -> bool + '_ {
-        move |pod: &PodPlan| {
-            !self.plan.clusters.iter().enumerate().any(|(ci, c)| {
-                c.pods
-                    .iter()
-                    .position(|p| std::ptr::eq(p, pod))
-                    .is_some_and(|pi| self.gone.contains(&(ci, pi)))
-            })
-        }
+        move |pod: &PodPlan| !self.gone.contains(&pod.ip)
     }
 
     /// (Re)writes every cluster's manifests directory, each file replaced whole so
@@ -724,7 +719,8 @@ impl Lab {
                 let left = self.running.entry((cluster, pod)).or_default();
                 *left = left.saturating_sub(1);
                 if *left == 0 {
-                    self.gone.insert((cluster, pod));
+                    let ip = self.plan.clusters[cluster].pods[pod].ip;
+                    self.gone.insert(ip);
                     let updated = self
                         .write_manifests()
                         .and_then(|()| self.apply_rules(cluster, false));
