@@ -102,6 +102,11 @@ pub fn up(args: UpArgs) -> Result<bool> {
         None => LabSpec::seed().context("reading the embedded seed")?,
     };
     let plan = Plan::new(&spec, args.wan_delay).context("placing the clusters")?;
+    for (cluster, _) in &args.capture_cluster {
+        if plan.cluster(cluster).is_none() {
+            bail!("--capture-cluster: no cluster {cluster:?} in this lab");
+        }
+    }
     // Every image is checked before anything is built.
     for c in &plan.clusters {
         for pod in &c.pods {
@@ -425,11 +430,6 @@ impl Lab {
         let mut captures = Vec::new();
         if let Some(file) = &self.args.capture_wan {
             captures.push(start_capture(&lab, &wan, file)?);
-        }
-        for (cluster, _) in &self.args.capture_cluster {
-            if self.plan.cluster(cluster).is_none() {
-                bail!("--capture-cluster: no cluster {cluster:?} in this lab");
-            }
         }
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
