@@ -9,8 +9,9 @@
 //! `isthmus-proxy` binaries. `cargo test --workspace` builds them; `cargo test -p
 //! isthmus-tests` alone does not, and would run whatever binaries `target` holds, so
 //! build them first (`cargo build -p proxy -p iptables-init --bins`) when testing
-//! this package on its own. Nothing here is mirrored: every connection takes the
-//! sidecar's passthrough path (the tunnel has its tests in the proxy crate).
+//! this package on its own. Nothing here is mirrored: outbound connections take the
+//! sidecar's passthrough path and inbound ones its plain delivery to the app (the
+//! gateway tunnel has its end-to-end tests in the proxy crate).
 #![allow(clippy::unwrap_used)]
 
 use std::hash::{DefaultHasher, Hasher};
