@@ -34,7 +34,8 @@ pub struct Explicit<L> {
     pub lookup: L,
     pub gateway: Option<Pool>,
     pub connect_timeout: Duration,
-    pub header_read_timeout: Duration,
+    /// See [`crate::http::HttpSettings::header_read_timeout`].
+    pub header_read_timeout: Option<Duration>,
     pub forward: ForwardConfig,
     pub metrics: ProxyMetrics,
 }

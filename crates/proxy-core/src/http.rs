@@ -32,8 +32,13 @@ use crate::tunnel::{H2Settings, Io};
 /// Limits of the HTTP layer.
 #[derive(Clone, Debug)]
 pub struct HttpSettings {
-    /// A client must send a request's headers within this time (slowloris bound).
-    pub header_read_timeout: Duration,
+    /// A client must send a request's headers within this time. Off by default:
+    /// hyper starts this timer whenever it waits for a request head, idle time
+    /// between keep-alive requests included, so it would close idle keep-alive
+    /// connections that the application's server keeps open: a visible change for a
+    /// transparent proxy. Idle connections end at the idle timeout instead, and the
+    /// connection limit bounds slow clients.
+    pub header_read_timeout: Option<Duration>,
     /// Most headers in one HTTP/1 request.
     pub max_headers: usize,
     /// Largest HTTP/1 read buffer, which bounds one request head.
@@ -44,7 +49,7 @@ pub struct HttpSettings {
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
-            header_read_timeout: Duration::from_secs(10),
+            header_read_timeout: None,
             max_headers: 100,
             // hyper's floor is 8 KiB; 64 KiB fits the largest heads browsers send.
             max_buf_size: 64 * 1024,
