@@ -144,13 +144,26 @@ impl Plan {
     }
 
     /// The files of cluster `c`'s manifests directory, `(relative path, YAML)`,
-    /// with Endpoints listing only pods for which `ready` holds.
+    /// with Endpoints listing only pods for which `ready` holds, and the Links to
+    /// peer gateways and the ServiceMirrors if `links` (a lab publishes them once
+    /// every gateway listens, as an operator links clusters after installing
+    /// them; a mirror without its Link would only be refused).
     pub fn manifests(
         &self,
         c: &ClusterPlan,
         ready: &dyn Fn(&PodPlan) -> bool,
+        links: bool,
     ) -> Vec<(String, String)> {
         let mut files = Vec::new();
+        // Links before the mirrors that need them: a reader polling between two
+        // writes sees links without mirrors, never a mirror without its Link.
+        let mut mesh = vec![Object::ClusterSettings(self.settings(c))];
+        for l in c.spec.links.iter().filter(|_| links) {
+            if let Some(peer) = self.cluster(l.as_str()) {
+                mesh.push(Object::Link(self.link(peer)));
+            }
+        }
+        files.push(("mesh.yaml".to_owned(), render(&mesh)));
         let mut objects: Vec<Object> = c.services.values().cloned().map(Object::Service).collect();
         objects.extend(
             c.spec
@@ -160,12 +173,18 @@ impl Plan {
                 .cloned()
                 .map(Object::Deployment),
         );
-        objects.extend(c.spec.view.service_mirrors.values().cloned().map(
-            |mut m: ServiceMirror| {
-                m.status = None;
-                Object::ServiceMirror(m)
-            },
-        ));
+        objects.extend(
+            c.spec
+                .view
+                .service_mirrors
+                .values()
+                .filter(|_| links)
+                .cloned()
+                .map(|mut m: ServiceMirror| {
+                    m.status = None;
+                    Object::ServiceMirror(m)
+                }),
+        );
         files.push(("objects.yaml".to_owned(), render(&objects)));
         let endpoints = self.endpoints(c, ready);
         files.push((
@@ -177,13 +196,6 @@ impl Plan {
                     .collect::<Vec<_>>(),
             ),
         ));
-        let mut mesh = vec![Object::ClusterSettings(self.settings(c))];
-        for l in &c.spec.links {
-            if let Some(peer) = self.cluster(l.as_str()) {
-                mesh.push(Object::Link(self.link(peer)));
-            }
-        }
-        files.push(("mesh.yaml".to_owned(), render(&mesh)));
         // What a controller watching each linked cluster would see of it.
         for l in &c.spec.links {
             let Some(peer) = self.cluster(l.as_str()) else {

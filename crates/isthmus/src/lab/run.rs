@@ -201,6 +201,8 @@ struct Lab {
     failures: Vec<String>,
     pod_ns: BTreeMap<(usize, usize), String>,
     gateway_ns: Vec<String>,
+    /// Whether the manifests carry the Links yet.
+    links: bool,
     /// SIGINT and SIGTERM, caught from the start so that an interrupted start
     /// still cleans up.
     interrupt: Signal,
@@ -226,6 +228,7 @@ impl Lab {
             failures: Vec::new(),
             pod_ns: BTreeMap::new(),
             gateway_ns: Vec::new(),
+            links: true,
         })
     }
 
@@ -245,11 +248,20 @@ impl Lab {
         );
         let bin = self.install_binaries()?;
         self.mint_identities()?;
+        // The hosts files need the mirrored Services, which need the Links.
         self.write_manifests()?;
         let service_ips = self.service_ips()?;
         let captures = self.build_topology(&service_ips, &bin)?;
-        self.start_proxies(&bin)?;
-        self.wait_ready().await?;
+        // Gateways first, linked once they all listen: no gateway then dials a
+        // peer that is not there yet.
+        self.links = false;
+        self.write_manifests()?;
+        self.start_gateways(&bin)?;
+        self.wait_ready(false).await?;
+        self.links = true;
+        self.write_manifests()?;
+        self.start_sidecars(&bin)?;
+        self.wait_ready(true).await?;
         self.start_containers()?;
         println!(
             "isthmus lab {}: running{}; Ctrl-C to stop",
@@ -342,7 +354,7 @@ impl Lab {
         let ready = self.ready();
         for c in &self.plan.clusters {
             let root = self.dir(&["manifests", c.spec.name.as_str()]);
-            for (rel, text) in self.plan.manifests(c, &ready) {
+            for (rel, text) in self.plan.manifests(c, &ready, self.links) {
                 let path = root.join(&rel);
                 let parent = path.parent().context("manifest path without a directory")?;
                 std::fs::create_dir_all(parent)
@@ -495,16 +507,17 @@ impl Lab {
         Ok(())
     }
 
-    fn start_proxies(&mut self, bin: &Path) -> Result<()> {
-        println!(
-            "isthmus lab {}: starting the proxies (until every gateway listens, its peers' first connection attempts are refused and retried)",
-            self.net.prefix()
-        );
-        let log = match (&self.args.proxy_log, self.args.verbose) {
+    /// The proxies' log filter.
+    fn log_filter(&self) -> String {
+        match (&self.args.proxy_log, self.args.verbose) {
             (Some(filter), _) => filter.clone(),
             (None, true) => "info".to_owned(),
             (None, false) => "warn".to_owned(),
-        };
+        }
+    }
+
+    fn start_gateways(&mut self, bin: &Path) -> Result<()> {
+        let log = self.log_filter();
         let log = log.as_str();
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
@@ -535,6 +548,16 @@ impl Lab {
                 let child = spawn(relay)?;
                 self.supervise(child, format!("{name}/wan-relay"), Role::Helper);
             }
+        }
+        Ok(())
+    }
+
+    fn start_sidecars(&mut self, bin: &Path) -> Result<()> {
+        let log = self.log_filter();
+        let log = log.as_str();
+        for (ci, c) in self.plan.clusters.iter().enumerate() {
+            let name = c.spec.name.as_str();
+            let manifests = self.dir(&["manifests", name]);
             for (pi, pod) in c.pods.iter().enumerate() {
                 let ns = &self.pod_ns[&(ci, pi)];
                 let mut cmd = proxy_command(
@@ -558,16 +581,19 @@ impl Lab {
         Ok(())
     }
 
-    /// Waits until every proxy answers `/ready` and every gateway's links are up,
-    /// so the applications' first calls find a warm path; an early exit of a proxy
-    /// is an error.
-    async fn wait_ready(&mut self) -> Result<()> {
+    /// Waits until the gateways (and with `all`, the sidecars) answer `/ready`,
+    /// and with `all` until every gateway's links are up, so the applications'
+    /// first calls find a warm path. An early exit of a proxy is an error.
+    async fn wait_ready(&mut self, all: bool) -> Result<()> {
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
         let mut pending: Vec<(String, Vec<String>)> = Vec::new();
         for (ci, c) in self.plan.clusters.iter().enumerate() {
-            let links = c.spec.links.iter().map(|l| l.to_string()).collect();
+            let links = match all {
+                true => c.spec.links.iter().map(|l| l.to_string()).collect(),
+                false => Vec::new(),
+            };
             pending.push((self.gateway_ns[ci].clone(), links));
-            for pi in 0..c.pods.len() {
+            for pi in (0..c.pods.len()).filter(|_| all) {
                 pending.push((self.pod_ns[&(ci, pi)].clone(), Vec::new()));
             }
         }

@@ -84,7 +84,7 @@ fn the_written_manifests_mirror_hello_into_cluster_b() {
     let plan = seed_plan(0);
     let tmp = tempfile::tempdir().expect("tempdir");
     for c in &plan.clusters {
-        for (rel, text) in plan.manifests(c, &|_| true) {
+        for (rel, text) in plan.manifests(c, &|_| true, true) {
             let path = tmp.path().join(c.spec.name.as_str()).join(rel);
             std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
             std::fs::write(path, text).expect("write");
@@ -123,6 +123,30 @@ fn the_written_manifests_mirror_hello_into_cluster_b() {
             .expect("exported"),
         [SocketAddr::from(([198, 18, 1, 10], 8080))]
     );
+}
+
+#[test]
+fn links_can_be_held_back() {
+    let plan = seed_plan(0);
+    let b = plan.cluster("cluster-b").expect("b");
+    let mesh = |links| {
+        plan.manifests(b, &|_| true, links)
+            .into_iter()
+            .find(|(rel, _)| rel == "mesh.yaml")
+            .expect("mesh.yaml")
+            .1
+    };
+    assert!(mesh(true).contains("kind: Link"));
+    assert!(!mesh(false).contains("kind: Link"));
+    let objects = |links| {
+        plan.manifests(b, &|_| true, links)
+            .into_iter()
+            .find(|(rel, _)| rel == "objects.yaml")
+            .expect("objects.yaml")
+            .1
+    };
+    assert!(objects(true).contains("kind: ServiceMirror"));
+    assert!(!objects(false).contains("kind: ServiceMirror"));
 }
 
 #[test]
