@@ -52,6 +52,9 @@ impl<L: RouteLookup> Handler for Explicit<L> {
             async move { Ok::<_, std::convert::Infallible>(proxy.request(req, &tasks).await) }
         });
         let conn = hyper::server::conn::http1::Builder::new()
+            // Serve a request whose client already shut down its write side, as the
+            // transparent path does.
+            .half_close(true)
             .timer(TokioTimer::new())
             .header_read_timeout(self.header_read_timeout)
             .serve_connection(TokioIo::new(conn.stream), service)
