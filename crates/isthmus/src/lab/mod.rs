@@ -12,6 +12,8 @@
 //!   clean-up (also `isthmus lab down`).
 //! - [`run`]: `isthmus lab up`: identities, topology, gateways, pods (init,
 //!   sidecar, containers), output, the end and its summary.
+//! - [`process`]: starting proxies and containers, their prefixed output, admin
+//!   queries, packet captures.
 //! - [`summary`]: reading the proxies' `/metrics` into the end-of-run table.
 //! - [`hello`]: the built-in `nginxdemos/hello:plain-text`.
 //! - [`relay`]: the WAN delay relay behind `--wan-delay`.
@@ -22,6 +24,7 @@
 pub mod hello;
 pub mod net;
 pub mod plan;
+pub mod process;
 pub mod relay;
 pub mod run;
 pub mod spec;
