@@ -572,3 +572,42 @@ fn endpoints_follow_the_pods() {
     );
     assert_nothing_left(&run_prefix(&stdout));
 }
+
+#[test]
+fn the_wan_delay_sits_on_the_path_between_the_gateways() {
+    require_root();
+    let out = wait_output(
+        isthmus()
+            .args(["lab", "up"])
+            .arg(seed_dir())
+            .args(["--duration", "8s", "--wan-delay", "100"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(90),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let context = format!(
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{context}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("cluster-b called hello.default.svc.cluster.local: "))
+        .unwrap_or_else(|| panic!("no call summary; {context}"));
+    let mean_ms: f64 = line
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" ms mean to response headers"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no mean in {line:?}"));
+    // A lower bound, not a speed: the request and its answer each wait 100 ms in
+    // the relay, whatever the machine.
+    assert!(mean_ms >= 200.0, "{line}; {context}");
+    assert!(
+        !stdout.lines().any(|l| l.ends_with("] Response: 22")),
+        "a call failed; {context}"
+    );
+    assert_nothing_left(&run_prefix(&stdout));
+}
