@@ -338,6 +338,14 @@ fn remove_run(prefix: &str, run_dir: &Path) {
         }
     }
     remove_namespaces(&namespaces);
+    // Hosts files of namespaces that were never created or recorded.
+    if let Ok(entries) = std::fs::read_dir(ETC_NETNS) {
+        for e in entries.flatten() {
+            if belongs(&e.file_name().to_string_lossy(), prefix) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(run_dir);
 }
 
@@ -377,7 +385,14 @@ pub fn sweep(all: bool) -> Result<Swept> {
             }
         }
     }
-    for ns in list_namespaces() {
+    let etc: Vec<String> = std::fs::read_dir(ETC_NETNS)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    for ns in list_namespaces().into_iter().chain(etc) {
         if let Some((p, _)) = ns.split_once('-')
             && prefix_pid(p).is_some()
             && !prefixes.iter().any(|q| q == p)
