@@ -198,8 +198,15 @@ mod tests {
         assert_ne!(a, b);
     }
 
+    /// Bounds every await of the test at once.
     #[tokio::test]
     async fn answers_like_the_image() {
+        tokio::time::timeout(Duration::from_secs(20), answers_like_the_image_inner())
+            .await
+            .expect("the test finishes within 20 s");
+    }
+
+    async fn answers_like_the_image_inner() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {

@@ -97,8 +97,18 @@ where
 mod tests {
     use super::*;
 
+    /// Bounds every await of the test at once.
     #[tokio::test]
     async fn bytes_arrive_intact_and_late_both_ways() {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            bytes_arrive_intact_and_late_both_ways_inner(),
+        )
+        .await
+        .expect("the test finishes within 20 s");
+    }
+
+    async fn bytes_arrive_intact_and_late_both_ways_inner() {
         let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let to = upstream.local_addr().unwrap();
         let echo = tokio::spawn(async move {
