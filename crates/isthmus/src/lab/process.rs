@@ -149,8 +149,8 @@ pub fn walk_dirs(root: &Path) -> Vec<PathBuf> {
 }
 
 /// Starts tcpdump on `iface` of the lab namespace, writing every packet to
-/// `file` as it comes; returns its pid once it has written the pcap header.
-pub fn start_capture(lab_ns: &str, iface: &str, file: &Path) -> Result<i32> {
+/// `file` as it comes; returns it once it has written the pcap header.
+pub fn start_capture(lab_ns: &str, iface: &str, file: &Path) -> Result<std::process::Child> {
     let _ = std::fs::remove_file(file);
     let mut cmd = std::process::Command::new("ip");
     cmd.args([
@@ -159,30 +159,42 @@ pub fn start_capture(lab_ns: &str, iface: &str, file: &Path) -> Result<i32> {
     .arg(file)
     .stdin(Stdio::null())
     .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
-    let pid = child.id() as i32;
-    // Stopped by pid (stop_capture) and, failing that, by the namespace clean-up.
-    drop(child);
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     for _ in 0..100 {
         if std::fs::metadata(file).is_ok_and(|m| m.len() > 0) {
-            return Ok(pid);
+            // Its stderr stays open but unread: tcpdump writes a few lines there,
+            // at the start and the end, which the pipe holds.
+            return Ok(child);
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            let out = child.wait_with_output()?;
+            bail!(
+                "tcpdump could not capture {iface} into {} ({}): {}",
+                file.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bail!("tcpdump did not start writing {}", file.display())
+    let _ = child.kill();
+    bail!(
+        "tcpdump did not start writing {} within 5 s",
+        file.display()
+    )
 }
 
-/// SIGTERM to tcpdump so it flushes, and a short wait for it.
-pub async fn stop_capture(pid: i32) {
-    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+/// SIGTERM to tcpdump so it writes its last packets, and a bounded wait for it
+/// (SIGKILL after 2 s).
+pub async fn stop_capture(mut child: std::process::Child) {
+    let _ = nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
     for _ in 0..40 {
-        if !Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| s.contains(") Z "))
-        {
+        if child.try_wait().ok().flatten().is_some() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -126,13 +126,26 @@ pub fn up(args: UpArgs) -> Result<bool> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let net = Arc::new(Net::create()?);
+        // Dropped before `net` (also when unwinding): what processes print while
+        // they are torn down would bury the error or the summary.
+        let _quiet = Quiet;
         let result = match Lab::new(plan, args, binaries, net.clone()) {
             Ok(lab) => lab.run(&spec.source).await,
             Err(e) => Err(e),
         };
+        QUIET.store(true, Ordering::Relaxed);
         net.teardown();
         result
     })
+}
+
+/// Silences the processes' output when dropped.
+struct Quiet;
+
+impl Drop for Quiet {
+    fn drop(&mut self) {
+        QUIET.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The workspace binaries the lab runs, found beside `isthmus`.
@@ -279,8 +292,8 @@ impl Lab {
         let reports = self.read_metrics().await;
         QUIET.store(true, Ordering::Relaxed);
         print!("{}", summary::render(&reports));
-        for pid in captures {
-            stop_capture(pid).await;
+        for capture in captures {
+            stop_capture(capture).await;
         }
         for f in &self.failures {
             println!("FAILED: {f}");
@@ -430,12 +443,13 @@ impl Lab {
 
     /// The lab namespace with the WAN and a bridge per cluster, a namespace per
     /// gateway and per pod, hosts files, capture and kube-proxy rules. Returns the
-    /// pids of the packet captures asked for.
+    /// packet captures asked for (a failed start leaves them to the namespace
+    /// clean-up).
     fn build_topology(
         &mut self,
         service_ips: &[BTreeMap<ServiceRef, IpAddr>],
         bin: &Path,
-    ) -> Result<Vec<i32>> {
+    ) -> Result<Vec<std::process::Child>> {
         let net = self.net.clone();
         let lab = net.namespace("lab")?;
         // The lab namespace joins the bridges but never routes between them: the
