@@ -205,7 +205,7 @@ impl fmt::Display for Described<'_> {
 
 impl ForwardError {
     fn new(side: Side, source: io::Error, stats: ForwardStats) -> Self {
-        let kind = if is_reset_kind(source.kind()) {
+        let kind = if is_reset(&source) {
             ErrorKind::Reset
         } else {
             ErrorKind::Io
@@ -283,13 +283,29 @@ impl ForwardError {
     }
 }
 
-fn is_reset_kind(kind: io::ErrorKind) -> bool {
-    matches!(
-        kind,
+fn is_reset(error: &io::Error) -> bool {
+    if matches!(
+        error.kind(),
         io::ErrorKind::ConnectionReset
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::BrokenPipe
-    )
+    ) {
+        return true;
+    }
+    // A tunnel stream its peer reset (HTTP/2 RST_STREAM or GOAWAY) surfaces as an
+    // `Other` error wrapping the h2 error, possibly inside hyper's: the stream's
+    // equivalent of a TCP reset, and counted as one.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = error
+        .get_ref()
+        .map(|inner| inner as &(dyn std::error::Error + 'static));
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            // An h2 error with a reason is a stream ended by RST_STREAM or GOAWAY.
+            return h2.reason().is_some();
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Which end of one direction failed: its source (read) or its destination (write).
@@ -586,6 +602,20 @@ async fn drive<T: Directions>(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tunnel_stream_resets_count_as_resets() {
+        let cancelled = io::Error::other(h2::Error::from(h2::Reason::CANCEL));
+        let reset = ForwardError::new(Side::Downstream, cancelled, ForwardStats::default());
+        assert!(reset.is_reset(), "{reset}");
+        assert_eq!(reset.close_reason(), "downstream_reset");
+        let other = ForwardError::new(
+            Side::Downstream,
+            io::Error::other("disk on fire"),
+            ForwardStats::default(),
+        );
+        assert_eq!(other.close_reason(), "downstream_error");
+    }
     use super::*;
 
     fn assert_send<T: Send>(_: &T) {}
