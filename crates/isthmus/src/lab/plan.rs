@@ -15,6 +15,11 @@
 //! | cluster `i`'s service range | `198.19.<8 i>.0/21` |
 //! | the WAN between gateways (`198.18.250.0/24`) | gateway `i` at `198.18.250.<i+1>` |
 //!
+//! A pod whose template carries the annotation `isthmus.io/inject: disabled` (as
+//! linkerd's `linkerd.io/inject: disabled`) is unmeshed ([`PodPlan::meshed`]): no
+//! capture, no sidecar, no identity; it still gets its hosts file and the
+//! kube-proxy rules, so it reaches its own cluster's ClusterIPs directly.
+//!
 //! Creating namespaces and processes is [`super::net`] and [`super::run`]'s job;
 //! the ServiceMirror reconcile (mirrored Services and their ClusterIPs) is
 //! `proxy_discovery`'s, run on the manifests written here.
@@ -47,6 +52,8 @@ pub const RELAY_PORT: u16 = 4153;
 pub const GATEWAY_NAMESPACE: &str = "isthmus-multicluster";
 /// The iptables chain that stands in for kube-proxy in every pod.
 pub const SERVICES_CHAIN: &str = "LAB_SERVICES";
+/// The pod-template annotation that keeps a pod out of the mesh when `disabled`.
+pub const INJECT_ANNOTATION: &str = "isthmus.io/inject";
 /// The WAN's network, prefix 24.
 pub const WAN_NET: [u8; 3] = [198, 18, 250];
 
@@ -75,6 +82,9 @@ pub struct PodPlan {
     pub containers: Vec<Container>,
     /// The sidecar's SPIFFE ID (`ns/<namespace>/sa/default`).
     pub identity: String,
+    /// Whether the pod gets `isthmus-init` and a sidecar: false when its template
+    /// says `isthmus.io/inject: disabled`.
+    pub meshed: bool,
 }
 
 /// A local Service's port as kube-proxy programs it.
@@ -350,9 +360,37 @@ impl Plan {
     }
 }
 
+/// What kube-proxy programs for Services that no pod of the cluster backs: the
+/// mirrored ones (`mirrored`, as the reconcile made them). Every TCP port gets no
+/// backend, so [`service_rules`] rejects it: only a sidecar can carry such a
+/// connection (it tunnels the ClusterIP without dialling it), and an unmeshed pod
+/// gets a prompt reset instead of a connection that hangs.
+pub fn mirrored_routes(mirrored: &BTreeMap<ServiceRef, Service>) -> Vec<ServiceRoute> {
+    let mut routes = Vec::new();
+    for (key, svc) in mirrored {
+        let Some(ip) = svc.cluster_ips().into_iter().next() else {
+            continue;
+        };
+        for sp in svc.spec.ports.iter().filter(|p| p.is_tcp()) {
+            routes.push(ServiceRoute {
+                service: key.clone(),
+                front: SocketAddr::new(ip, sp.port),
+                backends: Vec::new(),
+            });
+        }
+    }
+    routes
+}
+
 /// The `iptables-restore --noflush` input that (re)programs the kube-proxy chain:
 /// ClusterIP:port DNAT to a random ready backend, and a reset for a Service with
-/// none. The chain is flushed by the restore, so applying it again replaces it.
+/// none (as kube-proxy rejects Services without endpoints). The chain is flushed
+/// by the restore, so applying it again replaces it.
+///
+/// The reset sits in the filter table, which sees a meshed app's connection after
+/// the capture's nat REDIRECT has turned it towards the sidecar: it only ever
+/// meets connections that really go to the ClusterIP (an unmeshed pod's, or the
+/// sidecar's own passthrough).
 pub fn service_rules(routes: &[ServiceRoute]) -> String {
     let mut nat = format!("*nat\n:{SERVICES_CHAIN} - [0:0]\n");
     let mut filter = format!("*filter\n:{SERVICES_CHAIN} - [0:0]\n");
@@ -463,6 +501,17 @@ fn place(index: usize, c: &ClusterSpec) -> Result<ClusterPlan, PlanError> {
     let td = c.trust_domain();
     let mut pods = Vec::new();
     for (key, d) in &c.view.deployments {
+        let meshed = match d.spec.template.metadata.annotations.get(INJECT_ANNOTATION) {
+            None => true,
+            Some(v) if v == "enabled" => true,
+            Some(v) if v == "disabled" => false,
+            Some(v) => {
+                return Err(PlanError::Invalid(format!(
+                    "Deployment {key} of cluster {}: spec.template.metadata.annotations[{INJECT_ANNOTATION:?}] is {v:?}; use \"enabled\" (the default) or \"disabled\"",
+                    c.name
+                )));
+            }
+        };
         let hash = fnv1a(&format!(
             "{}/{}/{}",
             c.name,
@@ -485,6 +534,7 @@ fn place(index: usize, c: &ClusterSpec) -> Result<ClusterPlan, PlanError> {
                 labels: d.spec.template.metadata.labels.clone(),
                 containers: d.spec.template.spec.containers.clone(),
                 identity: format!("spiffe://{td}/ns/{}/sa/default", key.namespace),
+                meshed,
             });
         }
     }

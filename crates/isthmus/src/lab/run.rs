@@ -6,6 +6,12 @@
 //! While the lab runs it keeps Endpoints (and the kube-proxy rules) in line with
 //! the pods: a pod whose containers have all exited leaves its Services.
 //!
+//! An unmeshed pod (template annotation `isthmus.io/inject: disabled`) gets its
+//! namespace, hosts file and kube-proxy rules, but neither `isthmus-init`, nor a
+//! sidecar, nor an identity: its connections go straight to ClusterIPs, where a
+//! mirrored Service (no local pods) answers with a reset, and meshed pods take
+//! them as plain TCP.
+//!
 //! The decisions (addresses, manifests, rules) are [`super::plan`]'s; the
 //! namespaces and the clean-up are [`super::net`]'s.
 
@@ -22,7 +28,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal as Sig, killpg};
 use nix::unistd::{Gid, Pid, Uid, chown};
 use proxy_discovery::DirSource;
-use proxy_discovery::model::ConditionStatus;
+use proxy_discovery::model::{ConditionStatus, Service};
 use proxy_discovery::reconcile::READY_CONDITION;
 use proxy_discovery::{ClusterName, ServiceRef};
 use proxy_identity::SpiffeId;
@@ -32,7 +38,8 @@ use tokio::sync::mpsc;
 
 use super::net::{Net, in_ns, run_checked, run_with_input};
 use super::plan::{
-    Plan, PodPlan, RELAY_PORT, SERVICES_CHAIN, TUNNEL_PORT, hosts_file, service_rules,
+    Plan, PodPlan, RELAY_PORT, SERVICES_CHAIN, TUNNEL_PORT, hosts_file, mirrored_routes,
+    service_rules,
 };
 use super::process::{
     QUIET, admin_get, container_env, describe, not_ready, print_lines, proxy_command, spawn,
@@ -219,6 +226,9 @@ struct Lab {
     gateway_ns: Vec<String>,
     /// Whether the manifests carry the Links yet.
     links: bool,
+    /// Per cluster, the Services its ServiceMirrors made (kube-proxy rejects
+    /// their ClusterIPs: no local pod backs them).
+    mirrored: Vec<BTreeMap<ServiceRef, Service>>,
     /// SIGINT and SIGTERM, caught from the start so that an interrupted start
     /// still cleans up.
     interrupt: Signal,
@@ -245,6 +255,7 @@ impl Lab {
             pod_ns: BTreeMap::new(),
             gateway_ns: Vec::new(),
             links: true,
+            mirrored: Vec::new(),
         })
     }
 
@@ -331,7 +342,12 @@ impl Lab {
             let issuer = mint::issuer(&anchor, name, validity, alg)
                 .with_context(|| format!("minting the issuer of cluster {name}"))?;
             let mut leaves = vec![("gateway".to_owned(), c.gateway_identity.clone())];
-            leaves.extend(c.pods.iter().map(|p| (p.name.clone(), p.identity.clone())));
+            leaves.extend(
+                c.pods
+                    .iter()
+                    .filter(|p| p.meshed)
+                    .map(|p| (p.name.clone(), p.identity.clone())),
+            );
             for (who, id) in leaves {
                 let spiffe = SpiffeId::parse(&id).with_context(|| format!("identity {id}"))?;
                 let dir = self.dir(&["identity", name, &who]);
@@ -393,9 +409,9 @@ impl Lab {
     }
 
     /// Every Service's ClusterIP per cluster, mirrored ones as the proxies'
-    /// discovery computes them from the manifests just written; reports mirrors
-    /// that are not ready.
-    fn service_ips(&self) -> Result<Vec<BTreeMap<ServiceRef, IpAddr>>> {
+    /// discovery computes them from the manifests just written (kept in
+    /// `self.mirrored`); reports each ServiceMirror, with the reason of a refusal.
+    fn service_ips(&mut self) -> Result<Vec<BTreeMap<ServiceRef, IpAddr>>> {
         let mut all = Vec::new();
         for c in &self.plan.clusters {
             let dir = self.dir(&["manifests", c.spec.name.as_str()]);
@@ -420,7 +436,7 @@ impl Lab {
                         m.spec.cluster
                     ),
                     Some(cond) => println!(
-                        "[{}] WARNING ServiceMirror {}/{} not ready: {}: {}",
+                        "[{}] ServiceMirror {}/{}: {}: {}",
                         c.spec.name,
                         m.metadata.namespace(),
                         m.metadata.name,
@@ -431,12 +447,17 @@ impl Lab {
                 }
             }
             let mut ips = BTreeMap::new();
+            let mut mirrored = BTreeMap::new();
             for (key, svc) in &snapshot.local().services {
                 if let Some(ip) = svc.cluster_ips().into_iter().next() {
                     ips.insert(key.clone(), ip);
                 }
+                if !c.services.contains_key(key) {
+                    mirrored.insert(key.clone(), svc.clone());
+                }
             }
             all.push(ips);
+            self.mirrored.push(mirrored);
         }
         Ok(all)
     }
@@ -475,13 +496,18 @@ impl Lab {
                 net.attach(&lab, &bridge, &ns, "eth0", pod.ip, 24)?;
                 net.route(&ns, SERVICE_RANGE, c.bridge_ip)?;
                 net.write_hosts(&ns, &hosts_file(c, pod, &service_ips[ci]))?;
-                run_checked(in_ns(&ns, bin.join("isthmus-init")).args(["--backend", "nft"]))
-                    .with_context(|| {
-                        format!("installing the capture in pod {name}/{}", pod.name)
-                    })?;
+                if pod.meshed {
+                    run_checked(in_ns(&ns, bin.join("isthmus-init")).args(["--backend", "nft"]))
+                        .with_context(|| {
+                            format!("installing the capture in pod {name}/{}", pod.name)
+                        })?;
+                }
                 println!(
-                    "[{name}] pod {}/{} at {} (ip netns exec {ns} ...)",
-                    pod.namespace, pod.name, pod.ip
+                    "[{name}] pod {}/{} at {}{} (ip netns exec {ns} ...)",
+                    pod.namespace,
+                    pod.name,
+                    pod.ip,
+                    if pod.meshed { "" } else { ", unmeshed" }
                 );
                 self.pod_ns.insert((ci, pi), ns);
             }
@@ -494,7 +520,11 @@ impl Lab {
     /// capture's own jump so the app's connections reach the sidecar first.
     fn apply_rules(&self, ci: usize, first: bool) -> Result<()> {
         let c = &self.plan.clusters[ci];
-        let rules = service_rules(&self.plan.service_routes(c, &self.ready()));
+        let mut routes = self.plan.service_routes(c, &self.ready());
+        if let Some(mirrored) = self.mirrored.get(ci) {
+            routes.extend(mirrored_routes(mirrored));
+        }
+        let rules = service_rules(&routes);
         for pi in 0..c.pods.len() {
             let Some(ns) = self.pod_ns.get(&(ci, pi)) else {
                 continue;
@@ -575,7 +605,7 @@ impl Lab {
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
             let manifests = self.dir(&["manifests", name]);
-            for (pi, pod) in c.pods.iter().enumerate() {
+            for (pi, pod) in c.pods.iter().enumerate().filter(|(_, p)| p.meshed) {
                 let ns = &self.pod_ns[&(ci, pi)];
                 let mut cmd = proxy_command(
                     bin,
@@ -610,7 +640,7 @@ impl Lab {
                 false => Vec::new(),
             };
             pending.push((self.gateway_ns[ci].clone(), links));
-            for pi in (0..c.pods.len()).filter(|_| all) {
+            for pi in (0..c.pods.len()).filter(|pi| all && c.pods[*pi].meshed) {
                 pending.push((self.pod_ns[&(ci, pi)].clone(), Vec::new()));
             }
         }
@@ -835,7 +865,7 @@ impl Lab {
                 gateway: true,
                 metrics: admin_get(gw, "/metrics").await.map(|t| summary::parse(&t)),
             });
-            for (pi, pod) in c.pods.iter().enumerate() {
+            for (pi, pod) in c.pods.iter().enumerate().filter(|(_, p)| p.meshed) {
                 reports.push(ProxyReport {
                     cluster: cluster.clone(),
                     name: pod.name.clone(),

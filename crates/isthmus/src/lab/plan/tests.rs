@@ -177,3 +177,108 @@ fn hosts_files_name_services_as_kubernetes_dns_does() {
         "{hosts}"
     );
 }
+
+fn three_clusters() -> Plan {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/three-clusters");
+    let spec = LabSpec::read(&dir).expect("the three-clusters example reads");
+    Plan::new(&spec, 0).expect("the three-clusters example places")
+}
+
+#[test]
+fn the_inject_annotation_keeps_a_pod_out_of_the_mesh() {
+    let plan = three_clusters();
+    let west = plan.cluster("west").expect("west");
+    let meshed: BTreeMap<&str, bool> = west
+        .pods
+        .iter()
+        .map(|p| (p.deployment.as_str(), p.meshed))
+        .collect();
+    assert_eq!(
+        meshed,
+        BTreeMap::from([("frontend", true), ("legacy", false), ("web", true)])
+    );
+    // Every pod of the seed is meshed: no annotation means enabled.
+    assert!(
+        seed_plan(0)
+            .clusters
+            .iter()
+            .all(|c| c.pods.iter().all(|p| p.meshed))
+    );
+}
+
+#[test]
+fn an_inject_value_other_than_enabled_or_disabled_names_the_deployment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c1 = dir.path().join("c1");
+    std::fs::create_dir(&c1).expect("mkdir");
+    std::fs::write(
+        c1.join("app.yaml"),
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: app\n  namespace: tools\nspec:\n  template:\n    metadata:\n      annotations:\n        isthmus.io/inject: off\n    spec:\n      containers:\n      - name: app\n        image: nginxdemos/hello:plain-text\n",
+    )
+    .expect("write");
+    let spec = LabSpec::read(dir.path()).expect("reads");
+    let err = Plan::new(&spec, 0).expect_err("an unknown inject value is refused");
+    let text = err.to_string();
+    for needle in [
+        "Deployment tools/app",
+        "cluster c1",
+        "isthmus.io/inject",
+        "\"off\"",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from {text}");
+    }
+}
+
+#[test]
+fn a_multi_port_service_with_replicas_routes_each_port_to_every_replica() {
+    let plan = three_clusters();
+    let east = plan.cluster("east").expect("east");
+    let by_port: BTreeMap<u16, Vec<SocketAddr>> = plan
+        .service_routes(east, &|_| true)
+        .into_iter()
+        .filter(|r| r.service == ServiceRef::new("shop", "catalog"))
+        .map(|r| (r.front.port(), r.backends))
+        .collect();
+    assert_eq!(
+        by_port,
+        BTreeMap::from([
+            (
+                80,
+                vec![
+                    SocketAddr::from(([198, 18, 1, 10], 8080)),
+                    SocketAddr::from(([198, 18, 1, 11], 8080))
+                ]
+            ),
+            (
+                8081,
+                vec![
+                    SocketAddr::from(([198, 18, 1, 10], 8081)),
+                    SocketAddr::from(([198, 18, 1, 11], 8081))
+                ]
+            ),
+        ])
+    );
+}
+
+#[test]
+fn mirrored_services_are_rejected_by_kube_proxy() {
+    let svc: Service = serde_yaml_ng::from_str(
+        "metadata: {name: catalog, namespace: shop}\nspec:\n  clusterIP: 198.19.16.9\n  ports:\n  - {name: http, port: 80}\n  - {name: admin, port: 8081}\n  - {name: dns, port: 53, protocol: UDP}\n",
+    )
+    .expect("a Service");
+    let mirrored = BTreeMap::from([(ServiceRef::new("shop", "catalog"), svc)]);
+    let routes = mirrored_routes(&mirrored);
+    assert_eq!(routes.len(), 2, "{routes:?}");
+    assert!(routes.iter().all(|r| r.backends.is_empty()));
+    let rules = service_rules(&routes);
+    for port in [80, 8081] {
+        assert!(
+            rules.contains(&format!(
+                "-A LAB_SERVICES -d 198.19.16.9/32 -p tcp -m tcp --dport {port} -j REJECT --reject-with tcp-reset"
+            )),
+            "{rules}"
+        );
+    }
+    assert!(!rules.contains("DNAT"), "{rules}");
+}
