@@ -1,0 +1,266 @@
+//! End-to-end test of `isthmus lab` on `examples/three-clusters`: three clusters,
+//! two namespaces, a two-port Service with two replicas, mirrors from two
+//! clusters, a refused mirror of a Service that is not exported, and an unmeshed
+//! pod beside meshed ones.
+//!
+//! It needs root (network namespaces, iptables) and the workspace's other
+//! binaries (`isthmus-proxy`, `isthmus-init`) built beside `isthmus`; without
+//! either it fails and says how to run it. It never skips.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const HOW_TO_RUN: &str = "the lab tests build network namespaces and program iptables, so they \
+     run as root with every binary built: `cargo build --bins && sudo -E cargo test -p isthmus --test lab_three_clusters`";
+
+/// curl's exit code when `--max-time` ran out: a call that hung.
+const CURL_TIMED_OUT: u32 = 28;
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "not running as root: {HOW_TO_RUN}"
+    );
+    let dir = Path::new(env!("CARGO_BIN_EXE_isthmus")).parent().unwrap();
+    for bin in ["isthmus-proxy", "isthmus-init"] {
+        assert!(
+            dir.join(bin).is_file(),
+            "{bin} is not built in {}: {HOW_TO_RUN}",
+            dir.display()
+        );
+    }
+}
+
+fn example_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/three-clusters")
+}
+
+fn isthmus() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_isthmus"));
+    cmd.env_remove("ISTHMUS_LOG").stdin(Stdio::null());
+    cmd
+}
+
+/// Waits for `child` at most `timeout`, killing it after that.
+fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {timeout:?}; stdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The run prefix from the lab's first line, `isthmus lab <prefix>: ...`.
+fn run_prefix(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("isthmus lab "))
+        .and_then(|l| l.split(':').next())
+        .unwrap_or_else(|| panic!("no run prefix in the output:\n{stdout}"))
+        .to_owned()
+}
+
+fn assert_nothing_left(prefix: &str) {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let left: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("{prefix}-")))
+        .map(str::to_owned)
+        .collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+    assert!(
+        !Path::new("/run/isthmus-lab").join(prefix).exists(),
+        "run directory of {prefix} left"
+    );
+    let etc: Vec<String> = std::fs::read_dir("/etc/netns")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("{prefix}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(etc.is_empty(), "hosts files left: {etc:?}");
+}
+
+/// One call a container's loop reported: `<what>: exit <code> in <ms> ms
+/// [Server address: <addr> Server name: <name>]`.
+#[derive(Debug)]
+struct Call {
+    exit: u32,
+    address: Option<String>,
+    name: Option<String>,
+}
+
+/// The calls named `what` that pod `pod` of `cluster` reported, in order.
+fn calls(stdout: &str, cluster: &str, pod: &str, what: &str) -> Vec<Call> {
+    let prefix = format!("[{cluster}/{pod}-");
+    let marker = format!("] {what}: exit ");
+    stdout
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.split_once(&marker).map(|(_, rest)| rest))
+        .map(|rest| {
+            let exit = rest
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no exit code in {rest:?}"));
+            let field = |name: &str| {
+                rest.split_once(name)
+                    .and_then(|(_, v)| v.split_whitespace().next())
+                    .map(str::to_owned)
+            };
+            Call {
+                exit,
+                address: field("Server address: "),
+                name: field("Server name: "),
+            }
+        })
+        .collect()
+}
+
+/// The number in "gateway of <cluster> carried <n> tunnel streams".
+fn carried(stdout: &str, cluster: &str) -> f64 {
+    let prefix = format!("gateway of {cluster} carried ");
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no summary line for the gateway of {cluster}:\n{stdout}"))
+}
+
+#[test]
+fn three_clusters_mirror_refuse_and_keep_an_unmeshed_pod_apart() {
+    require_root();
+    let out = wait_output(
+        isthmus()
+            .args(["lab", "up"])
+            .arg(example_dir())
+            .args(["--duration", "25s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(100),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let context = format!(
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "lab up failed ({}); {context}",
+        out.status
+    );
+
+    // The refused mirror is reported with its reason; the other two are mirrored.
+    assert!(
+        stdout.lines().any(|l| l.starts_with(
+            "[west] ServiceMirror tools/secret-mirror: NotExported: cluster east does not export Service tools/secret"
+        )),
+        "{context}"
+    );
+    for line in [
+        "[west] ServiceMirror shop/catalog-mirror: mirrored catalog from east",
+        "[west] ServiceMirror tools/stock-mirror: mirrored stock from south",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "{line:?}; {context}");
+    }
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("[west] pod tools/legacy-") && l.contains(", unmeshed")),
+        "the unmeshed pod is not listed as such; {context}"
+    );
+
+    // The frontend's loop: every cross-cluster call answered; ~2 s per round over
+    // 25 s, so at least 5 rounds whatever the machine's pace.
+    let mut names = BTreeSet::new();
+    for (what, port) in [("catalog:80", 8080), ("catalog:8081", 8081)] {
+        let seen = calls(&stdout, "west", "frontend", what);
+        assert!(seen.len() >= 5, "{what}: {} calls; {context}", seen.len());
+        for call in &seen {
+            assert_eq!(call.exit, 0, "{what} failed: {call:?}; {context}");
+            let address = call.address.as_deref().unwrap_or_default();
+            assert!(
+                address.starts_with("198.18.1.") && address.ends_with(&format!(":{port}")),
+                "{what} answered from {address:?}, not a catalog pod of east on {port}; {context}"
+            );
+            let name = call.name.clone().unwrap_or_default();
+            assert!(name.starts_with("catalog-"), "{call:?}; {context}");
+            names.insert(name);
+        }
+    }
+    assert!(
+        names.len() >= 2,
+        "the catalog answered from one replica only: {names:?}; {context}"
+    );
+    let stock = calls(&stdout, "west", "frontend", "stock");
+    assert!(stock.len() >= 5, "{context}");
+    assert!(
+        stock
+            .iter()
+            .all(|c| c.exit == 0 && c.name.as_deref().is_some_and(|n| n.starts_with("stock-"))),
+        "stock (from south): {stock:?}; {context}"
+    );
+
+    // The refused mirror made no Service: each call fails at once (no hosts entry),
+    // never by running into --max-time, and the loop keeps its pace.
+    let secret = calls(&stdout, "west", "frontend", "secret");
+    assert!(
+        secret.len() >= 5,
+        "{} secret calls; {context}",
+        secret.len()
+    );
+    assert!(
+        secret
+            .iter()
+            .all(|c| c.exit != 0 && c.exit != CURL_TIMED_OUT && c.name.is_none()),
+        "secret: {secret:?}; {context}"
+    );
+
+    // The unmeshed pod reaches west's own web directly (through web's sidecar as
+    // plain TCP) and is refused at once by the mirrored catalog: curl's 7 is the
+    // reset kube-proxy's rule sends, where a silent drop would be a 28.
+    let web = calls(&stdout, "west", "legacy", "web");
+    assert!(web.len() >= 5, "{context}");
+    assert!(
+        web.iter()
+            .all(|c| c.exit == 0 && c.name.as_deref().is_some_and(|n| n.starts_with("web-"))),
+        "web from the unmeshed pod: {web:?}; {context}"
+    );
+    let mirrored = calls(&stdout, "west", "legacy", "catalog");
+    assert!(mirrored.len() >= 5, "{context}");
+    assert!(
+        mirrored.iter().all(|c| c.exit == 7),
+        "the mirrored catalog from the unmeshed pod: {mirrored:?}; {context}"
+    );
+
+    // Traffic crossed the gateways: west's for every mirrored call, east's for the
+    // catalog, south's for stock.
+    assert!(carried(&stdout, "west") >= 15.0, "{context}");
+    assert!(carried(&stdout, "east") >= 10.0, "{context}");
+    assert!(carried(&stdout, "south") >= 5.0, "{context}");
+    // The unmeshed pod has no proxy to report.
+    assert!(
+        !stdout.lines().any(|l| l.starts_with("west/legacy-")),
+        "{context}"
+    );
+    assert_nothing_left(&run_prefix(&stdout));
+}
