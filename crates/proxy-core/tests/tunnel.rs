@@ -150,3 +150,43 @@ async fn many_streams_share_one_connection_and_refusals_name_their_reason() {
         .get();
     assert_eq!(counted, 1);
 }
+
+/// A client that ends its side and drops the stream before reading the reply still
+/// closes it in order: the server side counts a clean close, not a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_dropped_after_a_clean_shutdown_closes_in_order() {
+    let metrics = ProxyMetrics::default();
+    let (addr, _drain) = tunnel_server(metrics.clone()).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = client::handshake(tcp, &H2Settings::default())
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let authority = Authority::parse("echo.test:7").unwrap();
+    let mut stream = client::open(&mut sender, &authority, Some(&ClusterName::new("here")))
+        .await
+        .unwrap();
+    stream.write_all(&[7u8; 64 * 1024]).await.unwrap();
+    stream.shutdown().await.unwrap();
+    drop(stream);
+
+    let closes = |reason: &'static str| {
+        metrics
+            .tcp_closed
+            .get_or_create(&proxy_core::metrics::TcpCloseLabels {
+                direction: Direction::Gateway,
+                reason,
+            })
+            .get()
+    };
+    let deadline = tokio::time::Instant::now() + STEP;
+    while closes("eof") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server never saw the stream end (reset: {})",
+            closes("downstream_reset")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(closes("downstream_reset"), 0);
+}
