@@ -91,27 +91,11 @@ pub struct CommonArgs {
     pub log: String,
 }
 
-/// Parses `500ms`, `5s`, `2m`, `1h`.
+/// Parses durations as Kubernetes writes them: `500ms`, `5s`, `1m30s`, `1h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{text:?} has no unit (use ms, s, m or h)"))?;
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
-    let unit_ms = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => {
-            return Err(format!(
-                "{text:?} has unknown unit {unit:?} (use ms, s, m or h)"
-            ));
-        }
-    };
-    Ok(Duration::from_millis(number.saturating_mul(unit_ms)))
+    proxy_discovery::model::GoDuration::parse(text)
+        .map(|d| d.0)
+        .map_err(|e| e.to_string())
 }
 
 /// The validated configuration of one proxy process.
@@ -247,9 +231,11 @@ mod tests {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert!(parse_duration("5").unwrap_err().contains("no unit"));
-        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("s").is_err());
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        for bad in ["5", "5d", "s", ""] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(err.contains("3s, 500ms or 1m30s"), "{bad}: {err}");
+        }
     }
 
     fn args(dir: &std::path::Path) -> CommonArgs {

@@ -5,9 +5,10 @@
 //!
 //! - [`spec`]: the lab directory (one folder per cluster: manifests and the mesh
 //!   install `isthmus.yaml`), read and checked; the embedded seed.
-//! - [`plan`]: what Kubernetes would decide: addresses, pods, ClusterIPs,
-//!   Endpoints, the manifests each cluster's proxies watch, kube-proxy's rules,
-//!   hosts files. Pure.
+//! - [`plan`]: what Kubernetes would decide: addresses, pods (meshed, or not
+//!   when annotated `isthmus.io/inject: disabled`), ClusterIPs, Endpoints, the
+//!   manifests each cluster's proxies watch, kube-proxy's rules, hosts files.
+//!   Pure.
 //! - [`net`]: namespaces, bridges, veth pairs, processes in namespaces, and the
 //!   clean-up (also `isthmus lab down`).
 //! - [`run`]: `isthmus lab up`: identities, topology, gateways, pods (init,
@@ -173,25 +174,9 @@ fn down(args: DownArgs) -> Result<bool> {
     Ok(true)
 }
 
-/// Parses `500ms`, `20s`, `5m`, `1h`.
+/// Parses durations as Kubernetes writes them: `500ms`, `20s`, `1m30s`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{text:?} has no unit (use ms, s, m or h)"))?;
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
-    let ms = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => {
-            return Err(format!(
-                "{text:?} has unknown unit {unit:?} (use ms, s, m or h)"
-            ));
-        }
-    };
-    Ok(Duration::from_millis(number.saturating_mul(ms)))
+    proxy_discovery::model::GoDuration::parse(text)
+        .map(|d| d.0)
+        .map_err(|e| e.to_string())
 }
