@@ -1,0 +1,319 @@
+//! Cost of opening one tunnel stream on a warm pool, against a fresh loopback TCP
+//! connection, both measured in the same run.
+//!
+//! - `tunnel_stream_warm_pool`: a `proxy_core::pool::Pool` (one mTLS HTTP/2 connection,
+//!   already up) opens a CONNECT stream to an in-process sidecar inbound
+//!   (`proxy_core::inbound::Inbound` with `LocalDelivery`, the real accept and TLS
+//!   path), which dials a loopback echo server; one byte goes there and back, then
+//!   both ends close in order.
+//! - `tcp_connect_loopback`: the same exchange on a new TCP connection straight to
+//!   the echo server, which is what an application pays without the mesh.
+//!
+//! A warm stream costs no TLS handshake and no extra round trip to set up the link,
+//! so the ratio says what the seed's "established multi-cluster connection" costs
+//! per new application connection: the HTTP/2 CONNECT exchange, the server's dial to
+//! the target and the framing of the byte. TLS handshake cost itself is the
+//! `handshake` bench's subject. After criterion's report a summary prints each
+//! variant's mean time per stream and its ratio to the TCP baseline; quote the ratio.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use proxy_core::addr::FixedOrigDst;
+use proxy_core::detect::DetectConfig;
+use proxy_core::forward::ForwardConfig;
+use proxy_core::http::{HttpProxy, HttpSettings};
+use proxy_core::inbound::{Inbound, InboundConfig, LocalDelivery};
+use proxy_core::listen::{self, ListenConfig};
+use proxy_core::metrics::{Direction, ProxyMetrics};
+use proxy_core::pool::{PeerConfig, Pool};
+use proxy_core::route::Authority;
+use proxy_core::tunnel::H2Settings;
+use proxy_core::tunnel::server::{Peer, TunnelServer};
+use proxy_identity::mint::{self, KeyAlgorithm, Validity};
+use proxy_identity::rustls::pki_types::ServerName;
+use proxy_identity::{
+    CredentialPaths, CredentialStore, Credentials, PeerPolicy, SpiffeId, TrustDomain,
+    client_config, server_config,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Bound on every wait of the setup and of each exchange, so a broken path fails
+/// the bench instead of hanging it.
+const STEP: Duration = Duration::from_secs(10);
+
+const GATEWAY_ID: &str = "spiffe://cluster.local/ns/default/sa/hello";
+const SIDECAR_ID: &str = "spiffe://cluster.local/ns/default/sa/frontend";
+
+/// Streams and time per variant, for the ratio summary.
+static TALLY: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
+
+/// An in-memory identity: nothing is written, the store only names the paths.
+fn store(issuer: &mint::Authority, id: &str) -> Arc<CredentialStore> {
+    let id = SpiffeId::parse(id).expect("a valid SPIFFE ID");
+    let bundle = mint::leaf(
+        issuer,
+        &id,
+        Validity::from_now(Duration::from_secs(3600)),
+        KeyAlgorithm::default(),
+    )
+    .expect("mint a leaf");
+    let paths = CredentialPaths::in_dir("bench");
+    let creds = Credentials::from_pem(
+        &paths,
+        bundle.cert_chain_pem.as_bytes(),
+        bundle.key_pem.as_bytes(),
+        bundle.anchors_pem.as_bytes(),
+        SystemTime::now(),
+    )
+    .expect("fresh credentials are valid");
+    Arc::new(CredentialStore::from_credentials(paths, creds))
+}
+
+/// A loopback server that echoes every connection until its peer closes.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind the echo server");
+    let addr = listener.local_addr().expect("the echo server's address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A sidecar inbound listener terminating mesh TLS and delivering tunnel streams to
+/// loopback ports, as `isthmus-proxy sidecar` runs it.
+async fn inbound(gateway: Arc<CredentialStore>, shutdown: watch::Receiver<bool>) -> SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind the inbound listener");
+    let addr = listener
+        .local_addr()
+        .expect("the inbound listener's address");
+    let td = TrustDomain::parse("cluster.local").expect("a valid trust domain");
+    let metrics = ProxyMetrics::default();
+    let forward = ForwardConfig::default();
+    let connect_timeout = Duration::from_secs(5);
+    let tunnel = TunnelServer::new(
+        Arc::new(LocalDelivery {
+            app_ip: Ipv4Addr::LOCALHOST.into(),
+            connect_timeout,
+            proxy_ports: HashSet::from([addr.port()]),
+        }),
+        H2Settings::default(),
+        forward.clone(),
+        metrics.clone(),
+        Direction::Inbound,
+    );
+    let handler = Inbound {
+        tls: Some(server_config(gateway, PeerPolicy::TrustDomain(td))),
+        identify: Arc::new(|_| Peer {
+            id: Some(Arc::from(SIDECAR_ID)),
+            local: true,
+        }),
+        handshake_failed: Arc::new(|_, _| "bench"),
+        tunnel,
+        // The listener's own address: every connection is for the tunnel, as when
+        // a peer dials the inbound port directly.
+        orig_dst: Arc::new(FixedOrigDst(addr)),
+        cfg: InboundConfig {
+            connect_timeout,
+            detect: DetectConfig::default(),
+            opaque_ports: HashSet::new(),
+            forward: forward.clone(),
+            proxy_ports: HashSet::from([addr.port()]),
+            tls_handshake_timeout: connect_timeout,
+        },
+        http: HttpProxy {
+            metrics: metrics.clone(),
+            direction: Direction::Inbound,
+            settings: HttpSettings::default(),
+            forward,
+        },
+        metrics: metrics.clone(),
+    };
+    let cfg = ListenConfig {
+        max_connections: 10_000,
+        grace: Duration::from_secs(1),
+    };
+    tokio::spawn(listen::serve(
+        listener,
+        Arc::new(handler),
+        cfg,
+        metrics,
+        Direction::Inbound,
+        shutdown,
+    ));
+    addr
+}
+
+/// Sends one byte, reads it back, then closes in order and waits for the far end's
+/// close, so each iteration leaves nothing half-open behind.
+async fn one_byte_exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
+    s.write_all(b"x").await.expect("send the byte");
+    let mut byte = [0u8; 1];
+    s.read_exact(&mut byte).await.expect("the byte echoed");
+    assert_eq!(&byte, b"x");
+    s.shutdown().await.expect("close our side");
+    let mut rest = [0u8; 16];
+    let n = s.read(&mut rest).await.expect("the far end's close");
+    assert_eq!(n, 0, "the echo sent more than it received");
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let anchor = mint::trust_anchor(
+        &mint::default_anchor_name(),
+        Validity::from_now(mint::DEFAULT_ANCHOR_LIFETIME),
+        KeyAlgorithm::default(),
+    )
+    .expect("mint an anchor");
+    let issuer = mint::issuer(
+        &anchor,
+        "cluster-a",
+        Validity::from_now(mint::DEFAULT_ISSUER_LIFETIME),
+        KeyAlgorithm::default(),
+    )
+    .expect("mint an issuer");
+    let gateway = store(&issuer, GATEWAY_ID);
+    let sidecar = store(&issuer, SIDECAR_ID);
+
+    let (stop, shutdown) = watch::channel(false);
+    let (echo, pool) = rt.block_on(async {
+        let echo = echo_server().await;
+        let inbound = inbound(gateway, shutdown.clone()).await;
+        let pool = Pool::spawn(
+            PeerConfig {
+                name: Arc::from("bench/inbound"),
+                addr: inbound,
+                server_name: ServerName::try_from("hello.default.svc.cluster.local")
+                    .expect("a valid DNS name"),
+                tls: client_config(
+                    sidecar,
+                    PeerPolicy::Exact(SpiffeId::parse(GATEWAY_ID).expect("valid")),
+                ),
+                connect_timeout: Duration::from_secs(5),
+                connections: 1,
+                h2: H2Settings::default(),
+                backoff_min: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(1),
+                handshake_failed: None,
+            },
+            shutdown,
+        );
+        // The first open waits for the pool's connection: that is the warm-up.
+        let authority =
+            Authority::parse(&format!("echo.bench:{}", echo.port())).expect("a valid authority");
+        let first = tokio::time::timeout(STEP, pool.open(&authority, None))
+            .await
+            .expect("the pool connects within the step")
+            .expect("the inbound accepts the stream");
+        tokio::time::timeout(STEP, one_byte_exchange(first))
+            .await
+            .expect("the first exchange finishes within the step");
+        assert!(pool.state().is_up(), "pool state: {:?}", pool.state());
+        (echo, pool)
+    });
+    let authority =
+        Authority::parse(&format!("echo.bench:{}", echo.port())).expect("a valid authority");
+
+    let mut group = c.benchmark_group("tunnel");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("tcp_connect_loopback", |b| {
+        b.iter_custom(|iters| {
+            let elapsed = rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let exchange = async {
+                        let s = TcpStream::connect(echo).await.expect("connect the echo");
+                        s.set_nodelay(true).expect("TCP_NODELAY");
+                        one_byte_exchange(s).await;
+                    };
+                    tokio::time::timeout(STEP, exchange)
+                        .await
+                        .expect("a loopback exchange finishes within the step");
+                }
+                start.elapsed()
+            });
+            tally("tcp_connect_loopback", iters, elapsed);
+            elapsed
+        })
+    });
+    group.bench_function("tunnel_stream_warm_pool", |b| {
+        b.iter_custom(|iters| {
+            let elapsed = rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let exchange = async {
+                        let stream = pool
+                            .open(&authority, None)
+                            .await
+                            .expect("open a stream on the warm pool");
+                        one_byte_exchange(stream).await;
+                    };
+                    tokio::time::timeout(STEP, exchange)
+                        .await
+                        .expect("a tunnel exchange finishes within the step");
+                }
+                start.elapsed()
+            });
+            tally("tunnel_stream_warm_pool", iters, elapsed);
+            elapsed
+        })
+    });
+    group.finish();
+    let _ = stop.send(true);
+    summary();
+}
+
+fn tally(name: &'static str, iters: u64, elapsed: Duration) {
+    let mut tally = TALLY.lock().expect("tally lock");
+    let entry = tally.entry(name).or_default();
+    entry.0 += iters;
+    entry.1 += elapsed;
+}
+
+/// Prints each variant's mean time per stream over warm-up and measurement, and its
+/// ratio to the TCP baseline.
+fn summary() {
+    let tally = TALLY.lock().expect("tally lock");
+    let mean = |name: &str| {
+        tally
+            .get(name)
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, time)| time.as_secs_f64() / *n as f64)
+    };
+    let Some(base) = mean("tcp_connect_loopback") else {
+        return;
+    };
+    println!("\ntunnel stream setup relative to a fresh loopback TCP connection (same run):");
+    for name in tally.keys() {
+        if let Some(t) = mean(name) {
+            println!(
+                "  {name:<24} {:>8.1} us/stream  ratio {:.2}",
+                t * 1e6,
+                t / base
+            );
+        }
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
