@@ -159,28 +159,7 @@ fn explicit_requests_pass_through_and_are_counted() {
         "{absolute}"
     );
 
-    let mut tunnel = TcpStream::connect(listen).unwrap();
-    tunnel.set_read_timeout(Some(STEP)).unwrap();
-    write!(
-        tunnel,
-        "CONNECT {origin} HTTP/1.1\r\nhost: {origin}\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            tunnel.read(&mut byte).unwrap(),
-            1,
-            "CONNECT answer cut short"
-        );
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let mut tunnel = connect_through(listen, origin);
     write!(tunnel, "GET /through HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
     let mut rest = String::new();
     let _ = tunnel.read_to_string(&mut rest);
