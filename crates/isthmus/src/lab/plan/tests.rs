@@ -282,3 +282,58 @@ fn mirrored_services_are_rejected_by_kube_proxy() {
     }
     assert!(!rules.contains("DNAT"), "{rules}");
 }
+
+#[test]
+fn in_west_the_refused_mirror_makes_no_service_and_the_others_are_rejected_by_kube_proxy() {
+    let plan = three_clusters();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for c in &plan.clusters {
+        for (rel, text) in plan.manifests(c, &|_| true, true) {
+            let path = tmp.path().join(c.spec.name.as_str()).join(rel);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, text).expect("write");
+        }
+    }
+    let west = plan.cluster("west").expect("west");
+    let snapshot = DirSource::new(tmp.path().join("west"))
+        .with_cluster(west.spec.name.clone())
+        .load()
+        .expect("west's manifests load");
+    assert!(snapshot.service("tools", "secret").is_none());
+    let mirrored: BTreeMap<ServiceRef, Service> = snapshot
+        .local()
+        .services
+        .iter()
+        .filter(|(key, _)| !west.services.contains_key(key))
+        .map(|(key, svc)| (key.clone(), svc.clone()))
+        .collect();
+    assert_eq!(
+        mirrored.keys().cloned().collect::<Vec<_>>(),
+        [
+            ServiceRef::new("shop", "catalog"),
+            ServiceRef::new("tools", "stock")
+        ]
+    );
+    let routes = mirrored_routes(&mirrored);
+    let mut ports: Vec<(String, u16)> = routes
+        .iter()
+        .map(|r| (r.service.name.clone(), r.front.port()))
+        .collect();
+    ports.sort();
+    assert_eq!(
+        ports,
+        [
+            ("catalog".to_owned(), 80),
+            ("catalog".to_owned(), 8081),
+            ("stock".to_owned(), 80)
+        ]
+    );
+    for r in &routes {
+        assert!(r.backends.is_empty(), "{r:?}");
+        // The sidecar still tunnels it: the ClusterIP routes to the remote cluster.
+        match snapshot.lookup_addr(&r.front) {
+            Some(Route::Remote { .. }) => {}
+            other => panic!("{} routes {other:?}", r.front),
+        }
+    }
+}
