@@ -217,12 +217,20 @@ impl Net {
         run_checked(in_ns(ns, "ip").args(["route", "add", dst, "via", &via.to_string()])).map(drop)
     }
 
-    /// Writes the hosts file `ip netns exec` mounts over `/etc/hosts` in `ns`.
+    /// Writes the hosts file `ip netns exec` mounts over `/etc/hosts` in `ns`, and a
+    /// `resolv.conf` whose only nameserver is the namespace's own loopback: names
+    /// outside the hosts file fail at once, and no lookup is ever addressed to the
+    /// host's resolvers, whatever the routes.
     pub fn write_hosts(&self, ns: &str, text: &str) -> Result<()> {
         let dir = Path::new(ETC_NETNS).join(ns);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::write(dir.join("hosts"), text)
-            .with_context(|| format!("writing {}/hosts", dir.display()))
+            .with_context(|| format!("writing {}/hosts", dir.display()))?;
+        std::fs::write(
+            dir.join("resolv.conf"),
+            "nameserver 127.0.0.1\noptions attempts:1 timeout:1\n",
+        )
+        .with_context(|| format!("writing {}/resolv.conf", dir.display()))
     }
 
     /// Starts `cmd` inside `ns` as `uid`/`gid` (supplementary groups dropped).
