@@ -8,97 +8,13 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const HOW_TO_RUN: &str = "the lab tests build network namespaces and program iptables, so they \
-     run as root with every binary built: `cargo build --bins && sudo -E cargo test -p isthmus --test lab`";
+mod common;
 
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "not running as root: {HOW_TO_RUN}"
-    );
-    let dir = Path::new(env!("CARGO_BIN_EXE_isthmus")).parent().unwrap();
-    for bin in ["isthmus-proxy", "isthmus-init"] {
-        assert!(
-            dir.join(bin).is_file(),
-            "{bin} is not built in {}: {HOW_TO_RUN}",
-            dir.display()
-        );
-    }
-}
-
-fn seed_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed")
-}
-
-fn isthmus() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_isthmus"));
-    cmd.env_remove("ISTHMUS_LOG").stdin(Stdio::null());
-    cmd
-}
-
-/// Waits for `child` at most `timeout`, killing it after that.
-fn wait_output(mut child: Child, timeout: Duration) -> Output {
-    let deadline = Instant::now() + timeout;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "still running after {timeout:?}; stdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
-}
-
-/// The run prefix from the lab's first line, `isthmus lab <prefix>: ...`.
-fn run_prefix(stdout: &str) -> String {
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("isthmus lab "))
-        .and_then(|l| l.split(':').next())
-        .unwrap_or_else(|| panic!("no run prefix in the output:\n{stdout}"))
-        .to_owned()
-}
-
-fn namespaces_of(prefix: &str) -> Vec<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(&format!("{prefix}-")))
-        .map(str::to_owned)
-        .collect()
-}
-
-fn assert_nothing_left(prefix: &str) {
-    assert_eq!(
-        namespaces_of(prefix),
-        Vec::<String>::new(),
-        "namespaces left"
-    );
-    assert!(
-        !Path::new("/run/isthmus-lab").join(prefix).exists(),
-        "run directory of {prefix} left"
-    );
-    let etc: Vec<String> = std::fs::read_dir("/etc/netns")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&format!("{prefix}-")))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(etc.is_empty(), "hosts files left: {etc:?}");
-}
+use common::*;
 
 /// The packets of a pcap file (classic format, either byte order).
 fn pcap_packets(bytes: &[u8]) -> Vec<&[u8]> {
@@ -134,17 +50,6 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The number in "gateway of <cluster> carried <n> tunnel streams".
-fn carried(stdout: &str, cluster: &str) -> f64 {
-    let prefix = format!("gateway of {cluster} carried ");
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no summary line for the gateway of {cluster}:\n{stdout}"))
-}
-
 #[test]
 fn the_seed_runs_verbatim_and_crosses_both_gateways_encrypted() {
     require_root();
@@ -153,7 +58,7 @@ fn the_seed_runs_verbatim_and_crosses_both_gateways_encrypted() {
     let inside_a = tmp.path().join("cluster-a.pcap");
     let child = isthmus()
         .args(["lab", "up"])
-        .arg(seed_dir())
+        .arg(example_dir("seed"))
         .args(["--duration", "20s", "--capture-wan"])
         .arg(&pcap)
         .arg("--capture-cluster")
@@ -224,7 +129,7 @@ fn lab_down_removes_what_a_killed_run_left() {
     require_root();
     let mut child = isthmus()
         .args(["lab", "up"])
-        .arg(seed_dir())
+        .arg(example_dir("seed"))
         .args(["--duration", "60s"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -579,7 +484,7 @@ fn the_wan_delay_sits_on_the_path_between_the_gateways() {
     let out = wait_output(
         isthmus()
             .args(["lab", "up"])
-            .arg(seed_dir())
+            .arg(example_dir("seed"))
             .args(["--duration", "8s", "--wan-delay", "100"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -9,92 +9,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
-const HOW_TO_RUN: &str = "the lab tests build network namespaces and program iptables, so they \
-     run as root with every binary built: `cargo build --bins && sudo -E cargo test -p isthmus --test lab_three_clusters`";
+mod common;
+
+use common::*;
 
 /// curl's exit code when `--max-time` ran out: a call that hung.
 const CURL_TIMED_OUT: u32 = 28;
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "not running as root: {HOW_TO_RUN}"
-    );
-    let dir = Path::new(env!("CARGO_BIN_EXE_isthmus")).parent().unwrap();
-    for bin in ["isthmus-proxy", "isthmus-init"] {
-        assert!(
-            dir.join(bin).is_file(),
-            "{bin} is not built in {}: {HOW_TO_RUN}",
-            dir.display()
-        );
-    }
-}
-
-fn example_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/three-clusters")
-}
-
-fn isthmus() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_isthmus"));
-    cmd.env_remove("ISTHMUS_LOG").stdin(Stdio::null());
-    cmd
-}
-
-/// Waits for `child` at most `timeout`, killing it after that.
-fn wait_output(mut child: Child, timeout: Duration) -> Output {
-    let deadline = Instant::now() + timeout;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "still running after {timeout:?}; stdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
-}
-
-/// The run prefix from the lab's first line, `isthmus lab <prefix>: ...`.
-fn run_prefix(stdout: &str) -> String {
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("isthmus lab "))
-        .and_then(|l| l.split(':').next())
-        .unwrap_or_else(|| panic!("no run prefix in the output:\n{stdout}"))
-        .to_owned()
-}
-
-fn assert_nothing_left(prefix: &str) {
-    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    let left: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(&format!("{prefix}-")))
-        .map(str::to_owned)
-        .collect();
-    assert!(left.is_empty(), "namespaces left: {left:?}");
-    assert!(
-        !Path::new("/run/isthmus-lab").join(prefix).exists(),
-        "run directory of {prefix} left"
-    );
-    let etc: Vec<String> = std::fs::read_dir("/etc/netns")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&format!("{prefix}-")))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(etc.is_empty(), "hosts files left: {etc:?}");
-}
 
 /// One call a container's loop reported: `<what>: exit <code> in <ms> ms
 /// [Server address: <addr> Server name: <name>]`.
@@ -133,24 +56,13 @@ fn calls(stdout: &str, cluster: &str, pod: &str, what: &str) -> Vec<Call> {
         .collect()
 }
 
-/// The number in "gateway of <cluster> carried <n> tunnel streams".
-fn carried(stdout: &str, cluster: &str) -> f64 {
-    let prefix = format!("gateway of {cluster} carried ");
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no summary line for the gateway of {cluster}:\n{stdout}"))
-}
-
 #[test]
 fn three_clusters_mirror_refuse_and_keep_an_unmeshed_pod_apart() {
     require_root();
     let out = wait_output(
         isthmus()
             .args(["lab", "up"])
-            .arg(example_dir())
+            .arg(example_dir("three-clusters"))
             .args(["--duration", "25s"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
