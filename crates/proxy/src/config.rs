@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use proxy_identity::CredentialPaths;
 
 pub const DEFAULT_OUTBOUND_PORT: u16 = 4140;
 pub const DEFAULT_INBOUND_PORT: u16 = 4143;
@@ -44,6 +45,15 @@ pub struct CommonArgs {
     /// Directory with tls.crt (leaf and chain), tls.key and ca.crt (trust anchors).
     #[arg(long, env = "ISTHMUS_IDENTITY_DIR")]
     pub identity_dir: PathBuf,
+    /// The leaf and its chain, if not `tls.crt` in --identity-dir.
+    #[arg(long, env = "ISTHMUS_IDENTITY_CERT")]
+    pub identity_cert: Option<PathBuf>,
+    /// The leaf's key, if not `tls.key` in --identity-dir.
+    #[arg(long, env = "ISTHMUS_IDENTITY_KEY")]
+    pub identity_key: Option<PathBuf>,
+    /// The trust anchors, if not `ca.crt` in --identity-dir.
+    #[arg(long, env = "ISTHMUS_IDENTITY_ANCHORS")]
+    pub identity_anchors: Option<PathBuf>,
     /// Directory of Kubernetes manifests to discover services from (watched).
     #[arg(long, env = "ISTHMUS_MANIFESTS")]
     pub manifests: PathBuf,
@@ -102,7 +112,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub cluster: String,
-    pub identity_dir: PathBuf,
+    /// The credential files, `--identity-dir`'s standard names unless overridden.
+    pub identity: CredentialPaths,
     pub manifests: PathBuf,
     pub outbound_addrs: Vec<SocketAddr>,
     pub inbound_addrs: Vec<SocketAddr>,
@@ -155,6 +166,23 @@ impl Config {
                 format!("{} is not a directory", args.identity_dir.display()),
             ));
         }
+        let mut identity = CredentialPaths::in_dir(&args.identity_dir);
+        for (flag, path, slot) in [
+            ("identity-cert", &args.identity_cert, &mut identity.cert),
+            ("identity-key", &args.identity_key, &mut identity.key),
+            (
+                "identity-anchors",
+                &args.identity_anchors,
+                &mut identity.anchors,
+            ),
+        ] {
+            if let Some(path) = path {
+                if !path.is_file() {
+                    return Err(invalid(flag, format!("{} is not a file", path.display())));
+                }
+                *slot = path.clone();
+            }
+        }
         if !args.manifests.is_dir() {
             return Err(invalid(
                 "manifests",
@@ -193,7 +221,7 @@ impl Config {
         }
         Ok(Config {
             cluster: args.cluster.clone(),
-            identity_dir: args.identity_dir.clone(),
+            identity,
             manifests: args.manifests.clone(),
             outbound_addrs: args.outbound_addr.clone(),
             inbound_addrs: args.inbound_addr.clone(),
@@ -281,6 +309,21 @@ mod tests {
         assert!(
             err.contains("--outbound-addr") && err.contains("open proxy"),
             "{err}"
+        );
+
+        let mut custom = args(dir.path());
+        let key = dir.path().join("elsewhere.key");
+        std::fs::write(&key, "").unwrap();
+        custom.identity_key = Some(key.clone());
+        let config = Config::from_args(&custom).unwrap();
+        assert_eq!(config.identity.key, key);
+        assert_eq!(config.identity.cert, dir.path().join("tls.crt"));
+        custom.identity_anchors = Some(dir.path().join("missing.crt"));
+        assert!(
+            Config::from_args(&custom)
+                .unwrap_err()
+                .to_string()
+                .starts_with("--identity-anchors:")
         );
 
         let mut bad = args(dir.path());

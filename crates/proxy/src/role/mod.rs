@@ -23,7 +23,7 @@ use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelServer};
 use proxy_core::tunnel::{H2Settings, HandshakeObserver};
 use proxy_discovery::{ClusterName, DirSource, Discovery};
 use proxy_identity::rustls::pki_types::ServerName;
-use proxy_identity::{CredentialPaths, CredentialStore, IdentityMetrics, PeerPolicy, SpiffeId};
+use proxy_identity::{CredentialStore, IdentityMetrics, PeerPolicy, SpiffeId};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -51,11 +51,13 @@ impl Base {
         let metrics = ProxyMetrics::default();
         metrics.register(&mut registry);
         let identity_metrics = IdentityMetrics::register(&mut registry);
-        let identity = CredentialStore::load(CredentialPaths::in_dir(&config.identity_dir))
+        let identity = CredentialStore::load(config.identity.clone())
             .with_context(|| {
                 format!(
-                    "loading the workload identity from {}",
-                    config.identity_dir.display()
+                    "loading the workload identity ({}, {}, {})",
+                    config.identity.cert.display(),
+                    config.identity.key.display(),
+                    config.identity.anchors.display()
                 )
             })?
             .with_metrics(identity_metrics.clone());
