@@ -91,9 +91,10 @@ pub struct CommonArgs {
     /// Tunnel connections kept open to each peer gateway.
     #[arg(long, env = "ISTHMUS_TUNNEL_CONNECTIONS", default_value_t = 2)]
     pub tunnel_connections: usize,
-    /// Runtime worker threads.
-    #[arg(long, env = "ISTHMUS_WORKERS", default_value_t = 1)]
-    pub workers: usize,
+    /// Runtime worker threads. Default: 1 for a sidecar or standalone proxy (one
+    /// per pod adds up), every core for a gateway (it carries a whole cluster).
+    #[arg(long, env = "ISTHMUS_WORKERS")]
+    pub workers: Option<usize>,
     #[arg(long, env = "ISTHMUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
     /// Log filter (tracing's env-filter syntax).
@@ -126,7 +127,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub reload_interval: Duration,
     pub tunnel_connections: usize,
-    pub workers: usize,
+    /// `None`: the role's default.
+    pub workers: Option<usize>,
 }
 
 /// A configuration value that cannot work, named by its flag.
@@ -200,7 +202,7 @@ impl Config {
         for (flag, value) in [
             ("max-connections", args.max_connections),
             ("tunnel-connections", args.tunnel_connections),
-            ("workers", args.workers),
+            ("workers", args.workers.unwrap_or(1)),
         ] {
             if value == 0 {
                 return Err(invalid(flag, "must be at least 1"));

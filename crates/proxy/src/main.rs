@@ -54,7 +54,12 @@ fn init_tracing(args: &CommonArgs) {
 
 fn run(role: &RoleCommand, config: Config) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.workers)
+        .worker_threads(config.workers.unwrap_or_else(|| match role {
+            RoleCommand::Gateway(_) => {
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+            }
+            RoleCommand::Sidecar(_) | RoleCommand::Standalone(_) => 1,
+        }))
         .enable_all()
         .build()
         .context("starting the runtime")?;
