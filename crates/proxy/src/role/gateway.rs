@@ -18,18 +18,19 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use proxy_core::forward::connect_upstream;
 use proxy_core::metrics::Direction;
-use proxy_core::pool::Pool;
+use proxy_core::pool::{Pool, PoolError};
+use proxy_core::route::Authority;
 use proxy_core::tunnel::server::{TunnelHandler, TunnelRequest};
 use proxy_core::tunnel::{BoxIo, Refusal};
 use proxy_discovery::model::LinkSpec;
 use proxy_discovery::{Discovery, Refusal as DiscoveryRefusal};
-use proxy_identity::SpiffeId;
+use proxy_identity::{PeerPolicy, SpiffeId};
 use serde_json::json;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Base, PoolMaker, bind_admin, bind_all, pool_json};
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_INBOUND_PORT};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct LinkLabels {
@@ -134,7 +135,28 @@ struct GatewayHandler {
     next_endpoint: AtomicUsize,
     /// The gateway's own tunnel addresses: an endpoint there would be a loop.
     own_addrs: HashSet<SocketAddr>,
+    /// How each pod of this cluster is reached.
+    pods: Mutex<HashMap<IpAddr, PodPath>>,
+    maker: PoolMaker,
+    /// What a pod's sidecar must prove: an identity of our trust domain.
+    pod_policy: PeerPolicy,
 }
+
+/// How the gateway reaches one pod. A meshed pod's sidecar answers the mesh tunnel
+/// on its inbound port, so its streams ride mTLS all the way to the pod; a pod
+/// where nothing answers there (unmeshed) gets plain TCP, and is asked again after
+/// [`PLAIN_RECHECK`] in case a sidecar arrived.
+enum PodPath {
+    Meshed {
+        pool: Pool,
+        stop: watch::Sender<bool>,
+    },
+    Plain {
+        until: tokio::time::Instant,
+    },
+}
+
+const PLAIN_RECHECK: Duration = Duration::from_secs(30);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -168,22 +190,104 @@ impl GatewayHandler {
                 last = Refusal::Loop;
                 continue;
             }
-            match connect_upstream(endpoint, self.connect_timeout).await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    return Ok(Box::new(stream));
-                }
-                Err(e) => {
-                    warn!(authority = %request.authority, %endpoint, error = %e, "endpoint unreachable");
-                    last = if e.is_connect_timeout() {
-                        Refusal::UpstreamTimeout
-                    } else {
-                        Refusal::UpstreamRefused
-                    };
+            match self.connect_endpoint(endpoint).await {
+                Ok(stream) => return Ok(stream),
+                Err(refusal) => {
+                    warn!(authority = %request.authority, %endpoint, reason = refusal.as_str(), "endpoint unreachable");
+                    last = refusal;
                 }
             }
         }
         Err(last)
+    }
+
+    /// One endpoint: over its sidecar's tunnel when the pod is meshed, else plain.
+    async fn connect_endpoint(&self, endpoint: SocketAddr) -> Result<BoxIo, Refusal> {
+        if let Some(pool) = self.pod_pool(endpoint.ip()) {
+            let authority =
+                Authority::parse(&endpoint.to_string()).map_err(|_| Refusal::BadRequest)?;
+            match pool.open(&authority, None).await {
+                Ok(stream) => return Ok(Box::new(stream)),
+                // The sidecar answered: its verdict on the app port stands.
+                Err(PoolError::Refused { refusal, .. }) => return Err(refusal),
+                Err(e) => {
+                    debug!(%endpoint, error = %e, "no sidecar answers at this pod, delivering plain TCP");
+                    self.mark_plain(endpoint.ip());
+                }
+            }
+        }
+        match connect_upstream(endpoint, self.connect_timeout).await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                Ok(Box::new(stream))
+            }
+            Err(e) if e.is_connect_timeout() => Err(Refusal::UpstreamTimeout),
+            Err(_) => Err(Refusal::UpstreamRefused),
+        }
+    }
+
+    /// The warm tunnel pool to `ip`'s sidecar, made on first use; `None` while the
+    /// pod is known to have none.
+    fn pod_pool(&self, ip: IpAddr) -> Option<Pool> {
+        let mut pods = lock(&self.pods);
+        match pods.get(&ip) {
+            Some(PodPath::Meshed { pool, .. }) => return Some(pool.clone()),
+            Some(PodPath::Plain { until }) if tokio::time::Instant::now() < *until => return None,
+            _ => {}
+        }
+        let (stop, stopped) = watch::channel(false);
+        let pool = self.maker.pool_with(
+            format!("pod/{ip}"),
+            SocketAddr::new(ip, DEFAULT_INBOUND_PORT),
+            self.pod_policy.clone(),
+            1,
+            stopped,
+        );
+        pods.insert(
+            ip,
+            PodPath::Meshed {
+                pool: pool.clone(),
+                stop,
+            },
+        );
+        Some(pool)
+    }
+
+    fn mark_plain(&self, ip: IpAddr) {
+        let plain = PodPath::Plain {
+            until: tokio::time::Instant::now() + PLAIN_RECHECK,
+        };
+        if let Some(PodPath::Meshed { stop, .. }) = lock(&self.pods).insert(ip, plain) {
+            let _ = stop.send(true);
+        }
+    }
+
+    /// Forgets pods that are no longer anyone's endpoint, closing their pools, so
+    /// pod churn does not accumulate connections.
+    fn forget_departed_pods(&self) {
+        let snapshot = self.discovery.load();
+        let view = snapshot.local();
+        let live: HashSet<IpAddr> = view
+            .endpoints
+            .values()
+            .flat_map(|e| &e.subsets)
+            .flat_map(|s| &s.addresses)
+            .map(|a| a.ip)
+            .chain(
+                view.endpoint_slices
+                    .values()
+                    .flat_map(|s| &s.endpoints)
+                    .flat_map(|e| &e.addresses)
+                    .filter_map(|a| a.parse().ok()),
+            )
+            .collect();
+        lock(&self.pods).retain(|ip, path| {
+            let keep = live.contains(ip);
+            if let (false, PodPath::Meshed { stop, .. }) = (keep, path) {
+                let _ = stop.send(true);
+            }
+            keep
+        });
     }
 }
 
@@ -306,6 +410,9 @@ pub async fn run(config: Config) -> Result<()> {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect(),
+        pods: Mutex::new(HashMap::new()),
+        maker: base.pool_maker(),
+        pod_policy: base.own_trust_domain_policy(),
     });
     let link_up: Family<LinkLabels, Gauge> = Family::default();
     base.registry.register(
@@ -334,6 +441,7 @@ pub async fn run(config: Config) -> Result<()> {
                     _ = tick.tick() => {}
                     _ = proxy_core::listen::drained(&mut shutdown) => return,
                 }
+                handler.forget_departed_pods();
                 for (cluster, link) in lock(&handler.links).iter() {
                     link_up
                         .get_or_create(&LinkLabels {

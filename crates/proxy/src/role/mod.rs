@@ -338,7 +338,25 @@ impl PoolMaker {
         identity: SpiffeId,
         stop: watch::Receiver<bool>,
     ) -> Pool {
-        let tls = proxy_identity::client_config(self.identity.clone(), PeerPolicy::Exact(identity));
+        self.pool_with(
+            name,
+            addr,
+            PeerPolicy::Exact(identity),
+            self.connections,
+            stop,
+        )
+    }
+
+    /// A pool of `connections` to a peer that must satisfy `policy`.
+    pub fn pool_with(
+        &self,
+        name: String,
+        addr: SocketAddr,
+        policy: PeerPolicy,
+        connections: usize,
+        stop: watch::Receiver<bool>,
+    ) -> Pool {
+        let tls = proxy_identity::client_config(self.identity.clone(), policy);
         Pool::spawn(
             PeerConfig {
                 name: Arc::from(name),
@@ -346,7 +364,7 @@ impl PoolMaker {
                 server_name: ServerName::IpAddress(addr.ip().into()),
                 tls,
                 connect_timeout: self.connect_timeout,
-                connections: self.connections,
+                connections,
                 h2: H2Settings::default(),
                 backoff_min: std::time::Duration::from_millis(100),
                 backoff_max: std::time::Duration::from_secs(5),
