@@ -80,6 +80,9 @@ pub async fn serve<H: Handler>(
                         reset(stream);
                         continue;
                     };
+                    // The proxy must not add Nagle's delay to small writes (HTTP/2
+                    // frames, request heads); the peer's own socket keeps its choice.
+                    let _ = stream.set_nodelay(true);
                     let local = match stream.local_addr() {
                         Ok(local) => local,
                         Err(_) => continue,
