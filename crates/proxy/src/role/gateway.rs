@@ -208,8 +208,15 @@ impl GatewayHandler {
                 Authority::parse(&endpoint.to_string()).map_err(|_| Refusal::BadRequest)?;
             match pool.open(&authority, None).await {
                 Ok(stream) => return Ok(Box::new(stream)),
-                // The sidecar answered: its verdict on the app port stands.
-                Err(PoolError::Refused { refusal, .. }) => return Err(refusal),
+                // A sidecar's verdict on its app port stands; those are the only
+                // answers a pod's sidecar gives.
+                Err(PoolError::Refused {
+                    refusal:
+                        refusal @ (Refusal::UpstreamRefused | Refusal::UpstreamTimeout | Refusal::Loop),
+                    ..
+                }) => return Err(refusal),
+                // Any other answer comes from a mesh listener that is not a pod's
+                // sidecar (a gateway sharing the address, say): go plain.
                 Err(e) => {
                     debug!(%endpoint, error = %e, "no sidecar answers at this pod, delivering plain TCP");
                     self.mark_plain(endpoint.ip());
