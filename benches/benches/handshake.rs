@@ -11,40 +11,17 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use isthmus_benches::store;
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::rustls::{
     self, ClientConfig, ClientConnection, ServerConfig, ServerConnection,
 };
 use proxy_identity::{
-    CredentialPaths, CredentialStore, Credentials, PeerPolicy, SpiffeId, TrustDomain,
-    client_config, crypto_provider, server_config,
+    PeerPolicy, SpiffeId, TrustDomain, client_config, crypto_provider, server_config,
 };
-
-/// An in-memory identity: nothing is written, the store only names the paths.
-fn store(issuer: &mint::Authority, id: &str) -> Arc<CredentialStore> {
-    let id = SpiffeId::parse(id).expect("a valid SPIFFE ID");
-    let bundle = mint::leaf(
-        issuer,
-        &id,
-        Validity::from_now(Duration::from_secs(3600)),
-        KeyAlgorithm::default(),
-    )
-    .expect("mint a leaf");
-    let paths = CredentialPaths::in_dir("bench");
-    let creds = Credentials::from_pem(
-        &paths,
-        bundle.cert_chain_pem.as_bytes(),
-        bundle.key_pem.as_bytes(),
-        bundle.anchors_pem.as_bytes(),
-        SystemTime::now(),
-    )
-    .expect("fresh credentials are valid");
-    Arc::new(CredentialStore::from_credentials(paths, creds))
-}
 
 /// Moves records both ways until both sides finish the handshake.
 fn complete(client: &mut ClientConnection, server: &mut ServerConnection, buf: &mut Vec<u8>) {

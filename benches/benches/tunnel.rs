@@ -19,9 +19,10 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use isthmus_benches::store;
 use proxy_core::addr::FixedOrigDst;
 use proxy_core::detect::DetectConfig;
 use proxy_core::forward::ForwardConfig;
@@ -36,8 +37,7 @@ use proxy_core::tunnel::server::{Peer, TunnelServer};
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{
-    CredentialPaths, CredentialStore, Credentials, PeerPolicy, SpiffeId, TrustDomain,
-    client_config, server_config,
+    CredentialStore, PeerPolicy, SpiffeId, TrustDomain, client_config, server_config,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -52,28 +52,6 @@ const SIDECAR_ID: &str = "spiffe://cluster.local/ns/default/sa/frontend";
 
 /// Streams and time per variant, for the ratio summary.
 static TALLY: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
-
-/// An in-memory identity: nothing is written, the store only names the paths.
-fn store(issuer: &mint::Authority, id: &str) -> Arc<CredentialStore> {
-    let id = SpiffeId::parse(id).expect("a valid SPIFFE ID");
-    let bundle = mint::leaf(
-        issuer,
-        &id,
-        Validity::from_now(Duration::from_secs(3600)),
-        KeyAlgorithm::default(),
-    )
-    .expect("mint a leaf");
-    let paths = CredentialPaths::in_dir("bench");
-    let creds = Credentials::from_pem(
-        &paths,
-        bundle.cert_chain_pem.as_bytes(),
-        bundle.key_pem.as_bytes(),
-        bundle.anchors_pem.as_bytes(),
-        SystemTime::now(),
-    )
-    .expect("fresh credentials are valid");
-    Arc::new(CredentialStore::from_credentials(paths, creds))
-}
 
 /// A loopback server that echoes every connection until its peer closes.
 async fn echo_server() -> SocketAddr {
