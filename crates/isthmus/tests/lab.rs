@@ -279,6 +279,32 @@ fn without_root_the_lab_says_what_it_needs() {
     }
 }
 
+/// Runs a lab of one cluster `c1` holding `manifests` for `duration`: the output,
+/// its stdout, and both streams as a failure message's context.
+fn run_one_cluster(manifests: &str, duration: &str) -> (std::process::Output, String, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = tmp.path().join("c1");
+    std::fs::create_dir(&cluster).unwrap();
+    std::fs::write(cluster.join("app.yaml"), manifests).unwrap();
+    let out = wait_output(
+        isthmus()
+            .args(["lab", "up"])
+            .arg(tmp.path())
+            .args(["--duration", duration])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(90),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let context = format!(
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, stdout, context)
+}
+
 const REPLICAS_LAB: &str = r#"apiVersion: v1
 kind: Service
 metadata:
@@ -337,26 +363,7 @@ spec:
 #[test]
 fn a_local_service_spreads_over_replicas_and_a_failed_container_fails_the_run() {
     require_root();
-    let tmp = tempfile::tempdir().unwrap();
-    let cluster = tmp.path().join("c1");
-    std::fs::create_dir(&cluster).unwrap();
-    std::fs::write(cluster.join("app.yaml"), REPLICAS_LAB).unwrap();
-    let out = wait_output(
-        isthmus()
-            .args(["lab", "up"])
-            .arg(tmp.path())
-            .args(["--duration", "10s"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        Duration::from_secs(90),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let context = format!(
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (out, stdout, context) = run_one_cluster(REPLICAS_LAB, "10s");
     let answered_by = |replica: &str| {
         stdout
             .lines()
@@ -452,26 +459,7 @@ spec:
 #[test]
 fn endpoints_follow_the_pods() {
     require_root();
-    let tmp = tempfile::tempdir().unwrap();
-    let cluster = tmp.path().join("c1");
-    std::fs::create_dir(&cluster).unwrap();
-    std::fs::write(cluster.join("app.yaml"), ENDPOINTS_LAB).unwrap();
-    let out = wait_output(
-        isthmus()
-            .args(["lab", "up"])
-            .arg(tmp.path())
-            .args(["--duration", "12s"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        Duration::from_secs(90),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let context = format!(
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (out, stdout, context) = run_one_cluster(ENDPOINTS_LAB, "12s");
     // web-b never listens and quits after 3 s, exiting 0: not a failure. From
     // then on only web-a backs the Service, so every later call reaches it.
     assert!(out.status.success(), "{context}");
