@@ -3,6 +3,12 @@
 //!
 //! Their `spec`s reject unknown fields: a typo in a mesh setting must be an error,
 //! not a silently ignored line.
+//!
+//! With the `kube` feature the same spec structs also derive `CustomResource` and
+//! `JsonSchema`, giving the API-server kinds [`ServiceMirrorResource`],
+//! [`LinkResource`] and [`ClusterSettingsResource`] (k8s-openapi `ObjectMeta`,
+//! status subresource) from the one definition the manifests use; the CRDs are
+//! generated from them. Validated newtypes appear in the schema as strings.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -57,8 +63,25 @@ impl ServiceMirror {
 /// `ServiceMirror.spec`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource, schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "linkerd.io",
+        version = "v1alpha1",
+        kind = "ServiceMirror",
+        root = "ServiceMirrorResource",
+        namespaced,
+        status = "ServiceMirrorApiStatus",
+        derive = "PartialEq",
+        printcolumn = r#"{"name":"Cluster","type":"string","jsonPath":".spec.cluster"}"#,
+        printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service.name"}"#,
+        printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Mirrored\")].reason"}"#
+    )
+)]
 pub struct ServiceMirrorSpec {
     /// The cluster the Service lives in; a `Link` must name it.
+    #[cfg_attr(feature = "kube", schemars(with = "String", regex(pattern = DNS_SUBDOMAIN_PATTERN)))]
     pub cluster: ClusterName,
     /// The remote Service.
     pub service: MirroredServiceSpec,
@@ -67,6 +90,7 @@ pub struct ServiceMirrorSpec {
 /// `ServiceMirror.spec.service`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct MirroredServiceSpec {
     /// The remote Service's name.
     pub name: String,
@@ -83,10 +107,33 @@ pub struct ServiceMirrorStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// The status a controller publishes on a `ServiceMirror` in the API server: the
+/// reconcile's conditions plus what only a live controller knows (the generation
+/// it acted on, the remote Service's resourceVersion, when the remote cluster was
+/// last reached).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+pub struct ServiceMirrorApiStatus {
+    /// Kubernetes-style conditions (type `Mirrored`).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` of the ServiceMirror this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `metadata.resourceVersion` of the remote Service last seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_resource_version: Option<String>,
+    /// RFC 3339 time the remote cluster's API last answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_remote_contact: Option<String>,
+}
+
 /// A Kubernetes status condition (`metav1.Condition`). `lastTransitionTime` is left
 /// to whoever publishes the status: the reconcile is a pure function of its inputs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct Condition {
     /// The aspect this condition reports, e.g. `Ready`.
     #[serde(rename = "type")]
@@ -104,6 +151,7 @@ pub struct Condition {
 
 /// `Condition.status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum ConditionStatus {
     /// The condition holds.
     True,
@@ -129,29 +177,64 @@ impl Link {
     pub const API_VERSION: &'static str = "multicluster.isthmus.io/v1alpha1";
     /// `kind` of this kind.
     pub const KIND: &'static str = "Link";
+    /// The key of the credentials Secret that holds the peer's kubeconfig.
+    pub const CREDENTIALS_KEY: &'static str = "kubeconfig";
 }
 
 /// `Link.spec`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct LinkSpec {
     /// The peer cluster's name, as ServiceMirrors' `spec.cluster` refer to it.
+    #[cfg_attr(feature = "kube", schemars(with = "String", regex(pattern = DNS_SUBDOMAIN_PATTERN)))]
     pub target_cluster_name: ClusterName,
     /// The peer gateway's IP address or DNS name.
+    #[cfg_attr(feature = "kube", schemars(with = "String"))]
     pub gateway_address: GatewayAddress,
     /// The peer gateway's tunnel port (a number or numeric string).
     #[serde(default = "default_gateway_port", deserialize_with = "de_port")]
     pub gateway_port: u16,
     /// The SPIFFE ID the peer gateway must present.
+    #[cfg_attr(feature = "kube", schemars(with = "String"))]
     pub gateway_identity: SpiffeUri,
     /// How to tell whether the peer gateway is up.
     #[serde(default)]
     pub probe_spec: ProbeSpec,
 }
 
+/// `Link.spec` as the API server holds it: the [`LinkSpec`] every reader shares,
+/// plus the credentials only a controller reads. Manifests for sidecars and the
+/// lab carry no credentials and keep using [`LinkSpec`], which rejects them.
+#[cfg(feature = "kube")]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, kube::CustomResource, schemars::JsonSchema,
+)]
+#[kube(
+    group = "multicluster.isthmus.io",
+    version = "v1alpha1",
+    kind = "Link",
+    root = "LinkResource",
+    namespaced,
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetClusterName"}"#,
+    printcolumn = r#"{"name":"Gateway","type":"string","jsonPath":".spec.gatewayAddress"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkResourceSpec {
+    /// The peer cluster and its gateway.
+    #[serde(flatten)]
+    pub link: LinkSpec,
+    /// The Secret, in the Link's namespace, whose key [`Link::CREDENTIALS_KEY`]
+    /// holds a kubeconfig for the peer cluster's API server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+}
+
 /// `Link.spec.probeSpec`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct ProbeSpec {
     /// HTTP path of the readiness probe.
     #[serde(default = "default_probe_path")]
@@ -161,6 +244,7 @@ pub struct ProbeSpec {
     pub port: u16,
     /// How often to probe.
     #[serde(default = "default_probe_period")]
+    #[cfg_attr(feature = "kube", schemars(with = "String"))]
     pub period: GoDuration,
 }
 
@@ -254,8 +338,22 @@ impl ClusterSettings {
 /// `ClusterSettings.spec`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource, schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "multicluster.isthmus.io",
+        version = "v1alpha1",
+        kind = "ClusterSettings",
+        root = "ClusterSettingsResource",
+        namespaced,
+        derive = "PartialEq",
+        printcolumn = r#"{"name":"Cluster","type":"string","jsonPath":".spec.clusterName"}"#
+    )
+)]
 pub struct ClusterSettingsSpec {
     /// This cluster's name in the mesh.
+    #[cfg_attr(feature = "kube", schemars(with = "String", regex(pattern = DNS_SUBDOMAIN_PATTERN)))]
     pub cluster_name: ClusterName,
     /// The SPIFFE trust domain of this cluster's workloads.
     #[serde(default = "default_domain")]
@@ -265,6 +363,7 @@ pub struct ClusterSettingsSpec {
     pub cluster_domain: String,
     /// The range mirrored Services get their ClusterIP from.
     #[serde(default = "default_service_cidr", rename = "serviceCIDR")]
+    #[cfg_attr(feature = "kube", schemars(with = "String"))]
     pub service_cidr: Cidr,
     /// Namespaces whose every Service is exported to linked clusters.
     #[serde(default)]
@@ -277,15 +376,24 @@ pub struct ClusterSettingsSpec {
 /// `ClusterSettings.spec.gateway`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct GatewaySpec {
     /// The gateway's IP address or DNS name.
+    #[cfg_attr(feature = "kube", schemars(with = "String"))]
     pub address: GatewayAddress,
     /// The gateway's tunnel port.
     #[serde(default = "default_gateway_port", deserialize_with = "de_port")]
     pub port: u16,
     /// The SPIFFE ID the gateway presents.
+    #[cfg_attr(feature = "kube", schemars(with = "String"))]
     pub identity: SpiffeUri,
 }
+
+/// A DNS-1123 subdomain, as [`ClusterName`] accepts: the CRD schema rejects what
+/// the model would, so one bad object cannot break a controller's list.
+#[cfg(feature = "kube")]
+const DNS_SUBDOMAIN_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 
 fn default_gateway_port() -> u16 {
     DEFAULT_GATEWAY_PORT

@@ -23,7 +23,11 @@ pub use self::mesh::{
     ClusterSettings, ClusterSettingsSpec, Condition, ConditionStatus, DEFAULT_DOMAIN,
     DEFAULT_GATEWAY_PORT, DEFAULT_PROBE_PATH, DEFAULT_PROBE_PERIOD, DEFAULT_PROBE_PORT,
     DEFAULT_SERVICE_CIDR, GatewayAddress, GatewaySpec, Link, LinkSpec, MirroredServiceSpec,
-    ProbeSpec, ServiceMirror, ServiceMirrorSpec, ServiceMirrorStatus,
+    ProbeSpec, ServiceMirror, ServiceMirrorApiStatus, ServiceMirrorSpec, ServiceMirrorStatus,
+};
+#[cfg(feature = "kube")]
+pub use self::mesh::{
+    ClusterSettingsResource, LinkResource, LinkResourceSpec, ServiceMirrorResource,
 };
 pub use self::meta::{DEFAULT_NAMESPACE, ObjectMeta, OwnerReference};
 pub use self::names::{
