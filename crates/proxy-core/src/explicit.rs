@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tracing::{debug, info};
 
 use crate::forward::{ForwardConfig, forward_io};
+use crate::http::{HeadClock, HttpSettings, InFlight, RequestInFlight, Tracked};
 use crate::listen::{Accepted, ConnectionTasks, Handler, drained};
 use crate::metrics::{Direction, HttpLabels, HttpResponseLabels, ProxyMetrics};
 use crate::pool::Pool;
@@ -28,14 +29,16 @@ use crate::route::{Authority, Route, RouteLookup};
 use crate::tunnel::{BoxIo, REFUSAL_HEADER, Refusal};
 
 type Body = Either<Incoming, Empty<Bytes>>;
+type RequestBody = InFlight<Incoming>;
 
 /// The standalone role's [`Handler`].
 pub struct Explicit<L> {
     pub lookup: L,
     pub gateway: Option<Pool>,
     pub connect_timeout: Duration,
-    /// See [`crate::http::HttpSettings::header_read_timeout`].
-    pub header_read_timeout: Option<Duration>,
+    /// Request head limits and the header read timeout, as on the transparent path
+    /// (its HTTP/2 settings do not apply: clients speak HTTP/1 to a proxy).
+    pub http: HttpSettings,
     pub forward: ForwardConfig,
     pub metrics: ProxyMetrics,
 }
@@ -46,22 +49,52 @@ impl<L: RouteLookup> Handler for Explicit<L> {
         let tasks = Arc::new(ConnectionTasks::default());
         let proxy = self.clone();
         let service_tasks = tasks.clone();
-        let service = service_fn(move |req| {
+        let head = self
+            .http
+            .header_read_timeout
+            .map(|_| Arc::new(HeadClock::new()));
+        let service_head = head.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
             let tasks = service_tasks.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.request(req, &tasks).await) }
+            let request = RequestInFlight::start(service_head.clone());
+            let req = req.map(|body| InFlight::new(body, request.clone()));
+            async move {
+                let response = proxy.request(req, &tasks).await;
+                Ok::<_, std::convert::Infallible>(response.map(|body| InFlight::new(body, request)))
+            }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             // Serve a request whose client already shut down its write side, as the
             // transparent path does.
             .half_close(true)
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout)
-            .serve_connection(TokioIo::new(conn.stream), service)
+            // Our own header timer (`head`) starts at a head's first byte; hyper's
+            // would also cut keep-alive connections idle between requests.
+            .header_read_timeout(None)
+            .max_headers(self.http.max_headers)
+            .max_buf_size(self.http.max_buf_size)
+            .serve_connection(
+                TokioIo::new(Tracked::head_only(conn.stream, head.clone())),
+                service,
+            )
             .with_upgrades();
         tokio::pin!(conn);
+        let header_timeout = self.http.header_read_timeout.unwrap_or_default();
+        let head_expired = async {
+            match &head {
+                Some(head) => head.expired(header_timeout).await,
+                None => std::future::pending().await,
+            }
+        };
         let result = tokio::select! {
             res = conn.as_mut() => res,
+            () = head_expired => {
+                guard.set_reason("header_timeout");
+                debug!(timeout = ?header_timeout, "request head not complete in time, closing");
+                tasks.join().await;
+                return;
+            }
             _ = drained(&mut drain) => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
@@ -76,7 +109,11 @@ impl<L: RouteLookup> Handler for Explicit<L> {
 }
 
 impl<L: RouteLookup> Explicit<L> {
-    async fn request(&self, mut req: Request<Incoming>, tasks: &ConnectionTasks) -> Response<Body> {
+    async fn request(
+        &self,
+        mut req: Request<RequestBody>,
+        tasks: &ConnectionTasks,
+    ) -> Response<Body> {
         let Some(authority) = target_authority(req.uri()) else {
             return refuse(Refusal::BadRequest);
         };
@@ -161,7 +198,7 @@ fn target_authority(uri: &Uri) -> Option<Authority> {
 }
 
 /// Sends one absolute-form request upstream in origin form.
-async fn forward_one(req: Request<Incoming>, upstream: BoxIo) -> Response<Body> {
+async fn forward_one(req: Request<RequestBody>, upstream: BoxIo) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     parts.uri = match parts.uri.path_and_query() {
         Some(path) => Uri::from(path.clone()),

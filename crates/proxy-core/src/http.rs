@@ -29,30 +29,45 @@ use crate::listen::ConnectionTasks;
 use crate::metrics::{Direction, HttpLabels, HttpResponseLabels, ProxyMetrics};
 use crate::tunnel::{H2Settings, Io};
 
+/// Default [`HttpSettings::header_read_timeout`]: ten seconds from a request's first
+/// byte to its last header line. Real clients write a head in one go, so this only
+/// ever fires on a stalled or hostile client (slowloris), and it bounds how long
+/// one can hold a connection slot with a trickle of header bytes.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`HttpSettings::max_headers`]: hyper's own default, more than any browser
+/// or gRPC client sends.
+pub const DEFAULT_HTTP1_MAX_HEADERS: usize = 100;
+/// Default [`HttpSettings::max_buf_size`]: 64 KiB fits the largest heads browsers
+/// send (nginx allows 4 x 8 KiB, Envoy 60 KiB).
+pub const DEFAULT_HTTP1_MAX_HEAD_BYTES: usize = 64 * 1024;
+/// hyper's floor for [`HttpSettings::max_buf_size`] (it panics below it).
+pub const MIN_HTTP1_MAX_HEAD_BYTES: usize = 8 * 1024;
+
 /// Limits of the HTTP layer.
 #[derive(Clone, Debug)]
 pub struct HttpSettings {
-    /// A client must send a request's headers within this time. Off by default:
-    /// hyper starts this timer whenever it waits for a request head, idle time
-    /// between keep-alive requests included, so it would close idle keep-alive
-    /// connections that the application's server keeps open: a visible change for a
-    /// transparent proxy. Idle connections end at the idle timeout instead, and the
-    /// connection limit bounds slow clients.
+    /// An HTTP/1 request's head must be complete within this time of its FIRST byte;
+    /// past it the connection is closed without an answer (as nginx does). The time
+    /// a keep-alive connection sits idle between requests is not counted: that is
+    /// the idle timeout's business, so the application's own keep-alive behaviour
+    /// is unchanged. `None` disables it.
     pub header_read_timeout: Option<Duration>,
-    /// Most headers in one HTTP/1 request.
+    /// Most headers in one HTTP/1 request; more get `431` and a close.
     pub max_headers: usize,
-    /// Largest HTTP/1 read buffer, which bounds one request head.
+    /// Largest HTTP/1 read buffer, which bounds one request head: a larger head
+    /// gets `431` (a longer request line `414`) and a close. At least
+    /// [`MIN_HTTP1_MAX_HEAD_BYTES`].
     pub max_buf_size: usize,
+    /// The transparent HTTP/2 path's settings, both towards the client and the server.
     pub h2: H2Settings,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
-            header_read_timeout: None,
-            max_headers: 100,
-            // hyper's floor is 8 KiB; 64 KiB fits the largest heads browsers send.
-            max_buf_size: 64 * 1024,
+            header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
+            max_headers: DEFAULT_HTTP1_MAX_HEADERS,
+            max_buf_size: DEFAULT_HTTP1_MAX_HEAD_BYTES,
             h2: H2Settings::default(),
         }
     }
@@ -69,6 +84,10 @@ pub enum HttpError {
     Downstream(#[source] hyper::Error),
     #[error("no bytes moved either way for {0:?} (idle timeout)")]
     IdleTimeout(Duration),
+    #[error(
+        "the client did not finish a request head within {0:?} of its first byte (header read timeout)"
+    )]
+    HeaderTimeout(Duration),
 }
 
 impl HttpError {
@@ -76,6 +95,7 @@ impl HttpError {
     pub fn close_reason(&self) -> &'static str {
         match self {
             HttpError::IdleTimeout(_) => "idle_timeout",
+            HttpError::HeaderTimeout(_) => "header_timeout",
             _ => "http_error",
         }
     }
@@ -119,9 +139,14 @@ impl HttpProxy {
         // Every byte of an HTTP exchange crosses the downstream side, so watching it
         // alone is enough for the idle timeout the byte forwarder applies elsewhere.
         let clock = Arc::new(IdleClock::new());
+        let head = match (protocol, self.settings.header_read_timeout) {
+            (Protocol::Http2, _) | (_, None) => None,
+            (_, Some(_)) => Some(Arc::new(HeadClock::new())),
+        };
         let downstream = Tracked {
             inner: downstream,
             clock: clock.clone(),
+            head: head.clone(),
         };
         let idle = clock.idle(self.forward.idle_timeout);
         let served = match protocol {
@@ -130,7 +155,7 @@ impl HttpProxy {
                     .await
             }
             _ => {
-                self.serve_h1(downstream, upstream, exchange.clone(), drain, idle)
+                self.serve_h1(downstream, upstream, exchange.clone(), drain, idle, head)
                     .await
             }
         };
@@ -145,9 +170,10 @@ impl HttpProxy {
         exchange: Arc<Exchange>,
         mut drain: watch::Receiver<bool>,
         idle: impl Future<Output = ()>,
+        head: Option<Arc<HeadClock>>,
     ) -> Result<(), HttpError> {
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake::<_, Incoming>(TokioIo::new(upstream))
+            .handshake::<_, InFlight<Incoming>>(TokioIo::new(upstream))
             .await
             .map_err(HttpError::UpstreamHandshake)?;
         let (closed_tx, mut upstream_closed) = oneshot::channel::<()>();
@@ -159,14 +185,18 @@ impl HttpProxy {
         });
         // HTTP/1 serves one request at a time, so this lock is never contended.
         let sender = Arc::new(Mutex::new(sender));
-        let service = service_fn(move |req| {
+        let service_head = head.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
             let exchange = exchange.clone();
             let sender = sender.clone();
+            // The head is complete: its timer stops until the request and its
+            // response are both done and the next head's first byte arrives.
+            let request = RequestInFlight::start(service_head.clone());
+            let req = req.map(|body| InFlight::new(body, request.clone()));
             async move {
                 let mut sender = sender.lock().await;
-                Ok::<_, std::convert::Infallible>(
-                    exchange.forward(req, |req| sender.send_request(req)).await,
-                )
+                let response = exchange.forward(req, |req| sender.send_request(req)).await;
+                Ok::<_, std::convert::Infallible>(response.map(|body| InFlight::new(body, request)))
             }
         });
         let conn = hyper::server::conn::http1::Builder::new()
@@ -174,14 +204,27 @@ impl HttpProxy {
             // response (`nc -N`, scripted clients): plain TCP serves that, so must we.
             .half_close(true)
             .timer(TokioTimer::new())
-            .header_read_timeout(self.settings.header_read_timeout)
+            // hyper's own header timer also runs while a keep-alive connection waits
+            // for its next request; ours (`head`) starts at the head's first byte.
+            .header_read_timeout(None)
             .max_headers(self.settings.max_headers)
             .max_buf_size(self.settings.max_buf_size)
             .serve_connection(TokioIo::new(downstream), service)
             .with_upgrades();
         tokio::pin!(conn);
+        let header_timeout = self.settings.header_read_timeout.unwrap_or_default();
+        let head_expired = async {
+            match &head {
+                Some(head) => head.expired(header_timeout).await,
+                None => std::future::pending().await,
+            }
+        };
         let result = tokio::select! {
             res = conn.as_mut() => res,
+            () = head_expired => {
+                debug!(timeout = ?header_timeout, "request head not complete in time, closing");
+                return Err(HttpError::HeaderTimeout(header_timeout));
+            }
             _ = &mut upstream_closed => {
                 // The server closed its side: let the response in flight finish, then
                 // close ours too instead of answering the next request with an error.
@@ -210,6 +253,9 @@ impl HttpProxy {
             .timer(TokioTimer::new())
             .initial_stream_window_size(h2.stream_window)
             .initial_connection_window_size(h2.connection_window)
+            .max_header_list_size(h2.max_header_list_size)
+            .max_send_buf_size(h2.max_send_buf_size)
+            .max_pending_accept_reset_streams(h2.max_pending_accept_reset_streams)
             .handshake::<_, Incoming>(TokioIo::new(upstream))
             .await
             .map_err(HttpError::UpstreamHandshake)?;
@@ -233,6 +279,8 @@ impl HttpProxy {
             .timer(TokioTimer::new())
             .max_concurrent_streams(h2.max_concurrent_streams)
             .max_header_list_size(h2.max_header_list_size)
+            .max_pending_accept_reset_streams(h2.max_pending_accept_reset_streams)
+            .max_send_buf_size(h2.max_send_buf_size)
             .initial_stream_window_size(h2.stream_window)
             .initial_connection_window_size(h2.connection_window)
             .serve_connection(TokioIo::new(downstream), service);
@@ -290,10 +338,150 @@ impl IdleClock {
     }
 }
 
-/// An [`Io`] that marks its [`IdleClock`] whenever bytes move through it.
-struct Tracked<T> {
+/// The header read timeout of one HTTP/1 connection: started by the first byte
+/// read while no request is in flight, stopped when hyper hands over the parsed
+/// head, and re-armed once that request's body and response are both done.
+///
+/// hyper's own `header_read_timeout` cannot do this: it runs whenever hyper waits
+/// for a head, idle keep-alive time included.
+#[derive(Debug)]
+pub(crate) struct HeadClock {
+    origin: Instant,
+    /// [`WAITING`], [`BUSY`], or one plus the milliseconds after `origin` at which
+    /// the current head's first byte arrived.
+    state: AtomicU64,
+    started: tokio::sync::Notify,
+}
+
+/// No request in flight and no byte of the next head seen.
+const WAITING: u64 = 0;
+/// A request is in flight: bytes read are its body, not a head.
+const BUSY: u64 = u64::MAX;
+
+impl HeadClock {
+    pub(crate) fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            state: AtomicU64::new(WAITING),
+            started: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Bytes were read from the client.
+    fn on_read(&self) {
+        if self.state.load(Ordering::Relaxed) != WAITING {
+            return;
+        }
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(BUSY - 2);
+        if self
+            .state
+            .compare_exchange(WAITING, ms + 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.started.notify_one();
+        }
+    }
+
+    /// Resolves once a head has been coming in for `timeout` without completing.
+    pub(crate) async fn expired(&self, timeout: Duration) {
+        loop {
+            let started = self.started.notified();
+            tokio::pin!(started);
+            // Registered before the state is read, so a start in between still wakes us.
+            started.as_mut().enable();
+            let state = self.state.load(Ordering::Acquire);
+            if state == WAITING || state == BUSY {
+                started.await;
+                continue;
+            }
+            let deadline = self.origin + Duration::from_millis(state - 1) + timeout;
+            tokio::time::sleep_until(deadline).await;
+            if self.state.load(Ordering::Acquire) == state {
+                return;
+            }
+        }
+    }
+}
+
+/// One request from its parsed head until both its body and its response are done
+/// (the last clone dropped), when the [`HeadClock`] waits for the next head again.
+#[derive(Debug)]
+pub(crate) struct RequestInFlight(Option<Arc<HeadClock>>);
+
+impl RequestInFlight {
+    pub(crate) fn start(clock: Option<Arc<HeadClock>>) -> Arc<Self> {
+        if let Some(clock) = &clock {
+            clock.state.store(BUSY, Ordering::Release);
+        }
+        Arc::new(Self(clock))
+    }
+}
+
+impl Drop for RequestInFlight {
+    fn drop(&mut self) {
+        if let Some(clock) = &self.0 {
+            let _ =
+                clock
+                    .state
+                    .compare_exchange(BUSY, WAITING, Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A body that keeps its request "in flight" until hyper drops it, which it does
+/// once the body is fully sent (or abandoned).
+#[derive(Debug)]
+pub(crate) struct InFlight<B> {
+    inner: B,
+    _request: Arc<RequestInFlight>,
+}
+
+impl<B> InFlight<B> {
+    pub(crate) fn new(inner: B, request: Arc<RequestInFlight>) -> Self {
+        Self {
+            inner,
+            _request: request,
+        }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for InFlight<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An [`Io`] that marks its [`IdleClock`] whenever bytes move through it, and its
+/// [`HeadClock`] (if any) whenever bytes arrive.
+pub(crate) struct Tracked<T> {
     inner: T,
     clock: Arc<IdleClock>,
+    head: Option<Arc<HeadClock>>,
+}
+
+impl<T> Tracked<T> {
+    /// Tracks only request heads, for a connection with no idle timeout of its own.
+    pub(crate) fn head_only(inner: T, head: Option<Arc<HeadClock>>) -> Self {
+        Self {
+            inner,
+            clock: Arc::new(IdleClock::new()),
+            head,
+        }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
@@ -307,6 +495,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             this.clock.touch();
+            if let Some(head) = &this.head {
+                head.on_read();
+            }
         }
         polled
     }
@@ -353,9 +544,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
 }
 
 impl Exchange {
-    async fn forward<F, Fut>(&self, mut req: Request<Incoming>, send: F) -> Response<ProxyBody>
+    async fn forward<B, F, Fut>(&self, mut req: Request<B>, send: F) -> Response<ProxyBody>
     where
-        F: FnOnce(Request<Incoming>) -> Fut,
+        F: FnOnce(Request<B>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<Incoming>, hyper::Error>>,
     {
         let proxy = &self.proxy;
@@ -447,6 +638,7 @@ mod tests {
         let mut tracked = Tracked {
             inner: a,
             clock: clock.clone(),
+            head: None,
         };
         let timeout = Duration::from_secs(2);
         let start = Instant::now();
@@ -473,5 +665,33 @@ mod tests {
         let clock = IdleClock::new();
         let waited = tokio::time::timeout(Duration::from_secs(3600), clock.idle(Duration::ZERO));
         assert!(waited.await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_head_timer_starts_at_a_heads_first_byte_not_while_idle() {
+        let head = Arc::new(HeadClock::new());
+        let timeout = Duration::from_secs(2);
+        let expired = head.expired(timeout);
+        tokio::pin!(expired);
+        // A connection idle for an hour between requests is not the head timer's.
+        let idle = tokio::time::timeout(Duration::from_secs(3600), expired.as_mut());
+        assert!(idle.await.is_err());
+        // The first byte starts it; the head completing (a request in flight)
+        // stops it, however long the request takes.
+        let start = Instant::now();
+        head.on_read();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let request = RequestInFlight::start(Some(head.clone()));
+        head.on_read();
+        let busy = tokio::time::timeout(Duration::from_secs(3600), expired.as_mut());
+        assert!(busy.await.is_err());
+        // Done: the next head's first byte starts it again, and a head that does not
+        // complete is cut `timeout` after that byte.
+        drop(request);
+        let next = Instant::now();
+        head.on_read();
+        expired.await;
+        assert_eq!(next.elapsed(), timeout);
+        assert!(start.elapsed() > timeout);
     }
 }

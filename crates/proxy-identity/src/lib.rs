@@ -32,7 +32,10 @@ pub use id::{IdError, SpiffeId, TrustDomain};
 pub use metrics::IdentityMetrics;
 /// Renders a time as RFC 3339 UTC (`2025-01-31T12:00:00Z`), as errors and `/config` do.
 pub use rfc3339::format as format_rfc3339;
-pub use tls::{client_config, crypto_provider, peer_identity, peer_shares_issuer, server_config};
+pub use tls::{
+    client_config, crypto_provider, mesh_server_config, peer_identity, peer_shares_issuer,
+    server_config, sni_name,
+};
 pub use verify::{HandshakeFailure, PeerPolicy, VerifyError};
 
 /// The rustls this crate builds its configs with, so that callers name the very same

@@ -7,6 +7,18 @@
 //! both sides: a resumed session would skip verification against the current anchors
 //! and policy, and the tunnel pools long-lived connections, so it would save little.
 //!
+//! # Policy on mesh ports
+//!
+//! - TLS 1.3 only: a TLS 1.2 (or older) ClientHello gets a `protocol_version` alert.
+//! - Only the provider's TLS 1.3 suites (AES-GCM, ChaCha20-Poly1305): an offer of
+//!   nothing else (CCM_8, say) gets `handshake_failure`.
+//! - A client certificate is required ([`server_config`]'s verifier).
+//! - SNI ([`mesh_server_config`]): a ClientHello that names a server must name this proxy, in the DNS form
+//!   of its SPIFFE ID ([`sni_name`]); any other name is refused with an
+//!   `access_denied` alert before our certificate is sent. A ClientHello without
+//!   SNI is served: mesh clients dial IP addresses, RFC 6066 forbids IP literals in
+//!   SNI, and peers authenticate by certificate both ways, not by name.
+//!
 //! This module does not open sockets; callers wrap their streams with tokio-rustls.
 
 use std::sync::{Arc, OnceLock};
@@ -40,8 +52,24 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 }
 
 /// A server config that presents the store's leaf, requires a client certificate that
-/// chains to the store's anchors and whose SPIFFE ID `policy` allows.
+/// chains to the store's anchors and whose SPIFFE ID `policy` allows. Any SNI is
+/// accepted; mesh listeners use [`mesh_server_config`], which checks it.
 pub fn server_config(store: Arc<CredentialStore>, policy: PeerPolicy) -> Arc<ServerConfig> {
+    build_server_config(store, policy, false)
+}
+
+/// [`server_config`] plus the mesh ports' SNI rule (see the module docs): a
+/// ClientHello without SNI, or naming this proxy's identity ([`sni_name`]), is
+/// served; one naming anyone else is refused before our certificate is sent.
+pub fn mesh_server_config(store: Arc<CredentialStore>, policy: PeerPolicy) -> Arc<ServerConfig> {
+    build_server_config(store, policy, true)
+}
+
+fn build_server_config(
+    store: Arc<CredentialStore>,
+    policy: PeerPolicy,
+    strict_sni: bool,
+) -> Arc<ServerConfig> {
     let provider = crypto_provider();
     let verifier = SpiffeClientVerifier::new(
         store.clone(),
@@ -52,7 +80,7 @@ pub fn server_config(store: Arc<CredentialStore>, policy: PeerPolicy) -> Arc<Ser
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("the ring provider supports TLS 1.3")
         .with_client_cert_verifier(Arc::new(verifier))
-        .with_cert_resolver(Arc::new(StoreResolver(store)));
+        .with_cert_resolver(Arc::new(ServerResolver { store, strict_sni }));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
@@ -79,6 +107,19 @@ pub fn client_config(store: Arc<CredentialStore>, policy: PeerPolicy) -> Arc<Cli
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.resumption = Resumption::disabled();
     Arc::new(config)
+}
+
+/// The DNS name a client may send as SNI to reach the holder of `id`:
+/// `<sa>.<ns>.serviceaccount.identity.<trust-domain>`, after Linkerd's form (without
+/// its control-plane namespace). `None` for an ID without the mesh's `/ns/../sa/..`
+/// path, whose holder accepts only ClientHellos without SNI.
+pub fn sni_name(id: &SpiffeId) -> Option<String> {
+    Some(format!(
+        "{}.{}.serviceaccount.identity.{}",
+        id.service_account()?,
+        id.namespace()?,
+        id.trust_domain_name()
+    ))
 }
 
 /// The SPIFFE ID of the authenticated peer of a finished handshake.
@@ -112,9 +153,29 @@ impl StoreResolver {
     }
 }
 
-impl ResolvesServerCert for StoreResolver {
-    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.certified_key())
+/// Presents the store's current leaf to clients, after the SNI rule if `strict_sni`.
+#[derive(Debug)]
+struct ServerResolver {
+    store: Arc<CredentialStore>,
+    strict_sni: bool,
+}
+
+impl ResolvesServerCert for ServerResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let current = self.store.current();
+        match client_hello.server_name() {
+            _ if !self.strict_sni => {}
+            None => {}
+            Some(name)
+                if sni_name(current.id()).is_some_and(|own| own.eq_ignore_ascii_case(name)) => {}
+            Some(name) => {
+                // rustls answers `None` with an access_denied alert: our certificate
+                // is never shown to a client that asked for someone else.
+                tracing::debug!(sni = name, "ClientHello names another server, refused");
+                return None;
+            }
+        }
+        Some(current.certified_key().clone())
     }
 }
 
@@ -131,5 +192,22 @@ impl ResolvesClientCert for StoreResolver {
 
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sni_name_of_a_workload_follows_linkerds_form() {
+        let id =
+            SpiffeId::parse("spiffe://cluster.local/ns/isthmus-multicluster/sa/gateway-a").unwrap();
+        assert_eq!(
+            sni_name(&id).as_deref(),
+            Some("gateway-a.isthmus-multicluster.serviceaccount.identity.cluster.local")
+        );
+        let other = SpiffeId::parse("spiffe://cluster.local/some/service").unwrap();
+        assert_eq!(sni_name(&other), None);
     }
 }

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use proxy_core::http::{HttpSettings, MIN_HTTP1_MAX_HEAD_BYTES};
+use proxy_core::tunnel::H2Settings;
 use proxy_identity::CredentialPaths;
 
 pub const DEFAULT_OUTBOUND_PORT: u16 = 4140;
@@ -71,17 +73,8 @@ pub struct CommonArgs {
     /// Ports whose traffic skips protocol detection (server-speaks-first protocols).
     #[arg(long, env = "ISTHMUS_OPAQUE_PORTS", value_delimiter = ',', default_values_t = [25u16, 587, 3306, 5432, 6379, 11211])]
     pub opaque_ports: Vec<u16>,
-    /// How long to wait for a client's first bytes before treating it as opaque.
-    #[arg(long, env = "ISTHMUS_DETECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
-    pub detect_timeout: Duration,
-    #[arg(long, env = "ISTHMUS_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
-    pub connect_timeout: Duration,
-    /// A connection with no bytes either way for this long is closed.
-    #[arg(long, env = "ISTHMUS_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
-    pub idle_timeout: Duration,
-    /// Connections served at once per listener; more are reset at once.
-    #[arg(long, env = "ISTHMUS_MAX_CONNECTIONS", default_value_t = 10_000)]
-    pub max_connections: usize,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// How long open connections may finish after SIGTERM.
     #[arg(long, env = "ISTHMUS_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -102,6 +95,248 @@ pub struct CommonArgs {
     pub log: String,
 }
 
+/// The limits flags, one per [`Limits`] field. Their defaults are the values of
+/// [`Limits::default`] (a test keeps the two equal).
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// How long to wait for a client's first bytes before treating it as opaque
+    /// (forwarded untouched, for server-speaks-first protocols).
+    #[arg(long, env = "ISTHMUS_DETECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub detect_timeout: Duration,
+    /// How long a connection to an upstream (app, destination, gateway) may take.
+    #[arg(long, env = "ISTHMUS_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed.
+    #[arg(long, env = "ISTHMUS_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Connections served at once per listener; more are reset at once.
+    #[arg(long, env = "ISTHMUS_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// A mesh peer must finish its TLS handshake within this time (gateway and
+    /// sidecar inbound port).
+    #[arg(long, env = "ISTHMUS_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+    /// An HTTP/1 request head must be complete within this time of its first byte.
+    #[arg(long, env = "ISTHMUS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Most headers in one HTTP/1 request; more get 431.
+    #[arg(long, env = "ISTHMUS_HTTP1_MAX_HEADERS", default_value_t = 100)]
+    pub http1_max_headers: usize,
+    /// Largest HTTP/1 request head in bytes; larger gets 431 (a longer request line 414).
+    #[arg(long, env = "ISTHMUS_HTTP1_MAX_HEAD_BYTES", default_value_t = 65_536)]
+    pub http1_max_head_bytes: usize,
+    /// HTTP/2 streams a peer may open at once on one connection (tunnel and app).
+    #[arg(
+        long,
+        env = "ISTHMUS_H2_MAX_CONCURRENT_STREAMS",
+        default_value_t = 1000
+    )]
+    pub h2_max_concurrent_streams: u32,
+    /// Largest HTTP/2 header list in bytes (decoded); larger gets 431 and a reset stream.
+    #[arg(
+        long,
+        env = "ISTHMUS_H2_MAX_HEADER_LIST_SIZE",
+        default_value_t = 65_536
+    )]
+    pub h2_max_header_list_size: u32,
+    /// HTTP/2 streams opened and reset by the peer before being accepted, tolerated
+    /// at once; more close the connection with GOAWAY (rapid reset).
+    #[arg(
+        long,
+        env = "ISTHMUS_H2_MAX_PENDING_ACCEPT_RESET_STREAMS",
+        default_value_t = 20
+    )]
+    pub h2_max_pending_accept_reset_streams: usize,
+    /// Bytes buffered for sending per HTTP/2 stream before the writer waits.
+    #[arg(long, env = "ISTHMUS_H2_MAX_SEND_BUF_SIZE", default_value_t = 409_600)]
+    pub h2_max_send_buf_size: usize,
+}
+
+/// Every resource limit of one proxy process, validated; what `/config` shows under
+/// `limits`. [`Limits::default`] is the one place the defaults live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub detect_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub tls_handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub http1_max_headers: usize,
+    pub http1_max_head_bytes: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_max_header_list_size: u32,
+    pub h2_max_pending_accept_reset_streams: usize,
+    pub h2_max_send_buf_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let http = HttpSettings::default();
+        Self {
+            detect_timeout: proxy_core::detect::DEFAULT_DETECT_TIMEOUT,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: proxy_core::forward::DEFAULT_IDLE_TIMEOUT,
+            max_connections: 10_000,
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: proxy_core::http::DEFAULT_HEADER_READ_TIMEOUT,
+            http1_max_headers: http.max_headers,
+            http1_max_head_bytes: http.max_buf_size,
+            h2_max_concurrent_streams: http.h2.max_concurrent_streams,
+            h2_max_header_list_size: http.h2.max_header_list_size,
+            h2_max_pending_accept_reset_streams: http.h2.max_pending_accept_reset_streams,
+            h2_max_send_buf_size: http.h2.max_send_buf_size,
+        }
+    }
+}
+
+/// Bounds beyond which a value is a typo or an attack on ourselves, not a setting.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+const MAX_SETUP_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl Limits {
+    /// Validates the flags; the error names the flag and the accepted range.
+    pub fn from_args(args: &LimitArgs) -> Result<Self, ConfigError> {
+        let limits = Limits {
+            detect_timeout: args.detect_timeout,
+            connect_timeout: args.connect_timeout,
+            idle_timeout: args.idle_timeout,
+            max_connections: args.max_connections,
+            tls_handshake_timeout: args.tls_handshake_timeout,
+            header_read_timeout: args.header_read_timeout,
+            http1_max_headers: args.http1_max_headers,
+            http1_max_head_bytes: args.http1_max_head_bytes,
+            h2_max_concurrent_streams: args.h2_max_concurrent_streams,
+            h2_max_header_list_size: args.h2_max_header_list_size,
+            h2_max_pending_accept_reset_streams: args.h2_max_pending_accept_reset_streams,
+            h2_max_send_buf_size: args.h2_max_send_buf_size,
+        };
+        limits.validate()?;
+        Ok(limits)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (flag, value, max) in [
+            // Detection delays every server-speaks-first connection by this much.
+            (
+                "detect-timeout",
+                self.detect_timeout,
+                Duration::from_secs(60),
+            ),
+            ("connect-timeout", self.connect_timeout, MAX_SETUP_TIMEOUT),
+            ("idle-timeout", self.idle_timeout, 7 * MAX_TIMEOUT),
+            (
+                "tls-handshake-timeout",
+                self.tls_handshake_timeout,
+                MAX_SETUP_TIMEOUT,
+            ),
+            (
+                "header-read-timeout",
+                self.header_read_timeout,
+                MAX_SETUP_TIMEOUT,
+            ),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(flag, "must be longer than zero"));
+            }
+            if value > max {
+                return Err(invalid(
+                    flag,
+                    format!("{value:?} is longer than the most accepted, {max:?}"),
+                ));
+            }
+        }
+        let counts: [(&'static str, u64, u64, u64); 7] = [
+            ("max-connections", self.max_connections as u64, 1, 1_000_000),
+            (
+                "http1-max-headers",
+                self.http1_max_headers as u64,
+                1,
+                10_000,
+            ),
+            (
+                "http1-max-head-bytes",
+                self.http1_max_head_bytes as u64,
+                MIN_HTTP1_MAX_HEAD_BYTES as u64,
+                16 << 20,
+            ),
+            (
+                "h2-max-concurrent-streams",
+                u64::from(self.h2_max_concurrent_streams),
+                1,
+                100_000,
+            ),
+            (
+                "h2-max-header-list-size",
+                u64::from(self.h2_max_header_list_size),
+                1024,
+                16 << 20,
+            ),
+            (
+                "h2-max-pending-accept-reset-streams",
+                self.h2_max_pending_accept_reset_streams as u64,
+                1,
+                100_000,
+            ),
+            (
+                "h2-max-send-buf-size",
+                self.h2_max_send_buf_size as u64,
+                16 * 1024,
+                64 << 20,
+            ),
+        ];
+        for (flag, value, min, max) in counts {
+            if !(min..=max).contains(&value) {
+                return Err(invalid(
+                    flag,
+                    format!("{value} is outside the accepted range {min}..={max}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The HTTP/2 settings of the tunnel and of the transparent HTTP/2 path.
+    pub fn h2_settings(&self) -> H2Settings {
+        H2Settings {
+            max_concurrent_streams: self.h2_max_concurrent_streams,
+            max_header_list_size: self.h2_max_header_list_size,
+            max_pending_accept_reset_streams: self.h2_max_pending_accept_reset_streams,
+            max_send_buf_size: self.h2_max_send_buf_size,
+            ..H2Settings::default()
+        }
+    }
+
+    /// The HTTP settings of the transparent and explicit HTTP paths.
+    pub fn http_settings(&self) -> HttpSettings {
+        HttpSettings {
+            header_read_timeout: Some(self.header_read_timeout),
+            max_headers: self.http1_max_headers,
+            max_buf_size: self.http1_max_head_bytes,
+            h2: self.h2_settings(),
+        }
+    }
+
+    /// The limits as `/config` shows them: durations as written on the command line.
+    pub fn to_json(&self) -> serde_json::Value {
+        let d = |d: Duration| format!("{d:?}");
+        serde_json::json!({
+            "detect_timeout": d(self.detect_timeout),
+            "connect_timeout": d(self.connect_timeout),
+            "idle_timeout": d(self.idle_timeout),
+            "max_connections": self.max_connections,
+            "tls_handshake_timeout": d(self.tls_handshake_timeout),
+            "header_read_timeout": d(self.header_read_timeout),
+            "http1_max_headers": self.http1_max_headers,
+            "http1_max_head_bytes": self.http1_max_head_bytes,
+            "h2_max_concurrent_streams": self.h2_max_concurrent_streams,
+            "h2_max_header_list_size": self.h2_max_header_list_size,
+            "h2_max_pending_accept_reset_streams": self.h2_max_pending_accept_reset_streams,
+            "h2_max_send_buf_size": self.h2_max_send_buf_size,
+        })
+    }
+}
+
 /// Parses durations as Kubernetes writes them: `500ms`, `5s`, `1m30s`, `1h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     proxy_discovery::model::GoDuration::parse(text)
@@ -120,10 +355,8 @@ pub struct Config {
     pub inbound_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub opaque_ports: HashSet<u16>,
-    pub detect_timeout: Duration,
-    pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_connections: usize,
+    /// Every resource limit: timeouts, connection bounds, header and HTTP/2 limits.
+    pub limits: Limits,
     pub shutdown_grace: Duration,
     pub reload_interval: Duration,
     pub tunnel_connections: usize,
@@ -199,8 +432,8 @@ impl Config {
                 ),
             ));
         }
+        let limits = Limits::from_args(&args.limits)?;
         for (flag, value) in [
-            ("max-connections", args.max_connections),
             ("tunnel-connections", args.tunnel_connections),
             ("workers", args.workers.unwrap_or(1)),
         ] {
@@ -208,15 +441,8 @@ impl Config {
                 return Err(invalid(flag, "must be at least 1"));
             }
         }
-        for (flag, value) in [
-            ("detect-timeout", args.detect_timeout),
-            ("connect-timeout", args.connect_timeout),
-            ("idle-timeout", args.idle_timeout),
-            ("reload-interval", args.reload_interval),
-        ] {
-            if value.is_zero() {
-                return Err(invalid(flag, "must be longer than zero"));
-            }
+        if args.reload_interval.is_zero() {
+            return Err(invalid("reload-interval", "must be longer than zero"));
         }
         if args.opaque_ports.contains(&0) {
             return Err(invalid("opaque-ports", "0 is not a port"));
@@ -229,10 +455,7 @@ impl Config {
             inbound_addrs: args.inbound_addr.clone(),
             admin_addr: args.admin_addr,
             opaque_ports: args.opaque_ports.iter().copied().collect(),
-            detect_timeout: args.detect_timeout,
-            connect_timeout: args.connect_timeout,
-            idle_timeout: args.idle_timeout,
-            max_connections: args.max_connections,
+            limits,
             shutdown_grace: args.shutdown_grace,
             reload_interval: args.reload_interval,
             tunnel_connections: args.tunnel_connections,
@@ -336,5 +559,73 @@ mod tests {
                 .to_string()
                 .starts_with("--manifests:")
         );
+    }
+
+    #[test]
+    fn flag_defaults_are_the_limits_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_args(&args(dir.path())).unwrap();
+        assert_eq!(config.limits, Limits::default());
+        let http = config.limits.http_settings();
+        let core = HttpSettings::default();
+        assert_eq!(http.header_read_timeout, core.header_read_timeout);
+        assert_eq!(http.max_headers, core.max_headers);
+        assert_eq!(http.max_buf_size, core.max_buf_size);
+        assert_eq!(
+            http.h2.max_header_list_size,
+            H2Settings::default().max_header_list_size
+        );
+    }
+
+    #[test]
+    fn zero_and_absurd_limits_name_their_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(&str, &str, &str); 12] = [
+            ("--detect-timeout", "0s", "longer than zero"),
+            ("--detect-timeout", "2h", "longer than the most"),
+            ("--connect-timeout", "0ms", "longer than zero"),
+            ("--idle-timeout", "0s", "longer than zero"),
+            ("--tls-handshake-timeout", "1h", "longer than the most"),
+            ("--header-read-timeout", "0s", "longer than zero"),
+            ("--max-connections", "0", "outside the accepted range"),
+            ("--http1-max-headers", "0", "outside the accepted range"),
+            (
+                "--http1-max-head-bytes",
+                "1024",
+                "outside the accepted range",
+            ),
+            (
+                "--h2-max-concurrent-streams",
+                "0",
+                "outside the accepted range",
+            ),
+            ("--h2-max-header-list-size", "99999999999", "invalid value"),
+            ("--h2-max-send-buf-size", "10", "outside the accepted range"),
+        ];
+        for (flag, value, problem) in cases {
+            let parsed = Cli::try_parse_from([
+                "isthmus-proxy",
+                "gateway",
+                "--cluster",
+                "cluster-a",
+                "--identity-dir",
+                dir.path().to_str().unwrap(),
+                "--manifests",
+                dir.path().to_str().unwrap(),
+                flag,
+                value,
+            ]);
+            let err = match parsed {
+                Err(e) => e.to_string(),
+                Ok(cli) => match cli.role {
+                    RoleCommand::Gateway(args) => Config::from_args(&args).unwrap_err().to_string(),
+                    _ => unreachable!(),
+                },
+            };
+            assert!(
+                err.contains(flag) && err.contains(problem),
+                "{flag} {value}: {err}"
+            );
+        }
     }
 }

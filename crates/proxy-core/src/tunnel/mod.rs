@@ -133,7 +133,9 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// HTTP/2 settings of tunnel connections, both ends.
+/// HTTP/2 settings of tunnel connections, both ends, and of the transparent HTTP/2
+/// path (proxy-core's one place for h2 knobs). Every field bounds what one peer can
+/// make this proxy hold; [`Default`] holds the defaults the command line documents.
 #[derive(Clone, Debug)]
 pub struct H2Settings {
     /// Streams a peer may open at once on one connection; more wait at the client.
@@ -142,22 +144,43 @@ pub struct H2Settings {
     pub stream_window: u32,
     /// Per-connection window, shared by all streams.
     pub connection_window: u32,
-    /// Largest header block accepted (the CONNECT request is tiny).
+    /// Largest header block accepted, decoded size (RFC 9113 `SETTINGS_MAX_HEADER_LIST_SIZE`).
+    /// A server answers a larger request head with `431` and resets the stream.
     pub max_header_list_size: u32,
+    /// Streams a peer opened and reset before they were accepted, tolerated at once;
+    /// past it the connection is closed with `GOAWAY` (the "rapid reset" attack,
+    /// CVE-2023-44487).
+    pub max_pending_accept_reset_streams: usize,
+    /// Bytes buffered for sending per stream before the writer is made to wait:
+    /// bounds what a peer that never opens its window can make us hold.
+    pub max_send_buf_size: usize,
     /// PING interval; a peer that stops answering is noticed within interval + timeout.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
 }
 
+/// Default [`H2Settings::max_concurrent_streams`].
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Default [`H2Settings::max_header_list_size`]: 64 KiB, the same bound as an
+/// HTTP/1 request head ([`crate::http::DEFAULT_HTTP1_MAX_HEAD_BYTES`]), so a request
+/// does not change fate with the protocol version.
+pub const DEFAULT_H2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+/// Default [`H2Settings::max_pending_accept_reset_streams`]: h2's own default.
+pub const DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Default [`H2Settings::max_send_buf_size`]: h2's own default (400 KiB).
+pub const DEFAULT_H2_MAX_SEND_BUF_SIZE: usize = 400 * 1024;
+
 impl Default for H2Settings {
     fn default() -> Self {
         Self {
-            max_concurrent_streams: 1000,
+            max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
             // 256 KiB per stream fills a 1 Gbit/s link at 2 ms RTT, and 1,000 streams
             // would still bound buffering at 256 MiB only if every reader stalls.
             stream_window: 256 * 1024,
             connection_window: 4 * 1024 * 1024,
-            max_header_list_size: 16 * 1024,
+            max_header_list_size: DEFAULT_H2_MAX_HEADER_LIST_SIZE,
+            max_pending_accept_reset_streams: DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS,
+            max_send_buf_size: DEFAULT_H2_MAX_SEND_BUF_SIZE,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
         }

@@ -99,6 +99,8 @@ impl<H: TunnelHandler> TunnelServer<H> {
             .initial_stream_window_size(self.settings.stream_window)
             .initial_connection_window_size(self.settings.connection_window)
             .max_header_list_size(self.settings.max_header_list_size)
+            .max_pending_accept_reset_streams(self.settings.max_pending_accept_reset_streams)
+            .max_send_buf_size(self.settings.max_send_buf_size)
             .keep_alive_interval(self.settings.keepalive_interval)
             .keep_alive_timeout(self.settings.keepalive_timeout);
         let conn = builder.serve_connection(TokioIo::new(io), service);

@@ -411,7 +411,7 @@ pub async fn run(config: Config) -> Result<()> {
         cluster: base.config.cluster.clone(),
         discovery: base.discovery.clone(),
         links: Mutex::new(HashMap::new()),
-        connect_timeout: base.config.connect_timeout,
+        connect_timeout: base.config.limits.connect_timeout,
         next_endpoint: AtomicUsize::new(0),
         own_addrs: inbound_listeners
             .iter()

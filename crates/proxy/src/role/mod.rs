@@ -14,7 +14,7 @@ use prometheus_client::registry::Registry;
 use proxy_core::addr::KernelOrigDst;
 use proxy_core::detect::DetectConfig;
 use proxy_core::forward::ForwardConfig;
-use proxy_core::http::{HttpProxy, HttpSettings};
+use proxy_core::http::HttpProxy;
 use proxy_core::inbound::{Inbound, InboundConfig};
 use proxy_core::listen::{Handler, ListenConfig};
 use proxy_core::metrics::{Direction, ProxyMetrics};
@@ -101,14 +101,14 @@ impl Base {
 
     pub fn forward_config(&self) -> ForwardConfig {
         ForwardConfig {
-            idle_timeout: self.config.idle_timeout,
+            idle_timeout: self.config.limits.idle_timeout,
             ..ForwardConfig::default()
         }
     }
 
     pub fn detect_config(&self) -> DetectConfig {
         DetectConfig {
-            timeout: self.config.detect_timeout,
+            timeout: self.config.limits.detect_timeout,
             ..DetectConfig::default()
         }
     }
@@ -117,14 +117,14 @@ impl Base {
         HttpProxy {
             metrics: self.metrics.clone(),
             direction,
-            settings: HttpSettings::default(),
+            settings: self.config.limits.http_settings(),
             forward: self.forward_config(),
         }
     }
 
     pub fn listen_config(&self) -> ListenConfig {
         ListenConfig {
-            max_connections: self.config.max_connections,
+            max_connections: self.config.limits.max_connections,
             grace: self.config.shutdown_grace,
         }
     }
@@ -179,8 +179,9 @@ impl Base {
     pub fn pool_maker(&self) -> PoolMaker {
         PoolMaker {
             identity: self.identity.clone(),
-            connect_timeout: self.config.connect_timeout,
+            connect_timeout: self.config.limits.connect_timeout,
             connections: self.config.tunnel_connections,
+            h2: self.config.limits.h2_settings(),
             shutdown: self.shutdown.clone(),
             handshake_failed: self.handshake_observer(),
         }
@@ -217,13 +218,13 @@ impl Base {
     ) -> Arc<Inbound<H>> {
         let tunnel = TunnelServer::new(
             handler,
-            H2Settings::default(),
+            self.config.limits.h2_settings(),
             self.forward_config(),
             self.metrics.clone(),
             direction,
         );
         Arc::new(Inbound {
-            tls: Some(proxy_identity::server_config(
+            tls: Some(proxy_identity::mesh_server_config(
                 self.identity.clone(),
                 self.own_trust_domain_policy(),
             )),
@@ -238,12 +239,12 @@ impl Base {
             tunnel,
             orig_dst: Arc::new(KernelOrigDst),
             cfg: InboundConfig {
-                connect_timeout: self.config.connect_timeout,
+                connect_timeout: self.config.limits.connect_timeout,
                 detect: self.detect_config(),
                 opaque_ports: self.config.opaque_ports.clone(),
                 forward: self.forward_config(),
                 proxy_ports: self.config.proxy_ports(),
-                tls_handshake_timeout: self.config.connect_timeout,
+                tls_handshake_timeout: self.config.limits.tls_handshake_timeout,
             },
             http: self.http_proxy(direction),
             metrics: self.metrics.clone(),
@@ -259,10 +260,12 @@ impl Base {
         let identity = self.identity.clone();
         let discovery = self.discovery.clone();
         let cluster = self.config.cluster.clone();
+        let limits = self.config.limits.to_json();
         Arc::new(move || {
             let mut view = serde_json::json!({
                 "role": role,
                 "cluster": cluster,
+                "limits": limits,
                 "identity": identity.status(),
                 "discovery": {
                     "status": discovery.status(),
@@ -324,6 +327,7 @@ pub struct PoolMaker {
     identity: Arc<CredentialStore>,
     connect_timeout: std::time::Duration,
     connections: usize,
+    h2: H2Settings,
     handshake_failed: HandshakeObserver,
     /// The process shutdown, for tasks that outlive a single pool.
     pub shutdown: watch::Receiver<bool>,
@@ -365,7 +369,7 @@ impl PoolMaker {
                 tls,
                 connect_timeout: self.connect_timeout,
                 connections,
-                h2: H2Settings::default(),
+                h2: self.h2.clone(),
                 backoff_min: std::time::Duration::from_millis(100),
                 backoff_max: std::time::Duration::from_secs(5),
                 handshake_failed: Some(self.handshake_failed.clone()),

@@ -33,7 +33,7 @@ pub async fn run(config: Config) -> Result<()> {
         gateway: gateway.clone(),
         orig_dst: Arc::new(KernelOrigDst),
         cfg: OutboundConfig {
-            connect_timeout: base.config.connect_timeout,
+            connect_timeout: base.config.limits.connect_timeout,
             detect: base.detect_config(),
             opaque_ports: base.config.opaque_ports.clone(),
             forward: base.forward_config(),
@@ -45,7 +45,7 @@ pub async fn run(config: Config) -> Result<()> {
 
     let delivery = Arc::new(LocalDelivery {
         app_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-        connect_timeout: base.config.connect_timeout,
+        connect_timeout: base.config.limits.connect_timeout,
         proxy_ports: proxy_ports.clone(),
     });
     let inbound = base.inbound(delivery, Direction::Inbound);

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use proxy_core::explicit::Explicit;
-use proxy_core::http::HttpSettings;
 use proxy_core::metrics::Direction;
 use serde_json::json;
 use tracing::info;
@@ -25,8 +24,8 @@ pub async fn run(config: Config) -> Result<()> {
             discovery: base.discovery.clone(),
         },
         gateway: gateway.clone(),
-        connect_timeout: base.config.connect_timeout,
-        header_read_timeout: HttpSettings::default().header_read_timeout,
+        connect_timeout: base.config.limits.connect_timeout,
+        http: base.config.limits.http_settings(),
         forward: base.forward_config(),
         metrics: base.metrics.clone(),
     });
