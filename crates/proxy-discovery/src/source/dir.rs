@@ -162,7 +162,14 @@ impl DirSource {
                     match fingerprint {
                         Some(fp) => last = fp,
                         None if last_read_error.as_deref() == Some(text.as_str()) => continue,
-                        None => last_read_error = Some(text.clone()),
+                        None => {
+                            last_read_error = Some(text.clone());
+                            // Forget what was read last: a directory that comes back
+                            // exactly as it was must still be loaded and published,
+                            // or the state would stay marked stale (and its age keep
+                            // growing) although the source is fine again.
+                            last = 0;
+                        }
                     }
                     discovery.report_failure(&err);
                     tracing::error!(dir = %self.dir.display(), error = %text,

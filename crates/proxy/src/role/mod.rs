@@ -1,6 +1,7 @@
 //! The three roles of `isthmus-proxy`, and what they share: identity, discovery,
 //! metrics, the admin server, listeners and shutdown.
 
+mod discovery_metrics;
 pub mod gateway;
 pub mod sidecar;
 pub mod standalone;
@@ -81,6 +82,9 @@ impl Base {
                     config.manifests.display()
                 )
             })?;
+        registry.register_collector(Box::new(discovery_metrics::DiscoveryCollector {
+            discovery: discovery.clone(),
+        }));
         info!(
             cluster = %config.cluster,
             identity = %identity.current().id(),
