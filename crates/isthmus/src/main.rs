@@ -1,12 +1,16 @@
 //! `isthmus`: operator tooling for the mesh.
 //!
 //! One module per subcommand family: `identity` (minting trust anchors, cluster
-//! issuers and workload certificates) and `lab` (the clusters of a directory, run
-//! on one machine). Mirror rendering and checks slot in beside them as their own
-//! modules and `Command` variants. The proxy itself is
-//! another binary (`isthmus-proxy`); nothing here runs on the data path.
+//! issuers and workload certificates), `lab` (the clusters of a directory, run
+//! on one machine), and for real clusters `install` (the control plane's
+//! manifests), `inject` (adding the mesh to workloads), `link` (what another
+//! cluster applies to reach this one) and `check` (what is wrong, and what to do).
+//! The proxy itself is another binary (`isthmus-proxy`); nothing here runs on the
+//! data path.
 
 mod identity;
+mod inject;
+mod install;
 mod lab;
 
 use std::process::ExitCode;
@@ -33,6 +37,9 @@ enum Command {
     /// network namespaces and run with the real binaries.
     #[command(subcommand)]
     Lab(lab::LabCommand),
+    /// Add the mesh (isthmus-init and the isthmus-proxy sidecar) to the workloads
+    /// of a manifest; prints the result, other objects unchanged.
+    Inject(inject::InjectArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +54,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Identity(command) => identity::run(command).map(|()| true),
         Command::Lab(command) => lab::run(command),
+        Command::Inject(args) => inject::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
