@@ -11,9 +11,11 @@
 //!   is aborted;
 //! - bytes are counted per chunk into shared [`ByteCounters`] (atomic adds only) and
 //!   per connection into [`ForwardStats`];
-//! - memory is bounded: a fixed buffer per direction for the copy loop
-//!   ([`copy`]), or a kernel pipe per direction for zero-copy `splice(2)` between two
-//!   plain sockets on Linux ([`splice`]).
+//! - memory is bounded: between two plain sockets ([`tcp`]) chunks pass through
+//!   one buffer per worker thread, a connection keeping only what a blocked write
+//!   left over, and a bulk direction moves to a kernel pipe with zero-copy
+//!   `splice(2)` on Linux ([`splice`]); other streams get a fixed buffer per
+//!   direction ([`copy`]).
 //!
 //! One connection costs one task: both directions are polled by the same future, and
 //! the per-chunk path neither allocates nor takes a lock.
@@ -31,6 +33,7 @@
 mod copy;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod splice;
+mod tcp;
 
 use std::fmt;
 use std::future::{Future, poll_fn};
@@ -105,12 +108,13 @@ pub struct ForwardConfig {
     /// The connection is aborted once no byte moved in either direction for this long.
     /// `Duration::ZERO` disables the timeout (as Envoy's `idle_timeout: 0s` does).
     pub idle_timeout: Duration,
-    /// Size in bytes of the copy loop's buffer, one per direction, allocated once per
-    /// connection. Values below 512 are raised to 512. The splice path uses the
-    /// kernel pipe's own capacity instead.
+    /// Size in bytes of the copy loop's buffer for streams other than two plain
+    /// sockets, one per direction, allocated once per connection. Values below 512
+    /// are raised to 512. Two plain sockets share a per-thread buffer instead.
     pub buffer_size: usize,
-    /// Use `splice(2)` through a pipe per direction when both ends are plain TCP
-    /// sockets on Linux. Falls back to the copy loop when a pipe cannot be created.
+    /// Let a bulk direction between two plain TCP sockets switch to `splice(2)`
+    /// through a pipe of its own (Linux). It keeps copying when a pipe cannot be
+    /// created.
     pub splice: bool,
 }
 
@@ -416,9 +420,10 @@ fn far_future() -> Instant {
 /// Forwards between two plain TCP sockets until both directions have ended.
 ///
 /// `prefix` holds bytes already read from `downstream` (by protocol detection); they
-/// reach `upstream` before anything else. With `cfg.splice` on Linux, bytes move
-/// through a kernel pipe per direction with `splice(2)` and never enter user space;
-/// if a pipe cannot be created (`EMFILE`, ...) the copy loop is used instead.
+/// reach `upstream` before anything else. Small chunks are read and written straight
+/// through a per-thread buffer; with `cfg.splice` on Linux, a direction whose reads
+/// fill that buffer (a bulk flow) moves on through a kernel pipe with `splice(2)`,
+/// its bytes never entering user space.
 ///
 /// A clean EOF on one side half-closes (`shutdown(Write)`) the other and the reverse
 /// direction keeps flowing; the call returns once both directions ended. On an error
@@ -461,18 +466,7 @@ async fn forward_tcp_inner(
     cfg: &ForwardConfig,
     counters: &ByteCounters,
 ) -> Result<ForwardStats, ForwardError> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    if cfg.splice {
-        match splice::Pipes::new() {
-            Ok(pipes) => {
-                return splice::forward(downstream, upstream, pipes, prefix, cfg, counters).await;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot create splice pipes, falling back to the copy loop");
-            }
-        }
-    }
-    copy::forward(downstream, upstream, prefix, cfg, counters).await
+    tcp::forward(downstream, upstream, prefix, cfg, counters).await
 }
 
 /// Aborts a socket: `SO_LINGER` 0 turns the close into an RST, which the peer reads
