@@ -1,2 +1,396 @@
 //! An in-memory Kubernetes API server that speaks the real REST and watch
 //! protocol, so controllers are tested through kube-rs clients end to end.
+//!
+//! # Use
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use k8s_openapi::api::core::v1::Service;
+//! use kube::api::{Api, Patch, PatchParams, PostParams};
+//! use test_apiserver::{ResourceType, TestApiServer};
+//!
+//! let server = TestApiServer::builder()
+//!     // Any extra type, besides the built-in ones and CRDs created at run time.
+//!     .resource(ResourceType::new("example.io", "v1", "widgets", "Widget", true).with_status())
+//!     .start()
+//!     .await?;
+//! let services: Api<Service> = Api::namespaced(server.client(), "default");
+//! let svc: Service = serde_json::from_value(serde_json::json!({
+//!     "apiVersion": "v1", "kind": "Service",
+//!     "metadata": {"name": "hello"},
+//!     "spec": {"ports": [{"port": 80}]},
+//! }))?;
+//! services.create(&PostParams::default(), &svc).await?;
+//! // Server-side apply, conflicts and all:
+//! services
+//!     .patch("hello", &PatchParams::apply("my-controller"), &Patch::Apply(&svc))
+//!     .await?;
+//! // Seed or assert without HTTP:
+//! let stored: Option<Service> = server.store().get(Some("default"), "hello");
+//! // A remote cluster's credentials, as a controller would read them from a Secret:
+//! let kubeconfig = server.kubeconfig();
+//! // An outage: the port refuses connections and open watches end ...
+//! server.stop().await;
+//! // ... and the same state is served again on the same port.
+//! server.restart().await?;
+//! # let _ = (stored, kubeconfig);
+//! # Ok(()) }
+//! ```
+//!
+//! # What it serves
+//!
+//! - Built-in types: core v1 `services`, `endpoints`, `secrets`, `configmaps`,
+//!   `namespaces`, `serviceaccounts`, `pods`, `nodes`, `events`;
+//!   `discovery.k8s.io/v1 endpointslices`; `coordination.k8s.io/v1 leases`;
+//!   `apps/v1 deployments`; `apiextensions.k8s.io/v1 customresourcedefinitions`;
+//!   `rbac.authorization.k8s.io/v1` roles, rolebindings, clusterroles,
+//!   clusterrolebindings; `linkerd.io/v1alpha1 servicemirrors`;
+//!   `multicluster.isthmus.io/v1alpha1 links`. Creating a CRD makes its served
+//!   versions servable (with `/status` when the CRD declares it); deleting it
+//!   removes them and their objects.
+//! - Discovery: `/version`, `/api`, `/apis`, `/apis/{group}`, `/api/v1`,
+//!   `/apis/{group}/{version}` (legacy discovery; the aggregated form is not served).
+//! - Verbs: get, list (label and field selectors, `limit`/`continue`), watch,
+//!   create (`generateName`), update (409 on a stale `resourceVersion`), delete and
+//!   deletecollection (finalizers, owner-reference garbage collection in the
+//!   background style, `propagationPolicy=Orphan`), patch (merge, JSON patch,
+//!   strategic merge approximated by merge, server-side apply), and `/status`.
+//! - Watches: newline-delimited JSON events from a `resourceVersion` (or all
+//!   current objects first when it is absent or `"0"`), `allowWatchBookmarks`,
+//!   `sendInitialEvents` (streaming lists, ending with the
+//!   `k8s.io/initial-events-end` bookmark), `timeoutSeconds`, and an `ERROR`
+//!   event with a 410 `Status` when the `resourceVersion` is older than the
+//!   retained history (1000 events by default), so kube-runtime's watcher relists.
+//!
+//! # Deliberately not
+//!
+//! Authentication, authorization, admission webhooks, validation against
+//! OpenAPI schemas, defaulting (no ClusterIP allocation, no pod scheduling),
+//! protobuf, aggregated discovery, TLS, and HTTP/2. Strategic merge patch is a
+//! JSON merge patch (lists replaced whole), and server-side apply treats lists
+//! as atomic: two managers applying different elements of one list conflict. A
+//! namespaced object may be created in a namespace that does not exist.
+
+mod apply;
+mod patch;
+mod resource;
+mod selector;
+mod server;
+mod status;
+mod store;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use resource::ResourceType;
+pub use selector::{FieldSelector, LabelSelector};
+pub use status::ApiError;
+pub use store::Store;
+
+use server::{Ctx, Settings};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listening socket could not be bound.
+    #[error("test-apiserver: cannot listen on {addr}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The socket error.
+        #[source]
+        source: io::Error,
+    },
+    /// A kube client could not be built for the server's URL.
+    #[error("test-apiserver: cannot build a kube client for {url}")]
+    Client {
+        /// The server's URL.
+        url: String,
+        /// kube's error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Options of a server before it starts.
+#[derive(Debug, Clone)]
+pub struct Builder {
+    resources: Vec<ResourceType>,
+    settings: Settings,
+    history_limit: usize,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self {
+            resources: Vec::new(),
+            settings: Settings {
+                body_limit: 3 * 1024 * 1024,
+                bookmark_interval: Duration::from_secs(2),
+                max_watch: Duration::from_secs(1800),
+            },
+            history_limit: 1000,
+        }
+    }
+}
+
+impl Builder {
+    /// Serves `rt` besides the built-in types (replacing a built-in one with the
+    /// same group, plural and version).
+    pub fn resource(mut self, rt: ResourceType) -> Self {
+        self.resources.push(rt);
+        self
+    }
+
+    /// How often a watch that allows bookmarks gets one (default 2 s).
+    pub fn bookmark_interval(mut self, every: Duration) -> Self {
+        self.settings.bookmark_interval = every;
+        self
+    }
+
+    /// How many events are kept for watches to resume from (default 1000);
+    /// a watch from before them gets 410 Gone.
+    pub fn history_limit(mut self, events: usize) -> Self {
+        self.history_limit = events;
+        self
+    }
+
+    /// The largest request body accepted; larger ones get 413 (default 3 MiB).
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.settings.body_limit = bytes;
+        self
+    }
+
+    /// How long a watch without `timeoutSeconds` lasts (default 30 minutes).
+    pub fn max_watch(mut self, lifetime: Duration) -> Self {
+        self.settings.max_watch = lifetime;
+        self
+    }
+
+    /// Starts on `127.0.0.1` on a free port.
+    pub async fn start(self) -> Result<TestApiServer, StartError> {
+        self.start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts on `addr` (for example the port of a server that was dropped).
+    pub async fn start_on(self, addr: SocketAddr) -> Result<TestApiServer, StartError> {
+        let store = Store::new(self.resources, self.history_limit);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let server = TestApiServer {
+            store,
+            settings: self.settings,
+            addr,
+            running: Mutex::new(None),
+        };
+        server.spawn(listener);
+        Ok(server)
+    }
+}
+
+struct Running {
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// A running in-memory API server; dropping it stops it.
+pub struct TestApiServer {
+    store: Store,
+    settings: Settings,
+    addr: SocketAddr,
+    running: Mutex<Option<Running>>,
+}
+
+impl std::fmt::Debug for TestApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestApiServer")
+            .field("addr", &self.addr)
+            .field("running", &self.is_running())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestApiServer {
+    /// Starts with the built-in types on `127.0.0.1` on a free port.
+    ///
+    /// # Panics
+    ///
+    /// When no loopback port can be bound: a test cannot go on without one. Use
+    /// [`TestApiServer::builder`] for the error instead.
+    pub async fn start() -> Self {
+        Self::builder()
+            .start()
+            .await
+            .expect("test-apiserver: binding 127.0.0.1:0 must work for tests to run")
+    }
+
+    /// Starts with the built-in types on `addr`.
+    pub async fn start_on(addr: SocketAddr) -> Result<Self, StartError> {
+        Self::builder().start_on(addr).await
+    }
+
+    /// Options before starting.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    fn spawn(&self, listener: TcpListener) {
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let ctx = Arc::new(Ctx {
+            store: self.store.clone(),
+            settings: self.settings.clone(),
+            addr: self.addr,
+            shutdown: shutdown_rx,
+        });
+        let task = tokio::spawn(server::serve(listener, ctx));
+        *self.lock() = Some(Running { shutdown, task });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kube config for this server: plain HTTP, no authentication, default
+    /// namespace `default`.
+    pub fn config(&self) -> kube::Config {
+        let uri: http::Uri = self
+            .url()
+            .parse()
+            .expect("http://<socket address> is always a valid URI");
+        let mut config = kube::Config::new(uri);
+        config.default_namespace = "default".to_owned();
+        config
+    }
+
+    /// A kube client for this server.
+    ///
+    /// # Panics
+    ///
+    /// If kube cannot build a client for a plain-HTTP config; see
+    /// [`TestApiServer::try_client`] for the error instead.
+    pub fn client(&self) -> kube::Client {
+        self.try_client()
+            .expect("kube builds a client for a plain-http config without auth")
+    }
+
+    /// A kube client for this server, or kube's error.
+    pub fn try_client(&self) -> Result<kube::Client, StartError> {
+        kube::Client::try_from(self.config()).map_err(|source| StartError::Client {
+            url: self.url(),
+            source,
+        })
+    }
+
+    /// A kubeconfig naming this server (cluster, user and context all called
+    /// `test-apiserver`), as a remote cluster's credentials would be handed over.
+    pub fn kubeconfig(&self) -> kube::config::Kubeconfig {
+        use kube::config::{
+            AuthInfo, Cluster, Context, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext,
+        };
+        const NAME: &str = "test-apiserver";
+        let cluster = Cluster {
+            server: Some(self.url()),
+            ..Cluster::default()
+        };
+        let context = Context {
+            cluster: NAME.to_owned(),
+            user: Some(NAME.to_owned()),
+            namespace: Some("default".to_owned()),
+            ..Context::default()
+        };
+        Kubeconfig {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Config".to_owned()),
+            clusters: vec![NamedCluster {
+                name: NAME.to_owned(),
+                cluster: Some(cluster),
+                ..NamedCluster::default()
+            }],
+            auth_infos: vec![NamedAuthInfo {
+                name: NAME.to_owned(),
+                auth_info: Some(AuthInfo::default()),
+                ..NamedAuthInfo::default()
+            }],
+            contexts: vec![NamedContext {
+                name: NAME.to_owned(),
+                context: Some(context),
+                ..NamedContext::default()
+            }],
+            current_context: Some(NAME.to_owned()),
+            ..Kubeconfig::default()
+        }
+    }
+
+    /// The store, to seed and assert without HTTP.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Whether the server is accepting connections.
+    pub fn is_running(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Closes the listener and every open connection (watches included); the
+    /// stored state stays. Does nothing when already stopped.
+    pub async fn stop(&self) {
+        let running = self.lock().take();
+        if let Some(running) = running {
+            running.shutdown.send_replace(true);
+            let mut task = running.task;
+            // The accept loop ends at once on shutdown; abort rather than wait
+            // if it does not, so `stop` is bounded.
+            if tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
+    }
+
+    /// Serves the same state on the same port again after [`TestApiServer::stop`].
+    /// Does nothing when running.
+    pub async fn restart(&self) -> Result<(), StartError> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: self.addr,
+                source,
+            })?;
+        self.spawn(listener);
+        Ok(())
+    }
+}
+
+impl Drop for TestApiServer {
+    fn drop(&mut self) {
+        if let Some(running) = self.lock().take() {
+            running.shutdown.send_replace(true);
+            running.task.abort();
+        }
+    }
+}
