@@ -1,0 +1,1067 @@
+//! Hostile input against the real `isthmus-proxy` on loopback: the gateway's mesh
+//! port (TLS policy, broken and slow handshakes, invalid HTTP/2) and the standalone
+//! role's HTTP/1 parser (malformed and oversize heads, slowloris).
+//!
+//! Each test asserts the exact answer (alert, frame, status line or close) within a
+//! generous bound, that a well-behaved bystander is still served afterwards, and
+//! that the proxy's open file descriptors return to their baseline once the hostile
+//! connections are gone. Bounds are upper limits for "it happened", never speed
+//! claims.
+//!
+//! The transparent sidecar path (iptables capture) has the same checks in the netns
+//! suite, `tests/tests/hostile.rs`.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use proxy_core::pool::{PeerConfig, Pool};
+use proxy_core::route::{Authority, ClusterName};
+use proxy_core::tunnel::H2Settings;
+use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
+use proxy_identity::rustls::client::danger::{
+    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+};
+use proxy_identity::rustls::pki_types::pem::PemObject;
+use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use proxy_identity::rustls::{
+    self, ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned,
+};
+use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy, SpiffeId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Bound on anything that should take milliseconds; a hang fails the test.
+const STEP: Duration = Duration::from_secs(10);
+/// `--tls-handshake-timeout` and `--header-read-timeout` of the proxies under test.
+const SHORT_TIMEOUT: &str = "2s";
+const HELLO: &str = "hello.default.svc.cluster.local:80";
+const NAMESPACE: &str = "isthmus-multicluster";
+
+fn gateway_id() -> SpiffeId {
+    SpiffeId::parse(&format!(
+        "spiffe://cluster.local/ns/{NAMESPACE}/sa/gateway-cluster-a"
+    ))
+    .unwrap()
+}
+
+/// The proxy process; killed on drop, its log shown if the test is failing.
+struct Proxy {
+    child: Child,
+    log: PathBuf,
+    /// The mesh (gateway) or explicit (standalone) listener.
+    listen: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- proxy log ---\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+impl Proxy {
+    fn spawn(role: &str, dir: &Path, listen: SocketAddr, extra: &[&str]) -> Proxy {
+        let admin = free_addr(listen.ip());
+        let log = dir.join(format!("{role}.log"));
+        let listen_flag = match role {
+            "gateway" => "--inbound-addr",
+            _ => "--outbound-addr",
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
+            .arg(role)
+            .args(["--cluster", "cluster-a", "--identity-dir"])
+            .arg(dir.join("identity"))
+            .arg("--manifests")
+            .arg(dir.join("manifests"))
+            .args([listen_flag, &listen.to_string()])
+            .args(["--admin-addr", &admin.to_string()])
+            .args(["--log", "info,proxy_core=debug,proxy_identity=debug"])
+            .args(extra)
+            .env_clear()
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut proxy = Proxy {
+            child,
+            log,
+            listen,
+            admin,
+        };
+        let deadline = Instant::now() + STEP;
+        while !http_get(admin, "/ready").starts_with("HTTP/1.1 200") {
+            if let Some(status) = proxy.child.try_wait().unwrap() {
+                panic!("the proxy exited: {status}");
+            }
+            assert!(Instant::now() < deadline, "the proxy never became ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        proxy
+    }
+
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count()
+    }
+
+    /// Waits (bounded) until the proxy holds no more descriptors than `baseline`.
+    fn fds_return_to(&self, baseline: usize) {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let now = self.fds();
+            if now <= baseline {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy still holds {now} descriptors, {baseline} before the hostile clients"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics")
+    }
+}
+
+fn free_addr(ip: IpAddr) -> SocketAddr {
+    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
+}
+
+/// Sends `request` and reads until the server closes (bounded by [`STEP`]).
+fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect_timeout(&addr, STEP).unwrap();
+    stream.set_read_timeout(Some(STEP)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, STEP) else {
+        return String::new();
+    };
+    stream.set_read_timeout(Some(STEP)).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return String::new();
+    }
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// Reads until EOF or reset, failing if the peer keeps the connection open past
+/// `limit`. Returns what arrived.
+fn closed_within(stream: &mut TcpStream, limit: Duration, what: &str) -> Vec<u8> {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "{what}: still open after {limit:?}");
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return got,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("{what}: still open after {limit:?}")
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+/// A TCP echo server on loopback.
+fn echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut reader = stream.try_clone().unwrap();
+                let _ = io::copy(&mut reader, &mut stream);
+                let _ = stream.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// cluster-a's PKI and the gateway's files: its identity, its cluster settings and
+/// an exported `hello` Service whose endpoint is an echo server.
+struct Fixture {
+    dir: tempfile::TempDir,
+    issuer: mint::Authority,
+    validity: Validity,
+}
+
+impl Fixture {
+    fn new(gateway: SocketAddr) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let validity = Validity::from_now(Duration::from_secs(3600));
+        let anchor =
+            mint::trust_anchor("hostile anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
+        let issuer = mint::issuer(&anchor, "cluster-a", validity, KeyAlgorithm::EcdsaP256).unwrap();
+        let fixture = Fixture {
+            dir,
+            issuer,
+            validity,
+        };
+        fixture
+            .leaf(&gateway_id())
+            .write_dir(&fixture.dir.path().join("identity"), false)
+            .unwrap();
+        let manifests = fixture.dir.path().join("manifests");
+        std::fs::create_dir_all(&manifests).unwrap();
+        std::fs::write(
+            manifests.join("settings.yaml"),
+            format!(
+                "apiVersion: multicluster.isthmus.io/v1alpha1
+kind: ClusterSettings
+metadata: {{name: cluster-a, namespace: {NAMESPACE}}}
+spec:
+  clusterName: cluster-a
+  trustDomain: cluster.local
+  gateway: {{address: '{ip}', port: {port}, identity: {id}}}
+",
+                ip = gateway.ip(),
+                port = gateway.port(),
+                id = gateway_id(),
+            ),
+        )
+        .unwrap();
+        let backend = echo();
+        std::fs::write(
+            manifests.join("hello.yaml"),
+            format!(
+                "apiVersion: v1
+kind: Service
+metadata:
+  name: hello
+  namespace: default
+  labels: {{mirror.isthmus.io/exported: 'true'}}
+spec:
+  ports: [{{port: 80, protocol: TCP, targetPort: {port}}}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {{name: hello, namespace: default}}
+subsets:
+- addresses: [{{ip: '{ip}'}}]
+  ports: [{{port: {port}, protocol: TCP}}]
+",
+                ip = backend.ip(),
+                port = backend.port(),
+            ),
+        )
+        .unwrap();
+        fixture
+    }
+
+    fn leaf(&self, id: &SpiffeId) -> LeafBundle {
+        mint::leaf(&self.issuer, id, self.validity, KeyAlgorithm::EcdsaP256).unwrap()
+    }
+
+    /// A workload of cluster-a, as a sidecar of the cluster would present itself.
+    fn workload(&self) -> LeafBundle {
+        self.leaf(&SpiffeId::parse("spiffe://cluster.local/ns/default/sa/frontend").unwrap())
+    }
+
+    fn store(&self, leaf: &LeafBundle) -> Arc<CredentialStore> {
+        let dir = self.dir.path().join(format!("client-{}", rand_suffix()));
+        leaf.write_dir(&dir, false).unwrap();
+        Arc::new(CredentialStore::load(CredentialPaths::in_dir(&dir)).unwrap())
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish()
+}
+
+/// A well-behaved mesh client: a warm tunnel pool to the gateway that round-trips
+/// bytes through the exported echo service.
+struct Bystander {
+    runtime: tokio::runtime::Runtime,
+    pool: Pool,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Bystander {
+    fn new(fixture: &Fixture, gateway: SocketAddr) -> Bystander {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = fixture.store(&fixture.workload());
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let pool = runtime.block_on(async {
+            Pool::spawn(
+                PeerConfig {
+                    name: Arc::from("bystander"),
+                    addr: gateway,
+                    server_name: ServerName::IpAddress(gateway.ip().into()),
+                    tls: proxy_identity::client_config(store, PeerPolicy::Exact(gateway_id())),
+                    connect_timeout: STEP,
+                    connections: 1,
+                    h2: H2Settings::default(),
+                    backoff_min: Duration::from_millis(50),
+                    backoff_max: Duration::from_millis(500),
+                    handshake_failed: None,
+                },
+                stopped,
+            )
+        });
+        Bystander {
+            runtime,
+            pool,
+            _stop: stop,
+        }
+    }
+
+    /// One stream through the gateway to the echo service and back.
+    fn served(&self) {
+        let authority = Authority::parse(HELLO).unwrap();
+        let cluster = ClusterName::new("cluster-a");
+        let round_trip = async {
+            let stream = self.pool.open(&authority, Some(&cluster)).await.unwrap();
+            let (mut rd, mut wr) = tokio::io::split(stream);
+            wr.write_all(b"still served").await.unwrap();
+            wr.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            rd.read_to_end(&mut back).await.unwrap();
+            back
+        };
+        let back = self
+            .runtime
+            .block_on(async { tokio::time::timeout(STEP, round_trip).await })
+            .expect("the bystander's stream hung");
+        assert_eq!(back, b"still served");
+    }
+}
+
+/// Accepts any server certificate, noting that one was shown: tells "refused
+/// before our certificate" from "refused after".
+#[derive(Debug)]
+struct CertSeen(Arc<AtomicBool>);
+
+impl ServerCertVerifier for CertSeen {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.0.store(true, Ordering::SeqCst);
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &proxy_identity::crypto_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &proxy_identity::crypto_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        proxy_identity::crypto_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client config of the given TLS versions, with `leaf` as client certificate (or
+/// none), that records whether the server showed a certificate.
+fn probe_config(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    leaf: Option<&LeafBundle>,
+) -> (Arc<ClientConfig>, Arc<AtomicBool>) {
+    let seen = Arc::new(AtomicBool::new(false));
+    let builder = ClientConfig::builder_with_provider(proxy_identity::crypto_provider())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CertSeen(seen.clone())));
+    let mut config = match leaf {
+        Some(leaf) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(leaf.cert_chain_pem.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    (Arc::new(config), seen)
+}
+
+fn no_sni(addr: SocketAddr) -> ServerName<'static> {
+    ServerName::IpAddress(addr.ip().into())
+}
+
+/// The rustls error inside an IO error, as text (`AlertReceived(ProtocolVersion)`).
+fn tls_error(e: &io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => format!("{tls:?}"),
+        None => format!("{:?}: {e}", e.kind()),
+    }
+}
+
+/// Runs a handshake over `sock` and reads the server's first bytes (the HTTP/2
+/// SETTINGS of a served connection, or a late alert). `Ok` with the stream when
+/// served, else the error as text.
+fn handshake_over(
+    sock: TcpStream,
+    mut conn: ClientConnection,
+) -> Result<StreamOwned<ClientConnection, TcpStream>, String> {
+    sock.set_read_timeout(Some(STEP)).unwrap();
+    let mut sock = sock;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).map_err(|e| tls_error(&e))?;
+    }
+    let mut stream = StreamOwned::new(conn, sock);
+    // A served connection starts with the server's SETTINGS frame: read it whole,
+    // so frames read later start on a frame boundary.
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).map_err(|e| tls_error(&e))?;
+    if head[3] != SETTINGS {
+        return Err(format!("first frame is of type {}, not SETTINGS", head[3]));
+    }
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).map_err(|e| tls_error(&e))?;
+    Ok(stream)
+}
+
+fn handshake(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+) -> Result<StreamOwned<ClientConnection, TcpStream>, String> {
+    let sock = TcpStream::connect_timeout(&addr, STEP).unwrap();
+    handshake_over(sock, ClientConnection::new(config, name).unwrap())
+}
+
+/// The client's first flight (its ClientHello record), and the connection that
+/// continues the handshake once those bytes are on the wire.
+fn client_hello(
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+) -> (ClientConnection, Vec<u8>) {
+    let mut conn = ClientConnection::new(config, name).unwrap();
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello).unwrap();
+    }
+    (conn, hello)
+}
+
+fn start_gateway(net: u8) -> (Fixture, Proxy, Bystander) {
+    let listen = free_addr(IpAddr::V4(Ipv4Addr::new(127, 0, net, 1)));
+    let fixture = Fixture::new(listen);
+    let proxy = Proxy::spawn(
+        "gateway",
+        fixture.dir.path(),
+        listen,
+        &[
+            "--tls-handshake-timeout",
+            SHORT_TIMEOUT,
+            "--h2-max-header-list-size",
+            "4096",
+        ],
+    );
+    let bystander = Bystander::new(&fixture, listen);
+    bystander.served();
+    (fixture, proxy, bystander)
+}
+
+#[test]
+fn the_gateway_refuses_tls12_weak_offers_plaintext_foreign_sni_and_certless_clients() {
+    let (fixture, proxy, bystander) = start_gateway(81);
+    let addr = proxy.listen;
+    let workload = fixture.workload();
+    let baseline = proxy.fds();
+
+    // The mesh client as it is: TLS 1.3, a certificate, no SNI (it dials an IP).
+    let (good, _) = probe_config(&[&rustls::version::TLS13], Some(&workload));
+    handshake(addr, good.clone(), no_sni(addr)).unwrap();
+    // SNI naming the gateway's own identity is served too.
+    let own = proxy_identity::sni_name(&gateway_id()).unwrap();
+    handshake(addr, good.clone(), ServerName::try_from(own).unwrap()).unwrap();
+
+    // TLS 1.2 only: refused with protocol_version, before any certificate.
+    let (tls12, seen) = probe_config(&[&rustls::version::TLS12], Some(&workload));
+    let err = handshake(addr, tls12, no_sni(addr)).err().unwrap();
+    assert!(err.contains("AlertReceived(ProtocolVersion)"), "{err}");
+    assert!(
+        !seen.load(Ordering::SeqCst),
+        "a TLS 1.2 client saw our certificate"
+    );
+
+    // A ClientHello naming another server: access_denied, our certificate unseen.
+    let (foreign, seen) = probe_config(&[&rustls::version::TLS13], Some(&workload));
+    let name = ServerName::try_from("hello.default.svc.cluster.local").unwrap();
+    let err = handshake(addr, foreign, name).err().unwrap();
+    assert!(err.contains("AlertReceived(AccessDenied)"), "{err}");
+    assert!(
+        !seen.load(Ordering::SeqCst),
+        "a foreign SNI was answered with our certificate"
+    );
+
+    // No client certificate: the server asks for one and refuses its absence.
+    let (certless, _) = probe_config(&[&rustls::version::TLS13], None);
+    let err = handshake(addr, certless, no_sni(addr)).err().unwrap();
+    assert!(err.contains("AlertReceived(CertificateRequired)"), "{err}");
+
+    // Only a suite the mesh does not offer (CCM with an 8-byte tag): handshake_failure.
+    let output = Command::new("timeout")
+        .args(["10", "openssl", "s_client", "-connect", &addr.to_string()])
+        .args(["-tls1_3", "-ciphersuites", "TLS_AES_128_CCM_8_SHA256"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("handshake failure"), "{text}");
+    assert!(text.contains("no peer certificate available"), "{text}");
+
+    // Plaintext HTTP on the mesh port: closed, never answered in HTTP.
+    let mut plain = TcpStream::connect_timeout(&addr, STEP).unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nhost: hello\r\n\r\n")
+        .unwrap();
+    let answer = closed_within(&mut plain, STEP, "plaintext client");
+    assert!(!answer.windows(5).any(|w| w == b"HTTP/"), "{answer:?}");
+    // What it got, if anything, is a TLS alert record.
+    assert!(answer.is_empty() || answer[0] == 0x15, "{answer:?}");
+    drop(plain);
+
+    bystander.served();
+    proxy.fds_return_to(baseline);
+    let metrics = proxy.metrics();
+    assert!(metrics.contains("reason=\"tls_handshake\""), "{metrics}");
+}
+
+#[test]
+fn broken_split_and_slow_handshakes_are_handled_and_release_their_descriptors() {
+    let (fixture, proxy, bystander) = start_gateway(82);
+    let addr = proxy.listen;
+    let workload = fixture.workload();
+    let (good, _) = probe_config(&[&rustls::version::TLS13], Some(&workload));
+    let baseline = proxy.fds();
+
+    // A ClientHello in 1-byte TCP segments is still a ClientHello.
+    let (conn, hello) = client_hello(good.clone(), no_sni(addr));
+    let mut sock = TcpStream::connect_timeout(&addr, STEP).unwrap();
+    sock.set_nodelay(true).unwrap();
+    for byte in &hello {
+        sock.write_all(std::slice::from_ref(byte)).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if let Err(e) = handshake_over(sock, conn) {
+        panic!("1-byte segments: {e}");
+    }
+
+    // A ClientHello fragmented over several TLS records, as RFC 8446 5.1 allows.
+    let (conn, hello) = client_hello(good.clone(), no_sni(addr));
+    assert_eq!(hello[0], 0x16, "a handshake record");
+    let body = &hello[5..];
+    let mut records = Vec::new();
+    for chunk in body.chunks(40) {
+        records.extend_from_slice(&[0x16, hello[1], hello[2]]);
+        records.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+        records.extend_from_slice(chunk);
+    }
+    assert!(body.len() > 80, "at least three records");
+    let mut sock = TcpStream::connect_timeout(&addr, STEP).unwrap();
+    sock.write_all(&records).unwrap();
+    if let Err(e) = handshake_over(sock, conn) {
+        panic!("fragmented records: {e}");
+    }
+
+    // Garbage before a valid ClientHello: refused and closed.
+    let (_conn, hello) = client_hello(good.clone(), no_sni(addr));
+    let mut sock = TcpStream::connect_timeout(&addr, STEP).unwrap();
+    sock.write_all(b"\x00\x01garbage\r\n").unwrap();
+    let _ = sock.write_all(&hello);
+    let answer = closed_within(&mut sock, STEP, "garbage before the ClientHello");
+    assert!(answer.is_empty() || answer[0] == 0x15, "{answer:?}");
+
+    // A truncated handshake: half a ClientHello, then the client goes away.
+    let mut sock = TcpStream::connect_timeout(&addr, STEP).unwrap();
+    sock.write_all(&hello[..hello.len() / 2]).unwrap();
+    sock.shutdown(Shutdown::Write).unwrap();
+    closed_within(&mut sock, STEP, "a truncated ClientHello");
+    drop(sock);
+
+    // Slow handshakes: silence, and half a ClientHello then silence. Both are cut
+    // by the handshake timeout while a bystander is served meanwhile.
+    let mut silent = TcpStream::connect_timeout(&addr, STEP).unwrap();
+    let mut stalled = TcpStream::connect_timeout(&addr, STEP).unwrap();
+    stalled.write_all(&hello[..hello.len() / 2]).unwrap();
+    bystander.served();
+    closed_within(&mut silent, STEP, "a silent client");
+    closed_within(&mut stalled, STEP, "a stalled handshake");
+    drop((silent, stalled));
+
+    bystander.served();
+    proxy.fds_return_to(baseline);
+    let metrics = proxy.metrics();
+    assert!(
+        metrics.contains("reason=\"tls_handshake_timeout\""),
+        "{metrics}"
+    );
+}
+
+/// An HTTP/2 frame: 9-byte header and payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PROTOCOL_ERROR: u32 = 0x1;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// An HPACK integer with an `n`-bit prefix whose other bits are `first`.
+fn hpack_int(out: &mut Vec<u8>, first: u8, n: u32, mut value: usize) {
+    let max = (1usize << n) - 1;
+    if value < max {
+        out.push(first | value as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.push((value % 128) as u8 | 0x80);
+        value /= 128;
+    }
+    out.push(value as u8);
+}
+
+/// A literal header field without indexing; `name` is a static table index or a
+/// literal name.
+fn hpack_field(out: &mut Vec<u8>, name: Result<usize, &str>, value: &str) {
+    match name {
+        Ok(index) => hpack_int(out, 0x00, 4, index),
+        Err(name) => {
+            out.push(0x00);
+            hpack_int(out, 0x00, 7, name.len());
+            out.extend_from_slice(name.as_bytes());
+        }
+    }
+    hpack_int(out, 0x00, 7, value.len());
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// The header block of a tunnel CONNECT for [`HELLO`] in cluster-a, plus `extra`.
+fn connect_block(extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    hpack_field(&mut block, Ok(2), "CONNECT"); // :method
+    hpack_field(&mut block, Ok(1), HELLO); // :authority
+    hpack_field(&mut block, Err("isthmus-cluster"), "cluster-a");
+    for (name, value) in extra {
+        hpack_field(&mut block, Err(name), value);
+    }
+    block
+}
+
+/// Reads frames until one of `kind` arrives (returned), or the connection ends.
+fn read_until(
+    stream: &mut StreamOwned<ClientConnection, TcpStream>,
+    kinds: &[u8],
+) -> Option<(u8, u8, u32, Vec<u8>)> {
+    loop {
+        let mut head = [0u8; 9];
+        if stream.read_exact(&mut head).is_err() {
+            return None;
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let sid = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        if stream.read_exact(&mut payload).is_err() {
+            return None;
+        }
+        if kinds.contains(&head[3]) {
+            return Some((head[3], head[4], sid, payload));
+        }
+    }
+}
+
+/// A served mesh connection that has sent the HTTP/2 preface and empty SETTINGS.
+fn h2_connection(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> StreamOwned<ClientConnection, TcpStream> {
+    let mut stream = handshake(addr, config, no_sni(addr)).unwrap();
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .unwrap();
+    stream.write_all(&frame(SETTINGS, 0, 0, &[])).unwrap();
+    stream
+}
+
+fn goaway_code(payload: &[u8]) -> u32 {
+    u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]])
+}
+
+#[test]
+fn invalid_http2_on_the_tunnel_gets_goaway_or_rst_stream() {
+    let (fixture, proxy, bystander) = start_gateway(83);
+    let addr = proxy.listen;
+    let (good, _) = probe_config(&[&rustls::version::TLS13], Some(&fixture.workload()));
+    let baseline = proxy.fds();
+
+    // DATA on stream 0 is a connection error: GOAWAY(PROTOCOL_ERROR), then close.
+    let mut conn = h2_connection(addr, good.clone());
+    conn.write_all(&frame(DATA, 0, 0, b"oops")).unwrap();
+    let (_, _, _, payload) = read_until(&mut conn, &[GOAWAY]).expect("a GOAWAY");
+    assert_eq!(goaway_code(&payload), PROTOCOL_ERROR);
+    assert!(read_until(&mut conn, &[]).is_none(), "closed after GOAWAY");
+    drop(conn);
+
+    // A frame longer than the peer's SETTINGS_MAX_FRAME_SIZE: a connection error too.
+    let mut conn = h2_connection(addr, good.clone());
+    conn.write_all(&frame(DATA, 0, 1, &vec![0u8; 20_000]))
+        .unwrap();
+    let (_, _, _, payload) = read_until(&mut conn, &[GOAWAY]).expect("a GOAWAY");
+    assert_ne!(goaway_code(&payload), 0, "an error code");
+    drop(conn);
+
+    // A header list over --h2-max-header-list-size (4096): the stream is refused
+    // (431 and a reset), the connection lives on for the next stream.
+    let mut conn = h2_connection(addr, good.clone());
+    let big = "x".repeat(6000);
+    let block = connect_block(&[("x-padding", &big)]);
+    conn.write_all(&frame(HEADERS, END_HEADERS, 1, &block))
+        .unwrap();
+    let (kind, flags, sid, _) =
+        read_until(&mut conn, &[HEADERS, RST_STREAM, GOAWAY]).expect("an answer to stream 1");
+    assert_eq!(sid, 1);
+    assert!(
+        kind == RST_STREAM || (kind == HEADERS && flags & END_STREAM != 0),
+        "stream 1 answered with frame type {kind}"
+    );
+    // The same connection still opens a stream of normal size (past the reset
+    // that may still follow on stream 1).
+    conn.write_all(&frame(HEADERS, END_HEADERS, 3, &connect_block(&[])))
+        .unwrap();
+    let (kind, sid, block) = loop {
+        let (kind, _, sid, block) =
+            read_until(&mut conn, &[HEADERS, RST_STREAM, GOAWAY]).expect("an answer to stream 3");
+        if sid != 1 {
+            break (kind, sid, block);
+        }
+    };
+    assert_eq!((kind, sid), (HEADERS, 3));
+    assert_eq!(
+        block.first(),
+        Some(&0x88),
+        "`:status 200`, HPACK static index 8"
+    );
+    drop(conn);
+
+    // Rapid reset: streams opened and reset at once, far past
+    // --h2-max-pending-accept-reset-streams, end the connection with ENHANCE_YOUR_CALM.
+    let mut conn = h2_connection(addr, good.clone());
+    let mut burst = Vec::new();
+    for i in 0..200u32 {
+        let sid = 2 * i + 1;
+        burst.extend(frame(HEADERS, END_HEADERS, sid, &connect_block(&[])));
+        burst.extend(frame(RST_STREAM, 0, sid, &8u32.to_be_bytes()));
+    }
+    let _ = conn.write_all(&burst);
+    match read_until(&mut conn, &[GOAWAY]) {
+        Some((_, _, _, payload)) => assert_eq!(goaway_code(&payload), ENHANCE_YOUR_CALM),
+        None => panic!("no GOAWAY after a rapid reset burst"),
+    }
+    drop(conn);
+
+    bystander.served();
+    proxy.fds_return_to(baseline);
+}
+
+fn start_standalone(net: u8) -> (Fixture, Proxy) {
+    let listen = free_addr(IpAddr::V4(Ipv4Addr::new(127, 0, net, 1)));
+    let fixture = Fixture::new(listen);
+    let proxy = Proxy::spawn(
+        "standalone",
+        fixture.dir.path(),
+        listen,
+        &[
+            "--header-read-timeout",
+            SHORT_TIMEOUT,
+            "--http1-max-headers",
+            "50",
+            "--http1-max-head-bytes",
+            "16384",
+        ],
+    );
+    (fixture, proxy)
+}
+
+/// An HTTP/1.1 origin that answers `200 ok` to each request, keeping connections.
+fn origin() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                stream.set_read_timeout(Some(STEP)).unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                loop {
+                    if stream.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                    if head.ends_with(b"\r\n\r\n") {
+                        head.clear();
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One response with a `content-length` body, read off a kept-alive connection.
+fn read_response(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "response cut short");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).unwrap();
+    head + &String::from_utf8_lossy(&body)
+}
+
+/// The status line of what `request` gets, and that the proxy closed afterwards.
+fn status_and_close(proxy: SocketAddr, request: &[u8]) -> String {
+    let response = exchange(proxy, request);
+    response.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn malformed_and_oversize_http1_heads_get_400_or_431_on_the_explicit_proxy() {
+    let (_fixture, proxy) = start_standalone(84);
+    let addr = proxy.listen;
+    let origin = origin();
+    let baseline = proxy.fds();
+    let good =
+        format!("GET http://{origin}/ HTTP/1.1\r\nhost: {origin}\r\nconnection: close\r\n\r\n");
+    assert!(status_and_close(addr, good.as_bytes()).starts_with("HTTP/1.1 200"));
+
+    let line = |rest: &str| format!("GET http://{origin}/ HTTP/1.1\r\n{rest}\r\n");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "a bare CR",
+            line("host: x\rfoo: bar\r\n").into_bytes(),
+            "400",
+        ),
+        (
+            "a NUL in a value",
+            line("host: x\r\nx-a: b\0c\r\n").into_bytes(),
+            "400",
+        ),
+        (
+            "obs-fold",
+            line("host: x\r\nx-a: b\r\n  folded\r\n").into_bytes(),
+            "400",
+        ),
+        (
+            "a space before the colon",
+            line("host : x\r\n").into_bytes(),
+            "400",
+        ),
+        (
+            "a bad version",
+            format!("GET http://{origin}/ HTTP/9.7\r\nhost: x\r\n\r\n").into_bytes(),
+            "400",
+        ),
+        (
+            "a bad method",
+            format!("G(T http://{origin}/ HTTP/1.1\r\nhost: x\r\n\r\n").into_bytes(),
+            "400",
+        ),
+        (
+            "a huge URI",
+            format!(
+                "GET http://{origin}/{} HTTP/1.1\r\nhost: x\r\n\r\n",
+                "a".repeat(20_000)
+            )
+            .into_bytes(),
+            "431",
+        ),
+        (
+            "one huge header",
+            line(&format!("host: x\r\nx-big: {}\r\n", "b".repeat(20_000))).into_bytes(),
+            "431",
+        ),
+        (
+            "thousands of small headers",
+            line(&format!("host: x\r\n{}", "x-h: 1\r\n".repeat(2000))).into_bytes(),
+            "431",
+        ),
+        (
+            "more headers than --http1-max-headers",
+            line(&format!("host: x\r\n{}", "x-h: 1\r\n".repeat(60))).into_bytes(),
+            "431",
+        ),
+    ];
+    for (what, request, status) in &cases {
+        let got = status_and_close(addr, request);
+        assert!(
+            got.starts_with(&format!("HTTP/1.1 {status}")),
+            "{what}: expected {status}, got {got:?}"
+        );
+    }
+    assert!(status_and_close(addr, good.as_bytes()).starts_with("HTTP/1.1 200"));
+    proxy.fds_return_to(baseline);
+}
+
+#[test]
+fn slowloris_is_cut_by_the_header_timeout_and_idle_keep_alive_is_not() {
+    let (_fixture, proxy) = start_standalone(85);
+    let addr = proxy.listen;
+    let origin = origin();
+    let baseline = proxy.fds();
+    let request = format!("GET http://{origin}/ HTTP/1.1\r\nhost: {origin}\r\n\r\n");
+
+    // A keep-alive connection idle for longer than the header timeout between two
+    // requests is not cut: idleness is the idle timeout's business.
+    let mut keep = TcpStream::connect_timeout(&addr, STEP).unwrap();
+    keep.set_read_timeout(Some(STEP)).unwrap();
+    keep.write_all(request.as_bytes()).unwrap();
+    let answer = read_response(&mut keep);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Slowloris: one header byte every 500 ms, never finishing the head.
+    let mut slow = TcpStream::connect_timeout(&addr, STEP).unwrap();
+    slow.set_nodelay(true).unwrap();
+    let started = Instant::now();
+    let trickle = format!("GET http://{origin}/ HTTP/1.1\r\nhost: {origin}\r\nx-slow: ");
+    let mut cut = false;
+    for byte in trickle.bytes().chain(std::iter::repeat(b'a')) {
+        if slow.write_all(&[byte]).is_err() {
+            cut = true;
+            break;
+        }
+        // A bystander is served all along.
+        assert!(
+            status_and_close(
+                addr,
+                format!(
+                    "GET http://{origin}/ HTTP/1.1\r\nhost: {origin}\r\nconnection: close\r\n\r\n"
+                )
+                .as_bytes()
+            )
+            .starts_with("HTTP/1.1 200")
+        );
+        if started.elapsed() > 3 * STEP {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let mut probe = [0u8; 1];
+        slow.set_nonblocking(true).unwrap();
+        let gone = matches!(slow.read(&mut probe), Ok(0));
+        slow.set_nonblocking(false).unwrap();
+        if gone {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "a trickled head was not cut within {:?}", 3 * STEP);
+
+    // The idle keep-alive connection (idle since before the slowloris started, well
+    // past the header timeout) still serves its next request.
+    keep.write_all(request.as_bytes()).unwrap();
+    let again = read_response(&mut keep);
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+    drop((keep, slow));
+
+    proxy.fds_return_to(baseline);
+    let metrics = proxy.metrics();
+    assert!(metrics.contains("header_timeout"), "{metrics}");
+}
