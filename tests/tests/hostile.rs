@@ -1,0 +1,764 @@
+//! Hostile input against the real sidecar behind the real capture: malformed and
+//! oversize HTTP/1 heads, an oversize HTTP/2 header list, slowloris and silent
+//! clients on the transparent (outbound) path, and the TLS policy of the inbound
+//! mesh port.
+//!
+//! What the transparent path answers (ARCHITECTURE.md, "Limits and hostile input"):
+//! a connection whose request line detection recognised as HTTP is parsed by the
+//! sidecar, so a head it cannot parse gets `400` (`431` when too large) from the
+//! sidecar itself and never reaches the app; a connection detection did not
+//! recognise (a bad method or version, a request line over 8 KiB) is opaque and
+//! passes through untouched, as any TCP does.
+//!
+//! Each test asserts the answer within a generous bound, that a bystander is still
+//! served, and that the sidecar's descriptors return to their baseline. Needs root
+//! and the `isthmus-init` and `isthmus-proxy` binaries (see `sidecar.rs`).
+#![allow(clippy::unwrap_used)]
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use isthmus_tests::binary::{WorldExecutable, binary};
+use isthmus_tests::netns::{Lab, Namespace};
+use isthmus_tests::tcp::{self, WAIT};
+use proxy_identity::SpiffeId;
+use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
+use proxy_identity::rustls::client::danger::{
+    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+};
+use proxy_identity::rustls::pki_types::pem::PemObject;
+use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use proxy_identity::rustls::{
+    self, ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned,
+};
+
+const PROXY_UID: u32 = 2102;
+const ADMIN: u16 = 4191;
+const INBOUND: u16 = 4143;
+const READY: Duration = Duration::from_secs(30);
+/// Bound on "the proxy closed it": several times any timeout the tests set.
+const CLOSE_BOUND: Duration = Duration::from_secs(20);
+const ORIGIN_PORT: u16 = 8080;
+
+/// A pod running the real sidecar behind the real capture, and a server namespace.
+/// The lab is declared last so it drops last.
+struct Sidecar {
+    pod: Namespace,
+    server: Namespace,
+    server_ip: IpAddr,
+    pod_ip: IpAddr,
+    pid: u32,
+    log: PathBuf,
+    issuer: mint::Authority,
+    validity: Validity,
+    _bin: WorldExecutable,
+    _dir: tempfile::TempDir,
+    _lab: Lab,
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- sidecar log ---\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// The pod's identity (handed to the proxy UID) and a manifests directory that
+/// makes every destination a passthrough; returns the issuer for client leaves.
+fn prepare_dirs(dir: &Path, validity: Validity) -> (PathBuf, PathBuf, mint::Authority) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let identity = dir.join("identity");
+    let anchor =
+        mint::trust_anchor("hostile test anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
+    let issuer = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/app").unwrap();
+    mint::leaf(&issuer, &id, validity, KeyAlgorithm::EcdsaP256)
+        .unwrap()
+        .write_dir(&identity, false)
+        .unwrap();
+    std::os::unix::fs::chown(&identity, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+    for entry in std::fs::read_dir(&identity).unwrap() {
+        std::os::unix::fs::chown(entry.unwrap().path(), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+    }
+    let manifests = dir.join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    std::fs::set_permissions(&manifests, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let settings = manifests.join("settings.yaml");
+    std::fs::write(
+        &settings,
+        "apiVersion: multicluster.isthmus.io/v1alpha1\n\
+         kind: ClusterSettings\n\
+         metadata: {name: cluster-b, namespace: isthmus}\n\
+         spec: {clusterName: cluster-b}\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&settings, std::fs::Permissions::from_mode(0o644)).unwrap();
+    (identity, manifests, issuer)
+}
+
+impl Sidecar {
+    fn start(extra: &[&str]) -> Self {
+        let lab = Lab::new();
+        let pod = lab.namespace();
+        let server = lab.namespace();
+        let (pod_if, server_if) = lab.veth(&pod, &server).unwrap();
+        pod.add_addr(&pod_if, "198.18.0.2/24").unwrap();
+        server.add_addr(&server_if, "198.18.0.1/24").unwrap();
+        let pod_ip: IpAddr = "198.18.0.2".parse().unwrap();
+        let server_ip: IpAddr = "198.18.0.1".parse().unwrap();
+        let init = binary("isthmus-init");
+        pod.exec::<&str>(init.to_str().unwrap(), &[]).unwrap();
+
+        let dir = tempfile::Builder::new()
+            .prefix("isthmus-hostile")
+            .tempdir()
+            .unwrap();
+        let validity = Validity::from_now(Duration::from_secs(3600));
+        let (identity, manifests, issuer) = prepare_dirs(dir.path(), validity);
+        let log = dir.path().join("sidecar.log");
+        let bin = WorldExecutable::copy(&binary("isthmus-proxy")).unwrap();
+        let mut cmd = Command::new(bin.path());
+        cmd.args(["sidecar", "--cluster", "cluster-b", "--identity-dir"])
+            .arg(&identity)
+            .arg("--manifests")
+            .arg(&manifests)
+            .args(["--connect-timeout", "1s", "--log", "info,proxy_core=debug"])
+            .args(extra)
+            .env_clear();
+        let mut child = pod
+            .spawn_logged_as(cmd, PROXY_UID, PROXY_UID, &log)
+            .unwrap();
+        let pid = child.id();
+        let deadline = Instant::now() + READY;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "the sidecar exited ({status}) before it was ready:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            let ready = pod
+                .run(|| http_get(SocketAddr::from(([127, 0, 0, 1], ADMIN)), "/ready"))
+                .is_ok_and(|r| r.starts_with("HTTP/1.1 200"));
+            if ready {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the sidecar was not ready within {READY:?}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        lab.adopt(child);
+        Self {
+            pod,
+            server,
+            server_ip,
+            pod_ip,
+            pid,
+            log,
+            issuer,
+            validity,
+            _bin: bin,
+            _dir: dir,
+            _lab: lab,
+        }
+    }
+
+    fn listen(&self, port: u16) -> TcpListener {
+        let addr = SocketAddr::new(self.server_ip, port);
+        self.server.run(|| tcp::listen(addr)).unwrap()
+    }
+
+    /// A connection from the pod (captured) to `port` on the server's address.
+    fn connect(&self, port: u16) -> TcpStream {
+        let addr = SocketAddr::new(self.server_ip, port);
+        self.pod.run(|| tcp::connect(addr)).unwrap()
+    }
+
+    /// A connection from the server namespace to the pod's inbound mesh port.
+    fn connect_inbound(&self) -> TcpStream {
+        let addr = SocketAddr::new(self.pod_ip, INBOUND);
+        self.server.run(|| tcp::connect(addr)).unwrap()
+    }
+
+    fn metrics(&self) -> String {
+        self.pod
+            .exec(
+                "curl",
+                &[
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    &format!("http://127.0.0.1:{ADMIN}/metrics"),
+                ],
+            )
+            .unwrap()
+    }
+
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .unwrap()
+            .count()
+    }
+
+    /// Waits (bounded) until the sidecar holds no more descriptors than `baseline`.
+    fn fds_return_to(&self, baseline: usize) {
+        let deadline = Instant::now() + CLOSE_BOUND;
+        loop {
+            let now = self.fds();
+            if now <= baseline {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sidecar still holds {now} descriptors, {baseline} before the hostile clients"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A plain `GET /` through the sidecar that must be answered 200.
+    fn bystander_served(&self) {
+        let mut stream = self.connect(ORIGIN_PORT);
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: origin\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        let response = String::from_utf8_lossy(&response);
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
+    let mut stream = tcp::connect(addr)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Every byte each connection brought to the origin, in accept order.
+type Received = Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>;
+
+/// An HTTP/1.1 origin: answers `200 ok` to each complete head and records every
+/// byte it receives. Runs (bounded) until the returned flag is set.
+fn origin(listener: TcpListener) -> (Received, Arc<AtomicBool>) {
+    let received: Received = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (all, done) = (received.clone(), stop.clone());
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
+            let Ok(Some((mut stream, _))) =
+                tcp::accept_within(&listener, Duration::from_millis(100))
+            else {
+                continue;
+            };
+            let log = Arc::new(Mutex::new(Vec::new()));
+            all.lock().unwrap().push(log.clone());
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    log.lock().unwrap().extend_from_slice(&buf[..n]);
+                    head.extend_from_slice(&buf[..n]);
+                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (received, stop)
+}
+
+fn bytes_received(received: &Received) -> Vec<Vec<u8>> {
+    received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|log| log.lock().unwrap().clone())
+        .collect()
+}
+
+/// One response with a `content-length` body, read off a kept-alive connection.
+fn read_response(stream: &mut TcpStream) -> String {
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "response cut short");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).unwrap();
+    head + &String::from_utf8_lossy(&body)
+}
+
+/// Reads until EOF or reset, failing if the connection stays open past `limit`.
+fn closed_within(stream: &mut TcpStream, limit: Duration, what: &str) -> Vec<u8> {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "{what}: still open after {limit:?}");
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return got,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("{what}: still open after {limit:?}")
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn malformed_http1_is_answered_by_the_sidecar_and_unrecognised_bytes_pass_through() {
+    let s = Sidecar::start(&[
+        "--http1-max-headers",
+        "50",
+        "--http1-max-head-bytes",
+        "16384",
+    ]);
+    let (received, stop) = origin(s.listen(ORIGIN_PORT));
+    s.bystander_served();
+    let baseline = s.fds();
+
+    let line = |rest: &str| format!("GET / HTTP/1.1\r\n{rest}\r\n").into_bytes();
+    let parsed: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("a bare CR", line("host: x\rfoo: bar\r\n"), "400"),
+        (
+            "a bare LF line with a NUL",
+            line("host: x\nx-a: b\0c\r\n"),
+            "400",
+        ),
+        ("obs-fold", line("host: x\r\nx-a: b\r\n  folded\r\n"), "400"),
+        ("a space before the colon", line("host : x\r\n"), "400"),
+        (
+            "one huge header",
+            line(&format!("host: x\r\nx-big: {}\r\n", "b".repeat(20_000))),
+            "431",
+        ),
+        (
+            "thousands of small headers",
+            line(&format!("host: x\r\n{}", "x-h: 1\r\n".repeat(3000))),
+            "431",
+        ),
+        (
+            "more headers than --http1-max-headers",
+            line(&format!("host: x\r\n{}", "x-h: 1\r\n".repeat(60))),
+            "431",
+        ),
+    ];
+    let before = bytes_received(&received).len();
+    for (what, request, status) in &parsed {
+        let mut stream = s.connect(ORIGIN_PORT);
+        let _ = stream.write_all(request);
+        let answer = closed_within(&mut stream, CLOSE_BOUND, what);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{what}: expected {status}, got {answer:?}"
+        );
+    }
+    // The sidecar connects upstream while it detects, so the origin saw these
+    // connections, but not one byte of what the sidecar refused.
+    for bytes in &bytes_received(&received)[before..] {
+        assert!(
+            bytes.is_empty(),
+            "the app got bytes of a refused head: {:?}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(80)])
+        );
+    }
+
+    // Not recognised as HTTP by detection: forwarded as opaque bytes, untouched.
+    let unrecognised: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "a bad method",
+            b"G(T / HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "a bad version",
+            b"GET / HTTP/9.7\r\nhost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "a request line over 8 KiB",
+            format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(9000)).into_bytes(),
+        ),
+    ];
+    for (what, request) in &unrecognised {
+        let before = bytes_received(&received).len();
+        let mut stream = s.connect(ORIGIN_PORT);
+        stream.write_all(request).unwrap();
+        // Our origin answers any head; what matters is that it got the exact bytes.
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 200", "{what}");
+        let got = bytes_received(&received)[before..].concat();
+        assert_eq!(got, *request, "{what}: the app got other bytes");
+    }
+
+    s.bystander_served();
+    s.fds_return_to(baseline);
+    stop.store(true, Ordering::SeqCst);
+}
+
+#[test]
+fn slowloris_and_silent_clients_are_closed_by_their_timeouts_while_others_are_served() {
+    let s = Sidecar::start(&[
+        "--header-read-timeout",
+        "2s",
+        "--detect-timeout",
+        "500ms",
+        "--idle-timeout",
+        "4s",
+    ]);
+    let (_received, stop) = origin(s.listen(ORIGIN_PORT));
+    s.bystander_served();
+    let baseline = s.fds();
+
+    // A keep-alive connection idle between requests is the idle timeout's, not
+    // the header timeout's: it serves a second request after 3 s of quiet.
+    let mut keep = s.connect(ORIGIN_PORT);
+    keep.write_all(b"GET / HTTP/1.1\r\nhost: origin\r\n\r\n")
+        .unwrap();
+    let first = read_response(&mut keep);
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+
+    // Slowloris: a request line, then a header byte every 500 ms.
+    let mut slow = s.connect(ORIGIN_PORT);
+    slow.set_nodelay(true).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: origin\r\nx-slow: ")
+        .unwrap();
+    let started = Instant::now();
+    let cut = loop {
+        std::thread::sleep(Duration::from_millis(500));
+        if slow.write_all(b"a").is_err() {
+            break true;
+        }
+        slow.set_nonblocking(true).unwrap();
+        let mut probe = [0u8; 64];
+        let gone = matches!(slow.read(&mut probe), Ok(0))
+            || matches!(slow.read(&mut probe), Err(ref e) if e.kind() == io::ErrorKind::ConnectionReset);
+        slow.set_nonblocking(false).unwrap();
+        if gone {
+            break true;
+        }
+        if started.elapsed() > CLOSE_BOUND {
+            break false;
+        }
+        s.bystander_served();
+    };
+    assert!(cut, "a trickled head was not cut within {CLOSE_BOUND:?}");
+
+    keep.write_all(b"GET / HTTP/1.1\r\nhost: origin\r\n\r\n")
+        .unwrap();
+    let second = read_response(&mut keep);
+    assert!(
+        second.starts_with("HTTP/1.1 200"),
+        "idle keep-alive: {second}"
+    );
+    drop(keep);
+
+    // Silence during detection: after --detect-timeout the connection is opaque
+    // (a server-speaks-first protocol would now be served); silent both ways, it
+    // is closed by --idle-timeout.
+    let mut silent = s.connect(ORIGIN_PORT);
+    s.bystander_served();
+    closed_within(&mut silent, CLOSE_BOUND, "a silent client");
+    drop((slow, silent));
+
+    s.bystander_served();
+    s.fds_return_to(baseline);
+    let metrics = s.metrics();
+    assert!(metrics.contains("header_timeout"), "{metrics}");
+    assert!(metrics.contains("idle_timeout"), "{metrics}");
+    stop.store(true, Ordering::SeqCst);
+}
+
+/// An h2c origin answering every stream 200, until `stop` is set (bounded).
+fn h2_origin(listener: TcpListener, stop: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::SeqCst) {
+                let accepted = tokio::time::timeout_at(deadline, listener.accept()).await;
+                let Ok(Ok((socket, _))) = accepted else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(socket).await else {
+                        return;
+                    };
+                    while let Some(Ok((_, mut respond))) = conn.accept().await {
+                        let response = http::Response::builder().status(200).body(()).unwrap();
+                        let _ = respond.send_response(response, true);
+                    }
+                });
+            }
+        });
+    });
+}
+
+#[test]
+fn an_http2_header_list_over_the_limit_is_refused_and_the_connection_lives_on() {
+    let s = Sidecar::start(&["--h2-max-header-list-size", "4096"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    h2_origin(s.listen(ORIGIN_PORT), stop.clone());
+    let addr = SocketAddr::new(s.server_ip, ORIGIN_PORT);
+    let baseline = s.fds();
+    let (big, normal) = s.pod.run(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            tokio::time::timeout(WAIT * 2, async {
+                let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let (client, conn) = h2::client::handshake(socket).await.unwrap();
+                let driver = tokio::spawn(conn);
+                let mut client = client.ready().await.unwrap();
+                let request = http::Request::get(format!("http://{addr}/big"))
+                    .header("x-padding", "p".repeat(6000))
+                    .body(())
+                    .unwrap();
+                let (response, _) = client.send_request(request, true).unwrap();
+                let big = match response.await {
+                    Ok(response) => format!("status {}", response.status().as_u16()),
+                    Err(e) => format!("reset: {:?}", e.reason()),
+                };
+                let mut client = client.ready().await.unwrap();
+                let request = http::Request::get(format!("http://{addr}/ok"))
+                    .body(())
+                    .unwrap();
+                let (response, _) = client.send_request(request, true).unwrap();
+                let normal = response.await.map(|r| r.status().as_u16());
+                drop(client);
+                driver.abort();
+                (big, normal)
+            })
+            .await
+            .expect("the h2 exchange finished within its deadline")
+        })
+    });
+    // h2 answers a header list over SETTINGS_MAX_HEADER_LIST_SIZE with 431 and
+    // resets the stream; the app never sees the request.
+    assert_eq!(big, "status 431", "an oversize header list");
+    assert_eq!(
+        normal.unwrap(),
+        200,
+        "the next stream on the same connection"
+    );
+    s.fds_return_to(baseline);
+    stop.store(true, Ordering::SeqCst);
+}
+
+/// Accepts any server certificate, noting that one was shown.
+#[derive(Debug)]
+struct CertSeen(Arc<AtomicBool>);
+
+impl ServerCertVerifier for CertSeen {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.0.store(true, Ordering::SeqCst);
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &proxy_identity::crypto_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &proxy_identity::crypto_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        proxy_identity::crypto_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn probe_config(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    leaf: Option<&LeafBundle>,
+) -> (Arc<ClientConfig>, Arc<AtomicBool>) {
+    let seen = Arc::new(AtomicBool::new(false));
+    let builder = ClientConfig::builder_with_provider(proxy_identity::crypto_provider())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CertSeen(seen.clone())));
+    let mut config = match leaf {
+        Some(leaf) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(leaf.cert_chain_pem.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    (Arc::new(config), seen)
+}
+
+fn tls_error(e: &io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => format!("{tls:?}"),
+        None => format!("{:?}: {e}", e.kind()),
+    }
+}
+
+/// A handshake over `sock`, then the server's first bytes (its HTTP/2 SETTINGS, or
+/// a late alert). `Ok` when served.
+fn handshake(sock: TcpStream, config: Arc<ClientConfig>, peer: IpAddr) -> Result<(), String> {
+    let mut conn = ClientConnection::new(config, ServerName::IpAddress(peer.into())).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut sock = sock;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).map_err(|e| tls_error(&e))?;
+    }
+    let mut stream = StreamOwned::new(conn, sock);
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).map_err(|e| tls_error(&e))?;
+    match head[3] {
+        0x4 => Ok(()),
+        other => Err(format!("first frame of type {other}, not SETTINGS")),
+    }
+}
+
+#[test]
+fn the_inbound_mesh_port_refuses_tls12_plaintext_certless_and_slow_clients() {
+    let s = Sidecar::start(&["--tls-handshake-timeout", "2s"]);
+    let peer_leaf = mint::leaf(
+        &s.issuer,
+        &SpiffeId::parse("spiffe://cluster.local/ns/isthmus-multicluster/sa/gateway").unwrap(),
+        s.validity,
+        KeyAlgorithm::EcdsaP256,
+    )
+    .unwrap();
+    let (good, _) = probe_config(&[&rustls::version::TLS13], Some(&peer_leaf));
+    handshake(s.connect_inbound(), good.clone(), s.pod_ip).unwrap();
+    let baseline = s.fds();
+
+    let (tls12, seen) = probe_config(&[&rustls::version::TLS12], Some(&peer_leaf));
+    let err = handshake(s.connect_inbound(), tls12, s.pod_ip).unwrap_err();
+    assert!(err.contains("AlertReceived(ProtocolVersion)"), "{err}");
+    assert!(
+        !seen.load(Ordering::SeqCst),
+        "a TLS 1.2 client saw our certificate"
+    );
+
+    let (certless, _) = probe_config(&[&rustls::version::TLS13], None);
+    let err = handshake(s.connect_inbound(), certless, s.pod_ip).unwrap_err();
+    assert!(err.contains("AlertReceived(CertificateRequired)"), "{err}");
+
+    let mut plain = s.connect_inbound();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nhost: app\r\n\r\n")
+        .unwrap();
+    let answer = closed_within(&mut plain, CLOSE_BOUND, "plaintext on the mesh port");
+    assert!(answer.is_empty() || answer[0] == 0x15, "{answer:?}");
+
+    // Silent and truncated handshakes: closed (the silent one by the handshake
+    // timeout) while a real peer is served meanwhile.
+    let mut silent = s.connect_inbound();
+    let mut truncated = s.connect_inbound();
+    truncated
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .unwrap();
+    truncated.shutdown(Shutdown::Write).unwrap();
+    handshake(s.connect_inbound(), good.clone(), s.pod_ip).unwrap();
+    closed_within(&mut truncated, CLOSE_BOUND, "a truncated handshake");
+    closed_within(&mut silent, CLOSE_BOUND, "a silent mesh client");
+    drop((plain, silent, truncated));
+
+    handshake(s.connect_inbound(), good, s.pod_ip).unwrap();
+    s.fds_return_to(baseline);
+    let metrics = s.metrics();
+    assert!(metrics.contains("tls_handshake_timeout"), "{metrics}");
+}
