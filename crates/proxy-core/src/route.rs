@@ -63,10 +63,15 @@ impl Authority {
         let (host, port) = text
             .rsplit_once(':')
             .ok_or_else(|| AuthorityError::MissingPort(text.to_owned()))?;
+        // Digits only, without leading zeros: `u16::from_str` also takes `+80` and
+        // `080`, spellings that would make two texts name one authority and throw off
+        // `host()`, which finds the host by the canonical port's length.
+        let canonical =
+            !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !port.starts_with('0');
         let port: u16 = port
             .parse()
             .ok()
-            .filter(|p| *p != 0)
+            .filter(|p| canonical && *p != 0)
             .ok_or_else(|| AuthorityError::BadPort(text.to_owned()))?;
         let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'))
         {
@@ -190,6 +195,9 @@ mod tests {
             "a b:80",
             "[zz]:80",
             "héllo:80",
+            "hello:080",
+            "hello:+80",
+            "hello:00080",
         ] {
             assert!(Authority::parse(bad).is_err(), "{bad} should be refused");
         }

@@ -1,0 +1,161 @@
+//! Protocol detection on a client's first bytes ([`proxy_core::detect`]).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use proxy_core::detect::{
+    DEFAULT_MAX_PREFIX, DetectConfig, H2_PREFACE, MAX_REQUEST_LINE, Prefixed, Protocol, classify,
+    detect,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+
+/// Prefix lengths below this are all checked for a stable decision; beyond it every
+/// [`STRIDE`]-th one, which keeps an 8 KiB input linear rather than quadratic.
+const DENSE: usize = 256;
+const STRIDE: usize = 61;
+
+/// Classifies every prefix of `data`, then runs [`detect`] over `data` delivered in
+/// chunks whose sizes come from the first byte.
+///
+/// Checks: once decided, the decision never changes as bytes arrive; HTTP/2 is
+/// exactly the preface; HTTP/1 is a whole request line; [`detect`] never claims more
+/// bytes than it was given, agrees with [`classify`], and [`Prefixed`] replays
+/// exactly the bytes it consumed.
+pub fn check(data: &[u8]) {
+    let Some((&chunking, stream)) = data.split_first() else {
+        return;
+    };
+    check_stable(stream);
+    check_detect(stream, usize::from(chunking % 17) + 1);
+}
+
+fn check_stable(data: &[u8]) {
+    let full = classify(data);
+    let mut decided: Option<(usize, Protocol)> = None;
+    let lengths = (0..=data.len()).filter(|&n| n < DENSE || n % STRIDE == 0 || n == data.len());
+    for n in lengths {
+        let got = classify(&data[..n]);
+        match (decided, got) {
+            (Some((at, p)), got) => assert_eq!(
+                got,
+                Some(p),
+                "decided {p} at {at} bytes, then {got:?} at {n}"
+            ),
+            (None, Some(p)) => decided = Some((n, p)),
+            (None, None) => {}
+        }
+    }
+    match full {
+        Some(Protocol::Http2) => assert!(data.starts_with(H2_PREFACE)),
+        Some(Protocol::Http1) => {
+            let line_end = data
+                .iter()
+                .position(|&b| b == b'\n')
+                .expect("HTTP/1 decided without a line end");
+            assert!(
+                line_end < MAX_REQUEST_LINE,
+                "request line of {line_end} bytes"
+            );
+            let line = &data[..line_end];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            assert!(
+                line.ends_with(b" HTTP/1.0") || line.ends_with(b" HTTP/1.1"),
+                "HTTP/1 decided on {:?}",
+                String::from_utf8_lossy(line)
+            );
+            assert!(!line.starts_with(b" "), "empty method accepted");
+        }
+        Some(Protocol::Opaque) => assert!(!data.is_empty()),
+        None => assert!(!data.starts_with(H2_PREFACE)),
+    }
+}
+
+fn check_detect(data: &[u8], chunk: usize) {
+    let cfg = DetectConfig {
+        // No deadline: the reader below is always ready, and no timer is needed to
+        // poll `detect` without a runtime.
+        timeout: Duration::MAX,
+        max_prefix: DEFAULT_MAX_PREFIX,
+    };
+    let mut reader = Chunked { data, at: 0, chunk };
+    let detected = poll_ready(detect(&mut reader, &cfg)).expect("reading a slice cannot fail");
+    let n = detected.prefix.len();
+    assert!(n <= data.len(), "detect claims {n} bytes of {}", data.len());
+    assert!(
+        n <= DEFAULT_MAX_PREFIX,
+        "detect read {n} bytes past its limit"
+    );
+    assert_eq!(
+        &detected.prefix[..],
+        &data[..n],
+        "prefix is not what was sent"
+    );
+    assert!(!detected.timed_out);
+    match classify(&detected.prefix) {
+        Some(p) => assert_eq!(detected.protocol, p, "detect disagrees with classify"),
+        None => {
+            assert_eq!(detected.protocol, Protocol::Opaque);
+            assert!(
+                n == data.len() || n == DEFAULT_MAX_PREFIX,
+                "undecided after {n} bytes without EOF or limit"
+            );
+        }
+    }
+    if n < data.len() {
+        assert!(
+            classify(&detected.prefix).is_some(),
+            "stopped reading at {n} bytes undecided"
+        );
+    }
+    // What detection read, replayed before the rest, is the whole stream.
+    let rest = Chunked {
+        data: &data[n..],
+        at: 0,
+        chunk,
+    };
+    let mut replay = Prefixed::new(Bytes::copy_from_slice(&detected.prefix), rest);
+    let mut all = Vec::new();
+    poll_ready(replay.read_to_end(&mut all)).expect("reading a slice cannot fail");
+    assert_eq!(all, data, "Prefixed does not replay the stream");
+}
+
+/// Polls a future whose IO is always ready to completion, without a runtime.
+fn poll_ready<F: std::future::Future>(fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = Context::from_waker(Waker::noop());
+    // Every poll makes progress on an always-ready reader; the bound turns a
+    // livelock into a failure instead of a hung fuzzer.
+    for _ in 0..1_000_000 {
+        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return out;
+        }
+    }
+    panic!("future did not complete on always-ready IO");
+}
+
+/// A reader that hands out `data` at most `chunk` bytes per read, then EOF.
+struct Chunked<'a> {
+    data: &'a [u8],
+    at: usize,
+    chunk: usize,
+}
+
+impl AsyncRead for Chunked<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let n = self
+            .chunk
+            .min(buf.remaining())
+            .min(self.data.len() - self.at);
+        let at = self.at;
+        buf.put_slice(&self.data[at..at + n]);
+        self.at += n;
+        Poll::Ready(Ok(()))
+    }
+}
