@@ -1,3 +1,55 @@
 //! The ServiceMirror controller: watches `ServiceMirror` objects in its own
-//! cluster and the remote Services they name, and applies the mirrored Services
-//! that `proxy_discovery::reconcile` computes.
+//! cluster and, through each Link's credentials, the remote Services they name;
+//! applies the mirrored Services that `proxy_discovery::reconcile` computes (the
+//! same function the lab and the sidecars run) by server-side apply, owned by
+//! their ServiceMirror; publishes a status that tells the truth (including how
+//! stale a remote is); and publishes what sidecars need in a ConfigMap they
+//! mount, so they never watch the API server.
+//!
+//! # Layout
+//!
+//! - [`kinds`]: the CRD kinds (derived in proxy-discovery from the model's spec
+//!   structs) and conversions between API objects and the model.
+//! - [`manifests`]: the CRDs and RBAC objects, as k8s-openapi objects and YAML.
+//! - [`mirror`]: the reconcile of one ServiceMirror and its status.
+//! - [`remote`]: remote API clients from Link Secrets, one watch per needed
+//!   remote Service, torn down when unused.
+//! - [`publish`]: the sidecars' discovery ConfigMap.
+//! - [`lease`]: Lease-based leader election.
+//! - [`metrics`]: counters, the staleness gauge and the HTTP endpoint.
+//! - [`config`], [`run`]: the command line and the wiring.
+//!
+//! # Not here
+//!
+//! The decision of what a mirror yields (proxy-discovery), installing the CRDs
+//! and the controller (`isthmus install` renders [`manifests`]), the data path,
+//! and reading the remote cluster's ClusterSettings: a remote Service counts as
+//! exported by its `mirror.isthmus.io/exported` label, and the remote's DNS
+//! domain is taken as `cluster.local`.
+
+pub mod config;
+pub mod kinds;
+pub mod lease;
+pub mod manifests;
+pub mod metrics;
+pub mod mirror;
+pub mod publish;
+pub mod remote;
+pub mod run;
+
+pub use run::{Config, Running, start};
+
+/// An error and its sources, `: `-joined, for logs and status messages.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

@@ -346,6 +346,7 @@ impl ClusterSettings {
         version = "v1alpha1",
         kind = "ClusterSettings",
         root = "ClusterSettingsResource",
+        plural = "clustersettings",
         namespaced,
         derive = "PartialEq",
         printcolumn = r#"{"name":"Cluster","type":"string","jsonPath":".spec.clusterName"}"#

@@ -1,0 +1,49 @@
+//! `isthmus-controller`: `run` the controller, print its `crds` or `rbac`.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::Parser;
+use isthmus_controller::config::{Cli, Command};
+use isthmus_controller::manifests;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crds => print(&manifests::crds_yaml().context("rendering the CRDs")?),
+        Command::Rbac { namespace } => {
+            print(&manifests::rbac_yaml(&namespace).context("rendering the RBAC objects")?)
+        }
+        Command::Run(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            let hostname = std::env::var("HOSTNAME").unwrap_or_default();
+            let config = args
+                .into_config(&hostname)
+                .context("invalid command line")?;
+            let client = kube::Client::try_default().await.context(
+                "no Kubernetes API credentials (in-cluster service account or kubeconfig)",
+            )?;
+            let running = isthmus_controller::start(client, config)
+                .await
+                .context("starting the controller")?;
+            running
+                .run_until(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await;
+            Ok(())
+        }
+    }
+}
+
+fn print(text: &str) -> anyhow::Result<()> {
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .context("writing to stdout")
+}

@@ -1,0 +1,328 @@
+//! Wiring: the metrics endpoint and the leader election run always; while this
+//! replica leads, the kube-runtime `Controller` on ServiceMirrors (triggered by
+//! local Services, Links and remote watches), the ConfigMap publisher and the
+//! clean-up of unused remote watches run, and all of them stop at once when the
+//! lead is lost.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Service as KubeService;
+use kube::Api;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::kinds::{LinkResource, ServiceMirrorResource};
+use crate::lease::{Elector, Leadership, LeaseConfig};
+use crate::metrics::{Endpoint, Metrics};
+use crate::mirror::{self, Context, ReconcileTiming, SettingsSource};
+use crate::publish::Publisher;
+use crate::remote::{RemoteTiming, Remotes};
+
+/// Everything the controller needs to run, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The control-plane namespace: Links, their Secrets, ClusterSettings, the
+    /// Lease and the published ConfigMap.
+    pub namespace: String,
+    /// Where the cluster's settings come from.
+    pub settings: SettingsSource,
+    /// Leader election; `None` runs as the only writer without a Lease.
+    pub lease: Option<LeaseConfig>,
+    /// Where `/metrics`, `/ready`, `/live` are served; `None`: not served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The name of the sidecars' discovery ConfigMap.
+    pub configmap: String,
+    /// How often the ConfigMap is re-rendered from the caches (written only when
+    /// it changed).
+    pub publish_interval: Duration,
+    /// Remote watch timing.
+    pub remote: RemoteTiming,
+    /// Reconcile timing.
+    pub timing: ReconcileTiming,
+}
+
+/// The controller could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The metrics address could not be bound.
+    #[error("--metrics-addr {addr}: cannot bind")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running controller.
+pub struct Running {
+    metrics_addr: Option<SocketAddr>,
+    leadership: Leadership,
+    metrics: Metrics,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Where the metrics endpoint listens (the bound port when `:0` was asked).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Whether this replica leads now.
+    pub fn is_leading(&self) -> bool {
+        self.leadership.is_leading()
+    }
+
+    /// The metrics, as `/metrics` would render them.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Stops writing at once, releases the Lease, and waits for every task.
+    pub async fn stop(self) {
+        self.shutdown.send_replace(true);
+        for task in self.tasks {
+            // A task that panicked has nothing left to clean up.
+            let _ = task.await;
+        }
+    }
+
+    /// Runs until `signal`, then stops.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
+        signal.await;
+        self.stop().await;
+    }
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    // The sender lives in `Running`; dropping it also means stop.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Starts the controller on `client`'s cluster.
+pub async fn start(client: kube::Client, config: Config) -> Result<Running, RunError> {
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let metrics = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let remotes_slot: Arc<Mutex<Option<Remotes>>> = Arc::new(Mutex::new(None));
+    let mut tasks = Vec::new();
+
+    let leadership = match &config.lease {
+        Some(lease) => {
+            let (elector, leadership) = Elector::new(client.clone(), lease.clone());
+            tasks.push(tokio::spawn(elector.run(stopped(shutdown_rx.clone()))));
+            leadership
+        }
+        None => Leadership::always(),
+    };
+
+    let metrics_addr = match config.metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| RunError::Bind { addr, source })?;
+            let endpoint = Endpoint {
+                metrics: metrics.clone(),
+                remotes: remotes_slot.clone(),
+                leadership: leadership.clone(),
+                ready: ready.clone(),
+            };
+            tasks.push(tokio::spawn(
+                endpoint.serve(listener, stopped(shutdown_rx.clone())),
+            ));
+            Some(bound)
+        }
+        None => None,
+    };
+
+    let main = {
+        let mut leadership = leadership.clone();
+        let metrics = metrics.clone();
+        let shutdown_rx = shutdown_rx.clone();
+        async move {
+            ready.store(true, Ordering::Release);
+            loop {
+                tokio::select! {
+                    () = stopped(shutdown_rx.clone()) => break,
+                    () = leadership.leading() => {}
+                }
+                metrics.set_leader(true);
+                tracing::info!(namespace = %config.namespace, "leading: reconciling ServiceMirrors");
+                let mut lost = leadership.clone();
+                tokio::select! {
+                    () = stopped(shutdown_rx.clone()) => {}
+                    () = lost.lost() => {
+                        tracing::warn!("not leading any more: stopped reconciling and writing");
+                    }
+                    () = lead(client.clone(), &config, metrics.clone(), leadership.clone(), remotes_slot.clone()) => {}
+                }
+                // Dropping `lead` cancelled every write in flight; the remote
+                // watches go with it.
+                if let Some(remotes) = remotes_slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take()
+                {
+                    remotes.clear();
+                }
+                metrics.set_leader(false);
+                if *shutdown_rx.borrow() {
+                    break;
+                }
+            }
+        }
+    };
+    tasks.push(tokio::spawn(main));
+
+    Ok(Running {
+        metrics_addr,
+        leadership,
+        metrics,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Everything a leader runs; returns only if all of it ends (it should not).
+async fn lead(
+    client: kube::Client,
+    config: &Config,
+    metrics: Metrics,
+    leadership: Leadership,
+    remotes_slot: Arc<Mutex<Option<Remotes>>>,
+) {
+    let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<ServiceMirrorResource>>();
+    let remotes = Remotes::new(client.clone(), config.remote, trigger_tx);
+    *remotes_slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(remotes.clone());
+
+    let (services, services_writer) = reflector::store::<KubeService>();
+    let service_events = reflector::reflector(
+        services_writer,
+        watcher(
+            Api::<KubeService>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let (links, links_writer) = reflector::store::<LinkResource>();
+    let link_events = reflector::reflector(
+        links_writer,
+        watcher(
+            Api::<LinkResource>::namespaced(client.clone(), &config.namespace),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+
+    let controller = Controller::new(
+        Api::<ServiceMirrorResource>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let mirrors = controller.store();
+    let (m1, m2) = (mirrors.clone(), mirrors.clone());
+    let remote_triggers = futures_util::stream::unfold(trigger_rx, |mut rx| async move {
+        rx.recv().await.map(|r| (r, rx))
+    });
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        namespace: config.namespace.clone(),
+        settings: config.settings.clone(),
+        services: services.clone(),
+        links: links.clone(),
+        remotes: remotes.clone(),
+        leadership,
+        metrics: metrics.clone(),
+        timing: config.timing,
+    });
+    let run = controller
+        .watches_stream(service_events, move |svc| {
+            mirror::mirrors_for_service(&m1, &svc)
+        })
+        .watches_stream(link_events, move |link| {
+            mirror::mirrors_for_link(&m2, &link)
+        })
+        .reconcile_on(remote_triggers)
+        .run(mirror::reconcile_mirror, mirror::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %crate::error_chain(&e), "controller event");
+            }
+        });
+
+    let publish = {
+        let (client, services, links, metrics) = (
+            client.clone(),
+            services.clone(),
+            links.clone(),
+            metrics.clone(),
+        );
+        let (namespace, name, settings) = (
+            config.namespace.clone(),
+            config.configmap.clone(),
+            config.settings.clone(),
+        );
+        let interval = config.publish_interval;
+        async move {
+            // An empty cache must not be published as "no mirrored Services".
+            if services.wait_until_ready().await.is_err() || links.wait_until_ready().await.is_err()
+            {
+                return;
+            }
+            let mut publisher = Publisher::new(client.clone(), &namespace, &name);
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let settings = match mirror::cluster_settings(&client, &namespace, &settings).await
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error_chain(&e), "cannot publish the discovery ConfigMap");
+                        continue;
+                    }
+                };
+                match publisher.publish(&settings, &links, &services).await {
+                    Ok(true) => {
+                        metrics.published();
+                        tracing::info!(configmap = %publisher.key(), "published the discovery ConfigMap");
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error_chain(&e), "cannot publish the discovery ConfigMap")
+                    }
+                }
+            }
+        }
+    };
+
+    let sweep = {
+        let interval = config.publish_interval;
+        async move {
+            if mirrors.wait_until_ready().await.is_err() {
+                return;
+            }
+            let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+            loop {
+                tick.tick().await;
+                remotes.retain(|m| mirrors.get(m).is_some());
+            }
+        }
+    };
+
+    tokio::join!(run, publish, sweep);
+}
