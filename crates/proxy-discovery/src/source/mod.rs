@@ -7,6 +7,8 @@
 //! the hot path call [`Discovery::load`]: an atomic pointer load, no lock.
 
 pub mod dir;
+#[cfg(feature = "kube")]
+pub mod kube;
 
 use std::io;
 use std::path::PathBuf;
