@@ -598,6 +598,15 @@ fn the_gateway_refuses_tls12_weak_offers_plaintext_foreign_sni_and_certless_clie
     proxy.fds_return_to(baseline);
     let metrics = proxy.metrics();
     assert!(metrics.contains("reason=\"tls_handshake\""), "{metrics}");
+    // The limits in effect are on /config, as set on the command line.
+    let config = http_get(proxy.admin, "/config");
+    for shown in [
+        "\"tls_handshake_timeout\": \"2s\"",
+        "\"h2_max_header_list_size\": 4096",
+        "\"max_connections\": 10000",
+    ] {
+        assert!(config.contains(shown), "{shown} not in {config}");
+    }
 }
 
 #[test]
