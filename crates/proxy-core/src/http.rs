@@ -5,6 +5,12 @@
 //! (no re-balancing, no header rewriting), HTTP/1 stays HTTP/1 and HTTP/2 stays
 //! HTTP/2, and `Upgrade` (WebSocket) or `CONNECT` exchanges become raw byte streams
 //! through [`forward_io`] after the upstream agrees.
+//!
+//! Bad input is answered here, never forwarded: a connection reaches this module
+//! only once detection has seen a valid request line (or the HTTP/2 preface), so a
+//! head hyper cannot parse gets `400` (too large: `431`) and a close, a head that
+//! trickles in is cut by [`HttpSettings::header_read_timeout`], and HTTP/2 errors
+//! get `RST_STREAM` or `GOAWAY` under the limits of [`H2Settings`].
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -628,4 +628,40 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn every_limit_flag_has_its_isthmus_variable() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let gateway = cli.find_subcommand("gateway").unwrap();
+        let limits = [
+            "detect-timeout",
+            "connect-timeout",
+            "idle-timeout",
+            "max-connections",
+            "tls-handshake-timeout",
+            "header-read-timeout",
+            "http1-max-headers",
+            "http1-max-head-bytes",
+            "h2-max-concurrent-streams",
+            "h2-max-header-list-size",
+            "h2-max-pending-accept-reset-streams",
+            "h2-max-send-buf-size",
+        ];
+        for flag in limits {
+            let arg = gateway
+                .get_arguments()
+                .find(|a| a.get_long() == Some(flag))
+                .unwrap_or_else(|| panic!("no --{flag}"));
+            let want = format!("ISTHMUS_{}", flag.to_uppercase().replace('-', "_"));
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(want.as_str()),
+                "--{flag}"
+            );
+        }
+        // Every field of Limits has its flag (the JSON view lists every field).
+        let shown = Limits::default().to_json();
+        assert_eq!(shown.as_object().unwrap().len(), limits.len());
+    }
 }
