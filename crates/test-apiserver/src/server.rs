@@ -27,7 +27,7 @@ use crate::apply::Scope;
 use crate::resource::{self, ResourceType};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::status::ApiError;
-use crate::store::{Event, EventKind, PatchKind, Store, WriteOpts, present};
+use crate::store::{DeleteOpts, Event, EventKind, PatchKind, Store, WriteOpts, present};
 
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -365,31 +365,52 @@ async fn collection(
         Method::GET => {
             let (labels, fields) = selectors(&p.query)?;
             let (items, rv) = store.list_objs(&rt, ns.as_deref(), &labels, &fields);
-            let offset: usize = match p.query.get("continue").filter(|c| !c.is_empty()) {
-                Some(token) => token.parse().map_err(|_| {
-                    ApiError::bad_request(format!(
-                        "continue: {token:?} is not a token this server issued"
-                    ))
-                })?,
-                None => 0,
-            };
+            // The token is the last key served: a page starts after it, so
+            // objects created or deleted between pages neither repeat nor shift.
+            let after: Option<(String, String)> =
+                match p.query.get("continue").filter(|c| !c.is_empty()) {
+                    Some(token) => Some(
+                        token
+                            .split_once('/')
+                            .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
+                            .ok_or_else(|| {
+                                ApiError::bad_request(format!(
+                                    "continue: {token:?} is not a token this server issued"
+                                ))
+                            })?,
+                    ),
+                    None => None,
+                };
             let limit = p
                 .query
                 .get("limit")
                 .and_then(|l| l.parse::<usize>().ok())
-                .filter(|l| *l > 0);
-            let total = items.len();
-            let page: Vec<Value> = items
+                .filter(|l| *l > 0)
+                .unwrap_or(usize::MAX);
+            let key = |o: &Value| {
+                let text = |f: &str| {
+                    o.pointer(&format!("/metadata/{f}"))
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                (text("namespace"), text("name"))
+            };
+            let mut rest: Vec<Value> = items
                 .into_iter()
-                .skip(offset)
-                .take(limit.unwrap_or(usize::MAX))
+                .filter(|o| after.as_ref().is_none_or(|a| key(o) > *a))
                 .collect();
+            let remaining = rest.len().saturating_sub(limit);
+            rest.truncate(limit);
             let mut metadata = json!({"resourceVersion": rv.to_string()});
-            let next = offset + page.len();
-            if next < total {
-                metadata["continue"] = json!(next.to_string());
-                metadata["remainingItemCount"] = json!(total - next);
+            if remaining > 0
+                && let Some(last) = rest.last()
+            {
+                let (ns, name) = key(last);
+                metadata["continue"] = json!(format!("{ns}/{name}"));
+                metadata["remainingItemCount"] = json!(remaining);
             }
+            let page = rest;
             Ok(json_response(
                 200,
                 &json!({
@@ -414,13 +435,14 @@ async fn collection(
                     status_subresource: rt.status_subresource,
                 },
                 force: false,
+                dry_run: dry_run(&p.query),
             };
             let created = store.create(&rt, &ns, body, &opts)?;
             Ok(json_response(201, &created))
         }
         Method::DELETE => {
             let (labels, fields) = selectors(&p.query)?;
-            let orphan = orphan(&p);
+            let opts = delete_opts(&p);
             let (items, rv) = store.list_objs(&rt, ns.as_deref(), &labels, &fields);
             let mut deleted = Vec::new();
             for item in items {
@@ -432,7 +454,7 @@ async fn collection(
                     .pointer("/metadata/name")
                     .and_then(Value::as_str)
                     .unwrap_or_default();
-                if let Ok(d) = store.delete(&rt, item_ns, name, orphan) {
+                if let Ok(d) = store.delete(&rt, item_ns, name, &opts) {
                     deleted.push(d);
                 }
             }
@@ -453,18 +475,33 @@ async fn collection(
     }
 }
 
-fn orphan(p: &Parsed) -> bool {
-    let from_body = serde_json::from_slice::<Value>(&p.body).ok().and_then(|b| {
-        if b.get("orphanDependents").and_then(Value::as_bool) == Some(true) {
-            return Some("Orphan".to_owned());
-        }
-        b.get("propagationPolicy")
+fn dry_run(q: &BTreeMap<String, String>) -> bool {
+    q.get("dryRun").is_some_and(|v| !v.is_empty())
+}
+
+/// `DeleteOptions` from the body (kube sends them there) and the query.
+fn delete_opts(p: &Parsed) -> DeleteOpts {
+    let body = serde_json::from_slice::<Value>(&p.body).unwrap_or(Value::Null);
+    let text = |pointer: &str| {
+        body.pointer(pointer)
             .and_then(Value::as_str)
             .map(str::to_owned)
-    });
-    from_body
-        .or_else(|| p.query.get("propagationPolicy").cloned())
-        .is_some_and(|policy| policy == "Orphan")
+    };
+    let policy = if body.get("orphanDependents").and_then(Value::as_bool) == Some(true) {
+        Some("Orphan".to_owned())
+    } else {
+        text("/propagationPolicy").or_else(|| p.query.get("propagationPolicy").cloned())
+    };
+    DeleteOpts {
+        orphan: policy.is_some_and(|policy| policy == "Orphan"),
+        dry_run: dry_run(&p.query)
+            || body
+                .get("dryRun")
+                .and_then(Value::as_array)
+                .is_some_and(|v| !v.is_empty()),
+        uid: text("/preconditions/uid"),
+        resource_version: text("/preconditions/resourceVersion"),
+    }
 }
 
 fn object(
@@ -486,6 +523,7 @@ fn object(
         manager: &p.manager,
         scope,
         force: truthy(&p.query, "force"),
+        dry_run: dry_run(&p.query),
     };
     let object = match p.method.clone() {
         Method::GET => store.get_obj(rt, ns, name)?,
@@ -509,7 +547,7 @@ fn object(
             let body = decode_body(p)?;
             store.patch(rt, ns, name, kind, body, &opts)?
         }
-        Method::DELETE if !status => store.delete(rt, ns, name, orphan(p))?,
+        Method::DELETE if !status => store.delete(rt, ns, name, &delete_opts(p))?,
         other => {
             return Err(ApiError::method_not_allowed(format!(
                 "{other} on {} {name:?}",

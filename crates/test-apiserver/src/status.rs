@@ -76,6 +76,27 @@ impl ApiError {
         e
     }
 
+    /// 409 Conflict: a delete precondition does not hold.
+    pub fn precondition(
+        group: &str,
+        plural: &str,
+        name: &str,
+        field: &str,
+        expected: &str,
+        actual: &str,
+    ) -> Self {
+        let mut e = Self::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: {field} in precondition: {expected}, {field} in object meta: {actual}",
+                qualified(group, plural)
+            ),
+        );
+        e.details = Some(json!({"name": name, "group": group, "kind": plural}));
+        e
+    }
+
     /// 409 Conflict from server-side apply: `conflicts` are (other manager, field path).
     pub fn apply_conflict(
         group: &str,

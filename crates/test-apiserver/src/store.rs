@@ -85,8 +85,24 @@ pub(crate) struct WriteOpts<'a> {
     pub scope: Scope,
     /// Server-side apply only: take fields other managers own.
     pub force: bool,
+    /// `dryRun=All`: answer as if written, change nothing.
+    pub dry_run: bool,
 }
 
+/// `DeleteOptions` as far as the store honours them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct DeleteOpts {
+    /// `propagationPolicy: Orphan`: dependents are left in place.
+    pub orphan: bool,
+    /// `dryRun=All`.
+    pub dry_run: bool,
+    /// `preconditions.uid`.
+    pub uid: Option<String>,
+    /// `preconditions.resourceVersion`.
+    pub resource_version: Option<String>,
+}
+
+#[derive(Clone)]
 struct State {
     types: Vec<ResourceType>,
     objects: BTreeMap<ObjKey, Value>,
@@ -529,6 +545,15 @@ impl Store {
         out
     }
 
+    /// Runs a write, or with `dry_run` runs it on a copy that is then dropped.
+    fn write_or_try<T>(&self, dry_run: bool, f: impl FnOnce(&mut State) -> T) -> T {
+        if dry_run {
+            let mut copy = self.lock().clone();
+            return f(&mut copy);
+        }
+        self.write(f)
+    }
+
     /// The current (latest) resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.lock().rv
@@ -656,7 +681,7 @@ impl Store {
         let mut entries = Vec::new();
         apply::record_update(&mut entries, &writer(rt, opts), None, &obj);
         apply::write_managed(&mut obj, &entries);
-        self.write(|state| state.create(rt, ns, obj))
+        self.write_or_try(opts.dry_run, |state| state.create(rt, ns, obj))
             .map(|o| present(rt, &o))
     }
 
@@ -717,7 +742,7 @@ impl Store {
                 "the name of the object ({body_name}) does not match the name on the URL ({name})"
             )));
         }
-        self.write(|state| {
+        self.write_or_try(opts.dry_run, |state| {
             let key = State::key(rt, ns, name);
             let old = state
                 .objects
@@ -748,11 +773,23 @@ impl Store {
         body: Value,
         opts: &WriteOpts<'_>,
     ) -> Result<Value, ApiError> {
-        self.write(|state| {
+        self.write_or_try(opts.dry_run, |state| {
             let key = State::key(rt, ns, name);
             let old = state.objects.get(&key).cloned();
             let writer = writer(rt, opts);
             if kind == PatchKind::Apply {
+                let api_version = body.get("apiVersion").and_then(Value::as_str);
+                let body_kind = body.get("kind").and_then(Value::as_str);
+                if api_version != Some(rt.api_version().as_str()) || body_kind != Some(rt.kind.as_str()) {
+                    return Err(ApiError::bad_request(format!(
+                        "apply to {} {name:?}: apiVersion and kind must be {:?} and {:?}, not {:?} and {:?}",
+                        rt.plural,
+                        rt.api_version(),
+                        rt.kind,
+                        api_version.unwrap_or_default(),
+                        body_kind.unwrap_or_default()
+                    )));
+                }
                 let (body_ns, body_name) = identity(&body);
                 if !body_name.is_empty() && body_name != name {
                     return Err(ApiError::bad_request(format!(
@@ -815,11 +852,33 @@ impl Store {
         rt: &ResourceType,
         ns: &str,
         name: &str,
-        orphan: bool,
+        opts: &DeleteOpts,
     ) -> Result<Value, ApiError> {
-        self.write(|state| {
+        self.write_or_try(opts.dry_run, |state| {
+            let key = State::key(rt, ns, name);
+            let current = state
+                .objects
+                .get(&key)
+                .ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, name))?;
+            for (field, expected) in [
+                ("uid", &opts.uid),
+                ("resourceVersion", &opts.resource_version),
+            ] {
+                if let Some(expected) = expected
+                    && meta_str(current, field) != Some(expected.as_str())
+                {
+                    return Err(ApiError::precondition(
+                        &rt.group,
+                        &rt.plural,
+                        name,
+                        field,
+                        expected,
+                        meta_str(current, field).unwrap_or_default(),
+                    ));
+                }
+            }
             state
-                .delete_key(&State::key(rt, ns, name), orphan)
+                .delete_key(&key, opts.orphan)
                 .map(|o| present(rt, &o))
                 .ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, name))
         })
@@ -955,7 +1014,12 @@ impl Store {
         name: &str,
     ) -> Result<Value, ApiError> {
         let rt = self.resolve_kind(api_version, kind)?;
-        self.delete(&rt, namespace.unwrap_or_default(), name, false)
+        self.delete(
+            &rt,
+            namespace.unwrap_or_default(),
+            name,
+            &DeleteOpts::default(),
+        )
     }
 
     /// Deletes a typed object; see [`Store::delete_value`].

@@ -691,3 +691,81 @@ async fn kubeconfig_reaches_the_server() {
     let version = within(client.apiserver_version()).await.unwrap();
     assert_eq!(version.major, "1");
 }
+
+#[tokio::test]
+async fn dry_run_and_delete_preconditions() {
+    let server = TestApiServer::start().await;
+    let api: Api<Service> = Api::namespaced(server.client(), "default");
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let answered = within(api.create(&dry, &service("dry", json!({}), 80)))
+        .await
+        .unwrap();
+    assert_eq!(answered.name_any(), "dry");
+    assert_eq!(code(within(api.get("dry")).await.unwrap_err()).0, 404);
+
+    let created = within(api.create(&PostParams::default(), &service("real", json!({}), 80)))
+        .await
+        .unwrap();
+    within(api.delete("real", &DeleteParams::default().dry_run()))
+        .await
+        .unwrap();
+    assert!(within(api.get("real")).await.is_ok());
+
+    let wrong_uid = DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: Some("not-the-uid".into()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    let err = within(api.delete("real", &wrong_uid)).await.unwrap_err();
+    assert_eq!(code(err), (409, "Conflict".into()));
+    let right_uid = DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: created.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    within(api.delete("real", &right_uid)).await.unwrap();
+    assert_eq!(code(within(api.get("real")).await.unwrap_err()).0, 404);
+
+    // Apply needs the apiVersion and kind of the resource it is sent to.
+    let err = within(api.patch(
+        "x",
+        &PatchParams::apply("m"),
+        &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}})),
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(code(err).0, 400);
+}
+
+#[tokio::test]
+async fn pages_do_not_repeat_after_concurrent_deletes() {
+    let server = TestApiServer::start().await;
+    let api: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    for name in ["a", "b", "c", "d"] {
+        let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        within(api.create(&PostParams::default(), &cm))
+            .await
+            .unwrap();
+    }
+    let first = within(api.list(&ListParams::default().limit(2)))
+        .await
+        .unwrap();
+    assert_eq!(first.metadata.remaining_item_count, Some(2));
+    within(api.delete("a", &DeleteParams::default()))
+        .await
+        .unwrap();
+    let token = first.metadata.continue_.unwrap();
+    let second = within(api.list(&ListParams::default().limit(2).continue_token(&token)))
+        .await
+        .unwrap();
+    let names: Vec<String> = second.items.iter().map(|c| c.name_any()).collect();
+    assert_eq!(names, ["c", "d"]);
+    assert!(second.metadata.continue_.is_none());
+}
