@@ -40,6 +40,9 @@ enum Command {
     /// Add the mesh (isthmus-init and the isthmus-proxy sidecar) to the workloads
     /// of a manifest; prints the result, other objects unchanged.
     Inject(inject::InjectArgs),
+    /// Print the control plane and gateway of one cluster as manifests for
+    /// `kubectl apply -f -`.
+    Install(install::InstallArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Command::Identity(command) => identity::run(command).map(|()| true),
         Command::Lab(command) => lab::run(command),
         Command::Inject(args) => inject::run(args),
+        Command::Install(args) => install::run(args).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,0 +1,213 @@
+//! The image and the workspace agree: every binary the Dockerfile builds is a binary
+//! of the workspace and is copied into the image, and every binary the manifests of
+//! `isthmus install` (`deploy/`) and `isthmus inject` run is one the image holds.
+//!
+//! The image cannot be built here; this keeps its recipe honest.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_yaml_ng::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Binary targets of the workspace's packages, from `cargo metadata`.
+fn workspace_bins() -> BTreeSet<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let out = Command::new(cargo)
+        .args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+            "--offline",
+        ])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap())
+        .filter(|t| t["kind"].as_array().unwrap().iter().any(|k| k == "bin"))
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The Dockerfile with `\`-continued lines joined.
+fn dockerfile() -> Vec<String> {
+    let text = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let mut lines = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(part) => current.push_str(part),
+            None => {
+                current.push_str(line);
+                lines.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    lines
+}
+
+/// `--bin NAME` of the `cargo build` line.
+fn built(lines: &[String]) -> BTreeSet<String> {
+    let build = lines
+        .iter()
+        .find(|l| l.contains("cargo build"))
+        .expect("the Dockerfile runs cargo build");
+    let words: Vec<&str> = build.split_whitespace().collect();
+    assert!(words.contains(&"--locked"), "the image is built --locked");
+    words
+        .windows(2)
+        .filter(|w| w[0] == "--bin")
+        .map(|w| w[1].to_owned())
+        .collect()
+}
+
+/// Binaries copied from the build stage into `/usr/local/bin/`.
+fn copied(lines: &[String]) -> BTreeSet<String> {
+    lines
+        .iter()
+        .filter(|l| l.trim_start().starts_with("COPY --from=build"))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let source = words[2];
+            let dest = words[3];
+            let name = source.rsplit('/').next().unwrap();
+            assert!(
+                source.starts_with("/src/target/release/"),
+                "{l}: copies from the release directory"
+            );
+            assert!(
+                dest == "/usr/local/bin/" || dest == format!("/usr/local/bin/{name}"),
+                "{l}: lands in /usr/local/bin under its own name"
+            );
+            name.to_owned()
+        })
+        .collect()
+}
+
+/// `command[0]` of every container of every workload in `text`.
+fn commands(text: &str, image: &str) -> BTreeSet<String> {
+    fn walk(value: &Value, image: &str, out: &mut BTreeSet<String>) {
+        match value {
+            Value::Mapping(map) => {
+                let is_ours = map
+                    .get("image")
+                    .and_then(Value::as_str)
+                    .is_some_and(|i| i == image);
+                if is_ours {
+                    let command = map
+                        .get("command")
+                        .and_then(|c| c.get(0))
+                        .and_then(Value::as_str)
+                        .unwrap_or_else(|| panic!("a container of {image} without command"));
+                    out.insert(command.to_owned());
+                }
+                for v in map.values() {
+                    walk(v, image, out);
+                }
+            }
+            Value::Sequence(items) => items.iter().for_each(|v| walk(v, image, out)),
+            _ => {}
+        }
+    }
+    let mut out = BTreeSet::new();
+    for de in serde_yaml_ng::Deserializer::from_str(text) {
+        let value: Value = serde::Deserialize::deserialize(de).unwrap();
+        walk(&value, image, &mut out);
+    }
+    out
+}
+
+fn image() -> String {
+    format!("ghcr.io/isthmus/isthmus:{}", env!("CARGO_PKG_VERSION"))
+}
+
+#[test]
+fn the_image_builds_and_copies_workspace_binaries() {
+    let lines = dockerfile();
+    let bins = workspace_bins();
+    let built = built(&lines);
+    let copied = copied(&lines);
+    for bin in &built {
+        assert!(
+            bins.contains(bin),
+            "the Dockerfile builds --bin {bin}, which no workspace package declares (they declare {bins:?})"
+        );
+    }
+    assert_eq!(
+        built, copied,
+        "every binary built is copied, and only those"
+    );
+    for needed in [
+        "isthmus-proxy",
+        "isthmus-init",
+        "isthmus-controller",
+        "isthmus",
+    ] {
+        assert!(copied.contains(needed), "the image lacks {needed}");
+    }
+    let user = lines.iter().rev().find(|l| l.starts_with("USER ")).unwrap();
+    assert_eq!(
+        user.trim(),
+        "USER 2102",
+        "the image runs as the proxy's UID"
+    );
+}
+
+#[test]
+fn every_binary_the_manifests_run_is_in_the_image() {
+    let copied = copied(&dockerfile());
+    let mut run = BTreeSet::new();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_isthmus"))
+        .env_clear()
+        .args(["inject", "--cluster", "cluster-a"])
+        .arg(repo().join("examples/seed/cluster-a/cluster-a.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let injected = commands(&String::from_utf8(out.stdout).unwrap(), &image());
+    assert_eq!(
+        injected,
+        BTreeSet::from(["isthmus-init".to_owned(), "isthmus-proxy".to_owned()])
+    );
+    run.extend(injected);
+
+    for cluster in ["cluster-a", "cluster-b"] {
+        let path = repo().join(format!("deploy/{cluster}.yaml"));
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let installed = commands(&text, &image());
+        assert!(
+            installed.contains("isthmus-controller") && installed.contains("isthmus-proxy"),
+            "{}: {installed:?}",
+            path.display()
+        );
+        run.extend(installed);
+    }
+    for bin in &run {
+        assert!(
+            copied.contains(bin),
+            "the manifests run {bin}, which the image does not hold"
+        );
+    }
+}

@@ -1,0 +1,385 @@
+//! `isthmus install` through the binary: every document parses as its Kubernetes
+//! type, the order is the one `kubectl apply` needs, the output is deterministic,
+//! the checked-in `deploy/` examples have not drifted, the link reader may read
+//! Services and EndpointSlices and nothing else, and bad flags are named.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use proxy_discovery::model::{Object, parse_manifests};
+use serde_json::Value;
+
+fn isthmus(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_isthmus"))
+        .env_clear()
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn install(args: &[&str]) -> String {
+    let mut all = vec!["install"];
+    all.extend(args);
+    let out = isthmus(&all);
+    assert!(
+        out.status.success(),
+        "isthmus {all:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn docs(text: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|de| serde::Deserialize::deserialize(de).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The checked-in examples and the flags that render them.
+const EXAMPLES: [(&str, &[&str]); 2] = [
+    (
+        "deploy/cluster-a.yaml",
+        &["--cluster", "cluster-a", "--export-namespace", "default"],
+    ),
+    ("deploy/cluster-b.yaml", &["--cluster", "cluster-b"]),
+];
+
+fn parse<T: serde::de::DeserializeOwned>(doc: &Value) -> T {
+    serde_json::from_value(doc.clone()).unwrap_or_else(|e| {
+        panic!(
+            "{} {} does not parse as its type: {e}",
+            doc["kind"], doc["metadata"]["name"]
+        )
+    })
+}
+
+/// Parses every document as its k8s-openapi type (or, for the mesh's and
+/// cert-manager's kinds, checks what their consumers read), returning `kind/name`.
+fn check_types(text: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    for doc in docs(text) {
+        let kind = doc["kind"].as_str().unwrap().to_owned();
+        let api = doc["apiVersion"].as_str().unwrap();
+        let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
+        match (api, kind.as_str()) {
+            ("v1", "Namespace") => drop(parse::<Namespace>(&doc)),
+            ("v1", "ServiceAccount") => drop(parse::<ServiceAccount>(&doc)),
+            ("v1", "Secret") => drop(parse::<Secret>(&doc)),
+            ("v1", "Service") => drop(parse::<Service>(&doc)),
+            ("apps/v1", "Deployment") => drop(parse::<Deployment>(&doc)),
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => drop(parse::<ClusterRole>(&doc)),
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                drop(parse::<ClusterRoleBinding>(&doc))
+            }
+            ("rbac.authorization.k8s.io/v1", "Role") => drop(parse::<Role>(&doc)),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => drop(parse::<RoleBinding>(&doc)),
+            ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+                drop(parse::<CustomResourceDefinition>(&doc))
+            }
+            ("multicluster.isthmus.io/v1alpha1", "ClusterSettings") => {
+                // The same strict parser the proxies' directory source uses.
+                let yaml = serde_yaml_ng::to_string(&doc).unwrap();
+                let parsed = parse_manifests("install.yaml", &yaml).unwrap();
+                assert!(matches!(parsed[0].object, Object::ClusterSettings(_)));
+            }
+            ("cert-manager.io/v1", "ClusterIssuer") => {
+                assert!(doc["spec"]["ca"]["secretName"].is_string(), "{doc}");
+            }
+            ("cert-manager.io/v1", "Certificate") => {
+                assert!(doc["spec"]["secretName"].is_string(), "{doc}");
+                assert!(doc["spec"]["issuerRef"]["name"].is_string(), "{doc}");
+                assert!(doc["spec"]["uris"][0].is_string(), "{doc}");
+            }
+            other => panic!("unexpected object {other:?} {name}"),
+        }
+        seen.push(format!("{kind}/{name}"));
+    }
+    seen
+}
+
+#[test]
+fn every_document_parses_as_its_type_in_apply_order() {
+    let text = install(&["--cluster", "cluster-a"]);
+    let seen = check_types(&text);
+    let position = |what: &str| {
+        seen.iter()
+            .position(|s| s == what)
+            .unwrap_or_else(|| panic!("{what} missing from {seen:?}"))
+    };
+    assert_eq!(position("Namespace/isthmus-system"), 0);
+    for crd in [
+        "CustomResourceDefinition/servicemirrors.linkerd.io",
+        "CustomResourceDefinition/links.multicluster.isthmus.io",
+        "CustomResourceDefinition/clustersettings.multicluster.isthmus.io",
+    ] {
+        assert!(
+            position(crd) < position("ClusterSettings/cluster-a"),
+            "{crd}"
+        );
+    }
+    for later in [
+        "Deployment/isthmus-controller",
+        "Deployment/isthmus-gateway",
+        "Service/isthmus-gateway",
+        "Certificate/isthmus-gateway",
+        "ClusterIssuer/isthmus-issuer",
+        "Secret/isthmus-link-reader-token",
+    ] {
+        assert!(position("Namespace/isthmus-system") < position(later));
+    }
+    // Everything namespaced lives in the control plane's namespace.
+    for doc in docs(&text) {
+        if let Some(ns) = doc["metadata"]["namespace"].as_str() {
+            assert_eq!(ns, "isthmus-system", "{}", doc["metadata"]["name"]);
+        }
+    }
+    assert_eq!(
+        text,
+        install(&["--cluster", "cluster-a"]),
+        "not deterministic"
+    );
+}
+
+#[test]
+fn the_checked_in_examples_have_not_drifted() {
+    for (file, flags) in EXAMPLES {
+        let rendered = install(flags);
+        let checked_in = std::fs::read_to_string(repo().join(file)).unwrap();
+        assert!(
+            rendered == checked_in,
+            "{file} differs from what `isthmus install` renders now; regenerate it with\n  \
+             cargo run -p isthmus -- install {} > {file}",
+            flags.join(" ")
+        );
+        check_types(&checked_in);
+    }
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name}"))
+}
+
+#[test]
+fn the_gateway_is_exposed_with_its_identity_and_the_settings_name_it() {
+    let text = install(&[
+        "--cluster",
+        "cluster-b",
+        "--trust-domain",
+        "mesh.example",
+        "--gateway-replicas",
+        "3",
+        "--image",
+        "registry.example/isthmus:dev",
+        "--gateway-cluster-ip",
+        "10.96.0.43",
+    ]);
+    let docs = docs(&text);
+    let svc: Service = parse(find(&docs, "Service", "isthmus-gateway"));
+    let spec = svc.spec.unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.43"));
+    let ports: Vec<i32> = spec.ports.unwrap().iter().map(|p| p.port).collect();
+    assert_eq!(ports, [4143, 4191]);
+
+    let gw: Deployment = parse(find(&docs, "Deployment", "isthmus-gateway"));
+    let gw = gw.spec.unwrap();
+    assert_eq!(gw.replicas, Some(3));
+    let pod = gw.template.spec.unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("registry.example/isthmus:dev"));
+    assert_eq!(c.args.as_deref(), Some(&["gateway".to_owned()][..]));
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.run_as_user, Some(2102));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(pod.service_account_name.as_deref(), Some("isthmus-gateway"));
+    let identity = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "isthmus-identity")
+        .unwrap();
+    assert_eq!(
+        identity.secret.unwrap().secret_name.as_deref(),
+        Some("isthmus-gateway-identity")
+    );
+
+    let cert = find(&docs, "Certificate", "isthmus-gateway");
+    assert_eq!(cert["spec"]["secretName"], "isthmus-gateway-identity");
+    assert_eq!(
+        cert["spec"]["uris"][0],
+        "spiffe://mesh.example/ns/isthmus-system/sa/isthmus-gateway"
+    );
+    let settings = find(&docs, "ClusterSettings", "cluster-b");
+    assert_eq!(settings["spec"]["gateway"]["address"], "10.96.0.43");
+    assert_eq!(
+        settings["spec"]["gateway"]["identity"],
+        "spiffe://mesh.example/ns/isthmus-system/sa/isthmus-gateway"
+    );
+    assert_eq!(settings["spec"]["trustDomain"], "mesh.example");
+
+    let ctl: Deployment = parse(find(&docs, "Deployment", "isthmus-controller"));
+    let ctl = ctl.spec.unwrap();
+    assert_eq!(ctl.replicas, Some(2));
+    let args = ctl.template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap()
+        .join(" ");
+    assert!(
+        args.contains("--namespace isthmus-system") && args.contains("--settings cluster-b"),
+        "{args}"
+    );
+}
+
+#[test]
+fn the_link_reader_reads_services_and_endpointslices_only() {
+    let docs = docs(&install(&["--cluster", "cluster-a"]));
+    let role: ClusterRole = parse(find(&docs, "ClusterRole", "isthmus-link-reader"));
+    let mut grants: Vec<(String, String, String)> = Vec::new();
+    for rule in role.rules.unwrap() {
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+        for group in rule.api_groups.unwrap() {
+            for resource in rule.resources.clone().unwrap() {
+                for verb in &rule.verbs {
+                    grants.push((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    grants.sort();
+    let expected: Vec<(String, String, String)> = [
+        ("", "services", "get"),
+        ("", "services", "list"),
+        ("", "services", "watch"),
+        ("discovery.k8s.io", "endpointslices", "get"),
+        ("discovery.k8s.io", "endpointslices", "list"),
+        ("discovery.k8s.io", "endpointslices", "watch"),
+    ]
+    .iter()
+    .map(|(g, r, v)| ((*g).to_owned(), (*r).to_owned(), (*v).to_owned()))
+    .collect();
+    let mut expected = expected;
+    expected.sort();
+    assert_eq!(grants, expected);
+
+    let binding: ClusterRoleBinding =
+        parse(find(&docs, "ClusterRoleBinding", "isthmus-link-reader"));
+    assert_eq!(binding.role_ref.name, "isthmus-link-reader");
+    let subjects = binding.subjects.unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].name, "isthmus-link-reader");
+    let token: Secret = parse(find(&docs, "Secret", "isthmus-link-reader-token"));
+    assert_eq!(
+        token.type_.as_deref(),
+        Some("kubernetes.io/service-account-token")
+    );
+    assert_eq!(
+        token.metadata.annotations.unwrap()["kubernetes.io/service-account.name"],
+        "isthmus-link-reader"
+    );
+}
+
+#[test]
+fn an_issuer_directory_becomes_the_cluster_issuer_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let anchor = dir.path().join("anchor");
+    let issuer = dir.path().join("issuer");
+    for args in [
+        vec![
+            "identity",
+            "trust-anchor",
+            "--out",
+            anchor.to_str().unwrap(),
+        ],
+        vec![
+            "identity",
+            "issuer",
+            "--anchor",
+            anchor.to_str().unwrap(),
+            "--cluster",
+            "cluster-a",
+            "--out",
+            issuer.to_str().unwrap(),
+        ],
+    ] {
+        assert!(isthmus(&args).status.success());
+    }
+    let text = install(&[
+        "--cluster",
+        "cluster-a",
+        "--issuer",
+        issuer.to_str().unwrap(),
+    ]);
+    let docs = docs(&text);
+    let secret: Secret = parse(find(&docs, "Secret", "isthmus-issuer"));
+    assert_eq!(secret.metadata.namespace.as_deref(), Some("cert-manager"));
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let data = secret.data.unwrap();
+    let pem = |key: &str| String::from_utf8(data[key].0.clone()).unwrap();
+    // The issuer, then the anchor: cert-manager's CA issuer hands out the chain.
+    assert_eq!(pem("tls.crt").matches("BEGIN CERTIFICATE").count(), 2);
+    assert!(pem("tls.key").contains("PRIVATE KEY"));
+    assert_eq!(
+        pem("ca.crt"),
+        std::fs::read_to_string(anchor.join("ca.crt")).unwrap()
+    );
+    check_types(&text);
+
+    // A trust anchor is not an issuer.
+    let out = isthmus(&[
+        "install",
+        "--cluster",
+        "cluster-a",
+        "--issuer",
+        anchor.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("--issuer") && stderr.contains("trust anchor"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_flags_are_named() {
+    for (args, flag) in [
+        (vec!["--cluster", "Cluster A"], "--cluster"),
+        (
+            vec!["--cluster", "a", "--trust-domain", "Not A Domain"],
+            "--trust-domain",
+        ),
+        (
+            vec!["--cluster", "a", "--gateway-replicas", "0"],
+            "--gateway-replicas",
+        ),
+        (
+            vec!["--cluster", "a", "--export-namespace", "Bad_Ns"],
+            "--export-namespace",
+        ),
+        (
+            vec!["--cluster", "a", "--issuer", "/nonexistent"],
+            "--issuer",
+        ),
+    ] {
+        let mut all = vec!["install"];
+        all.extend(&args);
+        let out = isthmus(&all);
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+}
