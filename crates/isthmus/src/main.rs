@@ -8,10 +8,12 @@
 //! The proxy itself is another binary (`isthmus-proxy`); nothing here runs on the
 //! data path.
 
+mod check;
 mod identity;
 mod inject;
 mod install;
 mod lab;
+mod link;
 
 use std::process::ExitCode;
 
@@ -43,6 +45,12 @@ enum Command {
     /// Print the control plane and gateway of one cluster as manifests for
     /// `kubectl apply -f -`.
     Install(install::InstallArgs),
+    /// Print the Link and credentials Secret that another cluster applies to reach
+    /// this one (run against the exporting cluster).
+    Link(link::LinkArgs),
+    /// Check the mesh of a cluster: CRDs, controller, gateway, certificates, links,
+    /// service mirrors; says what to do about each failure.
+    Check(check::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +67,8 @@ fn main() -> ExitCode {
         Command::Lab(command) => lab::run(command),
         Command::Inject(args) => inject::run(args),
         Command::Install(args) => install::run(args).map(|()| true),
+        Command::Link(args) => link::run(args).map(|()| true),
+        Command::Check(args) => check::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

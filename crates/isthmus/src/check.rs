@@ -1,0 +1,660 @@
+//! `isthmus check`: the checks a user runs when something is wrong, in the order
+//! things depend on each other, each printed as `✔` or `✘` with, on failure, what
+//! to do (as `linkerd check` does). The exit status is non-zero when one fails.
+//!
+//! 1. the CRDs (ServiceMirror, Link, ClusterSettings) are installed;
+//! 2. the controller and the gateway Deployments have ready replicas, and the
+//!    gateway Service has a LoadBalancer address;
+//! 3. certificates are valid, and how long until they expire: the gateway's
+//!    identity Secret (verified like the proxy loads it: chain to the anchors, key,
+//!    SPIFFE ID), the ClusterIssuer's Secret, and identity directories given with
+//!    `--identity-dir`;
+//! 4. each Link: its credentials Secret is there, its gateway is reachable (TCP
+//!    connect and a TLS 1.3 handshake with the local gateway's identity) and
+//!    presents the identity the Link expects;
+//! 5. each ServiceMirror's `Mirrored` condition.
+//!
+//! Checks only read. Not here: fixing anything, and checks of individual
+//! workloads' sidecars (their `/ready` and `/config` say more than the API can).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Api;
+use kube::api::ListParams;
+use proxy_discovery::model::{ConditionStatus, Link, LinkResource, ServiceMirrorResource};
+use proxy_identity::{CredentialPaths, CredentialStore, Credentials, PeerPolicy, SpiffeId};
+
+use crate::install;
+use crate::link::KubeArgs;
+
+/// `isthmus check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    /// The control plane's namespace.
+    #[arg(long, default_value = install::NAMESPACE)]
+    pub namespace: String,
+    /// cert-manager's namespace (where the ClusterIssuer's Secret is).
+    #[arg(long, default_value = install::DEFAULT_CERT_MANAGER_NAMESPACE)]
+    pub cert_manager_namespace: String,
+    /// Also check the identity files in this directory (tls.crt, tls.key, ca.crt);
+    /// repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub identity_dir: Vec<PathBuf>,
+    /// A certificate with less validity left than this fails the check: cert-manager
+    /// should have renewed it by then (e.g. 1h, 30m).
+    #[arg(long, default_value = "1h", value_parser = crate::lab::parse_duration)]
+    pub min_validity: Duration,
+    /// How long each network step (API call, connect, handshake) may take.
+    #[arg(long, default_value = "5s", value_parser = crate::lab::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked, e.g. `gateway Deployment ready`.
+    pub name: String,
+    /// Whether it holds.
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+    /// On failure, what to do.
+    pub hint: Option<String>,
+}
+
+impl Check {
+    fn pass(name: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ok: true,
+            detail: detail.into(),
+            hint: None,
+        }
+    }
+
+    fn fail(name: impl Into<String>, detail: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ok: false,
+            detail: detail.into(),
+            hint: Some(hint.into()),
+        }
+    }
+}
+
+/// Renders checks as the command prints them.
+pub fn render(checks: &[Check]) -> String {
+    let mut out = String::new();
+    for c in checks {
+        let mark = if c.ok { '✔' } else { '✘' };
+        let _ = writeln!(out, "{mark} {}: {}", c.name, c.detail);
+        if let Some(hint) = &c.hint {
+            let _ = writeln!(out, "    hint: {hint}");
+        }
+    }
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    if failed == 0 {
+        let _ = writeln!(out, "all {} checks passed", checks.len());
+    } else {
+        let _ = writeln!(out, "{failed} of {} checks failed", checks.len());
+    }
+    out
+}
+
+/// Runs `isthmus check`; `Ok(false)` when a check failed.
+pub fn run(args: CheckArgs) -> Result<bool> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let checks = runtime.block_on(checks(&args))?;
+    print!("{}", render(&checks));
+    Ok(checks.iter().all(|c| c.ok))
+}
+
+/// Every check, in order. Errors only when the cluster cannot be reached at all.
+pub async fn checks(args: &CheckArgs) -> Result<Vec<Check>> {
+    let (client, url) = args.kube.client().await?;
+    let ns = args.namespace.as_str();
+    let mut out = Vec::new();
+    let t = args.timeout;
+
+    // The API server itself: without it nothing else can be told.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for name in [
+        "servicemirrors.linkerd.io",
+        "links.multicluster.isthmus.io",
+        "clustersettings.multicluster.isthmus.io",
+    ] {
+        let what = format!("CRD {name}");
+        out.push(match timed(t, crds.get_opt(name)).await {
+            Ok(Some(_)) => Check::pass(what, "installed"),
+            Ok(None) => Check::fail(
+                what,
+                "not installed",
+                "install the mesh: isthmus install --cluster NAME | kubectl apply -f -",
+            ),
+            Err(e) if out.is_empty() => {
+                return Err(e).with_context(|| format!("reaching the API server at {url}"));
+            }
+            Err(e) => Check::fail(
+                what,
+                format!("{e:#}"),
+                "check the API server and your access to it",
+            ),
+        });
+    }
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    for (name, what) in [
+        (install::CONTROLLER, "controller"),
+        (install::GATEWAY, "gateway"),
+    ] {
+        out.push(deployment_ready(&deployments, ns, name, what, t).await);
+    }
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    out.push(gateway_address(&services, ns, t).await);
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let (gateway_check, gateway_creds) = gateway_identity(&secrets, ns, args.min_validity, t).await;
+    out.push(gateway_check);
+    let issuer_secrets: Api<Secret> = Api::namespaced(client.clone(), &args.cert_manager_namespace);
+    out.push(
+        issuer(
+            &issuer_secrets,
+            &args.cert_manager_namespace,
+            args.min_validity,
+            t,
+        )
+        .await,
+    );
+    for dir in &args.identity_dir {
+        out.push(identity_dir(dir, args.min_validity));
+    }
+
+    let links: Api<LinkResource> = Api::namespaced(client.clone(), ns);
+    match timed(t, links.list(&ListParams::default())).await {
+        Ok(list) if list.items.is_empty() => out.push(Check::pass(
+            "links",
+            "none: this cluster imports no services (isthmus link prints one)",
+        )),
+        Ok(list) => {
+            for link in &list.items {
+                out.extend(check_link(link, &secrets, ns, gateway_creds.clone(), t).await);
+            }
+        }
+        Err(e) => out.push(Check::fail(
+            "links",
+            format!("cannot list Links in {ns}: {e:#}"),
+            "install the CRDs (see above) and check your access to Links",
+        )),
+    }
+
+    let mirrors: Api<ServiceMirrorResource> = Api::all(client);
+    match timed(t, mirrors.list(&ListParams::default())).await {
+        Ok(list) if list.items.is_empty() => {
+            out.push(Check::pass("service mirrors", "none"));
+        }
+        Ok(list) => out.extend(list.items.iter().map(mirror_status)),
+        Err(e) => out.push(Check::fail(
+            "service mirrors",
+            format!("cannot list ServiceMirrors: {e:#}"),
+            "install the CRDs (see above) and check your access to ServiceMirrors",
+        )),
+    }
+    Ok(out)
+}
+
+/// A kube call under the check's timeout.
+async fn timed<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, call)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {limit:?}"))?
+        .map_err(anyhow::Error::from)
+}
+
+async fn deployment_ready(
+    api: &Api<Deployment>,
+    ns: &str,
+    name: &str,
+    what: &str,
+    t: Duration,
+) -> Check {
+    let check = format!("{what} Deployment {ns}/{name} ready");
+    let logs =
+        format!("kubectl -n {ns} describe deployment {name}; kubectl -n {ns} logs deploy/{name}");
+    match timed(t, api.get_opt(name)).await {
+        Ok(None) => Check::fail(
+            check,
+            "not found",
+            "install the mesh: isthmus install --cluster NAME | kubectl apply -f -",
+        ),
+        Err(e) => Check::fail(check, format!("{e:#}"), "check your access to Deployments"),
+        Ok(Some(d)) => {
+            let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            let ready = d
+                .status
+                .as_ref()
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0);
+            let detail = format!("{ready}/{wanted} replicas ready");
+            if ready >= 1 {
+                Check::pass(check, detail)
+            } else {
+                Check::fail(
+                    check,
+                    detail,
+                    format!("see why the pods do not start: {logs}"),
+                )
+            }
+        }
+    }
+}
+
+async fn gateway_address(api: &Api<Service>, ns: &str, t: Duration) -> Check {
+    let check = format!("gateway Service {ns}/{} address", install::GATEWAY);
+    match timed(t, api.get_opt(install::GATEWAY)).await {
+        Ok(None) => Check::fail(check, "not found", "install the mesh (isthmus install)"),
+        Err(e) => Check::fail(check, format!("{e:#}"), "check your access to Services"),
+        Ok(Some(svc)) => match crate::link::load_balancer_address(&svc) {
+            Some(address) => Check::pass(check, format!("LoadBalancer {address}")),
+            None => Check::fail(
+                check,
+                "no LoadBalancer address",
+                format!(
+                    "the cluster has not given the Service an external address: check its \
+                     LoadBalancer controller (kubectl -n {ns} describe svc {}), or give \
+                     linked clusters a reachable address with isthmus link --gateway-address",
+                    install::GATEWAY
+                ),
+            ),
+        },
+    }
+}
+
+/// How long `not_after` is from now, as text, or `Err` with the detail when it is
+/// not valid for at least `min`.
+fn validity(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    min: Duration,
+) -> Result<String, String> {
+    let now = SystemTime::now();
+    let until = proxy_identity::format_rfc3339(not_after);
+    if now < not_before {
+        return Err(format!(
+            "not valid before {}",
+            proxy_identity::format_rfc3339(not_before)
+        ));
+    }
+    match not_after.duration_since(now) {
+        Err(_) => Err(format!("expired at {until}")),
+        Ok(left) if left < min => Err(format!(
+            "expires in {} at {until}, less than --min-validity",
+            human(left)
+        )),
+        Ok(left) => Ok(format!("expires in {} ({until})", human(left))),
+    }
+}
+
+fn human(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
+        s if s >= 3600 => format!("{} hours", s / 3600),
+        s => format!("{} minutes", s / 60),
+    }
+}
+
+/// PEM of `key` in a Secret's data.
+fn secret_pem<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
+    secret
+        .data
+        .as_ref()?
+        .get(key)
+        .map(|b| b.0.as_slice())
+        .filter(|b| !b.is_empty())
+}
+
+/// The gateway's identity Secret, loaded as the proxy loads it; the credentials
+/// also serve as the client identity of the link handshakes.
+async fn gateway_identity(
+    api: &Api<Secret>,
+    ns: &str,
+    min: Duration,
+    t: Duration,
+) -> (Check, Option<Arc<CredentialStore>>) {
+    let name = install::GATEWAY_IDENTITY_SECRET;
+    let check = format!("gateway identity Secret {ns}/{name}");
+    let renew = format!(
+        "see what cert-manager says: kubectl -n {ns} describe certificate {}; \
+         kubectl describe clusterissuer {}",
+        install::GATEWAY,
+        install::CLUSTER_ISSUER
+    );
+    let secret = match timed(t, api.get_opt(name)).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return (Check::fail(check, "not found", renew), None),
+        Err(e) => {
+            return (
+                Check::fail(check, format!("{e:#}"), "check your access to Secrets"),
+                None,
+            );
+        }
+    };
+    let (Some(cert), Some(key), Some(ca)) = (
+        secret_pem(&secret, "tls.crt"),
+        secret_pem(&secret, "tls.key"),
+        secret_pem(&secret, "ca.crt"),
+    ) else {
+        return (
+            Check::fail(check, "lacks tls.crt, tls.key or ca.crt", renew),
+            None,
+        );
+    };
+    let paths = CredentialPaths::in_dir(format!("secret {ns}/{name}"));
+    match Credentials::from_pem(&paths, cert, key, ca, SystemTime::now()) {
+        Err(e) => (Check::fail(check, error_chain(&e), renew), None),
+        Ok(creds) => {
+            let id = creds.id().to_string();
+            let result = validity(creds.not_before(), creds.not_after(), min);
+            let store = Arc::new(CredentialStore::from_credentials(paths, creds));
+            match result {
+                Ok(detail) => (Check::pass(check, format!("{id}, {detail}")), Some(store)),
+                Err(detail) => (
+                    Check::fail(check, format!("{id}, {detail}"), renew),
+                    Some(store),
+                ),
+            }
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let _ = write!(text, ": {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+/// The ClusterIssuer's CA certificate: the first certificate of its Secret.
+async fn issuer(api: &Api<Secret>, ns: &str, min: Duration, t: Duration) -> Check {
+    let name = install::ISSUER_SECRET;
+    let check = format!("issuer Secret {ns}/{name}");
+    let create = String::from(
+        "create it from the cluster's issuer (isthmus identity issuer --anchor DIR --cluster NAME --out DIR): \
+         isthmus install --cluster NAME --issuer DIR | kubectl apply -f -",
+    );
+    let secret = match timed(t, api.get_opt(name)).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Check::fail(check, "not found", create),
+        Err(e) => return Check::fail(check, format!("{e:#}"), "check your access to Secrets"),
+    };
+    let Some(pem) = secret_pem(&secret, "tls.crt") else {
+        return Check::fail(check, "has no tls.crt", create);
+    };
+    match first_certificate(pem) {
+        Err(detail) => Check::fail(check, detail, create),
+        Ok((subject, not_before, not_after)) => match validity(not_before, not_after, min) {
+            Ok(detail) => Check::pass(check, format!("{subject}, {detail}")),
+            Err(detail) => Check::fail(
+                check,
+                format!("{subject}, {detail}"),
+                format!(
+                    "mint a new issuer under the same trust anchor and replace the Secret: {create}"
+                ),
+            ),
+        },
+    }
+}
+
+/// Subject and validity of the first certificate of a PEM bundle.
+fn first_certificate(pem: &[u8]) -> Result<(String, SystemTime, SystemTime), String> {
+    use proxy_identity::rustls::pki_types::CertificateDer;
+    use proxy_identity::rustls::pki_types::pem::PemObject as _;
+    let der = CertificateDer::pem_slice_iter(pem)
+        .next()
+        .ok_or("holds no certificate")?
+        .map_err(|e| format!("is not valid PEM: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| format!("is not parsable X.509: {e}"))?;
+    let at = |t: i64| {
+        u64::try_from(t)
+            .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    };
+    Ok((
+        cert.subject().to_string(),
+        at(cert.validity().not_before.timestamp()),
+        at(cert.validity().not_after.timestamp()),
+    ))
+}
+
+fn identity_dir(dir: &std::path::Path, min: Duration) -> Check {
+    let check = format!("identity {}", dir.display());
+    let paths = CredentialPaths::in_dir(dir);
+    match Credentials::load(&paths, SystemTime::now()) {
+        Err(e) => Check::fail(
+            check,
+            error_chain(&e),
+            "mint it again: isthmus identity leaf --issuer DIR --id spiffe://... --out DIR",
+        ),
+        Ok(creds) => match validity(creds.not_before(), creds.not_after(), min) {
+            Ok(detail) => Check::pass(check, format!("{}, {detail}", creds.id())),
+            Err(detail) => Check::fail(
+                check,
+                format!("{}, {detail}", creds.id()),
+                "mint it again: isthmus identity leaf --issuer DIR --id spiffe://... --out DIR",
+            ),
+        },
+    }
+}
+
+/// A Link's credentials and its gateway: reachable, and presenting the expected
+/// identity.
+async fn check_link(
+    link: &LinkResource,
+    secrets: &Api<Secret>,
+    ns: &str,
+    creds: Option<Arc<CredentialStore>>,
+    t: Duration,
+) -> Vec<Check> {
+    let spec = &link.spec.link;
+    let cluster = spec.target_cluster_name.as_str();
+    let relink = format!(
+        "run isthmus link --cluster {cluster} against cluster {cluster} and apply its output here"
+    );
+    let mut out = Vec::new();
+    let check = format!("link {cluster} credentials");
+    out.push(match &link.spec.credentials_secret {
+        None => Check::fail(check, "the Link names no credentialsSecret", relink.clone()),
+        Some(name) => match timed(t, secrets.get_opt(name)).await {
+            Ok(Some(s)) if secret_pem(&s, Link::CREDENTIALS_KEY).is_some() => {
+                Check::pass(check, format!("Secret {ns}/{name}"))
+            }
+            Ok(Some(_)) => Check::fail(
+                check,
+                format!("Secret {ns}/{name} has no key {}", Link::CREDENTIALS_KEY),
+                relink.clone(),
+            ),
+            Ok(None) => Check::fail(
+                check,
+                format!("Secret {ns}/{name} not found"),
+                relink.clone(),
+            ),
+            Err(e) => Check::fail(check, format!("{e:#}"), "check your access to Secrets"),
+        },
+    });
+
+    let target = format!("{}:{}", spec.gateway_address, spec.gateway_port);
+    let check = format!("link {cluster} gateway {target}");
+    let Some(creds) = creds else {
+        out.push(Check::fail(
+            check,
+            "not checked: the local gateway's identity is needed to handshake",
+            "fix the gateway identity Secret (see above)",
+        ));
+        return out;
+    };
+    let expected = match SpiffeId::parse(spec.gateway_identity.as_str()) {
+        Ok(id) => id,
+        Err(e) => {
+            out.push(Check::fail(check, format!("gatewayIdentity: {e}"), relink));
+            return out;
+        }
+    };
+    out.push(match handshake(&target, creds, expected.clone(), t).await {
+        Ok(addr) => Check::pass(check, format!("reached {addr}, presents {expected}")),
+        Err(HandshakeError::Connect(detail)) => Check::fail(
+            check,
+            detail,
+            format!(
+                "check the Link's gatewayAddress against the gateway Service in cluster \
+                 {cluster} (kubectl -n {ns} get svc {}), and that firewalls let this \
+                 cluster reach port {}",
+                install::GATEWAY,
+                spec.gateway_port
+            ),
+        ),
+        Err(HandshakeError::Tls(detail)) => Check::fail(
+            check,
+            detail,
+            format!(
+                "the gateway must present {expected} under the trust anchor this cluster \
+                 trusts: check that both clusters' issuers come from the same anchor, and \
+                 that the Link is current ({relink})"
+            ),
+        ),
+    });
+    out
+}
+
+/// Why a link's gateway could not be verified.
+#[derive(Debug)]
+pub enum HandshakeError {
+    /// No TCP connection (name, refusal, timeout).
+    Connect(String),
+    /// The TLS handshake failed, or the identity is not the expected one.
+    Tls(String),
+}
+
+/// Connects to `target` (`host:port`) and completes a TLS 1.3 handshake presenting
+/// `creds` and requiring the server to be `expected`; the address reached.
+pub async fn handshake(
+    target: &str,
+    creds: Arc<CredentialStore>,
+    expected: SpiffeId,
+    t: Duration,
+) -> Result<SocketAddr, HandshakeError> {
+    let addrs: Vec<SocketAddr> = tokio::time::timeout(t, tokio::net::lookup_host(target))
+        .await
+        .map_err(|_| HandshakeError::Connect(format!("resolving {target} took over {t:?}")))?
+        .map_err(|e| HandshakeError::Connect(format!("cannot resolve {target}: {e}")))?
+        .collect();
+    let mut last = format!("{target} resolves to no address");
+    for addr in addrs {
+        let tcp = match tokio::time::timeout(t, tokio::net::TcpStream::connect(addr)).await {
+            Err(_) => {
+                last = format!("connecting to {addr} took over {t:?}");
+                continue;
+            }
+            Ok(Err(e)) => {
+                last = format!("cannot connect to {addr}: {e}");
+                continue;
+            }
+            Ok(Ok(tcp)) => tcp,
+        };
+        let config = proxy_identity::client_config(creds, PeerPolicy::Exact(expected));
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let name = proxy_identity::rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        return match tokio::time::timeout(t, connector.connect(name, tcp)).await {
+            Err(_) => Err(HandshakeError::Tls(format!(
+                "the TLS handshake with {addr} took over {t:?}"
+            ))),
+            Ok(Err(e)) => Err(HandshakeError::Tls(format!(
+                "TLS handshake with {addr}: {e}"
+            ))),
+            Ok(Ok(_tls)) => Ok(addr),
+        };
+    }
+    Err(HandshakeError::Connect(last))
+}
+
+/// A ServiceMirror's `Mirrored` condition, with what to do for each reason.
+fn mirror_status(mirror: &ServiceMirrorResource) -> Check {
+    let ns = mirror.metadata.namespace.as_deref().unwrap_or("default");
+    let name = mirror.metadata.name.as_deref().unwrap_or_default();
+    let spec = &mirror.spec;
+    let cluster = spec.cluster.as_str();
+    let remote = format!(
+        "{}.{}",
+        spec.service.name,
+        spec.service.namespace.as_deref().unwrap_or(ns)
+    );
+    let check = format!("service mirror {ns}/{name} ({remote} of {cluster})");
+    let condition = mirror
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Mirrored"));
+    let Some(c) = condition else {
+        return Check::fail(
+            check,
+            "no status yet",
+            "the controller has not reconciled it: check the controller Deployment above \
+             and its logs",
+        );
+    };
+    if c.status == ConditionStatus::True {
+        return Check::pass(check, format!("mirrored: {}", c.message));
+    }
+    let hint = match c.reason.as_str() {
+        "UnknownCluster" => format!(
+            "no Link names cluster {cluster}: run isthmus link --cluster {cluster} against it \
+             and apply the output in this cluster"
+        ),
+        "RemoteServiceNotFound" => format!(
+            "cluster {cluster} has no Service {remote}: fix spec.service, or create the Service there"
+        ),
+        "NotExported" => format!(
+            "cluster {cluster} does not export {remote}: label it there \
+             (kubectl -n {} label svc {} {}=true) or install that cluster with \
+             --export-namespace {}",
+            spec.service.namespace.as_deref().unwrap_or(ns),
+            spec.service.name,
+            proxy_discovery::model::EXPORTED_LABEL,
+            spec.service.namespace.as_deref().unwrap_or(ns),
+        ),
+        "NameConflict" => format!(
+            "a Service {ns}/{} exists that this mirror does not own: rename or delete it, or \
+             put the mirror in another namespace",
+            spec.service.name
+        ),
+        "RemoteUnreachable" | "InvalidCredentials" => format!(
+            "the API server of cluster {cluster} cannot be read with the Link's credentials: \
+             check that it is reachable from this cluster and re-run isthmus link --cluster \
+             {cluster} (the mirror keeps its last known state meanwhile)"
+        ),
+        "NoAddressLeft" => {
+            "the service range of ClusterSettings is full: widen serviceCIDR".to_owned()
+        }
+        other => format!("reason {other}: see the controller's logs"),
+    };
+    Check::fail(check, format!("{}: {}", c.reason, c.message), hint)
+}
