@@ -49,12 +49,18 @@
 //!   versions servable (with `/status` when the CRD declares it); deleting it
 //!   removes them and their objects.
 //! - Discovery: `/version`, `/api`, `/apis`, `/apis/{group}`, `/api/v1`,
-//!   `/apis/{group}/{version}` (legacy discovery; the aggregated form is not served).
+//!   `/apis/{group}/{version}`, and the aggregated form (`apidiscovery.k8s.io/v2`)
+//!   of `/api` and `/apis` for clients that ask for it.
 //! - Verbs: get, list (label and field selectors, `limit`/`continue`), watch,
 //!   create (`generateName`), update (409 on a stale `resourceVersion`), delete and
 //!   deletecollection (finalizers, owner-reference garbage collection in the
-//!   background style, `propagationPolicy=Orphan`), patch (merge, JSON patch,
-//!   strategic merge approximated by merge, server-side apply), and `/status`.
+//!   background style, `propagationPolicy=Orphan`, uid/resourceVersion
+//!   preconditions), patch (merge, JSON patch, strategic merge approximated by
+//!   merge, server-side apply with managedFields, conflicts and `force`), and
+//!   `/status`; `dryRun=All` answers without writing. Writes that change nothing
+//!   keep the resourceVersion and send no event, as on a real server.
+//! - kube-runtime's `watcher`, `reflector` and `Controller` work unchanged, with
+//!   list-then-watch (the default) and streaming lists.
 //! - Watches: newline-delimited JSON events from a `resourceVersion` (or all
 //!   current objects first when it is absent or `"0"`), `allowWatchBookmarks`,
 //!   `sendInitialEvents` (streaming lists, ending with the
@@ -66,7 +72,9 @@
 //!
 //! Authentication, authorization, admission webhooks, validation against
 //! OpenAPI schemas, defaulting (no ClusterIP allocation, no pod scheduling),
-//! protobuf, aggregated discovery, TLS, and HTTP/2. Strategic merge patch is a
+//! protobuf, TLS, and HTTP/2. A list is not a consistent snapshot across pages
+//! (a page starts after the last key served), `resourceVersionMatch` is
+//! ignored, and a continue token never expires. Strategic merge patch is a
 //! JSON merge patch (lists replaced whole), and server-side apply treats lists
 //! as atomic: two managers applying different elements of one list conflict. A
 //! namespaced object may be created in a namespace that does not exist.

@@ -286,3 +286,55 @@ pub(crate) fn resource_list_doc(
         "resources": resources,
     }))
 }
+
+/// Aggregated discovery (`apidiscovery.k8s.io/v2` `APIGroupDiscoveryList`) of the
+/// core group (`core`) or of every named group, as `/api` and `/apis` answer
+/// clients that ask for it in `Accept`.
+pub(crate) fn aggregated_doc(types: &[ResourceType], core: bool) -> Value {
+    let mut groups: Vec<&str> = Vec::new();
+    for t in types.iter().filter(|t| t.group.is_empty() == core) {
+        if !groups.contains(&t.group.as_str()) {
+            groups.push(&t.group);
+        }
+    }
+    let items: Vec<Value> = groups
+        .iter()
+        .map(|group| {
+            let versions: Vec<Value> = group_versions(types, group)
+                .iter()
+                .map(|version| {
+                    let resources: Vec<Value> = types
+                        .iter()
+                        .filter(|t| t.group == *group && t.version == *version)
+                        .map(|t| {
+                            let gvk =
+                                json!({"group": t.group, "version": t.version, "kind": t.kind});
+                            let subresources: Vec<Value> = if t.status_subresource {
+                                vec![json!({"subresource": "status", "responseKind": gvk,
+                                            "verbs": ["get", "patch", "update"]})]
+                            } else {
+                                Vec::new()
+                            };
+                            json!({
+                                "resource": t.plural,
+                                "responseKind": gvk,
+                                "scope": if t.namespaced { "Namespaced" } else { "Cluster" },
+                                "singularResource": t.kind.to_lowercase(),
+                                "verbs": VERBS,
+                                "subresources": subresources,
+                            })
+                        })
+                        .collect();
+                    json!({"version": version, "resources": resources, "freshness": "Current"})
+                })
+                .collect();
+            json!({"metadata": {"name": group}, "versions": versions})
+        })
+        .collect();
+    json!({
+        "kind": "APIGroupDiscoveryList",
+        "apiVersion": "apidiscovery.k8s.io/v2",
+        "metadata": {},
+        "items": items,
+    })
+}

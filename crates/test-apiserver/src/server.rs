@@ -248,6 +248,8 @@ struct Parsed {
     method: Method,
     query: BTreeMap<String, String>,
     content_type: String,
+    /// Whether the client asked for aggregated discovery.
+    aggregated: bool,
     manager: String,
     body: Bytes,
 }
@@ -261,6 +263,12 @@ async fn read(req: Request<Incoming>, limit: usize) -> Result<Parsed, ApiError> 
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
+    let aggregated = parts
+        .headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("as=APIGroupDiscoveryList"));
     let agent = parts
         .headers
         .get(header::USER_AGENT)
@@ -288,6 +296,7 @@ async fn read(req: Request<Incoming>, limit: usize) -> Result<Parsed, ApiError> 
         method: parts.method,
         query,
         content_type,
+        aggregated,
         manager,
         body,
     })
@@ -332,6 +341,12 @@ async fn dispatch(ctx: &Arc<Ctx>, path: &str, p: Parsed) -> Result<Response<Body
     };
     match target {
         Target::Version => get_only(Some(resource::version_doc())),
+        Target::CoreVersions if p.aggregated => {
+            get_only(Some(resource::aggregated_doc(&store.types(), true)))
+        }
+        Target::Groups if p.aggregated => {
+            get_only(Some(resource::aggregated_doc(&store.types(), false)))
+        }
         Target::CoreVersions => get_only(Some(resource::core_versions_doc(&ctx.addr.to_string()))),
         Target::Groups => get_only(Some(resource::group_list_doc(&store.types()))),
         Target::Group(g) => get_only(resource::group_single_doc(&store.types(), &g)),

@@ -13,7 +13,7 @@ use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{CustomResource, CustomResourceExt, ResourceExt};
+use kube::{CustomResource, CustomResourceExt, Resource, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -483,6 +483,23 @@ async fn crd_creation_makes_the_kind_servable() {
         .unwrap();
     assert!(discovery.has_group("example.io"));
     assert!(discovery.has_group("linkerd.io"));
+    let aggregated = within(kube::Discovery::new(server.client()).run_aggregated())
+        .await
+        .unwrap();
+    let (resource, caps) = aggregated
+        .resolve_gvk(&kube::api::GroupVersionKind::gvk(
+            "example.io",
+            "v1",
+            "Widget",
+        ))
+        .expect("aggregated discovery names the CRD's kind");
+    assert_eq!(resource.plural, "widgets");
+    assert_eq!(caps.scope, kube::discovery::Scope::Namespaced);
+    assert!(aggregated.has_group("apps"));
+    let (services, _) = aggregated
+        .resolve_gvk(&kube::api::GroupVersionKind::gvk("", "v1", "Service"))
+        .expect("aggregated discovery of the core group");
+    assert_eq!(services.plural, "services");
 
     within(crds.delete(Widget::crd_name(), &DeleteParams::default()))
         .await
@@ -768,4 +785,76 @@ async fn pages_do_not_repeat_after_concurrent_deletes() {
     let names: Vec<String> = second.items.iter().map(|c| c.name_any()).collect();
     assert_eq!(names, ["c", "d"]);
     assert!(second.metadata.continue_.is_none());
+}
+
+/// A controller in the kube-runtime style: every ConfigMap gets a Secret it owns,
+/// written with server-side apply.
+async fn reconcile_configmap(
+    cm: std::sync::Arc<ConfigMap>,
+    client: std::sync::Arc<kube::Client>,
+) -> Result<kube::runtime::controller::Action, kube::Error> {
+    let secrets: Api<Secret> =
+        Api::namespaced((*client).clone(), &cm.namespace().unwrap_or_default());
+    let owner = cm.controller_owner_ref(&()).unwrap();
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": format!("{}-secret", cm.name_any()), "ownerReferences": [owner]},
+        "stringData": {"copied": cm.data.clone().unwrap_or_default().get("k").cloned().unwrap_or_default()},
+    });
+    secrets
+        .patch(
+            &format!("{}-secret", cm.name_any()),
+            &PatchParams::apply("test-controller").force(),
+            &Patch::Apply(secret),
+        )
+        .await?;
+    Ok(kube::runtime::controller::Action::await_change())
+}
+
+#[tokio::test]
+async fn kube_runtime_controller_reconciles_and_gc_follows() {
+    let server = TestApiServer::start().await;
+    let client = server.client();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let controller = kube::runtime::Controller::new(cms.clone(), watcher::Config::default())
+        .owns(secrets.clone(), watcher::Config::default())
+        .run(
+            reconcile_configmap,
+            |_, _, _| kube::runtime::controller::Action::requeue(Duration::from_millis(100)),
+            std::sync::Arc::new(client.clone()),
+        )
+        .for_each(|_| async {});
+    let task = tokio::spawn(controller);
+
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": {"k": "v1"}})).unwrap();
+    within(cms.create(&PostParams::default(), &cm))
+        .await
+        .unwrap();
+    let store = server.store().clone();
+    eventually("the controller's Secret", || {
+        store
+            .get::<Secret>(Some("default"), "cfg-secret")
+            .is_some_and(|s| s.string_data.is_some() || s.data.is_some())
+    })
+    .await;
+    let secret = store.get::<Secret>(Some("default"), "cfg-secret").unwrap();
+    let managers: Vec<String> = secret
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(managers, ["test-controller"]);
+
+    within(cms.delete("cfg", &DeleteParams::default()))
+        .await
+        .unwrap();
+    eventually("the owned Secret collected", || {
+        store.get::<Secret>(Some("default"), "cfg-secret").is_none()
+    })
+    .await;
+    task.abort();
 }
