@@ -307,8 +307,8 @@ impl Elector {
         spec.lease_duration_seconds = Some(duration_secs);
         spec.acquire_time = Some(now.clone());
         spec.renew_time = Some(now);
-        spec.lease_transitions =
-            Some(spec.lease_transitions.unwrap_or(0) + i32::from(holder.is_some()));
+        // As client-go counts: every change of holder, a released Lease included.
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
         lease.spec = Some(spec);
         self.write(lease, deadline, "take over").await
     }

@@ -324,6 +324,7 @@ async fn reconcile_inner(
         }
     };
 
+    delete_renamed(ctx, &services, &mirror, &local, &local_ref, key).await?;
     write_status(ctx, sm, key, status, &reason, message, remote.as_ref()).await?;
     let requeue = if reason == REMOTE_UNREACHABLE || reason == INVALID_CREDENTIALS {
         ctx.timing.stale_refresh
@@ -454,6 +455,48 @@ fn same_service(live: &Service, want: &Service) -> bool {
         && live.metadata.owner_references == want.metadata.owner_references
         && live.spec.ports == want.spec.ports
         && live.spec.selector == want.spec.selector
+}
+
+/// Deletes Services this mirror owns under another name than its spec names now
+/// (its `spec.service.name` changed): the owner reference alone would keep them
+/// until the mirror is deleted.
+async fn delete_renamed(
+    ctx: &Context,
+    services: &Api<KubeService>,
+    mirror: &proxy_discovery::model::ServiceMirror,
+    local: &BTreeMap<ServiceRef, Service>,
+    local_ref: &ServiceRef,
+    key: &str,
+) -> Result<(), ReconcileError> {
+    for (r, svc) in local {
+        if r.namespace != local_ref.namespace || r == local_ref || !owned_by(svc, mirror) {
+            continue;
+        }
+        let Some(uid) = &svc.metadata.uid else {
+            continue;
+        };
+        ensure_leading(ctx, key)?;
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: Some(uid.clone()),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match services.delete(&r.name, &params).await {
+            Ok(_) => tracing::info!(service_mirror = %key, service = %r,
+                "deleted a mirrored Service the mirror no longer names"),
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(source) => {
+                return Err(ReconcileError::Api {
+                    mirror: key.to_owned(),
+                    action: format!("delete Service {r}"),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn delete_owned(

@@ -512,8 +512,13 @@ async fn run_watch(
             _ = probe.tick() => {
                 let result = tokio::time::timeout(timing.call_timeout, api.get_opt(&key.name)).await;
                 let ok = matches!(result, Ok(Ok(_)));
+                tracing::debug!(cluster = %key.cluster, ok, watch_ok, "remote probe");
                 let was = probe_ok && watch_ok;
                 probe_ok = ok;
+                // The watcher resumes on its own after an error, from the last
+                // resourceVersion, and a quiet watch yields nothing to tell: a
+                // probe that gets through counts for it until it fails again.
+                watch_ok |= ok && listing.is_none() && state.borrow().synced;
                 state.send_modify(|st| {
                     st.reachable = probe_ok && watch_ok;
                     if st.reachable {

@@ -81,6 +81,11 @@ impl Running {
         self.leadership.is_leading()
     }
 
+    /// A view of this replica's leadership that outlives [`Running::stop`].
+    pub fn leadership(&self) -> Leadership {
+        self.leadership.clone()
+    }
+
     /// The metrics, as `/metrics` would render them.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics

@@ -1,0 +1,674 @@
+//! The controller end to end against two in-memory API servers that speak the
+//! Kubernetes REST and watch protocol: cluster-b (local, where the controller
+//! runs) and cluster-a (remote, reached through a Link and the kubeconfig in its
+//! Secret). Nothing here calls the reconcile directly: tests write objects and
+//! watch what the controller does to the API servers.
+#![allow(clippy::unwrap_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use isthmus_controller::kinds::{ClusterSettingsResource, LinkResource, ServiceMirrorResource};
+use isthmus_controller::lease::LeaseConfig;
+use isthmus_controller::mirror::{ReconcileTiming, SettingsSource};
+use isthmus_controller::publish::SERVICES_KEY;
+use isthmus_controller::remote::RemoteTiming;
+use isthmus_controller::{Config, Running, manifests};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use proxy_discovery::{DirSource, Route};
+use test_apiserver::TestApiServer;
+
+const NS: &str = "isthmus";
+/// Every wait in these tests ends by then: generous for a loaded 2-core machine,
+/// and nothing waits for it unless something is broken.
+const DEADLINE: Duration = Duration::from_secs(20);
+const SEED: &str =
+    include_str!("../../proxy-discovery/tests/fixtures/seed/cluster-b-servicemirror.yaml");
+
+/// Runs `fut` under the test deadline.
+async fn timed<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {DEADLINE:?}: {what}"))
+}
+
+/// Polls `check` until it gives `Some`, failing with `what` at the deadline.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Ok(Some(v)) = tokio::time::timeout(Duration::from_secs(2), check()).await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "not within {DEADLINE:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+    serde_json::from_value(v).unwrap()
+}
+
+fn remote_service(name: &str, ports: &[u16], exported: bool) -> Service {
+    let mut labels = serde_json::Map::new();
+    if exported {
+        labels.insert("mirror.isthmus.io/exported".into(), "true".into());
+    }
+    let ports: Vec<_> = ports
+        .iter()
+        .map(|p| serde_json::json!({"name": format!("p{p}"), "port": p, "protocol": "TCP", "targetPort": 8080}))
+        .collect();
+    json(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default", "labels": labels},
+        "spec": {"clusterIP": "10.0.0.10", "clusterIPs": ["10.0.0.10"], "ports": ports, "selector": {"app": name}}
+    }))
+}
+
+/// Two clusters, linked, and a controller (or two) on cluster-b.
+struct Lab {
+    local: TestApiServer,
+    remote: TestApiServer,
+}
+
+impl Lab {
+    async fn new() -> Self {
+        // Logs for a failing run: RUST_LOG=isthmus_controller=debug.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let local = TestApiServer::start().await;
+        let remote = TestApiServer::start().await;
+        let lab = Self { local, remote };
+        let client = lab.local.client();
+        // The ClusterSettings kind is served once its generated CRD is created,
+        // as `kubectl apply -f deploy/crds.yaml` would.
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in manifests::crds() {
+            if crd.spec.names.kind == "ClusterSettings" {
+                timed("create CRD", crds.create(&PostParams::default(), &crd))
+                    .await
+                    .unwrap();
+            }
+        }
+        let settings: ClusterSettingsResource = json(serde_json::json!({
+            "apiVersion": "multicluster.isthmus.io/v1alpha1", "kind": "ClusterSettings",
+            "metadata": {"name": "cluster", "namespace": NS},
+            "spec": {"clusterName": "cluster-b", "serviceCIDR": "10.96.0.0/12",
+                "gateway": {"address": "198.18.1.1", "port": 4143,
+                    "identity": "spiffe://cluster.local/ns/isthmus/sa/gateway"}}
+        }));
+        let api: Api<ClusterSettingsResource> = Api::namespaced(client.clone(), NS);
+        eventually("ClusterSettings served", || async {
+            api.create(&PostParams::default(), &settings).await.ok()
+        })
+        .await;
+        let kubeconfig = serde_yaml_ng::to_string(&lab.remote.kubeconfig()).unwrap();
+        let secret: Secret = json(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "cluster-a-kubeconfig", "namespace": NS},
+            "stringData": {"kubeconfig": kubeconfig}
+        }));
+        // A Secret's stringData is write-only on a real server: store it as data.
+        let mut secret = secret;
+        secret.data = Some(
+            [(
+                "kubeconfig".to_owned(),
+                k8s_openapi::ByteString(kubeconfig.into_bytes()),
+            )]
+            .into(),
+        );
+        secret.string_data = None;
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+        timed(
+            "create Secret",
+            secrets.create(&PostParams::default(), &secret),
+        )
+        .await
+        .unwrap();
+        let link: LinkResource = json(serde_json::json!({
+            "apiVersion": "multicluster.isthmus.io/v1alpha1", "kind": "Link",
+            "metadata": {"name": "cluster-a", "namespace": NS},
+            "spec": {"targetClusterName": "cluster-a", "gatewayAddress": "198.18.0.1",
+                "gatewayIdentity": "spiffe://cluster.local/ns/isthmus/sa/gateway",
+                "credentialsSecret": "cluster-a-kubeconfig"}
+        }));
+        let links: Api<LinkResource> = Api::namespaced(client, NS);
+        timed("create Link", links.create(&PostParams::default(), &link))
+            .await
+            .unwrap();
+        lab
+    }
+
+    fn config(identity: &str) -> Config {
+        Config {
+            namespace: NS.to_owned(),
+            settings: SettingsSource::Object("cluster".to_owned()),
+            lease: Some(LeaseConfig {
+                namespace: NS.to_owned(),
+                name: "isthmus-controller".to_owned(),
+                identity: identity.to_owned(),
+                lease_duration: Duration::from_secs(2),
+            }),
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            configmap: "isthmus-discovery".to_owned(),
+            publish_interval: Duration::from_millis(100),
+            remote: RemoteTiming {
+                probe_interval: Duration::from_millis(200),
+                call_timeout: Duration::from_secs(1),
+            },
+            timing: ReconcileTiming {
+                resync: Duration::from_secs(30),
+                stale_refresh: Duration::from_millis(300),
+                contact_refresh: Duration::from_secs(1),
+            },
+        }
+    }
+
+    async fn controller(&self, identity: &str) -> Running {
+        timed(
+            "start controller",
+            isthmus_controller::start(self.local.client(), Self::config(identity)),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn remote_services(&self) -> Api<Service> {
+        Api::namespaced(self.remote.client(), "default")
+    }
+
+    fn local_services(&self) -> Api<Service> {
+        Api::namespaced(self.local.client(), "default")
+    }
+
+    fn mirrors(&self) -> Api<ServiceMirrorResource> {
+        Api::namespaced(self.local.client(), "default")
+    }
+
+    async fn create_remote(&self, svc: &Service) {
+        timed(
+            "create remote Service",
+            self.remote_services().create(&PostParams::default(), svc),
+        )
+        .await
+        .unwrap();
+    }
+
+    /// The seed's ServiceMirror, verbatim (it names no namespace: `default`).
+    async fn apply_seed(&self) -> ServiceMirrorResource {
+        let sm: ServiceMirrorResource = serde_yaml_ng::from_str(SEED).unwrap();
+        timed(
+            "create ServiceMirror",
+            self.mirrors().create(&PostParams::default(), &sm),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Waits until the mirror's `Mirrored` condition has `reason`; returns the mirror.
+    async fn reason(&self, name: &str, reason: &str) -> ServiceMirrorResource {
+        let api = self.mirrors();
+        let start = tokio::time::Instant::now();
+        let mut last = None;
+        loop {
+            if let Ok(Ok(sm)) = tokio::time::timeout(Duration::from_secs(2), api.get(name)).await {
+                let c = sm
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Mirrored").cloned());
+                if c.as_ref().is_some_and(|c| c.reason == reason) {
+                    return sm;
+                }
+                last = c;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "ServiceMirror {name}: no reason {reason} within {DEADLINE:?}; last condition: {last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn local_service(&self, name: &str, check: impl Fn(&Service) -> bool) -> Service {
+        let api = self.local_services();
+        eventually(&format!("local Service {name}"), || async {
+            api.get_opt(name).await.ok()?.filter(|s| check(s))
+        })
+        .await
+    }
+
+    async fn local_service_gone(&self, name: &str) {
+        let api = self.local_services();
+        eventually(&format!("local Service {name} deleted"), || async {
+            matches!(api.get_opt(name).await, Ok(None)).then_some(())
+        })
+        .await;
+    }
+}
+
+fn ports(svc: &Service) -> Vec<i32> {
+    svc.spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| p.port)
+        .collect()
+}
+
+fn condition(sm: &ServiceMirrorResource) -> proxy_discovery::model::Condition {
+    sm.status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Mirrored")
+        .unwrap()
+        .clone()
+}
+
+async fn metrics(addr: SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
+    let lab = Lab::new().await;
+    lab.create_remote(&remote_service("hello", &[80], true))
+        .await;
+    let controller = lab.controller("a").await;
+
+    // Create: the seed's mirror yields a local `hello`, owned by the mirror.
+    let sm = lab.apply_seed().await;
+    let svc = lab.local_service("hello", |s| ports(s) == [80]).await;
+    let owner = &svc.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+        ("ServiceMirror", "hello-mirror", sm.uid().unwrap().as_str())
+    );
+    assert_eq!(
+        (owner.controller, owner.block_owner_deletion),
+        (Some(true), Some(true))
+    );
+    assert_eq!(
+        svc.labels()["mirror.isthmus.io/remote-cluster"],
+        "cluster-a"
+    );
+    assert_eq!(
+        svc.annotations()["mirror.isthmus.io/remote-service"],
+        "hello.default"
+    );
+    let managers: Vec<_> = svc
+        .managed_fields()
+        .iter()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(managers, ["isthmus-controller"]);
+    let ip = svc.spec.as_ref().unwrap().cluster_ip.clone().unwrap();
+
+    let sm = lab.reason("hello-mirror", "Mirrored").await;
+    let c = condition(&sm);
+    assert_eq!(c.status, proxy_discovery::model::ConditionStatus::True);
+    assert!(c.message.contains("hello"), "{}", c.message);
+    let status = sm.status.clone().unwrap();
+    let remote_rv = lab
+        .remote_services()
+        .get("hello")
+        .await
+        .unwrap()
+        .resource_version();
+    assert_eq!(status.remote_resource_version, remote_rv);
+    assert_eq!(status.observed_generation, sm.metadata.generation);
+    let contact: k8s_openapi::jiff::Timestamp =
+        status.last_remote_contact.unwrap().parse().unwrap();
+    assert!(
+        k8s_openapi::jiff::Timestamp::now()
+            .duration_since(contact)
+            .as_secs()
+            < 60
+    );
+
+    // The sidecars' ConfigMap routes the mirrored ClusterIP to the remote authority.
+    let cms: Api<ConfigMap> = Api::namespaced(lab.local.client(), NS);
+    let data = eventually("ConfigMap with hello", || async {
+        let cm = cms.get_opt("isthmus-discovery").await.ok()??;
+        let data = cm.data?;
+        data[SERVICES_KEY].contains("hello").then_some(data)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    for (k, v) in &data {
+        std::fs::write(dir.path().join(k), v).unwrap();
+    }
+    let snapshot = DirSource::new(dir.path()).load().unwrap();
+    let route = snapshot
+        .lookup_addr(&format!("{ip}:80").parse().unwrap())
+        .unwrap()
+        .clone();
+    match route {
+        Route::Remote {
+            cluster,
+            authority,
+            gateway,
+            ..
+        } => {
+            assert_eq!(cluster.as_str(), "cluster-a");
+            assert_eq!(authority.as_str(), "hello.default.svc.cluster.local:80");
+            assert_eq!(gateway.unwrap().address.as_str(), "198.18.1.1");
+        }
+        other => panic!("expected a remote route, got {other:?}"),
+    }
+
+    // The remote Service changes ports: the mirror follows, keeping its address.
+    let patch = serde_json::json!({"spec": {"ports": [
+        {"name": "http", "port": 80, "protocol": "TCP"}, {"name": "admin", "port": 9090, "protocol": "TCP"}]}});
+    timed(
+        "patch remote",
+        lab.remote_services()
+            .patch("hello", &PatchParams::default(), &Patch::Merge(&patch)),
+    )
+    .await
+    .unwrap();
+    let svc = lab.local_service("hello", |s| ports(s) == [80, 9090]).await;
+    assert_eq!(svc.spec.as_ref().unwrap().cluster_ip.as_ref(), Some(&ip));
+
+    // Update of the mirror: it now names another remote Service; the old mirrored
+    // Service goes, the new one comes.
+    lab.create_remote(&remote_service("hola", &[8080], true))
+        .await;
+    let patch = serde_json::json!({"spec": {"service": {"name": "hola"}}});
+    timed(
+        "patch mirror",
+        lab.mirrors().patch(
+            "hello-mirror",
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        ),
+    )
+    .await
+    .unwrap();
+    lab.local_service("hola", |s| ports(s) == [8080]).await;
+    lab.local_service_gone("hello").await;
+    let patch = serde_json::json!({"spec": {"service": {"name": "hello"}}});
+    timed(
+        "patch mirror back",
+        lab.mirrors().patch(
+            "hello-mirror",
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        ),
+    )
+    .await
+    .unwrap();
+    lab.local_service("hello", |s| ports(s) == [80, 9090]).await;
+    lab.local_service_gone("hola").await;
+
+    // The remote Service is deleted: so is the mirror's, and the status says why.
+    timed(
+        "delete remote",
+        lab.remote_services()
+            .delete("hello", &DeleteParams::default()),
+    )
+    .await
+    .unwrap();
+    lab.local_service_gone("hello").await;
+    let sm = lab.reason("hello-mirror", "RemoteServiceNotFound").await;
+    assert_eq!(
+        condition(&sm).status,
+        proxy_discovery::model::ConditionStatus::False
+    );
+    // ... and back.
+    lab.create_remote(&remote_service("hello", &[80], true))
+        .await;
+    lab.local_service("hello", |s| ports(s) == [80]).await;
+    lab.reason("hello-mirror", "Mirrored").await;
+
+    // Deleting the ServiceMirror removes its Service (owner reference) and the
+    // ConfigMap entry.
+    timed(
+        "delete mirror",
+        lab.mirrors()
+            .delete("hello-mirror", &DeleteParams::default()),
+    )
+    .await
+    .unwrap();
+    lab.local_service_gone("hello").await;
+    eventually("ConfigMap without hello", || async {
+        let cm = cms.get_opt("isthmus-discovery").await.ok()??;
+        (!cm.data?[SERVICES_KEY].contains("hello")).then_some(())
+    })
+    .await;
+    let text = metrics(controller.metrics_addr().unwrap()).await;
+    assert!(
+        text.contains("isthmus_controller_reconciles_total{reason=\"Mirrored\"}"),
+        "{text}"
+    );
+    timed("stop", controller.stop()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_name_their_cause_and_never_touch_an_unowned_service() {
+    let lab = Lab::new().await;
+    let controller = lab.controller("a").await;
+
+    // Not exported.
+    lab.create_remote(&remote_service("private", &[80], false))
+        .await;
+    let sm: ServiceMirrorResource = json(serde_json::json!({
+        "apiVersion": "linkerd.io/v1alpha1", "kind": "ServiceMirror",
+        "metadata": {"name": "private", "namespace": "default"},
+        "spec": {"cluster": "cluster-a", "service": {"name": "private", "namespace": "default"}}
+    }));
+    timed("create", lab.mirrors().create(&PostParams::default(), &sm))
+        .await
+        .unwrap();
+    let sm = lab.reason("private", "NotExported").await;
+    assert!(
+        condition(&sm).message.contains("does not export"),
+        "{}",
+        condition(&sm).message
+    );
+    assert!(
+        lab.local_services()
+            .get_opt("private")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Unknown cluster.
+    let sm: ServiceMirrorResource = json(serde_json::json!({
+        "apiVersion": "linkerd.io/v1alpha1", "kind": "ServiceMirror",
+        "metadata": {"name": "far", "namespace": "default"},
+        "spec": {"cluster": "cluster-z", "service": {"name": "far"}}
+    }));
+    timed("create", lab.mirrors().create(&PostParams::default(), &sm))
+        .await
+        .unwrap();
+    lab.reason("far", "UnknownCluster").await;
+
+    // Name conflict: a local `hello` someone else made stays exactly as it is.
+    lab.create_remote(&remote_service("hello", &[80], true))
+        .await;
+    let theirs: Service = json(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "hello", "namespace": "default", "labels": {"team": "web"}},
+        "spec": {"clusterIP": "10.96.5.5", "ports": [{"port": 8443}], "selector": {"app": "web"}}
+    }));
+    let theirs = timed(
+        "create local",
+        lab.local_services().create(&PostParams::default(), &theirs),
+    )
+    .await
+    .unwrap();
+    lab.apply_seed().await;
+    let sm = lab.reason("hello-mirror", "NameConflict").await;
+    assert_eq!(
+        condition(&sm).status,
+        proxy_discovery::model::ConditionStatus::False
+    );
+    assert!(condition(&sm).message.contains("left untouched"));
+    // Give the controller time to do something wrong, then check it did not.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let now = lab.local_services().get("hello").await.unwrap();
+    assert_eq!(now.resource_version(), theirs.resource_version());
+    assert_eq!(now.spec, theirs.spec);
+    assert!(now.metadata.owner_references.is_none());
+
+    // Once their Service goes, the mirror takes the name.
+    timed(
+        "delete theirs",
+        lab.local_services()
+            .delete("hello", &DeleteParams::default()),
+    )
+    .await
+    .unwrap();
+    lab.local_service("hello", |s| s.metadata.owner_references.is_some())
+        .await;
+    lab.reason("hello-mirror", "Mirrored").await;
+    timed("stop", controller.stop()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_remote_keeps_the_mirror_and_says_how_stale_it_is() {
+    let lab = Lab::new().await;
+    lab.create_remote(&remote_service("hello", &[80], true))
+        .await;
+    let controller = lab.controller("a").await;
+    lab.apply_seed().await;
+    let before = lab.local_service("hello", |s| ports(s) == [80]).await;
+    lab.reason("hello-mirror", "Mirrored").await;
+
+    timed("stop remote", lab.remote.stop()).await;
+    let sm = lab.reason("hello-mirror", "RemoteUnreachable").await;
+    let c = condition(&sm);
+    // The mirror still serves its last known state, and says so.
+    assert_eq!(c.status, proxy_discovery::model::ConditionStatus::True);
+    assert!(
+        c.message.contains("keeps its last known state"),
+        "{}",
+        c.message
+    );
+    assert!(c.message.contains("last reached"), "{}", c.message);
+    assert!(sm.status.as_ref().unwrap().last_remote_contact.is_some());
+    let addr = controller.metrics_addr().unwrap();
+    eventually("staleness metric above 1s", || async {
+        let text = metrics(addr).await;
+        let line = text.lines().find(|l| {
+            l.starts_with("isthmus_controller_remote_staleness_seconds{cluster=\"cluster-a\"}")
+        })?;
+        let v: f64 = line.rsplit(' ').next()?.parse().ok()?;
+        (v >= 1.0).then_some(())
+    })
+    .await;
+    // The age in the message grows while the remote stays away.
+    eventually("message with a later age", || async {
+        let sm = lab.mirrors().get("hello-mirror").await.ok()?;
+        let m = condition(&sm).message;
+        (m != c.message && m.contains("last reached")).then_some(())
+    })
+    .await;
+    let during = lab.local_services().get("hello").await.unwrap();
+    assert_eq!(during.resource_version(), before.resource_version());
+
+    timed("restart remote", lab.remote.restart()).await.unwrap();
+    lab.reason("hello-mirror", "Mirrored").await;
+    let text = metrics(addr).await;
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("isthmus_controller_remote_staleness_seconds{cluster=\"cluster-a\"}")
+        })
+        .unwrap();
+    let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(v < 5.0, "{line}");
+    timed("stop", controller.stop()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_fails_over_and_only_the_leader_writes() {
+    let lab = Lab::new().await;
+    lab.create_remote(&remote_service("hello", &[80], true))
+        .await;
+    lab.create_remote(&remote_service("second", &[81], true))
+        .await;
+    let leases: Api<Lease> = Api::namespaced(lab.local.client(), NS);
+    let holder = |want: &'static str| {
+        let leases = leases.clone();
+        async move {
+            eventually(&format!("Lease held by {want}"), || async {
+                let l = leases.get_opt("isthmus-controller").await.ok()??;
+                let spec = l.spec?;
+                (spec.holder_identity.as_deref() == Some(want)).then_some(spec)
+            })
+            .await
+        }
+    };
+
+    let a = lab.controller("a").await;
+    let spec = holder("a").await;
+    assert_eq!(spec.lease_duration_seconds, Some(2));
+    assert!(spec.acquire_time.is_some() && spec.renew_time.is_some());
+    let b = lab.controller("b").await;
+    lab.apply_seed().await;
+    lab.local_service("hello", |_| true).await;
+    // Renewals keep the Lease with a; b stands by.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(a.is_leading() && !b.is_leading());
+    assert_eq!(holder("a").await.lease_transitions, Some(0));
+
+    // Watch both replicas while a goes away: never two leaders at once.
+    let (la, lb) = (a.leadership(), b.leadership());
+    let sampler = tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        while start.elapsed() < DEADLINE {
+            let (x, y) = (la.is_leading(), lb.is_leading());
+            assert!(!(x && y), "two replicas led at once");
+            if y {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("b did not take over within {DEADLINE:?}");
+    });
+    timed("a stops", a.stop()).await;
+    timed("b takes over", sampler).await.unwrap();
+
+    let spec = holder("b").await;
+    assert_eq!(spec.lease_transitions, Some(1));
+    assert!(b.is_leading());
+    // b writes now: a new mirror is served.
+    let sm: ServiceMirrorResource = json(serde_json::json!({
+        "apiVersion": "linkerd.io/v1alpha1", "kind": "ServiceMirror",
+        "metadata": {"name": "second", "namespace": "default"},
+        "spec": {"cluster": "cluster-a", "service": {"name": "second"}}
+    }));
+    timed("create", lab.mirrors().create(&PostParams::default(), &sm))
+        .await
+        .unwrap();
+    lab.local_service("second", |s| ports(s) == [81]).await;
+    lab.reason("second", "Mirrored").await;
+    timed("stop b", b.stop()).await;
+}
