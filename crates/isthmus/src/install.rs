@@ -95,8 +95,13 @@ pub fn default_image() -> String {
 #[derive(Debug, Args)]
 pub struct InstallArgs {
     /// This cluster's name in the mesh (what ServiceMirrors' spec.cluster name).
-    #[arg(long, env = "ISTHMUS_CLUSTER")]
-    pub cluster: String,
+    #[arg(long, env = "ISTHMUS_CLUSTER", required_unless_present = "crds")]
+    pub cluster: Option<String>,
+    /// Print only the CRDs. Apply them first and let them become established:
+    /// the full output holds objects of their kinds, which `kubectl apply` refuses
+    /// before the API server serves them.
+    #[arg(long, conflicts_with_all = ["cluster", "issuer"])]
+    pub crds: bool,
     /// The SPIFFE trust domain shared by the linked clusters.
     #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -155,8 +160,8 @@ impl std::fmt::Debug for IssuerPem {
 
 impl InstallOptions {
     fn from_args(args: InstallArgs) -> Result<Self> {
-        let cluster =
-            ClusterName::parse(&args.cluster).map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
+        let name = args.cluster.as_deref().unwrap_or_default();
+        let cluster = ClusterName::parse(name).map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
         proxy_identity::TrustDomain::parse(&args.trust_domain)
             .map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
         if args.gateway_replicas < 1 {
@@ -176,7 +181,7 @@ impl InstallOptions {
                         "--issuer {}: this is a trust anchor; give the cluster's issuer \
                          (`isthmus identity issuer --anchor DIR --cluster {} --out DIR`)",
                         dir.display(),
-                        args.cluster
+                        cluster
                     );
                 }
                 Some(IssuerPem {
@@ -206,9 +211,45 @@ impl InstallOptions {
 
 /// Runs `isthmus install`: prints the manifests.
 pub fn run(args: InstallArgs) -> Result<()> {
+    if args.crds {
+        print!("{}", render_crds()?);
+        return Ok(());
+    }
     let options = InstallOptions::from_args(args)?;
     print!("{}", render(&options)?);
     Ok(())
+}
+
+/// The CRDs alone (`isthmus install --crds`).
+pub fn render_crds() -> Result<String> {
+    let mut out = format!(
+        "# isthmus install --crds (isthmus {}): apply, then wait for them to be established:\n\
+         # kubectl wait --for condition=established crd -l {}={}\n",
+        env!("CARGO_PKG_VERSION"),
+        PART_OF.0,
+        PART_OF.1
+    );
+    for (i, crd) in crds().iter().enumerate() {
+        if i > 0 {
+            out.push_str("---\n");
+        }
+        out.push_str(&serde_yaml_ng::to_string(crd).context("writing the CRDs as YAML")?);
+    }
+    Ok(out)
+}
+
+/// The controller's CRDs, labelled as part of the install (for `kubectl wait -l`).
+fn crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    let mut crds = isthmus_controller::manifests::crds();
+    for crd in &mut crds {
+        crd.metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(PART_OF.0.to_owned(), PART_OF.1.to_owned());
+    }
+    crds
 }
 
 /// The manifests of `options`, multi-document YAML in install order.
@@ -216,7 +257,7 @@ pub fn render(options: &InstallOptions) -> Result<String> {
     let mut docs: Vec<serde_json::Value> = Vec::new();
     let mut push = |v: serde_json::Value| docs.push(v);
     push(to_json(&namespace()));
-    for crd in isthmus_controller::manifests::crds() {
+    for crd in crds() {
         push(to_json(&crd));
     }
     let rbac = isthmus_controller::manifests::rbac(NAMESPACE);

@@ -383,3 +383,24 @@ fn bad_flags_are_named() {
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn crds_alone_come_first_and_match_the_full_render() {
+    let crds = docs(&install(&["--crds"]));
+    assert_eq!(crds.len(), 3);
+    let full = docs(&install(&["--cluster", "cluster-a"]));
+    for crd in &crds {
+        let _: CustomResourceDefinition = parse(crd);
+        assert_eq!(
+            crd["metadata"]["labels"]["app.kubernetes.io/part-of"], "isthmus",
+            "labelled for kubectl wait -l"
+        );
+        assert!(
+            full.contains(crd),
+            "{} differs in the full render",
+            crd["metadata"]["name"]
+        );
+    }
+    let out = isthmus(&["install", "--crds", "--cluster", "a"]);
+    assert!(!out.status.success(), "--crds renders no cluster");
+}
