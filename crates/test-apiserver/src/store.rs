@@ -1046,3 +1046,6 @@ fn decode<K: DeserializeOwned>(rt: &ResourceType, value: Value) -> Result<K, Api
         ApiError::bad_request(format!("{}: stored object does not decode: {e}", rt.kind))
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -858,3 +858,64 @@ async fn kube_runtime_controller_reconciles_and_gc_follows() {
     .await;
     task.abort();
 }
+
+#[tokio::test]
+async fn selector_watch_sees_objects_enter_and_leave() {
+    let server = TestApiServer::start().await;
+    let api: Api<Service> = Api::namespaced(server.client(), "default");
+    let mut stream = within(api.watch(&WatchParams::default().labels("app=web").timeout(30), "0"))
+        .await
+        .unwrap()
+        .boxed();
+    within(api.create(
+        &PostParams::default(),
+        &service("s", json!({"app": "db"}), 80),
+    ))
+    .await
+    .unwrap();
+    let relabel = |app: &str| {
+        let api = api.clone();
+        let patch = Patch::Merge(json!({"metadata": {"labels": {"app": app}}}));
+        async move {
+            within(api.patch("s", &PatchParams::default(), &patch))
+                .await
+                .unwrap()
+        }
+    };
+    relabel("web").await;
+    relabel("db").await;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match within(stream.next()).await.unwrap().unwrap() {
+            WatchEvent::Added(s) => seen.push(("ADDED", s.labels()["app"].clone())),
+            WatchEvent::Deleted(s) => seen.push(("DELETED", s.labels()["app"].clone())),
+            WatchEvent::Modified(s) => seen.push(("MODIFIED", s.labels()["app"].clone())),
+            WatchEvent::Bookmark(_) => {}
+            WatchEvent::Error(e) => panic!("watch error {e:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [("ADDED", "web".to_owned()), ("DELETED", "db".to_owned())]
+    );
+}
+
+#[tokio::test]
+async fn stop_ends_open_watches_and_refuses_connections() {
+    let server = TestApiServer::start().await;
+    let api: Api<Service> = Api::namespaced(server.client(), "default");
+    let mut stream = within(api.watch(&WatchParams::default().timeout(290), "0"))
+        .await
+        .unwrap()
+        .boxed();
+    server.stop().await;
+    // The stream ends, or reports the broken connection; it does not hang.
+    match within(stream.next()).await {
+        None | Some(Err(_)) => {}
+        Some(Ok(event)) => panic!("unexpected event after stop: {event:?}"),
+    }
+    let refused = within(tokio::net::TcpStream::connect(server.addr())).await;
+    assert!(refused.is_err(), "the port is closed while stopped");
+    server.restart().await.unwrap();
+    assert!(within(api.list(&ListParams::default())).await.is_ok());
+}
