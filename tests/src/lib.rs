@@ -9,6 +9,8 @@
 //! - [`binary`]: finding the workspace's binaries next to the running test, and
 //!   copying them where another UID can execute them.
 //! - [`tcp`]: listeners, dials and waits, each bounded by a timeout.
+//! - [`pod`]: one pod with the real capture and sidecar, and a server namespace,
+//!   for the fault and load tests; process probes (RSS, descriptors, limits).
 //!
 //! Addresses come only from 198.18.0.0/15 and 2001:2::/48, inside namespaces the tests
 //! create; nothing gets a default route or NAT to the host. This crate is never a
@@ -17,4 +19,5 @@
 
 pub mod binary;
 pub mod netns;
+pub mod pod;
 pub mod tcp;

@@ -1,0 +1,284 @@
+//! One meshed pod for fault and load tests: a pod namespace with the real capture
+//! (`isthmus-init`) and the real `isthmus-proxy sidecar` running as the proxy UID, and
+//! a server namespace joined to it by a veth pair.
+//!
+//! The pod is 198.18.0.2 and the server 198.18.0.1 (a /24 between them), with no
+//! other route. The test process is root, so its connections from the pod are
+//! captured like an application's. This module does not mint identities (the caller
+//! writes `tls.crt`, `tls.key` and `ca.crt`, keeping certificate code out of this
+//! library) and does not decide what is mirrored: the manifests directory only holds
+//! the cluster's settings unless the caller adds more.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::binary::{WorldExecutable, binary};
+use crate::netns::{Lab, Namespace, run_checked};
+use crate::tcp;
+
+/// The UID the proxy runs as, which the capture exempts.
+pub const PROXY_UID: u32 = 2102;
+/// The sidecar's ports (the defaults the capture redirects to).
+pub const OUTBOUND_PORT: u16 = 4140;
+pub const INBOUND_PORT: u16 = 4143;
+pub const ADMIN_PORT: u16 = 4191;
+/// How long a sidecar may take to become ready (a debug build, a busy machine).
+pub const READY: Duration = Duration::from_secs(30);
+
+/// A pod with its capture and sidecar, and a server namespace. Dropping it kills
+/// the sidecar and deletes both namespaces; a failing test first prints the log.
+pub struct SidecarPod {
+    pub pod: Namespace,
+    pub server: Namespace,
+    /// The pod's address (what servers see as the client).
+    pub pod_ip: IpAddr,
+    /// The server namespace's address.
+    pub server_ip: IpAddr,
+    /// The sidecar's pid; [`SidecarPod::restart`] changes it.
+    pub pid: u32,
+    pub log: PathBuf,
+    /// The manifests directory the sidecar watches (readable by the proxy UID).
+    pub manifests: PathBuf,
+    identity: PathBuf,
+    extra: Vec<String>,
+    /// Logs of runs before a [`SidecarPod::restart`] (each run truncates the file).
+    earlier_runs: String,
+    bin: WorldExecutable,
+    _dir: tempfile::TempDir,
+    /// Declared last so it drops last, after the log was shown.
+    pub lab: Lab,
+}
+
+impl Drop for SidecarPod {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- sidecar log ({}) ---\n{}{}",
+                self.log.display(),
+                self.earlier_runs,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// Sets the open-files limit of process `pid` (soft and hard) with `prlimit`: load
+/// tests hold more sockets than a default limit allows, in the test process and in
+/// the proxy alike.
+pub fn raise_nofile(pid: u32, limit: u64) -> anyhow::Result<()> {
+    run_checked(Command::new("prlimit").args([
+        "--pid",
+        &pid.to_string(),
+        &format!("--nofile={limit}:{limit}"),
+    ]))
+    .map(drop)
+}
+
+/// The resident set of process `pid` in KiB, from `/proc/PID/status`.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in {path}"))
+}
+
+/// How many file descriptors process `pid` holds.
+pub fn open_fds(pid: u32) -> anyhow::Result<usize> {
+    let path = format!("/proc/{pid}/fd");
+    Ok(std::fs::read_dir(&path)
+        .with_context(|| format!("listing {path}"))?
+        .count())
+}
+
+/// Whether process `pid` runs (a zombie does not).
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|status| {
+            !status
+                .lines()
+                .any(|l| l.starts_with("State:") && l.contains("zombie"))
+        })
+        .unwrap_or(false)
+}
+
+/// A `GET` with `connection: close`, read to the end (bounded by [`tcp::WAIT`]).
+/// Call it on a thread in the namespace of `addr`.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut stream = tcp::connect(addr)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Sum of the samples of `family` whose labels contain every one of `labels`
+/// (`direction="outbound"`); 0 when there is none.
+pub fn metric(text: &str, family: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name_labels, value) = l.rsplit_once(' ')?;
+            let (name, rest) = name_labels.split_once('{').unwrap_or((name_labels, "}"));
+            (name == family && labels.iter().all(|want| rest.contains(want)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+impl SidecarPod {
+    /// Builds the topology, installs the capture, writes the identity with `mint`
+    /// (which creates the directory it is given) and starts a ready sidecar with
+    /// `--connect-timeout 1s` and `extra` flags.
+    pub fn start(mint: impl FnOnce(&Path), extra: &[&str]) -> anyhow::Result<Self> {
+        let lab = Lab::new();
+        let pod = lab.namespace();
+        let server = lab.namespace();
+        let (pod_if, server_if) = lab.veth(&pod, &server)?;
+        pod.add_addr(&pod_if, "198.18.0.2/24")?;
+        server.add_addr(&server_if, "198.18.0.1/24")?;
+        let init = binary("isthmus-init");
+        pod.exec(
+            init.to_str()
+                .context("the isthmus-init path is not UTF-8")?,
+            &[] as &[&str],
+        )?;
+
+        let dir = tempfile::Builder::new().prefix("isthmus-pod").tempdir()?;
+        // A temp dir is 0700; the proxy UID must be able to enter it.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let identity = dir.path().join("identity");
+        mint(&identity);
+        // The key stays 0600, as it should: hand the directory to the proxy UID.
+        std::os::unix::fs::chown(&identity, Some(PROXY_UID), Some(PROXY_UID))?;
+        for entry in std::fs::read_dir(&identity)? {
+            std::os::unix::fs::chown(entry?.path(), Some(PROXY_UID), Some(PROXY_UID))?;
+        }
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir(&manifests)?;
+        std::fs::set_permissions(&manifests, std::fs::Permissions::from_mode(0o755))?;
+        let settings = manifests.join("settings.yaml");
+        std::fs::write(
+            &settings,
+            "apiVersion: multicluster.isthmus.io/v1alpha1\n\
+             kind: ClusterSettings\n\
+             metadata: {name: cluster-b, namespace: isthmus}\n\
+             spec: {clusterName: cluster-b}\n",
+        )?;
+        std::fs::set_permissions(&settings, std::fs::Permissions::from_mode(0o644))?;
+        let log = dir.path().join("sidecar.log");
+        let bin = WorldExecutable::copy(&binary("isthmus-proxy"))?;
+        let mut pod = Self {
+            pod,
+            server,
+            pod_ip: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
+            server_ip: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+            pid: 0,
+            log,
+            manifests,
+            identity,
+            earlier_runs: String::new(),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            bin,
+            _dir: dir,
+            lab,
+        };
+        pod.restart()?;
+        Ok(pod)
+    }
+
+    /// Starts the sidecar (again, after it was killed) and waits until it is ready.
+    /// The log file starts afresh; a failing test shows earlier runs' lines too.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(self.bin.path());
+        cmd.args(["sidecar", "--cluster", "cluster-b", "--identity-dir"])
+            .arg(&self.identity)
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .args(["--connect-timeout", "1s", "--log", "info"])
+            .args(&self.extra)
+            // Only the flags above configure it, whatever the test's environment holds.
+            .env_clear();
+        let earlier = std::fs::read(&self.log).unwrap_or_default();
+        let mut child: Child = self
+            .pod
+            .spawn_logged_as(cmd, PROXY_UID, PROXY_UID, &self.log)?;
+        self.earlier_runs
+            .push_str(&String::from_utf8_lossy(&earlier));
+        self.pid = child.id();
+        let deadline = Instant::now() + READY;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "the sidecar exited ({status}) before it was ready:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            if self.ready() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the sidecar was not ready within {READY:?}:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.lab.adopt(child);
+        Ok(())
+    }
+
+    /// Whether `/ready` answers 200 now.
+    pub fn ready(&self) -> bool {
+        self.pod
+            .run(|| http_get(SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)), "/ready"))
+            .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+    }
+
+    /// A GET on the admin port from inside the pod.
+    pub fn admin(&self, path: &str) -> std::io::Result<String> {
+        self.pod
+            .run(|| http_get(SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)), path))
+    }
+
+    /// The sidecar's `/metrics` body.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        let response = self.admin("/metrics").context("scraping /metrics")?;
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .context("a /metrics response without a body")
+    }
+
+    /// The server namespace's address at `port`.
+    pub fn server_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.server_ip, port)
+    }
+
+    /// Sends `signal` to the sidecar.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = i32::try_from(self.pid).context("a pid fits in i32")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+            .with_context(|| format!("sending {signal} to the sidecar ({pid})"))
+    }
+
+    /// Whether the sidecar still runs.
+    pub fn running(&self) -> bool {
+        running(self.pid)
+    }
+}
