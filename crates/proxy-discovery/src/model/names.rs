@@ -108,17 +108,19 @@ macro_rules! string_newtype {
     };
 }
 
-/// The name of a cluster in the mesh (a DNS-1123 subdomain, e.g. `cluster-a`).
+/// The name of a cluster in the mesh (a DNS-1123 label, e.g. `cluster-a`).
 ///
 /// It names the target cluster on the tunnel and in labels, so it is restricted to
-/// characters that are safe in both.
+/// what both accept: gateways take the tunnel's `isthmus-cluster` header only as a
+/// label (no dots), and a label value is at most 63 characters. A dotted name would
+/// load here and then have every stream to its cluster refused at the gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClusterName(String);
 
 impl ClusterName {
     /// Validates `s` as a cluster name.
     pub fn parse(s: &str) -> Result<Self, InvalidName> {
-        check_dns_subdomain("cluster name", s)?;
+        check_dns_label("cluster name", s)?;
         Ok(Self(s.to_owned()))
     }
 }
@@ -578,7 +580,8 @@ mod tests {
     #[test]
     fn cluster_names() {
         assert!(ClusterName::parse("cluster-a").is_ok());
-        assert!(ClusterName::parse("east.prod").is_ok());
+        assert!(ClusterName::parse("east-prod").is_ok());
+        assert!(ClusterName::parse("east.prod").is_err());
         assert!(ClusterName::parse("").is_err());
         assert!(ClusterName::parse("Cluster").is_err());
         assert!(ClusterName::parse("-a").is_err());
