@@ -3,8 +3,10 @@
 //! to do (as `linkerd check` does). The exit status is non-zero when one fails.
 //!
 //! 1. the CRDs (ServiceMirror, Link, ClusterSettings) are installed;
-//! 2. the controller and the gateway Deployments have ready replicas, and the
-//!    gateway Service has a LoadBalancer address;
+//! 2. the cluster's ClusterSettings (one, with a gateway the sidecars can dial),
+//!    the controller and the gateway Deployments have ready replicas, the
+//!    controller has published the discovery ConfigMap, and the gateway Service has
+//!    a LoadBalancer address;
 //! 3. certificates are valid, and how long until they expire: the gateway's
 //!    identity Secret (verified like the proxy loads it: chain to the anchors, key,
 //!    SPIFFE ID), the ClusterIssuer's Secret, and identity directories given with
@@ -26,11 +28,13 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use clap::Args;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
 use kube::api::ListParams;
-use proxy_discovery::model::{ConditionStatus, Link, LinkResource, ServiceMirrorResource};
+use proxy_discovery::model::{
+    ClusterSettingsResource, ConditionStatus, Link, LinkResource, ServiceMirrorResource,
+};
 use proxy_identity::{CredentialPaths, CredentialStore, Credentials, PeerPolicy, SpiffeId};
 
 use crate::install;
@@ -156,6 +160,8 @@ pub async fn checks(args: &CheckArgs) -> Result<Vec<Check>> {
         });
     }
 
+    let settings: Api<ClusterSettingsResource> = Api::namespaced(client.clone(), ns);
+    out.push(cluster_settings(&settings, ns, t).await);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     for (name, what) in [
         (install::CONTROLLER, "controller"),
@@ -163,6 +169,8 @@ pub async fn checks(args: &CheckArgs) -> Result<Vec<Check>> {
     ] {
         out.push(deployment_ready(&deployments, ns, name, what, t).await);
     }
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    out.push(discovery_configmap(&configmaps, ns, t).await);
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     out.push(gateway_address(&services, ns, t).await);
 
@@ -224,7 +232,16 @@ async fn timed<T>(
     tokio::time::timeout(limit, call)
         .await
         .map_err(|_| anyhow::anyhow!("no answer within {limit:?}"))?
-        .map_err(anyhow::Error::from)
+        .map_err(|e| match e {
+            // The API's own words, without the debug dump of the whole Status.
+            kube::Error::Api(status) => anyhow::anyhow!(
+                "the API server answered {} {}: {}",
+                status.code,
+                status.reason,
+                status.message
+            ),
+            other => anyhow::Error::from(other),
+        })
 }
 
 async fn deployment_ready(
@@ -260,6 +277,85 @@ async fn deployment_ready(
                     detail,
                     format!("see why the pods do not start: {logs}"),
                 )
+            }
+        }
+    }
+}
+
+/// The one ClusterSettings of the control plane, with a gateway sidecars can dial.
+async fn cluster_settings(api: &Api<ClusterSettingsResource>, ns: &str, t: Duration) -> Check {
+    let check = format!("cluster settings in {ns}");
+    let install_hint = "install the mesh: isthmus install --cluster NAME | kubectl apply -f -";
+    let list = match timed(t, api.list(&ListParams::default())).await {
+        Ok(list) => list.items,
+        Err(e) => {
+            return Check::fail(
+                check,
+                format!("cannot list ClusterSettings: {e:#}"),
+                "install the CRDs (see above) and check your access to ClusterSettings",
+            );
+        }
+    };
+    let [settings] = list.as_slice() else {
+        let names: Vec<&str> = list
+            .iter()
+            .filter_map(|s| s.metadata.name.as_deref())
+            .collect();
+        return match names.as_slice() {
+            [] => Check::fail(check, "none", install_hint),
+            _ => Check::fail(
+                check,
+                format!(
+                    "{} objects ({}): the controller reads one",
+                    names.len(),
+                    names.join(", ")
+                ),
+                format!(
+                    "keep the one named as the cluster: kubectl -n {ns} delete clustersettings NAME"
+                ),
+            ),
+        };
+    };
+    let spec = &settings.spec;
+    let Some(gateway) = &spec.gateway else {
+        return Check::fail(
+            check,
+            format!("cluster {} has no gateway", spec.cluster_name),
+            install_hint,
+        );
+    };
+    let detail = format!(
+        "cluster {}, trust domain {}, gateway {}:{}",
+        spec.cluster_name, spec.trust_domain, gateway.address, gateway.port
+    );
+    if gateway.address.ip().is_none() {
+        // The sidecar dials its gateway by address (it does not resolve names).
+        return Check::fail(
+            check,
+            format!("{detail}: sidecars need an IP address for their gateway"),
+            "re-install with --gateway-cluster-ip IP (a free address of the Service range)",
+        );
+    }
+    Check::pass(check, detail)
+}
+
+/// The ConfigMap the controller publishes for the proxies.
+async fn discovery_configmap(api: &Api<ConfigMap>, ns: &str, t: Duration) -> Check {
+    let name = install::DISCOVERY_CONFIGMAP;
+    let check = format!("discovery ConfigMap {ns}/{name}");
+    let hint = format!(
+        "the controller publishes it once it leads: kubectl -n {ns} logs deploy/{}",
+        install::CONTROLLER
+    );
+    match timed(t, api.get_opt(name)).await {
+        Ok(None) => Check::fail(check, "not published", hint),
+        Err(e) => Check::fail(check, format!("{e:#}"), "check your access to ConfigMaps"),
+        Ok(Some(cm)) => {
+            let keys: Vec<String> = cm.data.unwrap_or_default().into_keys().collect();
+            if keys.is_empty() {
+                Check::fail(check, "empty", hint)
+            } else {
+                Check::pass(check, format!("published ({})", keys.join(", ")))
             }
         }
     }

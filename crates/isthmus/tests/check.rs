@@ -164,7 +164,14 @@ fn mirror(status: Option<(&str, &str, &str)>) -> Value {
 /// A healthy cluster-b: installed, identities issued, pods ready, linked to
 /// cluster-a, and the seed's mirror reconciled.
 async fn healthy(server: &TestApiServer, pki: &Pki) -> u16 {
-    let out = isthmus(&["install", "--cluster", "cluster-b"]).await;
+    let out = isthmus(&[
+        "install",
+        "--cluster",
+        "cluster-b",
+        "--gateway-cluster-ip",
+        "10.96.100.43",
+    ])
+    .await;
     assert!(out.status.success());
     for doc in docs(&String::from_utf8(out.stdout).unwrap()) {
         if doc["apiVersion"] != "cert-manager.io/v1" {
@@ -182,6 +189,14 @@ async fn healthy(server: &TestApiServer, pki: &Pki) -> u16 {
         d["status"] = json!({"replicas": 2, "readyReplicas": 2});
         put(server, d);
     }
+    put(
+        server,
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "isthmus-discovery", "namespace": "isthmus-system"},
+            "data": {"cluster.yaml": "", "links.yaml": "", "mirrored-services.yaml": ""},
+        }),
+    );
     let mut svc = get(
         server,
         "v1",
@@ -286,7 +301,9 @@ async fn a_healthy_cluster_passes_every_check() {
         "✔ CRD servicemirrors.linkerd.io: installed",
         "✔ CRD links.multicluster.isthmus.io: installed",
         "✔ CRD clustersettings.multicluster.isthmus.io: installed",
+        "✔ cluster settings in isthmus-system: cluster cluster-b, trust domain cluster.local, gateway 10.96.100.43:4143",
         "✔ controller Deployment isthmus-system/isthmus-controller ready: 2/2 replicas ready",
+        "✔ discovery ConfigMap isthmus-system/isthmus-discovery: published (cluster.yaml, links.yaml, mirrored-services.yaml)",
         "✔ gateway Deployment isthmus-system/isthmus-gateway ready: 2/2 replicas ready",
         "✔ gateway Service isthmus-system/isthmus-gateway address: LoadBalancer 198.18.7.2",
         &format!(
@@ -298,7 +315,7 @@ async fn a_healthy_cluster_passes_every_check() {
             "✔ link cluster-a gateway 127.0.0.1:{port}: reached 127.0.0.1:{port}, presents {GATEWAY_ID}"
         ),
         "✔ service mirror default/hello-mirror (hello.default of cluster-a): mirrored",
-        "all 11 checks passed",
+        "all 13 checks passed",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in\n{out}");
     }
@@ -331,6 +348,49 @@ async fn each_failure_fails_its_check_with_what_to_do() {
         "kubectl -n isthmus-system describe deployment isthmus-gateway",
     );
     put(&server, d);
+
+    // The controller has not published the proxies' ConfigMap.
+    let cm = get(
+        &server,
+        "v1",
+        "ConfigMap",
+        Some("isthmus-system"),
+        "isthmus-discovery",
+    );
+    delete(
+        &server,
+        "v1",
+        "ConfigMap",
+        Some("isthmus-system"),
+        "isthmus-discovery",
+    );
+    failed_only(
+        &check(&kubeconfig).await,
+        "discovery ConfigMap isthmus-system/isthmus-discovery",
+        "not published",
+        "kubectl -n isthmus-system logs deploy/isthmus-controller",
+    );
+    put(&server, cm);
+
+    // ClusterSettings naming the gateway by DNS name, which sidecars cannot dial.
+    let settings = get(
+        &server,
+        "multicluster.isthmus.io/v1alpha1",
+        "ClusterSettings",
+        Some("isthmus-system"),
+        "cluster-b",
+    );
+    let mut by_name = settings.clone();
+    by_name["spec"]["gateway"]["address"] =
+        json!("isthmus-gateway.isthmus-system.svc.cluster.local");
+    put(&server, by_name);
+    failed_only(
+        &check(&kubeconfig).await,
+        "cluster settings in isthmus-system",
+        "sidecars need an IP address",
+        "--gateway-cluster-ip",
+    );
+    put(&server, settings);
 
     // No LoadBalancer address.
     let svc = get(
@@ -506,13 +566,21 @@ async fn each_failure_fails_its_check_with_what_to_do() {
         None,
         "clustersettings.multicluster.isthmus.io",
     );
-    failed_only(
-        &check(&kubeconfig).await,
-        "CRD clustersettings.multicluster.isthmus.io",
-        "not installed",
-        "isthmus install --cluster NAME | kubectl apply -f -",
+    let (ok, out) = check(&kubeconfig).await;
+    assert!(!ok);
+    assert!(
+        out.contains(
+            "✘ CRD clustersettings.multicluster.isthmus.io: not installed\n    \
+             hint: install the mesh: isthmus install --cluster NAME | kubectl apply -f -"
+        ),
+        "{out}"
     );
-    assert!(check(&kubeconfig).await.1.contains("1 of 11 checks failed"));
+    // Without the kind, the settings cannot be read either, and the check says why.
+    assert!(
+        out.contains("✘ cluster settings in isthmus-system: cannot list ClusterSettings: the API server answered 404 NotFound"),
+        "{out}"
+    );
+    assert!(out.contains("2 of 13 checks failed"), "{out}");
 }
 
 #[tokio::test]
