@@ -32,9 +32,17 @@ async fn main() -> anyhow::Result<()> {
             let running = isthmus_controller::start(client, config)
                 .await
                 .context("starting the controller")?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("installing the SIGTERM handler")?;
+            // Kubernetes stops a pod with SIGTERM; a terminal with SIGINT. Either
+            // way the Lease is released, so the next replica takes over at once.
             running
                 .run_until(async {
-                    let _ = tokio::signal::ctrl_c().await;
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
                 })
                 .await;
             Ok(())

@@ -58,7 +58,7 @@ fn rule(group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
 
 /// The RBAC objects for a controller in `namespace`.
 ///
-/// Cluster-wide: ServiceMirrors list/watch, their status patch; Services
+/// Cluster-wide: ServiceMirrors get/list/watch, their status patch; Services
 /// get/list/watch, create/patch (server-side apply of mirrored Services, which
 /// creates them) and delete (of a mirrored Service whose mirror now refuses). In
 /// `namespace`: Links list/watch, ClusterSettings get, Secrets get (the Links'
@@ -85,7 +85,7 @@ pub fn rbac(namespace: &str) -> Rbac {
         cluster_role: ClusterRole {
             metadata: meta(None),
             rules: Some(vec![
-                rule("linkerd.io", &["servicemirrors"], &["list", "watch"]),
+                rule("linkerd.io", &["servicemirrors"], &["get", "list", "watch"]),
                 rule("linkerd.io", &["servicemirrors/status"], &["patch"]),
                 rule(
                     "",

@@ -287,7 +287,10 @@ async fn reconcile_inner(
             match &outcome.service {
                 Some(svc) => {
                     let applied = apply_service(ctx, &services, sm, svc, key).await?;
-                    if !applied {
+                    if applied == Applied::MirrorGone {
+                        return Ok((reason.to_owned(), Action::await_change()));
+                    }
+                    if applied == Applied::Conflict {
                         // A Service appeared that this mirror does not own.
                         status = ConditionStatus::False;
                         reason = MirrorReason::NameConflict.as_str();
@@ -364,15 +367,25 @@ fn ensure_leading(ctx: &Context, key: &str) -> Result<(), ReconcileError> {
     }
 }
 
-/// Applies the mirrored Service; `false` when a Service of that name exists
-/// that the mirror does not own (it is not touched).
+/// What [`apply_service`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    /// The mirrored Service is as wanted.
+    Done,
+    /// A Service of that name exists that the mirror does not own: untouched.
+    Conflict,
+    /// The mirror was deleted meanwhile: nothing created for it.
+    MirrorGone,
+}
+
+/// Applies the mirrored Service.
 async fn apply_service(
     ctx: &Context,
     services: &Api<KubeService>,
     sm: &ServiceMirrorResource,
     svc: &Service,
     key: &str,
-) -> Result<bool, ReconcileError> {
+) -> Result<Applied, ReconcileError> {
     let name = &svc.metadata.name;
     let api_err = |action: String| {
         let mirror = key.to_owned();
@@ -396,14 +409,27 @@ async fn apply_service(
                 source,
             })?;
             if !owned_by(&model, &kinds::service_mirror_to_model(sm)) {
-                return Ok(false);
+                return Ok(Applied::Conflict);
             }
             if same_service(&model, svc) {
-                return Ok(true);
+                return Ok(Applied::Done);
             }
             true
         }
     };
+    if live.is_none() {
+        // A reconcile may run on a mirror deleted a moment ago; a Service created
+        // for it now would outlive it (its owner's deletion has passed).
+        let mirrors: Api<ServiceMirrorResource> =
+            Api::namespaced(ctx.client.clone(), svc.metadata.namespace());
+        let current = mirrors
+            .get_opt(&sm.name_any())
+            .await
+            .map_err(api_err(format!("get ServiceMirror {key}")))?;
+        if current.is_none_or(|m| m.uid() != sm.uid()) {
+            return Ok(Applied::MirrorGone);
+        }
+    }
     let mut body = kinds::service_from_model(svc).map_err(|source| ReconcileError::Convert {
         mirror: key.to_owned(),
         source,
@@ -441,7 +467,7 @@ async fn apply_service(
         )))?;
     tracing::info!(service_mirror = %key, service = %format!("{}/{name}", svc.metadata.namespace()),
         created = !owned, "applied mirrored Service");
-    Ok(true)
+    Ok(Applied::Done)
 }
 
 /// Whether the live Service already is what the reconcile wants (labels,
@@ -626,6 +652,58 @@ async fn write_status(
         source,
     })?;
     Ok(())
+}
+
+/// Deletes mirrored Services whose owning ServiceMirror no longer exists (as
+/// `reconcile_all` does for the lab, and as Kubernetes' garbage collector would
+/// eventually): a reconcile racing with the mirror's deletion can leave one. A
+/// live GET confirms the owner is gone, so a lagging cache never deletes a
+/// Service whose mirror was just created.
+pub async fn delete_orphans(
+    client: &kube::Client,
+    services: &Store<KubeService>,
+    mirrors: &Store<ServiceMirrorResource>,
+    leadership: &Leadership,
+) {
+    for svc in services.state() {
+        let Some(owner) = svc
+            .owner_references()
+            .iter()
+            .find(|o| o.kind == "ServiceMirror" && o.api_version.starts_with("linkerd.io/"))
+            .cloned()
+        else {
+            continue;
+        };
+        let ns = svc.namespace().unwrap_or_default();
+        let cached = mirrors.get(&ObjectRef::new(&owner.name).within(&ns));
+        if cached.is_some_and(|m| m.uid().as_deref() == Some(owner.uid.as_str())) {
+            continue;
+        }
+        let api: Api<ServiceMirrorResource> = Api::namespaced(client.clone(), &ns);
+        match api.get_opt(&owner.name).await {
+            Ok(Some(m)) if m.uid().as_deref() == Some(owner.uid.as_str()) => continue,
+            Ok(_) => {}
+            Err(_) => continue,
+        }
+        if !leadership.is_leading() {
+            return;
+        }
+        let services: Api<KubeService> = Api::namespaced(client.clone(), &ns);
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: svc.uid(),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match services.delete(&svc.name_any(), &params).await {
+            Ok(_) => {
+                tracing::info!(service = %kinds::object_key(svc.as_ref()), owner = %owner.name,
+                "deleted a mirrored Service whose ServiceMirror is gone")
+            }
+            Err(e) => tracing::debug!(error = %crate::error_chain(&e), "orphan delete failed"),
+        }
+    }
 }
 
 /// The requeue after a failed reconcile.

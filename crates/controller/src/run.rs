@@ -92,9 +92,9 @@ impl Running {
     }
 
     /// Stops writing at once, releases the Lease, and waits for every task.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.shutdown.send_replace(true);
-        for task in self.tasks {
+        for task in std::mem::take(&mut self.tasks) {
             // A task that panicked has nothing left to clean up.
             let _ = task.await;
         }
@@ -104,6 +104,16 @@ impl Running {
     pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
         signal.await;
         self.stop().await;
+    }
+}
+
+impl Drop for Running {
+    /// Dropping without [`Running::stop`] ends every task at once, like a crash:
+    /// the Lease is not released, so a successor waits out its duration.
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -250,7 +260,7 @@ async fn lead(
         services: services.clone(),
         links: links.clone(),
         remotes: remotes.clone(),
-        leadership,
+        leadership: leadership.clone(),
         metrics: metrics.clone(),
         timing: config.timing,
     });
@@ -318,13 +328,16 @@ async fn lead(
     let sweep = {
         let interval = config.publish_interval;
         async move {
-            if mirrors.wait_until_ready().await.is_err() {
+            if mirrors.wait_until_ready().await.is_err()
+                || services.wait_until_ready().await.is_err()
+            {
                 return;
             }
             let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
             loop {
                 tick.tick().await;
                 remotes.retain(|m| mirrors.get(m).is_some());
+                mirror::delete_orphans(&client, &services, &mirrors, &leadership).await;
             }
         }
     };

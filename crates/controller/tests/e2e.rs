@@ -509,6 +509,30 @@ async fn refusals_name_their_cause_and_never_touch_an_unowned_service() {
         .unwrap();
     lab.reason("far", "UnknownCluster").await;
 
+    // A Link whose credentials Secret does not exist: the status names it.
+    let link: LinkResource = json(serde_json::json!({
+        "apiVersion": "multicluster.isthmus.io/v1alpha1", "kind": "Link",
+        "metadata": {"name": "cluster-c", "namespace": NS},
+        "spec": {"targetClusterName": "cluster-c", "gatewayAddress": "198.18.2.1",
+            "gatewayIdentity": "spiffe://cluster.local/ns/isthmus/sa/gateway",
+            "credentialsSecret": "cluster-c-kubeconfig"}
+    }));
+    let links: Api<LinkResource> = Api::namespaced(lab.local.client(), NS);
+    timed("create Link", links.create(&PostParams::default(), &link))
+        .await
+        .unwrap();
+    let sm: ServiceMirrorResource = json(serde_json::json!({
+        "apiVersion": "linkerd.io/v1alpha1", "kind": "ServiceMirror",
+        "metadata": {"name": "c", "namespace": "default"},
+        "spec": {"cluster": "cluster-c", "service": {"name": "c"}}
+    }));
+    timed("create", lab.mirrors().create(&PostParams::default(), &sm))
+        .await
+        .unwrap();
+    let sm = lab.reason("c", "InvalidCredentials").await;
+    let m = condition(&sm).message;
+    assert!(m.contains("Secret isthmus/cluster-c-kubeconfig"), "{m}");
+
     // Name conflict: a local `hello` someone else made stays exactly as it is.
     lab.create_remote(&remote_service("hello", &[80], true))
         .await;
@@ -670,5 +694,41 @@ async fn leadership_fails_over_and_only_the_leader_writes() {
         .unwrap();
     lab.local_service("second", |s| ports(s) == [81]).await;
     lab.reason("second", "Mirrored").await;
-    timed("stop b", b.stop()).await;
+
+    // A crash: b ends without releasing the Lease. c waits out the duration from
+    // when it last saw the record change, by its own clock, then takes over; b's
+    // own deadline has long passed by then.
+    let c = lab.controller("c").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!c.is_leading());
+    let (lb, lc) = (b.leadership(), c.leadership());
+    let crashed_at = tokio::time::Instant::now();
+    drop(b);
+    let sampler = tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        while start.elapsed() < DEADLINE {
+            let (x, y) = (lb.is_leading(), lc.is_leading());
+            assert!(!(x && y), "two replicas led at once");
+            if y {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("c did not take over within {DEADLINE:?}");
+    });
+    timed("c takes over", sampler).await.unwrap();
+    assert!(
+        crashed_at.elapsed() >= Duration::from_secs(1),
+        "c took over before the crashed leader's Lease could expire"
+    );
+    let spec = holder("c").await;
+    assert_eq!(spec.lease_transitions, Some(2));
+    timed(
+        "delete for c",
+        lab.mirrors().delete("second", &DeleteParams::default()),
+    )
+    .await
+    .unwrap();
+    lab.local_service_gone("second").await;
+    timed("stop c", c.stop()).await;
 }

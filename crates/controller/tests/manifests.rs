@@ -133,7 +133,9 @@ fn crds_parse_as_kubernetes_objects_and_accept_the_seed() {
 /// `cluster` means in any namespace (ClusterRole), `namespace` only in its own
 /// (Role).
 const CALLS: &[(&str, &str, &str, &str)] = &[
-    // mirror.rs / run.rs: the Controller's list+watch of ServiceMirrors, status patch.
+    // run.rs: the Controller's list+watch of ServiceMirrors; mirror.rs: a live
+    // get before creating a Service for one or deleting an orphan; status patch.
+    ("linkerd.io", "servicemirrors", "get", "cluster"),
     ("linkerd.io", "servicemirrors", "list", "cluster"),
     ("linkerd.io", "servicemirrors", "watch", "cluster"),
     ("linkerd.io", "servicemirrors/status", "patch", "cluster"),
