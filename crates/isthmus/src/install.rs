@@ -22,7 +22,9 @@
 //! 6. this cluster's `ClusterSettings`;
 //! 7. the controller Deployment (two replicas, one leader by Lease);
 //! 8. the gateway Deployment and its LoadBalancer Service exposing the tunnel port
-//!    4143 and the probe port 4191.
+//!    4143 and the probe port 4191;
+//! 9. a PodDisruptionBudget for each Deployment, so a node drain never takes every
+//!    gateway (or controller) replica at once.
 //!
 //! Not here: the objects' kinds and RBAC of the controller (the controller crate
 //! owns them), and applying anything: this module only renders.
@@ -282,6 +284,8 @@ pub fn render(options: &InstallOptions) -> Result<String> {
     push(to_json(&controller_deployment(options)));
     push(to_json(&gateway_deployment(options)));
     push(to_json(&gateway_service(options)));
+    push(to_json(&disruption_budget(CONTROLLER)));
+    push(to_json(&disruption_budget(GATEWAY)));
     let mut out = format!(
         "# isthmus install --cluster {} (isthmus {}): apply with kubectl apply -f -\n",
         options.cluster,
@@ -767,6 +771,24 @@ fn gateway_service(options: &InstallOptions) -> Service {
             ..ServiceSpec::default()
         }),
         ..Service::default()
+    }
+}
+
+/// At most one replica of `app` evicted at a time (a budget of `minAvailable`
+/// would block drains of a one-replica gateway).
+fn disruption_budget(app: &str) -> k8s_openapi::api::policy::v1::PodDisruptionBudget {
+    use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+    PodDisruptionBudget {
+        metadata: meta(app, Some(NAMESPACE)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(labels(&[("app.kubernetes.io/name", app)])),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
     }
 }
 

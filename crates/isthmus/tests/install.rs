@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use proxy_discovery::model::{Object, parse_manifests};
@@ -78,6 +79,14 @@ fn check_types(text: &str) -> Vec<String> {
             ("v1", "Secret") => drop(parse::<Secret>(&doc)),
             ("v1", "Service") => drop(parse::<Service>(&doc)),
             ("apps/v1", "Deployment") => drop(parse::<Deployment>(&doc)),
+            ("policy/v1", "PodDisruptionBudget") => {
+                let pdb: PodDisruptionBudget = parse(&doc);
+                let selector = pdb.spec.unwrap().selector.unwrap().match_labels.unwrap();
+                assert_eq!(
+                    selector["app.kubernetes.io/name"], name,
+                    "selects its Deployment"
+                );
+            }
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => drop(parse::<ClusterRole>(&doc)),
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                 drop(parse::<ClusterRoleBinding>(&doc))
@@ -135,6 +144,8 @@ fn every_document_parses_as_its_type_in_apply_order() {
         "Certificate/isthmus-gateway",
         "ClusterIssuer/isthmus-issuer",
         "Secret/isthmus-link-reader-token",
+        "PodDisruptionBudget/isthmus-gateway",
+        "PodDisruptionBudget/isthmus-controller",
     ] {
         assert!(position("Namespace/isthmus-system") < position(later));
     }
