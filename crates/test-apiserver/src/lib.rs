@@ -54,7 +54,8 @@
 //! - Verbs: get, list (label and field selectors, `limit`/`continue`), watch,
 //!   create (`generateName`), update (409 on a stale `resourceVersion`), delete and
 //!   deletecollection (finalizers, owner-reference garbage collection in the
-//!   background style, `propagationPolicy=Orphan`, uid/resourceVersion
+//!   background style, also of objects written through the API whose owners are
+//!   all gone, `propagationPolicy=Orphan`, uid/resourceVersion
 //!   preconditions), patch (merge, JSON patch, strategic merge approximated by
 //!   merge, server-side apply with managedFields, conflicts and `force`), and
 //!   `/status`; `dryRun=All` answers without writing. Writes that change nothing

@@ -202,6 +202,28 @@ fn comparable(obj: &Value) -> Value {
     o
 }
 
+/// A Secret's `stringData` is write-only: the server folds it into `data`
+/// (base64), where it wins over a key of the same name.
+fn fold_string_data(secret: &mut Value) {
+    let Some(Value::Object(string_data)) =
+        secret.as_object_mut().and_then(|o| o.remove("stringData"))
+    else {
+        return;
+    };
+    if !secret.get("data").is_some_and(Value::is_object) {
+        secret["data"] = json!({});
+    }
+    for (k, v) in string_data {
+        let text = v
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| v.to_string());
+        let encoded =
+            serde_json::to_value(k8s_openapi::ByteString(text.into_bytes())).unwrap_or(Value::Null);
+        secret["data"][k] = encoded;
+    }
+}
+
 /// Everything but metadata and status: a change here bumps the generation.
 fn spec_part(obj: &Value) -> Value {
     let mut o = obj.clone();
@@ -286,6 +308,9 @@ impl State {
     /// it is being deleted and no finalizer holds it. A write that changes
     /// nothing is a no-op: no new resourceVersion, no event.
     fn commit(&mut self, key: &ObjKey, mut new: Value) -> Value {
+        if key.group.is_empty() && key.plural == "secrets" {
+            fold_string_data(&mut new);
+        }
         let old = self.objects.get(key).cloned();
         if let Some(old) = &old {
             if comparable(old) == comparable(&new) {
@@ -387,6 +412,48 @@ impl State {
         for k in orphans {
             self.delete_key(&k, false);
         }
+    }
+
+    /// What the garbage collector does with an object written through the API
+    /// whose owners are all gone (say, re-created by a controller that had not
+    /// yet seen its owner's deletion): it deletes it. The write itself succeeds.
+    fn collect_if_orphaned(&mut self, written: &Value) {
+        let owners: Vec<&str> = written
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .map(|refs| {
+                refs.iter()
+                    .filter_map(|r| r.get("uid").and_then(Value::as_str))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if owners.is_empty() {
+            return;
+        }
+        let live = self
+            .objects
+            .values()
+            .filter_map(|o| meta_str(o, "uid"))
+            .any(|uid| owners.contains(&uid));
+        if live {
+            return;
+        }
+        let Some(rt) = written
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .zip(written.get("kind").and_then(Value::as_str))
+            .and_then(|(api_version, kind)| {
+                let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+                self.types
+                    .iter()
+                    .find(|t| t.group == group && t.version == version && t.kind == kind)
+                    .cloned()
+            })
+        else {
+            return;
+        };
+        let (ns, name) = identity(written);
+        self.delete_key(&Self::key(&rt, &ns, &name), false);
     }
 
     fn after_crd_or_namespace_removal(&mut self, key: &ObjKey) {
@@ -681,8 +748,12 @@ impl Store {
         let mut entries = Vec::new();
         apply::record_update(&mut entries, &writer(rt, opts), None, &obj);
         apply::write_managed(&mut obj, &entries);
-        self.write_or_try(opts.dry_run, |state| state.create(rt, ns, obj))
-            .map(|o| present(rt, &o))
+        self.write_or_try(opts.dry_run, |state| {
+            let created = state.create(rt, ns, obj)?;
+            state.collect_if_orphaned(&created);
+            Ok(created)
+        })
+        .map(|o| present(rt, &o))
     }
 
     /// The object after a write through `scope`: the parts outside it come from `old`.
@@ -760,7 +831,9 @@ impl Store {
             let mut entries = apply::read_managed(&old);
             apply::record_update(&mut entries, &writer(rt, opts), Some(&old), &new);
             apply::write_managed(&mut new, &entries);
-            Ok(present(rt, &state.commit(&key, new)))
+            let written = state.commit(&key, new);
+            state.collect_if_orphaned(&written);
+            Ok(present(rt, &written))
         })
     }
 
@@ -816,7 +889,9 @@ impl Store {
                 return match old {
                     Some(old) => {
                         let new = Self::scoped_result(rt, opts.scope, &old, merged);
-                        Ok(present(rt, &state.commit(&key, new)))
+                        let written = state.commit(&key, new);
+            state.collect_if_orphaned(&written);
+            Ok(present(rt, &written))
                     }
                     None => state.create(rt, ns, merged).map(|o| present(rt, &o)),
                 };
@@ -843,7 +918,9 @@ impl Store {
             let mut entries = apply::read_managed(&old);
             apply::record_update(&mut entries, &writer, Some(&old), &new);
             apply::write_managed(&mut new, &entries);
-            Ok(present(rt, &state.commit(&key, new)))
+            let written = state.commit(&key, new);
+            state.collect_if_orphaned(&written);
+            Ok(present(rt, &written))
         })
     }
 

@@ -544,6 +544,7 @@ async fn finalizers_and_owner_garbage_collection() {
     assert!(within(secrets.get("dep")).await.is_ok());
 
     // Removing the finalizer completes the deletion, and the dependent goes too.
+    // (While the owner is only marked, it still exists: dependents stay.)
     within(cms.patch(
         "owner",
         &PatchParams::default(),
@@ -552,6 +553,14 @@ async fn finalizers_and_owner_garbage_collection() {
     .await
     .unwrap();
     assert_eq!(code(within(cms.get("owner")).await.unwrap_err()).0, 404);
+    assert_eq!(code(within(secrets.get("dep")).await.unwrap_err()).0, 404);
+
+    // A dependent written after its owner is gone is collected as the
+    // garbage collector would: the write succeeds, the object does not stay.
+    let late = within(secrets.create(&PostParams::default(), &dependent))
+        .await
+        .unwrap();
+    assert_eq!(late.name_any(), "dep");
     assert_eq!(code(within(secrets.get("dep")).await.unwrap_err()).0, 404);
 }
 
@@ -834,12 +843,15 @@ async fn kube_runtime_controller_reconciles_and_gc_follows() {
         .unwrap();
     let store = server.store().clone();
     eventually("the controller's Secret", || {
-        store
-            .get::<Secret>(Some("default"), "cfg-secret")
-            .is_some_and(|s| s.string_data.is_some() || s.data.is_some())
+        store.get::<Secret>(Some("default"), "cfg-secret").is_some()
     })
     .await;
     let secret = store.get::<Secret>(Some("default"), "cfg-secret").unwrap();
+    assert!(
+        secret.string_data.is_none(),
+        "stringData is folded into data"
+    );
+    assert_eq!(secret.data.clone().unwrap()["copied"].0, b"v1");
     let managers: Vec<String> = secret
         .metadata
         .managed_fields
