@@ -170,7 +170,8 @@ impl<L: RouteLookup> Explicit<L> {
         match self.lookup.route_authority(authority) {
             Route::Mirrored { cluster, authority } => {
                 let pool = self.gateway.as_ref().ok_or(Refusal::LinkDown)?;
-                pool.open(&authority, Some(&cluster))
+                // The client is answered with the far end's verdict, so wait for it.
+                pool.open_answered(&authority, Some(&cluster))
                     .await
                     .map(|s| Box::new(s) as BoxIo)
                     .map_err(|e| e.refusal())

@@ -269,6 +269,12 @@ impl ForwardError {
         self.peer
     }
 
+    /// The tunnel refusal that ended the connection: a tunnel stream is opened
+    /// optimistically, so its refusal arrives as the error of its first read.
+    pub fn refusal(&self) -> Option<crate::tunnel::Refusal> {
+        crate::tunnel::client::refusal_of(&self.source)
+    }
+
     /// The metric label for why the connection closed: `idle_timeout`,
     /// `connect_timeout`, `connect_error`, `upstream_reset`, `downstream_reset`, `upstream_error`,
     /// `downstream_error`, `local_error` or `policy`.

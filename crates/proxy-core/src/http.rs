@@ -33,7 +33,8 @@ use crate::detect::Protocol;
 use crate::forward::{ByteCounters, ForwardConfig, forward_io};
 use crate::listen::ConnectionTasks;
 use crate::metrics::{Direction, HttpLabels, HttpResponseLabels, ProxyMetrics};
-use crate::tunnel::{H2Settings, Io};
+use crate::tunnel::client::{StreamRefused, refusal_of};
+use crate::tunnel::{H2Settings, Io, Refusal};
 
 /// Default [`HttpSettings::header_read_timeout`]: ten seconds from a request's first
 /// byte to its last header line. Real clients write a head in one go, so this only
@@ -99,10 +100,21 @@ pub enum HttpError {
 impl HttpError {
     /// The `tcp_close_total` reason of a connection that ended with this error.
     pub fn close_reason(&self) -> &'static str {
+        if let Some(refusal) = self.refusal() {
+            return refusal.as_str();
+        }
         match self {
             HttpError::IdleTimeout(_) => "idle_timeout",
             HttpError::HeaderTimeout(_) => "header_timeout",
             _ => "http_error",
+        }
+    }
+
+    /// The tunnel refusal that ended the connection, if one did.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            HttpError::Downstream(e) | HttpError::UpstreamHandshake(e) => refusal_of(e),
+            _ => None,
         }
     }
 }
@@ -201,8 +213,10 @@ impl HttpProxy {
             let req = req.map(|body| InFlight::new(body, request.clone()));
             async move {
                 let mut sender = sender.lock().await;
-                let response = exchange.forward(req, |req| sender.send_request(req)).await;
-                Ok::<_, std::convert::Infallible>(response.map(|body| InFlight::new(body, request)))
+                let response = exchange
+                    .forward(req, |req| sender.send_request(req))
+                    .await?;
+                Ok::<_, StreamRefused>(response.map(|body| InFlight::new(body, request)))
             }
         });
         let conn = hyper::server::conn::http1::Builder::new()
@@ -275,11 +289,7 @@ impl HttpProxy {
         let service = service_fn(move |req| {
             let exchange = exchange.clone();
             let mut sender = sender.clone();
-            async move {
-                Ok::<_, std::convert::Infallible>(
-                    exchange.forward(req, |req| sender.send_request(req)).await,
-                )
-            }
+            async move { exchange.forward(req, |req| sender.send_request(req)).await }
         });
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -550,7 +560,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
 }
 
 impl Exchange {
-    async fn forward<B, F, Fut>(&self, mut req: Request<B>, send: F) -> Response<ProxyBody>
+    /// Forwards one request. A tunnel refusal is returned as an error rather than
+    /// answered: the connection is then dropped and the client reset, as for a
+    /// refused TCP connection, instead of reading a response the mesh made up.
+    async fn forward<B, F, Fut>(
+        &self,
+        mut req: Request<B>,
+        send: F,
+    ) -> Result<Response<ProxyBody>, StreamRefused>
     where
         F: FnOnce(Request<B>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<Incoming>, hyper::Error>>,
@@ -600,6 +617,9 @@ impl Exchange {
                 response.map(Either::Left)
             }
             Err(e) => {
+                if let Some(refusal) = refusal_of(&e) {
+                    return Err(StreamRefused(refusal));
+                }
                 debug!(error = %e, authority = %authority, "upstream request failed");
                 let mut response = Response::new(Either::Right(Empty::new()));
                 *response.status_mut() = StatusCode::BAD_GATEWAY;
@@ -620,7 +640,7 @@ impl Exchange {
             .http_latency
             .get_or_create(&labels)
             .observe(start.elapsed().as_secs_f64());
-        response
+        Ok(response)
     }
 }
 

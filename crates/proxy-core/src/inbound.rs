@@ -21,8 +21,8 @@ use crate::http::HttpProxy;
 use crate::listen::{Accepted, Handler, reset};
 use crate::metrics::{Direction, ProxyMetrics};
 use crate::outbound::{UpstreamIo, connect_while_detecting, serve_detected};
-use crate::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServer};
-use crate::tunnel::{BoxIo, HandshakeObserver, Refusal};
+use crate::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServer, Upstream};
+use crate::tunnel::{HandshakeObserver, Refusal};
 
 /// Reads a peer's identity from a finished TLS handshake (the caller knows SPIFFE
 /// and which issuer is its own).
@@ -172,7 +172,7 @@ pub struct LocalDelivery {
 }
 
 impl TunnelHandler for LocalDelivery {
-    async fn open(&self, request: &TunnelRequest) -> Result<BoxIo, Refusal> {
+    async fn open(&self, request: &TunnelRequest) -> Result<Upstream, Refusal> {
         let port = request.authority.port();
         if self.proxy_ports.contains(&port) {
             return Err(Refusal::Loop);
@@ -181,7 +181,7 @@ impl TunnelHandler for LocalDelivery {
         match connect_upstream(target, self.connect_timeout).await {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
-                Ok(Box::new(stream))
+                Ok(Upstream::Connected(Box::new(stream)))
             }
             Err(e) if e.is_connect_timeout() => Err(Refusal::UpstreamTimeout),
             Err(_) => Err(Refusal::UpstreamRefused),

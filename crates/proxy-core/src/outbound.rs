@@ -222,14 +222,16 @@ pub(crate) async fn serve_detected(
         (Protocol::Opaque, UpstreamIo::Other(up)) => {
             // Kept so the client can be reset if the tunnel side fails: the forwarder
             // drops generic streams as they are.
-            let abort_handle = downstream.as_fd().try_clone_to_owned().ok();
+            let abort = AbortHandle::new(&downstream);
             if let Err(e) = forward_io(downstream, up, &detected.prefix, forward, &counters).await {
-                guard.set_reason(e.close_reason());
-                debug!(%label, error = %e, "tunnelled connection ended with an error");
-                if let Some(fd) = abort_handle {
-                    let socket = socket2::Socket::from(fd);
-                    let _ = socket.set_linger(Some(Duration::ZERO));
+                match e.refusal() {
+                    Some(refusal) => refused(metrics, direction, guard, label, refusal),
+                    None => {
+                        guard.set_reason(e.close_reason());
+                        debug!(%label, error = %e, "tunnelled connection ended with an error");
+                    }
                 }
+                abort.reset();
             }
         }
         (protocol, upstream) => {
@@ -239,12 +241,55 @@ pub(crate) async fn serve_detected(
                     let _ = up.set_nodelay(true);
                     http.serve(downstream, up, protocol, label, drain).await
                 }
-                UpstreamIo::Other(up) => http.serve(downstream, up, protocol, label, drain).await,
+                UpstreamIo::Other(up) => {
+                    let abort = AbortHandle::new(downstream.get_ref());
+                    let result = http.serve(downstream, up, protocol, label, drain).await;
+                    if let Err(e) = &result
+                        && let Some(refusal) = e.refusal()
+                    {
+                        refused(metrics, direction, guard, label, refusal);
+                        abort.reset();
+                        return;
+                    }
+                    result
+                }
             };
             if let Err(e) = result {
                 guard.set_reason(e.close_reason());
                 debug!(%label, error = %e, "HTTP connection ended with an error");
             }
+        }
+    }
+}
+
+/// Logs and counts a tunnel refusal that reached a connection already forwarding.
+fn refused(
+    metrics: &ProxyMetrics,
+    direction: Direction,
+    guard: &mut ConnectionGuard,
+    label: &str,
+    refusal: Refusal,
+) {
+    info!(%label, reason = refusal.as_str(), "tunnelled connection refused by the far end");
+    metrics.refused(direction, refusal.as_str());
+    guard.set_reason(refusal.as_str());
+}
+
+/// A second handle on a client socket, to turn its close into a reset after the
+/// socket itself was handed to a forwarder that drops streams as they are.
+struct AbortHandle(Option<std::os::fd::OwnedFd>);
+
+impl AbortHandle {
+    fn new(stream: &TcpStream) -> Self {
+        Self(stream.as_fd().try_clone_to_owned().ok())
+    }
+
+    /// `SO_LINGER` 0: the close that follows (the forwarder's drop of the socket)
+    /// sends an RST, so the client cannot take a cut stream for a complete one.
+    fn reset(self) {
+        if let Some(fd) = self.0 {
+            let socket = socket2::Socket::from(fd);
+            let _ = socket.set_linger(Some(Duration::ZERO));
         }
     }
 }

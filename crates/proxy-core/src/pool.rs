@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::route::{Authority, ClusterName};
 use crate::tunnel::client::{self, OpenError, TunnelSender, TunnelStream};
-use crate::tunnel::{H2Settings, HandshakeObserver, Refusal};
+use crate::tunnel::{ConnectionError, H2Settings, HandshakeObserver, Refusal};
 
 /// How to reach one peer.
 #[derive(Clone)]
@@ -81,7 +81,7 @@ pub enum PoolError {
     Connection {
         peer: Arc<str>,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
 }
 
@@ -116,7 +116,7 @@ enum ConnectError {
     H2 {
         addr: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
 }
 
@@ -169,8 +169,11 @@ impl Pool {
         self.shared.state.borrow().clone()
     }
 
-    /// Opens a stream. While the link is down it fails at once; while the very first
-    /// connection is being made it waits up to the connect timeout.
+    /// Opens a stream, returning once its `CONNECT` is queued: the caller's first
+    /// bytes follow without waiting for the answer, which the stream's first read
+    /// (or [`TunnelStream::verdict`]) awaits. While the link is down it fails at
+    /// once; while the very first connection is being made it waits up to the
+    /// connect timeout.
     pub async fn open(
         &self,
         authority: &Authority,
@@ -205,13 +208,32 @@ impl Pool {
         unreachable!("the loop returns on its second attempt")
     }
 
+    /// Opens a stream and waits for the far end's answer, for callers that decide
+    /// something on a refusal (a fallback) before they send anything.
+    pub async fn open_answered(
+        &self,
+        authority: &Authority,
+        cluster: Option<&ClusterName>,
+    ) -> Result<TunnelStream, PoolError> {
+        let mut stream = self.open(authority, cluster).await?;
+        let peer = &self.shared.cfg.name;
+        match stream.verdict().await {
+            Ok(()) => Ok(stream),
+            Err(OpenError::Refused(refusal)) => Err(PoolError::Refused {
+                peer: peer.clone(),
+                refusal,
+            }),
+            Err(OpenError::Connection(source)) => Err(PoolError::Connection {
+                peer: peer.clone(),
+                source,
+            }),
+        }
+    }
+
     fn pick(&self) -> Option<TunnelSender> {
         let slots = lock(&self.shared.slots);
         let start = self.shared.next.fetch_add(1, Ordering::Relaxed);
-        (0..slots.len())
-            .filter_map(|i| slots[(start + i) % slots.len()].as_ref())
-            .find(|s| !s.is_closed())
-            .cloned()
+        (0..slots.len()).find_map(|i| slots[(start + i) % slots.len()].clone())
     }
 
     async fn wait_for_connection(&self) -> Result<TunnelSender, PoolError> {
@@ -268,23 +290,34 @@ async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receive
         match attempt {
             Ok((sender, conn)) => {
                 let established = tokio::time::Instant::now();
+                // A task of its own: when the pool stops, streams in flight (a relay
+                // draining on SIGTERM) keep their connection, which closes once they
+                // are done and the pool dropped its handle.
+                let mut conn = tokio::spawn(conn);
                 lock(&shared.slots)[slot] = Some(sender);
                 *lock(&shared.last_error) = None;
                 publish(&shared);
                 info!(peer = %cfg.name, addr = %cfg.addr, slot, "tunnel connection established");
                 let lost: Arc<str> = tokio::select! {
-                    res = conn => match res {
-                        Err(e) => {
+                    res = &mut conn => match res {
+                        Ok(Err(e)) => {
                             let error = error_chain(&e);
                             warn!(peer = %cfg.name, slot, %error, "tunnel connection lost");
                             Arc::from(format!("tunnel connection lost: {error}"))
                         }
-                        Ok(()) => {
+                        Ok(Ok(())) => {
                             info!(peer = %cfg.name, slot, "tunnel connection closed by peer");
                             Arc::from("tunnel connection closed by peer")
                         }
+                        Err(e) => {
+                            warn!(peer = %cfg.name, slot, error = %e, "tunnel connection task failed");
+                            Arc::from(format!("tunnel connection task failed: {e}"))
+                        }
                     },
-                    _ = crate::listen::drained(&mut shutdown) => return,
+                    _ = crate::listen::drained(&mut shutdown) => {
+                        lock(&shared.slots)[slot] = None;
+                        return;
+                    }
                 };
                 lock(&shared.slots)[slot] = None;
                 *lock(&shared.last_error) = Some((SystemTime::now(), lost));
@@ -343,7 +376,7 @@ async fn connect(
 ) -> Result<
     (
         TunnelSender,
-        impl std::future::Future<Output = Result<(), hyper::Error>> + Send + use<>,
+        impl std::future::Future<Output = Result<(), ConnectionError>> + Send + use<>,
     ),
     ConnectError,
 > {

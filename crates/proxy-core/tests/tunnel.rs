@@ -9,8 +9,8 @@ use proxy_core::forward::ForwardConfig;
 use proxy_core::metrics::{Direction, ProxyMetrics, RefusalLabels};
 use proxy_core::route::{Authority, ClusterName};
 use proxy_core::tunnel::client::{self, OpenError};
-use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServer};
-use proxy_core::tunnel::{BoxIo, H2Settings, Refusal};
+use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServer, Upstream};
+use proxy_core::tunnel::{H2Settings, Refusal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -25,14 +25,14 @@ struct EchoHandler {
 }
 
 impl TunnelHandler for EchoHandler {
-    async fn open(&self, request: &TunnelRequest) -> Result<BoxIo, Refusal> {
+    async fn open(&self, request: &TunnelRequest) -> Result<Upstream, Refusal> {
         match (
             request.authority.as_str(),
             request.cluster.as_ref().map(|c| c.as_str()),
         ) {
-            ("echo.test:7", Some("here")) => {
-                Ok(Box::new(TcpStream::connect(self.echo).await.unwrap()))
-            }
+            ("echo.test:7", Some("here")) => Ok(Upstream::Connected(Box::new(
+                TcpStream::connect(self.echo).await.unwrap(),
+            ))),
             ("echo.test:7", Some(_)) => Err(Refusal::UnknownCluster),
             _ => Err(Refusal::NotExported),
         }
@@ -126,17 +126,23 @@ async fn many_streams_share_one_connection_and_refusals_name_their_reason() {
 
     let mut s = sender.clone();
     let secret = Authority::parse("secret.test:7").unwrap();
-    let refused = timeout(STEP, client::open(&mut s, &secret, Some(&here)))
-        .await
-        .unwrap();
+    let refused = timeout(STEP, async {
+        let mut stream = client::open(&mut s, &secret, Some(&here)).await?;
+        stream.verdict().await
+    })
+    .await
+    .unwrap();
     assert!(
         matches!(refused, Err(OpenError::Refused(Refusal::NotExported))),
         "{refused:?}"
     );
     let elsewhere = ClusterName::new("elsewhere");
-    let refused = timeout(STEP, client::open(&mut s, &authority, Some(&elsewhere)))
-        .await
-        .unwrap();
+    let refused = timeout(STEP, async {
+        let mut stream = client::open(&mut s, &authority, Some(&elsewhere)).await?;
+        stream.verdict().await
+    })
+    .await
+    .unwrap();
     assert!(
         matches!(refused, Err(OpenError::Refused(Refusal::UnknownCluster))),
         "{refused:?}"

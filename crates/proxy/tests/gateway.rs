@@ -333,7 +333,7 @@ impl Client {
     ) -> Result<proxy_core::tunnel::client::TunnelStream, PoolError> {
         let authority = Authority::parse(authority).unwrap();
         let cluster = ClusterName::new(cluster);
-        timeout(STEP, self.pool.open(&authority, Some(&cluster)))
+        timeout(STEP, self.pool.open_answered(&authority, Some(&cluster)))
             .await
             .unwrap_or_else(|_| panic!("opening {authority} in {cluster} hung"))
     }
@@ -348,7 +348,7 @@ impl Client {
     async fn refusal_within(&self, limit: Duration, authority: &str, cluster: &str) -> Refusal {
         let authority = Authority::parse(authority).unwrap();
         let target = ClusterName::new(cluster);
-        match timeout(limit, self.pool.open(&authority, Some(&target))).await {
+        match timeout(limit, self.pool.open_answered(&authority, Some(&target))).await {
             Err(_) => panic!("{authority} in {cluster}: no answer within {limit:?}"),
             Ok(Ok(_)) => panic!("{authority} in {cluster} was opened, expected a refusal"),
             Ok(Err(PoolError::Refused { refusal, .. })) => refusal,

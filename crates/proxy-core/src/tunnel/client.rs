@@ -1,27 +1,66 @@
 //! The tunnel's client end: one HTTP/2 connection carries many CONNECT streams.
+//!
+//! A stream is opened optimistically: [`open`] returns as soon as the `CONNECT` is
+//! queued, and the application's first bytes follow it in the same flight instead
+//! of waiting a round trip for the answer. The answer is awaited by the first read
+//! (or by [`TunnelStream::verdict`]); a refusal fails that read with an error that
+//! names the [`Refusal`] ([`refusal_of`]). Bytes sent to a stream that is then
+//! refused are discarded by the far end, which never acted on them.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
+use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::SendStream;
+use h2::client::ResponseFuture;
 use http::{Method, Request};
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::stream::{ConnectionError, H2Io, drive_with_keepalive, h2_io_error};
 use super::{CLUSTER_HEADER, H2Settings, Io, REFUSAL_HEADER, Refusal};
 use crate::route::{Authority, ClusterName};
 
 /// The handle that opens streams on one tunnel connection; clones share it.
-pub type TunnelSender = SendRequest<Empty<Bytes>>;
+pub type TunnelSender = h2::client::SendRequest<Bytes>;
 
 /// How long a stream that ended its own side cleanly waits for the peer's end of
 /// stream before it is dropped anyway (then with a reset).
 const LINGER: Duration = Duration::from_secs(2);
+
+/// The error a read of a refused stream fails with; [`refusal_of`] finds it in an
+/// error's source chain.
+#[derive(Debug, thiserror::Error)]
+#[error("tunnel stream refused: {0}")]
+pub struct StreamRefused(pub Refusal);
+
+/// The refusal behind an I/O error, if a tunnel refusal caused it (directly, or
+/// wrapped by the layers above, such as an HTTP client).
+pub fn refusal_of(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(StreamRefused(refusal)) = e.downcast_ref::<StreamRefused>() {
+            return Some(*refusal);
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && let Some(inner) = io.get_ref()
+            && let Some(StreamRefused(refusal)) = inner.downcast_ref::<StreamRefused>()
+        {
+            return Some(*refusal);
+        }
+        cause = e.source();
+    }
+    None
+}
+
+enum Answer {
+    Pending(ResponseFuture),
+    Open,
+    Refused(Refusal),
+    Failed,
+}
 
 /// An open tunnel stream: the application's bytes, both ways.
 ///
@@ -32,35 +71,81 @@ const LINGER: Duration = Duration::from_secs(2);
 /// sees an orderly close. A stream dropped without a shutdown, as on errors, is
 /// reset at once, which is what an abort should look like.
 pub struct TunnelStream {
-    io: Option<TokioIo<Upgraded>>,
-    write_shut: bool,
-    read_eof: bool,
+    io: Option<H2Io>,
+    answer: Answer,
 }
 
 impl std::fmt::Debug for TunnelStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let answer = match self.answer {
+            Answer::Pending(_) => "pending",
+            Answer::Open => "open",
+            Answer::Refused(r) => r.as_str(),
+            Answer::Failed => "failed",
+        };
         f.debug_struct("TunnelStream")
-            .field("write_shut", &self.write_shut)
-            .field("read_eof", &self.read_eof)
+            .field("answer", &answer)
             .finish_non_exhaustive()
     }
 }
 
 impl TunnelStream {
-    fn new(io: TokioIo<Upgraded>) -> Self {
+    fn new(send: SendStream<Bytes>, response: ResponseFuture) -> Self {
         Self {
-            io: Some(io),
-            write_shut: false,
-            read_eof: false,
+            io: Some(H2Io::new(send, None)),
+            answer: Answer::Pending(response),
         }
     }
 
-    fn io(&mut self) -> Pin<&mut TokioIo<Upgraded>> {
+    fn io(&mut self) -> Pin<&mut H2Io> {
         Pin::new(
             self.io
                 .as_mut()
-                .expect("the stream is only taken out in drop"),
+                .expect("the stream is only taken out in drop or into_pending"),
         )
+    }
+
+    /// Waits for the far end's answer: `Ok` once it accepted the stream.
+    pub async fn verdict(&mut self) -> Result<(), OpenError> {
+        poll_fn(|cx| self.poll_answer(cx)).await
+    }
+
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), OpenError>> {
+        let Answer::Pending(response) = &mut self.answer else {
+            return Poll::Ready(match self.answer {
+                Answer::Open => Ok(()),
+                Answer::Refused(refusal) => Err(OpenError::Refused(refusal)),
+                _ => Err(OpenError::Connection(h2::Error::from(h2::Reason::CANCEL))),
+            });
+        };
+        match ready!(Pin::new(response).poll(cx)) {
+            Ok(response) if response.status().is_success() => {
+                self.answer = Answer::Open;
+                self.io().set_recv(response.into_body());
+                Poll::Ready(Ok(()))
+            }
+            Ok(response) => {
+                let header = response.headers().get(REFUSAL_HEADER).map(|v| v.as_bytes());
+                let refusal = Refusal::from_response(response.status(), header);
+                self.answer = Answer::Refused(refusal);
+                Poll::Ready(Err(OpenError::Refused(refusal)))
+            }
+            Err(e) => {
+                self.answer = Answer::Failed;
+                Poll::Ready(Err(OpenError::Connection(e)))
+            }
+        }
+    }
+
+    /// The sending half and the pending answer, for a relay that passes the stream
+    /// on frame by frame; `None` once the answer was read.
+    pub(crate) fn into_pending(mut self) -> Option<(SendStream<Bytes>, ResponseFuture)> {
+        let answer = std::mem::replace(&mut self.answer, Answer::Failed);
+        let Answer::Pending(response) = answer else {
+            return None;
+        };
+        let io = self.io.take()?;
+        Some((io.into_send(), response))
     }
 }
 
@@ -69,16 +154,15 @@ impl AsyncRead for TunnelStream {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = self.io().poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled
-            && buf.filled().len() == before
-            && buf.remaining() > 0
-        {
-            self.read_eof = true;
+    ) -> Poll<io::Result<()>> {
+        match ready!(self.poll_answer(cx)) {
+            Ok(()) => self.io().poll_read(cx, buf),
+            Err(OpenError::Refused(refusal)) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                StreamRefused(refusal),
+            ))),
+            Err(OpenError::Connection(e)) => Poll::Ready(Err(h2_io_error(e))),
         }
-        polled
     }
 }
 
@@ -87,20 +171,16 @@ impl AsyncWrite for TunnelStream {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    ) -> Poll<io::Result<usize>> {
         self.io().poll_write(cx, buf)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.io().poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let polled = self.io().poll_shutdown(cx);
-        if let Poll::Ready(Ok(())) = polled {
-            self.write_shut = true;
-        }
-        polled
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io().poll_shutdown(cx)
     }
 }
 
@@ -109,16 +189,30 @@ impl Drop for TunnelStream {
         let Some(mut io) = self.io.take() else {
             return;
         };
-        if !self.write_shut || self.read_eof {
+        if !io.write_shut() || io.read_eof() {
             return;
         }
+        let answer = match std::mem::replace(&mut self.answer, Answer::Failed) {
+            Answer::Pending(response) => Some(response),
+            Answer::Open => None,
+            Answer::Refused(_) | Answer::Failed => return,
+        };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         runtime.spawn(async move {
-            let mut sink = [0u8; 4096];
-            let drain = async { while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {} };
-            let _ = tokio::time::timeout(LINGER, drain).await;
+            let linger = async {
+                if let Some(response) = answer {
+                    match response.await {
+                        Ok(response) if response.status().is_success() => {
+                            io.set_recv(response.into_body());
+                        }
+                        _ => return,
+                    }
+                }
+                io.drain().await;
+            };
+            let _ = tokio::time::timeout(LINGER, linger).await;
         });
     }
 }
@@ -129,10 +223,10 @@ pub enum OpenError {
     /// The far end answered and said no.
     #[error("tunnel stream refused: {0}")]
     Refused(Refusal),
-    /// The connection carrying the stream failed or closed; the stream may be retried
-    /// on another connection because the far end never acted on it.
+    /// The connection carrying the stream failed or closed; a stream that failed
+    /// before it was sent may be retried on another connection.
     #[error("tunnel connection failed")]
-    Connection(#[source] hyper::Error),
+    Connection(#[source] h2::Error),
 }
 
 /// Runs the HTTP/2 handshake on an established (TLS) stream. The returned future
@@ -144,23 +238,30 @@ pub async fn handshake<I: Io>(
 ) -> Result<
     (
         TunnelSender,
-        impl Future<Output = Result<(), hyper::Error>> + Send + use<I>,
+        impl Future<Output = Result<(), ConnectionError>> + Send + use<I>,
     ),
-    hyper::Error,
+    h2::Error,
 > {
-    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(settings.stream_window)
+    let (sender, mut connection) = h2::client::Builder::new()
+        .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
         .max_header_list_size(settings.max_header_list_size)
-        .keep_alive_interval(settings.keepalive_interval)
-        .keep_alive_timeout(settings.keepalive_timeout)
-        .keep_alive_while_idle(true);
-    builder.handshake(TokioIo::new(io)).await
+        .max_send_buffer_size(settings.max_send_buf_size)
+        .enable_push(false)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let ping_pong = connection.ping_pong();
+    let driver = drive_with_keepalive(
+        connection,
+        ping_pong,
+        settings.keepalive_interval,
+        settings.keepalive_timeout,
+    );
+    Ok((sender, driver))
 }
 
 /// Opens one stream to `authority` in `cluster` (no cluster: the peer's own pod).
+/// Returns once the `CONNECT` is queued, before the far end answered.
 pub async fn open(
     sender: &mut TunnelSender,
     authority: &Authority,
@@ -173,22 +274,13 @@ pub async fn open(
         request = request.header(CLUSTER_HEADER, cluster.as_str());
     }
     let request = request
-        .body(Empty::new())
+        .body(())
         .map_err(|_| OpenError::Refused(Refusal::BadRequest))?;
-    sender.ready().await.map_err(OpenError::Connection)?;
-    let response = sender
-        .send_request(request)
+    poll_fn(|cx| sender.poll_ready(cx))
         .await
         .map_err(OpenError::Connection)?;
-    if !response.status().is_success() {
-        let header = response.headers().get(REFUSAL_HEADER).map(|v| v.as_bytes());
-        return Err(OpenError::Refused(Refusal::from_response(
-            response.status(),
-            header,
-        )));
-    }
-    let upgraded = hyper::upgrade::on(response)
-        .await
+    let (response, send) = sender
+        .send_request(request, false)
         .map_err(OpenError::Connection)?;
-    Ok(TunnelStream::new(TokioIo::new(upgraded)))
+    Ok(TunnelStream::new(send, response))
 }

@@ -13,6 +13,9 @@
 
 pub mod client;
 pub mod server;
+mod stream;
+
+pub use stream::ConnectionError;
 
 use std::time::Duration;
 

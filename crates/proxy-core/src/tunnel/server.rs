@@ -6,22 +6,29 @@
 //! only the handler differs.
 
 use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{Method, Request, Response};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::watch;
 use tracing::{debug, info};
 
+use super::client::TunnelStream;
+use super::stream::{ConnectionError, H2Io, Pump, RelayError, drive_with_keepalive, idle};
 use super::{BoxIo, CLUSTER_HEADER, H2Settings, Io, REFUSAL_HEADER, Refusal};
-use crate::forward::{ForwardConfig, forward_io};
+use crate::forward::{ByteCounters, ForwardConfig, forward_io};
 use crate::listen::ConnectionTasks;
-use crate::metrics::{Direction, ProxyMetrics};
+use crate::metrics::{ConnectionGuard, Direction, ProxyMetrics};
 use crate::route::{Authority, ClusterName};
+
+/// A client that finished its TLS handshake must send the HTTP/2 preface within
+/// this time; the connection is closed otherwise.
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The authenticated peer of a tunnel connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -43,10 +50,23 @@ pub struct TunnelRequest {
     pub peer: Peer,
 }
 
+/// Where a handler sends a stream.
+pub enum Upstream {
+    /// An established upstream (a socket, a TLS stream, a stream whose answer was
+    /// awaited): the stream is answered `200` at once and forwarded.
+    Connected(BoxIo),
+    /// A stream to a further tunnel hop, just opened: the client's bytes flow on at
+    /// once, and the client's answer is that hop's answer, refusal included.
+    Relayed(TunnelStream),
+}
+
 /// Decides where a stream goes. Refusing is the normal way to say no: the refusal
 /// reaches the client as a status and is counted here.
 pub trait TunnelHandler: Send + Sync + 'static {
-    fn open(&self, request: &TunnelRequest) -> impl Future<Output = Result<BoxIo, Refusal>> + Send;
+    fn open(
+        &self,
+        request: &TunnelRequest,
+    ) -> impl Future<Output = Result<Upstream, Refusal>> + Send;
 }
 
 /// Serves tunnel connections for one listener.
@@ -82,34 +102,47 @@ impl<H: TunnelHandler> TunnelServer<H> {
         io: I,
         peer: Peer,
         mut drain: watch::Receiver<bool>,
-    ) -> Result<(), hyper::Error> {
-        let streams = Arc::new(ConnectionTasks::default());
-        let server = self.clone();
-        let service_streams = streams.clone();
-        let service = service_fn(move |req| {
-            let server = server.clone();
-            let peer = peer.clone();
-            let streams = service_streams.clone();
-            async move { Ok::<_, std::convert::Infallible>(server.stream(req, peer, &streams).await) }
-        });
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(self.settings.max_concurrent_streams)
-            .initial_stream_window_size(self.settings.stream_window)
-            .initial_connection_window_size(self.settings.connection_window)
-            .max_header_list_size(self.settings.max_header_list_size)
-            .max_pending_accept_reset_streams(self.settings.max_pending_accept_reset_streams)
-            .max_send_buf_size(self.settings.max_send_buf_size)
-            .keep_alive_interval(self.settings.keepalive_interval)
-            .keep_alive_timeout(self.settings.keepalive_timeout);
-        let conn = builder.serve_connection(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            res = conn.as_mut() => res,
-            _ = crate::listen::drained(&mut drain) => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+    ) -> Result<(), ConnectionError> {
+        let s = &self.settings;
+        let handshake = h2::server::Builder::new()
+            .initial_window_size(s.stream_window)
+            .initial_connection_window_size(s.connection_window)
+            .max_concurrent_streams(s.max_concurrent_streams)
+            .max_header_list_size(s.max_header_list_size)
+            .max_pending_accept_reset_streams(s.max_pending_accept_reset_streams)
+            .max_send_buffer_size(s.max_send_buf_size)
+            .handshake::<_, Bytes>(io);
+        let mut connection = tokio::time::timeout(PREFACE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| ConnectionError::PrefaceTimeout(PREFACE_TIMEOUT))?
+            .map_err(ConnectionError::H2)?;
+        let ping_pong = connection.ping_pong();
+        // The keepalive runs beside the accept loop; `drive_with_keepalive` gets a
+        // connection future that never ends, so it reports only a missed PING.
+        let mut keepalive = pin!(drive_with_keepalive(
+            std::future::pending(),
+            ping_pong,
+            s.keepalive_interval,
+            s.keepalive_timeout,
+        ));
+        let streams = ConnectionTasks::default();
+        let mut draining = false;
+        let result = loop {
+            tokio::select! {
+                accepted = connection.accept() => match accepted {
+                    Some(Ok((request, respond))) => {
+                        let server = self.clone();
+                        let peer = peer.clone();
+                        streams.spawn(async move { server.stream(request, respond, peer).await });
+                    }
+                    Some(Err(e)) => break Err(ConnectionError::H2(e)),
+                    None => break Ok(()),
+                },
+                missed = &mut keepalive => break missed,
+                _ = crate::listen::drained(&mut drain), if !draining => {
+                    connection.graceful_shutdown();
+                    draining = true;
+                }
             }
         };
         streams.join().await;
@@ -118,46 +151,135 @@ impl<H: TunnelHandler> TunnelServer<H> {
 
     async fn stream(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
         peer: Peer,
-        streams: &ConnectionTasks,
-    ) -> Response<Empty<Bytes>> {
-        let request = match parse_request(&req, peer) {
-            Ok(request) => request,
-            Err(refusal) => return self.refuse(refusal, None),
+    ) {
+        let tunnel_request = match parse_request(&request, peer) {
+            Ok(parsed) => parsed,
+            Err(refusal) => return self.refuse(&mut respond, refusal, None),
         };
-        let upstream = match self.handler.open(&request).await {
+        let recv = request.into_body();
+        let upstream = match self.handler.open(&tunnel_request).await {
             Ok(upstream) => upstream,
-            Err(refusal) => return self.refuse(refusal, Some(&request)),
+            Err(refusal) => return self.refuse(&mut respond, refusal, Some(&tunnel_request)),
         };
-        let on_upgrade = hyper::upgrade::on(&mut req);
-        let metrics = self.metrics.clone();
-        let direction = self.direction;
-        let forward = self.forward.clone();
-        streams.spawn(async move {
-            let mut guard = metrics.open_connection(direction);
-            let counters = metrics.byte_counters(direction);
-            match on_upgrade.await {
-                Ok(stream) => {
-                    match forward_io(TokioIo::new(stream), upstream, &[], &forward, &counters).await
-                    {
-                        Ok(_) => {}
-                        Err(e) => {
-                            guard.set_reason(e.close_reason());
-                            debug!(authority = %request.authority, error = %e, "tunnel stream ended");
-                        }
+        let mut guard = self.metrics.open_connection(self.direction);
+        let counters = self.metrics.byte_counters(self.direction);
+        match upstream {
+            Upstream::Connected(upstream) => {
+                let send = match respond.send_response(Response::new(()), false) {
+                    Ok(send) => send,
+                    Err(e) => {
+                        guard.set_reason("downstream_error");
+                        debug!(authority = %tunnel_request.authority, error = %e, "tunnel stream gone before its answer");
+                        return;
                     }
-                }
-                Err(e) => {
-                    guard.set_reason("downstream_error");
-                    debug!(authority = %request.authority, error = %e, "tunnel stream never opened");
+                };
+                let downstream = H2Io::new(send, Some(recv));
+                if let Err(e) =
+                    forward_io(downstream, upstream, &[], &self.forward, &counters).await
+                {
+                    guard.set_reason(e.close_reason());
+                    debug!(authority = %tunnel_request.authority, error = %e, "tunnel stream ended");
                 }
             }
-        });
-        Response::new(Empty::new())
+            Upstream::Relayed(next) => {
+                self.relay(recv, respond, next, &tunnel_request, &mut guard, &counters)
+                    .await
+            }
+        }
     }
 
-    fn refuse(&self, refusal: Refusal, request: Option<&TunnelRequest>) -> Response<Empty<Bytes>> {
+    /// Passes a stream on to the next hop frame by frame: the client's bytes go on
+    /// before the next hop answered, and its answer, refusal or `200`, is repeated.
+    async fn relay(
+        &self,
+        recv: RecvStream,
+        mut respond: SendResponse<Bytes>,
+        next: TunnelStream,
+        request: &TunnelRequest,
+        guard: &mut ConnectionGuard,
+        counters: &ByteCounters,
+    ) {
+        let Some((next_send, answer)) = next.into_pending() else {
+            guard.set_reason("local_error");
+            return self.refuse(&mut respond, Refusal::LinkDown, Some(request));
+        };
+        let activity = AtomicU64::new(0);
+        let mut upload = Pump::new(recv, next_send);
+        let mut answer = pin!(answer);
+        let answer = loop {
+            tokio::select! {
+                biased;
+                answer = &mut answer => break answer,
+                sent = upload.run(&counters.to_upstream, &activity), if !upload.is_done() => {
+                    if let Err(e) = sent {
+                        // The client gave up (or its hop failed) before the answer.
+                        guard.set_reason(e.close_reason("downstream"));
+                        debug!(authority = %request.authority, error = %e, "relayed stream ended before its answer");
+                        return;
+                    }
+                }
+            }
+        };
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                info!(authority = %request.authority, error = %e, "the next hop's tunnel connection failed");
+                return self.refuse(&mut respond, Refusal::LinkDown, Some(request));
+            }
+        };
+        if !answer.status().is_success() {
+            let header = answer.headers().get(REFUSAL_HEADER).map(|v| v.as_bytes());
+            let refusal = Refusal::from_response(answer.status(), header);
+            return self.refuse(&mut respond, refusal, Some(request));
+        }
+        let send = match respond.send_response(Response::new(()), false) {
+            Ok(send) => send,
+            Err(e) => {
+                guard.set_reason("downstream_error");
+                debug!(authority = %request.authority, error = %e, "relayed stream gone before its answer");
+                return;
+            }
+        };
+        let mut download = Pump::new(answer.into_body(), send);
+        let both = async {
+            tokio::try_join!(
+                async {
+                    if upload.is_done() {
+                        return Ok(());
+                    }
+                    upload
+                        .run(&counters.to_upstream, &activity)
+                        .await
+                        .map_err(|e| ("downstream", e))
+                },
+                async {
+                    download
+                        .run(&counters.to_downstream, &activity)
+                        .await
+                        .map_err(|e| ("upstream", e))
+                },
+            )
+        };
+        let idle_timeout = self.forward.idle_timeout;
+        let result = tokio::select! {
+            result = both => result.map(|_| ()),
+            () = idle(&activity, idle_timeout) => Err(("local", RelayError::Idle(idle_timeout))),
+        };
+        if let Err((read_side, e)) = result {
+            guard.set_reason(e.close_reason(read_side));
+            debug!(authority = %request.authority, error = %e, "relayed stream ended");
+        }
+    }
+
+    fn refuse(
+        &self,
+        respond: &mut SendResponse<Bytes>,
+        refusal: Refusal,
+        request: Option<&TunnelRequest>,
+    ) {
         self.metrics.refused(self.direction, refusal.as_str());
         match request {
             Some(r) => info!(
@@ -172,13 +294,16 @@ impl<H: TunnelHandler> TunnelServer<H> {
                 info!(direction = ?self.direction, reason = refusal.as_str(), "malformed tunnel request refused")
             }
         }
-        let mut response = Response::new(Empty::new());
+        let mut response = Response::new(());
         *response.status_mut() = refusal.status();
         response.headers_mut().insert(
             REFUSAL_HEADER,
             http::HeaderValue::from_static(refusal.as_str()),
         );
-        response
+        // The answer ends the stream; whatever the client already sent is dropped.
+        if let Err(e) = respond.send_response(response, true) {
+            debug!(error = %e, "refused tunnel stream gone before its answer");
+        }
     }
 }
 

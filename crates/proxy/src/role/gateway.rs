@@ -20,7 +20,7 @@ use proxy_core::forward::connect_upstream;
 use proxy_core::metrics::Direction;
 use proxy_core::pool::{Pool, PoolError};
 use proxy_core::route::Authority;
-use proxy_core::tunnel::server::{TunnelHandler, TunnelRequest};
+use proxy_core::tunnel::server::{TunnelHandler, TunnelRequest, Upstream};
 use proxy_core::tunnel::{BoxIo, Refusal};
 use proxy_discovery::model::LinkSpec;
 use proxy_discovery::{Discovery, Refusal as DiscoveryRefusal};
@@ -206,7 +206,9 @@ impl GatewayHandler {
         if let Some(pool) = self.pod_pool(endpoint.ip()) {
             let authority =
                 Authority::parse(&endpoint.to_string()).map_err(|_| Refusal::BadRequest)?;
-            match pool.open(&authority, None).await {
+            // The answer is awaited here, a round trip inside the cluster, because a
+            // pod without a sidecar must get plain TCP instead.
+            match pool.open_answered(&authority, None).await {
                 Ok(stream) => return Ok(Box::new(stream)),
                 // A sidecar's verdict on its app port stands; those are the only
                 // answers a pod's sidecar gives.
@@ -299,13 +301,13 @@ impl GatewayHandler {
 }
 
 impl TunnelHandler for GatewayHandler {
-    async fn open(&self, request: &TunnelRequest) -> Result<BoxIo, Refusal> {
+    async fn open(&self, request: &TunnelRequest) -> Result<Upstream, Refusal> {
         let target = request
             .cluster
             .as_ref()
             .map_or(self.cluster.as_str(), |c| c.as_str());
         if target == self.cluster {
-            return self.deliver_local(request).await;
+            return self.deliver_local(request).await.map(Upstream::Connected);
         }
         // Another cluster: only this cluster's own workloads (leaves of our issuer)
         // may go there. Relaying for anyone else, a peer gateway or a workload of
@@ -316,9 +318,11 @@ impl TunnelHandler for GatewayHandler {
         let Some(pool) = self.pool_for(target) else {
             return Err(Refusal::UnknownCluster);
         };
+        // Relayed as soon as the stream is open: the client's bytes cross the link
+        // behind the CONNECT, and the peer gateway's answer is passed back as it is.
         pool.open(&request.authority, request.cluster.as_ref())
             .await
-            .map(|stream| Box::new(stream) as BoxIo)
+            .map(Upstream::Relayed)
             .map_err(|e| {
                 info!(cluster = target, authority = %request.authority, error = %e, "relay to peer gateway failed");
                 e.refusal()
