@@ -289,7 +289,7 @@ impl Lab {
         self.write_manifests()?;
         self.start_sidecars(&bin)?;
         self.wait_ready(true).await?;
-        self.start_containers()?;
+        self.start_containers().await?;
         println!(
             "isthmus lab {}: running{}; Ctrl-C to stop",
             self.net.prefix(),
@@ -685,7 +685,12 @@ impl Lab {
         }
     }
 
-    fn start_containers(&mut self) -> Result<()> {
+    /// Starts every pod's containers: the servers first, the others once those
+    /// listen. A client container's first call must not race its server's bind;
+    /// in a cluster a readiness probe would keep the pod out of its Endpoints
+    /// until then.
+    async fn start_containers(&mut self) -> Result<()> {
+        let mut servers = Vec::new();
         let mut started = Vec::new();
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
@@ -715,7 +720,7 @@ impl Lab {
                                     .arg("--address")
                                     .arg(pod.ip.to_string());
                                 container_env(&mut cmd, pod, &env);
-                                started.push((cmd, label.clone(), ci, pi));
+                                servers.push((cmd, label.clone(), ci, pi, port));
                             }
                         }
                         Workload::Command(argv) => {
@@ -728,22 +733,47 @@ impl Lab {
                 }
             }
         }
-        for (cmd, label, ci, pi) in started {
-            let child = spawn(cmd).with_context(|| format!("starting container {label}"))?;
-            if let Some(pid) = child.id() {
-                self.containers.push(pid as i32);
+        let mut listening = Vec::new();
+        for (cmd, label, ci, pi, port) in servers {
+            let pid = self.start_container(cmd, label.clone(), ci, pi)?;
+            listening.push((pid, port, label));
+        }
+        for (pid, port, label) in listening {
+            if let Some(pid) = pid {
+                wait_listening(pid, port)
+                    .await
+                    .with_context(|| format!("container {label}"))?;
             }
-            *self.running.entry((ci, pi)).or_default() += 1;
-            self.supervise(
-                child,
-                label,
-                Role::Container {
-                    cluster: ci,
-                    pod: pi,
-                },
-            );
+        }
+        for (cmd, label, ci, pi) in started {
+            self.start_container(cmd, label, ci, pi)?;
         }
         Ok(())
+    }
+
+    /// Spawns one container and supervises it; returns its pid.
+    fn start_container(
+        &mut self,
+        cmd: tokio::process::Command,
+        label: String,
+        ci: usize,
+        pi: usize,
+    ) -> Result<Option<u32>> {
+        let child = spawn(cmd).with_context(|| format!("starting container {label}"))?;
+        let pid = child.id();
+        if let Some(pid) = pid {
+            self.containers.push(pid as i32);
+        }
+        *self.running.entry((ci, pi)).or_default() += 1;
+        self.supervise(
+            child,
+            label,
+            Role::Container {
+                cluster: ci,
+                pod: pi,
+            },
+        );
+        Ok(pid)
     }
 
     /// Streams the child's output with `[label]` and reports its exit.
@@ -877,5 +907,66 @@ impl Lab {
             }
         }
         reports
+    }
+}
+
+/// How long a server container gets to listen on its port.
+const LISTEN_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits until process `pid` has a TCP socket listening on `port` in its network
+/// namespace (`/proc/PID/net/tcp*` lists that namespace's sockets).
+async fn wait_listening(pid: u32, port: u16) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + LISTEN_WAIT;
+    loop {
+        let mut alive = false;
+        for table in ["tcp", "tcp6"] {
+            if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
+                alive = true;
+                if listens_on(&text, port) {
+                    return Ok(());
+                }
+            }
+        }
+        if !alive {
+            bail!("exited before it listened on port {port}");
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "not listening on port {port} after {}s",
+                LISTEN_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether a `/proc/net/tcp`-style table has a socket in state LISTEN (`0A`) on `port`.
+fn listens_on(table: &str, port: u16) -> bool {
+    table.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace();
+        let local = fields.nth(1);
+        let state = fields.nth(1);
+        state == Some("0A")
+            && local
+                .and_then(|l| l.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listens_on;
+
+    #[test]
+    fn a_listening_socket_is_found_by_port_and_state() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0A0012C6:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
+   1: 0A0012C6:0050 0B0012C6:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 20 4 30 10 -1
+";
+        assert!(listens_on(table, 8080));
+        // Port 80 is only an established connection here.
+        assert!(!listens_on(table, 80));
+        assert!(!listens_on(table, 9090));
     }
 }
