@@ -68,16 +68,43 @@ impl Drop for SidecarPod {
     }
 }
 
-/// Sets the open-files limit of process `pid` (soft and hard) with `prlimit`: load
-/// tests hold more sockets than a default limit allows, in the test process and in
-/// the proxy alike.
-pub fn raise_nofile(pid: u32, limit: u64) -> anyhow::Result<()> {
-    run_checked(Command::new("prlimit").args([
-        "--pid",
-        &pid.to_string(),
-        &format!("--nofile={limit}:{limit}"),
-    ]))
-    .map(drop)
+/// Raises the open-files limit of process `pid` (soft and hard) to `want` with
+/// `prlimit`: load tests hold more sockets than a default limit allows, in the test
+/// process and in the proxy alike. Without `CAP_SYS_RESOURCE` the hard limit cannot
+/// be raised (nor another UID's limit changed), and the soft one is raised to the
+/// hard one where allowed. Returns the soft limit in effect.
+pub fn raise_nofile(pid: u32, want: u64) -> anyhow::Result<u64> {
+    let set = |limit: u64| {
+        run_checked(Command::new("prlimit").args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ]))
+    };
+    if set(want).is_err() {
+        let hard = nofile(pid)?.1;
+        // Setting another UID's limits at all needs the capability too: then the
+        // limit stays what it is, and the caller sizes its load to it.
+        let _ = set(hard.min(want));
+    }
+    Ok(nofile(pid)?.0)
+}
+
+/// The (soft, hard) open-files limits of process `pid`, from `/proc/PID/limits`.
+pub fn nofile(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let path = format!("/proc/{pid}/limits");
+    let limits = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .with_context(|| format!("no open-files limit in {path}"))?;
+    let mut numbers = line
+        .split_whitespace()
+        .filter_map(|w| w.parse::<u64>().ok());
+    match (numbers.next(), numbers.next()) {
+        (Some(soft), Some(hard)) => Ok((soft, hard)),
+        _ => bail!("{path}: cannot read {line:?}"),
+    }
 }
 
 /// The resident set of process `pid` in KiB, from `/proc/PID/status`.
