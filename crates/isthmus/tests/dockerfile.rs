@@ -1,6 +1,8 @@
 //! The image and the workspace agree: every binary the Dockerfile builds is a binary
 //! of the workspace and is copied into the image, and every binary the manifests of
-//! `isthmus install` (`deploy/`) and `isthmus inject` run is one the image holds.
+//! `isthmus install` (`deploy/`) and `isthmus inject` run is one the image holds,
+//! called with flags and `ISTHMUS_*` variables its `--help` lists (so this test
+//! needs every binary built: `cargo build --bins`).
 //!
 //! The image cannot be built here; this keeps its recipe honest.
 
@@ -210,4 +212,116 @@ fn every_binary_the_manifests_run_is_in_the_image() {
             "the manifests run {bin}, which the image does not hold"
         );
     }
+}
+
+/// The `--flags` and `ISTHMUS_*` variables `bin [subcommand] --help` lists.
+fn accepted(bin: &str, subcommand: Option<&str>) -> (BTreeSet<String>, BTreeSet<String>) {
+    let path = Path::new(env!("CARGO_BIN_EXE_isthmus"))
+        .parent()
+        .unwrap()
+        .join(bin);
+    assert!(
+        path.is_file(),
+        "{bin} is not built next to isthmus: build every binary first (cargo build --bins)"
+    );
+    let out = Command::new(&path)
+        .env_clear()
+        .args(subcommand)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{bin} {subcommand:?} --help failed");
+    let help = String::from_utf8(out.stdout).unwrap();
+    let words = help.split(|c: char| c.is_whitespace() || c == '[' || c == ']' || c == ',');
+    let mut flags = BTreeSet::new();
+    let mut envs = BTreeSet::new();
+    for word in words {
+        if let Some(flag) = word.strip_prefix("--") {
+            let flag = flag.split(['=', '<']).next().unwrap();
+            flags.insert(format!("--{flag}"));
+        }
+        if let Some(env) = word.strip_suffix('=').filter(|w| w.starts_with("ISTHMUS_")) {
+            envs.insert(env.to_owned());
+        }
+    }
+    (flags, envs)
+}
+
+/// Every container of our image in `text`: its command, args and env names.
+fn containers(text: &str) -> Vec<(String, Vec<String>, Vec<String>)> {
+    fn walk(value: &Value, out: &mut Vec<(String, Vec<String>, Vec<String>)>) {
+        match value {
+            Value::Mapping(map) => {
+                if map.get("image").and_then(Value::as_str) == Some(image().as_str()) {
+                    let strings = |key: &str, field: Option<&str>| -> Vec<String> {
+                        map.get(key)
+                            .and_then(Value::as_sequence)
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|v| match field {
+                                Some(f) => v.get(f).and_then(Value::as_str),
+                                None => v.as_str(),
+                            })
+                            .map(str::to_owned)
+                            .collect()
+                    };
+                    out.push((
+                        strings("command", None).remove(0),
+                        strings("args", None),
+                        strings("env", Some("name")),
+                    ));
+                }
+                map.values().for_each(|v| walk(v, out));
+            }
+            Value::Sequence(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for de in serde_yaml_ng::Deserializer::from_str(text) {
+        let value: Value = serde::Deserialize::deserialize(de).unwrap();
+        walk(&value, &mut out);
+    }
+    out
+}
+
+#[test]
+fn every_flag_and_variable_the_manifests_pass_is_one_the_binary_accepts() {
+    let out = Command::new(env!("CARGO_BIN_EXE_isthmus"))
+        .env_clear()
+        .args(["inject", "--cluster", "cluster-a"])
+        .arg(repo().join("examples/seed/cluster-a/cluster-a.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut texts = vec![String::from_utf8(out.stdout).unwrap()];
+    for cluster in ["cluster-a", "cluster-b"] {
+        texts.push(std::fs::read_to_string(repo().join(format!("deploy/{cluster}.yaml"))).unwrap());
+    }
+    let mut seen = 0;
+    for text in &texts {
+        for (bin, args, env) in containers(text) {
+            let subcommand = args
+                .first()
+                .filter(|a| !a.starts_with('-'))
+                .map(String::as_str);
+            let (flags, envs) = accepted(&bin, subcommand);
+            for arg in args.iter().filter(|a| a.starts_with("--")) {
+                let flag = arg.split('=').next().unwrap();
+                assert!(
+                    flags.contains(flag),
+                    "{bin} {subcommand:?} has no {flag}: {flags:?}"
+                );
+            }
+            for name in &env {
+                assert!(
+                    envs.contains(name),
+                    "{bin} {subcommand:?} reads no {name}: {envs:?}"
+                );
+            }
+            seen += 1;
+        }
+    }
+    // The sidecar and init of the seed, then per cluster the controller and gateway.
+    assert_eq!(seen, 6);
 }
