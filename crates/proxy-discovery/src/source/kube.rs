@@ -21,12 +21,12 @@
 //! remote clusters (the controller's business), nor Link credentials (dropped
 //! before parsing: only the controller reads them).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ::kube::api::Api;
@@ -121,13 +121,19 @@ impl Debug for KubeSource {
 }
 
 /// The reflector stores one snapshot is built from.
-#[derive(Clone)]
 struct Stores {
     services: Store<KubeService>,
     slices: Store<KubeEndpointSlice>,
     links: Option<Store<LinkResource>>,
     settings: Option<Store<ClusterSettingsResource>>,
+    /// Objects already converted, so a batch only converts what changed.
+    converted: Mutex<Converted>,
 }
+
+/// Converted objects by (resource, namespace/name), with the resourceVersion
+/// they were converted at.
+#[derive(Default)]
+struct Converted(HashMap<(&'static str, String), (String, Vec<Parsed>)>);
 
 /// What the reflector tasks tell the builder.
 enum Signal {
@@ -272,6 +278,7 @@ impl KubeSource {
             slices,
             links,
             settings,
+            converted: Mutex::new(Converted::default()),
         };
         drop(tx);
         let tasks = Tasks(tasks);
@@ -411,11 +418,22 @@ impl KubeSource {
     /// Converts what the stores hold and builds a snapshot, as the directory
     /// source does from files.
     fn build(&self, stores: &Stores) -> Result<Snapshot, DiscoveryError> {
+        // Only the builder task converts; the lock is never contended.
+        let mut converted = stores
+            .converted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut seen = HashSet::new();
         let mut parsed = Vec::new();
-        convert_all(&stores.services, &mut parsed, |_| {})?;
-        convert_all(&stores.slices, &mut parsed, |_| {})?;
+        let mut batch = Batch {
+            converted: &mut converted,
+            seen: &mut seen,
+            out: &mut parsed,
+        };
+        batch.convert_all("services", &stores.services, |_| {})?;
+        batch.convert_all("endpointslices", &stores.slices, |_| {})?;
         if let Some(links) = &stores.links {
-            convert_all(links, &mut parsed, |v| {
+            batch.convert_all("links", links, |v| {
                 // Credentials are the controller's; the model's LinkSpec rejects them.
                 if let Some(Value::Object(spec)) = v.get_mut("spec") {
                     spec.remove("credentialsSecret");
@@ -423,8 +441,10 @@ impl KubeSource {
             })?;
         }
         if let Some(settings) = &stores.settings {
-            convert_all(settings, &mut parsed, |_| {})?;
+            batch.convert_all("clustersettings", settings, |_| {})?;
         }
+        converted.0.retain(|key, _| seen.contains(key));
+        drop(converted);
         let view = ClusterView::build(self.cluster.clone(), parsed)?;
         Ok(Snapshot::build(view, BTreeMap::new()))
     }
@@ -497,21 +517,52 @@ where
     (reader, task)
 }
 
-/// Converts every object of `store` into the model, in a stable order.
-fn convert_all<K>(
-    store: &Store<K>,
-    out: &mut Vec<Parsed>,
-    adjust: impl Fn(&mut Value),
-) -> Result<(), DiscoveryError>
-where
-    K: Resource<DynamicType = ()> + Clone + Serialize + 'static,
-{
-    let mut objects: Vec<Arc<K>> = store.state();
-    objects.sort_by_key(|o| (o.meta().namespace.clone(), o.meta().name.clone()));
-    for obj in objects {
-        out.extend(convert(obj.as_ref(), &adjust)?);
+/// One batch's conversion: reuses what is unchanged since the last one.
+struct Batch<'a> {
+    converted: &'a mut Converted,
+    seen: &'a mut HashSet<(&'static str, String)>,
+    out: &'a mut Vec<Parsed>,
+}
+
+impl Batch<'_> {
+    /// Converts every object of `store` into the model, in a stable order.
+    fn convert_all<K>(
+        &mut self,
+        resource: &'static str,
+        store: &Store<K>,
+        adjust: impl Fn(&mut Value),
+    ) -> Result<(), DiscoveryError>
+    where
+        K: Resource<DynamicType = ()> + Clone + Serialize + 'static,
+    {
+        let mut objects: Vec<Arc<K>> = store.state();
+        objects.sort_by_key(|o| (o.meta().namespace.clone(), o.meta().name.clone()));
+        for obj in objects {
+            let meta = obj.meta();
+            let key = (
+                resource,
+                format!(
+                    "{}/{}",
+                    meta.namespace.as_deref().unwrap_or_default(),
+                    meta.name.as_deref().unwrap_or_default()
+                ),
+            );
+            let version = meta.resource_version.clone().unwrap_or_default();
+            match self.converted.0.get(&key) {
+                // Without a resourceVersion nothing says the object is unchanged.
+                Some((at, parsed)) if *at == version && !version.is_empty() => {
+                    self.out.extend(parsed.iter().cloned());
+                }
+                _ => {
+                    let parsed = convert(obj.as_ref(), &adjust)?;
+                    self.out.extend(parsed.iter().cloned());
+                    self.converted.0.insert(key.clone(), (version, parsed));
+                }
+            }
+            self.seen.insert(key);
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// One API object through the manifest parser; the "file" in its errors is the
