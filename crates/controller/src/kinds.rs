@@ -20,6 +20,11 @@ pub use proxy_discovery::model::{
     ServiceMirrorResource,
 };
 
+/// A ServiceMirror as the controller watches it: one the model rejects is kept
+/// as an error with its metadata, so it gets a status instead of stopping the
+/// watch of every other mirror.
+pub type MirrorObject = kube::core::DeserializeGuard<ServiceMirrorResource>;
+
 /// The field manager of every write the controller makes.
 pub const FIELD_MANAGER: &str = "isthmus-controller";
 

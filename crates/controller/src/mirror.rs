@@ -25,7 +25,7 @@ use proxy_discovery::model::{
 use proxy_discovery::reconcile::{LocalState, MirrorReason, owned_by, reconcile};
 
 use crate::kinds::{
-    self, ClusterSettingsResource, FIELD_MANAGER, LinkResource, MIRRORED_CONDITION,
+    self, ClusterSettingsResource, FIELD_MANAGER, LinkResource, MIRRORED_CONDITION, MirrorObject,
     ServiceMirrorApiStatus, ServiceMirrorResource,
 };
 use crate::lease::Leadership;
@@ -36,6 +36,8 @@ use crate::remote::{RemoteState, Remotes};
 pub const REMOTE_UNREACHABLE: &str = "RemoteUnreachable";
 /// The reason of the `Mirrored` condition when the Link's credentials are unusable.
 pub const INVALID_CREDENTIALS: &str = "InvalidCredentials";
+/// The reason of the `Mirrored` condition when the mirror's spec is invalid.
+pub const INVALID_SPEC: &str = "InvalidSpec";
 
 /// Where the cluster's own settings come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +79,9 @@ pub struct Context {
     pub metrics: Metrics,
     /// Timing.
     pub timing: ReconcileTiming,
+    /// For each invalid mirror whose status this replica wrote, the
+    /// resourceVersion that write produced: its own status change is no news.
+    pub invalid_reported: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// A reconcile that failed; retried with a backoff.
@@ -193,11 +198,22 @@ enum Decision {
 
 /// Reconciles one ServiceMirror (the kube-runtime `Controller`'s reconciler).
 pub async fn reconcile_mirror(
-    sm: Arc<ServiceMirrorResource>,
+    obj: Arc<MirrorObject>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    let key = kinds::object_key(sm.as_ref());
-    let result = reconcile_inner(&sm, &ctx, &key).await;
+    let key = kinds::object_key(obj.as_ref());
+    let sm = match &obj.0 {
+        Ok(sm) => sm,
+        Err(invalid) => {
+            let result = report_invalid(&ctx, obj.as_ref(), &key, &invalid.error).await;
+            match &result {
+                Ok(_) => ctx.metrics.reconciled(INVALID_SPEC),
+                Err(e) => ctx.metrics.failed(e.label()),
+            }
+            return result;
+        }
+    };
+    let result = reconcile_inner(sm, &ctx, &key).await;
     match &result {
         Ok((reason, _)) => ctx.metrics.reconciled(reason),
         Err(e) => ctx.metrics.failed(e.label()),
@@ -211,7 +227,7 @@ async fn reconcile_inner(
     key: &str,
 ) -> Result<(String, Action), ReconcileError> {
     let ns = sm.namespace().unwrap_or_default();
-    let mirror_ref = ObjectRef::from_obj(sm);
+    let mirror_ref = ObjectRef::<MirrorObject>::new(&sm.name_any()).within(&ns);
     let mirror = kinds::service_mirror_to_model(sm);
     let settings = cluster_settings(&ctx.client, &ctx.namespace, &ctx.settings).await?;
     let local = local_services(&ctx.services);
@@ -337,6 +353,63 @@ async fn reconcile_inner(
     Ok((reason, Action::requeue(requeue)))
 }
 
+/// A ServiceMirror the model rejects: nothing is mirrored for it (a Service it
+/// owned stays until it is fixed or deleted), and its status says why.
+async fn report_invalid(
+    ctx: &Context,
+    obj: &MirrorObject,
+    key: &str,
+    error: &str,
+) -> Result<Action, ReconcileError> {
+    ctx.remotes.forget(&ObjectRef::from_obj(obj));
+    let reported = ctx
+        .invalid_reported
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(key)
+        .cloned();
+    if reported.is_some() && reported == obj.resource_version() {
+        return Ok(Action::await_change());
+    }
+    tracing::warn!(service_mirror = %key, error, "ServiceMirror rejected");
+    let message = format!("ServiceMirror {key}: {error}");
+    ensure_leading(ctx, key)?;
+    let api: Api<MirrorObject> =
+        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "status": {
+            "conditions": [Condition {
+                type_: MIRRORED_CONDITION.to_owned(),
+                status: ConditionStatus::False,
+                reason: INVALID_SPEC.to_owned(),
+                message,
+                last_transition_time: Some(Timestamp::now().to_string()),
+            }],
+            "observedGeneration": obj.meta().generation,
+        }
+    });
+    let written = api
+        .patch_status(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(|source| ReconcileError::Api {
+            mirror: key.to_owned(),
+            action: "patch status".to_owned(),
+            source,
+        })?;
+    if let Some(rv) = written.resource_version() {
+        ctx.invalid_reported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.to_owned(), rv);
+    }
+    // Until the object changes there is nothing new to say.
+    Ok(Action::await_change())
+}
+
 fn unreachable_message(sm: &ServiceMirrorResource, state: &RemoteState) -> String {
     let error = state
         .last_error
@@ -420,7 +493,7 @@ async fn apply_service(
     if live.is_none() {
         // A reconcile may run on a mirror deleted a moment ago; a Service created
         // for it now would outlive it (its owner's deletion has passed).
-        let mirrors: Api<ServiceMirrorResource> =
+        let mirrors: Api<MirrorObject> =
             Api::namespaced(ctx.client.clone(), svc.metadata.namespace());
         let current = mirrors
             .get_opt(&sm.name_any())
@@ -662,7 +735,7 @@ async fn write_status(
 pub async fn delete_orphans(
     client: &kube::Client,
     services: &Store<KubeService>,
-    mirrors: &Store<ServiceMirrorResource>,
+    mirrors: &Store<MirrorObject>,
     leadership: &Leadership,
 ) {
     for svc in services.state() {
@@ -679,7 +752,7 @@ pub async fn delete_orphans(
         if cached.is_some_and(|m| m.uid().as_deref() == Some(owner.uid.as_str())) {
             continue;
         }
-        let api: Api<ServiceMirrorResource> = Api::namespaced(client.clone(), &ns);
+        let api: Api<MirrorObject> = Api::namespaced(client.clone(), &ns);
         match api.get_opt(&owner.name).await {
             Ok(Some(m)) if m.uid().as_deref() == Some(owner.uid.as_str()) => continue,
             Ok(_) => {}
@@ -707,11 +780,7 @@ pub async fn delete_orphans(
 }
 
 /// The requeue after a failed reconcile.
-pub fn error_policy(
-    _sm: Arc<ServiceMirrorResource>,
-    error: &ReconcileError,
-    ctx: Arc<Context>,
-) -> Action {
+pub fn error_policy(_sm: Arc<MirrorObject>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
     tracing::warn!(error = %crate::error_chain(error), "reconcile failed; retrying");
     Action::requeue(ctx.timing.stale_refresh.min(Duration::from_secs(5)))
 }
@@ -719,28 +788,33 @@ pub fn error_policy(
 /// The mirrors that a local Service `namespace/name` may concern: those in its
 /// namespace that mirror a Service of that name (their own, or a conflict).
 pub fn mirrors_for_service(
-    mirrors: &Store<ServiceMirrorResource>,
+    mirrors: &Store<MirrorObject>,
     svc: &KubeService,
-) -> Vec<ObjectRef<ServiceMirrorResource>> {
+) -> Vec<ObjectRef<MirrorObject>> {
     let ns = svc.namespace();
     let name = svc.name_any();
     mirrors
         .state()
         .iter()
-        .filter(|m| m.namespace() == ns && m.spec.service.name == name)
+        .filter(|m| {
+            m.namespace() == ns && m.0.as_ref().is_ok_and(|sm| sm.spec.service.name == name)
+        })
         .map(|m| ObjectRef::from_obj(m.as_ref()))
         .collect()
 }
 
 /// The mirrors a Link concerns: those naming its target cluster.
 pub fn mirrors_for_link(
-    mirrors: &Store<ServiceMirrorResource>,
+    mirrors: &Store<MirrorObject>,
     link: &LinkResource,
-) -> Vec<ObjectRef<ServiceMirrorResource>> {
+) -> Vec<ObjectRef<MirrorObject>> {
     mirrors
         .state()
         .iter()
-        .filter(|m| m.spec.cluster == link.spec.link.target_cluster_name)
+        .filter(|m| {
+            m.0.as_ref()
+                .is_ok_and(|sm| sm.spec.cluster == link.spec.link.target_cluster_name)
+        })
         .map(|m| ObjectRef::from_obj(m.as_ref()))
         .collect()
 }

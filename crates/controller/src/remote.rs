@@ -24,7 +24,7 @@ use proxy_discovery::model::{ClusterName, Link};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::kinds::{LinkResource, ServiceMirrorResource};
+use crate::kinds::{LinkResource, MirrorObject};
 
 /// Why a remote cluster cannot be reached at all: its credentials.
 #[derive(Debug, thiserror::Error)]
@@ -135,12 +135,12 @@ struct Watch {
 #[derive(Default)]
 struct Inner {
     watches: HashMap<RemoteKey, Watch>,
-    needs: HashMap<ObjectRef<ServiceMirrorResource>, RemoteKey>,
+    needs: HashMap<ObjectRef<MirrorObject>, RemoteKey>,
 }
 
 struct Shared {
     inner: Mutex<Inner>,
-    trigger: mpsc::UnboundedSender<ObjectRef<ServiceMirrorResource>>,
+    trigger: mpsc::UnboundedSender<ObjectRef<MirrorObject>>,
 }
 
 impl Shared {
@@ -176,7 +176,7 @@ impl Remotes {
     pub fn new(
         local: kube::Client,
         timing: RemoteTiming,
-        trigger: mpsc::UnboundedSender<ObjectRef<ServiceMirrorResource>>,
+        trigger: mpsc::UnboundedSender<ObjectRef<MirrorObject>>,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -193,7 +193,7 @@ impl Remotes {
     /// the watch if none runs.
     pub async fn ensure(
         &self,
-        mirror: &ObjectRef<ServiceMirrorResource>,
+        mirror: &ObjectRef<MirrorObject>,
         link: &LinkResource,
         namespace: &str,
         name: &str,
@@ -263,11 +263,7 @@ impl Remotes {
     }
 
     /// Records the need; the state if the watch already runs.
-    fn need(
-        &self,
-        mirror: &ObjectRef<ServiceMirrorResource>,
-        key: &RemoteKey,
-    ) -> Option<RemoteState> {
+    fn need(&self, mirror: &ObjectRef<MirrorObject>, key: &RemoteKey) -> Option<RemoteState> {
         let mut inner = self.shared.lock();
         let state = inner.watches.get(key)?.state.borrow().clone();
         if let Some(old) = inner.needs.insert(mirror.clone(), key.clone())
@@ -279,7 +275,7 @@ impl Remotes {
     }
 
     /// `mirror` needs no remote Service (no Link, or it is gone).
-    pub fn forget(&self, mirror: &ObjectRef<ServiceMirrorResource>) {
+    pub fn forget(&self, mirror: &ObjectRef<MirrorObject>) {
         let mut inner = self.shared.lock();
         if let Some(old) = inner.needs.remove(mirror) {
             release_if_unused(&mut inner, &old);
@@ -287,7 +283,7 @@ impl Remotes {
     }
 
     /// Forgets every mirror for which `exists` is false (deleted mirrors).
-    pub fn retain(&self, exists: impl Fn(&ObjectRef<ServiceMirrorResource>) -> bool) {
+    pub fn retain(&self, exists: impl Fn(&ObjectRef<MirrorObject>) -> bool) {
         let mut inner = self.shared.lock();
         let gone: Vec<_> = inner.needs.keys().filter(|m| !exists(m)).cloned().collect();
         for mirror in gone {

@@ -17,7 +17,7 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::kinds::{LinkResource, ServiceMirrorResource};
+use crate::kinds::{LinkResource, MirrorObject};
 use crate::lease::{Elector, Leadership, LeaseConfig};
 use crate::metrics::{Endpoint, Metrics};
 use crate::mirror::{self, Context, ReconcileTiming, SettingsSource};
@@ -217,7 +217,7 @@ async fn lead(
     leadership: Leadership,
     remotes_slot: Arc<Mutex<Option<Remotes>>>,
 ) {
-    let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<ServiceMirrorResource>>();
+    let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<MirrorObject>>();
     let remotes = Remotes::new(client.clone(), config.remote, trigger_tx);
     *remotes_slot
         .lock()
@@ -245,7 +245,7 @@ async fn lead(
     .touched_objects();
 
     let controller = Controller::new(
-        Api::<ServiceMirrorResource>::all(client.clone()),
+        Api::<MirrorObject>::all(client.clone()),
         watcher::Config::default(),
     );
     let mirrors = controller.store();
@@ -263,6 +263,7 @@ async fn lead(
         leadership: leadership.clone(),
         metrics: metrics.clone(),
         timing: config.timing,
+        invalid_reported: std::sync::Mutex::default(),
     });
     let run = controller
         .watches_stream(service_events, move |svc| {

@@ -509,6 +509,38 @@ async fn refusals_name_their_cause_and_never_touch_an_unowned_service() {
         .unwrap();
     lab.reason("far", "UnknownCluster").await;
 
+    // A mirror the model rejects (a real API server's schema would refuse it;
+    // this one stores it) gets a status naming the field, and does not stop the
+    // others.
+    let bad = serde_json::json!({
+        "apiVersion": "linkerd.io/v1alpha1", "kind": "ServiceMirror",
+        "metadata": {"name": "bad", "namespace": "default"},
+        "spec": {"cluster": "Not_A_Cluster", "service": {"name": "bad"}}
+    });
+    let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        lab.local.client(),
+        "default",
+        &kube::api::ApiResource::erase::<ServiceMirrorResource>(&()),
+    );
+    timed("create bad", raw.create(&PostParams::default(), &json(bad)))
+        .await
+        .unwrap();
+    let bad = eventually("bad mirror reported", || async {
+        let o = raw.get("bad").await.ok()?;
+        let c = o.data.pointer("/status/conditions/0")?.clone();
+        (c["reason"] == "InvalidSpec").then_some(c)
+    })
+    .await;
+    let m = bad["message"].as_str().unwrap();
+    assert!(
+        m.contains("default/bad") && m.contains("Not_A_Cluster"),
+        "{m}"
+    );
+    // Its status is written once, not on every event its own write causes.
+    let rv = raw.get("bad").await.unwrap().resource_version();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(raw.get("bad").await.unwrap().resource_version(), rv);
+
     // A Link whose credentials Secret does not exist: the status names it.
     let link: LinkResource = json(serde_json::json!({
         "apiVersion": "multicluster.isthmus.io/v1alpha1", "kind": "Link",
