@@ -936,3 +936,115 @@ fn a_black_holed_peer_gateway_is_noticed_by_keepalive_and_recovers() {
         });
     });
 }
+
+// ---- hostile first bytes against a live sidecar ----
+
+/// The inputs: the `detect` fuzz corpus (its first byte only picks a read size, so
+/// it is dropped) and `RANDOM` seeded pseudo-random streams, some behind an HTTP/1
+/// request line or the HTTP/2 preface so they get past detection into the parsers.
+fn hostile_first_bytes() -> Vec<Vec<u8>> {
+    const RANDOM: usize = 1_000;
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/detect");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&corpus)
+        .unwrap_or_else(|e| panic!("the detect corpus {}: {e}", corpus.display()))
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} is empty", corpus.display());
+    let mut inputs: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(f).unwrap().into_iter().skip(1).collect())
+        .collect();
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let prefixes: [&[u8]; 4] = [
+        b"",
+        b"GET / HTTP/1.1\r\n",
+        b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ];
+    for i in 0..RANDOM {
+        let len = usize::try_from(next() % 2048).unwrap();
+        let mut input = prefixes[i % prefixes.len()].to_vec();
+        input.extend((0..len).map(|_| next().to_le_bytes()[0]));
+        inputs.push(input);
+    }
+    inputs
+}
+
+#[test]
+fn hostile_first_bytes_leave_a_live_sidecar_as_it_was() {
+    const WORKERS: usize = 8;
+    let s = SidecarPod::start(mint_pod, &[]).unwrap();
+    echo_forever(s.server.run(|| tcp::listen(s.server_addr(9400))).unwrap());
+    let target = s.server_addr(9400);
+    let inputs = hostile_first_bytes();
+    // Warm up once, so the baseline includes what the first connection allocates.
+    let mut warm = s.pod.run(|| tcp::connect(target)).unwrap();
+    warm.write_all(b"warm\n").unwrap();
+    let mut back = [0u8; 5];
+    warm.read_exact(&mut back).unwrap();
+    drop(warm);
+    std::thread::sleep(Duration::from_millis(500));
+    let (fds_before, rss_before) = (pod::open_fds(s.pid).unwrap(), pod::rss_kib(s.pid).unwrap());
+
+    let outcomes = Mutex::new([0usize; 4]);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for w in 0..WORKERS {
+            let (s, inputs, outcomes) = (&s, &inputs, &outcomes);
+            scope.spawn(move || {
+                s.pod.run(|| {
+                    for input in inputs.iter().skip(w).step_by(WORKERS) {
+                        assert!(started.elapsed() < Duration::from_secs(300));
+                        let outcome = match tcp::connect(target) {
+                            Err(e) => panic!("connecting: {e}"),
+                            Ok(mut stream) => {
+                                let _ = stream.write_all(input);
+                                let _ = stream.shutdown(Shutdown::Write);
+                                let mut sink = Vec::new();
+                                match stream.read_to_end(&mut sink) {
+                                    Ok(_) if sink.is_empty() => 0,
+                                    Ok(_) => 1,
+                                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => 2,
+                                    // A read that timed out: the sidecar kept it open.
+                                    Err(_) => 3,
+                                }
+                            }
+                        };
+                        outcomes.lock().unwrap()[outcome] += 1;
+                    }
+                });
+            });
+        }
+    });
+    let took = started.elapsed();
+    assert!(s.running(), "the sidecar died on hostile input");
+    let deadline = Instant::now() + WAIT;
+    while pod::open_fds(s.pid).unwrap() > fds_before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar holds {} descriptors after hostile input, {fds_before} before",
+            pod::open_fds(s.pid).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (fds_after, rss_after) = (pod::open_fds(s.pid).unwrap(), pod::rss_kib(s.pid).unwrap());
+    let [empty, answered, reset, hung] = *outcomes.lock().unwrap();
+    figure(
+        "hostile_first_bytes",
+        format!(
+            "{} inputs through the capture: {answered} answered, {empty} closed empty, \
+             {reset} reset, {hung} held past {WAIT:?}; 0 crashes; descriptors {fds_before} -> \
+             {fds_after}; RSS {rss_before} -> {rss_after} KiB; {} ms",
+            inputs.len(),
+            took.as_millis()
+        ),
+    );
+    assert_eq!(hung, 0, "connections held open after their client finished");
+}

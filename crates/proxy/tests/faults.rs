@@ -109,7 +109,11 @@ fn start(dir: &Path, extra: &[&str]) -> Proxy {
         .arg(&manifests)
         .args(["--outbound-addr", &listen.to_string()])
         .args(["--admin-addr", &admin.to_string()])
-        .args(["--reload-interval", "100ms"])
+        .args(if extra.contains(&"--reload-interval") {
+            &[][..]
+        } else {
+            &["--reload-interval", "100ms"][..]
+        })
         .args(extra)
         .env_clear()
         .stdout(Stdio::null())
@@ -439,4 +443,91 @@ fn the_admin_port_serves_probes_and_scrapes_and_changes_nothing() {
         "an admin request started a shutdown:\n{log}"
     );
     eprintln!("admin port: {refused} state-changing or unknown requests refused");
+}
+
+/// Descriptors and resident set of process `pid` (KiB), from `/proc`.
+fn footprint(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    (fds, rss)
+}
+
+#[test]
+fn every_fuzzed_manifest_fed_to_a_live_proxy_leaves_it_serving() {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/manifest");
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&corpus)
+        .unwrap_or_else(|e| panic!("the manifest corpus {}: {e}", corpus.display()))
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    inputs.sort();
+    assert!(!inputs.is_empty(), "{} is empty", corpus.display());
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = start(dir.path(), &["--reload-interval", "10ms"]);
+    let echo = echo();
+    let (fds_before, rss_before) = footprint(proxy.child.id());
+    let target = proxy.manifests.join("fuzzed.yaml");
+    let (mut published, mut refused, mut unnoticed) = (0, 0, 0);
+    let started = Instant::now();
+    for input in &inputs {
+        assert!(started.elapsed() < STEP * 12, "the corpus took too long");
+        let status = |p: &Proxy| {
+            let status = p.config()["discovery"]["status"].clone();
+            (
+                status["generation"].clone(),
+                status["failed_reloads"].clone(),
+            )
+        };
+        let before = status(&proxy);
+        std::fs::write(&target, std::fs::read(input).unwrap()).unwrap();
+        // A load or a refusal, whichever comes; a read error identical to the
+        // previous one is reported once, so an unchanged status is possible.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let now = status(&proxy);
+            if now.0 != before.0 {
+                published += 1;
+                break;
+            }
+            if now.1 != before.1 {
+                refused += 1;
+                break;
+            }
+            if Instant::now() >= deadline {
+                unnoticed += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            proxy.running(),
+            "the proxy died on {}:\n{}",
+            input.display(),
+            std::fs::read_to_string(&proxy.log).unwrap_or_default()
+        );
+    }
+    std::fs::remove_file(&target).unwrap();
+    eventually("the directory without the fuzzed file to serve", || {
+        let config = proxy.config();
+        (config["discovery"]["status"]["stale"] == false && services(&config) == ["default/hello"])
+            .then_some(())
+    });
+    carries_traffic(proxy.listen, echo);
+    let (fds_after, rss_after) = footprint(proxy.child.id());
+    eprintln!(
+        "FIGURE hostile_manifests = {} fuzzed manifests fed to a live proxy: {published} published, \
+         {refused} refused, {unnoticed} unchanged; 0 crashes; descriptors {fds_before} -> \
+         {fds_after}; RSS {rss_before} -> {rss_after} KiB",
+        inputs.len()
+    );
+    assert!(
+        fds_after <= fds_before + 2,
+        "descriptors {fds_before} -> {fds_after}"
+    );
 }
