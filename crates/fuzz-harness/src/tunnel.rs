@@ -14,8 +14,8 @@ use std::time::Duration;
 use proxy_core::forward::ForwardConfig;
 use proxy_core::metrics::{Direction, ProxyMetrics};
 use proxy_core::route::Authority;
-use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServer};
-use proxy_core::tunnel::{BoxIo, CLUSTER_HEADER, H2Settings, Refusal};
+use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServer, Upstream};
+use proxy_core::tunnel::{CLUSTER_HEADER, H2Settings, Refusal};
 use proxy_discovery::model::ClusterName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -205,7 +205,7 @@ struct Recorder {
 }
 
 impl TunnelHandler for Recorder {
-    async fn open(&self, request: &TunnelRequest) -> Result<BoxIo, Refusal> {
+    async fn open(&self, request: &TunnelRequest) -> Result<Upstream, Refusal> {
         self.seen
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
