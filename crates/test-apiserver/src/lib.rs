@@ -41,8 +41,10 @@
 //!
 //! - Built-in types: core v1 `services`, `endpoints`, `secrets`, `configmaps`,
 //!   `namespaces`, `serviceaccounts`, `pods`, `nodes`, `events`;
+//!   `events.k8s.io/v1 events` (kube-runtime's event recorder);
 //!   `discovery.k8s.io/v1 endpointslices`; `coordination.k8s.io/v1 leases`;
-//!   `apps/v1 deployments`; `apiextensions.k8s.io/v1 customresourcedefinitions`;
+//!   `apps/v1` deployments, replicasets, daemonsets, statefulsets;
+//!   `apiextensions.k8s.io/v1 customresourcedefinitions`;
 //!   `rbac.authorization.k8s.io/v1` roles, rolebindings, clusterroles,
 //!   clusterrolebindings; `linkerd.io/v1alpha1 servicemirrors`;
 //!   `multicluster.isthmus.io/v1alpha1 links`. Creating a CRD makes its served

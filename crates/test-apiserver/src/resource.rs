@@ -91,6 +91,7 @@ pub(crate) fn builtin() -> Vec<ResourceType> {
         core("pods", "Pod", true).with_status(),
         core("nodes", "Node", false).with_status(),
         core("events", "Event", true),
+        ResourceType::new("events.k8s.io", "v1", "events", "Event", true),
         ResourceType::new(
             "discovery.k8s.io",
             "v1",
@@ -100,6 +101,9 @@ pub(crate) fn builtin() -> Vec<ResourceType> {
         ),
         ResourceType::new("coordination.k8s.io", "v1", "leases", "Lease", true),
         ResourceType::new("apps", "v1", "deployments", "Deployment", true).with_status(),
+        ResourceType::new("apps", "v1", "replicasets", "ReplicaSet", true).with_status(),
+        ResourceType::new("apps", "v1", "daemonsets", "DaemonSet", true).with_status(),
+        ResourceType::new("apps", "v1", "statefulsets", "StatefulSet", true).with_status(),
         ResourceType::new(
             "apiextensions.k8s.io",
             "v1",

@@ -931,3 +931,40 @@ async fn stop_ends_open_watches_and_refuses_connections() {
     server.restart().await.unwrap();
     assert!(within(api.list(&ListParams::default())).await.is_ok());
 }
+
+#[tokio::test]
+async fn kube_runtime_event_recorder_publishes() {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let server = TestApiServer::start().await;
+    let client = server.client();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "cfg"}})).unwrap();
+    let cm = within(cms.create(&PostParams::default(), &cm))
+        .await
+        .unwrap();
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: "test-controller".into(),
+            instance: None,
+        },
+    );
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "Synced".into(),
+        note: Some("all good".into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    // The second publish of the same event patches its series.
+    for _ in 0..2 {
+        within(recorder.publish(&event, &cm.object_ref(&())))
+            .await
+            .unwrap();
+    }
+    let events = server
+        .store()
+        .list::<k8s_openapi::api::events::v1::Event>(Some("default"));
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].reason.as_deref(), Some("Synced"));
+}
