@@ -22,10 +22,8 @@
 //! # Not here
 //!
 //! The decision of what a mirror yields (proxy-discovery), installing the CRDs
-//! and the controller (`isthmus install` renders [`manifests`]), the data path,
-//! and reading the remote cluster's ClusterSettings: a remote Service counts as
-//! exported by its `mirror.isthmus.io/exported` label, and the remote's DNS
-//! domain is taken as `cluster.local`.
+//! and the controller (`isthmus install` renders [`manifests`]), and the data
+//! path.
 
 pub mod config;
 pub mod kinds;

@@ -131,14 +131,18 @@ pub fn rbac(namespace: &str) -> Rbac {
 }
 
 /// What the credentials in a Link's Secret need in the remote cluster: read its
-/// Services. Install it there and bind it to the identity of the kubeconfig.
+/// Services, and list its ClusterSettings (which namespaces it exports, its DNS
+/// domain). Install it there and bind it to the identity of the kubeconfig.
 pub fn remote_reader_role() -> ClusterRole {
     ClusterRole {
         metadata: ObjectMeta {
             name: Some(format!("{NAME}-remote-reader")),
             ..ObjectMeta::default()
         },
-        rules: Some(vec![rule("", &["services"], &["get", "list", "watch"])]),
+        rules: Some(vec![
+            rule("", &["services"], &["get", "list", "watch"]),
+            rule("multicluster.isthmus.io", &["clustersettings"], &["list"]),
+        ]),
         ..ClusterRole::default()
     }
 }

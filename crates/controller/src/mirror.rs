@@ -20,7 +20,8 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 use proxy_discovery::model::{
-    ClusterSettings, ClusterView, Condition, ConditionStatus, Service, ServiceRef,
+    ClusterSettings, ClusterSettingsSpec, ClusterView, Condition, ConditionStatus, Service,
+    ServiceRef,
 };
 use proxy_discovery::reconcile::{LocalState, MirrorReason, owned_by, reconcile};
 
@@ -266,6 +267,14 @@ async fn reconcile_inner(
                 },
                 Ok(state) if state.synced && state.reachable => {
                     let mut view = ClusterView::empty(sm.spec.cluster.clone());
+                    if let Some(spec) = &state.settings {
+                        // Its exports and domain count; its name is the one the
+                        // Link gives it, which the mirror's labels carry.
+                        view.settings.spec = ClusterSettingsSpec {
+                            cluster_name: sm.spec.cluster.clone(),
+                            ..spec.clone()
+                        };
+                    }
                     if let Some(svc) = &state.service {
                         let svc = kinds::service_to_model(svc).map_err(|source| {
                             ReconcileError::Convert {

@@ -16,15 +16,16 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Secret, Service as KubeService};
 use k8s_openapi::jiff::Timestamp;
+use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
-use proxy_discovery::model::{ClusterName, Link};
+use proxy_discovery::model::{ClusterName, ClusterSettingsSpec, Link};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::kinds::{LinkResource, MirrorObject};
+use crate::kinds::{ClusterSettingsResource, LinkResource, MirrorObject};
 
 /// Why a remote cluster cannot be reached at all: its credentials.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +107,10 @@ pub struct RemoteState {
     pub started_at: Option<Instant>,
     /// The last error talking to the remote.
     pub last_error: Option<String>,
+    /// The remote cluster's own ClusterSettings spec (its exported namespaces
+    /// and DNS domain), when it has one the controller may read; `None` means
+    /// defaults: export by label only, domain `cluster.local`.
+    pub settings: Option<ClusterSettingsSpec>,
 }
 
 impl RemoteState {
@@ -235,7 +240,8 @@ impl Remotes {
             ..RemoteState::default()
         });
         let task = tokio::spawn(run_watch(
-            Api::namespaced(client, namespace),
+            Api::namespaced(client.clone(), namespace),
+            Api::all(client),
             key.clone(),
             tx,
             Arc::downgrade(&self.shared),
@@ -421,6 +427,7 @@ async fn client_from_secret(
 /// waking the mirrors that need it on every change.
 async fn run_watch(
     api: Api<KubeService>,
+    settings_api: Api<ClusterSettingsResource>,
     key: RemoteKey,
     state: watch::Sender<RemoteState>,
     shared: std::sync::Weak<Shared>,
@@ -528,10 +535,51 @@ async fn run_watch(
                             "no answer within {:?}", timing.call_timeout)),
                     }
                 });
-                if was != (probe_ok && watch_ok) {
+                let mut changed = was != (probe_ok && watch_ok);
+                if ok {
+                    let settings = remote_settings(&settings_api, &key.cluster, timing).await;
+                    state.send_modify(|st| {
+                        if let Some(settings) = settings
+                            && st.settings != settings
+                        {
+                            changed = true;
+                            st.settings = settings;
+                        }
+                    });
+                }
+                if changed {
                     wake(&key);
                 }
             }
         }
+    }
+}
+
+/// The remote's ClusterSettings spec: `Some(None)` when it has none (or the kind
+/// is not installed there, or the Link's identity may not read it), `None` when
+/// the question got no answer (keep what was known).
+async fn remote_settings(
+    api: &Api<ClusterSettingsResource>,
+    cluster: &ClusterName,
+    timing: RemoteTiming,
+) -> Option<Option<ClusterSettingsSpec>> {
+    match tokio::time::timeout(timing.call_timeout, api.list(&ListParams::default())).await {
+        Ok(Ok(list)) => {
+            // One per cluster; if several, the one naming the cluster the Link names.
+            let items = list.items;
+            let chosen = items
+                .iter()
+                .find(|s| &s.spec.cluster_name == cluster)
+                .or_else(|| items.first())
+                .map(|s| s.spec.clone());
+            Some(chosen)
+        }
+        Ok(Err(kube::Error::Api(s))) if matches!(s.code, 403 | 404) => Some(None),
+        Ok(Err(e)) => {
+            tracing::debug!(cluster = %cluster, error = %crate::error_chain(&e),
+                "cannot read the remote ClusterSettings; keeping what was known");
+            None
+        }
+        Err(_) => None,
     }
 }

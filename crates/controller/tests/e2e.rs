@@ -764,3 +764,70 @@ async fn leadership_fails_over_and_only_the_leader_writes() {
     lab.local_service_gone("second").await;
     timed("stop c", c.stop()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_remote_cluster_settings_export_namespaces_and_name_the_domain() {
+    let lab = Lab::new().await;
+    let remote = lab.remote.client();
+    let crds: Api<CustomResourceDefinition> = Api::all(remote.clone());
+    let crd = manifests::crds()
+        .into_iter()
+        .find(|c| c.spec.names.kind == "ClusterSettings")
+        .unwrap();
+    timed("remote CRD", crds.create(&PostParams::default(), &crd))
+        .await
+        .unwrap();
+    let settings: ClusterSettingsResource = json(serde_json::json!({
+        "apiVersion": "multicluster.isthmus.io/v1alpha1", "kind": "ClusterSettings",
+        "metadata": {"name": "cluster", "namespace": NS},
+        "spec": {"clusterName": "cluster-a", "clusterDomain": "a.example",
+            "exportedNamespaces": ["shared"]}
+    }));
+    let api: Api<ClusterSettingsResource> = Api::namespaced(remote.clone(), NS);
+    eventually("remote ClusterSettings served", || async {
+        api.create(&PostParams::default(), &settings).await.ok()
+    })
+    .await;
+    // Not labelled: exported only because its namespace is.
+    let mut svc = remote_service("db", &[5432], false);
+    svc.metadata.namespace = Some("shared".to_owned());
+    let shared: Api<Service> = Api::namespaced(remote, "shared");
+    timed("create shared", shared.create(&PostParams::default(), &svc))
+        .await
+        .unwrap();
+    let controller = lab.controller("a").await;
+    let sm: ServiceMirrorResource = json(serde_json::json!({
+        "apiVersion": "linkerd.io/v1alpha1", "kind": "ServiceMirror",
+        "metadata": {"name": "db", "namespace": "default"},
+        "spec": {"cluster": "cluster-a", "service": {"name": "db", "namespace": "shared"}}
+    }));
+    timed("create", lab.mirrors().create(&PostParams::default(), &sm))
+        .await
+        .unwrap();
+    let svc = lab.local_service("db", |s| ports(s) == [5432]).await;
+    assert_eq!(
+        svc.annotations()["mirror.isthmus.io/remote-cluster-domain"],
+        "a.example"
+    );
+    assert_eq!(
+        svc.annotations()["mirror.isthmus.io/remote-service"],
+        "db.shared"
+    );
+    assert_eq!(
+        svc.labels()["mirror.isthmus.io/remote-cluster"],
+        "cluster-a"
+    );
+    lab.reason("db", "Mirrored").await;
+
+    // The remote stops exporting the namespace: the mirror goes.
+    let patch = serde_json::json!({"spec": {"exportedNamespaces": []}});
+    timed(
+        "unexport",
+        api.patch("cluster", &PatchParams::default(), &Patch::Merge(&patch)),
+    )
+    .await
+    .unwrap();
+    lab.local_service_gone("db").await;
+    lab.reason("db", "NotExported").await;
+    timed("stop", controller.stop()).await;
+}

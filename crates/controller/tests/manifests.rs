@@ -227,9 +227,10 @@ fn rbac_parses_and_grants_exactly_the_calls() {
         .collect();
     assert_eq!(granted, wanted);
 
-    // The remote cluster only needs to let the Link's identity read Services.
+    // The remote cluster only needs to let the Link's identity read Services
+    // (remote.rs: the watch, list and the probe's get) and list ClusterSettings.
     let remote = grants(remote.rules.as_deref().unwrap(), "cluster");
-    let expected: BTreeSet<_> = ["get", "list", "watch"]
+    let mut expected: BTreeSet<_> = ["get", "list", "watch"]
         .iter()
         .map(|v| {
             (
@@ -240,6 +241,12 @@ fn rbac_parses_and_grants_exactly_the_calls() {
             )
         })
         .collect();
+    expected.insert((
+        "multicluster.isthmus.io".to_owned(),
+        "clustersettings".to_owned(),
+        "list".to_owned(),
+        "cluster".to_owned(),
+    ));
     assert_eq!(remote, expected);
 
     // The library's objects are the file's.
