@@ -112,7 +112,7 @@ impl ApiError {
             .iter()
             .map(|(manager, field)| {
                 json!({
-                    "type": "FieldManagerConflict",
+                    "reason": "FieldManagerConflict",
                     "message": format!("conflict with \"{manager}\""),
                     "field": field,
                 })

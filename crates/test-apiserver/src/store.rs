@@ -883,18 +883,24 @@ impl Store {
                     None => json!({"metadata": {"name": name}}),
                 };
                 let mut entries = apply::read_managed(&base);
-                let mut merged = apply::apply(&base, &applied, &mut entries, &writer, opts.force)
+                let merged = apply::apply(&base, &applied, &mut entries, &writer, opts.force)
                     .map_err(|c| ApiError::apply_conflict(&rt.group, &rt.plural, name, &c))?;
-                apply::write_managed(&mut merged, &entries);
-                return match old {
+                let written = match old {
                     Some(old) => {
-                        let new = Self::scoped_result(rt, opts.scope, &old, merged);
-                        let written = state.commit(&key, new);
-            state.collect_if_orphaned(&written);
-            Ok(present(rt, &written))
+                        // managedFields go on after scoping: a /status write
+                        // starts from the old object, metadata included.
+                        let mut new = Self::scoped_result(rt, opts.scope, &old, merged);
+                        apply::write_managed(&mut new, &entries);
+                        state.commit(&key, new)
                     }
-                    None => state.create(rt, ns, merged).map(|o| present(rt, &o)),
+                    None => {
+                        let mut new = merged;
+                        apply::write_managed(&mut new, &entries);
+                        state.create(rt, ns, new)?
+                    }
                 };
+                state.collect_if_orphaned(&written);
+                return Ok(present(rt, &written));
             }
             let old = old.ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, name))?;
             let mut patched = old.clone();

@@ -453,6 +453,46 @@ async fn status_subresource_is_isolated() {
     assert_eq!(status_patched.status, Some(WidgetStatus { ready: false }));
     let got = within(api.get_status("w")).await.unwrap();
     assert_eq!(got.status, Some(WidgetStatus { ready: false }));
+
+    // Server-side apply to /status, as controllers write conditions: only the
+    // status is taken, and the manager is recorded for the status subresource.
+    // The merge patch above made its writer the owner of .status.ready.
+    let status_apply = |force: bool| {
+        let api = api.clone();
+        let mut pp = PatchParams::apply("status-writer");
+        pp.force = force;
+        async move {
+            within(api.patch_status(
+                "w",
+                &pp,
+                &Patch::Apply(json!({"apiVersion": "example.io/v1", "kind": "Widget",
+                                     "metadata": {"name": "w"},
+                                     "spec": {"size": 50}, "status": {"ready": true}})),
+            ))
+            .await
+        }
+    };
+    match status_apply(false).await.unwrap_err() {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 409);
+            let cause = &s.details.unwrap().causes[0];
+            assert_eq!(cause.reason, "FieldManagerConflict");
+            assert_eq!(cause.field, ".status.ready");
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let applied = status_apply(true).await.unwrap();
+    assert_eq!(applied.status, Some(WidgetStatus { ready: true }));
+    assert_eq!(applied.spec.size, 2);
+    let entry = applied
+        .metadata
+        .managed_fields
+        .unwrap()
+        .into_iter()
+        .find(|m| m.manager.as_deref() == Some("status-writer"))
+        .unwrap();
+    assert_eq!(entry.subresource.as_deref(), Some("status"));
+    assert_eq!(entry.operation.as_deref(), Some("Apply"));
 }
 
 #[tokio::test]
