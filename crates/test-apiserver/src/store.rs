@@ -795,8 +795,34 @@ impl Store {
                 None => remove_meta(&mut new, field),
             }
         }
-        // Once deletion started, finalizers may only be removed, not added.
         new
+    }
+
+    /// Once deletion started, finalizers may only be removed, not added (the
+    /// real server's metadata validation).
+    fn check_finalizers(
+        rt: &ResourceType,
+        name: &str,
+        old: &Value,
+        new: &Value,
+    ) -> Result<(), ApiError> {
+        if old.pointer("/metadata/deletionTimestamp").is_none() {
+            return Ok(());
+        }
+        let list = |o: &Value| -> Vec<Value> {
+            o.pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let before = list(old);
+        match list(new).into_iter().find(|f| !before.contains(f)) {
+            Some(added) => Err(ApiError::invalid(format!(
+                "{} {name:?}: metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted, found new finalizer {added}",
+                rt.plural
+            ))),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn replace(
@@ -826,6 +852,7 @@ impl Store {
                 return Err(ApiError::stale(&rt.group, &rt.plural, name));
             }
             let mut new = Self::scoped_result(rt, opts.scope, &old, body);
+            Self::check_finalizers(rt, name, &old, &new)?;
             new["apiVersion"] = json!(rt.api_version());
             new["kind"] = json!(rt.kind);
             let mut entries = apply::read_managed(&old);
@@ -890,6 +917,7 @@ impl Store {
                         // managedFields go on after scoping: a /status write
                         // starts from the old object, metadata included.
                         let mut new = Self::scoped_result(rt, opts.scope, &old, merged);
+                        Self::check_finalizers(rt, name, &old, &new)?;
                         apply::write_managed(&mut new, &entries);
                         state.commit(&key, new)
                     }
@@ -921,6 +949,7 @@ impl Store {
                 return Err(ApiError::stale(&rt.group, &rt.plural, name));
             }
             let mut new = Self::scoped_result(rt, opts.scope, &old, patched);
+            Self::check_finalizers(rt, name, &old, &new)?;
             let mut entries = apply::read_managed(&old);
             apply::record_update(&mut entries, &writer, Some(&old), &new);
             apply::write_managed(&mut new, &entries);

@@ -581,6 +581,17 @@ async fn finalizers_and_owner_garbage_collection() {
         .unwrap();
     let marked = within(cms.get("owner")).await.unwrap();
     assert!(marked.metadata.deletion_timestamp.is_some());
+    let added = within(cms.patch(
+        "owner",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": ["example.io/hold", "example.io/more"]}})),
+    ))
+    .await;
+    assert_eq!(
+        code(added.unwrap_err()).0,
+        422,
+        "no new finalizer while deleting"
+    );
     assert!(within(secrets.get("dep")).await.is_ok());
 
     // Removing the finalizer completes the deletion, and the dependent goes too.
