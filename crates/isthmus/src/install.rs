@@ -10,8 +10,9 @@
 //!    them;
 //! 3. the gateway's ServiceAccount and read-only ClusterRole;
 //! 4. the link reader: a ServiceAccount `isthmus-link-reader` that may only get, list
-//!    and watch Services and EndpointSlices, and its token Secret, which
-//!    `isthmus link` turns into the kubeconfig another cluster uses;
+//!    and watch Services and EndpointSlices and list ClusterSettings (which
+//!    namespaces the cluster exports), and its token Secret, which `isthmus link`
+//!    turns into the kubeconfig another cluster uses;
 //! 5. identity through cert-manager: a CA `ClusterIssuer` (`isthmus-issuer`, from the
 //!    Secret `isthmus-issuer` in cert-manager's namespace: the cluster's issuer
 //!    certificate and key under the shared trust anchor; `--issuer DIR` renders that
@@ -393,6 +394,13 @@ pub fn link_reader_rules() -> Vec<PolicyRule> {
     vec![
         rule(&[""], &["services"], READ),
         rule(&["discovery.k8s.io"], &["endpointslices"], READ),
+        // The exported namespaces: without them a Service exported by namespace
+        // looks unexported to the other cluster's controller.
+        rule(
+            &["multicluster.isthmus.io"],
+            &["clustersettings"],
+            &["list"],
+        ),
     ]
 }
 

@@ -4,7 +4,7 @@
 //! - a Secret holding a kubeconfig for the exporting cluster's API server, with the
 //!   token of the read-only ServiceAccount `isthmus-link-reader` that
 //!   `isthmus install` created (get, list and watch of Services and EndpointSlices,
-//!   nothing more);
+//!   list of ClusterSettings for the exported namespaces, nothing more);
 //! - the `Link` naming the cluster, its gateway's address (the LoadBalancer's, or
 //!   `--gateway-address`), tunnel and probe ports, the identity the gateway must
 //!   present, and that Secret.
@@ -97,6 +97,10 @@ pub struct LinkArgs {
     /// LoadBalancer address of the gateway Service].
     #[arg(long, value_name = "IP_OR_NAME")]
     pub gateway_address: Option<String>,
+    /// The gateway's tunnel port as the other cluster reaches it [default: the
+    /// gateway Service's isthmus-tunnel port].
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub gateway_port: Option<u16>,
     /// The identity the gateway presents [default: the gateway Service's
     /// isthmus.io/gateway-identity annotation].
     #[arg(long, value_name = "SPIFFE_ID")]
@@ -159,7 +163,9 @@ pub async fn read(args: &LinkArgs) -> Result<LinkInput> {
             .and_then(|ports| ports.iter().find(|p| p.name.as_deref() == Some(name)))
             .and_then(|p| u16::try_from(p.port).ok())
     };
-    let gateway_port = port_named(install::TUNNEL_PORT_NAME)
+    let gateway_port = args
+        .gateway_port
+        .or_else(|| port_named(install::TUNNEL_PORT_NAME))
         .unwrap_or(proxy_discovery::model::DEFAULT_GATEWAY_PORT);
     let probe_port =
         port_named(install::ADMIN_PORT_NAME).unwrap_or(proxy_discovery::model::DEFAULT_PROBE_PORT);

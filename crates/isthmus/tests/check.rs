@@ -599,3 +599,249 @@ async fn an_unreachable_api_server_is_an_error_naming_it() {
         "{stderr}"
     );
 }
+
+/// Puts every document of `text` the test API server serves, in `namespace` when
+/// the manifest names none (as `kubectl apply` would with that namespace).
+fn apply(server: &TestApiServer, text: &str) {
+    for mut doc in docs(text) {
+        let api = doc["apiVersion"].as_str().unwrap();
+        // cert-manager's kinds and policy/v1 are not served by the test API server.
+        if ["cert-manager.io/v1", "policy/v1"].contains(&api) {
+            continue;
+        }
+        let cluster_scoped = [
+            "Namespace",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "CustomResourceDefinition",
+        ]
+        .contains(&doc["kind"].as_str().unwrap());
+        if !cluster_scoped && doc["metadata"]["namespace"].is_null() {
+            doc["metadata"]["namespace"] = json!("default");
+        }
+        put(server, doc);
+    }
+}
+
+async fn ok(args: &[&str]) -> String {
+    let out = isthmus(args).await;
+    assert!(
+        out.status.success(),
+        "isthmus {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The steps of REAL-CLUSTERS.md at the API level: install both clusters, link
+/// cluster-b to cluster-a with the printed kubeconfig, the seed injected and its
+/// ServiceMirror applied; the real controller, running against cluster-b, reads
+/// hello from cluster-a through the link reader's kubeconfig and mirrors it, and
+/// `isthmus check` on cluster-b passes. (The data path is the lab's to prove.)
+#[tokio::test]
+async fn the_real_cluster_steps_mirror_hello_and_check_passes() {
+    use isthmus_controller::mirror::{ReconcileTiming, SettingsSource};
+    use isthmus_controller::remote::RemoteTiming;
+    use k8s_openapi::api::core::v1::Service;
+    use kube::Api;
+    use proxy_discovery::model::ServiceMirrorResource;
+
+    let a = TestApiServer::start().await;
+    let b = TestApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig_a = {
+        let path = dir.path().join("a");
+        std::fs::create_dir(&path).unwrap();
+        kubeconfig(&a, &path)
+    };
+    let kubeconfig_b = kubeconfig(&b, dir.path());
+    let pki = pki();
+    let seed = |file: &str| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples/seed")
+            .join(file)
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+
+    // 2. Install both clusters; cluster-a exports the seed's namespace.
+    let ip = ["--gateway-cluster-ip", "10.96.100.43"];
+    let mut install_a = vec![
+        "install",
+        "--cluster",
+        "cluster-a",
+        "--export-namespace",
+        "default",
+    ];
+    install_a.extend(ip);
+    apply(&a, &ok(&install_a).await);
+    let mut install_b = vec!["install", "--cluster", "cluster-b"];
+    install_b.extend(ip);
+    apply(&b, &ok(&install_b).await);
+    // What the clusters do after install: the load balancer's address, the reader's
+    // token, cert-manager's certificates, ready pods.
+    let mut svc = get(
+        &a,
+        "v1",
+        "Service",
+        Some("isthmus-system"),
+        "isthmus-gateway",
+    );
+    svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.18.7.1"}]}});
+    put(&a, svc);
+    let mut token = get(
+        &a,
+        "v1",
+        "Secret",
+        Some("isthmus-system"),
+        "isthmus-link-reader-token",
+    );
+    let ca =
+        mint::trust_anchor("api server of cluster-a", days(1), KeyAlgorithm::EcdsaP256).unwrap();
+    token["data"] =
+        json!({"token": b64(b"reader-token"), "ca.crt": b64(ca.ca.cert_pem.as_bytes())});
+    put(&a, token);
+    put(&b, identity_secret(&pki.gateway_b));
+    put(
+        &b,
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "isthmus-issuer", "namespace": "cert-manager"},
+            "data": {"tls.crt": b64(pki.issuer_b.ca.cert_pem.as_bytes())},
+        }),
+    );
+    for name in ["isthmus-controller", "isthmus-gateway"] {
+        let mut d = get(&b, "apps/v1", "Deployment", Some("isthmus-system"), name);
+        d["status"] = json!({"replicas": 2, "readyReplicas": 2});
+        put(&b, d);
+    }
+    let mut svc = get(
+        &b,
+        "v1",
+        "Service",
+        Some("isthmus-system"),
+        "isthmus-gateway",
+    );
+    svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.18.7.2"}]}});
+    put(&b, svc);
+
+    // 3. Link cluster-b to cluster-a. The gateway answering for cluster-a is a TLS
+    // server on loopback, so the address and port are given.
+    let port = gateway_a(&pki.gateway_a).await.to_string();
+    let link = ok(&[
+        "link",
+        "--cluster",
+        "cluster-a",
+        "--kubeconfig",
+        &kubeconfig_a,
+        "--gateway-address",
+        "127.0.0.1",
+        "--gateway-port",
+        &port,
+    ])
+    .await;
+    apply(&b, &link);
+
+    // 4. The seed, injected, and its ServiceMirror.
+    apply(
+        &a,
+        &ok(&[
+            "inject",
+            "--cluster",
+            "cluster-a",
+            &seed("cluster-a/cluster-a.yaml"),
+        ])
+        .await,
+    );
+    apply(
+        &b,
+        &ok(&[
+            "inject",
+            "--cluster",
+            "cluster-b",
+            &seed("cluster-b/cluster-b.yaml"),
+        ])
+        .await,
+    );
+    apply(
+        &b,
+        &std::fs::read_to_string(seed("cluster-b/cluster-b-servicemirror.yaml")).unwrap(),
+    );
+
+    // The controller of cluster-b, as install runs it (one replica, no Lease).
+    let controller = isthmus_controller::start(
+        b.client(),
+        isthmus_controller::Config {
+            namespace: "isthmus-system".to_owned(),
+            settings: SettingsSource::Object("cluster-b".to_owned()),
+            lease: None,
+            metrics_addr: None,
+            configmap: "isthmus-discovery".to_owned(),
+            publish_interval: Duration::from_millis(100),
+            remote: RemoteTiming {
+                probe_interval: Duration::from_millis(200),
+                call_timeout: Duration::from_secs(1),
+            },
+            timing: ReconcileTiming {
+                resync: Duration::from_secs(30),
+                stale_refresh: Duration::from_millis(300),
+                contact_refresh: Duration::from_secs(1),
+            },
+        },
+    );
+    let controller = tokio::time::timeout(STEP, controller)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // The mirror becomes Mirrored, and hello appears in cluster-b.
+    let mirrors: Api<ServiceMirrorResource> = Api::namespaced(b.client(), "default");
+    let services: Api<Service> = Api::namespaced(b.client(), "default");
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let mirror = tokio::time::timeout(STEP, mirrors.get("hello-mirror"))
+            .await
+            .unwrap()
+            .unwrap();
+        let mirrored = mirror.status.as_ref().is_some_and(|s| {
+            s.conditions.iter().any(|c| {
+                c.type_ == "Mirrored" && c.status == proxy_discovery::model::ConditionStatus::True
+            })
+        });
+        let hello = tokio::time::timeout(STEP, services.get_opt("hello"))
+            .await
+            .unwrap()
+            .unwrap();
+        if mirrored && hello.is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hello was not mirrored into cluster-b: {:?}",
+            mirror.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 5. Check cluster-b: everything passes, the mirror and the link included.
+    let deadline = tokio::time::Instant::now() + STEP;
+    let out = loop {
+        let (passed, out) = check(&kubeconfig_b).await;
+        if passed {
+            break out;
+        }
+        // The ConfigMap is published shortly after the mirror.
+        assert!(tokio::time::Instant::now() < deadline, "{out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for expected in [
+        "✔ service mirror default/hello-mirror (hello.default of cluster-a): mirrored",
+        &format!("✔ link cluster-a gateway 127.0.0.1:{port}: reached"),
+        "✔ discovery ConfigMap isthmus-system/isthmus-discovery: published",
+        "✔ cluster settings in isthmus-system: cluster cluster-b",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in\n{out}");
+    }
+    controller.stop().await;
+}

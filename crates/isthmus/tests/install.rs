@@ -1,7 +1,8 @@
 //! `isthmus install` through the binary: every document parses as its Kubernetes
 //! type, the order is the one `kubectl apply` needs, the output is deterministic,
 //! the checked-in `deploy/` examples have not drifted, the link reader may read
-//! Services and EndpointSlices and nothing else, and bad flags are named.
+//! Services and EndpointSlices and list ClusterSettings, nothing else, and bad
+//! flags are named.
 
 #![allow(clippy::unwrap_used)]
 
@@ -256,7 +257,7 @@ fn the_gateway_is_exposed_with_its_identity_and_the_settings_name_it() {
 }
 
 #[test]
-fn the_link_reader_reads_services_and_endpointslices_only() {
+fn the_link_reader_reads_what_a_linked_controller_needs_and_nothing_else() {
     let docs = docs(&install(&["--cluster", "cluster-a"]));
     let role: ClusterRole = parse(find(&docs, "ClusterRole", "isthmus-link-reader"));
     let mut grants: Vec<(String, String, String)> = Vec::new();
@@ -278,6 +279,7 @@ fn the_link_reader_reads_services_and_endpointslices_only() {
         ("discovery.k8s.io", "endpointslices", "get"),
         ("discovery.k8s.io", "endpointslices", "list"),
         ("discovery.k8s.io", "endpointslices", "watch"),
+        ("multicluster.isthmus.io", "clustersettings", "list"),
     ]
     .iter()
     .map(|(g, r, v)| ((*g).to_owned(), (*r).to_owned(), (*v).to_owned()))
@@ -285,6 +287,20 @@ fn the_link_reader_reads_services_and_endpointslices_only() {
     let mut expected = expected;
     expected.sort();
     assert_eq!(grants, expected);
+    // Everything the other cluster's controller calls through the Link is granted.
+    for rule in isthmus_controller::manifests::remote_reader_role()
+        .rules
+        .unwrap()
+    {
+        for group in rule.api_groups.unwrap() {
+            for resource in rule.resources.clone().unwrap() {
+                for verb in &rule.verbs {
+                    let needed = (group.clone(), resource.clone(), verb.clone());
+                    assert!(grants.contains(&needed), "the link reader lacks {needed:?}");
+                }
+            }
+        }
+    }
 
     let binding: ClusterRoleBinding =
         parse(find(&docs, "ClusterRoleBinding", "isthmus-link-reader"));
