@@ -1,13 +1,10 @@
 //! The in-memory object store: objects keyed by (group, resource, namespace,
 //! name), one global resourceVersion counter, a bounded event history for
 //! watches, and the write semantics of the real server (uid, generation,
-//! finalizers, owner-reference garbage collection, CRD registration,
-//! server-side apply through `apply`).
-//!
-//! [`Store`] is also the public seeding/asserting handle: [`Store::put`],
-//! [`Store::get`], [`Store::delete`], [`Store::list`] (typed) and their
-//! `*_value` forms (JSON). Direct writes skip admission rules (`.status` is kept,
-//! no managedFields are recorded) but produce watch events like any write.
+//! no-op writes, `/status` scoping, CRD registration, server-side apply
+//! through `apply`). Garbage collection and cascades live in `gc`; the public
+//! seeding/asserting API ([`Store::put`], [`Store::get`], [`Store::list`],
+//! [`Store::delete_value`] and their typed or JSON forms) in `direct`.
 //!
 //! Not here: HTTP, query parsing, streaming (see `server`).
 
@@ -15,8 +12,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -354,136 +349,6 @@ impl State {
             self.types
                 .retain(|e| !(e.same_resource(&t.group, &t.plural) && e.version == t.version));
             self.types.push(t);
-        }
-    }
-
-    /// Starts deletion: removes the object, or marks it when finalizers hold it.
-    fn delete_key(&mut self, key: &ObjKey, orphan: bool) -> Option<Value> {
-        let mut obj = self.objects.get(key)?.clone();
-        if has_finalizers(&obj) {
-            if obj.pointer("/metadata/deletionTimestamp").is_none() {
-                set_meta(&mut obj, "deletionTimestamp", json!(now_rfc3339()));
-                set_meta(&mut obj, "deletionGracePeriodSeconds", json!(0));
-                return Some(self.commit(key, obj));
-            }
-            return Some(obj);
-        }
-        self.rv += 1;
-        set_meta(&mut obj, "resourceVersion", json!(self.rv.to_string()));
-        self.objects.remove(key);
-        self.record(EventKind::Deleted, key, obj.clone(), None);
-        if orphan {
-            self.after_crd_or_namespace_removal(key);
-        } else {
-            self.after_removal(key, &obj);
-        }
-        Some(obj)
-    }
-
-    /// What kube-controller-manager would do after an object is gone.
-    fn after_removal(&mut self, key: &ObjKey, removed: &Value) {
-        self.after_crd_or_namespace_removal(key);
-        let Some(uid) = meta_str(removed, "uid") else {
-            return;
-        };
-        // Background propagation: a dependent goes once none of its owners exists.
-        let live_uids: std::collections::BTreeSet<String> = self
-            .objects
-            .values()
-            .filter_map(|o| meta_str(o, "uid").map(str::to_owned))
-            .collect();
-        let orphans: Vec<ObjKey> = self
-            .objects
-            .iter()
-            .filter(|(_, o)| {
-                let owners: Vec<&str> = o
-                    .pointer("/metadata/ownerReferences")
-                    .and_then(Value::as_array)
-                    .map(|refs| {
-                        refs.iter()
-                            .filter_map(|r| r.get("uid").and_then(Value::as_str))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                owners.contains(&uid) && owners.iter().all(|u| !live_uids.contains(*u))
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in orphans {
-            self.delete_key(&k, false);
-        }
-    }
-
-    /// What the garbage collector does with an object written through the API
-    /// whose owners are all gone (say, re-created by a controller that had not
-    /// yet seen its owner's deletion): it deletes it. The write itself succeeds.
-    fn collect_if_orphaned(&mut self, written: &Value) {
-        let owners: Vec<&str> = written
-            .pointer("/metadata/ownerReferences")
-            .and_then(Value::as_array)
-            .map(|refs| {
-                refs.iter()
-                    .filter_map(|r| r.get("uid").and_then(Value::as_str))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if owners.is_empty() {
-            return;
-        }
-        let live = self
-            .objects
-            .values()
-            .filter_map(|o| meta_str(o, "uid"))
-            .any(|uid| owners.contains(&uid));
-        if live {
-            return;
-        }
-        let Some(rt) = written
-            .get("apiVersion")
-            .and_then(Value::as_str)
-            .zip(written.get("kind").and_then(Value::as_str))
-            .and_then(|(api_version, kind)| {
-                let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-                self.types
-                    .iter()
-                    .find(|t| t.group == group && t.version == version && t.kind == kind)
-                    .cloned()
-            })
-        else {
-            return;
-        };
-        let (ns, name) = identity(written);
-        self.delete_key(&Self::key(&rt, &ns, &name), false);
-    }
-
-    fn after_crd_or_namespace_removal(&mut self, key: &ObjKey) {
-        let doomed: Vec<ObjKey> = if key.group.is_empty() && key.plural == "namespaces" {
-            self.objects
-                .keys()
-                .filter(|k| k.namespace == key.name)
-                .cloned()
-                .collect()
-        } else if key.group == "apiextensions.k8s.io" && key.plural == "customresourcedefinitions" {
-            // A CRD is named `<plural>.<group>`.
-            let Some((plural, group)) = key.name.split_once('.') else {
-                return;
-            };
-            self.types.retain(|t| !t.same_resource(group, plural));
-            self.objects
-                .keys()
-                .filter(|k| k.group == group && k.plural == plural)
-                .cloned()
-                .collect()
-        } else {
-            return;
-        };
-        for k in doomed {
-            if let Some(mut obj) = self.objects.remove(&k) {
-                self.rv += 1;
-                set_meta(&mut obj, "resourceVersion", json!(self.rv.to_string()));
-                self.record(EventKind::Deleted, &k, obj.clone(), None);
-                self.after_removal(&k, &obj);
-            }
         }
     }
 
@@ -995,153 +860,6 @@ impl Store {
                 .ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, name))
         })
     }
-
-    // ---- direct access for tests ----
-
-    fn put_typed(&self, rt: &ResourceType, mut obj: Value) -> Result<Value, ApiError> {
-        let (ns, name) = identity(&obj);
-        if name.is_empty() {
-            return Err(ApiError::invalid(format!(
-                "{}: metadata.name is required",
-                rt.plural
-            )));
-        }
-        if rt.namespaced && ns.is_empty() {
-            return Err(ApiError::invalid(format!(
-                "{} {name:?}: metadata.namespace is required for a namespaced resource",
-                rt.plural
-            )));
-        }
-        self.write(|state| {
-            let key = State::key(rt, &ns, &name);
-            match state.objects.get(&key).cloned() {
-                None => state.create(rt, &ns, obj),
-                Some(old) => {
-                    for field in ["uid", "creationTimestamp"] {
-                        if let Some(v) = old.pointer(&format!("/metadata/{field}")) {
-                            set_meta(&mut obj, field, v.clone());
-                        }
-                    }
-                    obj["apiVersion"] = json!(rt.api_version());
-                    obj["kind"] = json!(rt.kind);
-                    Ok(state.commit(&key, obj))
-                }
-            }
-        })
-        .map(|o| present(rt, &o))
-    }
-
-    /// Creates or overwrites `obj` (found by its apiVersion and kind), as a write
-    /// that bypasses admission: `.status` is kept and no field manager recorded.
-    pub fn put_value(&self, obj: Value) -> Result<Value, ApiError> {
-        let api_version = obj
-            .get("apiVersion")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let kind = obj.get("kind").and_then(Value::as_str).unwrap_or_default();
-        let rt = self.resolve_kind(api_version, kind)?;
-        self.put_typed(&rt, obj)
-    }
-
-    /// Creates or overwrites a typed object; see [`Store::put_value`].
-    pub fn put<K>(&self, obj: &K) -> Result<K, ApiError>
-    where
-        K: kube::Resource<DynamicType = ()> + Serialize + DeserializeOwned,
-    {
-        let rt = self.resolve_kind(&K::api_version(&()), &K::kind(&()))?;
-        let value = serde_json::to_value(obj)
-            .map_err(|e| ApiError::bad_request(format!("{}: cannot serialize: {e}", rt.kind)))?;
-        let stored = self.put_typed(&rt, value)?;
-        decode(&rt, stored)
-    }
-
-    /// The object, if present.
-    pub fn get_value(
-        &self,
-        api_version: &str,
-        kind: &str,
-        namespace: Option<&str>,
-        name: &str,
-    ) -> Option<Value> {
-        let rt = self.resolve_kind(api_version, kind).ok()?;
-        self.get_obj(&rt, namespace.unwrap_or_default(), name).ok()
-    }
-
-    /// The typed object, if present.
-    pub fn get<K>(&self, namespace: Option<&str>, name: &str) -> Option<K>
-    where
-        K: kube::Resource<DynamicType = ()> + DeserializeOwned,
-    {
-        let rt = self
-            .resolve_kind(&K::api_version(&()), &K::kind(&()))
-            .ok()?;
-        let value = self
-            .get_obj(&rt, namespace.unwrap_or_default(), name)
-            .ok()?;
-        decode(&rt, value).ok()
-    }
-
-    /// All objects of a kind, in one namespace or (with `None`) all of them.
-    pub fn list_value(&self, api_version: &str, kind: &str, namespace: Option<&str>) -> Vec<Value> {
-        match self.resolve_kind(api_version, kind) {
-            Ok(rt) => {
-                self.list_objs(
-                    &rt,
-                    namespace,
-                    &LabelSelector::default(),
-                    &FieldSelector::default(),
-                )
-                .0
-            }
-            Err(_) => Vec::new(),
-        }
-    }
-
-    /// All typed objects of a kind; see [`Store::list_value`].
-    pub fn list<K>(&self, namespace: Option<&str>) -> Vec<K>
-    where
-        K: kube::Resource<DynamicType = ()> + DeserializeOwned,
-    {
-        let Ok(rt) = self.resolve_kind(&K::api_version(&()), &K::kind(&())) else {
-            return Vec::new();
-        };
-        self.list_objs(
-            &rt,
-            namespace,
-            &LabelSelector::default(),
-            &FieldSelector::default(),
-        )
-        .0
-        .into_iter()
-        .filter_map(|v| decode(&rt, v).ok())
-        .collect()
-    }
-
-    /// Deletes as the API would (finalizers and garbage collection included).
-    pub fn delete_value(
-        &self,
-        api_version: &str,
-        kind: &str,
-        namespace: Option<&str>,
-        name: &str,
-    ) -> Result<Value, ApiError> {
-        let rt = self.resolve_kind(api_version, kind)?;
-        self.delete(
-            &rt,
-            namespace.unwrap_or_default(),
-            name,
-            &DeleteOpts::default(),
-        )
-    }
-
-    /// Deletes a typed object; see [`Store::delete_value`].
-    pub fn delete_typed<K>(&self, namespace: Option<&str>, name: &str) -> Result<(), ApiError>
-    where
-        K: kube::Resource<DynamicType = ()>,
-    {
-        self.delete_value(&K::api_version(&()), &K::kind(&()), namespace, name)
-            .map(drop)
-    }
 }
 
 fn writer<'a>(rt: &ResourceType, opts: &WriteOpts<'a>) -> Writer<'a> {
@@ -1153,11 +871,8 @@ fn writer<'a>(rt: &ResourceType, opts: &WriteOpts<'a>) -> Writer<'a> {
     }
 }
 
-fn decode<K: DeserializeOwned>(rt: &ResourceType, value: Value) -> Result<K, ApiError> {
-    serde_json::from_value(value).map_err(|e| {
-        ApiError::bad_request(format!("{}: stored object does not decode: {e}", rt.kind))
-    })
-}
+mod direct;
+mod gc;
 
 #[cfg(test)]
 mod tests;
