@@ -266,15 +266,17 @@ impl Elector {
                     ..LeaseSpec::default()
                 }),
             };
-            return match self.api.create(&PostParams::default(), &lease).await {
+            return match self
+                .call("create", self.api.create(&PostParams::default(), &lease))
+                .await
+            {
                 Ok(_) => Ok(Attempt::Leading(deadline)),
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Attempt::Following),
-                Err(source) => Err(LeaseError::Api {
-                    namespace: self.config.namespace.clone(),
-                    name,
-                    action: "create",
-                    source,
-                }),
+                // Another replica created it first.
+                Err(LeaseError::Api {
+                    source: kube::Error::Api(s),
+                    ..
+                }) if s.code == 409 => Ok(Attempt::Following),
+                Err(e) => Err(e),
             };
         };
         let mut spec = lease.spec.clone().unwrap_or_default();
@@ -373,5 +375,43 @@ impl Elector {
             Err(e) => tracing::warn!(lease = %self.config.name, error = %crate::error_chain(&e),
                 "could not release the Lease; a successor waits out its duration"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn leadership_ends_at_the_deadline_without_a_word_from_the_elector() {
+        let (tx, rx) = watch::channel(None);
+        let mut leadership = Leadership { rx };
+        assert!(!leadership.is_leading());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        tx.send_replace(Some(deadline));
+        tokio::time::timeout(Duration::from_secs(1), leadership.leading())
+            .await
+            .expect("leading as soon as a deadline ahead is published");
+        assert!(leadership.is_leading());
+        // The elector hangs (no renewal, no news): leadership still ends on time.
+        let start = Instant::now();
+        tokio::time::timeout(Duration::from_secs(60), leadership.lost())
+            .await
+            .expect("lost at the deadline");
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        assert!(!leadership.is_leading());
+        drop(tx);
+    }
+
+    #[test]
+    fn the_renew_deadline_leaves_a_margin_before_others_may_take_over() {
+        let c = LeaseConfig {
+            namespace: "isthmus".to_owned(),
+            name: "isthmus-controller".to_owned(),
+            identity: "a".to_owned(),
+            lease_duration: Duration::from_secs(15),
+        };
+        assert_eq!(c.renew_deadline(), Duration::from_secs(10));
+        assert!(c.retry_period() * 3 < c.renew_deadline());
     }
 }
