@@ -161,7 +161,7 @@ impl RunArgs {
             return Err(ConfigError {
                 flag: "identity",
                 value: identity,
-                problem: "must not be empty".to_owned(),
+                problem: "must not be empty (the host name is the default)".to_owned(),
             });
         }
         Ok(Config {
@@ -182,7 +182,9 @@ impl RunArgs {
             },
             timing: ReconcileTiming {
                 resync,
-                stale_refresh: probe.saturating_mul(2),
+                // Each refresh is a status write per mirror of an unreachable cluster:
+                // lastRemoteContact already gives the exact age, the message a rounded one.
+                stale_refresh: probe.saturating_mul(2).max(Duration::from_secs(30)),
                 contact_refresh: Duration::from_secs(30),
             },
         })

@@ -22,7 +22,13 @@ async fn main() -> anyhow::Result<()> {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .init();
-            let hostname = std::env::var("HOSTNAME").unwrap_or_default();
+            // Kubernetes sets HOSTNAME to the pod's name; a shell may not export it.
+            let hostname = std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_default();
             let config = args
                 .into_config(&hostname)
                 .context("invalid command line")?;
