@@ -33,6 +33,27 @@ pub enum RoleCommand {
     Standalone(CommonArgs),
 }
 
+/// Where a proxy learns Services, Endpoints, Links and its cluster's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DiscoveryKind {
+    /// A directory of manifests (`--manifests`): what the controller publishes in a
+    /// ConfigMap for sidecars, or the local lab's files.
+    Dir,
+    /// The cluster's API server (in a pod, its service account): for gateways,
+    /// which need the Services and EndpointSlices of exported services.
+    Kube,
+}
+
+/// The validated discovery source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiscoverySource {
+    Dir(PathBuf),
+    /// All namespaces unless one is named.
+    Kube {
+        namespace: Option<String>,
+    },
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Plain,
@@ -56,9 +77,18 @@ pub struct CommonArgs {
     /// The trust anchors, if not `ca.crt` in --identity-dir.
     #[arg(long, env = "ISTHMUS_IDENTITY_ANCHORS")]
     pub identity_anchors: Option<PathBuf>,
-    /// Directory of Kubernetes manifests to discover services from (watched).
+    /// Where services are discovered: `dir` reads --manifests, `kube` the cluster's
+    /// API server (the pod's service account, or the kubeconfig of the environment).
+    #[arg(long, env = "ISTHMUS_DISCOVERY", value_enum, default_value_t = DiscoveryKind::Dir)]
+    pub discovery: DiscoveryKind,
+    /// Directory of Kubernetes manifests to discover services from (watched); needed
+    /// with `--discovery dir`.
     #[arg(long, env = "ISTHMUS_MANIFESTS")]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
+    /// With `--discovery kube`: read only this namespace (for a proxy whose service
+    /// account may not list cluster-wide).
+    #[arg(long, env = "ISTHMUS_DISCOVERY_NAMESPACE")]
+    pub discovery_namespace: Option<String>,
     /// Where the outbound listener binds (loopback only: it must not be an open proxy).
     #[arg(long, env = "ISTHMUS_OUTBOUND_ADDR", value_delimiter = ',',
           default_values_t = [SocketAddr::from(([127, 0, 0, 1], DEFAULT_OUTBOUND_PORT)), SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, DEFAULT_OUTBOUND_PORT))])]
@@ -350,7 +380,7 @@ pub struct Config {
     pub cluster: String,
     /// The credential files, `--identity-dir`'s standard names unless overridden.
     pub identity: CredentialPaths,
-    pub manifests: PathBuf,
+    pub discovery: DiscoverySource,
     pub outbound_addrs: Vec<SocketAddr>,
     pub inbound_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
@@ -418,10 +448,37 @@ impl Config {
                 *slot = path.clone();
             }
         }
-        if !args.manifests.is_dir() {
+        let discovery = match (args.discovery, &args.manifests) {
+            (DiscoveryKind::Dir, None) => {
+                return Err(invalid(
+                    "manifests",
+                    "is required with --discovery dir (the default)",
+                ));
+            }
+            (DiscoveryKind::Dir, Some(dir)) if !dir.is_dir() => {
+                return Err(invalid(
+                    "manifests",
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
+            (DiscoveryKind::Dir, Some(dir)) => DiscoverySource::Dir(dir.clone()),
+            (DiscoveryKind::Kube, Some(dir)) => {
+                return Err(invalid(
+                    "manifests",
+                    format!(
+                        "{} is given with --discovery kube, which reads the API server instead",
+                        dir.display()
+                    ),
+                ));
+            }
+            (DiscoveryKind::Kube, None) => DiscoverySource::Kube {
+                namespace: args.discovery_namespace.clone(),
+            },
+        };
+        if args.discovery_namespace.is_some() && args.discovery == DiscoveryKind::Dir {
             return Err(invalid(
-                "manifests",
-                format!("{} is not a directory", args.manifests.display()),
+                "discovery-namespace",
+                "only applies to --discovery kube",
             ));
         }
         if let Some(open) = args.outbound_addr.iter().find(|a| !a.ip().is_loopback()) {
@@ -450,7 +507,7 @@ impl Config {
         Ok(Config {
             cluster: args.cluster.clone(),
             identity,
-            manifests: args.manifests.clone(),
+            discovery,
             outbound_addrs: args.outbound_addr.clone(),
             inbound_addrs: args.inbound_addr.clone(),
             admin_addr: args.admin_addr,
@@ -552,12 +609,34 @@ mod tests {
         );
 
         let mut bad = args(dir.path());
-        bad.manifests = dir.path().join("missing");
+        bad.manifests = Some(dir.path().join("missing"));
         assert!(
             Config::from_args(&bad)
                 .unwrap_err()
                 .to_string()
                 .starts_with("--manifests:")
+        );
+        bad.manifests = None;
+        assert!(
+            Config::from_args(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("required with --discovery dir")
+        );
+        bad.discovery = DiscoveryKind::Kube;
+        bad.discovery_namespace = Some("isthmus-system".into());
+        assert_eq!(
+            Config::from_args(&bad).unwrap().discovery,
+            DiscoverySource::Kube {
+                namespace: Some("isthmus-system".into())
+            }
+        );
+        bad.manifests = Some(dir.path().to_path_buf());
+        assert!(
+            Config::from_args(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("reads the API server instead")
         );
     }
 

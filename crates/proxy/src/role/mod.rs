@@ -22,6 +22,7 @@ use proxy_core::metrics::{Direction, ProxyMetrics};
 use proxy_core::pool::{LinkState, PeerConfig, Pool};
 use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelServer};
 use proxy_core::tunnel::{H2Settings, HandshakeObserver};
+use proxy_discovery::source::kube::KubeSource;
 use proxy_discovery::{ClusterName, DirSource, Discovery};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{CredentialStore, IdentityMetrics, PeerPolicy, SpiffeId};
@@ -30,7 +31,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::admin::{self, Admin, ConfigView};
-use crate::config::Config;
+use crate::config::{Config, DiscoverySource};
 
 /// What every role starts with.
 pub struct Base {
@@ -67,28 +68,29 @@ impl Base {
 
         let (shutdown_tx, shutdown) = watch::channel(false);
         let mut stop = shutdown.clone();
-        let (discovery, _task) = DirSource::new(&config.manifests)
-            .with_cluster(
-                ClusterName::parse(&config.cluster)
-                    .map_err(|e| anyhow::anyhow!("--cluster {}: {e}", config.cluster))?,
-            )
-            .watch(config.reload_interval, async move {
-                proxy_core::listen::drained(&mut stop).await
-            })
-            .await
-            .with_context(|| {
-                format!(
-                    "loading service discovery from {}",
-                    config.manifests.display()
-                )
-            })?;
+        let cluster = ClusterName::parse(&config.cluster)
+            .map_err(|e| anyhow::anyhow!("--cluster {}: {e}", config.cluster))?;
+        let stopped = async move { proxy_core::listen::drained(&mut stop).await };
+        let discovery = match &config.discovery {
+            DiscoverySource::Dir(dir) => {
+                let (discovery, _task) = DirSource::new(dir)
+                    .with_cluster(cluster)
+                    .watch(config.reload_interval, stopped)
+                    .await
+                    .with_context(|| format!("loading service discovery from {}", dir.display()))?;
+                discovery
+            }
+            DiscoverySource::Kube { namespace } => {
+                kube_discovery(cluster, namespace.as_deref(), stopped).await?
+            }
+        };
         registry.register_collector(Box::new(discovery_metrics::DiscoveryCollector {
             discovery: discovery.clone(),
         }));
         info!(
             cluster = %config.cluster,
             identity = %identity.current().id(),
-            manifests = %config.manifests.display(),
+            discovery = ?config.discovery,
             "identity and discovery loaded"
         );
         Ok(Base {
@@ -435,4 +437,28 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Binds the admin listener.
 pub async fn bind_admin(addr: SocketAddr) -> Result<TcpListener> {
     admin::bind(addr).await
+}
+
+/// Discovery through the cluster's API server: Services, EndpointSlices, Links and
+/// ClusterSettings watched with kube-runtime reflectors.
+async fn kube_discovery(
+    cluster: ClusterName,
+    namespace: Option<&str>,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Discovery> {
+    let kube_config = kube::Config::infer().await.context(
+        "--discovery kube: no API server credentials (in-cluster service account or kubeconfig)",
+    )?;
+    let url = kube_config.cluster_url.to_string();
+    let mut source = KubeSource::from_config(kube_config, cluster)
+        .with_context(|| format!("--discovery kube: a client for {url}"))?
+        .with_mesh_kinds();
+    if let Some(namespace) = namespace {
+        source = source.namespace(namespace);
+    }
+    let (discovery, _task) = source
+        .watch(stopped)
+        .await
+        .with_context(|| format!("loading service discovery from the API server at {url}"))?;
+    Ok(discovery)
 }
