@@ -161,6 +161,21 @@ fn every_document_parses_as_its_type_in_apply_order() {
         install(&["--cluster", "cluster-a"]),
         "not deterministic"
     );
+    let note = |args: &[&str]| String::from_utf8(isthmus(args).stderr).unwrap();
+    assert!(
+        note(&["install", "--cluster", "a"]).contains("--gateway-cluster-ip"),
+        "without a pinned IP the user is told what sidecars need"
+    );
+    assert!(
+        note(&[
+            "install",
+            "--cluster",
+            "a",
+            "--gateway-cluster-ip",
+            "10.96.0.9"
+        ])
+        .is_empty()
+    );
 }
 
 #[test]
