@@ -136,22 +136,32 @@ pub struct InstallArgs {
 /// The validated input of [`render`].
 #[derive(Debug, Clone)]
 pub struct InstallOptions {
+    /// This cluster's name.
     pub cluster: ClusterName,
+    /// The SPIFFE trust domain (validated).
     pub trust_domain: String,
+    /// The image every container runs.
     pub image: String,
+    /// Gateway replicas, at least 1.
     pub gateway_replicas: i32,
+    /// Namespaces whose every Service is exported.
     pub export_namespaces: Vec<String>,
+    /// The gateway Service's pinned ClusterIP, which ClusterSettings then names.
     pub gateway_cluster_ip: Option<IpAddr>,
     /// PEM of the issuer (`tls.crt`: issuer then anchors, `tls.key`, `ca.crt`).
     pub issuer: Option<IssuerPem>,
+    /// Where the ClusterIssuer's Secret lives.
     pub cert_manager_namespace: String,
 }
 
 /// The issuer certificate, key and anchors a cert-manager CA issuer signs with.
 #[derive(Clone)]
 pub struct IssuerPem {
+    /// The issuer's certificate, then its chain up to the anchor.
     pub cert_chain: String,
+    /// The issuer's private key.
     pub key: String,
+    /// The trust anchors.
     pub anchors: String,
 }
 

@@ -114,13 +114,21 @@ pub struct LinkArgs {
 /// What `isthmus link` read from the exporting cluster.
 #[derive(Debug, Clone)]
 pub struct LinkInput {
+    /// The exporting cluster.
     pub cluster: ClusterName,
+    /// The control plane's namespace (of the Secret and the Link).
     pub namespace: String,
+    /// Where the other cluster reaches the gateway.
     pub gateway_address: GatewayAddress,
+    /// The gateway's tunnel port.
     pub gateway_port: u16,
+    /// The gateway's probe (admin) port.
     pub probe_port: u16,
+    /// The identity the gateway must present.
     pub gateway_identity: SpiffeUri,
+    /// The API server URL written into the kubeconfig.
     pub api_server: String,
+    /// The link reader's token.
     pub token: String,
     /// PEM of the API server's CA, when the token Secret holds one.
     pub ca_crt: Option<Vec<u8>>,
