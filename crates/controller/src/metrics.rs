@@ -49,6 +49,7 @@ pub struct Metrics {
     staleness: Family<ClusterLabel, Gauge<f64, AtomicU64>>,
     leader: Gauge,
     publishes: Counter,
+    watches: Gauge,
 }
 
 impl Default for Metrics {
@@ -91,8 +92,15 @@ impl Metrics {
             "Writes of the sidecars' discovery ConfigMap",
             publishes.clone(),
         );
+        let watches = Gauge::default();
+        registry.register(
+            "remote_watches",
+            "Remote Service watches running (one per link and needed Service)",
+            watches.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            watches,
             reconciles,
             errors,
             staleness,
@@ -131,6 +139,8 @@ impl Metrics {
 
     /// The OpenMetrics text, with staleness taken from `remotes` now.
     pub fn encode(&self, remotes: Option<&Remotes>) -> String {
+        self.watches
+            .set(remotes.map_or(0, |r| i64::try_from(r.watch_count()).unwrap_or(i64::MAX)));
         if let Some(remotes) = remotes {
             self.staleness.clear();
             for (cluster, age) in remotes.staleness() {

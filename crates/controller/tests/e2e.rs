@@ -411,6 +411,15 @@ async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
     .unwrap();
     lab.local_service("hola", |s| ports(s) == [8080]).await;
     lab.local_service_gone("hello").await;
+    // The watch of `hello` went with the need for it.
+    let addr = controller.metrics_addr().unwrap();
+    eventually("one remote watch", || async {
+        metrics(addr)
+            .await
+            .contains("isthmus_controller_remote_watches 1\n")
+            .then_some(())
+    })
+    .await;
     let patch = serde_json::json!({"spec": {"service": {"name": "hello"}}});
     timed(
         "patch mirror back",
@@ -465,6 +474,15 @@ async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
         text.contains("isthmus_controller_reconciles_total{reason=\"Mirrored\"}"),
         "{text}"
     );
+    // No mirror needs the remote any more: its watch is gone.
+    let addr = controller.metrics_addr().unwrap();
+    eventually("remote watches torn down", || async {
+        metrics(addr)
+            .await
+            .contains("isthmus_controller_remote_watches 0")
+            .then_some(())
+    })
+    .await;
     timed("stop", controller.stop()).await;
 }
 
