@@ -81,7 +81,7 @@ impl ServiceMirror {
 )]
 pub struct ServiceMirrorSpec {
     /// The cluster the Service lives in; a `Link` must name it.
-    #[cfg_attr(feature = "kube", schemars(with = "String", regex(pattern = DNS_SUBDOMAIN_PATTERN)))]
+    #[cfg_attr(feature = "kube", schemars(with = "String", length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN)))]
     pub cluster: ClusterName,
     /// The remote Service.
     pub service: MirroredServiceSpec,
@@ -187,7 +187,7 @@ impl Link {
 #[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct LinkSpec {
     /// The peer cluster's name, as ServiceMirrors' `spec.cluster` refer to it.
-    #[cfg_attr(feature = "kube", schemars(with = "String", regex(pattern = DNS_SUBDOMAIN_PATTERN)))]
+    #[cfg_attr(feature = "kube", schemars(with = "String", length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN)))]
     pub target_cluster_name: ClusterName,
     /// The peer gateway's IP address or DNS name.
     #[cfg_attr(feature = "kube", schemars(with = "String"))]
@@ -354,7 +354,7 @@ impl ClusterSettings {
 )]
 pub struct ClusterSettingsSpec {
     /// This cluster's name in the mesh.
-    #[cfg_attr(feature = "kube", schemars(with = "String", regex(pattern = DNS_SUBDOMAIN_PATTERN)))]
+    #[cfg_attr(feature = "kube", schemars(with = "String", length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN)))]
     pub cluster_name: ClusterName,
     /// The SPIFFE trust domain of this cluster's workloads.
     #[serde(default = "default_domain")]
@@ -390,11 +390,11 @@ pub struct GatewaySpec {
     pub identity: SpiffeUri,
 }
 
-/// A DNS-1123 subdomain, as [`ClusterName`] accepts: the CRD schema rejects what
-/// the model would, so one bad object cannot break a controller's list.
+/// A DNS-1123 label (with its 63-byte bound beside it in the schema), as
+/// [`ClusterName`] accepts: the CRD schema rejects what the model would, so the
+/// API server refuses such an object at admission.
 #[cfg(feature = "kube")]
-const DNS_SUBDOMAIN_PATTERN: &str =
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 
 fn default_gateway_port() -> u16 {
     DEFAULT_GATEWAY_PORT
