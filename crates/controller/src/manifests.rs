@@ -92,6 +92,10 @@ pub fn rbac(namespace: &str) -> Rbac {
                     &["services"],
                     &["get", "list", "watch", "create", "patch", "delete"],
                 ),
+                // The discovery ConfigMap goes into every namespace, so that any
+                // pod can mount it.
+                rule("", &["namespaces"], &["list", "watch"]),
+                rule("", &["configmaps"], &["create", "patch"]),
             ]),
             ..ClusterRole::default()
         },
@@ -110,7 +114,6 @@ pub fn rbac(namespace: &str) -> Rbac {
                 rule("multicluster.isthmus.io", &["links"], &["list", "watch"]),
                 rule("multicluster.isthmus.io", &["clustersettings"], &["get"]),
                 rule("", &["secrets"], &["get"]),
-                rule("", &["configmaps"], &["create", "patch"]),
                 rule(
                     "coordination.k8s.io",
                     &["leases"],

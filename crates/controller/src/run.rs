@@ -4,13 +4,14 @@
 //! clean-up of unused remote watches run, and all of them stop at once when the
 //! lead is lost.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Service as KubeService;
+use k8s_openapi::api::core::v1::{Namespace, Service as KubeService};
 use kube::Api;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
@@ -244,6 +245,23 @@ async fn lead(
     .default_backoff()
     .touched_objects();
 
+    // Where the discovery ConfigMap is published: every namespace, so a pod of any
+    // namespace can mount it (a ConfigMap volume reads its own namespace only).
+    let (namespaces, namespaces_writer) = reflector::store::<Namespace>();
+    let namespace_events = reflector::reflector(
+        namespaces_writer,
+        watcher(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .for_each(|event| async move {
+        if let Err(e) = event {
+            tracing::debug!(error = %e, "namespace watch");
+        }
+    });
+
     let controller = Controller::new(
         Api::<MirrorObject>::all(client.clone()),
         watcher::Config::default(),
@@ -281,11 +299,12 @@ async fn lead(
         });
 
     let publish = {
-        let (client, services, links, metrics) = (
+        let (client, services, links, metrics, leadership) = (
             client.clone(),
             services.clone(),
             links.clone(),
             metrics.clone(),
+            leadership.clone(),
         );
         let (namespace, name, settings) = (
             config.namespace.clone(),
@@ -299,11 +318,16 @@ async fn lead(
             {
                 return;
             }
-            let mut publisher = Publisher::new(client.clone(), &namespace, &name);
+            let mut publishers: BTreeMap<String, Publisher> = BTreeMap::new();
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                if !leadership.is_leading() {
+                    // A new leader republishes everything once.
+                    publishers.clear();
+                    continue;
+                }
                 let settings = match mirror::cluster_settings(&client, &namespace, &settings).await
                 {
                     Ok(s) => s,
@@ -312,14 +336,21 @@ async fn lead(
                         continue;
                     }
                 };
-                match publisher.publish(&settings, &links, &services).await {
-                    Ok(true) => {
-                        metrics.published();
-                        tracing::info!(configmap = %publisher.key(), "published the discovery ConfigMap");
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %crate::error_chain(&e), "cannot publish the discovery ConfigMap")
+                let wanted = discovery_namespaces(&namespace, &namespaces.state());
+                publishers.retain(|ns, _| wanted.contains(ns));
+                for ns in wanted {
+                    let publisher = publishers
+                        .entry(ns.clone())
+                        .or_insert_with(|| Publisher::new(client.clone(), &ns, &name));
+                    match publisher.publish(&settings, &links, &services).await {
+                        Ok(true) => {
+                            metrics.published();
+                            tracing::info!(configmap = %publisher.key(), "published the discovery ConfigMap");
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %crate::error_chain(&e), "cannot publish the discovery ConfigMap")
+                        }
                     }
                 }
             }
@@ -343,5 +374,74 @@ async fn lead(
         }
     };
 
-    tokio::join!(run, publish, sweep);
+    tokio::join!(run, publish, sweep, namespace_events);
+}
+
+/// Label with which a namespace opts out of the discovery ConfigMap.
+pub const DISCOVERY_LABEL: &str = "isthmus.io/discovery";
+
+/// The namespaces that get the discovery ConfigMap: the control plane's, and
+/// every other one that is not the cluster's own (`kube-*`), not being deleted, and
+/// not labelled `isthmus.io/discovery: disabled`.
+fn discovery_namespaces(control_plane: &str, namespaces: &[Arc<Namespace>]) -> BTreeSet<String> {
+    let mut wanted: BTreeSet<String> = namespaces
+        .iter()
+        .filter(|ns| {
+            let terminating = ns.status.as_ref().and_then(|s| s.phase.as_deref())
+                == Some("Terminating")
+                || ns.metadata.deletion_timestamp.is_some();
+            let opted_out = ns
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(DISCOVERY_LABEL))
+                .is_some_and(|v| v == "disabled");
+            !terminating && !opted_out
+        })
+        .filter_map(|ns| ns.metadata.name.clone())
+        .filter(|name| !name.starts_with("kube-"))
+        .collect();
+    wanted.insert(control_plane.to_owned());
+    wanted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn namespace(name: &str, labels: &[(&str, &str)], phase: Option<&str>) -> Arc<Namespace> {
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some(name.to_owned());
+        if !labels.is_empty() {
+            ns.metadata.labels = Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            );
+        }
+        if let Some(phase) = phase {
+            ns.status = Some(k8s_openapi::api::core::v1::NamespaceStatus {
+                phase: Some(phase.to_owned()),
+                ..Default::default()
+            });
+        }
+        Arc::new(ns)
+    }
+
+    #[test]
+    fn the_configmap_goes_to_every_application_namespace() {
+        let all = [
+            namespace("default", &[], Some("Active")),
+            namespace("shop", &[], None),
+            namespace("kube-system", &[], Some("Active")),
+            namespace("legacy", &[(DISCOVERY_LABEL, "disabled")], None),
+            namespace("leaving", &[], Some("Terminating")),
+        ];
+        let wanted = discovery_namespaces("isthmus-system", &all);
+        assert_eq!(
+            wanted.into_iter().collect::<Vec<_>>(),
+            ["default", "isthmus-system", "shop"]
+        );
+    }
 }

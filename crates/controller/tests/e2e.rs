@@ -16,7 +16,7 @@ use isthmus_controller::publish::SERVICES_KEY;
 use isthmus_controller::remote::RemoteTiming;
 use isthmus_controller::{Config, Running, manifests};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -358,6 +358,33 @@ async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
         data[SERVICES_KEY].contains("hello").then_some(data)
     })
     .await;
+    // The same ConfigMap in an application namespace, where its pods can mount it,
+    // and in none that opted out.
+    let namespaces: Api<Namespace> = Api::all(lab.local.client());
+    for (name, labels) in [
+        ("shop", serde_json::json!({})),
+        (
+            "legacy",
+            serde_json::json!({"isthmus.io/discovery": "disabled"}),
+        ),
+    ] {
+        let ns: Namespace = json(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels},
+        }));
+        namespaces.create(&Default::default(), &ns).await.unwrap();
+    }
+    let shop: Api<ConfigMap> = Api::namespaced(lab.local.client(), "shop");
+    eventually("the ConfigMap in namespace shop", || async {
+        let cm = shop.get_opt("isthmus-discovery").await.ok()??;
+        (cm.data? == data).then_some(())
+    })
+    .await;
+    let legacy: Api<ConfigMap> = Api::namespaced(lab.local.client(), "legacy");
+    assert!(
+        legacy.get_opt("isthmus-discovery").await.unwrap().is_none(),
+        "a namespace labelled isthmus.io/discovery: disabled got the ConfigMap"
+    );
     let dir = tempfile::tempdir().unwrap();
     for (k, v) in &data {
         std::fs::write(dir.path().join(k), v).unwrap();

@@ -158,9 +158,12 @@ const CALLS: &[(&str, &str, &str, &str)] = &[
         "namespace",
     ),
     ("", "secrets", "get", "namespace"),
-    // publish.rs: server-side apply of the ConfigMap (creates it the first time).
-    ("", "configmaps", "patch", "namespace"),
-    ("", "configmaps", "create", "namespace"),
+    // run.rs: the namespace reflector; publish.rs: server-side apply of the
+    // ConfigMap in every namespace (creates it the first time).
+    ("", "namespaces", "list", "cluster"),
+    ("", "namespaces", "watch", "cluster"),
+    ("", "configmaps", "patch", "cluster"),
+    ("", "configmaps", "create", "cluster"),
     // lease.rs: get, create, replace (update).
     ("coordination.k8s.io", "leases", "get", "namespace"),
     ("coordination.k8s.io", "leases", "create", "namespace"),
