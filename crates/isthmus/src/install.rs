@@ -40,10 +40,10 @@ use iptables_init::config::{DEFAULT_ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_PR
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, HTTPGetAction,
-    Namespace, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, ResourceRequirements, Secret, SecretVolumeSource, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, WeightedPodAffinityTerm,
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Namespace,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, Secret, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
+    ServicePort, ServiceSpec, Volume, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -667,23 +667,17 @@ fn controller_deployment(options: &InstallOptions) -> Deployment {
 }
 
 fn identity_volume_mounts() -> Vec<VolumeMount> {
-    vec![
-        VolumeMount {
-            name: crate::inject::IDENTITY_VOLUME.to_owned(),
-            mount_path: IDENTITY_MOUNT.to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        },
-        VolumeMount {
-            name: crate::inject::DISCOVERY_VOLUME.to_owned(),
-            mount_path: DISCOVERY_MOUNT.to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        },
-    ]
+    vec![VolumeMount {
+        name: crate::inject::IDENTITY_VOLUME.to_owned(),
+        mount_path: IDENTITY_MOUNT.to_owned(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }]
 }
 
-/// The gateway: `isthmus-proxy gateway` with the identity cert-manager writes.
+/// The gateway: `isthmus-proxy gateway` with the identity cert-manager writes. It
+/// discovers through the API server (`--discovery kube`): delivering to exported
+/// Services needs their EndpointSlices, which the sidecars' ConfigMap does not hold.
 fn gateway_deployment(options: &InstallOptions) -> Deployment {
     let container = Container {
         name: "isthmus-proxy".to_owned(),
@@ -694,7 +688,7 @@ fn gateway_deployment(options: &InstallOptions) -> Deployment {
         env: Some(vec![
             env("ISTHMUS_CLUSTER", options.cluster.as_str()),
             env("ISTHMUS_IDENTITY_DIR", IDENTITY_MOUNT),
-            env("ISTHMUS_MANIFESTS", DISCOVERY_MOUNT),
+            env("ISTHMUS_DISCOVERY", "kube"),
             env(
                 "ISTHMUS_ADMIN_ADDR",
                 &format!("0.0.0.0:{DEFAULT_ADMIN_PORT}"),
@@ -736,27 +730,16 @@ fn gateway_deployment(options: &InstallOptions) -> Deployment {
         PodSpec {
             service_account_name: Some(GATEWAY.to_owned()),
             containers: vec![container],
-            volumes: Some(vec![
-                Volume {
-                    name: crate::inject::IDENTITY_VOLUME.to_owned(),
-                    secret: Some(SecretVolumeSource {
-                        secret_name: Some(GATEWAY_IDENTITY_SECRET.to_owned()),
-                        // The key is readable by the proxy's group (fsGroup) only.
-                        default_mode: Some(0o440),
-                        ..SecretVolumeSource::default()
-                    }),
-                    ..Volume::default()
-                },
-                Volume {
-                    name: crate::inject::DISCOVERY_VOLUME.to_owned(),
-                    config_map: Some(ConfigMapVolumeSource {
-                        name: DISCOVERY_CONFIGMAP.to_owned(),
-                        optional: Some(true),
-                        ..ConfigMapVolumeSource::default()
-                    }),
-                    ..Volume::default()
-                },
-            ]),
+            volumes: Some(vec![Volume {
+                name: crate::inject::IDENTITY_VOLUME.to_owned(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(GATEWAY_IDENTITY_SECRET.to_owned()),
+                    // The key is readable by the proxy's group (fsGroup) only.
+                    default_mode: Some(0o440),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            }]),
             ..PodSpec::default()
         },
     )
