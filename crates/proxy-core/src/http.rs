@@ -239,7 +239,11 @@ impl HttpProxy {
                 None => std::future::pending().await,
             }
         };
+        // Biased, the connection first: a request whose first bytes detection already
+        // read must reach hyper before a drain that began meanwhile is honoured, or
+        // the graceful shutdown would close the connection as idle and lose it.
         let result = tokio::select! {
+            biased;
             res = conn.as_mut() => res,
             () = head_expired => {
                 debug!(timeout = ?header_timeout, "request head not complete in time, closing");
@@ -301,7 +305,11 @@ impl HttpProxy {
             .initial_connection_window_size(h2.connection_window)
             .serve_connection(TokioIo::new(downstream), service);
         tokio::pin!(conn);
+        // Biased, the connection first: a request whose first bytes detection already
+        // read must reach hyper before a drain that began meanwhile is honoured, or
+        // the graceful shutdown would close the connection as idle and lose it.
         let result = tokio::select! {
+            biased;
             res = conn.as_mut() => res,
             _ = &mut upstream_closed => {
                 conn.as_mut().graceful_shutdown();

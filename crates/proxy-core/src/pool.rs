@@ -186,7 +186,10 @@ impl Pool {
                 Some(sender) => sender,
                 None => self.wait_for_connection().await?,
             };
-            match client::open(&mut sender, authority, cluster).await {
+            // The far end connects within its own connect timeout; the same bound
+            // on its answer catches a peer that went silent.
+            let answer_within = self.shared.cfg.connect_timeout;
+            match client::open(&mut sender, authority, cluster, answer_within).await {
                 Ok(stream) => return Ok(stream),
                 Err(OpenError::Refused(refusal)) => {
                     return Err(PoolError::Refused {

@@ -34,6 +34,8 @@ impl TunnelHandler for EchoHandler {
                 TcpStream::connect(self.echo).await.unwrap(),
             ))),
             ("echo.test:7", Some(_)) => Err(Refusal::UnknownCluster),
+            // A far end that never answers (a black-holed peer).
+            ("silent.test:7", _) => std::future::pending().await,
             _ => Err(Refusal::NotExported),
         }
     }
@@ -107,7 +109,7 @@ async fn many_streams_share_one_connection_and_refusals_name_their_reason() {
         let authority = authority.clone();
         let here = here.clone();
         tasks.push(tokio::spawn(async move {
-            let mut stream = client::open(&mut sender, &authority, Some(&here))
+            let mut stream = client::open(&mut sender, &authority, Some(&here), STEP)
                 .await
                 .unwrap();
             let payload: Vec<u8> = (0..100_000u32)
@@ -127,7 +129,7 @@ async fn many_streams_share_one_connection_and_refusals_name_their_reason() {
     let mut s = sender.clone();
     let secret = Authority::parse("secret.test:7").unwrap();
     let refused = timeout(STEP, async {
-        let mut stream = client::open(&mut s, &secret, Some(&here)).await?;
+        let mut stream = client::open(&mut s, &secret, Some(&here), STEP).await?;
         stream.verdict().await
     })
     .await
@@ -138,7 +140,7 @@ async fn many_streams_share_one_connection_and_refusals_name_their_reason() {
     );
     let elsewhere = ClusterName::new("elsewhere");
     let refused = timeout(STEP, async {
-        let mut stream = client::open(&mut s, &authority, Some(&elsewhere)).await?;
+        let mut stream = client::open(&mut s, &authority, Some(&elsewhere), STEP).await?;
         stream.verdict().await
     })
     .await
@@ -146,6 +148,19 @@ async fn many_streams_share_one_connection_and_refusals_name_their_reason() {
     assert!(
         matches!(refused, Err(OpenError::Refused(Refusal::UnknownCluster))),
         "{refused:?}"
+    );
+    // An answer that does not come within the bound times the stream out.
+    let silent = Authority::parse("silent.test:7").unwrap();
+    let timed_out = timeout(STEP, async {
+        let mut stream =
+            client::open(&mut s, &silent, Some(&here), Duration::from_millis(200)).await?;
+        stream.verdict().await
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(timed_out, Err(OpenError::Refused(Refusal::UpstreamTimeout))),
+        "{timed_out:?}"
     );
     let counted = metrics
         .refusals
@@ -169,9 +184,14 @@ async fn a_stream_dropped_after_a_clean_shutdown_closes_in_order() {
         .unwrap();
     tokio::spawn(conn);
     let authority = Authority::parse("echo.test:7").unwrap();
-    let mut stream = client::open(&mut sender, &authority, Some(&ClusterName::new("here")))
-        .await
-        .unwrap();
+    let mut stream = client::open(
+        &mut sender,
+        &authority,
+        Some(&ClusterName::new("here")),
+        STEP,
+    )
+    .await
+    .unwrap();
     stream.write_all(&[7u8; 64 * 1024]).await.unwrap();
     stream.shutdown().await.unwrap();
     drop(stream);

@@ -73,6 +73,9 @@ enum Answer {
 pub struct TunnelStream {
     io: Option<H2Io>,
     answer: Answer,
+    /// The answer must come by then: a peer that went silent (black-holed) would
+    /// otherwise hold the stream until the connection's PING keepalive gives up.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl std::fmt::Debug for TunnelStream {
@@ -90,10 +93,11 @@ impl std::fmt::Debug for TunnelStream {
 }
 
 impl TunnelStream {
-    fn new(send: SendStream<Bytes>, response: ResponseFuture) -> Self {
+    fn new(send: SendStream<Bytes>, response: ResponseFuture, answer_within: Duration) -> Self {
         Self {
             io: Some(H2Io::new(send, None)),
             answer: Answer::Pending(response),
+            deadline: Some(Box::pin(tokio::time::sleep(answer_within))),
         }
     }
 
@@ -118,7 +122,21 @@ impl TunnelStream {
                 _ => Err(OpenError::Connection(h2::Error::from(h2::Reason::CANCEL))),
             });
         };
-        match ready!(Pin::new(response).poll(cx)) {
+        let answered = match Pin::new(response).poll(cx) {
+            Poll::Ready(answered) => answered,
+            Poll::Pending => {
+                if let Some(deadline) = &mut self.deadline {
+                    ready!(deadline.as_mut().poll(cx));
+                }
+                // No answer in time: as a refusal for timing out, so the caller
+                // resets its client and counts it; dropping the stream resets it.
+                self.answer = Answer::Refused(Refusal::UpstreamTimeout);
+                self.deadline = None;
+                return Poll::Ready(Err(OpenError::Refused(Refusal::UpstreamTimeout)));
+            }
+        };
+        self.deadline = None;
+        match answered {
             Ok(response) if response.status().is_success() => {
                 self.answer = Answer::Open;
                 self.io().set_recv(response.into_body());
@@ -261,11 +279,13 @@ pub async fn handshake<I: Io>(
 }
 
 /// Opens one stream to `authority` in `cluster` (no cluster: the peer's own pod).
-/// Returns once the `CONNECT` is queued, before the far end answered.
+/// Returns once the `CONNECT` is queued, before the far end answered; an answer
+/// that has not come within `answer_within` counts as `upstream_timeout`.
 pub async fn open(
     sender: &mut TunnelSender,
     authority: &Authority,
     cluster: Option<&ClusterName>,
+    answer_within: Duration,
 ) -> Result<TunnelStream, OpenError> {
     let mut request = Request::builder()
         .method(Method::CONNECT)
@@ -282,5 +302,5 @@ pub async fn open(
     let (response, send) = sender
         .send_request(request, false)
         .map_err(OpenError::Connection)?;
-    Ok(TunnelStream::new(send, response))
+    Ok(TunnelStream::new(send, response, answer_within))
 }
