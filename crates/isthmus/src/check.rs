@@ -328,14 +328,7 @@ async fn cluster_settings(api: &Api<ClusterSettingsResource>, ns: &str, t: Durat
         "cluster {}, trust domain {}, gateway {}:{}",
         spec.cluster_name, spec.trust_domain, gateway.address, gateway.port
     );
-    if gateway.address.ip().is_none() {
-        // The sidecar dials its gateway by address (it does not resolve names).
-        return Check::fail(
-            check,
-            format!("{detail}: sidecars need an IP address for their gateway"),
-            "re-install with --gateway-cluster-ip IP (a free address of the Service range)",
-        );
-    }
+    // A DNS name (the gateway Service's) is resolved by each sidecar at start.
     Check::pass(check, detail)
 }
 

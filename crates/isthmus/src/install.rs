@@ -230,14 +230,6 @@ pub fn run(args: InstallArgs) -> Result<()> {
     }
     let options = InstallOptions::from_args(args)?;
     print!("{}", render(&options)?);
-    if options.gateway_cluster_ip.is_none() {
-        // On stderr, so the manifests on stdout still pipe into kubectl.
-        eprintln!(
-            "note: ClusterSettings names the gateway {GATEWAY}.{NAMESPACE} by its DNS name, \
-             and sidecars dial their gateway by IP address: pass --gateway-cluster-ip with a \
-             free address of the Service range"
-        );
-    }
     Ok(())
 }
 

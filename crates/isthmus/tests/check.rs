@@ -373,26 +373,6 @@ async fn each_failure_fails_its_check_with_what_to_do() {
     );
     put(&server, cm);
 
-    // ClusterSettings naming the gateway by DNS name, which sidecars cannot dial.
-    let settings = get(
-        &server,
-        "multicluster.isthmus.io/v1alpha1",
-        "ClusterSettings",
-        Some("isthmus-system"),
-        "cluster-b",
-    );
-    let mut by_name = settings.clone();
-    by_name["spec"]["gateway"]["address"] =
-        json!("isthmus-gateway.isthmus-system.svc.cluster.local");
-    put(&server, by_name);
-    failed_only(
-        &check(&kubeconfig).await,
-        "cluster settings in isthmus-system",
-        "sidecars need an IP address",
-        "--gateway-cluster-ip",
-    );
-    put(&server, settings);
-
     // No LoadBalancer address.
     let svc = get(
         &server,

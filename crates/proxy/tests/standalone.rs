@@ -91,11 +91,14 @@ fn start_with(dir: &Path, extra: &[&str]) -> (Proxy, SocketAddr, SocketAddr) {
     let manifests = dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
     mint_identity(&identity);
-    std::fs::write(
-        manifests.join("settings.yaml"),
-        "apiVersion: multicluster.isthmus.io/v1alpha1\nkind: ClusterSettings\nmetadata: {name: cluster-b}\nspec: {clusterName: cluster-b}\n",
-    )
-    .unwrap();
+    // A test may have written its own settings first.
+    if !manifests.join("settings.yaml").exists() {
+        std::fs::write(
+            manifests.join("settings.yaml"),
+            "apiVersion: multicluster.isthmus.io/v1alpha1\nkind: ClusterSettings\nmetadata: {name: cluster-b}\nspec: {clusterName: cluster-b}\n",
+        )
+        .unwrap();
+    }
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let log = dir.join("proxy.log");
@@ -312,4 +315,33 @@ fn sigterm_cuts_connections_still_open_when_the_grace_period_ends() {
     // The cut connection ends (EOF or reset) instead of hanging.
     let mut rest = Vec::new();
     let _ = open.read_to_end(&mut rest);
+}
+
+/// A gateway the settings name by DNS name (a Service name in a cluster) is
+/// resolved at start; `localhost` resolves from the hosts file, without a query.
+#[test]
+fn a_gateway_named_by_dns_name_is_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let port = free_port();
+    std::fs::write(
+        manifests.join("settings.yaml"),
+        format!(
+            "apiVersion: multicluster.isthmus.io/v1alpha1\nkind: ClusterSettings\nmetadata: {{name: cluster-b}}\n\
+             spec:\n  clusterName: cluster-b\n  gateway: {{address: localhost, port: {port}, \
+             identity: 'spiffe://cluster.local/ns/isthmus-system/sa/isthmus-gateway'}}\n"
+        ),
+    )
+    .unwrap();
+    let (_proxy, _listen, admin) = start(dir.path());
+    let config = get(admin, "/config");
+    let compact: String = config.split_whitespace().collect();
+    let loopback = [format!("127.0.0.1:{port}"), format!("[::1]:{port}")];
+    assert!(
+        loopback
+            .iter()
+            .any(|addr| compact.contains(&format!("\"addr\":\"{addr}\""))),
+        "{config}"
+    );
 }

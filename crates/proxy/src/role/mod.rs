@@ -150,29 +150,49 @@ impl Base {
     }
 
     /// A warm pool to this cluster's gateway, as the cluster settings name it at
-    /// start; `None` (with a warning) when they name none, so mirrored services are
-    /// refused rather than misrouted.
-    pub fn cluster_gateway(&self) -> Result<Option<Pool>> {
+    /// start (an IP address, or a DNS name such as the gateway Service's, resolved
+    /// once here); `None` (with a warning) when they name none, so mirrored services
+    /// are refused rather than misrouted.
+    pub async fn cluster_gateway(&self) -> Result<Option<Pool>> {
         let snapshot = self.discovery.snapshot();
         let Some(gateway) = snapshot.gateway() else {
             warn!(cluster = %self.config.cluster, "no gateway in the cluster settings: mirrored services will be refused");
             return Ok(None);
         };
-        let ip: std::net::IpAddr = gateway.address.as_str().parse().with_context(|| {
-            format!(
-                "the gateway address {:?} in the settings of cluster {} must be an IP address",
-                gateway.address.as_str(),
-                self.config.cluster
-            )
-        })?;
         let identity = SpiffeId::parse(gateway.identity.as_str()).with_context(|| {
             format!(
                 "the gateway identity in the settings of cluster {}",
                 self.config.cluster
             )
         })?;
-        let addr = SocketAddr::new(ip, gateway.port);
-        info!(%addr, %identity, "mirrored services go through the cluster gateway");
+        let name = gateway.address.as_str();
+        let addr = match name.parse::<std::net::IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, gateway.port),
+            Err(_) => {
+                let timeout = self.config.limits.connect_timeout;
+                let resolved = tokio::time::timeout(
+                    timeout,
+                    tokio::net::lookup_host((name, gateway.port)),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("no answer within {timeout:?}"))
+                .and_then(|found| Ok(found?))
+                .with_context(|| {
+                    format!(
+                        "resolving the gateway address {name:?} in the settings of cluster {}",
+                        self.config.cluster
+                    )
+                })?
+                .next();
+                resolved.with_context(|| {
+                    format!(
+                        "the gateway address {name:?} in the settings of cluster {} resolves to no address",
+                        self.config.cluster
+                    )
+                })?
+            }
+        };
+        info!(%addr, gateway = name, %identity, "mirrored services go through the cluster gateway");
         Ok(Some(self.pool_maker().pool(
             format!("gateway/{}", self.config.cluster),
             addr,

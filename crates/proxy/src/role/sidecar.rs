@@ -24,7 +24,7 @@ pub async fn run(config: Config) -> Result<()> {
     let base = Base::start(config).await?;
     let proxy_ports = base.config.proxy_ports();
 
-    let gateway = base.cluster_gateway()?;
+    let gateway = base.cluster_gateway().await?;
 
     let outbound = Arc::new(Outbound {
         lookup: DiscoveryRoutes {

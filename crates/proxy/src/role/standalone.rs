@@ -18,7 +18,7 @@ pub async fn run(config: Config) -> Result<()> {
     let listeners = bind_all("outbound-addr", &config.outbound_addrs)?;
     let admin_listener = bind_admin(config.admin_addr).await?;
     let base = Base::start(config).await?;
-    let gateway = base.cluster_gateway()?;
+    let gateway = base.cluster_gateway().await?;
     let explicit = Arc::new(Explicit {
         lookup: DiscoveryRoutes {
             discovery: base.discovery.clone(),
