@@ -613,7 +613,7 @@ async fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The steps of REAL-CLUSTERS.md at the API level: install both clusters, link
+/// The steps of the README's "On real clusters" at the API level: install both clusters, link
 /// cluster-b to cluster-a with the printed kubeconfig, the seed injected and its
 /// ServiceMirror applied; the real controller, running against cluster-b, reads
 /// hello from cluster-a through the link reader's kubeconfig and mirrors it, and
