@@ -227,12 +227,14 @@ impl<H: TunnelHandler> TunnelServer<H> {
             Ok(answer) => answer,
             Err(e) => {
                 info!(authority = %request.authority, error = %e, "the next hop's tunnel connection failed");
+                guard.set_reason(Refusal::LinkDown.as_str());
                 return self.refuse(&mut respond, Refusal::LinkDown, Some(request));
             }
         };
         if !answer.status().is_success() {
             let header = answer.headers().get(REFUSAL_HEADER).map(|v| v.as_bytes());
             let refusal = Refusal::from_response(answer.status(), header);
+            guard.set_reason(refusal.as_str());
             return self.refuse(&mut respond, refusal, Some(request));
         }
         let send = match respond.send_response(Response::new(()), false) {
