@@ -12,17 +12,15 @@
 //! peer, load) live in `tests/tests/faults.rs` and `tests/tests/load.rs`.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use proxy_identity::SpiffeId;
-use proxy_identity::mint::{self, KeyAlgorithm, Validity};
-
-/// Bound of every wait: a debug build on a busy machine.
-const STEP: Duration = Duration::from_secs(10);
+use common::{STEP, connect_through, echo, free_port, mint_identity, stop_and_show_log};
 
 /// Kills the proxy when the test ends, and shows its log on failure.
 struct Proxy {
@@ -35,23 +33,8 @@ struct Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- proxy log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
+        stop_and_show_log(&mut self.child, &self.log);
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 const SETTINGS: &str = "apiVersion: multicluster.isthmus.io/v1alpha1
@@ -89,14 +72,7 @@ fn start(dir: &Path, extra: &[&str]) -> Proxy {
     let identity = dir.join("identity");
     let manifests = dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
-    let validity = Validity::from_now(Duration::from_secs(3600));
-    let anchor = mint::trust_anchor("test anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let issuer = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/dev").unwrap();
-    mint::leaf(&issuer, &id, validity, KeyAlgorithm::EcdsaP256)
-        .unwrap()
-        .write_dir(&identity, false)
-        .unwrap();
+    mint_identity(&identity);
     std::fs::write(manifests.join("settings.yaml"), SETTINGS).unwrap();
     std::fs::write(manifests.join("hello.yaml"), HELLO).unwrap();
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -222,46 +198,9 @@ fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// An echo server on loopback, to show the proxy still carries traffic.
-fn echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut reader = stream.try_clone().unwrap();
-                let _ = std::io::copy(&mut reader, &mut stream);
-            });
-        }
-    });
-    addr
-}
-
 /// A CONNECT tunnel through the proxy to `target` carries one round trip.
 fn carries_traffic(listen: SocketAddr, target: SocketAddr) {
-    let mut tunnel = TcpStream::connect_timeout(&listen, STEP).unwrap();
-    tunnel.set_read_timeout(Some(STEP)).unwrap();
-    write!(
-        tunnel,
-        "CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            tunnel.read(&mut byte).unwrap(),
-            1,
-            "CONNECT answer cut short"
-        );
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let mut tunnel = connect_through(listen, target);
     tunnel.write_all(b"ping").unwrap();
     let mut back = [0u8; 4];
     tunnel.read_exact(&mut back).unwrap();

@@ -12,6 +12,8 @@
 //! suite, `tests/tests/hostile.rs`.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -35,8 +37,8 @@ use proxy_identity::rustls::{
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy, SpiffeId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Bound on anything that should take milliseconds; a hang fails the test.
-const STEP: Duration = Duration::from_secs(10);
+use common::{STEP, stop_and_show_log};
+
 /// `--tls-handshake-timeout` and `--header-read-timeout` of the proxies under test.
 const SHORT_TIMEOUT: &str = "2s";
 const HELLO: &str = "hello.default.svc.cluster.local:80";
@@ -60,14 +62,7 @@ struct Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- proxy log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
+        stop_and_show_log(&mut self.child, &self.log);
     }
 }
 

@@ -2,16 +2,15 @@
 //! explicit proxy (CONNECT and absolute-form requests).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use proxy_identity::SpiffeId;
-use proxy_identity::mint::{self, KeyAlgorithm, Validity};
-
-const STEP: Duration = Duration::from_secs(10);
+use common::{STEP, connect_through, echo, free_port, mint_identity, stop_and_show_log};
 
 /// Kills the proxy when the test ends, whatever way it ends, and shows its log on failure.
 struct Proxy {
@@ -21,34 +20,8 @@ struct Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- proxy log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
+        stop_and_show_log(&mut self.child, &self.log);
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn mint_identity(dir: &Path) {
-    let validity = Validity::from_now(Duration::from_secs(3600));
-    let anchor = mint::trust_anchor("test anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let issuer = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/dev").unwrap();
-    mint::leaf(&issuer, &id, validity, KeyAlgorithm::EcdsaP256)
-        .unwrap()
-        .write_dir(dir, false)
-        .unwrap();
 }
 
 /// A tiny HTTP/1.1 origin that answers every request with its request line.
@@ -197,49 +170,6 @@ fn unreachable_targets_are_refused_with_their_reason() {
 
     let config = get(admin, "/config");
     assert!(config.contains("\"role\": \"standalone\""), "{config}");
-}
-
-/// Opens a CONNECT tunnel through the proxy and returns the stream after the 200.
-fn connect_through(listen: SocketAddr, target: SocketAddr) -> TcpStream {
-    let mut tunnel = TcpStream::connect(listen).unwrap();
-    tunnel.set_read_timeout(Some(STEP)).unwrap();
-    write!(
-        tunnel,
-        "CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            tunnel.read(&mut byte).unwrap(),
-            1,
-            "CONNECT answer cut short"
-        );
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    tunnel
-}
-
-/// An echo server: what a long-lived connection through the proxy talks to.
-fn echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut reader = stream.try_clone().unwrap();
-                let _ = std::io::copy(&mut reader, &mut stream);
-            });
-        }
-    });
-    addr
 }
 
 fn terminate(proxy: &Proxy) {

@@ -1,0 +1,99 @@
+//! Helpers shared by the integration tests that run the real `isthmus-proxy` binary
+//! on loopback: the child's kill-on-drop cleanup, free ports, a minted identity, an
+//! echo server and a CONNECT tunnel.
+//!
+//! Deliberately not here: how each suite starts the proxy (flags, fixtures and
+//! readiness checks differ per role) and origin servers whose answers a suite
+//! asserts on. Each test binary uses a subset, hence `dead_code` is allowed.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Child;
+use std::time::Duration;
+
+use proxy_identity::SpiffeId;
+use proxy_identity::mint::{self, KeyAlgorithm, Validity};
+
+/// Bound of every wait: a debug build on a busy machine.
+pub const STEP: Duration = Duration::from_secs(10);
+
+/// Kills and reaps `child`; when the test is failing, prints its log so the
+/// failure shows what the proxy saw. Meant for the `Drop` of a proxy guard.
+pub fn stop_and_show_log(child: &mut Child, log: &Path) {
+    let _ = child.kill();
+    let _ = child.wait();
+    if std::thread::panicking() {
+        eprintln!(
+            "--- proxy log ---\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes a fresh leaf for `spiffe://cluster.local/ns/default/sa/dev`, issued for
+/// cluster-b under a new trust anchor, into `dir` (valid for an hour).
+pub fn mint_identity(dir: &Path) {
+    let validity = Validity::from_now(Duration::from_secs(3600));
+    let anchor = mint::trust_anchor("test anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
+    let issuer = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/dev").unwrap();
+    mint::leaf(&issuer, &id, validity, KeyAlgorithm::EcdsaP256)
+        .unwrap()
+        .write_dir(dir, false)
+        .unwrap();
+}
+
+/// A TCP echo server on loopback; it lives as long as the test binary.
+pub fn echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut reader = stream.try_clone().unwrap();
+                let _ = std::io::copy(&mut reader, &mut stream);
+            });
+        }
+    });
+    addr
+}
+
+/// Opens a CONNECT tunnel through the proxy at `listen` to `target` and returns the
+/// stream after the `200` head; fails the test on any other answer.
+pub fn connect_through(listen: SocketAddr, target: SocketAddr) -> TcpStream {
+    let mut tunnel = TcpStream::connect_timeout(&listen, STEP).unwrap();
+    tunnel.set_read_timeout(Some(STEP)).unwrap();
+    write!(
+        tunnel,
+        "CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tunnel.read(&mut byte).unwrap(),
+            1,
+            "CONNECT answer cut short"
+        );
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tunnel
+}
