@@ -210,12 +210,29 @@ impl Lab {
     /// The seed's ServiceMirror, verbatim (it names no namespace: `default`).
     async fn apply_seed(&self) -> ServiceMirrorResource {
         let sm: ServiceMirrorResource = serde_yaml_ng::from_str(SEED).unwrap();
+        self.create_mirror(&sm).await
+    }
+
+    /// Creates `sm` on the local cluster; returns it as stored.
+    async fn create_mirror(&self, sm: &ServiceMirrorResource) -> ServiceMirrorResource {
         timed(
             "create ServiceMirror",
-            self.mirrors().create(&PostParams::default(), &sm),
+            self.mirrors().create(&PostParams::default(), sm),
         )
         .await
         .unwrap()
+    }
+
+    /// Points the local ServiceMirror `name` at the remote Service `service`.
+    async fn retarget_mirror(&self, name: &str, service: &str) {
+        let patch = serde_json::json!({"spec": {"service": {"name": service}}});
+        timed(
+            &format!("patch ServiceMirror {name} to {service}"),
+            self.mirrors()
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await
+        .unwrap();
     }
 
     /// Waits until the mirror's `Mirrored` condition has `reason`; returns the mirror.
@@ -425,17 +442,7 @@ async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
     // Service goes, the new one comes.
     lab.create_remote(&remote_service("hola", &[8080], true))
         .await;
-    let patch = serde_json::json!({"spec": {"service": {"name": "hola"}}});
-    timed(
-        "patch mirror",
-        lab.mirrors().patch(
-            "hello-mirror",
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        ),
-    )
-    .await
-    .unwrap();
+    lab.retarget_mirror("hello-mirror", "hola").await;
     lab.local_service("hola", |s| ports(s) == [8080]).await;
     lab.local_service_gone("hello").await;
     // The watch of `hello` went with the need for it.
@@ -447,17 +454,7 @@ async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
             .then_some(())
     })
     .await;
-    let patch = serde_json::json!({"spec": {"service": {"name": "hello"}}});
-    timed(
-        "patch mirror back",
-        lab.mirrors().patch(
-            "hello-mirror",
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        ),
-    )
-    .await
-    .unwrap();
+    lab.retarget_mirror("hello-mirror", "hello").await;
     lab.local_service("hello", |s| ports(s) == [80, 9090]).await;
     lab.local_service_gone("hola").await;
 
@@ -526,9 +523,7 @@ async fn refusals_name_their_cause_and_never_touch_an_unowned_service() {
         "metadata": {"name": "private", "namespace": "default"},
         "spec": {"cluster": "cluster-a", "service": {"name": "private", "namespace": "default"}}
     }));
-    timed("create", lab.mirrors().create(&PostParams::default(), &sm))
-        .await
-        .unwrap();
+    lab.create_mirror(&sm).await;
     let sm = lab.reason("private", "NotExported").await;
     assert!(
         condition(&sm).message.contains("does not export"),
@@ -549,9 +544,7 @@ async fn refusals_name_their_cause_and_never_touch_an_unowned_service() {
         "metadata": {"name": "far", "namespace": "default"},
         "spec": {"cluster": "cluster-z", "service": {"name": "far"}}
     }));
-    timed("create", lab.mirrors().create(&PostParams::default(), &sm))
-        .await
-        .unwrap();
+    lab.create_mirror(&sm).await;
     lab.reason("far", "UnknownCluster").await;
 
     // A mirror the model rejects (a real API server's schema would refuse it;
@@ -603,9 +596,7 @@ async fn refusals_name_their_cause_and_never_touch_an_unowned_service() {
         "metadata": {"name": "c", "namespace": "default"},
         "spec": {"cluster": "cluster-c", "service": {"name": "c"}}
     }));
-    timed("create", lab.mirrors().create(&PostParams::default(), &sm))
-        .await
-        .unwrap();
+    lab.create_mirror(&sm).await;
     let sm = lab.reason("c", "InvalidCredentials").await;
     let m = condition(&sm).message;
     assert!(m.contains("Secret isthmus/cluster-c-kubeconfig"), "{m}");
@@ -772,9 +763,7 @@ async fn leadership_fails_over_and_only_the_leader_writes() {
         "metadata": {"name": "second", "namespace": "default"},
         "spec": {"cluster": "cluster-a", "service": {"name": "second"}}
     }));
-    timed("create", lab.mirrors().create(&PostParams::default(), &sm))
-        .await
-        .unwrap();
+    lab.create_mirror(&sm).await;
     lab.local_service("second", |s| ports(s) == [81]).await;
     lab.reason("second", "Mirrored").await;
 
@@ -856,9 +845,7 @@ async fn the_remote_cluster_settings_export_namespaces_and_name_the_domain() {
         "metadata": {"name": "db", "namespace": "default"},
         "spec": {"cluster": "cluster-a", "service": {"name": "db", "namespace": "shared"}}
     }));
-    timed("create", lab.mirrors().create(&PostParams::default(), &sm))
-        .await
-        .unwrap();
+    lab.create_mirror(&sm).await;
     let svc = lab.local_service("db", |s| ports(s) == [5432]).await;
     assert_eq!(
         svc.annotations()["mirror.isthmus.io/remote-cluster-domain"],
