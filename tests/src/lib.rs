@@ -9,6 +9,10 @@
 //! - [`binary`]: finding the workspace's binaries next to the running test, and
 //!   copying them where another UID can execute them.
 //! - [`tcp`]: listeners, dials and waits, each bounded by a timeout.
+//! - [`identity`]: the minted identity of a test pod, and a multi-cluster PKI.
+//! - [`multicluster`]: cluster settings, Link and Service manifests for gateways.
+//! - [`figure`]: `FIGURE name = value` lines for what tests measure.
+//! - [`tls_probe`]: a raw TLS client config for probing a mesh port's TLS policy.
 //! - [`pod`]: one pod with the real capture and sidecar, and a server namespace,
 //!   for the fault and load tests; process probes (RSS, descriptors, limits).
 //!
@@ -18,6 +22,10 @@
 //! The tests in `tests/` need root and fail (never skip) without it.
 
 pub mod binary;
+pub mod figure;
+pub mod identity;
+pub mod multicluster;
 pub mod netns;
 pub mod pod;
 pub mod tcp;
+pub mod tls_probe;

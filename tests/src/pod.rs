@@ -165,6 +165,35 @@ pub fn metric(text: &str, family: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// Makes `dir` a sidecar's configuration for the proxy UID: the identity directory
+/// `dir/identity`, written by `mint` (which creates it) and handed to the proxy UID
+/// with its key kept 0600, and `dir/manifests` holding only the cluster's settings,
+/// so that every destination is a passthrough. Returns both paths.
+pub fn prepare_dirs(dir: &Path, mint: impl FnOnce(&Path)) -> anyhow::Result<(PathBuf, PathBuf)> {
+    // A temp dir is 0700; the proxy UID must be able to enter it.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let identity = dir.join("identity");
+    mint(&identity);
+    // The key stays 0600, as it should: hand the directory to the proxy UID.
+    std::os::unix::fs::chown(&identity, Some(PROXY_UID), Some(PROXY_UID))?;
+    for entry in std::fs::read_dir(&identity)? {
+        std::os::unix::fs::chown(entry?.path(), Some(PROXY_UID), Some(PROXY_UID))?;
+    }
+    let manifests = dir.join("manifests");
+    std::fs::create_dir(&manifests)?;
+    std::fs::set_permissions(&manifests, std::fs::Permissions::from_mode(0o755))?;
+    let settings = manifests.join("settings.yaml");
+    std::fs::write(
+        &settings,
+        "apiVersion: multicluster.isthmus.io/v1alpha1\n\
+         kind: ClusterSettings\n\
+         metadata: {name: cluster-b, namespace: isthmus}\n\
+         spec: {clusterName: cluster-b}\n",
+    )?;
+    std::fs::set_permissions(&settings, std::fs::Permissions::from_mode(0o644))?;
+    Ok((identity, manifests))
+}
+
 impl SidecarPod {
     /// Builds the topology, installs the capture, writes the identity with `mint`
     /// (which creates the directory it is given) and starts a ready sidecar with
@@ -184,27 +213,7 @@ impl SidecarPod {
         )?;
 
         let dir = tempfile::Builder::new().prefix("isthmus-pod").tempdir()?;
-        // A temp dir is 0700; the proxy UID must be able to enter it.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
-        let identity = dir.path().join("identity");
-        mint(&identity);
-        // The key stays 0600, as it should: hand the directory to the proxy UID.
-        std::os::unix::fs::chown(&identity, Some(PROXY_UID), Some(PROXY_UID))?;
-        for entry in std::fs::read_dir(&identity)? {
-            std::os::unix::fs::chown(entry?.path(), Some(PROXY_UID), Some(PROXY_UID))?;
-        }
-        let manifests = dir.path().join("manifests");
-        std::fs::create_dir(&manifests)?;
-        std::fs::set_permissions(&manifests, std::fs::Permissions::from_mode(0o755))?;
-        let settings = manifests.join("settings.yaml");
-        std::fs::write(
-            &settings,
-            "apiVersion: multicluster.isthmus.io/v1alpha1\n\
-             kind: ClusterSettings\n\
-             metadata: {name: cluster-b, namespace: isthmus}\n\
-             spec: {clusterName: cluster-b}\n",
-        )?;
-        std::fs::set_permissions(&settings, std::fs::Permissions::from_mode(0o644))?;
+        let (identity, manifests) = prepare_dirs(dir.path(), mint)?;
         let log = dir.path().join("sidecar.log");
         let bin = WorldExecutable::copy(&binary("isthmus-proxy"))?;
         let mut pod = Self {

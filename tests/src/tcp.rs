@@ -73,3 +73,50 @@ pub fn receive(stream: &mut TcpStream) -> io::Result<String> {
     stream.read_to_string(&mut buf)?;
     Ok(buf)
 }
+
+/// One `read`, repeated when a signal interrupted it: tests that signal processes
+/// must not mistake `EINTR` for how the peer ended the connection. Bounded by the
+/// stream's own read timeout.
+pub fn read_once(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Reads until EOF or reset and returns what arrived; the assertion that the peer
+/// closes `stream` within `limit`. A signal interrupting a read is retried.
+///
+/// # Panics
+///
+/// With `what` in the message, when the connection is still open after `limit` or
+/// a read fails other than by a reset.
+pub fn closed_within(stream: &mut TcpStream, limit: Duration, what: &str) -> Vec<u8> {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "{what}: still open after {limit:?}");
+        if let Err(e) = stream.set_read_timeout(Some(left)) {
+            panic!("{what}: setting a read timeout: {e}");
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return got,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("{what}: still open after {limit:?}")
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}

@@ -31,27 +31,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use isthmus_tests::binary::binary;
+use isthmus_tests::figure::figure;
+use isthmus_tests::identity::{self, Pki};
+use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, service};
 use isthmus_tests::netns::{Lab, Namespace};
 use isthmus_tests::pod::{self, SidecarPod, metric};
-use isthmus_tests::tcp::{self, WAIT};
+use isthmus_tests::tcp::{self, WAIT, read_once};
 use nix::sys::signal::Signal;
 use proxy_identity::SpiffeId;
-use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 
-/// Writes a pod identity into `dir`.
+/// Writes the client pod's identity into `dir`.
 fn mint_pod(dir: &Path) {
-    let validity = Validity::from_now(Duration::from_secs(3600));
-    let anchor = mint::trust_anchor("faults anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let issuer = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/client").unwrap();
-    mint::leaf(&issuer, &id, validity, KeyAlgorithm::EcdsaP256)
-        .unwrap()
-        .write_dir(dir, false)
-        .unwrap();
-}
-
-fn figure(name: &str, value: impl std::fmt::Display) {
-    eprintln!("FIGURE {name} = {value}");
+    identity::mint_pod(dir, "faults anchor").unwrap();
 }
 
 /// An echo server on `listener` for any number of connections, each on a thread,
@@ -68,16 +59,6 @@ fn echo_forever(listener: TcpListener) {
             });
         }
     });
-}
-
-/// One `read`, repeated when a signal interrupted it.
-fn read_once(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match stream.read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => return other,
-        }
-    }
 }
 
 /// How a connection that must end ended: `Ok(true)` reset, `Ok(false)` EOF, or the
@@ -537,7 +518,6 @@ fn dial_with_http(s: &SidecarPod, addr: SocketAddr) -> (&'static str, Duration, 
 
 // ---- a black-holed peer gateway ----
 
-const NAMESPACE: &str = "isthmus-multicluster";
 const HELLO: &str = "hello.default.svc.cluster.local:80";
 /// The gateways' connect timeout: the bound of a connect into a black hole.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -545,71 +525,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Slack for a debug build on a shared machine.
 const SLACK: Duration = Duration::from_secs(10);
-
-fn gateway_id(cluster: &str) -> SpiffeId {
-    SpiffeId::parse(&format!(
-        "spiffe://cluster.local/ns/{NAMESPACE}/sa/gateway-{cluster}"
-    ))
-    .unwrap()
-}
-
-fn cluster_settings(cluster: &str, gateway: SocketAddr) -> String {
-    format!(
-        "apiVersion: multicluster.isthmus.io/v1alpha1
-kind: ClusterSettings
-metadata: {{name: {cluster}, namespace: {NAMESPACE}}}
-spec:
-  clusterName: {cluster}
-  trustDomain: cluster.local
-  gateway: {{address: '{ip}', port: {port}, identity: {id}}}
-",
-        ip = gateway.ip(),
-        port = gateway.port(),
-        id = gateway_id(cluster),
-    )
-}
-
-fn link(target: &str, gateway: SocketAddr, admin: SocketAddr) -> String {
-    format!(
-        "apiVersion: multicluster.isthmus.io/v1alpha1
-kind: Link
-metadata: {{name: {target}, namespace: {NAMESPACE}}}
-spec:
-  targetClusterName: {target}
-  gatewayAddress: '{ip}'
-  gatewayPort: {port}
-  gatewayIdentity: {id}
-  probeSpec: {{path: /ready, port: {probe}, period: 1s}}
-",
-        ip = gateway.ip(),
-        port = gateway.port(),
-        id = gateway_id(target),
-        probe = admin.port(),
-    )
-}
-
-fn exported_service(name: &str, backend: SocketAddr) -> String {
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default
-  labels: {{mirror.isthmus.io/exported: 'true'}}
-spec:
-  ports: [{{port: 80, protocol: TCP, targetPort: {port}}}]
----
-apiVersion: v1
-kind: Endpoints
-metadata: {{name: {name}, namespace: default}}
-subsets:
-- addresses: [{{ip: '{ip}'}}]
-  ports: [{{port: {port}, protocol: TCP}}]
-",
-        ip = backend.ip(),
-        port = backend.port(),
-    )
-}
 
 /// Two gateways in two namespaces joined by a veth pair: gateway-b (198.18.0.1) in
 /// `ns_b`, where the test plays cluster-b's sidecar, and gateway-a (198.18.0.2) in
@@ -664,7 +579,7 @@ impl Gateways {
         let a = root.join("manifests-cluster-a");
         std::fs::create_dir_all(&a).unwrap();
         std::fs::write(a.join("settings.yaml"), cluster_settings("cluster-a", gw_a)).unwrap();
-        std::fs::write(a.join("hello.yaml"), exported_service("hello", backend)).unwrap();
+        std::fs::write(a.join("hello.yaml"), service("hello", backend, true)).unwrap();
         std::fs::write(a.join("link.yaml"), link("cluster-b", gw_b, admin_b)).unwrap();
         let b = root.join("manifests-cluster-b");
         std::fs::create_dir_all(b.join("clusters/cluster-a")).unwrap();
@@ -677,7 +592,7 @@ impl Gateways {
         .unwrap();
         std::fs::write(
             b.join("clusters/cluster-a/hello.yaml"),
-            exported_service("hello", backend),
+            service("hello", backend, true),
         )
         .unwrap();
 
@@ -760,41 +675,6 @@ impl Gateways {
     }
 }
 
-/// One trust anchor and an issuer per cluster: a gateway relays only for
-/// workloads its own cluster's issuer signed.
-struct Pki {
-    validity: Validity,
-    anchor: mint::Authority,
-    issuers: Mutex<std::collections::HashMap<String, mint::Authority>>,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let validity = Validity::from_now(Duration::from_secs(3600));
-        let anchor =
-            mint::trust_anchor("faults anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
-        Pki {
-            validity,
-            anchor,
-            issuers: Mutex::default(),
-        }
-    }
-
-    fn leaf(&self, cluster: &str, id: &SpiffeId) -> mint::LeafBundle {
-        let mut issuers = self.issuers.lock().unwrap();
-        let issuer = issuers.entry(cluster.to_owned()).or_insert_with(|| {
-            mint::issuer(
-                &self.anchor,
-                cluster,
-                self.validity,
-                KeyAlgorithm::EcdsaP256,
-            )
-            .unwrap()
-        });
-        mint::leaf(issuer, id, self.validity, KeyAlgorithm::EcdsaP256).unwrap()
-    }
-}
-
 #[test]
 fn a_black_holed_peer_gateway_is_noticed_by_keepalive_and_recovers() {
     use proxy_core::pool::{PeerConfig, Pool};
@@ -805,7 +685,7 @@ fn a_black_holed_peer_gateway_is_noticed_by_keepalive_and_recovers() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::time::timeout;
 
-    let pki = Pki::new();
+    let pki = Pki::new("faults anchor");
     let g = Gateways::start(&pki);
     let sidecar_dir = g.dir.path().join("identity-sidecar-b");
     pki.leaf(

@@ -17,7 +17,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,18 +24,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use isthmus_tests::binary::{WorldExecutable, binary};
+use isthmus_tests::identity;
 use isthmus_tests::netns::{Lab, Namespace};
-use isthmus_tests::tcp::{self, WAIT};
+use isthmus_tests::pod::{self, http_get};
+use isthmus_tests::tcp::{self, WAIT, closed_within};
+use isthmus_tests::tls_probe::{probe_config, tls_error};
 use proxy_identity::SpiffeId;
-use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
-use proxy_identity::rustls::client::danger::{
-    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
-};
-use proxy_identity::rustls::pki_types::pem::PemObject;
-use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use proxy_identity::rustls::{
-    self, ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned,
-};
+use proxy_identity::mint::{self, KeyAlgorithm, Validity};
+use proxy_identity::rustls::pki_types::ServerName;
+use proxy_identity::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
 
 const PROXY_UID: u32 = 2102;
 const ADMIN: u16 = 4191;
@@ -76,34 +72,20 @@ impl Drop for Sidecar {
 /// The pod's identity (handed to the proxy UID) and a manifests directory that
 /// makes every destination a passthrough; returns the issuer for client leaves.
 fn prepare_dirs(dir: &Path, validity: Validity) -> (PathBuf, PathBuf, mint::Authority) {
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let identity = dir.join("identity");
-    let anchor =
-        mint::trust_anchor("hostile test anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let issuer = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/app").unwrap();
-    mint::leaf(&issuer, &id, validity, KeyAlgorithm::EcdsaP256)
-        .unwrap()
-        .write_dir(&identity, false)
-        .unwrap();
-    std::os::unix::fs::chown(&identity, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
-    for entry in std::fs::read_dir(&identity).unwrap() {
-        std::os::unix::fs::chown(entry.unwrap().path(), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
-    }
-    let manifests = dir.join("manifests");
-    std::fs::create_dir(&manifests).unwrap();
-    std::fs::set_permissions(&manifests, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let settings = manifests.join("settings.yaml");
-    std::fs::write(
-        &settings,
-        "apiVersion: multicluster.isthmus.io/v1alpha1\n\
-         kind: ClusterSettings\n\
-         metadata: {name: cluster-b, namespace: isthmus}\n\
-         spec: {clusterName: cluster-b}\n",
-    )
+    let mut issuer = None;
+    let (identity, manifests) = pod::prepare_dirs(dir, |identity| {
+        issuer = Some(
+            identity::mint_leaf(
+                identity,
+                "hostile test anchor",
+                "spiffe://cluster.local/ns/default/sa/app",
+                validity,
+            )
+            .unwrap(),
+        );
+    })
     .unwrap();
-    std::fs::set_permissions(&settings, std::fs::Permissions::from_mode(0o644)).unwrap();
-    (identity, manifests, issuer)
+    (identity, manifests, issuer.unwrap())
 }
 
 impl Sidecar {
@@ -245,17 +227,6 @@ impl Sidecar {
     }
 }
 
-fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
-    let mut stream = tcp::connect(addr)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )?;
-    let mut out = Vec::new();
-    stream.read_to_end(&mut out)?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
-}
-
 /// Every byte each connection brought to the origin, in accept order.
 type Received = Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>;
 
@@ -330,33 +301,6 @@ fn read_response(stream: &mut TcpStream) -> String {
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body).unwrap();
     head + &String::from_utf8_lossy(&body)
-}
-
-/// Reads until EOF or reset, failing if the connection stays open past `limit`.
-fn closed_within(stream: &mut TcpStream, limit: Duration, what: &str) -> Vec<u8> {
-    let deadline = Instant::now() + limit;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "{what}: still open after {limit:?}");
-        stream.set_read_timeout(Some(left)).unwrap();
-        match stream.read(&mut buf) {
-            Ok(0) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return got,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                panic!("{what}: still open after {limit:?}")
-            }
-            Err(e) => panic!("{what}: {e}"),
-        }
-    }
 }
 
 #[test]
@@ -606,93 +550,6 @@ fn an_http2_header_list_over_the_limit_is_refused_and_the_connection_lives_on() 
     stop.store(true, Ordering::SeqCst);
 }
 
-/// Accepts any server certificate, noting that one was shown.
-#[derive(Debug)]
-struct CertSeen(Arc<AtomicBool>);
-
-impl ServerCertVerifier for CertSeen {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0.store(true, Ordering::SeqCst);
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &proxy_identity::crypto_provider().signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &proxy_identity::crypto_provider().signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        proxy_identity::crypto_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-fn probe_config(
-    versions: &[&'static rustls::SupportedProtocolVersion],
-    leaf: Option<&LeafBundle>,
-) -> (Arc<ClientConfig>, Arc<AtomicBool>) {
-    let seen = Arc::new(AtomicBool::new(false));
-    let builder = ClientConfig::builder_with_provider(proxy_identity::crypto_provider())
-        .with_protocol_versions(versions)
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(CertSeen(seen.clone())));
-    let mut config = match leaf {
-        Some(leaf) => {
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(leaf.cert_chain_pem.as_bytes())
-                    .collect::<Result<_, _>>()
-                    .unwrap();
-            let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-            builder.with_client_auth_cert(chain, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    (Arc::new(config), seen)
-}
-
-fn tls_error(e: &io::Error) -> String {
-    match e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        Some(tls) => format!("{tls:?}"),
-        None => format!("{:?}: {e}", e.kind()),
-    }
-}
-
 /// A handshake over `sock`, then the server's first bytes (its HTTP/2 SETTINGS, or
 /// a late alert). `Ok` when served.
 fn handshake(sock: TcpStream, config: Arc<ClientConfig>, peer: IpAddr) -> Result<(), String> {
@@ -721,11 +578,11 @@ fn the_inbound_mesh_port_refuses_tls12_plaintext_certless_and_slow_clients() {
         KeyAlgorithm::EcdsaP256,
     )
     .unwrap();
-    let (good, _) = probe_config(&[&rustls::version::TLS13], Some(&peer_leaf));
+    let (good, _) = probe_config(&[&rustls::version::TLS13], Some(&peer_leaf)).unwrap();
     handshake(s.connect_inbound(), good.clone(), s.pod_ip).unwrap();
     let baseline = s.fds();
 
-    let (tls12, seen) = probe_config(&[&rustls::version::TLS12], Some(&peer_leaf));
+    let (tls12, seen) = probe_config(&[&rustls::version::TLS12], Some(&peer_leaf)).unwrap();
     let err = handshake(s.connect_inbound(), tls12, s.pod_ip).unwrap_err();
     assert!(err.contains("AlertReceived(ProtocolVersion)"), "{err}");
     assert!(
@@ -733,7 +590,7 @@ fn the_inbound_mesh_port_refuses_tls12_plaintext_certless_and_slow_clients() {
         "a TLS 1.2 client saw our certificate"
     );
 
-    let (certless, _) = probe_config(&[&rustls::version::TLS13], None);
+    let (certless, _) = probe_config(&[&rustls::version::TLS13], None).unwrap();
     let err = handshake(s.connect_inbound(), certless, s.pod_ip).unwrap_err();
     assert!(err.contains("AlertReceived(CertificateRequired)"), "{err}");
 

@@ -18,36 +18,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use isthmus_tests::figure::figure;
+use isthmus_tests::identity;
 use isthmus_tests::pod::{self, SidecarPod, metric};
-use isthmus_tests::tcp;
-use proxy_identity::SpiffeId;
-use proxy_identity::mint::{self, KeyAlgorithm, Validity};
+use isthmus_tests::tcp::{self, read_once};
 
 /// Upper bound of each load phase.
 const PHASE: Duration = Duration::from_secs(120);
 
+/// Writes the client pod's identity into `dir`.
 fn mint_pod(dir: &Path) {
-    let validity = Validity::from_now(Duration::from_secs(3600));
-    let anchor = mint::trust_anchor("load anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let issuer = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/client").unwrap();
-    mint::leaf(&issuer, &id, validity, KeyAlgorithm::EcdsaP256)
-        .unwrap()
-        .write_dir(dir, false)
-        .unwrap();
-}
-
-fn figure(name: &str, value: impl std::fmt::Display) {
-    eprintln!("FIGURE {name} = {value}");
-}
-
-fn read_once(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match stream.read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => return other,
-        }
-    }
+    identity::mint_pod(dir, "load anchor").unwrap();
 }
 
 /// An echo server for any number of connections, each on a small thread.

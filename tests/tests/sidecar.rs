@@ -17,17 +17,17 @@
 use std::hash::{DefaultHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use isthmus_tests::binary::{WorldExecutable, binary};
+use isthmus_tests::identity;
 use isthmus_tests::netns::{Lab, Namespace};
+use isthmus_tests::pod::{self, http_get, metric};
 use isthmus_tests::tcp::{self, WAIT};
-use proxy_identity::SpiffeId;
-use proxy_identity::mint::{self, KeyAlgorithm, Validity};
+use proxy_identity::mint::Validity;
 
 const PROXY_UID: u32 = 2102;
 const ADMIN: u16 = 4191;
@@ -74,37 +74,16 @@ impl Drop for Sidecar {
 /// Writes a leaf identity for the pod and a manifests directory that makes every
 /// destination a passthrough, readable by the proxy UID.
 fn prepare_dirs(dir: &Path) -> (PathBuf, PathBuf) {
-    // A temp dir is 0700; the proxy UID must be able to enter it.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let identity = dir.join("identity");
-    let validity = Validity::from_now(Duration::from_secs(3600));
-    let anchor =
-        mint::trust_anchor("sidecar test anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let issuer = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/client").unwrap();
-    mint::leaf(&issuer, &id, validity, KeyAlgorithm::EcdsaP256)
-        .unwrap()
-        .write_dir(&identity, false)
+    pod::prepare_dirs(dir, |identity| {
+        identity::mint_leaf(
+            identity,
+            "sidecar test anchor",
+            "spiffe://cluster.local/ns/default/sa/client",
+            Validity::from_now(Duration::from_secs(3600)),
+        )
         .unwrap();
-    // The key is 0600, as it should be: hand the directory to the proxy UID.
-    std::os::unix::fs::chown(&identity, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
-    for entry in std::fs::read_dir(&identity).unwrap() {
-        std::os::unix::fs::chown(entry.unwrap().path(), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
-    }
-    let manifests = dir.join("manifests");
-    std::fs::create_dir(&manifests).unwrap();
-    std::fs::set_permissions(&manifests, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let settings = manifests.join("settings.yaml");
-    std::fs::write(
-        &settings,
-        "apiVersion: multicluster.isthmus.io/v1alpha1\n\
-         kind: ClusterSettings\n\
-         metadata: {name: cluster-b, namespace: isthmus}\n\
-         spec: {clusterName: cluster-b}\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&settings, std::fs::Permissions::from_mode(0o644)).unwrap();
-    (identity, manifests)
+    })
+    .unwrap()
 }
 
 impl Sidecar {
@@ -269,33 +248,6 @@ impl Sidecar {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or_else(|| panic!("no VmRSS in /proc/{}/status", self.pid))
     }
-}
-
-/// A GET with `connection: close`, read to the end (bounded by [`WAIT`]).
-fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
-    let mut stream = tcp::connect(addr)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )?;
-    let mut out = Vec::new();
-    stream.read_to_end(&mut out)?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
-}
-
-/// Sum of the samples of `family` whose labels contain every one of `labels`
-/// (`direction="outbound"`), 0 when there is none.
-fn metric(text: &str, family: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (name_labels, value) = l.rsplit_once(' ')?;
-            let (name, rest) = name_labels.split_once('{').unwrap_or((name_labels, "}"));
-            (name == family && labels.iter().all(|want| rest.contains(want)))
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .sum()
 }
 
 /// Joins `handle`, failing if it has not finished within `timeout` (the threads

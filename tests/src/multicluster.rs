@@ -1,0 +1,111 @@
+//! The multi-cluster manifests the gateway tests write into a proxy's manifests
+//! directory: a cluster's settings naming its gateway, a Link to a peer cluster's
+//! gateway, and a Service with its Endpoints, exported or not.
+//!
+//! Gateways here are identified as `gateway-<cluster>` service accounts in
+//! [`NAMESPACE`] under the `cluster.local` trust domain. This module writes text
+//! only; it does not start proxies nor mint certificates (see
+//! [`crate::identity::Pki`]).
+
+use std::net::SocketAddr;
+
+use proxy_identity::SpiffeId;
+
+/// The namespace of the gateways and of the multi-cluster resources.
+pub const NAMESPACE: &str = "isthmus-multicluster";
+
+/// The SPIFFE ID of `cluster`'s gateway.
+///
+/// # Panics
+///
+/// When `cluster` cannot be part of a SPIFFE ID path (a test's own mistake).
+pub fn gateway_id(cluster: &str) -> SpiffeId {
+    let id = format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/gateway-{cluster}");
+    SpiffeId::parse(&id)
+        .unwrap_or_else(|e| panic!("cluster {cluster:?} gives no SPIFFE ID {id}: {e}"))
+}
+
+/// `ClusterSettings` for `cluster`, whose gateway listens at `gateway`.
+pub fn cluster_settings(cluster: &str, gateway: SocketAddr) -> String {
+    format!(
+        "apiVersion: multicluster.isthmus.io/v1alpha1
+kind: ClusterSettings
+metadata:
+  name: {cluster}
+  namespace: {NAMESPACE}
+spec:
+  clusterName: {cluster}
+  trustDomain: cluster.local
+  gateway:
+    address: '{ip}'
+    port: {port}
+    identity: {id}
+",
+        ip = gateway.ip(),
+        port = gateway.port(),
+        id = gateway_id(cluster),
+    )
+}
+
+/// A Link to `target`'s gateway at `gateway`, probed every second on `/ready` of
+/// its admin server at `admin`.
+pub fn link(target: &str, gateway: SocketAddr, admin: SocketAddr) -> String {
+    format!(
+        "apiVersion: multicluster.isthmus.io/v1alpha1
+kind: Link
+metadata:
+  name: {target}
+  namespace: {NAMESPACE}
+spec:
+  targetClusterName: {target}
+  gatewayAddress: '{ip}'
+  gatewayPort: {port}
+  gatewayIdentity: {id}
+  probeSpec:
+    path: /ready
+    port: {probe}
+    period: 1s
+",
+        ip = gateway.ip(),
+        port = gateway.port(),
+        id = gateway_id(target),
+        probe = admin.port(),
+    )
+}
+
+/// A Service `name` in `default` on port 80 with its Endpoints at `backend`;
+/// labelled `mirror.isthmus.io/exported: "true"` when `exported`.
+pub fn service(name: &str, backend: SocketAddr, exported: bool) -> String {
+    let labels = if exported {
+        "\n  labels:\n    mirror.isthmus.io/exported: \"true\""
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: default{labels}
+spec:
+  ports:
+  - port: 80
+    protocol: TCP
+    targetPort: {port}
+---
+apiVersion: v1
+kind: Endpoints
+metadata:
+  name: {name}
+  namespace: default
+subsets:
+- addresses:
+  - ip: '{ip}'
+  ports:
+  - port: {port}
+    protocol: TCP
+",
+        ip = backend.ip(),
+        port = backend.port(),
+    )
+}

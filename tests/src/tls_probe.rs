@@ -1,0 +1,116 @@
+//! A raw TLS client for probing a proxy's mesh port: a client configuration that
+//! offers exactly the TLS versions (and client certificate) a test chooses and
+//! notes whether the server showed its certificate, and the rustls error of a
+//! failed handshake as text.
+//!
+//! It deliberately trusts any server certificate: the probes check what the
+//! server refuses and when, not who it is. Running the handshake and reading the
+//! frames after it stay with each test, which reads different amounts.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use proxy_identity::mint::LeafBundle;
+use proxy_identity::rustls::client::danger::{
+    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+};
+use proxy_identity::rustls::pki_types::pem::PemObject;
+use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use proxy_identity::rustls::{self, ClientConfig, DigitallySignedStruct, SignatureScheme};
+
+/// Accepts any server certificate, noting that one was shown: tells "refused
+/// before our certificate" from "refused after".
+#[derive(Debug)]
+struct CertSeen(Arc<AtomicBool>);
+
+impl ServerCertVerifier for CertSeen {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.0.store(true, Ordering::SeqCst);
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &proxy_identity::crypto_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &proxy_identity::crypto_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        proxy_identity::crypto_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client config of the given TLS versions with ALPN `h2`, with `leaf` as client
+/// certificate (or none), and the flag set once a server showed a certificate.
+pub fn probe_config(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    leaf: Option<&LeafBundle>,
+) -> anyhow::Result<(Arc<ClientConfig>, Arc<AtomicBool>)> {
+    let seen = Arc::new(AtomicBool::new(false));
+    let builder = ClientConfig::builder_with_provider(proxy_identity::crypto_provider())
+        .with_protocol_versions(versions)
+        .with_context(|| format!("the crypto provider refuses the TLS versions {versions:?}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CertSeen(seen.clone())));
+    let mut config = match leaf {
+        Some(leaf) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(leaf.cert_chain_pem.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .context("parsing the client leaf's certificate chain PEM")?;
+            let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())
+                .context("parsing the client leaf's key PEM")?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .context("using the client leaf as client certificate")?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((Arc::new(config), seen))
+}
+
+/// The rustls error inside an IO error, as text (`AlertReceived(ProtocolVersion)`),
+/// or the error's kind and message when it is not a TLS error.
+pub fn tls_error(e: &io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => format!("{tls:?}"),
+        None => format!("{:?}: {e}", e.kind()),
+    }
+}
