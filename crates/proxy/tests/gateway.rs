@@ -23,10 +23,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use isthmus_tests::identity::Pki;
+use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, service};
 use proxy_core::pool::{LinkState, PeerConfig, Pool, PoolError};
 use proxy_core::route::{Authority, ClusterName};
 use proxy_core::tunnel::{H2Settings, Refusal};
-use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
+use proxy_identity::mint::{self, LeafBundle};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy, SpiffeId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,14 +54,6 @@ const LINK_CONNECTIONS: usize = 2;
 
 const HELLO: &str = "hello.default.svc.cluster.local:80";
 const SECRET: &str = "secret.default.svc.cluster.local:80";
-const NAMESPACE: &str = "isthmus-multicluster";
-
-fn gateway_id(cluster: &str) -> SpiffeId {
-    SpiffeId::parse(&format!(
-        "spiffe://cluster.local/ns/{NAMESPACE}/sa/gateway-{cluster}"
-    ))
-    .unwrap()
-}
 
 fn sidecar_b_id() -> SpiffeId {
     SpiffeId::parse("spiffe://cluster.local/ns/default/sa/frontend").unwrap()
@@ -255,45 +249,6 @@ fn free_addr(ip: impl Into<IpAddr>) -> SocketAddr {
         .unwrap()
 }
 
-/// One trust anchor and an issuer per cluster, as `isthmus identity` would make them.
-struct Pki {
-    validity: Validity,
-    anchor: mint::Authority,
-    issuers: std::sync::Mutex<std::collections::HashMap<String, mint::Authority>>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let validity = Validity::from_now(Duration::from_secs(3600));
-        let anchor = mint::trust_anchor(
-            &mint::default_anchor_name(),
-            validity,
-            KeyAlgorithm::EcdsaP256,
-        )
-        .unwrap();
-        Pki {
-            validity,
-            anchor,
-            issuers: Default::default(),
-        }
-    }
-
-    /// A new leaf (new key, new serial) from `cluster`'s issuer.
-    fn leaf(&self, cluster: &str, id: &SpiffeId) -> LeafBundle {
-        let mut issuers = self.issuers.lock().unwrap();
-        let issuer = issuers.entry(cluster.to_owned()).or_insert_with(|| {
-            mint::issuer(
-                &self.anchor,
-                cluster,
-                self.validity,
-                KeyAlgorithm::EcdsaP256,
-            )
-            .unwrap()
-        });
-        mint::leaf(issuer, id, self.validity, KeyAlgorithm::EcdsaP256).unwrap()
-    }
-}
-
 fn write_identity(dir: &Path, leaf: &LeafBundle) -> Arc<CredentialStore> {
     leaf.write_dir(dir, false).unwrap();
     Arc::new(CredentialStore::load(CredentialPaths::in_dir(dir)).unwrap())
@@ -433,88 +388,6 @@ where
     }
 }
 
-fn cluster_settings(cluster: &str, gateway: SocketAddr) -> String {
-    format!(
-        "apiVersion: multicluster.isthmus.io/v1alpha1
-kind: ClusterSettings
-metadata:
-  name: {cluster}
-  namespace: {NAMESPACE}
-spec:
-  clusterName: {cluster}
-  trustDomain: cluster.local
-  gateway:
-    address: '{ip}'
-    port: {port}
-    identity: {id}
-",
-        ip = gateway.ip(),
-        port = gateway.port(),
-        id = gateway_id(cluster),
-    )
-}
-
-/// A Link to `target`'s gateway at `gateway`, probed on `/ready` of its admin server.
-fn link(target: &str, gateway: SocketAddr, admin: SocketAddr) -> String {
-    format!(
-        "apiVersion: multicluster.isthmus.io/v1alpha1
-kind: Link
-metadata:
-  name: {target}
-  namespace: {NAMESPACE}
-spec:
-  targetClusterName: {target}
-  gatewayAddress: '{ip}'
-  gatewayPort: {port}
-  gatewayIdentity: {id}
-  probeSpec:
-    path: /ready
-    port: {probe}
-    period: 1s
-",
-        ip = gateway.ip(),
-        port = gateway.port(),
-        id = gateway_id(target),
-        probe = admin.port(),
-    )
-}
-
-/// A Service on port 80 with its Endpoints at `backend`; labelled exported or not.
-fn service(name: &str, backend: SocketAddr, exported: bool) -> String {
-    let labels = if exported {
-        "\n  labels:\n    mirror.isthmus.io/exported: \"true\""
-    } else {
-        ""
-    };
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default{labels}
-spec:
-  ports:
-  - port: 80
-    protocol: TCP
-    targetPort: {port}
----
-apiVersion: v1
-kind: Endpoints
-metadata:
-  name: {name}
-  namespace: default
-subsets:
-- addresses:
-  - ip: '{ip}'
-  ports:
-  - port: {port}
-    protocol: TCP
-",
-        ip = backend.ip(),
-        port = backend.port(),
-    )
-}
-
 /// Two linked clusters on loopback, each with its gateway process.
 struct Mesh {
     pki: Pki,
@@ -538,7 +411,7 @@ impl Mesh {
     async fn start_with(net: u8, cluster_a_on_ipv6: bool) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let pki = Pki::new();
+        let pki = Pki::new(&mint::default_anchor_name());
         let cluster_a_ip = if cluster_a_on_ipv6 {
             IpAddr::V6(Ipv6Addr::LOCALHOST)
         } else {
@@ -890,9 +763,9 @@ async fn refusals_are_prompt_and_reach_nothing() {
     // A client whose certificate comes from another trust anchor: gateway-b refuses
     // the handshake. The client trusts our anchor too, so the failure is the
     // gateway's, not the client's.
-    let foreign = Pki::new();
+    let foreign = Pki::new(&mint::default_anchor_name());
     let mut impostor = foreign.leaf("cluster-b", &sidecar_b_id());
-    impostor.anchors_pem = format!("{}{}", impostor.anchors_pem, mesh.pki.anchor.anchors_pem);
+    impostor.anchors_pem = format!("{}{}", impostor.anchors_pem, mesh.pki.anchor().anchors_pem);
     let impostor = Client::new(
         write_identity(&mesh.dir.path().join("identity-impostor"), &impostor),
         mesh.gw_b.inbound,

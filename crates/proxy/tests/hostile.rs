@@ -19,21 +19,18 @@ use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use isthmus_tests::multicluster::{self, NAMESPACE};
+use isthmus_tests::tcp::closed_within;
+use isthmus_tests::tls_probe::{probe_config, tls_error};
 use proxy_core::pool::{PeerConfig, Pool};
 use proxy_core::route::{Authority, ClusterName};
 use proxy_core::tunnel::H2Settings;
 use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
-use proxy_identity::rustls::client::danger::{
-    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
-};
-use proxy_identity::rustls::pki_types::pem::PemObject;
-use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use proxy_identity::rustls::{
-    self, ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned,
-};
+use proxy_identity::rustls::pki_types::ServerName;
+use proxy_identity::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy, SpiffeId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -42,13 +39,10 @@ use common::{STEP, stop_and_show_log};
 /// `--tls-handshake-timeout` and `--header-read-timeout` of the proxies under test.
 const SHORT_TIMEOUT: &str = "2s";
 const HELLO: &str = "hello.default.svc.cluster.local:80";
-const NAMESPACE: &str = "isthmus-multicluster";
 
+/// The identity of the gateway under test, cluster-a's.
 fn gateway_id() -> SpiffeId {
-    SpiffeId::parse(&format!(
-        "spiffe://cluster.local/ns/{NAMESPACE}/sa/gateway-cluster-a"
-    ))
-    .unwrap()
+    multicluster::gateway_id("cluster-a")
 }
 
 /// The proxy process; killed on drop, its log shown if the test is failing.
@@ -159,33 +153,6 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
     String::from_utf8_lossy(&response).into_owned()
-}
-
-/// Reads until EOF or reset, failing if the peer keeps the connection open past
-/// `limit`. Returns what arrived.
-fn closed_within(stream: &mut TcpStream, limit: Duration, what: &str) -> Vec<u8> {
-    let deadline = Instant::now() + limit;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "{what}: still open after {limit:?}");
-        stream.set_read_timeout(Some(left)).unwrap();
-        match stream.read(&mut buf) {
-            Ok(0) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return got,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                panic!("{what}: still open after {limit:?}")
-            }
-            Err(e) => panic!("{what}: {e}"),
-        }
-    }
 }
 
 /// A TCP echo server on loopback.
@@ -361,99 +328,8 @@ impl Bystander {
     }
 }
 
-/// Accepts any server certificate, noting that one was shown: tells "refused
-/// before our certificate" from "refused after".
-#[derive(Debug)]
-struct CertSeen(Arc<AtomicBool>);
-
-impl ServerCertVerifier for CertSeen {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0.store(true, Ordering::SeqCst);
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &proxy_identity::crypto_provider().signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &proxy_identity::crypto_provider().signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        proxy_identity::crypto_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// A client config of the given TLS versions, with `leaf` as client certificate (or
-/// none), that records whether the server showed a certificate.
-fn probe_config(
-    versions: &[&'static rustls::SupportedProtocolVersion],
-    leaf: Option<&LeafBundle>,
-) -> (Arc<ClientConfig>, Arc<AtomicBool>) {
-    let seen = Arc::new(AtomicBool::new(false));
-    let builder = ClientConfig::builder_with_provider(proxy_identity::crypto_provider())
-        .with_protocol_versions(versions)
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(CertSeen(seen.clone())));
-    let mut config = match leaf {
-        Some(leaf) => {
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(leaf.cert_chain_pem.as_bytes())
-                    .collect::<Result<_, _>>()
-                    .unwrap();
-            let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-            builder.with_client_auth_cert(chain, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    (Arc::new(config), seen)
-}
-
 fn no_sni(addr: SocketAddr) -> ServerName<'static> {
     ServerName::IpAddress(addr.ip().into())
-}
-
-/// The rustls error inside an IO error, as text (`AlertReceived(ProtocolVersion)`).
-fn tls_error(e: &io::Error) -> String {
-    match e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        Some(tls) => format!("{tls:?}"),
-        None => format!("{:?}: {e}", e.kind()),
-    }
 }
 
 /// Runs a handshake over `sock` and reads the server's first bytes (the HTTP/2
@@ -532,14 +408,14 @@ fn the_gateway_refuses_tls12_weak_offers_plaintext_foreign_sni_and_certless_clie
     let baseline = proxy.fds();
 
     // The mesh client as it is: TLS 1.3, a certificate, no SNI (it dials an IP).
-    let (good, _) = probe_config(&[&rustls::version::TLS13], Some(&workload));
+    let (good, _) = probe_config(&[&rustls::version::TLS13], Some(&workload)).unwrap();
     handshake(addr, good.clone(), no_sni(addr)).unwrap();
     // SNI naming the gateway's own identity is served too.
     let own = proxy_identity::sni_name(&gateway_id()).unwrap();
     handshake(addr, good.clone(), ServerName::try_from(own).unwrap()).unwrap();
 
     // TLS 1.2 only: refused with protocol_version, before any certificate.
-    let (tls12, seen) = probe_config(&[&rustls::version::TLS12], Some(&workload));
+    let (tls12, seen) = probe_config(&[&rustls::version::TLS12], Some(&workload)).unwrap();
     let err = handshake(addr, tls12, no_sni(addr)).err().unwrap();
     assert!(err.contains("AlertReceived(ProtocolVersion)"), "{err}");
     assert!(
@@ -548,7 +424,7 @@ fn the_gateway_refuses_tls12_weak_offers_plaintext_foreign_sni_and_certless_clie
     );
 
     // A ClientHello naming another server: access_denied, our certificate unseen.
-    let (foreign, seen) = probe_config(&[&rustls::version::TLS13], Some(&workload));
+    let (foreign, seen) = probe_config(&[&rustls::version::TLS13], Some(&workload)).unwrap();
     let name = ServerName::try_from("hello.default.svc.cluster.local").unwrap();
     let err = handshake(addr, foreign, name).err().unwrap();
     assert!(err.contains("AlertReceived(AccessDenied)"), "{err}");
@@ -558,7 +434,7 @@ fn the_gateway_refuses_tls12_weak_offers_plaintext_foreign_sni_and_certless_clie
     );
 
     // No client certificate: the server asks for one and refuses its absence.
-    let (certless, _) = probe_config(&[&rustls::version::TLS13], None);
+    let (certless, _) = probe_config(&[&rustls::version::TLS13], None).unwrap();
     let err = handshake(addr, certless, no_sni(addr)).err().unwrap();
     assert!(err.contains("AlertReceived(CertificateRequired)"), "{err}");
 
@@ -609,7 +485,7 @@ fn broken_split_and_slow_handshakes_are_handled_and_release_their_descriptors() 
     let (fixture, proxy, bystander) = start_gateway(82);
     let addr = proxy.listen;
     let workload = fixture.workload();
-    let (good, _) = probe_config(&[&rustls::version::TLS13], Some(&workload));
+    let (good, _) = probe_config(&[&rustls::version::TLS13], Some(&workload)).unwrap();
     let baseline = proxy.fds();
 
     // A ClientHello in 1-byte TCP segments is still a ClientHello.
@@ -780,7 +656,7 @@ fn goaway_code(payload: &[u8]) -> u32 {
 fn invalid_http2_on_the_tunnel_gets_goaway_or_rst_stream() {
     let (fixture, proxy, bystander) = start_gateway(83);
     let addr = proxy.listen;
-    let (good, _) = probe_config(&[&rustls::version::TLS13], Some(&fixture.workload()));
+    let (good, _) = probe_config(&[&rustls::version::TLS13], Some(&fixture.workload())).unwrap();
     let baseline = proxy.fds();
 
     // DATA on stream 0 is a connection error: GOAWAY(PROTOCOL_ERROR), then close.
