@@ -17,10 +17,12 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{STEP, connect_through, echo, free_port, mint_identity, stop_and_show_log};
+use common::{
+    STEP, connect_through, echo, free_port, mint_identity, spawn_standalone, stop_and_show_log,
+};
 
 /// Kills the proxy when the test ends, and shows its log on failure.
 struct Proxy {
@@ -78,24 +80,13 @@ fn start(dir: &Path, extra: &[&str]) -> Proxy {
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let log = dir.join("proxy.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
-        .args(["standalone", "--cluster", "cluster-b", "--identity-dir"])
-        .arg(&identity)
-        .arg("--manifests")
-        .arg(&manifests)
-        .args(["--outbound-addr", &listen.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(if extra.contains(&"--reload-interval") {
-            &[][..]
-        } else {
-            &["--reload-interval", "100ms"][..]
-        })
-        .args(extra)
-        .env_clear()
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    // A test that sets its own reload interval replaces the fast default.
+    let mut flags: Vec<&str> = Vec::new();
+    if !extra.contains(&"--reload-interval") {
+        flags.extend(["--reload-interval", "100ms"]);
+    }
+    flags.extend(extra);
+    let child = spawn_standalone(&identity, &manifests, listen, admin, &flags, &log);
     let proxy = Proxy {
         child,
         log,

@@ -7,10 +7,12 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{STEP, connect_through, echo, free_port, mint_identity, stop_and_show_log};
+use common::{
+    STEP, connect_through, echo, free_port, mint_identity, spawn_standalone, stop_and_show_log,
+};
 
 /// Kills the proxy when the test ends, whatever way it ends, and shows its log on failure.
 struct Proxy {
@@ -75,19 +77,7 @@ fn start_with(dir: &Path, extra: &[&str]) -> (Proxy, SocketAddr, SocketAddr) {
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let log = dir.join("proxy.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
-        .args(["standalone", "--cluster", "cluster-b", "--identity-dir"])
-        .arg(&identity)
-        .arg("--manifests")
-        .arg(&manifests)
-        .args(["--outbound-addr", &listen.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(extra)
-        .env_clear()
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let child = spawn_standalone(&identity, &manifests, listen, admin, extra, &log);
     let proxy = Proxy { child, log };
     let deadline = Instant::now() + STEP;
     while !get(admin, "/ready").starts_with("HTTP/1.1 200") {

@@ -1,16 +1,16 @@
 //! Helpers shared by the integration tests that run the real `isthmus-proxy` binary
-//! on loopback: the child's kill-on-drop cleanup, free ports, a minted identity, an
-//! echo server and a CONNECT tunnel.
+//! on loopback: starting the standalone role, the child's kill-on-drop cleanup, free
+//! ports, a minted identity, an echo server and a CONNECT tunnel.
 //!
-//! Deliberately not here: how each suite starts the proxy (flags, fixtures and
-//! readiness checks differ per role) and origin servers whose answers a suite
+//! Deliberately not here: each suite's fixtures and readiness checks, and the
+//! gateway and sidecar roles' command lines (their flags differ per suite) and origin servers whose answers a suite
 //! asserts on. Each test binary uses a subset, hence `dead_code` is allowed.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use proxy_identity::SpiffeId;
@@ -30,6 +30,34 @@ pub fn stop_and_show_log(child: &mut Child, log: &Path) {
             std::fs::read_to_string(log).unwrap_or_default()
         );
     }
+}
+
+/// Starts `isthmus-proxy standalone` as cluster-b with the identity and manifests
+/// directories given, its explicit proxy on `listen` and admin on `admin`, then
+/// `extra` flags; only these flags configure it (the environment is cleared), and
+/// its stderr goes to `log`. Does not wait for readiness: each suite probes it its
+/// own way.
+pub fn spawn_standalone(
+    identity: &Path,
+    manifests: &Path,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    extra: &[&str],
+    log: &Path,
+) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
+        .args(["standalone", "--cluster", "cluster-b", "--identity-dir"])
+        .arg(identity)
+        .arg("--manifests")
+        .arg(manifests)
+        .args(["--outbound-addr", &listen.to_string()])
+        .args(["--admin-addr", &admin.to_string()])
+        .args(extra)
+        .env_clear()
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
 }
 
 /// A loopback port nothing listens on right now.
