@@ -194,6 +194,55 @@ pub fn prepare_dirs(dir: &Path, mint: impl FnOnce(&Path)) -> anyhow::Result<(Pat
     Ok((identity, manifests))
 }
 
+/// Starts `bin sidecar --cluster cluster-b` in `pod` as [`PROXY_UID`], with the
+/// identity and manifests directories given and then `flags`, its output in `log`
+/// and nothing from the test's environment; then waits up to [`READY`] until its
+/// admin port answers `/ready` with 200. Returns the running child, for the
+/// caller's lab to adopt. A sidecar that exits first, or is not ready in time
+/// (it is then killed), is an error carrying its log.
+pub fn start_sidecar(
+    pod: &Namespace,
+    bin: &Path,
+    identity: &Path,
+    manifests: &Path,
+    flags: &[&str],
+    log: &Path,
+) -> anyhow::Result<Child> {
+    let mut cmd = Command::new(bin);
+    cmd.args(["sidecar", "--cluster", "cluster-b", "--identity-dir"])
+        .arg(identity)
+        .arg("--manifests")
+        .arg(manifests)
+        .args(flags)
+        // Only the flags above configure it, whatever the test's environment holds.
+        .env_clear();
+    let mut child = pod.spawn_logged_as(cmd, PROXY_UID, PROXY_UID, log)?;
+    let deadline = Instant::now() + READY;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the sidecar exited ({status}) before it was ready:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        let ready = pod
+            .run(|| http_get(SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)), "/ready"))
+            .is_ok_and(|r| r.starts_with("HTTP/1.1 200"));
+        if ready {
+            return Ok(child);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the sidecar was not ready within {READY:?}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 impl SidecarPod {
     /// Builds the topology, installs the capture, writes the identity with `mint`
     /// (which creates the directory it is given) and starts a ready sidecar with
@@ -238,43 +287,23 @@ impl SidecarPod {
     /// Starts the sidecar (again, after it was killed) and waits until it is ready.
     /// The log file starts afresh; a failing test shows earlier runs' lines too.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        let mut cmd = Command::new(self.bin.path());
-        cmd.args(["sidecar", "--cluster", "cluster-b", "--identity-dir"])
-            .arg(&self.identity)
-            .arg("--manifests")
-            .arg(&self.manifests)
-            .args(["--connect-timeout", "1s", "--log", "info"])
-            .args(&self.extra)
-            // Only the flags above configure it, whatever the test's environment holds.
-            .env_clear();
+        let flags: Vec<&str> = ["--connect-timeout", "1s", "--log", "info"]
+            .into_iter()
+            .chain(self.extra.iter().map(String::as_str))
+            .collect();
         let earlier = std::fs::read(&self.log).unwrap_or_default();
-        let mut child: Child = self
-            .pod
-            .spawn_logged_as(cmd, PROXY_UID, PROXY_UID, &self.log)?;
+        let child = start_sidecar(
+            &self.pod,
+            self.bin.path(),
+            &self.identity,
+            &self.manifests,
+            &flags,
+            &self.log,
+        );
         self.earlier_runs
             .push_str(&String::from_utf8_lossy(&earlier));
+        let child = child?;
         self.pid = child.id();
-        let deadline = Instant::now() + READY;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "the sidecar exited ({status}) before it was ready:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            if self.ready() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "the sidecar was not ready within {READY:?}:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
         self.lab.adopt(child);
         Ok(())
     }

@@ -120,3 +120,40 @@ pub fn closed_within(stream: &mut TcpStream, limit: Duration, what: &str) -> Vec
         }
     }
 }
+
+/// One HTTP/1.1 response whose body has a `content-length` (none counts as 0),
+/// read off a kept-alive connection with each read bounded by `limit`; returns the
+/// head and body as text.
+///
+/// # Panics
+///
+/// When the response is cut short or a read fails or times out.
+pub fn read_response(stream: &mut TcpStream, limit: Duration) -> String {
+    if let Err(e) = stream.set_read_timeout(Some(limit)) {
+        panic!("setting a read timeout to read a response: {e}");
+    }
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            Ok(_) => panic!("response cut short"),
+            Err(e) => panic!("reading a response head: {e}"),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    if let Err(e) = stream.read_exact(&mut body) {
+        panic!("reading a {len}-byte response body: {e}");
+    }
+    head + &String::from_utf8_lossy(&body)
+}

@@ -18,7 +18,6 @@
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,18 +25,16 @@ use std::time::{Duration, Instant};
 use isthmus_tests::binary::{WorldExecutable, binary};
 use isthmus_tests::identity;
 use isthmus_tests::netns::{Lab, Namespace};
-use isthmus_tests::pod::{self, http_get};
-use isthmus_tests::tcp::{self, WAIT, closed_within};
+use isthmus_tests::pod;
+use isthmus_tests::tcp::{self, WAIT, closed_within, read_response};
 use isthmus_tests::tls_probe::{probe_config, tls_error};
 use proxy_identity::SpiffeId;
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
 
-const PROXY_UID: u32 = 2102;
 const ADMIN: u16 = 4191;
 const INBOUND: u16 = 4143;
-const READY: Duration = Duration::from_secs(30);
 /// Bound on "the proxy closed it": several times any timeout the tests set.
 const CLOSE_BOUND: Duration = Duration::from_secs(20);
 const ORIGIN_PORT: u16 = 8080;
@@ -109,42 +106,13 @@ impl Sidecar {
         let (identity, manifests, issuer) = prepare_dirs(dir.path(), validity);
         let log = dir.path().join("sidecar.log");
         let bin = WorldExecutable::copy(&binary("isthmus-proxy")).unwrap();
-        let mut cmd = Command::new(bin.path());
-        cmd.args(["sidecar", "--cluster", "cluster-b", "--identity-dir"])
-            .arg(&identity)
-            .arg("--manifests")
-            .arg(&manifests)
-            .args(["--connect-timeout", "1s", "--log", "info,proxy_core=debug"])
-            .args(extra)
-            .env_clear();
-        let mut child = pod
-            .spawn_logged_as(cmd, PROXY_UID, PROXY_UID, &log)
-            .unwrap();
+        let flags: Vec<&str> = ["--connect-timeout", "1s", "--log", "info,proxy_core=debug"]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        let child =
+            pod::start_sidecar(&pod, bin.path(), &identity, &manifests, &flags, &log).unwrap();
         let pid = child.id();
-        let deadline = Instant::now() + READY;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "the sidecar exited ({status}) before it was ready:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            let ready = pod
-                .run(|| http_get(SocketAddr::from(([127, 0, 0, 1], ADMIN)), "/ready"))
-                .is_ok_and(|r| r.starts_with("HTTP/1.1 200"));
-            if ready {
-                break;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the sidecar was not ready within {READY:?}:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
         lab.adopt(child);
         Self {
             pod,
@@ -279,30 +247,6 @@ fn bytes_received(received: &Received) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// One response with a `content-length` body, read off a kept-alive connection.
-fn read_response(stream: &mut TcpStream) -> String {
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(stream.read(&mut byte).unwrap(), 1, "response cut short");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length: ")
-                .map(str::to_owned)
-        })
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).unwrap();
-    head + &String::from_utf8_lossy(&body)
-}
-
 #[test]
 fn malformed_http1_is_answered_by_the_sidecar_and_unrecognised_bytes_pass_through() {
     let s = Sidecar::start(&[
@@ -413,7 +357,7 @@ fn slowloris_and_silent_clients_are_closed_by_their_timeouts_while_others_are_se
     let mut keep = s.connect(ORIGIN_PORT);
     keep.write_all(b"GET / HTTP/1.1\r\nhost: origin\r\n\r\n")
         .unwrap();
-    let first = read_response(&mut keep);
+    let first = read_response(&mut keep, WAIT);
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
 
     // Slowloris: a request line, then a header byte every 500 ms.
@@ -444,7 +388,7 @@ fn slowloris_and_silent_clients_are_closed_by_their_timeouts_while_others_are_se
 
     keep.write_all(b"GET / HTTP/1.1\r\nhost: origin\r\n\r\n")
         .unwrap();
-    let second = read_response(&mut keep);
+    let second = read_response(&mut keep, WAIT);
     assert!(
         second.starts_with("HTTP/1.1 200"),
         "idle keep-alive: {second}"

@@ -18,21 +18,17 @@ use std::hash::{DefaultHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use isthmus_tests::binary::{WorldExecutable, binary};
 use isthmus_tests::identity;
 use isthmus_tests::netns::{Lab, Namespace};
-use isthmus_tests::pod::{self, http_get, metric};
+use isthmus_tests::pod::{self, metric};
 use isthmus_tests::tcp::{self, WAIT};
 use proxy_identity::mint::Validity;
 
-const PROXY_UID: u32 = 2102;
 const ADMIN: u16 = 4191;
-/// How long the sidecar may take to become ready (a debug build, a busy machine).
-const READY: Duration = Duration::from_secs(30);
 /// Upper bound for the long tests (the bulk transfer, a thousand connections).
 const LONG: Duration = Duration::from_secs(120);
 
@@ -117,44 +113,13 @@ impl Sidecar {
         let (identity, manifests) = prepare_dirs(dir.path());
         let log = dir.path().join("sidecar.log");
         let bin = WorldExecutable::copy(&binary("isthmus-proxy")).unwrap();
-        let mut cmd = Command::new(bin.path());
-        cmd.args(["sidecar", "--cluster", "cluster-b", "--identity-dir"])
-            .arg(&identity)
-            .arg("--manifests")
-            .arg(&manifests)
-            .args(["--connect-timeout", "1s", "--log", "info"])
-            .args(extra)
-            // Only the flags above configure it, whatever the test's environment holds.
-            .env_clear();
-        let mut child = pod
-            .spawn_logged_as(cmd, PROXY_UID, PROXY_UID, &log)
-            .unwrap();
+        let flags: Vec<&str> = ["--connect-timeout", "1s", "--log", "info"]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        let child =
+            pod::start_sidecar(&pod, bin.path(), &identity, &manifests, &flags, &log).unwrap();
         let pid = child.id();
-
-        let deadline = Instant::now() + READY;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "the sidecar exited ({status}) before it was ready:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            let ready = pod
-                .run(|| http_get(SocketAddr::from(([127, 0, 0, 1], ADMIN)), "/ready"))
-                .is_ok_and(|r| r.starts_with("HTTP/1.1 200"));
-            if ready {
-                break;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the sidecar was not ready within {READY:?}:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
         lab.adopt(child);
         Self {
             pod,

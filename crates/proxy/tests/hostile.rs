@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use isthmus_tests::multicluster::{self, NAMESPACE};
-use isthmus_tests::tcp::closed_within;
+use isthmus_tests::tcp::{closed_within, read_response};
 use isthmus_tests::tls_probe::{probe_config, tls_error};
 use proxy_core::pool::{PeerConfig, Pool};
 use proxy_core::route::{Authority, ClusterName};
@@ -774,29 +774,6 @@ fn origin() -> SocketAddr {
     addr
 }
 
-/// One response with a `content-length` body, read off a kept-alive connection.
-fn read_response(stream: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(stream.read(&mut byte).unwrap(), 1, "response cut short");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length: ")
-                .map(str::to_owned)
-        })
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).unwrap();
-    head + &String::from_utf8_lossy(&body)
-}
-
 /// The status line of what `request` gets, and that the proxy closed afterwards.
 fn status_and_close(proxy: SocketAddr, request: &[u8]) -> String {
     let response = exchange(proxy, request);
@@ -894,7 +871,7 @@ fn slowloris_is_cut_by_the_header_timeout_and_idle_keep_alive_is_not() {
     let mut keep = TcpStream::connect_timeout(&addr, STEP).unwrap();
     keep.set_read_timeout(Some(STEP)).unwrap();
     keep.write_all(request.as_bytes()).unwrap();
-    let answer = read_response(&mut keep);
+    let answer = read_response(&mut keep, STEP);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     // Slowloris: one header byte every 500 ms, never finishing the head.
@@ -937,7 +914,7 @@ fn slowloris_is_cut_by_the_header_timeout_and_idle_keep_alive_is_not() {
     // The idle keep-alive connection (idle since before the slowloris started, well
     // past the header timeout) still serves its next request.
     keep.write_all(request.as_bytes()).unwrap();
-    let again = read_response(&mut keep);
+    let again = read_response(&mut keep, STEP);
     assert!(again.starts_with("HTTP/1.1 200"), "{again}");
     drop((keep, slow));
 
