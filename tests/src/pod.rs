@@ -126,6 +126,28 @@ pub fn open_fds(pid: u32) -> anyhow::Result<usize> {
         .count())
 }
 
+/// Waits, polling every 50 ms for up to `limit`, until process `pid` holds no
+/// more open descriptors than `baseline`: what a test checks after hostile
+/// clients went away. `what` names the process in the failure.
+///
+/// # Panics
+///
+/// When the descriptors stay above `baseline` past `limit`, or cannot be listed.
+pub fn fds_return_to(pid: u32, baseline: usize, limit: Duration, what: &str) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = open_fds(pid).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        if now <= baseline {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} still holds {now} descriptors, {baseline} before the hostile clients"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Whether process `pid` runs (a zombie does not).
 pub fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -168,18 +168,7 @@ impl Sidecar {
 
     /// Waits (bounded) until the sidecar holds no more descriptors than `baseline`.
     fn fds_return_to(&self, baseline: usize) {
-        let deadline = Instant::now() + CLOSE_BOUND;
-        loop {
-            let now = self.fds();
-            if now <= baseline {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the sidecar still holds {now} descriptors, {baseline} before the hostile clients"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        pod::fds_return_to(self.pid, baseline, CLOSE_BOUND, "the sidecar");
     }
 
     /// A plain `GET /` through the sidecar that must be answered 200.

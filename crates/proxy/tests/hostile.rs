@@ -23,6 +23,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use isthmus_tests::multicluster::{self, NAMESPACE};
+use isthmus_tests::pod;
 use isthmus_tests::tcp::{closed_within, read_response};
 use isthmus_tests::tls_probe::{probe_config, tls_error};
 use proxy_core::pool::{PeerConfig, Pool};
@@ -108,18 +109,7 @@ impl Proxy {
 
     /// Waits (bounded) until the proxy holds no more descriptors than `baseline`.
     fn fds_return_to(&self, baseline: usize) {
-        let deadline = Instant::now() + STEP;
-        loop {
-            let now = self.fds();
-            if now <= baseline {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the proxy still holds {now} descriptors, {baseline} before the hostile clients"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        pod::fds_return_to(self.child.id(), baseline, STEP, "the proxy");
     }
 
     fn metrics(&self) -> String {
