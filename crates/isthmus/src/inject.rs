@@ -543,7 +543,7 @@ pub fn init_container(
 /// Requests of CPU and memory, and a memory limit. No CPU limit: throttling a
 /// proxy stalls every connection of its pod, while the request already reserves
 /// its share.
-fn resources((cpu, memory): (&str, &str), memory_limit: &str) -> ResourceRequirements {
+pub(crate) fn resources((cpu, memory): (&str, &str), memory_limit: &str) -> ResourceRequirements {
     ResourceRequirements {
         requests: Some(
             [

@@ -41,12 +41,11 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Namespace,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, Secret, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
-    ServicePort, ServiceSpec, Volume, VolumeMount, WeightedPodAffinityTerm,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
+    VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use proxy_discovery::ClusterName;
@@ -520,25 +519,6 @@ fn probe(path: &str, port: IntOrString, period: i32) -> Probe {
     }
 }
 
-fn resources(cpu: &str, memory: &str, memory_limit: &str) -> ResourceRequirements {
-    ResourceRequirements {
-        requests: Some(
-            [
-                ("cpu".to_owned(), Quantity(cpu.to_owned())),
-                ("memory".to_owned(), Quantity(memory.to_owned())),
-            ]
-            .into_iter()
-            .collect(),
-        ),
-        limits: Some(
-            [("memory".to_owned(), Quantity(memory_limit.to_owned()))]
-                .into_iter()
-                .collect(),
-        ),
-        ..ResourceRequirements::default()
-    }
-}
-
 fn restricted() -> SecurityContext {
     SecurityContext {
         run_as_user: Some(i64::from(DEFAULT_PROXY_UID)),
@@ -643,7 +623,7 @@ fn controller_deployment(options: &InstallOptions) -> Deployment {
             IntOrString::String("metrics".to_owned()),
             10,
         )),
-        resources: Some(resources("50m", "64Mi", "256Mi")),
+        resources: Some(crate::inject::resources(("50m", "64Mi"), "256Mi")),
         security_context: Some(restricted()),
         ..Container::default()
     };
@@ -711,7 +691,7 @@ fn gateway_deployment(options: &InstallOptions) -> Deployment {
             IntOrString::Int(i32::from(DEFAULT_ADMIN_PORT)),
             10,
         )),
-        resources: Some(resources("200m", "64Mi", "512Mi")),
+        resources: Some(crate::inject::resources(("200m", "64Mi"), "512Mi")),
         security_context: Some(restricted()),
         volume_mounts: Some(identity_volume_mounts()),
         ..Container::default()
