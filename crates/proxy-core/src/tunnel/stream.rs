@@ -115,7 +115,12 @@ impl AsyncWrite for H2Io {
             return Poll::Ready(Ok(0));
         }
         self.send.reserve_capacity(buf.len());
-        match ready!(self.send.poll_capacity(cx)) {
+        let mut polled = ready!(self.send.poll_capacity(cx));
+        // Nothing granted yet: a zero-byte write would read as a closed writer.
+        while let Some(Ok(0)) = polled {
+            polled = ready!(self.send.poll_capacity(cx));
+        }
+        match polled {
             Some(Ok(granted)) => {
                 let n = granted.min(buf.len());
                 match self
@@ -303,6 +308,7 @@ impl Pump {
             while !self.carry.is_empty() {
                 self.send.reserve_capacity(self.carry.len());
                 let granted = match poll_fn(|cx| self.send.poll_capacity(cx)).await {
+                    Some(Ok(0)) => continue,
                     Some(Ok(granted)) => granted,
                     Some(Err(e)) => return Err(RelayError::Write(e)),
                     None => return Err(RelayError::Write(h2::Error::from(Reason::STREAM_CLOSED))),
