@@ -540,6 +540,23 @@ pub fn init_container(
     }
 }
 
+/// The proxy's UID and group (the group the CSI driver gives the identity files,
+/// its fs-group), no privilege, no capability, a read-only root.
+pub(crate) fn restricted() -> SecurityContext {
+    SecurityContext {
+        run_as_user: Some(i64::from(DEFAULT_PROXY_UID)),
+        run_as_group: Some(i64::from(DEFAULT_PROXY_UID)),
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
 /// Requests of CPU and memory, and a memory limit. No CPU limit: throttling a
 /// proxy stalls every connection of its pod, while the request already reserves
 /// its share.
@@ -625,19 +642,7 @@ pub fn proxy_container(options: &Options) -> Container {
         readiness_probe: Some(http_probe("/ready", 5, 3)),
         liveness_probe: Some(http_probe("/live", 10, 3)),
         resources: Some(resources(("100m", "20Mi"), "250Mi")),
-        security_context: Some(SecurityContext {
-            run_as_user: Some(i64::from(DEFAULT_PROXY_UID)),
-            // The group the CSI driver gives the identity files (fs-group).
-            run_as_group: Some(i64::from(DEFAULT_PROXY_UID)),
-            run_as_non_root: Some(true),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_owned()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(restricted()),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: IDENTITY_VOLUME.to_owned(),

@@ -40,10 +40,10 @@ use iptables_init::config::{DEFAULT_ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_PR
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Namespace,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret,
-    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
-    VolumeMount, WeightedPodAffinityTerm,
+    Affinity, Container, ContainerPort, EnvVar, HTTPGetAction, Namespace, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret,
+    SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -519,21 +519,6 @@ fn probe(path: &str, port: IntOrString, period: i32) -> Probe {
     }
 }
 
-fn restricted() -> SecurityContext {
-    SecurityContext {
-        run_as_user: Some(i64::from(DEFAULT_PROXY_UID)),
-        run_as_group: Some(i64::from(DEFAULT_PROXY_UID)),
-        run_as_non_root: Some(true),
-        read_only_root_filesystem: Some(true),
-        allow_privilege_escalation: Some(false),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".to_owned()]),
-            ..Capabilities::default()
-        }),
-        ..SecurityContext::default()
-    }
-}
-
 /// Spreads replicas over nodes when the scheduler can.
 fn spread(app: &str) -> Affinity {
     Affinity {
@@ -624,7 +609,7 @@ fn controller_deployment(options: &InstallOptions) -> Deployment {
             10,
         )),
         resources: Some(crate::inject::resources(("50m", "64Mi"), "256Mi")),
-        security_context: Some(restricted()),
+        security_context: Some(crate::inject::restricted()),
         ..Container::default()
     };
     deployment(
@@ -692,7 +677,7 @@ fn gateway_deployment(options: &InstallOptions) -> Deployment {
             10,
         )),
         resources: Some(crate::inject::resources(("200m", "64Mi"), "512Mi")),
-        security_context: Some(restricted()),
+        security_context: Some(crate::inject::restricted()),
         volume_mounts: Some(identity_volume_mounts()),
         ..Container::default()
     };
