@@ -12,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+use k8s_openapi::jiff::Timestamp;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -126,54 +127,20 @@ fn request_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-const MONTHS: [&str; 12] = [
-    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-];
-const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-
-/// `(year, month 1-12, day, hour, minute, second, days since the epoch)` in UTC.
-fn civil(t: SystemTime) -> (i64, usize, u32, u64, u64, u64, i64) {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as usize;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (
-        year,
-        month,
-        day,
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        days,
-    )
+/// `t` in UTC through `strftime`; a time the calendar cannot hold reads as the epoch.
+fn utc(t: SystemTime, format: &str) -> String {
+    let t = Timestamp::try_from(t).unwrap_or(Timestamp::UNIX_EPOCH);
+    t.strftime(format).to_string()
 }
 
 /// nginx's `$time_local` in UTC: `23/Nov/2026:20:10:24 +0000`.
 pub fn nginx_date(t: SystemTime) -> String {
-    let (y, mo, d, h, mi, s, _) = civil(t);
-    format!("{d:02}/{}/{y}:{h:02}:{mi:02}:{s:02} +0000", MONTHS[mo - 1])
+    utc(t, "%d/%b/%Y:%H:%M:%S +0000")
 }
 
 /// An HTTP date: `Mon, 23 Nov 2026 20:10:24 GMT`.
 fn http_date(t: SystemTime) -> String {
-    let (y, mo, d, h, mi, s, days) = civil(t);
-    let wd = WEEKDAYS[days.rem_euclid(7) as usize];
-    format!(
-        "{wd}, {d:02} {} {y} {h:02}:{mi:02}:{s:02} GMT",
-        MONTHS[mo - 1]
-    )
+    utc(t, "%a, %d %b %Y %H:%M:%S GMT")
 }
 
 #[cfg(test)]
