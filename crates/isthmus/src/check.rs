@@ -7,20 +7,21 @@
 //!    the controller and the gateway Deployments have ready replicas, the
 //!    controller has published the discovery ConfigMap, and the gateway Service has
 //!    a LoadBalancer address;
-//! 3. certificates are valid, and how long until they expire: the gateway's
-//!    identity Secret (verified like the proxy loads it: chain to the anchors, key,
-//!    SPIFFE ID), the ClusterIssuer's Secret, and identity directories given with
-//!    `--identity-dir`;
-//! 4. each Link: its credentials Secret is there, its gateway is reachable (TCP
-//!    connect and a TLS 1.3 handshake with the local gateway's identity) and
-//!    presents the identity the Link expects;
+//! 3. identity issuance ([`identity`]): csi-driver-spiffe's CSIDriver is installed
+//!    and its approver is ready, cert-manager's default approver is off, and no
+//!    approver-policy selects the mesh's issuer; then the ClusterIssuer's Secret
+//!    (its certificate's validity, and the trust anchors), and identity
+//!    directories given with `--identity-dir`;
+//! 4. each Link: its credentials Secret is there, and its gateway answers on the
+//!    tunnel port, the only one its LoadBalancer exposes ([`tunnel`]): a TLS 1.3
+//!    handshake in which it presents the identity the Link expects under the
+//!    mesh's trust anchors;
 //! 5. each ServiceMirror's `Mirrored` condition.
 //!
 //! Checks only read. Not here: fixing anything, and checks of individual
 //! workloads' sidecars (their `/ready` and `/config` say more than the API can).
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -35,10 +36,16 @@ use kube::api::ListParams;
 use proxy_discovery::model::{
     ClusterSettingsResource, ConditionStatus, Link, LinkResource, ServiceMirrorResource,
 };
-use proxy_identity::{CredentialPaths, CredentialStore, Credentials, PeerPolicy, SpiffeId};
+use proxy_identity::rustls::RootCertStore;
+use proxy_identity::{CredentialPaths, Credentials, SpiffeId};
 
 use crate::install;
 use crate::link::KubeArgs;
+
+mod identity;
+mod tunnel;
+
+pub use tunnel::{HandshakeError, handshake};
 
 /// `isthmus check`.
 #[derive(Debug, Args)]
@@ -48,9 +55,17 @@ pub struct CheckArgs {
     /// The control plane's namespace.
     #[arg(long, default_value = install::NAMESPACE)]
     pub namespace: String,
-    /// cert-manager's namespace (where the ClusterIssuer's Secret is).
+    /// cert-manager's namespace (where the ClusterIssuer's Secret, cert-manager and
+    /// csi-driver-spiffe's approver are).
     #[arg(long, default_value = install::DEFAULT_CERT_MANAGER_NAMESPACE)]
     pub cert_manager_namespace: String,
+    /// cert-manager's controller Deployment, whose arguments say whether its
+    /// default approver runs.
+    #[arg(long, default_value = install::CERT_MANAGER_DEPLOYMENT)]
+    pub cert_manager_deployment: String,
+    /// csi-driver-spiffe's approver Deployment.
+    #[arg(long, default_value = install::CSI_DRIVER_APPROVER)]
+    pub csi_driver_approver: String,
     /// Also check the identity files in this directory (tls.crt, tls.key, ca.crt);
     /// repeatable.
     #[arg(long, value_name = "DIR")]
@@ -167,30 +182,41 @@ pub async fn checks(args: &CheckArgs) -> Result<Vec<Check>> {
         (install::CONTROLLER, "controller"),
         (install::GATEWAY, "gateway"),
     ] {
-        out.push(deployment_ready(&deployments, ns, name, what, t).await);
+        let hint = "install the mesh: isthmus install --cluster NAME | kubectl apply -f -";
+        out.push(deployment_ready(&deployments, ns, name, what, hint, t).await);
     }
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     out.push(discovery_configmap(&configmaps, ns, t).await);
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     out.push(gateway_address(&services, ns, t).await);
 
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let (gateway_check, gateway_creds) = gateway_identity(&secrets, ns, args.min_validity, t).await;
-    out.push(gateway_check);
-    let issuer_secrets: Api<Secret> = Api::namespaced(client.clone(), &args.cert_manager_namespace);
+    let cm = args.cert_manager_namespace.as_str();
+    out.push(identity::csi_driver(&client, t).await);
+    let cm_deployments: Api<Deployment> = Api::namespaced(client.clone(), cm);
     out.push(
-        issuer(
-            &issuer_secrets,
-            &args.cert_manager_namespace,
-            args.min_validity,
+        deployment_ready(
+            &cm_deployments,
+            cm,
+            &args.csi_driver_approver,
+            "csi-driver-spiffe approver",
+            "install cert-manager's csi-driver-spiffe (its approver signs only a pod's own \
+             ServiceAccount's SPIFFE ID), or name its Deployment with --csi-driver-approver",
             t,
         )
         .await,
     );
+    out.push(
+        identity::default_approver_off(&cm_deployments, cm, &args.cert_manager_deployment, t).await,
+    );
+    out.push(identity::no_policy_selects_issuer(&client, t).await);
+    let issuer_secrets: Api<Secret> = Api::namespaced(client.clone(), cm);
+    let (issuer_check, anchors) = issuer(&issuer_secrets, cm, args.min_validity, t).await;
+    out.push(issuer_check);
     for dir in &args.identity_dir {
         out.push(identity_dir(dir, args.min_validity));
     }
 
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let links: Api<LinkResource> = Api::namespaced(client.clone(), ns);
     match timed(t, links.list(&ListParams::default())).await {
         Ok(list) if list.items.is_empty() => out.push(Check::pass(
@@ -199,7 +225,7 @@ pub async fn checks(args: &CheckArgs) -> Result<Vec<Check>> {
         )),
         Ok(list) => {
             for link in &list.items {
-                out.extend(check_link(link, &secrets, ns, gateway_creds.clone(), t).await);
+                out.extend(check_link(link, &secrets, ns, anchors.clone(), t).await);
             }
         }
         Err(e) => out.push(Check::fail(
@@ -249,17 +275,14 @@ async fn deployment_ready(
     ns: &str,
     name: &str,
     what: &str,
+    not_found: &str,
     t: Duration,
 ) -> Check {
     let check = format!("{what} Deployment {ns}/{name} ready");
     let logs =
         format!("kubectl -n {ns} describe deployment {name}; kubectl -n {ns} logs deploy/{name}");
     match timed(t, api.get_opt(name)).await {
-        Ok(None) => Check::fail(
-            check,
-            "not found",
-            "install the mesh: isthmus install --cluster NAME | kubectl apply -f -",
-        ),
+        Ok(None) => Check::fail(check, "not found", not_found),
         Err(e) => Check::fail(check, format!("{e:#}"), "check your access to Deployments"),
         Ok(Some(d)) => {
             let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
@@ -419,60 +442,6 @@ fn secret_pem<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
         .filter(|b| !b.is_empty())
 }
 
-/// The gateway's identity Secret, loaded as the proxy loads it; the credentials
-/// also serve as the client identity of the link handshakes.
-async fn gateway_identity(
-    api: &Api<Secret>,
-    ns: &str,
-    min: Duration,
-    t: Duration,
-) -> (Check, Option<Arc<CredentialStore>>) {
-    let name = install::GATEWAY_IDENTITY_SECRET;
-    let check = format!("gateway identity Secret {ns}/{name}");
-    let renew = format!(
-        "see what cert-manager says: kubectl -n {ns} describe certificate {}; \
-         kubectl describe clusterissuer {}",
-        install::GATEWAY,
-        install::CLUSTER_ISSUER
-    );
-    let secret = match timed(t, api.get_opt(name)).await {
-        Ok(Some(s)) => s,
-        Ok(None) => return (Check::fail(check, "not found", renew), None),
-        Err(e) => {
-            return (
-                Check::fail(check, format!("{e:#}"), "check your access to Secrets"),
-                None,
-            );
-        }
-    };
-    let (Some(cert), Some(key), Some(ca)) = (
-        secret_pem(&secret, "tls.crt"),
-        secret_pem(&secret, "tls.key"),
-        secret_pem(&secret, "ca.crt"),
-    ) else {
-        return (
-            Check::fail(check, "lacks tls.crt, tls.key or ca.crt", renew),
-            None,
-        );
-    };
-    let paths = CredentialPaths::in_dir(format!("secret {ns}/{name}"));
-    match Credentials::from_pem(&paths, cert, key, ca, SystemTime::now()) {
-        Err(e) => (Check::fail(check, error_chain(&e), renew), None),
-        Ok(creds) => {
-            let id = creds.id().to_string();
-            let result = validity(creds.not_before(), creds.not_after(), min);
-            let store = Arc::new(CredentialStore::from_credentials(paths, creds));
-            match result {
-                Ok(detail) => (Check::pass(check, format!("{id}, {detail}")), Some(store)),
-                Err(detail) => (
-                    Check::fail(check, format!("{id}, {detail}"), renew),
-                    Some(store),
-                ),
-            }
-        }
-    }
-}
-
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
@@ -484,22 +453,46 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 /// The ClusterIssuer's CA certificate: the first certificate of its Secret.
-async fn issuer(api: &Api<Secret>, ns: &str, min: Duration, t: Duration) -> Check {
+/// The ClusterIssuer's CA certificate (the first certificate of its Secret), and
+/// the trust anchors (its `ca.crt`) the link handshakes verify gateways with.
+async fn issuer(
+    api: &Api<Secret>,
+    ns: &str,
+    min: Duration,
+    t: Duration,
+) -> (Check, Result<Arc<RootCertStore>, String>) {
     let name = install::ISSUER_SECRET;
     let check = format!("issuer Secret {ns}/{name}");
     let create = String::from(
         "create it from the cluster's issuer (isthmus identity issuer --anchor DIR --cluster NAME --out DIR): \
          isthmus install --cluster NAME --issuer DIR | kubectl apply -f -",
     );
+    let no_anchors = |why: &str| Err(format!("the trust anchors are unknown: {why}"));
     let secret = match timed(t, api.get_opt(name)).await {
         Ok(Some(s)) => s,
-        Ok(None) => return Check::fail(check, "not found", create),
-        Err(e) => return Check::fail(check, format!("{e:#}"), "check your access to Secrets"),
+        Ok(None) => {
+            return (
+                Check::fail(check, "not found", create),
+                no_anchors(&format!("no Secret {ns}/{name}")),
+            );
+        }
+        Err(e) => {
+            return (
+                Check::fail(check, format!("{e:#}"), "check your access to Secrets"),
+                no_anchors(&format!("Secret {ns}/{name} cannot be read")),
+            );
+        }
+    };
+    let anchors = match secret_pem(&secret, "ca.crt") {
+        None => no_anchors(&format!("Secret {ns}/{name} has no ca.crt")),
+        Some(pem) => tunnel::anchors(pem)
+            .map(Arc::new)
+            .map_err(|e| format!("ca.crt of Secret {ns}/{name} {e}")),
     };
     let Some(pem) = secret_pem(&secret, "tls.crt") else {
-        return Check::fail(check, "has no tls.crt", create);
+        return (Check::fail(check, "has no tls.crt", create), anchors);
     };
-    match first_certificate(pem) {
+    let check = match first_certificate(pem) {
         Err(detail) => Check::fail(check, detail, create),
         Ok((subject, not_before, not_after)) => match validity(not_before, not_after, min) {
             Ok(detail) => Check::pass(check, format!("{subject}, {detail}")),
@@ -511,7 +504,8 @@ async fn issuer(api: &Api<Secret>, ns: &str, min: Duration, t: Duration) -> Chec
                 ),
             ),
         },
-    }
+    };
+    (check, anchors)
 }
 
 /// Subject and validity of the first certificate of a PEM bundle.
@@ -556,13 +550,13 @@ fn identity_dir(dir: &std::path::Path, min: Duration) -> Check {
     }
 }
 
-/// A Link's credentials and its gateway: reachable, and presenting the expected
-/// identity.
+/// A Link's credentials and its gateway: reachable on the tunnel port, and
+/// presenting the expected identity.
 async fn check_link(
     link: &LinkResource,
     secrets: &Api<Secret>,
     ns: &str,
-    creds: Option<Arc<CredentialStore>>,
+    anchors: Result<Arc<RootCertStore>, String>,
     t: Duration,
 ) -> Vec<Check> {
     let spec = &link.spec.link;
@@ -594,13 +588,16 @@ async fn check_link(
 
     let target = format!("{}:{}", spec.gateway_address, spec.gateway_port);
     let check = format!("link {cluster} gateway {target}");
-    let Some(creds) = creds else {
-        out.push(Check::fail(
-            check,
-            "not checked: the local gateway's identity is needed to handshake",
-            "fix the gateway identity Secret (see above)",
-        ));
-        return out;
+    let roots = match anchors {
+        Ok(roots) => roots,
+        Err(why) => {
+            out.push(Check::fail(
+                check,
+                format!("not checked: {why}"),
+                "fix the issuer Secret (see above): its ca.crt holds the mesh's trust anchors",
+            ));
+            return out;
+        }
     };
     let expected = match SpiffeId::parse(spec.gateway_identity.as_str()) {
         Ok(id) => id,
@@ -609,7 +606,7 @@ async fn check_link(
             return out;
         }
     };
-    out.push(match handshake(&target, creds, expected.clone(), t).await {
+    out.push(match handshake(&target, roots, expected.clone(), t).await {
         Ok(addr) => Check::pass(check, format!("reached {addr}, presents {expected}")),
         Err(HandshakeError::Connect(detail)) => Check::fail(
             check,
@@ -633,57 +630,6 @@ async fn check_link(
         ),
     });
     out
-}
-
-/// Why a link's gateway could not be verified.
-#[derive(Debug)]
-pub enum HandshakeError {
-    /// No TCP connection (name, refusal, timeout).
-    Connect(String),
-    /// The TLS handshake failed, or the identity is not the expected one.
-    Tls(String),
-}
-
-/// Connects to `target` (`host:port`) and completes a TLS 1.3 handshake presenting
-/// `creds` and requiring the server to be `expected`; the address reached.
-pub async fn handshake(
-    target: &str,
-    creds: Arc<CredentialStore>,
-    expected: SpiffeId,
-    t: Duration,
-) -> Result<SocketAddr, HandshakeError> {
-    let addrs: Vec<SocketAddr> = tokio::time::timeout(t, tokio::net::lookup_host(target))
-        .await
-        .map_err(|_| HandshakeError::Connect(format!("resolving {target} took over {t:?}")))?
-        .map_err(|e| HandshakeError::Connect(format!("cannot resolve {target}: {e}")))?
-        .collect();
-    let mut last = format!("{target} resolves to no address");
-    for addr in addrs {
-        let tcp = match tokio::time::timeout(t, tokio::net::TcpStream::connect(addr)).await {
-            Err(_) => {
-                last = format!("connecting to {addr} took over {t:?}");
-                continue;
-            }
-            Ok(Err(e)) => {
-                last = format!("cannot connect to {addr}: {e}");
-                continue;
-            }
-            Ok(Ok(tcp)) => tcp,
-        };
-        let config = proxy_identity::client_config(creds, PeerPolicy::Exact(expected));
-        let connector = tokio_rustls::TlsConnector::from(config);
-        let name = proxy_identity::rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        return match tokio::time::timeout(t, connector.connect(name, tcp)).await {
-            Err(_) => Err(HandshakeError::Tls(format!(
-                "the TLS handshake with {addr} took over {t:?}"
-            ))),
-            Ok(Err(e)) => Err(HandshakeError::Tls(format!(
-                "TLS handshake with {addr}: {e}"
-            ))),
-            Ok(Ok(_tls)) => Ok(addr),
-        };
-    }
-    Err(HandshakeError::Connect(last))
 }
 
 /// A ServiceMirror's `Mirrored` condition, with what to do for each reason.

@@ -8,27 +8,30 @@
 //! 1. the namespace `isthmus-system`;
 //! 2. the CRDs and the controller's RBAC, as the `isthmus-controller` crate defines
 //!    them;
-//! 3. the gateway's ServiceAccount and read-only ClusterRole;
+//! 3. the gateway's ServiceAccount and read-only ClusterRole (what it routes by,
+//!    and pod metadata: whether an endpoint is meshed);
 //! 4. the link reader: a ServiceAccount `isthmus-link-reader` that may only get, list
 //!    and watch Services and EndpointSlices and list ClusterSettings (which
 //!    namespaces the cluster exports), and its token Secret, which `isthmus link`
 //!    turns into the kubeconfig another cluster uses;
-//! 5. identity through cert-manager: a CA `ClusterIssuer` (`isthmus-issuer`, from the
-//!    Secret `isthmus-issuer` in cert-manager's namespace: the cluster's issuer
-//!    certificate and key under the shared trust anchor; `--issuer DIR` renders that
-//!    Secret too), the gateway's `Certificate` (Secret `isthmus-gateway-identity` with
-//!    `tls.crt`, `tls.key`, `ca.crt`, the proxy's `--identity-dir` layout) and, for
-//!    injected pods, cert-manager's CSI driver with the same issuer (see
-//!    [`crate::inject`]);
+//! 5. identity through cert-manager and its csi-driver-spiffe ([`identity`]): the
+//!    CA `ClusterIssuer` the driver requests every workload's and the gateway's
+//!    certificate from, the right to request one for the gateway's own
+//!    ServiceAccount, and with `--issuer DIR` the issuer's Secret and the trust
+//!    anchors the driver writes into each volume as `ca.crt`;
 //! 6. this cluster's `ClusterSettings`;
 //! 7. the controller Deployment (two replicas, one leader by Lease);
-//! 8. the gateway Deployment and its LoadBalancer Service exposing the tunnel port
-//!    4143 and the probe port 4191;
+//! 8. the gateway Deployment (its identity a csi-driver-spiffe volume, so only a
+//!    pod running as its ServiceAccount holds it) and its LoadBalancer Service
+//!    exposing the tunnel port 4143 only: probes and scrapers reach the admin port
+//!    on the pod's own address;
 //! 9. a PodDisruptionBudget for each Deployment, so a node drain never takes every
 //!    gateway (or controller) replica at once.
 //!
 //! Not here: the objects' kinds and RBAC of the controller (the controller crate
-//! owns them), and applying anything: this module only renders.
+//! owns them), installing cert-manager or csi-driver-spiffe (their charts do; the
+//! output's header says how they must be configured), and applying anything: this
+//! module only renders.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -37,13 +40,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use iptables_init::config::{DEFAULT_ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_PROXY_UID};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Affinity, Container, ContainerPort, EnvVar, HTTPGetAction, Namespace, PodAffinityTerm,
-    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret,
-    SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
-    WeightedPodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, Service,
+    ServiceAccount, ServicePort, ServiceSpec, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -52,7 +53,8 @@ use proxy_discovery::ClusterName;
 use proxy_discovery::model::{
     ClusterSettings, ClusterSettingsSpec, GatewayAddress, GatewaySpec, Object, SpiffeUri,
 };
-use serde_json::json;
+
+mod identity;
 
 /// The control plane's namespace.
 pub const NAMESPACE: &str = "isthmus-system";
@@ -64,14 +66,10 @@ pub const CONTROLLER: &str = "isthmus-controller";
 pub const LINK_READER: &str = "isthmus-link-reader";
 /// Its long-lived token Secret.
 pub const LINK_READER_TOKEN: &str = "isthmus-link-reader-token";
-/// The Secret cert-manager writes the gateway's identity into.
-pub const GATEWAY_IDENTITY_SECRET: &str = "isthmus-gateway-identity";
-/// The cert-manager ClusterIssuer of every mesh identity of this cluster.
-pub const CLUSTER_ISSUER: &str = "isthmus-issuer";
-/// The Secret (in cert-manager's namespace) holding the issuer certificate and key.
-pub const ISSUER_SECRET: &str = "isthmus-issuer";
-/// cert-manager's own namespace, where a ClusterIssuer finds its Secret.
-pub const DEFAULT_CERT_MANAGER_NAMESPACE: &str = "cert-manager";
+pub use identity::{
+    CERT_MANAGER_DEPLOYMENT, CLUSTER_ISSUER, CSI_DRIVER_APPROVER, DEFAULT_CERT_MANAGER_NAMESPACE,
+    ISSUER_SECRET, SPIFFE_CSI_DRIVER, identity_volume,
+};
 /// The ConfigMap the controller publishes for sidecars and gateways (their
 /// `--manifests` directory).
 pub const DISCOVERY_CONFIGMAP: &str = "isthmus-discovery";
@@ -284,7 +282,7 @@ pub fn render(options: &InstallOptions) -> Result<String> {
     for object in link_reader() {
         push(object);
     }
-    for object in identity(options) {
+    for object in identity::objects(options) {
         push(object);
     }
     push(
@@ -297,9 +295,10 @@ pub fn render(options: &InstallOptions) -> Result<String> {
     push(to_json(&disruption_budget(CONTROLLER)));
     push(to_json(&disruption_budget(GATEWAY)));
     let mut out = format!(
-        "# isthmus install --cluster {} (isthmus {}): apply with kubectl apply -f -\n",
+        "# isthmus install --cluster {} (isthmus {}): apply with kubectl apply -f -\n{}",
         options.cluster,
-        env!("CARGO_PKG_VERSION")
+        env!("CARGO_PKG_VERSION"),
+        identity::prerequisites(options),
     );
     for (i, doc) in docs.iter().enumerate() {
         if i > 0 {
@@ -380,21 +379,27 @@ fn cluster_role_with_binding(name: &str, rules: Vec<PolicyRule>) -> Vec<serde_js
     vec![to_json(&account), to_json(&role), to_json(&binding)]
 }
 
+/// The rules of the gateway: what it routes by, and nothing more.
+pub fn gateway_rules() -> Vec<PolicyRule> {
+    vec![
+        rule(&[""], &["services"], READ),
+        rule(&["discovery.k8s.io"], &["endpointslices"], READ),
+        // Whether an endpoint is meshed comes from its pod's metadata (the label
+        // inject sets), never from a probe: a meshed pod is never sent plaintext.
+        rule(&[""], &["pods"], READ),
+        rule(
+            &["multicluster.isthmus.io"],
+            &["links", "clustersettings"],
+            READ,
+        ),
+    ]
+}
+
 /// The gateway reads what it routes by: Services and EndpointSlices (delivery to
-/// exported Services), and the mesh's Links and ClusterSettings.
+/// exported Services), pods' metadata (which endpoints are meshed), and the mesh's
+/// Links and ClusterSettings.
 fn gateway_rbac() -> Vec<serde_json::Value> {
-    cluster_role_with_binding(
-        GATEWAY,
-        vec![
-            rule(&[""], &["services"], READ),
-            rule(&["discovery.k8s.io"], &["endpointslices"], READ),
-            rule(
-                &["multicluster.isthmus.io"],
-                &["links", "clustersettings"],
-                READ,
-            ),
-        ],
-    )
+    cluster_role_with_binding(GATEWAY, gateway_rules())
 }
 
 /// The rules of the link reader: what a linked cluster's controller reads here,
@@ -425,50 +430,6 @@ fn link_reader() -> Vec<serde_json::Value> {
         metadata,
         type_: Some("kubernetes.io/service-account-token".to_owned()),
         ..Secret::default()
-    }));
-    objects
-}
-
-/// The cert-manager objects: the CA ClusterIssuer (and its Secret with `--issuer`),
-/// and the gateway's Certificate.
-fn identity(options: &InstallOptions) -> Vec<serde_json::Value> {
-    let mut objects = Vec::new();
-    if let Some(issuer) = &options.issuer {
-        let data = [
-            ("tls.crt", &issuer.cert_chain),
-            ("tls.key", &issuer.key),
-            ("ca.crt", &issuer.anchors),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), ByteString(v.as_bytes().to_vec())))
-        .collect();
-        objects.push(to_json(&Secret {
-            metadata: meta(ISSUER_SECRET, Some(&options.cert_manager_namespace)),
-            type_: Some("kubernetes.io/tls".to_owned()),
-            data: Some(data),
-            ..Secret::default()
-        }));
-    }
-    objects.push(json!({
-        "apiVersion": "cert-manager.io/v1",
-        "kind": "ClusterIssuer",
-        "metadata": meta(CLUSTER_ISSUER, None),
-        "spec": { "ca": { "secretName": ISSUER_SECRET } },
-    }));
-    objects.push(json!({
-        "apiVersion": "cert-manager.io/v1",
-        "kind": "Certificate",
-        "metadata": meta(GATEWAY, Some(NAMESPACE)),
-        "spec": {
-            "secretName": GATEWAY_IDENTITY_SECRET,
-            "commonName": format!("{GATEWAY}.{NAMESPACE}"),
-            "uris": [options.gateway_identity()],
-            "duration": "48h",
-            "renewBefore": "24h",
-            "privateKey": { "algorithm": "ECDSA", "size": 256, "encoding": "PKCS8", "rotationPolicy": "Always" },
-            "usages": ["digital signature", "key encipherment", "server auth", "client auth"],
-            "issuerRef": { "name": CLUSTER_ISSUER, "kind": "ClusterIssuer", "group": "cert-manager.io" },
-        },
     }));
     objects
 }
@@ -632,7 +593,7 @@ fn identity_volume_mounts() -> Vec<VolumeMount> {
     }]
 }
 
-/// The gateway: `isthmus-proxy gateway` with the identity cert-manager writes. It
+/// The gateway: `isthmus-proxy gateway` with the identity csi-driver-spiffe writes. It
 /// discovers through the API server (`--discovery kube`): delivering to exported
 /// Services needs their EndpointSlices, which the sidecars' ConfigMap does not hold.
 fn gateway_deployment(options: &InstallOptions) -> Deployment {
@@ -687,23 +648,21 @@ fn gateway_deployment(options: &InstallOptions) -> Deployment {
         PodSpec {
             service_account_name: Some(GATEWAY.to_owned()),
             containers: vec![container],
-            volumes: Some(vec![Volume {
-                name: crate::inject::IDENTITY_VOLUME.to_owned(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(GATEWAY_IDENTITY_SECRET.to_owned()),
-                    // The key is readable by the proxy's group (fsGroup) only.
-                    default_mode: Some(0o440),
-                    ..SecretVolumeSource::default()
-                }),
-                ..Volume::default()
-            }]),
+            // The gateway's SPIFFE ID follows from its ServiceAccount: only a pod
+            // running as it is issued the gateway's identity.
+            volumes: Some(vec![identity_volume(
+                crate::inject::IDENTITY_VOLUME,
+                DEFAULT_PROXY_UID,
+            )]),
             ..PodSpec::default()
         },
     )
 }
 
 /// The gateway's Service: a LoadBalancer so linked clusters reach the tunnel port,
-/// and the probe port their gateways poll (`Link.spec.probeSpec`).
+/// and nothing else. The admin port (`/metrics`, `/ready`, `/live`) is reached by
+/// probes and scrapers on the pod's own address; a peer gateway learns that this
+/// one is alive over the tunnel itself.
 fn gateway_service(options: &InstallOptions) -> Service {
     let mut metadata = meta(GATEWAY, Some(NAMESPACE));
     metadata.annotations = Some(labels(&[(
@@ -716,24 +675,13 @@ fn gateway_service(options: &InstallOptions) -> Service {
             type_: Some("LoadBalancer".to_owned()),
             cluster_ip: options.gateway_cluster_ip.map(|ip| ip.to_string()),
             selector: Some(labels(&[("app.kubernetes.io/name", GATEWAY)])),
-            ports: Some(vec![
-                ServicePort {
-                    name: Some(TUNNEL_PORT_NAME.to_owned()),
-                    port: i32::from(DEFAULT_INBOUND_PORT),
-                    target_port: Some(IntOrString::String(TUNNEL_PORT_NAME.to_owned())),
-                    protocol: Some("TCP".to_owned()),
-                    ..ServicePort::default()
-                },
-                // The admin port also serves /metrics and /config; restrict who
-                // reaches it with loadBalancerSourceRanges where that matters.
-                ServicePort {
-                    name: Some(ADMIN_PORT_NAME.to_owned()),
-                    port: i32::from(DEFAULT_ADMIN_PORT),
-                    target_port: Some(IntOrString::String(ADMIN_PORT_NAME.to_owned())),
-                    protocol: Some("TCP".to_owned()),
-                    ..ServicePort::default()
-                },
-            ]),
+            ports: Some(vec![ServicePort {
+                name: Some(TUNNEL_PORT_NAME.to_owned()),
+                port: i32::from(DEFAULT_INBOUND_PORT),
+                target_port: Some(IntOrString::String(TUNNEL_PORT_NAME.to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
             ..ServiceSpec::default()
         }),
         ..Service::default()

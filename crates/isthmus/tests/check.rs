@@ -1,8 +1,10 @@
 //! `isthmus check` against the in-memory API server holding an installed cluster
-//! (what `isthmus install` rendered, with minted identities), and a link whose
-//! gateway is a TLS server on loopback presenting a minted gateway identity: all
-//! checks pass on a healthy cluster, and each failure mode fails its check with
-//! its hint and a non-zero exit status.
+//! (what `isthmus install` rendered, cert-manager and csi-driver-spiffe as their
+//! charts install them, a minted issuer), and a link whose gateway is a TLS server
+//! on loopback presenting a minted gateway identity: all checks pass on a healthy
+//! cluster, and each failure mode fails its check with its hint and a non-zero exit
+//! status, among them a cert-manager whose default approver would sign any SPIFFE
+//! ID and an approver-policy that selects the mesh's issuer.
 
 #![allow(clippy::unwrap_used)]
 
@@ -15,7 +17,7 @@ use proxy_identity::{
     CredentialPaths, CredentialStore, Credentials, PeerPolicy, SpiffeId, TrustDomain,
 };
 use serde_json::{Value, json};
-use test_apiserver::TestApiServer;
+use test_apiserver::{ResourceType, TestApiServer};
 use tokio::net::TcpListener;
 
 const STEP: Duration = Duration::from_secs(30);
@@ -45,11 +47,92 @@ fn days(n: u64) -> Validity {
     Validity::from_now(Duration::from_secs(n * 86_400))
 }
 
+/// The API server of a cluster with the kinds the checks read that are not
+/// built in: csi-driver-spiffe's CSIDriver and approver-policy's policies.
+async fn cluster() -> TestApiServer {
+    TestApiServer::builder()
+        .resource(ResourceType::new(
+            "storage.k8s.io",
+            "v1",
+            "csidrivers",
+            "CSIDriver",
+            false,
+        ))
+        .resource(ResourceType::new(
+            "policy.cert-manager.io",
+            "v1alpha1",
+            "certificaterequestpolicies",
+            "CertificateRequestPolicy",
+            false,
+        ))
+        .start()
+        .await
+        .unwrap()
+}
+
+/// cert-manager's controller Deployment, with `args`.
+fn cert_manager(args: &[&str]) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "cert-manager", "namespace": "cert-manager"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "cert-manager"}},
+            "template": {
+                "metadata": {"labels": {"app": "cert-manager"}},
+                "spec": {"containers": [{"name": "cert-manager-controller", "args": args}]},
+            },
+        },
+        "status": {"replicas": 1, "readyReplicas": 1},
+    })
+}
+
+/// As the cert-manager chart runs it with `disableAutoApproval=true`.
+const APPROVER_OFF: &[&str] = &[
+    "--v=2",
+    "--cluster-resource-namespace=$(POD_NAMESPACE)",
+    "--controllers=-certificaterequests-approver",
+];
+
+fn approver(ready: i32) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "cert-manager-csi-driver-spiffe-approver", "namespace": "cert-manager"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "approver"}},
+            "template": {
+                "metadata": {"labels": {"app": "approver"}},
+                "spec": {"containers": [{"name": "approver", "image": "approver"}]},
+            },
+        },
+        "status": {"replicas": 1, "readyReplicas": ready},
+    })
+}
+
+fn csi_driver() -> Value {
+    json!({
+        "apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver",
+        "metadata": {"name": "spiffe.csi.cert-manager.io"},
+        "spec": {"podInfoOnMount": true, "volumeLifecycleModes": ["Ephemeral"]},
+    })
+}
+
+fn policy(name: &str, issuer_ref: Option<Value>) -> Value {
+    let mut selector = json!({"namespace": {"matchNames": ["*"]}});
+    if let Some(issuer_ref) = issuer_ref {
+        selector["issuerRef"] = issuer_ref;
+    }
+    json!({
+        "apiVersion": "policy.cert-manager.io/v1alpha1", "kind": "CertificateRequestPolicy",
+        "metadata": {"name": name},
+        "spec": {"allowed": {"uris": {"values": ["*"]}}, "selector": selector},
+    })
+}
+
 /// One trust anchor, an issuer per cluster, and each cluster's gateway leaf.
 struct Pki {
     issuer_b: Authority,
     gateway_a: LeafBundle,
-    gateway_b: LeafBundle,
 }
 
 fn pki() -> Pki {
@@ -59,11 +142,9 @@ fn pki() -> Pki {
     let issuer_b = mint::issuer(&anchor, "cluster-b", days(20), KeyAlgorithm::EcdsaP256).unwrap();
     let id = SpiffeId::parse(GATEWAY_ID).unwrap();
     let gateway_a = mint::leaf(&issuer_a, &id, days(2), KeyAlgorithm::EcdsaP256).unwrap();
-    let gateway_b = mint::leaf(&issuer_b, &id, days(2), KeyAlgorithm::EcdsaP256).unwrap();
     Pki {
         issuer_b,
         gateway_a,
-        gateway_b,
     }
 }
 
@@ -120,15 +201,16 @@ fn delete(server: &TestApiServer, api: &str, kind: &str, ns: Option<&str>, name:
     server.store().delete_value(api, kind, ns, name).unwrap();
 }
 
-fn identity_secret(leaf: &LeafBundle) -> Value {
+/// The ClusterIssuer's Secret as `isthmus install --issuer` renders it.
+fn issuer_secret(issuer: &Authority) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "isthmus-gateway-identity", "namespace": "isthmus-system"},
+        "metadata": {"name": "isthmus-issuer", "namespace": "cert-manager"},
         "type": "kubernetes.io/tls",
         "data": {
-            "tls.crt": b64(leaf.cert_chain_pem.as_bytes()),
-            "tls.key": b64(leaf.key_pem.as_bytes()),
-            "ca.crt": b64(leaf.anchors_pem.as_bytes()),
+            "tls.crt": b64(format!("{}{}", issuer.ca.cert_pem, issuer.chain_pem).as_bytes()),
+            "tls.key": b64(issuer.ca.key_pem.as_bytes()),
+            "ca.crt": b64(issuer.anchors_pem.as_bytes()),
         },
     })
 }
@@ -207,19 +289,11 @@ async fn healthy(server: &TestApiServer, pki: &Pki) -> u16 {
     );
     svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.18.7.2"}]}});
     put(server, svc);
-    put(server, identity_secret(&pki.gateway_b));
-    put(
-        server,
-        json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "isthmus-issuer", "namespace": "cert-manager"},
-            "type": "kubernetes.io/tls",
-            "data": {
-                "tls.crt": b64(format!("{}{}", pki.issuer_b.ca.cert_pem, pki.issuer_b.chain_pem).as_bytes()),
-                "tls.key": b64(pki.issuer_b.ca.key_pem.as_bytes()),
-            },
-        }),
-    );
+    // cert-manager and csi-driver-spiffe, as their charts install them.
+    put(server, csi_driver());
+    put(server, approver(1));
+    put(server, cert_manager(APPROVER_OFF));
+    put(server, issuer_secret(&pki.issuer_b));
     let port = gateway_a(&pki.gateway_a).await;
     put(
         server,
@@ -291,7 +365,7 @@ fn failed_only(result: &(bool, String), name: &str, detail: &str, hint: &str) {
 
 #[tokio::test]
 async fn a_healthy_cluster_passes_every_check() {
-    let server = TestApiServer::start().await;
+    let server = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let pki = pki();
     let port = healthy(&server, &pki).await;
@@ -307,16 +381,17 @@ async fn a_healthy_cluster_passes_every_check() {
         "✔ discovery ConfigMap isthmus-system/isthmus-discovery: published (cluster.yaml, links.yaml, mirrored-services.yaml)",
         "✔ gateway Deployment isthmus-system/isthmus-gateway ready: 2/2 replicas ready",
         "✔ gateway Service isthmus-system/isthmus-gateway address: LoadBalancer 198.18.7.2",
-        &format!(
-            "✔ gateway identity Secret isthmus-system/isthmus-gateway-identity: {GATEWAY_ID}, expires in 47 hours"
-        ),
+        "✔ CSIDriver spiffe.csi.cert-manager.io: installed",
+        "✔ csi-driver-spiffe approver Deployment cert-manager/cert-manager-csi-driver-spiffe-approver ready: 1/1 replicas ready",
+        "✔ cert-manager cert-manager/cert-manager leaves approval to csi-driver-spiffe: default approver off",
+        "✔ no approver-policy selects ClusterIssuer isthmus-issuer: 0 policies, none selects it",
         "✔ issuer Secret cert-manager/isthmus-issuer: ",
         "✔ link cluster-a credentials: Secret isthmus-system/cluster-a-credentials",
         &format!(
             "✔ link cluster-a gateway 127.0.0.1:{port}: reached 127.0.0.1:{port}, presents {GATEWAY_ID}"
         ),
         "✔ service mirror default/hello-mirror (hello.default of cluster-a): mirrored",
-        "all 13 checks passed",
+        "all 16 checks passed",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in\n{out}");
     }
@@ -324,7 +399,7 @@ async fn a_healthy_cluster_passes_every_check() {
 
 #[tokio::test]
 async fn each_failure_fails_its_check_with_what_to_do() {
-    let server = TestApiServer::start().await;
+    let server = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let pki = pki();
     let port = healthy(&server, &pki).await;
@@ -392,52 +467,139 @@ async fn each_failure_fails_its_check_with_what_to_do() {
     );
     put(&server, svc);
 
-    // The gateway certificate is about to expire: cert-manager did not renew it.
-    let anchor = mint::trust_anchor("short", days(1), KeyAlgorithm::EcdsaP256).unwrap();
-    let short = mint::leaf(
-        &anchor,
-        &SpiffeId::parse(GATEWAY_ID).unwrap(),
-        Validity::from_now(Duration::from_secs(1800)),
-        KeyAlgorithm::EcdsaP256,
-    )
-    .unwrap();
-    put(&server, identity_secret(&short));
-    let result = check(&kubeconfig).await;
-    // The link handshake fails too: cluster-a does not trust this anchor.
-    assert!(
-        result.1.contains("✘ link cluster-a gateway"),
-        "{}",
-        result.1
+    // The trust anchors of the issuer Secret are not the ones cluster-a's gateway
+    // chains to: the link's handshake fails, naming the anchor.
+    let other = mint::trust_anchor("other", days(1), KeyAlgorithm::EcdsaP256).unwrap();
+    let other_issuer = mint::issuer(&other, "cluster-b", days(1), KeyAlgorithm::EcdsaP256).unwrap();
+    put(&server, issuer_secret(&other_issuer));
+    failed_only(
+        &check(&kubeconfig).await,
+        &format!("link cluster-a gateway 127.0.0.1:{port}"),
+        "TLS handshake",
+        "both clusters' issuers come from the same anchor",
     );
-    assert!(
-        result.1.contains("less than --min-validity")
-            && result
-                .1
-                .contains("kubectl -n isthmus-system describe certificate isthmus-gateway"),
-        "{}",
-        result.1
+    // No anchors at all: the link is not checked, and says why.
+    let mut no_anchors = issuer_secret(&pki.issuer_b);
+    no_anchors["data"].as_object_mut().unwrap().remove("ca.crt");
+    put(&server, no_anchors);
+    failed_only(
+        &check(&kubeconfig).await,
+        &format!("link cluster-a gateway 127.0.0.1:{port}"),
+        "not checked: the trust anchors are unknown: Secret cert-manager/isthmus-issuer has no ca.crt",
+        "fix the issuer Secret",
     );
-    // No identity at all: the link is not checked, and says so.
+    put(&server, issuer_secret(&pki.issuer_b));
+
+    // cert-manager's default approver runs: it would sign any SPIFFE ID for anyone
+    // allowed to create a CertificateRequest.
+    for args in [
+        &["--v=2"][..],
+        &["--controllers=*"][..],
+        &["--controllers", "*,certificaterequests-approver"][..],
+    ] {
+        put(&server, cert_manager(args));
+        failed_only(
+            &check(&kubeconfig).await,
+            "cert-manager cert-manager/cert-manager leaves approval to csi-driver-spiffe",
+            "cert-manager's default approver is on",
+            "--controllers=*,-certificaterequests-approver",
+        );
+    }
+    // Both spellings of the flag that turns it off are read.
+    for args in [
+        &["--controllers=*,-certificaterequests-approver"][..],
+        &["--controllers", "-certificaterequests-approver"][..],
+    ] {
+        put(&server, cert_manager(args));
+        assert!(check(&kubeconfig).await.0, "{args:?}");
+    }
     delete(
         &server,
-        "v1",
-        "Secret",
-        Some("isthmus-system"),
-        "isthmus-gateway-identity",
+        "apps/v1",
+        "Deployment",
+        Some("cert-manager"),
+        "cert-manager",
     );
-    let (ok, out) = check(&kubeconfig).await;
-    assert!(!ok);
-    assert!(
-        out.contains(
-            "✘ gateway identity Secret isthmus-system/isthmus-gateway-identity: not found"
+    failed_only(
+        &check(&kubeconfig).await,
+        "cert-manager cert-manager/cert-manager leaves approval",
+        "Deployment not found",
+        "--cert-manager-deployment",
+    );
+    put(&server, cert_manager(APPROVER_OFF));
+
+    // csi-driver-spiffe is not installed, or its approver is not ready.
+    delete(
+        &server,
+        "storage.k8s.io/v1",
+        "CSIDriver",
+        None,
+        "spiffe.csi.cert-manager.io",
+    );
+    failed_only(
+        &check(&kubeconfig).await,
+        "CSIDriver spiffe.csi.cert-manager.io",
+        "not installed",
+        "app.issuer.name",
+    );
+    put(&server, csi_driver());
+    put(&server, approver(0));
+    failed_only(
+        &check(&kubeconfig).await,
+        "csi-driver-spiffe approver Deployment cert-manager/cert-manager-csi-driver-spiffe-approver ready",
+        "0/1 replicas ready",
+        "kubectl -n cert-manager describe deployment cert-manager-csi-driver-spiffe-approver",
+    );
+    delete(
+        &server,
+        "apps/v1",
+        "Deployment",
+        Some("cert-manager"),
+        "cert-manager-csi-driver-spiffe-approver",
+    );
+    failed_only(
+        &check(&kubeconfig).await,
+        "csi-driver-spiffe approver Deployment",
+        "not found",
+        "install cert-manager's csi-driver-spiffe",
+    );
+    put(&server, approver(1));
+
+    // An approver-policy that selects the mesh's issuer (by name, by wildcard, or
+    // by selecting every issuer) is a second approver; one for other issuers is not.
+    put(
+        &server,
+        policy(
+            "other-issuers",
+            Some(json!({"name": "letsencrypt-*", "kind": "ClusterIssuer"})),
         ),
-        "{out}"
     );
-    assert!(
-        out.contains("not checked: the local gateway's identity is needed"),
-        "{out}"
-    );
-    put(&server, identity_secret(&pki.gateway_b));
+    assert!(check(&kubeconfig).await.0);
+    for (name, issuer_ref) in [
+        (
+            "by-name",
+            Some(
+                json!({"name": "isthmus-issuer", "kind": "ClusterIssuer", "group": "cert-manager.io"}),
+            ),
+        ),
+        ("by-wildcard", Some(json!({"name": "*", "kind": "*Issuer"}))),
+        ("every-issuer", None),
+    ] {
+        put(&server, policy(name, issuer_ref));
+        failed_only(
+            &check(&kubeconfig).await,
+            "no approver-policy selects ClusterIssuer isthmus-issuer",
+            &format!("CertificateRequestPolicy {name} selects it"),
+            &format!("narrow spec.selector.issuerRef of {name}"),
+        );
+        delete(
+            &server,
+            "policy.cert-manager.io/v1alpha1",
+            "CertificateRequestPolicy",
+            None,
+            name,
+        );
+    }
 
     // The issuer's Secret is missing.
     let issuer = get(
@@ -454,12 +616,21 @@ async fn each_failure_fails_its_check_with_what_to_do() {
         Some("cert-manager"),
         "isthmus-issuer",
     );
-    failed_only(
-        &check(&kubeconfig).await,
-        "issuer Secret cert-manager/isthmus-issuer",
-        "not found",
-        "--issuer DIR",
+    let (ok, out) = check(&kubeconfig).await;
+    assert!(!ok);
+    assert!(
+        out.contains("✘ issuer Secret cert-manager/isthmus-issuer: not found\n    hint: create it")
+            && out.contains("--issuer DIR"),
+        "{out}"
     );
+    // Without the anchors the link is not checked, and says so.
+    assert!(
+        out.contains(
+            "not checked: the trust anchors are unknown: no Secret cert-manager/isthmus-issuer"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("2 of 16 checks failed"), "{out}");
     put(&server, issuer);
 
     // The Link expects another identity than the gateway presents.
@@ -561,7 +732,7 @@ async fn each_failure_fails_its_check_with_what_to_do() {
         out.contains("✘ cluster settings in isthmus-system: cannot list ClusterSettings: the API server answered 404 NotFound"),
         "{out}"
     );
-    assert!(out.contains("2 of 13 checks failed"), "{out}");
+    assert!(out.contains("2 of 16 checks failed"), "{out}");
 }
 
 #[tokio::test]
@@ -626,8 +797,8 @@ async fn the_real_cluster_steps_mirror_hello_and_check_passes() {
     use kube::Api;
     use proxy_discovery::model::ServiceMirrorResource;
 
-    let a = TestApiServer::start().await;
-    let b = TestApiServer::start().await;
+    let a = cluster().await;
+    let b = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig_a = {
         let path = dir.path().join("a");
@@ -682,15 +853,13 @@ async fn the_real_cluster_steps_mirror_hello_and_check_passes() {
     token["data"] =
         json!({"token": b64(b"reader-token"), "ca.crt": b64(ca.ca.cert_pem.as_bytes())});
     put(&a, token);
-    put(&b, identity_secret(&pki.gateway_b));
+    put(&b, csi_driver());
+    put(&b, approver(1));
     put(
         &b,
-        json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "isthmus-issuer", "namespace": "cert-manager"},
-            "data": {"tls.crt": b64(pki.issuer_b.ca.cert_pem.as_bytes())},
-        }),
+        cert_manager(&["--controllers=*,-certificaterequests-approver"]),
     );
+    put(&b, issuer_secret(&pki.issuer_b));
     for name in ["isthmus-controller", "isthmus-gateway"] {
         let mut d = get(&b, "apps/v1", "Deployment", Some("isthmus-system"), name);
         d["status"] = json!({"replicas": 2, "readyReplicas": 2});

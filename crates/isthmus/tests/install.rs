@@ -1,7 +1,9 @@
 //! `isthmus install` through the binary: every document parses as its Kubernetes
-//! type, the order is the one `kubectl apply` needs, the output is deterministic,
-//! the checked-in `deploy/` examples have not drifted, the link reader may read
-//! Services and EndpointSlices and list ClusterSettings, nothing else, and bad
+//! type strictly (nothing kubectl would drop or refuse), the order is the one
+//! `kubectl apply` needs, the output is deterministic, the checked-in `deploy/`
+//! examples have not drifted, the gateway's LoadBalancer exposes the tunnel port
+//! only, identities come from csi-driver-spiffe only (no Certificate anyone could
+//! copy), the link reader and the gateway may read exactly what they use, and bad
 //! flags are named.
 
 #![allow(clippy::unwrap_used)]
@@ -10,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -57,13 +59,20 @@ const EXAMPLES: [(&str, &[&str]); 2] = [
     ("deploy/cluster-b.yaml", &["--cluster", "cluster-b"]),
 ];
 
-fn parse<T: serde::de::DeserializeOwned>(doc: &Value) -> T {
-    serde_json::from_value(doc.clone()).unwrap_or_else(|e| {
-        panic!(
-            "{} {} does not parse as its type: {e}",
-            doc["kind"], doc["metadata"]["name"]
-        )
-    })
+/// Parses `doc` as `T` the way kubectl would read it: the typed object written back
+/// must be the same document, so no field is unknown to the type (k8s-openapi
+/// skips unknown fields; an API server would drop or refuse them). Duplicate keys
+/// already fail in [`docs`].
+fn parse<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value) -> T {
+    let what = format!("{} {}", doc["kind"], doc["metadata"]["name"]);
+    let typed: T = serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("{what} does not parse as its type: {e}"));
+    assert_eq!(
+        &serde_json::to_value(&typed).unwrap(),
+        doc,
+        "{what}: a field is unknown to its type, or written differently"
+    );
+    typed
 }
 
 /// Parses every document as its k8s-openapi type (or, for the mesh's and
@@ -104,13 +113,12 @@ fn check_types(text: &str) -> Vec<String> {
                 assert!(matches!(parsed[0].object, Object::ClusterSettings(_)));
             }
             ("cert-manager.io/v1", "ClusterIssuer") => {
-                assert!(doc["spec"]["ca"]["secretName"].is_string(), "{doc}");
+                assert_eq!(
+                    doc["spec"],
+                    serde_json::json!({"ca": {"secretName": "isthmus-issuer"}})
+                );
             }
-            ("cert-manager.io/v1", "Certificate") => {
-                assert!(doc["spec"]["secretName"].is_string(), "{doc}");
-                assert!(doc["spec"]["issuerRef"]["name"].is_string(), "{doc}");
-                assert!(doc["spec"]["uris"][0].is_string(), "{doc}");
-            }
+            ("v1", "ConfigMap") => drop(parse::<ConfigMap>(&doc)),
             other => panic!("unexpected object {other:?} {name}"),
         }
         seen.push(format!("{kind}/{name}"));
@@ -142,8 +150,9 @@ fn every_document_parses_as_its_type_in_apply_order() {
         "Deployment/isthmus-controller",
         "Deployment/isthmus-gateway",
         "Service/isthmus-gateway",
-        "Certificate/isthmus-gateway",
         "ClusterIssuer/isthmus-issuer",
+        "ClusterRole/isthmus-identity-requester",
+        "RoleBinding/isthmus-identity-requester",
         "Secret/isthmus-link-reader-token",
         "PodDisruptionBudget/isthmus-gateway",
         "PodDisruptionBudget/isthmus-controller",
@@ -216,8 +225,20 @@ fn the_gateway_is_exposed_with_its_identity_and_the_settings_name_it() {
     let spec = svc.spec.unwrap();
     assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
     assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.43"));
-    let ports: Vec<i32> = spec.ports.unwrap().iter().map(|p| p.port).collect();
-    assert_eq!(ports, [4143, 4191]);
+    // The tunnel port and nothing else: the admin port's /metrics and /config are
+    // not for whoever reaches the load balancer.
+    let ports = spec.ports.unwrap();
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    assert_eq!(ports[0].port, 4143);
+    assert_eq!(ports[0].name.as_deref(), Some("isthmus-tunnel"));
+    assert_eq!(
+        ports[0].target_port,
+        Some(
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                "isthmus-tunnel".to_owned()
+            )
+        )
+    );
 
     let gw: Deployment = parse(find(&docs, "Deployment", "isthmus-gateway"));
     let gw = gw.spec.unwrap();
@@ -236,16 +257,14 @@ fn the_gateway_is_exposed_with_its_identity_and_the_settings_name_it() {
         .into_iter()
         .find(|v| v.name == "isthmus-identity")
         .unwrap();
-    assert_eq!(
-        identity.secret.unwrap().secret_name.as_deref(),
-        Some("isthmus-gateway-identity")
-    );
-
-    let cert = find(&docs, "Certificate", "isthmus-gateway");
-    assert_eq!(cert["spec"]["secretName"], "isthmus-gateway-identity");
-    assert_eq!(
-        cert["spec"]["uris"][0],
-        "spiffe://mesh.example/ns/isthmus-system/sa/isthmus-gateway"
+    // The gateway's identity follows from its ServiceAccount (csi-driver-spiffe):
+    // no Secret holds it, and no Certificate names it.
+    assert!(identity.secret.is_none());
+    assert_eq!(identity.csi.unwrap().driver, "spiffe.csi.cert-manager.io");
+    assert!(!docs.iter().any(|d| d["kind"] == "Certificate"));
+    assert!(
+        text.contains("--set app.trustDomain=mesh.example"),
+        "the header says how to configure the driver"
     );
     let settings = find(&docs, "ClusterSettings", "cluster-b");
     assert_eq!(settings["spec"]["gateway"]["address"], "10.96.0.43");
@@ -269,10 +288,8 @@ fn the_gateway_is_exposed_with_its_identity_and_the_settings_name_it() {
     );
 }
 
-#[test]
-fn the_link_reader_reads_what_a_linked_controller_needs_and_nothing_else() {
-    let docs = docs(&install(&["--cluster", "cluster-a"]));
-    let role: ClusterRole = parse(find(&docs, "ClusterRole", "isthmus-link-reader"));
+/// Every (group, resource, verb) a ClusterRole grants, sorted.
+fn grants(role: ClusterRole) -> Vec<(String, String, String)> {
     let mut grants: Vec<(String, String, String)> = Vec::new();
     for rule in role.rules.unwrap() {
         assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
@@ -285,6 +302,136 @@ fn the_link_reader_reads_what_a_linked_controller_needs_and_nothing_else() {
         }
     }
     grants.sort();
+    grants
+}
+
+/// The API calls the gateway makes through `--discovery kube`, and only those:
+/// keep in step with the gateway's reflectors (proxy-discovery's kube source).
+#[test]
+fn the_gateway_reads_what_it_routes_by_and_pod_metadata_and_nothing_else() {
+    let docs = docs(&install(&["--cluster", "cluster-a"]));
+    let role: ClusterRole = parse(find(&docs, "ClusterRole", "isthmus-gateway"));
+    let mut expected: Vec<(String, String, String)> = [
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+        // Whether an endpoint is meshed is read from its pod, never probed.
+        ("", "pods"),
+        ("multicluster.isthmus.io", "links"),
+        ("multicluster.isthmus.io", "clustersettings"),
+    ]
+    .iter()
+    .flat_map(|(g, r)| {
+        ["get", "list", "watch"].map(|v| ((*g).to_owned(), (*r).to_owned(), v.to_owned()))
+    })
+    .collect();
+    expected.sort();
+    assert_eq!(grants(role), expected);
+    let binding: ClusterRoleBinding = parse(find(&docs, "ClusterRoleBinding", "isthmus-gateway"));
+    assert_eq!(binding.role_ref.name, "isthmus-gateway");
+    let subjects = binding.subjects.unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(
+        (subjects[0].name.as_str(), subjects[0].namespace.as_deref()),
+        ("isthmus-gateway", Some("isthmus-system"))
+    );
+}
+
+/// Every pod spec in `docs`, named.
+fn pod_specs(docs: &[Value]) -> Vec<(String, k8s_openapi::api::core::v1::PodSpec)> {
+    docs.iter()
+        .filter(|d| d["kind"] == "Deployment")
+        .map(|d| {
+            let deployment: Deployment = parse(d);
+            (
+                deployment.metadata.name.clone().unwrap(),
+                deployment.spec.unwrap().template.spec.unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Identities on a real cluster come from csi-driver-spiffe, which issues a pod
+/// its own ServiceAccount's SPIFFE ID only: no generic cert-manager CSI volume and
+/// no Certificate (which anyone allowed to create Certificates could copy, and
+/// whose Secret anyone allowed to read Secrets could take) names one.
+#[test]
+fn identities_come_from_csi_driver_spiffe_only() {
+    let mut texts: Vec<String> = EXAMPLES
+        .iter()
+        .map(|(file, _)| std::fs::read_to_string(repo().join(file)).unwrap())
+        .collect();
+    texts.push(install(&[
+        "--cluster",
+        "cluster-c",
+        "--trust-domain",
+        "mesh.example",
+    ]));
+    for text in &texts {
+        let docs = docs(text);
+        assert!(!docs.iter().any(|d| d["kind"] == "Certificate"));
+        assert!(
+            !text
+                .replace("spiffe.csi.cert-manager.io", "")
+                .contains("csi.cert-manager.io"),
+            "a generic cert-manager CSI volume or attribute"
+        );
+        let mut identity_volumes = 0;
+        for (name, spec) in pod_specs(&docs) {
+            for volume in spec.volumes.unwrap_or_default() {
+                assert!(
+                    volume.secret.is_none() || volume.name != "isthmus-identity",
+                    "{name}: identity from a Secret"
+                );
+                if let Some(csi) = volume.csi {
+                    assert_eq!(csi.driver, "spiffe.csi.cert-manager.io", "{name}");
+                    assert_eq!(
+                        csi.volume_attributes.unwrap_or_default(),
+                        [(
+                            "spiffe.csi.cert-manager.io/fs-group".to_owned(),
+                            "2102".to_owned()
+                        )]
+                        .into(),
+                        "{name}: the volume names nothing but the files' group"
+                    );
+                    identity_volumes += 1;
+                }
+            }
+        }
+        assert_eq!(identity_volumes, 1, "the gateway's");
+        // The driver creates the gateway's CertificateRequest with the gateway's own
+        // token: its ServiceAccount may create them in its namespace, and no more.
+        let role: ClusterRole = parse(find(&docs, "ClusterRole", "isthmus-identity-requester"));
+        assert_eq!(
+            grants(role),
+            [(
+                "cert-manager.io".to_owned(),
+                "certificaterequests".to_owned(),
+                "create".to_owned()
+            )]
+        );
+        let binding: k8s_openapi::api::rbac::v1::RoleBinding =
+            parse(find(&docs, "RoleBinding", "isthmus-identity-requester"));
+        assert_eq!(
+            binding.metadata.namespace.as_deref(),
+            Some("isthmus-system")
+        );
+        let subjects = binding.subjects.unwrap();
+        assert_eq!(subjects.len(), 1);
+        assert_eq!(subjects[0].name, "isthmus-gateway");
+        // How cert-manager must run for the driver's approver to be the only one.
+        assert!(
+            text.contains("--controllers=*\\,-certificaterequests-approver")
+                && text.contains("--set app.issuer.name=isthmus-issuer"),
+            "the header names the approver set-up"
+        );
+    }
+}
+
+#[test]
+fn the_link_reader_reads_what_a_linked_controller_needs_and_nothing_else() {
+    let docs = docs(&install(&["--cluster", "cluster-a"]));
+    let role: ClusterRole = parse(find(&docs, "ClusterRole", "isthmus-link-reader"));
+    let grants = grants(role);
     let expected: Vec<(String, String, String)> = [
         ("", "services", "get"),
         ("", "services", "list"),
@@ -375,6 +522,17 @@ fn an_issuer_directory_becomes_the_cluster_issuer_secret() {
     assert_eq!(
         pem("ca.crt"),
         std::fs::read_to_string(anchor.join("ca.crt")).unwrap()
+    );
+    // The anchors alone, for csi-driver-spiffe's ca.crt: the driver runs on every
+    // node, and must not hold the issuer's key.
+    let anchors: ConfigMap = parse(find(&docs, "ConfigMap", "isthmus-trust-anchors"));
+    assert_eq!(anchors.metadata.namespace.as_deref(), Some("cert-manager"));
+    let data = anchors.data.unwrap();
+    assert_eq!(data.len(), 1);
+    assert_eq!(data["ca.crt"], pem("ca.crt"));
+    assert!(
+        !text.contains("PRIVATE KEY"),
+        "the key travels base64 in the Secret only"
     );
     check_types(&text);
 
