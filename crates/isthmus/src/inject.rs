@@ -13,10 +13,18 @@
 //!   application's containers start, and it does not keep a Job from completing;
 //!
 //! and the volumes they read: the workload identity (`tls.crt`, `tls.key`, `ca.crt`)
-//! from cert-manager's CSI driver, issued by the `ClusterIssuer` that `isthmus install`
-//! renders, for `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`; and the
-//! discovery ConfigMap the controller publishes, mounted as the proxy's `--manifests`
-//! directory.
+//! from cert-manager's csi-driver-spiffe (driver `spiffe.csi.cert-manager.io`),
+//! which issues each pod exactly its ServiceAccount's SPIFFE ID,
+//! `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`, through the
+//! `ClusterIssuer` that `isthmus install` renders: the volume names no identity,
+//! so a manifest cannot ask for another one; and the discovery ConfigMap the
+//! controller publishes, mounted as the proxy's `--manifests` directory.
+//!
+//! The pod template is labelled `isthmus.io/meshed: "true"`: gateways learn from
+//! it that the pod's endpoints are reached through its sidecar, and never send
+//! them plaintext. A pod annotated `isthmus.io/inbound-loopback: "true"` has its
+//! sidecar deliver inbound connections to `127.0.0.1` (for applications that
+//! listen on loopback only) instead of the pod's own address.
 //!
 //! Objects of other kinds are passed through as parsed (comments are not kept). A
 //! workload annotated `isthmus.io/inject: disabled` (on the object or its pod
@@ -69,8 +77,14 @@ pub const DISCOVERY_VOLUME: &str = "isthmus-discovery";
 /// there, and the rest of the init container's file system is read-only.
 pub const INIT_RUN_VOLUME: &str = "isthmus-init-run";
 
-/// The CSI driver of cert-manager that mints a certificate per pod.
-pub const CSI_DRIVER: &str = "csi.cert-manager.io";
+/// Pod label telling gateways that the pod's endpoints are meshed.
+pub const MESHED_LABEL: &str = "isthmus.io/meshed";
+/// Pod annotation opting in to inbound delivery on loopback (`"true"`); the
+/// default is the pod's own address, so listeners bound to loopback only stay
+/// out of the mesh's reach.
+pub const INBOUND_LOOPBACK_ANNOTATION: &str = "isthmus.io/inbound-loopback";
+/// The proxy's variable for that opt-in (its `--inbound-loopback`).
+pub const INBOUND_LOOPBACK_ENV: &str = "ISTHMUS_INBOUND_LOOPBACK";
 
 /// `isthmus inject`.
 #[derive(Debug, Args)]
@@ -87,9 +101,6 @@ pub struct InjectArgs {
     /// The image holding isthmus-init and isthmus-proxy.
     #[arg(long, default_value_t = install::default_image())]
     pub image: String,
-    /// The SPIFFE trust domain of the workload identities.
-    #[arg(long, default_value = install::DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
 }
 
 /// What [`inject_text`] needs to know about the installed mesh.
@@ -99,8 +110,6 @@ pub struct Options {
     pub cluster: String,
     /// The image of both added containers.
     pub image: String,
-    /// The trust domain of the pod identities.
-    pub trust_domain: String,
 }
 
 /// What happened to one object.
@@ -172,6 +181,16 @@ pub enum InjectError {
         #[source]
         source: iptables_init::config::ParseError,
     },
+    /// An annotation's value is neither `"true"` nor `"false"`.
+    #[error(
+        "{object} (document {document}): annotation {annotation} is {value:?}, not \"true\" or \"false\""
+    )]
+    NotBoolean {
+        object: String,
+        document: usize,
+        annotation: &'static str,
+        value: String,
+    },
     /// The result could not be written as YAML.
     #[error("writing document {document} as YAML")]
     Write {
@@ -203,8 +222,6 @@ impl Injected {
 pub fn run(args: InjectArgs) -> Result<bool> {
     proxy_discovery::ClusterName::parse(&args.cluster)
         .map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
-    proxy_identity::TrustDomain::parse(&args.trust_domain)
-        .map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
     let from_stdin = args.input.as_os_str() == "-";
     if from_stdin && args.in_place {
         anyhow::bail!("--in-place needs a file, not `-` (stdin)");
@@ -227,7 +244,6 @@ pub fn run(args: InjectArgs) -> Result<bool> {
     let options = Options {
         cluster: args.cluster,
         image: args.image,
-        trust_domain: args.trust_domain,
     };
     let injected = inject_text(&input, &options).with_context(|| format!("injecting {source}"))?;
     for report in &injected.reports {
@@ -387,12 +403,25 @@ fn inject_workload(
     };
     let skip_inbound = ports(SKIP_INBOUND_ANNOTATION)?;
     let skip_outbound = ports(SKIP_OUTBOUND_ANNOTATION)?;
+    let inbound_loopback = match annotation(template, &["metadata"], INBOUND_LOOPBACK_ANNOTATION) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(InjectError::NotBoolean {
+                object: object.to_owned(),
+                document,
+                annotation: INBOUND_LOOPBACK_ANNOTATION,
+                value: other.to_owned(),
+            });
+        }
+    };
     let init = init_container(options, &skip_inbound, &skip_outbound);
-    let proxy = proxy_container(options);
+    let proxy = proxy_container(options, inbound_loopback);
     let Some(template_map) = template.as_mapping_mut() else {
         return Err(invalid_shape(object, document, kind, path));
     };
     let metadata = child_mapping(template_map, "metadata");
+    child_mapping(metadata, "labels").insert(Value::from(MESHED_LABEL), Value::from("true"));
     let annotations = child_mapping(metadata, "annotations");
     annotations.insert(
         Value::from(INJECTED_ANNOTATION),
@@ -403,7 +432,7 @@ fn inject_workload(
     inits.insert(0, to_value(&proxy));
     inits.insert(0, to_value(&init));
     let volumes = child_sequence(spec, "volumes");
-    volumes.extend(pod_volumes(options));
+    volumes.extend(pod_volumes());
     Ok(Outcome::Injected)
 }
 
@@ -602,8 +631,22 @@ fn env(name: &str, value: &str) -> EnvVar {
 }
 
 /// The sidecar: `isthmus-proxy sidecar` as a native sidecar, configured through the
-/// `ISTHMUS_*` environment of `isthmus-proxy`.
-pub fn proxy_container(options: &Options) -> Container {
+/// `ISTHMUS_*` environment of `isthmus-proxy`; with `inbound_loopback` it delivers
+/// inbound connections to loopback rather than the pod's own address.
+pub fn proxy_container(options: &Options, inbound_loopback: bool) -> Container {
+    let mut env_vars = vec![
+        env("ISTHMUS_CLUSTER", &options.cluster),
+        env("ISTHMUS_IDENTITY_DIR", install::IDENTITY_MOUNT),
+        env("ISTHMUS_MANIFESTS", install::DISCOVERY_MOUNT),
+        env(
+            "ISTHMUS_ADMIN_ADDR",
+            &format!("0.0.0.0:{DEFAULT_ADMIN_PORT}"),
+        ),
+        env("ISTHMUS_LOG_FORMAT", "json"),
+    ];
+    if inbound_loopback {
+        env_vars.push(env(INBOUND_LOOPBACK_ENV, "true"));
+    }
     Container {
         name: PROXY_CONTAINER.to_owned(),
         image: Some(options.image.clone()),
@@ -612,16 +655,7 @@ pub fn proxy_container(options: &Options) -> Container {
         args: Some(vec!["sidecar".to_owned()]),
         // A native sidecar: started before the app and kept running beside it.
         restart_policy: Some("Always".to_owned()),
-        env: Some(vec![
-            env("ISTHMUS_CLUSTER", &options.cluster),
-            env("ISTHMUS_IDENTITY_DIR", install::IDENTITY_MOUNT),
-            env("ISTHMUS_MANIFESTS", install::DISCOVERY_MOUNT),
-            env(
-                "ISTHMUS_ADMIN_ADDR",
-                &format!("0.0.0.0:{DEFAULT_ADMIN_PORT}"),
-            ),
-            env("ISTHMUS_LOG_FORMAT", "json"),
-        ]),
+        env: Some(env_vars),
         ports: Some(vec![
             ContainerPort {
                 name: Some(install::TUNNEL_PORT_NAME.to_owned()),
@@ -662,40 +696,8 @@ pub fn proxy_container(options: &Options) -> Container {
 }
 
 /// The volumes the two containers mount.
-fn pod_volumes(options: &Options) -> Vec<Value> {
-    use k8s_openapi::api::core::v1::{
-        CSIVolumeSource, ConfigMapVolumeSource, EmptyDirVolumeSource, Volume,
-    };
-    let attributes = [
-        ("csi.cert-manager.io/issuer-name", install::CLUSTER_ISSUER),
-        ("csi.cert-manager.io/issuer-kind", "ClusterIssuer"),
-        ("csi.cert-manager.io/issuer-group", "cert-manager.io"),
-        // The driver fills in the pod's namespace and service account.
-        (
-            "csi.cert-manager.io/uri-sans",
-            &format!(
-                "spiffe://{}/ns/${{POD_NAMESPACE}}/sa/${{SERVICE_ACCOUNT_NAME}}",
-                options.trust_domain
-            ),
-        ),
-        (
-            "csi.cert-manager.io/common-name",
-            "${SERVICE_ACCOUNT_NAME}.${POD_NAMESPACE}",
-        ),
-        (
-            "csi.cert-manager.io/key-usages",
-            "digital signature,key encipherment,server auth,client auth",
-        ),
-        ("csi.cert-manager.io/duration", "24h"),
-        // Readable by the proxy's group only.
-        (
-            "csi.cert-manager.io/fs-group",
-            &DEFAULT_PROXY_UID.to_string(),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+fn pod_volumes() -> Vec<Value> {
+    use k8s_openapi::api::core::v1::{ConfigMapVolumeSource, EmptyDirVolumeSource, Volume};
     let volumes = [
         Volume {
             name: INIT_RUN_VOLUME.to_owned(),
@@ -705,16 +707,8 @@ fn pod_volumes(options: &Options) -> Vec<Value> {
             }),
             ..Volume::default()
         },
-        Volume {
-            name: IDENTITY_VOLUME.to_owned(),
-            csi: Some(CSIVolumeSource {
-                driver: CSI_DRIVER.to_owned(),
-                read_only: Some(true),
-                volume_attributes: Some(attributes),
-                ..CSIVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
+        // Readable by the proxy's group only.
+        install::identity_volume(IDENTITY_VOLUME, DEFAULT_PROXY_UID),
         Volume {
             name: DISCOVERY_VOLUME.to_owned(),
             config_map: Some(ConfigMapVolumeSource {

@@ -1,6 +1,8 @@
 //! `isthmus inject` end to end through the binary: every workload kind, several
-//! documents, idempotence, what is left alone and what is refused, and the seed's
-//! manifests injected and read back as their k8s-openapi types.
+//! documents, idempotence, what is left alone and what is refused, the seed's
+//! manifests injected and read back as their k8s-openapi types (strictly: nothing
+//! kubectl would drop or refuse), identities from csi-driver-spiffe only, the
+//! meshed label, and inbound delivery on loopback only for pods that opt in.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,6 +13,7 @@ use std::process::{Command, Output, Stdio};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_yaml_ng::Value;
 
 /// Runs `isthmus inject ARGS` with `stdin`, in a clean environment.
@@ -108,13 +111,39 @@ fn every_kind() -> String {
     text
 }
 
+/// Parses `value` as `T` the way kubectl would read it: the typed object written
+/// back must be the same document, so no field is unknown to the type (k8s-openapi
+/// skips unknown fields, and an API server would drop or refuse them), and the
+/// YAML has no duplicate key.
+fn strict<T: serde::de::DeserializeOwned + serde::Serialize>(value: &Value, what: &str) -> T {
+    let text = serde_yaml_ng::to_string(value).unwrap();
+    let typed: T = serde_yaml_ng::from_str(&text)
+        .unwrap_or_else(|e| panic!("{what} does not parse as its type: {e}"));
+    let back = serde_json::to_value(&typed).unwrap();
+    let original: serde_json::Value = serde_yaml_ng::from_value(value.clone()).unwrap();
+    assert_eq!(
+        back, original,
+        "{what}: a field is unknown to its type, or written differently"
+    );
+    typed
+}
+
 /// The pod spec of an injected workload, checked for everything the mesh adds.
-fn check_pod(
-    spec: &PodSpec,
-    annotations: Option<&std::collections::BTreeMap<String, String>>,
-    what: &str,
-) {
-    let annotations = annotations.unwrap_or_else(|| panic!("{what}: no annotations"));
+fn check_pod(spec: &PodSpec, metadata: Option<&ObjectMeta>, what: &str) {
+    let metadata = metadata.unwrap_or_else(|| panic!("{what}: no metadata"));
+    assert_eq!(
+        metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("isthmus.io/meshed"))
+            .map(String::as_str),
+        Some("true"),
+        "{what}: not labelled meshed"
+    );
+    let annotations = metadata
+        .annotations
+        .as_ref()
+        .unwrap_or_else(|| panic!("{what}: no annotations"));
     assert_eq!(
         annotations.get("isthmus.io/injected").map(String::as_str),
         Some(env!("CARGO_PKG_VERSION")),
@@ -161,6 +190,11 @@ fn check_pod(
     assert_eq!(env["ISTHMUS_CLUSTER"], "cluster-b");
     assert_eq!(env["ISTHMUS_IDENTITY_DIR"], "/var/run/isthmus/identity");
     assert_eq!(env["ISTHMUS_MANIFESTS"], "/var/run/isthmus/discovery");
+    // Delivery to the pod's own address unless the pod opts in.
+    assert!(
+        !env.contains_key("ISTHMUS_INBOUND_LOOPBACK"),
+        "{what}: loopback delivery without the annotation"
+    );
     let ports: Vec<(Option<&str>, i32)> = proxy
         .ports
         .as_ref()
@@ -194,11 +228,28 @@ fn check_pod(
         .find(|v| v.name == "isthmus-identity")
         .unwrap();
     let csi = identity.csi.as_ref().unwrap();
-    assert_eq!(csi.driver, "csi.cert-manager.io");
+    // csi-driver-spiffe derives the identity from the pod's ServiceAccount: the
+    // volume names none, so a manifest cannot ask for someone else's.
+    assert_eq!(csi.driver, "spiffe.csi.cert-manager.io", "{what}");
+    assert_eq!(csi.read_only, Some(true), "{what}");
     assert_eq!(
-        csi.volume_attributes.as_ref().unwrap()["csi.cert-manager.io/uri-sans"],
-        "spiffe://cluster.local/ns/${POD_NAMESPACE}/sa/${SERVICE_ACCOUNT_NAME}"
+        csi.volume_attributes.clone().unwrap_or_default(),
+        [(
+            "spiffe.csi.cert-manager.io/fs-group".to_owned(),
+            "2102".to_owned()
+        )]
+        .into(),
+        "{what}"
     );
+    for volume in volumes {
+        if let Some(csi) = &volume.csi {
+            assert_eq!(
+                csi.driver, "spiffe.csi.cert-manager.io",
+                "{what}: volume {}",
+                volume.name
+            );
+        }
+    }
     let discovery = volumes
         .iter()
         .find(|v| v.name == "isthmus-discovery")
@@ -218,11 +269,7 @@ fn check_pod(
 }
 
 fn template_of(t: &PodTemplateSpec, what: &str) {
-    check_pod(
-        t.spec.as_ref().unwrap(),
-        t.metadata.as_ref().unwrap().annotations.as_ref(),
-        what,
-    );
+    check_pod(t.spec.as_ref().unwrap(), t.metadata.as_ref(), what);
     // The app's own containers stay, after the mesh's.
     let spec = t.spec.as_ref().unwrap();
     assert_eq!(spec.containers[0].name, "web", "{what}");
@@ -241,26 +288,28 @@ fn every_workload_kind_is_injected_and_other_objects_are_left_alone() {
     let after = docs(&out);
     assert_eq!(before.len(), after.len());
 
-    let pod: Pod = serde_yaml_ng::from_value(after[0].clone()).unwrap();
-    check_pod(
-        pod.spec.as_ref().unwrap(),
-        pod.metadata.annotations.as_ref(),
-        "Pod",
-    );
-    let d: Deployment = serde_yaml_ng::from_value(after[1].clone()).unwrap();
+    let pod: Pod = strict(&after[0], "Pod");
+    check_pod(pod.spec.as_ref().unwrap(), Some(&pod.metadata), "Pod");
+    let d: Deployment = strict(&after[1], "Deployment");
     template_of(&d.spec.unwrap().template, "Deployment");
-    let s: StatefulSet = serde_yaml_ng::from_value(after[2].clone()).unwrap();
+    let s: StatefulSet = strict(&after[2], "StatefulSet");
     template_of(&s.spec.unwrap().template, "StatefulSet");
-    let ds: DaemonSet = serde_yaml_ng::from_value(after[3].clone()).unwrap();
+    let ds: DaemonSet = strict(&after[3], "DaemonSet");
     template_of(&ds.spec.unwrap().template, "DaemonSet");
-    let rs: ReplicaSet = serde_yaml_ng::from_value(after[4].clone()).unwrap();
+    let rs: ReplicaSet = strict(&after[4], "ReplicaSet");
     template_of(&rs.spec.unwrap().template.unwrap(), "ReplicaSet");
-    let job: Job = serde_yaml_ng::from_value(after[5].clone()).unwrap();
+    let job: Job = strict(&after[5], "Job");
     template_of(&job.spec.unwrap().template, "Job");
-    let cron: CronJob = serde_yaml_ng::from_value(after[6].clone()).unwrap();
+    let cron: CronJob = strict(&after[6], "CronJob");
     template_of(
         &cron.spec.unwrap().job_template.spec.unwrap().template,
         "CronJob",
+    );
+    // No generic cert-manager CSI volume, whose attributes name any SPIFFE ID.
+    assert!(
+        !out.replace("spiffe.csi.cert-manager.io", "")
+            .contains("csi.cert-manager.io"),
+        "{out}"
     );
     // Non-workloads round-trip to the same values.
     assert_eq!(before[7], after[7]);
@@ -286,6 +335,82 @@ fn injecting_twice_changes_nothing() {
         "{stderr}"
     );
     assert!(!stderr.contains(" injected\n"), "{stderr}");
+}
+
+/// The sidecar's environment in the first document of injected `text`.
+fn proxy_env(text: &str) -> std::collections::BTreeMap<String, String> {
+    let value = &docs(text)[0];
+    let spec = match value["kind"].as_str().unwrap() {
+        "Pod" => strict::<Pod>(value, "Pod").spec.unwrap(),
+        _ => strict::<Deployment>(value, "Deployment")
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap(),
+    };
+    let inits = spec.init_containers.unwrap();
+    assert!(
+        inits[0].env.is_none(),
+        "isthmus-init gets no proxy environment"
+    );
+    inits[1]
+        .env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.value.unwrap()))
+        .collect()
+}
+
+#[test]
+fn inbound_loopback_is_set_only_for_pods_that_opt_in() {
+    let pod = |annotations: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: debug\n  namespace: apps\n  annotations: {{{annotations}}}\nspec:\n  containers:\n  - name: a\n    image: a\n"
+        )
+    };
+    let deployment = |annotations: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\n  annotations: {{isthmus.io/inbound-loopback: 'true'}}\nspec:\n  selector:\n    matchLabels: {{a: b}}\n  template:\n    metadata:\n      labels: {{a: b}}\n      annotations: {{{annotations}}}\n    spec:\n      containers:\n      - name: a\n        image: a\n"
+        )
+    };
+    for (input, expected) in [
+        (pod(""), None),
+        (pod("other: 'true'"), None),
+        (pod("isthmus.io/inbound-loopback: 'false'"), None),
+        (pod("isthmus.io/inbound-loopback: 'true'"), Some("true")),
+        (
+            deployment("isthmus.io/inbound-loopback: 'true'"),
+            Some("true"),
+        ),
+        // The pod's annotations count, not the Deployment's own.
+        (deployment(""), None),
+    ] {
+        let (out, _) = inject_ok(&input);
+        let env = proxy_env(&out);
+        assert_eq!(
+            env.get("ISTHMUS_INBOUND_LOOPBACK").map(String::as_str),
+            expected,
+            "{input}"
+        );
+        assert_eq!(env["ISTHMUS_CLUSTER"], "cluster-b");
+        // The opt-in survives a second injection unchanged.
+        assert_eq!(inject_ok(&out).0, out, "{input}");
+    }
+    let out = inject(&["-"], &pod("isthmus.io/inbound-loopback: 'yes'"));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "nothing is written on a bad annotation"
+    );
+    assert!(
+        stderr.contains("Pod apps/debug")
+            && stderr.contains("isthmus.io/inbound-loopback")
+            && stderr.contains("\"yes\""),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -333,11 +458,7 @@ spec:
         "the refused object must pass unchanged"
     );
     let pod: Pod = serde_yaml_ng::from_value(out[1].clone()).unwrap();
-    check_pod(
-        pod.spec.as_ref().unwrap(),
-        pod.metadata.annotations.as_ref(),
-        "Pod",
-    );
+    check_pod(pod.spec.as_ref().unwrap(), Some(&pod.metadata), "Pod");
 }
 
 #[test]
@@ -429,7 +550,7 @@ fn lists_and_in_place_files() {
     let pod: Pod = serde_yaml_ng::from_value(value["items"][0].clone()).unwrap();
     check_pod(
         pod.spec.as_ref().unwrap(),
-        pod.metadata.annotations.as_ref(),
+        Some(&pod.metadata),
         "Pod in a List",
     );
     assert_eq!(value["items"][1], docs(list)[0]["items"][1]);
@@ -459,11 +580,11 @@ fn the_seed_is_injected_and_parses_back() {
         for (before, after) in docs(&input).into_iter().zip(docs(&text)) {
             match after["kind"].as_str().unwrap() {
                 "Deployment" => {
-                    let d: Deployment = serde_yaml_ng::from_value(after).unwrap();
+                    let d: Deployment = strict(&after, file);
                     let template = d.spec.unwrap().template;
                     check_pod(
                         template.spec.as_ref().unwrap(),
-                        template.metadata.as_ref().unwrap().annotations.as_ref(),
+                        template.metadata.as_ref(),
                         file,
                     );
                 }
