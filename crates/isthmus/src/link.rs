@@ -6,8 +6,10 @@
 //!   `isthmus install` created (get, list and watch of Services and EndpointSlices,
 //!   list of ClusterSettings for the exported namespaces, nothing more);
 //! - the `Link` naming the cluster, its gateway's address (the LoadBalancer's, or
-//!   `--gateway-address`), tunnel and probe ports, the identity the gateway must
-//!   present, and that Secret.
+//!   `--gateway-address`), its tunnel port, the identity the gateway must present,
+//!   and that Secret. The gateway's LoadBalancer exposes the tunnel port only, so
+//!   the Link's probe names that port too: a peer learns that the gateway is alive
+//!   over the mTLS tunnel, never through its admin port.
 //!
 //! It only reads the exporting cluster: the ServiceAccount, its token Secret and
 //! the gateway Service come from the install. This module also owns how every
@@ -120,10 +122,8 @@ pub struct LinkInput {
     pub namespace: String,
     /// Where the other cluster reaches the gateway.
     pub gateway_address: GatewayAddress,
-    /// The gateway's tunnel port.
+    /// The gateway's tunnel port (also what the Link's probe names).
     pub gateway_port: u16,
-    /// The gateway's probe (admin) port.
-    pub probe_port: u16,
     /// The identity the gateway must present.
     pub gateway_identity: SpiffeUri,
     /// The API server URL written into the kubeconfig.
@@ -175,8 +175,6 @@ pub async fn read(args: &LinkArgs) -> Result<LinkInput> {
         .gateway_port
         .or_else(|| port_named(install::TUNNEL_PORT_NAME))
         .unwrap_or(proxy_discovery::model::DEFAULT_GATEWAY_PORT);
-    let probe_port =
-        port_named(install::ADMIN_PORT_NAME).unwrap_or(proxy_discovery::model::DEFAULT_PROBE_PORT);
     let address = match &args.gateway_address {
         Some(a) => a.clone(),
         None => load_balancer_address(&gateway).with_context(|| {
@@ -239,7 +237,6 @@ pub async fn read(args: &LinkArgs) -> Result<LinkInput> {
         namespace: ns.clone(),
         gateway_address,
         gateway_port,
-        probe_port,
         gateway_identity,
         api_server,
         token,
@@ -321,8 +318,9 @@ pub fn render(input: &LinkInput) -> Result<String> {
                 gateway_address: input.gateway_address.clone(),
                 gateway_port: input.gateway_port,
                 gateway_identity: input.gateway_identity.clone(),
+                // The tunnel port: the admin port is not on the LoadBalancer.
                 probe_spec: ProbeSpec {
-                    port: input.probe_port,
+                    port: input.gateway_port,
                     ..ProbeSpec::default()
                 },
             },

@@ -1,7 +1,8 @@
 //! `isthmus link` against the in-memory API server holding what `isthmus install`
 //! rendered: the printed Secret's kubeconfig reaches that API server with the link
-//! reader's token, the Link names the gateway, and what is missing is named with
-//! what to do.
+//! reader's token, the Link names the gateway and probes it on the tunnel port
+//! (never the admin port, which is not on the LoadBalancer), and what is missing is
+//! named with what to do.
 
 #![allow(clippy::unwrap_used)]
 
@@ -144,7 +145,8 @@ async fn link_prints_a_working_kubeconfig_and_the_link() {
     assert_eq!(spec.link.target_cluster_name.as_str(), "cluster-a");
     assert_eq!(spec.link.gateway_address.as_str(), "198.18.7.1");
     assert_eq!(spec.link.gateway_port, 4143);
-    assert_eq!(spec.link.probe_spec.port, 4191);
+    // The only port of the gateway's LoadBalancer.
+    assert_eq!(spec.link.probe_spec.port, 4143);
     assert_eq!(
         spec.link.gateway_identity.as_str(),
         "spiffe://cluster.local/ns/isthmus-system/sa/isthmus-gateway"
@@ -203,6 +205,35 @@ async fn link_prints_a_working_kubeconfig_and_the_link() {
         "{text}"
     );
     assert!(!String::from_utf8_lossy(&out.stderr).contains("--api-server"));
+
+    // A gateway Service of an older install still lists the admin port: the Link
+    // probes the tunnel port all the same, and follows the tunnel port it is given.
+    let mut svc: Value = server
+        .store()
+        .get_value("v1", "Service", Some("isthmus-system"), "isthmus-gateway")
+        .unwrap();
+    svc["spec"]["ports"] = json!([
+        {"name": "isthmus-tunnel", "port": 14143, "targetPort": "isthmus-tunnel", "protocol": "TCP"},
+        {"name": "isthmus-admin", "port": 4191, "targetPort": "isthmus-admin", "protocol": "TCP"},
+    ]);
+    server.store().put_value(svc).unwrap();
+    for (extra, port) in [(None, 14143), (Some("4243"), 4243)] {
+        let mut args = vec![
+            "link",
+            "--cluster",
+            "cluster-a",
+            "--kubeconfig",
+            &kubeconfig,
+        ];
+        args.extend(extra.iter().flat_map(|p| ["--gateway-port", p]));
+        let out = isthmus(&args).await;
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let link = text.split("---\n").nth(1).unwrap();
+        let link: LinkResource = serde_yaml_ng::from_str(link).unwrap();
+        assert_eq!(link.spec.link.gateway_port, port);
+        assert_eq!(link.spec.link.probe_spec.port, port, "{extra:?}");
+    }
 }
 
 #[tokio::test]
