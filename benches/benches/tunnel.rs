@@ -27,7 +27,7 @@ use proxy_core::addr::FixedOrigDst;
 use proxy_core::detect::DetectConfig;
 use proxy_core::forward::ForwardConfig;
 use proxy_core::http::{HttpProxy, HttpSettings};
-use proxy_core::inbound::{Inbound, InboundConfig, LocalDelivery};
+use proxy_core::inbound::{AppAddress, Inbound, InboundConfig, LocalDelivery};
 use proxy_core::listen::{self, ListenConfig};
 use proxy_core::metrics::{Direction, ProxyMetrics};
 use proxy_core::pool::{PeerConfig, Pool};
@@ -87,7 +87,8 @@ async fn inbound(gateway: Arc<CredentialStore>, shutdown: watch::Receiver<bool>)
     let connect_timeout = Duration::from_secs(5);
     let tunnel = TunnelServer::new(
         Arc::new(LocalDelivery {
-            app_ip: Ipv4Addr::LOCALHOST.into(),
+            // Connections arrive on 127.0.0.1: the pod's address here.
+            app: AppAddress::Pod,
             connect_timeout,
             proxy_ports: HashSet::from([addr.port()]),
         }),
@@ -114,6 +115,7 @@ async fn inbound(gateway: Arc<CredentialStore>, shutdown: watch::Receiver<bool>)
             forward: forward.clone(),
             proxy_ports: HashSet::from([addr.port()]),
             tls_handshake_timeout: connect_timeout,
+            app: AppAddress::Pod,
         },
         http: HttpProxy {
             metrics: metrics.clone(),

@@ -105,6 +105,15 @@ impl Sidecar {
             Fam::V6 => &["--ipv6"],
         };
         pod.exec(init.to_str().unwrap(), init_args).unwrap();
+        if fam == Fam::V6 {
+            // The sidecar delivers inbound traffic from ::6, which IPv6 (unlike
+            // IPv4's 127.0.0.0/8) does not have on lo by itself.
+            pod.exec(
+                "ip",
+                &["-6", "addr", "add", "::6/128", "dev", "lo", "nodad"],
+            )
+            .unwrap();
+        }
 
         let dir = tempfile::Builder::new()
             .prefix("isthmus-sidecar")
@@ -945,9 +954,14 @@ fn inbound_plain_tcp_reaches_the_app_through_the_sidecar(fam: Fam) {
         r#"app got "from outside""#
     );
     let peer = join_within(app_side, WAIT, "the app");
-    assert!(
-        peer.ip().is_loopback(),
-        "the app is reached by the sidecar over loopback, got {peer}"
+    let inbound_source: IpAddr = match fam {
+        Fam::V4 => "127.0.0.6".parse().unwrap(),
+        Fam::V6 => "::6".parse().unwrap(),
+    };
+    assert_eq!(
+        peer.ip(),
+        inbound_source,
+        "the app is reached by the sidecar from its inbound source"
     );
     let m = s.metrics();
     assert_eq!(

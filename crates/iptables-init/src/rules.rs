@@ -46,8 +46,10 @@
 //!   inbound connection, with its original destination intact. The jump returns into
 //!   `ISTHMUS_OUTPUT` for skipped inbound ports, and rule 4 then lets it through.
 //! - The proxy's inbound side therefore must not reach the app by dialling the pod IP
-//!   from the pod IP, or rule 2 would send it back to itself: it binds the source
-//!   `127.0.0.6` (IPv6: `::6`), which rule 1 lets through, or dials `127.0.0.1`.
+//!   from the pod IP, or rule 2 would send it back to itself: it dials the pod IP
+//!   from the source `127.0.0.6` (IPv6: `::6`, which must be assigned to `lo`),
+//!   which rule 1 lets through, or, for a pod that opted in to loopback delivery
+//!   (`--inbound-loopback`), dials `127.0.0.1`.
 //! - Rule 3 lets the app talk to itself without a detour through the proxy.
 //! - Rule 4 keeps the proxy's own connections from being captured a second time.
 //!

@@ -4,19 +4,28 @@
 //!   port it names;
 //! - plain TCP from unmeshed clients to an app port, redirected by iptables: passed
 //!   to the app at its original destination, detected and counted like outbound.
+//!
+//! Both reach the app at the pod's own address (the one the connection arrived
+//! on), dialled from `127.0.0.6` (`::6`), as Istio does since 1.10: a listener the
+//! app bound to loopback only (a debug or admin server) stays private to the pod.
+//! The capture lets that source through to the app instead of sending it back to
+//! the inbound port. [`AppAddress::Loopback`] is the per-pod opt-in for apps that
+//! listen on loopback only.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::addr::{OrigDst, is_local_ip};
 use crate::detect::{DetectConfig, Detected, detect};
-use crate::forward::{ForwardConfig, connect_upstream};
+use crate::forward::ForwardConfig;
 use crate::http::HttpProxy;
 use crate::listen::{Accepted, Handler, reset};
 use crate::metrics::{Direction, ProxyMetrics};
@@ -37,6 +46,8 @@ pub struct InboundConfig {
     pub proxy_ports: HashSet<u16>,
     /// A peer must finish its TLS handshake within this time.
     pub tls_handshake_timeout: Duration,
+    /// Where redirected plain TCP reaches the app.
+    pub app: AppAddress,
 }
 
 /// The inbound [`Handler`]; `H` decides where tunnel streams go.
@@ -83,14 +94,13 @@ impl<H: TunnelHandler> Handler for Inbound<H> {
                 detect(&mut stream, &self.cfg.detect).await
             }
         };
-        // The app is reached on loopback at the port the client asked for: a
-        // connection of the proxy to its own pod address would be captured again.
-        let app = SocketAddr::new(loopback_like(dst.0.ip()), dst.0.port());
-        let connect = connect_upstream(app, self.cfg.connect_timeout);
+        // The original destination is the pod's address the client dialled.
+        let app = self.cfg.app.target(dst.0.ip(), dst.0.port());
+        let connect = connect_app(app, self.cfg.connect_timeout);
         let (upstream, detected) = match connect_while_detecting(connect, detection).await {
             Ok(both) => both,
             Err(e) => {
-                info!(client = %client, %dst, error = %e, "inbound connection to the app failed");
+                e.log(Some(client.0));
                 guard.set_reason(e.close_reason());
                 reset(stream);
                 return;
@@ -146,10 +156,153 @@ impl<H: TunnelHandler> Inbound<H> {
             }
         };
         let peer = (self.identify)(tls_stream.get_ref().1);
-        if let Err(e) = self.tunnel.serve_connection(tls_stream, peer, drain).await {
+        let local = tls_stream.get_ref().0.local_addr().ok();
+        if let Err(e) = self
+            .tunnel
+            .serve_connection_on(tls_stream, peer, local, drain)
+            .await
+        {
             debug!(%client, error = %e, "tunnel connection ended with an error");
         }
     }
+}
+
+/// The source the proxy binds to deliver to the app at a non-loopback address
+/// (IPv4); the capture's first `OUTPUT` rule lets it through.
+pub const INBOUND_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// [`INBOUND_SOURCE_V4`] for IPv6. Unlike IPv4's 127.0.0.0/8, `::6` is not on `lo`
+/// by itself: the pod's capture set-up must assign it.
+pub const INBOUND_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// Where a sidecar reaches its app.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AppAddress {
+    /// The pod's own address, the one the connection arrived on: listeners bound
+    /// to loopback only are not reachable from outside the pod.
+    #[default]
+    Pod,
+    /// Loopback (`--inbound-loopback`): for apps that listen on loopback only,
+    /// which the pod thereby opens to the mesh.
+    Loopback,
+}
+
+impl AppAddress {
+    /// The app's address for a connection that arrived on `arrived_on` and asks
+    /// for `port`.
+    pub fn target(self, arrived_on: IpAddr, port: u16) -> SocketAddr {
+        let ip = arrived_on.to_canonical();
+        match self {
+            Self::Pod => SocketAddr::new(ip, port),
+            Self::Loopback => SocketAddr::new(loopback_like(ip), port),
+        }
+    }
+
+    /// `"pod"` or `"loopback"`, for `/config`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pod => "pod",
+            Self::Loopback => "loopback",
+        }
+    }
+}
+
+/// Why the app could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The delivery source is not an address of the pod (IPv6: `::6` not on `lo`).
+    #[error("cannot bind the delivery source {source_ip} to reach the app at {app}")]
+    Bind {
+        source_ip: IpAddr,
+        app: SocketAddr,
+        #[source]
+        error: io::Error,
+    },
+    /// The app refused (nothing listens on the pod's address at that port) or is
+    /// unreachable.
+    #[error("cannot connect to the app at {app}")]
+    Connect {
+        app: SocketAddr,
+        #[source]
+        error: io::Error,
+    },
+    /// The app did not accept in time.
+    #[error("the app at {app} did not accept within {timeout:?}")]
+    Timeout { app: SocketAddr, timeout: Duration },
+}
+
+impl DeliveryError {
+    /// The tunnel's answer for this failure.
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            Self::Timeout { .. } => Refusal::UpstreamTimeout,
+            Self::Bind { .. } | Self::Connect { .. } => Refusal::UpstreamRefused,
+        }
+    }
+
+    /// The `tcp_close_total` reason.
+    pub fn close_reason(&self) -> &'static str {
+        match self {
+            Self::Bind { .. } => "local_error",
+            Self::Connect { .. } => "connect_error",
+            Self::Timeout { .. } => "connect_timeout",
+        }
+    }
+
+    fn log(&self, client: Option<SocketAddr>) {
+        match self {
+            // A set-up fault of the pod, not of one connection.
+            Self::Bind { .. } => {
+                warn!(?client, error = %error_chain(self), "inbound delivery impossible: the delivery source is not assigned in this pod")
+            }
+            _ => info!(?client, error = %error_chain(self), "inbound connection to the app failed"),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Connects to the app at `app` within `timeout`. A non-loopback address is
+/// dialled from the inbound source: from the pod's own address the capture would
+/// send the connection back to the inbound port.
+pub async fn connect_app(app: SocketAddr, timeout: Duration) -> Result<TcpStream, DeliveryError> {
+    let connect = async {
+        let socket = match app {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(|error| DeliveryError::Connect { app, error })?;
+        if !app.ip().is_loopback() {
+            let source_ip = match app {
+                SocketAddr::V4(_) => IpAddr::V4(INBOUND_SOURCE_V4),
+                SocketAddr::V6(_) => IpAddr::V6(INBOUND_SOURCE_V6),
+            };
+            socket
+                .bind(SocketAddr::new(source_ip, 0))
+                .map_err(|error| DeliveryError::Bind {
+                    source_ip,
+                    app,
+                    error,
+                })?;
+        }
+        let stream = socket
+            .connect(app)
+            .await
+            .map_err(|error| DeliveryError::Connect { app, error })?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    };
+    tokio::time::timeout(timeout, connect)
+        .await
+        .unwrap_or(Err(DeliveryError::Timeout { app, timeout }))
 }
 
 /// The loopback address of the same family as `ip`.
@@ -163,9 +316,8 @@ pub fn loopback_like(ip: IpAddr) -> IpAddr {
 /// Delivers tunnel streams to the pod's own app ports, as a sidecar's inbound does.
 #[derive(Clone, Debug)]
 pub struct LocalDelivery {
-    /// Where the app is reached: loopback, so the proxy's own connection is not
-    /// captured again by the pod's inbound rules.
-    pub app_ip: IpAddr,
+    /// Where the app is reached.
+    pub app: AppAddress,
     pub connect_timeout: Duration,
     /// Refused as targets: they are the proxy, not the app.
     pub proxy_ports: HashSet<u16>,
@@ -177,14 +329,19 @@ impl TunnelHandler for LocalDelivery {
         if self.proxy_ports.contains(&port) {
             return Err(Refusal::Loop);
         }
-        let target = SocketAddr::new(self.app_ip, port);
-        match connect_upstream(target, self.connect_timeout).await {
-            Ok(stream) => {
-                let _ = stream.set_nodelay(true);
-                Ok(Upstream::Connected(Box::new(stream)))
+        // A stream of a connection without a socket address has no pod address
+        // to go to; loopback would be the one place it must not fall back to.
+        let Some(arrived_on) = request.local else {
+            debug!(authority = %request.authority, "tunnel connection without a local address; nowhere to deliver");
+            return Err(Refusal::UpstreamRefused);
+        };
+        let app = self.app.target(arrived_on.ip(), port);
+        match connect_app(app, self.connect_timeout).await {
+            Ok(stream) => Ok(Upstream::Connected(Box::new(stream))),
+            Err(e) => {
+                e.log(None);
+                Err(e.refusal())
             }
-            Err(e) if e.is_connect_timeout() => Err(Refusal::UpstreamTimeout),
-            Err(_) => Err(Refusal::UpstreamRefused),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! # Layout
 //!
 //! - [`model`]: the Kubernetes objects the mesh reads (`Service`, `Endpoints`,
-//!   `EndpointSlice`, `Deployment`) and its own kinds (the seed's `ServiceMirror`,
+//!   `EndpointSlice`, `Pod` metadata, `Deployment`) and its own kinds (the seed's `ServiceMirror`,
 //!   accepted verbatim; `Link`; `ClusterSettings`), validated names (`ClusterName`,
 //!   `Authority`, `ServiceRef`, `SpiffeUri`, `Cidr`), the YAML manifest parser whose
 //!   errors name file, document, object and field, and [`model::ClusterView`] (one
@@ -16,7 +16,9 @@
 //! - [`snapshot`]: one immutable, consistent state (reconciled objects, remote views,
 //!   index) and the questions roles ask of it: [`Snapshot::lookup_addr`],
 //!   [`Snapshot::lookup_authority`], [`Snapshot::link`], [`Snapshot::settings`],
-//!   [`Snapshot::exported_target`].
+//!   [`Snapshot::exported_target`], [`Snapshot::exported_endpoints`] (which
+//!   endpoints are meshed pods: a `targetRef` joined to a Pod labelled
+//!   `isthmus.io/meshed: "true"`).
 //! - [`source`]: the [`Discovery`] handle (an `ArcSwap<Snapshot>` plus reload
 //!   status) and [`source::dir`], the hot-reloaded manifest directory. A Kubernetes
 //!   API source (`source::kube`) will publish through the same handle.
@@ -45,5 +47,5 @@ pub mod source;
 
 pub use index::{GatewayRef, Index, Route};
 pub use model::{Authority, ClusterName, ServiceRef};
-pub use snapshot::{Refusal, Snapshot};
+pub use snapshot::{ExportedEndpoint, Refusal, Snapshot};
 pub use source::{DirSource, Discovery, DiscoveryError, ReloadStatus};

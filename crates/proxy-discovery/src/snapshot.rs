@@ -7,7 +7,7 @@
 //! of one state (which route, which link, which endpoints a gateway may reach); it
 //! does not read files or watch anything.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
@@ -34,6 +34,16 @@ pub enum Refusal {
     /// The Service has no such port, or its `targetPort` name cannot be resolved.
     #[error("service has no such port")]
     NoSuchPort,
+}
+
+/// One endpoint a gateway may deliver to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExportedEndpoint {
+    /// The pod's address and target port.
+    pub addr: SocketAddr,
+    /// Whether the pod runs a sidecar: then it is reached over the sidecar's mTLS
+    /// tunnel only, never with plain TCP.
+    pub meshed: bool,
 }
 
 /// One immutable state of discovery.
@@ -175,19 +185,33 @@ impl Snapshot {
 
     /// What a gateway may forward a tunnelled `namespace/name:port` to: the ready
     /// endpoint addresses of an exported local Service, at the resolved target
-    /// port, sorted.
-    ///
-    /// Endpoints are read from `Endpoints` (subset ports matched to the Service port
-    /// by name) and `EndpointSlice`s (`kubernetes.io/service-name` label). A subset
-    /// without ports uses the Service's `targetPort`; a named one is resolved
-    /// through the container ports of Deployments whose pod labels match the
-    /// Service's selector.
+    /// port, sorted. [`Snapshot::exported_endpoints`] also says which are meshed.
     pub fn exported_target(
         &self,
         namespace: &str,
         name: &str,
         port: u16,
     ) -> Result<Vec<SocketAddr>, Refusal> {
+        self.exported_endpoints(namespace, name, port)
+            .map(|eps| eps.into_iter().map(|e| e.addr).collect())
+    }
+
+    /// The endpoints of [`Snapshot::exported_target`], each with whether it is a
+    /// meshed pod (reached only over its sidecar's tunnel).
+    ///
+    /// Endpoints are read from `Endpoints` (subset ports matched to the Service port
+    /// by name) and `EndpointSlice`s (`kubernetes.io/service-name` label). A subset
+    /// without ports uses the Service's `targetPort`; a named one is resolved
+    /// through the container ports of Deployments whose pod labels match the
+    /// Service's selector. An endpoint is meshed when its `targetRef` names a Pod
+    /// labelled [`crate::model::MESHED_POD_LABEL`]; an address listed both ways
+    /// counts as meshed, so a second listing never opens a plain path to a pod.
+    pub fn exported_endpoints(
+        &self,
+        namespace: &str,
+        name: &str,
+        port: u16,
+    ) -> Result<Vec<ExportedEndpoint>, Refusal> {
         let svc = self
             .local
             .service(namespace, name)
@@ -199,7 +223,8 @@ impl Snapshot {
             .port(port)
             .filter(|p| p.is_tcp())
             .ok_or(Refusal::NoSuchPort)?;
-        let mut addrs = BTreeSet::new();
+        let mut addrs: BTreeMap<SocketAddr, bool> = BTreeMap::new();
+        let mut add = |addr: SocketAddr, meshed: bool| *addrs.entry(addr).or_default() |= meshed;
         let mut unresolved = false;
         let key = ServiceRef::new(namespace, name);
         if let Some(eps) = self.local.endpoints.get(&key) {
@@ -213,12 +238,12 @@ impl Snapshot {
                     unresolved |= subset.ports.is_empty();
                     continue;
                 };
-                addrs.extend(
-                    subset
-                        .addresses
-                        .iter()
-                        .map(|a| SocketAddr::new(a.ip, target)),
-                );
+                for a in &subset.addresses {
+                    let meshed = self
+                        .local
+                        .is_meshed_endpoint(namespace, a.target_ref.as_ref());
+                    add(SocketAddr::new(a.ip, target), meshed);
+                }
             }
         }
         for slice in self.local.endpoint_slices.values() {
@@ -238,12 +263,12 @@ impl Snapshot {
                 if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                     continue;
                 }
-                addrs.extend(
-                    ep.addresses
-                        .iter()
-                        .filter_map(|a| a.parse::<IpAddr>().ok())
-                        .map(|ip| SocketAddr::new(ip, target)),
-                );
+                let meshed = self
+                    .local
+                    .is_meshed_endpoint(namespace, ep.target_ref.as_ref());
+                for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+                    add(SocketAddr::new(ip, target), meshed);
+                }
             }
         }
         if addrs.is_empty() {
@@ -253,13 +278,26 @@ impl Snapshot {
                 Refusal::NoEndpoints
             });
         }
-        Ok(addrs.into_iter().collect())
+        Ok(addrs
+            .into_iter()
+            .map(|(addr, meshed)| ExportedEndpoint { addr, meshed })
+            .collect())
     }
 
     /// [`Snapshot::exported_target`] for a tunnel's `:authority`:
     /// `name.ns.svc.<clusterDomain>:port`, `name.ns.svc:port` or `name.ns:port`
     /// of this cluster. Any other authority is [`Refusal::NoSuchService`].
     pub fn exported_target_for(&self, authority: &str) -> Result<Vec<SocketAddr>, Refusal> {
+        self.exported_endpoints_for(authority)
+            .map(|eps| eps.into_iter().map(|e| e.addr).collect())
+    }
+
+    /// [`Snapshot::exported_endpoints`] for a tunnel's `:authority`, named as in
+    /// [`Snapshot::exported_target_for`].
+    pub fn exported_endpoints_for(
+        &self,
+        authority: &str,
+    ) -> Result<Vec<ExportedEndpoint>, Refusal> {
         let authority = Authority::parse(authority).map_err(|_| Refusal::NoSuchService)?;
         let host = authority.host();
         let domain = &self.local.settings.spec.cluster_domain;
@@ -269,7 +307,7 @@ impl Snapshot {
             .unwrap_or(host);
         let short = short.strip_suffix(".svc").unwrap_or(short);
         match short.split('.').collect::<Vec<_>>()[..] {
-            [name, namespace] => self.exported_target(namespace, name, authority.port()),
+            [name, namespace] => self.exported_endpoints(namespace, name, authority.port()),
             _ => Err(Refusal::NoSuchService),
         }
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use proxy_core::http::{HttpSettings, MIN_HTTP1_MAX_HEAD_BYTES};
+use proxy_core::inbound::AppAddress;
 use proxy_core::tunnel::H2Settings;
 use proxy_identity::CredentialPaths;
 
@@ -100,6 +101,11 @@ pub struct CommonArgs {
     /// Where the admin server (/metrics, /ready, /live, /config) binds.
     #[arg(long, env = "ISTHMUS_ADMIN_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT)))]
     pub admin_addr: SocketAddr,
+    /// Deliver inbound traffic to the app on loopback instead of the pod's own
+    /// address: for apps that listen on loopback only, which this opens to the
+    /// mesh (a pod opts in with the annotation `isthmus.io/inbound-loopback: "true"`).
+    #[arg(long, env = "ISTHMUS_INBOUND_LOOPBACK")]
+    pub inbound_loopback: bool,
     /// Ports whose traffic skips protocol detection (server-speaks-first protocols).
     #[arg(long, env = "ISTHMUS_OPAQUE_PORTS", value_delimiter = ',', default_values_t = [25u16, 587, 3306, 5432, 6379, 11211])]
     pub opaque_ports: Vec<u16>,
@@ -385,6 +391,8 @@ pub struct Config {
     pub inbound_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub opaque_ports: HashSet<u16>,
+    /// Deliver inbound traffic on loopback (`--inbound-loopback`).
+    pub inbound_loopback: bool,
     /// Every resource limit: timeouts, connection bounds, header and HTTP/2 limits.
     pub limits: Limits,
     pub shutdown_grace: Duration,
@@ -512,12 +520,22 @@ impl Config {
             inbound_addrs: args.inbound_addr.clone(),
             admin_addr: args.admin_addr,
             opaque_ports: args.opaque_ports.iter().copied().collect(),
+            inbound_loopback: args.inbound_loopback,
             limits,
             shutdown_grace: args.shutdown_grace,
             reload_interval: args.reload_interval,
             tunnel_connections: args.tunnel_connections,
             workers: args.workers,
         })
+    }
+
+    /// Where inbound traffic reaches the app.
+    pub fn app_address(&self) -> AppAddress {
+        if self.inbound_loopback {
+            AppAddress::Loopback
+        } else {
+            AppAddress::Pod
+        }
     }
 
     /// Every port this proxy listens on: a destination on one of them is a loop.

@@ -1396,12 +1396,42 @@ async fn streams_to_a_meshed_pod_enter_through_its_sidecar() {
     };
     sidecar.wait_ready().await;
 
-    // The pod's endpoint is its own address at the app port; the app itself (the
-    // echo server) listens on the pod's loopback, where the sidecar delivers.
-    let pod_endpoint = SocketAddr::from((pod_ip, mesh.echo.addr.port()));
+    // The pod's endpoint is its own address at the app port, where the app (an
+    // echo server) listens and the sidecar delivers. Discovery says the pod is
+    // meshed: a Pod labelled so, named by the endpoint's targetRef.
+    let app = Echo::start(pod_ip.into()).await;
+    let pod_endpoint = app.addr;
     std::fs::write(
         root.join("manifests-cluster-a/meshed.yaml"),
-        service("meshed", pod_endpoint, true),
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata:
+  name: meshed
+  namespace: default
+  labels: {{mirror.isthmus.io/exported: \"true\"}}
+spec:
+  ports: [{{port: 80, protocol: TCP, targetPort: {port}}}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {{name: meshed, namespace: default}}
+subsets:
+- addresses:
+  - ip: '{ip}'
+    targetRef: {{kind: Pod, namespace: default, name: meshed-0}}
+  ports: [{{port: {port}, protocol: TCP}}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: meshed-0
+  namespace: default
+  labels: {{isthmus.io/meshed: \"true\"}}
+",
+            ip = pod_endpoint.ip(),
+            port = pod_endpoint.port(),
+        ),
     )
     .unwrap();
     let client = mesh.sidecar_b();

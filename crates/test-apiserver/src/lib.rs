@@ -53,7 +53,8 @@
 //! - Discovery: `/version`, `/api`, `/apis`, `/apis/{group}`, `/api/v1`,
 //!   `/apis/{group}/{version}`, and the aggregated form (`apidiscovery.k8s.io/v2`)
 //!   of `/api` and `/apis` for clients that ask for it.
-//! - Verbs: get, list (label and field selectors, `limit`/`continue`), watch,
+//! - Verbs: get, list (label and field selectors, `limit`/`continue`), watch
+//!   (each also metadata only, `as=PartialObjectMetadata` in `Accept`),
 //!   create (`generateName`), update (409 on a stale `resourceVersion`), delete and
 //!   deletecollection (finalizers, owner-reference garbage collection in the
 //!   background style, also of objects written through the API whose owners are

@@ -250,6 +250,8 @@ struct Parsed {
     content_type: String,
     /// Whether the client asked for aggregated discovery.
     aggregated: bool,
+    /// Whether the client asked for metadata only (`as=PartialObjectMetadata`).
+    metadata_only: bool,
     manager: String,
     body: Bytes,
 }
@@ -269,6 +271,12 @@ async fn read(req: Request<Incoming>, limit: usize) -> Result<Parsed, ApiError> 
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("as=APIGroupDiscoveryList"));
+    let metadata_only = parts
+        .headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("as=PartialObjectMetadata"));
     let agent = parts
         .headers
         .get(header::USER_AGENT)
@@ -297,6 +305,7 @@ async fn read(req: Request<Incoming>, limit: usize) -> Result<Parsed, ApiError> 
         query,
         content_type,
         aggregated,
+        metadata_only,
         manager,
         body,
     })
@@ -376,7 +385,7 @@ async fn collection(
 ) -> Result<Response<Body>, ApiError> {
     let store = &ctx.store;
     match p.method {
-        Method::GET if truthy(&p.query, "watch") => watch(ctx, rt, ns, &p.query),
+        Method::GET if truthy(&p.query, "watch") => watch(ctx, rt, ns, &p.query, p.metadata_only),
         Method::GET => {
             let (labels, fields) = selectors(&p.query)?;
             let (items, rv) = store.list_objs(&rt, ns.as_deref(), &labels, &fields);
@@ -424,6 +433,18 @@ async fn collection(
                 let (ns, name) = key(last);
                 metadata["continue"] = json!(format!("{ns}/{name}"));
                 metadata["remainingItemCount"] = json!(remaining);
+            }
+            if p.metadata_only {
+                let items: Vec<Value> = rest.iter().map(partial).collect();
+                return Ok(json_response(
+                    200,
+                    &json!({
+                        "kind": "PartialObjectMetadataList",
+                        "apiVersion": META_API_VERSION,
+                        "metadata": metadata,
+                        "items": items,
+                    }),
+                ));
             }
             let page = rest;
             Ok(json_response(
@@ -570,7 +591,23 @@ fn object(
             )));
         }
     };
+    if p.metadata_only {
+        return Ok(json_response(200, &partial(&object)));
+    }
     Ok(json_response(200, &object))
+}
+
+/// The group version of `PartialObjectMetadata`.
+const META_API_VERSION: &str = "meta.k8s.io/v1";
+
+/// An object as a metadata-only request gets it: its type erased, as the real
+/// server answers `as=PartialObjectMetadata`.
+fn partial(object: &Value) -> Value {
+    json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": META_API_VERSION,
+        "metadata": object.get("metadata").cloned().unwrap_or(Value::Null),
+    })
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {
@@ -614,8 +651,16 @@ fn watch(
     rt: ResourceType,
     ns: Option<String>,
     q: &BTreeMap<String, String>,
+    metadata_only: bool,
 ) -> Result<Response<Body>, ApiError> {
     let (labels, fields) = selectors(q)?;
+    let shown = move |object: &Value| {
+        if metadata_only {
+            partial(object)
+        } else {
+            object.clone()
+        }
+    };
     let start: Option<u64> = match q.get("resourceVersion").map(String::as_str) {
         None | Some("") | Some("0") => None,
         Some(rv) => Some(rv.parse().map_err(|_| {
@@ -651,7 +696,7 @@ fn watch(
             _ => {
                 let (items, rv) = store.list_objs(&rt, ns.as_deref(), &labels, &fields);
                 for item in &items {
-                    if !send(event_line("ADDED", item)).await {
+                    if !send(event_line("ADDED", &shown(item))).await {
                         return;
                     }
                 }
@@ -671,7 +716,7 @@ fn watch(
                 Ok((events, now)) => {
                     for e in &events {
                         if let Some(kind) = translate(e, &labels, &fields)
-                            && !send(event_line(kind, &present(&rt, &e.object))).await
+                            && !send(event_line(kind, &shown(&present(&rt, &e.object)))).await
                         {
                             return;
                         }

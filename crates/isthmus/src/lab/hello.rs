@@ -3,8 +3,9 @@
 //! address, server name, date, URI, request id) and logs an access line.
 //!
 //! It runs as `isthmus lab hello` inside a pod's namespace and binds `0.0.0.0`: the
-//! sidecar delivers inbound connections to the app on `127.0.0.1`, and other pods
-//! reach it on the pod's address. One request per connection (`Connection:
+//! sidecar delivers inbound connections to the app at the pod's address (on
+//! `127.0.0.1` for a pod that opted in to loopback delivery), and unmeshed pods
+//! reach it there directly. One request per connection (`Connection:
 //! close`), which is all the image's users rely on. Not a general web server.
 
 use std::io::Read as _;
@@ -22,7 +23,7 @@ const MAX_HEAD: usize = 16 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves on `0.0.0.0:port` until killed; `name` is the pod's name, `address` the
-/// pod's IP, shown instead of loopback for connections the sidecar delivers.
+/// pod's IP, shown instead of loopback for connections delivered over loopback.
 pub async fn serve(port: u16, name: String, address: Option<IpAddr>) -> Result<()> {
     let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))
         .await

@@ -106,8 +106,8 @@ pub struct HelloArgs {
     /// The pod's name, answered as "Server name".
     #[arg(long)]
     pub name: String,
-    /// The pod's address, answered as "Server address" for connections the
-    /// sidecar delivers over loopback.
+    /// The pod's address, answered as "Server address" for connections
+    /// delivered over loopback.
     #[arg(long)]
     pub address: Option<IpAddr>,
 }

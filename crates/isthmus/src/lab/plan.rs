@@ -1,6 +1,7 @@
 //! The lab's stand-in for Kubernetes: from the clusters as read, decides every
 //! address, pod and identity, and renders what the proxies and pods are given:
-//! the per-cluster manifests directory (Services with ClusterIPs, Endpoints,
+//! the per-cluster manifests directory (Services with ClusterIPs, Pods labelled
+//! `isthmus.io/meshed: "true"` when meshed, Endpoints naming their pods,
 //! ClusterSettings, Links and the peers' views), the kube-proxy rules and the hosts
 //! files.
 //!
@@ -32,7 +33,8 @@ use proxy_discovery::ServiceRef;
 use proxy_discovery::model::{
     Cidr, ClusterIp, ClusterSettings, ClusterSettingsSpec, Container, EXPORTED_LABEL,
     EndpointAddress, EndpointPort, EndpointSubset, Endpoints, GatewayAddress, GatewaySpec, Link,
-    LinkSpec, Object, ObjectMeta, ProbeSpec, Service, ServiceMirror, SpiffeUri, TargetPort,
+    LinkSpec, MESHED_POD_LABEL, Object, ObjectMeta, ObjectReference, Pod, ProbeSpec, Service,
+    ServiceMirror, SpiffeUri, TargetPort,
 };
 use proxy_discovery::reconcile::allocate_cluster_ip;
 
@@ -183,6 +185,9 @@ impl Plan {
                 .cloned()
                 .map(Object::Deployment),
         );
+        // Before the Endpoints that name them (a separate, later file), so a
+        // reader never meets an endpoint of a meshed pod it does not know yet.
+        objects.extend(c.pods.iter().map(|p| Object::Pod(pod_object(p))));
         objects.extend(
             c.spec
                 .view
@@ -273,7 +278,7 @@ impl Plan {
                 continue;
             }
             // Pods of one template resolve named ports alike; group by the result.
-            let mut groups: BTreeMap<Vec<(Option<String>, u16)>, Vec<Ipv4Addr>> = BTreeMap::new();
+            let mut groups: BTreeMap<Vec<(Option<String>, u16)>, Vec<&PodPlan>> = BTreeMap::new();
             for pod in selected(c, svc).filter(|p| ready(p)) {
                 let ports: Vec<(Option<String>, u16)> = svc
                     .spec
@@ -284,16 +289,18 @@ impl Plan {
                             .map(|t| (sp.name.clone(), t))
                     })
                     .collect();
-                groups.entry(ports).or_default().push(pod.ip);
+                groups.entry(ports).or_default().push(pod);
             }
             let subsets = groups
                 .into_iter()
-                .map(|(ports, ips)| EndpointSubset {
-                    addresses: ips
+                .map(|(ports, pods)| EndpointSubset {
+                    addresses: pods
                         .into_iter()
-                        .map(|ip| EndpointAddress {
-                            ip: IpAddr::V4(ip),
+                        .map(|pod| EndpointAddress {
+                            ip: IpAddr::V4(pod.ip),
                             hostname: None,
+                            // What tells a gateway whether the pod is meshed.
+                            target_ref: Some(ObjectReference::pod(&pod.namespace, &pod.name)),
                         })
                         .collect(),
                     not_ready_addresses: Vec::new(),
@@ -477,6 +484,19 @@ pub fn selected<'a>(c: &'a ClusterPlan, svc: &'a Service) -> impl Iterator<Item 
             && p.namespace == svc.metadata.namespace()
             && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
     })
+}
+
+/// The Pod object of `pod`, as Kubernetes would hold it after `isthmus inject`:
+/// its template's labels, plus [`MESHED_POD_LABEL`] when it runs a sidecar.
+pub fn pod_object(pod: &PodPlan) -> Pod {
+    let mut metadata = ObjectMeta::named(&pod.namespace, &pod.name);
+    metadata.labels = pod.labels.clone();
+    if pod.meshed {
+        metadata
+            .labels
+            .insert(MESHED_POD_LABEL.to_owned(), "true".to_owned());
+    }
+    Pod { metadata }
 }
 
 /// `targetPort` on `pod`: the number, a container port of that name, or `port`.

@@ -6,6 +6,7 @@
 //! only the handler differs.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -48,6 +49,9 @@ pub struct TunnelRequest {
     pub cluster: Option<ClusterName>,
     /// The authenticated peer.
     pub peer: Peer,
+    /// The local address the tunnel connection arrived on, when it is a socket: a
+    /// sidecar delivers to its app at this address, the pod's own.
+    pub local: Option<SocketAddr>,
 }
 
 /// Where a handler sends a stream.
@@ -101,6 +105,18 @@ impl<H: TunnelHandler> TunnelServer<H> {
         self: &Arc<Self>,
         io: I,
         peer: Peer,
+        drain: watch::Receiver<bool>,
+    ) -> Result<(), ConnectionError> {
+        self.serve_connection_on(io, peer, None, drain).await
+    }
+
+    /// [`TunnelServer::serve_connection`] for a connection that arrived on the
+    /// socket address `local`, which each [`TunnelRequest`] carries.
+    pub async fn serve_connection_on<I: Io>(
+        self: &Arc<Self>,
+        io: I,
+        peer: Peer,
+        local: Option<SocketAddr>,
         mut drain: watch::Receiver<bool>,
     ) -> Result<(), ConnectionError> {
         let s = &self.settings;
@@ -133,7 +149,7 @@ impl<H: TunnelHandler> TunnelServer<H> {
                     Some(Ok((request, respond))) => {
                         let server = self.clone();
                         let peer = peer.clone();
-                        streams.spawn(async move { server.stream(request, respond, peer).await });
+                        streams.spawn(async move { server.stream(request, respond, peer, local).await });
                     }
                     Some(Err(e)) => break Err(ConnectionError::H2(e)),
                     None => break Ok(()),
@@ -154,8 +170,9 @@ impl<H: TunnelHandler> TunnelServer<H> {
         request: Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
         peer: Peer,
+        local: Option<SocketAddr>,
     ) {
-        let tunnel_request = match parse_request(&request, peer) {
+        let tunnel_request = match parse_request(&request, peer, local) {
             Ok(parsed) => parsed,
             Err(refusal) => return self.refuse(&mut respond, refusal, None),
         };
@@ -309,7 +326,11 @@ impl<H: TunnelHandler> TunnelServer<H> {
     }
 }
 
-fn parse_request<B>(req: &Request<B>, peer: Peer) -> Result<TunnelRequest, Refusal> {
+fn parse_request<B>(
+    req: &Request<B>,
+    peer: Peer,
+    local: Option<SocketAddr>,
+) -> Result<TunnelRequest, Refusal> {
     if req.method() != Method::CONNECT {
         return Err(Refusal::BadRequest);
     }
@@ -337,6 +358,7 @@ fn parse_request<B>(req: &Request<B>, peer: Peer) -> Result<TunnelRequest, Refus
         authority,
         cluster,
         peer,
+        local,
     })
 }
 
@@ -357,17 +379,23 @@ mod tests {
         let ok = parse_request(
             &connect("hello.default.svc.cluster.local:80", Some("cluster-a")),
             Peer::default(),
+            None,
         )
         .unwrap();
         assert_eq!(ok.authority.as_str(), "hello.default.svc.cluster.local:80");
         assert_eq!(ok.cluster.unwrap().as_str(), "cluster-a");
         assert_eq!(
-            parse_request(&connect("hello:80", Some("Cluster A")), Peer::default()).unwrap_err(),
+            parse_request(
+                &connect("hello:80", Some("Cluster A")),
+                Peer::default(),
+                None
+            )
+            .unwrap_err(),
             Refusal::BadRequest
         );
         let get = Request::builder().uri("http://hello:80/").body(()).unwrap();
         assert_eq!(
-            parse_request(&get, Peer::default()).unwrap_err(),
+            parse_request(&get, Peer::default(), None).unwrap_err(),
             Refusal::BadRequest
         );
     }

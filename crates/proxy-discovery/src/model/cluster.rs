@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use super::manifest::{Object, Origin, OtherObject, Parsed};
 use super::{
     ClusterName, ClusterSettings, Deployment, EXPORTED_LABEL, EndpointSlice, Endpoints, Link,
-    MIRRORED_SERVICE_LABEL, Service, ServiceMirror, ServiceRef,
+    MIRRORED_SERVICE_LABEL, Pod, Service, ServiceMirror, ServiceRef,
 };
 
 /// Objects that cannot be put together into one cluster's view.
@@ -73,6 +73,8 @@ pub struct ClusterView {
     pub endpoint_slices: BTreeMap<ServiceRef, EndpointSlice>,
     /// Deployments.
     pub deployments: BTreeMap<ServiceRef, Deployment>,
+    /// Pods (metadata only), keyed by `namespace/name`.
+    pub pods: BTreeMap<ServiceRef, Pod>,
     /// ServiceMirrors (as read; the reconcile adds status).
     pub service_mirrors: BTreeMap<ServiceRef, ServiceMirror>,
     /// Links, keyed by target cluster.
@@ -92,6 +94,7 @@ impl ClusterView {
             endpoints: BTreeMap::new(),
             endpoint_slices: BTreeMap::new(),
             deployments: BTreeMap::new(),
+            pods: BTreeMap::new(),
             service_mirrors: BTreeMap::new(),
             links: BTreeMap::new(),
             others: Vec::new(),
@@ -153,6 +156,9 @@ impl ClusterView {
                 Object::Deployment(o) => {
                     view.deployments.insert(key, o);
                 }
+                Object::Pod(o) => {
+                    view.pods.insert(key, o);
+                }
                 Object::ServiceMirror(o) => {
                     view.service_mirrors.insert(key, o);
                 }
@@ -196,6 +202,21 @@ impl ClusterView {
     /// The Service `namespace/name`.
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
         self.services.get(&ServiceRef::new(namespace, name))
+    }
+
+    /// Whether the endpoint in namespace `namespace` whose `targetRef` is
+    /// `target` is a meshed pod: one this view holds with
+    /// [`super::MESHED_POD_LABEL`]. An endpoint without a reference, or naming a
+    /// pod not (yet) seen, is not known to be meshed.
+    pub fn is_meshed_endpoint(
+        &self,
+        namespace: &str,
+        target: Option<&super::ObjectReference>,
+    ) -> bool {
+        target
+            .and_then(|t| t.pod_key(namespace))
+            .and_then(|(ns, name)| self.pods.get(&ServiceRef::new(ns, name)))
+            .is_some_and(Pod::is_meshed)
     }
 
     /// Whether linked clusters may reach `svc`: it carries `EXPORTED_LABEL: "true"`

@@ -1,5 +1,6 @@
 //! The Kubernetes built-in kinds the mesh reads: `Service`, `Endpoints`,
-//! `EndpointSlice` and (for the lab, which builds pods from them) `Deployment`.
+//! `EndpointSlice`, `Pod` (its metadata: whether it is meshed) and (for the lab,
+//! which builds pods from them) `Deployment`.
 //!
 //! Only the fields the mesh uses are modelled. Unknown fields are accepted and
 //! dropped, as a real cluster's objects carry many (status, managedFields, ...);
@@ -215,12 +216,56 @@ pub struct EndpointSubset {
 
 /// `Endpoints.subsets[].addresses[]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct EndpointAddress {
     /// The pod's IP.
     pub ip: IpAddr,
     /// The pod's hostname, if set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// The pod behind the address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<ObjectReference>,
+}
+
+/// `targetRef` of an endpoint: the object (a Pod) behind an address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectReference {
+    /// `Pod` for the endpoints of a Service with a selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The object's namespace; the endpoint's own when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The object's name.
+    #[serde(default)]
+    pub name: String,
+    /// The object's uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+impl ObjectReference {
+    /// A reference to Pod `namespace/name`.
+    pub fn pod(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            kind: Some(Pod::KIND.to_owned()),
+            namespace: Some(namespace.into()),
+            name: name.into(),
+            uid: None,
+        }
+    }
+
+    /// The Pod this names, as `(namespace, name)`, for an endpoint in namespace
+    /// `own_namespace`; `None` when it names another kind.
+    pub fn pod_key<'a>(&'a self, own_namespace: &'a str) -> Option<(&'a str, &'a str)> {
+        (self.kind.as_deref() == Some(Pod::KIND) && !self.name.is_empty()).then(|| {
+            (
+                self.namespace.as_deref().unwrap_or(own_namespace),
+                self.name.as_str(),
+            )
+        })
+    }
 }
 
 /// `Endpoints.subsets[].ports[]` and `EndpointSlice.ports[]`.
@@ -273,12 +318,16 @@ impl EndpointSlice {
 
 /// `EndpointSlice.endpoints[]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SliceEndpoint {
     /// The pod's addresses (one for IPv4/IPv6 slices).
     pub addresses: Vec<String>,
     /// Readiness; absent means ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conditions: Option<SliceConditions>,
+    /// The pod behind the endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<ObjectReference>,
 }
 
 /// `EndpointSlice.endpoints[].conditions`.
@@ -287,6 +336,30 @@ pub struct SliceConditions {
     /// Whether the endpoint is ready; absent means ready (Kubernetes' rule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready: Option<bool>,
+}
+
+/// `v1/Pod`, reduced to its metadata: the mesh asks of a pod only whether it is
+/// meshed ([`MESHED_POD_LABEL`]). The spec and status are accepted and dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pod {
+    /// Name, namespace, labels.
+    pub metadata: ObjectMeta,
+}
+
+/// The label on a pod that runs a sidecar (value `"true"`, set by `isthmus
+/// inject`): its endpoints are reached over the sidecar's mTLS tunnel only.
+pub const MESHED_POD_LABEL: &str = "isthmus.io/meshed";
+
+impl Pod {
+    /// `apiVersion` of this kind.
+    pub const API_VERSION: &'static str = "v1";
+    /// `kind` of this kind.
+    pub const KIND: &'static str = "Pod";
+
+    /// Whether the pod carries `isthmus.io/meshed: "true"`.
+    pub fn is_meshed(&self) -> bool {
+        self.metadata.has_label(MESHED_POD_LABEL, "true")
+    }
 }
 
 /// `apps/v1/Deployment`, as far as the lab needs it to start pods.

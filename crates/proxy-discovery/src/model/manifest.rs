@@ -17,7 +17,8 @@ use serde_yaml_ng::Value;
 use super::meta::DEFAULT_NAMESPACE;
 use super::names::{check_dns_label, check_dns_subdomain};
 use super::{
-    ClusterSettings, Deployment, EndpointSlice, Endpoints, Link, ObjectMeta, Service, ServiceMirror,
+    ClusterSettings, Deployment, EndpointSlice, Endpoints, Link, ObjectMeta, Pod, Service,
+    ServiceMirror,
 };
 
 /// One object of any kind the mesh knows, or a placeholder for one it does not.
@@ -31,6 +32,8 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     /// `apps/v1/Deployment`.
     Deployment(Deployment),
+    /// `v1/Pod` (metadata only).
+    Pod(Pod),
     /// `linkerd.io/v1alpha1/ServiceMirror`.
     ServiceMirror(ServiceMirror),
     /// `multicluster.isthmus.io/v1alpha1/Link`.
@@ -49,6 +52,7 @@ impl Object {
             Self::Endpoints(_) => Endpoints::KIND,
             Self::EndpointSlice(_) => EndpointSlice::KIND,
             Self::Deployment(_) => Deployment::KIND,
+            Self::Pod(_) => Pod::KIND,
             Self::ServiceMirror(_) => ServiceMirror::KIND,
             Self::Link(_) => Link::KIND,
             Self::ClusterSettings(_) => ClusterSettings::KIND,
@@ -63,6 +67,7 @@ impl Object {
             Self::Endpoints(_) => Endpoints::API_VERSION,
             Self::EndpointSlice(_) => EndpointSlice::API_VERSION,
             Self::Deployment(_) => Deployment::API_VERSION,
+            Self::Pod(_) => Pod::API_VERSION,
             Self::ServiceMirror(_) => ServiceMirror::API_VERSION,
             Self::Link(_) => Link::API_VERSION,
             Self::ClusterSettings(_) => ClusterSettings::API_VERSION,
@@ -77,6 +82,7 @@ impl Object {
             Self::Endpoints(o) => &o.metadata,
             Self::EndpointSlice(o) => &o.metadata,
             Self::Deployment(o) => &o.metadata,
+            Self::Pod(o) => &o.metadata,
             Self::ServiceMirror(o) => &o.metadata,
             Self::Link(o) => &o.metadata,
             Self::ClusterSettings(o) => &o.metadata,
@@ -117,6 +123,7 @@ impl serde::Serialize for Object {
             Self::Endpoints(o) => typed!(o),
             Self::EndpointSlice(o) => typed!(o),
             Self::Deployment(o) => typed!(o),
+            Self::Pod(o) => typed!(o),
             Self::ServiceMirror(o) => typed!(o),
             Self::Link(o) => typed!(o),
             Self::ClusterSettings(o) => typed!(o),
@@ -267,6 +274,7 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Parsed>, ManifestEr
             Some(Known::Endpoints) => Object::Endpoints(typed(doc).map_err(err)?),
             Some(Known::EndpointSlice) => Object::EndpointSlice(typed(doc).map_err(err)?),
             Some(Known::Deployment) => Object::Deployment(typed(doc).map_err(err)?),
+            Some(Known::Pod) => Object::Pod(typed(doc).map_err(err)?),
             Some(Known::ServiceMirror) => Object::ServiceMirror(typed(doc).map_err(err)?),
             Some(Known::Link) => Object::Link(typed(doc).map_err(err)?),
             Some(Known::ClusterSettings) => Object::ClusterSettings(typed(doc).map_err(err)?),
@@ -311,12 +319,13 @@ enum Known {
     Endpoints,
     EndpointSlice,
     Deployment,
+    Pod,
     ServiceMirror,
     Link,
     ClusterSettings,
 }
 
-const KNOWN: [(&str, &str, Known); 7] = [
+const KNOWN: [(&str, &str, Known); 8] = [
     (Service::API_VERSION, Service::KIND, Known::Service),
     (Endpoints::API_VERSION, Endpoints::KIND, Known::Endpoints),
     (
@@ -325,6 +334,7 @@ const KNOWN: [(&str, &str, Known); 7] = [
         Known::EndpointSlice,
     ),
     (Deployment::API_VERSION, Deployment::KIND, Known::Deployment),
+    (Pod::API_VERSION, Pod::KIND, Known::Pod),
     (
         ServiceMirror::API_VERSION,
         ServiceMirror::KIND,
@@ -491,6 +501,7 @@ fn validate(object: &mut Object) -> Result<(), FieldError> {
         Object::Endpoints(o) => &mut o.metadata,
         Object::EndpointSlice(o) => &mut o.metadata,
         Object::Deployment(o) => &mut o.metadata,
+        Object::Pod(o) => &mut o.metadata,
         Object::ServiceMirror(o) => &mut o.metadata,
         Object::Link(o) => &mut o.metadata,
         Object::ClusterSettings(o) => &mut o.metadata,
@@ -555,7 +566,7 @@ fn validate(object: &mut Object) -> Result<(), FieldError> {
             }
             Ok(())
         }
-        Object::Endpoints(_) | Object::Deployment(_) | Object::Other(_) => Ok(()),
+        Object::Endpoints(_) | Object::Deployment(_) | Object::Pod(_) | Object::Other(_) => Ok(()),
     }
 }
 

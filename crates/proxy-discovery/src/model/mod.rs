@@ -15,8 +15,9 @@ mod names;
 pub use self::cluster::{ClusterView, ViewError};
 pub use self::core::{
     ClusterIp, Container, ContainerPort, Deployment, DeploymentSpec, EndpointAddress, EndpointPort,
-    EndpointSlice, EndpointSubset, Endpoints, EnvVar, PodSpec, PodTemplate, Service, ServicePort,
-    ServiceSpec, SliceConditions, SliceEndpoint, TargetPort, TemplateMeta,
+    EndpointSlice, EndpointSubset, Endpoints, EnvVar, MESHED_POD_LABEL, ObjectReference, Pod,
+    PodSpec, PodTemplate, Service, ServicePort, ServiceSpec, SliceConditions, SliceEndpoint,
+    TargetPort, TemplateMeta,
 };
 pub use self::manifest::{ManifestError, Object, Origin, OtherObject, Parsed, parse_manifests};
 pub use self::mesh::{

@@ -167,3 +167,146 @@ fn links_and_remotes_by_str() {
     assert!(s.link("cluster-b").is_none());
     assert!(s.remote("cluster-b").is_none());
 }
+
+const PODS: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: meshed-0, labels: {app: hello, isthmus.io/meshed: \"true\"}}
+spec: {containers: [{name: app, image: hello}]}
+status: {podIP: 198.18.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain-0, labels: {app: hello}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other-ns, namespace: web, labels: {isthmus.io/meshed: \"true\"}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: not-true, labels: {isthmus.io/meshed: \"yes\"}}
+---
+";
+
+fn endpoint(ep: &ExportedEndpoint) -> (String, bool) {
+    (ep.addr.to_string(), ep.meshed)
+}
+
+#[test]
+fn endpoints_are_meshed_when_their_target_ref_names_a_labelled_pod() {
+    let slice = "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: hello-abc, labels: {kubernetes.io/service-name: hello}}
+addressType: IPv4
+endpoints:
+- addresses: [198.18.1.10]
+  targetRef: {kind: Pod, namespace: default, name: meshed-0}
+- addresses: [198.18.1.11]
+  targetRef: {kind: Pod, namespace: default, name: plain-0}
+- addresses: [198.18.1.12]
+  targetRef: {kind: Pod, namespace: default, name: not-seen}
+- addresses: [198.18.1.13]
+- addresses: [198.18.1.14]
+  targetRef: {kind: Pod, name: meshed-0}
+- addresses: [198.18.1.15]
+  targetRef: {kind: Pod, namespace: default, name: other-ns}
+- addresses: [198.18.1.16]
+  targetRef: {kind: Node, namespace: default, name: meshed-0}
+- addresses: [198.18.1.17]
+  targetRef: {kind: Pod, namespace: default, name: not-true}
+ports: [{name: http, port: 8080}]
+";
+    let s = snap(&format!("{SETTINGS}{HELLO}{PODS}{slice}"));
+    let got: Vec<_> = s
+        .exported_endpoints("default", "hello", 80)
+        .unwrap()
+        .iter()
+        .map(endpoint)
+        .collect();
+    let want = |ip: &str, meshed| (format!("{ip}:8080"), meshed);
+    assert_eq!(
+        got,
+        vec![
+            want("198.18.1.10", true),
+            // An unlabelled pod, an unknown pod, no reference: plain TCP.
+            want("198.18.1.11", false),
+            want("198.18.1.12", false),
+            want("198.18.1.13", false),
+            // No namespace in the reference: the slice's own.
+            want("198.18.1.14", true),
+            // The same name in another namespace is another pod.
+            want("198.18.1.15", false),
+            // Only a Pod can be meshed.
+            want("198.18.1.16", false),
+            want("198.18.1.17", false),
+        ]
+    );
+    // The authority form answers the same, and the plain address list is unchanged.
+    assert_eq!(
+        s.exported_endpoints_for("hello.default.svc.cluster.local:80")
+            .unwrap()
+            .iter()
+            .map(endpoint)
+            .collect::<Vec<_>>(),
+        got
+    );
+    assert_eq!(s.exported_target("default", "hello", 80).unwrap().len(), 8);
+}
+
+#[test]
+fn endpoints_objects_join_pods_too_and_a_double_listing_stays_meshed() {
+    let endpoints = "apiVersion: v1
+kind: Endpoints
+metadata: {name: hello}
+subsets:
+- addresses:
+  - ip: 198.18.1.10
+    targetRef: {kind: Pod, namespace: default, name: meshed-0}
+  - ip: 198.18.1.11
+    targetRef: {kind: Pod, namespace: default, name: plain-0}
+  ports: [{name: http, port: 8080}]
+---
+";
+    // The meshed pod's address also appears in a slice without a reference: it
+    // must not become plain because one listing forgot to name the pod.
+    let slice = "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: hello-abc, labels: {kubernetes.io/service-name: hello}}
+addressType: IPv4
+endpoints:
+- addresses: [198.18.1.10]
+ports: [{name: http, port: 8080}]
+";
+    let s = snap(&format!("{SETTINGS}{HELLO}{PODS}{endpoints}{slice}"));
+    let got: Vec<_> = s
+        .exported_endpoints("default", "hello", 80)
+        .unwrap()
+        .iter()
+        .map(endpoint)
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("198.18.1.10:8080".to_owned(), true),
+            ("198.18.1.11:8080".to_owned(), false)
+        ]
+    );
+}
+
+#[test]
+fn a_pod_losing_its_label_is_no_longer_meshed() {
+    let slice = "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: hello-abc, labels: {kubernetes.io/service-name: hello}}
+addressType: IPv4
+endpoints:
+- addresses: [198.18.1.10]
+  targetRef: {kind: Pod, namespace: default, name: meshed-0}
+ports: [{name: http, port: 8080}]
+";
+    let meshed = snap(&format!("{SETTINGS}{HELLO}{PODS}{slice}"));
+    assert!(meshed.exported_endpoints("default", "hello", 80).unwrap()[0].meshed);
+    let relabelled = PODS.replace("isthmus.io/meshed: \"true\"}}\nspec", "x: y}}\nspec");
+    let plain = snap(&format!("{SETTINGS}{HELLO}{relabelled}{slice}"));
+    assert!(!plain.exported_endpoints("default", "hello", 80).unwrap()[0].meshed);
+}

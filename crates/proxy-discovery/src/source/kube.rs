@@ -1,7 +1,10 @@
 //! The Kubernetes API source: kube-runtime reflectors over this cluster's
-//! Services and EndpointSlices (and, with [`KubeSource::with_mesh_kinds`], its
-//! Links and ClusterSettings), feeding the same model, [`Snapshot`] and index as
-//! the directory source, published through the same [`Discovery`] handle.
+//! Services and EndpointSlices, the metadata of its meshed Pods (label
+//! `isthmus.io/meshed=true`: which endpoints are reached over a sidecar's
+//! tunnel only, joined to EndpointSlice endpoints by `targetRef`), and, with
+//! [`KubeSource::with_mesh_kinds`], its Links and ClusterSettings, feeding the
+//! same model, [`Snapshot`] and index as the directory source, published
+//! through the same [`Discovery`] handle.
 //!
 //! Each object is converted by the manifest parser the directory source uses
 //! (its JSON is a YAML document), so an object the model rejects fails exactly
@@ -30,12 +33,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ::kube::api::Api;
+use ::kube::core::PartialObjectMeta;
 use ::kube::runtime::reflector::{self, Store};
 use ::kube::runtime::watcher::{self, Event, watcher};
 use ::kube::runtime::{WatchStreamExt, reflector as reflect};
 use ::kube::{Client, Resource};
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Service as KubeService;
+use k8s_openapi::api::core::v1::{Pod as KubePod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice as KubeEndpointSlice;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -45,7 +49,8 @@ use tokio::task::JoinHandle;
 
 use super::{Discovery, DiscoveryError, error_chain};
 use crate::model::{
-    ClusterName, ClusterSettingsResource, ClusterView, LinkResource, Parsed, parse_manifests,
+    ClusterName, ClusterSettingsResource, ClusterView, LinkResource, MESHED_POD_LABEL, Parsed, Pod,
+    parse_manifests,
 };
 use crate::snapshot::Snapshot;
 
@@ -124,6 +129,9 @@ impl Debug for KubeSource {
 struct Stores {
     services: Store<KubeService>,
     slices: Store<KubeEndpointSlice>,
+    /// Meshed pods, metadata only: all a gateway needs to know of a pod, and far
+    /// less to hold than every pod of the cluster.
+    meshed_pods: Store<PartialObjectMeta<KubePod>>,
     links: Option<Store<LinkResource>>,
     settings: Option<Store<ClusterSettingsResource>>,
     /// Objects already converted, so a batch only converts what changed.
@@ -252,21 +260,33 @@ impl KubeSource {
     ) -> Result<(Discovery, JoinHandle<()>), KubeSourceError> {
         let (tx, mut rx) = mpsc::channel(64);
         let mut tasks = Vec::new();
-        let (services, task) = reflect_into(self.api::<KubeService>(), "services", tx.clone());
+        let all = watcher::Config::default;
+        let (services, task) =
+            reflect_into(self.api::<KubeService>(), all(), "services", tx.clone());
         tasks.push(task);
         let (slices, task) = reflect_into(
             self.api::<KubeEndpointSlice>(),
+            all(),
             "endpointslices",
+            tx.clone(),
+        );
+        tasks.push(task);
+        let (meshed_pods, task) = reflect_into(
+            self.api::<PartialObjectMeta<KubePod>>(),
+            all().labels(&format!("{MESHED_POD_LABEL}=true")),
+            "pods",
             tx.clone(),
         );
         tasks.push(task);
         let (mut links, mut settings) = (None, None);
         if self.mesh_kinds {
-            let (store, task) = reflect_into(self.api::<LinkResource>(), "links", tx.clone());
+            let (store, task) =
+                reflect_into(self.api::<LinkResource>(), all(), "links", tx.clone());
             tasks.push(task);
             links = Some(store);
             let (store, task) = reflect_into(
                 self.api::<ClusterSettingsResource>(),
+                all(),
                 "clustersettings",
                 tx.clone(),
             );
@@ -276,6 +296,7 @@ impl KubeSource {
         let stores = Stores {
             services,
             slices,
+            meshed_pods,
             links,
             settings,
             converted: Mutex::new(Converted::default()),
@@ -432,6 +453,14 @@ impl KubeSource {
         };
         batch.convert_all("services", &stores.services, |_| {})?;
         batch.convert_all("endpointslices", &stores.slices, |_| {})?;
+        batch.convert_all("pods", &stores.meshed_pods, |v| {
+            // The API answers metadata as `meta.k8s.io/v1 PartialObjectMetadata`;
+            // the model reads it as the Pod it describes.
+            if let Value::Object(object) = v {
+                object.insert("apiVersion".into(), Pod::API_VERSION.into());
+                object.insert("kind".into(), Pod::KIND.into());
+            }
+        })?;
         if let Some(links) = &stores.links {
             batch.convert_all("links", links, |v| {
                 // Credentials are the controller's; the model's LinkSpec rejects them.
@@ -460,6 +489,9 @@ impl Stores {
         if !is_ready(&self.slices) {
             pending.push("endpointslices");
         }
+        if !is_ready(&self.meshed_pods) {
+            pending.push("pods");
+        }
         if self.links.as_ref().is_some_and(|s| !is_ready(s)) {
             pending.push("links");
         }
@@ -479,9 +511,11 @@ where
     futures_util::FutureExt::now_or_never(store.wait_until_ready()).is_some()
 }
 
-/// Starts a reflector for `api` that signals every change and failure on `tx`.
+/// Starts a reflector for the objects of `api` that `config` selects, which
+/// signals every change and failure on `tx`.
 fn reflect_into<K>(
     api: Api<K>,
+    config: watcher::Config,
     resource: &'static str,
     tx: mpsc::Sender<Signal>,
 ) -> (Store<K>, JoinHandle<()>)
@@ -490,10 +524,7 @@ where
 {
     let (reader, writer) = reflector::store();
     let path = api.resource_url().to_owned();
-    let stream = reflect(
-        writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
-    );
+    let stream = reflect(writer, watcher(api, config).default_backoff());
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(item) = stream.next().await {
@@ -595,6 +626,7 @@ fn log_loaded(cluster: &ClusterName, generation: u64, snapshot: &Snapshot) {
         generation,
         services = snapshot.local().services.len(),
         endpoint_slices = snapshot.local().endpoint_slices.len(),
+        meshed_pods = snapshot.local().pods.len(),
         linked_clusters = snapshot.links().len(),
         "kubernetes discovery loaded"
     );

@@ -23,7 +23,7 @@ use proxy_core::route::Authority;
 use proxy_core::tunnel::server::{TunnelHandler, TunnelRequest, Upstream};
 use proxy_core::tunnel::{BoxIo, Refusal};
 use proxy_discovery::model::LinkSpec;
-use proxy_discovery::{Discovery, Refusal as DiscoveryRefusal};
+use proxy_discovery::{Discovery, ExportedEndpoint, Refusal as DiscoveryRefusal};
 use proxy_identity::{PeerPolicy, SpiffeId};
 use serde_json::json;
 use tokio::sync::watch;
@@ -135,28 +135,19 @@ struct GatewayHandler {
     next_endpoint: AtomicUsize,
     /// The gateway's own tunnel addresses: an endpoint there would be a loop.
     own_addrs: HashSet<SocketAddr>,
-    /// How each pod of this cluster is reached.
-    pods: Mutex<HashMap<IpAddr, PodPath>>,
+    /// The tunnel to each meshed pod's sidecar, made on first use.
+    pods: Mutex<HashMap<IpAddr, PodTunnel>>,
     maker: PoolMaker,
     /// What a pod's sidecar must prove: an identity of our trust domain.
     pod_policy: PeerPolicy,
 }
 
-/// How the gateway reaches one pod. A meshed pod's sidecar answers the mesh tunnel
-/// on its inbound port, so its streams ride mTLS all the way to the pod; a pod
-/// where nothing answers there (unmeshed) gets plain TCP, and is asked again after
-/// [`PLAIN_RECHECK`] in case a sidecar arrived.
-enum PodPath {
-    Meshed {
-        pool: Pool,
-        stop: watch::Sender<bool>,
-    },
-    Plain {
-        until: tokio::time::Instant,
-    },
+/// The warm tunnel pool to one meshed pod's sidecar (its inbound port), closed
+/// when the pod stops being an endpoint.
+struct PodTunnel {
+    pool: Pool,
+    stop: watch::Sender<bool>,
 }
-
-const PLAIN_RECHECK: Duration = Duration::from_secs(30);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -171,7 +162,7 @@ impl GatewayHandler {
         let endpoints = self
             .discovery
             .load()
-            .exported_target_for(request.authority.as_str())
+            .exported_endpoints_for(request.authority.as_str())
             .map_err(|refusal| match refusal {
                 DiscoveryRefusal::NoSuchService | DiscoveryRefusal::NoSuchPort => Refusal::NoRoute,
                 DiscoveryRefusal::NotExported => Refusal::NotExported,
@@ -186,14 +177,14 @@ impl GatewayHandler {
         // fail the stream while others are up.
         for i in 0..endpoints.len() {
             let endpoint = endpoints[(start + i) % endpoints.len()];
-            if self.own_addrs.contains(&endpoint) {
+            if self.own_addrs.contains(&endpoint.addr) {
                 last = Refusal::Loop;
                 continue;
             }
             match self.connect_endpoint(endpoint).await {
                 Ok(stream) => return Ok(stream),
                 Err(refusal) => {
-                    warn!(authority = %request.authority, %endpoint, reason = refusal.as_str(), "endpoint unreachable");
+                    warn!(authority = %request.authority, endpoint = %endpoint.addr, meshed = endpoint.meshed, reason = refusal.as_str(), "endpoint unreachable");
                     last = refusal;
                 }
             }
@@ -201,31 +192,41 @@ impl GatewayHandler {
         Err(last)
     }
 
-    /// One endpoint: over its sidecar's tunnel when the pod is meshed, else plain.
-    async fn connect_endpoint(&self, endpoint: SocketAddr) -> Result<BoxIo, Refusal> {
-        if let Some(pool) = self.pod_pool(endpoint.ip()) {
-            let authority =
-                Authority::parse(&endpoint.to_string()).map_err(|_| Refusal::BadRequest)?;
-            // The answer is awaited here, a round trip inside the cluster, because a
-            // pod without a sidecar must get plain TCP instead.
-            match pool.open_answered(&authority, None).await {
-                Ok(stream) => return Ok(Box::new(stream)),
-                // A sidecar's verdict on its app port stands; those are the only
-                // answers a pod's sidecar gives.
-                Err(PoolError::Refused {
-                    refusal:
-                        refusal @ (Refusal::UpstreamRefused | Refusal::UpstreamTimeout | Refusal::Loop),
-                    ..
-                }) => return Err(refusal),
-                // Any other answer comes from a mesh listener that is not a pod's
-                // sidecar (a gateway sharing the address, say): go plain.
+    /// One endpoint: a meshed pod (discovery says so) over its sidecar's tunnel
+    /// and never otherwise, an unmeshed one with plain TCP.
+    async fn connect_endpoint(&self, endpoint: ExportedEndpoint) -> Result<BoxIo, Refusal> {
+        let addr = endpoint.addr;
+        if endpoint.meshed {
+            let authority = Authority::parse(&addr.to_string()).map_err(|_| Refusal::BadRequest)?;
+            // The answer is awaited here, a round trip inside the cluster, so that
+            // a pod whose sidecar or app is down is skipped for the next endpoint.
+            // Whatever fails, nothing is sent to the pod in plaintext: a sidecar
+            // that is down, or that cannot prove an identity of our trust domain,
+            // is no reason to drop the encryption and authentication it stands for.
+            return match self
+                .pod_pool(addr.ip())
+                .open_answered(&authority, None)
+                .await
+            {
+                Ok(stream) => Ok(Box::new(stream)),
                 Err(e) => {
-                    debug!(%endpoint, error = %e, "no sidecar answers at this pod, delivering plain TCP");
-                    self.mark_plain(endpoint.ip());
+                    debug!(endpoint = %addr, error = %e, "meshed endpoint unreachable over its sidecar's tunnel");
+                    Err(match e {
+                        // The sidecar's verdict on its app port stands.
+                        PoolError::Refused {
+                            refusal:
+                                refusal @ (Refusal::UpstreamRefused
+                                | Refusal::UpstreamTimeout
+                                | Refusal::Loop),
+                            ..
+                        } => refusal,
+                        // No sidecar answers, or something that is not one.
+                        _ => Refusal::UpstreamRefused,
+                    })
                 }
-            }
+            };
         }
-        match connect_upstream(endpoint, self.connect_timeout).await {
+        match connect_upstream(addr, self.connect_timeout).await {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
                 Ok(Box::new(stream))
@@ -235,14 +236,12 @@ impl GatewayHandler {
         }
     }
 
-    /// The warm tunnel pool to `ip`'s sidecar, made on first use; `None` while the
-    /// pod is known to have none.
-    fn pod_pool(&self, ip: IpAddr) -> Option<Pool> {
+    /// The warm tunnel pool to the sidecar of the meshed pod at `ip`, made on
+    /// first use.
+    fn pod_pool(&self, ip: IpAddr) -> Pool {
         let mut pods = lock(&self.pods);
-        match pods.get(&ip) {
-            Some(PodPath::Meshed { pool, .. }) => return Some(pool.clone()),
-            Some(PodPath::Plain { until }) if tokio::time::Instant::now() < *until => return None,
-            _ => {}
+        if let Some(tunnel) = pods.get(&ip) {
+            return tunnel.pool.clone();
         }
         let (stop, stopped) = watch::channel(false);
         let pool = self.maker.pool_with(
@@ -254,21 +253,12 @@ impl GatewayHandler {
         );
         pods.insert(
             ip,
-            PodPath::Meshed {
+            PodTunnel {
                 pool: pool.clone(),
                 stop,
             },
         );
-        Some(pool)
-    }
-
-    fn mark_plain(&self, ip: IpAddr) {
-        let plain = PodPath::Plain {
-            until: tokio::time::Instant::now() + PLAIN_RECHECK,
-        };
-        if let Some(PodPath::Meshed { stop, .. }) = lock(&self.pods).insert(ip, plain) {
-            let _ = stop.send(true);
-        }
+        pool
     }
 
     /// Forgets pods that are no longer anyone's endpoint, closing their pools, so
@@ -290,10 +280,10 @@ impl GatewayHandler {
                     .filter_map(|a| a.parse().ok()),
             )
             .collect();
-        lock(&self.pods).retain(|ip, path| {
+        lock(&self.pods).retain(|ip, tunnel| {
             let keep = live.contains(ip);
-            if let (false, PodPath::Meshed { stop, .. }) = (keep, path) {
-                let _ = stop.send(true);
+            if !keep {
+                let _ = tunnel.stop.send(true);
             }
             keep
         });

@@ -271,6 +271,7 @@ impl Base {
                 forward: self.forward_config(),
                 proxy_ports: self.config.proxy_ports(),
                 tls_handshake_timeout: self.config.limits.tls_handshake_timeout,
+                app: self.config.app_address(),
             },
             http: self.http_proxy(direction),
             metrics: self.metrics.clone(),

@@ -1,13 +1,13 @@
 //! The sidecar: outbound (the app's connections, by original destination) and
 //! inbound (plain TCP for the app, and the mesh tunnel terminated with the pod's
-//! identity).
+//! identity), delivered to the app at the pod's own address unless the pod opted
+//! in to loopback delivery (`--inbound-loopback`).
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use anyhow::Result;
 use proxy_core::addr::KernelOrigDst;
-use proxy_core::inbound::LocalDelivery;
+use proxy_core::inbound::{AppAddress, LocalDelivery};
 use proxy_core::metrics::Direction;
 use proxy_core::outbound::{Outbound, OutboundConfig};
 use serde_json::json;
@@ -43,8 +43,14 @@ pub async fn run(config: Config) -> Result<()> {
         metrics: base.metrics.clone(),
     });
 
+    let app = base.config.app_address();
+    if app == AppAddress::Loopback {
+        info!(
+            "--inbound-loopback: delivering inbound traffic to the app on loopback, where listeners bound to loopback only are reachable from the mesh"
+        );
+    }
     let delivery = Arc::new(LocalDelivery {
-        app_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        app,
         connect_timeout: base.config.limits.connect_timeout,
         proxy_ports: proxy_ports.clone(),
     });
@@ -59,9 +65,11 @@ pub async fn run(config: Config) -> Result<()> {
         "sidecar serving"
     );
 
-    let view = base.config_view(
-        "sidecar",
-        move || json!({ "gateway": gateway.as_ref().map(pool_json) }),
-    );
+    let view = base.config_view("sidecar", move || {
+        json!({
+            "gateway": gateway.as_ref().map(pool_json),
+            "inbound_loopback": app == AppAddress::Loopback,
+        })
+    });
     base.run(admin_listener, view, tasks).await
 }

@@ -337,3 +337,81 @@ fn in_west_the_refused_mirror_makes_no_service_and_the_others_are_rejected_by_ku
         }
     }
 }
+
+/// Writes every cluster's manifests of `plan` under `root/<cluster>`.
+fn write_all(plan: &Plan, root: &std::path::Path) {
+    for c in &plan.clusters {
+        for (rel, text) in plan.manifests(c, &|_| true, true) {
+            let path = root.join(c.spec.name.as_str()).join(rel);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, text).expect("write");
+        }
+    }
+}
+
+#[test]
+fn meshed_pods_are_labelled_and_named_by_their_endpoints() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/three-clusters");
+    let plan = Plan::new(&LabSpec::read(&dir).expect("three-clusters"), 0).expect("plan");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write_all(&plan, tmp.path());
+    let load = |name: &str| {
+        let c = plan.cluster(name).expect(name);
+        DirSource::new(tmp.path().join(name))
+            .with_cluster(c.spec.name.clone())
+            .load()
+            .expect("manifests load")
+    };
+    // east's catalog replicas run sidecars: its gateway reaches them only over
+    // their tunnels.
+    let east = load("east");
+    let catalog = east
+        .exported_endpoints("shop", "catalog", 80)
+        .expect("catalog is exported");
+    assert_eq!(catalog.len(), 2);
+    assert!(catalog.iter().all(|e| e.meshed), "{catalog:?}");
+    // west's legacy pod is not injected: a Pod without the label.
+    let west = load("west");
+    let legacy: Vec<_> = west
+        .local()
+        .pods
+        .values()
+        .filter(|p| p.metadata.name.starts_with("legacy-"))
+        .collect();
+    assert_eq!(legacy.len(), 1);
+    assert!(!legacy[0].is_meshed(), "{legacy:?}");
+    let web: Vec<_> = west
+        .local()
+        .pods
+        .values()
+        .filter(|p| p.metadata.name.starts_with("web-"))
+        .collect();
+    assert!(
+        !web.is_empty() && web.iter().all(|p| p.is_meshed()),
+        "{web:?}"
+    );
+}
+
+#[test]
+fn an_unmeshed_backend_is_an_unmeshed_endpoint() {
+    let mut plan = seed_plan(0);
+    let a = plan
+        .clusters
+        .iter_mut()
+        .find(|c| c.spec.name.as_str() == "cluster-a")
+        .expect("a");
+    a.pods[0].meshed = false;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write_all(&plan, tmp.path());
+    let a = plan.cluster("cluster-a").expect("a");
+    let snapshot = DirSource::new(tmp.path().join("cluster-a"))
+        .with_cluster(a.spec.name.clone())
+        .load()
+        .expect("cluster-a's manifests load");
+    let hello = snapshot
+        .exported_endpoints("default", "hello", 80)
+        .expect("exported");
+    assert_eq!(hello.len(), 1);
+    assert!(!hello[0].meshed, "{hello:?}");
+}
