@@ -238,3 +238,52 @@ fn an_unexempted_proxy_uid_costs_at_most_two_connections_and_names_the_cause() {
         s.lab.diagnostics()
     );
 }
+
+/// A gateway's listeners are bound to wildcards (`0.0.0.0:4143`), so comparing an
+/// endpoint with their addresses never matches: an endpoint is the gateway itself
+/// when its IP is one of the namespace's own and its port a listener's. The
+/// predicate, in a namespace of known addresses, including one added after the
+/// first lookup.
+#[test]
+fn an_endpoint_at_an_own_address_and_a_wildcard_listener_port_is_the_proxy() {
+    use proxy_core::addr::LocalAddrs;
+
+    let lab = Lab::new();
+    let gw = lab.namespace();
+    let peer = lab.namespace();
+    let (gw_if, peer_if) = lab.veth(&gw, &peer).unwrap();
+    gw.add_addr(&gw_if, "198.18.0.2/24").unwrap();
+    peer.add_addr(&peer_if, "198.18.0.1/24").unwrap();
+    let listeners: Vec<SocketAddr> = ["0.0.0.0:4143", "[::]:4191"]
+        .iter()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let ports = || listeners.iter().map(SocketAddr::port);
+    let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+
+    let local = LocalAddrs::default();
+    gw.run(|| {
+        for own in [
+            "198.18.0.2:4143",
+            "127.0.0.1:4143",
+            "[::1]:4191",
+            "[::ffff:198.18.0.2]:4143",
+        ] {
+            assert!(local.is_own(addr(own), ports()), "{own} is the gateway");
+        }
+        for other in ["198.18.0.1:4143", "198.18.0.2:8080", "198.18.0.3:4143"] {
+            assert!(!local.is_own(addr(other), ports()), "{other} is not");
+        }
+    });
+    // An address added later counts once the list is read again (a miss re-reads
+    // it at most once a second).
+    gw.add_addr(&gw_if, "198.18.0.3/24").unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !gw.run(|| local.is_own(addr("198.18.0.3:4143"), ports())) {
+        assert!(
+            Instant::now() < deadline,
+            "198.18.0.3 was added but is not seen as the gateway's own"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
