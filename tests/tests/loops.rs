@@ -30,7 +30,7 @@ const EXEMPT_UID: u32 = 2199;
 /// The sidecar's connection limit: what ends a loop that is not detected.
 const MAX_CONNECTIONS: usize = 64;
 /// Application connections made, one after the other.
-const ATTEMPTS: usize = 5;
+const ATTEMPTS: usize = 10;
 const CAUSE: &str = "the capture does not exempt this proxy's UID 2102 (isthmus-init --proxy-uid)";
 
 struct Setup {

@@ -529,17 +529,9 @@ pub async fn connect_upstream(
     connect_within(TcpStream::connect(addr), addr, timeout).await
 }
 
-/// [`connect_upstream`] from a socket the caller made and bound (to know its local
-/// port before the connection attempt starts, say).
-pub async fn connect_socket(
-    socket: tokio::net::TcpSocket,
-    addr: SocketAddr,
-    timeout: Duration,
-) -> Result<TcpStream, ForwardError> {
-    connect_within(socket.connect(addr), addr, timeout).await
-}
-
-async fn connect_within(
+/// [`connect_upstream`]'s timeout and blame around any connect future (one that
+/// started from a socket the caller made, say).
+pub(crate) async fn connect_within(
     connect: impl Future<Output = io::Result<TcpStream>>,
     addr: SocketAddr,
     timeout: Duration,

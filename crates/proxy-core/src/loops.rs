@@ -5,37 +5,44 @@
 //! outbound listener: every forwarded connection opens another, in a chain that only
 //! the connection limit ends. The proxy cannot mark its sockets for the rules to
 //! skip (`SO_MARK` needs `CAP_NET_ADMIN`, which it does not have), so it remembers
-//! them instead: [`connect`] binds each upstream socket to an ephemeral port and
-//! records the port before the SYN leaves, and the outbound listener refuses a
-//! connection whose peer is a local address at a recorded port
-//! ([`OwnPorts::is_own_peer`]). A record lives as long as its socket's [`OwnPort`].
+//! them instead: [`connect`] records the local port of each upstream socket, and the
+//! outbound listener refuses a connection whose peer is a local address at a
+//! recorded port ([`OwnPorts::is_own_peer`]). A record lives as long as its
+//! socket's [`OwnPort`].
+//!
+//! The port is the one the kernel picks inside the non-blocking `connect(2)`, read
+//! right after it returns: binding to port 0 first would make the port known before
+//! the SYN leaves, but takes it out of the ephemeral range for every destination
+//! and not just for this one, and with the proxy closing first (its upstream sockets
+//! then sit in `TIME_WAIT`) `bind` runs out of ports after about 28,000 connections
+//! in a minute where `connect` keeps going. The SYN can come back and be accepted
+//! before the port is recorded, so [`connect`] counts itself as in flight from just
+//! before the system call until the port is recorded, and a check that finds no
+//! record while a connect is in flight waits (a few microseconds, bounded by
+//! [`IN_FLIGHT_WAIT`]) until it ends.
 //!
 //! The table is one counter per port in a static array (128 KiB, no lock, no
-//! allocation): recording and forgetting are an atomic add each, the check on accept
-//! an atomic load, and an interface lookup only for a peer at a recorded port. It is
-//! one per process, which is what a loop is: a socket of this process reaching a
-//! listener of this process.
-//!
-//! Binding before connecting takes a port out of the ephemeral range for every
-//! destination at once, where `connect` alone could reuse it towards different
-//! destinations; the proxy's upstream sockets share one range (about 28,000 ports
-//! by default, `net.ipv4.ip_local_port_range`), which bounds its concurrent upstream
-//! connections per pod, not per destination.
+//! allocation): recording and forgetting are an atomic update each, and the check
+//! on accept two atomic loads when nothing matches; the interface addresses are only
+//! looked up for a peer at a recorded port. It is one per process, which is what a
+//! loop is: a socket of this process reaching a listener of this process.
 //!
 //! The first refused connection of a burst is logged with the likely cause, then
 //! one line per [`WARN_EVERY`] at most, counting what it did not log.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::net::{TcpSocket, TcpStream};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::warn;
 
 use crate::addr::LocalAddrs;
-use crate::forward::{ForwardError, Side, connect_socket};
+use crate::forward::{ForwardError, Side, connect_within};
 
 /// Set in a port's counter when a connection from it was refused as a loop; the
 /// low bits count the live sockets recorded at that port.
@@ -46,9 +53,16 @@ const COUNT: u16 = LOOPED - 1;
 /// connection it forwards, and the cause needs saying once, not per connection.
 pub const WARN_EVERY: Duration = Duration::from_secs(10);
 
+/// Longest a check waits for connects in flight to record their ports. A connect
+/// records its port microseconds after its system call returns; this only bounds
+/// a thread preempted in between.
+pub const IN_FLIGHT_WAIT: Duration = Duration::from_millis(50);
+
 /// The local ports of this process's live upstream sockets.
 pub struct OwnPorts {
     slots: [AtomicU16; 1 << 16],
+    /// Connects between their system call and the record of their port.
+    in_flight: AtomicUsize,
 }
 
 static OWN_PORTS: OwnPorts = OwnPorts::new();
@@ -58,6 +72,7 @@ impl OwnPorts {
     pub const fn new() -> Self {
         Self {
             slots: [const { AtomicU16::new(0) }; 1 << 16],
+            in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -71,7 +86,7 @@ impl OwnPorts {
         let slot = &self.slots[usize::from(port)];
         // Saturating: a count can only be that high if sockets share ports, and
         // then an undercount on release is harmless beside a wrapped counter.
-        let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+        let _ = slot.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
             (v & COUNT < COUNT).then_some(v + 1)
         });
         OwnPort { table: self, port }
@@ -79,14 +94,34 @@ impl OwnPorts {
 
     /// Whether a live upstream socket of this process has local port `port`.
     pub fn contains(&self, port: u16) -> bool {
-        self.slots[usize::from(port)].load(Ordering::Acquire) & COUNT != 0
+        self.slots[usize::from(port)].load(Ordering::SeqCst) & COUNT != 0
     }
 
     /// Whether `peer`, the far end of an accepted connection, is one of this
     /// process's own upstream sockets: a recorded port at a local address. A peer
-    /// elsewhere that happens to use the same port number is not.
-    pub fn is_own_peer(&self, peer: SocketAddr) -> bool {
-        self.contains(peer.port()) && LocalAddrs::shared().is_local(peer.ip())
+    /// elsewhere that happens to use the same port number is not. While a connect
+    /// is in flight whose port is not recorded yet, waits for it (at most
+    /// [`IN_FLIGHT_WAIT`]): its SYN may be the one that came back.
+    pub async fn is_own_peer(&self, peer: SocketAddr) -> bool {
+        let deadline = Instant::now() + IN_FLIGHT_WAIT;
+        let mut spins = 0u32;
+        while !self.contains(peer.port()) {
+            if self.in_flight.load(Ordering::SeqCst) == 0 || Instant::now() >= deadline {
+                // A record made just before the last connect left is visible now.
+                if !self.contains(peer.port()) {
+                    return false;
+                }
+                break;
+            }
+            // The other connect is on another thread, between two system calls.
+            if spins < 64 {
+                spins += 1;
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        LocalAddrs::shared().is_local(peer.ip())
     }
 
     /// Notes that a connection from `port` was refused as a loop, so the socket's
@@ -141,25 +176,58 @@ impl Drop for OwnPort {
 }
 
 /// Connects to `addr` within `timeout` like [`crate::forward::connect_upstream`],
-/// from a socket bound to an ephemeral port that [`OwnPorts::shared`] records
-/// before the connection attempt starts. Keep the [`OwnPort`] as long as the stream.
+/// recording the socket's local port in [`OwnPorts::shared`] as soon as the kernel
+/// has picked it. Keep the [`OwnPort`] as long as the stream.
 pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<(TcpStream, OwnPort), ForwardError> {
     let local_failure = |e| ForwardError::connect_failed(Side::Local, addr, e);
-    let (socket, any) = match addr {
-        SocketAddr::V4(_) => (TcpSocket::new_v4(), IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-        SocketAddr::V6(_) => (TcpSocket::new_v6(), IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
-    };
-    let socket = socket.map_err(local_failure)?;
-    socket
-        .bind(SocketAddr::new(any, 0))
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(local_failure)?;
-    let port = socket.local_addr().map_err(local_failure)?.port();
-    let own = OwnPorts::shared().record(port);
-    let stream = connect_socket(socket, addr, timeout).await?;
+    socket.set_nonblocking(true).map_err(local_failure)?;
+    let own = start_connect(OwnPorts::shared(), &socket, addr)?;
+    let socket = std::net::TcpStream::from(socket);
+    let stream = TcpStream::from_std(socket).map_err(local_failure)?;
+    let stream = connect_within(finish_connect(stream), addr, timeout).await?;
     Ok((stream, own))
+}
+
+/// Starts a non-blocking connect and records the port the kernel picked for it,
+/// counted as in flight in between.
+fn start_connect(
+    table: &'static OwnPorts,
+    socket: &Socket,
+    addr: SocketAddr,
+) -> Result<OwnPort, ForwardError> {
+    table.in_flight.fetch_add(1, Ordering::SeqCst);
+    let started = match socket.connect(&SockAddr::from(addr)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => Ok(()),
+        Err(e) => Err(ForwardError::connect_failed(Side::Upstream, addr, e)),
+    };
+    let recorded = started.and_then(|()| {
+        let local = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or_else(|| io::Error::other("no local address after connect"))
+            .map_err(|e| ForwardError::connect_failed(Side::Local, addr, e))?;
+        Ok(table.record(local.port()))
+    });
+    table.in_flight.fetch_sub(1, Ordering::SeqCst);
+    recorded
+}
+
+/// Waits for a non-blocking connect to finish, as `TcpStream::connect` does.
+async fn finish_connect(stream: TcpStream) -> io::Result<TcpStream> {
+    stream.writable().await?;
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    // Writable without an error can still mean "not connected" on some kernels.
+    stream.peer_addr()?;
+    Ok(stream)
 }
 
 /// Logs a refused loop with its likely cause, at most once per [`WARN_EVERY`].
@@ -252,18 +320,51 @@ mod tests {
         let (_server, peer) = listener.accept().await.unwrap();
         assert_eq!(stream.local_addr().unwrap().port(), own.port());
         assert_eq!(peer.port(), own.port());
-        assert!(OwnPorts::shared().is_own_peer(peer));
+        assert!(OwnPorts::shared().is_own_peer(peer).await);
         let port = own.port();
         drop(own);
-        assert!(!OwnPorts::shared().is_own_peer(SocketAddr::new(peer.ip(), port)));
+        assert!(
+            !OwnPorts::shared()
+                .is_own_peer(SocketAddr::new(peer.ip(), port))
+                .await
+        );
     }
 
-    #[test]
-    fn a_remote_peer_at_a_recorded_port_is_not_ours() {
+    #[tokio::test]
+    async fn a_remote_peer_at_a_recorded_port_is_not_ours() {
         let t = table();
         let _own = t.record(40004);
-        assert!(t.is_own_peer("127.0.0.1:40004".parse().unwrap()));
-        assert!(!t.is_own_peer("203.0.113.9:40004".parse().unwrap()));
+        assert!(t.is_own_peer("127.0.0.1:40004".parse().unwrap()).await);
+        assert!(!t.is_own_peer("203.0.113.9:40004".parse().unwrap()).await);
+    }
+
+    /// A connection accepted while a connect is between its system call and its
+    /// record is checked once the record is made, not before.
+    #[tokio::test(start_paused = true)]
+    async fn a_check_waits_for_a_connect_in_flight() {
+        let t = table();
+        let peer: SocketAddr = "127.0.0.1:40006".parse().unwrap();
+        t.in_flight.fetch_add(1, Ordering::SeqCst);
+        let check = tokio::spawn(async move { t.is_own_peer(peer).await });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(
+            !check.is_finished(),
+            "the check must wait for the connect in flight"
+        );
+        let _own = t.record(40006);
+        t.in_flight.fetch_sub(1, Ordering::SeqCst);
+        assert!(check.await.unwrap());
+
+        // Nothing in flight, nothing recorded: answered at once.
+        let started = Instant::now();
+        assert!(!t.is_own_peer("127.0.0.1:40008".parse().unwrap()).await);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+
+        // A connect stuck in flight delays a check by the bound at most.
+        t.in_flight.fetch_add(1, Ordering::SeqCst);
+        assert!(!t.is_own_peer("127.0.0.1:40008".parse().unwrap()).await);
+        assert!(started.elapsed() <= IN_FLIGHT_WAIT + Duration::from_millis(2));
+        t.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 
     #[tokio::test(start_paused = true)]

@@ -87,7 +87,7 @@ impl<L: RouteLookup> Handler for Outbound<L> {
         } = conn;
         // Checked before anything else: in a loop every connection comes back
         // here, and each must cost no more than this.
-        if OwnPorts::shared().is_own_peer(client.0) {
+        if OwnPorts::shared().is_own_peer(client.0).await {
             OwnPorts::shared().mark_looped(client.0.port());
             let dst = self.orig_dst.orig_dst(&stream, local).ok().map(|d| d.0);
             LoopWarning::shared().refused(client.0, dst);
