@@ -16,7 +16,7 @@ use crate::detect::{DetectConfig, Detected, Prefixed, Protocol, detect};
 use crate::forward::{ForwardConfig, forward_io, forward_tcp};
 use crate::http::HttpProxy;
 use crate::listen::{Accepted, Handler, reset};
-use crate::loops::{self, LoopWarning, OwnPort, OwnPorts};
+use crate::loops::{self, LoopWarning, OwnSocket, OwnSockets};
 use crate::metrics::{ConnectionGuard, Direction, ProxyMetrics};
 use crate::pool::Pool;
 use crate::route::{Route, RouteLookup};
@@ -48,8 +48,8 @@ pub struct Outbound<L> {
 }
 
 enum Upstream {
-    /// A passthrough connection, with its port recorded as the proxy's own.
-    Tcp(TcpStream, OwnPort),
+    /// A passthrough connection, recorded as the proxy's own socket.
+    Tcp(TcpStream, OwnSocket),
     Tunnel(TunnelStream),
 }
 
@@ -85,18 +85,6 @@ impl<L: RouteLookup> Handler for Outbound<L> {
             client,
             local,
         } = conn;
-        // Checked before anything else: in a loop every connection comes back
-        // here, and each must cost no more than this.
-        if OwnPorts::shared().is_own_peer(client.0).await {
-            OwnPorts::shared().mark_looped(client.0.port());
-            let dst = self.orig_dst.orig_dst(&stream, local).ok().map(|d| d.0);
-            LoopWarning::shared().refused(client.0, dst);
-            self.metrics
-                .refused(Direction::Outbound, Refusal::Loop.as_str());
-            guard.set_reason("loop");
-            reset(stream);
-            return;
-        }
         let dst = match self.orig_dst.orig_dst(&stream, local) {
             Ok(dst) => dst,
             Err(e) => {
@@ -106,6 +94,17 @@ impl<L: RouteLookup> Handler for Outbound<L> {
                 return;
             }
         };
+        // Checked before anything else is spent on it: in a loop every connection
+        // comes back here, and each must cost no more than this.
+        if OwnSockets::shared().is_own_upstream(client.0, dst.0).await {
+            OwnSockets::shared().mark_looped(client.0, dst.0);
+            LoopWarning::shared().refused(client.0, Some(dst.0));
+            self.metrics
+                .refused(Direction::Outbound, Refusal::Loop.as_str());
+            guard.set_reason("loop");
+            reset(stream);
+            return;
+        }
         if LocalAddrs::shared().is_own(dst.0, self.cfg.proxy_ports.iter().copied()) {
             info!(%client, %dst, "connection to the proxy's own port refused (loop)");
             self.metrics
