@@ -11,13 +11,13 @@
 //! Tools are looked up in `PATH` only, so what runs is what the container image
 //! ships. The mode-specific names (`iptables-nft-restore`) are preferred; the plain
 //! name (`iptables-restore`) is accepted when its `--version` says it is that mode.
-//! This module runs only `*-save` and `--version`; changing rules is [`crate::apply`].
+//! This module runs only `--version`; reading and changing rules is [`crate::apply`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::config::{BackendChoice, Family};
+use crate::config::Family;
 use crate::rules::NatState;
 
 /// One of the two kernel interfaces the iptables tools speak.
@@ -28,6 +28,17 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Both modes, nft first.
+    pub const ALL: [Mode; 2] = [Mode::Nft, Mode::Legacy];
+
+    /// The mode that is not this one.
+    pub fn other(self) -> Mode {
+        match self {
+            Mode::Nft => Mode::Legacy,
+            Mode::Legacy => Mode::Nft,
+        }
+    }
+
     fn infix(self) -> &'static str {
         match self {
             Mode::Nft => "nft",
@@ -161,48 +172,17 @@ pub fn choose(nft: Holdings, legacy: Holdings) -> Mode {
     }
 }
 
-/// The mode to use and, for `auto`, why. Unreadable state (missing tools, no
-/// permission) counts as empty: the apply step reports those errors properly.
-pub fn resolve(choice: BackendChoice, families: &[Family]) -> (Mode, String) {
-    match choice {
-        BackendChoice::Nft => (Mode::Nft, "chosen by --backend".to_owned()),
-        BackendChoice::Legacy => (Mode::Legacy, "chosen by --backend".to_owned()),
-        BackendChoice::Auto => {
-            let holdings = |mode| {
-                let mut total = Holdings::default();
-                for family in families {
-                    let Ok(tools) = locate(mode, *family) else {
-                        continue;
-                    };
-                    let Ok(out) = Command::new(&tools.save)
-                        .stdin(Stdio::null())
-                        .stderr(Stdio::null())
-                        .output()
-                    else {
-                        continue;
-                    };
-                    let h = Holdings::of(&String::from_utf8_lossy(&out.stdout));
-                    total.ours |= h.ours;
-                    total.rules += h.rules;
-                }
-                total
-            };
-            let (nft, legacy) = (holdings(Mode::Nft), holdings(Mode::Legacy));
-            let mode = choose(nft, legacy);
-            let why = format!(
-                "auto: nft holds {} rules and user chains{}, legacy holds {}{}",
-                nft.rules,
-                if nft.ours { " (ours among them)" } else { "" },
-                legacy.rules,
-                if legacy.ours {
-                    " (ours among them)"
-                } else {
-                    ""
-                },
-            );
-            (mode, why)
-        }
-    }
+/// The mode `auto` picks from what each mode holds, and a sentence saying why.
+pub fn auto(nft: Holdings, legacy: Holdings) -> (Mode, String) {
+    let ours = |h: Holdings| if h.ours { " (ours among them)" } else { "" };
+    let why = format!(
+        "auto: nft holds {} rules and user chains{}, legacy holds {}{}",
+        nft.rules,
+        ours(nft),
+        legacy.rules,
+        ours(legacy),
+    );
+    (choose(nft, legacy), why)
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@
 //!   the rules in order and why each one is there.
 //! - [`backend`]: finding the `iptables-nft-*` / `iptables-legacy-*` (and `ip6tables-*`)
 //!   tools and choosing between them.
-//! - [`apply`]: running `*-save` and `*-restore`, installing and cleaning up.
+//! - [`apply`]: running `*-save` and `*-restore` (through a [`apply::Runner`], faked
+//!   in tests), installing into one backend and cleaning up every backend.
 //!
 //! This crate deliberately knows nothing of the proxy: it only knows the proxy's UID
 //! and ports. It touches only the `nat` table, and inside it only its own chains and

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use iptables_init::apply::{self, Action, Plan};
+use iptables_init::apply::{self, Action, Change, Plan};
 use iptables_init::config::{
     BackendChoice, Cidr, Config, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
     DEFAULT_SKIP_INBOUND_PORTS, PortList, parse_cidr_list, parse_port,
@@ -109,7 +109,7 @@ fn main() -> ExitCode {
 }
 
 fn run(config: &Config, action: Action, dry_run: bool) -> anyhow::Result<()> {
-    let plan = apply::plan(config, action, dry_run).context("reading the current nat table")?;
+    let plan = apply::plan(config, action, dry_run).context("reading the current nat tables")?;
     for note in &plan.notes {
         eprintln!("isthmus-init: {note}");
     }
@@ -122,30 +122,43 @@ fn run(config: &Config, action: Action, dry_run: bool) -> anyhow::Result<()> {
         Action::Cleanup => "removing the capture rules",
     })?;
     for step in &plan.steps {
-        let name = step.restore_name(plan.mode);
-        match (action, &step.text) {
-            (Action::Install, Some(_)) => println!(
-                "isthmus-init: {} capture installed with {name}: outbound to port {}, inbound to port {}, proxy uid {} exempt",
-                step.family, config.outbound_port, config.inbound_port, config.proxy_uid
+        let (family, mode, name) = (step.family, step.mode, step.restore_name());
+        match (action, step.change, &step.text) {
+            (_, Change::Install, _) => println!(
+                "isthmus-init: {family} capture installed with {name}: outbound to port {}, inbound to port {}, proxy uid {} exempt",
+                config.outbound_port, config.inbound_port, config.proxy_uid
             ),
-            (Action::Cleanup, Some(_)) => {
-                println!("isthmus-init: {} capture removed with {name}", step.family)
+            (Action::Install, Change::Remove, _) => println!(
+                "isthmus-init: {family} copy of the capture in the {mode} backend removed with {name}"
+            ),
+            (Action::Cleanup, Change::Remove, Some(_)) => {
+                println!("isthmus-init: {family} capture removed with {name}")
             }
-            (_, None) => println!(
-                "isthmus-init: {} has no capture rules to remove",
-                step.family
-            ),
+            (Action::Cleanup, Change::Remove, None) => {
+                println!("isthmus-init: {family} {mode} backend has no capture rules to remove")
+            }
         }
+    }
+    if action == Action::Cleanup {
+        let checked: Vec<String> = plan
+            .steps
+            .iter()
+            .map(|s| format!("{} {}", s.mode, s.family))
+            .collect();
+        println!(
+            "isthmus-init: no capture rules remain in {}",
+            checked.join(", ")
+        );
     }
     Ok(())
 }
 
-/// The restore input of every family, each under a comment header naming the tool
+/// The restore input of every step, each under a comment header naming the tool
 /// it is for; comments are valid restore input, so the text can be fed as is.
 fn dry_run_text(plan: &Plan) -> String {
     let mut out = String::new();
     for step in &plan.steps {
-        let name = step.restore_name(plan.mode);
+        let name = step.restore_name();
         match &step.text {
             Some(text) => {
                 out.push_str(&format!(
@@ -154,8 +167,8 @@ fn dry_run_text(plan: &Plan) -> String {
                 ));
             }
             None => out.push_str(&format!(
-                "# {}: nothing of isthmus-init to remove\n",
-                step.family
+                "# {} {}: nothing of isthmus-init to remove\n",
+                step.family, step.mode
             )),
         }
     }

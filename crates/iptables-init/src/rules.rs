@@ -133,6 +133,16 @@ impl NatState {
         &self.rules
     }
 
+    /// Everything of ours this table holds: our chains by name, then each rule of
+    /// another chain that jumps into one of them, as saved. Empty once a cleanup
+    /// has done its work.
+    pub fn leftovers(&self) -> Vec<String> {
+        self.our_chains()
+            .map(str::to_owned)
+            .chain(self.jumps_into_ours().map(|rule| format!("`{rule}`")))
+            .collect()
+    }
+
     /// Rules outside our chains that jump (or go) to one of them.
     fn jumps_into_ours(&self) -> impl Iterator<Item = &String> + '_ {
         self.rules.iter().filter(|rule| {

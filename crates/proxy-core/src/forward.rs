@@ -233,6 +233,18 @@ impl ForwardError {
         }
     }
 
+    /// A connection to `addr` that could not be made; `side` is
+    /// [`Side::Local`] when the proxy's own socket failed before any packet left.
+    pub(crate) fn connect_failed(side: Side, addr: SocketAddr, source: io::Error) -> Self {
+        Self {
+            side,
+            kind: ErrorKind::Connect,
+            stats: ForwardStats::default(),
+            peer: Some(addr),
+            source,
+        }
+    }
+
     fn with_peer(mut self, peer: Option<SocketAddr>) -> Self {
         self.peer = peer;
         self
@@ -514,15 +526,19 @@ pub async fn connect_upstream(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<TcpStream, ForwardError> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+    connect_within(TcpStream::connect(addr), addr, timeout).await
+}
+
+/// [`connect_upstream`]'s timeout and blame around any connect future (one that
+/// started from a socket the caller made, say).
+pub(crate) async fn connect_within(
+    connect: impl Future<Output = io::Result<TcpStream>>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, ForwardError> {
+    match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(e)) => Err(ForwardError {
-            side: Side::Upstream,
-            kind: ErrorKind::Connect,
-            stats: ForwardStats::default(),
-            peer: Some(addr),
-            source: e,
-        }),
+        Ok(Err(e)) => Err(ForwardError::connect_failed(Side::Upstream, addr, e)),
         Err(_elapsed) => Err(ForwardError {
             side: Side::Upstream,
             kind: ErrorKind::ConnectTimeout,

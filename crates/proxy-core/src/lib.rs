@@ -4,6 +4,7 @@
 //! - [`addr`]: address newtypes and the original-destination lookup (`SO_ORIGINAL_DST`).
 //! - [`route`]: the [`route::RouteLookup`] seam that discovery plugs into.
 //! - [`listen`]: accept loops with a connection bound and a graceful drain.
+//! - [`loops`]: recognising the proxy's own upstream sockets when they come back.
 //! - [`detect`]: protocol detection on a connection's first bytes.
 //! - [`forward`]: the bidirectional byte forwarder (copy loop, and `splice` between sockets).
 //! - [`http`]: per-request HTTP proxying for connections detected as HTTP.
@@ -23,6 +24,7 @@ pub mod forward;
 pub mod http;
 pub mod inbound;
 pub mod listen;
+pub mod loops;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;

@@ -11,11 +11,12 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info};
 
-use crate::addr::{OrigDst, OrigDstAddr, is_local_ip};
+use crate::addr::{LocalAddrs, OrigDst, OrigDstAddr};
 use crate::detect::{DetectConfig, Detected, Prefixed, Protocol, detect};
-use crate::forward::{ForwardConfig, connect_upstream, forward_io, forward_tcp};
+use crate::forward::{ForwardConfig, forward_io, forward_tcp};
 use crate::http::HttpProxy;
 use crate::listen::{Accepted, Handler, reset};
+use crate::loops::{self, LoopWarning, OwnSocket, OwnSockets};
 use crate::metrics::{ConnectionGuard, Direction, ProxyMetrics};
 use crate::pool::Pool;
 use crate::route::{Route, RouteLookup};
@@ -47,8 +48,33 @@ pub struct Outbound<L> {
 }
 
 enum Upstream {
-    Tcp(TcpStream),
+    /// A passthrough connection, recorded as the proxy's own socket.
+    Tcp(TcpStream, OwnSocket),
     Tunnel(TunnelStream),
+}
+
+impl Upstream {
+    /// Resolves if the upstream fails (a reset) before the client has spoken; a
+    /// tunnel stream reports its failures when used.
+    async fn failed(&self) {
+        match self {
+            Upstream::Tcp(stream, _) => {
+                if stream.ready(tokio::io::Interest::ERROR).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            Upstream::Tunnel(_) => std::future::pending().await,
+        }
+    }
+
+    /// Why a failed upstream is refused: a loop when the connection came back into
+    /// this proxy and was refused there.
+    fn refusal(&self) -> Refusal {
+        match self {
+            Upstream::Tcp(_, own) if own.looped() => Refusal::Loop,
+            _ => Refusal::UpstreamRefused,
+        }
+    }
 }
 
 impl<L: RouteLookup> Handler for Outbound<L> {
@@ -68,7 +94,18 @@ impl<L: RouteLookup> Handler for Outbound<L> {
                 return;
             }
         };
-        if self.cfg.proxy_ports.contains(&dst.0.port()) && is_local_ip(dst.0.ip()) {
+        // Checked before anything else is spent on it: in a loop every connection
+        // comes back here, and each must cost no more than this.
+        if OwnSockets::shared().is_own_upstream(client.0, dst.0).await {
+            OwnSockets::shared().mark_looped(client.0, dst.0);
+            LoopWarning::shared().refused(client.0, Some(dst.0));
+            self.metrics
+                .refused(Direction::Outbound, Refusal::Loop.as_str());
+            guard.set_reason("loop");
+            reset(stream);
+            return;
+        }
+        if LocalAddrs::shared().is_own(dst.0, self.cfg.proxy_ports.iter().copied()) {
             info!(%client, %dst, "connection to the proxy's own port refused (loop)");
             self.metrics
                 .refused(Direction::Outbound, Refusal::Loop.as_str());
@@ -77,22 +114,7 @@ impl<L: RouteLookup> Handler for Outbound<L> {
             return;
         }
         let route = self.lookup.route_addr(dst);
-        let skip_detection = self.cfg.opaque_ports.contains(&dst.0.port());
-        // Connecting while detecting hides the connect latency behind the client's
-        // first bytes, and a server-speaks-first peer is not kept waiting twice.
-        let detection = async {
-            if skip_detection {
-                Ok(Detected::opaque())
-            } else {
-                detect(&mut stream, &self.cfg.detect).await
-            }
-        };
-        let (upstream, detected) = match connect_while_detecting(
-            self.connect(&route, dst),
-            detection,
-        )
-        .await
-        {
+        let (upstream, detected) = match self.connect_and_detect(&route, dst, &mut stream).await {
             Ok(both) => both,
             Err(refusal) => {
                 info!(%client, %dst, route = ?route, reason = refusal.as_str(), "outbound connection refused");
@@ -114,16 +136,53 @@ impl<L: RouteLookup> Handler for Outbound<L> {
             Route::Mirrored { authority, .. } => authority.to_string(),
             Route::Passthrough => dst.to_string(),
         };
+        // The recorded port is forgotten once forwarding is over and the upstream
+        // socket closed.
+        let (upstream, _own) = match upstream {
+            Upstream::Tcp(stream, own) => (UpstreamIo::Tcp(stream), Some(own)),
+            Upstream::Tunnel(s) => (UpstreamIo::Other(Box::new(s)), None),
+        };
         self.forward(stream, upstream, detected, &label, &mut guard, drain)
             .await;
     }
 }
 
 impl<L: RouteLookup> Outbound<L> {
+    /// Connects while detection waits for the client's first bytes (hiding the
+    /// connect latency behind them), and returns as soon as the connect fails: a
+    /// refused or timed-out upstream resets the client at once, not after the
+    /// detection window, and so does an upstream that fails while the client has
+    /// not spoken yet (its own connection refused as a loop, say).
+    async fn connect_and_detect(
+        &self,
+        route: &Route,
+        dst: OrigDstAddr,
+        stream: &mut TcpStream,
+    ) -> Result<(Upstream, std::io::Result<Detected>), Refusal> {
+        let skip_detection = self.cfg.opaque_ports.contains(&dst.0.port());
+        let detection = async {
+            if skip_detection {
+                Ok(Detected::opaque())
+            } else {
+                detect(stream, &self.cfg.detect).await
+            }
+        };
+        let mut detection = std::pin::pin!(detection);
+        let mut connect = std::pin::pin!(self.connect(route, dst));
+        let upstream = tokio::select! {
+            upstream = &mut connect => upstream?,
+            detected = &mut detection => return Ok((connect.await?, detected)),
+        };
+        tokio::select! {
+            detected = &mut detection => Ok((upstream, detected)),
+            () = upstream.failed() => Err(upstream.refusal()),
+        }
+    }
+
     async fn connect(&self, route: &Route, dst: OrigDstAddr) -> Result<Upstream, Refusal> {
         match route {
-            Route::Passthrough => match connect_upstream(dst.0, self.cfg.connect_timeout).await {
-                Ok(stream) => Ok(Upstream::Tcp(stream)),
+            Route::Passthrough => match loops::connect(dst.0, self.cfg.connect_timeout).await {
+                Ok((stream, own)) => Ok(Upstream::Tcp(stream, own)),
                 Err(e) if e.is_connect_timeout() => Err(Refusal::UpstreamTimeout),
                 Err(_) => Err(Refusal::UpstreamRefused),
             },
@@ -143,7 +202,7 @@ impl<L: RouteLookup> Outbound<L> {
     async fn forward(
         &self,
         stream: TcpStream,
-        upstream: Upstream,
+        upstream: UpstreamIo,
         detected: Detected,
         label: &str,
         guard: &mut ConnectionGuard,
@@ -151,7 +210,7 @@ impl<L: RouteLookup> Outbound<L> {
     ) {
         serve_detected(
             stream,
-            upstream_io(upstream),
+            upstream,
             detected,
             label,
             &self.http,
@@ -185,13 +244,6 @@ pub(crate) async fn connect_while_detecting<U, E, D>(
 pub enum UpstreamIo {
     Tcp(TcpStream),
     Other(crate::tunnel::BoxIo),
-}
-
-fn upstream_io(upstream: Upstream) -> UpstreamIo {
-    match upstream {
-        Upstream::Tcp(s) => UpstreamIo::Tcp(s),
-        Upstream::Tunnel(s) => UpstreamIo::Other(Box::new(s)),
-    }
 }
 
 /// Forwards a detected downstream connection to its upstream: HTTP through the
