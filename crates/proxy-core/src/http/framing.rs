@@ -163,3 +163,48 @@ impl hyper::body::Body for RequestBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(fields: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::builder().method("POST").uri("/");
+        for (name, value) in fields {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn only_a_single_chunked_or_one_content_length_frames_a_request() {
+        for ok in [
+            &[][..],
+            &[("transfer-encoding", "chunked")],
+            &[("transfer-encoding", "CHUNKED")],
+            &[("content-length", "5")],
+        ] {
+            assert_eq!(h1_framing(&request(ok)), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            &[("transfer-encoding", "gzip, chunked")][..],
+            &[("transfer-encoding", "chunked, chunked")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[("transfer-encoding", "chunked"), ("content-length", "5")],
+            &[("content-length", "5"), ("content-length", "5")],
+        ] {
+            assert!(h1_framing(&request(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn padded_values_are_malformed_in_http2_inner_whitespace_is_not() {
+        assert!(h2_fields(&request(&[("x", "a b\tc")])).is_ok());
+        for padded in [" a", "a ", "\ta", "a\t"] {
+            assert!(h2_fields(&request(&[("x", padded)])).is_err(), "{padded:?}");
+        }
+    }
+}
