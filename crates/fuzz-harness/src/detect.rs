@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use proxy_core::detect::{
-    DEFAULT_MAX_PREFIX, DetectConfig, H2_PREFACE, Prefixed, Protocol, classify, detect,
+    DEFAULT_MAX_PREFIX, DetectConfig, H2_PREFACE, Prefixed, Protocol, Stall, classify, detect,
+    undecided,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
@@ -120,9 +121,11 @@ fn check_detect(data: &[u8], chunk: usize) {
     assert!(!detected.timed_out);
     match classify(&detected.prefix) {
         Some(p) => assert_eq!(detected.protocol, p, "detect disagrees with classify"),
-        // Undecided at the limit: a request line in progress, so HTTP/1; undecided
-        // at EOF: opaque (no request line completes after EOF).
-        None if n == DEFAULT_MAX_PREFIX => assert_eq!(detected.protocol, Protocol::Http1),
+        // Undecided at the limit: as `undecided` says; undecided at EOF: opaque
+        // (no request line completes after EOF).
+        None if n == DEFAULT_MAX_PREFIX => {
+            assert_eq!(detected.protocol, undecided(&detected.prefix, Stall::Limit))
+        }
         None => {
             assert_eq!(detected.protocol, Protocol::Opaque);
             assert_eq!(

@@ -19,12 +19,14 @@
 //! union of what lenient origins accept (nginx, Apache, Node's llhttp, hyper), not by
 //! RFC 9112's strict grammar: leading empty lines and whitespace, any printable
 //! method, runs of SP, HTAB, VT, FF or a bare CR between the words, any bytes in the
-//! target, any `HTTP/` version in any case, HTTP/0.9 lines, and a line that stalls or
-//! outgrows the limit before it ends. The HTTP path then parses strictly and answers
-//! what is malformed with `400` (`431`, `414` when too large) itself. Opaque is left
-//! only for what no HTTP/1 server reads as a request: a first byte that cannot start
-//! a method (TLS, binary framings), or a whole first line that names no version and
-//! no path (`*1`, `SSH-2.0-...`, `get key`, `EHLO host`).
+//! target, any `HTTP/` version in any case, HTTP/0.9 lines, and a line that stalls
+//! or outgrows the limit once it reads as the start of a request. The HTTP path then
+//! parses strictly and answers what is malformed with `400` (`431`, `414` when too
+//! large) itself. Opaque is left for what no HTTP/1 server reads as a request: a
+//! first byte that cannot start a method (TLS, binary framings), a whole first line
+//! that names no version and no path (`*1`, `SSH-2.0-...`, `get key`, `EHLO host`),
+//! and words without a line end that do not start like a request (plain TCP
+//! clients that write a few words and wait).
 
 use std::fmt;
 use std::io;
@@ -40,17 +42,18 @@ use tokio::time::Instant;
 pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The request-line length detection reads up to by default
-/// ([`DEFAULT_MAX_PREFIX`]): nginx's default `large_client_header_buffers` line size. A request line still going at this
-/// length is HTTP/1 (the HTTP path answers it `414` or `431` once past its own
-/// limits); it is never forwarded raw for being long.
+/// ([`DEFAULT_MAX_PREFIX`]): nginx's default `large_client_header_buffers` line
+/// size. A request line still going at this length is HTTP/1 (the HTTP path
+/// answers it `414` or `431` once past its own limits); it is never forwarded raw
+/// for being long.
 pub const MAX_REQUEST_LINE: usize = 8 * 1024;
 
 /// Default [`DetectConfig::timeout`]: one second. A client-speaks-first protocol sends
 /// within a round trip of connecting, so a second is ample in a cluster; a
 /// server-speaks-first client waits this long before its server is even dialled, so
-/// it must stay short. A client that sent part of a request line and then went
-/// quiet is HTTP/1 (a trickled request line must not slip past as opaque), so only
-/// a client that sent nothing at all is opaque on expiry. (Linkerd waits 10 s, a
+/// it must stay short. A client that sent the start of a request line and then
+/// went quiet is HTTP/1 (a trickled request line must not slip past as opaque; see
+/// [`undecided`]); other clients that went quiet are opaque. (Linkerd waits 10 s, a
 /// long stall for every MySQL or SMTP connection on a port not marked opaque.)
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -93,12 +96,11 @@ impl fmt::Display for Protocol {
 #[derive(Clone, Debug)]
 pub struct DetectConfig {
     /// How long to wait, in total, for the client's first bytes to decide. On expiry
-    /// a client that sent nothing is opaque, one that sent part of a request line is
-    /// HTTP/1.
+    /// the prefix is decided by [`undecided`].
     pub timeout: Duration,
     /// Most bytes read before deciding; a prefix still undecided at this length is
-    /// HTTP/1 (only a request line in progress stays undecided that long). Values
-    /// below the 24-byte HTTP/2 preface are raised to it.
+    /// decided by [`undecided`]. Values below the 24-byte HTTP/2 preface are raised
+    /// to it.
     pub max_prefix: usize,
 }
 
@@ -119,8 +121,8 @@ pub struct Detected {
     /// Every byte read from the client; replay them (see [`Prefixed`], or the
     /// forwarder's `prefix`) before anything else read from the connection.
     pub prefix: BytesMut,
-    /// [`DetectConfig::timeout`] fired before [`classify`] decided: `protocol` is
-    /// [`Protocol::Opaque`] if the client sent nothing, else [`Protocol::Http1`].
+    /// [`DetectConfig::timeout`] fired before [`classify`] decided; `protocol` is
+    /// what [`undecided`] made of the prefix.
     pub timed_out: bool,
 }
 
@@ -136,10 +138,9 @@ impl Detected {
     }
 }
 
-/// Reads from `io` until the protocol is known. Undecided prefixes end as
-/// [`undecided`] says: HTTP/1 when the timeout fires after some bytes or
-/// `max_prefix` bytes arrived, opaque on EOF or when the timeout fires before any
-/// byte.
+/// Reads from `io` until the protocol is known, the timeout fires, `max_prefix`
+/// bytes arrived or the client ends its stream; a prefix still undecided then is
+/// decided by [`undecided`].
 ///
 /// Only read errors are errors; every byte read is in [`Detected::prefix`].
 /// Cancel-safe only in that dropping it drops the bytes read so far.
@@ -196,18 +197,48 @@ pub enum Stall {
 /// The protocol of a prefix [`classify`] left undecided (`None`) that stopped
 /// growing.
 ///
-/// Undecided means the prefix may still become a request line, so more bytes
-/// arriving later (after a timeout) or beyond the limit could complete one at the
-/// origin: HTTP/1, parsed by the proxy. Only a client that sent nothing (a
-/// server-speaks-first protocol) or that ended its stream is opaque: no request
-/// line can complete after EOF.
+/// After EOF no request line can complete: opaque. After a timeout or at the
+/// limit, the rest may still come, and an origin would read a request line
+/// trickled past the timeout; but plain TCP clients also write a few words
+/// without a line end and wait for an answer, and must keep working. So a stalled
+/// prefix is HTTP/1 only when it already reads as the start of a request: empty
+/// lines or whitespace with nothing after them, a first word that is (or begins)
+/// a common method in upper case, or a second word that is a path, `*` or an
+/// absolute URI. Anything else stalled is opaque, as a client that sent nothing.
 pub fn undecided(prefix: &[u8], stall: Stall) -> Protocol {
-    match stall {
-        Stall::Eof => Protocol::Opaque,
-        Stall::Timeout if prefix.is_empty() => Protocol::Opaque,
-        Stall::Timeout | Stall::Limit => Protocol::Http1,
+    if stall == Stall::Eof || prefix.is_empty() {
+        return Protocol::Opaque;
+    }
+    let Some(start) = prefix.iter().position(|&b| !is_separator(b) && b != b'\n') else {
+        // Only empty lines so far: no protocol but HTTP/1 starts like that.
+        return Protocol::Http1;
+    };
+    let rest = &prefix[start..];
+    let method_end = rest.iter().position(|&b| is_separator(b));
+    let method = &rest[..method_end.unwrap_or(rest.len())];
+    let request_like = match method_end {
+        None => METHODS.iter().any(|m| m.starts_with(method)),
+        Some(end) => {
+            let target = rest[end..]
+                .iter()
+                .position(|&b| !is_separator(b))
+                .map_or(&b""[..], |t| &rest[end + t..]);
+            METHODS.contains(&method) || target.starts_with(b"*") || is_path_or_absolute(target)
+        }
+    };
+    if request_like {
+        Protocol::Http1
+    } else {
+        Protocol::Opaque
     }
 }
+
+/// Methods whose start alone makes a stalled prefix HTTP/1 ([`undecided`]): RFC
+/// 9110's, `PATCH`, and `PRI`. Upper case only: nginx and llhttp accept no other
+/// spelling, and lower-case words are common in text protocols (`get key`).
+const METHODS: [&[u8]; 10] = [
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH", b"PRI",
+];
 
 /// Classifies a connection from its first bytes: `Some` once decided, `None` while
 /// more bytes are needed.

@@ -193,14 +193,41 @@ fn long_methods_and_targets_stay_undecided_never_opaque() {
 }
 
 #[test]
-fn undecided_prefixes_that_stall_are_http1_unless_nothing_came_or_the_stream_ended() {
-    for prefix in [&b"G"[..], b"GET /", b"\r\n", b"GET /a\rb"] {
-        assert_eq!(undecided(prefix, Stall::Timeout), Http1);
-        assert_eq!(undecided(prefix, Stall::Limit), Http1);
-        assert_eq!(undecided(prefix, Stall::Eof), Opaque);
+fn stalled_prefixes_are_http1_only_when_they_start_like_a_request() {
+    // Trickled request lines: the rest could reach the origin after the timeout.
+    for prefix in [
+        &b"G"[..],
+        b"PO",
+        b"GET",
+        b"GET ",
+        b"GET /",
+        b"DELETE x",
+        b"\r\n",
+        b"\r\n\r\n ",
+        b"\r\nPOST /a\rb",
+        b"FOO /x",
+        b"anything *",
+        b"M http://host/",
+    ] {
+        let what = String::from_utf8_lossy(prefix);
+        assert_eq!(undecided(prefix, Stall::Timeout), Http1, "{what:?}");
+        assert_eq!(undecided(prefix, Stall::Limit), Http1, "{what:?}");
+        assert_eq!(undecided(prefix, Stall::Eof), Opaque, "{what:?}");
     }
-    assert_eq!(undecided(b"", Stall::Timeout), Opaque);
-    assert_eq!(undecided(b"", Stall::Eof), Opaque);
+    // Plain TCP clients that write a few words and wait for an answer.
+    for prefix in [
+        &b""[..],
+        b"first, ",
+        b"hello over ipv6",
+        b"get key",
+        b"PING",
+        b"{\"a\": 1, \"b\": ",
+        b"g",
+    ] {
+        let what = String::from_utf8_lossy(prefix);
+        assert_eq!(undecided(prefix, Stall::Timeout), Opaque, "{what:?}");
+        assert_eq!(undecided(prefix, Stall::Limit), Opaque, "{what:?}");
+    }
 }
 
 fn cfg(timeout: Duration) -> DetectConfig {

@@ -287,5 +287,17 @@ pub fn all() -> Vec<Payload> {
             pace: Pace::Stall { split: 9 },
             expect: Forwarded,
         },
+        Payload {
+            name: "method split by a stall",
+            bytes: b"POST /split HTTP/1.1\r\nHost: o\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            pace: Pace::Stall { split: 1 },
+            expect: Forwarded,
+        },
+        Payload {
+            name: "empty line, then a stall",
+            bytes: b"\r\nGET /late HTTP/1.1\r\nHost: o\r\n\r\n".to_vec(),
+            pace: Pace::Stall { split: 2 },
+            expect: Forwarded,
+        },
     ]
 }
