@@ -6,9 +6,10 @@
 //! What the transparent path answers (ARCHITECTURE.md, "Limits and hostile input"):
 //! a connection whose request line detection recognised as HTTP is parsed by the
 //! sidecar, so a head it cannot parse gets `400` (`431` when too large) from the
-//! sidecar itself and never reaches the app; a connection detection did not
-//! recognise (a bad method or version, a request line over 8 KiB) is opaque and
-//! passes through untouched, as any TCP does.
+//! sidecar itself and never reaches the app. Detection recognises whatever a
+//! lenient origin would read as a request (an odd method or version, a request
+//! line over 8 KiB included); only what no HTTP server reads as a request is
+//! opaque and passes through untouched, as any TCP does.
 //!
 //! Each test asserts the answer within a generous bound, that a bystander is still
 //! served, and that the sidecar's descriptors return to their baseline. Needs root
@@ -259,6 +260,21 @@ fn malformed_http1_is_answered_by_the_sidecar_and_unrecognised_bytes_pass_throug
         ("obs-fold", line("host: x\r\nx-a: b\r\n  folded\r\n"), "400"),
         ("a space before the colon", line("host : x\r\n"), "400"),
         (
+            "a bad method",
+            b"G(T / HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "a bad version",
+            b"GET / HTTP/9.7\r\nhost: x\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "an empty line and a bare CR in the target",
+            b"\r\nGET /a\rb HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
             "one huge header",
             line(&format!("host: x\r\nx-big: {}\r\n", "b".repeat(20_000))),
             "431",
@@ -295,19 +311,17 @@ fn malformed_http1_is_answered_by_the_sidecar_and_unrecognised_bytes_pass_throug
         );
     }
 
-    // Not recognised as HTTP by detection: forwarded as opaque bytes, untouched.
+    // What no HTTP server reads as a request: forwarded as opaque bytes, untouched
+    // (the origin here answers any blank-line-terminated text).
     let unrecognised: Vec<(&str, Vec<u8>)> = vec![
         (
-            "a bad method",
-            b"G(T / HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+            "an SSH banner",
+            b"SSH-2.0-OpenSSH_9.6\r\nhost: x\r\n\r\n".to_vec(),
         ),
+        ("a memcached get", b"get key\r\nhost: x\r\n\r\n".to_vec()),
         (
-            "a bad version",
-            b"GET / HTTP/9.7\r\nhost: x\r\n\r\n".to_vec(),
-        ),
-        (
-            "a request line over 8 KiB",
-            format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(9000)).into_bytes(),
+            "a line with no version and no path",
+            b"HELLO there\r\nhost: x\r\n\r\n".to_vec(),
         ),
     ];
     for (what, request) in &unrecognised {

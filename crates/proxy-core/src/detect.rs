@@ -11,8 +11,22 @@
 //! look inside TLS (a ClientHello is opaque here), nor know which ports skip detection:
 //! the caller does not call [`detect`] for ports configured as opaque.
 //!
-//! Misclassification is always safe in one direction: anything not recognised is
-//! forwarded as opaque TCP, which works for every protocol, HTTP included.
+//! # Which way a doubt goes
+//!
+//! An opaque connection is forwarded raw, so whatever an origin would read as an
+//! HTTP/1 request must not be opaque: that would carry it past the proxy's parser, its
+//! request counts and its smuggling defences. HTTP/1 is therefore recognised by the
+//! union of what lenient origins accept (nginx, Apache, Node's llhttp, hyper), not by
+//! RFC 9112's strict grammar: leading empty lines and whitespace, any printable
+//! method, runs of SP, HTAB, VT, FF or a bare CR between the words, any bytes in the
+//! target, any `HTTP/` version in any case, HTTP/0.9 lines, and a line that stalls
+//! or outgrows the limit once it reads as the start of a request. The HTTP path then
+//! parses strictly and answers what is malformed with `400` (`431`, `414` when too
+//! large) itself. Opaque is left for what no HTTP/1 server reads as a request: a
+//! first byte that cannot start a method (TLS, binary framings), a whole first line
+//! that names no version and no path (`*1`, `SSH-2.0-...`, `get key`, `EHLO host`),
+//! and words without a line end that do not start like a request (plain TCP
+//! clients that write a few words and wait).
 
 use std::fmt;
 use std::io;
@@ -27,30 +41,24 @@ use tokio::time::Instant;
 /// The HTTP/2 connection preface a prior-knowledge client sends first (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Longest HTTP/1 request line recognised, line ending included: nginx's default
-/// `large_client_header_buffers` line size, beyond which common servers answer 414
-/// anyway. Longer lines are classified opaque (and still forwarded).
+/// The request-line length detection reads up to by default
+/// ([`DEFAULT_MAX_PREFIX`]): nginx's default `large_client_header_buffers` line
+/// size. A request line still going at this length is HTTP/1 (the HTTP path
+/// answers it `414` or `431` once past its own limits); it is never forwarded raw
+/// for being long.
 pub const MAX_REQUEST_LINE: usize = 8 * 1024;
-
-/// Longest method recognised. The longest registered method, `UPDATEREDIRECTREF`, has
-/// 17 bytes; a longer run of token bytes is far likelier a binary or text protocol
-/// that merely starts with letters.
-const MAX_METHOD: usize = 32;
 
 /// Default [`DetectConfig::timeout`]: one second. A client-speaks-first protocol sends
 /// within a round trip of connecting, so a second is ample in a cluster; a
 /// server-speaks-first client waits this long before its server is even dialled, so
-/// it must stay short. Too short degrades gracefully: a slow HTTP client is forwarded
-/// as opaque TCP, which still works. (Linkerd waits 10 s, a long stall for every
-/// MySQL or SMTP connection on a port not marked opaque.)
+/// it must stay short. A client that sent the start of a request line and then
+/// went quiet is HTTP/1 (a trickled request line must not slip past as opaque; see
+/// [`undecided`]); other clients that went quiet are opaque. (Linkerd waits 10 s, a
+/// long stall for every MySQL or SMTP connection on a port not marked opaque.)
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Default [`DetectConfig::max_prefix`]: enough for the longest request line
-/// recognised ([`MAX_REQUEST_LINE`]).
+/// Default [`DetectConfig::max_prefix`]: [`MAX_REQUEST_LINE`].
 pub const DEFAULT_MAX_PREFIX: usize = MAX_REQUEST_LINE;
-
-/// Length of `" HTTP/1.1\r\n"`, what follows the request target.
-const VERSION_AND_CRLF: usize = 11;
 
 /// How many bytes one read may add; a request line nearly always fits.
 const READ_CHUNK: usize = 4 * 1024;
@@ -58,7 +66,8 @@ const READ_CHUNK: usize = 4 * 1024;
 /// The protocol a connection speaks, as far as the proxy cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Protocol {
-    /// An HTTP/1.0 or HTTP/1.1 request line.
+    /// What an HTTP/1 server would read as a request line (the HTTP path then parses
+    /// it, or refuses it).
     Http1,
     /// The HTTP/2 prior-knowledge preface.
     Http2,
@@ -87,10 +96,11 @@ impl fmt::Display for Protocol {
 #[derive(Clone, Debug)]
 pub struct DetectConfig {
     /// How long to wait, in total, for the client's first bytes to decide. On expiry
-    /// the connection is opaque with whatever arrived.
+    /// the prefix is decided by [`undecided`].
     pub timeout: Duration,
-    /// Most bytes read before giving up and calling the connection opaque. Values below
-    /// the 24-byte HTTP/2 preface are raised to it.
+    /// Most bytes read before deciding; a prefix still undecided at this length is
+    /// decided by [`undecided`]. Values below the 24-byte HTTP/2 preface are raised
+    /// to it.
     pub max_prefix: usize,
 }
 
@@ -111,8 +121,8 @@ pub struct Detected {
     /// Every byte read from the client; replay them (see [`Prefixed`], or the
     /// forwarder's `prefix`) before anything else read from the connection.
     pub prefix: BytesMut,
-    /// The client sent too little before [`DetectConfig::timeout`]; `protocol` is
-    /// then [`Protocol::Opaque`].
+    /// [`DetectConfig::timeout`] fired before [`classify`] decided; `protocol` is
+    /// what [`undecided`] made of the prefix.
     pub timed_out: bool,
 }
 
@@ -128,8 +138,9 @@ impl Detected {
     }
 }
 
-/// Reads from `io` until the protocol is known, the timeout fires (→ opaque with
-/// whatever arrived), EOF (→ opaque), or `max_prefix` bytes arrived (→ opaque).
+/// Reads from `io` until the protocol is known, the timeout fires, `max_prefix`
+/// bytes arrived or the client ends its stream; a prefix still undecided then is
+/// decided by [`undecided`].
 ///
 /// Only read errors are errors; every byte read is in [`Detected::prefix`].
 /// Cancel-safe only in that dropping it drops the bytes read so far.
@@ -146,7 +157,7 @@ pub async fn detect<I: AsyncRead + Unpin>(io: &mut I, cfg: &DetectConfig) -> io:
     };
     loop {
         if prefix.len() >= max {
-            return done(Protocol::Opaque, prefix, false);
+            return done(undecided(&prefix, Stall::Limit), prefix, false);
         }
         let remaining = max - prefix.len();
         prefix.reserve(remaining.min(READ_CHUNK));
@@ -155,12 +166,12 @@ pub async fn detect<I: AsyncRead + Unpin>(io: &mut I, cfg: &DetectConfig) -> io:
         let read = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
                 Ok(read) => read,
-                Err(_elapsed) => return done(Protocol::Opaque, prefix, true),
+                Err(_elapsed) => return done(undecided(&prefix, Stall::Timeout), prefix, true),
             },
             None => read.await,
         };
         match read {
-            Ok(0) => return done(Protocol::Opaque, prefix, false),
+            Ok(0) => return done(undecided(&prefix, Stall::Eof), prefix, false),
             Ok(_) => {
                 if let Some(protocol) = classify(&prefix) {
                     return done(protocol, prefix, false);
@@ -172,12 +183,73 @@ pub async fn detect<I: AsyncRead + Unpin>(io: &mut I, cfg: &DetectConfig) -> io:
     }
 }
 
+/// Why a prefix stopped growing before [`classify`] decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stall {
+    /// The client sent nothing more within [`DetectConfig::timeout`].
+    Timeout,
+    /// [`DetectConfig::max_prefix`] bytes arrived.
+    Limit,
+    /// The client ended its stream.
+    Eof,
+}
+
+/// The protocol of a prefix [`classify`] left undecided (`None`) that stopped
+/// growing.
+///
+/// After EOF no request line can complete: opaque. After a timeout or at the
+/// limit, the rest may still come, and an origin would read a request line
+/// trickled past the timeout; but plain TCP clients also write a few words
+/// without a line end and wait for an answer, and must keep working. So a stalled
+/// prefix is HTTP/1 only when it already reads as the start of a request: empty
+/// lines or whitespace with nothing after them, a first word that is (or begins)
+/// a common method in upper case, or a second word that is a path, `*` or an
+/// absolute URI. Anything else stalled is opaque, as a client that sent nothing.
+pub fn undecided(prefix: &[u8], stall: Stall) -> Protocol {
+    if stall == Stall::Eof || prefix.is_empty() {
+        return Protocol::Opaque;
+    }
+    let Some(start) = prefix.iter().position(|&b| !is_separator(b) && b != b'\n') else {
+        // Only empty lines so far: no protocol but HTTP/1 starts like that.
+        return Protocol::Http1;
+    };
+    let rest = &prefix[start..];
+    let method_end = rest.iter().position(|&b| is_separator(b));
+    let method = &rest[..method_end.unwrap_or(rest.len())];
+    let request_like = match method_end {
+        None => METHODS.iter().any(|m| m.starts_with(method)),
+        Some(end) => {
+            let target = rest[end..]
+                .iter()
+                .position(|&b| !is_separator(b))
+                .map_or(&b""[..], |t| &rest[end + t..]);
+            METHODS.contains(&method) || target.starts_with(b"*") || is_path_or_absolute(target)
+        }
+    };
+    if request_like {
+        Protocol::Http1
+    } else {
+        Protocol::Opaque
+    }
+}
+
+/// Methods whose start alone makes a stalled prefix HTTP/1 ([`undecided`]): RFC
+/// 9110's, `PATCH`, and `PRI`. Upper case only: nginx and llhttp accept no other
+/// spelling, and lower-case words are common in text protocols (`get key`).
+const METHODS: [&[u8]; 10] = [
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH", b"PRI",
+];
+
 /// Classifies a connection from its first bytes: `Some` once decided, `None` while
 /// more bytes are needed.
 ///
-/// HTTP/2 needs the whole 24-byte preface; HTTP/1 needs a whole request line
-/// (`METHOD SP target SP HTTP/1.0|1.1 CRLF`, a bare LF accepted as RFC 9112 allows).
-/// Opaque is decided at the first byte that rules both out, without waiting for more.
+/// HTTP/2 needs the whole 24-byte preface. HTTP/1 is decided, after leading
+/// empty lines and whitespace, a printable method and a separator, at the first
+/// later word that starts with `HTTP/` (any case), or at the end of a first line
+/// whose second word is a path or an absolute URI (HTTP/0.9, which nginx still
+/// serves). Opaque is decided at a first byte that cannot start a method (after
+/// leading whitespace), or at the end of a first line that is neither: it is
+/// never decided halfway through a line that could still become a request.
 pub fn classify(prefix: &[u8]) -> Option<Protocol> {
     if prefix.is_empty() {
         return None;
@@ -189,86 +261,85 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
     classify_http1(prefix)
 }
 
-/// The HTTP/1 request-line check; `None` means "a request line so far".
+/// Bytes that separate the words of a request line at some origin: SP (RFC 9112),
+/// runs of it (nginx), HTAB, VT, FF and a bare CR (Apache's `isspace` outside
+/// strict mode; nginx and llhttp end the line at a CR). A CR before the LF is one
+/// of these too, which is harmless: the LF ends the line.
+fn is_separator(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | 0x0b | 0x0c | b'\r')
+}
+
+/// The HTTP/1 request-line check; `None` means "may still become a request line".
 fn classify_http1(p: &[u8]) -> Option<Protocol> {
     const OPAQUE: Option<Protocol> = Some(Protocol::Opaque);
-    // Method: one or more token characters, then SP.
-    let mut i = 0;
+    const HTTP1: Option<Protocol> = Some(Protocol::Http1);
+    // Empty lines before the request line: RFC 9112 §2.2 asks servers to skip at
+    // least one; httparse and nginx skip any number, so do we (any whitespace,
+    // for the origins that trim a line before splitting it).
+    let mut i = p.iter().position(|&b| !is_separator(b) && b != b'\n')?;
+    // The method: printable ASCII. hyper wants a token and nginx upper case, but
+    // an origin that answers an odd method with 400 or 501 has still read the
+    // head, so the proxy must read it too (and answer 400 itself).
+    while !is_separator(*p.get(i)?) {
+        let b = p[i];
+        if b == b'\n' {
+            // A lone word on its line: no origin reads that as a request.
+            return OPAQUE;
+        }
+        if !b.is_ascii_graphic() {
+            return OPAQUE;
+        }
+        i += 1;
+    }
+    // The words after the method: the target (any bytes: origins disagree on
+    // which are allowed, the proxy's parser refuses what it does not take), more
+    // target for nginx (which allows spaces in it), and the version.
+    let mut target_is_path = None;
     loop {
-        let &b = p.get(i)?;
-        if b == b' ' {
-            break;
+        while is_separator(*p.get(i)?) {
+            i += 1;
         }
-        if !is_tchar(b) || i == MAX_METHOD {
-            return OPAQUE;
+        if p[i] == b'\n' {
+            // The line ended without a version: HTTP/0.9 if a path or absolute
+            // URI follows the method, which nginx serves; otherwise no request.
+            return if target_is_path == Some(true) {
+                HTTP1
+            } else {
+                OPAQUE
+            };
         }
-        i += 1;
-    }
-    if i == 0 {
-        return OPAQUE;
-    }
-    i += 1;
-    // Target: one or more visible bytes (obs-text tolerated, as httparse does), then SP.
-    let target = i;
-    loop {
-        // What must still follow the target, " HTTP/1.x\r\n", has to fit the limit.
-        if i + VERSION_AND_CRLF > MAX_REQUEST_LINE {
-            return OPAQUE;
+        let start = i;
+        loop {
+            let Some(&b) = p.get(i) else {
+                // The word goes on past what arrived; `HTTP/` decides as soon as
+                // it is complete, so the prefix can stay undecided without losing
+                // the early decision.
+                return None;
+            };
+            if is_separator(b) || b == b'\n' {
+                break;
+            }
+            i += 1;
+            if i - start == VERSION_PREFIX.len() && p[start..i].eq_ignore_ascii_case(VERSION_PREFIX)
+            {
+                return HTTP1;
+            }
         }
-        let &b = p.get(i)?;
-        if b == b' ' {
-            break;
+        if target_is_path.is_none() {
+            target_is_path = Some(is_path_or_absolute(&p[start..i]));
         }
-        if !(b.is_ascii_graphic() || b >= 0x80) {
-            return OPAQUE;
-        }
-        i += 1;
-    }
-    if i == target {
-        return OPAQUE;
-    }
-    i += 1;
-    // Version, byte by byte so a divergence decides at once.
-    for &want in b"HTTP/1." {
-        if *p.get(i)? != want {
-            return OPAQUE;
-        }
-        i += 1;
-    }
-    if !matches!(*p.get(i)?, b'0' | b'1') {
-        return OPAQUE;
-    }
-    i += 1;
-    match *p.get(i)? {
-        b'\n' => Some(Protocol::Http1),
-        b'\r' => match *p.get(i + 1)? {
-            b'\n' => Some(Protocol::Http1),
-            _ => OPAQUE,
-        },
-        _ => OPAQUE,
     }
 }
 
-/// RFC 9110 `tchar`.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'!' | b'#'
-                | b'$'
-                | b'%'
-                | b'&'
-                | b'\''
-                | b'*'
-                | b'+'
-                | b'-'
-                | b'.'
-                | b'^'
-                | b'_'
-                | b'`'
-                | b'|'
-                | b'~'
-        )
+/// What starts the version of a request line, in any case (origins that compare it
+/// case-insensitively exist; hyper answers anything but `HTTP/1.0` and `HTTP/1.1`
+/// with `400`).
+const VERSION_PREFIX: &[u8] = b"HTTP/";
+
+/// An origin-form path or an absolute URI: the targets nginx accepts on an
+/// HTTP/0.9 line.
+fn is_path_or_absolute(target: &[u8]) -> bool {
+    target.starts_with(b"/") || target.windows(3).any(|w| w == b"://")
 }
 
 /// An IO that replays `prefix` before reading from the inner stream, so hyper and the
@@ -353,17 +424,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_prefix_of_a_request_line_waits() {
+    fn every_prefix_of_a_request_line_waits_until_its_version() {
         let line = b"GET /index.html HTTP/1.1\r\n";
+        let decided_at = b"GET /index.html HTTP/".len();
         for n in 0..line.len() {
+            let want = (n >= decided_at).then_some(Protocol::Http1);
             assert_eq!(
                 classify(&line[..n]),
-                None,
+                want,
                 "{:?}",
                 String::from_utf8_lossy(&line[..n])
             );
         }
-        assert_eq!(classify(line), Some(Protocol::Http1));
     }
 
     #[test]

@@ -6,11 +6,13 @@
 //! HTTP/2, and `Upgrade` (WebSocket) or `CONNECT` exchanges become raw byte streams
 //! through [`forward_io`] after the upstream agrees.
 //!
-//! Bad input is answered here, never forwarded: a connection reaches this module
-//! only once detection has seen a valid request line (or the HTTP/2 preface), so a
-//! head hyper cannot parse gets `400` (too large: `431`) and a close, a head that
-//! trickles in is cut by [`HttpSettings::header_read_timeout`], and HTTP/2 errors
-//! get `RST_STREAM` or `GOAWAY` under the limits of [`H2Settings`].
+//! Bad input is answered here, never forwarded: detection sends here whatever an
+//! origin might read as a request (or the HTTP/2 preface), so a head hyper cannot
+//! parse gets `400` (too large: `431`) and a close, framing an origin could read
+//! differently (see `framing`) gets `400` and a close, a request body the client
+//! breaks gets `400` (not `502`), a head that trickles in is cut by
+//! [`HttpSettings::header_read_timeout`], and HTTP/2 errors get `RST_STREAM` or
+//! `GOAWAY` under the limits of [`H2Settings`], a padded field value `400`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -79,6 +81,10 @@ impl Default for HttpSettings {
         }
     }
 }
+
+mod framing;
+
+use framing::{BodyFault, RequestBody, h1_framing, h2_fields};
 
 type ProxyBody = Either<Incoming, Empty<Bytes>>;
 
@@ -191,7 +197,7 @@ impl HttpProxy {
         head: Option<Arc<HeadClock>>,
     ) -> Result<(), HttpError> {
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake::<_, InFlight<Incoming>>(TokioIo::new(upstream))
+            .handshake::<_, RequestBody>(TokioIo::new(upstream))
             .await
             .map_err(HttpError::UpstreamHandshake)?;
         let (closed_tx, mut upstream_closed) = oneshot::channel::<()>();
@@ -210,12 +216,22 @@ impl HttpProxy {
             // The head is complete: its timer stops until the request and its
             // response are both done and the next head's first byte arrives.
             let request = RequestInFlight::start(service_head.clone());
-            let req = req.map(|body| InFlight::new(body, request.clone()));
+            let framing = h1_framing(&req);
+            let fault = BodyFault::default();
+            let req = req.map(|body| RequestBody {
+                inner: InFlight::new(body, request.clone()),
+                fault: fault.clone(),
+            });
             async move {
-                let mut sender = sender.lock().await;
-                let response = exchange
-                    .forward(req, |req| sender.send_request(req))
-                    .await?;
+                let response = match framing {
+                    Err(why) => exchange.refuse(&req, why),
+                    Ok(()) => {
+                        let mut sender = sender.lock().await;
+                        exchange
+                            .forward(req, |req| sender.send_request(req), &fault)
+                            .await?
+                    }
+                };
                 Ok::<_, StreamRefused>(response.map(|body| InFlight::new(body, request)))
             }
         });
@@ -290,10 +306,17 @@ impl HttpProxy {
             }
             let _ = closed_tx.send(());
         });
-        let service = service_fn(move |req| {
+        let service = service_fn(move |req: Request<Incoming>| {
             let exchange = exchange.clone();
             let mut sender = sender.clone();
-            async move { exchange.forward(req, |req| sender.send_request(req)).await }
+            async move {
+                if let Err(why) = h2_fields(&req) {
+                    return Ok(exchange.refuse(&req, why));
+                }
+                exchange
+                    .forward(req, |req| sender.send_request(req), &BodyFault::default())
+                    .await
+            }
         });
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -571,10 +594,15 @@ impl Exchange {
     /// Forwards one request. A tunnel refusal is returned as an error rather than
     /// answered: the connection is then dropped and the client reset, as for a
     /// refused TCP connection, instead of reading a response the mesh made up.
+    ///
+    /// A request whose body the client broke (`fault` set: bad chunk framing, a
+    /// forbidden trailer) is answered `400` and the connection closed: the client
+    /// is to blame, and the upstream connection, cut mid-body, is not reused.
     async fn forward<B, F, Fut>(
         &self,
         mut req: Request<B>,
         send: F,
+        fault: &BodyFault,
     ) -> Result<Response<ProxyBody>, StreamRefused>
     where
         F: FnOnce(Request<B>) -> Fut,
@@ -590,12 +618,19 @@ impl Exchange {
             direction: proxy.direction,
             authority: authority.clone(),
         };
-        proxy.metrics.http_requests.get_or_create(&labels).inc();
         let wants_upgrade =
             req.method() == http::Method::CONNECT || req.headers().contains_key(header::UPGRADE);
         let downstream_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
 
-        let response = match send(req).await {
+        let sent = send(req).await;
+        // Counted once the exchange's outcome is known: a request the client broke
+        // mid-body was refused, not forwarded, and may never have reached the
+        // upstream at all, so `http_requests` counts only what the upstream was
+        // given whole (or failed on).
+        if !(sent.is_err() && fault.is_set()) {
+            proxy.metrics.http_requests.get_or_create(&labels).inc();
+        }
+        let response = match sent {
             Ok(mut response) => {
                 let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS
                     || (response.status().is_success() && downstream_upgrade.is_some());
@@ -628,10 +663,15 @@ impl Exchange {
                 if let Some(refusal) = refusal_of(&e) {
                     return Err(StreamRefused(refusal));
                 }
-                debug!(error = %e, authority = %authority, "upstream request failed");
-                let mut response = Response::new(Either::Right(Empty::new()));
-                *response.status_mut() = StatusCode::BAD_GATEWAY;
-                response
+                if fault.is_set() {
+                    debug!(error = %e, authority = %authority, "client sent a broken request body");
+                    close_with(StatusCode::BAD_REQUEST)
+                } else {
+                    debug!(error = %e, authority = %authority, "upstream request failed");
+                    let mut response = Response::new(Either::Right(Empty::new()));
+                    *response.status_mut() = StatusCode::BAD_GATEWAY;
+                    response
+                }
             }
         };
         proxy
@@ -650,6 +690,41 @@ impl Exchange {
             .observe(start.elapsed().as_secs_f64());
         Ok(response)
     }
+}
+
+impl Exchange {
+    /// Answers a request the proxy will not forward with `400` and a close, counted
+    /// as a response but not as a request: `http_requests` counts what went upstream.
+    fn refuse<B>(&self, req: &Request<B>, why: &'static str) -> Response<ProxyBody> {
+        let proxy = &self.proxy;
+        let authority = match request_authority(req) {
+            Some(a) => proxy.metrics.authority_label(a),
+            None => self.fallback_authority.clone(),
+        };
+        debug!(%authority, reason = why, "refused a malformed request");
+        let response = close_with(StatusCode::BAD_REQUEST);
+        proxy
+            .metrics
+            .http_responses
+            .get_or_create(&HttpResponseLabels {
+                direction: proxy.direction,
+                authority,
+                status: response.status().as_u16(),
+            })
+            .inc();
+        response
+    }
+}
+
+/// An empty response with `status` that closes the connection after it.
+fn close_with(status: StatusCode) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Empty::new()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 /// The authority a request names: its URI's (HTTP/2, absolute-form) or its Host header.

@@ -6,97 +6,160 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use proxy_core::detect::{
-    DetectConfig, H2_PREFACE, MAX_REQUEST_LINE, Prefixed, Protocol, classify, detect,
+    DetectConfig, H2_PREFACE, MAX_REQUEST_LINE, Prefixed, Protocol, Stall, classify, detect,
+    undecided,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 use tokio::time::Instant;
 
 use Protocol::{Http1, Http2, Opaque};
 
-#[test]
-fn http1_request_lines() {
-    for line in [
-        &b"GET / HTTP/1.1\r\n"[..],
-        b"GET / HTTP/1.0\r\n",
-        b"POST /api/v1/items?x=1&y=%20 HTTP/1.1\r\nHost: a\r\n\r\n",
-        b"CONNECT hello.default.svc.cluster.local:80 HTTP/1.1\r\n",
-        b"OPTIONS * HTTP/1.1\r\n",
-        b"GET http://example.com/ HTTP/1.1\r\n",
-        b"UPDATEREDIRECTREF /x HTTP/1.1\r\n",
-        b"get /lowercase-is-a-token HTTP/1.1\r\n",
-        b"GET / HTTP/1.1\n",
-        b"GET /caf\xc3\xa9 HTTP/1.1\r\n",
-        // "PRI" is a token too; only the exact preface is HTTP/2.
-        b"PRI * HTTP/1.1\r\n",
-    ] {
+/// Asserts `classify` gives `want` for each input, naming the input on failure.
+fn all_classify_as(want: Option<Protocol>, inputs: &[&[u8]]) {
+    for input in inputs {
         assert_eq!(
-            classify(line),
-            Some(Http1),
+            classify(input),
+            want,
             "{:?}",
-            String::from_utf8_lossy(line)
+            String::from_utf8_lossy(input)
         );
     }
 }
 
 #[test]
-fn opaque_is_decided_at_the_first_impossible_byte() {
-    for prefix in [
-        // A TLS ClientHello record header.
-        &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..],
-        b"\x16",
-        // Postgres startup, Redis RESP, memcached, SSH (if a client spoke first).
-        b"\x00\x00\x00\x08\x04\xd2\x16\x2f",
-        b"*1\r\n$4\r\nPING\r\n",
-        b"get foo\r\n",
-        b"set k 0 0 5\r\n",
-        b"SSH-2.0-OpenSSH_9.6\r\n",
-        // Broken request lines.
-        b" GET / HTTP/1.1\r\n",
-        b"GET  / HTTP/1.1\r\n",
-        b"GE(T / HTTP/1.1\r\n",
-        b"GET /\x01 HTTP/1.1\r\n",
-        b"GET / HTTP/2.0\r\n",
-        b"GET / HTTP/1.2\r\n",
-        b"GET / HTTP/1.1\rX",
-        b"GET / HTTP/1.1 \r\n",
-        b"GET / http/1.1\r\n",
-        b"\r\nGET / HTTP/1.1\r\n",
-        // Diverges from the preface after its first line.
-        b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n",
-    ] {
-        assert_eq!(
-            classify(prefix),
-            Some(Opaque),
-            "{:?}",
-            String::from_utf8_lossy(prefix)
-        );
-    }
-    // Decided without the rest of the line.
-    assert_eq!(classify(b"GET / HTTP/3"), Some(Opaque));
-    assert_eq!(classify(b"GET / X"), Some(Opaque));
+fn http1_request_lines() {
+    all_classify_as(
+        Some(Http1),
+        &[
+            b"GET / HTTP/1.1\r\n",
+            b"GET / HTTP/1.0\r\n",
+            b"POST /api/v1/items?x=1&y=%20 HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"CONNECT hello.default.svc.cluster.local:80 HTTP/1.1\r\n",
+            b"OPTIONS * HTTP/1.1\r\n",
+            b"GET http://example.com/ HTTP/1.1\r\n",
+            b"UPDATEREDIRECTREF /x HTTP/1.1\r\n",
+            b"get /lowercase-is-a-token HTTP/1.1\r\n",
+            b"GET / HTTP/1.1\n",
+            b"GET /caf\xc3\xa9 HTTP/1.1\r\n",
+            // "PRI" is a token too; only the exact preface is HTTP/2.
+            b"PRI * HTTP/1.1\r\n",
+        ],
+    );
+}
+
+/// What some origin reads as a request, though RFC 9112 or hyper would not: each
+/// is HTTP/1 so that the proxy parses it (and refuses what hyper refuses) instead
+/// of forwarding it raw. Each decides as soon as `HTTP/` is seen.
+#[test]
+fn what_lenient_origins_read_as_a_request_is_http1() {
+    let long_method = format!("{} / HTTP/1.1\r\n", "A".repeat(64));
+    all_classify_as(
+        Some(Http1),
+        &[
+            // Empty lines before the request line (RFC 9112 §2.2; httparse and
+            // nginx skip any number), in every spelling.
+            b"\r\nGET / HTTP/1.1\r\n",
+            b"\nGET / HTTP/1.1\r\n",
+            b"\r\n\r\n\n\r\nPOST / HTTP/1.1\r\n",
+            b"\rGET / HTTP/1.1\r\n",
+            // Leading whitespace (Apache outside strict mode trims it).
+            b" GET / HTTP/1.1\r\n",
+            b"\t\r\n GET / HTTP/1.1\r\n",
+            // A bare CR in the target: nginx ends the line there, Apache splits on it.
+            b"GET /a\rb HTTP/1.1\r\n",
+            b"GET /\r HTTP/1.1\r\n",
+            // Other separators and runs of them (nginx, Apache).
+            b"GET  / HTTP/1.1\r\n",
+            b"GET\t/\tHTTP/1.1\r\n",
+            b"GET\x0b/\x0cHTTP/1.1\r\n",
+            // Spaces inside the target (nginx takes "/a b").
+            b"GET /a b HTTP/1.1\r\n",
+            // Methods that are not tokens, or long, or odd (answered 400/501, but read).
+            b"GE(T / HTTP/1.1\r\n",
+            long_method.as_bytes(),
+            b"M-SEARCH * HTTP/1.1\r\n",
+            // Other versions and spellings (nginx reads HTTP/1.2 as 1.1).
+            b"GET / HTTP/1.2\r\n",
+            b"GET / HTTP/2.0\r\n",
+            b"GET / HTTP/9.7\r\n",
+            b"GET / http/1.1\r\n",
+            b"GET / HTTP/1.1 \r\n",
+            b"GET / HTTP/1.1\rX",
+            b"GET HTTP/1.1\r\n",
+            // Control bytes and obs-text in the target.
+            b"GET /\x01 HTTP/1.1\r\n",
+            b"GET /\x00 HTTP/1.1\r\n",
+            b"GET /\xff HTTP/1.1\r\n",
+            // HTTP/0.9 (nginx serves `GET /`): decided at the line's end.
+            b"GET /\r\n",
+            b"GET /index.html\n",
+            b"GET http://example.com/\r\n",
+            b"GET /a b\r\n",
+            // A broken copy of the preface is not HTTP/2 but is still a request line.
+            b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n",
+        ],
+    );
+    // Decided at `HTTP/`, before the version or the line end arrive.
+    all_classify_as(
+        Some(Http1),
+        &[b"GET / HTTP/", b"\r\nGET / http/", b"GET /a b HTTP/"],
+    );
+}
+
+#[test]
+fn opaque_is_decided_when_no_origin_could_read_a_request() {
+    all_classify_as(
+        Some(Opaque),
+        &[
+            // A TLS ClientHello record header.
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+            b"\x16",
+            // Postgres startup, Redis RESP, memcached, SSH, SMTP, STOMP.
+            b"\x00\x00\x00\x08\x04\xd2\x16\x2f",
+            b"*1\r\n$4\r\nPING\r\n",
+            b"get foo\r\n",
+            b"set k 0 0 5\r\n",
+            b"SSH-2.0-OpenSSH_9.6\r\n",
+            b"EHLO pod\r\n",
+            b"CONNECT\n",
+            b"PING\r\n",
+            // A word, then a byte no method holds.
+            b"GET\x00",
+            b"\r\n\x16\x03\x01",
+            b"caf\xc3\xa9 / HTTP/1.1\r\n",
+            // A line without a version whose target is no path (no HTTP/0.9 either).
+            b"GET foo\r\n",
+            b"GET *\r\n",
+            b"GET \r\n",
+        ],
+    );
+    // Decided without waiting for the rest of the line.
+    assert_eq!(classify(b"\x16\x03"), Some(Opaque));
+    assert_eq!(classify(b"GE\x00T / HTTP/1.1"), Some(Opaque));
 }
 
 #[test]
 fn incomplete_prefixes_wait_for_more() {
-    for prefix in [
-        &b""[..],
-        b"G",
-        b"GET",
-        b"GET ",
-        b"GET /very/long/path",
-        b"GET / ",
-        b"GET / HTTP/1.",
-        b"GET / HTTP/1.1",
-        b"GET / HTTP/1.1\r",
-        b"PRI * HTTP/2.0\r\n\r\nSM\r\n",
-    ] {
-        assert_eq!(
-            classify(prefix),
-            None,
-            "{:?}",
-            String::from_utf8_lossy(prefix)
-        );
-    }
+    all_classify_as(
+        None,
+        &[
+            b"",
+            b"G",
+            b"GET",
+            b"GET ",
+            b"GET /very/long/path",
+            b"GET / ",
+            b"GET / HTTP",
+            b"GET / htt",
+            b"\r\n",
+            b"\r\n\r\n\r\n",
+            b" \t",
+            b"\r\nGET",
+            b"GET /a\rb",
+            b"GET foo",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n",
+        ],
+    );
 }
 
 #[test]
@@ -105,23 +168,66 @@ fn http2_preface() {
     let mut with_settings = H2_PREFACE.to_vec();
     with_settings.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
     assert_eq!(classify(&with_settings), Some(Http2));
+    // The preface after an empty line is no preface: an HTTP/1 line (hyper
+    // refuses its version).
+    let mut late = b"\r\n".to_vec();
+    late.extend_from_slice(H2_PREFACE);
+    assert_eq!(classify(&late), Some(Http1));
 }
 
 #[test]
-fn limits_make_long_tokens_and_lines_opaque() {
+fn long_methods_and_targets_stay_undecided_never_opaque() {
     let method = vec![b'A'; 64];
-    assert_eq!(classify(&method), Some(Opaque), "a 64-byte method");
+    assert_eq!(classify(&method), None, "a 64-byte method so far");
     let mut line = b"GET /".to_vec();
     line.resize(MAX_REQUEST_LINE + 10, b'a');
+    assert_eq!(classify(&line), None, "a target past the limit so far");
+    line.extend_from_slice(b" HTTP/1.1\r\n");
     assert_eq!(
         classify(&line),
-        Some(Opaque),
+        Some(Http1),
         "a request line past the limit"
     );
-    let mut ok = b"GET /".to_vec();
-    ok.resize(MAX_REQUEST_LINE - 11, b'a');
-    ok.extend_from_slice(b" HTTP/1.1\r\n");
-    assert_eq!(classify(&ok), Some(Http1), "a request line at the limit");
+    let empty_lines = b"\r\n".repeat(MAX_REQUEST_LINE);
+    assert_eq!(classify(&empty_lines), None, "8 KiB of empty lines so far");
+}
+
+#[test]
+fn stalled_prefixes_are_http1_only_when_they_start_like_a_request() {
+    // Trickled request lines: the rest could reach the origin after the timeout.
+    for prefix in [
+        &b"G"[..],
+        b"PO",
+        b"GET",
+        b"GET ",
+        b"GET /",
+        b"DELETE x",
+        b"\r\n",
+        b"\r\n\r\n ",
+        b"\r\nPOST /a\rb",
+        b"FOO /x",
+        b"anything *",
+        b"M http://host/",
+    ] {
+        let what = String::from_utf8_lossy(prefix);
+        assert_eq!(undecided(prefix, Stall::Timeout), Http1, "{what:?}");
+        assert_eq!(undecided(prefix, Stall::Limit), Http1, "{what:?}");
+        assert_eq!(undecided(prefix, Stall::Eof), Opaque, "{what:?}");
+    }
+    // Plain TCP clients that write a few words and wait for an answer.
+    for prefix in [
+        &b""[..],
+        b"first, ",
+        b"hello over ipv6",
+        b"get key",
+        b"PING",
+        b"{\"a\": 1, \"b\": ",
+        b"g",
+    ] {
+        let what = String::from_utf8_lossy(prefix);
+        assert_eq!(undecided(prefix, Stall::Timeout), Opaque, "{what:?}");
+        assert_eq!(undecided(prefix, Stall::Limit), Opaque, "{what:?}");
+    }
 }
 
 fn cfg(timeout: Duration) -> DetectConfig {
@@ -145,13 +251,15 @@ async fn silent_client_is_opaque_after_the_timeout() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn partial_request_line_is_kept_on_timeout() {
+async fn a_request_line_that_stalls_is_http1_on_timeout() {
+    // A trickled request line must not pass as opaque: its rest could arrive after
+    // the timeout and be read by the origin as a request the proxy never parsed.
     let (mut client, mut server) = duplex(1024);
     client.write_all(b"GET / HT").await.unwrap();
     let d = detect(&mut server, &cfg(Duration::from_secs(1)))
         .await
         .unwrap();
-    assert_eq!((d.protocol, d.timed_out), (Opaque, true));
+    assert_eq!((d.protocol, d.timed_out), (Http1, true));
     assert_eq!(&d.prefix[..], b"GET / HT");
 }
 
@@ -170,13 +278,28 @@ async fn request_in_pieces_is_http1_and_keeps_every_byte() {
         .await
         .unwrap();
     assert_eq!((d.protocol, d.timed_out), (Http1, false));
-    assert!(
-        d.prefix.starts_with(b"GET /x HTTP/1.1\r\n"),
-        "{:?}",
-        d.prefix
-    );
-    // Decided on the fourth piece, not at the timeout.
+    assert!(d.prefix.starts_with(b"GET /x HTTP/"), "{:?}", d.prefix);
+    // Decided on the third piece, at `HTTP/`, not at the timeout.
     assert!(start.elapsed() < Duration::from_secs(1));
+    drop(writer.await.unwrap());
+}
+
+#[tokio::test(start_paused = true)]
+async fn empty_lines_then_a_request_one_byte_per_segment_is_http1() {
+    let (mut client, mut server) = duplex(1024);
+    let request = b"\r\n\r\nGET\t/a\rb HTTP/1.1\r\nHost: a\r\n\r\n";
+    let writer = tokio::spawn(async move {
+        for byte in request {
+            client.write_all(&[*byte]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        client
+    });
+    let d = detect(&mut server, &cfg(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!((d.protocol, d.timed_out), (Http1, false));
+    assert_eq!(&d.prefix[..], b"\r\n\r\nGET\t/a\rb HTTP/");
     drop(writer.await.unwrap());
 }
 
@@ -236,7 +359,8 @@ async fn max_prefix_bounds_what_is_read() {
         max_prefix: 100,
     };
     let d = detect(&mut server, &config).await.unwrap();
-    assert_eq!((d.protocol, d.timed_out), (Opaque, false));
+    // Still a request line at the limit: the HTTP path parses (or refuses) it.
+    assert_eq!((d.protocol, d.timed_out), (Http1, false));
     assert_eq!(d.prefix.len(), 100, "never reads past max_prefix");
     // The rest is still in the stream for the forwarder.
     let mut rest = vec![0u8; 4900];
