@@ -417,6 +417,7 @@ async fn only_leaves_of_the_gateways_own_issuers_are_relayed() {
             }
             Outcome::Refused(status, reason) => format!("refused {status} {reason}"),
             Outcome::Failed(_) => "refused at TLS".to_owned(),
+            Outcome::Hung => "no answer".to_owned(),
         };
         eprintln!("{:<80} {label}", a.name);
         *outcomes.entry(label).or_default() += 1;
@@ -435,6 +436,10 @@ async fn only_leaves_of_the_gateways_own_issuers_are_relayed() {
     );
     assert!(attacks.len() >= 30, "only {} attempts", attacks.len());
     assert!(forwarded.is_empty(), "forwarded: {forwarded:#?}");
+    assert!(
+        !outcomes.contains_key("no answer"),
+        "refusals must be prompt: {outcomes:?}"
+    );
     assert_eq!(after, reached, "an attempt reached an origin");
     // The gateways stay up and the legitimate path still works.
     assert_eq!(
