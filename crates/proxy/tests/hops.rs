@@ -423,3 +423,76 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
         "sidecar-b-wrong's gateway pool: {state}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_does_not_start_with_a_leaf_outside_its_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut pki = Pki::new();
+    for cluster in ["cluster-a", "cluster-b"] {
+        pki.add_issuer(cluster, cluster);
+    }
+    let cases = [
+        (
+            "gateway",
+            "of cluster-b's issuer",
+            pki.leaf("cluster-b", GATEWAY_ID),
+            "by the issuer of cluster cluster-b",
+        ),
+        (
+            "sidecar",
+            "of cluster-b's issuer",
+            pki.leaf("cluster-b", WORKLOAD_ID),
+            "by the issuer of cluster cluster-b",
+        ),
+        (
+            "gateway",
+            "signed by the anchor",
+            forged_leaf(&pki.anchor, GATEWAY_ID),
+            "by no cluster's issuer",
+        ),
+        (
+            "standalone",
+            "signed by the anchor",
+            forged_leaf(&pki.anchor, WORKLOAD_ID),
+            "by no cluster's issuer",
+        ),
+    ];
+    for (n, (role, what, leaf, expected)) in cases.iter().enumerate() {
+        let name = format!("{role}-{n}");
+        let identity = identity(root, &name, leaf);
+        let manifests = manifests(root, &name, &[]);
+        let listen = free_addr(ip(40 + n as u8));
+        let flag = if *role == "standalone" {
+            "outbound-addr"
+        } else {
+            "inbound-addr"
+        };
+        let mut proxy = Proxy::spawn(
+            role,
+            "cluster-a",
+            &identity,
+            &manifests,
+            &[(flag, listen)],
+            free_addr(ip(40 + n as u8)),
+            root.join(format!("{name}.log")),
+        );
+        let (status, log) = proxy.wait_exit().await;
+        assert!(!status.success(), "{role} with a leaf {what} started");
+        let cert = identity.join("tls.crt");
+        for needle in [
+            cert.to_str().unwrap(),
+            expected,
+            "this proxy serves cluster cluster-a",
+        ] {
+            assert!(
+                log.contains(needle),
+                "{role} with a leaf {what}: {needle:?} not in:\n{log}"
+            );
+        }
+        eprintln!(
+            "{role} with a leaf {what}: {}",
+            log.lines().last().unwrap_or_default()
+        );
+    }
+}

@@ -29,7 +29,7 @@ struct Mesh {
     _gw_c: Proxy,
     gw_b_addr: std::net::SocketAddr,
     gw_a_addr: std::net::SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 async fn mesh() -> Mesh {
@@ -117,7 +117,7 @@ async fn mesh() -> Mesh {
         _gw_c: gw_c,
         gw_b_addr: gw[1],
         gw_a_addr: gw[0],
-        _dir: dir,
+        dir,
     }
 }
 
@@ -461,4 +461,34 @@ async fn only_leaves_of_the_gateways_own_issuers_are_relayed() {
         outcomes.get("refused 403 forbidden"),
         "gateway-b's forbidden count"
     );
+
+    // gateway-b's own leaf rolls over to the new issuer: leaves of both issuers are
+    // still relayed, a leaf of cluster-a's issuer still never is.
+    let serial = mesh.gw_b.config().await["identity"]["serial"].clone();
+    write_identity(
+        &mesh.dir.path().join("identity-cluster-b"),
+        &pki.leaf("cluster-b-new", GATEWAY_ID),
+    );
+    eventually("gateway-b to rotate its leaf", STEP, || async {
+        let identity = mesh.gw_b.config().await["identity"].clone();
+        (identity["serial"] != serial).then_some(())
+    })
+    .await;
+    for (what, who, expected) in [
+        ("old issuer", Presented::of(&b_old), true),
+        ("new issuer", Presented::of(&b_new), true),
+        (
+            "cluster-a, gateway-b's new issuer first",
+            Presented::doctored(&a_workload, &[&ib_new, &ia]),
+            false,
+        ),
+        ("cluster-a's gateway", Presented::of(&a_gateway), false),
+    ] {
+        let outcome = attempt(gw_b, &who, HELLO, &[b"cluster-c"]).await;
+        assert_eq!(
+            outcome == Outcome::Opened,
+            expected,
+            "after gateway-b's rollover, {what}: {outcome:?}"
+        );
+    }
 }
