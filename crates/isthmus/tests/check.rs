@@ -394,8 +394,16 @@ async fn each_failure_fails_its_check_with_what_to_do() {
 
     // The gateway certificate is about to expire: cert-manager did not renew it.
     let anchor = mint::trust_anchor("short", days(1), KeyAlgorithm::EcdsaP256).unwrap();
-    let short = mint::leaf(
+    // The anchor signs issuers only.
+    let issuer = mint::issuer(
         &anchor,
+        "cluster-b",
+        Validity::from_now(Duration::from_secs(3600)),
+        KeyAlgorithm::EcdsaP256,
+    )
+    .unwrap();
+    let short = mint::leaf(
+        &issuer,
         &SpiffeId::parse(GATEWAY_ID).unwrap(),
         Validity::from_now(Duration::from_secs(1800)),
         KeyAlgorithm::EcdsaP256,
