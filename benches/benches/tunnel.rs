@@ -31,7 +31,7 @@ use proxy_core::inbound::{AppAddress, Inbound, InboundConfig, LocalDelivery};
 use proxy_core::listen::{self, ListenConfig};
 use proxy_core::metrics::{Direction, ProxyMetrics};
 use proxy_core::pool::{PeerConfig, Pool};
-use proxy_core::route::Authority;
+use proxy_core::route::{Authority, ClusterName};
 use proxy_core::tunnel::H2Settings;
 use proxy_core::tunnel::server::{Peer, TunnelServer};
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
@@ -101,7 +101,7 @@ async fn inbound(gateway: Arc<CredentialStore>, shutdown: watch::Receiver<bool>)
         tls: Some(server_config(gateway, PeerPolicy::TrustDomain(td))),
         identify: Arc::new(|_| Peer {
             id: Some(Arc::from(SIDECAR_ID)),
-            local: true,
+            cluster: Some(ClusterName::new("cluster-a")),
         }),
         handshake_failed: Arc::new(|_, _| "bench"),
         tunnel,

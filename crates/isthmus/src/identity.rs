@@ -18,7 +18,8 @@ pub enum IdentityCommand {
     /// A new trust anchor (self-signed root): writes ca.crt and ca.key into --out.
     TrustAnchor(TrustAnchorArgs),
     /// A cluster's issuer (intermediate CA) under a trust anchor: writes ca.crt,
-    /// ca.key, chain.crt and anchors.crt into --out.
+    /// ca.key, chain.crt and anchors.crt into --out. It names its cluster (OU=<cluster>)
+    /// and signs leaves only; every leaf it signs belongs to that cluster.
     Issuer(IssuerArgs),
     /// A workload's certificate: writes tls.crt (leaf and chain), tls.key and ca.crt
     /// (trust anchors) into --out, the layout a pod mounts.
@@ -58,7 +59,8 @@ pub struct IssuerArgs {
     /// The trust anchor's directory (ca.crt, ca.key).
     #[arg(long, value_name = "DIR", env = "ISTHMUS_ANCHOR_DIR")]
     anchor: PathBuf,
-    /// The cluster this issuer signs for (a DNS label, e.g. cluster-a).
+    /// The cluster this issuer signs for (a DNS label, e.g. cluster-a), written into
+    /// its certificate: proxies give its leaves the rights of that cluster only.
     #[arg(long, value_name = "NAME", env = "ISTHMUS_CLUSTER")]
     cluster: String,
     /// Directory to write the issuer into (created if missing).
@@ -74,7 +76,8 @@ pub struct IssuerArgs {
 /// `isthmus identity leaf`.
 #[derive(Debug, Args)]
 pub struct LeafArgs {
-    /// The issuer's directory (from `isthmus identity issuer`).
+    /// The issuer's directory (from `isthmus identity issuer`; a trust anchor signs
+    /// issuers only).
     #[arg(long, value_name = "DIR", env = "ISTHMUS_ISSUER_DIR")]
     issuer: PathBuf,
     /// The workload's SPIFFE ID, spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
@@ -120,7 +123,10 @@ pub fn run(command: IdentityCommand) -> Result<()> {
                 .write_dir(&args.out, args.key.force)
                 .with_context(|| format!("writing the issuer into --out {}", args.out.display()))?;
             report(
-                &format!("issuer of cluster {}", args.cluster),
+                &format!(
+                    "issuer of cluster {} (its leaves belong to cluster {})",
+                    args.cluster, args.cluster
+                ),
                 validity,
                 &files,
             );
@@ -139,7 +145,10 @@ pub fn run(command: IdentityCommand) -> Result<()> {
             let files = leaf
                 .write_dir(&args.out, args.key.force)
                 .with_context(|| format!("writing the leaf into --out {}", args.out.display()))?;
-            report(&format!("leaf {}", args.id), validity, &files);
+            let of = issuer
+                .cluster()
+                .map_or_else(String::new, |c| format!(" of cluster {c}"));
+            report(&format!("leaf {}{of}", args.id), validity, &files);
         }
     }
     Ok(())

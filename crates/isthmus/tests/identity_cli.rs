@@ -152,6 +152,21 @@ fn mints_a_two_cluster_set_that_openssl_verifies() {
 
         let creds = Credentials::load(&CredentialPaths::in_dir(dir), SystemTime::now()).unwrap();
         assert_eq!(creds.id(), &SpiffeId::parse(id).unwrap());
+        // The leaf belongs to the cluster its issuer names.
+        let cluster = if dir == &hello {
+            "cluster-a"
+        } else {
+            "cluster-b"
+        };
+        assert_eq!(creds.cluster().map(|c| c.as_str()), Some(cluster));
+    }
+    // Each issuer names its cluster and signs no CA.
+    for (dir, cluster) in [(&issuer_a, "cluster-a"), (&issuer_b, "cluster-b")] {
+        let text = openssl(&["x509", "-in", s(&dir.join("ca.crt")), "-noout", "-text"]);
+        assert!(
+            text.contains(&format!("OU = {cluster}")) && text.contains("CA:TRUE, pathlen:0"),
+            "{text}"
+        );
     }
     // The leaf names its issuer: cluster-a's leaf does not verify with cluster-b's chain.
     let out = Command::new("openssl")
@@ -256,6 +271,19 @@ fn bad_input_is_named() {
         s(&root.join("x")),
     ]);
     assert!(err.contains("not a trust anchor"), "{err}");
+
+    // The anchor signs issuers only.
+    let err = fails(&[
+        "identity",
+        "leaf",
+        "--issuer",
+        s(&anchor),
+        "--id",
+        "spiffe://td/ns/a/sa/b",
+        "--out",
+        s(&root.join("l")),
+    ]);
+    assert!(err.contains("signs issuers only"), "{err}");
 
     let err = fails(&[
         "identity",

@@ -80,7 +80,7 @@ async fn tunnel_server(metrics: ProxyMetrics) -> (std::net::SocketAddr, watch::S
                         s,
                         Peer {
                             id: Some(Arc::from("peer")),
-                            local: true,
+                            cluster: Some(ClusterName::new("cluster-a")),
                         },
                         rx,
                     )

@@ -8,6 +8,9 @@
 //! [`Credentials`] are only ever built validated: parsable, the key matching the leaf,
 //! the leaf carrying exactly one SPIFFE ID, the chain leading to one of the anchors now,
 //! for both server and client use, and the current time within the leaf's validity.
+//! They also know the cluster their verified issuer names ([`Credentials::cluster`]);
+//! a store told which cluster it serves ([`CredentialStore::for_cluster`]) refuses
+//! credentials of any other cluster, at start and on every rotation.
 //! The [`CredentialStore`] holds the credentials in use behind an `ArcSwap` (handshakes
 //! read it without locking) and swaps only validated updates: a bad update is refused,
 //! logged, counted and shown in [`IdentityStatus`], and the previous identity keeps
@@ -26,13 +29,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use rustls::RootCertStore;
-use rustls::server::danger::ClientCertVerifier;
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use serde::Serialize;
 
+use crate::cluster::{self, ClusterName, Usage};
 use crate::id::SpiffeId;
 use crate::metrics::IdentityMetrics;
 use crate::rfc3339;
@@ -180,6 +182,21 @@ pub enum CredsError {
         #[source]
         source: rustls::Error,
     },
+    /// The leaf's verified issuer is not the issuer of the cluster this proxy serves.
+    #[error(
+        "{} leaf was issued {}, but this proxy serves cluster {expected} (--cluster); \
+         mint its identity with the issuer of cluster {expected}",
+        path.display(),
+        match found { Some(c) => format!("by the issuer of cluster {c}"), None => "by no cluster's issuer (signed by the trust anchor directly, or by an issuer that names no cluster)".to_owned() }
+    )]
+    WrongCluster {
+        /// The certificate file.
+        path: PathBuf,
+        /// The cluster its verified issuer names.
+        found: Option<ClusterName>,
+        /// The cluster the proxy serves.
+        expected: ClusterName,
+    },
 }
 
 impl CredsError {
@@ -195,6 +212,7 @@ impl CredsError {
             Self::NotYetValid { .. } => "not_yet_valid",
             Self::Expired { .. } => "expired",
             Self::Untrusted { .. } => "untrusted",
+            Self::WrongCluster { .. } => "wrong_cluster",
         }
     }
 }
@@ -217,7 +235,7 @@ pub struct Credentials {
     id: SpiffeId,
     certified_key: Arc<CertifiedKey>,
     roots: Arc<RootCertStore>,
-    client_chain_verifier: Arc<dyn ClientCertVerifier>,
+    cluster: Option<ClusterName>,
     not_before: SystemTime,
     not_after: SystemTime,
     serial: String,
@@ -229,6 +247,7 @@ impl std::fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("id", &self.id)
             .field("serial", &self.serial)
+            .field("cluster", &self.cluster)
             .field("not_after", &rfc3339::format(self.not_after))
             .field("anchors", &self.roots.len())
             .finish_non_exhaustive()
@@ -343,13 +362,6 @@ impl Credentials {
             })?;
         }
         let roots = Arc::new(roots);
-        let client_chain_verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-                .build()
-                .map_err(|e| CredsError::Anchor {
-                    path: paths.anchors.clone(),
-                    source: rustls::Error::General(e.to_string()),
-                })?;
 
         // Our leaf must pass what our peers will check: the chain for a server (the
         // gateway's inbound side) and for a client (the sidecar's outbound side).
@@ -361,24 +373,25 @@ impl Credentials {
         let unix_now =
             UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO));
         let intermediates = &certified_key.cert[1..];
-        let parsed = ParsedCertificate::try_from(leaf_of(&certified_key)).map_err(untrusted)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &roots,
-            intermediates,
-            unix_now,
-            provider.signature_verification_algorithms.all,
-        )
-        .map_err(untrusted)?;
-        client_chain_verifier
-            .verify_client_cert(leaf_of(&certified_key), intermediates, unix_now)
+        let algorithms = provider.signature_verification_algorithms.all;
+        let mut cluster = None;
+        for usage in [Usage::Server, Usage::Client] {
+            cluster = cluster::verify_chain(
+                leaf_of(&certified_key),
+                intermediates,
+                &roots,
+                unix_now,
+                usage,
+                algorithms,
+            )
             .map_err(untrusted)?;
+        }
 
         Ok(Self {
             id,
             certified_key: Arc::new(certified_key),
             roots,
-            client_chain_verifier,
+            cluster,
             not_before,
             not_after,
             serial,
@@ -400,9 +413,10 @@ impl Credentials {
         &self.roots
     }
 
-    /// webpki's client-certificate chain verifier over [`Self::roots`].
-    pub(crate) fn client_chain_verifier(&self) -> &dyn ClientCertVerifier {
-        self.client_chain_verifier.as_ref()
+    /// The cluster whose issuer signed the leaf, read from the leaf's verified path;
+    /// `None` for a leaf of no cluster's issuer (see [`crate::cluster`]).
+    pub fn cluster(&self) -> Option<&ClusterName> {
+        self.cluster.as_ref()
     }
 
     /// The leaf's notBefore.
@@ -469,6 +483,8 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
 pub struct IdentityStatus {
     /// The SPIFFE ID in use.
     pub id: SpiffeId,
+    /// The cluster its verified issuer names (`null`: none).
+    pub cluster: Option<String>,
     /// Its leaf's serial number.
     pub serial: String,
     /// Its leaf's notBefore (RFC 3339).
@@ -525,6 +541,8 @@ pub struct CredentialStore {
     // A std mutex: held for a few field writes, never across an await.
     rotation: Mutex<Rotation>,
     metrics: Option<IdentityMetrics>,
+    /// The cluster every leaf served must belong to, when the owner said.
+    cluster: Option<ClusterName>,
 }
 
 /// The three files' contents, or the error reading each.
@@ -533,9 +551,25 @@ type Contents = [io::Result<Vec<u8>>; 3];
 impl CredentialStore {
     /// Loads and validates the files now; the proxy cannot start without an identity.
     pub fn load(paths: CredentialPaths) -> Result<Self, CredsError> {
+        Self::load_checked(paths, None)
+    }
+
+    /// [`Self::load`] for a proxy of `cluster`: the leaf's verified issuer must be
+    /// `cluster`'s, now and after every rotation (a leaf of another cluster is
+    /// refused like any bad update, and the previous one keeps serving).
+    pub fn for_cluster(paths: CredentialPaths, cluster: ClusterName) -> Result<Self, CredsError> {
+        Self::load_checked(paths, Some(cluster))
+    }
+
+    fn load_checked(
+        paths: CredentialPaths,
+        cluster: Option<ClusterName>,
+    ) -> Result<Self, CredsError> {
         let contents = read_all_blocking(&paths);
-        let creds = from_contents(&paths, &contents, SystemTime::now())?;
-        let store = Self::from_credentials(paths, creds);
+        let creds = from_contents(&paths, &contents, SystemTime::now())
+            .and_then(|creds| in_cluster(&paths, cluster.as_ref(), creds))?;
+        let mut store = Self::from_credentials(paths, creds);
+        store.cluster = cluster;
         store.lock().last_seen = Some(fingerprint(&contents));
         Ok(store)
     }
@@ -554,6 +588,7 @@ impl CredentialStore {
                 retry_at: None,
             }),
             metrics: None,
+            cluster: None,
         }
     }
 
@@ -586,7 +621,8 @@ impl CredentialStore {
         contents: &Contents,
         now: SystemTime,
     ) -> Result<Arc<Credentials>, CredsError> {
-        let result = from_contents(&self.paths, contents, now);
+        let result = from_contents(&self.paths, contents, now)
+            .and_then(|creds| in_cluster(&self.paths, self.cluster.as_ref(), creds));
         let mut rotation = self.lock();
         rotation.last_seen = Some(fingerprint(contents));
         rotation.retry_at = None;
@@ -642,6 +678,7 @@ impl CredentialStore {
         let rotation = self.lock();
         IdentityStatus {
             id: creds.id().clone(),
+            cluster: creds.cluster().map(|c| c.as_str().to_owned()),
             serial: creds.serial().to_owned(),
             not_before: rfc3339::format(creds.not_before()),
             not_after: rfc3339::format(creds.not_after()),
@@ -719,6 +756,22 @@ fn from_contents(
         };
     }
     Credentials::from_pem(paths, bytes[0], bytes[1], bytes[2], now)
+}
+
+/// `creds` if `expected` is `None` or the cluster of their verified issuer.
+fn in_cluster(
+    paths: &CredentialPaths,
+    expected: Option<&ClusterName>,
+    creds: Credentials,
+) -> Result<Credentials, CredsError> {
+    match expected {
+        Some(expected) if creds.cluster() != Some(expected) => Err(CredsError::WrongCluster {
+            path: paths.cert.clone(),
+            found: creds.cluster().cloned(),
+            expected: expected.clone(),
+        }),
+        _ => Ok(creds),
+    }
 }
 
 /// A 64-bit SipHash of the contents. Only a writer of the mounted directory could

@@ -9,6 +9,8 @@
 //! - [`creds`]: loading the directory a pod gets mounted (`tls.crt`, `tls.key`,
 //!   `ca.crt`) into validated [`Credentials`], and the [`CredentialStore`] that rotates
 //!   them without dropping live connections and refuses bad updates.
+//! - [`cluster`]: [`ClusterName`], and which cluster a leaf belongs to: the one its
+//!   verified issuer names, never what the peer's chain order suggests.
 //! - [`verify`]: [`PeerPolicy`] and the rustls certificate verifiers that check the chain
 //!   against the store's current anchors and the peer's SPIFFE ID against the policy.
 //! - [`tls`]: the rustls server and client configurations (TLS 1.3 only, ALPN `h2`).
@@ -19,6 +21,7 @@
 //! whatever writes the mounted directory (cert-manager's CSI driver, a SPIFFE helper,
 //! `isthmus identity leaf`) is the source of truth.
 
+pub mod cluster;
 pub mod creds;
 pub mod id;
 pub mod metrics;
@@ -27,14 +30,15 @@ mod rfc3339;
 pub mod tls;
 pub mod verify;
 
+pub use cluster::{ClusterName, ClusterNameError};
 pub use creds::{CredentialPaths, CredentialStore, Credentials, CredsError, IdentityStatus};
 pub use id::{IdError, SpiffeId, TrustDomain};
 pub use metrics::IdentityMetrics;
 /// Renders a time as RFC 3339 UTC (`2025-01-31T12:00:00Z`), as errors and `/config` do.
 pub use rfc3339::format as format_rfc3339;
 pub use tls::{
-    client_config, crypto_provider, mesh_server_config, peer_identity, peer_shares_issuer,
-    server_config, sni_name,
+    client_config, crypto_provider, mesh_server_config, peer_cluster, peer_identity, server_config,
+    sni_name,
 };
 pub use verify::{HandshakeFailure, PeerPolicy, VerifyError};
 

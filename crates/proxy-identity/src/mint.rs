@@ -18,9 +18,18 @@
 //!
 //! Certificates follow the X509-SVID profile: the leaf has exactly one URI SAN (its
 //! SPIFFE ID), CA:FALSE, digitalSignature, and both serverAuth and clientAuth (a proxy
-//! is server and client); signing certificates have CA:TRUE and keyCertSign. Issuers have
-//! a path length of 0, so they sign leaves only. Every certificate gets a random serial,
-//! a subject key identifier and the authority key identifier of the key that signed it.
+//! is server and client); signing certificates have CA:TRUE and keyCertSign. Every
+//! certificate gets a random serial, a subject key identifier and the authority key
+//! identifier of the key that signed it.
+//!
+//! # What each CA signs
+//!
+//! - The trust anchor signs issuers only: [`leaf`] refuses an anchor.
+//! - An issuer signs the leaves of its one cluster. It names that cluster in its subject
+//!   (`OU=<cluster>`, the one organizationalUnitName, read by [`crate::cluster`]) and has
+//!   a path length of 0, so webpki refuses any CA it signs. Its leaves belong to its
+//!   cluster whatever SPIFFE ID they carry; see [`crate::cluster`] for why there is no
+//!   URI name constraint.
 
 use std::fs;
 use std::io::{self, Write};
@@ -34,6 +43,7 @@ use rcgen::{
     KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 
+use crate::cluster::{self, ClusterName};
 use crate::id::SpiffeId;
 use crate::tls::crypto_provider;
 
@@ -267,14 +277,15 @@ pub fn trust_anchor(
     })
 }
 
-/// A new issuer for `cluster`, signed by the trust `anchor`.
+/// A new issuer for `cluster`, signed by the trust `anchor`: it names `cluster` in
+/// its subject (`OU=<cluster>`) and signs leaves only (path length 0).
 pub fn issuer(
     anchor: &Authority,
     cluster: &str,
     validity: Validity,
     algorithm: KeyAlgorithm,
 ) -> Result<Authority, MintError> {
-    if !is_dns_label(cluster) {
+    if !cluster::is_dns_label(cluster) {
         return Err(MintError::ClusterName {
             name: cluster.to_owned(),
         });
@@ -310,8 +321,8 @@ pub fn issuer(
     })
 }
 
-/// A new leaf for `id`, signed by `issuer` (normally a cluster's issuer; an anchor works
-/// too, giving a chain of the leaf alone).
+/// A new leaf for `id`, signed by a cluster's `issuer`. A trust anchor is refused: a
+/// leaf it signed would belong to no cluster.
 pub fn leaf(
     issuer: &Authority,
     id: &SpiffeId,
@@ -319,6 +330,12 @@ pub fn leaf(
     algorithm: KeyAlgorithm,
 ) -> Result<LeafBundle, MintError> {
     let signer = Signer::new(issuer)?;
+    if issuer.is_anchor() {
+        return Err(signer.problem(
+            "is a trust anchor, which signs issuers only; mint the cluster's issuer \
+             (isthmus identity issuer --anchor DIR --cluster NAME --out DIR) and sign with it",
+        ));
+    }
     let mut params = base_params(validity)?;
     // CN is bounded to 64 characters by X.509; the SAN is what names the workload.
     if id.path().len() <= 64 {
@@ -351,6 +368,16 @@ impl Authority {
     /// Whether this is a self-signed trust anchor (rather than an issuer under one).
     pub fn is_anchor(&self) -> bool {
         self.chain_pem.is_empty()
+    }
+
+    /// The cluster an issuer names (see [`crate::cluster`]); `None` for an anchor or
+    /// an issuer that names none.
+    pub fn cluster(&self) -> Option<ClusterName> {
+        if self.is_anchor() {
+            return None;
+        }
+        let der = first_cert_der(Path::new(files::CA_CERT), &self.ca.cert_pem).ok()?;
+        cluster::issuer_cluster(&der)
     }
 
     /// Writes the directory (see the module docs); returns the files written.
@@ -560,15 +587,6 @@ fn random_serial() -> SerialNumber {
 
 fn new_key(algorithm: KeyAlgorithm) -> Result<KeyPair, MintError> {
     KeyPair::generate_for(algorithm.rcgen()).map_err(rcgen_err("generate a key pair"))
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn read_text(path: &Path) -> Result<String, MintError> {

@@ -28,7 +28,9 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, CommonState, ServerConfig, SignatureScheme};
+use rustls_pki_types::UnixTime;
 
+use crate::cluster::{self, ClusterName, Usage};
 use crate::creds::CredentialStore;
 use crate::id::SpiffeId;
 use crate::verify::{self, PeerPolicy, SpiffeClientVerifier, SpiffeServerVerifier};
@@ -128,19 +130,26 @@ pub fn peer_identity(conn: &CommonState) -> Option<SpiffeId> {
     verify::spiffe_id_of(leaf).ok()
 }
 
-/// Whether the authenticated peer's leaf was issued by the same issuer (the same
-/// cluster) as this proxy's own current leaf. Every cluster has its own issuer under
-/// the shared anchor, so this tells a workload of our cluster from one of a linked
-/// cluster even when both use the same trust domain.
-pub fn peer_shares_issuer(conn: &CommonState, store: &CredentialStore) -> bool {
-    let Some(peer_issuer) = conn.peer_certificates().and_then(|chain| chain.get(1)) else {
-        return false;
-    };
-    let own = store.current();
-    own.certified_key()
-        .cert
-        .get(1)
-        .is_some_and(|own_issuer| own_issuer.as_ref() == peer_issuer.as_ref())
+/// The cluster of the authenticated client of a connection this proxy accepted
+/// (a [`server_config`] handshake, finished): the one its
+/// verified issuer names, after verifying the chain it presented again, now, against
+/// the store's current anchors (the connection may be pooled and old, and rustls
+/// keeps the chain as sent, not the path it verified). Any failure, or a leaf of no
+/// cluster's issuer, is `None`: whoever asks for a cluster gets none.
+pub fn peer_cluster(conn: &CommonState, store: &CredentialStore) -> Option<ClusterName> {
+    let (leaf, intermediates) = conn.peer_certificates()?.split_first()?;
+    let now = UnixTime::now();
+    let creds = store.current();
+    cluster::verify_chain(
+        leaf,
+        intermediates,
+        creds.roots(),
+        now,
+        Usage::Client,
+        crypto_provider().signature_verification_algorithms.all,
+    )
+    .ok()
+    .flatten()
 }
 
 /// Presents whatever leaf the store holds at the time of the handshake.

@@ -1,5 +1,8 @@
 //! Peer verification: the chain against the store's current trust anchors, then the
-//! peer's SPIFFE ID against a [`PeerPolicy`].
+//! peer's SPIFFE ID, and where the policy asks, its cluster, against a [`PeerPolicy`].
+//!
+//! The cluster is the one the verified issuer names ([`crate::cluster`]), never read
+//! from the chain as the peer ordered it.
 //!
 //! SPIFFE peers are named by their URI SAN, so DNS names are ignored: a client may send
 //! any SNI and the server's DNS SANs (if any) are never compared with it. The anchors
@@ -17,7 +20,6 @@ use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::server::ParsedCertificate;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
     AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, Error,
@@ -26,6 +28,7 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use x509_parser::extensions::GeneralName;
 
+use crate::cluster::{self, ClusterName, Usage};
 use crate::creds::CredentialStore;
 use crate::id::{IdError, SpiffeId, TrustDomain};
 
@@ -38,27 +41,68 @@ pub enum PeerPolicy {
     TrustDomain(TrustDomain),
     /// Any of these identities.
     AnyOf(Vec<SpiffeId>),
+    /// What `ids` allows, from a leaf whose verified issuer is `cluster`'s: a SPIFFE ID
+    /// alone does not say which cluster's issuer signed it, and every cluster's
+    /// issuer can sign any ID (see [`PeerPolicy::in_cluster`]).
+    InCluster {
+        /// The cluster the peer's verified issuer must name.
+        cluster: ClusterName,
+        /// The identities allowed.
+        ids: Box<PeerPolicy>,
+    },
 }
 
 impl PeerPolicy {
-    /// Whether `id` is acceptable.
+    /// This policy, and the peer's leaf verified through `cluster`'s issuer. A link
+    /// to cluster-a's gateway is `Exact(gateway id).in_cluster(cluster-a)`, so a
+    /// gateway of another cluster holding the same ID (or any leaf another cluster's
+    /// issuer minted with that ID) is refused.
+    pub fn in_cluster(self, cluster: ClusterName) -> Self {
+        match self {
+            // The innermost requirement is the one that counts; nesting is flattened.
+            Self::InCluster { ids, .. } => Self::InCluster { cluster, ids },
+            ids => Self::InCluster {
+                cluster,
+                ids: Box::new(ids),
+            },
+        }
+    }
+
+    /// The cluster this policy requires of a peer, if any.
+    pub fn cluster(&self) -> Option<&ClusterName> {
+        match self {
+            Self::InCluster { cluster, .. } => Some(cluster),
+            _ => None,
+        }
+    }
+
+    /// Whether `id` is acceptable by name. A policy that also requires a cluster
+    /// needs [`PeerPolicy::check`] with the peer's verified cluster.
     pub fn allows(&self, id: &SpiffeId) -> bool {
         match self {
             Self::Exact(expected) => id == expected,
             Self::TrustDomain(td) => id.is_member_of(td),
             Self::AnyOf(ids) => ids.contains(id),
+            Self::InCluster { ids, .. } => ids.allows(id),
         }
     }
 
-    /// `Ok` if `id` is acceptable, else the mismatch naming both sides.
-    pub fn check(&self, id: &SpiffeId) -> Result<(), VerifyError> {
-        if self.allows(id) {
-            Ok(())
-        } else {
-            Err(VerifyError::IdentityMismatch {
+    /// `Ok` if `id`, verified through an issuer of `cluster` (`None`: of no
+    /// cluster), is acceptable; else the mismatch naming both sides.
+    pub fn check(&self, id: &SpiffeId, cluster: Option<&ClusterName>) -> Result<(), VerifyError> {
+        if !self.allows(id) {
+            return Err(VerifyError::IdentityMismatch {
                 peer: id.clone(),
                 expected: self.to_string(),
-            })
+            });
+        }
+        match self.cluster() {
+            Some(expected) if cluster != Some(expected) => Err(VerifyError::ClusterMismatch {
+                peer: id.clone(),
+                cluster: cluster.cloned(),
+                expected: expected.clone(),
+            }),
+            _ => Ok(()),
         }
     }
 }
@@ -66,6 +110,7 @@ impl PeerPolicy {
 impl fmt::Display for PeerPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::InCluster { cluster, ids } => write!(f, "{ids} issued for cluster {cluster}"),
             Self::Exact(id) => write!(f, "{id}"),
             Self::TrustDomain(td) => write!(f, "any identity of trust domain {td}"),
             Self::AnyOf(ids) => {
@@ -113,6 +158,19 @@ pub enum VerifyError {
         peer: SpiffeId,
         /// The policy, rendered.
         expected: String,
+    },
+    /// The expected identity, but issued for another cluster (or for none).
+    #[error(
+        "peer identity {peer} was issued {}, expected an identity of cluster {expected}",
+        match cluster { Some(c) => format!("for cluster {c}"), None => "by no cluster's issuer".to_owned() }
+    )]
+    ClusterMismatch {
+        /// What the peer presented.
+        peer: SpiffeId,
+        /// The cluster its verified issuer names.
+        cluster: Option<ClusterName>,
+        /// The cluster the policy requires.
+        expected: ClusterName,
     },
 }
 
@@ -230,7 +288,9 @@ impl HandshakeFailure {
             CertificateError::ApplicationVerificationFailure => Self::IdentityMismatch,
             CertificateError::Other(OtherError(inner)) => {
                 match inner.downcast_ref::<VerifyError>() {
-                    Some(VerifyError::IdentityMismatch { .. }) => Self::IdentityMismatch,
+                    Some(
+                        VerifyError::IdentityMismatch { .. } | VerifyError::ClusterMismatch { .. },
+                    ) => Self::IdentityMismatch,
                     _ => Self::BadCertificate,
                 }
             }
@@ -258,9 +318,30 @@ impl fmt::Display for HandshakeFailure {
     }
 }
 
-fn check_identity(end_entity: &CertificateDer<'_>, policy: &PeerPolicy) -> Result<(), Error> {
+/// The whole check of a peer: its chain against the store's current anchors (for
+/// `usage`), its SPIFFE ID, and its verified cluster, each against `policy`.
+fn verify_peer(
+    store: &CredentialStore,
+    policy: &PeerPolicy,
+    algorithms: &WebPkiSupportedAlgorithms,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: Usage,
+) -> Result<(), Error> {
+    let creds = store.current();
+    let cluster = cluster::verify_chain(
+        end_entity,
+        intermediates,
+        creds.roots(),
+        now,
+        usage,
+        algorithms.all,
+    )?;
     let id = spiffe_id_of(end_entity).map_err(VerifyError::into_rustls)?;
-    policy.check(&id).map_err(VerifyError::into_rustls)
+    policy
+        .check(&id, cluster.as_ref())
+        .map_err(VerifyError::into_rustls)
 }
 
 /// Verifies a server's chain and identity for a client config.
@@ -294,18 +375,17 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let creds = self.store.current();
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        // This checks the chain, validity and the serverAuth key usage, but no name:
-        // the name check is the SPIFFE ID below.
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            creds.roots(),
+        // The chain, validity and the serverAuth key usage, but no DNS name: the name
+        // is the SPIFFE ID.
+        verify_peer(
+            &self.store,
+            &self.policy,
+            &self.algorithms,
+            end_entity,
             intermediates,
             now,
-            self.algorithms.all,
+            Usage::Server,
         )?;
-        check_identity(end_entity, &self.policy)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -372,13 +452,15 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let creds = self.store.current();
-        // webpki's client verifier, built over the same anchors when the credentials
-        // were loaded: chain, validity and the clientAuth key usage.
-        creds
-            .client_chain_verifier()
-            .verify_client_cert(end_entity, intermediates, now)?;
-        check_identity(end_entity, &self.policy)?;
+        verify_peer(
+            &self.store,
+            &self.policy,
+            &self.algorithms,
+            end_entity,
+            intermediates,
+            now,
+            Usage::Client,
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -424,10 +506,49 @@ mod tests {
         assert!(td.allows(&a) && td.allows(&b) && !td.allows(&other));
         let any = PeerPolicy::AnyOf(vec![a.clone(), b.clone()]);
         assert!(any.allows(&b) && !any.allows(&other));
-        let err = td.check(&other).unwrap_err();
+        let err = td.check(&other, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "peer identity spiffe://other/ns/a/sa/a is not the expected any identity of trust domain td"
+        );
+    }
+
+    #[test]
+    fn cluster_policies_need_the_id_and_the_cluster() {
+        let gw = id("spiffe://td/ns/isthmus/sa/gateway");
+        let a = ClusterName::parse("cluster-a").unwrap();
+        let b = ClusterName::parse("cluster-b").unwrap();
+        let policy = PeerPolicy::Exact(gw.clone()).in_cluster(a.clone());
+        assert_eq!(policy.cluster(), Some(&a));
+        assert!(policy.check(&gw, Some(&a)).is_ok());
+        let err = policy.check(&gw, Some(&b)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "peer identity spiffe://td/ns/isthmus/sa/gateway was issued for cluster cluster-b, \
+             expected an identity of cluster cluster-a"
+        );
+        assert!(matches!(
+            policy.check(&gw, None),
+            Err(VerifyError::ClusterMismatch { cluster: None, .. })
+        ));
+        assert!(matches!(
+            policy.check(&id("spiffe://td/ns/x/sa/y"), Some(&a)),
+            Err(VerifyError::IdentityMismatch { .. })
+        ));
+        // Re-scoping replaces the cluster rather than nesting.
+        let moved = policy.in_cluster(b.clone());
+        assert_eq!(moved.cluster(), Some(&b));
+        assert!(moved.check(&gw, Some(&b)).is_ok());
+        assert_eq!(
+            HandshakeFailure::classify(
+                &VerifyError::ClusterMismatch {
+                    peer: gw,
+                    cluster: None,
+                    expected: a
+                }
+                .into_rustls()
+            ),
+            HandshakeFailure::IdentityMismatch
         );
     }
 

@@ -36,9 +36,10 @@ const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Peer {
     /// Its SPIFFE ID, as the TLS layer verified it.
     pub id: Option<Arc<str>>,
-    /// Whether it belongs to this proxy's own cluster (same issuer): only those may
-    /// ask a gateway to reach another cluster.
-    pub local: bool,
+    /// The cluster whose issuer signed its leaf, read from the verified path; `None`
+    /// when the leaf belongs to no cluster or the check failed. A gateway relays to
+    /// other clusters only for peers of its own cluster.
+    pub cluster: Option<ClusterName>,
 }
 
 /// One CONNECT stream as the handler sees it.

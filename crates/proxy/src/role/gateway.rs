@@ -24,7 +24,7 @@ use proxy_core::tunnel::server::{TunnelHandler, TunnelRequest, Upstream};
 use proxy_core::tunnel::{BoxIo, Refusal};
 use proxy_discovery::model::LinkSpec;
 use proxy_discovery::{Discovery, ExportedEndpoint, Refusal as DiscoveryRefusal};
-use proxy_identity::{PeerPolicy, SpiffeId};
+use proxy_identity::{ClusterName, PeerPolicy, SpiffeId};
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -138,7 +138,8 @@ struct GatewayHandler {
     /// The tunnel to each meshed pod's sidecar, made on first use.
     pods: Mutex<HashMap<IpAddr, PodTunnel>>,
     maker: PoolMaker,
-    /// What a pod's sidecar must prove: an identity of our trust domain.
+    /// What a pod's sidecar must prove: an identity of our trust domain, issued by
+    /// our own cluster's issuer.
     pod_policy: PeerPolicy,
 }
 
@@ -299,10 +300,17 @@ impl TunnelHandler for GatewayHandler {
         if target == self.cluster {
             return self.deliver_local(request).await.map(Upstream::Connected);
         }
-        // Another cluster: only this cluster's own workloads (leaves of our issuer)
-        // may go there. Relaying for anyone else, a peer gateway or a workload of
-        // a linked cluster, would make this gateway an open relay.
-        if !request.peer.local {
+        // Another cluster: only this cluster's own workloads may go there, those whose
+        // leaf verified through our cluster's issuer (the peer's cluster is read from
+        // that verified path, never from the chain as sent). Relaying for anyone else,
+        // a peer gateway or a workload of a linked cluster, would make this gateway
+        // an open relay.
+        let from_own_cluster = request
+            .peer
+            .cluster
+            .as_ref()
+            .is_some_and(|peer_cluster| peer_cluster.as_str() == self.cluster);
+        if !from_own_cluster {
             return Err(Refusal::Forbidden);
         }
         let Some(pool) = self.pool_for(target) else {
@@ -359,6 +367,16 @@ fn sync_links(
                 continue;
             }
         };
+        // The peer gateway must hold the Link's identity AND a leaf of the target
+        // cluster's issuer: gateways may share one SPIFFE ID, and any cluster's issuer
+        // can mint any ID, so the ID alone does not say which cluster answers.
+        let target = match ClusterName::parse(&cluster) {
+            Ok(target) => target,
+            Err(e) => {
+                warn!(%cluster, error = %e, "link target is not a cluster name; link unusable");
+                continue;
+            }
+        };
         let (stop, stopped) = watch::channel(false);
         let mut shutdown = maker.shutdown.clone();
         let stop_on_shutdown = stop.clone();
@@ -368,7 +386,12 @@ fn sync_links(
         });
         let addr = SocketAddr::new(ip, spec.gateway_port);
         info!(%cluster, %addr, %identity, "linking to peer gateway");
-        let pool = maker.pool(format!("link/{cluster}"), addr, identity, stopped.clone());
+        let pool = maker.pool(
+            format!("link/{cluster}"),
+            addr,
+            PeerPolicy::Exact(identity).in_cluster(target),
+            stopped.clone(),
+        );
         let probe = Arc::new(Mutex::new(ProbeResult::default()));
         let success = probe_success
             .get_or_create(&LinkLabels {
@@ -413,7 +436,7 @@ pub async fn run(config: Config) -> Result<()> {
             .collect(),
         pods: Mutex::new(HashMap::new()),
         maker: base.pool_maker(),
-        pod_policy: base.own_trust_domain_policy(),
+        pod_policy: base.own_cluster_policy(),
     });
     let link_up: Family<LinkLabels, Gauge> = Family::default();
     base.registry.register(

@@ -36,6 +36,9 @@ use crate::config::{Config, DiscoverySource};
 /// What every role starts with.
 pub struct Base {
     pub config: Config,
+    /// `--cluster`, as identities name it: the cluster this proxy's leaf must come
+    /// from, and the one its mesh peers are checked against.
+    pub cluster: proxy_identity::ClusterName,
     pub registry: Registry,
     pub metrics: ProxyMetrics,
     pub identity: Arc<CredentialStore>,
@@ -48,12 +51,19 @@ pub struct Base {
 impl Base {
     /// Loads identity and discovery; fails with a message naming the directory and
     /// the problem if either has no good state to start from.
+    ///
+    /// Every role's own leaf must come from the issuer of its `--cluster` (checked on
+    /// the verified path, at start and on every rotation): a sidecar or standalone
+    /// proxy with a leaf of another cluster would be refused by its gateway's
+    /// cluster checks anyway, and a gateway with one would claim to be what it is not.
     pub async fn start(config: Config) -> Result<Base> {
         let mut registry = Registry::default();
         let metrics = ProxyMetrics::default();
         metrics.register(&mut registry);
         let identity_metrics = IdentityMetrics::register(&mut registry);
-        let identity = CredentialStore::load(config.identity.clone())
+        let own_cluster = proxy_identity::ClusterName::parse(&config.cluster)
+            .map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
+        let identity = CredentialStore::for_cluster(config.identity.clone(), own_cluster.clone())
             .with_context(|| {
                 format!(
                     "loading the workload identity ({}, {}, {})",
@@ -95,6 +105,7 @@ impl Base {
         );
         Ok(Base {
             config,
+            cluster: own_cluster,
             registry,
             metrics,
             identity,
@@ -149,6 +160,13 @@ impl Base {
         PeerPolicy::TrustDomain(self.identity.current().id().trust_domain().clone())
     }
 
+    /// Any identity of our trust domain, issued by our own cluster's issuer: what a
+    /// peer inside this cluster (our gateway, a pod's sidecar) must prove.
+    pub fn own_cluster_policy(&self) -> PeerPolicy {
+        self.own_trust_domain_policy()
+            .in_cluster(self.cluster.clone())
+    }
+
     /// A warm pool to this cluster's gateway, as the cluster settings name it at
     /// start (an IP address, or a DNS name such as the gateway Service's, resolved
     /// once here); `None` (with a warning) when they name none, so mirrored services
@@ -193,10 +211,12 @@ impl Base {
             }
         };
         info!(%addr, gateway = name, %identity, "mirrored services go through the cluster gateway");
+        // The gateway's ID alone would also match another cluster's gateway (they
+        // may share one) or a leaf another cluster's issuer minted with it.
         Ok(Some(self.pool_maker().pool(
             format!("gateway/{}", self.config.cluster),
             addr,
-            identity,
+            PeerPolicy::Exact(identity).in_cluster(self.cluster.clone()),
             self.shutdown.clone(),
         )))
     }
@@ -235,8 +255,10 @@ impl Base {
             .collect()
     }
 
-    /// The mesh-facing listener's handler: mTLS from peers of this trust domain, each
-    /// tunnel stream handed to `handler`; plain redirected TCP passes to the app.
+    /// The mesh-facing listener's handler: mTLS from peers of this trust domain (a
+    /// gateway's, from any cluster; a sidecar's, from its own cluster only: only its
+    /// gateway dials it), each tunnel stream handed to `handler` with the peer's
+    /// verified cluster; plain redirected TCP passes to the app.
     pub fn inbound<H: TunnelHandler>(
         &self,
         handler: Arc<H>,
@@ -252,13 +274,17 @@ impl Base {
         Arc::new(Inbound {
             tls: Some(proxy_identity::mesh_server_config(
                 self.identity.clone(),
-                self.own_trust_domain_policy(),
+                match direction {
+                    Direction::Gateway => self.own_trust_domain_policy(),
+                    Direction::Inbound | Direction::Outbound => self.own_cluster_policy(),
+                },
             )),
             identify: {
                 let store = self.identity.clone();
                 Arc::new(move |conn| Peer {
                     id: proxy_identity::peer_identity(conn).map(|id| Arc::from(id.to_string())),
-                    local: proxy_identity::peer_shares_issuer(conn, &store),
+                    cluster: proxy_identity::peer_cluster(conn, &store)
+                        .map(|c| proxy_core::route::ClusterName::new(c.as_str())),
                 })
             },
             handshake_failed: self.handshake_observer(),
@@ -361,21 +387,15 @@ pub struct PoolMaker {
 }
 
 impl PoolMaker {
-    /// A pool to a gateway that must prove `identity`; it stops when `stop` turns true.
+    /// A pool to a gateway that must satisfy `policy`; it stops when `stop` turns true.
     pub fn pool(
         &self,
         name: String,
         addr: SocketAddr,
-        identity: SpiffeId,
+        policy: PeerPolicy,
         stop: watch::Receiver<bool>,
     ) -> Pool {
-        self.pool_with(
-            name,
-            addr,
-            PeerPolicy::Exact(identity),
-            self.connections,
-            stop,
-        )
+        self.pool_with(name, addr, policy, self.connections, stop)
     }
 
     /// A pool of `connections` to a peer that must satisfy `policy`.
