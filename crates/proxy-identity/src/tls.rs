@@ -143,13 +143,14 @@ pub fn peer_shares_issuer(conn: &CommonState, store: &CredentialStore) -> bool {
         .is_some_and(|own_issuer| own_issuer.as_ref() == peer_issuer.as_ref())
 }
 
-/// Presents whatever leaf the store holds at the time of the handshake.
+/// Presents whatever leaf the store holds at the time of the handshake, if it is
+/// inside its validity window ([`CredentialStore::presentable`]).
 #[derive(Debug)]
 struct StoreResolver(Arc<CredentialStore>);
 
 impl StoreResolver {
-    fn certified_key(&self) -> Arc<CertifiedKey> {
-        self.0.current().certified_key().clone()
+    fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
+        self.0.presentable()
     }
 }
 
@@ -175,7 +176,8 @@ impl ResolvesServerCert for ServerResolver {
                 return None;
             }
         }
-        Some(current.certified_key().clone())
+        // An expired leaf is withheld: rustls then refuses the handshake.
+        self.store.presentable()
     }
 }
 
@@ -186,8 +188,9 @@ impl ResolvesClientCert for StoreResolver {
         _sigschemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
         // The one leaf we have is the answer whatever the server hints; if it cannot
-        // sign with an offered scheme the handshake fails with that reason.
-        Some(self.certified_key())
+        // sign with an offered scheme the handshake fails with that reason. An
+        // expired one is withheld: the server then sees no certificate.
+        self.certified_key()
     }
 
     fn has_certs(&self) -> bool {
