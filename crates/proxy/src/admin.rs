@@ -2,11 +2,31 @@
 //! (the routing table, identity and link state in effect, as JSON).
 //!
 //! It is for probes and scraping only: nothing here changes the proxy's state.
+//!
+//! # Exposure
+//!
+//! The admin port is reachable on the pod address (kubelet probes, Prometheus), so
+//! what it tells a stranger is limited: `/live`, `/ready` and `/metrics` answer
+//! everyone; `/config` (every Service and Link the proxy knows, its identity and
+//! limits) and any later debug endpoint answer loopback peers only (127.0.0.0/8,
+//! `::1`, and IPv4-mapped loopback), as Linkerd keeps `/env.json` local. Anyone else
+//! gets `403` and a one-line body.
+//!
+//! # Resources
+//!
+//! The server runs on a thread of its own with a current-thread runtime ([`spawn`]),
+//! apart from the data path's runtime, so probes are answered while the data path is
+//! saturated. It serves at most [`AdminLimits::max_connections`] connections at once
+//! (more are reset at once), closes a connection whose request head is not complete
+//! within [`AdminLimits::header_read_timeout`] (idle keep-alive time included), and
+//! backs off when accepting fails for lack of descriptors instead of retrying in a
+//! busy loop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -15,61 +35,174 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tracing::debug;
+use tokio::sync::{Semaphore, watch};
+use tracing::{debug, info, warn};
 
 /// Produces the `/config` document on demand.
 pub type ConfigView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// Whether the proxy can serve now; `Err` says why not (shutting down, an expired
+/// identity), and `/ready` shows it.
+pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 pub struct Admin {
     pub registry: Arc<Registry>,
-    /// Turns true once the proxy can serve (identity loaded, listeners bound).
-    pub ready: Arc<AtomicBool>,
+    pub ready: ReadyCheck,
     pub config: ConfigView,
 }
 
+/// Bounds on what the admin server holds; flags `--admin-max-connections` and
+/// `--admin-header-read-timeout`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// Connections served at once; more are reset at once.
+    pub max_connections: usize,
+    /// A request head (the first, or the next on a kept-alive connection) must be
+    /// complete within this time, or the connection is closed.
+    pub header_read_timeout: Duration,
+}
+
+/// Default [`AdminLimits::max_connections`]: a kubelet's three probes and a few
+/// scrapers need a handful; this leaves room for bursts and still bounds the
+/// descriptors a flood can take from the data path.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Default [`AdminLimits::header_read_timeout`]: probes and scrapers send their whole
+/// request at once.
+pub const DEFAULT_ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_ADMIN_HEADER_READ_TIMEOUT,
+        }
+    }
+}
+
+/// The first pause after a failed accept (EMFILE, ENFILE, ENOBUFS): the error repeats
+/// at once until a descriptor is free, and the listener stays readable meanwhile,
+/// so retrying without a pause spins a CPU.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// The longest pause: accepting resumes at most this long after descriptors free up.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(250);
+/// The longest one admin connection is served. A client that sends requests but
+/// never reads the answers would otherwise hold its slot, as the header read timeout
+/// only runs while a request head is awaited.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Admin requests are a request line and a few headers; this bounds what one
+/// connection may make the server buffer (hyper's floor is 8 KiB).
+const MAX_BUF_SIZE: usize = 16 * 1024;
+const MAX_HEADERS: usize = 32;
+
+/// Starts the admin server on a thread named `admin` with its own current-thread
+/// runtime; it serves until `stop` turns true. `listener` must be non-blocking (as
+/// tokio's `into_std` leaves it).
+pub fn spawn(
+    admin: Arc<Admin>,
+    listener: std::net::TcpListener,
+    limits: AdminLimits,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the admin server's runtime")?;
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => admin.serve(listener, limits, stop).await,
+                    Err(e) => {
+                        warn!(error = %e, "admin listener unusable, admin server not started")
+                    }
+                }
+            });
+        })
+        .context("starting the admin server's thread")
+}
+
 impl Admin {
+    /// Accepts and serves admin connections until `stop` turns true.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
+        limits: AdminLimits,
+        mut stop: watch::Receiver<bool>,
     ) {
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let mut backoff = ACCEPT_BACKOFF_MIN;
+        let mut failures = 0u64;
         loop {
-            let (stream, _) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
+                    Err(e) if is_connection_error(&e) => {
+                        debug!(error = %e, "admin connection gone before it was accepted");
+                        continue;
+                    }
                     Err(e) => {
-                        debug!(error = %e, "admin accept failed");
+                        if failures == 0 {
+                            warn!(error = %e, "admin accept failed, backing off until it succeeds");
+                        }
+                        failures += 1;
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = proxy_core::listen::drained(&mut stop) => return,
+                        }
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                         continue;
                     }
                 },
-                _ = proxy_core::listen::drained(&mut shutdown) => return,
+                () = proxy_core::listen::drained(&mut stop) => return,
+            };
+            if failures > 0 {
+                info!(failures, "admin accept works again");
+                failures = 0;
+                backoff = ACCEPT_BACKOFF_MIN;
+            }
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                debug!(%peer, max = limits.max_connections, "admin connection limit reached, resetting");
+                proxy_core::listen::reset(stream);
+                continue;
             };
             let admin = self.clone();
+            let header_read_timeout = limits.header_read_timeout;
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let admin = admin.clone();
-                    async move { Ok::<_, std::convert::Infallible>(admin.respond(&req)) }
+                    async move { Ok::<_, std::convert::Infallible>(admin.respond(&req, peer)) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(std::time::Duration::from_secs(5))
+                    .header_read_timeout(header_read_timeout)
+                    .max_buf_size(MAX_BUF_SIZE)
+                    .max_headers(MAX_HEADERS)
                     .serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = conn.await {
-                    debug!(error = %e, "admin connection failed");
+                match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!(%peer, error = %e, "admin connection failed"),
+                    Err(_) => debug!(%peer, "admin connection open too long, closed"),
                 }
+                drop(slot);
             });
         }
     }
 
-    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    fn respond(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
         }
+        let local = is_loopback_peer(peer);
         match req.uri().path() {
-            "/live" => text(StatusCode::OK, "live\n"),
-            "/ready" if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
-            "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            "/live" => text(StatusCode::OK, "live\n".into()),
+            "/ready" => match (self.ready)() {
+                Ok(()) => text(StatusCode::OK, "ready\n".into()),
+                Err(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n").into(),
+                ),
+            },
             "/metrics" => {
                 let mut body = String::new();
                 match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
@@ -85,9 +218,16 @@ impl Admin {
                     }
                     Err(_) => text(
                         StatusCode::INTERNAL_SERVER_ERROR,
-                        "metrics encoding failed\n",
+                        "metrics encoding failed\n".into(),
                     ),
                 }
+            }
+            "/config" if !local => {
+                debug!(%peer, "/config asked from a non-loopback address, refused");
+                text(
+                    StatusCode::FORBIDDEN,
+                    "forbidden: /config answers on loopback only\n".into(),
+                )
             }
             "/config" => {
                 let body = serde_json::to_vec_pretty(&(self.config)()).unwrap_or_default();
@@ -98,24 +238,75 @@ impl Admin {
                 );
                 response
             }
+            _ if local => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /ready, /live, /config\n".into(),
+            ),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /ready, /live, /config\n",
+                "not found: try /metrics, /ready, /live\n".into(),
             ),
         }
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+/// Whether `peer` is this host's loopback: only those see `/config`. An IPv4
+/// loopback peer of a dual-stack IPv6 listener arrives as `::ffff:127.x.y.z`.
+pub fn is_loopback_peer(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
+/// Accept errors that concern one connection (it was reset while queued), not the
+/// listener: the next accept may succeed at once.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::Interrupted
+    )
+}
+
+fn text(status: StatusCode, body: std::borrow::Cow<'static, str>) -> Response<Full<Bytes>> {
+    let body = match body {
+        std::borrow::Cow::Borrowed(s) => Bytes::from_static(s.as_bytes()),
+        std::borrow::Cow::Owned(s) => Bytes::from(s),
+    };
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response
 }
 
 /// Binds the admin listener, naming the address on failure.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    use anyhow::Context;
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the admin listener on {addr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_peers_are_local() {
+        for local in [
+            "127.0.0.1:1",
+            "127.9.8.7:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(is_loopback_peer(local.parse().unwrap()), "{local}");
+        }
+        for remote in [
+            "198.18.0.1:1",
+            "10.0.0.1:1",
+            "0.0.0.0:1",
+            "[::]:1",
+            "[2001:2::1]:1",
+            "[::ffff:198.18.0.1]:1",
+        ] {
+            assert!(!is_loopback_peer(remote.parse().unwrap()), "{remote}");
+        }
+    }
 }
