@@ -22,8 +22,10 @@
 //! backs off when accepting fails for lack of descriptors instead of retrying in a
 //! busy loop.
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -34,7 +36,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
@@ -131,41 +133,22 @@ impl Admin {
         mut stop: watch::Receiver<bool>,
     ) {
         let slots = Arc::new(Semaphore::new(limits.max_connections));
-        let mut backoff = ACCEPT_BACKOFF_MIN;
-        let mut failures = 0u64;
-        loop {
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) if is_connection_error(&e) => {
-                        debug!(error = %e, "admin connection gone before it was accepted");
-                        continue;
-                    }
-                    Err(e) => {
-                        if failures == 0 {
-                            warn!(error = %e, "admin accept failed, backing off until it succeeds");
-                        }
-                        failures += 1;
-                        tokio::select! {
-                            () = tokio::time::sleep(backoff) => {}
-                            () = proxy_core::listen::drained(&mut stop) => return,
-                        }
-                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                        continue;
-                    }
-                },
-                () = proxy_core::listen::drained(&mut stop) => return,
-            };
-            if failures > 0 {
-                info!(failures, "admin accept works again");
-                failures = 0;
-                backoff = ACCEPT_BACKOFF_MIN;
-            }
+        let mut acceptor = Acceptor {
+            listener,
+            reserve: Arc::new(Reserve::open()),
+            backoff: ACCEPT_BACKOFF_MIN,
+            failures: 0,
+        };
+        while let Some((stream, peer, on_reserve)) = acceptor.next(&mut stop).await {
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 debug!(%peer, max = limits.max_connections, "admin connection limit reached, resetting");
                 proxy_core::listen::reset(stream);
                 continue;
             };
+            if on_reserve {
+                debug!(%peer, "descriptor table full: serving this admin connection on the reserved descriptor");
+            }
+            let reserve = acceptor.reserve.clone();
             let admin = self.clone();
             let header_read_timeout = limits.header_read_timeout;
             tokio::spawn(async move {
@@ -183,6 +166,11 @@ impl Admin {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => debug!(%peer, error = %e, "admin connection failed"),
                     Err(_) => debug!(%peer, "admin connection open too long, closed"),
+                }
+                // The connection's descriptor is closed now: take it back at once,
+                // before the data path's accept loop does.
+                if on_reserve {
+                    reserve.refill();
                 }
                 drop(slot);
             });
@@ -248,6 +236,124 @@ impl Admin {
             ),
         }
     }
+}
+
+/// The admin accept loop: backoff after failures, and the reserved descriptor.
+struct Acceptor {
+    listener: TcpListener,
+    reserve: Arc<Reserve>,
+    backoff: Duration,
+    /// Failed accepts since the last success, for one warning per streak.
+    failures: u64,
+}
+
+impl Acceptor {
+    /// The next connection, and whether it holds the reserve's descriptor (to be
+    /// given back when it closes); `None` once `stop` turns true.
+    async fn next(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<(TcpStream, SocketAddr, bool)> {
+        loop {
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                () = proxy_core::listen::drained(stop) => return None,
+            };
+            let error = match accepted {
+                Ok((stream, peer)) => return Some(self.accepted(stream, peer, false)),
+                Err(e) if is_connection_error(&e) => {
+                    debug!(error = %e, "admin connection gone before it was accepted");
+                    continue;
+                }
+                Err(e) => e,
+            };
+            if is_descriptor_exhaustion(&error) && self.reserve.release() {
+                // accept(2) fails with EMFILE before it looks at its queue, so one
+                // try into the descriptor just freed tells a waiting probe from an
+                // empty queue (which clears the listener's readiness: no spin).
+                let once = poll_fn(|cx| Poll::Ready(self.listener.poll_accept(cx))).await;
+                match once {
+                    Poll::Ready(Ok((stream, peer))) => {
+                        return Some(self.accepted(stream, peer, true));
+                    }
+                    Poll::Pending => {
+                        self.reserve.refill();
+                        continue;
+                    }
+                    Poll::Ready(Err(_)) => self.reserve.refill(),
+                }
+            }
+            if self.failures == 0 {
+                warn!(error = %error, "admin accept failed, backing off until it succeeds");
+            }
+            self.failures += 1;
+            tokio::select! {
+                () = tokio::time::sleep(self.backoff) => {}
+                () = proxy_core::listen::drained(stop) => return None,
+            }
+            self.backoff = (self.backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            self.reserve.refill();
+        }
+    }
+
+    fn accepted(
+        &mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        on_reserve: bool,
+    ) -> (TcpStream, SocketAddr, bool) {
+        if self.failures > 0 {
+            info!(failures = self.failures, "admin accept works again");
+            self.failures = 0;
+            self.backoff = ACCEPT_BACKOFF_MIN;
+        }
+        (stream, peer, on_reserve)
+    }
+}
+
+/// One descriptor (`/dev/null`) held back from the start, so that a probe can be
+/// answered while the data path has filled the descriptor table: it is closed to
+/// accept one admin connection and reopened as soon as that connection closes (the
+/// kernel hands out the lowest free descriptor: the one just freed), as libev and
+/// nginx do. Without it a full table fails `/live`, and a kubelet restarts a proxy
+/// that is only under pressure, dropping every connection it carries.
+struct Reserve(std::sync::Mutex<Option<std::fs::File>>);
+
+impl Reserve {
+    fn open() -> Self {
+        let reserve = Self(std::sync::Mutex::new(None));
+        reserve.refill();
+        reserve
+    }
+
+    /// Closes the reserved descriptor; `false` if none was held.
+    fn release(&self) -> bool {
+        self.slot().take().is_some()
+    }
+
+    /// Reopens the reserved descriptor unless it is held (best effort: the table
+    /// may still be full).
+    fn refill(&self) {
+        let mut slot = self.slot();
+        if slot.is_none() {
+            *slot = std::fs::File::open("/dev/null").ok();
+        }
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<std::fs::File>> {
+        // Held for one assignment: a panic cannot tear it.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// EMFILE (this process's table is full) or ENFILE (the system's). The values are
+/// Linux's errno numbers; std has no error kind for them.
+fn is_descriptor_exhaustion(e: &std::io::Error) -> bool {
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    matches!(e.raw_os_error(), Some(ENFILE | EMFILE))
 }
 
 /// Whether `peer` is this host's loopback: only those see `/config`. An IPv4
