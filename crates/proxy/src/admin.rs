@@ -162,14 +162,17 @@ impl Admin {
                     .max_buf_size(MAX_BUF_SIZE)
                     .max_headers(MAX_HEADERS)
                     .serve_connection(TokioIo::new(stream), service);
-                match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-                    Ok(Ok(())) => {}
+                // Without hyper's shutdown, so that a connection on the reserve's
+                // descriptor hands its socket back instead of closing it.
+                match tokio::time::timeout(CONNECTION_LIFETIME, conn.without_shutdown()).await {
+                    Ok(Ok(parts)) if on_reserve => reserve.take_back(parts.io.into_inner()),
+                    Ok(Ok(_parts)) => {}
                     Ok(Err(e)) => debug!(%peer, error = %e, "admin connection failed"),
                     Err(_) => debug!(%peer, "admin connection open too long, closed"),
                 }
-                // The connection's descriptor is closed now: take it back at once,
-                // before the data path's accept loop does.
                 if on_reserve {
+                    // The socket was dropped on an error: its descriptor is free
+                    // again, for whoever asks first.
                     reserve.refill();
                 }
                 drop(slot);
@@ -311,36 +314,61 @@ impl Acceptor {
     }
 }
 
-/// One descriptor (`/dev/null`) held back from the start, so that a probe can be
+/// One descriptor held back from the start (`/dev/null`), so that a probe can be
 /// answered while the data path has filled the descriptor table: it is closed to
-/// accept one admin connection and reopened as soon as that connection closes (the
-/// kernel hands out the lowest free descriptor: the one just freed), as libev and
-/// nginx do. Without it a full table fails `/live`, and a kubelet restarts a proxy
+/// accept one admin connection, as libev and nginx do. When that connection is
+/// done its socket is shut down (the client sees the close) but its descriptor is
+/// kept as the new reserve: closing and reopening would leave a moment in which
+/// the data path's accept loop, on another thread, takes the descriptor for good.
+/// Without a reserve a full table fails `/live`, and a kubelet restarts a proxy
 /// that is only under pressure, dropping every connection it carries.
-struct Reserve(std::sync::Mutex<Option<std::fs::File>>);
+///
+/// Between closing a reserved descriptor and accepting into it there is still a
+/// moment in which another thread's open or accept can take it, so
+/// [`RESERVED_DESCRIPTORS`] are kept: losing one to that race leaves another.
+struct Reserve(std::sync::Mutex<Vec<std::os::fd::OwnedFd>>);
+
+/// Descriptors the admin server holds in reserve.
+const RESERVED_DESCRIPTORS: usize = 2;
 
 impl Reserve {
     fn open() -> Self {
-        let reserve = Self(std::sync::Mutex::new(None));
+        let reserve = Self(std::sync::Mutex::new(Vec::new()));
         reserve.refill();
         reserve
     }
 
-    /// Closes the reserved descriptor; `false` if none was held.
+    /// Closes one reserved descriptor; `false` if none was held.
     fn release(&self) -> bool {
-        self.slot().take().is_some()
+        self.slot().pop().is_some()
     }
 
-    /// Reopens the reserved descriptor unless it is held (best effort: the table
-    /// may still be full).
+    /// Reopens reserved descriptors up to [`RESERVED_DESCRIPTORS`] (best effort:
+    /// the table may still be full).
     fn refill(&self) {
-        let mut slot = self.slot();
-        if slot.is_none() {
-            *slot = std::fs::File::open("/dev/null").ok();
+        let mut held = self.slot();
+        while held.len() < RESERVED_DESCRIPTORS {
+            match std::fs::File::open("/dev/null") {
+                Ok(null) => held.push(null.into()),
+                Err(_) => return,
+            }
         }
     }
 
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<std::fs::File>> {
+    /// Keeps the descriptor of a finished connection's socket as the reserve,
+    /// shut down both ways; closes it if the reserve is full already.
+    fn take_back(&self, stream: TcpStream) {
+        let Ok(stream) = stream.into_std() else {
+            return;
+        };
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        let mut held = self.slot();
+        if held.len() < RESERVED_DESCRIPTORS {
+            held.push(stream.into());
+        }
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Vec<std::os::fd::OwnedFd>> {
         // Held for one assignment: a panic cannot tear it.
         self.0
             .lock()
