@@ -567,7 +567,8 @@ impl Gateways {
         ns_b.add_addr(&if_b, "198.18.0.1/24").unwrap();
         ns_a.add_addr(&if_a, "198.18.0.2/24").unwrap();
         let gw_b: SocketAddr = "198.18.0.1:4143".parse().unwrap();
-        let admin_b: SocketAddr = "198.18.0.1:4191".parse().unwrap();
+        // On loopback: the test reads gateway-b's /config, which answers loopback only.
+        let admin_b: SocketAddr = "127.0.0.1:4191".parse().unwrap();
         let gw_a: SocketAddr = "198.18.0.2:4143".parse().unwrap();
         let admin_a: SocketAddr = "198.18.0.2:4191".parse().unwrap();
         let backend: SocketAddr = "127.0.0.1:8080".parse().unwrap();

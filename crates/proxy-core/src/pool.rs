@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::route::{Authority, ClusterName};
 use crate::tunnel::client::{self, OpenError, TunnelSender, TunnelStream};
-use crate::tunnel::{ConnectionError, H2Settings, HandshakeObserver, Refusal};
+use crate::tunnel::{ConnectionError, H2Settings, HandshakeObserver, PingFailed, Pinger, Refusal};
 
 /// How to reach one peer.
 #[derive(Clone)]
@@ -95,6 +95,17 @@ impl PoolError {
     }
 }
 
+/// Why a liveness PING ([`Pool::ping`]) got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PingError {
+    #[error("link to {peer} is down: {error}")]
+    LinkDown { peer: Arc<str>, error: Arc<str> },
+    #[error("no PING answer from {peer} within {timeout:?}")]
+    Timeout { peer: Arc<str>, timeout: Duration },
+    #[error("tunnel connection to {peer} closed before it answered a PING")]
+    Closed { peer: Arc<str> },
+}
+
 /// Why one connection attempt failed (kept as text in [`LinkState::Down`]).
 #[derive(Debug, thiserror::Error)]
 enum ConnectError {
@@ -120,9 +131,16 @@ enum ConnectError {
     },
 }
 
+/// One established connection of the pool.
+#[derive(Clone)]
+struct Slot {
+    sender: TunnelSender,
+    pinger: Option<Pinger>,
+}
+
 struct Shared {
     cfg: PeerConfig,
-    slots: Mutex<Vec<Option<TunnelSender>>>,
+    slots: Mutex<Vec<Option<Slot>>>,
     next: AtomicUsize,
     state: watch::Sender<LinkState>,
     last_error: Mutex<Option<(SystemTime, Arc<str>)>>,
@@ -183,8 +201,8 @@ impl Pool {
         // One retry: a connection that died between pick and use never saw the stream.
         for attempt in 0..2 {
             let mut sender = match self.pick() {
-                Some(sender) => sender,
-                None => self.wait_for_connection().await?,
+                Some(slot) => slot.sender,
+                None => self.wait_for_connection().await?.sender,
             };
             // The far end connects within its own connect timeout; the same bound
             // on its answer catches a peer that went silent.
@@ -233,13 +251,56 @@ impl Pool {
         }
     }
 
-    fn pick(&self) -> Option<TunnelSender> {
+    /// One HTTP/2 PING round trip on a pooled connection (round-robin), answered by
+    /// the peer's HTTP/2 stack: proof that the mTLS connection is up and the peer
+    /// alive, without opening a stream or asking it to reach anything. Fails at once
+    /// while the link is down; while the first connection is being made it waits
+    /// for it within `timeout`. Returns the round-trip time.
+    pub async fn ping(&self, timeout: Duration) -> Result<Duration, PingError> {
+        let peer = &self.shared.cfg.name;
+        let start = tokio::time::Instant::now();
+        let slot = match self.pick() {
+            Some(slot) => slot,
+            None => match tokio::time::timeout(timeout, self.wait_for_connection()).await {
+                Ok(Ok(slot)) => slot,
+                Ok(Err(e)) => {
+                    let error = match e {
+                        PoolError::LinkDown { error, .. } => error,
+                        other => Arc::from(other.to_string()),
+                    };
+                    return Err(PingError::LinkDown {
+                        peer: peer.clone(),
+                        error,
+                    });
+                }
+                Err(_) => {
+                    return Err(PingError::Timeout {
+                        peer: peer.clone(),
+                        timeout,
+                    });
+                }
+            },
+        };
+        let Some(pinger) = slot.pinger else {
+            return Err(PingError::Closed { peer: peer.clone() });
+        };
+        match pinger.ping(timeout.saturating_sub(start.elapsed())).await {
+            Ok(round_trip) => Ok(round_trip),
+            Err(PingFailed::Timeout) => Err(PingError::Timeout {
+                peer: peer.clone(),
+                timeout,
+            }),
+            Err(PingFailed::Closed) => Err(PingError::Closed { peer: peer.clone() }),
+        }
+    }
+
+    fn pick(&self) -> Option<Slot> {
         let slots = lock(&self.shared.slots);
         let start = self.shared.next.fetch_add(1, Ordering::Relaxed);
         (0..slots.len()).find_map(|i| slots[(start + i) % slots.len()].clone())
     }
 
-    async fn wait_for_connection(&self) -> Result<TunnelSender, PoolError> {
+    async fn wait_for_connection(&self) -> Result<Slot, PoolError> {
         let mut state = self.shared.state.subscribe();
         let wait = async {
             loop {
@@ -291,13 +352,13 @@ async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receive
             _ = crate::listen::drained(&mut shutdown) => return,
         };
         match attempt {
-            Ok((sender, conn)) => {
+            Ok((slot_conn, conn)) => {
                 let established = tokio::time::Instant::now();
                 // A task of its own: when the pool stops, streams in flight (a relay
                 // draining on SIGTERM) keep their connection, which closes once they
                 // are done and the pool dropped its handle.
                 let mut conn = tokio::spawn(conn);
-                lock(&shared.slots)[slot] = Some(sender);
+                lock(&shared.slots)[slot] = Some(slot_conn);
                 *lock(&shared.last_error) = None;
                 publish(&shared);
                 info!(peer = %cfg.name, addr = %cfg.addr, slot, "tunnel connection established");
@@ -378,7 +439,7 @@ async fn connect(
     cfg: &PeerConfig,
 ) -> Result<
     (
-        TunnelSender,
+        Slot,
         impl std::future::Future<Output = Result<(), ConnectionError>> + Send + use<>,
     ),
     ConnectError,
@@ -407,12 +468,14 @@ async fn connect(
             source,
         }
     })?;
-    client::handshake(tls, &cfg.h2)
-        .await
-        .map_err(|source| ConnectError::H2 {
-            addr: cfg.addr,
-            source,
-        })
+    let (sender, pinger, driver) =
+        client::handshake_with_pinger(tls, &cfg.h2)
+            .await
+            .map_err(|source| ConnectError::H2 {
+                addr: cfg.addr,
+                source,
+            })?;
+    Ok((Slot { sender, pinger }, driver))
 }
 
 /// "outer: inner: innermost", so one log line or `/config` field says everything.

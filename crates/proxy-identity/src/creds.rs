@@ -16,6 +16,12 @@
 //! logged, counted and shown in [`IdentityStatus`], and the previous identity keeps
 //! serving. Live connections never see a rotation: TLS keys are fixed at handshake.
 //!
+//! Validity is checked again after loading: a leaf is presented only inside its
+//! window ([`CredentialStore::presentable`], asked at every handshake), and
+//! [`CredentialStore::watch`] wakes at notAfter to log the expiry and set the
+//! `identity_leaf_expired` metric, so a proxy whose leaf ran out fails closed (no
+//! certificate shown, not ready) until a valid leaf is written, without a restart.
+//!
 //! This module does not watch with inotify: Kubernetes updates secret volumes by
 //! swapping a `..data` symlink, which inotify on the files misses, so [`CredentialStore::watch`]
 //! polls the contents.
@@ -33,6 +39,12 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use serde::Serialize;
+use tokio::time::MissedTickBehavior;
+
+mod validity;
+
+pub use validity::LeafValidity;
+use validity::until_validity_changes;
 
 use crate::cluster::{self, ClusterName, Usage};
 use crate::id::SpiffeId;
@@ -325,7 +337,7 @@ impl Credentials {
                 now,
             });
         }
-        if now > not_after {
+        if now >= not_after {
             return Err(CredsError::Expired {
                 path: paths.cert.clone(),
                 not_after,
@@ -491,6 +503,11 @@ pub struct IdentityStatus {
     pub not_before: String,
     /// Its leaf's notAfter (RFC 3339).
     pub not_after: String,
+    /// Whether the leaf is inside its validity window now, i.e. presented in
+    /// handshakes; `false` means the proxy is failing closed and not ready.
+    pub valid_now: bool,
+    /// `valid`, or why not (`expired at ...`).
+    pub validity: String,
     /// How many trust anchors are in use.
     pub anchors: usize,
     /// The watched leaf-and-chain file.
@@ -531,6 +548,8 @@ struct Rotation {
     last_seen: Option<u64>,
     /// A refused update that was only early: retry it once its notBefore has passed.
     retry_at: Option<SystemTime>,
+    /// The validity last logged and published, so a transition is logged once.
+    published_validity: LeafValidity,
 }
 
 /// The identity in use and its rotation. Share it as `Arc<CredentialStore>`.
@@ -586,6 +605,7 @@ impl CredentialStore {
                 last_refusal: None,
                 last_seen: None,
                 retry_at: None,
+                published_validity: LeafValidity::Valid,
             }),
             metrics: None,
             cluster: None,
@@ -596,6 +616,7 @@ impl CredentialStore {
     pub fn with_metrics(mut self, metrics: IdentityMetrics) -> Self {
         metrics.set_leaf_expiry(system_to_unix(self.current().not_after()));
         self.metrics = Some(metrics);
+        self.publish_validity(SystemTime::now());
         self
     }
 
@@ -613,7 +634,9 @@ impl CredentialStore {
     /// stays in use and the refusal is logged, counted and kept for [`Self::status`].
     pub fn reload(&self) -> Result<Arc<Credentials>, CredsError> {
         let contents = read_all_blocking(&self.paths);
-        self.try_contents(&contents, SystemTime::now())
+        let result = self.try_contents(&contents, SystemTime::now());
+        self.publish_validity(SystemTime::now());
+        result
     }
 
     fn try_contents(
@@ -682,6 +705,8 @@ impl CredentialStore {
             serial: creds.serial().to_owned(),
             not_before: rfc3339::format(creds.not_before()),
             not_after: rfc3339::format(creds.not_after()),
+            valid_now: creds.validity_at(SystemTime::now()).is_valid(),
+            validity: creds.validity_at(SystemTime::now()).to_string(),
             anchors: creds.roots().len(),
             cert_file: self.paths.cert.display().to_string(),
             key_file: self.paths.key.display().to_string(),
@@ -694,13 +719,23 @@ impl CredentialStore {
     }
 
     /// Polls the files every `interval` and reloads when their contents change (or when
-    /// an update refused as not yet valid becomes valid). Runs until dropped; spawn it
-    /// and abort the task at shutdown. Cancel-safe: it holds no lock across an await.
+    /// an update refused as not yet valid becomes valid). It also wakes when the leaf
+    /// in use leaves its validity window, to log that and set the expiry metric
+    /// (handshakes and readiness check the time themselves, so they do not depend on
+    /// this wake-up). Runs until dropped; spawn it and abort the task at shutdown.
+    /// Cancel-safe: it holds no lock across an await.
     pub async fn watch(self: Arc<Self>, interval: Duration) {
         let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            ticker.tick().await;
+            let boundary = until_validity_changes(&self.current(), SystemTime::now());
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = tokio::time::sleep(boundary) => {
+                    self.publish_validity(SystemTime::now());
+                    continue;
+                }
+            }
             let contents = read_all(&self.paths).await;
             let now = SystemTime::now();
             let due = {
@@ -712,6 +747,7 @@ impl CredentialStore {
                 // The outcome is logged, counted and kept in the status already.
                 let _ = self.try_contents(&contents, now);
             }
+            self.publish_validity(SystemTime::now());
         }
     }
 

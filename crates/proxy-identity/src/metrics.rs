@@ -1,5 +1,5 @@
-//! Identity metrics (prometheus-client): the current leaf's expiry, rotations, refused
-//! updates and handshake failures by reason.
+//! Identity metrics (prometheus-client): the current leaf's expiry and whether it has
+//! run out, rotations, refused updates and handshake failures by reason.
 //!
 //! The [`crate::CredentialStore`] updates the rotation metrics itself; handshake failures
 //! are recorded by whoever drives the handshake (it alone sees every failure, including
@@ -28,6 +28,7 @@ pub struct ReasonLabels {
 #[derive(Debug, Clone, Default)]
 pub struct IdentityMetrics {
     leaf_expiry: Gauge,
+    leaf_expired: Gauge,
     reloads: Counter,
     refusals: Family<ReasonLabels, Counter>,
     handshake_failures: Family<ReasonLabels, Counter>,
@@ -35,7 +36,7 @@ pub struct IdentityMetrics {
 
 impl IdentityMetrics {
     /// Creates the metrics and registers them into `registry` as
-    /// `identity_leaf_expiry_timestamp_seconds`, `identity_reloads_total`,
+    /// `identity_leaf_expiry_timestamp_seconds`, `identity_leaf_expired`, `identity_reloads_total`,
     /// `identity_reload_refusals_total{reason}` and `identity_handshake_failures_total{reason}`.
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
@@ -44,6 +45,12 @@ impl IdentityMetrics {
             "notAfter of the leaf certificate in use, as a Unix timestamp",
             Unit::Seconds,
             metrics.leaf_expiry.clone(),
+        );
+        registry.register(
+            "identity_leaf_expired",
+            "1 while the leaf in use is outside its validity window: it is not presented \
+             in handshakes and the proxy is not ready until a valid leaf is written",
+            metrics.leaf_expired.clone(),
         );
         registry.register(
             "identity_reloads",
@@ -95,6 +102,15 @@ impl IdentityMetrics {
         self.leaf_expiry.set(not_after_unix);
     }
 
+    pub(crate) fn set_leaf_expired(&self, expired: bool) {
+        self.leaf_expired.set(i64::from(expired));
+    }
+
+    /// Whether the leaf in use was last seen outside its validity window.
+    pub fn leaf_expired(&self) -> bool {
+        self.leaf_expired.get() != 0
+    }
+
     pub(crate) fn reloaded(&self, not_after_unix: i64) {
         self.reloads.inc();
         self.set_leaf_expiry(not_after_unix);
@@ -116,6 +132,7 @@ mod tests {
         let metrics = IdentityMetrics::register(&mut registry);
         metrics.reloaded(1_700_000_000);
         metrics.refused("expired");
+        metrics.set_leaf_expired(true);
         let err = io::Error::from(io::ErrorKind::ConnectionReset);
         assert_eq!(metrics.handshake_error(&err), HandshakeFailure::Io);
         let mut text = String::new();
@@ -123,6 +140,7 @@ mod tests {
         for line in [
             "identity_leaf_expiry_timestamp_seconds 1700000000",
             "identity_reloads_total 1",
+            "identity_leaf_expired 1",
             "identity_reload_refusals_total{reason=\"expired\"} 1",
             "identity_handshake_failures_total{reason=\"io\"} 1",
         ] {

@@ -152,13 +152,14 @@ pub fn peer_cluster(conn: &CommonState, store: &CredentialStore) -> Option<Clust
     .flatten()
 }
 
-/// Presents whatever leaf the store holds at the time of the handshake.
+/// Presents whatever leaf the store holds at the time of the handshake, if it is
+/// inside its validity window ([`CredentialStore::presentable`]).
 #[derive(Debug)]
 struct StoreResolver(Arc<CredentialStore>);
 
 impl StoreResolver {
-    fn certified_key(&self) -> Arc<CertifiedKey> {
-        self.0.current().certified_key().clone()
+    fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
+        self.0.presentable()
     }
 }
 
@@ -184,7 +185,8 @@ impl ResolvesServerCert for ServerResolver {
                 return None;
             }
         }
-        Some(current.certified_key().clone())
+        // An expired leaf is withheld: rustls then refuses the handshake.
+        self.store.presentable()
     }
 }
 
@@ -195,8 +197,9 @@ impl ResolvesClientCert for StoreResolver {
         _sigschemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
         // The one leaf we have is the answer whatever the server hints; if it cannot
-        // sign with an offered scheme the handshake fails with that reason.
-        Some(self.certified_key())
+        // sign with an offered scheme the handshake fails with that reason. An
+        // expired one is withheld: the server then sees no certificate.
+        self.certified_key()
     }
 
     fn has_certs(&self) -> bool {

@@ -186,6 +186,13 @@ pub struct LimitArgs {
     /// Bytes buffered for sending per HTTP/2 stream before the writer waits.
     #[arg(long, env = "ISTHMUS_H2_MAX_SEND_BUF_SIZE", default_value_t = 409_600)]
     pub h2_max_send_buf_size: usize,
+    /// Admin server connections served at once; more are reset at once.
+    #[arg(long, env = "ISTHMUS_ADMIN_MAX_CONNECTIONS", default_value_t = 64)]
+    pub admin_max_connections: usize,
+    /// An admin request head must be complete within this time (idle keep-alive
+    /// time included), or the connection is closed.
+    #[arg(long, env = "ISTHMUS_ADMIN_HEADER_READ_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub admin_header_read_timeout: Duration,
 }
 
 /// Every resource limit of one proxy process, validated; what `/config` shows under
@@ -204,6 +211,8 @@ pub struct Limits {
     pub h2_max_header_list_size: u32,
     pub h2_max_pending_accept_reset_streams: usize,
     pub h2_max_send_buf_size: usize,
+    pub admin_max_connections: usize,
+    pub admin_header_read_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -222,6 +231,8 @@ impl Default for Limits {
             h2_max_header_list_size: http.h2.max_header_list_size,
             h2_max_pending_accept_reset_streams: http.h2.max_pending_accept_reset_streams,
             h2_max_send_buf_size: http.h2.max_send_buf_size,
+            admin_max_connections: crate::admin::DEFAULT_ADMIN_MAX_CONNECTIONS,
+            admin_header_read_timeout: crate::admin::DEFAULT_ADMIN_HEADER_READ_TIMEOUT,
         }
     }
 }
@@ -246,6 +257,8 @@ impl Limits {
             h2_max_header_list_size: args.h2_max_header_list_size,
             h2_max_pending_accept_reset_streams: args.h2_max_pending_accept_reset_streams,
             h2_max_send_buf_size: args.h2_max_send_buf_size,
+            admin_max_connections: args.admin_max_connections,
+            admin_header_read_timeout: args.admin_header_read_timeout,
         };
         limits.validate()?;
         Ok(limits)
@@ -271,6 +284,12 @@ impl Limits {
                 self.header_read_timeout,
                 MAX_SETUP_TIMEOUT,
             ),
+            // A probe's own timeout is a few seconds; a minute is plenty for anyone.
+            (
+                "admin-header-read-timeout",
+                self.admin_header_read_timeout,
+                Duration::from_secs(60),
+            ),
         ] {
             if value.is_zero() {
                 return Err(invalid(flag, "must be longer than zero"));
@@ -282,8 +301,14 @@ impl Limits {
                 ));
             }
         }
-        let counts: [(&'static str, u64, u64, u64); 7] = [
+        let counts: [(&'static str, u64, u64, u64); 8] = [
             ("max-connections", self.max_connections as u64, 1, 1_000_000),
+            (
+                "admin-max-connections",
+                self.admin_max_connections as u64,
+                1,
+                10_000,
+            ),
             (
                 "http1-max-headers",
                 self.http1_max_headers as u64,
@@ -369,7 +394,17 @@ impl Limits {
             "h2_max_header_list_size": self.h2_max_header_list_size,
             "h2_max_pending_accept_reset_streams": self.h2_max_pending_accept_reset_streams,
             "h2_max_send_buf_size": self.h2_max_send_buf_size,
+            "admin_max_connections": self.admin_max_connections,
+            "admin_header_read_timeout": d(self.admin_header_read_timeout),
         })
+    }
+
+    /// The admin server's bounds.
+    pub fn admin(&self) -> crate::admin::AdminLimits {
+        crate::admin::AdminLimits {
+            max_connections: self.admin_max_connections,
+            header_read_timeout: self.admin_header_read_timeout,
+        }
     }
 }
 
@@ -677,7 +712,14 @@ mod tests {
     #[test]
     fn zero_and_absurd_limits_name_their_flag() {
         let dir = tempfile::tempdir().unwrap();
-        let cases: [(&str, &str, &str); 12] = [
+        let cases: [(&str, &str, &str); 15] = [
+            ("--admin-max-connections", "0", "outside the accepted range"),
+            (
+                "--admin-max-connections",
+                "100000",
+                "outside the accepted range",
+            ),
+            ("--admin-header-read-timeout", "0s", "longer than zero"),
             ("--detect-timeout", "0s", "longer than zero"),
             ("--detect-timeout", "2h", "longer than the most"),
             ("--connect-timeout", "0ms", "longer than zero"),
@@ -744,6 +786,8 @@ mod tests {
             "h2-max-header-list-size",
             "h2-max-pending-accept-reset-streams",
             "h2-max-send-buf-size",
+            "admin-max-connections",
+            "admin-header-read-timeout",
         ];
         for flag in limits {
             let arg = gateway

@@ -19,7 +19,7 @@ use h2::client::ResponseFuture;
 use http::{Method, Request};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::stream::{ConnectionError, H2Io, drive_with_keepalive, h2_io_error};
+use super::stream::{ConnectionError, H2Io, Pinger, drive_with_pinger, h2_io_error};
 use super::{CLUSTER_HEADER, H2Settings, Io, REFUSAL_HEADER, Refusal};
 use crate::route::{Authority, ClusterName};
 
@@ -260,6 +260,23 @@ pub async fn handshake<I: Io>(
     ),
     h2::Error,
 > {
+    let (sender, _pinger, driver) = handshake_with_pinger(io, settings).await?;
+    Ok((sender, driver))
+}
+
+/// [`handshake`], also returning the connection's [`Pinger`] (absent if h2 gave
+/// none), for a pool that answers liveness probes with a PING round trip.
+pub(crate) async fn handshake_with_pinger<I: Io>(
+    io: I,
+    settings: &H2Settings,
+) -> Result<
+    (
+        TunnelSender,
+        Option<Pinger>,
+        impl Future<Output = Result<(), ConnectionError>> + Send + use<I>,
+    ),
+    h2::Error,
+> {
     let (sender, mut connection) = h2::client::Builder::new()
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
@@ -268,14 +285,14 @@ pub async fn handshake<I: Io>(
         .enable_push(false)
         .handshake::<_, Bytes>(io)
         .await?;
-    let ping_pong = connection.ping_pong();
-    let driver = drive_with_keepalive(
+    let pinger = connection.ping_pong().map(Pinger::new);
+    let driver = drive_with_pinger(
         connection,
-        ping_pong,
+        pinger.clone(),
         settings.keepalive_interval,
         settings.keepalive_timeout,
     );
-    Ok((sender, driver))
+    Ok((sender, pinger, driver))
 }
 
 /// Opens one stream to `authority` in `cluster` (no cluster: the peer's own pod).

@@ -16,6 +16,7 @@ pub mod server;
 mod stream;
 
 pub use stream::ConnectionError;
+pub(crate) use stream::{PingFailed, Pinger};
 
 use std::time::Duration;
 

@@ -174,16 +174,75 @@ pub(crate) fn h2_io_error(e: h2::Error) -> io::Error {
     }
 }
 
+/// Sends HTTP/2 PINGs on one connection for whoever asks: its keepalive, and a
+/// liveness probe that wants a round trip on demand. Clones share the connection's
+/// one PING slot (h2 allows one user PING in flight), taken in turn.
+#[derive(Clone)]
+pub(crate) struct Pinger(std::sync::Arc<tokio::sync::Mutex<PingSlot>>);
+
+struct PingSlot {
+    ping_pong: PingPong,
+    /// A PING was sent and its waiter gave up (timed out, dropped) before the PONG:
+    /// h2 refuses a new PING until that PONG is taken.
+    outstanding: bool,
+}
+
+/// Why a PING round trip did not complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PingFailed {
+    /// No PONG within the time given (waiting for the slot included).
+    Timeout,
+    /// The connection is gone.
+    Closed,
+}
+
+impl Pinger {
+    pub(crate) fn new(ping_pong: PingPong) -> Self {
+        Self(std::sync::Arc::new(tokio::sync::Mutex::new(PingSlot {
+            ping_pong,
+            outstanding: false,
+        })))
+    }
+
+    /// One PING and its PONG within `timeout`; returns the round-trip time.
+    /// Cancel-safe: a PING whose waiter is dropped is remembered, and its PONG is
+    /// taken before the next PING is sent.
+    pub(crate) async fn ping(&self, timeout: Duration) -> Result<Duration, PingFailed> {
+        let round_trip = async {
+            let mut slot = self.0.lock().await;
+            if slot.outstanding {
+                poll_fn(|cx| slot.ping_pong.poll_pong(cx))
+                    .await
+                    .map_err(|_| PingFailed::Closed)?;
+                slot.outstanding = false;
+            }
+            let start = tokio::time::Instant::now();
+            slot.ping_pong
+                .send_ping(Ping::opaque())
+                .map_err(|_| PingFailed::Closed)?;
+            slot.outstanding = true;
+            poll_fn(|cx| slot.ping_pong.poll_pong(cx))
+                .await
+                .map_err(|_| PingFailed::Closed)?;
+            slot.outstanding = false;
+            Ok(start.elapsed())
+        };
+        tokio::time::timeout(timeout, round_trip)
+            .await
+            .unwrap_or(Err(PingFailed::Timeout))
+    }
+}
+
 /// Sends a PING every `interval` and returns once one is not answered within
 /// `timeout`; pends forever once the connection is gone (the connection's own
 /// future reports that).
-pub(crate) async fn keepalive(mut ping_pong: PingPong, interval: Duration, timeout: Duration) {
+pub(crate) async fn keepalive(pinger: Pinger, interval: Duration, timeout: Duration) {
     loop {
         tokio::time::sleep(interval).await;
-        match tokio::time::timeout(timeout, ping_pong.ping(Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(_closed)) => std::future::pending::<()>().await,
-            Err(_elapsed) => return,
+        match pinger.ping(timeout).await {
+            Ok(_round_trip) => {}
+            Err(PingFailed::Closed) => std::future::pending::<()>().await,
+            Err(PingFailed::Timeout) => return,
         }
     }
 }
@@ -210,9 +269,22 @@ pub(crate) async fn drive_with_keepalive<C>(
 where
     C: std::future::Future<Output = Result<(), h2::Error>>,
 {
+    drive_with_pinger(connection, ping_pong.map(Pinger::new), interval, timeout).await
+}
+
+/// [`drive_with_keepalive`] with a [`Pinger`] the caller shares (for probes).
+pub(crate) async fn drive_with_pinger<C>(
+    connection: C,
+    pinger: Option<Pinger>,
+    interval: Duration,
+    timeout: Duration,
+) -> Result<(), ConnectionError>
+where
+    C: std::future::Future<Output = Result<(), h2::Error>>,
+{
     let keepalive = async {
-        match ping_pong {
-            Some(ping_pong) => keepalive(ping_pong, interval, timeout).await,
+        match pinger {
+            Some(pinger) => keepalive(pinger, interval, timeout).await,
             None => std::future::pending().await,
         }
     };

@@ -45,13 +45,16 @@ struct LinkPool {
     probe: Arc<Mutex<ProbeResult>>,
 }
 
-/// The last answer of a link's probe (`probeSpec`: an HTTP GET of the peer
-/// gateway's readiness endpoint). It tells an operator whether the peer is up even
-/// while no tunnel connection exists; streams follow the tunnel pool's own state.
+/// The last answer of a link's probe: an HTTP/2 PING round trip on the link's own
+/// pooled mTLS connection, which the peer gateway's HTTP/2 stack answers without
+/// opening a stream or touching any Service. It tells an operator whether the peer
+/// is alive and answering on the tunnel; streams follow the pool's own state. The
+/// Link's `probeSpec` gives the period; its port and path (the peer's admin port,
+/// which is not exposed across clusters) are accepted for compatibility and unused.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 struct ProbeResult {
     ok: Option<bool>,
-    /// The status or error of the last probe.
+    /// The round trip or the error of the last probe.
     detail: String,
     latency_ms: Option<u64>,
     consecutive_failures: u32,
@@ -60,8 +63,7 @@ struct ProbeResult {
 /// Probes one link every `probeSpec.period` until `stop` turns true.
 async fn probe_link(
     cluster: String,
-    addr: SocketAddr,
-    path: String,
+    pool: Pool,
     period: Duration,
     result: Arc<Mutex<ProbeResult>>,
     success: Gauge,
@@ -70,32 +72,27 @@ async fn probe_link(
     // A probe may take at most one period, and never more than a few seconds.
     let timeout = period.min(Duration::from_secs(5));
     let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
+    let addr = pool.peer().addr;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = proxy_core::listen::drained(&mut stop) => return,
         }
-        let start = tokio::time::Instant::now();
-        let outcome = tokio::time::timeout(timeout, probe_once(addr, &path)).await;
+        let outcome = probe_once(&pool, timeout).await;
         let mut last = lock(&result);
         match outcome {
-            Ok(Ok(status)) if status.is_success() => {
+            Ok(round_trip) => {
                 if last.ok == Some(false) {
                     info!(%cluster, %addr, "link probe succeeds again");
                 }
                 last.ok = Some(true);
-                last.detail = status.to_string();
-                last.latency_ms = Some(start.elapsed().as_millis() as u64);
+                last.detail = format!("PING answered in {round_trip:?}");
+                last.latency_ms = Some(u64::try_from(round_trip.as_millis()).unwrap_or(u64::MAX));
                 last.consecutive_failures = 0;
             }
-            failed => {
-                let detail = match failed {
-                    Ok(Ok(status)) => format!("answered {status}"),
-                    Ok(Err(e)) => e,
-                    Err(_) => format!("no answer within {timeout:?}"),
-                };
+            Err(detail) => {
                 if last.ok != Some(false) {
-                    warn!(%cluster, %addr, %path, %detail, "link probe failed");
+                    warn!(%cluster, %addr, %detail, "link probe failed");
                 }
                 last.ok = Some(false);
                 last.detail = detail;
@@ -107,24 +104,9 @@ async fn probe_link(
     }
 }
 
-async fn probe_once(addr: SocketAddr, path: &str) -> Result<http::StatusCode, String> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect to {addr}: {e}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
-    tokio::spawn(conn);
-    let request = http::Request::get(path)
-        .header(http::header::HOST, addr.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|e| format!("probe path {path:?}: {e}"))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("GET {path} from {addr}: {e}"))?;
-    Ok(response.status())
+/// One PING round trip on the link's mTLS connection, within `timeout`.
+async fn probe_once(pool: &Pool, timeout: Duration) -> Result<Duration, String> {
+    pool.ping(timeout).await.map_err(|e| e.to_string())
 }
 
 struct GatewayHandler {
@@ -400,8 +382,7 @@ fn sync_links(
             .clone();
         tokio::spawn(probe_link(
             cluster.clone(),
-            SocketAddr::new(ip, spec.probe_spec.port),
-            spec.probe_spec.path.clone(),
+            pool.clone(),
             spec.probe_spec.period.0,
             probe.clone(),
             success,
@@ -447,7 +428,7 @@ pub async fn run(config: Config) -> Result<()> {
     let probe_success: Family<LinkLabels, Gauge> = Family::default();
     base.registry.register(
         "gateway_link_probe_success",
-        "Whether the last probe of a peer gateway (the Link's probeSpec) succeeded",
+        "Whether the last probe of a peer gateway (a PING on the link's mTLS connection, every probeSpec period) succeeded",
         probe_success.clone(),
     );
     let maker = base.pool_maker();

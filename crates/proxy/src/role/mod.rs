@@ -8,7 +8,7 @@ pub mod standalone;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use prometheus_client::registry::Registry;
@@ -30,7 +30,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::admin::{self, Admin, ConfigView};
+use crate::admin::{self, Admin, ConfigView, ReadyCheck};
 use crate::config::{Config, DiscoverySource};
 
 /// What every role starts with.
@@ -333,27 +333,57 @@ impl Base {
         })
     }
 
-    /// Starts the admin server, waits for SIGTERM or SIGINT, then drains `tasks`.
+    /// Starts the admin server on its own thread, waits for SIGTERM or SIGINT, then
+    /// drains `tasks`. The admin server answers until the drain is over (`/ready`
+    /// false meanwhile), so probes see a draining proxy rather than a dead one.
     pub async fn run(
         self,
         admin_listener: TcpListener,
         config: ConfigView,
         tasks: Vec<tokio::task::JoinHandle<()>>,
     ) -> Result<()> {
-        let ready = Arc::new(AtomicBool::new(true));
+        let draining = Arc::new(AtomicBool::new(false));
+        let ready: ReadyCheck = {
+            let draining = draining.clone();
+            let identity = self.identity.clone();
+            Arc::new(move || {
+                if draining.load(Ordering::Acquire) {
+                    return Err("shutting down".to_owned());
+                }
+                // Checked at each probe, not from a flag a task keeps: readiness
+                // turns false the moment the leaf stops being presented.
+                match identity.validity() {
+                    validity if validity.is_valid() => Ok(()),
+                    validity => Err(format!("identity leaf {validity}")),
+                }
+            })
+        };
         let admin = Arc::new(Admin {
             registry: Arc::new(self.registry),
-            ready: ready.clone(),
+            ready,
             config,
         });
-        tokio::spawn(admin.serve(admin_listener, self.shutdown.clone()));
+        let (stop_admin, admin_stopped) = watch::channel(false);
+        let admin_listener = admin_listener
+            .into_std()
+            .context("moving the admin listener to its thread")?;
+        let admin_thread = admin::spawn(
+            admin,
+            admin_listener,
+            self.config.limits.admin(),
+            admin_stopped,
+        )?;
         wait_for_signal().await?;
         info!(grace = ?self.config.shutdown_grace, "shutting down: no new connections, draining open ones");
-        ready.store(false, std::sync::atomic::Ordering::Release);
+        draining.store(true, Ordering::Release);
         let _ = self.shutdown_tx.send(true);
         for task in tasks {
             let _ = task.await;
         }
+        let _ = stop_admin.send(true);
+        // The admin thread stops at once when told; it is not worth a hung exit.
+        let joined = tokio::task::spawn_blocking(move || admin_thread.join());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), joined).await;
         info!("shutdown complete");
         Ok(())
     }

@@ -1,0 +1,117 @@
+//! The admin server's own bounds, on the real binary: `--admin-max-connections`
+//! (a connection past it is reset at once, and probes are served again once the
+//! holders are gone) and `--admin-header-read-timeout` (a silent connection is
+//! closed, so holders cannot keep the slots).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::{STEP, free_port, mint_identity, spawn_standalone, stop_and_show_log};
+
+const MAX: usize = 4;
+
+struct Proxy {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        stop_and_show_log(&mut self.child, &self.log);
+    }
+}
+
+fn ready(admin: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&admin, STEP) else {
+        return false;
+    };
+    stream.set_read_timeout(Some(STEP)).unwrap();
+    if write!(
+        stream,
+        "GET /ready HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut response = String::new();
+    stream.read_to_string(&mut response).is_ok() && response.starts_with("HTTP/1.1 200")
+}
+
+/// What a read on `stream` gets within `limit`: `Ok(0)` for a close, `Err` for a
+/// reset, `TimedOut` if nothing happened.
+fn outcome(stream: &mut TcpStream, limit: Duration) -> std::io::Result<usize> {
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            Err(ErrorKind::TimedOut.into())
+        }
+        other => other,
+    }
+}
+
+#[test]
+fn admin_connections_are_bounded_in_number_and_in_silence() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = dir.path().join("identity");
+    mint_identity(&identity);
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    let ip = Ipv4Addr::new(127, 0, 94, 1);
+    let listen = SocketAddr::from((ip, free_port()));
+    let admin = SocketAddr::from((ip, free_port()));
+    let log = dir.path().join("proxy.log");
+    let child = spawn_standalone(
+        &identity,
+        &manifests,
+        listen,
+        admin,
+        &[
+            "--admin-max-connections",
+            &MAX.to_string(),
+            "--admin-header-read-timeout",
+            "1s",
+        ],
+        &log,
+    );
+    let _proxy = Proxy { child, log };
+    let deadline = Instant::now() + STEP;
+    while !ready(admin) {
+        assert!(Instant::now() < deadline, "the proxy never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // MAX silent holders take every slot; the next connection is reset at once.
+    let mut holders: Vec<TcpStream> = (0..MAX)
+        .map(|_| TcpStream::connect_timeout(&admin, STEP).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = TcpStream::connect_timeout(&admin, STEP).unwrap();
+    let _ = extra.write_all(b"GET /ready HTTP/1.1\r\nhost: a\r\n\r\n");
+    let refused = outcome(&mut extra, Duration::from_millis(500));
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "a connection past --admin-max-connections was not reset: {refused:?}"
+    );
+
+    // The header read timeout closes the silent holders, freeing the slots.
+    let started = Instant::now();
+    for (i, holder) in holders.iter_mut().enumerate() {
+        let closed = outcome(holder, STEP);
+        assert!(
+            matches!(closed, Ok(0)),
+            "silent holder {i} was not closed by the header read timeout: {closed:?}"
+        );
+    }
+    let closed_after = started.elapsed();
+    eprintln!("{MAX} silent holders closed within {closed_after:?} (header read timeout 1s)");
+    assert!(
+        ready(admin),
+        "probes are not served once the holders are gone"
+    );
+}

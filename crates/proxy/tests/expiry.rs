@@ -1,0 +1,487 @@
+//! An own leaf that runs out while the proxy runs: a real `isthmus-proxy gateway` on
+//! loopback whose leaf is minted at test time to expire a few seconds after start.
+//!
+//! The test process plays both of the gateway's TLS peers and counts the gateway's
+//! certificates it sees: a client of its tunnel listener (the gateway as server), and
+//! the peer gateway its Link points at (the gateway's link pool as client, to a
+//! server that asks for a certificate without requiring one, so a handshake without
+//! one is seen and counted). Before notAfter both see the leaf; after it, none may.
+//! `/ready` is polled every 100 ms and must turn false within 1 s of notAfter; a
+//! fresh leaf written to the identity directory must bring everything back.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use isthmus_tests::multicluster::{cluster_settings, gateway_id, link};
+use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
+use proxy_identity::rustls::client::danger::{
+    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+};
+use proxy_identity::rustls::pki_types::pem::PemObject;
+use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use proxy_identity::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use proxy_identity::rustls::{
+    self, ClientConfig, ClientConnection, DigitallySignedStruct, DistinguishedName, ServerConfig,
+    ServerConnection, SignatureScheme,
+};
+use proxy_identity::{CredentialPaths, Credentials, crypto_provider};
+
+const STEP: Duration = Duration::from_secs(10);
+/// How long the short leaf lives after it is minted: the gateway must start and be
+/// seen presenting it first.
+const LIFETIME: Duration = Duration::from_secs(8);
+/// How long handshakes are attempted after notAfter.
+const AFTER_EXPIRY: Duration = Duration::from_secs(4);
+
+fn leaf(issuer: &mint::Authority, cluster: &str, lifetime: Duration) -> LeafBundle {
+    let now = SystemTime::now();
+    let validity = Validity {
+        not_before: now - Duration::from_secs(60),
+        not_after: now + lifetime,
+    };
+    mint::leaf(
+        issuer,
+        &gateway_id(cluster),
+        validity,
+        KeyAlgorithm::EcdsaP256,
+    )
+    .unwrap()
+}
+
+fn certs(pem: &str) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// What one handshake showed: when its TCP connection was made (before the
+/// gateway chose a certificate) and whether the gateway presented one.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    at: SystemTime,
+    presented: bool,
+}
+
+/// Records whether a server presented a certificate; accepts anything, as only
+/// the count matters here.
+#[derive(Debug, Default)]
+struct ServerCertCounter(AtomicBool);
+
+impl ServerCertVerifier for ServerCertCounter {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.0.store(true, Ordering::SeqCst);
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        crypto_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Asks for a client certificate without requiring one and accepts any, so a
+/// client that withholds its certificate still completes the handshake.
+#[derive(Debug)]
+struct OptionalClientCert;
+
+impl ClientCertVerifier for OptionalClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        crypto_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// One handshake with the gateway's tunnel listener as a client presenting
+/// `client` (a valid peer identity): did the gateway present a certificate?
+fn handshake_as_client(addr: SocketAddr, client: &LeafBundle) -> Seen {
+    let counter = Arc::new(ServerCertCounter::default());
+    let mut config = ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(counter.clone())
+        .with_client_auth_cert(
+            certs(&client.cert_chain_pem),
+            PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let at = SystemTime::now();
+    let mut sock = TcpStream::connect_timeout(&addr, STEP).unwrap();
+    sock.set_read_timeout(Some(STEP)).unwrap();
+    let mut conn =
+        ClientConnection::new(Arc::new(config), ServerName::IpAddress(addr.ip().into())).unwrap();
+    while conn.is_handshaking() {
+        if conn.complete_io(&mut sock).is_err() {
+            break;
+        }
+    }
+    Seen {
+        at,
+        presented: counter.0.load(Ordering::SeqCst),
+    }
+}
+
+/// The peer gateway the Link points at: completes handshakes (certificate
+/// optional), records whether the gateway's link pool presented one, and keeps each
+/// connection a little over a second (so the pool counts it healthy and reconnects
+/// at once when it is closed, rather than backing off).
+fn fake_peer(listener: TcpListener, config: Arc<ServerConfig>, seen: Arc<Mutex<Vec<Seen>>>) {
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut sock) = sock else { continue };
+            let at = SystemTime::now();
+            let config = config.clone();
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                sock.set_read_timeout(Some(STEP)).unwrap();
+                let mut conn = ServerConnection::new(config).unwrap();
+                while conn.is_handshaking() {
+                    if conn.complete_io(&mut sock).is_err() {
+                        return;
+                    }
+                }
+                seen.lock().unwrap().push(Seen {
+                    at,
+                    presented: conn.peer_certificates().is_some_and(|c| !c.is_empty()),
+                });
+                sock.set_read_timeout(Some(Duration::from_millis(1100)))
+                    .unwrap();
+                let mut sink = [0u8; 4096];
+                let deadline = Instant::now() + Duration::from_millis(1100);
+                while Instant::now() < deadline && sock.read(&mut sink).is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+}
+
+/// Status line and body of a GET to the admin server.
+fn get(admin: SocketAddr, path: &str) -> (u16, String) {
+    let response = isthmus_tests::pod::http_get(admin, path)
+        .unwrap_or_else(|e| panic!("GET {path} from {admin}: {e}"));
+    let status = response
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("GET {path}: not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn free_addr(ip: Ipv4Addr) -> SocketAddr {
+    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
+}
+
+struct Gateway {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- gateway log ---\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn not_after(identity: &Path) -> SystemTime {
+    Credentials::load(&CredentialPaths::in_dir(identity), SystemTime::now())
+        .unwrap()
+        .not_after()
+}
+
+fn presented(seen: &[Seen]) -> usize {
+    seen.iter().filter(|s| s.presented).count()
+}
+
+#[test]
+fn an_expired_leaf_is_never_presented_and_the_gateway_turns_unready() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ip = Ipv4Addr::new(127, 0, 91, 1);
+    let inbound = free_addr(ip);
+    let admin = free_addr(ip);
+    let peer_listener = TcpListener::bind((Ipv4Addr::new(127, 0, 91, 2), 0)).unwrap();
+    let peer_addr = peer_listener.local_addr().unwrap();
+
+    let validity = Validity::from_now(Duration::from_secs(3600));
+    let anchor = mint::trust_anchor("expiry anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
+    let issuer_a = mint::issuer(&anchor, "cluster-a", validity, KeyAlgorithm::EcdsaP256).unwrap();
+    let issuer_b = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
+    let peer_leaf = leaf(&issuer_b, "cluster-b", Duration::from_secs(1800));
+
+    let identity = root.join("identity");
+    leaf(&issuer_a, "cluster-a", LIFETIME)
+        .write_dir(&identity, false)
+        .unwrap();
+    let expires = not_after(&identity);
+    let manifests = root.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("settings.yaml"),
+        cluster_settings("cluster-a", inbound),
+    )
+    .unwrap();
+    std::fs::write(
+        manifests.join("link.yaml"),
+        link("cluster-b", peer_addr, peer_addr),
+    )
+    .unwrap();
+
+    let mut peer_config = ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(Arc::new(OptionalClientCert))
+        .with_single_cert(
+            certs(&peer_leaf.cert_chain_pem),
+            PrivateKeyDer::from_pem_slice(peer_leaf.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    peer_config.alpn_protocols = vec![b"h2".to_vec()];
+    let peer_seen = Arc::new(Mutex::new(Vec::new()));
+    fake_peer(peer_listener, Arc::new(peer_config), peer_seen.clone());
+
+    let log = root.join("gateway.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
+        .arg("gateway")
+        .args(["--cluster", "cluster-a"])
+        .arg("--identity-dir")
+        .arg(&identity)
+        .arg("--manifests")
+        .arg(&manifests)
+        .args(["--inbound-addr", &inbound.to_string()])
+        .args(["--admin-addr", &admin.to_string()])
+        .args(["--reload-interval", "200ms"])
+        .args(["--tunnel-connections", "3"])
+        .env_clear()
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _gateway = Gateway {
+        child,
+        log: log.clone(),
+    };
+
+    // Before notAfter: ready, and both sides see the leaf.
+    let deadline = Instant::now() + STEP;
+    while get_ready(admin) != 200 {
+        assert!(Instant::now() < deadline, "the gateway never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before: Vec<Seen> = (0..3)
+        .map(|_| handshake_as_client(inbound, &peer_leaf))
+        .collect();
+    assert_eq!(
+        presented(&before),
+        3,
+        "before notAfter the gateway presents its leaf as a server: {before:?}"
+    );
+    let deadline = Instant::now() + STEP;
+    while presented(&peer_seen.lock().unwrap()) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway's link pool never presented its leaf to the peer"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        SystemTime::now() < expires,
+        "the gateway took too long to start: the leaf expired before it was checked"
+    );
+
+    // /ready, polled every 100 ms, turns false within 1 s of notAfter.
+    let mut unready_at = None;
+    let deadline = Instant::now() + LIFETIME + STEP;
+    while Instant::now() < deadline {
+        let asked = SystemTime::now();
+        if get_ready(admin) != 200 {
+            unready_at = Some(asked);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let unready_at = unready_at.expect("/ready never turned false after notAfter");
+    let delay = unready_at.duration_since(expires).unwrap_or_else(|early| {
+        panic!("/ready turned false {:?} before notAfter", early.duration())
+    });
+    eprintln!("/ready turned false {delay:?} after notAfter (polled every 100 ms)");
+    assert!(
+        delay <= Duration::from_secs(1),
+        "/ready turned false {delay:?} after notAfter"
+    );
+
+    // After notAfter: handshakes as client of the gateway, and the link pool's own
+    // handshakes with the peer, for a few seconds. None may carry the leaf.
+    let mut after = Vec::new();
+    let until = Instant::now() + AFTER_EXPIRY;
+    while Instant::now() < until {
+        after.push(handshake_as_client(inbound, &peer_leaf));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pool_after: Vec<Seen> = peer_seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.at >= expires)
+        .copied()
+        .collect();
+    eprintln!(
+        "after notAfter: {} handshakes as client of the gateway, {} presented the leaf; \
+         {} handshakes of the gateway's link pool, {} presented the leaf",
+        after.len(),
+        presented(&after),
+        pool_after.len(),
+        presented(&pool_after)
+    );
+    assert!(after.len() >= 10, "too few attempts: {}", after.len());
+    assert_eq!(
+        presented(&after),
+        0,
+        "the gateway presented an expired leaf as a server"
+    );
+    assert!(
+        !pool_after.is_empty(),
+        "the link pool made no handshake after notAfter: nothing was checked"
+    );
+    assert_eq!(
+        presented(&pool_after),
+        0,
+        "the gateway's link pool presented an expired leaf"
+    );
+    let (_, metrics) = get(admin, "/metrics");
+    assert!(
+        metrics.lines().any(|l| l == "identity_leaf_expired 1"),
+        "identity_leaf_expired is not 1:\n{metrics}"
+    );
+    let (_, body) = get(admin, "/ready");
+    assert!(
+        body.contains("expired"),
+        "/ready does not say why: {body:?}"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("identity leaf outside its validity"),
+        "no log line names the expiry:\n{logged}"
+    );
+
+    // A fresh leaf restores readiness and presentation without a restart.
+    leaf(&issuer_a, "cluster-a", Duration::from_secs(1800))
+        .write_dir(&identity, true)
+        .unwrap();
+    let rotated = Instant::now();
+    let deadline = rotated + STEP;
+    while get_ready(admin) != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "a fresh leaf did not restore readiness"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "ready again {:?} after a fresh leaf was written",
+        rotated.elapsed()
+    );
+    let seen = handshake_as_client(inbound, &peer_leaf);
+    assert!(seen.presented, "the fresh leaf is not presented");
+    let since = SystemTime::now();
+    let deadline = Instant::now() + STEP;
+    while !peer_seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|s| s.at >= since && s.presented)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the link pool never presented the fresh leaf"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, metrics) = get(admin, "/metrics");
+    assert!(
+        metrics.lines().any(|l| l == "identity_leaf_expired 0"),
+        "identity_leaf_expired is not back to 0:\n{metrics}"
+    );
+}
+
+fn get_ready(admin: SocketAddr) -> u16 {
+    match isthmus_tests::pod::http_get(admin, "/ready") {
+        Ok(response) => response
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
