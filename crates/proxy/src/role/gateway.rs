@@ -115,7 +115,8 @@ struct GatewayHandler {
     links: Mutex<HashMap<String, LinkPool>>,
     connect_timeout: Duration,
     next_endpoint: AtomicUsize,
-    /// The gateway's own tunnel addresses: an endpoint there would be a loop.
+    /// The gateway's own tunnel listener addresses (often wildcards): an endpoint
+    /// at one of their ports on an address of this host would be a loop.
     own_addrs: HashSet<SocketAddr>,
     /// The tunnel to each meshed pod's sidecar, made on first use.
     pods: Mutex<HashMap<IpAddr, PodTunnel>>,
@@ -160,7 +161,11 @@ impl GatewayHandler {
         // fail the stream while others are up.
         for i in 0..endpoints.len() {
             let endpoint = endpoints[(start + i) % endpoints.len()];
-            if self.own_addrs.contains(&endpoint.addr) {
+            // Listeners are wildcards by default: an endpoint is this gateway when its
+            // port is a listener's and its IP any address of this host.
+            if proxy_core::addr::LocalAddrs::shared()
+                .is_own(endpoint.addr, self.own_addrs.iter().map(SocketAddr::port))
+            {
                 last = Refusal::Loop;
                 continue;
             }
