@@ -46,6 +46,29 @@ fn pcap_packets(bytes: &[u8]) -> Vec<&[u8]> {
     packets
 }
 
+/// How many packet records of a pcap file were captured shorter than sent.
+fn pcap_truncated(bytes: &[u8]) -> usize {
+    let le = matches!(
+        bytes[..4],
+        [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1]
+    );
+    let u32_at = |i: usize| {
+        let b: [u8; 4] = bytes[i..i + 4].try_into().unwrap();
+        if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        }
+    };
+    let (mut at, mut truncated) = (24, 0);
+    while at + 16 <= bytes.len() {
+        let (captured, sent) = (u32_at(at + 8) as usize, u32_at(at + 12) as usize);
+        truncated += usize::from(captured < sent);
+        at += 16 + captured;
+    }
+    truncated
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -113,12 +136,18 @@ fn the_seed_runs_verbatim_and_crosses_both_gateways_encrypted() {
             String::from_utf8_lossy(needle)
         );
     }
-    // The control: the gateways' link probes (`GET /ready` of the peer's admin
-    // server) cross the WAN in cleartext by design, so the capture and the search
-    // do see plaintext payloads: hello's answer would have shown the same way.
+    // The control: the search could have found hello's answer. Every packet was
+    // captured whole (so a cleartext answer would lie in the file as sent), and the
+    // WAN carried TLS application-data records, which is where the answer went.
+    // (Link probes used to be a cleartext control; they ride the mTLS link now.)
+    assert_eq!(
+        pcap_truncated(&bytes),
+        0,
+        "the WAN capture cut packets short: the search proves nothing"
+    );
     assert!(
-        contains(&bytes, b"GET /ready"),
-        "the WAN capture shows no link probe: the search proves nothing"
+        contains(&bytes, &[0x17, 0x03, 0x03]),
+        "the WAN capture shows no TLS application data: it did not see the tunnel"
     );
     // Inside cluster-a the answer stays encrypted too: gateway-a delivers to the
     // meshed hello pod over mTLS into its sidecar.
