@@ -76,6 +76,29 @@ spec:
 /// A Service `name` in `default` on port 80 with its Endpoints at `backend`;
 /// labelled `mirror.isthmus.io/exported: "true"` when `exported`.
 pub fn service(name: &str, backend: SocketAddr, exported: bool) -> String {
+    service_with(name, backend, exported, "")
+}
+
+/// [`service`] whose one endpoint is a meshed pod, `<name>-0`: the endpoint names it
+/// by `targetRef` and the Pod carries the `isthmus.io/meshed` label, as discovery
+/// requires before a gateway reaches an endpoint through its sidecar.
+pub fn meshed_service(name: &str, backend: SocketAddr, exported: bool) -> String {
+    let target_ref = format!("\n    targetRef: {{kind: Pod, namespace: default, name: {name}-0}}");
+    format!(
+        "{}---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}-0
+  namespace: default
+  labels:
+    isthmus.io/meshed: \"true\"
+",
+        service_with(name, backend, exported, &target_ref)
+    )
+}
+
+fn service_with(name: &str, backend: SocketAddr, exported: bool, target_ref: &str) -> String {
     let labels = if exported {
         "\n  labels:\n    mirror.isthmus.io/exported: \"true\""
     } else {
@@ -100,7 +123,7 @@ metadata:
   namespace: default
 subsets:
 - addresses:
-  - ip: '{ip}'
+  - ip: '{ip}'{target_ref}
   ports:
   - port: {port}
     protocol: TCP

@@ -22,7 +22,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use isthmus_tests::multicluster::service;
+use isthmus_tests::multicluster::meshed_service;
 use trust::*;
 
 const NET: u8 = 92;
@@ -85,7 +85,8 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
     let gw_b_admin = free_addr(ip(2));
 
     // cluster-a: its gateway exports `hello` (the meshed pod) and `wrongpod`, whose
-    // address answers the mesh port with a leaf of cluster-b's issuer.
+    // address answers the mesh port with a leaf of cluster-b's issuer; discovery says
+    // both pods are meshed, so neither may be reached in plain text.
     let gw_a_dir = manifests(
         root,
         "gateway-a",
@@ -93,11 +94,11 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
             ("settings.yaml", settings("cluster-a", gw_a_addr)),
             (
                 "hello.yaml",
-                service("hello", SocketAddr::new(pod_ip, app_port), true),
+                meshed_service("hello", SocketAddr::new(pod_ip, app_port), true),
             ),
             (
                 "wrongpod.yaml",
-                service("wrongpod", plain_catcher.addr, true),
+                meshed_service("wrongpod", plain_catcher.addr, true),
             ),
         ],
     );
@@ -399,6 +400,11 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
         "after refusing the wrong pod sidecar, gateway-a answered {wrongpod_outcome:?} and \
          delivered {} plain-text connection(s) to the pod's app port",
         plain_catcher.accepted()
+    );
+    assert_eq!(
+        plain_catcher.accepted(),
+        0,
+        "gateway-a fell back to plain text for a meshed pod whose sidecar it refused"
     );
     assert_eq!(
         (fake_gw_wrong.bytes(), fake_c.bytes(), wrong_pod.bytes()),

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use isthmus_tests::binary::binary;
 use isthmus_tests::identity::Pki;
-use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, service};
+use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, meshed_service, service};
 use isthmus_tests::pod::{self, SidecarPod};
 use isthmus_tests::tcp;
 use proxy_identity::SpiffeId;
@@ -392,7 +392,10 @@ fn smuggling_through_the_chain_reaches_the_origin_as_counted_and_well_framed() {
         a.join("settings.yaml"),
         &cluster_settings("cluster-a", gw_a),
     );
-    write(a.join("hello.yaml"), &service("hello", hello_pod, true));
+    write(
+        a.join("hello.yaml"),
+        &meshed_service("hello", hello_pod, true),
+    );
     write(a.join("link.yaml"), &link("cluster-b", gw_b, admin_b));
     let b = root.join("manifests-cluster-b");
     let remote = |m: &Path| {
