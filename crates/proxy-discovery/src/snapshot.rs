@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::index::{GatewayRef, Index, Route};
 use crate::model::{
-    Authority, ClusterName, ClusterSettings, ClusterView, EndpointPort, Link,
+    Authority, ClusterName, ClusterSettings, ClusterView, EndpointMesh, EndpointPort, Link,
     MIRRORED_SERVICE_LABEL, Service, ServiceMirror, ServicePort, ServiceRef, TargetPort,
 };
 use crate::reconcile::{Reconciled, reconcile_all};
@@ -206,6 +206,7 @@ impl Snapshot {
     /// Service's selector. An endpoint is meshed when its `targetRef` names a Pod
     /// labelled [`crate::model::MESHED_POD_LABEL`]; an address listed both ways
     /// counts as meshed, so a second listing never opens a plain path to a pod.
+    /// An endpoint naming a pod discovery has not seen is left out until it has.
     pub fn exported_endpoints(
         &self,
         namespace: &str,
@@ -239,10 +240,10 @@ impl Snapshot {
                     continue;
                 };
                 for a in &subset.addresses {
-                    let meshed = self
-                        .local
-                        .is_meshed_endpoint(namespace, a.target_ref.as_ref());
-                    add(SocketAddr::new(a.ip, target), meshed);
+                    match self.local.endpoint_mesh(namespace, a.target_ref.as_ref()) {
+                        EndpointMesh::UnknownPod => {}
+                        mesh => add(SocketAddr::new(a.ip, target), mesh == EndpointMesh::Meshed),
+                    }
                 }
             }
         }
@@ -263,9 +264,10 @@ impl Snapshot {
                 if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                     continue;
                 }
-                let meshed = self
-                    .local
-                    .is_meshed_endpoint(namespace, ep.target_ref.as_ref());
+                let meshed = match self.local.endpoint_mesh(namespace, ep.target_ref.as_ref()) {
+                    EndpointMesh::UnknownPod => continue,
+                    mesh => mesh == EndpointMesh::Meshed,
+                };
                 for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
                     add(SocketAddr::new(ip, target), meshed);
                 }

@@ -93,14 +93,12 @@ fn write(dir: &Path, name: &str, text: &str) {
 fn the_directory_source_joins_pod_manifests_to_endpoints() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "hello.yaml", SERVICE_AND_SLICE);
-    // Without Pod manifests nothing is known to be meshed.
+    // Without Pod manifests the endpoints name pods nobody has seen: they may be
+    // meshed, so none is offered (never guessed plain).
     let snapshot = dir_source(dir.path()).load().unwrap();
     assert_eq!(
-        meshed(&snapshot),
-        [
-            pair("198.18.1.10:8080", false),
-            pair("198.18.1.11:8080", false)
-        ]
+        snapshot.exported_endpoints("default", "hello", 80),
+        Err(proxy_discovery::Refusal::NoEndpoints)
     );
     write(
         dir.path(),
@@ -221,7 +219,7 @@ async fn watch(server: &TestApiServer) -> (Discovery, oneshot::Sender<()>) {
 }
 
 #[tokio::test]
-async fn the_kube_source_watches_labelled_pods_and_joins_them_by_target_ref() {
+async fn the_kube_source_watches_every_pod_and_joins_them_by_target_ref() {
     let server = TestApiServer::builder().start().await.unwrap();
     let post = PostParams::default();
     let services: Api<Service> = Api::namespaced(server.client(), "default");
@@ -246,7 +244,8 @@ async fn the_kube_source_watches_labelled_pods_and_joins_them_by_target_ref() {
             pair("198.18.1.11:8080", false)
         ]
     );
-    // Only the labelled pod is held, and of it only its metadata.
+    // Every pod is held, labelled or not (an unlabelled pod is known to be plain),
+    // and of each only its metadata.
     let held: Vec<String> = discovery
         .load()
         .local()
@@ -254,10 +253,9 @@ async fn the_kube_source_watches_labelled_pods_and_joins_them_by_target_ref() {
         .keys()
         .map(ToString::to_string)
         .collect();
-    assert_eq!(held, ["default/hello-a"]);
+    assert_eq!(held, ["default/hello-a", "default/hello-b"]);
 
-    // Labels change: the selection follows (the watch reports a pod leaving the
-    // selection as deleted).
+    // Labels change: the join follows.
     set_meshed(&pods, "hello-a", false).await;
     set_meshed(&pods, "hello-b", true).await;
     eventually("the relabelled pods", || {
@@ -268,17 +266,14 @@ async fn the_kube_source_watches_labelled_pods_and_joins_them_by_target_ref() {
             ]
     })
     .await;
-    // A meshed pod that goes away leaves its (stale) endpoint unmeshed, as the
-    // endpoint controller would soon remove it too.
+    // A pod that goes away while its (stale) endpoint remains: the endpoint names
+    // a pod discovery no longer knows, which may be meshed, so it is left out
+    // rather than guessed plain.
     within(pods.delete("hello-b", &Default::default()))
         .await
         .unwrap();
     eventually("the deleted pod", || {
-        meshed(&discovery.load())
-            == [
-                pair("198.18.1.10:8080", false),
-                pair("198.18.1.11:8080", false),
-            ]
+        meshed(&discovery.load()) == [pair("198.18.1.10:8080", false)]
     })
     .await;
     let _ = stop.send(());

@@ -204,19 +204,25 @@ impl ClusterView {
         self.services.get(&ServiceRef::new(namespace, name))
     }
 
-    /// Whether the endpoint in namespace `namespace` whose `targetRef` is
-    /// `target` is a meshed pod: one this view holds with
-    /// [`super::MESHED_POD_LABEL`]. An endpoint without a reference, or naming a
-    /// pod not (yet) seen, is not known to be meshed.
-    pub fn is_meshed_endpoint(
+    /// How the endpoint in namespace `namespace` whose `targetRef` is `target`
+    /// may be reached: over its sidecar only when it names a pod this view holds
+    /// with [`super::MESHED_POD_LABEL`]; plain when it names a pod without it, or
+    /// no pod at all (an address of something outside the cluster's pods); not at
+    /// all when it names a pod this view has not seen, because that pod may be
+    /// meshed and a guess of "plain" would send it plaintext.
+    pub fn endpoint_mesh(
         &self,
         namespace: &str,
         target: Option<&super::ObjectReference>,
-    ) -> bool {
-        target
-            .and_then(|t| t.pod_key(namespace))
-            .and_then(|(ns, name)| self.pods.get(&ServiceRef::new(ns, name)))
-            .is_some_and(Pod::is_meshed)
+    ) -> EndpointMesh {
+        let Some((ns, name)) = target.and_then(|t| t.pod_key(namespace)) else {
+            return EndpointMesh::Plain;
+        };
+        match self.pods.get(&ServiceRef::new(ns, name)) {
+            Some(pod) if pod.is_meshed() => EndpointMesh::Meshed,
+            Some(_) => EndpointMesh::Plain,
+            None => EndpointMesh::UnknownPod,
+        }
     }
 
     /// Whether linked clusters may reach `svc`: it carries `EXPORTED_LABEL: "true"`
@@ -234,4 +240,16 @@ impl ClusterView {
                 .iter()
                 .any(|ns| ns == svc.metadata.namespace())
     }
+}
+
+/// How the gateway may reach one endpoint, as [`ClusterView::endpoint_mesh`] reads
+/// it from discovery (never from a probe of the pod).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointMesh {
+    /// A meshed pod: over its sidecar's mTLS tunnel, or not at all.
+    Meshed,
+    /// Not a meshed pod: plain TCP.
+    Plain,
+    /// A pod discovery has not seen (yet): not reached.
+    UnknownPod,
 }

@@ -12,7 +12,7 @@ mod mesh;
 mod meta;
 mod names;
 
-pub use self::cluster::{ClusterView, ViewError};
+pub use self::cluster::{ClusterView, EndpointMesh, ViewError};
 pub use self::core::{
     ClusterIp, Container, ContainerPort, Deployment, DeploymentSpec, EndpointAddress, EndpointPort,
     EndpointSlice, EndpointSubset, Endpoints, EnvVar, MESHED_POD_LABEL, ObjectReference, Pod,

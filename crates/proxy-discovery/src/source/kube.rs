@@ -1,7 +1,9 @@
 //! The Kubernetes API source: kube-runtime reflectors over this cluster's
-//! Services and EndpointSlices, the metadata of its meshed Pods (label
-//! `isthmus.io/meshed=true`: which endpoints are reached over a sidecar's
-//! tunnel only, joined to EndpointSlice endpoints by `targetRef`), and, with
+//! Services and EndpointSlices, the metadata of its Pods (those labelled
+//! `isthmus.io/meshed=true` are reached over their sidecar's tunnel only; an
+//! endpoint whose `targetRef` names a pod not seen yet is not reached at all, so
+//! a slice that arrives before its pod never opens a plain path; joined to
+//! EndpointSlice endpoints by `targetRef`), and, with
 //! [`KubeSource::with_mesh_kinds`], its Links and ClusterSettings, feeding the
 //! same model, [`Snapshot`] and index as the directory source, published
 //! through the same [`Discovery`] handle.
@@ -49,8 +51,7 @@ use tokio::task::JoinHandle;
 
 use super::{Discovery, DiscoveryError, error_chain};
 use crate::model::{
-    ClusterName, ClusterSettingsResource, ClusterView, LinkResource, MESHED_POD_LABEL, Parsed, Pod,
-    parse_manifests,
+    ClusterName, ClusterSettingsResource, ClusterView, LinkResource, Parsed, Pod, parse_manifests,
 };
 use crate::snapshot::Snapshot;
 
@@ -131,7 +132,7 @@ struct Stores {
     slices: Store<KubeEndpointSlice>,
     /// Meshed pods, metadata only: all a gateway needs to know of a pod, and far
     /// less to hold than every pod of the cluster.
-    meshed_pods: Store<PartialObjectMeta<KubePod>>,
+    pods: Store<PartialObjectMeta<KubePod>>,
     links: Option<Store<LinkResource>>,
     settings: Option<Store<ClusterSettingsResource>>,
     /// Objects already converted, so a batch only converts what changed.
@@ -271,9 +272,11 @@ impl KubeSource {
             tx.clone(),
         );
         tasks.push(task);
-        let (meshed_pods, task) = reflect_into(
+        // Every pod, not only the labelled ones: an unlabelled pod is known to be
+        // unmeshed, where a pod not seen at all is unknown and is not reached.
+        let (pods, task) = reflect_into(
             self.api::<PartialObjectMeta<KubePod>>(),
-            all().labels(&format!("{MESHED_POD_LABEL}=true")),
+            all(),
             "pods",
             tx.clone(),
         );
@@ -296,7 +299,7 @@ impl KubeSource {
         let stores = Stores {
             services,
             slices,
-            meshed_pods,
+            pods,
             links,
             settings,
             converted: Mutex::new(Converted::default()),
@@ -453,7 +456,7 @@ impl KubeSource {
         };
         batch.convert_all("services", &stores.services, |_| {})?;
         batch.convert_all("endpointslices", &stores.slices, |_| {})?;
-        batch.convert_all("pods", &stores.meshed_pods, |v| {
+        batch.convert_all("pods", &stores.pods, |v| {
             // The API answers metadata as `meta.k8s.io/v1 PartialObjectMetadata`;
             // the model reads it as the Pod it describes.
             if let Value::Object(object) = v {
@@ -489,7 +492,7 @@ impl Stores {
         if !is_ready(&self.slices) {
             pending.push("endpointslices");
         }
-        if !is_ready(&self.meshed_pods) {
+        if !is_ready(&self.pods) {
             pending.push("pods");
         }
         if self.links.as_ref().is_some_and(|s| !is_ready(s)) {
@@ -626,7 +629,7 @@ fn log_loaded(cluster: &ClusterName, generation: u64, snapshot: &Snapshot) {
         generation,
         services = snapshot.local().services.len(),
         endpoint_slices = snapshot.local().endpoint_slices.len(),
-        meshed_pods = snapshot.local().pods.len(),
+        pods = snapshot.local().pods.len(),
         linked_clusters = snapshot.links().len(),
         "kubernetes discovery loaded"
     );
