@@ -9,7 +9,8 @@
 #   isthmus             the operator CLI (install, inject, link, check, identity)
 #
 # Why Debian slim and not distroless: isthmus-init execs `iptables-restore` and
-# `iptables-save` (nft and legacy backends), which distroless images do not ship, and
+# `iptables-save` (nft and legacy backends), and iproute2's `ip` (an IPv6 capture adds
+# `::6` to `lo`), which distroless images do not ship, and
 # one image for every container keeps a pod to a single pull. The proxy itself needs
 # nothing from the base but libc and CA roots.
 #
@@ -27,7 +28,7 @@ RUN cargo build --release --locked \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iptables ca-certificates \
+    && apt-get install -y --no-install-recommends iptables iproute2 ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 2102 --no-create-home --shell /usr/sbin/nologin isthmus
 COPY --from=build /src/target/release/isthmus-proxy /usr/local/bin/isthmus-proxy

@@ -363,17 +363,9 @@ fn inbound_is_redirected_and_admin_is_not_v6() {
 
 fn proxy_calling_its_own_pod_goes_through_inbound(fam: Fam) {
     let p = Pod::new(fam);
+    // IPv4 has all of 127.0.0.0/8 on lo; IPv6 only ::1, so isthmus-init --ipv6
+    // assigns the proxy's inbound source ::6 itself.
     p.init(&[]);
-    if fam == Fam::V6 {
-        // IPv4 has all of 127.0.0.0/8 on lo; IPv6 only ::1, so the proxy's inbound
-        // source needs assigning (as a mesh would in the pod).
-        p.pod
-            .exec(
-                "ip",
-                &["-6", "addr", "add", "::6/128", "dev", "lo", "nodad"],
-            )
-            .unwrap();
-    }
     let inbound = p.listen(&p.pod, p.net.any, INBOUND);
     let admin = p.listen(&p.pod, p.net.any, ADMIN);
     let app = p.listen(&p.pod, p.net.any, 8080);

@@ -212,14 +212,8 @@ impl Pod {
             Fam::V6 => &["--ipv6"],
         };
         pod.exec(init.to_str().unwrap(), init_args).unwrap();
-        if fam == Fam::V6 {
-            // The sidecar's IPv6 delivery source; IPv4's 127.0.0.6 is on lo already.
-            pod.exec(
-                "ip",
-                &["-6", "addr", "add", "::6/128", "dev", "lo", "nodad"],
-            )
-            .unwrap();
-        }
+        // For IPv6, isthmus-init also adds ::6 to lo, the sidecar's inbound
+        // delivery source: the IPv6 inbound tests fail without it.
 
         let open = App::start(
             pod.run(|| tcp::listen(SocketAddr::new(any, OPEN_PORT)))

@@ -178,6 +178,30 @@ impl Runner for System {
     }
 }
 
+/// The IPv6 source (`::6`) the sidecar delivers inbound traffic from, the one the
+/// rules let through to the app (IPv4's is `127.0.0.6`, inside `127.0.0.0/8` on `lo`
+/// already). IPv6 has only `::1` on loopback, so an IPv6 capture adds it, or every
+/// inbound delivery would fail to bind. `nodad`: no duplicate detection on `lo`,
+/// so the address is usable at once.
+pub const INBOUND_SOURCE_V6_ARGS: [&str; 7] =
+    ["-6", "addr", "replace", "::6/128", "dev", "lo", "nodad"];
+
+/// Adds [`INBOUND_SOURCE_V6_ARGS`]'s address to `lo` with iproute2's `ip`;
+/// `replace` makes a second run a no-op. It stays after `--cleanup`: an address on
+/// the pod's own loopback captures nothing.
+pub fn add_inbound_source_v6() -> Result<(), ApplyError> {
+    let program = PathBuf::from("ip");
+    let out = Command::new(&program)
+        .args(INBOUND_SOURCE_V6_ARGS)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| ApplyError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+    check(&program, out.status, &out.stderr)
+}
+
 /// What a step does to its table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {

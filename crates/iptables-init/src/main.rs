@@ -113,14 +113,27 @@ fn run(config: &Config, action: Action, dry_run: bool) -> anyhow::Result<()> {
     for note in &plan.notes {
         eprintln!("isthmus-init: {note}");
     }
+    let adds_inbound_source = action == Action::Install && config.ipv6;
     if dry_run {
         print!("{}", dry_run_text(&plan));
+        if adds_inbound_source {
+            println!(
+                "# and the sidecar's IPv6 inbound source: ip {}",
+                apply::INBOUND_SOURCE_V6_ARGS.join(" ")
+            );
+        }
         return Ok(());
     }
     apply::execute(&plan).with_context(|| match action {
         Action::Install => "installing the capture rules",
         Action::Cleanup => "removing the capture rules",
     })?;
+    if adds_inbound_source {
+        apply::add_inbound_source_v6().context(
+            "adding ::6 to lo, the source the sidecar delivers IPv6 inbound traffic from",
+        )?;
+        println!("isthmus-init: ::6 on lo, the sidecar's IPv6 inbound source");
+    }
     for step in &plan.steps {
         let (family, mode, name) = (step.family, step.mode, step.restore_name());
         match (action, step.change, &step.text) {

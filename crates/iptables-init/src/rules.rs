@@ -47,7 +47,7 @@
 //!   `ISTHMUS_OUTPUT` for skipped inbound ports, and rule 4 then lets it through.
 //! - The proxy's inbound side therefore must not reach the app by dialling the pod IP
 //!   from the pod IP, or rule 2 would send it back to itself: it dials the pod IP
-//!   from the source `127.0.0.6` (IPv6: `::6`, which must be assigned to `lo`),
+//!   from the source `127.0.0.6` (IPv6: `::6`, which `isthmus-init --ipv6` adds to `lo`),
 //!   which rule 1 lets through, or, for a pod that opted in to loopback delivery
 //!   (`--inbound-loopback`), dials `127.0.0.1`.
 //! - Rule 3 lets the app talk to itself without a detour through the proxy.

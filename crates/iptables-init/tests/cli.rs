@@ -99,7 +99,8 @@ fn dry_run_prints_exactly_the_golden_rules() {
     assert!(out.status.success(), "{stderr}");
     let expected = format!(
         "# IPv4 rules for: iptables-legacy-restore --noflush\n{}\
-         # IPv6 rules for: ip6tables-legacy-restore --noflush\n{}",
+         # IPv6 rules for: ip6tables-legacy-restore --noflush\n{}\
+         # and the sidecar's IPv6 inbound source: ip -6 addr replace ::6/128 dev lo nodad\n",
         golden("default-v4.rules"),
         golden("default-v6.rules")
     );

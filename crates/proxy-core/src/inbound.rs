@@ -171,7 +171,7 @@ impl<H: TunnelHandler> Inbound<H> {
 /// (IPv4); the capture's first `OUTPUT` rule lets it through.
 pub const INBOUND_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 /// [`INBOUND_SOURCE_V4`] for IPv6. Unlike IPv4's 127.0.0.0/8, `::6` is not on `lo`
-/// by itself: the pod's capture set-up must assign it.
+/// by itself: `isthmus-init --ipv6` assigns it.
 pub const INBOUND_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
 /// Where a sidecar reaches its app.
