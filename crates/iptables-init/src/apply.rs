@@ -350,6 +350,9 @@ pub fn plan_with(
         };
         let before = match save_nat_with(runner, &tools) {
             Ok(state) => state,
+            // A cleanup that could not look cannot say no copy remains: its tools
+            // are there, so a capture may be too.
+            Err(e) if action == Action::Cleanup && !lenient => return Err(e),
             Err(e) => {
                 notes.push(format!(
                     "{e}; the {other} backend's {family} rules were not checked for a copy of the capture"

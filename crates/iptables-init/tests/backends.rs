@@ -127,6 +127,8 @@ struct Fake {
     stuck: HashSet<(Mode, Family)>,
     /// Restores that fail (after their `--test` passed).
     failing: HashSet<(Mode, Family)>,
+    /// Installed tools whose save fails (a table that cannot be read).
+    unreadable: HashSet<(Mode, Family)>,
     /// Every restore that changed something, as `mode family`.
     applied: RefCell<Vec<String>>,
 }
@@ -190,6 +192,13 @@ impl Runner for Fake {
     }
 
     fn save(&self, tools: &Tools) -> Result<String, ApplyError> {
+        if self.unreadable.contains(&Self::key(tools)) {
+            return Err(ApplyError::Failed {
+                program: tools.save.clone(),
+                status: std::os::unix::process::ExitStatusExt::from_raw(1 << 8),
+                stderr: "the fake cannot read its table".to_owned(),
+            });
+        }
         Ok(self.tables.borrow()[&Self::key(tools)].save())
     }
 
@@ -396,6 +405,19 @@ fn a_backend_without_tools_is_a_note_not_a_failure() {
     );
     run(&fake, &config(BackendChoice::Auto, false), Action::Cleanup).unwrap();
     assert_clean(&fake);
+}
+
+#[test]
+fn a_cleanup_that_cannot_read_the_other_backend_fails_naming_it() {
+    let mut fake = Fake::new();
+    fake.install(Mode::Legacy, &[Family::V4]);
+    fake.unreadable.insert((Mode::Legacy, Family::V4));
+    let err = run(&fake, &config(BackendChoice::Nft, false), Action::Cleanup).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("iptables-legacy-save") && message.contains("cannot read"),
+        "{message}"
+    );
 }
 
 #[test]
