@@ -81,6 +81,7 @@ async fn tunnel_server(metrics: ProxyMetrics) -> (std::net::SocketAddr, watch::S
                         Peer {
                             id: Some(Arc::from("peer")),
                             cluster: Some(ClusterName::new("cluster-a")),
+                            expires: None,
                         },
                         rx,
                     )
