@@ -245,4 +245,33 @@ mod tests {
         let other = SpiffeId::parse("spiffe://cluster.local/some/service").unwrap();
         assert_eq!(sni_name(&other), None);
     }
+
+    #[test]
+    fn not_after_reads_the_leafs_validity_to_the_second() {
+        use crate::mint::{self, KeyAlgorithm, Validity};
+        use rustls_pki_types::pem::PemObject;
+        let validity = Validity::from_now(Duration::from_secs(3600));
+        let anchor = mint::trust_anchor("anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
+        let issuer = mint::issuer(&anchor, "cluster-a", validity, KeyAlgorithm::EcdsaP256).unwrap();
+        let in_ten_minutes = SystemTime::now() + Duration::from_secs(600);
+        let secs = in_ten_minutes.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let want = UNIX_EPOCH + Duration::from_secs(secs);
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/app").unwrap();
+        let leaf = mint::leaf(
+            &issuer,
+            &id,
+            Validity {
+                not_before: SystemTime::now(),
+                not_after: want,
+            },
+            KeyAlgorithm::EcdsaP256,
+        )
+        .unwrap();
+        let der = CertificateDer::pem_slice_iter(leaf.cert_chain_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(not_after(&der), Some(want));
+        assert_eq!(not_after(&CertificateDer::from(vec![0x30, 0x00])), None);
+    }
 }
