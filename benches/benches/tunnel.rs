@@ -102,6 +102,7 @@ async fn inbound(gateway: Arc<CredentialStore>, shutdown: watch::Receiver<bool>)
         identify: Arc::new(|_| Peer {
             id: Some(Arc::from(SIDECAR_ID)),
             cluster: Some(ClusterName::new("cluster-a")),
+            expires: None,
         }),
         handshake_failed: Arc::new(|_, _| "bench"),
         tunnel,
@@ -195,6 +196,7 @@ fn bench(c: &mut Criterion) {
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(1),
                 handshake_failed: None,
+                deadline: None,
             },
             shutdown,
         );

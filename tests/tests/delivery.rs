@@ -285,6 +285,7 @@ impl Pod {
                         backoff_min: Duration::from_millis(50),
                         backoff_max: Duration::from_millis(500),
                         handshake_failed: None,
+                        deadline: None,
                     },
                     stopped,
                 );

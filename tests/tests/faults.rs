@@ -724,6 +724,7 @@ fn a_black_holed_peer_gateway_is_noticed_by_keepalive_and_recovers() {
                     backoff_min: Duration::from_millis(50),
                     backoff_max: Duration::from_millis(500),
                     handshake_failed: None,
+                    deadline: None,
                 },
                 stopped,
             );

@@ -159,6 +159,13 @@ impl ConnectionTasks {
         self.len() == 0
     }
 
+    /// Cuts every task spawned so far (a connection past its grace).
+    pub fn abort(&self) {
+        for handle in self.list().handles.drain(..) {
+            handle.abort();
+        }
+    }
+
     /// Waits for every task spawned so far, and for any they spawn meanwhile.
     pub async fn join(&self) {
         loop {

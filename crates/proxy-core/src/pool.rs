@@ -41,7 +41,14 @@ pub struct PeerConfig {
     pub backoff_max: Duration,
     /// Counts and logs failed handshakes by reason (a wrong peer identity, say).
     pub handshake_failed: Option<HandshakeObserver>,
+    /// Reads, from a finished handshake, when the connection must stop opening
+    /// streams (the earlier of the two leaves' `notAfter`); `None`, or a `None`
+    /// answer: no bound.
+    pub deadline: Option<ConnectionDeadline>,
 }
+
+/// See [`PeerConfig::deadline`]. The caller knows X.509; this crate does not.
+pub type ConnectionDeadline = Arc<dyn Fn(&rustls::CommonState) -> Option<SystemTime> + Send + Sync>;
 
 impl std::fmt::Debug for PeerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -352,8 +359,13 @@ async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receive
             _ = crate::listen::drained(&mut shutdown) => return,
         };
         match attempt {
-            Ok((slot_conn, conn)) => {
+            Ok((slot_conn, conn, expires)) => {
                 let established = tokio::time::Instant::now();
+                let retire_at = expires.map(|at| {
+                    established
+                        + at.duration_since(SystemTime::now())
+                            .unwrap_or(Duration::ZERO)
+                });
                 // A task of its own: when the pool stops, streams in flight (a relay
                 // draining on SIGTERM) keep their connection, which closes once they
                 // are done and the pool dropped its handle.
@@ -362,29 +374,39 @@ async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receive
                 *lock(&shared.last_error) = None;
                 publish(&shared);
                 info!(peer = %cfg.name, addr = %cfg.addr, slot, "tunnel connection established");
-                let lost: Arc<str> = tokio::select! {
+                let lost: Option<Arc<str>> = tokio::select! {
                     res = &mut conn => match res {
                         Ok(Err(e)) => {
                             let error = error_chain(&e);
                             warn!(peer = %cfg.name, slot, %error, "tunnel connection lost");
-                            Arc::from(format!("tunnel connection lost: {error}"))
+                            Some(Arc::from(format!("tunnel connection lost: {error}")))
                         }
                         Ok(Ok(())) => {
                             info!(peer = %cfg.name, slot, "tunnel connection closed by peer");
-                            Arc::from("tunnel connection closed by peer")
+                            Some(Arc::from("tunnel connection closed by peer"))
                         }
                         Err(e) => {
                             warn!(peer = %cfg.name, slot, error = %e, "tunnel connection task failed");
-                            Arc::from(format!("tunnel connection task failed: {e}"))
+                            Some(Arc::from(format!("tunnel connection task failed: {e}")))
                         }
                     },
+                    // A leaf the handshake relied on expires: the connection takes
+                    // no new stream (streams in flight finish on it, and it closes
+                    // once they are done and its handle is gone) and a fresh
+                    // handshake replaces it, which fails closed without a valid leaf.
+                    () = sleep_until_some(retire_at) => {
+                        info!(peer = %cfg.name, slot, "a leaf of this tunnel connection expired: retiring it");
+                        None
+                    }
                     _ = crate::listen::drained(&mut shutdown) => {
                         lock(&shared.slots)[slot] = None;
                         return;
                     }
                 };
                 lock(&shared.slots)[slot] = None;
-                *lock(&shared.last_error) = Some((SystemTime::now(), lost));
+                if let Some(lost) = lost {
+                    *lock(&shared.last_error) = Some((SystemTime::now(), lost));
+                }
                 publish(&shared);
                 if established.elapsed() >= HEALTHY_AFTER {
                     backoff = cfg.backoff_min;
@@ -441,6 +463,7 @@ async fn connect(
     (
         Slot,
         impl std::future::Future<Output = Result<(), ConnectionError>> + Send + use<>,
+        Option<SystemTime>,
     ),
     ConnectError,
 > {
@@ -468,6 +491,10 @@ async fn connect(
             source,
         }
     })?;
+    let expires = cfg
+        .deadline
+        .as_ref()
+        .and_then(|deadline| deadline(tls.get_ref().1));
     let (sender, pinger, driver) =
         client::handshake_with_pinger(tls, &cfg.h2)
             .await
@@ -475,7 +502,14 @@ async fn connect(
                 addr: cfg.addr,
                 source,
             })?;
-    Ok((Slot { sender, pinger }, driver))
+    Ok((Slot { sender, pinger }, driver, expires))
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// "outer: inner: innermost", so one log line or `/config` field says everything.

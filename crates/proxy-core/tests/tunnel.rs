@@ -81,6 +81,7 @@ async fn tunnel_server(metrics: ProxyMetrics) -> (std::net::SocketAddr, watch::S
                         Peer {
                             id: Some(Arc::from("peer")),
                             cluster: Some(ClusterName::new("cluster-a")),
+                            expires: None,
                         },
                         rx,
                     )
@@ -215,4 +216,74 @@ async fn a_stream_dropped_after_a_clean_shutdown_closes_in_order() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(closes("downstream_reset"), 0);
+}
+
+/// A connection past its peer's deadline opens no stream, and a stream in flight
+/// is cut once the expiry grace is over, even though PINGs keep the connection up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_past_its_deadline_opens_nothing_and_ends_after_the_grace() {
+    let echo = echo_server().await;
+    let grace = Duration::from_millis(500);
+    let server = TunnelServer::new(
+        Arc::new(EchoHandler { echo }),
+        H2Settings::default(),
+        ForwardConfig::default(),
+        ProxyMetrics::default(),
+        Direction::Gateway,
+    )
+    .with_expiry_grace(grace);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let expires = std::time::SystemTime::now() + Duration::from_secs(1);
+    let (_drain, rx) = watch::channel(false);
+    let served = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let peer = Peer {
+            id: Some(Arc::from("peer")),
+            cluster: Some(ClusterName::new("cluster-a")),
+            expires: Some(expires),
+        };
+        server.serve_connection(s, peer, rx).await
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = client::handshake(tcp, &H2Settings::default())
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let authority = Authority::parse("echo.test:7").unwrap();
+    let here = ClusterName::new("here");
+
+    // Before the deadline: served, and kept open across it.
+    let mut held = client::open(&mut sender, &authority, Some(&here), STEP)
+        .await
+        .unwrap();
+    held.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    timeout(STEP, held.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"ping");
+
+    let wait = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(50)).await;
+    let late = timeout(STEP, async {
+        let mut stream = client::open(&mut sender, &authority, Some(&here), STEP).await?;
+        stream.verdict().await
+    })
+    .await
+    .unwrap();
+    assert!(
+        late.is_err(),
+        "a stream opened past the deadline was served"
+    );
+
+    // The stream in flight is cut when the grace is over.
+    let mut rest = Vec::new();
+    let ended = timeout(STEP, held.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the stream in flight outlived the grace");
+    let result = timeout(STEP, served).await.unwrap().unwrap();
+    assert!(result.is_ok(), "{result:?}");
 }

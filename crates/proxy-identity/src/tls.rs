@@ -22,13 +22,14 @@
 //! This module does not open sockets; callers wrap their streams with tokio-rustls.
 
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::client::{ResolvesClientCert, Resumption};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, CommonState, ServerConfig, SignatureScheme};
-use rustls_pki_types::UnixTime;
+use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::cluster::{self, ClusterName, Usage};
 use crate::creds::CredentialStore;
@@ -131,11 +132,14 @@ pub fn peer_identity(conn: &CommonState) -> Option<SpiffeId> {
 }
 
 /// The cluster of the authenticated client of a connection this proxy accepted
-/// (a [`server_config`] handshake, finished): the one its
-/// verified issuer names, after verifying the chain it presented again, now, against
-/// the store's current anchors (the connection may be pooled and old, and rustls
-/// keeps the chain as sent, not the path it verified). Any failure, or a leaf of no
-/// cluster's issuer, is `None`: whoever asks for a cluster gets none.
+/// (a [`server_config`] handshake, finished): the one its verified issuer names,
+/// after verifying the chain it presented again against the store's current anchors
+/// (rustls keeps the chain as sent, not the path it verified). Any failure, or a
+/// leaf of no cluster's issuer, is `None`: whoever asks for a cluster gets none.
+///
+/// This runs once, when the connection is accepted: nothing re-checks a pooled
+/// connection later. What bounds an old connection instead is its deadline
+/// ([`connection_deadline`]), after which the tunnel ends it.
 pub fn peer_cluster(conn: &CommonState, store: &CredentialStore) -> Option<ClusterName> {
     let (leaf, intermediates) = conn.peer_certificates()?.split_first()?;
     let now = UnixTime::now();
@@ -150,6 +154,25 @@ pub fn peer_cluster(conn: &CommonState, store: &CredentialStore) -> Option<Clust
     )
     .ok()
     .flatten()
+}
+
+/// The `notAfter` of a certificate; `None` when it does not parse.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let secs = u64::try_from(x509.validity().not_after.timestamp()).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// When a mesh connection whose handshake just finished must stop carrying new
+/// streams: the earlier of the peer's leaf's `notAfter` and that of our own current
+/// leaf (the one the handshake presented, as the resolvers read the store at the
+/// handshake). A leaf is checked only at the handshake, so without this bound a
+/// pooled connection would outlive either leaf, and a peer whose identity lapsed
+/// (expired, or its ServiceAccount gone and no renewal) would keep its rights.
+/// `None` only when the peer presented no parsable leaf.
+pub fn connection_deadline(conn: &CommonState, store: &CredentialStore) -> Option<SystemTime> {
+    let peer = not_after(conn.peer_certificates()?.first()?)?;
+    Some(peer.min(store.current().not_after()))
 }
 
 /// Presents whatever leaf the store holds at the time of the handshake, if it is
@@ -221,5 +244,34 @@ mod tests {
         );
         let other = SpiffeId::parse("spiffe://cluster.local/some/service").unwrap();
         assert_eq!(sni_name(&other), None);
+    }
+
+    #[test]
+    fn not_after_reads_the_leafs_validity_to_the_second() {
+        use crate::mint::{self, KeyAlgorithm, Validity};
+        use rustls_pki_types::pem::PemObject;
+        let validity = Validity::from_now(Duration::from_secs(3600));
+        let anchor = mint::trust_anchor("anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
+        let issuer = mint::issuer(&anchor, "cluster-a", validity, KeyAlgorithm::EcdsaP256).unwrap();
+        let in_ten_minutes = SystemTime::now() + Duration::from_secs(600);
+        let secs = in_ten_minutes.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let want = UNIX_EPOCH + Duration::from_secs(secs);
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/app").unwrap();
+        let leaf = mint::leaf(
+            &issuer,
+            &id,
+            Validity {
+                not_before: SystemTime::now(),
+                not_after: want,
+            },
+            KeyAlgorithm::EcdsaP256,
+        )
+        .unwrap();
+        let der = CertificateDer::pem_slice_iter(leaf.cert_chain_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(not_after(&der), Some(want));
+        assert_eq!(not_after(&CertificateDer::from(vec![0x30, 0x00])), None);
     }
 }

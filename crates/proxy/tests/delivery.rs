@@ -265,6 +265,7 @@ impl Client {
                 backoff_min: Duration::from_millis(50),
                 backoff_max: Duration::from_millis(500),
                 handshake_failed: None,
+                deadline: None,
             },
             stopped,
         );

@@ -275,6 +275,7 @@ impl Client {
                 backoff_min: CLIENT_BACKOFF_MIN,
                 backoff_max: CLIENT_BACKOFF_MAX,
                 handshake_failed: None,
+                deadline: None,
             },
             stopped,
         );

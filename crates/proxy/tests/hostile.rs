@@ -286,6 +286,7 @@ impl Bystander {
                     backoff_min: Duration::from_millis(50),
                     backoff_max: Duration::from_millis(500),
                     handshake_failed: None,
+                    deadline: None,
                 },
                 stopped,
             )

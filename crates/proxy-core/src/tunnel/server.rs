@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -31,6 +31,9 @@ use crate::route::{Authority, ClusterName};
 /// this time; the connection is closed otherwise.
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Default [`TunnelServer::expiry_grace`].
+pub const DEFAULT_EXPIRY_GRACE: Duration = Duration::from_secs(30);
+
 /// The authenticated peer of a tunnel connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Peer {
@@ -40,6 +43,10 @@ pub struct Peer {
     /// when the leaf belongs to no cluster or the check failed. A gateway relays to
     /// other clusters only for peers of its own cluster.
     pub cluster: Option<ClusterName>,
+    /// The earlier of the two leaves' `notAfter`: what the handshake proved holds
+    /// no longer, so the connection opens no stream past it (a GOAWAY) and ends
+    /// [`TunnelServer::expiry_grace`] later at the latest. `None`: no bound.
+    pub expires: Option<SystemTime>,
 }
 
 /// One CONNECT stream as the handler sees it.
@@ -81,6 +88,7 @@ pub struct TunnelServer<H> {
     forward: ForwardConfig,
     metrics: ProxyMetrics,
     direction: Direction,
+    expiry_grace: Duration,
 }
 
 impl<H: TunnelHandler> TunnelServer<H> {
@@ -97,7 +105,26 @@ impl<H: TunnelHandler> TunnelServer<H> {
             forward,
             metrics,
             direction,
+            expiry_grace: DEFAULT_EXPIRY_GRACE,
         })
+    }
+
+    /// The same server, whose connections past their [`Peer::expires`] let streams
+    /// in flight run for `grace` (the proxy's drain grace) before they are cut.
+    pub fn with_expiry_grace(self: Arc<Self>, grace: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            handler: self.handler.clone(),
+            settings: self.settings.clone(),
+            forward: self.forward.clone(),
+            metrics: self.metrics.clone(),
+            direction: self.direction,
+            expiry_grace: grace,
+        })
+    }
+
+    /// How long streams in flight may run once a connection passed its deadline.
+    pub fn expiry_grace(&self) -> Duration {
+        self.expiry_grace
     }
 
     /// Serves one connection until the peer closes it or `drain` turns true, after
@@ -144,13 +171,19 @@ impl<H: TunnelHandler> TunnelServer<H> {
         ));
         let streams = ConnectionTasks::default();
         let mut draining = false;
+        let expires = peer.expires.map(deadline_instant);
+        let mut expired = false;
+        let cut_at = expires.map(|at| at + self.expiry_grace);
         let result = loop {
             tokio::select! {
                 accepted = connection.accept() => match accepted {
                     Some(Ok((request, respond))) => {
                         let server = self.clone();
                         let peer = peer.clone();
-                        streams.spawn(async move { server.stream(request, respond, peer, local).await });
+                        // A stream that crossed the GOAWAY in flight: the leaves no
+                        // longer vouch for the peer.
+                        let lapsed = expires.is_some_and(|at| tokio::time::Instant::now() >= at);
+                        streams.spawn(async move { server.stream(request, respond, peer, local, lapsed).await });
                     }
                     Some(Err(e)) => break Err(ConnectionError::H2(e)),
                     None => break Ok(()),
@@ -159,6 +192,19 @@ impl<H: TunnelHandler> TunnelServer<H> {
                 _ = crate::listen::drained(&mut drain), if !draining => {
                     connection.graceful_shutdown();
                     draining = true;
+                }
+                _ = sleep_until_some(expires), if !expired => {
+                    info!(peer = peer.id.as_deref(), "a leaf of this tunnel connection expired: no new streams");
+                    expired = true;
+                    if !draining {
+                        connection.graceful_shutdown();
+                        draining = true;
+                    }
+                }
+                _ = sleep_until_some(cut_at), if expired => {
+                    info!(peer = peer.id.as_deref(), grace = ?self.expiry_grace, "expired tunnel connection still busy after its grace: closing it");
+                    streams.abort();
+                    break Ok(());
                 }
             }
         };
@@ -172,11 +218,15 @@ impl<H: TunnelHandler> TunnelServer<H> {
         mut respond: SendResponse<Bytes>,
         peer: Peer,
         local: Option<SocketAddr>,
+        lapsed: bool,
     ) {
         let tunnel_request = match parse_request(&request, peer, local) {
             Ok(parsed) => parsed,
             Err(refusal) => return self.refuse(&mut respond, refusal, None),
         };
+        if lapsed {
+            return self.refuse(&mut respond, Refusal::Forbidden, Some(&tunnel_request));
+        }
         let recv = request.into_body();
         let upstream = match self.handler.open(&tunnel_request).await {
             Ok(upstream) => upstream,
@@ -324,6 +374,21 @@ impl<H: TunnelHandler> TunnelServer<H> {
         if let Err(e) = respond.send_response(response, true) {
             debug!(error = %e, "refused tunnel stream gone before its answer");
         }
+    }
+}
+
+/// A wall-clock deadline on tokio's clock, so that paused-time tests see it too.
+fn deadline_instant(at: SystemTime) -> tokio::time::Instant {
+    let left = at
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    tokio::time::Instant::now() + left
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

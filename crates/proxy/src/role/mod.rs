@@ -270,7 +270,8 @@ impl Base {
             self.forward_config(),
             self.metrics.clone(),
             direction,
-        );
+        )
+        .with_expiry_grace(self.config.shutdown_grace);
         Arc::new(Inbound {
             tls: Some(proxy_identity::mesh_server_config(
                 self.identity.clone(),
@@ -285,6 +286,7 @@ impl Base {
                     id: proxy_identity::peer_identity(conn).map(|id| Arc::from(id.to_string())),
                     cluster: proxy_identity::peer_cluster(conn, &store)
                         .map(|c| proxy_core::route::ClusterName::new(c.as_str())),
+                    expires: proxy_identity::connection_deadline(conn, &store),
                 })
             },
             handshake_failed: self.handshake_observer(),
@@ -450,6 +452,10 @@ impl PoolMaker {
                 backoff_min: std::time::Duration::from_millis(100),
                 backoff_max: std::time::Duration::from_secs(5),
                 handshake_failed: Some(self.handshake_failed.clone()),
+                deadline: Some({
+                    let store = self.identity.clone();
+                    Arc::new(move |conn| proxy_identity::connection_deadline(conn, &store))
+                }),
             },
             stop,
         )
