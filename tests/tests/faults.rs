@@ -621,6 +621,8 @@ impl Gateways {
                     &format!("{}s", CONNECT_TIMEOUT.as_secs()),
                 ])
                 .args(["--log", "info,proxy_core=debug", "--workers", "1"])
+                // The echo server is on the gateway namespace's loopback.
+                .arg("--allow-local-endpoints")
                 .env_clear()
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

@@ -65,8 +65,8 @@ fn check_stable(data: &[u8]) {
 /// line into words), to check the byte-by-byte state machine against.
 ///
 /// HTTP/1: after leading whitespace and empty lines, a printable method, and a
-/// later word that starts with `HTTP/` in any case, or a whole first line whose
-/// second word is a path or an absolute URI (HTTP/0.9). Opaque: a non-printable
+/// later word that starts with `HTTP/` in any case, or a whole first line of two
+/// words whose second is a path or an absolute URI (HTTP/0.9). Opaque: a non-printable
 /// byte in the method, or a whole first line that is neither. Undecided otherwise.
 fn reference_http1(data: &[u8]) -> Option<Protocol> {
     let separator = |b: &u8| matches!(b, b' ' | b'\t' | 0x0b | 0x0c | b'\r');
@@ -88,9 +88,8 @@ fn reference_http1(data: &[u8]) -> Option<Protocol> {
     if !complete {
         return None;
     }
-    let http09 = words
-        .get(1)
-        .is_some_and(|t| t.starts_with(b"/") || t.windows(3).any(|w| w == b"://"));
+    let http09 = words.len() == 2
+        && (words[1].starts_with(b"/") || words[1].windows(3).any(|w| w == b"://"));
     Some(if http09 {
         Protocol::Http1
     } else {

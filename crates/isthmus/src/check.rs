@@ -37,7 +37,7 @@ use proxy_discovery::model::{
     ClusterSettingsResource, ConditionStatus, Link, LinkResource, ServiceMirrorResource,
 };
 use proxy_identity::rustls::RootCertStore;
-use proxy_identity::{CredentialPaths, Credentials, SpiffeId};
+use proxy_identity::{ClusterName, CredentialPaths, Credentials, SpiffeId};
 
 use crate::install;
 use crate::link::KubeArgs;
@@ -606,8 +606,23 @@ async fn check_link(
             return out;
         }
     };
-    out.push(match handshake(&target, roots, expected.clone(), t).await {
-        Ok(addr) => Check::pass(check, format!("reached {addr}, presents {expected}")),
+    let cluster_name = match ClusterName::parse(cluster) {
+        Ok(name) => name,
+        Err(e) => {
+            out.push(Check::fail(
+                check,
+                format!("targetClusterName: {e}"),
+                relink,
+            ));
+            return out;
+        }
+    };
+    let reached = handshake(&target, roots, expected.clone(), cluster_name, t).await;
+    out.push(match reached {
+        Ok(addr) => Check::pass(
+            check,
+            format!("reached {addr}, presents {expected} of cluster {cluster}"),
+        ),
         Err(HandshakeError::Connect(detail)) => Check::fail(
             check,
             detail,
@@ -623,9 +638,10 @@ async fn check_link(
             check,
             detail,
             format!(
-                "the gateway must present {expected} under the trust anchor this cluster \
-                 trusts: check that both clusters' issuers come from the same anchor, and \
-                 that the Link is current ({relink})"
+                "the gateway must present {expected}, issued by cluster {cluster}'s issuer, \
+                 under the trust anchor this cluster trusts: check that the Link's \
+                 gatewayAddress is cluster {cluster}'s gateway, that both clusters' issuers \
+                 come from the same anchor, and that the Link is current ({relink})"
             ),
         ),
     });

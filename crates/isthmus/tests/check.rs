@@ -45,13 +45,37 @@ async fn a_healthy_cluster_passes_every_check() {
         "✔ issuer Secret cert-manager/isthmus-issuer: ",
         "✔ link cluster-a credentials: Secret isthmus-system/cluster-a-credentials",
         &format!(
-            "✔ link cluster-a gateway 127.0.0.1:{port}: reached 127.0.0.1:{port}, presents {GATEWAY_ID}"
+            "✔ link cluster-a gateway 127.0.0.1:{port}: reached 127.0.0.1:{port}, presents {GATEWAY_ID} of cluster cluster-a"
         ),
         "✔ service mirror default/hello-mirror (hello.default of cluster-a): mirrored",
         "all 16 checks passed",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in\n{out}");
     }
+}
+
+/// Every cluster's gateway holds the same SPIFFE ID: a Link whose address answers
+/// with another cluster's gateway fails the check, naming the cluster the Link
+/// expects and the one the gateway's issuer names, as the data plane would refuse
+/// it.
+#[tokio::test]
+async fn a_link_answered_by_another_clusters_gateway_fails_naming_the_cluster() {
+    let server = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki();
+    healthy(&server, &pki).await;
+    let kubeconfig = kubeconfig(&server, dir.path());
+    let port_c = gateway_a(&pki.gateway_c).await;
+    put(&server, link(port_c, GATEWAY_ID));
+    failed_only(
+        &check(&kubeconfig).await,
+        &format!("link cluster-a gateway 127.0.0.1:{port_c}"),
+        &format!(
+            "peer identity {GATEWAY_ID} was issued for cluster cluster-c, expected an identity \
+             of cluster cluster-a"
+        ),
+        "that the Link's gatewayAddress is cluster cluster-a's gateway",
+    );
 }
 
 #[tokio::test]

@@ -147,6 +147,20 @@ impl LocalAddrs {
         ports.into_iter().any(|p| p == addr.port()) && self.is_local(addr.ip())
     }
 
+    /// Whether a connection to `ip` would stay on this host, whatever the port:
+    /// [`LocalAddrs::is_local`], or link-local (169.254.0.0/16, fe80::/10), where
+    /// node-local agents and metadata services answer.
+    ///
+    /// A gateway refuses such an endpoint outright: it would reach the gateway's own
+    /// admin server or a neighbour on its host, never a pod of an exported Service.
+    pub fn is_this_host(&self, ip: IpAddr) -> bool {
+        let link_local = match ip.to_canonical() {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        link_local || self.is_local(ip)
+    }
+
     /// Whether `ip` is loopback, unspecified (which connects to this host), or an
     /// address of one of this namespace's interfaces. An IPv4-mapped IPv6 address
     /// counts as its IPv4 address.

@@ -202,9 +202,13 @@ pub enum Stall {
 /// trickled past the timeout; but plain TCP clients also write a few words
 /// without a line end and wait for an answer, and must keep working. So a stalled
 /// prefix is HTTP/1 only when it already reads as the start of a request: empty
-/// lines or whitespace with nothing after them, a first word that is (or begins)
-/// a common method in upper case, or a second word that is a path, `*` or an
-/// absolute URI. Anything else stalled is opaque, as a client that sent nothing.
+/// lines or whitespace with nothing after them, a first word that is a method
+/// token (RFC 9110 `tchar`s, any case: Go's server takes `get` and `PROPFIND`)
+/// still being typed or followed by nothing but a separator, a common method in
+/// upper case before any target, or a second word that is a path, `*` or an
+/// absolute URI. Anything else stalled is opaque, as a client that sent nothing:
+/// a first word with a byte no method has, or a second word no origin takes as
+/// a target (`hello there`).
 pub fn undecided(prefix: &[u8], stall: Stall) -> Protocol {
     if stall == Stall::Eof || prefix.is_empty() {
         return Protocol::Opaque;
@@ -217,13 +221,16 @@ pub fn undecided(prefix: &[u8], stall: Stall) -> Protocol {
     let method_end = rest.iter().position(|&b| is_separator(b));
     let method = &rest[..method_end.unwrap_or(rest.len())];
     let request_like = match method_end {
-        None => METHODS.iter().any(|m| m.starts_with(method)),
+        None => is_method_token(method),
         Some(end) => {
             let target = rest[end..]
                 .iter()
                 .position(|&b| !is_separator(b))
                 .map_or(&b""[..], |t| &rest[end + t..]);
-            METHODS.contains(&method) || target.starts_with(b"*") || is_path_or_absolute(target)
+            METHODS.contains(&method)
+                || (target.is_empty() && is_method_token(method))
+                || target.starts_with(b"*")
+                || is_path_or_absolute(target)
         }
     };
     if request_like {
@@ -233,12 +240,27 @@ pub fn undecided(prefix: &[u8], stall: Stall) -> Protocol {
     }
 }
 
-/// Methods whose start alone makes a stalled prefix HTTP/1 ([`undecided`]): RFC
-/// 9110's, `PATCH`, and `PRI`. Upper case only: nginx and llhttp accept no other
-/// spelling, and lower-case words are common in text protocols (`get key`).
+/// Methods that make a stalled prefix HTTP/1 whatever target follows them
+/// ([`undecided`]): RFC 9110's, `PATCH`, and `PRI`. Upper case only: nginx and
+/// llhttp accept no other spelling, and lower-case words are common in text
+/// protocols (`get key`).
 const METHODS: [&[u8]; 10] = [
     b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH", b"PRI",
 ];
+
+/// The longest method token a stalled prefix may start with and still count as
+/// HTTP/1: far past every registered method, short of a line of text.
+const MAX_METHOD_TOKEN: usize = 32;
+
+/// A method as RFC 9110 spells it, a `token` (1 to [`MAX_METHOD_TOKEN`] `tchar`s),
+/// or the start of one.
+fn is_method_token(word: &[u8]) -> bool {
+    !word.is_empty()
+        && word.len() <= MAX_METHOD_TOKEN
+        && word
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
 
 /// Classifies a connection from its first bytes: `Some` once decided, `None` while
 /// more bytes are needed.
@@ -295,14 +317,16 @@ fn classify_http1(p: &[u8]) -> Option<Protocol> {
     // which are allowed, the proxy's parser refuses what it does not take), more
     // target for nginx (which allows spaces in it), and the version.
     let mut target_is_path = None;
+    let mut words_after_method = 0usize;
     loop {
         while is_separator(*p.get(i)?) {
             i += 1;
         }
         if p[i] == b'\n' {
             // The line ended without a version: HTTP/0.9 if a path or absolute
-            // URI follows the method, which nginx serves; otherwise no request.
-            return if target_is_path == Some(true) {
+            // URI, and nothing else, follows the method, which nginx serves;
+            // otherwise no request (`OPTIONS rtsp://h/x RTSP/1.0` is RTSP).
+            return if words_after_method == 1 && target_is_path == Some(true) {
                 HTTP1
             } else {
                 OPAQUE
@@ -325,6 +349,7 @@ fn classify_http1(p: &[u8]) -> Option<Protocol> {
                 return HTTP1;
             }
         }
+        words_after_method += 1;
         if target_is_path.is_none() {
             target_is_path = Some(is_path_or_absolute(&p[start..i]));
         }

@@ -94,7 +94,6 @@ fn what_lenient_origins_read_as_a_request_is_http1() {
             b"GET /\r\n",
             b"GET /index.html\n",
             b"GET http://example.com/\r\n",
-            b"GET /a b\r\n",
             // A broken copy of the preface is not HTTP/2 but is still a request line.
             b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n",
         ],
@@ -131,6 +130,10 @@ fn opaque_is_decided_when_no_origin_could_read_a_request() {
             b"GET foo\r\n",
             b"GET *\r\n",
             b"GET \r\n",
+            // More than a target before the line end: not HTTP/0.9 either.
+            b"OPTIONS rtsp://h/x RTSP/1.0\r\n",
+            b"DESCRIBE rtsp://h/x RTSP/1.0\r\n",
+            b"GET /a b\r\n",
         ],
     );
     // Decided without waiting for the rest of the line.
@@ -208,6 +211,18 @@ fn stalled_prefixes_are_http1_only_when_they_start_like_a_request() {
         b"FOO /x",
         b"anything *",
         b"M http://host/",
+        // Any method token, any case, whole or still being typed: an origin that
+        // takes any token (Go's) reads ` / HTTP/1.1` arriving after the stall.
+        b"PROPFIND",
+        b"PROPFIND ",
+        b"get",
+        b"get ",
+        b"get /",
+        b"PING",
+        b"g",
+        b"x-Custom.Method_1!",
+        b"\r\nmkcol ",
+        &[b'A'; 32],
     ] {
         let what = String::from_utf8_lossy(prefix);
         assert_eq!(undecided(prefix, Stall::Timeout), Http1, "{what:?}");
@@ -220,9 +235,12 @@ fn stalled_prefixes_are_http1_only_when_they_start_like_a_request() {
         b"first, ",
         b"hello over ipv6",
         b"get key",
-        b"PING",
         b"{\"a\": 1, \"b\": ",
-        b"g",
+        b"hello, world",
+        b"ping?",
+        b"caf\xc3\xa9",
+        // Longer than any method: a line of text.
+        &[b'A'; 33],
     ] {
         let what = String::from_utf8_lossy(prefix);
         assert_eq!(undecided(prefix, Stall::Timeout), Opaque, "{what:?}");

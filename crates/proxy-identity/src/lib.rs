@@ -37,8 +37,8 @@ pub use metrics::IdentityMetrics;
 /// Renders a time as RFC 3339 UTC (`2025-01-31T12:00:00Z`), as errors and `/config` do.
 pub use rfc3339::format as format_rfc3339;
 pub use tls::{
-    client_config, connection_deadline, crypto_provider, mesh_server_config, not_after,
-    peer_cluster, peer_identity, server_config, sni_name,
+    anchors_client_config, client_config, connection_deadline, crypto_provider, mesh_server_config,
+    not_after, peer_cluster, peer_identity, server_config, sni_name,
 };
 pub use verify::{HandshakeFailure, PeerPolicy, VerifyError};
 

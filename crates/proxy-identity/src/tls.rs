@@ -28,7 +28,7 @@ use rustls::client::{ResolvesClientCert, Resumption};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, CommonState, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, CommonState, RootCertStore, ServerConfig, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::cluster::{self, ClusterName, Usage};
@@ -107,6 +107,28 @@ pub fn client_config(store: Arc<CredentialStore>, policy: PeerPolicy) -> Arc<Cli
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(StoreResolver(store)));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.resumption = Resumption::disabled();
+    Arc::new(config)
+}
+
+/// A client config that presents no certificate and accepts a server whose chain
+/// leads to `roots` and whose SPIFFE ID and verified cluster `policy` allows: for
+/// a tool that checks a gateway from outside the mesh, with no identity to load.
+pub fn anchors_client_config(roots: Arc<RootCertStore>, policy: PeerPolicy) -> Arc<ClientConfig> {
+    let provider = crypto_provider();
+    let verifier = SpiffeServerVerifier::with_anchors(
+        roots,
+        policy,
+        provider.signature_verification_algorithms,
+    );
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("the ring provider supports TLS 1.3")
+        // "dangerous" only in rustls' sense: the verifier is ours, not webpki's DNS one.
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.resumption = Resumption::disabled();
     Arc::new(config)

@@ -23,7 +23,7 @@ use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
     AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, Error,
-    OtherError, SignatureScheme,
+    OtherError, RootCertStore, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use x509_parser::extensions::GeneralName;
@@ -321,7 +321,7 @@ impl fmt::Display for HandshakeFailure {
 /// The whole check of a peer: its chain against the store's current anchors (for
 /// `usage`), its SPIFFE ID, and its verified cluster, each against `policy`.
 fn verify_peer(
-    store: &CredentialStore,
+    roots: &RootCertStore,
     policy: &PeerPolicy,
     algorithms: &WebPkiSupportedAlgorithms,
     end_entity: &CertificateDer<'_>,
@@ -329,25 +329,27 @@ fn verify_peer(
     now: UnixTime,
     usage: Usage,
 ) -> Result<(), Error> {
-    let creds = store.current();
-    let cluster = cluster::verify_chain(
-        end_entity,
-        intermediates,
-        creds.roots(),
-        now,
-        usage,
-        algorithms.all,
-    )?;
+    let cluster =
+        cluster::verify_chain(end_entity, intermediates, roots, now, usage, algorithms.all)?;
     let id = spiffe_id_of(end_entity).map_err(VerifyError::into_rustls)?;
     policy
         .check(&id, cluster.as_ref())
         .map_err(VerifyError::into_rustls)
 }
 
+/// Where a server verifier finds the trust anchors.
+#[derive(Debug)]
+enum Anchors {
+    /// The store's current anchors, which follow its renewals.
+    Store(Arc<CredentialStore>),
+    /// A fixed bundle, for a client that holds no identity of its own.
+    Fixed(Arc<RootCertStore>),
+}
+
 /// Verifies a server's chain and identity for a client config.
 #[derive(Debug)]
 pub(crate) struct SpiffeServerVerifier {
-    store: Arc<CredentialStore>,
+    anchors: Anchors,
     policy: PeerPolicy,
     algorithms: WebPkiSupportedAlgorithms,
 }
@@ -359,7 +361,20 @@ impl SpiffeServerVerifier {
         algorithms: WebPkiSupportedAlgorithms,
     ) -> Self {
         Self {
-            store,
+            anchors: Anchors::Store(store),
+            policy,
+            algorithms,
+        }
+    }
+
+    /// A verifier against a fixed anchor bundle rather than a store's.
+    pub(crate) fn with_anchors(
+        roots: Arc<RootCertStore>,
+        policy: PeerPolicy,
+        algorithms: WebPkiSupportedAlgorithms,
+    ) -> Self {
+        Self {
+            anchors: Anchors::Fixed(roots),
             policy,
             algorithms,
         }
@@ -377,8 +392,16 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     ) -> Result<ServerCertVerified, Error> {
         // The chain, validity and the serverAuth key usage, but no DNS name: the name
         // is the SPIFFE ID.
+        let creds;
+        let roots = match &self.anchors {
+            Anchors::Store(store) => {
+                creds = store.current();
+                creds.roots()
+            }
+            Anchors::Fixed(roots) => roots,
+        };
         verify_peer(
-            &self.store,
+            roots,
             &self.policy,
             &self.algorithms,
             end_entity,
@@ -453,7 +476,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         verify_peer(
-            &self.store,
+            self.store.current().roots(),
             &self.policy,
             &self.algorithms,
             end_entity,

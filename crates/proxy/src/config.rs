@@ -106,6 +106,12 @@ pub struct CommonArgs {
     /// mesh (a pod opts in with the annotation `isthmus.io/inbound-loopback: "true"`).
     #[arg(long, env = "ISTHMUS_INBOUND_LOOPBACK")]
     pub inbound_loopback: bool,
+    /// Gateway only: let an exported Service's endpoint be an address of this host
+    /// (loopback, link-local, the host's own IPs) on a port no listener of the
+    /// gateway holds. For a single-host lab whose backends listen on loopback;
+    /// never in a cluster, where it opens the host's local services to linked ones.
+    #[arg(long, env = "ISTHMUS_ALLOW_LOCAL_ENDPOINTS")]
+    pub allow_local_endpoints: bool,
     /// Ports whose traffic skips protocol detection (server-speaks-first protocols).
     #[arg(long, env = "ISTHMUS_OPAQUE_PORTS", value_delimiter = ',', default_values_t = [25u16, 587, 3306, 5432, 6379, 11211])]
     pub opaque_ports: Vec<u16>,
@@ -428,6 +434,8 @@ pub struct Config {
     pub opaque_ports: HashSet<u16>,
     /// Deliver inbound traffic on loopback (`--inbound-loopback`).
     pub inbound_loopback: bool,
+    /// Gateway endpoints may be this host's addresses (`--allow-local-endpoints`).
+    pub allow_local_endpoints: bool,
     /// Every resource limit: timeouts, connection bounds, header and HTTP/2 limits.
     pub limits: Limits,
     pub shutdown_grace: Duration,
@@ -556,6 +564,7 @@ impl Config {
             admin_addr: args.admin_addr,
             opaque_ports: args.opaque_ports.iter().copied().collect(),
             inbound_loopback: args.inbound_loopback,
+            allow_local_endpoints: args.allow_local_endpoints,
             limits,
             shutdown_grace: args.shutdown_grace,
             reload_interval: args.reload_interval,

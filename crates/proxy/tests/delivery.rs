@@ -123,6 +123,7 @@ impl Proxy {
         let admin = free_addr(inbound.ip());
         let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
             .arg(role)
+            .args((role == "gateway").then_some("--allow-local-endpoints"))
             .args(["--cluster", "cluster-a"])
             .arg("--identity-dir")
             .arg(identity)

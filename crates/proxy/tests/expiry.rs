@@ -315,6 +315,7 @@ fn an_expired_leaf_is_never_presented_and_the_gateway_turns_unready() {
     let log = root.join("gateway.log");
     let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
         .arg("gateway")
+        .arg("--allow-local-endpoints")
         .args(["--cluster", "cluster-a"])
         .arg("--identity-dir")
         .arg(&identity)

@@ -69,6 +69,8 @@ struct Gateway {
     log: PathBuf,
     inbound: SocketAddr,
     admin: SocketAddr,
+    /// `--allow-local-endpoints`: the echo server behind the exports is on loopback.
+    local_endpoints: bool,
 }
 
 impl Gateway {
@@ -85,6 +87,7 @@ impl Gateway {
             log: root.join(format!("gateway-{cluster}.log")),
             inbound,
             admin,
+            local_endpoints: true,
         };
         gateway.start();
         gateway
@@ -119,6 +122,7 @@ impl Gateway {
                 &format!("{}s", SHUTDOWN_GRACE.as_secs()),
             ])
             .args(["--log", "info,proxy_core=debug"])
+            .args(self.local_endpoints.then_some("--allow-local-endpoints"))
             .env_clear()
             .stdout(Stdio::null())
             .stderr(log)
@@ -864,6 +868,63 @@ async fn refusals_are_prompt_and_reach_nothing() {
     }
 }
 
+/// An exported Service whose endpoint is the gateway's own host, on a port that is
+/// not a tunnel listener's (its admin server, which answers `/config` to a loopback
+/// peer), is refused as a loop and the gateway never connects to it: linked
+/// clusters may not reach the gateway's host through an export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_on_the_gateways_own_host_is_a_loop_whatever_its_port() {
+    let mut mesh = Mesh::start(63).await;
+    let admin_a = mesh.gw_a.admin;
+    let manifests = mesh.dir.path().join("manifests-cluster-a");
+    let endpoints = [
+        ("self-admin", admin_a),
+        (
+            "self-loopback",
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), admin_a.port()),
+        ),
+    ];
+    for (name, addr) in endpoints {
+        std::fs::write(
+            manifests.join(format!("{name}.yaml")),
+            service(name, addr, true),
+        )
+        .unwrap();
+    }
+    // In a cluster no backend is on the gateway's host: the flag the single-host
+    // mesh needs is off.
+    mesh.gw_a.kill();
+    mesh.gw_a.local_endpoints = false;
+    mesh.gw_a.start();
+    mesh.gw_a.wait_ready().await;
+    eventually("gateway-b's link to cluster-a again", STEP, || async {
+        let config = mesh.gw_b.config().await;
+        (config["links"]["cluster-a"]["up"] == true).then_some(())
+    })
+    .await;
+
+    let sidecar = mesh.sidecar_b();
+    for (name, addr) in endpoints {
+        let authority = format!("{name}.default.svc.cluster.local:80");
+        assert_eq!(
+            sidecar.refusal(&authority, "cluster-a").await,
+            Refusal::Loop,
+            "{authority} (endpoint {addr})"
+        );
+    }
+    assert_eq!(
+        established(mesh.gw_a.pid(), admin_a),
+        0,
+        "gateway-a holds a connection to its own admin server"
+    );
+    // The export behind the echo server on loopback is refused too: the flag is
+    // what a single-host mesh needs, and without it nothing local is reached.
+    assert_eq!(sidecar.refusal(HELLO, "cluster-a").await, Refusal::Loop);
+    assert_eq!(mesh.echo.accepted(), 0);
+    let metrics = mesh.gw_a.metrics().await;
+    assert_eq!(refusals(&metrics, "gateway", "loop"), 3, "{metrics}");
+}
+
 /// `tunnel_refusals_total` of one direction and reason (0 if absent).
 fn refusals(metrics: &str, direction: &str, reason: &str) -> u64 {
     let wanted = format!("direction=\"{direction}\",reason=\"{reason}\"}}");
@@ -1308,6 +1369,7 @@ async fn a_mirror_added_at_run_time_is_reached_by_name_through_both_gateways() {
         log,
         inbound: listen,
         admin,
+        local_endpoints: false,
     };
     standalone.wait_ready().await;
     let config = standalone.config().await;
@@ -1394,6 +1456,7 @@ async fn streams_to_a_meshed_pod_enter_through_its_sidecar() {
         log,
         inbound: SocketAddr::from((pod_ip, 4143)),
         admin,
+        local_endpoints: false,
     };
     sidecar.wait_ready().await;
 

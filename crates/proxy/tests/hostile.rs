@@ -71,6 +71,7 @@ impl Proxy {
         };
         let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
             .arg(role)
+            .args((role == "gateway").then_some("--allow-local-endpoints"))
             .args(["--cluster", "cluster-a", "--identity-dir"])
             .arg(dir.join("identity"))
             .arg("--manifests")

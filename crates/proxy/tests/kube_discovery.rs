@@ -139,6 +139,7 @@ async fn a_gateway_discovers_its_cluster_through_the_api_server() {
     let _gateway = Gateway(
         Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
             .args(["gateway", "--cluster", "cluster-a", "--discovery", "kube"])
+            .arg("--allow-local-endpoints")
             .arg("--identity-dir")
             .arg(&identity)
             .args(["--inbound-addr", &inbound.to_string()])

@@ -46,6 +46,7 @@ fn start(cluster: &str, root: &Path, inbound: SocketAddr, admin: SocketAddr) -> 
     let log = root.join(format!("{cluster}.log"));
     let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
         .arg("gateway")
+        .arg("--allow-local-endpoints")
         .args(["--cluster", cluster])
         .arg("--identity-dir")
         .arg(root.join(format!("identity-{cluster}")))

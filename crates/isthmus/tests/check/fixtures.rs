@@ -128,6 +128,8 @@ pub(crate) fn policy(name: &str, issuer_ref: Option<Value>) -> Value {
 pub(crate) struct Pki {
     pub(crate) issuer_b: Authority,
     pub(crate) gateway_a: LeafBundle,
+    /// cluster-c's gateway: the same SPIFFE ID as cluster-a's, another issuer.
+    pub(crate) gateway_c: LeafBundle,
 }
 
 pub(crate) fn pki() -> Pki {
@@ -137,9 +139,12 @@ pub(crate) fn pki() -> Pki {
     let issuer_b = mint::issuer(&anchor, "cluster-b", days(20), KeyAlgorithm::EcdsaP256).unwrap();
     let id = SpiffeId::parse(GATEWAY_ID).unwrap();
     let gateway_a = mint::leaf(&issuer_a, &id, days(2), KeyAlgorithm::EcdsaP256).unwrap();
+    let issuer_c = mint::issuer(&anchor, "cluster-c", days(20), KeyAlgorithm::EcdsaP256).unwrap();
+    let gateway_c = mint::leaf(&issuer_c, &id, days(2), KeyAlgorithm::EcdsaP256).unwrap();
     Pki {
         issuer_b,
         gateway_a,
+        gateway_c,
     }
 }
 

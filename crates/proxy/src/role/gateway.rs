@@ -118,6 +118,8 @@ struct GatewayHandler {
     /// The gateway's own tunnel listener addresses (often wildcards): an endpoint
     /// at one of their ports on an address of this host would be a loop.
     own_addrs: HashSet<SocketAddr>,
+    /// `--allow-local-endpoints`: a single-host lab's backends are on loopback.
+    allow_local_endpoints: bool,
     /// The tunnel to each meshed pod's sidecar, made on first use.
     pods: Mutex<HashMap<IpAddr, PodTunnel>>,
     maker: PoolMaker,
@@ -161,10 +163,13 @@ impl GatewayHandler {
         // fail the stream while others are up.
         for i in 0..endpoints.len() {
             let endpoint = endpoints[(start + i) % endpoints.len()];
-            // Listeners are wildcards by default: an endpoint is this gateway when its
-            // port is a listener's and its IP any address of this host.
-            if proxy_core::addr::LocalAddrs::shared()
-                .is_own(endpoint.addr, self.own_addrs.iter().map(SocketAddr::port))
+            // Whatever its port, an endpoint on this host reaches the gateway's own
+            // admin server (which trusts a loopback peer) or a neighbour on the
+            // host, never a pod of the Service. Listeners are wildcards by default:
+            // the tunnel's ports are refused even where local endpoints are allowed.
+            let local = proxy_core::addr::LocalAddrs::shared();
+            if (!self.allow_local_endpoints && local.is_this_host(endpoint.addr.ip()))
+                || local.is_own(endpoint.addr, self.own_addrs.iter().map(SocketAddr::port))
             {
                 last = Refusal::Loop;
                 continue;
@@ -419,7 +424,9 @@ pub async fn run(config: Config) -> Result<()> {
         own_addrs: inbound_listeners
             .iter()
             .filter_map(|l| l.local_addr().ok())
+            .chain(admin_listener.local_addr().ok())
             .collect(),
+        allow_local_endpoints: base.config.allow_local_endpoints,
         pods: Mutex::new(HashMap::new()),
         maker: base.pool_maker(),
         pod_policy: base.own_cluster_policy(),

@@ -582,6 +582,7 @@ impl Proxy {
         let mut command = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"));
         command
             .arg(role)
+            .args((role == "gateway").then_some("--allow-local-endpoints"))
             .args(["--cluster", cluster])
             .arg("--identity-dir")
             .arg(identity)
