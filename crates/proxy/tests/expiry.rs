@@ -10,6 +10,8 @@
 //! fresh leaf written to the identity directory must bring everything back.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -18,7 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use isthmus_tests::multicluster::{cluster_settings, gateway_id, link};
+use common::{certs, short_lived_gateway_leaf};
+use isthmus_tests::multicluster::{cluster_settings, link};
 use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
 use proxy_identity::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
@@ -38,27 +41,6 @@ const STEP: Duration = Duration::from_secs(10);
 const LIFETIME: Duration = Duration::from_secs(8);
 /// How long handshakes are attempted after notAfter.
 const AFTER_EXPIRY: Duration = Duration::from_secs(4);
-
-fn leaf(issuer: &mint::Authority, cluster: &str, lifetime: Duration) -> LeafBundle {
-    let now = SystemTime::now();
-    let validity = Validity {
-        not_before: now - Duration::from_secs(60),
-        not_after: now + lifetime,
-    };
-    mint::leaf(
-        issuer,
-        &gateway_id(cluster),
-        validity,
-        KeyAlgorithm::EcdsaP256,
-    )
-    .unwrap()
-}
-
-fn certs(pem: &str) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .unwrap()
-}
 
 /// What one handshake showed: when its TCP connection was made (before the
 /// gateway chose a certificate) and whether the gateway presented one.
@@ -279,10 +261,10 @@ fn an_expired_leaf_is_never_presented_and_the_gateway_turns_unready() {
     let anchor = mint::trust_anchor("expiry anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
     let issuer_a = mint::issuer(&anchor, "cluster-a", validity, KeyAlgorithm::EcdsaP256).unwrap();
     let issuer_b = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let peer_leaf = leaf(&issuer_b, "cluster-b", Duration::from_secs(1800));
+    let peer_leaf = short_lived_gateway_leaf(&issuer_b, "cluster-b", Duration::from_secs(1800));
 
     let identity = root.join("identity");
-    leaf(&issuer_a, "cluster-a", LIFETIME)
+    short_lived_gateway_leaf(&issuer_a, "cluster-a", LIFETIME)
         .write_dir(&identity, false)
         .unwrap();
     let expires = not_after(&identity);
@@ -438,7 +420,7 @@ fn an_expired_leaf_is_never_presented_and_the_gateway_turns_unready() {
     );
 
     // A fresh leaf restores readiness and presentation without a restart.
-    leaf(&issuer_a, "cluster-a", Duration::from_secs(1800))
+    short_lived_gateway_leaf(&issuer_a, "cluster-a", Duration::from_secs(1800))
         .write_dir(&identity, true)
         .unwrap();
     let rotated = Instant::now();

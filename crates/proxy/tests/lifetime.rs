@@ -10,17 +10,20 @@
 //!   connection end at notAfter.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use common::{certs, short_lived_gateway_leaf};
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link};
 use proxy_core::pool::{Pool, PoolError};
 use proxy_core::route::Authority;
 use proxy_core::tunnel::{H2Settings, Refusal};
-use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
+use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use proxy_identity::rustls::pki_types::pem::PemObject;
 use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use proxy_identity::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -34,27 +37,6 @@ const STEP: Duration = Duration::from_secs(10);
 const LIFETIME: Duration = Duration::from_secs(5);
 /// How long streams are tried after notAfter.
 const AFTER_EXPIRY: Duration = Duration::from_secs(3);
-
-fn leaf(issuer: &mint::Authority, cluster: &str, lifetime: Duration) -> LeafBundle {
-    let now = SystemTime::now();
-    let validity = Validity {
-        not_before: now - Duration::from_secs(60),
-        not_after: now + lifetime,
-    };
-    mint::leaf(
-        issuer,
-        &gateway_id(cluster),
-        validity,
-        KeyAlgorithm::EcdsaP256,
-    )
-    .unwrap()
-}
-
-fn certs(pem: &str) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .unwrap()
-}
 
 fn free_addr(ip: Ipv4Addr) -> SocketAddr {
     TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
@@ -152,7 +134,7 @@ fn a_client_whose_leaf_expired_gets_no_stream_on_its_pooled_connection() {
     let anchor = mint::trust_anchor("lifetime anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
     let issuer_a = mint::issuer(&anchor, "cluster-a", validity, KeyAlgorithm::EcdsaP256).unwrap();
     let issuer_b = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    leaf(&issuer_a, "cluster-a", Duration::from_secs(1800))
+    short_lived_gateway_leaf(&issuer_a, "cluster-a", Duration::from_secs(1800))
         .write_dir(&root.join("identity"), false)
         .unwrap();
     write_manifests(root, inbound, None);
@@ -162,7 +144,7 @@ fn a_client_whose_leaf_expired_gets_no_stream_on_its_pooled_connection() {
     // The client: a short leaf, and a pool that itself never retires a connection
     // (no deadline), so only the gateway can end its use.
     let client_dir = root.join("client");
-    leaf(&issuer_b, "cluster-b", LIFETIME)
+    short_lived_gateway_leaf(&issuer_b, "cluster-b", LIFETIME)
         .write_dir(&client_dir, false)
         .unwrap();
     let expires = not_after(&client_dir);
@@ -354,9 +336,9 @@ fn a_gateway_whose_leaf_expired_retires_its_link_pool() {
     let anchor = mint::trust_anchor("lifetime anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
     let issuer_a = mint::issuer(&anchor, "cluster-a", validity, KeyAlgorithm::EcdsaP256).unwrap();
     let issuer_b = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let peer_leaf = leaf(&issuer_b, "cluster-b", Duration::from_secs(1800));
+    let peer_leaf = short_lived_gateway_leaf(&issuer_b, "cluster-b", Duration::from_secs(1800));
     let identity = root.join("identity");
-    leaf(&issuer_a, "cluster-a", LIFETIME)
+    short_lived_gateway_leaf(&issuer_a, "cluster-a", LIFETIME)
         .write_dir(&identity, false)
         .unwrap();
     let expires = not_after(&identity);

@@ -11,10 +11,13 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use isthmus_tests::multicluster::gateway_id;
 use proxy_identity::SpiffeId;
-use proxy_identity::mint::{self, KeyAlgorithm, Validity};
+use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
+use proxy_identity::rustls::pki_types::CertificateDer;
+use proxy_identity::rustls::pki_types::pem::PemObject;
 
 /// Bound of every wait: a debug build on a busy machine.
 pub const STEP: Duration = Duration::from_secs(10);
@@ -124,4 +127,32 @@ pub fn connect_through(listen: SocketAddr, target: SocketAddr) -> TcpStream {
         String::from_utf8_lossy(&head)
     );
     tunnel
+}
+
+/// `cluster`'s gateway leaf under `issuer`, valid from a minute ago until `lifetime`
+/// from now: the expiry tests watch it run out.
+pub fn short_lived_gateway_leaf(
+    issuer: &mint::Authority,
+    cluster: &str,
+    lifetime: Duration,
+) -> LeafBundle {
+    let now = SystemTime::now();
+    let validity = Validity {
+        not_before: now - Duration::from_secs(60),
+        not_after: now + lifetime,
+    };
+    mint::leaf(
+        issuer,
+        &gateway_id(cluster),
+        validity,
+        KeyAlgorithm::EcdsaP256,
+    )
+    .unwrap()
+}
+
+/// The certificates of a PEM bundle, in order.
+pub fn certs(pem: &str) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap()
 }
