@@ -765,6 +765,23 @@ async fn a_drain_lets_open_streams_finish_and_takes_no_new_connection() {
     let _ = gw.shutdown.send(true);
     // The stream in flight goes on across the drain.
     echo(&mut stream, b"during the drain").await;
+    // The connection is told to go away (GOAWAY): no new stream opens on it.
+    let mut refused = None;
+    for _ in 0..100 {
+        match open(&pool, HELLO, None).await {
+            Ok(extra) => drop(extra),
+            Err(refusal) => {
+                refused = Some(refusal);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        refused,
+        Some(Refusal::LinkDown),
+        "a stream opened after the drain"
+    );
     // A new connection finds the listener closed.
     let fresh = gw.pool_from(&sidecar);
     assert_eq!(refusal(&fresh, HELLO, None).await, Refusal::LinkDown);
