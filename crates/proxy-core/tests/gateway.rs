@@ -795,3 +795,20 @@ async fn a_drain_lets_open_streams_finish_and_takes_no_new_connection() {
         .expect("the drain did not finish")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_malformed_request_is_refused_before_any_policy() {
+    let pki = Pki::new();
+    let (gw_a, _gw_b, mut origin) = linked_pair(&pki).await;
+    let pool = gw_a.pool_from(&pki.identity(A, WORKLOAD_ID));
+    // A cluster header that is no cluster name never reaches the relay policy.
+    for cluster in ["Cluster-B", "cluster_b", ""] {
+        assert_eq!(
+            refusal(&pool, HELLO, Some(cluster)).await,
+            Refusal::BadRequest,
+            "{cluster:?}"
+        );
+    }
+    assert_eq!(gw_a.refused("bad_request"), 3);
+    assert!(origin.try_served().is_none());
+}
