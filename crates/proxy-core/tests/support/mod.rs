@@ -207,7 +207,7 @@ pub fn never_drained() -> watch::Receiver<bool> {
 #[derive(Default)]
 pub struct FakeOrigDst {
     table: Mutex<HashMap<SocketAddr, SocketAddr>>,
-    unmapped: Option<SocketAddr>,
+    unmapped: Mutex<Option<SocketAddr>>,
 }
 
 impl FakeOrigDst {
@@ -215,12 +215,9 @@ impl FakeOrigDst {
         Arc::new(Self::default())
     }
 
-    /// Unregistered clients meant `dst`.
-    pub fn unmapped_to(dst: SocketAddr) -> Arc<Self> {
-        Arc::new(Self {
-            table: Mutex::default(),
-            unmapped: Some(dst),
-        })
+    /// From now on, clients nobody registered meant `dst`.
+    pub fn set_unmapped(&self, dst: SocketAddr) {
+        *self.unmapped.lock().unwrap() = Some(dst);
     }
 
     pub fn map(&self, client: SocketAddr, dst: SocketAddr) {
@@ -229,25 +226,34 @@ impl FakeOrigDst {
 
     /// Connects to `listener` from loopback as a client that meant `dst`.
     pub async fn connect(&self, listener: SocketAddr, dst: SocketAddr) -> TcpStream {
+        self.try_connect(listener, dst).await.unwrap()
+    }
+
+    /// [`FakeOrigDst::connect`] for a connection the proxy may reset at once: a
+    /// reset that lands before the connect is reported completes it with an error.
+    pub async fn try_connect(
+        &self,
+        listener: SocketAddr,
+        dst: SocketAddr,
+    ) -> io::Result<TcpStream> {
         self.connect_from(IpAddr::V4(Ipv4Addr::LOCALHOST), listener, dst)
             .await
     }
 
-    /// [`FakeOrigDst::connect`] from the address `source`.
+    /// [`FakeOrigDst::try_connect`] from the address `source`.
     pub async fn connect_from(
         &self,
         source: IpAddr,
         listener: SocketAddr,
         dst: SocketAddr,
-    ) -> TcpStream {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::new(source, 0)).unwrap();
+    ) -> io::Result<TcpStream> {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
         // Registered before the SYN: the handler may ask as soon as it accepts.
-        self.map(socket.local_addr().unwrap(), dst);
+        self.map(socket.local_addr()?, dst);
         tokio::time::timeout(STEP, socket.connect(listener))
             .await
-            .unwrap()
-            .unwrap()
+            .expect("connect to the proxy timed out")
     }
 }
 
@@ -255,7 +261,7 @@ impl OrigDst for FakeOrigDst {
     fn orig_dst(&self, stream: &TcpStream, _local: SocketAddr) -> io::Result<OrigDstAddr> {
         let client = stream.peer_addr()?;
         let dst = self.table.lock().unwrap().get(&client).copied();
-        dst.or(self.unmapped)
+        dst.or(*self.unmapped.lock().unwrap())
             .map(OrigDstAddr)
             .ok_or_else(|| io::Error::from_raw_os_error(libc_enoent()))
     }
@@ -325,6 +331,8 @@ pub enum Behaviour {
     Echo,
     /// Sends these bytes and ends its side at once, then reads to the client's end.
     GreetAndHalfClose(&'static [u8]),
+    /// Reads to the client's end of stream, then answers `got <n> bytes` and ends.
+    ReplyAfterEof,
     /// Reads this many bytes, then resets the connection (RST).
     ResetAfter(usize),
     /// Serves HTTP/1.1: `200` with body `<method> <path> host=<Host>`, after waiting
@@ -438,6 +446,16 @@ async fn serve_origin(mut stream: TcpStream, behaviour: Behaviour) -> (Vec<u8>, 
                 Ok(_) => (received, Ended::Eof),
                 Err(_) => (received, Ended::Reset),
             }
+        }
+        Behaviour::ReplyAfterEof => {
+            let ended = match stream.read_to_end(&mut received).await {
+                Ok(_) => Ended::Eof,
+                Err(_) => return (received, Ended::Reset),
+            };
+            let reply = format!("got {} bytes", received.len());
+            let _ = stream.write_all(reply.as_bytes()).await;
+            let _ = stream.shutdown().await;
+            (received, ended)
         }
         Behaviour::ResetAfter(n) => {
             received.resize(n, 0);
@@ -806,12 +824,22 @@ pub fn closes(metrics: &ProxyMetrics, direction: Direction, reason: &'static str
 }
 
 /// Waits until `check` holds, polling, for at most [`STEP`].
-pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+pub async fn eventually(what: &str, check: impl FnMut() -> bool) {
+    eventually_or(what, check, String::new).await
+}
+
+/// [`eventually`], adding `context()` (metrics, say) to the failure message.
+pub async fn eventually_or(
+    what: &str,
+    mut check: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
     let deadline = tokio::time::Instant::now() + STEP;
     while !check() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "not within {STEP:?}: {what}"
+            "not within {STEP:?}: {what}\n{}",
+            context()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -841,6 +869,25 @@ pub async fn assert_reset(stream: &mut TcpStream, what: &str) {
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
         other => panic!("{what}: expected a reset, got {other:?} after {got:?}"),
     }
+}
+
+/// Asserts a connection the proxy resets before it could be used ends with a
+/// reset, at the connect or at the first read.
+pub async fn assert_reset_early(connected: io::Result<TcpStream>, what: &str) {
+    match connected {
+        Ok(mut stream) => assert_reset(&mut stream, what).await,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: expected a reset, connect failed with {e}"),
+    }
+}
+
+/// The metrics as Prometheus text, for failure messages.
+pub fn metrics_text(metrics: &ProxyMetrics) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text
 }
 
 /// Resets `stream` (RST), as an app that aborts does.
