@@ -330,3 +330,138 @@ async fn loops_are_refused() {
     })
     .await;
 }
+
+/// The app's destination for an origin, on the passthrough path or through the
+/// tunnel (the origin behind [`HELLO`] at the gateway).
+async fn sidecar_to(
+    origin: &Origin,
+    tunnel: bool,
+    pki: &Pki,
+) -> (Sidecar, SocketAddr, Option<TunnelPeer>) {
+    if tunnel {
+        let peer = hello_gateway(pki, origin).await;
+        let sidecar = Sidecar::start(hello_routes(), Some(&peer), pki).await;
+        (sidecar, addr(HELLO_IP), Some(peer))
+    } else {
+        let sidecar = Sidecar::start(FixedRoutes::default(), None, pki).await;
+        (sidecar, origin.addr, None)
+    }
+}
+
+/// Each side may end its half first; the other direction keeps flowing until its
+/// own end, on the passthrough path and through the tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_works_in_both_directions() {
+    let pki = Pki::new();
+    for tunnel in [false, true] {
+        // The app ends first, then reads the reply the origin sends after it.
+        let mut origin = Origin::spawn(Behaviour::ReplyAfterEof).await;
+        let (sidecar, dst, _peer) = sidecar_to(&origin, tunnel, &pki).await;
+        let mut client = sidecar.connect(dst).await;
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        let (reply, end) = read_to_end(&mut client).await;
+        end.unwrap();
+        assert_eq!(reply, b"got 7 bytes", "tunnel: {tunnel}");
+        assert_eq!(origin.next_served().await.ended, Ended::Eof);
+
+        // The origin ends first (it greets and closes its side); the app reads
+        // that end, then still sends, and the origin gets it all.
+        let mut origin = Origin::spawn(Behaviour::GreetAndHalfClose(b"hello, then bye")).await;
+        let (sidecar, dst, _peer) = sidecar_to(&origin, tunnel, &pki).await;
+        let mut client = sidecar.connect(dst).await;
+        let (greeting, end) = read_to_end(&mut client).await;
+        end.unwrap();
+        assert_eq!(greeting, b"hello, then bye", "tunnel: {tunnel}");
+        client.write_all(b"late words").await.unwrap();
+        client.shutdown().await.unwrap();
+        let served = origin.next_served().await;
+        assert_eq!(
+            (served.received.as_slice(), served.ended),
+            (&b"late words"[..], Ended::Eof),
+            "tunnel: {tunnel}"
+        );
+    }
+}
+
+/// A reset on either side reaches the other as a reset, not as an orderly end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_propagate_both_ways() {
+    let pki = Pki::new();
+    for tunnel in [false, true] {
+        let origin = Origin::spawn(Behaviour::ResetAfter(5)).await;
+        let (sidecar, dst, _peer) = sidecar_to(&origin, tunnel, &pki).await;
+        let mut client = sidecar.connect(dst).await;
+        // Not a method token: detected as opaque at its first byte.
+        client.write_all(b"<123>").await.unwrap();
+        assert_reset(&mut client, &format!("origin reset, tunnel: {tunnel}")).await;
+
+        let mut origin = Origin::spawn(Behaviour::Echo).await;
+        let (sidecar, dst, peer) = sidecar_to(&origin, tunnel, &pki).await;
+        let mut client = sidecar.connect(dst).await;
+        client.write_all(b"<abc>").await.unwrap();
+        let mut back = [0u8; 5];
+        tokio::time::timeout(STEP, client.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        abort(client);
+        match &peer {
+            // The tunnel's far end sees the stream reset, not ended.
+            Some(peer) => {
+                eventually_or(
+                    "the tunnel peer saw the stream reset",
+                    || closes(&peer.metrics, Direction::Gateway, "downstream_reset") == 1,
+                    || metrics_text(&peer.metrics),
+                )
+                .await
+            }
+            None => assert_eq!(origin.next_served().await.ended, Ended::Reset),
+        }
+    }
+}
+
+/// A draining outbound listener closes at once, lets an HTTP request in flight
+/// finish (then closes that connection) and a byte stream run on, and finishes
+/// once they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_streams_in_flight_and_refuses_new_ones() {
+    let pki = Pki::new();
+    let http = Origin::spawn(Behaviour::Http {
+        delay: Duration::from_millis(300),
+    })
+    .await;
+    let echo = Origin::spawn(Behaviour::Echo).await;
+    let mut sidecar = Sidecar::start(FixedRoutes::default(), None, &pki).await;
+
+    let mut stream = sidecar.connect(echo.addr).await;
+    stream.write_all(b"<before>").await.unwrap();
+    let mut back = [0u8; 8];
+    stream.read_exact(&mut back).await.unwrap();
+    let mut request = sidecar.connect(http.addr).await;
+    request
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: slow.test\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("the request reached the origin", || {
+        http.requests_started
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1
+    })
+    .await;
+
+    sidecar.proxy.drain();
+    assert_refuses_connections(sidecar.proxy.addr, "a draining listener").await;
+    let response = read_http_response(&mut request).await;
+    assert!(response.ends_with("GET /slow host=slow.test"), "{response}");
+    let (rest, end) = read_to_end(&mut request).await;
+    assert!(rest.is_empty() && end.is_ok(), "{rest:?} {end:?}");
+
+    stream.write_all(b"<during>").await.unwrap();
+    stream.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"<during>");
+    stream.shutdown().await.unwrap();
+    let (rest, end) = read_to_end(&mut stream).await;
+    assert!(rest.is_empty() && end.is_ok(), "{rest:?} {end:?}");
+    sidecar.proxy.drained().await;
+}

@@ -363,6 +363,8 @@ pub struct Served {
 /// An in-process upstream on loopback.
 pub struct Origin {
     pub addr: SocketAddr,
+    /// HTTP requests that reached the origin's handler so far (answered or not).
+    pub requests_started: Arc<std::sync::atomic::AtomicUsize>,
     served: mpsc::UnboundedReceiver<Served>,
     task: JoinHandle<()>,
 }
@@ -384,6 +386,8 @@ impl Origin {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, served) = mpsc::unbounded_channel();
+        let requests_started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let started = requests_started.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else {
@@ -391,9 +395,10 @@ impl Origin {
                 };
                 let tx = tx.clone();
                 let behaviour = behaviour.clone();
+                let started = started.clone();
                 tokio::spawn(async move {
                     let local = stream.local_addr().unwrap();
-                    let (received, ended) = serve_origin(stream, behaviour).await;
+                    let (received, ended) = serve_origin(stream, behaviour, started).await;
                     let _ = tx.send(Served {
                         peer,
                         local,
@@ -403,7 +408,12 @@ impl Origin {
                 });
             }
         });
-        Origin { addr, served, task }
+        Origin {
+            addr,
+            requests_started,
+            served,
+            task,
+        }
     }
 
     /// The next connection this origin finished serving.
@@ -420,7 +430,11 @@ impl Origin {
     }
 }
 
-async fn serve_origin(mut stream: TcpStream, behaviour: Behaviour) -> (Vec<u8>, Ended) {
+async fn serve_origin(
+    mut stream: TcpStream,
+    behaviour: Behaviour,
+    started: Arc<std::sync::atomic::AtomicUsize>,
+) -> (Vec<u8>, Ended) {
     let mut received = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];
     match behaviour {
@@ -467,8 +481,9 @@ async fn serve_origin(mut stream: TcpStream, behaviour: Behaviour) -> (Vec<u8>, 
             (received, ended)
         }
         Behaviour::Http { delay } => {
-            let service = service_fn(
-                move |req: http::Request<hyper::body::Incoming>| async move {
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
                     tokio::time::sleep(delay).await;
                     let host = req
                         .headers()
@@ -480,8 +495,8 @@ async fn serve_origin(mut stream: TcpStream, behaviour: Behaviour) -> (Vec<u8>, 
                     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
                         body,
                     ))))
-                },
-            );
+                }
+            });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -888,6 +903,26 @@ pub fn metrics_text(metrics: &ProxyMetrics) -> String {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     text
+}
+
+/// Connects to `addr` until the connect is refused (a listener that closed), for
+/// at most [`STEP`]; a connection that still got through is dropped at once.
+pub async fn assert_refuses_connections(addr: SocketAddr, what: &str) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match TcpStream::connect(addr).await {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return,
+            // Accepted before the listener closed, and reset by its handler.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("{what}: connect failed with {e}, not refused"),
+            Ok(stream) => drop(stream),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: still accepting connections after {STEP:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Resets `stream` (RST), as an app that aborts does.
