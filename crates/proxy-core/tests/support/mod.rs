@@ -762,14 +762,15 @@ pub fn outbound(
 }
 
 /// A sidecar's inbound handler: mesh TLS as `identity`, delivery to the app at
-/// the pod's address (`app`) or loopback.
+/// the pod's address (`app`) or loopback. Not yet shared, so a test can change a
+/// field (take its TLS away, say).
 pub fn inbound(
     identity: &Identity,
     orig_dst: Arc<FakeOrigDst>,
     app: AppAddress,
     proxy_ports: &[u16],
     metrics: &ProxyMetrics,
-) -> Arc<Inbound<LocalDelivery>> {
+) -> Inbound<LocalDelivery> {
     let proxy_ports: std::collections::HashSet<u16> = proxy_ports.iter().copied().collect();
     let delivery = Arc::new(LocalDelivery {
         app,
@@ -783,10 +784,10 @@ pub fn inbound(
         metrics.clone(),
         Direction::Inbound,
     );
-    Arc::new(Inbound {
+    Inbound {
         tls: Some(identity.server_config(identity.own_cluster_policy())),
         identify: identity.identify(),
-        handshake_failed: Arc::new(|_, _| "test"),
+        handshake_failed: Arc::new(|_, _| "refused"),
         tunnel,
         orig_dst,
         cfg: InboundConfig {
@@ -800,7 +801,7 @@ pub fn inbound(
         },
         http: http_proxy(metrics, Direction::Inbound),
         metrics: metrics.clone(),
-    })
+    }
 }
 
 /// The standalone role's explicit proxy.
@@ -862,7 +863,9 @@ pub async fn eventually_or(
 
 /// Reads until the connection ends and returns how: its bytes and whether the end
 /// was a reset (`Err`) or an orderly end of stream (`Ok`).
-pub async fn read_to_end(stream: &mut TcpStream) -> (Vec<u8>, io::Result<()>) {
+pub async fn read_to_end<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+) -> (Vec<u8>, io::Result<()>) {
     let mut got = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
