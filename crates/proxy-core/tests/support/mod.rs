@@ -228,25 +228,34 @@ impl FakeOrigDst {
 
     /// Connects to `listener` from loopback as a client that meant `dst`.
     pub async fn connect(&self, listener: SocketAddr, dst: SocketAddr) -> TcpStream {
+        self.try_connect(listener, dst).await.unwrap()
+    }
+
+    /// [`FakeOrigDst::connect`] for a connection the proxy may reset at once: a
+    /// reset that lands before the connect is reported completes it with an error.
+    pub async fn try_connect(
+        &self,
+        listener: SocketAddr,
+        dst: SocketAddr,
+    ) -> io::Result<TcpStream> {
         self.connect_from(IpAddr::V4(Ipv4Addr::LOCALHOST), listener, dst)
             .await
     }
 
-    /// [`FakeOrigDst::connect`] from the address `source`.
+    /// [`FakeOrigDst::try_connect`] from the address `source`.
     pub async fn connect_from(
         &self,
         source: IpAddr,
         listener: SocketAddr,
         dst: SocketAddr,
-    ) -> TcpStream {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::new(source, 0)).unwrap();
+    ) -> io::Result<TcpStream> {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
         // Registered before the SYN: the handler may ask as soon as it accepts.
-        self.map(socket.local_addr().unwrap(), dst);
+        self.map(socket.local_addr()?, dst);
         tokio::time::timeout(STEP, socket.connect(listener))
             .await
-            .unwrap()
-            .unwrap()
+            .expect("connect to the proxy timed out")
     }
 }
 
@@ -356,6 +365,8 @@ pub struct Served {
 /// An in-process upstream on loopback.
 pub struct Origin {
     pub addr: SocketAddr,
+    /// HTTP requests that reached the origin's handler so far (answered or not).
+    pub requests_started: Arc<std::sync::atomic::AtomicUsize>,
     served: mpsc::UnboundedReceiver<Served>,
     task: JoinHandle<()>,
 }
@@ -377,6 +388,8 @@ impl Origin {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, served) = mpsc::unbounded_channel();
+        let requests_started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let started = requests_started.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else {
@@ -384,9 +397,10 @@ impl Origin {
                 };
                 let tx = tx.clone();
                 let behaviour = behaviour.clone();
+                let started = started.clone();
                 tokio::spawn(async move {
                     let local = stream.local_addr().unwrap();
-                    let (received, ended) = serve_origin(stream, behaviour).await;
+                    let (received, ended) = serve_origin(stream, behaviour, started).await;
                     let _ = tx.send(Served {
                         peer,
                         local,
@@ -396,7 +410,12 @@ impl Origin {
                 });
             }
         });
-        Origin { addr, served, task }
+        Origin {
+            addr,
+            requests_started,
+            served,
+            task,
+        }
     }
 
     /// The next connection this origin finished serving.
@@ -413,7 +432,11 @@ impl Origin {
     }
 }
 
-async fn serve_origin(mut stream: TcpStream, behaviour: Behaviour) -> (Vec<u8>, Ended) {
+async fn serve_origin(
+    mut stream: TcpStream,
+    behaviour: Behaviour,
+    started: Arc<std::sync::atomic::AtomicUsize>,
+) -> (Vec<u8>, Ended) {
     let mut received = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];
     match behaviour {
@@ -460,8 +483,9 @@ async fn serve_origin(mut stream: TcpStream, behaviour: Behaviour) -> (Vec<u8>, 
             (received, ended)
         }
         Behaviour::Http { delay } => {
-            let service = service_fn(
-                move |req: http::Request<hyper::body::Incoming>| async move {
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
                     tokio::time::sleep(delay).await;
                     let host = req
                         .headers()
@@ -473,8 +497,8 @@ async fn serve_origin(mut stream: TcpStream, behaviour: Behaviour) -> (Vec<u8>, 
                     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
                         body,
                     ))))
-                },
-            );
+                }
+            });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -740,14 +764,15 @@ pub fn outbound(
 }
 
 /// A sidecar's inbound handler: mesh TLS as `identity`, delivery to the app at
-/// the pod's address (`app`) or loopback.
+/// the pod's address (`app`) or loopback. Not yet shared, so a test can change a
+/// field (take its TLS away, say).
 pub fn inbound(
     identity: &Identity,
     orig_dst: Arc<FakeOrigDst>,
     app: AppAddress,
     proxy_ports: &[u16],
     metrics: &ProxyMetrics,
-) -> Arc<Inbound<LocalDelivery>> {
+) -> Inbound<LocalDelivery> {
     let proxy_ports: std::collections::HashSet<u16> = proxy_ports.iter().copied().collect();
     let delivery = Arc::new(LocalDelivery {
         app,
@@ -761,11 +786,11 @@ pub fn inbound(
         metrics.clone(),
         Direction::Inbound,
     );
-    Arc::new(Inbound {
+    Inbound {
         role: proxy_core::inbound::ListenerRole::Sidecar,
         tls: Some(identity.server_config(identity.own_cluster_policy())),
         identify: identity.identify(),
-        handshake_failed: Arc::new(|_, _| "test"),
+        handshake_failed: Arc::new(|_, _| "refused"),
         tunnel,
         orig_dst,
         cfg: InboundConfig {
@@ -779,7 +804,7 @@ pub fn inbound(
         },
         http: http_proxy(metrics, Direction::Inbound),
         metrics: metrics.clone(),
-    })
+    }
 }
 
 /// The standalone role's explicit proxy.
@@ -818,12 +843,22 @@ pub fn closes(metrics: &ProxyMetrics, direction: Direction, reason: &'static str
 }
 
 /// Waits until `check` holds, polling, for at most [`STEP`].
-pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+pub async fn eventually(what: &str, check: impl FnMut() -> bool) {
+    eventually_or(what, check, String::new).await
+}
+
+/// [`eventually`], adding `context()` (metrics, say) to the failure message.
+pub async fn eventually_or(
+    what: &str,
+    mut check: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
     let deadline = tokio::time::Instant::now() + STEP;
     while !check() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "not within {STEP:?}: {what}"
+            "not within {STEP:?}: {what}\n{}",
+            context()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -831,7 +866,9 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 
 /// Reads until the connection ends and returns how: its bytes and whether the end
 /// was a reset (`Err`) or an orderly end of stream (`Ok`).
-pub async fn read_to_end(stream: &mut TcpStream) -> (Vec<u8>, io::Result<()>) {
+pub async fn read_to_end<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+) -> (Vec<u8>, io::Result<()>) {
     let mut got = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
@@ -852,6 +889,45 @@ pub async fn assert_reset(stream: &mut TcpStream, what: &str) {
     match end {
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
         other => panic!("{what}: expected a reset, got {other:?} after {got:?}"),
+    }
+}
+
+/// Asserts a connection the proxy resets before it could be used ends with a
+/// reset, at the connect or at the first read.
+pub async fn assert_reset_early(connected: io::Result<TcpStream>, what: &str) {
+    match connected {
+        Ok(mut stream) => assert_reset(&mut stream, what).await,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: expected a reset, connect failed with {e}"),
+    }
+}
+
+/// The metrics as Prometheus text, for failure messages.
+pub fn metrics_text(metrics: &ProxyMetrics) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text
+}
+
+/// Connects to `addr` until the connect is refused (a listener that closed), for
+/// at most [`STEP`]; a connection that still got through is dropped at once.
+pub async fn assert_refuses_connections(addr: SocketAddr, what: &str) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match TcpStream::connect(addr).await {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return,
+            // Accepted before the listener closed, and reset by its handler.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("{what}: connect failed with {e}, not refused"),
+            Ok(stream) => drop(stream),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: still accepting connections after {STEP:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
