@@ -310,3 +310,56 @@ ports: [{name: http, port: 8080}]
     let plain = snap(&format!("{SETTINGS}{HELLO}{relabelled}{slice}"));
     assert!(!plain.exported_endpoints("default", "hello", 80).unwrap()[0].meshed);
 }
+
+#[test]
+fn the_export_index_keeps_services_apart_and_knows_every_endpoint_address() {
+    // Two Services named hello, one exported (default) and one not (other), each
+    // with a slice; the unexported one's slice must not leak into the exported one.
+    let other = "apiVersion: v1
+kind: Service
+metadata: {name: hello, namespace: other}
+spec:
+  ports: [{name: http, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: hello-other, namespace: other, labels: {kubernetes.io/service-name: hello}}
+addressType: IPv4
+endpoints:
+- addresses: [198.18.2.10]
+ports: [{name: http, port: 8080}]
+---
+";
+    let slice = "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: hello-abc, labels: {kubernetes.io/service-name: hello}}
+addressType: IPv4
+endpoints:
+- addresses: [198.18.1.10]
+- addresses: [198.18.1.11]
+  conditions: {ready: false}
+ports: [{name: http, port: 8080}]
+";
+    let s = snap(&format!("{SETTINGS}{HELLO}{other}{slice}"));
+    let got: Vec<_> = s
+        .exported_endpoints("default", "hello", 80)
+        .unwrap()
+        .iter()
+        .map(endpoint)
+        .collect();
+    assert_eq!(got, vec![("198.18.1.10:8080".to_owned(), false)]);
+    assert_eq!(
+        s.exported_endpoints("other", "hello", 80),
+        Err(Refusal::NotExported)
+    );
+    assert_eq!(
+        s.exported_endpoints_for("hello.other.svc.cluster.local:80"),
+        Err(Refusal::NotExported)
+    );
+    // A gateway keeps a pod's tunnel while any Service lists the pod, ready or not.
+    let ips = s.exports().endpoint_ips();
+    for ip in ["198.18.1.10", "198.18.1.11", "198.18.2.10"] {
+        assert!(ips.contains(&ip.parse().unwrap()), "{ip}");
+    }
+    assert_eq!(ips.len(), 3);
+}
