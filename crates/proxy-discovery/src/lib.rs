@@ -12,7 +12,8 @@
 //! - [`reconcile`]: a ServiceMirror plus the remote view gives the mirrored local
 //!   Service and the mirror's `Ready` condition; a pure function, plus
 //!   [`reconcile::reconcile_all`] which also deletes what removed mirrors made.
-//! - [`index`]: original destination `IP:port` or authority -> [`Route`].
+//! - [`index`]: original destination `IP:port` or authority -> [`Route`]; and
+//!   [`index::exported`], the gateway's exported Services and their endpoints.
 //! - [`snapshot`]: one immutable, consistent state (reconciled objects, remote views,
 //!   index) and the questions roles ask of it: [`Snapshot::lookup_addr`],
 //!   [`Snapshot::lookup_authority`], [`Snapshot::link`], [`Snapshot::settings`],
