@@ -93,3 +93,103 @@ impl GatewayLookup for DiscoveryExports {
         self.discovery.load().exports().endpoint_ips().contains(&ip)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proxy_discovery::model::{ClusterView, parse_manifests};
+    use proxy_discovery::{ClusterName as DiscoveryCluster, Snapshot};
+
+    use super::*;
+
+    const MANIFESTS: &str = "apiVersion: multicluster.isthmus.io/v1alpha1
+kind: ClusterSettings
+metadata: {name: a}
+spec: {clusterName: cluster-a, exportedNamespaces: [default]}
+---
+apiVersion: multicluster.isthmus.io/v1alpha1
+kind: Link
+metadata: {name: cluster-b}
+spec:
+  targetClusterName: cluster-b
+  gatewayAddress: 198.18.0.2
+  gatewayPort: 15443
+  gatewayIdentity: spiffe://cluster.local/ns/isthmus-system/sa/isthmus-gateway
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hello}
+spec:
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hidden, namespace: private}
+spec:
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: idle}
+spec:
+  ports: [{name: http, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: hello-abc, labels: {kubernetes.io/service-name: hello}}
+addressType: IPv4
+endpoints:
+- addresses: [198.18.1.10]
+ports: [{name: http, port: 8080}]
+";
+
+    fn exports() -> DiscoveryExports {
+        let cluster = DiscoveryCluster::parse("cluster-a").unwrap();
+        let objects = parse_manifests("a.yaml", MANIFESTS).unwrap();
+        let view = ClusterView::build(cluster, objects).unwrap();
+        DiscoveryExports {
+            discovery: Discovery::new(Snapshot::build(view, BTreeMap::new())),
+        }
+    }
+
+    fn exported(lookup: &DiscoveryExports, authority: &str) -> Result<Vec<Endpoint>, Refusal> {
+        lookup.exported(&Authority::parse(authority).unwrap())
+    }
+
+    #[test]
+    fn discoverys_answers_become_the_gateways_refusals() {
+        let lookup = exports();
+        assert_eq!(
+            exported(&lookup, "hello.default.svc.cluster.local:80"),
+            Ok(vec![Endpoint {
+                addr: "198.18.1.10:8080".parse().unwrap(),
+                meshed: false
+            }])
+        );
+        for (authority, refusal) in [
+            ("hidden.private:80", Refusal::NotExported),
+            ("idle.default:80", Refusal::NoEndpoints),
+            ("nothing.default:80", Refusal::NoRoute),
+            ("hello.default:81", Refusal::NoRoute),
+            ("hello.default.svc.other.domain:80", Refusal::NoRoute),
+        ] {
+            assert_eq!(exported(&lookup, authority), Err(refusal), "{authority}");
+        }
+        assert!(lookup.is_endpoint("198.18.1.10".parse().unwrap()));
+        assert!(!lookup.is_endpoint("198.18.1.11".parse().unwrap()));
+    }
+
+    #[test]
+    fn links_carry_what_the_gateway_dials() {
+        let links = exports().links();
+        let link = &links["cluster-b"];
+        assert_eq!(link.address, "198.18.0.2");
+        assert_eq!(link.port, 15443);
+        assert_eq!(
+            link.identity,
+            "spiffe://cluster.local/ns/isthmus-system/sa/isthmus-gateway"
+        );
+        assert_eq!(links.len(), 1);
+    }
+}
