@@ -1,7 +1,7 @@
 //! Service authorities (`host:port`) as the tunnel's `:authority` and the explicit
-//! proxy's CONNECT target deliver them: [`proxy_core::route::Authority::parse`].
+//! proxy's CONNECT target deliver them: [`isthmus_vocab::Authority::parse`].
 
-use proxy_core::route::Authority;
+use isthmus_vocab::Authority;
 
 /// Parses `data` as an authority (raw UTF-8 when it is, the lossy decoding too) and
 /// checks that an accepted authority is canonical lowercase, round-trips through its

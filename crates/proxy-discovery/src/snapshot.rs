@@ -10,18 +10,20 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
+use isthmus_vocab::{Authority, ClusterName, Refusal};
 use serde::Serialize;
 
 use crate::index::{GatewayRef, Index, Route};
 use crate::model::{
-    Authority, ClusterName, ClusterSettings, ClusterView, EndpointMesh, EndpointPort, Link,
-    MIRRORED_SERVICE_LABEL, Service, ServiceMirror, ServicePort, ServiceRef, TargetPort,
+    ClusterSettings, ClusterView, EndpointMesh, EndpointPort, Link, MIRRORED_SERVICE_LABEL,
+    Service, ServiceMirror, ServicePort, ServiceRef, TargetPort,
 };
 use crate::reconcile::{Reconciled, reconcile_all};
 
-/// Why a gateway will not forward to a local service.
+/// Why a gateway will not forward to a local service: discovery's finer reading of
+/// what the tunnel answers as a [`Refusal`] (see the `From` impl).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
-pub enum Refusal {
+pub enum ExportRefusal {
     /// This cluster has no such Service.
     #[error("no such service in this cluster")]
     NoSuchService,
@@ -34,6 +36,18 @@ pub enum Refusal {
     /// The Service has no such port, or its `targetPort` name cannot be resolved.
     #[error("service has no such port")]
     NoSuchPort,
+}
+
+/// What the tunnel answers: a missing service and a missing port are both
+/// `no_route`, so a peer cannot probe which services exist by their ports.
+impl From<ExportRefusal> for Refusal {
+    fn from(refusal: ExportRefusal) -> Self {
+        match refusal {
+            ExportRefusal::NoSuchService | ExportRefusal::NoSuchPort => Refusal::NoRoute,
+            ExportRefusal::NotExported => Refusal::NotExported,
+            ExportRefusal::NoEndpoints => Refusal::NoEndpoints,
+        }
+    }
 }
 
 /// One endpoint a gateway may deliver to.
@@ -191,7 +205,7 @@ impl Snapshot {
         namespace: &str,
         name: &str,
         port: u16,
-    ) -> Result<Vec<SocketAddr>, Refusal> {
+    ) -> Result<Vec<SocketAddr>, ExportRefusal> {
         self.exported_endpoints(namespace, name, port)
             .map(|eps| eps.into_iter().map(|e| e.addr).collect())
     }
@@ -212,18 +226,18 @@ impl Snapshot {
         namespace: &str,
         name: &str,
         port: u16,
-    ) -> Result<Vec<ExportedEndpoint>, Refusal> {
+    ) -> Result<Vec<ExportedEndpoint>, ExportRefusal> {
         let svc = self
             .local
             .service(namespace, name)
-            .ok_or(Refusal::NoSuchService)?;
+            .ok_or(ExportRefusal::NoSuchService)?;
         if !self.local.is_exported(svc) {
-            return Err(Refusal::NotExported);
+            return Err(ExportRefusal::NotExported);
         }
         let sp = svc
             .port(port)
             .filter(|p| p.is_tcp())
-            .ok_or(Refusal::NoSuchPort)?;
+            .ok_or(ExportRefusal::NoSuchPort)?;
         let mut addrs: BTreeMap<SocketAddr, bool> = BTreeMap::new();
         let mut add = |addr: SocketAddr, meshed: bool| *addrs.entry(addr).or_default() |= meshed;
         let mut unresolved = false;
@@ -275,9 +289,9 @@ impl Snapshot {
         }
         if addrs.is_empty() {
             return Err(if unresolved {
-                Refusal::NoSuchPort
+                ExportRefusal::NoSuchPort
             } else {
-                Refusal::NoEndpoints
+                ExportRefusal::NoEndpoints
             });
         }
         Ok(addrs
@@ -288,8 +302,8 @@ impl Snapshot {
 
     /// [`Snapshot::exported_target`] for a tunnel's `:authority`:
     /// `name.ns.svc.<clusterDomain>:port`, `name.ns.svc:port` or `name.ns:port`
-    /// of this cluster. Any other authority is [`Refusal::NoSuchService`].
-    pub fn exported_target_for(&self, authority: &str) -> Result<Vec<SocketAddr>, Refusal> {
+    /// of this cluster. Any other authority is [`ExportRefusal::NoSuchService`].
+    pub fn exported_target_for(&self, authority: &str) -> Result<Vec<SocketAddr>, ExportRefusal> {
         self.exported_endpoints_for(authority)
             .map(|eps| eps.into_iter().map(|e| e.addr).collect())
     }
@@ -299,8 +313,8 @@ impl Snapshot {
     pub fn exported_endpoints_for(
         &self,
         authority: &str,
-    ) -> Result<Vec<ExportedEndpoint>, Refusal> {
-        let authority = Authority::parse(authority).map_err(|_| Refusal::NoSuchService)?;
+    ) -> Result<Vec<ExportedEndpoint>, ExportRefusal> {
+        let authority = Authority::parse(authority).map_err(|_| ExportRefusal::NoSuchService)?;
         let host = authority.host();
         let domain = &self.local.settings.spec.cluster_domain;
         let short = host
@@ -310,7 +324,7 @@ impl Snapshot {
         let short = short.strip_suffix(".svc").unwrap_or(short);
         match short.split('.').collect::<Vec<_>>()[..] {
             [name, namespace] => self.exported_endpoints(namespace, name, authority.port()),
-            _ => Err(Refusal::NoSuchService),
+            _ => Err(ExportRefusal::NoSuchService),
         }
     }
 

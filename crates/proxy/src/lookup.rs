@@ -1,7 +1,12 @@
 //! Adapts the discovery index to proxy-core's [`RouteLookup`] seam.
+//!
+//! Discovery and the hot path share the vocabulary's [`Authority`] and
+//! [`ClusterName`](isthmus_vocab::ClusterName), so a route is moved across, never
+//! re-parsed: there is no second grammar to disagree with.
 
+use isthmus_vocab::Authority;
 use proxy_core::addr::OrigDstAddr;
-use proxy_core::route::{Authority, ClusterName, Route, RouteLookup};
+use proxy_core::route::{Route, RouteLookup};
 use proxy_discovery::{Discovery, Route as DiscoveryRoute};
 
 /// Routes from the current discovery snapshot; lookups take no lock.
@@ -14,14 +19,9 @@ fn convert(route: Option<&DiscoveryRoute>) -> Route {
     match route {
         Some(DiscoveryRoute::Remote {
             cluster, authority, ..
-        }) => match Authority::parse(authority.as_str()) {
-            Ok(authority) => Route::Mirrored {
-                cluster: ClusterName::new(cluster.as_str()),
-                authority,
-            },
-            // Discovery validated it already; a disagreement means pass through
-            // rather than send the connection somewhere unintended.
-            Err(_) => Route::Passthrough,
+        }) => Route::Mirrored {
+            cluster: cluster.clone(),
+            authority: authority.clone(),
         },
         Some(DiscoveryRoute::Local { .. }) | None => Route::Passthrough,
     }

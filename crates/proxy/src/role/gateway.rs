@@ -13,24 +13,26 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
+use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use proxy_core::forward::connect_upstream;
 use proxy_core::metrics::Direction;
 use proxy_core::pool::{Pool, PoolError};
-use proxy_core::route::Authority;
+use proxy_core::tunnel::BoxIo;
 use proxy_core::tunnel::server::{TunnelHandler, TunnelRequest, Upstream};
-use proxy_core::tunnel::{BoxIo, Refusal};
 use proxy_discovery::model::LinkSpec;
-use proxy_discovery::{Discovery, ExportedEndpoint, Refusal as DiscoveryRefusal};
-use proxy_identity::{ClusterName, PeerPolicy, SpiffeId};
+use proxy_discovery::{Discovery, ExportRefusal as DiscoveryRefusal, ExportedEndpoint};
+use proxy_identity::PeerPolicy;
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{Base, PoolMaker, bind_admin, bind_all, pool_json};
-use crate::config::{Config, DEFAULT_INBOUND_PORT};
+use isthmus_vocab::ports::DEFAULT_INBOUND_PORT;
+
+use crate::config::Config;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct LinkLabels {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
+use isthmus_vocab::{ClusterName, SpiffeId};
 use prometheus_client::registry::Registry;
 use proxy_core::addr::KernelOrigDst;
 use proxy_core::detect::DetectConfig;
@@ -23,9 +24,9 @@ use proxy_core::pool::{LinkState, PeerConfig, Pool};
 use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelServer};
 use proxy_core::tunnel::{H2Settings, HandshakeObserver};
 use proxy_discovery::source::kube::KubeSource;
-use proxy_discovery::{ClusterName, DirSource, Discovery};
+use proxy_discovery::{DirSource, Discovery};
 use proxy_identity::rustls::pki_types::ServerName;
-use proxy_identity::{CredentialStore, IdentityMetrics, PeerPolicy, SpiffeId};
+use proxy_identity::{CredentialStore, IdentityMetrics, PeerPolicy};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -38,7 +39,7 @@ pub struct Base {
     pub config: Config,
     /// `--cluster`, as identities name it: the cluster this proxy's leaf must come
     /// from, and the one its mesh peers are checked against.
-    pub cluster: proxy_identity::ClusterName,
+    pub cluster: isthmus_vocab::ClusterName,
     pub registry: Registry,
     pub metrics: ProxyMetrics,
     pub identity: Arc<CredentialStore>,
@@ -61,7 +62,7 @@ impl Base {
         let metrics = ProxyMetrics::default();
         metrics.register(&mut registry);
         let identity_metrics = IdentityMetrics::register(&mut registry);
-        let own_cluster = proxy_identity::ClusterName::parse(&config.cluster)
+        let own_cluster = isthmus_vocab::ClusterName::parse(&config.cluster)
             .map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
         let identity = CredentialStore::for_cluster(config.identity.clone(), own_cluster.clone())
             .with_context(|| {
@@ -284,8 +285,7 @@ impl Base {
                 let store = self.identity.clone();
                 Arc::new(move |conn| Peer {
                     id: proxy_identity::peer_identity(conn).map(|id| Arc::from(id.to_string())),
-                    cluster: proxy_identity::peer_cluster(conn, &store)
-                        .map(|c| proxy_core::route::ClusterName::new(c.as_str())),
+                    cluster: proxy_identity::peer_cluster(conn, &store),
                     expires: proxy_identity::connection_deadline(conn, &store),
                 })
             },
