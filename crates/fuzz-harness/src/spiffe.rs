@@ -1,5 +1,5 @@
 //! SPIFFE IDs and trust domains, as certificates' URI SANs and flags deliver them:
-//! [`proxy_identity::id`].
+//! [`isthmus_vocab::spiffe`].
 
 use isthmus_vocab::{IdError, SpiffeId, TrustDomain};
 

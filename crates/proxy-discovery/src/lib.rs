@@ -5,8 +5,9 @@
 //!
 //! - [`model`]: the Kubernetes objects the mesh reads (`Service`, `Endpoints`,
 //!   `EndpointSlice`, `Pod` metadata, `Deployment`) and its own kinds (the seed's `ServiceMirror`,
-//!   accepted verbatim; `Link`; `ClusterSettings`), validated names (`ClusterName`,
-//!   `Authority`, `ServiceRef`, `SpiffeId`, `Cidr`), the YAML manifest parser whose
+//!   accepted verbatim; `Link`; `ClusterSettings`), validated names of its own
+//!   (`ServiceRef`, `Cidr`; cluster names, authorities and SPIFFE IDs are the
+//!   `isthmus_vocab` types the tunnel speaks), the YAML manifest parser whose
 //!   errors name file, document, object and field, and [`model::ClusterView`] (one
 //!   cluster's objects, grouped and checked for duplicates).
 //! - [`reconcile`]: a ServiceMirror plus the remote view gives the mirrored local
