@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
+use isthmus_vocab::cluster::is_dns_label;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Why a name or value was rejected. The caller adds where (file, field).
@@ -31,29 +32,23 @@ impl InvalidName {
 }
 
 /// Checks a DNS-1123 label: 1..=63 of `[a-z0-9-]`, alphanumeric at both ends.
-/// Kubernetes namespaces and most object names follow it.
+/// Kubernetes namespaces and most object names follow it, as cluster names do:
+/// the rule is the vocabulary's, this adds which part of it `s` breaks.
 pub fn check_dns_label(what: &'static str, s: &str) -> Result<(), InvalidName> {
-    if s.is_empty() || s.len() > 63 {
-        return Err(InvalidName::new(what, s, "must be 1 to 63 characters"));
+    if is_dns_label(s) {
+        return Ok(());
     }
-    if !s
+    let why = if s.is_empty() || s.len() > 63 {
+        "must be 1 to 63 characters"
+    } else if !s
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        return Err(InvalidName::new(
-            what,
-            s,
-            "only lowercase letters, digits and '-' are allowed",
-        ));
-    }
-    if s.starts_with('-') || s.ends_with('-') {
-        return Err(InvalidName::new(
-            what,
-            s,
-            "must start and end with a letter or digit",
-        ));
-    }
-    Ok(())
+        "only lowercase letters, digits and '-' are allowed"
+    } else {
+        "must start and end with a letter or digit"
+    };
+    Err(InvalidName::new(what, s, why))
 }
 
 /// Checks a DNS-1123 subdomain: dot-separated DNS-1123 labels, at most 253 bytes.
