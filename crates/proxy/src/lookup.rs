@@ -1,14 +1,18 @@
 //! Adapts discovery's indexes to proxy-core's seams: [`RouteLookup`] for the
 //! sidecar and explicit proxy, [`GatewayLookup`] for the gateway.
+//!
+//! Discovery and the hot path share the vocabulary's [`Authority`] and
+//! [`ClusterName`](isthmus_vocab::ClusterName), so a route is moved across, never
+//! re-parsed: there is no second grammar to disagree with.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use isthmus_vocab::{Authority, ClusterName, Refusal};
 use proxy_core::addr::OrigDstAddr;
 use proxy_core::gateway::{Endpoint, GatewayLookup, LinkTarget};
-use proxy_core::route::{Authority, ClusterName, Route, RouteLookup};
-use proxy_core::tunnel::Refusal;
-use proxy_discovery::{Discovery, Refusal as ExportRefusal, Route as DiscoveryRoute};
+use proxy_core::route::{Route, RouteLookup};
+use proxy_discovery::{Discovery, Route as DiscoveryRoute};
 
 /// Routes from the current discovery snapshot; lookups take no lock.
 #[derive(Clone)]
@@ -20,14 +24,9 @@ fn convert(route: Option<&DiscoveryRoute>) -> Route {
     match route {
         Some(DiscoveryRoute::Remote {
             cluster, authority, ..
-        }) => match Authority::parse(authority.as_str()) {
-            Ok(authority) => Route::Mirrored {
-                cluster: ClusterName::new(cluster.as_str()),
-                authority,
-            },
-            // Discovery validated it already; a disagreement means pass through
-            // rather than send the connection somewhere unintended.
-            Err(_) => Route::Passthrough,
+        }) => Route::Mirrored {
+            cluster: cluster.clone(),
+            authority: authority.clone(),
         },
         Some(DiscoveryRoute::Local { .. }) | None => Route::Passthrough,
     }
@@ -55,11 +54,7 @@ impl GatewayLookup for DiscoveryExports {
         let snapshot = self.discovery.load();
         let endpoints = snapshot
             .exported_endpoints_for(authority.as_str())
-            .map_err(|refusal| match refusal {
-                ExportRefusal::NoSuchService | ExportRefusal::NoSuchPort => Refusal::NoRoute,
-                ExportRefusal::NotExported => Refusal::NotExported,
-                ExportRefusal::NoEndpoints => Refusal::NoEndpoints,
-            })?;
+            .map_err(Refusal::from)?;
         Ok(endpoints
             .iter()
             .map(|e| Endpoint {
@@ -69,7 +64,7 @@ impl GatewayLookup for DiscoveryExports {
             .collect())
     }
 
-    fn links(&self) -> BTreeMap<String, LinkTarget> {
+    fn links(&self) -> BTreeMap<ClusterName, LinkTarget> {
         self.discovery
             .load()
             .links()
@@ -79,12 +74,12 @@ impl GatewayLookup for DiscoveryExports {
                 let target = LinkTarget {
                     address: spec.gateway_address.as_str().to_owned(),
                     port: spec.gateway_port,
-                    identity: spec.gateway_identity.as_str().to_owned(),
+                    identity: spec.gateway_identity.clone(),
                     probe_period: spec.probe_spec.period.0,
                     probe_port: spec.probe_spec.port,
                     probe_path: spec.probe_spec.path.clone(),
                 };
-                (cluster.as_str().to_owned(), target)
+                (cluster.clone(), target)
             })
             .collect()
     }
@@ -98,8 +93,8 @@ impl GatewayLookup for DiscoveryExports {
 mod tests {
     use std::collections::BTreeMap;
 
+    use proxy_discovery::Snapshot;
     use proxy_discovery::model::{ClusterView, parse_manifests};
-    use proxy_discovery::{ClusterName as DiscoveryCluster, Snapshot};
 
     use super::*;
 
@@ -145,7 +140,7 @@ ports: [{name: http, port: 8080}]
 ";
 
     fn exports() -> DiscoveryExports {
-        let cluster = DiscoveryCluster::parse("cluster-a").unwrap();
+        let cluster = ClusterName::parse("cluster-a").unwrap();
         let objects = parse_manifests("a.yaml", MANIFESTS).unwrap();
         let view = ClusterView::build(cluster, objects).unwrap();
         DiscoveryExports {
@@ -183,11 +178,11 @@ ports: [{name: http, port: 8080}]
     #[test]
     fn links_carry_what_the_gateway_dials() {
         let links = exports().links();
-        let link = &links["cluster-b"];
+        let link = &links[&ClusterName::parse("cluster-b").unwrap()];
         assert_eq!(link.address, "198.18.0.2");
         assert_eq!(link.port, 15443);
         assert_eq!(
-            link.identity,
+            link.identity.as_str(),
             "spiffe://cluster.local/ns/isthmus-system/sa/isthmus-gateway"
         );
         assert_eq!(links.len(), 1);

@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use isthmus_vocab::ClusterName;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -21,9 +22,9 @@ pub(super) struct LinkPool {
 }
 
 impl LinkPool {
-    pub(super) fn view(&self, cluster: &str) -> LinkView {
+    pub(super) fn view(&self, cluster: &ClusterName) -> LinkView {
         LinkView {
-            cluster: cluster.to_owned(),
+            cluster: cluster.clone(),
             pool: self.pool.clone(),
             probe: lock(&self.probe).clone(),
         }
@@ -33,7 +34,7 @@ impl LinkPool {
 /// A link as `/config` shows it.
 #[derive(Clone, Debug)]
 pub struct LinkView {
-    pub cluster: String,
+    pub cluster: ClusterName,
     pub pool: Pool,
     pub probe: ProbeResult,
 }
@@ -79,7 +80,7 @@ impl Gateway {
 
     /// A pool and its probe for the Link to `cluster`; `None` (with a warning) when
     /// the Link cannot be used.
-    fn link_pool(&self, cluster: &str, target: LinkTarget) -> Option<LinkPool> {
+    fn link_pool(&self, cluster: &ClusterName, target: LinkTarget) -> Option<LinkPool> {
         let ip: IpAddr = match target.address.parse() {
             Ok(ip) => ip,
             Err(_) => {
@@ -87,13 +88,9 @@ impl Gateway {
                 return None;
             }
         };
-        let tls = match self.tls.link(cluster, &target.identity) {
-            Ok(tls) => tls,
-            Err(e) => {
-                warn!(%cluster, error = %e, "link unusable");
-                return None;
-            }
-        };
+        // The peer gateway must hold the Link's identity AND a leaf of the target
+        // cluster's issuer: the TLS config checks both.
+        let tls = self.tls.link(cluster, &target.identity);
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(stop_on_shutdown(
             self.shutdown.clone(),
@@ -101,7 +98,7 @@ impl Gateway {
             stopped.clone(),
         ));
         let addr = SocketAddr::new(ip, target.port);
-        info!(%cluster, %addr, identity = target.identity, "linking to peer gateway");
+        info!(%cluster, %addr, identity = %target.identity, "linking to peer gateway");
         let pool = Pool::spawn(
             self.cfg.pools.peer(
                 format!("link/{cluster}"),
@@ -113,11 +110,11 @@ impl Gateway {
         );
         let probe = Arc::new(Mutex::new(ProbeResult::default()));
         tokio::spawn(probe_link(
-            cluster.to_owned(),
+            cluster.to_string(),
             pool.clone(),
             target.probe_period,
             probe.clone(),
-            self.metrics.probe_success(cluster),
+            self.metrics.probe_success(cluster.as_str()),
             stopped,
         ));
         Some(LinkPool {
@@ -134,7 +131,7 @@ impl Gateway {
             self.metrics
                 .link_up
                 .get_or_create(&LinkLabels {
-                    cluster: cluster.clone(),
+                    cluster: cluster.to_string(),
                 })
                 .set(i64::from(link.pool.state().is_up()));
         }

@@ -29,6 +29,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -36,8 +37,6 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::pool::{Pool, PoolSettings};
-use crate::route::{Authority, ClusterName};
-use crate::tunnel::Refusal;
 
 pub use links::{LinkView, ProbeResult};
 
@@ -59,7 +58,7 @@ pub struct LinkTarget {
     pub address: String,
     pub port: u16,
     /// The SPIFFE ID the peer gateway must present.
-    pub identity: String,
+    pub identity: SpiffeId,
     /// How often the link is probed.
     pub probe_period: Duration,
     /// The probe's port and path in the Link: accepted for compatibility and
@@ -77,19 +76,10 @@ pub trait GatewayLookup: Send + Sync + 'static {
     /// when there are none to deliver to.
     fn exported(&self, authority: &Authority) -> Result<Vec<Endpoint>, Refusal>;
     /// Every Link, by target cluster.
-    fn links(&self) -> BTreeMap<String, LinkTarget>;
+    fn links(&self) -> BTreeMap<ClusterName, LinkTarget>;
     /// Whether `ip` is still any Service's endpoint (ready or not): a pod that is
     /// not gets its sidecar tunnel closed.
     fn is_endpoint(&self, ip: IpAddr) -> bool;
-}
-
-/// Why a Link cannot be given a TLS config.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkTlsError {
-    #[error("link gateway identity is not a valid SPIFFE ID: {0}")]
-    Identity(String),
-    #[error("link target is not a cluster name: {0}")]
-    Cluster(String),
 }
 
 /// The client TLS configs the gateway dials with; each carries its peer check.
@@ -97,11 +87,7 @@ pub trait GatewayTls: Send + Sync + 'static {
     /// For the link to `cluster`'s gateway: it must hold `identity` AND a leaf of
     /// `cluster`'s issuer, since gateways may share one SPIFFE ID and any
     /// cluster's issuer can mint any ID.
-    fn link(
-        &self,
-        cluster: &str,
-        identity: &str,
-    ) -> Result<Arc<rustls::ClientConfig>, LinkTlsError>;
+    fn link(&self, cluster: &ClusterName, identity: &SpiffeId) -> Arc<rustls::ClientConfig>;
     /// For a meshed pod's sidecar: an identity of our trust domain, issued by our
     /// own cluster's issuer.
     fn pod(&self) -> Arc<rustls::ClientConfig>;
@@ -166,7 +152,7 @@ pub struct Gateway {
     lookup: Arc<dyn GatewayLookup>,
     tls: Arc<dyn GatewayTls>,
     metrics: GatewayMetrics,
-    links: Mutex<HashMap<String, links::LinkPool>>,
+    links: Mutex<HashMap<ClusterName, links::LinkPool>>,
     /// The tunnel to each meshed pod's sidecar, made on first use.
     pods: Mutex<HashMap<IpAddr, deliver::PodTunnel>>,
     next_endpoint: AtomicUsize,

@@ -30,20 +30,20 @@ fn refusals() {
     let s = snap(HELLO);
     assert_eq!(
         s.exported_target("default", "nope", 80),
-        Err(Refusal::NoSuchService)
+        Err(ExportRefusal::NoSuchService)
     );
     assert_eq!(
         s.exported_target("default", "hello", 80),
-        Err(Refusal::NotExported)
+        Err(ExportRefusal::NotExported)
     );
     let s = snap(&format!("{SETTINGS}{HELLO}"));
     assert_eq!(
         s.exported_target("default", "hello", 81),
-        Err(Refusal::NoSuchPort)
+        Err(ExportRefusal::NoSuchPort)
     );
     assert_eq!(
         s.exported_target("default", "hello", 80),
-        Err(Refusal::NoEndpoints)
+        Err(ExportRefusal::NoEndpoints)
     );
 }
 
@@ -83,7 +83,7 @@ spec:
     let s = snap(&format!("{SETTINGS}{HELLO}{eps}"));
     assert_eq!(
         s.exported_target("default", "hello", 80),
-        Err(Refusal::NoSuchPort)
+        Err(ExportRefusal::NoSuchPort)
     );
     let s = snap(&format!("{SETTINGS}{HELLO}{eps}{dep}"));
     assert_eq!(
@@ -121,7 +121,7 @@ spec: {ports: [{port: 80}]}
     let s = snap(&format!("{SETTINGS}{svc}"));
     assert_eq!(
         s.exported_target("default", "m", 80),
-        Err(Refusal::NotExported)
+        Err(ExportRefusal::NotExported)
     );
 }
 
@@ -153,11 +153,15 @@ fn exported_target_for_an_authority() {
         "hello.default.svc.cluster.local",
         "x.y.z:80",
     ] {
-        assert_eq!(s.exported_target_for(a), Err(Refusal::NoSuchService), "{a}");
+        assert_eq!(
+            s.exported_target_for(a),
+            Err(ExportRefusal::NoSuchService),
+            "{a}"
+        );
     }
     assert_eq!(
         s.exported_target_for("hello.default:81"),
-        Err(Refusal::NoSuchPort)
+        Err(ExportRefusal::NoSuchPort)
     );
 }
 
@@ -350,11 +354,11 @@ ports: [{name: http, port: 8080}]
     assert_eq!(got, vec![("198.18.1.10:8080".to_owned(), false)]);
     assert_eq!(
         s.exported_endpoints("other", "hello", 80),
-        Err(Refusal::NotExported)
+        Err(ExportRefusal::NotExported)
     );
     assert_eq!(
         s.exported_endpoints_for("hello.other.svc.cluster.local:80"),
-        Err(Refusal::NotExported)
+        Err(ExportRefusal::NotExported)
     );
     // A gateway keeps a pod's tunnel while any Service lists the pod, ready or not.
     let ips = s.exports().endpoint_ips();
@@ -362,4 +366,25 @@ ports: [{name: http, port: 8080}]
         assert!(ips.contains(&ip.parse().unwrap()), "{ip}");
     }
     assert_eq!(ips.len(), 3);
+}
+
+#[test]
+fn export_refusals_answer_as_the_tunnel_refusals() {
+    for (refusal, wire) in [
+        (
+            ExportRefusal::NoSuchService,
+            isthmus_vocab::Refusal::NoRoute,
+        ),
+        (ExportRefusal::NoSuchPort, isthmus_vocab::Refusal::NoRoute),
+        (
+            ExportRefusal::NotExported,
+            isthmus_vocab::Refusal::NotExported,
+        ),
+        (
+            ExportRefusal::NoEndpoints,
+            isthmus_vocab::Refusal::NoEndpoints,
+        ),
+    ] {
+        assert_eq!(isthmus_vocab::Refusal::from(refusal), wire, "{refusal:?}");
+    }
 }

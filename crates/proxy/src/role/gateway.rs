@@ -4,18 +4,18 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use proxy_core::gateway::{
-    Gateway, GatewayConfig, GatewayMetrics, GatewayTls, LinkTlsError, LinkView,
-};
+use isthmus_vocab::ports::DEFAULT_INBOUND_PORT;
+use isthmus_vocab::{ClusterName, SpiffeId};
+use proxy_core::gateway::{Gateway, GatewayConfig, GatewayMetrics, GatewayTls, LinkView};
 use proxy_core::inbound::ListenerRole;
 use proxy_core::metrics::Direction;
 use proxy_identity::rustls::ClientConfig;
-use proxy_identity::{ClusterName, CredentialStore, PeerPolicy, SpiffeId};
+use proxy_identity::{CredentialStore, PeerPolicy};
 use serde_json::json;
 use tracing::info;
 
 use super::{Base, bind_admin, bind_all, pool_json};
-use crate::config::{Config, DEFAULT_INBOUND_PORT};
+use crate::config::Config;
 use crate::lookup::DiscoveryExports;
 
 /// The gateway's client TLS, from this proxy's identity.
@@ -27,15 +27,11 @@ struct IdentityTls {
 }
 
 impl GatewayTls for IdentityTls {
-    fn link(&self, cluster: &str, identity: &str) -> Result<Arc<ClientConfig>, LinkTlsError> {
-        let identity =
-            SpiffeId::parse(identity).map_err(|e| LinkTlsError::Identity(e.to_string()))?;
-        let target =
-            ClusterName::parse(cluster).map_err(|e| LinkTlsError::Cluster(e.to_string()))?;
-        Ok(proxy_identity::client_config(
+    fn link(&self, cluster: &ClusterName, identity: &SpiffeId) -> Arc<ClientConfig> {
+        proxy_identity::client_config(
             self.identity.clone(),
-            PeerPolicy::Exact(identity).in_cluster(target),
-        ))
+            PeerPolicy::Exact(identity.clone()).in_cluster(cluster.clone()),
+        )
     }
 
     fn pod(&self) -> Arc<ClientConfig> {
@@ -65,7 +61,7 @@ pub async fn run(config: Config) -> Result<()> {
     metrics.register(&mut base.registry);
     let gateway = Gateway::new(
         GatewayConfig {
-            cluster: proxy_core::route::ClusterName::new(base.config.cluster.as_str()),
+            cluster: base.cluster.clone(),
             connect_timeout: base.config.limits.connect_timeout,
             own_addrs: inbound_listeners
                 .iter()
@@ -96,7 +92,7 @@ pub async fn run(config: Config) -> Result<()> {
         let links: serde_json::Map<String, serde_json::Value> = gateway
             .links()
             .iter()
-            .map(|link| (link.cluster.clone(), link_json(link)))
+            .map(|link| (link.cluster.to_string(), link_json(link)))
             .collect();
         json!({ "links": links })
     });
