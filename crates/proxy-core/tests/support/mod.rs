@@ -226,7 +226,9 @@ impl FakeOrigDst {
 
     /// Connects to `listener` from loopback as a client that meant `dst`.
     pub async fn connect(&self, listener: SocketAddr, dst: SocketAddr) -> TcpStream {
-        self.try_connect(listener, dst).await.unwrap()
+        self.try_connect(listener, dst)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to the proxy as a client of {dst}: {e}"))
     }
 
     /// [`FakeOrigDst::connect`] for a connection the proxy may reset at once: a
