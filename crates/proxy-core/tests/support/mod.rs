@@ -32,7 +32,9 @@ use proxy_core::detect::DetectConfig;
 use proxy_core::explicit::Explicit;
 use proxy_core::forward::ForwardConfig;
 use proxy_core::http::{HttpProxy, HttpSettings};
-use proxy_core::inbound::{AppAddress, Inbound, InboundConfig, LocalDelivery, PeerIdentify};
+use proxy_core::inbound::{
+    AppAddress, Inbound, InboundConfig, ListenerRole, LocalDelivery, PeerIdentify,
+};
 use proxy_core::listen::{Handler, ListenConfig};
 use proxy_core::metrics::{Direction, ProxyMetrics, RefusalLabels, TcpCloseLabels};
 use proxy_core::outbound::{Outbound, OutboundConfig};
@@ -787,6 +789,7 @@ pub fn inbound(
         Direction::Inbound,
     );
     Inbound {
+        role: ListenerRole::Sidecar,
         tls: Some(identity.server_config(identity.own_cluster_policy())),
         identify: identity.identify(),
         handshake_failed: Arc::new(|_, _| "refused"),
