@@ -4,8 +4,8 @@ use super::*;
 
 /// One trust anchor and an issuer per cluster, minted on demand.
 pub struct Pki {
-    anchor: mint::Authority,
-    issuers: Mutex<HashMap<String, mint::Authority>>,
+    anchor: mint::CertificateAuthority,
+    issuers: Mutex<HashMap<String, mint::CertificateAuthority>>,
 }
 
 impl Default for Pki {
@@ -81,13 +81,13 @@ impl Identity {
     /// cluster's issuer (as a sidecar checks its gateway).
     pub fn as_peer(&self) -> PeerPolicy {
         PeerPolicy::Exact(self.id.clone())
-            .in_cluster(proxy_identity::ClusterName::parse(&self.cluster).unwrap())
+            .in_cluster(isthmus_vocab::ClusterName::parse(&self.cluster).unwrap())
     }
 
     /// What this identity accepts from clients: its trust domain, own cluster.
     pub fn own_cluster_policy(&self) -> PeerPolicy {
         PeerPolicy::TrustDomain(self.id.trust_domain().clone())
-            .in_cluster(proxy_identity::ClusterName::parse(&self.cluster).unwrap())
+            .in_cluster(isthmus_vocab::ClusterName::parse(&self.cluster).unwrap())
     }
 
     /// The mesh listener's server config, accepting clients `policy` allows.
@@ -105,8 +105,7 @@ impl Identity {
         let store = self.store.clone();
         Arc::new(move |conn| Peer {
             id: proxy_identity::peer_identity(conn).map(|id| Arc::from(id.to_string())),
-            cluster: proxy_identity::peer_cluster(conn, &store)
-                .map(|c| ClusterName::new(c.as_str())),
+            cluster: proxy_identity::peer_cluster(conn, &store),
             expires: proxy_identity::connection_deadline(conn, &store),
         })
     }

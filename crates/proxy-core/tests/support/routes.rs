@@ -27,7 +27,7 @@ impl FixedRoutes {
 
 fn mirrored(cluster: &str, authority: &str) -> Route {
     Route::Mirrored {
-        cluster: ClusterName::new(cluster),
+        cluster: ClusterName::parse(cluster).unwrap(),
         authority: Authority::parse(authority).unwrap(),
     }
 }
