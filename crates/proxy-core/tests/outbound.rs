@@ -257,6 +257,20 @@ async fn every_refusal_from_the_tunnel_peer_resets_the_app_and_is_counted() {
             "{refusal}: counted once, under its own reason"
         );
     }
+
+    // The same on the HTTP path: the request's connection is reset, not answered.
+    let mut client = sidecar.connect(dsts[2]).await;
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: refused2.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert_reset(&mut client, "refused HTTP request").await;
+    let reason = Refusal::ALL[2].as_str();
+    sidecar
+        .counted("the HTTP refusal counted", |m| {
+            refusals(m, Direction::Outbound, reason) == 2
+        })
+        .await;
 }
 
 /// A gateway that never answers, no gateway at all, and an upstream that refuses:
