@@ -60,7 +60,7 @@ impl Namespace {
 
     /// Runs `program args...` in the namespace; its stdout, or an error naming the
     /// command, status and stderr.
-    pub fn exec<S: AsRef<OsStr>>(&self, program: impl AsRef<OsStr>, args: &[S]) -> Result<String> {
+    pub fn exec<S: AsRef<OsStr>>(&self, program: &str, args: &[S]) -> Result<String> {
         let out = run_checked(self.command(program).args(args))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }

@@ -159,7 +159,7 @@ fn down(args: DownArgs) -> Result<bool> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(NEEDS_ROOT);
     }
-    let swept = net::sweep(args.all)?;
+    let swept = net::sweep(args.all);
     for p in &swept.removed {
         println!("removed lab run {p}");
     }
