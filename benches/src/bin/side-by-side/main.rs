@@ -17,6 +17,7 @@ mod table;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -77,6 +78,11 @@ fn main() {
         std::process::exit(2);
     }
     if let Err(e) = preflight(&args).and_then(|bin| run(&args, bin, short)) {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            // The failure is the signal's doing (its clean-up stopped the load):
+            // the handler exits with the signal's status once it is done.
+            std::thread::sleep(Duration::from_secs(10));
+        }
         eprintln!("side-by-side: {e:#}");
         std::process::exit(1);
     }
@@ -120,6 +126,9 @@ fn on_path(tool: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
 }
 
+/// Set when a signal's clean-up has begun.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 /// On SIGINT or SIGTERM: removes the namespaces (stopping every process in them)
 /// and the work directory, then exits 130 or 143, as the shell's trap did.
 fn clean_up_on_signal(net: Arc<Net>, work: PathBuf) -> Result<()> {
@@ -143,6 +152,7 @@ fn clean_up_on_signal(net: Arc<Net>, work: PathBuf) -> Result<()> {
                 _ = term.recv() => 143,
             }
         });
+        INTERRUPTED.store(true, Ordering::SeqCst);
         eprintln!("side-by-side: interrupted; removing its namespaces");
         net.teardown();
         let _ = std::fs::remove_dir_all(&work);
@@ -275,21 +285,24 @@ fn run(args: &Args, bin: PathBuf, short: u64) -> Result<()> {
     let result = rows::Bench::build(&net, work.path(), &bin, short, args.duration, &mut procs)
         .and_then(|mut bench| bench.measure_all(args.runs, &mut procs));
     drop(procs);
+    // Not left to the drop: the signal handler's thread holds the run too.
+    net.teardown();
     match result {
         Ok(report) => {
             println!("{report}");
             Ok(())
         }
         Err(e) => {
-            eprintln!(
-                "side-by-side: failed; logs were in {}:",
-                work.path().display()
-            );
-            print_log_tails(work.path());
+            if !INTERRUPTED.load(Ordering::SeqCst) {
+                eprintln!(
+                    "side-by-side: failed; logs were in {}:",
+                    work.path().display()
+                );
+                print_log_tails(work.path());
+            }
             Err(e)
         }
     }
-    // `net` then `work` drop here: namespaces, then files.
 }
 
 /// The last 20 lines of every non-empty log.

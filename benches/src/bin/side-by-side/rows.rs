@@ -485,6 +485,11 @@ impl Bench {
             .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
             .args(["--outbound-addr", &format!("127.0.0.1:{outbound}")])
             .args(["--log", "warn", "--shutdown-grace", "1s"]);
+        if cluster == "cluster-a" {
+            // Its endpoint, the origin, shares its namespace: on one host a gateway
+            // refuses that unless told otherwise.
+            cmd.arg("--allow-local-endpoints");
+        }
         let pid = procs.start_proxy(&format!("gateway-{cluster}"), &self.o, cmd)?;
         wait_for(&format!("gateway {cluster}'s /ready"), || {
             curl_ok(&self.o, &format!("http://127.0.0.1:{admin}/ready"), 1)
