@@ -27,7 +27,7 @@ use proxy_core::addr::FixedOrigDst;
 use proxy_core::detect::DetectConfig;
 use proxy_core::forward::ForwardConfig;
 use proxy_core::http::{HttpProxy, HttpSettings};
-use proxy_core::inbound::{AppAddress, Inbound, InboundConfig, LocalDelivery};
+use proxy_core::inbound::{AppAddress, Inbound, InboundConfig, ListenerRole, LocalDelivery};
 use proxy_core::listen::{self, ListenConfig};
 use proxy_core::metrics::{Direction, ProxyMetrics};
 use proxy_core::pool::{PeerConfig, Pool};
@@ -98,6 +98,8 @@ async fn inbound(gateway: Arc<CredentialStore>, shutdown: watch::Receiver<bool>)
         Direction::Inbound,
     );
     let handler = Inbound {
+        // A sidecar's inbound port, dialled directly by its peer.
+        role: ListenerRole::Sidecar,
         tls: Some(server_config(gateway, PeerPolicy::TrustDomain(td))),
         identify: Arc::new(|_| Peer {
             id: Some(Arc::from(SIDECAR_ID)),
