@@ -80,13 +80,13 @@ impl Lab {
 
     /// A veth pair with one end in `a` and the other in `b`, both up; returns the
     /// interface names (in `a`, in `b`). Deleted with the namespaces.
-    pub fn veth(&self, a: &Namespace, b: &Namespace) -> isthmus_netns::Result<(String, String)> {
-        self.net.veth(a, b)
+    pub fn veth(&self, a: &Namespace, b: &Namespace) -> anyhow::Result<(String, String)> {
+        Ok(self.net.veth(a, b)?)
     }
 
     /// A bridge inside `ns`, up; attach pods to it with [`Lab::attach`].
-    pub fn bridge(&self, ns: &Namespace) -> isthmus_netns::Result<String> {
-        self.net.bridge(ns)
+    pub fn bridge(&self, ns: &Namespace) -> anyhow::Result<String> {
+        Ok(self.net.bridge(ns)?)
     }
 
     /// Connects `pod` to `bridge` (in `bridge_ns`) with a veth pair; returns the
@@ -96,8 +96,8 @@ impl Lab {
         bridge_ns: &Namespace,
         bridge: &str,
         pod: &Namespace,
-    ) -> isthmus_netns::Result<String> {
-        self.net.attach(bridge_ns, bridge, pod, None)
+    ) -> anyhow::Result<String> {
+        Ok(self.net.attach(bridge_ns, bridge, pod, None)?)
     }
 
     /// Takes ownership of a child process: it is killed when the lab drops.
