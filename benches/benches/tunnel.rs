@@ -111,6 +111,7 @@ async fn inbound(gateway: Arc<CredentialStore>, shutdown: watch::Receiver<bool>)
         // The listener's own address: every connection is for the tunnel, as when
         // a peer dials the inbound port directly.
         orig_dst: Arc::new(FixedOrigDst(addr)),
+        role: ListenerRole::Sidecar,
         cfg: InboundConfig {
             connect_timeout,
             detect: DetectConfig::default(),
