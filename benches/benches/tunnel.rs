@@ -98,8 +98,6 @@ async fn inbound(gateway: Arc<CredentialStore>, shutdown: watch::Receiver<bool>)
         Direction::Inbound,
     );
     let handler = Inbound {
-        // A sidecar's inbound port, dialled directly by its peer.
-        role: ListenerRole::Sidecar,
         tls: Some(server_config(gateway, PeerPolicy::TrustDomain(td))),
         identify: Arc::new(|_| Peer {
             id: Some(Arc::from(SIDECAR_ID)),
