@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use isthmus_netns::{Namespace, Net, Options};
+pub use isthmus_vocab::ports::PROXY_UID;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -30,8 +31,6 @@ use nix::unistd::Pid;
 pub const C_IP: &str = "198.18.0.1";
 /// The origin's address.
 pub const O_IP: &str = "198.18.0.2";
-/// The proxy's UID, which the capture exempts.
-pub const PROXY_UID: u32 = 2102;
 /// wrk's connections in the paced latency load, and each one's pause (ms): wrk has
 /// no rate option (wrk2 is not packaged), so 10 connections pausing 10 ms offer
 /// about 1,000 requests per second; the achieved rate is measured and shown.
