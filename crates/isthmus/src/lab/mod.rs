@@ -9,8 +9,9 @@
 //!   when annotated `isthmus.io/inject: disabled`), ClusterIPs, Endpoints, the
 //!   manifests each cluster's proxies watch, kube-proxy's rules, hosts files.
 //!   Pure.
-//! - [`net`]: namespaces, bridges, veth pairs, processes in namespaces, and the
-//!   clean-up (also `isthmus lab down`).
+//! - [`net`]: the run on `isthmus-netns` (namespaces, bridges, veth pairs,
+//!   processes in namespaces), its record, and the clean-up (also `isthmus lab
+//!   down`).
 //! - [`run`]: `isthmus lab up`: identities, topology, gateways, pods (init,
 //!   sidecar, containers), output, the end and its summary.
 //! - [`process`]: starting proxies and containers, their prefixed output, admin
@@ -159,7 +160,7 @@ fn down(args: DownArgs) -> Result<bool> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(NEEDS_ROOT);
     }
-    let swept = net::sweep(args.all)?;
+    let swept = net::sweep(args.all);
     for p in &swept.removed {
         println!("removed lab run {p}");
     }

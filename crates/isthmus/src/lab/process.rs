@@ -3,7 +3,7 @@
 //! queried, and packet captures started and stopped.
 //!
 //! What runs where, and when, is [`super::run`]'s decision; namespaces are
-//! [`super::net`]'s.
+//! [`super::net`]'s, on [`isthmus_netns`].
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use isthmus_netns::Namespace;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -97,7 +98,7 @@ pub fn describe(status: &std::io::Result<ExitStatus>) -> String {
 
 /// Why the proxy in `ns` is not ready yet: `/ready` fails, or a link to one of
 /// `links` is not up (its `gateway_link_up` gauge); `None` when ready.
-pub async fn not_ready(ns: &str, links: &[String]) -> Option<String> {
+pub async fn not_ready(ns: &Namespace, links: &[String]) -> Option<String> {
     if let Err(e) = admin_get(ns, "/ready").await {
         return Some(format!("/ready: {e}"));
     }
@@ -117,9 +118,18 @@ pub async fn not_ready(ns: &str, links: &[String]) -> Option<String> {
 }
 
 /// GET `path` from the admin server of the proxy in `ns`.
-pub async fn admin_get(ns: &str, path: &str) -> Result<String, String> {
+pub async fn admin_get(ns: &Namespace, path: &str) -> Result<String, String> {
     let out = tokio::process::Command::new("ip")
-        .args(["netns", "exec", ns, "curl", "-sS", "--fail", "-m", "2"])
+        .args([
+            "netns",
+            "exec",
+            ns.name(),
+            "curl",
+            "-sS",
+            "--fail",
+            "-m",
+            "2",
+        ])
         .arg(format!("http://127.0.0.1:{ADMIN_PORT}{path}"))
         .stdin(Stdio::null())
         .output()
@@ -150,16 +160,14 @@ pub fn walk_dirs(root: &Path) -> Vec<PathBuf> {
 
 /// Starts tcpdump on `iface` of the lab namespace, writing every packet to
 /// `file` as it comes; returns it once it has written the pcap header.
-pub fn start_capture(lab_ns: &str, iface: &str, file: &Path) -> Result<std::process::Child> {
+pub fn start_capture(lab_ns: &Namespace, iface: &str, file: &Path) -> Result<std::process::Child> {
     let _ = std::fs::remove_file(file);
-    let mut cmd = std::process::Command::new("ip");
-    cmd.args([
-        "netns", "exec", lab_ns, "tcpdump", "-i", iface, "-U", "-s", "0", "-w",
-    ])
-    .arg(file)
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    let mut cmd = lab_ns.command("tcpdump");
+    cmd.args(["-i", iface, "-U", "-s", "0", "-w"])
+        .arg(file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     for _ in 0..100 {
         if std::fs::metadata(file).is_ok_and(|m| m.len() > 0) {

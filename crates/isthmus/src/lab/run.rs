@@ -37,7 +37,9 @@ use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
-use super::net::{Net, in_ns, run_checked, run_with_input};
+use isthmus_netns::{Namespace, run_checked, run_with_input};
+
+use super::net::Net;
 use super::plan::{
     Plan, PodPlan, RELAY_PORT, SERVICES_CHAIN, TUNNEL_PORT, hosts_file, mirrored_routes,
     service_rules,
@@ -221,8 +223,8 @@ struct Lab {
     /// Running containers per pod.
     running: BTreeMap<(usize, usize), usize>,
     failures: Vec<String>,
-    pod_ns: BTreeMap<(usize, usize), String>,
-    gateway_ns: Vec<String>,
+    pod_ns: BTreeMap<(usize, usize), Namespace>,
+    gateway_ns: Vec<Namespace>,
     /// Whether the manifests carry the Links yet.
     links: bool,
     /// Per cluster, the Services its ServiceMirrors made (kube-proxy rejects
@@ -474,32 +476,35 @@ impl Lab {
         let lab = net.namespace("lab")?;
         // The lab namespace joins the bridges but never routes between them: the
         // only way across is through the gateways.
-        run_checked(in_ns(&lab, "sysctl").args(["-q", "-w", "net.ipv4.ip_forward=0"]))?;
-        let wan = net.bridge(&lab, None)?;
+        lab.sysctl(&["net.ipv4.ip_forward=0"])?;
+        let wan = net.bridge_at(&lab, None)?;
         let mut captures = Vec::new();
         if let Some(file) = &self.args.capture_wan {
             captures.push(start_capture(&lab, &wan, file)?);
         }
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
-            let bridge = net.bridge(&lab, Some((c.bridge_ip, 24)))?;
+            let bridge = net.bridge_at(&lab, Some((c.bridge_ip, 24)))?;
             for (_, file) in self.args.capture_cluster.iter().filter(|(n, _)| n == name) {
                 captures.push(start_capture(&lab, &bridge, file)?);
             }
             let gw = net.namespace(&format!("{name}-gateway"))?;
-            net.attach(&lab, &bridge, &gw, "eth0", c.gateway_ip, 24)?;
-            net.attach(&lab, &wan, &gw, "wan0", c.wan_ip, 24)?;
+            net.attach_at(&lab, &bridge, &gw, "eth0", (c.gateway_ip, 24))?;
+            net.attach_at(&lab, &wan, &gw, "wan0", (c.wan_ip, 24))?;
             self.gateway_ns.push(gw);
             for (pi, pod) in c.pods.iter().enumerate() {
                 let ns = net.namespace(&format!("{name}-{}", pod.name))?;
-                net.attach(&lab, &bridge, &ns, "eth0", pod.ip, 24)?;
-                net.route(&ns, SERVICE_RANGE, c.bridge_ip)?;
-                net.write_hosts(&ns, &hosts_file(c, pod, &service_ips[ci]))?;
+                net.attach_at(&lab, &bridge, &ns, "eth0", (pod.ip, 24))?;
+                ns.add_route(SERVICE_RANGE, &c.bridge_ip.to_string())?;
+                ns.write_hosts(&hosts_file(c, pod, &service_ips[ci]))?;
                 if pod.meshed {
-                    run_checked(in_ns(&ns, bin.join("isthmus-init")).args(["--backend", "nft"]))
-                        .with_context(|| {
-                            format!("installing the capture in pod {name}/{}", pod.name)
-                        })?;
+                    run_checked(
+                        ns.command(bin.join("isthmus-init"))
+                            .args(["--backend", "nft"]),
+                    )
+                    .with_context(|| {
+                        format!("installing the capture in pod {name}/{}", pod.name)
+                    })?;
                 }
                 println!(
                     "[{name}] pod {}/{} at {}{} (ip netns exec {ns} ...)",
@@ -528,7 +533,7 @@ impl Lab {
             let Some(ns) = self.pod_ns.get(&(ci, pi)) else {
                 continue;
             };
-            run_with_input(in_ns(ns, "iptables-nft-restore").arg("--noflush"), &rules)
+            run_with_input(ns.command("iptables-nft-restore").arg("--noflush"), &rules)
                 .with_context(|| {
                     format!(
                         "programming the Services of cluster {} in {ns}",
@@ -537,7 +542,7 @@ impl Lab {
                 })?;
             if first {
                 for table in ["nat", "filter"] {
-                    run_checked(in_ns(ns, "iptables-nft").args([
+                    run_checked(ns.command("iptables-nft").args([
                         "-t",
                         table,
                         "-A",
@@ -583,7 +588,7 @@ impl Lab {
             if self.plan.wan_delay_ms > 0 {
                 let mut relay = tokio::process::Command::new("ip");
                 relay
-                    .args(["netns", "exec", gw])
+                    .args(["netns", "exec", gw.name()])
                     .arg(&self.bins.this)
                     .args(["lab", "relay", "--listen"])
                     .arg(format!("{}:{RELAY_PORT}", c.wan_ip))
@@ -632,7 +637,7 @@ impl Lab {
     /// first calls find a warm path. An early exit of a proxy is an error.
     async fn wait_ready(&mut self, all: bool) -> Result<()> {
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        let mut pending: Vec<(String, Vec<String>)> = Vec::new();
+        let mut pending: Vec<(Namespace, Vec<String>)> = Vec::new();
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let links = match all {
                 true => c.spec.links.iter().map(|l| l.to_string()).collect(),
@@ -706,7 +711,7 @@ impl Lab {
                         Workload::Hello(ports) => {
                             for port in ports {
                                 let mut cmd = tokio::process::Command::new("ip");
-                                cmd.args(["netns", "exec", ns])
+                                cmd.args(["netns", "exec", ns.name()])
                                     .arg(&self.bins.this)
                                     .args([
                                         "lab",
@@ -724,7 +729,7 @@ impl Lab {
                         }
                         Workload::Command(argv) => {
                             let mut cmd = tokio::process::Command::new("ip");
-                            cmd.args(["netns", "exec", ns]).args(&argv);
+                            cmd.args(["netns", "exec", ns.name()]).args(&argv);
                             container_env(&mut cmd, pod, &env);
                             started.push((cmd, label, ci, pi));
                         }
