@@ -30,6 +30,23 @@ pub fn id(s: &str) -> SpiffeId {
     SpiffeId::parse(s).unwrap_or_else(|e| panic!("{s:?} is not a SPIFFE ID: {e}"))
 }
 
+/// A SPIFFE ID, or the text of one a test wrote as a constant.
+pub trait ToSpiffeId {
+    fn to_spiffe_id(&self) -> SpiffeId;
+}
+
+impl ToSpiffeId for SpiffeId {
+    fn to_spiffe_id(&self) -> SpiffeId {
+        self.clone()
+    }
+}
+
+impl ToSpiffeId for str {
+    fn to_spiffe_id(&self) -> SpiffeId {
+        id(self)
+    }
+}
+
 /// `n` hours from now.
 pub fn hours(n: u64) -> Validity {
     Validity::from_now(Duration::from_secs(n * 3600))
@@ -118,13 +135,18 @@ impl Pki {
 
     /// A new leaf (new key, new serial) for `id` from the issuer named `key`, valid
     /// for an hour.
-    pub fn leaf(&self, key: &str, id: &SpiffeId) -> LeafBundle {
+    pub fn leaf(&self, key: &str, id: &(impl ToSpiffeId + ?Sized)) -> LeafBundle {
         self.leaf_valid(key, id, hours(1))
     }
 
     /// [`Pki::leaf`] with the validity given.
-    pub fn leaf_valid(&self, key: &str, id: &SpiffeId, validity: Validity) -> LeafBundle {
-        leaf_of(&self.issuer(key), id, validity)
+    pub fn leaf_valid(
+        &self,
+        key: &str,
+        id: &(impl ToSpiffeId + ?Sized),
+        validity: Validity,
+    ) -> LeafBundle {
+        leaf_of(&self.issuer(key), &id.to_spiffe_id(), validity)
     }
 
     fn mint_issuer(&self, cluster: &str) -> Authority {
@@ -146,6 +168,14 @@ impl Pki {
 pub fn leaf_of(issuer: &Authority, id: &SpiffeId, validity: Validity) -> LeafBundle {
     mint::leaf(issuer, id, validity, KeyAlgorithm::default())
         .unwrap_or_else(|e| panic!("minting a leaf for {id}: {e}"))
+}
+
+/// The notAfter of the leaf in the identity directory `dir`, as the proxy loads it.
+pub fn not_after(dir: &std::path::Path) -> SystemTime {
+    let paths = proxy_identity::CredentialPaths::in_dir(dir);
+    proxy_identity::Credentials::load(&paths, SystemTime::now())
+        .unwrap_or_else(|e| panic!("loading the identity in {}: {e}", dir.display()))
+        .not_after()
 }
 
 /// The certificates of a PEM bundle, in order.
