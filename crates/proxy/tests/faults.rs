@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use common::{
     STEP, connect_through, echo, free_port, mint_identity, spawn_standalone, stop_and_show_log,
 };
+use isthmus_test_support::{Metrics, eventually_blocking};
 
 /// Kills the proxy when the test ends, and shows its log on failure.
 struct Proxy {
@@ -152,12 +153,9 @@ impl Proxy {
     }
 }
 
-/// The value of the sample named exactly `name` (no labels), if there is one.
+/// The value of the one sample named exactly `name`, if there is one.
 fn sample(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        let (key, value) = line.rsplit_once(' ')?;
-        (key == name).then(|| value.parse().ok()).flatten()
-    })
+    Metrics::parse(metrics).get(name, &[])
 }
 
 fn services(config: &serde_json::Value) -> Vec<String> {
@@ -177,18 +175,6 @@ fn services(config: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Retries `check` every 50 ms until it answers `Some`, failing after [`STEP`].
-fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + STEP;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what} within {STEP:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A CONNECT tunnel through the proxy to `target` carries one round trip.
 fn carries_traffic(listen: SocketAddr, target: SocketAddr) {
     let mut tunnel = connect_through(listen, target);
@@ -201,7 +187,7 @@ fn carries_traffic(listen: SocketAddr, target: SocketAddr) {
 /// Waits until the failure shows on `/config` and in the metrics; checks the
 /// serving state is the last good one, and returns the error text.
 fn expect_stale(proxy: &Proxy, generation: &serde_json::Value, echo: SocketAddr) -> String {
-    let status = eventually("the failed reload to show on /config", || {
+    let status = eventually_blocking("the failed reload to show on /config", STEP, || {
         let status = proxy.config()["discovery"]["status"].clone();
         (status["stale"] == true).then_some(status)
     });
@@ -227,7 +213,7 @@ fn expect_stale(proxy: &Proxy, generation: &serde_json::Value, echo: SocketAddr)
 
 /// Restores a good directory and waits until it is published and fresh again.
 fn expect_recovered(proxy: &Proxy) -> serde_json::Value {
-    let status = eventually("the repaired directory to be published", || {
+    let status = eventually_blocking("the repaired directory to be published", STEP, || {
         let status = proxy.config()["discovery"]["status"].clone();
         (status["stale"] == false).then_some(status)
     });
@@ -305,7 +291,7 @@ fn a_broken_discovery_directory_keeps_the_last_good_state_and_exports_its_age() 
     eprintln!("deleted directory: {error}");
     std::fs::rename(&aside, &proxy.manifests).unwrap();
     // The same contents as the last good state: serving it again is enough.
-    eventually("the restored directory to clear the failure", || {
+    eventually_blocking("the restored directory to clear the failure", STEP, || {
         let status = proxy.config()["discovery"]["status"].clone();
         (status["stale"] == false).then_some(())
     });
@@ -443,11 +429,16 @@ fn every_fuzzed_manifest_fed_to_a_live_proxy_leaves_it_serving() {
         );
     }
     std::fs::remove_file(&target).unwrap();
-    eventually("the directory without the fuzzed file to serve", || {
-        let config = proxy.config();
-        (config["discovery"]["status"]["stale"] == false && services(&config) == ["default/hello"])
+    eventually_blocking(
+        "the directory without the fuzzed file to serve",
+        STEP,
+        || {
+            let config = proxy.config();
+            (config["discovery"]["status"]["stale"] == false
+                && services(&config) == ["default/hello"])
             .then_some(())
-    });
+        },
+    );
     carries_traffic(proxy.listen, echo);
     let (fds_after, rss_after) = footprint(proxy.child.id());
     eprintln!(

@@ -19,7 +19,9 @@ where
 {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        if let Some(value) = check().await {
+        // A check that hangs fails the test at the deadline, rather than hanging it.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if let Ok(Some(value)) = tokio::time::timeout(left, check()).await {
             return value;
         }
         assert!(
@@ -118,6 +120,12 @@ mod tests {
         let calls = AtomicUsize::new(0);
         assert_eventually!(calls.fetch_add(1, Ordering::SeqCst) == 3, "four calls");
         assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    #[should_panic(expected = "waiting for an answer")]
+    async fn a_check_that_hangs_fails_at_the_deadline() {
+        eventually::<(), _, _>("an answer", Duration::from_secs(1), std::future::pending).await;
     }
 
     #[test]
