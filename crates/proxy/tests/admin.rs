@@ -10,20 +10,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{STEP, free_port, mint_identity, spawn_standalone, stop_and_show_log};
+use common::{STEP, free_port, mint_identity, spawn_standalone};
 
 const MAX: usize = 4;
-
-struct Proxy {
-    child: std::process::Child,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        stop_and_show_log(&mut self.child, &self.log);
-    }
-}
 
 fn ready(admin: SocketAddr) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&admin, STEP) else {
@@ -66,7 +55,7 @@ fn admin_connections_are_bounded_in_number_and_in_silence() {
     let listen = SocketAddr::from((ip, free_port()));
     let admin = SocketAddr::from((ip, free_port()));
     let log = dir.path().join("proxy.log");
-    let child = spawn_standalone(
+    let mut proxy = spawn_standalone(
         &identity,
         &manifests,
         listen,
@@ -79,12 +68,7 @@ fn admin_connections_are_bounded_in_number_and_in_silence() {
         ],
         &log,
     );
-    let _proxy = Proxy { child, log };
-    let deadline = Instant::now() + STEP;
-    while !ready(admin) {
-        assert!(Instant::now() < deadline, "the proxy never became ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    proxy.wait_ready_blocking();
 
     // MAX silent holders take every slot; the next connection is reset at once.
     let mut holders: Vec<TcpStream> = (0..MAX)

@@ -17,27 +17,17 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{
-    STEP, connect_through, echo, free_port, mint_identity, spawn_standalone, stop_and_show_log,
-};
-use isthmus_test_support::{Metrics, eventually_blocking};
+use common::{STEP, connect_through, echo, free_port, mint_identity, spawn_standalone};
+use isthmus_test_support::{Metrics, Proxy, eventually_blocking};
 
-/// Kills the proxy when the test ends, and shows its log on failure.
-struct Proxy {
-    child: Child,
-    log: PathBuf,
+/// The proxy under test and where it listens.
+struct Standalone {
+    process: Proxy,
     listen: SocketAddr,
     admin: SocketAddr,
     manifests: PathBuf,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        stop_and_show_log(&mut self.child, &self.log);
-    }
 }
 
 const SETTINGS: &str = "apiVersion: multicluster.isthmus.io/v1alpha1
@@ -71,7 +61,7 @@ subsets:
     protocol: TCP
 ";
 
-fn start(dir: &Path, extra: &[&str]) -> Proxy {
+fn start(dir: &Path, extra: &[&str]) -> Standalone {
     let identity = dir.join("identity");
     let manifests = dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
@@ -87,10 +77,9 @@ fn start(dir: &Path, extra: &[&str]) -> Proxy {
         flags.extend(["--reload-interval", "100ms"]);
     }
     flags.extend(extra);
-    let child = spawn_standalone(&identity, &manifests, listen, admin, &flags, &log);
-    let proxy = Proxy {
-        child,
-        log,
+    let process = spawn_standalone(&identity, &manifests, listen, admin, &flags, &log);
+    let proxy = Standalone {
+        process,
         listen,
         admin,
         manifests,
@@ -103,7 +92,7 @@ fn start(dir: &Path, extra: &[&str]) -> Proxy {
     proxy
 }
 
-impl Proxy {
+impl Standalone {
     /// `method path` on the admin port: the status (0 when nothing answered) and body.
     fn request(&self, method: &str, path: &str) -> (u16, String) {
         let Ok(mut stream) = TcpStream::connect_timeout(&self.admin, STEP) else {
@@ -149,7 +138,7 @@ impl Proxy {
     }
 
     fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        self.process.running()
     }
 }
 
@@ -186,7 +175,7 @@ fn carries_traffic(listen: SocketAddr, target: SocketAddr) {
 
 /// Waits until the failure shows on `/config` and in the metrics; checks the
 /// serving state is the last good one, and returns the error text.
-fn expect_stale(proxy: &Proxy, generation: &serde_json::Value, echo: SocketAddr) -> String {
+fn expect_stale(proxy: &Standalone, generation: &serde_json::Value, echo: SocketAddr) -> String {
     let status = eventually_blocking("the failed reload to show on /config", STEP, || {
         let status = proxy.config()["discovery"]["status"].clone();
         (status["stale"] == true).then_some(status)
@@ -212,7 +201,7 @@ fn expect_stale(proxy: &Proxy, generation: &serde_json::Value, echo: SocketAddr)
 }
 
 /// Restores a good directory and waits until it is published and fresh again.
-fn expect_recovered(proxy: &Proxy) -> serde_json::Value {
+fn expect_recovered(proxy: &Standalone) -> serde_json::Value {
     let status = eventually_blocking("the repaired directory to be published", STEP, || {
         let status = proxy.config()["discovery"]["status"].clone();
         (status["stale"] == false).then_some(status)
@@ -353,7 +342,7 @@ fn the_admin_port_serves_probes_and_scrapes_and_changes_nothing() {
     assert_eq!(proxy.request("GET", "/ready").0, 200);
     assert_eq!(proxy.config(), before, "/config changed");
     carries_traffic(proxy.listen, echo);
-    let log = std::fs::read_to_string(&proxy.log).unwrap();
+    let log = proxy.process.log_text();
     assert!(
         !log.contains("shutting down"),
         "an admin request started a shutdown:\n{log}"
@@ -387,13 +376,13 @@ fn every_fuzzed_manifest_fed_to_a_live_proxy_leaves_it_serving() {
     let dir = tempfile::tempdir().unwrap();
     let mut proxy = start(dir.path(), &["--reload-interval", "10ms"]);
     let echo = echo();
-    let (fds_before, rss_before) = footprint(proxy.child.id());
+    let (fds_before, rss_before) = footprint(proxy.process.pid());
     let target = proxy.manifests.join("fuzzed.yaml");
     let (mut published, mut refused, mut unnoticed) = (0, 0, 0);
     let started = Instant::now();
     for input in &inputs {
         assert!(started.elapsed() < STEP * 12, "the corpus took too long");
-        let status = |p: &Proxy| {
+        let status = |p: &Standalone| {
             let status = p.config()["discovery"]["status"].clone();
             (
                 status["generation"].clone(),
@@ -425,7 +414,7 @@ fn every_fuzzed_manifest_fed_to_a_live_proxy_leaves_it_serving() {
             proxy.running(),
             "the proxy died on {}:\n{}",
             input.display(),
-            std::fs::read_to_string(&proxy.log).unwrap_or_default()
+            proxy.process.log_text()
         );
     }
     std::fs::remove_file(&target).unwrap();
@@ -440,7 +429,7 @@ fn every_fuzzed_manifest_fed_to_a_live_proxy_leaves_it_serving() {
         },
     );
     carries_traffic(proxy.listen, echo);
-    let (fds_after, rss_after) = footprint(proxy.child.id());
+    let (fds_after, rss_after) = footprint(proxy.process.pid());
     eprintln!(
         "FIGURE hostile_manifests = {} fuzzed manifests fed to a live proxy: {published} published, \
          {refused} refused, {unnoticed} unchanged; 0 crashes; descriptors {fds_before} -> \
