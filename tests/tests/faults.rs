@@ -22,6 +22,7 @@
 //! only generous upper bounds are asserted. Needs root, like every test here.
 #![allow(clippy::unwrap_used)]
 
+use isthmus_test_support::{Metrics, eventually_blocking};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -654,19 +655,15 @@ impl Gateways {
     }
 
     fn link_up_metric(&self) -> Option<f64> {
-        let metrics = self.admin_b("/metrics");
-        metrics.lines().find_map(|l| {
-            l.strip_prefix("gateway_link_up{cluster=\"cluster-a\"} ")
-                .and_then(|v| v.trim().parse().ok())
-        })
+        let response = self.admin_b("/metrics");
+        let (_, body) = response.split_once("\r\n\r\n")?;
+        Metrics::parse(body).get("gateway_link_up", &[r#"cluster="cluster-a""#])
     }
 
+    /// Waits until `ok` holds, within `limit`; how long that took.
     fn eventually(&self, what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
         let started = Instant::now();
-        while !ok() {
-            assert!(started.elapsed() < limit, "{what} within {limit:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually_blocking(what, limit, || ok().then_some(()));
         started.elapsed()
     }
 
