@@ -469,12 +469,11 @@ mod tests {
         );
         let rollover = pki.add_issuer("cluster-a-new", "cluster-a");
         assert_ne!(rollover.ca.cert_pem, pki.issuer("cluster-a").ca.cert_pem);
+        // The first certificate alone is the leaf.
+        assert_eq!(certs(&first_pem(&leaf.cert_chain_pem)).len(), 1);
         assert_eq!(
-            first_pem(&leaf.cert_chain_pem),
-            certs(&leaf.cert_chain_pem)
-                .first()
-                .map(|_| first_pem(&leaf.cert_chain_pem))
-                .unwrap()
+            certs(&first_pem(&leaf.cert_chain_pem)),
+            certs(&leaf.cert_chain_pem)[..1]
         );
     }
 }
