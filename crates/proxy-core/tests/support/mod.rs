@@ -93,10 +93,12 @@ impl Pki {
     pub fn identity(&self, cluster: &str, spiffe: &str) -> Identity {
         let mut issuers = self.issuers.lock().unwrap();
         let issuer = issuers.entry(cluster.to_owned()).or_insert_with(|| {
+            // Shorter than the anchor's: an issuer minted seconds later must not
+            // outlive it, which the mint refuses.
             mint::issuer(
                 &self.anchor,
                 cluster,
-                Validity::from_now(Duration::from_secs(3600)),
+                Validity::from_now(Duration::from_secs(3000)),
                 KeyAlgorithm::default(),
             )
             .unwrap()
@@ -785,6 +787,7 @@ pub fn inbound(
         Direction::Inbound,
     );
     Inbound {
+        role: proxy_core::inbound::ListenerRole::Sidecar,
         tls: Some(identity.server_config(identity.own_cluster_policy())),
         identify: identity.identify(),
         handshake_failed: Arc::new(|_, _| "refused"),
