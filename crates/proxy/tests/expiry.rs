@@ -12,24 +12,18 @@
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use isthmus_test_support::pki::{certs, not_after, private_key, short_lived};
+use isthmus_test_support::pki::{
+    AcceptAnything, certs, client_builder_with, not_after, private_key, short_lived,
+};
 use isthmus_test_support::proxy::{free_addr, get_blocking};
 use isthmus_test_support::{Metrics, Pki, Presented, Proxy, STEP, eventually_blocking};
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link};
-use proxy_identity::crypto_provider;
 use proxy_identity::mint::LeafBundle;
-use proxy_identity::rustls::client::danger::{
-    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
-};
-use proxy_identity::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use proxy_identity::rustls::{
-    self, ClientConfig, ClientConnection, DigitallySignedStruct, ServerConfig, ServerConnection,
-    SignatureScheme,
-};
+use proxy_identity::rustls::pki_types::ServerName;
+use proxy_identity::rustls::{ClientConnection, ServerConfig, ServerConnection};
 
 /// How long the short leaf lives after it is minted: the gateway must start and be
 /// seen presenting it first.
@@ -45,55 +39,11 @@ struct Seen {
     presented: bool,
 }
 
-/// Records whether a server presented a certificate; accepts anything, as only
-/// the count matters here.
-#[derive(Debug, Default)]
-struct ServerCertCounter(AtomicBool);
-
-impl ServerCertVerifier for ServerCertCounter {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0.store(true, Ordering::SeqCst);
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        crypto_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// One handshake with the gateway's tunnel listener as a client presenting
 /// `client` (a valid peer identity): did the gateway present a certificate?
 fn handshake_as_client(addr: SocketAddr, client: &LeafBundle) -> Seen {
-    let counter = Arc::new(ServerCertCounter::default());
-    let mut config = ClientConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(counter.clone())
+    let counter = Arc::new(AcceptAnything::default());
+    let mut config = client_builder_with(counter.clone())
         .with_client_auth_cert(certs(&client.cert_chain_pem), private_key(&client.key_pem))
         .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec()];
@@ -109,7 +59,7 @@ fn handshake_as_client(addr: SocketAddr, client: &LeafBundle) -> Seen {
     }
     Seen {
         at,
-        presented: counter.0.load(Ordering::SeqCst),
+        presented: counter.server_certs_seen() > 0,
     }
 }
 

@@ -19,9 +19,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use isthmus_test_support::echo::Echo;
 use isthmus_test_support::proxy::free_addr;
 use isthmus_test_support::{Pki, Proxy, STEP, eventually};
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, service};
@@ -32,7 +32,7 @@ use proxy_identity::mint::{self, LeafBundle};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy, SpiffeId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
@@ -172,38 +172,6 @@ impl Gateway {
 
     async fn metrics(&self) -> String {
         self.proxy().metrics().await
-    }
-}
-
-/// A TCP echo server that counts the connections it accepts.
-struct Echo {
-    addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-}
-
-impl Echo {
-    async fn start(ip: IpAddr) -> Echo {
-        let listener = TcpListener::bind((ip, 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let (mut rd, mut wr) = stream.split();
-                    // Echo until the client half-closes, then half-close back.
-                    if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
-                        let _ = wr.shutdown().await;
-                    }
-                });
-            }
-        });
-        Echo { addr, accepted }
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`eventually`]: bounded retries instead of sleeps: [`eventually()`] and
 //!   [`eventually_blocking`] return what a check found, [`assert_eventually!`] waits
 //!   for a condition.
+//! - [`echo`]: [`echo::Echo`], an echo origin that counts what reaches it.
 //! - [`metrics`]: [`Metrics`], the admin server's OpenMetrics text parsed once, and
 //!   matched by name and labels.
 //! - [`pki`]: [`Pki`], a trust anchor with an issuer per cluster minted at test time
@@ -21,6 +22,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod echo;
 pub mod eventually;
 pub mod metrics;
 pub mod pki;

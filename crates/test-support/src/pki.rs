@@ -6,6 +6,7 @@
 //! Nothing is checked in: every run mints its own, so nothing expires in the tree.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -329,7 +330,7 @@ impl Presented {
     /// certificate without requiring one and takes any, so a client that withholds
     /// its certificate still completes the handshake.
     pub fn server_config(&self) -> Arc<ServerConfig> {
-        self.server(server_builder().with_client_cert_verifier(Arc::new(AcceptAnything)))
+        self.server(server_builder().with_client_cert_verifier(Arc::new(AcceptAnything::default())))
     }
 
     /// A server config presenting this chain as is and asking for no client
@@ -351,11 +352,18 @@ impl Presented {
 }
 
 fn client_builder() -> rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert> {
+    client_builder_with(Arc::new(AcceptAnything::default()))
+}
+
+/// A TLS 1.3 client config builder that verifies the server with `verifier`.
+pub fn client_builder_with(
+    verifier: Arc<AcceptAnything>,
+) -> rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert> {
     ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnything))
+        .with_custom_certificate_verifier(verifier)
 }
 
 fn server_builder() -> rustls::ConfigBuilder<ServerConfig, rustls::WantsVerifier> {
@@ -371,9 +379,18 @@ fn h2(mut config: ClientConfig) -> Arc<ClientConfig> {
 
 /// Verifies nothing, either way: a peer that takes whatever it is shown. Its
 /// signature checks pass too, so what a test learns is what the proxy presented,
-/// never whether this side liked it.
-#[derive(Debug)]
-pub struct AcceptAnything;
+/// never whether this side liked it. It counts the server certificates it was shown.
+#[derive(Debug, Default)]
+pub struct AcceptAnything {
+    server_certs: AtomicUsize,
+}
+
+impl AcceptAnything {
+    /// How many server certificates handshakes through it were shown.
+    pub fn server_certs_seen(&self) -> usize {
+        self.server_certs.load(Ordering::SeqCst)
+    }
+}
 
 impl ServerCertVerifier for AcceptAnything {
     fn verify_server_cert(
@@ -384,6 +401,7 @@ impl ServerCertVerifier for AcceptAnything {
         _: &[u8],
         _: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        self.server_certs.fetch_add(1, Ordering::SeqCst);
         Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(

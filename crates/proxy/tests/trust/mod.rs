@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+pub use isthmus_test_support::echo::Echo;
 pub use isthmus_test_support::pki::{
     Pki, Presented, certs, first_pem, forge, forged_ca, forged_leaf, id, impostor_ca,
 };
@@ -124,37 +125,6 @@ async fn attempt_inner(
     }
 }
 
-/// An echo origin on `ip` that counts the connections it accepts.
-pub struct Echo {
-    pub addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-}
-
-impl Echo {
-    pub async fn start(ip: IpAddr) -> Echo {
-        let listener = TcpListener::bind((ip, 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let (mut rd, mut wr) = stream.split();
-                    if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
-                        let _ = wr.shutdown().await;
-                    }
-                });
-            }
-        });
-        Echo { addr, accepted }
-    }
-
-    pub fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-}
-
 /// A TLS listener that presents `who` to anyone and counts the handshakes begun and
 /// the application bytes that arrive after a finished one: a mesh peer with the
 /// wrong identity, waiting to see whether a proxy talks to it.
@@ -208,48 +178,13 @@ impl FakePeer {
 
 /// `ClusterSettings` for `cluster` whose gateway (holding [`GATEWAY_ID`]) is `gateway`.
 pub fn settings(cluster: &str, gateway: SocketAddr) -> String {
-    format!(
-        "apiVersion: multicluster.isthmus.io/v1alpha1
-kind: ClusterSettings
-metadata:
-  name: {cluster}
-  namespace: {NAMESPACE}
-spec:
-  clusterName: {cluster}
-  trustDomain: cluster.local
-  gateway:
-    address: '{ip}'
-    port: {port}
-    identity: {GATEWAY_ID}
-",
-        ip = gateway.ip(),
-        port = gateway.port(),
-    )
+    isthmus_tests::multicluster::settings_in(NAMESPACE, cluster, gateway, GATEWAY_ID)
 }
 
 /// A Link to `target`'s gateway at `gateway` (holding [`GATEWAY_ID`]), probed on
 /// `/ready` at `admin`.
 pub fn link(target: &str, gateway: SocketAddr, admin: SocketAddr) -> String {
-    format!(
-        "apiVersion: multicluster.isthmus.io/v1alpha1
-kind: Link
-metadata:
-  name: {target}
-  namespace: {NAMESPACE}
-spec:
-  targetClusterName: {target}
-  gatewayAddress: '{ip}'
-  gatewayPort: {port}
-  gatewayIdentity: {GATEWAY_ID}
-  probeSpec:
-    path: /ready
-    port: {probe}
-    period: 1s
-",
-        ip = gateway.ip(),
-        port = gateway.port(),
-        probe = admin.port(),
-    )
+    isthmus_tests::multicluster::link_in(NAMESPACE, target, gateway, GATEWAY_ID, admin)
 }
 
 /// Starts `isthmus-proxy <role> --cluster <cluster>` with `identity` and
