@@ -16,6 +16,7 @@
 //! `tests/`), and throughput (the benches).
 #![allow(clippy::unwrap_used)]
 
+use isthmus_tests::peer::test_peer;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,11 +26,10 @@ use isthmus_test_support::echo::Echo;
 use isthmus_test_support::proxy::free_addr;
 use isthmus_test_support::{Pki, Proxy, STEP, eventually};
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, service};
-use proxy_core::pool::{LinkState, PeerConfig, Pool, PoolError};
+use proxy_core::pool::{LinkState, Pool, PoolError};
 use proxy_core::route::{Authority, ClusterName};
-use proxy_core::tunnel::{H2Settings, Refusal};
+use proxy_core::tunnel::Refusal;
 use proxy_identity::mint::{self, LeafBundle};
-use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy, SpiffeId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -44,9 +44,6 @@ const GATEWAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(6);
 const FAIL_FAST_BOUND: Duration = Duration::from_secs(3);
 /// `--shutdown-grace` of the gateways.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
-/// Reconnect backoff of the test clients' pools.
-const CLIENT_BACKOFF_MIN: Duration = Duration::from_millis(50);
-const CLIENT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// `--tunnel-connections` of the gateways: the link's pool size.
 const LINK_CONNECTIONS: usize = 2;
 
@@ -190,19 +187,13 @@ impl Client {
     fn new(store: Arc<CredentialStore>, gateway: SocketAddr, expect: SpiffeId) -> Client {
         let (stop, stopped) = watch::channel(false);
         let pool = Pool::spawn(
-            PeerConfig {
-                name: Arc::from(format!("test/{gateway}")),
-                addr: gateway,
-                server_name: ServerName::IpAddress(gateway.ip().into()),
-                tls: proxy_identity::client_config(store, PeerPolicy::Exact(expect)),
-                connect_timeout: STEP,
-                connections: 2,
-                h2: H2Settings::default(),
-                backoff_min: CLIENT_BACKOFF_MIN,
-                backoff_max: CLIENT_BACKOFF_MAX,
-                handshake_failed: None,
-                deadline: None,
-            },
+            test_peer(
+                &format!("test/{gateway}"),
+                gateway,
+                proxy_identity::client_config(store, PeerPolicy::Exact(expect)),
+                2,
+                STEP,
+            ),
             stopped,
         );
         Client { pool, _stop: stop }
@@ -687,7 +678,7 @@ async fn refusals_are_prompt_and_reach_nothing() {
     tokio::time::sleep(WINDOW).await;
     let after = handshake_refusals().await.unwrap();
     let retries = after - before;
-    let per_slot_bound = WINDOW.as_millis() / CLIENT_BACKOFF_MAX.as_millis() + 4;
+    let per_slot_bound = WINDOW.as_millis() / isthmus_tests::peer::BACKOFF_MAX.as_millis() + 4;
     eprintln!(
         "gateway-b refused {after} handshakes of the foreign client, {retries} in the last {WINDOW:?}"
     );

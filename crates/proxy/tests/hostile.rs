@@ -14,6 +14,7 @@
 
 mod common;
 
+use isthmus_tests::peer::test_peer;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -26,9 +27,8 @@ use isthmus_tests::multicluster::{self, NAMESPACE};
 use isthmus_tests::pod;
 use isthmus_tests::tcp::{closed_within, read_response};
 use isthmus_tests::tls_probe::{probe_config, tls_error};
-use proxy_core::pool::{PeerConfig, Pool};
+use proxy_core::pool::Pool;
 use proxy_core::route::{Authority, ClusterName};
-use proxy_core::tunnel::H2Settings;
 use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
@@ -257,19 +257,13 @@ impl Bystander {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let pool = runtime.block_on(async {
             Pool::spawn(
-                PeerConfig {
-                    name: Arc::from("bystander"),
-                    addr: gateway,
-                    server_name: ServerName::IpAddress(gateway.ip().into()),
-                    tls: proxy_identity::client_config(store, PeerPolicy::Exact(gateway_id())),
-                    connect_timeout: STEP,
-                    connections: 1,
-                    h2: H2Settings::default(),
-                    backoff_min: Duration::from_millis(50),
-                    backoff_max: Duration::from_millis(500),
-                    handshake_failed: None,
-                    deadline: None,
-                },
+                test_peer(
+                    "bystander",
+                    gateway,
+                    proxy_identity::client_config(store, PeerPolicy::Exact(gateway_id())),
+                    1,
+                    STEP,
+                ),
                 stopped,
             )
         });

@@ -10,6 +10,7 @@
 //!   connection end at notAfter.
 #![allow(clippy::unwrap_used)]
 
+use isthmus_tests::peer::test_peer;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -21,10 +22,9 @@ use isthmus_test_support::{Pki, Presented, Proxy, STEP, eventually_blocking};
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link};
 use proxy_core::pool::{Pool, PoolError};
 use proxy_core::route::Authority;
-use proxy_core::tunnel::{H2Settings, Refusal};
+use proxy_core::tunnel::Refusal;
 use proxy_identity::mint::LeafBundle;
 use proxy_identity::rustls::ServerConfig;
-use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 
 /// The short leaf's life after it is minted: the gateway must start first.
@@ -104,22 +104,13 @@ fn a_client_whose_leaf_expired_gets_no_stream_on_its_pooled_connection() {
     let authority = Authority::parse("nowhere.default.svc.cluster.local:80").unwrap();
     let (before, after) = rt.block_on(async {
         let pool = Pool::spawn(
-            proxy_core::pool::PeerConfig {
-                name: Arc::from("test/gateway-a"),
-                addr: inbound,
-                server_name: ServerName::IpAddress(inbound.ip().into()),
-                tls: proxy_identity::client_config(
-                    store,
-                    PeerPolicy::Exact(gateway_id("cluster-a")),
-                ),
-                connect_timeout: STEP,
-                connections: 1,
-                h2: H2Settings::default(),
-                backoff_min: Duration::from_millis(50),
-                backoff_max: Duration::from_millis(500),
-                handshake_failed: None,
-                deadline: None,
-            },
+            test_peer(
+                "test/gateway-a",
+                inbound,
+                proxy_identity::client_config(store, PeerPolicy::Exact(gateway_id("cluster-a"))),
+                1,
+                STEP,
+            ),
             stopped,
         );
         // Served before notAfter: the gateway's handler answers `no_route`.
