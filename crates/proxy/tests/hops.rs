@@ -326,7 +326,7 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
         (
             "pod sidecar <- leaf signed by the anchor",
             pod_tunnel,
-            Presented::of(&forged_leaf(&pki.anchor(), GATEWAY_ID)),
+            Presented::of(&forged_leaf(pki.anchor(), GATEWAY_ID)),
             &to_app,
             vec![],
         ),
@@ -454,13 +454,13 @@ async fn a_proxy_does_not_start_with_a_leaf_outside_its_cluster() {
         (
             "gateway",
             "signed by the anchor",
-            forged_leaf(&pki.anchor(), GATEWAY_ID),
+            forged_leaf(pki.anchor(), GATEWAY_ID),
             "by no cluster's issuer",
         ),
         (
             "standalone",
             "signed by the anchor",
-            forged_leaf(&pki.anchor(), WORKLOAD_ID),
+            forged_leaf(pki.anchor(), WORKLOAD_ID),
             "by no cluster's issuer",
         ),
     ];

@@ -206,7 +206,7 @@ async fn only_leaves_of_the_gateways_own_issuers_are_relayed() {
     let real_b_leaf_pem = first_pem(&b_old.cert_chain_pem);
     // Forged: a leaf of the anchor itself, CAs under issuers (the issuers' path
     // length forbids them), a self-signed CA wearing cluster-b's issuer name.
-    let by_anchor = forged_leaf(&pki.anchor(), WORKLOAD_ID);
+    let by_anchor = forged_leaf(pki.anchor(), WORKLOAD_ID);
     let sub_of_b = forged_ca(&pki.issuer("cluster-b"), "cluster-b", Some(0));
     let under_sub_of_b = forged_leaf(&sub_of_b, WORKLOAD_ID);
     let sub_of_a = forged_ca(&pki.issuer("cluster-a"), "cluster-b", Some(0));
