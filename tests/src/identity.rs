@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use proxy_identity::SpiffeId;
-use proxy_identity::mint::{self, Authority, KeyAlgorithm, Validity};
+use isthmus_vocab::SpiffeId;
+use proxy_identity::mint::{self, CertificateAuthority, KeyAlgorithm, Validity};
 
 /// The cluster every pod identity is issued for.
 pub const CLUSTER: &str = "cluster-b";
@@ -25,7 +25,7 @@ pub fn mint_leaf(
     anchor: &str,
     id: &str,
     validity: Validity,
-) -> anyhow::Result<Authority> {
+) -> anyhow::Result<CertificateAuthority> {
     let anchor = mint::trust_anchor(anchor, validity, KeyAlgorithm::EcdsaP256)
         .with_context(|| format!("minting the trust anchor {anchor:?}"))?;
     let issuer = mint::issuer(&anchor, CLUSTER, validity, KeyAlgorithm::EcdsaP256)

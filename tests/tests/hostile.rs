@@ -27,7 +27,7 @@ use isthmus_tests::identity;
 use isthmus_tests::pod::{self, PodOptions, SidecarPod};
 use isthmus_tests::tcp::{self, WAIT, closed_within, read_response};
 use isthmus_tests::tls_probe::{probe_config, tls_error};
-use proxy_identity::SpiffeId;
+use isthmus_vocab::SpiffeId;
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
@@ -40,7 +40,7 @@ const ORIGIN_PORT: u16 = 8080;
 /// leaves) and what only this suite checks.
 struct Sidecar {
     fixture: SidecarPod,
-    issuer: mint::Authority,
+    issuer: mint::CertificateAuthority,
     validity: Validity,
 }
 

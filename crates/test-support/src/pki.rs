@@ -10,7 +10,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use proxy_identity::mint::{self, Authority, KeyAlgorithm, LeafBundle, Minted, Validity};
+use isthmus_vocab::SpiffeId;
+use proxy_identity::crypto_provider;
+use proxy_identity::mint::{
+    self, CertificateAuthority, KeyAlgorithm, LeafBundle, Minted, Validity,
+};
 use proxy_identity::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
 };
@@ -20,7 +24,6 @@ use proxy_identity::rustls::server::danger::{ClientCertVerified, ClientCertVerif
 use proxy_identity::rustls::{
     self, ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
 };
-use proxy_identity::{SpiffeId, crypto_provider};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -97,8 +100,8 @@ pub fn short_lived(lifetime: Duration) -> Validity {
 /// hours ago for a day, so that leaves expired hours ago can still be minted under
 /// them; leaves are valid for an hour unless the test says otherwise.
 pub struct Pki {
-    anchor: Authority,
-    issuers: Mutex<HashMap<String, Authority>>,
+    anchor: CertificateAuthority,
+    issuers: Mutex<HashMap<String, CertificateAuthority>>,
 }
 
 impl Pki {
@@ -113,12 +116,12 @@ impl Pki {
     }
 
     /// The trust anchor every issuer of this PKI chains to.
-    pub fn anchor(&self) -> &Authority {
+    pub fn anchor(&self) -> &CertificateAuthority {
         &self.anchor
     }
 
     /// Adds (or replaces) the issuer named `key`, issued for `cluster`.
-    pub fn add_issuer(&self, key: &str, cluster: &str) -> Authority {
+    pub fn add_issuer(&self, key: &str, cluster: &str) -> CertificateAuthority {
         let issuer = self.mint_issuer(cluster);
         self.lock().insert(key.to_owned(), issuer.clone());
         issuer
@@ -126,7 +129,7 @@ impl Pki {
 
     /// The issuer named `key`; for a name never added, a new issuer of the cluster
     /// of that name.
-    pub fn issuer(&self, key: &str) -> Authority {
+    pub fn issuer(&self, key: &str) -> CertificateAuthority {
         // A panic while holding the lock cannot leave the map half-written.
         self.lock()
             .entry(key.to_owned())
@@ -150,7 +153,7 @@ impl Pki {
         leaf_of(&self.issuer(key), &id.to_spiffe_id(), validity)
     }
 
-    fn mint_issuer(&self, cluster: &str) -> Authority {
+    fn mint_issuer(&self, cluster: &str) -> CertificateAuthority {
         mint::issuer(
             &self.anchor,
             cluster,
@@ -160,13 +163,13 @@ impl Pki {
         .unwrap_or_else(|e| panic!("minting the issuer of {cluster}: {e}"))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Authority>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CertificateAuthority>> {
         self.issuers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 /// A leaf for `id` under `issuer`, whichever PKI it belongs to.
-pub fn leaf_of(issuer: &Authority, id: &SpiffeId, validity: Validity) -> LeafBundle {
+pub fn leaf_of(issuer: &CertificateAuthority, id: &SpiffeId, validity: Validity) -> LeafBundle {
     mint::leaf(issuer, id, validity, KeyAlgorithm::default())
         .unwrap_or_else(|e| panic!("minting a leaf for {id}: {e}"))
 }
@@ -200,7 +203,7 @@ pub fn first_pem(pem: &str) -> String {
 }
 
 /// Signs `params` with `ca`'s key: a certificate the mint would refuse to make.
-pub fn forge(ca: &Authority, params: CertificateParams) -> Minted {
+pub fn forge(ca: &CertificateAuthority, params: CertificateParams) -> Minted {
     let ca_key = KeyPair::from_pem(&ca.ca.key_pem).unwrap();
     let issuer = Issuer::from_ca_cert_pem(&ca.ca.cert_pem, ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
@@ -212,7 +215,11 @@ pub fn forge(ca: &Authority, params: CertificateParams) -> Minted {
 }
 
 /// A CA under `parent` whose subject holds `unit` as its OU.
-pub fn forged_ca(parent: &Authority, unit: &str, path_len: Option<u8>) -> Authority {
+pub fn forged_ca(
+    parent: &CertificateAuthority,
+    unit: &str,
+    path_len: Option<u8>,
+) -> CertificateAuthority {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params
@@ -228,7 +235,7 @@ pub fn forged_ca(parent: &Authority, unit: &str, path_len: Option<u8>) -> Author
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params.use_authority_key_identifier_extension = true;
     let ca = forge(parent, params);
-    Authority {
+    CertificateAuthority {
         chain_pem: format!("{}{}", ca.cert_pem, parent.chain_pem),
         ca,
         anchors_pem: parent.anchors_pem.clone(),
@@ -236,7 +243,7 @@ pub fn forged_ca(parent: &Authority, unit: &str, path_len: Option<u8>) -> Author
 }
 
 /// A self-signed CA copying a cluster issuer's subject, with its own key.
-pub fn impostor_ca(cluster: &str) -> Authority {
+pub fn impostor_ca(cluster: &str) -> CertificateAuthority {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params
@@ -252,7 +259,7 @@ pub fn impostor_ca(cluster: &str) -> Authority {
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let key = KeyPair::generate().unwrap();
     let cert = params.self_signed(&key).unwrap();
-    Authority {
+    CertificateAuthority {
         chain_pem: cert.pem(),
         anchors_pem: cert.pem(),
         ca: Minted {
@@ -263,7 +270,7 @@ pub fn impostor_ca(cluster: &str) -> Authority {
 }
 
 /// A leaf for `spiffe` signed by `ca` whatever `ca` is (an anchor included).
-pub fn forged_leaf(ca: &Authority, spiffe: &str) -> LeafBundle {
+pub fn forged_leaf(ca: &CertificateAuthority, spiffe: &str) -> LeafBundle {
     let mut params = CertificateParams::default();
     params.subject_alt_names = vec![SanType::URI(spiffe.try_into().unwrap())];
     params.is_ca = IsCa::ExplicitNoCa;

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 pub use isthmus_test_support::pki::{expired, future, hours, id, window};
 use isthmus_test_support::{Pki as Mint, Presented};
-use proxy_identity::mint::{Authority, LeafBundle, Validity};
+use isthmus_vocab::SpiffeId;
+use proxy_identity::mint::{CertificateAuthority, LeafBundle, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::rustls::{ClientConfig, ServerConfig};
-use proxy_identity::{CredentialPaths, CredentialStore, SpiffeId};
+use proxy_identity::{CredentialPaths, CredentialStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
@@ -40,9 +41,9 @@ pub fn frontend_id() -> SpiffeId {
 
 /// One trust anchor and an issuer per cluster.
 pub struct Pki {
-    pub anchor: Authority,
-    pub cluster_a: Authority,
-    pub cluster_b: Authority,
+    pub anchor: CertificateAuthority,
+    pub cluster_a: CertificateAuthority,
+    pub cluster_b: CertificateAuthority,
 }
 
 /// CAs valid from hours ago, so that expired leaves can be minted under them.
@@ -55,11 +56,11 @@ pub fn pki() -> Pki {
     }
 }
 
-pub fn leaf(issuer: &Authority, id: &SpiffeId) -> LeafBundle {
+pub fn leaf(issuer: &CertificateAuthority, id: &SpiffeId) -> LeafBundle {
     leaf_with(issuer, id, hours(1))
 }
 
-pub fn leaf_with(issuer: &Authority, id: &SpiffeId, validity: Validity) -> LeafBundle {
+pub fn leaf_with(issuer: &CertificateAuthority, id: &SpiffeId, validity: Validity) -> LeafBundle {
     isthmus_test_support::pki::leaf_of(issuer, id, validity)
 }
 

@@ -20,7 +20,7 @@ pub use isthmus_test_support::pki::{
 };
 pub use isthmus_test_support::proxy::{free_addr, http_get};
 pub use isthmus_test_support::{Proxy, STEP, eventually};
-use proxy_core::tunnel::{CLUSTER_HEADER, REFUSAL_HEADER};
+use isthmus_vocab::{CLUSTER_HEADER, REFUSAL_HEADER};
 use proxy_identity::mint::LeafBundle;
 use proxy_identity::rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
