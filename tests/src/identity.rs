@@ -1,19 +1,17 @@
 //! Identities for the pods the end-to-end tests start: a fresh trust anchor, a
 //! cluster issuer under it and one workload leaf, written where a sidecar reads them.
 //!
-//! [`Pki`] mints leaves of several clusters under one anchor, for the gateway
-//! tests. Certificates are minted at test time with `proxy_identity::mint` and
+//! [`Pki`] (from the test-support crate) mints leaves of several clusters under one
+//! anchor, for the gateway tests. Certificates are minted at test time with `proxy_identity::mint` and
 //! never checked in. This module does not hand files to the proxy UID (see
 //! [`crate::pod::prepare_dirs`]).
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use isthmus_vocab::SpiffeId;
-use proxy_identity::mint::{self, CertificateAuthority, KeyAlgorithm, LeafBundle, Validity};
+use proxy_identity::mint::{self, CertificateAuthority, KeyAlgorithm, Validity};
 
 /// The cluster every pod identity is issued for.
 pub const CLUSTER: &str = "cluster-b";
@@ -52,58 +50,5 @@ pub fn mint_pod(dir: &Path, anchor: &str) -> anyhow::Result<()> {
     .map(drop)
 }
 
-/// One trust anchor and an issuer per cluster, as `isthmus identity` makes them,
-/// valid for an hour from creation.
-pub struct Pki {
-    validity: Validity,
-    anchor: CertificateAuthority,
-    issuers: Mutex<HashMap<String, CertificateAuthority>>,
-}
-
-impl Pki {
-    /// A new trust anchor named `anchor`.
-    ///
-    /// # Panics
-    ///
-    /// When minting fails (the crypto provider refuses the key algorithm).
-    pub fn new(anchor: &str) -> Pki {
-        let validity = Validity::from_now(Duration::from_secs(3600));
-        let anchor = mint::trust_anchor(anchor, validity, KeyAlgorithm::EcdsaP256)
-            .unwrap_or_else(|e| panic!("minting the trust anchor {anchor:?}: {e}"));
-        Pki {
-            validity,
-            anchor,
-            issuers: Mutex::default(),
-        }
-    }
-
-    /// The trust anchor every issuer of this PKI chains to.
-    pub fn anchor(&self) -> &CertificateAuthority {
-        &self.anchor
-    }
-
-    /// A new leaf (new key, new serial) for `id` from `cluster`'s issuer, minted
-    /// on first use.
-    ///
-    /// # Panics
-    ///
-    /// When minting fails, naming the cluster and the ID.
-    pub fn leaf(&self, cluster: &str, id: &SpiffeId) -> LeafBundle {
-        // A panic while holding the lock cannot leave the map half-written.
-        let mut issuers = self
-            .issuers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let issuer = issuers.entry(cluster.to_owned()).or_insert_with(|| {
-            mint::issuer(
-                &self.anchor,
-                cluster,
-                self.validity,
-                KeyAlgorithm::EcdsaP256,
-            )
-            .unwrap_or_else(|e| panic!("minting the issuer of {cluster}: {e}"))
-        });
-        mint::leaf(issuer, id, self.validity, KeyAlgorithm::EcdsaP256)
-            .unwrap_or_else(|e| panic!("minting a leaf for {id} in {cluster}: {e}"))
-    }
-}
+/// One trust anchor and an issuer per cluster, as `isthmus identity` makes them.
+pub use isthmus_test_support::Pki;

@@ -13,6 +13,7 @@
 //! - [`multicluster`]: cluster settings, Link and Service manifests for gateways.
 //! - [`figure`]: `FIGURE name = value` lines for what tests measure.
 //! - [`tls_probe`]: a raw TLS client config for probing a mesh port's TLS policy.
+//! - [`peer`]: the pool configuration of a test client of a mesh port.
 //! - [`pod`]: one pod with the real capture and sidecar, and a server namespace,
 //!   for the fault and load tests; process probes (RSS, descriptors, limits).
 //!
@@ -26,6 +27,7 @@ pub mod figure;
 pub mod identity;
 pub mod multicluster;
 pub mod netns;
+pub mod peer;
 pub mod pod;
 pub mod tcp;
 pub mod tls_probe;

@@ -27,40 +27,67 @@ pub fn gateway_id(cluster: &str) -> SpiffeId {
 
 /// `ClusterSettings` for `cluster`, whose gateway listens at `gateway`.
 pub fn cluster_settings(cluster: &str, gateway: SocketAddr) -> String {
+    settings_in(
+        NAMESPACE,
+        cluster,
+        gateway,
+        &gateway_id(cluster).to_string(),
+    )
+}
+
+/// `ClusterSettings` for `cluster` in `namespace`, whose gateway listens at
+/// `gateway` and holds the SPIFFE ID `identity`.
+pub fn settings_in(namespace: &str, cluster: &str, gateway: SocketAddr, identity: &str) -> String {
     format!(
         "apiVersion: multicluster.isthmus.io/v1alpha1
 kind: ClusterSettings
 metadata:
   name: {cluster}
-  namespace: {NAMESPACE}
+  namespace: {namespace}
 spec:
   clusterName: {cluster}
   trustDomain: cluster.local
   gateway:
     address: '{ip}'
     port: {port}
-    identity: {id}
+    identity: {identity}
 ",
         ip = gateway.ip(),
         port = gateway.port(),
-        id = gateway_id(cluster),
     )
 }
 
 /// A Link to `target`'s gateway at `gateway`, probed every second on `/ready` of
 /// its admin server at `admin`.
 pub fn link(target: &str, gateway: SocketAddr, admin: SocketAddr) -> String {
+    link_in(
+        NAMESPACE,
+        target,
+        gateway,
+        &gateway_id(target).to_string(),
+        admin,
+    )
+}
+
+/// [`link`] in `namespace`, to a gateway holding the SPIFFE ID `identity`.
+pub fn link_in(
+    namespace: &str,
+    target: &str,
+    gateway: SocketAddr,
+    identity: &str,
+    admin: SocketAddr,
+) -> String {
     format!(
         "apiVersion: multicluster.isthmus.io/v1alpha1
 kind: Link
 metadata:
   name: {target}
-  namespace: {NAMESPACE}
+  namespace: {namespace}
 spec:
   targetClusterName: {target}
   gatewayAddress: '{ip}'
   gatewayPort: {port}
-  gatewayIdentity: {id}
+  gatewayIdentity: {identity}
   probeSpec:
     path: /ready
     port: {probe}
@@ -68,7 +95,6 @@ spec:
 ",
         ip = gateway.ip(),
         port = gateway.port(),
-        id = gateway_id(target),
         probe = admin.port(),
     )
 }

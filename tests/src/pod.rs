@@ -1,16 +1,18 @@
-//! One meshed pod for fault and load tests: a pod namespace with the real capture
-//! (`isthmus-init`) and the real `isthmus-proxy sidecar` running as the proxy UID, and
-//! a server namespace joined to it by a veth pair.
+//! The one meshed-pod fixture of the end-to-end tests: a pod namespace with the real
+//! capture (`isthmus-init`) and the real `isthmus-proxy sidecar` running as the proxy
+//! UID, and a server namespace joined to it by a veth pair. The sidecar, hostile,
+//! fault and load suites all build their pod here.
 //!
-//! The pod is 198.18.0.2 and the server 198.18.0.1 (a /24 between them), with no
-//! other route. The test process is root, so its connections from the pod are
+//! The pod is 198.18.0.2 and 2001:2::2, the server 198.18.0.1 and 2001:2::1 (a /24
+//! and a /64 between them), with no other route; IPv6 is captured only when asked
+//! ([`PodOptions::ipv6`]). The test process is root, so its connections from the pod are
 //! captured like an application's. This module does not mint identities (the caller
 //! writes `tls.crt`, `tls.key` and `ca.crt`, keeping certificate code out of this
 //! library) and does not decide what is mirrored: the manifests directory only holds
 //! the cluster's settings unless the caller adds more.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -31,6 +33,28 @@ pub const ADMIN_PORT: u16 = 4191;
 /// How long a sidecar may take to become ready (a debug build, a busy machine).
 pub const READY: Duration = Duration::from_secs(30);
 
+/// How a [`SidecarPod`] is built.
+#[derive(Clone, Copy, Debug)]
+pub struct PodOptions<'a> {
+    /// Capture IPv6 too (`isthmus-init --ipv6`), and address the pod and the server
+    /// by their IPv6 addresses.
+    pub ipv6: bool,
+    /// The sidecar's `--log` filter.
+    pub log: &'a str,
+    /// More sidecar flags, after `--connect-timeout 1s`.
+    pub extra: &'a [&'a str],
+}
+
+impl Default for PodOptions<'_> {
+    fn default() -> Self {
+        Self {
+            ipv6: false,
+            log: "info",
+            extra: &[],
+        }
+    }
+}
+
 /// A pod with its capture and sidecar, and a server namespace. Dropping it kills
 /// the sidecar and deletes both namespaces; a failing test first prints the log.
 pub struct SidecarPod {
@@ -46,7 +70,8 @@ pub struct SidecarPod {
     /// The manifests directory the sidecar watches (readable by the proxy UID).
     pub manifests: PathBuf,
     identity: PathBuf,
-    extra: Vec<String>,
+    /// `--log` and the test's flags.
+    flags: Vec<String>,
     /// Logs of runs before a [`SidecarPod::restart`] (each run truncates the file).
     earlier_runs: String,
     bin: WorldExecutable,
@@ -172,20 +197,9 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
-/// Sum of the samples of `family` whose labels contain every one of `labels`
+/// Sum of the samples of `family` whose labels match every one of `labels`
 /// (`direction="outbound"`); 0 when there is none.
-pub fn metric(text: &str, family: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (name_labels, value) = l.rsplit_once(' ')?;
-            let (name, rest) = name_labels.split_once('{').unwrap_or((name_labels, "}"));
-            (name == family && labels.iter().all(|want| rest.contains(want)))
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .sum()
-}
+pub use isthmus_test_support::metrics::sum as metric;
 
 /// Makes `dir` a sidecar's configuration for the proxy UID: the identity directory
 /// `dir/identity`, written by `mint` (which creates it) and handed to the proxy UID
@@ -270,34 +284,66 @@ impl SidecarPod {
     /// (which creates the directory it is given) and starts a ready sidecar with
     /// `--connect-timeout 1s` and `extra` flags.
     pub fn start(mint: impl FnOnce(&Path), extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(
+            mint,
+            PodOptions {
+                extra,
+                ..PodOptions::default()
+            },
+        )
+    }
+
+    /// [`SidecarPod::start`] with the family, log filter and flags of `options`.
+    pub fn start_with(mint: impl FnOnce(&Path), options: PodOptions<'_>) -> anyhow::Result<Self> {
         let lab = Lab::new();
         let pod = lab.namespace();
         let server = lab.namespace();
         let (pod_if, server_if) = lab.veth(&pod, &server)?;
         pod.add_addr(&pod_if, "198.18.0.2/24")?;
+        pod.add_addr(&pod_if, "2001:2::2/64")?;
         server.add_addr(&server_if, "198.18.0.1/24")?;
+        server.add_addr(&server_if, "2001:2::1/64")?;
+        let (pod_ip, server_ip) = if options.ipv6 {
+            (
+                IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2)),
+                IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1)),
+            )
+        } else {
+            (
+                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
+                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+            )
+        };
         let init = binary("isthmus-init");
+        // For IPv6, isthmus-init also adds ::6 to lo, the sidecar's inbound delivery
+        // source: the IPv6 inbound tests fail without it.
+        let init_args: &[&str] = if options.ipv6 { &["--ipv6"] } else { &[] };
         pod.exec(
             init.to_str()
                 .context("the isthmus-init path is not UTF-8")?,
-            &[] as &[&str],
+            init_args,
         )?;
 
         let dir = tempfile::Builder::new().prefix("isthmus-pod").tempdir()?;
         let (identity, manifests) = prepare_dirs(dir.path(), mint)?;
         let log = dir.path().join("sidecar.log");
         let bin = WorldExecutable::copy(&binary("isthmus-proxy"))?;
+        let flags = ["--log", options.log]
+            .into_iter()
+            .chain(options.extra.iter().copied())
+            .map(str::to_owned)
+            .collect();
         let mut pod = Self {
             pod,
             server,
-            pod_ip: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
-            server_ip: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+            pod_ip,
+            server_ip,
             pid: 0,
             log,
             manifests,
             identity,
             earlier_runs: String::new(),
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            flags,
             bin,
             _dir: dir,
             lab,
@@ -309,9 +355,9 @@ impl SidecarPod {
     /// Starts the sidecar (again, after it was killed) and waits until it is ready.
     /// The log file starts afresh; a failing test shows earlier runs' lines too.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        let flags: Vec<&str> = ["--connect-timeout", "1s", "--log", "info"]
+        let flags: Vec<&str> = ["--connect-timeout", "1s"]
             .into_iter()
-            .chain(self.extra.iter().map(String::as_str))
+            .chain(self.flags.iter().map(String::as_str))
             .collect();
         let earlier = std::fs::read(&self.log).unwrap_or_default();
         let child = start_sidecar(
@@ -367,5 +413,63 @@ impl SidecarPod {
     /// Whether the sidecar still runs.
     pub fn running(&self) -> bool {
         running(self.pid)
+    }
+
+    /// A listener on the server namespace's address.
+    pub fn listen(&self, port: u16) -> TcpListener {
+        let addr = self.server_addr(port);
+        self.server
+            .run(|| tcp::listen(addr))
+            .unwrap_or_else(|e| panic!("listening on {addr} in the server namespace: {e}"))
+    }
+
+    /// A connection from the pod (as root, so it is captured) to `port` on the
+    /// server's address; read and write timeouts of [`tcp::WAIT`].
+    pub fn connect(&self, port: u16) -> TcpStream {
+        let addr = self.server_addr(port);
+        self.pod
+            .run(|| tcp::connect(addr))
+            .unwrap_or_else(|e| panic!("connecting from the pod to {addr}: {e}"))
+    }
+
+    /// A connection from the server namespace to the pod's inbound mesh port.
+    pub fn connect_inbound(&self) -> TcpStream {
+        let addr = SocketAddr::new(self.pod_ip, INBOUND_PORT);
+        self.server
+            .run(|| tcp::connect(addr))
+            .unwrap_or_else(|e| panic!("connecting from the server to {addr}: {e}"))
+    }
+
+    /// The sidecar's `/metrics`, fetched with curl inside the pod as a user would.
+    pub fn curl_metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{ADMIN_PORT}/metrics");
+        self.pod
+            .exec("curl", &["-sS", "--max-time", "5", &url])
+            .unwrap_or_else(|e| panic!("curl {url} in the pod: {e:#}"))
+    }
+
+    /// Waits (within [`tcp::WAIT`]) until the sum of `family`'s samples with
+    /// `labels` is `want`: what is counted when a connection closes is counted just
+    /// after its ends see the close, so an immediate read could race it.
+    pub fn expect_metric(&self, family: &str, labels: &[&str], want: f64, what: &str) {
+        let deadline = Instant::now() + tcp::WAIT;
+        loop {
+            let m = self.curl_metrics();
+            let got = metric(&m, family, labels);
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {family} {labels:?} is {got}, expected {want} within {:?}:\n{m}",
+                tcp::WAIT
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// How many file descriptors the sidecar holds.
+    pub fn fds(&self) -> usize {
+        open_fds(self.pid).unwrap_or_else(|e| panic!("the sidecar: {e:#}"))
     }
 }

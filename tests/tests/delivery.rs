@@ -15,6 +15,7 @@
 //! `isthmus-proxy` binaries (see `tests/README.md`).
 #![allow(clippy::unwrap_used)]
 
+use isthmus_tests::peer::test_peer;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -30,10 +31,8 @@ use isthmus_tests::netns::{Lab, Namespace};
 use isthmus_tests::pod::{self, ADMIN_PORT, INBOUND_PORT, PROXY_UID, READY, metric};
 use isthmus_tests::tcp::{self, WAIT};
 use isthmus_vocab::{Authority, SpiffeId};
-use proxy_core::pool::{PeerConfig, Pool, PoolError};
-use proxy_core::tunnel::H2Settings;
+use proxy_core::pool::{Pool, PoolError};
 use proxy_identity::mint;
-use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -274,19 +273,13 @@ impl Pod {
             rt.block_on(async {
                 let (_stop, stopped) = tokio::sync::watch::channel(false);
                 let pool = Pool::spawn(
-                    PeerConfig {
-                        name: Arc::from("test/pod"),
-                        addr: peer,
-                        server_name: ServerName::IpAddress(peer.ip().into()),
-                        tls: proxy_identity::client_config(store, PeerPolicy::Exact(app_id())),
-                        connect_timeout: WAIT,
-                        connections: 1,
-                        h2: H2Settings::default(),
-                        backoff_min: Duration::from_millis(50),
-                        backoff_max: Duration::from_millis(500),
-                        handshake_failed: None,
-                        deadline: None,
-                    },
+                    test_peer(
+                        "test/pod",
+                        peer,
+                        proxy_identity::client_config(store, PeerPolicy::Exact(app_id())),
+                        1,
+                        WAIT,
+                    ),
                     stopped,
                 );
                 let mut out = Vec::new();

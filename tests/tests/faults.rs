@@ -22,6 +22,8 @@
 //! only generous upper bounds are asserted. Needs root, like every test here.
 #![allow(clippy::unwrap_used)]
 
+use isthmus_test_support::{Metrics, eventually_blocking};
+use isthmus_tests::peer::test_peer;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -654,19 +656,15 @@ impl Gateways {
     }
 
     fn link_up_metric(&self) -> Option<f64> {
-        let metrics = self.admin_b("/metrics");
-        metrics.lines().find_map(|l| {
-            l.strip_prefix("gateway_link_up{cluster=\"cluster-a\"} ")
-                .and_then(|v| v.trim().parse().ok())
-        })
+        let response = self.admin_b("/metrics");
+        let (_, body) = response.split_once("\r\n\r\n")?;
+        Metrics::parse(body).get("gateway_link_up", &[r#"cluster="cluster-a""#])
     }
 
+    /// Waits until `ok` holds, within `limit`; how long that took.
     fn eventually(&self, what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
         let started = Instant::now();
-        while !ok() {
-            assert!(started.elapsed() < limit, "{what} within {limit:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually_blocking(what, limit, || ok().then_some(()));
         started.elapsed()
     }
 
@@ -684,9 +682,8 @@ impl Gateways {
 
 #[test]
 fn a_black_holed_peer_gateway_is_noticed_by_keepalive_and_recovers() {
-    use proxy_core::pool::{PeerConfig, Pool};
-    use proxy_core::tunnel::H2Settings;
-    use proxy_identity::rustls::pki_types::ServerName;
+    use proxy_core::pool::Pool;
+
     use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::time::timeout;
@@ -711,22 +708,16 @@ fn a_black_holed_peer_gateway_is_noticed_by_keepalive_and_recovers() {
         runtime.block_on(async {
             let (_stop, stopped) = tokio::sync::watch::channel(false);
             let pool = Pool::spawn(
-                PeerConfig {
-                    name: Arc::from("test/gateway-b"),
-                    addr: g.gw_b,
-                    server_name: ServerName::IpAddress(g.gw_b.ip().into()),
-                    tls: proxy_identity::client_config(
+                test_peer(
+                    "test/gateway-b",
+                    g.gw_b,
+                    proxy_identity::client_config(
                         store,
                         PeerPolicy::Exact(gateway_id("cluster-b")),
                     ),
-                    connect_timeout: WAIT,
-                    connections: 1,
-                    h2: H2Settings::default(),
-                    backoff_min: Duration::from_millis(50),
-                    backoff_max: Duration::from_millis(500),
-                    handshake_failed: None,
-                    deadline: None,
-                },
+                    1,
+                    WAIT,
+                ),
                 stopped,
             );
             let authority = Authority::parse(HELLO).unwrap();

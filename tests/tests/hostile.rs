@@ -18,15 +18,13 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use isthmus_tests::binary::{WorldExecutable, binary};
 use isthmus_tests::identity;
-use isthmus_tests::netns::{Lab, Namespace};
-use isthmus_tests::pod;
+use isthmus_tests::pod::{self, PodOptions, SidecarPod};
 use isthmus_tests::tcp::{self, WAIT, closed_within, read_response};
 use isthmus_tests::tls_probe::{probe_config, tls_error};
 use isthmus_vocab::SpiffeId;
@@ -34,137 +32,55 @@ use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
 
-const ADMIN: u16 = 4191;
-const INBOUND: u16 = 4143;
 /// Bound on "the proxy closed it": several times any timeout the tests set.
 const CLOSE_BOUND: Duration = Duration::from_secs(20);
 const ORIGIN_PORT: u16 = 8080;
 
-/// A pod running the real sidecar behind the real capture, and a server namespace.
-/// The lab is declared last so it drops last.
+/// The shared pod fixture, with the issuer of the pod's identity (for client
+/// leaves) and what only this suite checks.
 struct Sidecar {
-    pod: Namespace,
-    server: Namespace,
-    server_ip: IpAddr,
-    pod_ip: IpAddr,
-    pid: u32,
-    log: PathBuf,
+    fixture: SidecarPod,
     issuer: mint::CertificateAuthority,
     validity: Validity,
-    _bin: WorldExecutable,
-    _dir: tempfile::TempDir,
-    _lab: Lab,
 }
 
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- sidecar log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
+impl std::ops::Deref for Sidecar {
+    type Target = SidecarPod;
+    fn deref(&self) -> &SidecarPod {
+        &self.fixture
     }
-}
-
-/// The pod's identity (handed to the proxy UID) and a manifests directory that
-/// makes every destination a passthrough; returns the issuer for client leaves.
-fn prepare_dirs(dir: &Path, validity: Validity) -> (PathBuf, PathBuf, mint::CertificateAuthority) {
-    let mut issuer = None;
-    let (identity, manifests) = pod::prepare_dirs(dir, |identity| {
-        issuer = Some(
-            identity::mint_leaf(
-                identity,
-                "hostile test anchor",
-                "spiffe://cluster.local/ns/default/sa/app",
-                validity,
-            )
-            .unwrap(),
-        );
-    })
-    .unwrap();
-    (identity, manifests, issuer.unwrap())
 }
 
 impl Sidecar {
     fn start(extra: &[&str]) -> Self {
-        let lab = Lab::new();
-        let pod = lab.namespace();
-        let server = lab.namespace();
-        let (pod_if, server_if) = lab.veth(&pod, &server).unwrap();
-        pod.add_addr(&pod_if, "198.18.0.2/24").unwrap();
-        server.add_addr(&server_if, "198.18.0.1/24").unwrap();
-        let pod_ip: IpAddr = "198.18.0.2".parse().unwrap();
-        let server_ip: IpAddr = "198.18.0.1".parse().unwrap();
-        let init = binary("isthmus-init");
-        pod.exec::<&str>(init.to_str().unwrap(), &[]).unwrap();
-
-        let dir = tempfile::Builder::new()
-            .prefix("isthmus-hostile")
-            .tempdir()
-            .unwrap();
         let validity = Validity::from_now(Duration::from_secs(3600));
-        let (identity, manifests, issuer) = prepare_dirs(dir.path(), validity);
-        let log = dir.path().join("sidecar.log");
-        let bin = WorldExecutable::copy(&binary("isthmus-proxy")).unwrap();
-        let flags: Vec<&str> = ["--connect-timeout", "1s", "--log", "info,proxy_core=debug"]
-            .into_iter()
-            .chain(extra.iter().copied())
-            .collect();
-        let child =
-            pod::start_sidecar(&pod, bin.path(), &identity, &manifests, &flags, &log).unwrap();
-        let pid = child.id();
-        lab.adopt(child);
+        let mut issuer = None;
+        let mint = |identity: &Path| {
+            issuer = Some(
+                identity::mint_leaf(
+                    identity,
+                    "hostile test anchor",
+                    "spiffe://cluster.local/ns/default/sa/app",
+                    validity,
+                )
+                .unwrap(),
+            );
+        };
+        let options = PodOptions {
+            log: "info,proxy_core=debug",
+            extra,
+            ..PodOptions::default()
+        };
+        let fixture = SidecarPod::start_with(mint, options).unwrap();
         Self {
-            pod,
-            server,
-            server_ip,
-            pod_ip,
-            pid,
-            log,
-            issuer,
+            fixture,
+            issuer: issuer.unwrap(),
             validity,
-            _bin: bin,
-            _dir: dir,
-            _lab: lab,
         }
     }
 
-    fn listen(&self, port: u16) -> TcpListener {
-        let addr = SocketAddr::new(self.server_ip, port);
-        self.server.run(|| tcp::listen(addr)).unwrap()
-    }
-
-    /// A connection from the pod (captured) to `port` on the server's address.
-    fn connect(&self, port: u16) -> TcpStream {
-        let addr = SocketAddr::new(self.server_ip, port);
-        self.pod.run(|| tcp::connect(addr)).unwrap()
-    }
-
-    /// A connection from the server namespace to the pod's inbound mesh port.
-    fn connect_inbound(&self) -> TcpStream {
-        let addr = SocketAddr::new(self.pod_ip, INBOUND);
-        self.server.run(|| tcp::connect(addr)).unwrap()
-    }
-
     fn metrics(&self) -> String {
-        self.pod
-            .exec(
-                "curl",
-                &[
-                    "-sS",
-                    "--max-time",
-                    "5",
-                    &format!("http://127.0.0.1:{ADMIN}/metrics"),
-                ],
-            )
-            .unwrap()
-    }
-
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
-            .unwrap()
-            .count()
+        self.curl_metrics()
     }
 
     /// Waits (bounded) until the sidecar holds no more descriptors than `baseline`.

@@ -17,18 +17,15 @@
 use std::hash::{DefaultHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use isthmus_tests::binary::{WorldExecutable, binary};
 use isthmus_tests::identity;
-use isthmus_tests::netns::{Lab, Namespace};
-use isthmus_tests::pod::{self, metric};
+use isthmus_tests::pod::{PodOptions, SidecarPod, metric};
 use isthmus_tests::tcp::{self, WAIT};
 use proxy_identity::mint::Validity;
 
-const ADMIN: u16 = 4191;
 /// Upper bound for the long tests (the bulk transfer, a thousand connections).
 const LONG: Duration = Duration::from_secs(120);
 
@@ -38,172 +35,45 @@ enum Fam {
     V6,
 }
 
-/// A pod running the real sidecar behind the real capture, and a server namespace.
-/// The lab is declared last so it drops last: it kills the sidecar and deletes the
-/// namespaces after the log has been shown.
-struct Sidecar {
-    pod: Namespace,
-    server: Namespace,
-    /// The server namespace's address of the test's family.
-    server_ip: IpAddr,
-    /// The pod's address of the test's family (what servers see as the client).
-    pod_ip: IpAddr,
-    pid: u32,
-    log: PathBuf,
-    _bin: WorldExecutable,
-    _dir: tempfile::TempDir,
-    _lab: Lab,
-}
+/// The shared pod fixture, started for one address family, with what only this
+/// suite reads of the sidecar.
+struct Sidecar(SidecarPod);
 
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- sidecar log ({}) ---\n{}",
-                self.log.display(),
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
+impl std::ops::Deref for Sidecar {
+    type Target = SidecarPod;
+    fn deref(&self) -> &SidecarPod {
+        &self.0
     }
-}
-
-/// Writes a leaf identity for the pod and a manifests directory that makes every
-/// destination a passthrough, readable by the proxy UID.
-fn prepare_dirs(dir: &Path) -> (PathBuf, PathBuf) {
-    pod::prepare_dirs(dir, |identity| {
-        identity::mint_leaf(
-            identity,
-            "sidecar test anchor",
-            "spiffe://cluster.local/ns/default/sa/client",
-            Validity::from_now(Duration::from_secs(3600)),
-        )
-        .unwrap();
-    })
-    .unwrap()
 }
 
 impl Sidecar {
     /// The topology, the capture (`isthmus-init`, `--ipv6` for [`Fam::V6`]) and a
     /// ready sidecar started with `--connect-timeout 1s` and `extra` flags.
     fn start(fam: Fam, extra: &[&str]) -> Self {
-        let lab = Lab::new();
-        let pod = lab.namespace();
-        let server = lab.namespace();
-        let (pod_if, server_if) = lab.veth(&pod, &server).unwrap();
-        pod.add_addr(&pod_if, "198.18.0.2/24").unwrap();
-        pod.add_addr(&pod_if, "2001:2::2/64").unwrap();
-        server.add_addr(&server_if, "198.18.0.1/24").unwrap();
-        server.add_addr(&server_if, "2001:2::1/64").unwrap();
-        let (pod_ip, server_ip): (IpAddr, IpAddr) = match fam {
-            Fam::V4 => ("198.18.0.2".parse().unwrap(), "198.18.0.1".parse().unwrap()),
-            Fam::V6 => ("2001:2::2".parse().unwrap(), "2001:2::1".parse().unwrap()),
-        };
-
-        let init = binary("isthmus-init");
-        let init_args: &[&str] = match fam {
-            Fam::V4 => &[],
-            Fam::V6 => &["--ipv6"],
-        };
-        pod.exec(init.to_str().unwrap(), init_args).unwrap();
-        // For IPv6, isthmus-init also adds ::6 to lo, the sidecar's inbound
-        // delivery source: the IPv6 inbound tests fail without it.
-
-        let dir = tempfile::Builder::new()
-            .prefix("isthmus-sidecar")
-            .tempdir()
-            .unwrap();
-        let (identity, manifests) = prepare_dirs(dir.path());
-        let log = dir.path().join("sidecar.log");
-        let bin = WorldExecutable::copy(&binary("isthmus-proxy")).unwrap();
-        let flags: Vec<&str> = ["--connect-timeout", "1s", "--log", "info"]
-            .into_iter()
-            .chain(extra.iter().copied())
-            .collect();
-        let child =
-            pod::start_sidecar(&pod, bin.path(), &identity, &manifests, &flags, &log).unwrap();
-        let pid = child.id();
-        lab.adopt(child);
-        Self {
-            pod,
-            server,
-            server_ip,
-            pod_ip,
-            pid,
-            log,
-            _bin: bin,
-            _dir: dir,
-            _lab: lab,
-        }
-    }
-
-    /// A listener on the server namespace's address.
-    fn listen(&self, port: u16) -> TcpListener {
-        let addr = SocketAddr::new(self.server_ip, port);
-        self.server
-            .run(|| tcp::listen(addr))
-            .unwrap_or_else(|e| panic!("listening on {addr} in the server namespace: {e}"))
-    }
-
-    /// A connection from the pod (as root, so it is captured) to `port` on the
-    /// server's address; read and write timeouts of [`WAIT`].
-    fn connect(&self, port: u16) -> TcpStream {
-        let addr = SocketAddr::new(self.server_ip, port);
-        self.pod
-            .run(|| tcp::connect(addr))
-            .unwrap_or_else(|e| panic!("connecting from the pod to {addr}: {e}"))
-    }
-
-    /// The sidecar's `/metrics`, fetched with curl inside the pod as a user would.
-    fn metrics(&self) -> String {
-        self.pod
-            .exec(
-                "curl",
-                &[
-                    "-sS",
-                    "--max-time",
-                    "5",
-                    &format!("http://127.0.0.1:{ADMIN}/metrics"),
-                ],
+        let mint = |dir: &Path| {
+            identity::mint_leaf(
+                dir,
+                "sidecar test anchor",
+                "spiffe://cluster.local/ns/default/sa/client",
+                Validity::from_now(Duration::from_secs(3600)),
             )
-            .unwrap()
+            .unwrap();
+        };
+        let options = PodOptions {
+            ipv6: fam == Fam::V6,
+            extra,
+            ..PodOptions::default()
+        };
+        Self(SidecarPod::start_with(mint, options).unwrap())
     }
 
-    /// Waits (within [`WAIT`]) until the sum of `family`'s samples with `labels`
-    /// is `want`: what is counted when a connection closes is counted just after
-    /// its ends see the close, so an immediate read could race it.
-    fn expect_metric(&self, family: &str, labels: &[&str], want: f64, what: &str) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let m = self.metrics();
-            let got = metric(&m, family, labels);
-            if got == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: {family} {labels:?} is {got}, expected {want} within {WAIT:?}:\n{m}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Whether the sidecar process still runs (an exited one stays a zombie until
-    /// the lab reaps it).
-    fn running(&self) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .map(|status| {
-                !status
-                    .lines()
-                    .any(|l| l.starts_with("State:") && l.contains("zombie"))
-            })
-            .unwrap_or(false)
+    fn metrics(&self) -> String {
+        self.curl_metrics()
     }
 
     /// How many file descriptors the sidecar holds.
     fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
-            .unwrap()
-            .count()
+        self.fds()
     }
 
     /// The sidecar's resident set, from `/proc/PID/status`, in KiB.

@@ -43,17 +43,12 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let start = tokio::time::Instant::now();
-    loop {
-        if let Ok(Some(v)) = tokio::time::timeout(Duration::from_secs(2), check()).await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "not within {DEADLINE:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // An attempt that hangs (a watch not answering yet) is retried, not waited out.
+    isthmus_test_support::eventually(what, DEADLINE, || {
+        let attempt = tokio::time::timeout(Duration::from_secs(2), check());
+        async move { attempt.await.ok().flatten() }
+    })
+    .await
 }
 
 fn json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {

@@ -4,6 +4,7 @@
 
 mod common;
 
+use isthmus_test_support::assert_eventually;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -12,7 +13,6 @@ use proxy_discovery::{DirSource, Discovery, Route};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-const POLL: Duration = Duration::from_millis(20);
 /// Upper bound for anything to happen; never a speed assertion.
 const PATIENCE: Duration = Duration::from_secs(10);
 /// cluster-b's address for the mirrored hello (see the expected fixture).
@@ -20,17 +20,6 @@ const HELLO_VIP: &str = "198.19.251.140:80";
 
 fn hello_vip() -> SocketAddr {
     HELLO_VIP.parse().unwrap()
-}
-
-/// Retries `check` until it holds or `PATIENCE` runs out.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let waited = tokio::time::timeout(PATIENCE, async {
-        while !check() {
-            tokio::time::sleep(POLL).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "timed out waiting for: {what}");
 }
 
 /// Writes `text` to `dir/name` atomically (temp file + rename), as tools and
@@ -79,10 +68,9 @@ async fn adding_a_service_mirror_file_makes_the_route_appear() {
         "cluster-b-servicemirror.yaml",
         &common::read_fixture("seed/cluster-b-servicemirror.yaml"),
     );
-    eventually("the mirrored route", || {
+    assert_eventually!(within PATIENCE, {
         discovery.load().lookup_addr(&hello_vip()).is_some()
-    })
-    .await;
+    }, "the mirrored route");
     let snap = discovery.snapshot();
     let Some(Route::Remote {
         cluster, authority, ..
@@ -99,10 +87,9 @@ async fn adding_a_service_mirror_file_makes_the_route_appear() {
 
     // Removing the mirror removes what it made.
     std::fs::remove_file(dir.path().join("cluster-b-servicemirror.yaml")).unwrap();
-    eventually("the route to go", || {
+    assert_eventually!(within PATIENCE, {
         discovery.load().lookup_addr(&hello_vip()).is_none()
-    })
-    .await;
+    }, "the route to go");
     assert_eq!(discovery.load().service("default", "hello"), None);
     stop(task, stopper).await;
 }
@@ -117,10 +104,9 @@ async fn a_broken_file_keeps_the_old_routes_and_says_where() {
     // A second mirror with its cluster missing, as document 2 of the file.
     let broken = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n---\napiVersion: linkerd.io/v1alpha1\nkind: ServiceMirror\nmetadata:\n  name: other\n  namespace: default\nspec:\n  service:\n    name: other\n";
     write(dir.path(), "more.yaml", broken);
-    eventually("the failure to be recorded", || {
+    assert_eventually!(within PATIENCE, {
         discovery.failed_reloads() == 1
-    })
-    .await;
+    }, "the failure to be recorded");
     let status = discovery.status();
     let err = status.last_error.clone().unwrap();
     let file = dir.path().join("more.yaml").display().to_string();
@@ -148,7 +134,7 @@ async fn a_broken_file_keeps_the_old_routes_and_says_where() {
             "spec:\n  cluster: cluster-a\n  service:",
         ),
     );
-    eventually("the fixed state", || discovery.generation() == 2).await;
+    assert_eventually!(within PATIENCE, discovery.generation() == 2, "the fixed state");
     let status = discovery.status();
     assert!(!status.stale);
     assert_eq!(status.failed_reloads, 1);
@@ -212,10 +198,9 @@ async fn a_configmap_style_symlink_swap_is_followed() {
     );
     std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
-    eventually("the swapped-in mirror", || {
+    assert_eventually!(within PATIENCE, {
         discovery.load().lookup_addr(&hello_vip()).is_some()
-    })
-    .await;
+    }, "the swapped-in mirror");
     stop(task, stopper).await;
 }
 

@@ -3,6 +3,7 @@
 //! the last good state serving, and recovery picks up what changed meanwhile.
 #![allow(clippy::unwrap_used)]
 
+use isthmus_test_support::assert_eventually;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -23,17 +24,6 @@ const STEP: Duration = Duration::from_secs(15);
 
 async fn within<F: Future>(f: F) -> F::Output {
     tokio::time::timeout(STEP, f).await.expect("step timed out")
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + STEP;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn service(name: &str, ip: &str, port: i32) -> Service {
@@ -154,12 +144,11 @@ async fn services_and_slices_reach_the_index_and_follow_changes() {
     ))
     .await
     .unwrap();
-    eventually("port 81 in the index", || {
+    assert_eventually!(within STEP, {
         let snap = running.discovery.load();
         snap.lookup_addr(&addr("10.96.0.10:81")).is_some()
             && snap.lookup_addr(&addr("10.96.0.10:80")).is_none()
-    })
-    .await;
+    }, "port 81 in the index");
 
     // A second slice of the same Service adds its endpoint.
     within(slices.create(
@@ -168,27 +157,25 @@ async fn services_and_slices_reach_the_index_and_follow_changes() {
     ))
     .await
     .unwrap();
-    eventually("both slices' endpoints", || {
+    assert_eventually!(within STEP, {
         running
             .discovery
             .load()
             .exported_target("default", "hello", 81)
             == Ok(vec![addr("10.0.0.5:8080"), addr("10.0.0.6:8080")])
-    })
-    .await;
+    }, "both slices' endpoints");
 
     // A deleted Service disappears.
     within(services.delete("hello", &DeleteParams::default()))
         .await
         .unwrap();
-    eventually("hello gone from the index", || {
+    assert_eventually!(within STEP, {
         let snap = running.discovery.load();
         snap.lookup_addr(&addr("10.96.0.10:81")).is_none()
             && snap
                 .lookup_authority("hello.default.svc.cluster.local:81")
                 .is_none()
-    })
-    .await;
+    }, "hello gone from the index");
     assert!(!running.discovery.status().stale);
 }
 
@@ -207,10 +194,9 @@ async fn a_bad_object_keeps_the_last_good_state() {
     within(services.create(&PostParams::default(), &service("bad", "10.96.0.11", 70000)))
         .await
         .unwrap();
-    eventually("the failure to be reported", || {
+    assert_eventually!(within STEP, {
         running.discovery.status().stale
-    })
-    .await;
+    }, "the failure to be reported");
     let status = running.discovery.status();
     let error = status.last_error.unwrap();
     assert!(
@@ -227,10 +213,9 @@ async fn a_bad_object_keeps_the_last_good_state() {
     within(services.delete("bad", &DeleteParams::default()))
         .await
         .unwrap();
-    eventually("recovery once the bad object is gone", || {
+    assert_eventually!(within STEP, {
         !running.discovery.status().stale
-    })
-    .await;
+    }, "recovery once the bad object is gone");
     assert!(running.discovery.generation() > generation);
 }
 
@@ -248,10 +233,9 @@ async fn an_api_outage_keeps_serving_and_recovery_catches_up() {
     let running = start(source(&server)).await;
 
     server.stop().await;
-    eventually("the outage to be reported", || {
+    assert_eventually!(within STEP, {
         running.discovery.failed_reloads() > 0
-    })
-    .await;
+    }, "the outage to be reported");
     assert!(running.discovery.status().stale);
     assert_eq!(
         running.discovery.load().lookup_addr(&addr("10.96.0.10:80")),
@@ -278,16 +262,14 @@ async fn an_api_outage_keeps_serving_and_recovery_catches_up() {
     }
     server.restart().await.unwrap();
 
-    eventually("the changes made during the outage", || {
+    assert_eventually!(within STEP, {
         let snap = running.discovery.load();
         snap.lookup_addr(&addr("10.96.0.20:80")).is_some()
             && snap.lookup_addr(&addr("10.96.0.10:80")).is_none()
-    })
-    .await;
-    eventually("the state to be current again", || {
+    }, "the changes made during the outage");
+    assert_eventually!(within STEP, {
         !running.discovery.status().stale
-    })
-    .await;
+    }, "the state to be current again");
 }
 
 fn mesh_server_builder() -> test_apiserver::Builder {
@@ -334,10 +316,9 @@ async fn links_and_cluster_settings_with_mesh_kinds() {
     within(links.delete("cluster-b", &DeleteParams::default()))
         .await
         .unwrap();
-    eventually("the Link gone", || {
+    assert_eventually!(within STEP, {
         running.discovery.load().link("cluster-b").is_none()
-    })
-    .await;
+    }, "the Link gone");
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //! sidecar's tunnel only, so a wrong answer here is a plaintext path.
 #![allow(clippy::unwrap_used)]
 
+use isthmus_test_support::assert_eventually;
 use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
@@ -23,17 +24,6 @@ const STEP: Duration = Duration::from_secs(15);
 
 async fn within<F: Future>(f: F) -> F::Output {
     tokio::time::timeout(STEP, f).await.expect("step timed out")
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + STEP;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// `(address, meshed)` of every endpoint of the exported `hello:80`.
@@ -144,14 +134,13 @@ async fn the_directory_source_follows_a_pod_label_change() {
         "pods.yaml",
         &(pod_yaml("hello-a", false) + &pod_yaml("hello-b", true)),
     );
-    eventually("the relabelled pods", || {
+    assert_eventually!(within STEP, {
         meshed(&discovery.load())
             == [
                 pair("198.18.1.10:8080", false),
                 pair("198.18.1.11:8080", true),
             ]
-    })
-    .await;
+    }, "the relabelled pods");
     let _ = stop.send(());
 }
 
@@ -259,23 +248,21 @@ async fn the_kube_source_watches_every_pod_and_joins_them_by_target_ref() {
     // Labels change: the join follows.
     set_meshed(&pods, "hello-a", false).await;
     set_meshed(&pods, "hello-b", true).await;
-    eventually("the relabelled pods", || {
+    assert_eventually!(within STEP, {
         meshed(&discovery.load())
             == [
                 pair("198.18.1.10:8080", false),
                 pair("198.18.1.11:8080", true),
             ]
-    })
-    .await;
+    }, "the relabelled pods");
     // A pod that goes away while its (stale) endpoint remains: the endpoint names
     // a pod discovery no longer knows, which may be meshed, so it is left out
     // rather than guessed plain.
     within(pods.delete("hello-b", &Default::default()))
         .await
         .unwrap();
-    eventually("the deleted pod", || {
+    assert_eventually!(within STEP, {
         meshed(&discovery.load()) == [pair("198.18.1.10:8080", false)]
-    })
-    .await;
+    }, "the deleted pod");
     let _ = stop.send(());
 }

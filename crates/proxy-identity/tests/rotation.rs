@@ -6,6 +6,7 @@
 
 mod common;
 
+use isthmus_test_support::assert_eventually;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,16 +35,6 @@ fn leaf_der(bundle: &LeafBundle) -> Vec<u8> {
     CertificateDer::from_pem_slice(bundle.cert_chain_pem.as_bytes())
         .unwrap()
         .to_vec()
-}
-
-/// Retries `check` for up to [`STEP`] (no fixed sleeps in assertions).
-async fn eventually(mut check: impl FnMut() -> bool) {
-    timeout(async {
-        while !check() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
 }
 
 #[tokio::test]
@@ -101,7 +92,7 @@ async fn rotation_keeps_live_connections_and_serves_the_new_leaf() {
 
     let v2 = leaf(&pki.cluster_a, &gateway_id());
     k8s_swap(server_dir.path(), &v2, 2);
-    eventually(|| gateway.status().reloads == 1).await;
+    assert_eventually!(within STEP, gateway.status().reloads == 1);
     assert_eq!(gateway.current().serial(), gateway.status().serial);
 
     // The live connection keeps its session; a new one gets the new leaf.
@@ -256,7 +247,7 @@ async fn watcher_refuses_an_unchanged_bad_update_once() {
     // A leaf whose key is not yet written: refused once, however many polls follow.
     let next = leaf(&pki.cluster_a, &gateway_id());
     replace_file(&dir.path().join(CERT_FILE), &next.cert_chain_pem);
-    eventually(|| gateway.status().refusals == 1).await;
+    assert_eventually!(within STEP, gateway.status().refusals == 1);
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -268,7 +259,7 @@ async fn watcher_refuses_an_unchanged_bad_update_once() {
 
     // The key lands: the pair is taken.
     replace_file(&dir.path().join(KEY_FILE), &next.key_pem);
-    eventually(|| gateway.status().reloads == 1).await;
+    assert_eventually!(within STEP, gateway.status().reloads == 1);
     assert_eq!(
         gateway.current().certified_key().cert[0].as_ref(),
         leaf_der(&next)

@@ -10,6 +10,7 @@
 //! is exactly where a plaintext fallback would land.
 #![allow(clippy::unwrap_used)]
 
+use isthmus_tests::peer::test_peer;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,11 +21,9 @@ use std::time::Duration;
 use isthmus_tests::identity::Pki;
 use isthmus_tests::multicluster::{cluster_settings, gateway_id};
 use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
-use proxy_core::pool::{PeerConfig, Pool, PoolError};
-use proxy_core::tunnel::H2Settings;
+use proxy_core::pool::{Pool, PoolError};
 use proxy_core::tunnel::client::TunnelStream;
 use proxy_identity::mint::{self, LeafBundle};
-use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -252,22 +251,13 @@ impl Client {
     fn new(store: Arc<CredentialStore>, gateway: SocketAddr) -> Client {
         let (stop, stopped) = watch::channel(false);
         let pool = Pool::spawn(
-            PeerConfig {
-                name: Arc::from(format!("test/{gateway}")),
-                addr: gateway,
-                server_name: ServerName::IpAddress(gateway.ip().into()),
-                tls: proxy_identity::client_config(
-                    store,
-                    PeerPolicy::Exact(gateway_id("cluster-a")),
-                ),
-                connect_timeout: STEP,
-                connections: 1,
-                h2: H2Settings::default(),
-                backoff_min: Duration::from_millis(50),
-                backoff_max: Duration::from_millis(500),
-                handshake_failed: None,
-                deadline: None,
-            },
+            test_peer(
+                &format!("test/{gateway}"),
+                gateway,
+                proxy_identity::client_config(store, PeerPolicy::Exact(gateway_id("cluster-a"))),
+                1,
+                STEP,
+            ),
             stopped,
         );
         Client { pool, _stop: stop }

@@ -10,32 +10,21 @@
 //! fresh leaf written to the identity directory must bring everything back.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{certs, short_lived_gateway_leaf};
-use isthmus_tests::multicluster::{cluster_settings, link};
-use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
-use proxy_identity::rustls::client::danger::{
-    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+use isthmus_test_support::pki::{
+    AcceptAnything, certs, client_builder_with, not_after, private_key, short_lived,
 };
-use proxy_identity::rustls::pki_types::pem::PemObject;
-use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use proxy_identity::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use proxy_identity::rustls::{
-    self, ClientConfig, ClientConnection, DigitallySignedStruct, DistinguishedName, ServerConfig,
-    ServerConnection, SignatureScheme,
-};
-use proxy_identity::{CredentialPaths, Credentials, crypto_provider};
+use isthmus_test_support::proxy::{free_addr, get_blocking};
+use isthmus_test_support::{Metrics, Pki, Presented, Proxy, STEP, eventually_blocking};
+use isthmus_tests::multicluster::{cluster_settings, gateway_id, link};
+use proxy_identity::mint::LeafBundle;
+use proxy_identity::rustls::pki_types::ServerName;
+use proxy_identity::rustls::{ClientConnection, ServerConfig, ServerConnection};
 
-const STEP: Duration = Duration::from_secs(10);
 /// How long the short leaf lives after it is minted: the gateway must start and be
 /// seen presenting it first.
 const LIFETIME: Duration = Duration::from_secs(8);
@@ -50,105 +39,12 @@ struct Seen {
     presented: bool,
 }
 
-/// Records whether a server presented a certificate; accepts anything, as only
-/// the count matters here.
-#[derive(Debug, Default)]
-struct ServerCertCounter(AtomicBool);
-
-impl ServerCertVerifier for ServerCertCounter {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0.store(true, Ordering::SeqCst);
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        crypto_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// Asks for a client certificate without requiring one and accepts any, so a
-/// client that withholds its certificate still completes the handshake.
-#[derive(Debug)]
-struct OptionalClientCert;
-
-impl ClientCertVerifier for OptionalClientCert {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-    fn verify_client_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        Ok(ClientCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        crypto_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// One handshake with the gateway's tunnel listener as a client presenting
 /// `client` (a valid peer identity): did the gateway present a certificate?
 fn handshake_as_client(addr: SocketAddr, client: &LeafBundle) -> Seen {
-    let counter = Arc::new(ServerCertCounter::default());
-    let mut config = ClientConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(counter.clone())
-        .with_client_auth_cert(
-            certs(&client.cert_chain_pem),
-            PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).unwrap(),
-        )
+    let counter = Arc::new(AcceptAnything::default());
+    let mut config = client_builder_with(counter.clone())
+        .with_client_auth_cert(certs(&client.cert_chain_pem), private_key(&client.key_pem))
         .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let at = SystemTime::now();
@@ -163,7 +59,7 @@ fn handshake_as_client(addr: SocketAddr, client: &LeafBundle) -> Seen {
     }
     Seen {
         at,
-        presented: counter.0.load(Ordering::SeqCst),
+        presented: counter.server_certs_seen() > 0,
     }
 }
 
@@ -202,45 +98,7 @@ fn fake_peer(listener: TcpListener, config: Arc<ServerConfig>, seen: Arc<Mutex<V
 
 /// Status line and body of a GET to the admin server.
 fn get(admin: SocketAddr, path: &str) -> (u16, String) {
-    let response = isthmus_tests::pod::http_get(admin, path)
-        .unwrap_or_else(|e| panic!("GET {path} from {admin}: {e}"));
-    let status = response
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET {path}: not an HTTP response: {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-fn free_addr(ip: Ipv4Addr) -> SocketAddr {
-    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
-}
-
-struct Gateway {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- gateway log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-fn not_after(identity: &Path) -> SystemTime {
-    Credentials::load(&CredentialPaths::in_dir(identity), SystemTime::now())
-        .unwrap()
-        .not_after()
+    get_blocking(admin, path).unwrap_or_else(|e| panic!("GET {path} from {admin}: {e}"))
 }
 
 fn presented(seen: &[Seen]) -> usize {
@@ -257,16 +115,17 @@ fn an_expired_leaf_is_never_presented_and_the_gateway_turns_unready() {
     let peer_listener = TcpListener::bind((Ipv4Addr::new(127, 0, 91, 2), 0)).unwrap();
     let peer_addr = peer_listener.local_addr().unwrap();
 
-    let validity = Validity::from_now(Duration::from_secs(3600));
-    let anchor = mint::trust_anchor("expiry anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let issuer_a = mint::issuer(&anchor, "cluster-a", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let issuer_b = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let peer_leaf = short_lived_gateway_leaf(&issuer_b, "cluster-b", Duration::from_secs(1800));
+    let pki = Pki::new("expiry anchor");
+    let gateway_leaf =
+        |lifetime| pki.leaf_valid("cluster-a", &gateway_id("cluster-a"), short_lived(lifetime));
+    let peer_leaf = pki.leaf_valid(
+        "cluster-b",
+        &gateway_id("cluster-b"),
+        short_lived(Duration::from_secs(1800)),
+    );
 
     let identity = root.join("identity");
-    short_lived_gateway_leaf(&issuer_a, "cluster-a", LIFETIME)
-        .write_dir(&identity, false)
-        .unwrap();
+    gateway_leaf(LIFETIME).write_dir(&identity, false).unwrap();
     let expires = not_after(&identity);
     let manifests = root.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
@@ -281,48 +140,27 @@ fn an_expired_leaf_is_never_presented_and_the_gateway_turns_unready() {
     )
     .unwrap();
 
-    let mut peer_config = ServerConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_client_cert_verifier(Arc::new(OptionalClientCert))
-        .with_single_cert(
-            certs(&peer_leaf.cert_chain_pem),
-            PrivateKeyDer::from_pem_slice(peer_leaf.key_pem.as_bytes()).unwrap(),
-        )
-        .unwrap();
-    peer_config.alpn_protocols = vec![b"h2".to_vec()];
+    let peer_config = Presented::of(&peer_leaf).server_config();
     let peer_seen = Arc::new(Mutex::new(Vec::new()));
-    fake_peer(peer_listener, Arc::new(peer_config), peer_seen.clone());
+    fake_peer(peer_listener, peer_config, peer_seen.clone());
 
-    let log = root.join("gateway.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
-        .arg("gateway")
-        .arg("--allow-local-endpoints")
-        .args(["--cluster", "cluster-a"])
-        .arg("--identity-dir")
-        .arg(&identity)
-        .arg("--manifests")
-        .arg(&manifests)
-        .args(["--inbound-addr", &inbound.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(["--reload-interval", "200ms"])
-        .args(["--tunnel-connections", "3"])
-        .env_clear()
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let _gateway = Gateway {
-        child,
-        log: log.clone(),
-    };
+    let mut gateway = Proxy::command(
+        env!("CARGO_BIN_EXE_isthmus-proxy"),
+        "gateway",
+        "cluster-a",
+        &identity,
+        &manifests,
+        admin,
+        root.join("gateway.log"),
+    )
+    .arg("--allow-local-endpoints")
+    .args(["--inbound-addr", &inbound.to_string()])
+    .args(["--reload-interval", "200ms"])
+    .args(["--tunnel-connections", "3"])
+    .start();
 
     // Before notAfter: ready, and both sides see the leaf.
-    let deadline = Instant::now() + STEP;
-    while get_ready(admin) != 200 {
-        assert!(Instant::now() < deadline, "the gateway never became ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    gateway.wait_ready_blocking();
     let before: Vec<Seen> = (0..3)
         .map(|_| handshake_as_client(inbound, &peer_leaf))
         .collect();
@@ -331,14 +169,11 @@ fn an_expired_leaf_is_never_presented_and_the_gateway_turns_unready() {
         3,
         "before notAfter the gateway presents its leaf as a server: {before:?}"
     );
-    let deadline = Instant::now() + STEP;
-    while presented(&peer_seen.lock().unwrap()) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the gateway's link pool never presented its leaf to the peer"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually_blocking(
+        "the gateway's link pool to present its leaf to the peer",
+        STEP,
+        || (presented(&peer_seen.lock().unwrap()) > 0).then_some(()),
+    );
     assert!(
         SystemTime::now() < expires,
         "the gateway took too long to start: the leaf expired before it was checked"
@@ -404,8 +239,9 @@ fn an_expired_leaf_is_never_presented_and_the_gateway_turns_unready() {
         "the gateway's link pool presented an expired leaf"
     );
     let (_, metrics) = get(admin, "/metrics");
-    assert!(
-        metrics.lines().any(|l| l == "identity_leaf_expired 1"),
+    assert_eq!(
+        Metrics::parse(&metrics).get("identity_leaf_expired", &[]),
+        Some(1.0),
         "identity_leaf_expired is not 1:\n{metrics}"
     );
     let (_, body) = get(admin, "/ready");
@@ -413,14 +249,14 @@ fn an_expired_leaf_is_never_presented_and_the_gateway_turns_unready() {
         body.contains("expired"),
         "/ready does not say why: {body:?}"
     );
-    let logged = std::fs::read_to_string(&log).unwrap();
+    let logged = gateway.log_text();
     assert!(
         logged.contains("identity leaf outside its validity"),
         "no log line names the expiry:\n{logged}"
     );
 
     // A fresh leaf restores readiness and presentation without a restart.
-    short_lived_gateway_leaf(&issuer_a, "cluster-a", Duration::from_secs(1800))
+    gateway_leaf(Duration::from_secs(1800))
         .write_dir(&identity, true)
         .unwrap();
     let rotated = Instant::now();
@@ -439,32 +275,20 @@ fn an_expired_leaf_is_never_presented_and_the_gateway_turns_unready() {
     let seen = handshake_as_client(inbound, &peer_leaf);
     assert!(seen.presented, "the fresh leaf is not presented");
     let since = SystemTime::now();
-    let deadline = Instant::now() + STEP;
-    while !peer_seen
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|s| s.at >= since && s.presented)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the link pool never presented the fresh leaf"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually_blocking("the link pool to present the fresh leaf", STEP, || {
+        let seen = peer_seen.lock().unwrap();
+        seen.iter()
+            .any(|s| s.at >= since && s.presented)
+            .then_some(())
+    });
     let (_, metrics) = get(admin, "/metrics");
-    assert!(
-        metrics.lines().any(|l| l == "identity_leaf_expired 0"),
+    assert_eq!(
+        Metrics::parse(&metrics).get("identity_leaf_expired", &[]),
+        Some(0.0),
         "identity_leaf_expired is not back to 0:\n{metrics}"
     );
 }
 
 fn get_ready(admin: SocketAddr) -> u16 {
-    match isthmus_tests::pod::http_get(admin, "/ready") {
-        Ok(response) => response
-            .get(9..12)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        Err(_) => 0,
-    }
+    get_blocking(admin, "/ready").map_or(0, |(status, _)| status)
 }

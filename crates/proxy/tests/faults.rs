@@ -17,26 +17,17 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{
-    STEP, connect_through, echo, free_port, mint_identity, spawn_standalone, stop_and_show_log,
-};
+use common::{STEP, connect_through, echo, free_port, mint_identity, spawn_standalone};
+use isthmus_test_support::{Metrics, Proxy, eventually_blocking};
 
-/// Kills the proxy when the test ends, and shows its log on failure.
-struct Proxy {
-    child: Child,
-    log: PathBuf,
+/// The proxy under test and where it listens.
+struct Standalone {
+    process: Proxy,
     listen: SocketAddr,
     admin: SocketAddr,
     manifests: PathBuf,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        stop_and_show_log(&mut self.child, &self.log);
-    }
 }
 
 const SETTINGS: &str = "apiVersion: multicluster.isthmus.io/v1alpha1
@@ -70,7 +61,7 @@ subsets:
     protocol: TCP
 ";
 
-fn start(dir: &Path, extra: &[&str]) -> Proxy {
+fn start(dir: &Path, extra: &[&str]) -> Standalone {
     let identity = dir.join("identity");
     let manifests = dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
@@ -86,10 +77,9 @@ fn start(dir: &Path, extra: &[&str]) -> Proxy {
         flags.extend(["--reload-interval", "100ms"]);
     }
     flags.extend(extra);
-    let child = spawn_standalone(&identity, &manifests, listen, admin, &flags, &log);
-    let proxy = Proxy {
-        child,
-        log,
+    let process = spawn_standalone(&identity, &manifests, listen, admin, &flags, &log);
+    let proxy = Standalone {
+        process,
         listen,
         admin,
         manifests,
@@ -102,7 +92,7 @@ fn start(dir: &Path, extra: &[&str]) -> Proxy {
     proxy
 }
 
-impl Proxy {
+impl Standalone {
     /// `method path` on the admin port: the status (0 when nothing answered) and body.
     fn request(&self, method: &str, path: &str) -> (u16, String) {
         let Ok(mut stream) = TcpStream::connect_timeout(&self.admin, STEP) else {
@@ -148,16 +138,13 @@ impl Proxy {
     }
 
     fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        self.process.running()
     }
 }
 
-/// The value of the sample named exactly `name` (no labels), if there is one.
+/// The value of the one sample named exactly `name`, if there is one.
 fn sample(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        let (key, value) = line.rsplit_once(' ')?;
-        (key == name).then(|| value.parse().ok()).flatten()
-    })
+    Metrics::parse(metrics).get(name, &[])
 }
 
 fn services(config: &serde_json::Value) -> Vec<String> {
@@ -177,18 +164,6 @@ fn services(config: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Retries `check` every 50 ms until it answers `Some`, failing after [`STEP`].
-fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + STEP;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what} within {STEP:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A CONNECT tunnel through the proxy to `target` carries one round trip.
 fn carries_traffic(listen: SocketAddr, target: SocketAddr) {
     let mut tunnel = connect_through(listen, target);
@@ -200,8 +175,8 @@ fn carries_traffic(listen: SocketAddr, target: SocketAddr) {
 
 /// Waits until the failure shows on `/config` and in the metrics; checks the
 /// serving state is the last good one, and returns the error text.
-fn expect_stale(proxy: &Proxy, generation: &serde_json::Value, echo: SocketAddr) -> String {
-    let status = eventually("the failed reload to show on /config", || {
+fn expect_stale(proxy: &Standalone, generation: &serde_json::Value, echo: SocketAddr) -> String {
+    let status = eventually_blocking("the failed reload to show on /config", STEP, || {
         let status = proxy.config()["discovery"]["status"].clone();
         (status["stale"] == true).then_some(status)
     });
@@ -226,8 +201,8 @@ fn expect_stale(proxy: &Proxy, generation: &serde_json::Value, echo: SocketAddr)
 }
 
 /// Restores a good directory and waits until it is published and fresh again.
-fn expect_recovered(proxy: &Proxy) -> serde_json::Value {
-    let status = eventually("the repaired directory to be published", || {
+fn expect_recovered(proxy: &Standalone) -> serde_json::Value {
+    let status = eventually_blocking("the repaired directory to be published", STEP, || {
         let status = proxy.config()["discovery"]["status"].clone();
         (status["stale"] == false).then_some(status)
     });
@@ -305,7 +280,7 @@ fn a_broken_discovery_directory_keeps_the_last_good_state_and_exports_its_age() 
     eprintln!("deleted directory: {error}");
     std::fs::rename(&aside, &proxy.manifests).unwrap();
     // The same contents as the last good state: serving it again is enough.
-    eventually("the restored directory to clear the failure", || {
+    eventually_blocking("the restored directory to clear the failure", STEP, || {
         let status = proxy.config()["discovery"]["status"].clone();
         (status["stale"] == false).then_some(())
     });
@@ -367,7 +342,7 @@ fn the_admin_port_serves_probes_and_scrapes_and_changes_nothing() {
     assert_eq!(proxy.request("GET", "/ready").0, 200);
     assert_eq!(proxy.config(), before, "/config changed");
     carries_traffic(proxy.listen, echo);
-    let log = std::fs::read_to_string(&proxy.log).unwrap();
+    let log = proxy.process.log_text();
     assert!(
         !log.contains("shutting down"),
         "an admin request started a shutdown:\n{log}"
@@ -401,13 +376,13 @@ fn every_fuzzed_manifest_fed_to_a_live_proxy_leaves_it_serving() {
     let dir = tempfile::tempdir().unwrap();
     let mut proxy = start(dir.path(), &["--reload-interval", "10ms"]);
     let echo = echo();
-    let (fds_before, rss_before) = footprint(proxy.child.id());
+    let (fds_before, rss_before) = footprint(proxy.process.pid());
     let target = proxy.manifests.join("fuzzed.yaml");
     let (mut published, mut refused, mut unnoticed) = (0, 0, 0);
     let started = Instant::now();
     for input in &inputs {
         assert!(started.elapsed() < STEP * 12, "the corpus took too long");
-        let status = |p: &Proxy| {
+        let status = |p: &Standalone| {
             let status = p.config()["discovery"]["status"].clone();
             (
                 status["generation"].clone(),
@@ -439,17 +414,22 @@ fn every_fuzzed_manifest_fed_to_a_live_proxy_leaves_it_serving() {
             proxy.running(),
             "the proxy died on {}:\n{}",
             input.display(),
-            std::fs::read_to_string(&proxy.log).unwrap_or_default()
+            proxy.process.log_text()
         );
     }
     std::fs::remove_file(&target).unwrap();
-    eventually("the directory without the fuzzed file to serve", || {
-        let config = proxy.config();
-        (config["discovery"]["status"]["stale"] == false && services(&config) == ["default/hello"])
+    eventually_blocking(
+        "the directory without the fuzzed file to serve",
+        STEP,
+        || {
+            let config = proxy.config();
+            (config["discovery"]["status"]["stale"] == false
+                && services(&config) == ["default/hello"])
             .then_some(())
-    });
+        },
+    );
     carries_traffic(proxy.listen, echo);
-    let (fds_after, rss_after) = footprint(proxy.child.id());
+    let (fds_after, rss_after) = footprint(proxy.process.pid());
     eprintln!(
         "FIGURE hostile_manifests = {} fuzzed manifests fed to a live proxy: {published} published, \
          {refused} refused, {unnoticed} unchanged; 0 crashes; descriptors {fds_before} -> \

@@ -16,28 +16,25 @@
 //! `tests/`), and throughput (the benches).
 #![allow(clippy::unwrap_used)]
 
+use isthmus_tests::peer::test_peer;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use isthmus_tests::identity::Pki;
+use isthmus_test_support::echo::Echo;
+use isthmus_test_support::proxy::free_addr;
+use isthmus_test_support::{Pki, Proxy, STEP, eventually};
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, service};
 use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
-use proxy_core::pool::{LinkState, PeerConfig, Pool, PoolError};
-use proxy_core::tunnel::H2Settings;
+use proxy_core::pool::{LinkState, Pool, PoolError};
 use proxy_identity::mint::{self, LeafBundle};
-use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
-/// Bound on any single step that should take milliseconds; a hang fails the test.
-const STEP: Duration = Duration::from_secs(10);
 /// How often the gateways re-read their manifests.
 const RELOAD: &str = "200ms";
 /// The gateways' connect timeout. Refusals are checked against a bound well below
@@ -46,9 +43,6 @@ const GATEWAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(6);
 const FAIL_FAST_BOUND: Duration = Duration::from_secs(3);
 /// `--shutdown-grace` of the gateways.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
-/// Reconnect backoff of the test clients' pools.
-const CLIENT_BACKOFF_MIN: Duration = Duration::from_millis(50);
-const CLIENT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// `--tunnel-connections` of the gateways: the link's pool size.
 const LINK_CONNECTIONS: usize = 2;
 
@@ -59,14 +53,13 @@ fn sidecar_b_id() -> SpiffeId {
     SpiffeId::parse("spiffe://cluster.local/ns/default/sa/frontend").unwrap()
 }
 
-/// One `isthmus-proxy gateway` process; killed when dropped, its log shown if the
-/// test is failing.
+/// One `isthmus-proxy gateway` process that a test can kill and start again, with
+/// other flags; its log is shown if the test is failing.
 struct Gateway {
     cluster: &'static str,
-    child: Option<Child>,
+    proxy: Option<Proxy>,
     /// Holds `identity-<cluster>/` and `manifests-<cluster>/`.
     root: PathBuf,
-    log: PathBuf,
     inbound: SocketAddr,
     admin: SocketAddr,
     /// `--allow-local-endpoints`: the echo server behind the exports is on loopback.
@@ -82,9 +75,8 @@ impl Gateway {
     ) -> Gateway {
         let mut gateway = Gateway {
             cluster,
-            child: None,
+            proxy: None,
             root: root.to_owned(),
-            log: root.join(format!("gateway-{cluster}.log")),
             inbound,
             admin,
             local_endpoints: true,
@@ -93,164 +85,90 @@ impl Gateway {
         gateway
     }
 
-    /// Starts the process (again, after [`Gateway::kill`]), appending to its log.
+    /// Another role's process (a sidecar, a standalone proxy) handled like one.
+    fn other(cluster: &'static str, root: &Path, inbound: SocketAddr, proxy: Proxy) -> Gateway {
+        Gateway {
+            cluster,
+            admin: proxy.admin,
+            proxy: Some(proxy),
+            root: root.to_owned(),
+            inbound,
+            local_endpoints: false,
+        }
+    }
+
+    /// Starts the process (again, after [`Gateway::kill`]), with the flags of now,
+    /// appending to its log.
     fn start(&mut self) {
-        assert!(self.child.is_none(), "gateway-{} is running", self.cluster);
+        if let Some(old) = self.proxy.as_mut() {
+            assert!(!old.running(), "gateway-{} is running", self.cluster);
+        }
         let (cluster, root) = (self.cluster, &self.root);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
-            .arg("gateway")
-            .args(["--cluster", cluster])
-            .arg("--identity-dir")
-            .arg(root.join(format!("identity-{cluster}")))
-            .arg("--manifests")
-            .arg(root.join(format!("manifests-{cluster}")))
-            .args(["--inbound-addr", &self.inbound.to_string()])
-            .args(["--admin-addr", &self.admin.to_string()])
-            .args(["--reload-interval", RELOAD])
-            .args([
-                "--connect-timeout",
-                &format!("{}s", GATEWAY_CONNECT_TIMEOUT.as_secs()),
-            ])
-            .args(["--tunnel-connections", &LINK_CONNECTIONS.to_string()])
-            .args([
-                "--shutdown-grace",
-                &format!("{}s", SHUTDOWN_GRACE.as_secs()),
-            ])
-            .args(["--log", "info,proxy_core=debug"])
-            .args(self.local_endpoints.then_some("--allow-local-endpoints"))
-            .env_clear()
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+        let proxy = Proxy::command(
+            env!("CARGO_BIN_EXE_isthmus-proxy"),
+            "gateway",
+            cluster,
+            &root.join(format!("identity-{cluster}")),
+            &root.join(format!("manifests-{cluster}")),
+            self.admin,
+            root.join(format!("gateway-{cluster}.log")),
+        )
+        .args(["--inbound-addr", &self.inbound.to_string()])
+        .args(["--reload-interval", RELOAD])
+        .args([
+            "--connect-timeout",
+            &format!("{}s", GATEWAY_CONNECT_TIMEOUT.as_secs()),
+        ])
+        .args(["--tunnel-connections", &LINK_CONNECTIONS.to_string()])
+        .args([
+            "--shutdown-grace",
+            &format!("{}s", SHUTDOWN_GRACE.as_secs()),
+        ])
+        .args(["--log", "info,proxy_core=debug"])
+        .args(self.local_endpoints.then_some("--allow-local-endpoints"))
+        .start();
+        self.proxy = Some(proxy);
+    }
+
+    fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("the gateway was started")
+    }
+
+    fn proxy_mut(&mut self) -> &mut Proxy {
+        self.proxy.as_mut().expect("the gateway was started")
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().expect("the gateway is running").id()
+        self.proxy().pid()
     }
 
     /// Sends SIGTERM, as a kubelet stopping the pod would.
     fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -TERM gateway-{}", self.cluster);
+        self.proxy().terminate();
     }
 
     /// Waits (bounded) for the process to exit by itself.
     async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let child = self.child.as_mut().expect("the gateway is running");
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway-{} still running after {limit:?}",
-                self.cluster
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.proxy_mut().wait_exit(limit).await
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.proxy_mut().kill();
     }
 
     /// Waits until the admin server answers `/ready`, failing at once if the process
     /// exited (a bad flag or manifest).
     async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + STEP;
-        loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("gateway-{} exited: {status}", self.cluster);
-            }
-            if http_get(self.admin, "/ready").await == "ready\n" {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway-{} never became ready",
-                self.cluster
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.proxy_mut().wait_ready().await;
     }
 
     async fn config(&self) -> serde_json::Value {
-        let body = http_get(self.admin, "/config").await;
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/config is not JSON ({e}): {body}"))
+        self.proxy().config().await
     }
 
     async fn metrics(&self) -> String {
-        http_get(self.admin, "/metrics").await
+        self.proxy().metrics().await
     }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- gateway-{} log ---\n{}",
-                self.cluster,
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-/// A TCP echo server that counts the connections it accepts.
-struct Echo {
-    addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-}
-
-impl Echo {
-    async fn start(ip: IpAddr) -> Echo {
-        let listener = TcpListener::bind((ip, 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let (mut rd, mut wr) = stream.split();
-                    // Echo until the client half-closes, then half-close back.
-                    if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
-                        let _ = wr.shutdown().await;
-                    }
-                });
-            }
-        });
-        Echo { addr, accepted }
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-}
-
-/// A port nobody listens on at `ip` right now (bound, then released).
-fn free_addr(ip: impl Into<IpAddr>) -> SocketAddr {
-    let ip = ip.into();
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 fn write_identity(dir: &Path, leaf: &LeafBundle) -> Arc<CredentialStore> {
@@ -268,19 +186,13 @@ impl Client {
     fn new(store: Arc<CredentialStore>, gateway: SocketAddr, expect: SpiffeId) -> Client {
         let (stop, stopped) = watch::channel(false);
         let pool = Pool::spawn(
-            PeerConfig {
-                name: Arc::from(format!("test/{gateway}")),
-                addr: gateway,
-                server_name: ServerName::IpAddress(gateway.ip().into()),
-                tls: proxy_identity::client_config(store, PeerPolicy::Exact(expect)),
-                connect_timeout: STEP,
-                connections: 2,
-                h2: H2Settings::default(),
-                backoff_min: CLIENT_BACKOFF_MIN,
-                backoff_max: CLIENT_BACKOFF_MAX,
-                handshake_failed: None,
-                deadline: None,
-            },
+            test_peer(
+                &format!("test/{gateway}"),
+                gateway,
+                proxy_identity::client_config(store, PeerPolicy::Exact(expect)),
+                2,
+                STEP,
+            ),
             stopped,
         );
         Client { pool, _stop: stop }
@@ -350,47 +262,6 @@ async fn round_trip(stream: proxy_core::tunnel::client::TunnelStream, payload: &
         .await
         .expect("round trip through the gateways hung");
     back
-}
-
-/// A plain HTTP/1.1 GET to an admin server (bounded).
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        std::io::Result::Ok(String::from_utf8_lossy(&response).into_owned())
-    };
-    let response = match timeout(STEP, exchange).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => return format!("error: {e}"),
-        Err(_) => panic!("GET {path} from {addr} hung"),
-    };
-    match response.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") => body.to_owned(),
-        _ => format!("error: {response}"),
-    }
-}
-
-/// Polls `check` every 50 ms until it returns `Some`, for at most `limit`.
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Two linked clusters on loopback, each with its gateway process.
@@ -806,7 +677,7 @@ async fn refusals_are_prompt_and_reach_nothing() {
     tokio::time::sleep(WINDOW).await;
     let after = handshake_refusals().await.unwrap();
     let retries = after - before;
-    let per_slot_bound = WINDOW.as_millis() / CLIENT_BACKOFF_MAX.as_millis() + 4;
+    let per_slot_bound = WINDOW.as_millis() / isthmus_tests::peer::BACKOFF_MAX.as_millis() + 4;
     eprintln!(
         "gateway-b refused {after} handshakes of the foreign client, {retries} in the last {WINDOW:?}"
     );
@@ -1345,32 +1216,19 @@ async fn a_mirror_added_at_run_time_is_reached_by_name_through_both_gateways() {
     );
     let listen = free_addr(Ipv4Addr::new(127, 0, 70, 4));
     let admin = free_addr(Ipv4Addr::new(127, 0, 70, 4));
-    let log = root.join("standalone-b.log");
-    let mut standalone = Gateway {
-        cluster: "cluster-b",
-        child: Some(
-            Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
-                .arg("standalone")
-                .args(["--cluster", "cluster-b"])
-                .arg("--identity-dir")
-                .arg(root.join("identity-standalone-b"))
-                .arg("--manifests")
-                .arg(root.join("manifests-cluster-b"))
-                .args(["--outbound-addr", &listen.to_string()])
-                .args(["--admin-addr", &admin.to_string()])
-                .args(["--reload-interval", RELOAD])
-                .env_clear()
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
-        ),
-        root: root.to_owned(),
-        log,
-        inbound: listen,
+    let standalone = Proxy::command(
+        env!("CARGO_BIN_EXE_isthmus-proxy"),
+        "standalone",
+        "cluster-b",
+        &root.join("identity-standalone-b"),
+        &root.join("manifests-cluster-b"),
         admin,
-        local_endpoints: false,
-    };
+        root.join("standalone-b.log"),
+    )
+    .args(["--outbound-addr", &listen.to_string()])
+    .args(["--reload-interval", RELOAD])
+    .start();
+    let mut standalone = Gateway::other("cluster-b", root, listen, standalone);
     standalone.wait_ready().await;
     let config = standalone.config().await;
     assert_eq!(config["gateway"]["up"], true, "{config}");
@@ -1432,32 +1290,19 @@ async fn streams_to_a_meshed_pod_enter_through_its_sidecar() {
         ),
     );
     let admin = free_addr(pod_ip);
-    let log = root.join("sidecar-pod-a.log");
-    let mut sidecar = Gateway {
-        cluster: "cluster-a",
-        child: Some(
-            Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
-                .arg("sidecar")
-                .args(["--cluster", "cluster-a"])
-                .arg("--identity-dir")
-                .arg(root.join("identity-pod-a"))
-                .arg("--manifests")
-                .arg(root.join("manifests-cluster-a"))
-                .args(["--inbound-addr", &format!("{pod_ip}:4143")])
-                .args(["--outbound-addr", &free_addr(pod_ip).to_string()])
-                .args(["--admin-addr", &admin.to_string()])
-                .env_clear()
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
-        ),
-        root: root.to_owned(),
-        log,
-        inbound: SocketAddr::from((pod_ip, 4143)),
+    let sidecar = Proxy::command(
+        env!("CARGO_BIN_EXE_isthmus-proxy"),
+        "sidecar",
+        "cluster-a",
+        &root.join("identity-pod-a"),
+        &root.join("manifests-cluster-a"),
         admin,
-        local_endpoints: false,
-    };
+        root.join("sidecar-pod-a.log"),
+    )
+    .args(["--inbound-addr", &format!("{pod_ip}:4143")])
+    .args(["--outbound-addr", &free_addr(pod_ip).to_string()])
+    .start();
+    let mut sidecar = Gateway::other("cluster-a", root, SocketAddr::from((pod_ip, 4143)), sidecar);
     sidecar.wait_ready().await;
 
     // The pod's endpoint is its own address at the app port, where the app (an

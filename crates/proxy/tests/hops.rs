@@ -59,11 +59,11 @@ fn identity(
 async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let mut pki = Pki::new();
+    let pki = Pki::new(&proxy_identity::mint::default_anchor_name());
     for cluster in ["cluster-a", "cluster-b", "cluster-c"] {
         pki.add_issuer(cluster, cluster);
     }
-    let mut foreign = Pki::new();
+    let foreign = Pki::new(&proxy_identity::mint::default_anchor_name());
     foreign.add_issuer("cluster-a", "cluster-a");
 
     // The app of the meshed pod 127.0.92.20, on every address: whichever way the
@@ -107,7 +107,7 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
         &Presented::of(&pki.leaf("cluster-b", WORKLOAD_ID)),
     )
     .await;
-    let mut gw_a = Proxy::spawn(
+    let mut gw_a = spawn(
         "gateway",
         "cluster-a",
         &identity(root, "gateway-a", &pki.leaf("cluster-a", GATEWAY_ID)),
@@ -122,7 +122,7 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
         "pod-a",
         &[("settings.yaml", settings("cluster-a", gw_a_addr))],
     );
-    let mut pod = Proxy::spawn(
+    let mut pod = spawn(
         "sidecar",
         "cluster-a",
         &identity(root, "pod-a", &pki.leaf("cluster-a", WORKLOAD_ID)),
@@ -158,7 +158,7 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
             ),
         ],
     );
-    let mut gw_b = Proxy::spawn(
+    let mut gw_b = spawn(
         "gateway",
         "cluster-b",
         &identity(root, "gateway-b", &pki.leaf("cluster-b", GATEWAY_ID)),
@@ -189,7 +189,7 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
             name,
             &[("settings.yaml", settings("cluster-b", gateway))],
         );
-        sidecars.push(Proxy::spawn(
+        sidecars.push(spawn(
             "sidecar",
             "cluster-b",
             &identity(root, name, &pki.leaf("cluster-b", WORKLOAD_ID)),
@@ -326,7 +326,7 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
         (
             "pod sidecar <- leaf signed by the anchor",
             pod_tunnel,
-            Presented::of(&forged_leaf(&pki.anchor, GATEWAY_ID)),
+            Presented::of(&forged_leaf(pki.anchor(), GATEWAY_ID)),
             &to_app,
             vec![],
         ),
@@ -434,7 +434,7 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
 async fn a_proxy_does_not_start_with_a_leaf_outside_its_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let mut pki = Pki::new();
+    let pki = Pki::new(&proxy_identity::mint::default_anchor_name());
     for cluster in ["cluster-a", "cluster-b"] {
         pki.add_issuer(cluster, cluster);
     }
@@ -454,13 +454,13 @@ async fn a_proxy_does_not_start_with_a_leaf_outside_its_cluster() {
         (
             "gateway",
             "signed by the anchor",
-            forged_leaf(&pki.anchor, GATEWAY_ID),
+            forged_leaf(pki.anchor(), GATEWAY_ID),
             "by no cluster's issuer",
         ),
         (
             "standalone",
             "signed by the anchor",
-            forged_leaf(&pki.anchor, WORKLOAD_ID),
+            forged_leaf(pki.anchor(), WORKLOAD_ID),
             "by no cluster's issuer",
         ),
     ];
@@ -474,7 +474,7 @@ async fn a_proxy_does_not_start_with_a_leaf_outside_its_cluster() {
         } else {
             "inbound-addr"
         };
-        let mut proxy = Proxy::spawn(
+        let mut proxy = spawn(
             role,
             "cluster-a",
             &identity,
@@ -483,7 +483,8 @@ async fn a_proxy_does_not_start_with_a_leaf_outside_its_cluster() {
             free_addr(ip(40 + n as u8)),
             root.join(format!("{name}.log")),
         );
-        let (status, log) = proxy.wait_exit().await;
+        let status = proxy.wait_exit(STEP).await;
+        let log = proxy.log_text();
         assert!(!status.success(), "{role} with a leaf {what} started");
         let cert = identity.join("tls.crt");
         for needle in [

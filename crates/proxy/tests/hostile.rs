@@ -14,10 +14,11 @@
 
 mod common;
 
+use isthmus_tests::peer::test_peer;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -27,15 +28,14 @@ use isthmus_tests::pod;
 use isthmus_tests::tcp::{closed_within, read_response};
 use isthmus_tests::tls_probe::{probe_config, tls_error};
 use isthmus_vocab::{Authority, ClusterName, SpiffeId};
-use proxy_core::pool::{PeerConfig, Pool};
-use proxy_core::tunnel::H2Settings;
+use proxy_core::pool::Pool;
 use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::{STEP, stop_and_show_log};
+use common::{Proxy as Process, STEP};
 
 /// `--tls-handshake-timeout` and `--header-read-timeout` of the proxies under test.
 const SHORT_TIMEOUT: &str = "2s";
@@ -46,71 +46,52 @@ fn gateway_id() -> SpiffeId {
     multicluster::gateway_id("cluster-a")
 }
 
-/// The proxy process; killed on drop, its log shown if the test is failing.
+/// The proxy process and where it listens.
 struct Proxy {
-    child: Child,
-    log: PathBuf,
+    process: Process,
     /// The mesh (gateway) or explicit (standalone) listener.
     listen: SocketAddr,
     admin: SocketAddr,
 }
 
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        stop_and_show_log(&mut self.child, &self.log);
-    }
-}
-
 impl Proxy {
     fn spawn(role: &str, dir: &Path, listen: SocketAddr, extra: &[&str]) -> Proxy {
         let admin = free_addr(listen.ip());
-        let log = dir.join(format!("{role}.log"));
         let listen_flag = match role {
             "gateway" => "--inbound-addr",
             _ => "--outbound-addr",
         };
-        let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
-            .arg(role)
-            .args((role == "gateway").then_some("--allow-local-endpoints"))
-            .args(["--cluster", "cluster-a", "--identity-dir"])
-            .arg(dir.join("identity"))
-            .arg("--manifests")
-            .arg(dir.join("manifests"))
-            .args([listen_flag, &listen.to_string()])
-            .args(["--admin-addr", &admin.to_string()])
-            .args(["--log", "info,proxy_core=debug,proxy_identity=debug"])
-            .args(extra)
-            .env_clear()
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut proxy = Proxy {
-            child,
-            log,
+        let mut process = Process::command(
+            env!("CARGO_BIN_EXE_isthmus-proxy"),
+            role,
+            "cluster-a",
+            &dir.join("identity"),
+            &dir.join("manifests"),
+            admin,
+            dir.join(format!("{role}.log")),
+        )
+        .args((role == "gateway").then_some("--allow-local-endpoints"))
+        .args([listen_flag, &listen.to_string()])
+        .args(["--log", "info,proxy_core=debug,proxy_identity=debug"])
+        .args(extra.iter().copied())
+        .start();
+        process.wait_ready_blocking();
+        Proxy {
+            process,
             listen,
             admin,
-        };
-        let deadline = Instant::now() + STEP;
-        while !http_get(admin, "/ready").starts_with("HTTP/1.1 200") {
-            if let Some(status) = proxy.child.try_wait().unwrap() {
-                panic!("the proxy exited: {status}");
-            }
-            assert!(Instant::now() < deadline, "the proxy never became ready");
-            std::thread::sleep(Duration::from_millis(50));
         }
-        proxy
     }
 
     fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+        std::fs::read_dir(format!("/proc/{}/fd", self.process.pid()))
             .unwrap()
             .count()
     }
 
     /// Waits (bounded) until the proxy holds no more descriptors than `baseline`.
     fn fds_return_to(&self, baseline: usize) {
-        pod::fds_return_to(self.child.id(), baseline, STEP, "the proxy");
+        pod::fds_return_to(self.process.pid(), baseline, STEP, "the proxy");
     }
 
     fn metrics(&self) -> String {
@@ -276,19 +257,13 @@ impl Bystander {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let pool = runtime.block_on(async {
             Pool::spawn(
-                PeerConfig {
-                    name: Arc::from("bystander"),
-                    addr: gateway,
-                    server_name: ServerName::IpAddress(gateway.ip().into()),
-                    tls: proxy_identity::client_config(store, PeerPolicy::Exact(gateway_id())),
-                    connect_timeout: STEP,
-                    connections: 1,
-                    h2: H2Settings::default(),
-                    backoff_min: Duration::from_millis(50),
-                    backoff_max: Duration::from_millis(500),
-                    handshake_failed: None,
-                    deadline: None,
-                },
+                test_peer(
+                    "bystander",
+                    gateway,
+                    proxy_identity::client_config(store, PeerPolicy::Exact(gateway_id())),
+                    1,
+                    STEP,
+                ),
                 stopped,
             )
         });

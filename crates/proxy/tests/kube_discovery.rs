@@ -19,7 +19,7 @@ use serde_json::json;
 use test_apiserver::{ResourceType, TestApiServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 
 const STEP: Duration = Duration::from_secs(20);
 
@@ -64,19 +64,16 @@ fn services(config: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Polls `/config` at `admin` until `check` finds what it wants in it.
 async fn eventually<T>(
     what: &str,
     admin: SocketAddr,
     check: impl Fn(&serde_json::Value) -> Option<T>,
 ) -> T {
-    let deadline = Instant::now() + STEP;
-    loop {
-        if let Some(found) = config(admin).await.as_ref().and_then(&check) {
-            return found;
-        }
-        assert!(Instant::now() < deadline, "{what} within {STEP:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    isthmus_test_support::eventually(what, STEP, || async {
+        config(admin).await.as_ref().and_then(&check)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

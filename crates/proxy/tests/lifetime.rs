@@ -10,82 +10,47 @@
 //!   connection end at notAfter.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
+use isthmus_tests::peer::test_peer;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{certs, short_lived_gateway_leaf};
+use isthmus_test_support::pki::{not_after, short_lived};
+use isthmus_test_support::proxy::free_addr;
+use isthmus_test_support::{Pki, Presented, Proxy, STEP, eventually_blocking};
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link};
 use isthmus_vocab::{Authority, Refusal};
 use proxy_core::pool::{Pool, PoolError};
-use proxy_core::tunnel::H2Settings;
-use proxy_identity::mint::{self, KeyAlgorithm, Validity};
-use proxy_identity::rustls::pki_types::pem::PemObject;
-use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use proxy_identity::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use proxy_identity::rustls::{
-    self, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
-};
-use proxy_identity::{CredentialPaths, CredentialStore, Credentials, PeerPolicy, crypto_provider};
+use proxy_identity::mint::LeafBundle;
+use proxy_identity::rustls::ServerConfig;
+use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 
-const STEP: Duration = Duration::from_secs(10);
 /// The short leaf's life after it is minted: the gateway must start first.
 const LIFETIME: Duration = Duration::from_secs(5);
 /// How long streams are tried after notAfter.
 const AFTER_EXPIRY: Duration = Duration::from_secs(3);
 
-fn free_addr(ip: Ipv4Addr) -> SocketAddr {
-    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
-}
-
-fn not_after(identity: &Path) -> SystemTime {
-    Credentials::load(&CredentialPaths::in_dir(identity), SystemTime::now())
-        .unwrap()
-        .not_after()
-}
-
-struct Gateway {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- gateway log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
-
 /// Starts a gateway of cluster-a with the identity and manifests under `root`.
-fn start_gateway(root: &Path, inbound: SocketAddr, admin: SocketAddr) -> Gateway {
-    let log = root.join("gateway.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
-        .arg("gateway")
-        .args(["--cluster", "cluster-a"])
-        .arg("--identity-dir")
-        .arg(root.join("identity"))
-        .arg("--manifests")
-        .arg(root.join("manifests"))
-        .args(["--inbound-addr", &inbound.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(["--reload-interval", "200ms"])
-        .args(["--tunnel-connections", "1"])
-        .env_clear()
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Gateway { child, log }
+fn start_gateway(root: &Path, inbound: SocketAddr, admin: SocketAddr) -> Proxy {
+    Proxy::command(
+        env!("CARGO_BIN_EXE_isthmus-proxy"),
+        "gateway",
+        "cluster-a",
+        &root.join("identity"),
+        &root.join("manifests"),
+        admin,
+        root.join("gateway.log"),
+    )
+    .args(["--inbound-addr", &inbound.to_string()])
+    .args(["--reload-interval", "200ms"])
+    .args(["--tunnel-connections", "1"])
+    .start()
+}
+
+/// A leaf for `cluster`'s gateway, valid from a minute ago for `lifetime`.
+fn gateway_leaf(pki: &Pki, cluster: &str, lifetime: Duration) -> LeafBundle {
+    pki.leaf_valid(cluster, &gateway_id(cluster), short_lived(lifetime))
 }
 
 fn write_manifests(root: &Path, inbound: SocketAddr, peer: Option<SocketAddr>) {
@@ -98,19 +63,6 @@ fn write_manifests(root: &Path, inbound: SocketAddr, peer: Option<SocketAddr>) {
     .unwrap();
     if let Some(peer) = peer {
         std::fs::write(manifests.join("link.yaml"), link("cluster-b", peer, peer)).unwrap();
-    }
-}
-
-fn wait_ready(admin: SocketAddr) {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let ready = isthmus_tests::pod::http_get(admin, "/ready")
-            .is_ok_and(|r| r.get(9..12) == Some("200"));
-        if ready {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the gateway never became ready");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -130,21 +82,18 @@ fn a_client_whose_leaf_expired_gets_no_stream_on_its_pooled_connection() {
     let inbound = free_addr(ip);
     let admin = free_addr(ip);
 
-    let validity = Validity::from_now(Duration::from_secs(3600));
-    let anchor = mint::trust_anchor("lifetime anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let issuer_a = mint::issuer(&anchor, "cluster-a", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let issuer_b = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    short_lived_gateway_leaf(&issuer_a, "cluster-a", Duration::from_secs(1800))
+    let pki = Pki::new("lifetime anchor");
+    gateway_leaf(&pki, "cluster-a", Duration::from_secs(1800))
         .write_dir(&root.join("identity"), false)
         .unwrap();
     write_manifests(root, inbound, None);
-    let _gateway = start_gateway(root, inbound, admin);
-    wait_ready(admin);
+    let mut gateway = start_gateway(root, inbound, admin);
+    gateway.wait_ready_blocking();
 
     // The client: a short leaf, and a pool that itself never retires a connection
     // (no deadline), so only the gateway can end its use.
     let client_dir = root.join("client");
-    short_lived_gateway_leaf(&issuer_b, "cluster-b", LIFETIME)
+    gateway_leaf(&pki, "cluster-b", LIFETIME)
         .write_dir(&client_dir, false)
         .unwrap();
     let expires = not_after(&client_dir);
@@ -154,22 +103,13 @@ fn a_client_whose_leaf_expired_gets_no_stream_on_its_pooled_connection() {
     let authority = Authority::parse("nowhere.default.svc.cluster.local:80").unwrap();
     let (before, after) = rt.block_on(async {
         let pool = Pool::spawn(
-            proxy_core::pool::PeerConfig {
-                name: Arc::from("test/gateway-a"),
-                addr: inbound,
-                server_name: ServerName::IpAddress(inbound.ip().into()),
-                tls: proxy_identity::client_config(
-                    store,
-                    PeerPolicy::Exact(gateway_id("cluster-a")),
-                ),
-                connect_timeout: STEP,
-                connections: 1,
-                h2: H2Settings::default(),
-                backoff_min: Duration::from_millis(50),
-                backoff_max: Duration::from_millis(500),
-                handshake_failed: None,
-                deadline: None,
-            },
+            test_peer(
+                "test/gateway-a",
+                inbound,
+                proxy_identity::client_config(store, PeerPolicy::Exact(gateway_id("cluster-a"))),
+                1,
+                STEP,
+            ),
             stopped,
         );
         // Served before notAfter: the gateway's handler answers `no_route`.
@@ -220,52 +160,6 @@ fn a_client_whose_leaf_expired_gets_no_stream_on_its_pooled_connection() {
         served, 0,
         "the gateway served streams of a client whose leaf expired: {after:?}"
     );
-}
-
-/// Asks for a client certificate without requiring one and accepts any: the test
-/// only watches the connection's life.
-#[derive(Debug)]
-struct OptionalClientCert;
-
-impl ClientCertVerifier for OptionalClientCert {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-    fn verify_client_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        Ok(ClientCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        crypto_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// One connection the peer accepted: whether the client presented a leaf, and when
@@ -332,43 +226,35 @@ fn a_gateway_whose_leaf_expired_retires_its_link_pool() {
     let peer_std = TcpListener::bind((Ipv4Addr::new(127, 0, 92, 4), 0)).unwrap();
     let peer_addr = peer_std.local_addr().unwrap();
 
-    let validity = Validity::from_now(Duration::from_secs(3600));
-    let anchor = mint::trust_anchor("lifetime anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let issuer_a = mint::issuer(&anchor, "cluster-a", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let issuer_b = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let peer_leaf = short_lived_gateway_leaf(&issuer_b, "cluster-b", Duration::from_secs(1800));
+    let pki = Pki::new("lifetime anchor");
+    let peer_leaf = gateway_leaf(&pki, "cluster-b", Duration::from_secs(1800));
     let identity = root.join("identity");
-    short_lived_gateway_leaf(&issuer_a, "cluster-a", LIFETIME)
+    gateway_leaf(&pki, "cluster-a", LIFETIME)
         .write_dir(&identity, false)
         .unwrap();
     let expires = not_after(&identity);
     write_manifests(root, inbound, Some(peer_addr));
 
-    let mut config = ServerConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_client_cert_verifier(Arc::new(OptionalClientCert))
-        .with_single_cert(
-            certs(&peer_leaf.cert_chain_pem),
-            PrivateKeyDer::from_pem_slice(peer_leaf.key_pem.as_bytes()).unwrap(),
-        )
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = Presented::of(&peer_leaf).server_config();
     let lives = Arc::new(Mutex::new(Vec::new()));
     let rt = runtime();
     peer_std.set_nonblocking(true).unwrap();
     let listener = rt.block_on(async { tokio::net::TcpListener::from_std(peer_std).unwrap() });
-    rt.spawn(peer_gateway(listener, Arc::new(config), lives.clone()));
+    rt.spawn(peer_gateway(listener, config, lives.clone()));
 
     let _gateway = start_gateway(root, inbound, admin);
-    let deadline = Instant::now() + STEP;
-    while !lives.lock().unwrap().iter().any(|l| l.presented) {
-        assert!(
-            Instant::now() < deadline,
-            "the gateway's link pool never connected with its leaf"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually_blocking(
+        "the gateway's link pool to connect with its leaf",
+        STEP,
+        || {
+            lives
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.presented)
+                .then_some(())
+        },
+    );
     assert!(
         SystemTime::now() < expires,
         "the gateway took too long to start: the leaf expired before it was checked"

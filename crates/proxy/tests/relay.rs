@@ -35,7 +35,7 @@ struct Mesh {
 async fn mesh() -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let mut pki = Pki::new();
+    let pki = Pki::new(&proxy_identity::mint::default_anchor_name());
     for cluster in ["cluster-a", "cluster-b", "cluster-c"] {
         pki.add_issuer(cluster, cluster);
     }
@@ -85,7 +85,7 @@ async fn mesh() -> Mesh {
                 .unwrap();
             }
         }
-        proxies.push(Proxy::spawn(
+        proxies.push(spawn(
             "gateway",
             cluster,
             &identity,
@@ -150,7 +150,7 @@ async fn only_leaves_of_the_gateways_own_issuers_are_relayed() {
         pem("cluster-c"),
         pem("cluster-b-new"),
     );
-    let anchor = pki.anchor.ca.cert_pem.clone();
+    let anchor = pki.anchor().ca.cert_pem.clone();
 
     // Legitimate: workloads of cluster-b, from the old and the new issuer, whatever
     // order their chain comes in.
@@ -206,10 +206,10 @@ async fn only_leaves_of_the_gateways_own_issuers_are_relayed() {
     let real_b_leaf_pem = first_pem(&b_old.cert_chain_pem);
     // Forged: a leaf of the anchor itself, CAs under issuers (the issuers' path
     // length forbids them), a self-signed CA wearing cluster-b's issuer name.
-    let by_anchor = forged_leaf(&pki.anchor, WORKLOAD_ID);
-    let sub_of_b = forged_ca(pki.issuer("cluster-b"), "cluster-b", Some(0));
+    let by_anchor = forged_leaf(pki.anchor(), WORKLOAD_ID);
+    let sub_of_b = forged_ca(&pki.issuer("cluster-b"), "cluster-b", Some(0));
     let under_sub_of_b = forged_leaf(&sub_of_b, WORKLOAD_ID);
-    let sub_of_a = forged_ca(pki.issuer("cluster-a"), "cluster-b", Some(0));
+    let sub_of_a = forged_ca(&pki.issuer("cluster-a"), "cluster-b", Some(0));
     let under_sub_of_a = forged_leaf(&sub_of_a, WORKLOAD_ID);
     let impostor = impostor_ca("cluster-b");
     let under_impostor = forged_leaf(&impostor, WORKLOAD_ID);

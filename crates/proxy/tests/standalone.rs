@@ -7,24 +7,9 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{
-    STEP, connect_through, echo, free_port, mint_identity, spawn_standalone, stop_and_show_log,
-};
-
-/// Kills the proxy when the test ends, whatever way it ends, and shows its log on failure.
-struct Proxy {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        stop_and_show_log(&mut self.child, &self.log);
-    }
-}
+use common::{Proxy, STEP, connect_through, echo, free_port, mint_identity, spawn_standalone};
 
 /// A tiny HTTP/1.1 origin that answers every request with its request line.
 fn origin() -> SocketAddr {
@@ -77,8 +62,7 @@ fn start_with(dir: &Path, extra: &[&str]) -> (Proxy, SocketAddr, SocketAddr) {
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let log = dir.join("proxy.log");
-    let child = spawn_standalone(&identity, &manifests, listen, admin, extra, &log);
-    let proxy = Proxy { child, log };
+    let proxy = spawn_standalone(&identity, &manifests, listen, admin, extra, &log);
     let deadline = Instant::now() + STEP;
     while !get(admin, "/ready").starts_with("HTTP/1.1 200") {
         assert!(Instant::now() < deadline, "the proxy never became ready");
@@ -162,25 +146,6 @@ fn unreachable_targets_are_refused_with_their_reason() {
     assert!(config.contains("\"role\": \"standalone\""), "{config}");
 }
 
-fn terminate(proxy: &Proxy) {
-    let status = Command::new("kill")
-        .args(["-TERM", &proxy.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn exited_within(proxy: &mut Proxy, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if proxy.child.try_wait().unwrap().is_some() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
 #[test]
 fn sigterm_stops_accepting_and_lets_open_connections_finish() {
     let dir = tempfile::tempdir().unwrap();
@@ -191,7 +156,7 @@ fn sigterm_stops_accepting_and_lets_open_connections_finish() {
     let mut buf = [0u8; 6];
     open.read_exact(&mut buf).unwrap();
 
-    terminate(&proxy);
+    proxy.terminate();
     // Draining: the listener is closed at once, so new clients are refused.
     let deadline = Instant::now() + STEP;
     while TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
@@ -209,16 +174,10 @@ fn sigterm_stops_accepting_and_lets_open_connections_finish() {
     open.write_all(b"during").unwrap();
     open.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"during");
-    assert!(
-        proxy.child.try_wait().unwrap().is_none(),
-        "exited with a connection open"
-    );
+    assert!(proxy.running(), "exited with a connection open");
     drop(open);
-    assert!(
-        exited_within(&mut proxy, STEP),
-        "did not exit after its last connection closed"
-    );
-    assert!(proxy.child.wait().unwrap().success());
+    let status = proxy.wait_exit_blocking(STEP);
+    assert!(status.success(), "{status}");
 }
 
 #[test]
@@ -227,11 +186,9 @@ fn sigterm_cuts_connections_still_open_when_the_grace_period_ends() {
     let (mut proxy, listen, _admin) = start_with(dir.path(), &["--shutdown-grace", "500ms"]);
     let echo = echo();
     let mut open = connect_through(listen, echo);
-    terminate(&proxy);
-    assert!(
-        exited_within(&mut proxy, STEP),
-        "did not exit when the grace period ended"
-    );
+    proxy.terminate();
+    // Fails the test naming the process when it does not exit.
+    proxy.wait_exit_blocking(STEP);
     // The cut connection ends (EOF or reset) instead of hanging.
     let mut rest = Vec::new();
     let _ = open.read_to_end(&mut rest);

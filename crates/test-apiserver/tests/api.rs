@@ -3,6 +3,7 @@
 //! collection, CRDs, and an outage with stop/restart.
 #![allow(clippy::unwrap_used)]
 
+use isthmus_test_support::assert_eventually;
 use std::future::Future;
 use std::time::Duration;
 
@@ -42,18 +43,6 @@ const STEP: Duration = Duration::from_secs(10);
 
 async fn within<F: Future>(f: F) -> F::Output {
     tokio::time::timeout(STEP, f).await.expect("step timed out")
-}
-
-/// Retries `check` until it holds, for changes that arrive asynchronously.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + STEP;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn service(name: &str, labels: serde_json::Value, port: i32) -> Service {
@@ -695,7 +684,7 @@ async fn reflector_survives_outage_and_relists_after_410() {
     let stream = reflector(writer, watcher(api.clone(), config).default_backoff());
     let task = tokio::spawn(stream.for_each(|_| async {}));
     within(reader.wait_until_ready()).await.unwrap();
-    eventually("first in the reflector", || reader.len() == 1).await;
+    assert_eventually!(within STEP, reader.len() == 1, "first in the reflector");
 
     server.stop().await;
     assert!(!server.is_running());
@@ -717,16 +706,15 @@ async fn reflector_survives_outage_and_relists_after_410() {
         .unwrap();
     server.restart().await.unwrap();
 
-    eventually("the reflector to catch up after the outage", || {
+    assert_eventually!(within STEP, {
         let mut names: Vec<String> = reader.state().iter().map(|s| s.name_any()).collect();
         names.sort();
         names == ["during-0", "during-1", "during-2", "during-3", "during-4"]
-    })
-    .await;
+    }, "the reflector to catch up after the outage");
     within(api.create(&PostParams::default(), &service("after", json!({}), 80)))
         .await
         .unwrap();
-    eventually("a live change after recovery", || reader.len() == 6).await;
+    assert_eventually!(within STEP, reader.len() == 6, "a live change after recovery");
     task.abort();
 }
 
@@ -748,7 +736,7 @@ async fn streaming_list_watcher() {
     within(api.create(&PostParams::default(), &service("b", json!({}), 80)))
         .await
         .unwrap();
-    eventually("b via the streaming watcher", || reader.len() == 2).await;
+    assert_eventually!(within STEP, reader.len() == 2, "b via the streaming watcher");
     task.abort();
 }
 
@@ -893,10 +881,9 @@ async fn kube_runtime_controller_reconciles_and_gc_follows() {
         .await
         .unwrap();
     let store = server.store().clone();
-    eventually("the controller's Secret", || {
+    assert_eventually!(within STEP, {
         store.get::<Secret>(Some("default"), "cfg-secret").is_some()
-    })
-    .await;
+    }, "the controller's Secret");
     let secret = store.get::<Secret>(Some("default"), "cfg-secret").unwrap();
     assert!(
         secret.string_data.is_none(),
@@ -915,10 +902,9 @@ async fn kube_runtime_controller_reconciles_and_gc_follows() {
     within(cms.delete("cfg", &DeleteParams::default()))
         .await
         .unwrap();
-    eventually("the owned Secret collected", || {
+    assert_eventually!(within STEP, {
         store.get::<Secret>(Some("default"), "cfg-secret").is_none()
-    })
-    .await;
+    }, "the owned Secret collected");
     task.abort();
 }
 

@@ -1,25 +1,23 @@
-//! Fixtures shared by the integration tests: a two-cluster PKI minted at test time,
-//! credential directories, loopback handshakes with timeouts, and a bare rustls peer
-//! that presents whatever certificate a test hands it (expired, foreign...), which the
-//! validated `Credentials` would refuse to hold.
+//! Fixtures shared by the integration tests: a two-cluster PKI minted at test time
+//! (from the test-support crate), credential directories, loopback handshakes with
+//! timeouts, and a bare rustls peer that presents whatever certificate a test hands
+//! it (expired, foreign...), which the validated `Credentials` would refuse to hold.
 
-#![allow(clippy::unwrap_used, dead_code)]
+#![allow(clippy::unwrap_used, dead_code, unused_imports)]
 
 use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
+pub use isthmus_test_support::pki::{expired, future, hours, id, window};
+use isthmus_test_support::{Pki as Mint, Presented};
 use isthmus_vocab::SpiffeId;
-use proxy_identity::mint::{self, CertificateAuthority, KeyAlgorithm, LeafBundle, Validity};
-use proxy_identity::rustls::client::danger::{
-    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
-};
-use proxy_identity::rustls::pki_types::pem::PemObject;
-use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use proxy_identity::rustls::{self, ClientConfig, DigitallySignedStruct, ServerConfig};
-use proxy_identity::{CredentialPaths, CredentialStore, crypto_provider};
+use proxy_identity::mint::{CertificateAuthority, LeafBundle, Validity};
+use proxy_identity::rustls::pki_types::ServerName;
+use proxy_identity::rustls::{ClientConfig, ServerConfig};
+use proxy_identity::{CredentialPaths, CredentialStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
@@ -32,10 +30,6 @@ pub async fn timeout<F: Future>(f: F) -> F::Output {
 }
 
 pub const TD: &str = "cluster.local";
-
-pub fn id(s: &str) -> SpiffeId {
-    SpiffeId::parse(s).unwrap()
-}
 
 pub fn gateway_id() -> SpiffeId {
     id("spiffe://cluster.local/ns/isthmus/sa/gateway")
@@ -52,57 +46,22 @@ pub struct Pki {
     pub cluster_b: CertificateAuthority,
 }
 
-pub fn hours(n: u64) -> Validity {
-    Validity::from_now(Duration::from_secs(n * 3600))
-}
-
-/// From `back` hours ago to `ahead` hours from now.
-pub fn window(back: u64, ahead: u64) -> Validity {
-    let now = SystemTime::now();
-    Validity {
-        not_before: now - Duration::from_secs(back * 3600),
-        not_after: now + Duration::from_secs(ahead * 3600),
-    }
-}
-
 /// CAs valid from hours ago, so that expired leaves can be minted under them.
 pub fn pki() -> Pki {
-    let anchor = mint::trust_anchor("test anchor", window(4, 48), KeyAlgorithm::default()).unwrap();
-    let cluster_a =
-        mint::issuer(&anchor, "cluster-a", window(3, 24), KeyAlgorithm::default()).unwrap();
-    let cluster_b =
-        mint::issuer(&anchor, "cluster-b", window(3, 24), KeyAlgorithm::default()).unwrap();
+    let mint = Mint::new("test anchor");
     Pki {
-        anchor,
-        cluster_a,
-        cluster_b,
+        anchor: mint.anchor().clone(),
+        cluster_a: mint.issuer("cluster-a"),
+        cluster_b: mint.issuer("cluster-b"),
     }
 }
 
 pub fn leaf(issuer: &CertificateAuthority, id: &SpiffeId) -> LeafBundle {
-    mint::leaf(issuer, id, hours(1), KeyAlgorithm::default()).unwrap()
+    leaf_with(issuer, id, hours(1))
 }
 
 pub fn leaf_with(issuer: &CertificateAuthority, id: &SpiffeId, validity: Validity) -> LeafBundle {
-    mint::leaf(issuer, id, validity, KeyAlgorithm::default()).unwrap()
-}
-
-/// A validity window entirely in the past.
-pub fn expired() -> Validity {
-    let now = SystemTime::now();
-    Validity {
-        not_before: now - Duration::from_secs(7200),
-        not_after: now - Duration::from_secs(3600),
-    }
-}
-
-/// A validity window entirely in the future.
-pub fn future() -> Validity {
-    let now = SystemTime::now();
-    Validity {
-        not_before: now + Duration::from_secs(1800),
-        not_after: now + Duration::from_secs(3600),
-    }
+    isthmus_test_support::pki::leaf_of(issuer, id, validity)
 }
 
 pub fn store_in(dir: &Path, bundle: &LeafBundle) -> Arc<CredentialStore> {
@@ -159,78 +118,15 @@ pub async fn handshake(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> 
 
 /// A client config presenting `bundle` as is (or no certificate), trusting any server.
 pub fn raw_client(bundle: Option<&LeafBundle>) -> Arc<ClientConfig> {
-    let builder = ClientConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnything));
-    let mut config = match bundle {
-        Some(b) => builder
-            .with_client_auth_cert(chain(&b.cert_chain_pem), key(&b.key_pem))
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
+    match bundle {
+        Some(b) => Presented::of(b).client_config(),
+        None => Presented::anonymous_client_config(),
+    }
 }
 
 /// A server config presenting `bundle` as is and asking for no client certificate.
 pub fn raw_server(bundle: &LeafBundle) -> Arc<ServerConfig> {
-    let mut config = ServerConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain(&bundle.cert_chain_pem), key(&bundle.key_pem))
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
-}
-
-fn chain(pem: &str) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .unwrap()
-}
-
-fn key(pem: &str) -> PrivateKeyDer<'static> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap()
-}
-
-#[derive(Debug)]
-struct AcceptAnything;
-
-impl ServerCertVerifier for AcceptAnything {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        crypto_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    Presented::of(bundle).server_config_without_client_auth()
 }
 
 /// Lays `bundle` out as kubelet mounts a secret: the files are symlinks through

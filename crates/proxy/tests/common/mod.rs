@@ -1,6 +1,6 @@
-//! Helpers shared by the integration tests that run the real `isthmus-proxy` binary
-//! on loopback: starting the standalone role, the child's kill-on-drop cleanup, free
-//! ports, a minted identity, an echo server and a CONNECT tunnel.
+//! What the suites that run the standalone `isthmus-proxy` on loopback share: its
+//! command line (on the test-support process fixture), free ports, a minted
+//! identity, an echo server and a CONNECT tunnel.
 //!
 //! Deliberately not here: each suite's fixtures and readiness checks, and the
 //! gateway and sidecar roles' command lines (their flags differ per suite) and origin servers whose answers a suite
@@ -10,36 +10,13 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime};
 
-use isthmus_tests::multicluster::gateway_id;
-use isthmus_vocab::SpiffeId;
-use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
-use proxy_identity::rustls::pki_types::CertificateDer;
-use proxy_identity::rustls::pki_types::pem::PemObject;
-
-/// Bound of every wait: a debug build on a busy machine.
-pub const STEP: Duration = Duration::from_secs(10);
-
-/// Kills and reaps `child`; when the test is failing, prints its log so the
-/// failure shows what the proxy saw. Meant for the `Drop` of a proxy guard.
-pub fn stop_and_show_log(child: &mut Child, log: &Path) {
-    let _ = child.kill();
-    let _ = child.wait();
-    if std::thread::panicking() {
-        eprintln!(
-            "--- proxy log ---\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-    }
-}
+pub use isthmus_test_support::{Pki, Proxy, STEP};
 
 /// Starts `isthmus-proxy standalone` as cluster-b with the identity and manifests
 /// directories given, its explicit proxy on `listen` and admin on `admin`, then
-/// `extra` flags; only these flags configure it (the environment is cleared), and
-/// its stderr goes to `log`. Does not wait for readiness: each suite probes it its
-/// own way.
+/// `extra` flags; its stderr goes to `log`. Does not wait for readiness: each suite
+/// probes it its own way.
 pub fn spawn_standalone(
     identity: &Path,
     manifests: &Path,
@@ -47,20 +24,19 @@ pub fn spawn_standalone(
     admin: SocketAddr,
     extra: &[&str],
     log: &Path,
-) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
-        .args(["standalone", "--cluster", "cluster-b", "--identity-dir"])
-        .arg(identity)
-        .arg("--manifests")
-        .arg(manifests)
-        .args(["--outbound-addr", &listen.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(extra)
-        .env_clear()
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
+) -> Proxy {
+    Proxy::command(
+        env!("CARGO_BIN_EXE_isthmus-proxy"),
+        "standalone",
+        "cluster-b",
+        identity,
+        manifests,
+        admin,
+        log.to_owned(),
+    )
+    .args(["--outbound-addr", &listen.to_string()])
+    .args(extra.iter().copied())
+    .start()
 }
 
 /// A loopback port nothing listens on right now.
@@ -75,12 +51,8 @@ pub fn free_port() -> u16 {
 /// Writes a fresh leaf for `spiffe://cluster.local/ns/default/sa/dev`, issued for
 /// cluster-b under a new trust anchor, into `dir` (valid for an hour).
 pub fn mint_identity(dir: &Path) {
-    let validity = Validity::from_now(Duration::from_secs(3600));
-    let anchor = mint::trust_anchor("test anchor", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let issuer = mint::issuer(&anchor, "cluster-b", validity, KeyAlgorithm::EcdsaP256).unwrap();
-    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/dev").unwrap();
-    mint::leaf(&issuer, &id, validity, KeyAlgorithm::EcdsaP256)
-        .unwrap()
+    Pki::new("test anchor")
+        .leaf("cluster-b", "spiffe://cluster.local/ns/default/sa/dev")
         .write_dir(dir, false)
         .unwrap();
 }
@@ -127,32 +99,4 @@ pub fn connect_through(listen: SocketAddr, target: SocketAddr) -> TcpStream {
         String::from_utf8_lossy(&head)
     );
     tunnel
-}
-
-/// `cluster`'s gateway leaf under `issuer`, valid from a minute ago until `lifetime`
-/// from now: the expiry tests watch it run out.
-pub fn short_lived_gateway_leaf(
-    issuer: &mint::CertificateAuthority,
-    cluster: &str,
-    lifetime: Duration,
-) -> LeafBundle {
-    let now = SystemTime::now();
-    let validity = Validity {
-        not_before: now - Duration::from_secs(60),
-        not_after: now + lifetime,
-    };
-    mint::leaf(
-        issuer,
-        &gateway_id(cluster),
-        validity,
-        KeyAlgorithm::EcdsaP256,
-    )
-    .unwrap()
-}
-
-/// The certificates of a PEM bundle, in order.
-pub fn certs(pem: &str) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .unwrap()
 }
