@@ -445,6 +445,11 @@ pub struct Config {
     pub workers: Option<usize>,
 }
 
+/// Why `--discovery kube` fails in a build without the `kube` feature (the
+/// sidecar's): it has no Kubernetes client to read the API server with.
+pub const WITHOUT_KUBE: &str = "kube needs an isthmus-proxy built with the `kube` feature \
+    (the gateway's build); this one reads only --discovery dir";
+
 /// A configuration value that cannot work, named by its flag.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -521,6 +526,9 @@ impl Config {
                         dir.display()
                     ),
                 ));
+            }
+            (DiscoveryKind::Kube, None) if !cfg!(feature = "kube") => {
+                return Err(invalid("discovery", WITHOUT_KUBE));
             }
             (DiscoveryKind::Kube, None) => DiscoverySource::Kube {
                 namespace: args.discovery_namespace.clone(),
@@ -687,12 +695,20 @@ mod tests {
         );
         bad.discovery = DiscoveryKind::Kube;
         bad.discovery_namespace = Some("isthmus-system".into());
-        assert_eq!(
-            Config::from_args(&bad).unwrap().discovery,
-            DiscoverySource::Kube {
-                namespace: Some("isthmus-system".into())
-            }
-        );
+        if cfg!(feature = "kube") {
+            assert_eq!(
+                Config::from_args(&bad).unwrap().discovery,
+                DiscoverySource::Kube {
+                    namespace: Some("isthmus-system".into())
+                }
+            );
+        } else {
+            let err = Config::from_args(&bad).unwrap_err().to_string();
+            assert!(
+                err.starts_with("--discovery: kube needs") && err.contains("`kube` feature"),
+                "{err}"
+            );
+        }
         bad.manifests = Some(dir.path().to_path_buf());
         assert!(
             Config::from_args(&bad)
