@@ -420,42 +420,41 @@ impl<'de> Deserialize<'de> for Cidr {
     }
 }
 
-/// A duration written as Kubernetes and Go write them: `3s`, `500ms`, `1m30s`.
+/// A duration, written in the one grammar every duration the mesh reads uses
+/// (flags, manifests): jiff's friendly format, so `3s`, `500ms` and `1m30s` as
+/// Kubernetes and Go write them, and also `1.5h`, `28d` or `2 hours 30 minutes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GoDuration(pub Duration);
 
 impl GoDuration {
-    /// Parses a sequence of `<integer><unit>` with units `h`, `m`, `s`, `ms`, `us`, `ns`.
+    /// Parses jiff's friendly format. Days are 24 hours and weeks 7 days; years
+    /// and months, whose length depends on a date, and negative durations are
+    /// refused.
     pub fn parse(s: &str) -> Result<Self, InvalidName> {
         const WHAT: &str = "duration";
-        let bad = || InvalidName::new(WHAT, s, "must look like 3s, 500ms or 1m30s");
-        if s.is_empty() {
-            return Err(bad());
+        static PARSER: jiff::fmt::friendly::SpanParser = jiff::fmt::friendly::SpanParser::new();
+        let span = PARSER.parse_span(s).map_err(|_| {
+            InvalidName::new(
+                WHAT,
+                s,
+                "must be numbers with units, like 3s, 500ms, 1m30s or 28d",
+            )
+        })?;
+        if span.is_negative() {
+            return Err(InvalidName::new(WHAT, s, "must not be negative"));
         }
-        let mut total = Duration::ZERO;
-        let mut rest = s;
-        while !rest.is_empty() {
-            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-            if digits == 0 {
-                return Err(bad());
-            }
-            let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-            rest = &rest[digits..];
-            let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
-            let part = match &rest[..unit_len] {
-                "h" => n.checked_mul(3600).map(Duration::from_secs),
-                "m" => n.checked_mul(60).map(Duration::from_secs),
-                "s" => Some(Duration::from_secs(n)),
-                "ms" => Some(Duration::from_millis(n)),
-                "us" => Some(Duration::from_micros(n)),
-                "ns" => Some(Duration::from_nanos(n)),
-                _ => None,
-            }
-            .ok_or_else(bad)?;
-            total = total.checked_add(part).ok_or_else(bad)?;
-            rest = &rest[unit_len..];
-        }
-        Ok(Self(total))
+        let exact = span
+            .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+            .map_err(|_| {
+                InvalidName::new(
+                    WHAT,
+                    s,
+                    "years and months are units of no fixed length: use days",
+                )
+            })?;
+        Duration::try_from(exact)
+            .map(Self)
+            .map_err(|_| InvalidName::new(WHAT, s, "must not be negative"))
     }
 }
 
@@ -662,7 +661,23 @@ mod tests {
             Duration::from_millis(250)
         );
         assert_eq!(GoDuration::parse("250ms").unwrap().to_string(), "250ms");
-        for bad in ["", "3", "s", "3x", "3s5"] {
+        // The spellings jiff's friendly format adds to Go's.
+        for (text, secs) in [
+            ("1h0m0s", 3600),
+            ("28d", 28 * 86_400),
+            ("1w", 7 * 86_400),
+            ("2 hours 30 minutes", 9000),
+            ("1.5h", 5400),
+        ] {
+            assert_eq!(GoDuration::parse(text).unwrap().0.as_secs(), secs, "{text}");
+        }
+        assert_eq!(
+            GoDuration::parse("1.5s").unwrap().0,
+            Duration::from_millis(1500)
+        );
+        for bad in [
+            "", "3", "s", "3x", "3s5", "-1s", "1s ago", "1mo", "1y", "PT1S",
+        ] {
             assert!(GoDuration::parse(bad).is_err(), "{bad} accepted");
         }
     }
