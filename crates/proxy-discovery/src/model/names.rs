@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Why a name or value was rejected. The caller adds where (file, field).
@@ -313,59 +314,48 @@ impl fmt::Display for ServiceRef {
 
 /// An IP prefix such as `10.96.0.0/12` or `fd00:10:96::/108`, with host bits zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    network: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(IpNet);
 
 impl Cidr {
     /// Parses `addr/prefix`. Host bits must be zero, and the prefix must leave room
     /// for at least two usable addresses (network and broadcast are never handed out).
     pub fn parse(s: &str) -> Result<Self, InvalidName> {
         const WHAT: &str = "CIDR";
-        let (addr, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| InvalidName::new(WHAT, s, "must be address/prefix"))?;
-        let network: IpAddr = addr
-            .parse()
-            .map_err(|_| InvalidName::new(WHAT, s, "address is not an IP address"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .map_err(|_| InvalidName::new(WHAT, s, "prefix is not a number"))?;
-        let max = if network.is_ipv4() { 30 } else { 126 };
-        if prefix > max {
+        let net: IpNet = s.parse().map_err(|_| {
+            InvalidName::new(
+                WHAT,
+                s,
+                "must be an IP address and a prefix length, address/prefix",
+            )
+        })?;
+        let max = match net {
+            IpNet::V4(_) => 30,
+            IpNet::V6(_) => 126,
+        };
+        if net.prefix_len() > max {
             return Err(InvalidName::new(
                 WHAT,
                 s,
                 "prefix too long: the range needs at least two usable addresses",
             ));
         }
-        let cidr = Self { network, prefix };
-        if cidr.bits_of(network) & cidr.host_mask() != 0 {
+        if net.trunc() != net {
             return Err(InvalidName::new(WHAT, s, "host bits must be zero"));
         }
-        Ok(cidr)
+        Ok(Self(net))
     }
 
     /// The network address.
     pub fn network(&self) -> IpAddr {
-        self.network
+        self.0.network()
     }
 
     /// The prefix length.
     pub fn prefix(&self) -> u8 {
-        self.prefix
+        self.0.prefix_len()
     }
 
-    fn host_mask(&self) -> u128 {
-        match self.network {
-            IpAddr::V4(_) => u128::from(u32::MAX >> self.prefix),
-            // A prefix of 0 would make this 2^128 - 1, which still fits.
-            IpAddr::V6(_) => u128::MAX >> self.prefix,
-        }
-    }
-
-    fn bits_of(&self, ip: IpAddr) -> u128 {
+    fn bits_of(ip: IpAddr) -> u128 {
         match ip {
             IpAddr::V4(v4) => u128::from(u32::from(v4)),
             IpAddr::V6(v6) => u128::from(v6),
@@ -375,7 +365,7 @@ impl Cidr {
     /// How many addresses can be handed out: all but the network and the last
     /// (broadcast) address.
     pub fn usable(&self) -> u128 {
-        self.host_mask() - 1
+        Self::bits_of(self.0.hostmask()) - 1
     }
 
     /// The `n`th usable address (0-based), or `None` past the end.
@@ -383,28 +373,23 @@ impl Cidr {
         if n >= self.usable() {
             return None;
         }
-        let bits = self.bits_of(self.network) + 1 + n;
-        Some(match self.network {
+        let bits = Self::bits_of(self.network()) + 1 + n;
+        Some(match self.0 {
             // `bits` stays below 2^32 because the network is IPv4 and n < usable.
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(u32::try_from(bits).ok()?)),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(bits)),
+            IpNet::V4(_) => IpAddr::V4(Ipv4Addr::from(u32::try_from(bits).ok()?)),
+            IpNet::V6(_) => IpAddr::V6(Ipv6Addr::from(bits)),
         })
     }
 
     /// Whether `ip` is one of the usable addresses.
     pub fn contains_usable(&self, ip: IpAddr) -> bool {
-        if ip.is_ipv4() != self.network.is_ipv4() {
-            return false;
-        }
-        let net = self.bits_of(self.network);
-        let bits = self.bits_of(ip);
-        bits & !self.host_mask() == net && bits != net && bits != net | self.host_mask()
+        self.0.contains(&ip) && ip != self.0.network() && ip != self.0.broadcast()
     }
 }
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network, self.prefix)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
