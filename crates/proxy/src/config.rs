@@ -612,10 +612,14 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        for bad in ["5", "5d", "s", ""] {
+        // The mesh's one grammar has days too.
+        assert_eq!(parse_duration("5d"), Ok(Duration::from_secs(5 * 86_400)));
+        for bad in ["5", "5x", "s", ""] {
             let err = parse_duration(bad).unwrap_err();
-            assert!(err.contains("3s, 500ms or 1m30s"), "{bad}: {err}");
+            assert!(err.contains("3s, 500ms, 1m30s or 28d"), "{bad}: {err}");
         }
+        let err = parse_duration("1y").unwrap_err();
+        assert!(err.contains("no fixed length"), "{err}");
     }
 
     fn args(dir: &std::path::Path) -> CommonArgs {
