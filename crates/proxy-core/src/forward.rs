@@ -283,7 +283,7 @@ impl ForwardError {
 
     /// The tunnel refusal that ended the connection: a tunnel stream is opened
     /// optimistically, so its refusal arrives as the error of its first read.
-    pub fn refusal(&self) -> Option<crate::tunnel::Refusal> {
+    pub fn refusal(&self) -> Option<isthmus_vocab::Refusal> {
         crate::tunnel::client::refusal_of(&self.source)
     }
 

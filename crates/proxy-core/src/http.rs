@@ -26,6 +26,7 @@ use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use isthmus_vocab::Refusal;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Mutex, oneshot, watch};
 use tokio::time::Instant;
@@ -36,7 +37,7 @@ use crate::forward::{ByteCounters, ForwardConfig, forward_io};
 use crate::listen::ConnectionTasks;
 use crate::metrics::{Direction, HttpLabels, HttpResponseLabels, ProxyMetrics};
 use crate::tunnel::client::{StreamRefused, refusal_of};
-use crate::tunnel::{H2Settings, Io, Refusal};
+use crate::tunnel::{H2Settings, Io};
 
 /// Default [`HttpSettings::header_read_timeout`]: ten seconds from a request's first
 /// byte to its last header line. Real clients write a head in one go, so this only

@@ -79,7 +79,7 @@ pub struct HttpResponseLabels {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RefusalLabels {
     pub direction: Direction,
-    /// A [`crate::tunnel::Refusal`] reason such as `not_exported`.
+    /// A [`isthmus_vocab::Refusal`] reason such as `not_exported`.
     pub reason: &'static str,
 }
 

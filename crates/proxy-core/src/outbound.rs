@@ -7,6 +7,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use isthmus_vocab::Refusal;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info};
@@ -20,7 +21,6 @@ use crate::loops::{self, LoopWarning, OwnSocket, OwnSockets};
 use crate::metrics::{ConnectionGuard, Direction, ProxyMetrics};
 use crate::pool::Pool;
 use crate::route::{Route, RouteLookup};
-use crate::tunnel::Refusal;
 use crate::tunnel::client::TunnelStream;
 
 /// Settings of the outbound side.

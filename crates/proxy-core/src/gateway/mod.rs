@@ -29,6 +29,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use isthmus_vocab::{Authority, ClusterName, Refusal};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -36,8 +37,6 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::pool::{Pool, PoolSettings};
-use crate::route::{Authority, ClusterName};
-use crate::tunnel::Refusal;
 
 pub use links::{LinkView, ProbeResult};
 
