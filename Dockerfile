@@ -20,6 +20,12 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 # --locked: the image is built from exactly the dependency versions Cargo.lock records.
+# isthmus-proxy keeps its default `kube` feature: the one binary is the sidecar and the
+# gateway (`--discovery kube`), and inject and install both run it by that name. A
+# build without it (`-p proxy --no-default-features`) has half the text and refuses
+# `--discovery kube`; the idle sidecar saves about 1 MB, mostly pages of the binary
+# that the node's page cache shares between pods, which a second binary in the image
+# would cost more than it saves.
 RUN cargo build --release --locked \
         --bin isthmus-proxy \
         --bin isthmus-init \

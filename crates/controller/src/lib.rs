@@ -10,7 +10,6 @@
 //!
 //! - [`kinds`]: the CRD kinds (derived in proxy-discovery from the model's spec
 //!   structs) and conversions between API objects and the model.
-//! - [`manifests`]: the CRDs and RBAC objects, as k8s-openapi objects and YAML.
 //! - [`mirror`]: the reconcile of one ServiceMirror and its status.
 //! - [`remote`]: remote API clients from Link Secrets, one watch per needed
 //!   remote Service, torn down when unused.
@@ -22,13 +21,13 @@
 //! # Not here
 //!
 //! The decision of what a mirror yields (proxy-discovery), installing the CRDs
-//! and the controller (`isthmus install` renders [`manifests`]), and the data
+//! and the controller (`isthmus install` renders `proxy_discovery::manifests`,
+//! which the `crds` and `rbac` commands print), and the data
 //! path.
 
 pub mod config;
 pub mod kinds;
 pub mod lease;
-pub mod manifests;
 pub mod metrics;
 pub mod mirror;
 pub mod publish;

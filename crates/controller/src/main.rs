@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::Parser;
 use isthmus_controller::config::{Cli, Command};
-use isthmus_controller::manifests;
+use proxy_discovery::manifests;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use isthmus_vocab::ClusterName;
 use k8s_openapi::api::core::v1::{Secret, Service as KubeService};
@@ -449,14 +450,20 @@ async fn run_watch(
     let mut listing: Option<Option<KubeService>> = None;
     let mut watch_ok = false;
     let mut probe_ok = false;
-    let mut failures: u32 = 0;
+    // The watcher retries on the next poll: paced from one probe interval to five.
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(timing.probe_interval)
+        .with_max_delay(timing.probe_interval.saturating_mul(5) / 2)
+        .with_jitter()
+        .without_max_times();
+    let mut delays = backoff.build();
     loop {
         tokio::select! {
             event = stream.next() => {
                 let Some(event) = event else { break };
                 let changed = match event {
                     Ok(ev) => {
-                        failures = 0;
+                        delays = backoff.build();
                         let was_ok = watch_ok;
                         watch_ok = true;
                         let mut service_changed = None;
@@ -495,7 +502,6 @@ async fn run_watch(
                         changed
                     }
                     Err(e) => {
-                        failures = failures.saturating_add(1);
                         let text = isthmus_vocab::error_chain(&e);
                         tracing::debug!(cluster = %key.cluster, error = %text, "remote watch failed");
                         let was = watch_ok;
@@ -504,9 +510,12 @@ async fn run_watch(
                             st.reachable = false;
                             st.last_error = Some(text);
                         });
-                        // The watcher retries on the next poll: pace it here.
-                        let backoff = timing.probe_interval.saturating_mul(failures.min(5));
-                        tokio::time::sleep(backoff).await;
+                        // Jitter (up to the delay again) stays within five intervals.
+                        let delay = delays.next().unwrap_or(timing.probe_interval).clamp(
+                            timing.probe_interval,
+                            timing.probe_interval.saturating_mul(5),
+                        );
+                        tokio::time::sleep(delay).await;
                         was
                     }
                 };

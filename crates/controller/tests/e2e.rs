@@ -14,12 +14,13 @@ use isthmus_controller::lease::LeaseConfig;
 use isthmus_controller::mirror::{ReconcileTiming, SettingsSource};
 use isthmus_controller::publish::SERVICES_KEY;
 use isthmus_controller::remote::RemoteTiming;
-use isthmus_controller::{Config, Running, manifests};
+use isthmus_controller::{Config, Running};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
+use proxy_discovery::manifests;
 use proxy_discovery::{DirSource, Route};
 use test_apiserver::TestApiServer;
 

@@ -6,10 +6,10 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use isthmus_controller::kinds::ServiceMirrorResource;
-use isthmus_controller::manifests::{self, NAME};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use proxy_discovery::manifests::{self, NAME};
 use serde::Deserialize;
 
 fn deploy(file: &str) -> (PathBuf, String) {

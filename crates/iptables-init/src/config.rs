@@ -12,7 +12,9 @@
 //! address (`10.0.0.1`) is accepted as the host route `/32` (`/128` for IPv6).
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 use std::str::FromStr;
 
 use isthmus_vocab::ports::{
@@ -190,59 +192,36 @@ impl fmt::Display for Family {
 /// An IPv4 or IPv6 network: an address with no host bits set, and a prefix length
 /// valid for its family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(IpNet);
 
 impl Cidr {
     /// The network `addr/prefix`; `None` if the prefix is too long for the family or
     /// `addr` has host bits set.
     pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
-        let cidr = Self { addr, prefix };
-        (prefix <= max_prefix(addr) && cidr.network_of(addr) == addr).then_some(cidr)
+        IpNet::new(addr, prefix)
+            .ok()
+            .filter(|net| net.trunc() == *net)
+            .map(Self)
     }
 
     pub fn addr(&self) -> IpAddr {
-        self.addr
+        self.0.addr()
     }
 
     pub fn prefix(&self) -> u8 {
-        self.prefix
+        self.0.prefix_len()
     }
 
     pub fn family(&self) -> Family {
-        match self.addr {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
+        match self.0 {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
         }
     }
 
     /// Whether `ip` lies inside this network (false for the other family).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
-                self.network_of(ip) == self.addr
-            }
-            _ => false,
-        }
-    }
-
-    fn network_of(&self, ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V4(v4) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
-            }
-            IpAddr::V6(v6) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
-            }
-        }
+        self.0.contains(&ip)
     }
 }
 
@@ -279,22 +258,17 @@ impl FromStr for Cidr {
                 (addr, prefix)
             }
         };
-        Cidr::new(addr, prefix).ok_or_else(|| {
-            let network = Cidr { addr, prefix };
-            ParseError::HostBits {
-                value: s.to_owned(),
-                network: Cidr {
-                    addr: network.network_of(addr),
-                    prefix,
-                },
-            }
+        Cidr::new(addr, prefix).ok_or_else(|| ParseError::HostBits {
+            value: s.to_owned(),
+            // The prefix fits the family (checked above), so only host bits are wrong.
+            network: Cidr(IpNet::new(addr, prefix).map_or(IpNet::from(addr), |net| net.trunc())),
         })
     }
 }
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 

@@ -176,30 +176,15 @@ fn parse_key_alg(s: &str) -> Result<KeyAlgorithm, String> {
     s.parse().map_err(|e: mint::MintError| e.to_string())
 }
 
-/// `90s`, `30m`, `24h`, `28d`: a positive whole number and one unit.
+/// `90s`, `30m`, `24h`, `28d`: the mesh's one duration grammar, and positive.
 fn parse_lifetime(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let unit_secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => {
-            return Err(format!(
-                "{s:?} needs a unit among s, m, h, d (e.g. 24h, 28d)"
-            ));
-        }
-    };
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} does not start with a whole number"))?;
-    if n == 0 {
+    let lifetime = proxy_discovery::model::GoDuration::parse(s)
+        .map_err(|e| e.to_string())?
+        .0;
+    if lifetime.is_zero() {
         return Err(format!("{s:?} is not a positive lifetime"));
     }
-    n.checked_mul(unit_secs)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{s:?} is too long"))
+    Ok(lifetime)
 }
 
 #[cfg(test)]
@@ -211,16 +196,10 @@ mod tests {
         assert_eq!(parse_lifetime("90s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_lifetime("24h"), Ok(Duration::from_secs(86_400)));
         assert_eq!(parse_lifetime("28d"), Ok(Duration::from_secs(28 * 86_400)));
-        for bad in [
-            "",
-            "24",
-            "h",
-            "0h",
-            "1.5h",
-            "-1d",
-            "1w",
-            "99999999999999999999d",
-        ] {
+        // The shared grammar also reads fractions and weeks.
+        assert_eq!(parse_lifetime("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_lifetime("1w"), Ok(Duration::from_secs(7 * 86_400)));
+        for bad in ["", "24", "h", "0h", "-1d", "1y", "99999999999999999999d"] {
             assert!(parse_lifetime(bad).is_err(), "{bad:?}");
         }
     }

@@ -252,7 +252,7 @@ pub fn render_crds() -> Result<String> {
 fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
-    let mut crds = isthmus_controller::manifests::crds();
+    let mut crds = proxy_discovery::manifests::crds();
     for crd in &mut crds {
         crd.metadata
             .labels
@@ -270,7 +270,7 @@ pub fn render(options: &InstallOptions) -> Result<String> {
     for crd in crds() {
         push(to_json(&crd));
     }
-    let rbac = isthmus_controller::manifests::rbac(NAMESPACE);
+    let rbac = proxy_discovery::manifests::rbac(NAMESPACE);
     push(to_json(&rbac.service_account));
     push(to_json(&rbac.cluster_role));
     push(to_json(&rbac.cluster_role_binding));

@@ -325,7 +325,8 @@ fn bad_input_is_named() {
         "--out",
         s(&root.join("l")),
         "--valid-for",
-        "1w",
+        // Weeks are days; a year has no fixed length.
+        "1y",
     ]);
     assert!(err.contains("--valid-for") && err.contains("unit"), "{err}");
 

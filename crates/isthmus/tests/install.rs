@@ -448,7 +448,7 @@ fn the_link_reader_reads_what_a_linked_controller_needs_and_nothing_else() {
     expected.sort();
     assert_eq!(grants, expected);
     // Everything the other cluster's controller calls through the Link is granted.
-    for rule in isthmus_controller::manifests::remote_reader_role()
+    for rule in proxy_discovery::manifests::remote_reader_role()
         .rules
         .unwrap()
     {

@@ -20,6 +20,7 @@
 //! route lookup and ready-made TLS configurations by its caller.
 
 pub mod addr;
+pub mod backoff;
 pub mod detect;
 pub mod explicit;
 pub mod forward;

@@ -349,7 +349,7 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(1);
 
 async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receiver<bool>) {
     let cfg = &shared.cfg;
-    let mut backoff = cfg.backoff_min;
+    let mut backoff = crate::backoff::Backoff::new(cfg.backoff_min, cfg.backoff_max);
     loop {
         if *shutdown.borrow() {
             return;
@@ -409,19 +409,19 @@ async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receive
                 }
                 publish(&shared);
                 if established.elapsed() >= HEALTHY_AFTER {
-                    backoff = cfg.backoff_min;
+                    backoff.reset();
                     continue;
                 }
                 // Died at once: a failed attempt, so back off like one.
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                     _ = crate::listen::drained(&mut shutdown) => return,
                 }
-                backoff = (backoff * 2).min(cfg.backoff_max);
             }
             Err(e) => {
                 let error: Arc<str> = Arc::from(error_chain(&e));
-                warn!(peer = %cfg.name, slot, error = %error, retry_in = ?backoff, "tunnel connect failed");
+                let retry_in = backoff.next_delay();
+                warn!(peer = %cfg.name, slot, error = %error, ?retry_in, "tunnel connect failed");
                 {
                     let mut last = lock(&shared.last_error);
                     let since = last.as_ref().map_or_else(SystemTime::now, |(t, _)| *t);
@@ -429,10 +429,9 @@ async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receive
                 }
                 publish(&shared);
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(retry_in) => {}
                     _ = crate::listen::drained(&mut shutdown) => return,
                 }
-                backoff = (backoff * 2).min(cfg.backoff_max);
             }
         }
     }

@@ -13,6 +13,8 @@
 //! - [`reconcile`]: a ServiceMirror plus the remote view gives the mirrored local
 //!   Service and the mirror's `Ready` condition; a pure function, plus
 //!   [`reconcile::reconcile_all`] which also deletes what removed mirrors made.
+//! - `manifests` (feature `kube`): the CRDs of the mesh kinds and the
+//!   controller's RBAC objects, for the controller and `isthmus install`.
 //! - [`index`]: original destination `IP:port` or authority -> [`Route`]; and
 //!   [`index::exported`], the gateway's exported Services and their endpoints.
 //! - [`snapshot`]: one immutable, consistent state (reconciled objects, remote views,
@@ -42,6 +44,8 @@
 //! Services get addresses, since nothing here implements kube-proxy.
 
 pub mod index;
+#[cfg(feature = "kube")]
+pub mod manifests;
 pub mod model;
 pub mod reconcile;
 pub mod snapshot;

@@ -136,7 +136,7 @@ impl Admin {
         let mut acceptor = Acceptor {
             listener,
             reserve: Arc::new(Reserve::open()),
-            backoff: ACCEPT_BACKOFF_MIN,
+            backoff: proxy_core::backoff::Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX),
             failures: 0,
         };
         while let Some((stream, peer, on_reserve)) = acceptor.next(&mut stop).await {
@@ -245,7 +245,7 @@ impl Admin {
 struct Acceptor {
     listener: TcpListener,
     reserve: Arc<Reserve>,
-    backoff: Duration,
+    backoff: proxy_core::backoff::Backoff,
     /// Failed accepts since the last success, for one warning per streak.
     failures: u64,
 }
@@ -291,10 +291,9 @@ impl Acceptor {
             }
             self.failures += 1;
             tokio::select! {
-                () = tokio::time::sleep(self.backoff) => {}
+                () = tokio::time::sleep(self.backoff.next_delay()) => {}
                 () = proxy_core::listen::drained(stop) => return None,
             }
-            self.backoff = (self.backoff * 2).min(ACCEPT_BACKOFF_MAX);
             self.reserve.refill();
         }
     }
@@ -308,7 +307,7 @@ impl Acceptor {
         if self.failures > 0 {
             info!(failures = self.failures, "admin accept works again");
             self.failures = 0;
-            self.backoff = ACCEPT_BACKOFF_MIN;
+            self.backoff.reset();
         }
         (stream, peer, on_reserve)
     }

@@ -442,6 +442,11 @@ pub struct Config {
     pub workers: Option<usize>,
 }
 
+/// Why `--discovery kube` fails in a build without the `kube` feature (the
+/// sidecar's): it has no Kubernetes client to read the API server with.
+pub const WITHOUT_KUBE: &str = "kube needs an isthmus-proxy built with the `kube` feature \
+    (the gateway's build); this one reads only --discovery dir";
+
 /// A configuration value that cannot work, named by its flag.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -518,6 +523,9 @@ impl Config {
                         dir.display()
                     ),
                 ));
+            }
+            (DiscoveryKind::Kube, None) if !cfg!(feature = "kube") => {
+                return Err(invalid("discovery", WITHOUT_KUBE));
             }
             (DiscoveryKind::Kube, None) => DiscoverySource::Kube {
                 namespace: args.discovery_namespace.clone(),
@@ -601,10 +609,14 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        for bad in ["5", "5d", "s", ""] {
+        // The mesh's one grammar has days too.
+        assert_eq!(parse_duration("5d"), Ok(Duration::from_secs(5 * 86_400)));
+        for bad in ["5", "5x", "s", ""] {
             let err = parse_duration(bad).unwrap_err();
-            assert!(err.contains("3s, 500ms or 1m30s"), "{bad}: {err}");
+            assert!(err.contains("3s, 500ms, 1m30s or 28d"), "{bad}: {err}");
         }
+        let err = parse_duration("1y").unwrap_err();
+        assert!(err.contains("no fixed length"), "{err}");
     }
 
     fn args(dir: &std::path::Path) -> CommonArgs {
@@ -684,12 +696,20 @@ mod tests {
         );
         bad.discovery = DiscoveryKind::Kube;
         bad.discovery_namespace = Some("isthmus-system".into());
-        assert_eq!(
-            Config::from_args(&bad).unwrap().discovery,
-            DiscoverySource::Kube {
-                namespace: Some("isthmus-system".into())
-            }
-        );
+        if cfg!(feature = "kube") {
+            assert_eq!(
+                Config::from_args(&bad).unwrap().discovery,
+                DiscoverySource::Kube {
+                    namespace: Some("isthmus-system".into())
+                }
+            );
+        } else {
+            let err = Config::from_args(&bad).unwrap_err().to_string();
+            assert!(
+                err.starts_with("--discovery: kube needs") && err.contains("`kube` feature"),
+                "{err}"
+            );
+        }
         bad.manifests = Some(dir.path().to_path_buf());
         assert!(
             Config::from_args(&bad)

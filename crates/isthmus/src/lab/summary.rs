@@ -20,60 +20,39 @@ pub struct Sample {
     pub value: f64,
 }
 
-/// Parses the sample lines of an OpenMetrics/Prometheus text exposition; comment
-/// and malformed lines are skipped.
+/// The scalar samples (counters, gauges, untyped, and a histogram's `_sum` and
+/// `_count`) of an OpenMetrics/Prometheus text exposition, read with
+/// `prometheus-parse`; comment and malformed lines are skipped, and so are
+/// histogram buckets, which the summary does not use.
 pub fn parse(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = match line.rsplit_once(' ') {
-            Some(x) => x,
-            None => continue,
-        };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
-            None => (series, BTreeMap::new()),
-        };
-        out.push(Sample {
-            name: name.to_owned(),
-            labels,
-            value,
-        });
-    }
-    out
-}
-
-fn parse_labels(text: &str) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
-    let mut rest = text;
-    while let Some((key, after)) = rest.split_once("=\"") {
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = after.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, n)) = chars.next() {
-                        value.push(if n == 'n' { '\n' } else { n });
-                    }
+    let lines = text.lines().map(|line| Ok(line.to_owned()));
+    // Reading from memory cannot fail, and the parser skips what it cannot read.
+    let Ok(scrape) = prometheus_parse::Scrape::parse(lines) else {
+        return Vec::new();
+    };
+    scrape
+        .samples
+        .into_iter()
+        .filter_map(|s| {
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(_) | prometheus_parse::Value::Summary(_) => {
+                    return None;
                 }
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        labels.insert(key.trim_start_matches(',').trim().to_owned(), value);
-        rest = &after[end..];
-    }
-    labels
+            };
+            Some(Sample {
+                name: s.metric,
+                labels: s
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                value,
+            })
+        })
+        .collect()
 }
 
 /// Sum of `name` over samples whose labels include every `(key, value)` of `with`.
@@ -237,6 +216,34 @@ mod tests {
             Some("hello.default.svc.cluster.local")
         );
         assert_eq!(problems(&m), "closed:upstream_reset=1 refused:link_down=1");
+    }
+
+    #[test]
+    fn a_histogram_gives_its_sum_and_count_but_not_its_buckets() {
+        let m = parse(
+            "# TYPE http_response_latency_seconds histogram\n\
+            http_response_latency_seconds_bucket{direction=\"outbound\",le=\"0.1\"} 2\n\
+            http_response_latency_seconds_bucket{direction=\"outbound\",le=\"+Inf\"} 3\n\
+            http_response_latency_seconds_sum{direction=\"outbound\"} 0.25\n\
+            http_response_latency_seconds_count{direction=\"outbound\"} 3\n\
+            # EOF\n",
+        );
+        let names: Vec<&str> = m.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "http_response_latency_seconds_sum",
+                "http_response_latency_seconds_count"
+            ]
+        );
+        assert_eq!(
+            sum(
+                &m,
+                "http_response_latency_seconds_count",
+                &[("direction", "outbound")]
+            ),
+            3.0
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use isthmus_vocab::cluster::is_dns_label;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -95,59 +96,48 @@ impl fmt::Display for ServiceRef {
 
 /// An IP prefix such as `10.96.0.0/12` or `fd00:10:96::/108`, with host bits zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    network: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(IpNet);
 
 impl Cidr {
     /// Parses `addr/prefix`. Host bits must be zero, and the prefix must leave room
     /// for at least two usable addresses (network and broadcast are never handed out).
     pub fn parse(s: &str) -> Result<Self, InvalidName> {
         const WHAT: &str = "CIDR";
-        let (addr, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| InvalidName::new(WHAT, s, "must be address/prefix"))?;
-        let network: IpAddr = addr
-            .parse()
-            .map_err(|_| InvalidName::new(WHAT, s, "address is not an IP address"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .map_err(|_| InvalidName::new(WHAT, s, "prefix is not a number"))?;
-        let max = if network.is_ipv4() { 30 } else { 126 };
-        if prefix > max {
+        let net: IpNet = s.parse().map_err(|_| {
+            InvalidName::new(
+                WHAT,
+                s,
+                "must be an IP address and a prefix length, address/prefix",
+            )
+        })?;
+        let max = match net {
+            IpNet::V4(_) => 30,
+            IpNet::V6(_) => 126,
+        };
+        if net.prefix_len() > max {
             return Err(InvalidName::new(
                 WHAT,
                 s,
                 "prefix too long: the range needs at least two usable addresses",
             ));
         }
-        let cidr = Self { network, prefix };
-        if cidr.bits_of(network) & cidr.host_mask() != 0 {
+        if net.trunc() != net {
             return Err(InvalidName::new(WHAT, s, "host bits must be zero"));
         }
-        Ok(cidr)
+        Ok(Self(net))
     }
 
     /// The network address.
     pub fn network(&self) -> IpAddr {
-        self.network
+        self.0.network()
     }
 
     /// The prefix length.
     pub fn prefix(&self) -> u8 {
-        self.prefix
+        self.0.prefix_len()
     }
 
-    fn host_mask(&self) -> u128 {
-        match self.network {
-            IpAddr::V4(_) => u128::from(u32::MAX >> self.prefix),
-            // A prefix of 0 would make this 2^128 - 1, which still fits.
-            IpAddr::V6(_) => u128::MAX >> self.prefix,
-        }
-    }
-
-    fn bits_of(&self, ip: IpAddr) -> u128 {
+    fn bits_of(ip: IpAddr) -> u128 {
         match ip {
             IpAddr::V4(v4) => u128::from(u32::from(v4)),
             IpAddr::V6(v6) => u128::from(v6),
@@ -157,7 +147,7 @@ impl Cidr {
     /// How many addresses can be handed out: all but the network and the last
     /// (broadcast) address.
     pub fn usable(&self) -> u128 {
-        self.host_mask() - 1
+        Self::bits_of(self.0.hostmask()) - 1
     }
 
     /// The `n`th usable address (0-based), or `None` past the end.
@@ -165,28 +155,23 @@ impl Cidr {
         if n >= self.usable() {
             return None;
         }
-        let bits = self.bits_of(self.network) + 1 + n;
-        Some(match self.network {
+        let bits = Self::bits_of(self.network()) + 1 + n;
+        Some(match self.0 {
             // `bits` stays below 2^32 because the network is IPv4 and n < usable.
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(u32::try_from(bits).ok()?)),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(bits)),
+            IpNet::V4(_) => IpAddr::V4(Ipv4Addr::from(u32::try_from(bits).ok()?)),
+            IpNet::V6(_) => IpAddr::V6(Ipv6Addr::from(bits)),
         })
     }
 
     /// Whether `ip` is one of the usable addresses.
     pub fn contains_usable(&self, ip: IpAddr) -> bool {
-        if ip.is_ipv4() != self.network.is_ipv4() {
-            return false;
-        }
-        let net = self.bits_of(self.network);
-        let bits = self.bits_of(ip);
-        bits & !self.host_mask() == net && bits != net && bits != net | self.host_mask()
+        self.0.contains(&ip) && ip != self.0.network() && ip != self.0.broadcast()
     }
 }
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network, self.prefix)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
@@ -202,42 +187,41 @@ impl<'de> Deserialize<'de> for Cidr {
     }
 }
 
-/// A duration written as Kubernetes and Go write them: `3s`, `500ms`, `1m30s`.
+/// A duration, written in the one grammar every duration the mesh reads uses
+/// (flags, manifests): jiff's friendly format, so `3s`, `500ms` and `1m30s` as
+/// Kubernetes and Go write them, and also `1.5h`, `28d` or `2 hours 30 minutes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GoDuration(pub Duration);
 
 impl GoDuration {
-    /// Parses a sequence of `<integer><unit>` with units `h`, `m`, `s`, `ms`, `us`, `ns`.
+    /// Parses jiff's friendly format. Days are 24 hours and weeks 7 days; years
+    /// and months, whose length depends on a date, and negative durations are
+    /// refused.
     pub fn parse(s: &str) -> Result<Self, InvalidName> {
         const WHAT: &str = "duration";
-        let bad = || InvalidName::new(WHAT, s, "must look like 3s, 500ms or 1m30s");
-        if s.is_empty() {
-            return Err(bad());
+        static PARSER: jiff::fmt::friendly::SpanParser = jiff::fmt::friendly::SpanParser::new();
+        let span = PARSER.parse_span(s).map_err(|_| {
+            InvalidName::new(
+                WHAT,
+                s,
+                "must be numbers with units, like 3s, 500ms, 1m30s or 28d",
+            )
+        })?;
+        if span.is_negative() {
+            return Err(InvalidName::new(WHAT, s, "must not be negative"));
         }
-        let mut total = Duration::ZERO;
-        let mut rest = s;
-        while !rest.is_empty() {
-            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-            if digits == 0 {
-                return Err(bad());
-            }
-            let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-            rest = &rest[digits..];
-            let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
-            let part = match &rest[..unit_len] {
-                "h" => n.checked_mul(3600).map(Duration::from_secs),
-                "m" => n.checked_mul(60).map(Duration::from_secs),
-                "s" => Some(Duration::from_secs(n)),
-                "ms" => Some(Duration::from_millis(n)),
-                "us" => Some(Duration::from_micros(n)),
-                "ns" => Some(Duration::from_nanos(n)),
-                _ => None,
-            }
-            .ok_or_else(bad)?;
-            total = total.checked_add(part).ok_or_else(bad)?;
-            rest = &rest[unit_len..];
-        }
-        Ok(Self(total))
+        let exact = span
+            .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+            .map_err(|_| {
+                InvalidName::new(
+                    WHAT,
+                    s,
+                    "years and months are units of no fixed length: use days",
+                )
+            })?;
+        Duration::try_from(exact)
+            .map(Self)
+            .map_err(|_| InvalidName::new(WHAT, s, "must not be negative"))
     }
 }
 
@@ -400,7 +384,23 @@ mod tests {
             Duration::from_millis(250)
         );
         assert_eq!(GoDuration::parse("250ms").unwrap().to_string(), "250ms");
-        for bad in ["", "3", "s", "3x", "3s5"] {
+        // The spellings jiff's friendly format adds to Go's.
+        for (text, secs) in [
+            ("1h0m0s", 3600),
+            ("28d", 28 * 86_400),
+            ("1w", 7 * 86_400),
+            ("2 hours 30 minutes", 9000),
+            ("1.5h", 5400),
+        ] {
+            assert_eq!(GoDuration::parse(text).unwrap().0.as_secs(), secs, "{text}");
+        }
+        assert_eq!(
+            GoDuration::parse("1.5s").unwrap().0,
+            Duration::from_millis(1500)
+        );
+        for bad in [
+            "", "3", "s", "3x", "3s5", "-1s", "1s ago", "1mo", "1y", "PT1S",
+        ] {
             assert!(GoDuration::parse(bad).is_err(), "{bad} accepted");
         }
     }

@@ -23,7 +23,6 @@ use proxy_core::metrics::{Direction, ProxyMetrics};
 use proxy_core::pool::{LinkState, Pool, PoolSettings};
 use proxy_core::tunnel::HandshakeObserver;
 use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelServer};
-use proxy_discovery::source::kube::KubeSource;
 use proxy_discovery::{DirSource, Discovery};
 use proxy_identity::{CredentialStore, IdentityMetrics, PeerPolicy};
 use tokio::net::{TcpListener, TcpSocket};
@@ -471,6 +470,7 @@ pub async fn bind_admin(addr: SocketAddr) -> Result<TcpListener> {
 
 /// Discovery through the cluster's API server: Services, EndpointSlices, Links and
 /// ClusterSettings watched with kube-runtime reflectors.
+#[cfg(feature = "kube")]
 async fn kube_discovery(
     cluster: ClusterName,
     namespace: Option<&str>,
@@ -480,7 +480,7 @@ async fn kube_discovery(
         "--discovery kube: no API server credentials (in-cluster service account or kubeconfig)",
     )?;
     let url = kube_config.cluster_url.to_string();
-    let mut source = KubeSource::from_config(kube_config, cluster)
+    let mut source = proxy_discovery::source::kube::KubeSource::from_config(kube_config, cluster)
         .with_context(|| format!("--discovery kube: a client for {url}"))?
         .with_mesh_kinds();
     if let Some(namespace) = namespace {
@@ -491,4 +491,15 @@ async fn kube_discovery(
         .await
         .with_context(|| format!("loading service discovery from the API server at {url}"))?;
     Ok(discovery)
+}
+
+/// A build without the `kube` feature has no client: the configuration refuses
+/// `--discovery kube` before any role starts, so this is never reached.
+#[cfg(not(feature = "kube"))]
+async fn kube_discovery(
+    _cluster: ClusterName,
+    _namespace: Option<&str>,
+    _stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Discovery> {
+    anyhow::bail!("--discovery: {}", crate::config::WITHOUT_KUBE)
 }

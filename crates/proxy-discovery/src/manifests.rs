@@ -1,8 +1,11 @@
-//! What installing the controller takes: the CRDs, generated from the Rust kinds,
-//! and the RBAC objects granting exactly the API calls the controller makes.
+//! What installing the controller takes: the CRDs, generated from the mesh kinds'
+//! Rust types, and the RBAC objects granting exactly the API calls the controller
+//! makes.
 //!
 //! Both are returned as k8s-openapi objects, for `isthmus install` to render, and
-//! as YAML for the `crds` and `rbac` commands and the checked-in `deploy/` files.
+//! as YAML for the controller's `crds` and `rbac` commands and the checked-in
+//! `deploy/` files. They live beside the kinds rather than in the controller so
+//! that the operator CLI renders them without linking the controller's runtime.
 //! Applying them is not this module's business.
 
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -14,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::CustomResourceExt;
 use serde::Serialize;
 
-use crate::kinds::{ClusterSettingsResource, LinkResource, ServiceMirrorResource};
+use crate::model::{ClusterSettingsResource, LinkResource, ServiceMirrorResource};
 
 /// The name of the controller's ServiceAccount, roles and bindings.
 pub const NAME: &str = "isthmus-controller";
