@@ -155,6 +155,18 @@ impl TunnelStream {
         }
     }
 
+    /// A write that failed because the far end refused the stream: the refusal
+    /// ends the stream and a reset follows it, which a client that writes before
+    /// reading meets first. The refusal is what happened, so it is reported.
+    fn refused_instead(&mut self, cx: &mut Context<'_>, error: io::Error) -> io::Error {
+        match self.poll_answer(cx) {
+            Poll::Ready(Err(OpenError::Refused(refusal))) => {
+                io::Error::new(io::ErrorKind::ConnectionRefused, StreamRefused(refusal))
+            }
+            _ => error,
+        }
+    }
+
     /// The sending half and the pending answer, for a relay that passes the stream
     /// on frame by frame; `None` once the answer was read.
     pub(crate) fn into_pending(mut self) -> Option<(SendStream<Bytes>, ResponseFuture)> {
@@ -190,7 +202,10 @@ impl AsyncWrite for TunnelStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.io().poll_write(cx, buf)
+        match ready!(self.io().poll_write(cx, buf)) {
+            Err(e) => Poll::Ready(Err(self.refused_instead(cx, e))),
+            written => Poll::Ready(written),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
