@@ -9,9 +9,10 @@ CARGO ?= cargo
 LAB_ARGS ?=
 
 # What the lab and the tests run: ip and iptables for the namespaces and the capture,
-# curl and tcpdump in the lab's pods, openssl and procps in the tests, and a C compiler
-# for the crates that build C (ring).
-PACKAGES := iptables iproute2 curl tcpdump openssl ca-certificates procps gcc libc6-dev
+# curl and tcpdump in the lab's pods, openssl and procps in the tests, python3-yaml as
+# the tests' YAML 1.1 reader (kubectl's YAML), and a C compiler for the crates that
+# build C (ring).
+PACKAGES := iptables iproute2 curl tcpdump openssl ca-certificates procps gcc libc6-dev python3-yaml
 
 .PHONY: lab test lab-smoke packages-lab packages-test
 

@@ -280,7 +280,7 @@ pub fn inject_text(input: &str, options: &Options) -> Result<Injected, InjectErr
         }
         inject_object(&mut value, options, document, &mut reports)?;
         docs.push(
-            serde_yaml_ng::to_string(&value)
+            proxy_discovery::kubectl_yaml::to_string(&value)
                 .map_err(|source| InjectError::Write { document, source })?,
         );
     }

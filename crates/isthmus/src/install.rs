@@ -50,6 +50,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use proxy_discovery::kubectl_yaml;
 use proxy_discovery::model::{
     ClusterSettings, ClusterSettingsSpec, GatewayAddress, GatewaySpec, Object,
 };
@@ -243,7 +244,7 @@ pub fn render_crds() -> Result<String> {
         if i > 0 {
             out.push_str("---\n");
         }
-        out.push_str(&serde_yaml_ng::to_string(crd).context("writing the CRDs as YAML")?);
+        out.push_str(&kubectl_yaml::to_string(crd).context("writing the CRDs as YAML")?);
     }
     Ok(out)
 }
@@ -304,7 +305,7 @@ pub fn render(options: &InstallOptions) -> Result<String> {
         if i > 0 {
             out.push_str("---\n");
         }
-        out.push_str(&serde_yaml_ng::to_string(doc).context("writing the manifests as YAML")?);
+        out.push_str(&kubectl_yaml::to_string(doc).context("writing the manifests as YAML")?);
     }
     Ok(out)
 }

@@ -27,6 +27,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use proxy_discovery::kubectl_yaml;
 use proxy_discovery::model::{
     GatewayAddress, Link, LinkResource, LinkResourceSpec, LinkSpec, ProbeSpec,
 };
@@ -282,7 +283,7 @@ pub fn render(input: &LinkInput) -> Result<String> {
         "current-context": input.cluster.as_str(),
     });
     let kubeconfig =
-        serde_yaml_ng::to_string(&kubeconfig).context("writing the kubeconfig as YAML")?;
+        kubectl_yaml::to_string(&kubeconfig).context("writing the kubeconfig as YAML")?;
     let secret_name = credentials_secret_name(&input.cluster);
     let secret = Secret {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
@@ -342,8 +343,8 @@ pub fn render(input: &LinkInput) -> Result<String> {
         "# The link to cluster {}: apply in the cluster that imports its services.\n",
         input.cluster
     );
-    out.push_str(&serde_yaml_ng::to_string(&secret).context("writing the Secret as YAML")?);
+    out.push_str(&kubectl_yaml::to_string(&secret).context("writing the Secret as YAML")?);
     out.push_str("---\n");
-    out.push_str(&serde_yaml_ng::to_string(&link).context("writing the Link as YAML")?);
+    out.push_str(&kubectl_yaml::to_string(&link).context("writing the Link as YAML")?);
     Ok(out)
 }

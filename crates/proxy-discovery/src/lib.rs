@@ -26,6 +26,8 @@
 //! - [`source`]: the [`Discovery`] handle (an `ArcSwap<Snapshot>` plus reload
 //!   status) and [`source::dir`], the hot-reloaded manifest directory. A Kubernetes
 //!   API source (`source::kube`) will publish through the same handle.
+//! - [`kubectl_yaml`]: manifests as YAML that YAML 1.1 readers (kubectl) read back
+//!   as written.
 //!
 //! # Differences from the first design notes
 //!
@@ -44,6 +46,7 @@
 //! Services get addresses, since nothing here implements kube-proxy.
 
 pub mod index;
+pub mod kubectl_yaml;
 #[cfg(feature = "kube")]
 pub mod manifests;
 pub mod model;

@@ -172,7 +172,7 @@ fn yaml_docs<T: Serialize>(objects: &[(String, &T)]) -> Result<String, RenderErr
     for (what, obj) in objects {
         out.push_str("---\n");
         out.push_str(
-            &serde_yaml_ng::to_string(obj).map_err(|source| RenderError::Yaml {
+            &crate::kubectl_yaml::to_string(obj).map_err(|source| RenderError::Yaml {
                 what: what.clone(),
                 source,
             })?,
