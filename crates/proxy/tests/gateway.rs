@@ -1230,8 +1230,12 @@ async fn a_mirror_added_at_run_time_is_reached_by_name_through_both_gateways() {
     .start();
     let mut standalone = Gateway::other("cluster-b", root, listen, standalone);
     standalone.wait_ready().await;
-    let config = standalone.config().await;
-    assert_eq!(config["gateway"]["up"], true, "{config}");
+    // Ready does not wait for the pool to gateway-b, which connects in the background.
+    let config = eventually("the standalone proxy's pool to gateway-b", STEP, || async {
+        let config = standalone.config().await;
+        (config["gateway"]["up"] == true).then_some(config)
+    })
+    .await;
     assert!(
         !config.to_string().contains("hello-mirror"),
         "the mirror exists before it was written"
