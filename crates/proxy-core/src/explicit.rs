@@ -24,6 +24,7 @@ use crate::forward::{ForwardConfig, forward_io};
 use crate::http::{HeadClock, HttpSettings, InFlight, RequestInFlight, Tracked};
 use crate::listen::{Accepted, ConnectionTasks, Handler, drained};
 use crate::metrics::{Direction, HttpLabels, HttpResponseLabels, ProxyMetrics};
+use crate::outcome::{Outcome, Reason, Side};
 use crate::pool::Pool;
 use crate::route::{Authority, Route, RouteLookup};
 use crate::tunnel::{BoxIo, REFUSAL_HEADER, Refusal};
@@ -90,7 +91,7 @@ impl<L: RouteLookup> Handler for Explicit<L> {
         let result = tokio::select! {
             res = conn.as_mut() => res,
             () = head_expired => {
-                guard.set_reason("header_timeout");
+                guard.set_outcome(Outcome::new(Side::Downstream, Reason::HeaderTimeout));
                 debug!(timeout = ?header_timeout, "request head not complete in time, closing");
                 tasks.join().await;
                 return;
@@ -101,7 +102,7 @@ impl<L: RouteLookup> Handler for Explicit<L> {
             }
         };
         if let Err(e) = result {
-            guard.set_reason("http_error");
+            guard.set_outcome(Outcome::new(Side::Downstream, Reason::Http));
             debug!(error = %e, "explicit proxy connection failed");
         }
         tasks.join().await;
@@ -127,7 +128,8 @@ impl<L: RouteLookup> Explicit<L> {
         let response = match self.open(&authority).await {
             Err(refusal) => {
                 info!(%authority, reason = refusal.as_str(), "explicit proxy request refused");
-                self.metrics.refused(Direction::Outbound, refusal.as_str());
+                self.metrics
+                    .refused(Direction::Outbound, Outcome::refused_here(refusal));
                 refuse(refusal)
             }
             Ok(upstream) if req.method() == Method::CONNECT => {

@@ -12,6 +12,8 @@
 //! - [`pool`]: warm pools of tunnel connections to one peer.
 //! - [`outbound`], [`inbound`]: the sidecar's two connection handlers.
 //! - [`explicit`]: the standalone role's explicit proxy (CONNECT, absolute-form).
+//! - [`outcome`]: how a connection ended (side and reason), from which its metric
+//!   labels, reset and log line derive.
 //! - [`metrics`]: the traffic metrics the hot path updates.
 //!
 //! proxy-core knows nothing of Kubernetes, files or certificates: it is handed a
@@ -27,6 +29,7 @@ pub mod listen;
 pub mod loops;
 pub mod metrics;
 pub mod outbound;
+pub mod outcome;
 pub mod pool;
 pub mod route;
 pub mod tunnel;

@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::addr::ClientAddr;
 use crate::metrics::{Direction, ProxyMetrics};
+use crate::outcome::{Outcome, Rejection};
 
 /// One accepted connection.
 #[derive(Debug)]
@@ -75,7 +76,7 @@ pub async fn serve<H: Handler>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
-                        metrics.refused(direction, "max_connections");
+                        metrics.refused(direction, Outcome::rejected(Rejection::MaxConnections));
                         debug!(%client, ?direction, "connection limit reached, resetting");
                         reset(stream);
                         continue;

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
+use crate::outcome::Outcome;
 use crate::route::{Authority, ClusterName};
 use crate::tunnel::client::{self, OpenError, TunnelSender, TunnelStream};
 use crate::tunnel::{ConnectionError, H2Settings, HandshakeObserver, PingFailed, Pinger, Refusal};
@@ -95,9 +96,17 @@ pub enum PoolError {
 impl PoolError {
     /// The refusal to report downstream (metric label, status, log reason).
     pub fn refusal(&self) -> Refusal {
+        self.outcome().refusal().unwrap_or(Refusal::LinkDown)
+    }
+
+    /// A refusal the peer answered is the peer's; a link that cannot carry the
+    /// stream is this proxy's `link_down`.
+    pub fn outcome(&self) -> Outcome {
         match self {
-            PoolError::Refused { refusal, .. } => *refusal,
-            PoolError::LinkDown { .. } | PoolError::Connection { .. } => Refusal::LinkDown,
+            PoolError::Refused { refusal, .. } => Outcome::refused_by_peer(*refusal),
+            PoolError::LinkDown { .. } | PoolError::Connection { .. } => {
+                Outcome::refused_here(Refusal::LinkDown)
+            }
         }
     }
 }

@@ -287,3 +287,47 @@ async fn a_connection_past_its_deadline_opens_nothing_and_ends_after_the_grace()
     let result = timeout(STEP, served).await.unwrap().unwrap();
     assert!(result.is_ok(), "{result:?}");
 }
+
+/// A refused stream handed to the forwarder (which sees only I/O errors) still
+/// leaves its typed refusal with the handler, whichever direction failed first, and
+/// the outcome blames the tunnel peer, never the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_reaches_the_handler_typed_through_the_forwarder() {
+    use proxy_core::forward::{ByteCounters, forward_io};
+    use proxy_core::outcome::{Outcome, Side};
+
+    let (addr, _drain) = tunnel_server(ProxyMetrics::default()).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = client::handshake(tcp, &H2Settings::default())
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let secret = Authority::parse("secret.test:7").unwrap();
+    let here = ClusterName::new("here");
+    for first_bytes in [&b""[..], b"hello", &[7u8; 300_000][..]] {
+        let stream = client::open(&mut sender, &secret, Some(&here), STEP)
+            .await
+            .unwrap();
+        let cell = stream.refusal_cell();
+        // The application side stays open and silent: only the tunnel can end this.
+        let (downstream, _app) = tokio::io::duplex(64 * 1024);
+        let forwarded = timeout(
+            STEP,
+            forward_io(
+                downstream,
+                stream,
+                first_bytes,
+                &ForwardConfig::default(),
+                &ByteCounters::default(),
+            ),
+        )
+        .await
+        .unwrap();
+        let error = forwarded.unwrap_err();
+        assert_ne!(error.side(), Side::Downstream, "{error}");
+        assert_eq!(cell.get(), Some(Refusal::NotExported), "{error}");
+        let outcome = Outcome::refused_by_peer(cell.get().unwrap());
+        assert_eq!(outcome.close_label(), "not_exported");
+        assert_eq!(outcome.refusal_label(), Some("not_exported"));
+    }
+}
