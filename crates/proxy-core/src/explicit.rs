@@ -17,12 +17,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::forward::{ForwardConfig, forward_io};
 use crate::http::{HeadClock, HttpSettings, InFlight, RequestInFlight, Tracked};
-use crate::listen::{Accepted, ConnectionTasks, Handler, drained};
+use crate::listen::{Accepted, ConnectionTasks, Handler};
 use crate::metrics::{Direction, HttpLabels, HttpResponseLabels, ProxyMetrics};
 use crate::outcome::{Outcome, Reason, Side};
 use crate::pool::Pool;
@@ -45,7 +45,7 @@ pub struct Explicit<L> {
 }
 
 impl<L: RouteLookup> Handler for Explicit<L> {
-    async fn handle(self: Arc<Self>, conn: Accepted, mut drain: watch::Receiver<bool>) {
+    async fn handle(self: Arc<Self>, conn: Accepted, drain: CancellationToken) {
         let mut guard = self.metrics.open_connection(Direction::Outbound);
         let tasks = Arc::new(ConnectionTasks::default());
         let proxy = self.clone();
@@ -96,7 +96,7 @@ impl<L: RouteLookup> Handler for Explicit<L> {
                 tasks.join().await;
                 return;
             }
-            _ = drained(&mut drain) => {
+            () = drain.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }

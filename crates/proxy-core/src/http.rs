@@ -27,8 +27,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{Mutex, oneshot, watch};
+use tokio::sync::{Mutex, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::detect::Protocol;
@@ -152,7 +153,7 @@ impl HttpProxy {
         upstream: U,
         protocol: Protocol,
         fallback_authority: &str,
-        drain: watch::Receiver<bool>,
+        drain: CancellationToken,
     ) -> Result<(), HttpError> {
         self.serve_refusable(
             downstream,
@@ -174,7 +175,7 @@ impl HttpProxy {
         upstream: U,
         protocol: Protocol,
         fallback_authority: &str,
-        drain: watch::Receiver<bool>,
+        drain: CancellationToken,
         refusal: Option<RefusalCell>,
     ) -> Result<(), HttpError> {
         let exchange = Arc::new(Exchange {
@@ -216,7 +217,7 @@ impl HttpProxy {
         downstream: D,
         upstream: U,
         exchange: Arc<Exchange>,
-        mut drain: watch::Receiver<bool>,
+        drain: CancellationToken,
         idle: impl Future<Output = ()>,
         head: Option<Arc<HeadClock>>,
     ) -> Result<(), HttpError> {
@@ -295,7 +296,7 @@ impl HttpProxy {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
-            _ = crate::listen::drained(&mut drain) => {
+            () = drain.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
@@ -309,7 +310,7 @@ impl HttpProxy {
         downstream: D,
         upstream: U,
         exchange: Arc<Exchange>,
-        mut drain: watch::Receiver<bool>,
+        drain: CancellationToken,
         idle: impl Future<Output = ()>,
     ) -> Result<(), HttpError> {
         let h2 = &self.settings.h2;
@@ -362,7 +363,7 @@ impl HttpProxy {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
-            _ = crate::listen::drained(&mut drain) => {
+            () = drain.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::addr::{OrigDst, is_local_ip};
@@ -66,7 +66,7 @@ pub struct Inbound<H> {
 }
 
 impl<H: TunnelHandler> Handler for Inbound<H> {
-    async fn handle(self: Arc<Self>, conn: Accepted, drain: watch::Receiver<bool>) {
+    async fn handle(self: Arc<Self>, conn: Accepted, drain: CancellationToken) {
         let Accepted {
             mut stream,
             client,
@@ -130,7 +130,7 @@ impl<H: TunnelHandler> Inbound<H> {
         &self,
         stream: tokio::net::TcpStream,
         client: SocketAddr,
-        drain: watch::Receiver<bool>,
+        drain: CancellationToken,
     ) {
         let Some(tls) = &self.tls else {
             self.metrics.refused(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::addr::{LocalAddrs, OrigDst, OrigDstAddr};
@@ -79,7 +79,7 @@ impl Upstream {
 }
 
 impl<L: RouteLookup> Handler for Outbound<L> {
-    async fn handle(self: Arc<Self>, conn: Accepted, drain: watch::Receiver<bool>) {
+    async fn handle(self: Arc<Self>, conn: Accepted, drain: CancellationToken) {
         let mut guard = self.metrics.open_connection(Direction::Outbound);
         let Accepted {
             mut stream,
@@ -207,7 +207,7 @@ impl<L: RouteLookup> Outbound<L> {
         detected: Detected,
         label: &str,
         guard: &mut ConnectionGuard,
-        drain: watch::Receiver<bool>,
+        drain: CancellationToken,
     ) {
         serve_detected(
             stream,
@@ -269,7 +269,7 @@ pub(crate) async fn serve_detected(
     metrics: &ProxyMetrics,
     direction: Direction,
     guard: &mut ConnectionGuard,
-    drain: watch::Receiver<bool>,
+    drain: CancellationToken,
 ) {
     let counters = metrics.byte_counters(direction);
     let outcome = match (detected.protocol, upstream) {

@@ -13,8 +13,8 @@ use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServe
 use proxy_core::tunnel::{H2Settings, Refusal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
 
 const STEP: Duration = Duration::from_secs(10);
 
@@ -57,7 +57,7 @@ async fn echo_server() -> std::net::SocketAddr {
     addr
 }
 
-async fn tunnel_server(metrics: ProxyMetrics) -> (std::net::SocketAddr, watch::Sender<bool>) {
+async fn tunnel_server(metrics: ProxyMetrics) -> (std::net::SocketAddr, CancellationToken) {
     let echo = echo_server().await;
     let server = TunnelServer::new(
         Arc::new(EchoHandler { echo }),
@@ -68,7 +68,8 @@ async fn tunnel_server(metrics: ProxyMetrics) -> (std::net::SocketAddr, watch::S
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (tx, rx) = watch::channel(false);
+    let tx = CancellationToken::new();
+    let rx = tx.clone();
     tokio::spawn(async move {
         loop {
             let (s, _) = listener.accept().await.unwrap();
@@ -235,7 +236,7 @@ async fn a_connection_past_its_deadline_opens_nothing_and_ends_after_the_grace()
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let expires = std::time::SystemTime::now() + Duration::from_secs(1);
-    let (_drain, rx) = watch::channel(false);
+    let rx = CancellationToken::new();
     let served = tokio::spawn(async move {
         let (s, _) = listener.accept().await.unwrap();
         let peer = Peer {

@@ -28,8 +28,8 @@ use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy, SpiffeId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
 
 /// Bound on any single step; a hang fails the test.
 const STEP: Duration = Duration::from_secs(15);
@@ -245,12 +245,13 @@ fn pod(name: &str, meshed: bool) -> String {
 /// A workload of cluster-a with a warm pool to its gateway.
 struct Client {
     pool: Pool,
-    _stop: watch::Sender<bool>,
+    _stop: CancellationToken,
 }
 
 impl Client {
     fn new(store: Arc<CredentialStore>, gateway: SocketAddr) -> Client {
-        let (stop, stopped) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
         let pool = Pool::spawn(
             PeerConfig {
                 name: Arc::from(format!("test/{gateway}")),

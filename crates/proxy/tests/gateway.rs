@@ -33,8 +33,8 @@ use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy, SpiffeId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
 
 /// Bound on any single step that should take milliseconds; a hang fails the test.
 const STEP: Duration = Duration::from_secs(10);
@@ -261,12 +261,13 @@ fn write_identity(dir: &Path, leaf: &LeafBundle) -> Arc<CredentialStore> {
 /// A test client's warm pool to one gateway; its tasks stop when dropped.
 struct Client {
     pool: Pool,
-    _stop: watch::Sender<bool>,
+    _stop: CancellationToken,
 }
 
 impl Client {
     fn new(store: Arc<CredentialStore>, gateway: SocketAddr, expect: SpiffeId) -> Client {
-        let (stop, stopped) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
         let pool = Pool::spawn(
             PeerConfig {
                 name: Arc::from(format!("test/{gateway}")),

@@ -262,7 +262,7 @@ fn rand_suffix() -> u64 {
 struct Bystander {
     runtime: tokio::runtime::Runtime,
     pool: Pool,
-    _stop: tokio::sync::watch::Sender<bool>,
+    _stop: tokio_util::sync::CancellationToken,
 }
 
 impl Bystander {
@@ -273,7 +273,8 @@ impl Bystander {
             .build()
             .unwrap();
         let store = fixture.store(&fixture.workload());
-        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
         let pool = runtime.block_on(async {
             Pool::spawn(
                 PeerConfig {

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Method, Request, Response};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::client::TunnelStream;
@@ -128,13 +128,13 @@ impl<H: TunnelHandler> TunnelServer<H> {
         self.expiry_grace
     }
 
-    /// Serves one connection until the peer closes it or `drain` turns true, after
+    /// Serves one connection until the peer closes it or `drain` is cancelled, after
     /// which a GOAWAY lets streams in flight finish and refuses new ones.
     pub async fn serve_connection<I: Io>(
         self: &Arc<Self>,
         io: I,
         peer: Peer,
-        drain: watch::Receiver<bool>,
+        drain: CancellationToken,
     ) -> Result<(), ConnectionError> {
         self.serve_connection_on(io, peer, None, drain).await
     }
@@ -146,7 +146,7 @@ impl<H: TunnelHandler> TunnelServer<H> {
         io: I,
         peer: Peer,
         local: Option<SocketAddr>,
-        mut drain: watch::Receiver<bool>,
+        drain: CancellationToken,
     ) -> Result<(), ConnectionError> {
         let s = &self.settings;
         let handshake = h2::server::Builder::new()
@@ -190,7 +190,7 @@ impl<H: TunnelHandler> TunnelServer<H> {
                     None => break Ok(()),
                 },
                 missed = &mut keepalive => break missed,
-                _ = crate::listen::drained(&mut drain), if !draining => {
+                () = drain.cancelled(), if !draining => {
                     connection.graceful_shutdown();
                     draining = true;
                 }

@@ -26,7 +26,7 @@ use proxy_discovery::model::LinkSpec;
 use proxy_discovery::{Discovery, ExportedEndpoint, Refusal as DiscoveryRefusal};
 use proxy_identity::{ClusterName, PeerPolicy, SpiffeId};
 use serde_json::json;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Base, PoolMaker, bind_admin, bind_all, pool_json};
@@ -41,7 +41,7 @@ struct LinkLabels {
 struct LinkPool {
     spec: LinkSpec,
     pool: Pool,
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     probe: Arc<Mutex<ProbeResult>>,
 }
 
@@ -60,14 +60,14 @@ struct ProbeResult {
     consecutive_failures: u32,
 }
 
-/// Probes one link every `probeSpec.period` until `stop` turns true.
+/// Probes one link every `probeSpec.period` until `stop` is cancelled.
 async fn probe_link(
     cluster: String,
     pool: Pool,
     period: Duration,
     result: Arc<Mutex<ProbeResult>>,
     success: Gauge,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     // A probe may take at most one period, and never more than a few seconds.
     let timeout = period.min(Duration::from_secs(5));
@@ -76,7 +76,7 @@ async fn probe_link(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = proxy_core::listen::drained(&mut stop) => return,
+            () = stop.cancelled() => return,
         }
         let outcome = probe_once(&pool, timeout).await;
         let mut last = lock(&result);
@@ -132,7 +132,7 @@ struct GatewayHandler {
 /// when the pod stops being an endpoint.
 struct PodTunnel {
     pool: Pool,
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -236,13 +236,13 @@ impl GatewayHandler {
         if let Some(tunnel) = pods.get(&ip) {
             return tunnel.pool.clone();
         }
-        let (stop, stopped) = watch::channel(false);
+        let stop = self.maker.shutdown.child_token();
         let pool = self.maker.pool_with(
             format!("pod/{ip}"),
             SocketAddr::new(ip, DEFAULT_INBOUND_PORT),
             self.pod_policy.clone(),
             1,
-            stopped,
+            stop.clone(),
         );
         pods.insert(
             ip,
@@ -276,7 +276,7 @@ impl GatewayHandler {
         lock(&self.pods).retain(|ip, tunnel| {
             let keep = live.contains(ip);
             if !keep {
-                let _ = tunnel.stop.send(true);
+                tunnel.stop.cancel();
             }
             keep
         });
@@ -336,7 +336,7 @@ fn sync_links(
     links.retain(|cluster, link| {
         let keep = wanted.get(cluster) == Some(&link.spec);
         if !keep {
-            let _ = link.stop.send(true);
+            link.stop.cancel();
             info!(%cluster, "link removed or changed, closing its pool");
         }
         keep
@@ -369,20 +369,16 @@ fn sync_links(
                 continue;
             }
         };
-        let (stop, stopped) = watch::channel(false);
-        let mut shutdown = maker.shutdown.clone();
-        let stop_on_shutdown = stop.clone();
-        tokio::spawn(async move {
-            proxy_core::listen::drained(&mut shutdown).await;
-            let _ = stop_on_shutdown.send(true);
-        });
+        // A child of the process shutdown: cancelled with it, or alone when the
+        // Link changes, and no task is needed to tie the two.
+        let stop = maker.shutdown.child_token();
         let addr = SocketAddr::new(ip, spec.gateway_port);
         info!(%cluster, %addr, %identity, "linking to peer gateway");
         let pool = maker.pool(
             format!("link/{cluster}"),
             addr,
             PeerPolicy::Exact(identity).in_cluster(target),
-            stopped.clone(),
+            stop.clone(),
         );
         let probe = Arc::new(Mutex::new(ProbeResult::default()));
         let success = probe_success
@@ -390,13 +386,13 @@ fn sync_links(
                 cluster: cluster.clone(),
             })
             .clone();
-        tokio::spawn(probe_link(
+        maker.tasks.spawn(probe_link(
             cluster.clone(),
             pool.clone(),
             spec.probe_spec.period.0,
             probe.clone(),
             success,
-            stopped,
+            stop.clone(),
         ));
         links.insert(
             cluster,
@@ -449,14 +445,14 @@ pub async fn run(config: Config) -> Result<()> {
         // Follow discovery changes for links, and publish link health.
         let handler = handler.clone();
         let mut changes = base.discovery.subscribe();
-        let mut shutdown = base.shutdown.clone();
-        tokio::spawn(async move {
+        let shutdown = base.shutdown.clone();
+        base.tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
                     _ = changes.changed() => sync_links(&maker, &handler, &probe_success),
                     _ = tick.tick() => {}
-                    _ = proxy_core::listen::drained(&mut shutdown) => return,
+                    () = shutdown.cancelled() => return,
                 }
                 handler.forget_departed_pods();
                 for (cluster, link) in lock(&handler.links).iter() {

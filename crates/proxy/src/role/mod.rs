@@ -27,7 +27,8 @@ use proxy_discovery::{ClusterName, DirSource, Discovery};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{CredentialStore, IdentityMetrics, PeerPolicy, SpiffeId};
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin::{self, Admin, ConfigView, ReadyCheck};
@@ -44,8 +45,12 @@ pub struct Base {
     pub identity: Arc<CredentialStore>,
     pub identity_metrics: IdentityMetrics,
     pub discovery: Discovery,
-    pub shutdown: watch::Receiver<bool>,
-    shutdown_tx: watch::Sender<bool>,
+    /// The root of the process's cancellation tree: listeners, pools and their
+    /// connections hold children of it, and cancelling it drains them all.
+    pub shutdown: CancellationToken,
+    /// Every listener, pool and probe task the role starts, so `/config` can show
+    /// how many are alive (a rebuilt link must not leave any behind).
+    pub tasks: TaskTracker,
 }
 
 impl Base {
@@ -76,11 +81,10 @@ impl Base {
         let identity = Arc::new(identity);
         tokio::spawn(identity.clone().watch(config.reload_interval));
 
-        let (shutdown_tx, shutdown) = watch::channel(false);
-        let mut stop = shutdown.clone();
+        let shutdown = CancellationToken::new();
         let cluster = ClusterName::parse(&config.cluster)
             .map_err(|e| anyhow::anyhow!("--cluster {}: {e}", config.cluster))?;
-        let stopped = async move { proxy_core::listen::drained(&mut stop).await };
+        let stopped = shutdown.child_token().cancelled_owned();
         let discovery = match &config.discovery {
             DiscoverySource::Dir(dir) => {
                 let (discovery, _task) = DirSource::new(dir)
@@ -112,7 +116,7 @@ impl Base {
             identity_metrics,
             discovery,
             shutdown,
-            shutdown_tx,
+            tasks: TaskTracker::new(),
         })
     }
 
@@ -217,7 +221,7 @@ impl Base {
             format!("gateway/{}", self.config.cluster),
             addr,
             PeerPolicy::Exact(identity).in_cluster(self.cluster.clone()),
-            self.shutdown.clone(),
+            self.shutdown.child_token(),
         )))
     }
 
@@ -229,6 +233,7 @@ impl Base {
             connections: self.config.tunnel_connections,
             h2: self.config.limits.h2_settings(),
             shutdown: self.shutdown.clone(),
+            tasks: self.tasks.clone(),
             handshake_failed: self.handshake_observer(),
         }
     }
@@ -243,13 +248,13 @@ impl Base {
         listeners
             .into_iter()
             .map(|listener| {
-                tokio::spawn(proxy_core::listen::serve(
+                self.tasks.spawn(proxy_core::listen::serve(
                     listener,
                     handler.clone(),
                     self.listen_config(),
                     self.metrics.clone(),
                     direction,
-                    self.shutdown.clone(),
+                    self.shutdown.child_token(),
                 ))
             })
             .collect()
@@ -316,11 +321,14 @@ impl Base {
         let discovery = self.discovery.clone();
         let cluster = self.config.cluster.clone();
         let limits = self.config.limits.to_json();
+        let tasks = self.tasks.clone();
         Arc::new(move || {
             let mut view = serde_json::json!({
                 "role": role,
                 "cluster": cluster,
                 "limits": limits,
+                // Listener, pool and probe tasks alive: flat while links are rebuilt.
+                "tasks": tasks.len(),
                 "identity": identity.status(),
                 "discovery": {
                     "status": discovery.status(),
@@ -365,7 +373,7 @@ impl Base {
             ready,
             config,
         });
-        let (stop_admin, admin_stopped) = watch::channel(false);
+        let stop_admin = CancellationToken::new();
         let admin_listener = admin_listener
             .into_std()
             .context("moving the admin listener to its thread")?;
@@ -373,16 +381,16 @@ impl Base {
             admin,
             admin_listener,
             self.config.limits.admin(),
-            admin_stopped,
+            stop_admin.clone(),
         )?;
         wait_for_signal().await?;
         info!(grace = ?self.config.shutdown_grace, "shutting down: no new connections, draining open ones");
         draining.store(true, Ordering::Release);
-        let _ = self.shutdown_tx.send(true);
+        self.shutdown.cancel();
         for task in tasks {
             let _ = task.await;
         }
-        let _ = stop_admin.send(true);
+        stop_admin.cancel();
         // The admin thread stops at once when told; it is not worth a hung exit.
         let joined = tokio::task::spawn_blocking(move || admin_thread.join());
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), joined).await;
@@ -414,18 +422,21 @@ pub struct PoolMaker {
     connections: usize,
     h2: H2Settings,
     handshake_failed: HandshakeObserver,
-    /// The process shutdown, for tasks that outlive a single pool.
-    pub shutdown: watch::Receiver<bool>,
+    /// The process shutdown: each pool's token is a child of it.
+    pub shutdown: CancellationToken,
+    /// Where pools' tasks are counted.
+    pub tasks: TaskTracker,
 }
 
 impl PoolMaker {
-    /// A pool to a gateway that must satisfy `policy`; it stops when `stop` turns true.
+    /// A pool to a gateway that must satisfy `policy`; it stops when `stop` (a child
+    /// of [`PoolMaker::shutdown`]) is cancelled.
     pub fn pool(
         &self,
         name: String,
         addr: SocketAddr,
         policy: PeerPolicy,
-        stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) -> Pool {
         self.pool_with(name, addr, policy, self.connections, stop)
     }
@@ -437,10 +448,10 @@ impl PoolMaker {
         addr: SocketAddr,
         policy: PeerPolicy,
         connections: usize,
-        stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) -> Pool {
         let tls = proxy_identity::client_config(self.identity.clone(), policy);
-        Pool::spawn(
+        Pool::spawn_on(
             PeerConfig {
                 name: Arc::from(name),
                 addr,
@@ -458,6 +469,7 @@ impl PoolMaker {
                 }),
             },
             stop,
+            &self.tasks,
         )
     }
 }
