@@ -27,7 +27,7 @@ use proxy_core::addr::FixedOrigDst;
 use proxy_core::detect::DetectConfig;
 use proxy_core::forward::ForwardConfig;
 use proxy_core::http::{HttpProxy, HttpSettings};
-use proxy_core::inbound::{AppAddress, Inbound, InboundConfig, LocalDelivery};
+use proxy_core::inbound::{AppAddress, Inbound, InboundConfig, ListenerRole, LocalDelivery};
 use proxy_core::listen::{self, ListenConfig};
 use proxy_core::metrics::{Direction, ProxyMetrics};
 use proxy_core::pool::{PeerConfig, Pool};
@@ -109,6 +109,7 @@ async fn inbound(gateway: Arc<CredentialStore>, shutdown: CancellationToken) -> 
         // The listener's own address: every connection is for the tunnel, as when
         // a peer dials the inbound port directly.
         orig_dst: Arc::new(FixedOrigDst(addr)),
+        role: ListenerRole::Sidecar,
         cfg: InboundConfig {
             connect_timeout,
             detect: DetectConfig::default(),

@@ -51,8 +51,21 @@ pub struct InboundConfig {
     pub app: AppAddress,
 }
 
+/// What a mesh-facing listener serves, as the wiring says: never inferred from
+/// whether a connection has an original destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerRole {
+    /// A sidecar's inbound port: the mesh tunnel from peers dialling the port
+    /// itself, and plain TCP that iptables redirected from an app port.
+    Sidecar,
+    /// A gateway's tunnel port: nothing is redirected to it, every connection is
+    /// the mesh tunnel.
+    Gateway,
+}
+
 /// The inbound [`Handler`]; `H` decides where tunnel streams go.
 pub struct Inbound<H> {
+    pub role: ListenerRole,
     /// Mesh TLS; without it tunnel connections are refused.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub identify: PeerIdentify,
@@ -72,6 +85,9 @@ impl<H: TunnelHandler> Handler for Inbound<H> {
             client,
             local,
         } = conn;
+        if self.role == ListenerRole::Gateway {
+            return self.serve_tunnel(stream, client.0, drain).await;
+        }
         // A connection that was not redirected, or was redirected from the inbound
         // port itself, was meant for the proxy: it must be the mesh tunnel.
         let dst = self.orig_dst.orig_dst(&stream, local).ok();

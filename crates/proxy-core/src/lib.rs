@@ -11,6 +11,8 @@
 //! - [`tunnel`]: the HTTP/2 `CONNECT` tunnel, client and server.
 //! - [`pool`]: warm pools of tunnel connections to one peer.
 //! - [`outbound`], [`inbound`]: the sidecar's two connection handlers.
+//! - [`gateway`]: the gateway's tunnel handler: relay policy, delivery to pods,
+//!   link pools.
 //! - [`explicit`]: the standalone role's explicit proxy (CONNECT, absolute-form).
 //! - [`outcome`]: how a connection ended (side and reason), from which its metric
 //!   labels, reset and log line derive.
@@ -23,6 +25,7 @@ pub mod addr;
 pub mod detect;
 pub mod explicit;
 pub mod forward;
+pub mod gateway;
 pub mod http;
 pub mod inbound;
 pub mod listen;

@@ -545,3 +545,50 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// What every pool of one proxy shares: a [`PeerConfig`] less the peer.
+#[derive(Clone)]
+pub struct PoolSettings {
+    pub connect_timeout: Duration,
+    /// Connections a pool to a gateway keeps open.
+    pub connections: usize,
+    pub h2: H2Settings,
+    pub handshake_failed: Option<HandshakeObserver>,
+    pub deadline: Option<ConnectionDeadline>,
+}
+
+impl std::fmt::Debug for PoolSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolSettings")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("connections", &self.connections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PoolSettings {
+    /// The config of a pool of `connections` to `addr` (named `name` in logs and
+    /// `/config`), whose identity `tls` checks; reconnects back off from 100 ms
+    /// to 5 s.
+    pub fn peer(
+        &self,
+        name: String,
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        connections: usize,
+    ) -> PeerConfig {
+        PeerConfig {
+            name: Arc::from(name),
+            addr,
+            server_name: ServerName::IpAddress(addr.ip().into()),
+            tls,
+            connect_timeout: self.connect_timeout,
+            connections,
+            h2: self.h2.clone(),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            handshake_failed: self.handshake_failed.clone(),
+            deadline: self.deadline.clone(),
+        }
+    }
+}

@@ -6,6 +6,8 @@
 //! lock and no allocation. What to do with a route (dial, tunnel, refuse) is the
 //! proxy's business.
 
+pub mod exported;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 

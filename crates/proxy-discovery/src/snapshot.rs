@@ -8,14 +8,16 @@
 //! does not read files or watch anything.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::index::exported::ExportIndex;
 use crate::index::{GatewayRef, Index, Route};
 use crate::model::{
-    Authority, ClusterName, ClusterSettings, ClusterView, EndpointMesh, EndpointPort, Link,
-    MIRRORED_SERVICE_LABEL, Service, ServiceMirror, ServicePort, ServiceRef, TargetPort,
+    ClusterName, ClusterSettings, ClusterView, Link, MIRRORED_SERVICE_LABEL, Service,
+    ServiceMirror, ServiceRef,
 };
 use crate::reconcile::{Reconciled, reconcile_all};
 
@@ -57,6 +59,7 @@ pub struct Snapshot {
     deleted: Vec<ServiceRef>,
     gateway: Option<GatewayRef>,
     index: Index,
+    exports: ExportIndex,
 }
 
 impl Snapshot {
@@ -78,6 +81,7 @@ impl Snapshot {
             identity: g.identity.clone(),
         });
         let index = Index::build(&local, gateway.as_ref());
+        let exports = ExportIndex::build(&local);
         Self {
             local,
             remotes,
@@ -85,6 +89,7 @@ impl Snapshot {
             deleted,
             gateway,
             index,
+            exports,
         }
     }
 
@@ -193,11 +198,12 @@ impl Snapshot {
         port: u16,
     ) -> Result<Vec<SocketAddr>, Refusal> {
         self.exported_endpoints(namespace, name, port)
-            .map(|eps| eps.into_iter().map(|e| e.addr).collect())
+            .map(|eps| eps.iter().map(|e| e.addr).collect())
     }
 
     /// The endpoints of [`Snapshot::exported_target`], each with whether it is a
-    /// meshed pod (reached only over its sidecar's tunnel).
+    /// meshed pod (reached only over its sidecar's tunnel), from the
+    /// [`ExportIndex`] built with this snapshot.
     ///
     /// Endpoints are read from `Endpoints` (subset ports matched to the Service port
     /// by name) and `EndpointSlice`s (`kubernetes.io/service-name` label). A subset
@@ -212,78 +218,8 @@ impl Snapshot {
         namespace: &str,
         name: &str,
         port: u16,
-    ) -> Result<Vec<ExportedEndpoint>, Refusal> {
-        let svc = self
-            .local
-            .service(namespace, name)
-            .ok_or(Refusal::NoSuchService)?;
-        if !self.local.is_exported(svc) {
-            return Err(Refusal::NotExported);
-        }
-        let sp = svc
-            .port(port)
-            .filter(|p| p.is_tcp())
-            .ok_or(Refusal::NoSuchPort)?;
-        let mut addrs: BTreeMap<SocketAddr, bool> = BTreeMap::new();
-        let mut add = |addr: SocketAddr, meshed: bool| *addrs.entry(addr).or_default() |= meshed;
-        let mut unresolved = false;
-        let key = ServiceRef::new(namespace, name);
-        if let Some(eps) = self.local.endpoints.get(&key) {
-            for subset in &eps.subsets {
-                let target = if subset.ports.is_empty() {
-                    self.resolve_target_port(svc, sp)
-                } else {
-                    matching_port(&subset.ports, sp)
-                };
-                let Some(target) = target else {
-                    unresolved |= subset.ports.is_empty();
-                    continue;
-                };
-                for a in &subset.addresses {
-                    match self.local.endpoint_mesh(namespace, a.target_ref.as_ref()) {
-                        EndpointMesh::UnknownPod => {}
-                        mesh => add(SocketAddr::new(a.ip, target), mesh == EndpointMesh::Meshed),
-                    }
-                }
-            }
-        }
-        for slice in self.local.endpoint_slices.values() {
-            if slice.metadata.namespace() != namespace || slice.service_name() != Some(name) {
-                continue;
-            }
-            let target = if slice.ports.is_empty() {
-                self.resolve_target_port(svc, sp)
-            } else {
-                matching_port(&slice.ports, sp)
-            };
-            let Some(target) = target else {
-                unresolved |= slice.ports.is_empty();
-                continue;
-            };
-            for ep in &slice.endpoints {
-                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                    continue;
-                }
-                let meshed = match self.local.endpoint_mesh(namespace, ep.target_ref.as_ref()) {
-                    EndpointMesh::UnknownPod => continue,
-                    mesh => mesh == EndpointMesh::Meshed,
-                };
-                for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
-                    add(SocketAddr::new(ip, target), meshed);
-                }
-            }
-        }
-        if addrs.is_empty() {
-            return Err(if unresolved {
-                Refusal::NoSuchPort
-            } else {
-                Refusal::NoEndpoints
-            });
-        }
-        Ok(addrs
-            .into_iter()
-            .map(|(addr, meshed)| ExportedEndpoint { addr, meshed })
-            .collect())
+    ) -> Result<Arc<[ExportedEndpoint]>, Refusal> {
+        self.exports.endpoints(namespace, name, port)
     }
 
     /// [`Snapshot::exported_target`] for a tunnel's `:authority`:
@@ -291,7 +227,7 @@ impl Snapshot {
     /// of this cluster. Any other authority is [`Refusal::NoSuchService`].
     pub fn exported_target_for(&self, authority: &str) -> Result<Vec<SocketAddr>, Refusal> {
         self.exported_endpoints_for(authority)
-            .map(|eps| eps.into_iter().map(|e| e.addr).collect())
+            .map(|eps| eps.iter().map(|e| e.addr).collect())
     }
 
     /// [`Snapshot::exported_endpoints`] for a tunnel's `:authority`, named as in
@@ -299,44 +235,13 @@ impl Snapshot {
     pub fn exported_endpoints_for(
         &self,
         authority: &str,
-    ) -> Result<Vec<ExportedEndpoint>, Refusal> {
-        let authority = Authority::parse(authority).map_err(|_| Refusal::NoSuchService)?;
-        let host = authority.host();
-        let domain = &self.local.settings.spec.cluster_domain;
-        let short = host
-            .strip_suffix(domain.as_str())
-            .and_then(|h| h.strip_suffix('.'))
-            .unwrap_or(host);
-        let short = short.strip_suffix(".svc").unwrap_or(short);
-        match short.split('.').collect::<Vec<_>>()[..] {
-            [name, namespace] => self.exported_endpoints(namespace, name, authority.port()),
-            _ => Err(Refusal::NoSuchService),
-        }
+    ) -> Result<Arc<[ExportedEndpoint]>, Refusal> {
+        self.exports.endpoints_for(authority)
     }
 
-    /// `targetPort` as a number: itself, `port` when absent, or a container port of
-    /// that name in a Deployment the Service selects.
-    fn resolve_target_port(&self, svc: &Service, sp: &ServicePort) -> Option<u16> {
-        match &sp.target_port {
-            None => Some(sp.port),
-            Some(TargetPort::Number(n)) => Some(*n),
-            Some(TargetPort::Name(port_name)) => {
-                let selector = svc.spec.selector.as_ref()?;
-                self.local
-                    .deployments
-                    .values()
-                    .filter(|d| d.metadata.namespace() == svc.metadata.namespace())
-                    .filter(|d| {
-                        let labels = &d.spec.template.metadata.labels;
-                        !selector.is_empty()
-                            && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-                    })
-                    .flat_map(|d| &d.spec.template.spec.containers)
-                    .flat_map(|c| &c.ports)
-                    .find(|p| p.name.as_deref() == Some(port_name.as_str()))
-                    .map(|p| p.container_port)
-            }
-        }
+    /// The gateway's index of exported Services and their endpoints.
+    pub fn exports(&self) -> &ExportIndex {
+        &self.exports
     }
 
     /// A JSON view for `/config` and tooling: cluster, settings, links, Services,
@@ -364,20 +269,6 @@ impl Snapshot {
         // Every part is plain data with string keys; serialising cannot fail.
         serde_json::to_value(view).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
     }
-}
-
-/// The endpoint port serving Service port `sp`: same name, or the only port when
-/// the Service port is unnamed.
-fn matching_port(ports: &[EndpointPort], sp: &ServicePort) -> Option<u16> {
-    let wanted = sp.name.as_deref().filter(|n| !n.is_empty());
-    ports
-        .iter()
-        .filter(|p| p.protocol.as_deref().is_none_or(|pr| pr == "TCP"))
-        .find(|p| match wanted {
-            Some(n) => p.name.as_deref() == Some(n),
-            None => p.name.as_deref().is_none_or(str::is_empty) || ports.len() == 1,
-        })
-        .map(|p| p.port)
 }
 
 #[cfg(test)]

@@ -1,8 +1,14 @@
-//! Adapts the discovery index to proxy-core's [`RouteLookup`] seam.
+//! Adapts discovery's indexes to proxy-core's seams: [`RouteLookup`] for the
+//! sidecar and explicit proxy, [`GatewayLookup`] for the gateway.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use proxy_core::addr::OrigDstAddr;
+use proxy_core::gateway::{Endpoint, GatewayLookup, LinkTarget};
 use proxy_core::route::{Authority, ClusterName, Route, RouteLookup};
-use proxy_discovery::{Discovery, Route as DiscoveryRoute};
+use proxy_core::tunnel::Refusal;
+use proxy_discovery::{Discovery, Refusal as ExportRefusal, Route as DiscoveryRoute};
 
 /// Routes from the current discovery snapshot; lookups take no lock.
 #[derive(Clone)]
@@ -34,5 +40,56 @@ impl RouteLookup for DiscoveryRoutes {
 
     fn route_authority(&self, authority: &Authority) -> Route {
         convert(self.discovery.load().lookup_authority(authority.as_str()))
+    }
+}
+
+/// The gateway's view of discovery: exported Services' endpoints from the
+/// snapshot's export index, Links, and which addresses are still endpoints.
+#[derive(Clone)]
+pub struct DiscoveryExports {
+    pub discovery: Discovery,
+}
+
+impl GatewayLookup for DiscoveryExports {
+    fn exported(&self, authority: &Authority) -> Result<Vec<Endpoint>, Refusal> {
+        let snapshot = self.discovery.load();
+        let endpoints = snapshot
+            .exported_endpoints_for(authority.as_str())
+            .map_err(|refusal| match refusal {
+                ExportRefusal::NoSuchService | ExportRefusal::NoSuchPort => Refusal::NoRoute,
+                ExportRefusal::NotExported => Refusal::NotExported,
+                ExportRefusal::NoEndpoints => Refusal::NoEndpoints,
+            })?;
+        Ok(endpoints
+            .iter()
+            .map(|e| Endpoint {
+                addr: e.addr,
+                meshed: e.meshed,
+            })
+            .collect())
+    }
+
+    fn links(&self) -> BTreeMap<String, LinkTarget> {
+        self.discovery
+            .load()
+            .links()
+            .iter()
+            .map(|(cluster, link)| {
+                let spec = &link.spec;
+                let target = LinkTarget {
+                    address: spec.gateway_address.as_str().to_owned(),
+                    port: spec.gateway_port,
+                    identity: spec.gateway_identity.as_str().to_owned(),
+                    probe_period: spec.probe_spec.period.0,
+                    probe_port: spec.probe_spec.port,
+                    probe_path: spec.probe_spec.path.clone(),
+                };
+                (cluster.as_str().to_owned(), target)
+            })
+            .collect()
+    }
+
+    fn is_endpoint(&self, ip: IpAddr) -> bool {
+        self.discovery.load().exports().endpoint_ips().contains(&ip)
     }
 }

@@ -166,6 +166,16 @@ impl TunnelStream {
         }
     }
 
+    /// A write that failed because the far end refused the stream: the refusal
+    /// ends the stream and a reset follows it, which a client that writes before
+    /// reading meets first. The refusal is what happened, so it is reported.
+    fn refused_instead(&mut self, cx: &mut Context<'_>, error: io::Error) -> io::Error {
+        match self.poll_answer(cx) {
+            Poll::Ready(Err(OpenError::Refused(refusal))) => refused_error(refusal),
+            _ => error,
+        }
+    }
+
     /// The sending half and the pending answer, for a relay that passes the stream
     /// on frame by frame; `None` once the answer was read.
     pub(crate) fn into_pending(mut self) -> Option<(SendStream<Bytes>, ResponseFuture)> {
@@ -203,15 +213,8 @@ impl AsyncWrite for TunnelStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match ready!(self.io().poll_write(cx, buf)) {
-            Ok(n) => Poll::Ready(Ok(n)),
-            // A write can fail first on a stream the far end refused (the refusal
-            // ended it): the refusal is the cause, so it is read and reported.
-            Err(e) => match self.poll_answer(cx) {
-                Poll::Ready(Err(OpenError::Refused(refusal))) => {
-                    Poll::Ready(Err(refused_error(refusal)))
-                }
-                _ => Poll::Ready(Err(e)),
-            },
+            Err(e) => Poll::Ready(Err(self.refused_instead(cx, e))),
+            written => Poll::Ready(written),
         }
     }
 

@@ -16,15 +16,14 @@ use proxy_core::addr::KernelOrigDst;
 use proxy_core::detect::DetectConfig;
 use proxy_core::forward::ForwardConfig;
 use proxy_core::http::HttpProxy;
-use proxy_core::inbound::{Inbound, InboundConfig};
+use proxy_core::inbound::{Inbound, InboundConfig, ListenerRole};
 use proxy_core::listen::{Handler, ListenConfig};
 use proxy_core::metrics::{Direction, ProxyMetrics};
-use proxy_core::pool::{LinkState, PeerConfig, Pool};
+use proxy_core::pool::{LinkState, Pool, PoolSettings};
+use proxy_core::tunnel::HandshakeObserver;
 use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelServer};
-use proxy_core::tunnel::{H2Settings, HandshakeObserver};
 use proxy_discovery::source::kube::KubeSource;
 use proxy_discovery::{ClusterName, DirSource, Discovery};
-use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{CredentialStore, IdentityMetrics, PeerPolicy, SpiffeId};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
@@ -217,24 +216,30 @@ impl Base {
         info!(%addr, gateway = name, %identity, "mirrored services go through the cluster gateway");
         // The gateway's ID alone would also match another cluster's gateway (they
         // may share one) or a leaf another cluster's issuer minted with it.
-        Ok(Some(self.pool_maker().pool(
-            format!("gateway/{}", self.config.cluster),
-            addr,
+        let tls = proxy_identity::client_config(
+            self.identity.clone(),
             PeerPolicy::Exact(identity).in_cluster(self.cluster.clone()),
+        );
+        let settings = self.pool_settings();
+        let pool_name = format!("gateway/{}", self.config.cluster);
+        Ok(Some(Pool::spawn_on(
+            settings.peer(pool_name, addr, tls, settings.connections),
             self.shutdown.child_token(),
+            &self.tasks,
         )))
     }
 
-    /// What it takes to open tunnel pools, detached from `Base` for background tasks.
-    pub fn pool_maker(&self) -> PoolMaker {
-        PoolMaker {
-            identity: self.identity.clone(),
+    /// What every tunnel pool of this proxy shares.
+    pub fn pool_settings(&self) -> PoolSettings {
+        PoolSettings {
             connect_timeout: self.config.limits.connect_timeout,
             connections: self.config.tunnel_connections,
             h2: self.config.limits.h2_settings(),
-            shutdown: self.shutdown.clone(),
-            tasks: self.tasks.clone(),
-            handshake_failed: self.handshake_observer(),
+            handshake_failed: Some(self.handshake_observer()),
+            deadline: Some({
+                let store = self.identity.clone();
+                Arc::new(move |conn| proxy_identity::connection_deadline(conn, &store))
+            }),
         }
     }
 
@@ -267,8 +272,12 @@ impl Base {
     pub fn inbound<H: TunnelHandler>(
         &self,
         handler: Arc<H>,
-        direction: Direction,
+        role: ListenerRole,
     ) -> Arc<Inbound<H>> {
+        let direction = match role {
+            ListenerRole::Sidecar => Direction::Inbound,
+            ListenerRole::Gateway => Direction::Gateway,
+        };
         let tunnel = TunnelServer::new(
             handler,
             self.config.limits.h2_settings(),
@@ -278,6 +287,7 @@ impl Base {
         )
         .with_expiry_grace(self.config.shutdown_grace);
         Arc::new(Inbound {
+            role,
             tls: Some(proxy_identity::mesh_server_config(
                 self.identity.clone(),
                 match direction {
@@ -412,66 +422,6 @@ pub fn pool_json(pool: &Pool) -> serde_json::Value {
             LinkState::Down { error, .. } => format!("down: {error}"),
         },
     })
-}
-
-/// Opens warm tunnel pools to gateways.
-#[derive(Clone)]
-pub struct PoolMaker {
-    identity: Arc<CredentialStore>,
-    connect_timeout: std::time::Duration,
-    connections: usize,
-    h2: H2Settings,
-    handshake_failed: HandshakeObserver,
-    /// The process shutdown: each pool's token is a child of it.
-    pub shutdown: CancellationToken,
-    /// Where pools' tasks are counted.
-    pub tasks: TaskTracker,
-}
-
-impl PoolMaker {
-    /// A pool to a gateway that must satisfy `policy`; it stops when `stop` (a child
-    /// of [`PoolMaker::shutdown`]) is cancelled.
-    pub fn pool(
-        &self,
-        name: String,
-        addr: SocketAddr,
-        policy: PeerPolicy,
-        stop: CancellationToken,
-    ) -> Pool {
-        self.pool_with(name, addr, policy, self.connections, stop)
-    }
-
-    /// A pool of `connections` to a peer that must satisfy `policy`.
-    pub fn pool_with(
-        &self,
-        name: String,
-        addr: SocketAddr,
-        policy: PeerPolicy,
-        connections: usize,
-        stop: CancellationToken,
-    ) -> Pool {
-        let tls = proxy_identity::client_config(self.identity.clone(), policy);
-        Pool::spawn_on(
-            PeerConfig {
-                name: Arc::from(name),
-                addr,
-                server_name: ServerName::IpAddress(addr.ip().into()),
-                tls,
-                connect_timeout: self.connect_timeout,
-                connections,
-                h2: self.h2.clone(),
-                backoff_min: std::time::Duration::from_millis(100),
-                backoff_max: std::time::Duration::from_secs(5),
-                handshake_failed: Some(self.handshake_failed.clone()),
-                deadline: Some({
-                    let store = self.identity.clone();
-                    Arc::new(move |conn| proxy_identity::connection_deadline(conn, &store))
-                }),
-            },
-            stop,
-            &self.tasks,
-        )
-    }
 }
 
 async fn wait_for_signal() -> Result<()> {

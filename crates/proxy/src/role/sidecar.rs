@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use proxy_core::addr::KernelOrigDst;
-use proxy_core::inbound::{AppAddress, LocalDelivery};
+use proxy_core::inbound::{AppAddress, ListenerRole, LocalDelivery};
 use proxy_core::metrics::Direction;
 use proxy_core::outbound::{Outbound, OutboundConfig};
 use serde_json::json;
@@ -54,7 +54,7 @@ pub async fn run(config: Config) -> Result<()> {
         connect_timeout: base.config.limits.connect_timeout,
         proxy_ports: proxy_ports.clone(),
     });
-    let inbound = base.inbound(delivery, Direction::Inbound);
+    let inbound = base.inbound(delivery, ListenerRole::Sidecar);
 
     let mut tasks = base.serve(outbound_listeners, outbound, Direction::Outbound);
     tasks.extend(base.serve(inbound_listeners, inbound, Direction::Inbound));
