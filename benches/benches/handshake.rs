@@ -14,14 +14,13 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use isthmus_benches::store;
+use isthmus_vocab::{SpiffeId, TrustDomain};
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::rustls::{
     self, ClientConfig, ClientConnection, ServerConfig, ServerConnection,
 };
-use proxy_identity::{
-    PeerPolicy, SpiffeId, TrustDomain, client_config, crypto_provider, server_config,
-};
+use proxy_identity::{PeerPolicy, client_config, crypto_provider, server_config};
 
 /// Moves records both ways until both sides finish the handshake.
 fn complete(client: &mut ClientConnection, server: &mut ServerConnection, buf: &mut Vec<u8>) {

@@ -8,7 +8,8 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use proxy_discovery::model::{ClusterName, ClusterView, parse_manifests};
+use isthmus_vocab::ClusterName;
+use proxy_discovery::model::{ClusterView, parse_manifests};
 use proxy_discovery::{Discovery, Snapshot};
 
 const LOCAL: usize = 900;

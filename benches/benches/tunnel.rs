@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use isthmus_benches::store;
+use isthmus_vocab::{Authority, ClusterName, SpiffeId, TrustDomain};
 use proxy_core::addr::FixedOrigDst;
 use proxy_core::detect::DetectConfig;
 use proxy_core::forward::ForwardConfig;
@@ -31,14 +32,11 @@ use proxy_core::inbound::{AppAddress, Inbound, InboundConfig, ListenerRole, Loca
 use proxy_core::listen::{self, ListenConfig};
 use proxy_core::metrics::{Direction, ProxyMetrics};
 use proxy_core::pool::{PeerConfig, Pool};
-use proxy_core::route::{Authority, ClusterName};
 use proxy_core::tunnel::H2Settings;
 use proxy_core::tunnel::server::{Peer, TunnelServer};
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
-use proxy_identity::{
-    CredentialStore, PeerPolicy, SpiffeId, TrustDomain, client_config, server_config,
-};
+use proxy_identity::{CredentialStore, PeerPolicy, client_config, server_config};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -101,7 +99,7 @@ async fn inbound(gateway: Arc<CredentialStore>, shutdown: CancellationToken) -> 
         tls: Some(server_config(gateway, PeerPolicy::TrustDomain(td))),
         identify: Arc::new(|_| Peer {
             id: Some(Arc::from(SIDECAR_ID)),
-            cluster: Some(ClusterName::new("cluster-a")),
+            cluster: Some(ClusterName::parse("cluster-a").expect("a valid cluster name literal")),
             expires: None,
         }),
         handshake_failed: Arc::new(|_, _| "bench"),

@@ -4,12 +4,13 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use isthmus_vocab::SpiffeId;
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
-use proxy_identity::{CredentialPaths, CredentialStore, Credentials, SpiffeId};
+use proxy_identity::{CredentialPaths, CredentialStore, Credentials};
 
 /// An in-memory identity for `id` under `issuer`: nothing is written, the store only
 /// names the paths.
-pub fn store(issuer: &mint::Authority, id: &str) -> Arc<CredentialStore> {
+pub fn store(issuer: &mint::CertificateAuthority, id: &str) -> Arc<CredentialStore> {
     let id = SpiffeId::parse(id).expect("a valid SPIFFE ID");
     let bundle = mint::leaf(
         issuer,

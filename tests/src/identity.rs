@@ -12,8 +12,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use proxy_identity::SpiffeId;
-use proxy_identity::mint::{self, Authority, KeyAlgorithm, LeafBundle, Validity};
+use isthmus_vocab::SpiffeId;
+use proxy_identity::mint::{self, CertificateAuthority, KeyAlgorithm, LeafBundle, Validity};
 
 /// The cluster every pod identity is issued for.
 pub const CLUSTER: &str = "cluster-b";
@@ -27,7 +27,7 @@ pub fn mint_leaf(
     anchor: &str,
     id: &str,
     validity: Validity,
-) -> anyhow::Result<Authority> {
+) -> anyhow::Result<CertificateAuthority> {
     let anchor = mint::trust_anchor(anchor, validity, KeyAlgorithm::EcdsaP256)
         .with_context(|| format!("minting the trust anchor {anchor:?}"))?;
     let issuer = mint::issuer(&anchor, CLUSTER, validity, KeyAlgorithm::EcdsaP256)
@@ -56,8 +56,8 @@ pub fn mint_pod(dir: &Path, anchor: &str) -> anyhow::Result<()> {
 /// valid for an hour from creation.
 pub struct Pki {
     validity: Validity,
-    anchor: Authority,
-    issuers: Mutex<HashMap<String, Authority>>,
+    anchor: CertificateAuthority,
+    issuers: Mutex<HashMap<String, CertificateAuthority>>,
 }
 
 impl Pki {
@@ -78,7 +78,7 @@ impl Pki {
     }
 
     /// The trust anchor every issuer of this PKI chains to.
-    pub fn anchor(&self) -> &Authority {
+    pub fn anchor(&self) -> &CertificateAuthority {
         &self.anchor
     }
 

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 
-use proxy_identity::SpiffeId;
+use isthmus_vocab::SpiffeId;
 
 /// The namespace of the gateways and of the multi-cluster resources.
 pub const NAMESPACE: &str = "isthmus-multicluster";

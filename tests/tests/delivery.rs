@@ -29,12 +29,12 @@ use isthmus_tests::identity::Pki;
 use isthmus_tests::netns::{Lab, Namespace};
 use isthmus_tests::pod::{self, ADMIN_PORT, INBOUND_PORT, PROXY_UID, READY, metric};
 use isthmus_tests::tcp::{self, WAIT};
+use isthmus_vocab::{Authority, SpiffeId};
 use proxy_core::pool::{PeerConfig, Pool, PoolError};
-use proxy_core::route::Authority;
 use proxy_core::tunnel::H2Settings;
 use proxy_identity::mint;
 use proxy_identity::rustls::pki_types::ServerName;
-use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy, SpiffeId};
+use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The app port bound on every address of the pod.

@@ -37,8 +37,8 @@ use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, service};
 use isthmus_tests::netns::{Lab, Namespace};
 use isthmus_tests::pod::{self, SidecarPod, metric};
 use isthmus_tests::tcp::{self, WAIT, read_once};
+use isthmus_vocab::{Authority, ClusterName, SpiffeId};
 use nix::sys::signal::Signal;
-use proxy_identity::SpiffeId;
 
 /// Writes the client pod's identity into `dir`.
 fn mint_pod(dir: &Path) {
@@ -685,7 +685,6 @@ impl Gateways {
 #[test]
 fn a_black_holed_peer_gateway_is_noticed_by_keepalive_and_recovers() {
     use proxy_core::pool::{PeerConfig, Pool};
-    use proxy_core::route::{Authority, ClusterName};
     use proxy_core::tunnel::H2Settings;
     use proxy_identity::rustls::pki_types::ServerName;
     use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
@@ -731,7 +730,7 @@ fn a_black_holed_peer_gateway_is_noticed_by_keepalive_and_recovers() {
                 stopped,
             );
             let authority = Authority::parse(HELLO).unwrap();
-            let cluster = ClusterName::new("cluster-a");
+            let cluster = ClusterName::parse("cluster-a").unwrap();
             let limit = CONNECT_TIMEOUT + KEEPALIVE + SLACK;
             let open = || async {
                 timeout(limit, pool.open(&authority, Some(&cluster)))

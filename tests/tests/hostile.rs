@@ -29,7 +29,7 @@ use isthmus_tests::netns::{Lab, Namespace};
 use isthmus_tests::pod;
 use isthmus_tests::tcp::{self, WAIT, closed_within, read_response};
 use isthmus_tests::tls_probe::{probe_config, tls_error};
-use proxy_identity::SpiffeId;
+use isthmus_vocab::SpiffeId;
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
@@ -49,7 +49,7 @@ struct Sidecar {
     pod_ip: IpAddr,
     pid: u32,
     log: PathBuf,
-    issuer: mint::Authority,
+    issuer: mint::CertificateAuthority,
     validity: Validity,
     _bin: WorldExecutable,
     _dir: tempfile::TempDir,
@@ -69,7 +69,7 @@ impl Drop for Sidecar {
 
 /// The pod's identity (handed to the proxy UID) and a manifests directory that
 /// makes every destination a passthrough; returns the issuer for client leaves.
-fn prepare_dirs(dir: &Path, validity: Validity) -> (PathBuf, PathBuf, mint::Authority) {
+fn prepare_dirs(dir: &Path, validity: Validity) -> (PathBuf, PathBuf, mint::CertificateAuthority) {
     let mut issuer = None;
     let (identity, manifests) = pod::prepare_dirs(dir, |identity| {
         issuer = Some(

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use proxy_discovery::model::{ClusterName, GoDuration};
+use isthmus_vocab::ClusterName;
+use proxy_discovery::model::GoDuration;
 
 use crate::lease::LeaseConfig;
 use crate::mirror::{ReconcileTiming, SettingsSource};

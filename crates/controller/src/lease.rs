@@ -205,11 +205,11 @@ impl Elector {
                 Err(e) => {
                     let deadline = *self.tx.borrow();
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        tracing::error!(lease = %self.config.name, error = %crate::error_chain(&e),
+                        tracing::error!(lease = %self.config.name, error = %isthmus_vocab::error_chain(&e),
                             "could not renew the Lease before the deadline; stopped writing");
                         self.tx.send_replace(None);
                     } else {
-                        tracing::warn!(lease = %self.config.name, error = %crate::error_chain(&e),
+                        tracing::warn!(lease = %self.config.name, error = %isthmus_vocab::error_chain(&e),
                             "Lease attempt failed; retrying");
                     }
                 }
@@ -372,8 +372,10 @@ impl Elector {
         .await;
         match result {
             Ok(()) => tracing::info!(lease = %self.config.name, "released the Lease"),
-            Err(e) => tracing::warn!(lease = %self.config.name, error = %crate::error_chain(&e),
-                "could not release the Lease; a successor waits out its duration"),
+            Err(e) => {
+                tracing::warn!(lease = %self.config.name, error = %isthmus_vocab::error_chain(&e),
+                "could not release the Lease; a successor waits out its duration")
+            }
         }
     }
 }

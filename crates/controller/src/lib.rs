@@ -36,18 +36,3 @@ pub mod remote;
 pub mod run;
 
 pub use run::{Config, Running, start};
-
-/// An error and its sources, `: `-joined, for logs and status messages.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}

@@ -46,7 +46,7 @@ pub enum SettingsSource {
     /// A ClusterSettings object of this name in the control-plane namespace.
     Object(String),
     /// No object: defaults for a cluster of this name.
-    Defaults(proxy_discovery::ClusterName),
+    Defaults(isthmus_vocab::ClusterName),
 }
 
 /// Timing of the reconcile.
@@ -158,7 +158,7 @@ pub async fn cluster_settings(
                 Err(e) => Err(ReconcileError::Settings {
                     namespace: namespace.to_owned(),
                     name: name.clone(),
-                    problem: crate::error_chain(&e),
+                    problem: isthmus_vocab::error_chain(&e),
                 }),
             }
         }
@@ -261,7 +261,7 @@ async fn reconcile_inner(
                 .await
             {
                 Err(e) => Decision::Unreachable {
-                    message: crate::error_chain(&e),
+                    message: isthmus_vocab::error_chain(&e),
                     reason: INVALID_CREDENTIALS,
                     remote: None,
                 },
@@ -783,14 +783,16 @@ pub async fn delete_orphans(
                 tracing::info!(service = %kinds::object_key(svc.as_ref()), owner = %owner.name,
                 "deleted a mirrored Service whose ServiceMirror is gone")
             }
-            Err(e) => tracing::debug!(error = %crate::error_chain(&e), "orphan delete failed"),
+            Err(e) => {
+                tracing::debug!(error = %isthmus_vocab::error_chain(&e), "orphan delete failed")
+            }
         }
     }
 }
 
 /// The requeue after a failed reconcile.
 pub fn error_policy(_sm: Arc<MirrorObject>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
-    tracing::warn!(error = %crate::error_chain(error), "reconcile failed; retrying");
+    tracing::warn!(error = %isthmus_vocab::error_chain(error), "reconcile failed; retrying");
     Action::requeue(ctx.timing.stale_refresh.min(Duration::from_secs(5)))
 }
 

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use isthmus_vocab::ClusterName;
 use k8s_openapi::api::core::v1::{Secret, Service as KubeService};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
@@ -21,7 +22,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
-use proxy_discovery::model::{ClusterName, ClusterSettingsSpec, Link};
+use proxy_discovery::model::{ClusterSettingsSpec, Link};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -412,15 +413,16 @@ async fn client_from_secret(
             key,
         })?;
     let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8".to_owned()))?;
-    let kubeconfig = Kubeconfig::from_yaml(&text).map_err(|e| bad(crate::error_chain(&e)))?;
+    let kubeconfig =
+        Kubeconfig::from_yaml(&text).map_err(|e| bad(isthmus_vocab::error_chain(&e)))?;
     let mut config =
         kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
-            .map_err(|e| bad(crate::error_chain(&e)))?;
+            .map_err(|e| bad(isthmus_vocab::error_chain(&e)))?;
     // A dead remote must show as unreachable within a probe or two, not after
     // the default timeouts of minutes.
     config.connect_timeout = Some(timing.call_timeout);
-    kube::Client::try_from(config).map_err(|e| bad(crate::error_chain(&e)))
+    kube::Client::try_from(config).map_err(|e| bad(isthmus_vocab::error_chain(&e)))
 }
 
 /// Watches one remote Service and probes its API, publishing the state and
@@ -494,7 +496,7 @@ async fn run_watch(
                     }
                     Err(e) => {
                         failures = failures.saturating_add(1);
-                        let text = crate::error_chain(&e);
+                        let text = isthmus_vocab::error_chain(&e);
                         tracing::debug!(cluster = %key.cluster, error = %text, "remote watch failed");
                         let was = watch_ok;
                         watch_ok = false;
@@ -530,7 +532,7 @@ async fn run_watch(
                     }
                     match result {
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) => st.last_error = Some(crate::error_chain(&e)),
+                        Ok(Err(e)) => st.last_error = Some(isthmus_vocab::error_chain(&e)),
                         Err(_) => st.last_error = Some(format!(
                             "no answer within {:?}", timing.call_timeout)),
                     }
@@ -576,7 +578,7 @@ async fn remote_settings(
         }
         Ok(Err(kube::Error::Api(s))) if matches!(s.code, 403 | 404) => Some(None),
         Ok(Err(e)) => {
-            tracing::debug!(cluster = %cluster, error = %crate::error_chain(&e),
+            tracing::debug!(cluster = %cluster, error = %isthmus_vocab::error_chain(&e),
                 "cannot read the remote ClusterSettings; keeping what was known");
             None
         }

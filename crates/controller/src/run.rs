@@ -294,7 +294,7 @@ async fn lead(
         .run(mirror::reconcile_mirror, mirror::error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
-                tracing::debug!(error = %crate::error_chain(&e), "controller event");
+                tracing::debug!(error = %isthmus_vocab::error_chain(&e), "controller event");
             }
         });
 
@@ -332,7 +332,7 @@ async fn lead(
                 {
                     Ok(s) => s,
                     Err(e) => {
-                        tracing::warn!(error = %crate::error_chain(&e), "cannot publish the discovery ConfigMap");
+                        tracing::warn!(error = %isthmus_vocab::error_chain(&e), "cannot publish the discovery ConfigMap");
                         continue;
                     }
                 };
@@ -349,7 +349,7 @@ async fn lead(
                         }
                         Ok(false) => {}
                         Err(e) => {
-                            tracing::warn!(error = %crate::error_chain(&e), "cannot publish the discovery ConfigMap")
+                            tracing::warn!(error = %isthmus_vocab::error_chain(&e), "cannot publish the discovery ConfigMap")
                         }
                     }
                 }

@@ -5,10 +5,9 @@
 
 use isthmus_controller::kinds::LinkResource;
 use isthmus_controller::publish::{SERVICES_KEY, SETTINGS_KEY, render};
+use isthmus_vocab::{ClusterName, SpiffeId};
 use k8s_openapi::api::core::v1::Service;
-use proxy_discovery::model::{
-    ClusterName, ClusterSettings, GatewayAddress, GatewaySpec, SpiffeUri,
-};
+use proxy_discovery::model::{ClusterSettings, GatewayAddress, GatewaySpec};
 use proxy_discovery::{DirSource, Route};
 
 fn service(json: serde_json::Value) -> Service {
@@ -21,7 +20,7 @@ fn the_configmap_loads_with_the_directory_source_and_routes_to_the_remote() {
     settings.spec.gateway = Some(GatewaySpec {
         address: GatewayAddress::parse("198.18.1.1").unwrap(),
         port: 4143,
-        identity: SpiffeUri::parse("spiffe://cluster.local/ns/isthmus/sa/gateway").unwrap(),
+        identity: SpiffeId::parse("spiffe://cluster.local/ns/isthmus/sa/gateway").unwrap(),
     });
     let link: LinkResource = serde_json::from_value(serde_json::json!({
         "apiVersion": "multicluster.isthmus.io/v1alpha1", "kind": "Link",

@@ -1,6 +1,6 @@
 //! Property checks over every parser that reads untrusted bytes, one function per
 //! fuzz target: protocol detection, the tunnel's CONNECT request, service authorities,
-//! SPIFFE IDs, manifests and `isthmus-init`'s flag values.
+//! cluster names, SPIFFE IDs, manifests and `isthmus-init`'s flag values.
 //!
 //! Each function takes arbitrary bytes, runs the real parser on them and panics when
 //! a property the parser promises does not hold (a round trip that changes the value,
@@ -14,6 +14,7 @@
 //! (render and re-parse), never from a copy of the parser.
 
 pub mod authority;
+pub mod cluster_name;
 pub mod detect;
 pub mod flags;
 pub mod manifest;
@@ -25,8 +26,9 @@ pub type Check = fn(&[u8]);
 
 /// The fuzz targets, by the name of their `fuzz/fuzz_targets/<name>.rs` file and
 /// corpus directory, with the check each one runs.
-pub const TARGETS: [(&str, Check); 6] = [
+pub const TARGETS: [(&str, Check); 7] = [
     ("authority", authority::check),
+    ("cluster_name", cluster_name::check),
     ("detect", detect::check),
     ("flags", flags::check),
     ("manifest", manifest::check),

@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 
+use isthmus_vocab::ClusterName;
 use proxy_discovery::index::Index;
-use proxy_discovery::model::{ClusterName, ClusterView, Object, parse_manifests};
+use proxy_discovery::model::{ClusterView, Object, parse_manifests};
 use proxy_discovery::snapshot::Snapshot;
 
 /// The file name the input is presented as; every error must name it.

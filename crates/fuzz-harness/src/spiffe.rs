@@ -1,7 +1,7 @@
 //! SPIFFE IDs and trust domains, as certificates' URI SANs and flags deliver them:
-//! [`proxy_identity::id`].
+//! [`isthmus_vocab::spiffe`].
 
-use proxy_identity::id::{IdError, SpiffeId, TrustDomain};
+use isthmus_vocab::{IdError, SpiffeId, TrustDomain};
 
 /// Parses `data` as a SPIFFE ID and as a trust domain and checks that what parses
 /// renders back to the same string and decomposes consistently, and that a refusal

@@ -11,12 +11,11 @@ use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use isthmus_vocab::{Authority, CLUSTER_HEADER, ClusterName, Refusal};
 use proxy_core::forward::ForwardConfig;
 use proxy_core::metrics::{Direction, ProxyMetrics};
-use proxy_core::route::Authority;
+use proxy_core::tunnel::H2Settings;
 use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServer, Upstream};
-use proxy_core::tunnel::{CLUSTER_HEADER, H2Settings, Refusal};
-use proxy_discovery::model::ClusterName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 /// Bound on one exchange; the in-memory server answers in microseconds, so reaching

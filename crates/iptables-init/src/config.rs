@@ -15,15 +15,12 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
-/// The UID the proxy runs as; its connections are not captured again.
-pub const DEFAULT_PROXY_UID: u32 = 2102;
-/// The proxy's outbound listener, where the app's outgoing TCP is redirected.
-pub const DEFAULT_OUTBOUND_PORT: u16 = 4140;
-/// The proxy's inbound listener, where TCP arriving at the pod is redirected.
-pub const DEFAULT_INBOUND_PORT: u16 = 4143;
-/// The proxy's admin server; probes and scrapes must reach it directly.
-pub const DEFAULT_ADMIN_PORT: u16 = 4191;
-/// Inbound ports left alone by default, as typed on the command line.
+use isthmus_vocab::ports::{
+    DEFAULT_ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, PROXY_UID,
+};
+
+/// Inbound ports left alone by default, as typed on the command line: the proxy's
+/// admin port ([`DEFAULT_ADMIN_PORT`]), so that probes and scrapes reach it directly.
 pub const DEFAULT_SKIP_INBOUND_PORTS: &str = "4191";
 
 /// A value a user typed that does not parse. `Display` names the value and what is
@@ -360,7 +357,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            proxy_uid: DEFAULT_PROXY_UID,
+            proxy_uid: PROXY_UID,
             outbound_port: DEFAULT_OUTBOUND_PORT,
             inbound_port: DEFAULT_INBOUND_PORT,
             skip_inbound_ports: PortList(vec![

@@ -11,16 +11,16 @@ use anyhow::Context as _;
 use clap::Parser;
 use iptables_init::apply::{self, Action, Change, Plan};
 use iptables_init::config::{
-    BackendChoice, Cidr, Config, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
-    DEFAULT_SKIP_INBOUND_PORTS, PortList, parse_cidr_list, parse_port,
+    BackendChoice, Cidr, Config, DEFAULT_SKIP_INBOUND_PORTS, PortList, parse_cidr_list, parse_port,
 };
+use isthmus_vocab::ports::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, PROXY_UID};
 
 /// Redirects a pod's TCP through the Isthmus sidecar with iptables (nat table).
 #[derive(Debug, Parser)]
 #[command(name = "isthmus-init", version)]
 struct Args {
     /// UID the proxy runs as; its connections are not captured.
-    #[arg(long, env = "ISTHMUS_INIT_PROXY_UID", default_value_t = DEFAULT_PROXY_UID)]
+    #[arg(long, env = "ISTHMUS_INIT_PROXY_UID", default_value_t = PROXY_UID)]
     proxy_uid: u32,
     /// Port of the proxy's outbound listener.
     #[arg(long, env = "ISTHMUS_INIT_OUTBOUND_PORT", default_value_t = DEFAULT_OUTBOUND_PORT, value_parser = parse_port)]

@@ -28,6 +28,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use isthmus_vocab::{ClusterName, SpiffeId};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -37,7 +38,7 @@ use proxy_discovery::model::{
     ClusterSettingsResource, ConditionStatus, Link, LinkResource, ServiceMirrorResource,
 };
 use proxy_identity::rustls::RootCertStore;
-use proxy_identity::{ClusterName, CredentialPaths, Credentials, SpiffeId};
+use proxy_identity::{CredentialPaths, Credentials};
 
 use crate::install;
 use crate::link::KubeArgs;
@@ -442,16 +443,6 @@ fn secret_pem<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
         .filter(|b| !b.is_empty())
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let _ = write!(text, ": {cause}");
-        source = cause.source();
-    }
-    text
-}
-
 /// The ClusterIssuer's CA certificate: the first certificate of its Secret.
 /// The ClusterIssuer's CA certificate (the first certificate of its Secret), and
 /// the trust anchors (its `ca.crt`) the link handshakes verify gateways with.
@@ -536,7 +527,7 @@ fn identity_dir(dir: &std::path::Path, min: Duration) -> Check {
     match Credentials::load(&paths, SystemTime::now()) {
         Err(e) => Check::fail(
             check,
-            error_chain(&e),
+            isthmus_vocab::error_chain(&e),
             "mint it again: isthmus identity leaf --issuer DIR --id spiffe://... --out DIR",
         ),
         Ok(creds) => match validity(creds.not_before(), creds.not_after(), min) {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use proxy_identity::SpiffeId;
-use proxy_identity::mint::{self, Authority, KeyAlgorithm, Validity};
+use isthmus_vocab::SpiffeId;
+use proxy_identity::mint::{self, CertificateAuthority, KeyAlgorithm, Validity};
 
 /// The `identity` subcommands.
 #[derive(Debug, Subcommand)]
@@ -154,8 +154,8 @@ pub fn run(command: IdentityCommand) -> Result<()> {
     Ok(())
 }
 
-fn read_authority(dir: &Path, flag: &str) -> Result<Authority> {
-    Authority::read_dir(dir).with_context(|| format!("reading {flag} {}", dir.display()))
+fn read_authority(dir: &Path, flag: &str) -> Result<CertificateAuthority> {
+    CertificateAuthority::read_dir(dir).with_context(|| format!("reading {flag} {}", dir.display()))
 }
 
 fn report(what: &str, validity: Validity, files: &[PathBuf]) {

@@ -44,8 +44,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use iptables_init::config::{
-    DEFAULT_ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID, PortList,
+use iptables_init::config::PortList;
+use isthmus_vocab::ports::{
+    DEFAULT_ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, PROXY_UID,
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Probe, ResourceRequirements,
@@ -220,7 +221,7 @@ impl Injected {
 
 /// Runs `isthmus inject`; `Ok(false)` when some object was refused.
 pub fn run(args: InjectArgs) -> Result<bool> {
-    proxy_discovery::ClusterName::parse(&args.cluster)
+    isthmus_vocab::ClusterName::parse(&args.cluster)
         .map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
     let from_stdin = args.input.as_os_str() == "-";
     if from_stdin && args.in_place {
@@ -526,7 +527,7 @@ pub fn init_container(
     }
     let mut args = vec![
         "--proxy-uid".to_owned(),
-        DEFAULT_PROXY_UID.to_string(),
+        PROXY_UID.to_string(),
         "--outbound-port".to_owned(),
         DEFAULT_OUTBOUND_PORT.to_string(),
         "--inbound-port".to_owned(),
@@ -573,8 +574,8 @@ pub fn init_container(
 /// its fs-group), no privilege, no capability, a read-only root.
 pub(crate) fn restricted() -> SecurityContext {
     SecurityContext {
-        run_as_user: Some(i64::from(DEFAULT_PROXY_UID)),
-        run_as_group: Some(i64::from(DEFAULT_PROXY_UID)),
+        run_as_user: Some(i64::from(PROXY_UID)),
+        run_as_group: Some(i64::from(PROXY_UID)),
         run_as_non_root: Some(true),
         read_only_root_filesystem: Some(true),
         allow_privilege_escalation: Some(false),
@@ -708,7 +709,7 @@ fn pod_volumes() -> Vec<Value> {
             ..Volume::default()
         },
         // Readable by the proxy's group only.
-        install::identity_volume(IDENTITY_VOLUME, DEFAULT_PROXY_UID),
+        install::identity_volume(IDENTITY_VOLUME, PROXY_UID),
         Volume {
             name: DISCOVERY_VOLUME.to_owned(),
             config_map: Some(ConfigMapVolumeSource {

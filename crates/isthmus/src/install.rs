@@ -39,7 +39,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use iptables_init::config::{DEFAULT_ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_PROXY_UID};
+use isthmus_vocab::ports::{DEFAULT_ADMIN_PORT, DEFAULT_INBOUND_PORT, PROXY_UID};
+use isthmus_vocab::{ClusterName, SpiffeId};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Affinity, Container, ContainerPort, EnvVar, HTTPGetAction, Namespace, PodAffinityTerm,
@@ -49,9 +50,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use proxy_discovery::ClusterName;
 use proxy_discovery::model::{
-    ClusterSettings, ClusterSettingsSpec, GatewayAddress, GatewaySpec, Object, SpiffeUri,
+    ClusterSettings, ClusterSettingsSpec, GatewayAddress, GatewaySpec, Object,
 };
 
 mod identity;
@@ -172,7 +172,7 @@ impl InstallOptions {
     fn from_args(args: InstallArgs) -> Result<Self> {
         let name = args.cluster.as_deref().unwrap_or_default();
         let cluster = ClusterName::parse(name).map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
-        proxy_identity::TrustDomain::parse(&args.trust_domain)
+        isthmus_vocab::TrustDomain::parse(&args.trust_domain)
             .map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
         if args.gateway_replicas < 1 {
             anyhow::bail!("--gateway-replicas: must be at least 1");
@@ -184,7 +184,7 @@ impl InstallOptions {
         let issuer = match &args.issuer {
             None => None,
             Some(dir) => {
-                let authority = proxy_identity::mint::Authority::read_dir(dir)
+                let authority = proxy_identity::mint::CertificateAuthority::read_dir(dir)
                     .with_context(|| format!("reading --issuer {}", dir.display()))?;
                 if authority.is_anchor() {
                     anyhow::bail!(
@@ -450,7 +450,7 @@ pub fn cluster_settings(options: &InstallOptions) -> Result<ClusterSettings> {
             address: GatewayAddress::parse(&address)
                 .with_context(|| format!("the gateway address {address}"))?,
             port: DEFAULT_INBOUND_PORT,
-            identity: SpiffeUri::parse(&options.gateway_identity())
+            identity: SpiffeId::parse(&options.gateway_identity())
                 .context("--trust-domain gives no valid gateway SPIFFE ID")?,
         }),
         ..settings.spec
@@ -528,7 +528,7 @@ fn deployment(name: &str, replicas: i32, spec: PodSpec) -> Deployment {
                 spec: Some(PodSpec {
                     affinity: Some(spread(name)),
                     security_context: Some(PodSecurityContext {
-                        fs_group: Some(i64::from(DEFAULT_PROXY_UID)),
+                        fs_group: Some(i64::from(PROXY_UID)),
                         run_as_non_root: Some(true),
                         seccomp_profile: Some(k8s_openapi::api::core::v1::SeccompProfile {
                             type_: "RuntimeDefault".to_owned(),
@@ -652,7 +652,7 @@ fn gateway_deployment(options: &InstallOptions) -> Deployment {
             // running as it is issued the gateway's identity.
             volumes: Some(vec![identity_volume(
                 crate::inject::IDENTITY_VOLUME,
-                DEFAULT_PROXY_UID,
+                PROXY_UID,
             )]),
             ..PodSpec::default()
         },

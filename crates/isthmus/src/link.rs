@@ -22,13 +22,13 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use isthmus_vocab::{ClusterName, SpiffeId};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use proxy_discovery::ClusterName;
 use proxy_discovery::model::{
-    GatewayAddress, Link, LinkResource, LinkResourceSpec, LinkSpec, ProbeSpec, SpiffeUri,
+    GatewayAddress, Link, LinkResource, LinkResourceSpec, LinkSpec, ProbeSpec,
 };
 use serde_json::json;
 
@@ -125,7 +125,7 @@ pub struct LinkInput {
     /// The gateway's tunnel port (also what the Link's probe names).
     pub gateway_port: u16,
     /// The identity the gateway must present.
-    pub gateway_identity: SpiffeUri,
+    pub gateway_identity: SpiffeId,
     /// The API server URL written into the kubeconfig.
     pub api_server: String,
     /// The link reader's token.
@@ -205,7 +205,7 @@ pub async fn read(args: &LinkArgs) -> Result<LinkInput> {
             })?,
     };
     let gateway_identity =
-        SpiffeUri::parse(&identity).map_err(|e| anyhow::anyhow!("the gateway identity: {e}"))?;
+        SpiffeId::parse(&identity).map_err(|e| anyhow::anyhow!("the gateway identity: {e}"))?;
 
     let secrets: Api<Secret> = Api::namespaced(client, ns);
     let token_secret = secrets

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::SystemTime;
 
-use proxy_identity::{CredentialPaths, Credentials, SpiffeId};
+use isthmus_vocab::SpiffeId;
+use proxy_identity::{CredentialPaths, Credentials};
 
 /// The binary with a clean environment, so no `ISTHMUS_*` variable of the caller leaks in.
 fn isthmus(args: &[&str]) -> Output {

@@ -26,8 +26,10 @@ use crate::listen::{Accepted, ConnectionTasks, Handler};
 use crate::metrics::{Direction, HttpLabels, HttpResponseLabels, ProxyMetrics};
 use crate::outcome::{Outcome, Reason, Side};
 use crate::pool::Pool;
-use crate::route::{Authority, Route, RouteLookup};
-use crate::tunnel::{BoxIo, REFUSAL_HEADER, Refusal};
+use isthmus_vocab::{Authority, REFUSAL_HEADER, Refusal};
+
+use crate::route::{Route, RouteLookup};
+use crate::tunnel::BoxIo;
 
 type Body = Either<Incoming, Empty<Bytes>>;
 type RequestBody = InFlight<Incoming>;

@@ -18,6 +18,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use isthmus_vocab::{Refusal, error_chain};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -31,8 +32,8 @@ use crate::listen::{Accepted, Handler, reset};
 use crate::metrics::{Direction, ProxyMetrics};
 use crate::outbound::{UpstreamIo, connect_while_detecting, serve_detected};
 use crate::outcome::{Outcome, Reason, Rejection, Side};
+use crate::tunnel::HandshakeObserver;
 use crate::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServer, Upstream};
-use crate::tunnel::{HandshakeObserver, Refusal};
 
 /// Reads a peer's identity from a finished TLS handshake (the caller knows SPIFFE
 /// and which issuer is its own).
@@ -285,17 +286,6 @@ impl DeliveryError {
             _ => info!(?client, error = %error_chain(self), "inbound connection to the app failed"),
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Connects to the app at `app` within `timeout`. A non-loopback address is

@@ -80,7 +80,7 @@ pub struct HttpResponseLabels {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RefusalLabels {
     pub direction: Direction,
-    /// [`Outcome::refusal_label`]: a [`crate::tunnel::Refusal`] such as
+    /// [`Outcome::refusal_label`]: a [`isthmus_vocab::Refusal`] such as
     /// `not_exported`, or a rejection such as `max_connections`.
     pub reason: &'static str,
 }

@@ -7,6 +7,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use isthmus_vocab::Refusal;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -21,7 +22,6 @@ use crate::metrics::{ConnectionGuard, Direction, ProxyMetrics};
 use crate::outcome::{Outcome, Reason, Side};
 use crate::pool::Pool;
 use crate::route::{Route, RouteLookup};
-use crate::tunnel::Refusal;
 use crate::tunnel::client::{RefusalCell, TunnelStream};
 
 /// Settings of the outbound side.

@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use crate::tunnel::Refusal;
+use isthmus_vocab::Refusal;
 
 /// Which side of a proxied connection ended it; drives the reset, metric label and
 /// log field.

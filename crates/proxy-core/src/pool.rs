@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use isthmus_vocab::{Authority, ClusterName, Refusal, error_chain};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -23,9 +24,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::outcome::Outcome;
-use crate::route::{Authority, ClusterName};
 use crate::tunnel::client::{self, OpenError, TunnelSender, TunnelStream};
-use crate::tunnel::{ConnectionError, H2Settings, HandshakeObserver, PingFailed, Pinger, Refusal};
+use crate::tunnel::{ConnectionError, H2Settings, HandshakeObserver, PingFailed, Pinger};
 
 /// How to reach one peer.
 #[derive(Clone)]
@@ -532,18 +532,6 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// "outer: inner: innermost", so one log line or `/config` field says everything.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 /// What every pool of one proxy shares: a [`PeerConfig`] less the peer.

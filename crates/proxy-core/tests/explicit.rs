@@ -5,8 +5,8 @@
 
 mod support;
 
+use isthmus_vocab::Refusal;
 use proxy_core::metrics::{Direction, ProxyMetrics};
-use proxy_core::tunnel::Refusal;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

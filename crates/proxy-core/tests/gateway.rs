@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
 use proxy_core::gateway::{
     Endpoint, Gateway, GatewayConfig, GatewayLookup, GatewayMetrics, GatewayTls, LinkTarget,
     LinkTlsError,
@@ -20,11 +21,10 @@ use proxy_core::inbound::{AppAddress, Inbound, InboundConfig, ListenerRole};
 use proxy_core::listen::ListenConfig;
 use proxy_core::metrics::{Direction, ProxyMetrics};
 use proxy_core::pool::{Pool, PoolSettings};
-use proxy_core::route::{Authority, ClusterName};
+use proxy_core::tunnel::H2Settings;
 use proxy_core::tunnel::client::TunnelStream;
 use proxy_core::tunnel::server::TunnelServer;
-use proxy_core::tunnel::{H2Settings, Refusal};
-use proxy_identity::{PeerPolicy, SpiffeId};
+use proxy_identity::PeerPolicy;
 use support::{
     Answer, Behaviour, Ended, FakeOrigDst, GATEWAY_ID, HELLO, Identity, Origin, Pki, STEP,
     TunnelPeer, WORKLOAD_ID, closes, refusals,
@@ -119,7 +119,7 @@ impl GatewayTls for MintedTls {
         identity: &str,
     ) -> Result<Arc<proxy_identity::rustls::ClientConfig>, LinkTlsError> {
         let id = SpiffeId::parse(identity).map_err(|e| LinkTlsError::Identity(e.to_string()))?;
-        let cluster = proxy_identity::ClusterName::parse(cluster)
+        let cluster = isthmus_vocab::ClusterName::parse(cluster)
             .map_err(|e| LinkTlsError::Cluster(e.to_string()))?;
         Ok(self
             .0
@@ -183,7 +183,7 @@ impl GatewayUnderTest {
         let shutdown_rx = shutdown.clone();
         let gateway = Gateway::new(
             GatewayConfig {
-                cluster: ClusterName::new(setup.cluster),
+                cluster: ClusterName::parse(setup.cluster).unwrap(),
                 connect_timeout: setup.connect_timeout,
                 own_addrs: HashSet::from([addr]),
                 allow_local_endpoints: setup.allow_local_endpoints,
@@ -280,7 +280,7 @@ fn authority(text: &str) -> Authority {
 
 /// Opens `target` (in `cluster`, or the gateway's own) and waits for the answer.
 async fn open(pool: &Pool, target: &str, cluster: Option<&str>) -> Result<TunnelStream, Refusal> {
-    let cluster = cluster.map(ClusterName::new);
+    let cluster = cluster.map(|c| ClusterName::parse(c).unwrap());
     timeout(
         STEP,
         pool.open_answered(&authority(target), cluster.as_ref()),

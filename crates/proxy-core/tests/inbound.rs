@@ -9,11 +9,10 @@ mod support;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use isthmus_vocab::{Authority, Refusal};
 use proxy_core::inbound::AppAddress;
 use proxy_core::metrics::{Direction, ProxyMetrics};
 use proxy_core::pool::{Pool, PoolError};
-use proxy_core::route::Authority;
-use proxy_core::tunnel::Refusal;
 use proxy_core::tunnel::client::TunnelStream;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

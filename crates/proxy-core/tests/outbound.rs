@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use isthmus_vocab::Refusal;
 use proxy_core::metrics::{Direction, ProxyMetrics};
-use proxy_core::tunnel::Refusal;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use isthmus_vocab::{Authority, ClusterName, Refusal};
 use proxy_core::forward::ForwardConfig;
 use proxy_core::metrics::{Direction, ProxyMetrics, RefusalLabels};
-use proxy_core::route::{Authority, ClusterName};
+use proxy_core::tunnel::H2Settings;
 use proxy_core::tunnel::client::{self, OpenError};
 use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServer, Upstream};
-use proxy_core::tunnel::{H2Settings, Refusal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -81,7 +81,7 @@ async fn tunnel_server(metrics: ProxyMetrics) -> (std::net::SocketAddr, Cancella
                         s,
                         Peer {
                             id: Some(Arc::from("peer")),
-                            cluster: Some(ClusterName::new("cluster-a")),
+                            cluster: Some(ClusterName::parse("cluster-a").unwrap()),
                             expires: None,
                         },
                         rx,
@@ -104,7 +104,7 @@ async fn many_streams_share_one_connection_and_refusals_name_their_reason() {
     tokio::spawn(conn);
 
     let authority = Authority::parse("echo.test:7").unwrap();
-    let here = ClusterName::new("here");
+    let here = ClusterName::parse("here").unwrap();
     let mut tasks = Vec::new();
     for i in 0..50u32 {
         let mut sender = sender.clone();
@@ -140,7 +140,7 @@ async fn many_streams_share_one_connection_and_refusals_name_their_reason() {
         matches!(refused, Err(OpenError::Refused(Refusal::NotExported))),
         "{refused:?}"
     );
-    let elsewhere = ClusterName::new("elsewhere");
+    let elsewhere = ClusterName::parse("elsewhere").unwrap();
     let refused = timeout(STEP, async {
         let mut stream = client::open(&mut s, &authority, Some(&elsewhere), STEP).await?;
         stream.verdict().await
@@ -189,7 +189,7 @@ async fn a_stream_dropped_after_a_clean_shutdown_closes_in_order() {
     let mut stream = client::open(
         &mut sender,
         &authority,
-        Some(&ClusterName::new("here")),
+        Some(&ClusterName::parse("here").unwrap()),
         STEP,
     )
     .await
@@ -241,7 +241,7 @@ async fn a_connection_past_its_deadline_opens_nothing_and_ends_after_the_grace()
         let (s, _) = listener.accept().await.unwrap();
         let peer = Peer {
             id: Some(Arc::from("peer")),
-            cluster: Some(ClusterName::new("cluster-a")),
+            cluster: Some(ClusterName::parse("cluster-a").unwrap()),
             expires: Some(expires),
         };
         server.serve_connection(s, peer, rx).await
@@ -252,7 +252,7 @@ async fn a_connection_past_its_deadline_opens_nothing_and_ends_after_the_grace()
         .unwrap();
     tokio::spawn(conn);
     let authority = Authority::parse("echo.test:7").unwrap();
-    let here = ClusterName::new("here");
+    let here = ClusterName::parse("here").unwrap();
 
     // Before the deadline: served, and kept open across it.
     let mut held = client::open(&mut sender, &authority, Some(&here), STEP)
@@ -304,7 +304,7 @@ async fn a_refusal_reaches_the_handler_typed_through_the_forwarder() {
         .unwrap();
     tokio::spawn(conn);
     let secret = Authority::parse("secret.test:7").unwrap();
-    let here = ClusterName::new("here");
+    let here = ClusterName::parse("here").unwrap();
     for first_bytes in [&b""[..], b"hello", &[7u8; 300_000][..]] {
         let stream = client::open(&mut sender, &secret, Some(&here), STEP)
             .await

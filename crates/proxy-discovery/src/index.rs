@@ -11,12 +11,12 @@ pub mod exported;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
+use isthmus_vocab::{Authority, ClusterName, SpiffeId};
 use serde::Serialize;
 
 use crate::model::{
-    Authority, ClusterName, ClusterView, GatewayAddress, MIRRORED_SERVICE_LABEL,
-    REMOTE_CLUSTER_LABEL, REMOTE_DOMAIN_ANNOTATION, REMOTE_SERVICE_ANNOTATION, Service, ServiceRef,
-    SpiffeUri,
+    ClusterView, GatewayAddress, MIRRORED_SERVICE_LABEL, REMOTE_CLUSTER_LABEL,
+    REMOTE_DOMAIN_ANNOTATION, REMOTE_SERVICE_ANNOTATION, Service, ServiceRef,
 };
 
 /// Where a connection to a service address goes.
@@ -55,7 +55,7 @@ pub struct GatewayRef {
     /// Tunnel port.
     pub port: u16,
     /// The SPIFFE ID the gateway must present.
-    pub identity: SpiffeUri,
+    pub identity: SpiffeId,
 }
 
 /// Longest authority the slow path normalises without allocating: a 253-byte DNS
@@ -86,14 +86,19 @@ impl Index {
             }
             for sp in svc.spec.ports.iter().filter(|p| p.is_tcp()) {
                 let route = match &remote {
-                    Some((cluster, name, ns, remote_domain)) => Route::Remote {
-                        service: key.clone(),
-                        cluster: cluster.clone(),
-                        authority: Authority::from_parts(
-                            &format!("{name}.{ns}.svc.{remote_domain}"),
-                            sp.port,
-                        ),
-                        gateway: gateway.cloned(),
+                    Some((cluster, host)) => match Authority::from_parts(host, sp.port) {
+                        Ok(authority) => Route::Remote {
+                            service: key.clone(),
+                            cluster: cluster.clone(),
+                            authority,
+                            gateway: gateway.cloned(),
+                        },
+                        // Port 0, which manifests refuse already: no route rather
+                        // than a tunnel to an authority the far gateway refuses.
+                        Err(e) => {
+                            tracing::warn!(service = %key, error = %e, "mirrored Service port has no valid authority; not routed");
+                            continue;
+                        }
                     },
                     None => Route::Local {
                         service: key.clone(),
@@ -195,9 +200,9 @@ impl Serialize for Index {
     }
 }
 
-/// `(cluster, name, namespace, domain)` of the remote Service a mirrored Service
-/// stands for, from the labels and annotations the reconcile writes.
-fn remote_of(svc: &Service) -> Option<(ClusterName, String, String, String)> {
+/// The cluster and the host (`name.ns.svc.<domain>`) of the remote Service a
+/// mirrored Service stands for, from the labels and annotations the reconcile writes.
+fn remote_of(svc: &Service) -> Option<(ClusterName, String)> {
     let meta = &svc.metadata;
     if !meta.has_label(MIRRORED_SERVICE_LABEL, "true") {
         return None;
@@ -211,14 +216,10 @@ fn remote_of(svc: &Service) -> Option<(ClusterName, String, String, String)> {
         .annotations
         .get(REMOTE_DOMAIN_ANNOTATION)
         .map_or(crate::model::DEFAULT_DOMAIN, String::as_str);
-    // The pieces end up in an authority; only accept what makes a valid one.
-    Authority::parse(&format!("{name}.{ns}.svc.{domain}:1")).ok()?;
-    Some((
-        cluster,
-        name.to_owned(),
-        ns.to_owned(),
-        domain.to_ascii_lowercase(),
-    ))
+    // The pieces end up in an authority; only accept what makes a valid one, in
+    // the authority's canonical spelling.
+    let probe = Authority::parse(&format!("{name}.{ns}.svc.{domain}:1")).ok()?;
+    Some((cluster, probe.host().to_owned()))
 }
 
 #[cfg(test)]

@@ -5,8 +5,9 @@
 //!
 //! - [`model`]: the Kubernetes objects the mesh reads (`Service`, `Endpoints`,
 //!   `EndpointSlice`, `Pod` metadata, `Deployment`) and its own kinds (the seed's `ServiceMirror`,
-//!   accepted verbatim; `Link`; `ClusterSettings`), validated names (`ClusterName`,
-//!   `Authority`, `ServiceRef`, `SpiffeUri`, `Cidr`), the YAML manifest parser whose
+//!   accepted verbatim; `Link`; `ClusterSettings`), validated names of its own
+//!   (`ServiceRef`, `Cidr`; cluster names, authorities and SPIFFE IDs are the
+//!   `isthmus_vocab` types the tunnel speaks), the YAML manifest parser whose
 //!   errors name file, document, object and field, and [`model::ClusterView`] (one
 //!   cluster's objects, grouped and checked for duplicates).
 //! - [`reconcile`]: a ServiceMirror plus the remote view gives the mirrored local
@@ -46,6 +47,6 @@ pub mod snapshot;
 pub mod source;
 
 pub use index::{GatewayRef, Index, Route};
-pub use model::{Authority, ClusterName, ServiceRef};
-pub use snapshot::{ExportedEndpoint, Refusal, Snapshot};
+pub use model::ServiceRef;
+pub use snapshot::{ExportRefusal, ExportedEndpoint, Snapshot};
 pub use source::{DirSource, Discovery, DiscoveryError, ReloadStatus};

@@ -11,11 +11,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use isthmus_vocab::ClusterName;
+
 use crate::model::{
-    Cidr, ClusterIp, ClusterName, ClusterView, Condition, ConditionStatus, MIRRORED_SERVICE_LABEL,
-    ObjectMeta, OwnerReference, REMOTE_CLUSTER_LABEL, REMOTE_DOMAIN_ANNOTATION,
-    REMOTE_SERVICE_ANNOTATION, Service, ServiceMirror, ServiceMirrorStatus, ServicePort,
-    ServiceRef, ServiceSpec,
+    Cidr, ClusterIp, ClusterView, Condition, ConditionStatus, MIRRORED_SERVICE_LABEL, ObjectMeta,
+    OwnerReference, REMOTE_CLUSTER_LABEL, REMOTE_DOMAIN_ANNOTATION, REMOTE_SERVICE_ANNOTATION,
+    Service, ServiceMirror, ServiceMirrorStatus, ServicePort, ServiceRef, ServiceSpec,
 };
 
 /// The condition type the reconcile reports on every ServiceMirror.

@@ -11,19 +11,20 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use isthmus_vocab::{ClusterName, Refusal};
 use serde::Serialize;
 
 use crate::index::exported::ExportIndex;
 use crate::index::{GatewayRef, Index, Route};
 use crate::model::{
-    ClusterName, ClusterSettings, ClusterView, Link, MIRRORED_SERVICE_LABEL, Service,
-    ServiceMirror, ServiceRef,
+    ClusterSettings, ClusterView, Link, MIRRORED_SERVICE_LABEL, Service, ServiceMirror, ServiceRef,
 };
 use crate::reconcile::{Reconciled, reconcile_all};
 
-/// Why a gateway will not forward to a local service.
+/// Why a gateway will not forward to a local service: discovery's finer reading of
+/// what the tunnel answers as a [`Refusal`] (see the `From` impl).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
-pub enum Refusal {
+pub enum ExportRefusal {
     /// This cluster has no such Service.
     #[error("no such service in this cluster")]
     NoSuchService,
@@ -36,6 +37,18 @@ pub enum Refusal {
     /// The Service has no such port, or its `targetPort` name cannot be resolved.
     #[error("service has no such port")]
     NoSuchPort,
+}
+
+/// What the tunnel answers: a missing service and a missing port are both
+/// `no_route`, so a peer cannot probe which services exist by their ports.
+impl From<ExportRefusal> for Refusal {
+    fn from(refusal: ExportRefusal) -> Self {
+        match refusal {
+            ExportRefusal::NoSuchService | ExportRefusal::NoSuchPort => Refusal::NoRoute,
+            ExportRefusal::NotExported => Refusal::NotExported,
+            ExportRefusal::NoEndpoints => Refusal::NoEndpoints,
+        }
+    }
 }
 
 /// One endpoint a gateway may deliver to.
@@ -196,7 +209,7 @@ impl Snapshot {
         namespace: &str,
         name: &str,
         port: u16,
-    ) -> Result<Vec<SocketAddr>, Refusal> {
+    ) -> Result<Vec<SocketAddr>, ExportRefusal> {
         self.exported_endpoints(namespace, name, port)
             .map(|eps| eps.iter().map(|e| e.addr).collect())
     }
@@ -218,14 +231,14 @@ impl Snapshot {
         namespace: &str,
         name: &str,
         port: u16,
-    ) -> Result<Arc<[ExportedEndpoint]>, Refusal> {
+    ) -> Result<Arc<[ExportedEndpoint]>, ExportRefusal> {
         self.exports.endpoints(namespace, name, port)
     }
 
     /// [`Snapshot::exported_target`] for a tunnel's `:authority`:
     /// `name.ns.svc.<clusterDomain>:port`, `name.ns.svc:port` or `name.ns:port`
-    /// of this cluster. Any other authority is [`Refusal::NoSuchService`].
-    pub fn exported_target_for(&self, authority: &str) -> Result<Vec<SocketAddr>, Refusal> {
+    /// of this cluster. Any other authority is [`ExportRefusal::NoSuchService`].
+    pub fn exported_target_for(&self, authority: &str) -> Result<Vec<SocketAddr>, ExportRefusal> {
         self.exported_endpoints_for(authority)
             .map(|eps| eps.iter().map(|e| e.addr).collect())
     }
@@ -235,7 +248,7 @@ impl Snapshot {
     pub fn exported_endpoints_for(
         &self,
         authority: &str,
-    ) -> Result<Arc<[ExportedEndpoint]>, Refusal> {
+    ) -> Result<Arc<[ExportedEndpoint]>, ExportRefusal> {
         self.exports.endpoints_for(authority)
     }
 

@@ -7,10 +7,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use isthmus_vocab::ClusterName;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use proxy_discovery::model::{ClusterName, ClusterSettingsResource, LinkResource};
+use proxy_discovery::model::{ClusterSettingsResource, LinkResource};
 use proxy_discovery::source::kube::{KubeSource, KubeSourceError};
 use proxy_discovery::{Discovery, Route, ServiceRef};
 use serde_json::json;

@@ -9,11 +9,12 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
+use isthmus_vocab::ClusterName;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use proxy_discovery::source::kube::KubeSource;
-use proxy_discovery::{ClusterName, DirSource, Discovery, Snapshot};
+use proxy_discovery::{DirSource, Discovery, Snapshot};
 use serde_json::json;
 use test_apiserver::TestApiServer;
 use tokio::sync::oneshot;
@@ -98,7 +99,7 @@ fn the_directory_source_joins_pod_manifests_to_endpoints() {
     let snapshot = dir_source(dir.path()).load().unwrap();
     assert_eq!(
         snapshot.exported_endpoints("default", "hello", 80),
-        Err(proxy_discovery::Refusal::NoEndpoints)
+        Err(proxy_discovery::ExportRefusal::NoEndpoints)
     );
     write(
         dir.path(),

@@ -7,12 +7,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use isthmus_vocab::ClusterName;
 use proxy_discovery::model::{
-    Cidr, ClusterName, ClusterView, ConditionStatus, Object, Service, ServiceMirror,
-    parse_manifests,
+    Cidr, ClusterView, ConditionStatus, Object, Service, ServiceMirror, parse_manifests,
 };
 use proxy_discovery::reconcile::{LocalState, MirrorReason, reconcile};
-use proxy_discovery::{DirSource, Refusal, Route, ServiceRef};
+use proxy_discovery::{DirSource, ExportRefusal, Route, ServiceRef};
 
 fn parse(rel: &str) -> Vec<proxy_discovery::model::Parsed> {
     parse_manifests(rel, &common::read_fixture(rel)).unwrap()
@@ -197,7 +197,7 @@ fn cluster_a_gateway_resolves_the_exported_hello() {
     assert_eq!(snap.cluster().as_str(), "cluster-a");
     assert_eq!(
         snap.exported_target("default", "hello", 80),
-        Err(Refusal::NotExported)
+        Err(ExportRefusal::NotExported)
     );
     common::put(&dir, "mesh/cluster-a-settings.yaml", "settings.yaml");
     let snap = DirSource::load_once(&dir).unwrap();
@@ -205,11 +205,11 @@ fn cluster_a_gateway_resolves_the_exported_hello() {
     assert_eq!(snap.exported_target("default", "hello", 80), Ok(vec![want]));
     assert_eq!(
         snap.exported_target("default", "hello", 8080),
-        Err(Refusal::NoSuchPort)
+        Err(ExportRefusal::NoSuchPort)
     );
     assert_eq!(
         snap.exported_target("default", "nope", 80),
-        Err(Refusal::NoSuchService)
+        Err(ExportRefusal::NoSuchService)
     );
 }
 

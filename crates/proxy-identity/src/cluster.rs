@@ -23,54 +23,10 @@
 //! This module does not decide what a cluster may do; [`crate::verify`] and the
 //! proxy's roles do.
 
-use std::fmt;
-
+use isthmus_vocab::ClusterName;
 use rustls::RootCertStore;
 use rustls::{CertRevocationListError, CertificateError, Error, OtherError};
 use rustls_pki_types::{CertificateDer, SignatureVerificationAlgorithm, UnixTime};
-
-/// The name of a cluster of the mesh (`cluster-a`): a DNS label, 1-63 of `a-z`, `0-9`
-/// and `-`, not starting or ending with `-`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ClusterName(String);
-
-/// A string that is not a cluster name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "cluster name {0:?} is not a DNS label (1-63 of a-z, 0-9, '-', not starting or ending with '-')"
-)]
-pub struct ClusterNameError(pub String);
-
-impl ClusterName {
-    /// Parses `name`, exactly as spelled: no case folding, no trimming.
-    pub fn parse(name: &str) -> Result<Self, ClusterNameError> {
-        if is_dns_label(name) {
-            Ok(Self(name.to_owned()))
-        } else {
-            Err(ClusterNameError(name.to_owned()))
-        }
-    }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for ClusterName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-pub(crate) fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
 
 /// What a verified leaf is used for: the extended key usage webpki requires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,31 +117,5 @@ fn pki_error(error: webpki::Error) -> Error {
             CertificateError::InvalidPurpose.into()
         }
         other => CertificateError::Other(OtherError(std::sync::Arc::new(other))).into(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cluster_names_are_dns_labels_as_spelled() {
-        for good in ["cluster-a", "a", "b2", "x-1-y"] {
-            assert_eq!(ClusterName::parse(good).unwrap().as_str(), good);
-        }
-        for bad in [
-            "",
-            "Cluster-a",
-            "cluster-a.",
-            " cluster-a",
-            "cluster-a ",
-            "-a",
-            "a-",
-            "clüster",
-            "a_b",
-            &"a".repeat(64),
-        ] {
-            assert!(ClusterName::parse(bad).is_err(), "{bad:?}");
-        }
     }
 }

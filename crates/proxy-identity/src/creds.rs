@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use isthmus_vocab::{ClusterName, SpiffeId, error_chain};
 use rustls::RootCertStore;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
@@ -46,8 +47,7 @@ mod validity;
 pub use validity::LeafValidity;
 use validity::until_validity_changes;
 
-use crate::cluster::{self, ClusterName, Usage};
-use crate::id::SpiffeId;
+use crate::cluster::{self, Usage};
 use crate::metrics::IdentityMetrics;
 use crate::rfc3339;
 use crate::tls::crypto_provider;
@@ -227,18 +227,6 @@ impl CredsError {
             Self::WrongCluster { .. } => "wrong_cluster",
         }
     }
-}
-
-/// Renders an error with its `source` chain, `a: b: c`, for logs and `/config`.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// A validated identity: leaf, chain, key and trust anchors. See the module docs for
@@ -523,12 +511,12 @@ pub struct IdentityStatus {
     /// Updates refused since start.
     pub refusals: u64,
     /// The most recent refusal, kept after later successes for debugging.
-    pub last_refusal: Option<Refusal>,
+    pub last_refusal: Option<RefusedUpdate>,
 }
 
 /// One refused update.
 #[derive(Debug, Clone, Serialize)]
-pub struct Refusal {
+pub struct RefusedUpdate {
     /// When (RFC 3339).
     pub at: String,
     /// The [`CredsError::reason`] label.
@@ -542,7 +530,7 @@ struct Rotation {
     loaded_at: SystemTime,
     reloads: u64,
     refusals: u64,
-    last_refusal: Option<Refusal>,
+    last_refusal: Option<RefusedUpdate>,
     /// Fingerprint of the file contents last tried, good or bad, so an unchanged bad
     /// update is refused (and counted) once, not at every poll.
     last_seen: Option<u64>,
@@ -676,7 +664,7 @@ impl CredentialStore {
                     rotation.retry_at = Some(*not_before);
                 }
                 rotation.refusals += 1;
-                rotation.last_refusal = Some(Refusal {
+                rotation.last_refusal = Some(RefusedUpdate {
                     at: rfc3339::format(now),
                     reason,
                     error: text.clone(),

@@ -1,16 +1,16 @@
-//! Workload identities of the mesh: SPIFFE IDs, their certificates and the rustls
-//! configurations that authenticate peers by them.
+//! Workload identities of the mesh: certificates for SPIFFE IDs and the rustls
+//! configurations that authenticate peers by them. The IDs themselves, trust domains
+//! and cluster names are the mesh's vocabulary (`isthmus_vocab`).
 //!
 //! # Layout
 //!
-//! - [`id`]: [`SpiffeId`] and [`TrustDomain`], parsed strictly after the SPIFFE spec.
 //! - [`mint`]: trust anchors, issuers (one per cluster) and leaves with rcgen, in memory
 //!   or written as PEM directories; for tooling, tests and the lab, never the data path.
 //! - [`creds`]: loading the directory a pod gets mounted (`tls.crt`, `tls.key`,
 //!   `ca.crt`) into validated [`Credentials`], and the [`CredentialStore`] that rotates
 //!   them without dropping live connections and refuses bad updates.
-//! - [`cluster`]: [`ClusterName`], and which cluster a leaf belongs to: the one its
-//!   verified issuer names, never what the peer's chain order suggests.
+//! - [`cluster`]: which cluster a leaf belongs to: the one its verified issuer names,
+//!   never what the peer's chain order suggests.
 //! - [`verify`]: [`PeerPolicy`] and the rustls certificate verifiers that check the chain
 //!   against the store's current anchors and the peer's SPIFFE ID against the policy.
 //! - [`tls`]: the rustls server and client configurations (TLS 1.3 only, ALPN `h2`).
@@ -23,16 +23,13 @@
 
 pub mod cluster;
 pub mod creds;
-pub mod id;
 pub mod metrics;
 pub mod mint;
 mod rfc3339;
 pub mod tls;
 pub mod verify;
 
-pub use cluster::{ClusterName, ClusterNameError};
 pub use creds::{CredentialPaths, CredentialStore, Credentials, CredsError, IdentityStatus};
-pub use id::{IdError, SpiffeId, TrustDomain};
 pub use metrics::IdentityMetrics;
 /// Renders a time as RFC 3339 UTC (`2025-01-31T12:00:00Z`), as errors and `/config` do.
 pub use rfc3339::format as format_rfc3339;

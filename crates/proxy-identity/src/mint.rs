@@ -38,13 +38,13 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use isthmus_vocab::cluster::is_dns_label;
+use isthmus_vocab::{ClusterName, SpiffeId};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 
-use crate::cluster::{self, ClusterName};
-use crate::id::SpiffeId;
 use crate::tls::crypto_provider;
 
 /// Default lifetime of a trust anchor: a year.
@@ -159,7 +159,7 @@ pub enum MintError {
     },
     /// The signing CA cannot sign this certificate.
     #[error("signing CA {subject}: {problem}")]
-    Authority {
+    CertificateAuthority {
         /// The CA's subject.
         subject: String,
         /// What is wrong with it.
@@ -214,7 +214,7 @@ impl std::fmt::Debug for Minted {
 
 /// A CA that signs: the trust anchor, or a cluster's issuer.
 #[derive(Debug, Clone)]
-pub struct Authority {
+pub struct CertificateAuthority {
     /// Its own certificate and key.
     pub ca: Minted,
     /// The certificates leaves append after themselves: empty for an anchor, the
@@ -253,7 +253,7 @@ pub fn trust_anchor(
     name: &str,
     validity: Validity,
     algorithm: KeyAlgorithm,
-) -> Result<Authority, MintError> {
+) -> Result<CertificateAuthority, MintError> {
     let mut params = base_params(validity)?;
     params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -267,7 +267,7 @@ pub fn trust_anchor(
         .self_signed(&key)
         .map_err(rcgen_err("self-sign the trust anchor"))?;
     let cert_pem = cert.pem();
-    Ok(Authority {
+    Ok(CertificateAuthority {
         anchors_pem: cert_pem.clone(),
         ca: Minted {
             cert_pem,
@@ -280,12 +280,12 @@ pub fn trust_anchor(
 /// A new issuer for `cluster`, signed by the trust `anchor`: it names `cluster` in
 /// its subject (`OU=<cluster>`) and signs leaves only (path length 0).
 pub fn issuer(
-    anchor: &Authority,
+    anchor: &CertificateAuthority,
     cluster: &str,
     validity: Validity,
     algorithm: KeyAlgorithm,
-) -> Result<Authority, MintError> {
-    if !cluster::is_dns_label(cluster) {
+) -> Result<CertificateAuthority, MintError> {
+    if !is_dns_label(cluster) {
         return Err(MintError::ClusterName {
             name: cluster.to_owned(),
         });
@@ -311,7 +311,7 @@ pub fn issuer(
     ];
     let key = new_key(algorithm)?;
     let cert_pem = signer.sign(&params, &key, validity)?;
-    Ok(Authority {
+    Ok(CertificateAuthority {
         chain_pem: format!("{cert_pem}{}", anchor.chain_pem),
         ca: Minted {
             cert_pem,
@@ -324,7 +324,7 @@ pub fn issuer(
 /// A new leaf for `id`, signed by a cluster's `issuer`. A trust anchor is refused: a
 /// leaf it signed would belong to no cluster.
 pub fn leaf(
-    issuer: &Authority,
+    issuer: &CertificateAuthority,
     id: &SpiffeId,
     validity: Validity,
     algorithm: KeyAlgorithm,
@@ -364,7 +364,7 @@ pub fn leaf(
     })
 }
 
-impl Authority {
+impl CertificateAuthority {
     /// Whether this is a self-signed trust anchor (rather than an issuer under one).
     pub fn is_anchor(&self) -> bool {
         self.chain_pem.is_empty()
@@ -377,7 +377,7 @@ impl Authority {
             return None;
         }
         let der = first_cert_der(Path::new(files::CA_CERT), &self.ca.cert_pem).ok()?;
-        cluster::issuer_cluster(&der)
+        crate::cluster::issuer_cluster(&der)
     }
 
     /// Writes the directory (see the module docs); returns the files written.
@@ -459,15 +459,16 @@ struct Signer {
 }
 
 impl Signer {
-    fn new(ca: &Authority) -> Result<Self, MintError> {
+    fn new(ca: &CertificateAuthority) -> Result<Self, MintError> {
         let der = first_cert_der(Path::new(files::CA_CERT), &ca.ca.cert_pem)?;
-        let (_, x509) =
-            x509_parser::parse_x509_certificate(&der).map_err(|e| MintError::Authority {
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).map_err(|e| {
+            MintError::CertificateAuthority {
                 subject: "?".into(),
                 problem: format!("certificate is not parsable X.509: {e}"),
-            })?;
+            }
+        })?;
         let subject = x509.subject().to_string();
-        let problem = |problem: &str| MintError::Authority {
+        let problem = |problem: &str| MintError::CertificateAuthority {
             subject: subject.clone(),
             problem: problem.to_owned(),
         };
@@ -501,7 +502,7 @@ impl Signer {
     }
 
     fn problem(&self, problem: &str) -> MintError {
-        MintError::Authority {
+        MintError::CertificateAuthority {
             subject: self.subject.clone(),
             problem: problem.to_owned(),
         }

@@ -24,6 +24,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use isthmus_vocab::{ClusterName, SpiffeId};
 use rustls::client::{ResolvesClientCert, Resumption};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
@@ -31,9 +32,8 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, CommonState, RootCertStore, ServerConfig, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
 
-use crate::cluster::{self, ClusterName, Usage};
+use crate::cluster::{self, Usage};
 use crate::creds::CredentialStore;
-use crate::id::SpiffeId;
 use crate::verify::{self, PeerPolicy, SpiffeClientVerifier, SpiffeServerVerifier};
 
 /// The one ALPN protocol the mesh speaks between proxies.

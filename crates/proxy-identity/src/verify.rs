@@ -18,6 +18,7 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 
+use isthmus_vocab::{ClusterName, IdError, SpiffeId, TrustDomain};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -28,9 +29,8 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use x509_parser::extensions::GeneralName;
 
-use crate::cluster::{self, ClusterName, Usage};
+use crate::cluster::{self, Usage};
 use crate::creds::CredentialStore;
-use crate::id::{IdError, SpiffeId, TrustDomain};
 
 /// Which peer identities a connection accepts, checked after the chain verifies.
 #[derive(Debug, Clone, PartialEq, Eq)]

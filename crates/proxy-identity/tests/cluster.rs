@@ -12,10 +12,11 @@ mod common;
 use std::time::SystemTime;
 
 use common::*;
-use proxy_identity::mint::{self, Authority, KeyAlgorithm, LeafBundle};
+use isthmus_vocab::{ClusterName, TrustDomain};
+use proxy_identity::mint::{self, CertificateAuthority, KeyAlgorithm, LeafBundle};
 use proxy_identity::{
-    ClusterName, CredentialPaths, CredentialStore, Credentials, CredsError, HandshakeFailure,
-    PeerPolicy, TrustDomain, client_config, server_config,
+    CredentialPaths, CredentialStore, Credentials, CredsError, HandshakeFailure, PeerPolicy,
+    client_config, server_config,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -46,7 +47,7 @@ fn first_pem(pem: &str) -> String {
 }
 
 /// Signs `params` with `ca`'s key, returning the certificate and its new key as PEM.
-fn forge(ca: &Authority, params: CertificateParams) -> (String, String) {
+fn forge(ca: &CertificateAuthority, params: CertificateParams) -> (String, String) {
     let ca_key = KeyPair::from_pem(&ca.ca.key_pem).unwrap();
     let issuer = Issuer::from_ca_cert_pem(&ca.ca.cert_pem, ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
@@ -87,20 +88,24 @@ fn ca_params(units: &[&str], path_len: Option<u8>) -> CertificateParams {
     params
 }
 
-/// A CA `forge`d under `parent`, as an `Authority` that `forge` can sign with.
-fn forged_ca(parent: &Authority, units: &[&str], path_len: Option<u8>) -> Authority {
+/// A CA `forge`d under `parent`, as an `CertificateAuthority` that `forge` can sign with.
+fn forged_ca(
+    parent: &CertificateAuthority,
+    units: &[&str],
+    path_len: Option<u8>,
+) -> CertificateAuthority {
     let (cert_pem, key_pem) = forge(parent, ca_params(units, path_len));
-    Authority {
+    CertificateAuthority {
         chain_pem: format!("{cert_pem}{}", parent.chain_pem),
         ca: mint::Minted { cert_pem, key_pem },
         anchors_pem: parent.anchors_pem.clone(),
     }
 }
 
-fn forged_leaf(ca: &Authority, id: &str) -> LeafBundle {
+fn forged_leaf(ca: &CertificateAuthority, id: &str) -> LeafBundle {
     let (cert, key) = forge(ca, leaf_params(id));
     LeafBundle {
-        id: proxy_identity::SpiffeId::parse(id).unwrap(),
+        id: isthmus_vocab::SpiffeId::parse(id).unwrap(),
         cert_chain_pem: format!("{cert}{}", ca.chain_pem),
         key_pem: key,
         anchors_pem: ca.anchors_pem.clone(),

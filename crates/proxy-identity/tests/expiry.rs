@@ -12,14 +12,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::*;
+use isthmus_vocab::TrustDomain;
 use proxy_identity::creds::LeafValidity;
 use proxy_identity::mint::{LeafBundle, Validity};
 use proxy_identity::rustls::server::WebPkiClientVerifier;
 use proxy_identity::rustls::{RootCertStore, ServerConfig};
-use proxy_identity::{IdentityMetrics, PeerPolicy, TrustDomain, crypto_provider};
+use proxy_identity::{IdentityMetrics, PeerPolicy, crypto_provider};
 
 /// A leaf of `issuer` that expires `secs` seconds from now.
-fn short_leaf(issuer: &proxy_identity::mint::Authority, secs: u64) -> LeafBundle {
+fn short_leaf(issuer: &proxy_identity::mint::CertificateAuthority, secs: u64) -> LeafBundle {
     let now = SystemTime::now();
     leaf_with(
         issuer,

@@ -8,10 +8,10 @@ mod common;
 use std::io;
 
 use common::*;
+use isthmus_vocab::TrustDomain;
 use prometheus_client::registry::Registry;
 use proxy_identity::{
-    HandshakeFailure, IdentityMetrics, PeerPolicy, TrustDomain, client_config, peer_identity,
-    server_config,
+    HandshakeFailure, IdentityMetrics, PeerPolicy, client_config, peer_identity, server_config,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -98,7 +98,7 @@ async fn untrusted_anchor_is_unknown_issuer_on_both_sides() {
 
 /// An issuer under another anchor (with its own name, as `isthmus identity` gives
 /// every anchor).
-fn pki_foreign() -> proxy_identity::mint::Authority {
+fn pki_foreign() -> proxy_identity::mint::CertificateAuthority {
     use proxy_identity::mint::{self, KeyAlgorithm};
     let anchor =
         mint::trust_anchor("foreign anchor", window(4, 48), KeyAlgorithm::default()).unwrap();

@@ -11,13 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use isthmus_vocab::TrustDomain;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 use proxy_identity::creds::{CERT_FILE, KEY_FILE};
 use proxy_identity::mint::LeafBundle;
-use proxy_identity::{
-    CredentialStore, IdentityMetrics, PeerPolicy, TrustDomain, client_config, server_config,
-};
+use proxy_identity::{CredentialStore, IdentityMetrics, PeerPolicy, client_config, server_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn td_policy() -> PeerPolicy {

@@ -7,14 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use isthmus_vocab::ports::{DEFAULT_ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
 use proxy_core::http::{HttpSettings, MIN_HTTP1_MAX_HEAD_BYTES};
 use proxy_core::inbound::AppAddress;
 use proxy_core::tunnel::H2Settings;
 use proxy_identity::CredentialPaths;
-
-pub const DEFAULT_OUTBOUND_PORT: u16 = 4140;
-pub const DEFAULT_INBOUND_PORT: u16 = 4143;
-pub const DEFAULT_ADMIN_PORT: u16 = 4191;
 
 #[derive(Debug, Parser)]
 #[command(name = "isthmus-proxy", version, about = "The Isthmus mesh proxy")]

@@ -1,14 +1,18 @@
 //! Adapts discovery's indexes to proxy-core's seams: [`RouteLookup`] for the
 //! sidecar and explicit proxy, [`GatewayLookup`] for the gateway.
+//!
+//! Discovery and the hot path share the vocabulary's [`Authority`] and
+//! [`ClusterName`](isthmus_vocab::ClusterName), so a route is moved across, never
+//! re-parsed: there is no second grammar to disagree with.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use isthmus_vocab::{Authority, Refusal};
 use proxy_core::addr::OrigDstAddr;
 use proxy_core::gateway::{Endpoint, GatewayLookup, LinkTarget};
-use proxy_core::route::{Authority, ClusterName, Route, RouteLookup};
-use proxy_core::tunnel::Refusal;
-use proxy_discovery::{Discovery, Refusal as ExportRefusal, Route as DiscoveryRoute};
+use proxy_core::route::{Route, RouteLookup};
+use proxy_discovery::{Discovery, Route as DiscoveryRoute};
 
 /// Routes from the current discovery snapshot; lookups take no lock.
 #[derive(Clone)]
@@ -20,14 +24,9 @@ fn convert(route: Option<&DiscoveryRoute>) -> Route {
     match route {
         Some(DiscoveryRoute::Remote {
             cluster, authority, ..
-        }) => match Authority::parse(authority.as_str()) {
-            Ok(authority) => Route::Mirrored {
-                cluster: ClusterName::new(cluster.as_str()),
-                authority,
-            },
-            // Discovery validated it already; a disagreement means pass through
-            // rather than send the connection somewhere unintended.
-            Err(_) => Route::Passthrough,
+        }) => Route::Mirrored {
+            cluster: cluster.clone(),
+            authority: authority.clone(),
         },
         Some(DiscoveryRoute::Local { .. }) | None => Route::Passthrough,
     }
@@ -55,11 +54,7 @@ impl GatewayLookup for DiscoveryExports {
         let snapshot = self.discovery.load();
         let endpoints = snapshot
             .exported_endpoints_for(authority.as_str())
-            .map_err(|refusal| match refusal {
-                ExportRefusal::NoSuchService | ExportRefusal::NoSuchPort => Refusal::NoRoute,
-                ExportRefusal::NotExported => Refusal::NotExported,
-                ExportRefusal::NoEndpoints => Refusal::NoEndpoints,
-            })?;
+            .map_err(Refusal::from)?;
         Ok(endpoints
             .iter()
             .map(|e| Endpoint {

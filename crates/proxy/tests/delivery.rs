@@ -19,13 +19,13 @@ use std::time::Duration;
 
 use isthmus_tests::identity::Pki;
 use isthmus_tests::multicluster::{cluster_settings, gateway_id};
+use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
 use proxy_core::pool::{PeerConfig, Pool, PoolError};
-use proxy_core::route::{Authority, ClusterName};
+use proxy_core::tunnel::H2Settings;
 use proxy_core::tunnel::client::TunnelStream;
-use proxy_core::tunnel::{H2Settings, Refusal};
 use proxy_identity::mint::{self, LeafBundle};
 use proxy_identity::rustls::pki_types::ServerName;
-use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy, SpiffeId};
+use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::{Instant, timeout};
@@ -277,7 +277,7 @@ impl Client {
     async fn open(&self, service: &str) -> Result<TunnelStream, PoolError> {
         let authority =
             Authority::parse(&format!("{service}.default.svc.cluster.local:80")).unwrap();
-        let cluster = ClusterName::new("cluster-a");
+        let cluster = ClusterName::parse("cluster-a").unwrap();
         timeout(STEP, self.pool.open_answered(&authority, Some(&cluster)))
             .await
             .unwrap_or_else(|_| panic!("opening {authority} hung"))

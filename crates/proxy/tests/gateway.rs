@@ -25,12 +25,12 @@ use std::time::Duration;
 
 use isthmus_tests::identity::Pki;
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, service};
+use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
 use proxy_core::pool::{LinkState, PeerConfig, Pool, PoolError};
-use proxy_core::route::{Authority, ClusterName};
-use proxy_core::tunnel::{H2Settings, Refusal};
+use proxy_core::tunnel::H2Settings;
 use proxy_identity::mint::{self, LeafBundle};
 use proxy_identity::rustls::pki_types::ServerName;
-use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy, SpiffeId};
+use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout};
@@ -293,7 +293,7 @@ impl Client {
         cluster: &str,
     ) -> Result<proxy_core::tunnel::client::TunnelStream, PoolError> {
         let authority = Authority::parse(authority).unwrap();
-        let cluster = ClusterName::new(cluster);
+        let cluster = ClusterName::parse(cluster).unwrap();
         timeout(STEP, self.pool.open_answered(&authority, Some(&cluster)))
             .await
             .unwrap_or_else(|_| panic!("opening {authority} in {cluster} hung"))
@@ -308,7 +308,7 @@ impl Client {
 
     async fn refusal_within(&self, limit: Duration, authority: &str, cluster: &str) -> Refusal {
         let authority = Authority::parse(authority).unwrap();
-        let target = ClusterName::new(cluster);
+        let target = ClusterName::parse(cluster).unwrap();
         match timeout(limit, self.pool.open_answered(&authority, Some(&target))).await {
             Err(_) => panic!("{authority} in {cluster}: no answer within {limit:?}"),
             Ok(Ok(_)) => panic!("{authority} in {cluster} was opened, expected a refusal"),

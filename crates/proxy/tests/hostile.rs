@@ -26,13 +26,13 @@ use isthmus_tests::multicluster::{self, NAMESPACE};
 use isthmus_tests::pod;
 use isthmus_tests::tcp::{closed_within, read_response};
 use isthmus_tests::tls_probe::{probe_config, tls_error};
+use isthmus_vocab::{Authority, ClusterName, SpiffeId};
 use proxy_core::pool::{PeerConfig, Pool};
-use proxy_core::route::{Authority, ClusterName};
 use proxy_core::tunnel::H2Settings;
 use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
-use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy, SpiffeId};
+use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::{STEP, stop_and_show_log};
@@ -167,7 +167,7 @@ fn echo() -> SocketAddr {
 /// an exported `hello` Service whose endpoint is an echo server.
 struct Fixture {
     dir: tempfile::TempDir,
-    issuer: mint::Authority,
+    issuer: mint::CertificateAuthority,
     validity: Validity,
 }
 
@@ -303,7 +303,7 @@ impl Bystander {
     /// One stream through the gateway to the echo service and back.
     fn served(&self) {
         let authority = Authority::parse(HELLO).unwrap();
-        let cluster = ClusterName::new("cluster-a");
+        let cluster = ClusterName::parse("cluster-a").unwrap();
         let round_trip = async {
             let stream = self.pool.open(&authority, Some(&cluster)).await.unwrap();
             let (mut rd, mut wr) = tokio::io::split(stream);

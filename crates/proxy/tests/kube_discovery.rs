@@ -9,11 +9,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use isthmus_vocab::SpiffeId;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams};
 use proxy_discovery::model::ClusterSettingsResource;
-use proxy_identity::SpiffeId;
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use serde_json::json;
 use test_apiserver::{ResourceType, TestApiServer};

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::{certs, short_lived_gateway_leaf};
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link};
+use isthmus_vocab::{Authority, Refusal};
 use proxy_core::pool::{Pool, PoolError};
-use proxy_core::route::Authority;
-use proxy_core::tunnel::{H2Settings, Refusal};
+use proxy_core::tunnel::H2Settings;
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use proxy_identity::rustls::pki_types::pem::PemObject;
 use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};

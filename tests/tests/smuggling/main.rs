@@ -33,7 +33,7 @@ use isthmus_tests::identity::Pki;
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, meshed_service, service};
 use isthmus_tests::pod::{self, SidecarPod};
 use isthmus_tests::tcp;
-use proxy_identity::SpiffeId;
+use isthmus_vocab::SpiffeId;
 
 use origin::{End, Origin};
 use payloads::{Expect, INNOCENT, Pace, Payload};

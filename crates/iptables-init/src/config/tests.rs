@@ -123,6 +123,8 @@ fn defaults_are_the_documented_ports() {
     assert_eq!(config.inbound_port, 4143);
     assert_eq!(config.skip_inbound_ports.to_string(), "4191");
     assert_eq!(config.families(), vec![Family::V4]);
+    // The flag's text default spells the mesh's admin port.
+    assert_eq!(DEFAULT_SKIP_INBOUND_PORTS, DEFAULT_ADMIN_PORT.to_string());
 }
 
 #[test]

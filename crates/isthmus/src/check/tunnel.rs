@@ -16,10 +16,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use isthmus_vocab::{ClusterName, SpiffeId};
+use proxy_identity::PeerPolicy;
 use proxy_identity::rustls::RootCertStore;
 use proxy_identity::rustls::pki_types::pem::PemObject as _;
 use proxy_identity::rustls::pki_types::{CertificateDer, ServerName};
-use proxy_identity::{ClusterName, PeerPolicy, SpiffeId};
 
 /// Why a link's gateway could not be verified.
 #[derive(Debug)]

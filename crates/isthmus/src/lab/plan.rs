@@ -29,12 +29,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use isthmus_vocab::SpiffeId;
 use proxy_discovery::ServiceRef;
 use proxy_discovery::model::{
     Cidr, ClusterIp, ClusterSettings, ClusterSettingsSpec, Container, EXPORTED_LABEL,
     EndpointAddress, EndpointPort, EndpointSubset, Endpoints, GatewayAddress, GatewaySpec, Link,
     LinkSpec, MESHED_POD_LABEL, Object, ObjectMeta, ObjectReference, Pod, ProbeSpec, Service,
-    ServiceMirror, SpiffeUri, TargetPort,
+    ServiceMirror, TargetPort,
 };
 use proxy_discovery::reconcile::allocate_cluster_ip;
 
@@ -44,10 +45,10 @@ use super::spec::{ClusterSpec, LabSpec};
 pub const MAX_CLUSTERS: usize = 32;
 /// Most pods per cluster: `.10` to `.249` of the cluster's /24.
 pub const MAX_PODS: usize = 240;
-/// The tunnel port of gateways and sidecars (DESIGN.md).
-pub const TUNNEL_PORT: u16 = 4143;
-/// The admin port of every proxy (DESIGN.md).
-pub const ADMIN_PORT: u16 = 4191;
+/// The tunnel port of gateways and sidecars: the mesh's default.
+pub const TUNNEL_PORT: u16 = isthmus_vocab::ports::DEFAULT_INBOUND_PORT;
+/// The admin port of every proxy: the mesh's default.
+pub const ADMIN_PORT: u16 = isthmus_vocab::ports::DEFAULT_ADMIN_PORT;
 /// Where a gateway's delay relay listens on the WAN, when `--wan-delay` is set.
 pub const RELAY_PORT: u16 = 4153;
 /// The namespace of gateway identities.
@@ -472,8 +473,8 @@ fn gateway_address(ip: Ipv4Addr) -> GatewayAddress {
     GatewayAddress::parse(&ip.to_string()).expect("an IPv4 literal is a gateway address")
 }
 
-fn spiffe(id: &str) -> SpiffeUri {
-    SpiffeUri::parse(id).expect("the lab builds SPIFFE IDs from validated names")
+fn spiffe(id: &str) -> SpiffeId {
+    SpiffeId::parse(id).expect("the lab builds SPIFFE IDs from validated names")
 }
 
 /// The pods of `c` that `svc` selects (same namespace, every selector label).

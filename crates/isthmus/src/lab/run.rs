@@ -25,13 +25,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use isthmus_vocab::ports::PROXY_UID;
+use isthmus_vocab::{ClusterName, SpiffeId};
 use nix::sys::signal::{Signal as Sig, killpg};
 use nix::unistd::{Gid, Pid, Uid, chown};
 use proxy_discovery::DirSource;
+use proxy_discovery::ServiceRef;
 use proxy_discovery::model::{ConditionStatus, Service};
 use proxy_discovery::reconcile::READY_CONDITION;
-use proxy_discovery::{ClusterName, ServiceRef};
-use proxy_identity::SpiffeId;
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
@@ -49,8 +50,6 @@ use super::spec::LabSpec;
 use super::summary::{self, ProxyReport};
 use super::{NEEDS_ROOT, UpArgs};
 
-/// The proxy's UID (DESIGN.md); `isthmus-init` exempts it from capture.
-pub const PROXY_UID: u32 = 2102;
 /// The image the lab serves with its built-in hello server.
 pub const HELLO_IMAGE: &str = "nginxdemos/hello:plain-text";
 /// The port nginxdemos/hello listens on when a container declares none.

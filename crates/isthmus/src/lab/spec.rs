@@ -12,8 +12,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use isthmus_vocab::ClusterName;
+use proxy_discovery::ServiceRef;
 use proxy_discovery::model::{ClusterView, Object, Parsed, parse_manifests};
-use proxy_discovery::{ClusterName, ServiceRef};
 use serde::Deserialize;
 
 /// The name of a cluster folder's settings file.

@@ -7,10 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proxy_identity::mint::{self, Authority, KeyAlgorithm, LeafBundle, Validity};
-use proxy_identity::{
-    CredentialPaths, CredentialStore, Credentials, PeerPolicy, SpiffeId, TrustDomain,
-};
+use isthmus_vocab::{SpiffeId, TrustDomain};
+use proxy_identity::mint::{self, CertificateAuthority, KeyAlgorithm, LeafBundle, Validity};
+use proxy_identity::{CredentialPaths, CredentialStore, Credentials, PeerPolicy};
 use serde_json::{Value, json};
 use test_apiserver::{ResourceType, TestApiServer};
 use tokio::net::TcpListener;
@@ -126,7 +125,7 @@ pub(crate) fn policy(name: &str, issuer_ref: Option<Value>) -> Value {
 
 /// One trust anchor, an issuer per cluster, and each cluster's gateway leaf.
 pub(crate) struct Pki {
-    pub(crate) issuer_b: Authority,
+    pub(crate) issuer_b: CertificateAuthority,
     pub(crate) gateway_a: LeafBundle,
     /// cluster-c's gateway: the same SPIFFE ID as cluster-a's, another issuer.
     pub(crate) gateway_c: LeafBundle,
@@ -208,7 +207,7 @@ pub(crate) fn delete(server: &TestApiServer, api: &str, kind: &str, ns: Option<&
 }
 
 /// The ClusterIssuer's Secret as `isthmus install --issuer` renders it.
-pub(crate) fn issuer_secret(issuer: &Authority) -> Value {
+pub(crate) fn issuer_secret(issuer: &CertificateAuthority) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "isthmus-issuer", "namespace": "cert-manager"},

@@ -5,6 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 
+use isthmus_vocab::{Authority, Refusal};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -12,9 +13,8 @@ use super::{Endpoint, Gateway, lock};
 use crate::addr::LocalAddrs;
 use crate::forward::connect_upstream;
 use crate::pool::{Pool, PoolError};
-use crate::route::Authority;
+use crate::tunnel::BoxIo;
 use crate::tunnel::server::TunnelRequest;
-use crate::tunnel::{BoxIo, Refusal};
 
 /// The warm tunnel pool to one meshed pod's sidecar (its inbound port), closed
 /// when the pod stops being an endpoint.

@@ -29,6 +29,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use isthmus_vocab::{Authority, ClusterName, Refusal};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -38,8 +39,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::pool::{Pool, PoolSettings};
-use crate::route::{Authority, ClusterName};
-use crate::tunnel::Refusal;
 
 pub use links::{LinkView, ProbeResult};
 

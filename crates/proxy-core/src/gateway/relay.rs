@@ -2,10 +2,10 @@
 //! exported Service; one for another cluster is relayed over that cluster's link,
 //! but only for this cluster's own workloads.
 
+use isthmus_vocab::Refusal;
 use tracing::info;
 
 use super::Gateway;
-use crate::tunnel::Refusal;
 use crate::tunnel::server::{TunnelHandler, TunnelRequest, Upstream};
 
 impl TunnelHandler for Gateway {

@@ -20,11 +20,11 @@ use bytes::Bytes;
 use h2::SendStream;
 use h2::client::ResponseFuture;
 use http::{Method, Request};
+use isthmus_vocab::{Authority, CLUSTER_HEADER, ClusterName, REFUSAL_HEADER, Refusal};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::stream::{ConnectionError, H2Io, Pinger, drive_with_pinger, h2_io_error};
-use super::{CLUSTER_HEADER, H2Settings, Io, REFUSAL_HEADER, Refusal};
-use crate::route::{Authority, ClusterName};
+use super::{H2Settings, Io};
 
 /// The handle that opens streams on one tunnel connection; clones share it.
 pub type TunnelSender = h2::client::SendRequest<Bytes>;

@@ -3,10 +3,13 @@
 //!
 //! # Wire format
 //! - `:method CONNECT`, `:authority` = the target service (`hello.default.svc.cluster.local:80`).
-//! - [`CLUSTER_HEADER`] names the cluster the target lives in.
+//! - [`CLUSTER_HEADER`](isthmus_vocab::CLUSTER_HEADER) names the cluster the target lives in.
 //! - The answer is `200` and then the stream carries the connection's bytes both ways,
-//!   or a refusal: a status that says why, with [`REFUSAL_HEADER`] naming the exact
-//!   [`Refusal`] so the far side can log and count it precisely.
+//!   or a refusal: a status that says why, with [`REFUSAL_HEADER`](isthmus_vocab::REFUSAL_HEADER)
+//!   naming the exact [`Refusal`](isthmus_vocab::Refusal) so the far side can log and count it precisely.
+//!
+//! The header names and the refusals are the mesh's vocabulary ([`isthmus_vocab::tunnel`]);
+//! this module speaks them.
 //!
 //! TLS is set up by the caller (configs come from proxy-identity); this module sees
 //! only byte streams.
@@ -22,13 +25,7 @@ pub(crate) use stream::{PingFailed, Pinger};
 
 use std::time::Duration;
 
-use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite};
-
-/// Request header naming the cluster of the target service.
-pub const CLUSTER_HEADER: &str = "isthmus-cluster";
-/// Response header naming the reason of a refusal (`not_exported`, `link_down`, ...).
-pub const REFUSAL_HEADER: &str = "isthmus-refusal";
 
 /// Told of every failed TLS handshake on a mesh connection, with the peer address;
 /// returns the reason label it counted. proxy-core cannot classify certificate
@@ -42,102 +39,6 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// An upstream of unknown concrete type: a TCP socket, a TLS stream, another tunnel stream.
 pub type BoxIo = Box<dyn Io>;
-
-/// Why a tunnel stream (or the connection that would carry it) was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Refusal {
-    /// The request was not a well-formed CONNECT for a service authority.
-    BadRequest,
-    /// The peer's identity is not allowed to use this route.
-    Forbidden,
-    /// The target service exists but its cluster does not export it.
-    NotExported,
-    /// No service of that name and port is known.
-    NoRoute,
-    /// The target names a cluster this gateway has no link to.
-    UnknownCluster,
-    /// The service exists but has no ready endpoints.
-    NoEndpoints,
-    /// The link to the target's cluster is down.
-    LinkDown,
-    /// The final upstream refused or reset the connection attempt.
-    UpstreamRefused,
-    /// The final upstream did not answer within the connect timeout.
-    UpstreamTimeout,
-    /// The target points back at a proxy listener.
-    Loop,
-}
-
-impl Refusal {
-    pub const ALL: [Refusal; 10] = [
-        Refusal::BadRequest,
-        Refusal::Forbidden,
-        Refusal::NotExported,
-        Refusal::NoRoute,
-        Refusal::UnknownCluster,
-        Refusal::NoEndpoints,
-        Refusal::LinkDown,
-        Refusal::UpstreamRefused,
-        Refusal::UpstreamTimeout,
-        Refusal::Loop,
-    ];
-
-    /// The status that carries this refusal on the tunnel.
-    pub fn status(self) -> StatusCode {
-        match self {
-            Refusal::BadRequest => StatusCode::BAD_REQUEST,
-            Refusal::Forbidden | Refusal::NotExported => StatusCode::FORBIDDEN,
-            Refusal::NoRoute | Refusal::UnknownCluster => StatusCode::NOT_FOUND,
-            Refusal::NoEndpoints | Refusal::LinkDown => StatusCode::SERVICE_UNAVAILABLE,
-            Refusal::UpstreamRefused => StatusCode::BAD_GATEWAY,
-            Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Refusal::Loop => StatusCode::LOOP_DETECTED,
-        }
-    }
-
-    /// The reason as a metric label and [`REFUSAL_HEADER`] value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::BadRequest => "bad_request",
-            Refusal::Forbidden => "forbidden",
-            Refusal::NotExported => "not_exported",
-            Refusal::NoRoute => "no_route",
-            Refusal::UnknownCluster => "unknown_cluster",
-            Refusal::NoEndpoints => "no_endpoints",
-            Refusal::LinkDown => "link_down",
-            Refusal::UpstreamRefused => "upstream_refused",
-            Refusal::UpstreamTimeout => "upstream_timeout",
-            Refusal::Loop => "loop",
-        }
-    }
-
-    /// Reads a refusal back from a response: the header when it names a known reason,
-    /// else the best match for the status (a peer of another version, or a middlebox).
-    pub fn from_response(status: StatusCode, header: Option<&[u8]>) -> Refusal {
-        if let Some(found) = header.and_then(|h| {
-            Refusal::ALL
-                .into_iter()
-                .find(|r| r.as_str().as_bytes() == h)
-        }) {
-            return found;
-        }
-        match status {
-            StatusCode::BAD_REQUEST => Refusal::BadRequest,
-            StatusCode::FORBIDDEN => Refusal::Forbidden,
-            StatusCode::NOT_FOUND => Refusal::NoRoute,
-            StatusCode::SERVICE_UNAVAILABLE => Refusal::LinkDown,
-            StatusCode::GATEWAY_TIMEOUT => Refusal::UpstreamTimeout,
-            StatusCode::LOOP_DETECTED => Refusal::Loop,
-            _ => Refusal::UpstreamRefused,
-        }
-    }
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// HTTP/2 settings of tunnel connections, both ends, and of the transparent HTTP/2
 /// path (proxy-core's one place for h2 knobs). Every field bounds what one peer can
@@ -190,22 +91,5 @@ impl Default for H2Settings {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refusals_round_trip_through_the_wire() {
-        for refusal in Refusal::ALL {
-            let back = Refusal::from_response(refusal.status(), Some(refusal.as_str().as_bytes()));
-            assert_eq!(back, refusal);
-        }
-        assert_eq!(
-            Refusal::from_response(StatusCode::SERVICE_UNAVAILABLE, Some(b"nonsense")),
-            Refusal::LinkDown
-        );
     }
 }

@@ -16,17 +16,17 @@ use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Method, Request, Response};
+use isthmus_vocab::{Authority, CLUSTER_HEADER, ClusterName, REFUSAL_HEADER, Refusal};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::client::TunnelStream;
 use super::stream::{ConnectionError, H2Io, Pump, RelayError, drive_with_keepalive, idle};
-use super::{BoxIo, CLUSTER_HEADER, H2Settings, Io, REFUSAL_HEADER, Refusal};
+use super::{BoxIo, H2Settings, Io};
 use crate::forward::{ByteCounters, ForwardConfig, forward_io};
 use crate::listen::ConnectionTasks;
 use crate::metrics::{ConnectionGuard, Direction, ProxyMetrics};
 use crate::outcome::{Outcome, Reason, Side};
-use crate::route::{Authority, ClusterName};
 
 /// A client that finished its TLS handshake must send the HTTP/2 preface within
 /// this time; the connection is closed otherwise.
@@ -411,15 +411,7 @@ fn parse_request<B>(
         None => None,
         Some(value) => {
             let name = value.to_str().map_err(|_| Refusal::BadRequest)?;
-            if name.is_empty()
-                || name.len() > 63
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            {
-                return Err(Refusal::BadRequest);
-            }
-            Some(ClusterName::new(name))
+            Some(ClusterName::parse(name).map_err(|_| Refusal::BadRequest)?)
         }
     };
     Ok(TunnelRequest {

@@ -27,6 +27,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
 use proxy_core::addr::{OrigDst, OrigDstAddr};
 use proxy_core::detect::DetectConfig;
 use proxy_core::explicit::Explicit;
@@ -37,12 +38,12 @@ use proxy_core::listen::{Handler, ListenConfig};
 use proxy_core::metrics::{Direction, ProxyMetrics, RefusalLabels, TcpCloseLabels};
 use proxy_core::outbound::{Outbound, OutboundConfig};
 use proxy_core::pool::{PeerConfig, Pool};
-use proxy_core::route::{Authority, ClusterName, Route, RouteLookup};
+use proxy_core::route::{Route, RouteLookup};
+use proxy_core::tunnel::H2Settings;
 use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServer, Upstream};
-use proxy_core::tunnel::{H2Settings, Refusal};
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
-use proxy_identity::{CredentialPaths, CredentialStore, Credentials, PeerPolicy, SpiffeId};
+use proxy_identity::{CredentialPaths, CredentialStore, Credentials, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
@@ -66,8 +67,8 @@ pub const HELLO: &str = "hello.default.svc.cluster.local:80";
 
 /// One trust anchor and an issuer per cluster, minted on demand.
 pub struct Pki {
-    anchor: mint::Authority,
-    issuers: Mutex<HashMap<String, mint::Authority>>,
+    anchor: mint::CertificateAuthority,
+    issuers: Mutex<HashMap<String, mint::CertificateAuthority>>,
 }
 
 impl Default for Pki {
@@ -143,13 +144,13 @@ impl Identity {
     /// cluster's issuer (as a sidecar checks its gateway).
     pub fn as_peer(&self) -> PeerPolicy {
         PeerPolicy::Exact(self.id.clone())
-            .in_cluster(proxy_identity::ClusterName::parse(&self.cluster).unwrap())
+            .in_cluster(isthmus_vocab::ClusterName::parse(&self.cluster).unwrap())
     }
 
     /// What this identity accepts from clients: its trust domain, own cluster.
     pub fn own_cluster_policy(&self) -> PeerPolicy {
         PeerPolicy::TrustDomain(self.id.trust_domain().clone())
-            .in_cluster(proxy_identity::ClusterName::parse(&self.cluster).unwrap())
+            .in_cluster(isthmus_vocab::ClusterName::parse(&self.cluster).unwrap())
     }
 
     /// The mesh listener's server config, accepting clients `policy` allows.
@@ -167,8 +168,7 @@ impl Identity {
         let store = self.store.clone();
         Arc::new(move |conn| Peer {
             id: proxy_identity::peer_identity(conn).map(|id| Arc::from(id.to_string())),
-            cluster: proxy_identity::peer_cluster(conn, &store)
-                .map(|c| ClusterName::new(c.as_str())),
+            cluster: proxy_identity::peer_cluster(conn, &store),
             expires: proxy_identity::connection_deadline(conn, &store),
         })
     }
@@ -303,7 +303,7 @@ impl FixedRoutes {
 
 fn mirrored(cluster: &str, authority: &str) -> Route {
     Route::Mirrored {
-        cluster: ClusterName::new(cluster),
+        cluster: ClusterName::parse(cluster).unwrap(),
         authority: Authority::parse(authority).unwrap(),
     }
 }

@@ -9,11 +9,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use isthmus_vocab::Authority;
+
 use crate::model::{
-    Authority, ClusterView, EndpointMesh, EndpointPort, EndpointSlice, Service, ServicePort,
-    ServiceRef, TargetPort,
+    ClusterView, EndpointMesh, EndpointPort, EndpointSlice, Service, ServicePort, ServiceRef,
+    TargetPort,
 };
-use crate::snapshot::{ExportedEndpoint, Refusal};
+use crate::snapshot::{ExportRefusal, ExportedEndpoint};
 
 /// One Service's entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,7 +23,7 @@ enum Exports {
     /// The Service exists but linked clusters may not reach it.
     NotExported,
     /// Each TCP port of an exported Service, with its endpoints or why it has none.
-    Ports(HashMap<u16, Result<Arc<[ExportedEndpoint]>, Refusal>>),
+    Ports(HashMap<u16, Result<Arc<[ExportedEndpoint]>, ExportRefusal>>),
 }
 
 /// Exported Services and their endpoints, by Service; immutable once built.
@@ -98,19 +100,21 @@ impl ExportIndex {
         namespace: &str,
         name: &str,
         port: u16,
-    ) -> Result<Arc<[ExportedEndpoint]>, Refusal> {
+    ) -> Result<Arc<[ExportedEndpoint]>, ExportRefusal> {
         match self.services.get(&ServiceRef::new(namespace, name)) {
-            None => Err(Refusal::NoSuchService),
-            Some(Exports::NotExported) => Err(Refusal::NotExported),
-            Some(Exports::Ports(ports)) => ports.get(&port).ok_or(Refusal::NoSuchPort)?.clone(),
+            None => Err(ExportRefusal::NoSuchService),
+            Some(Exports::NotExported) => Err(ExportRefusal::NotExported),
+            Some(Exports::Ports(ports)) => {
+                ports.get(&port).ok_or(ExportRefusal::NoSuchPort)?.clone()
+            }
         }
     }
 
     /// [`ExportIndex::endpoints`] for a tunnel's `:authority`:
     /// `name.ns.svc.<clusterDomain>:port`, `name.ns.svc:port` or `name.ns:port` of
-    /// this cluster. Any other authority is [`Refusal::NoSuchService`].
-    pub fn endpoints_for(&self, authority: &str) -> Result<Arc<[ExportedEndpoint]>, Refusal> {
-        let authority = Authority::parse(authority).map_err(|_| Refusal::NoSuchService)?;
+    /// this cluster. Any other authority is [`ExportRefusal::NoSuchService`].
+    pub fn endpoints_for(&self, authority: &str) -> Result<Arc<[ExportedEndpoint]>, ExportRefusal> {
+        let authority = Authority::parse(authority).map_err(|_| ExportRefusal::NoSuchService)?;
         let host = authority.host();
         let short = host
             .strip_suffix(self.domain.as_str())
@@ -121,7 +125,7 @@ impl ExportIndex {
             Some((name, namespace)) if !namespace.contains('.') => {
                 self.endpoints(namespace, name, authority.port())
             }
-            _ => Err(Refusal::NoSuchService),
+            _ => Err(ExportRefusal::NoSuchService),
         }
     }
 
@@ -139,7 +143,7 @@ fn endpoints_of(
     svc: &Service,
     sp: &ServicePort,
     slices: &[&EndpointSlice],
-) -> Result<Vec<ExportedEndpoint>, Refusal> {
+) -> Result<Vec<ExportedEndpoint>, ExportRefusal> {
     let namespace = key.namespace.as_str();
     let mut addrs: BTreeMap<SocketAddr, bool> = BTreeMap::new();
     let mut add = |addr: SocketAddr, meshed: bool| *addrs.entry(addr).or_default() |= meshed;
@@ -188,9 +192,9 @@ fn endpoints_of(
     }
     if addrs.is_empty() {
         return Err(if unresolved {
-            Refusal::NoSuchPort
+            ExportRefusal::NoSuchPort
         } else {
-            Refusal::NoEndpoints
+            ExportRefusal::NoEndpoints
         });
     }
     Ok(addrs

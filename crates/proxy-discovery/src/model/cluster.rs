@@ -6,9 +6,11 @@
 
 use std::collections::BTreeMap;
 
+use isthmus_vocab::ClusterName;
+
 use super::manifest::{Object, Origin, OtherObject, Parsed};
 use super::{
-    ClusterName, ClusterSettings, Deployment, EXPORTED_LABEL, EndpointSlice, Endpoints, Link,
+    ClusterSettings, Deployment, EXPORTED_LABEL, EndpointSlice, Endpoints, Link,
     MIRRORED_SERVICE_LABEL, Pod, Service, ServiceMirror, ServiceRef,
 };
 

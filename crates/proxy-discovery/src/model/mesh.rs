@@ -13,15 +13,16 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use isthmus_vocab::{ClusterName, SpiffeId};
 use serde::{Deserialize, Serialize};
 
 use super::meta::ObjectMeta;
-use super::names::{Cidr, ClusterName, GoDuration, SpiffeUri, de_port};
+use super::names::{Cidr, GoDuration, de_port};
 
-/// The tunnel / gateway port (DESIGN.md).
-pub const DEFAULT_GATEWAY_PORT: u16 = 4143;
-/// The admin port that serves `/ready` (DESIGN.md).
-pub const DEFAULT_PROBE_PORT: u16 = 4191;
+/// The tunnel / gateway port: the mesh's default inbound port.
+pub const DEFAULT_GATEWAY_PORT: u16 = isthmus_vocab::ports::DEFAULT_INBOUND_PORT;
+/// The admin port that serves `/ready`: the mesh's default admin port.
+pub const DEFAULT_PROBE_PORT: u16 = isthmus_vocab::ports::DEFAULT_ADMIN_PORT;
 /// The probe path on the admin port.
 pub const DEFAULT_PROBE_PATH: &str = "/ready";
 /// How often a link is probed when the Link does not say.
@@ -197,7 +198,7 @@ pub struct LinkSpec {
     pub gateway_port: u16,
     /// The SPIFFE ID the peer gateway must present.
     #[cfg_attr(feature = "kube", schemars(with = "String"))]
-    pub gateway_identity: SpiffeUri,
+    pub gateway_identity: SpiffeId,
     /// How to tell whether the peer gateway is up.
     #[serde(default)]
     pub probe_spec: ProbeSpec,
@@ -387,7 +388,7 @@ pub struct GatewaySpec {
     pub port: u16,
     /// The SPIFFE ID the gateway presents.
     #[cfg_attr(feature = "kube", schemars(with = "String"))]
-    pub identity: SpiffeUri,
+    pub identity: SpiffeId,
 }
 
 /// A DNS-1123 label (with its 63-byte bound beside it in the schema), as

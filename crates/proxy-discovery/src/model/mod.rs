@@ -32,8 +32,7 @@ pub use self::mesh::{
 };
 pub use self::meta::{DEFAULT_NAMESPACE, ObjectMeta, OwnerReference};
 pub use self::names::{
-    Authority, Cidr, ClusterName, GoDuration, InvalidName, ServiceRef, SpiffeUri, check_dns_label,
-    check_dns_subdomain,
+    Cidr, GoDuration, InvalidName, ServiceRef, check_dns_label, check_dns_subdomain,
 };
 
 /// Service label that exports a Service to linked clusters (value `"true"`).

@@ -1,15 +1,15 @@
 //! Validated names and small value types used at the crate boundary.
 //!
 //! Each type checks its syntax once, when it is built (or deserialized), so code
-//! further in never re-validates. The checks are syntactic only: a `SpiffeUri` here
-//! is a well-formed `spiffe://` URI, not a verified identity (that is the identity
-//! crate's business).
+//! further in never re-validates. The names the mesh shares with the wire (cluster
+//! names, authorities, SPIFFE IDs) are the vocabulary crate's; these are the ones
+//! only the model speaks.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::str::FromStr;
 use std::time::Duration;
 
+use isthmus_vocab::cluster::is_dns_label;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Why a name or value was rejected. The caller adds where (file, field).
@@ -32,29 +32,23 @@ impl InvalidName {
 }
 
 /// Checks a DNS-1123 label: 1..=63 of `[a-z0-9-]`, alphanumeric at both ends.
-/// Kubernetes namespaces and most object names follow it.
+/// Kubernetes namespaces and most object names follow it, as cluster names do:
+/// the rule is the vocabulary's, this adds which part of it `s` breaks.
 pub fn check_dns_label(what: &'static str, s: &str) -> Result<(), InvalidName> {
-    if s.is_empty() || s.len() > 63 {
-        return Err(InvalidName::new(what, s, "must be 1 to 63 characters"));
+    if is_dns_label(s) {
+        return Ok(());
     }
-    if !s
+    let why = if s.is_empty() || s.len() > 63 {
+        "must be 1 to 63 characters"
+    } else if !s
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        return Err(InvalidName::new(
-            what,
-            s,
-            "only lowercase letters, digits and '-' are allowed",
-        ));
-    }
-    if s.starts_with('-') || s.ends_with('-') {
-        return Err(InvalidName::new(
-            what,
-            s,
-            "must start and end with a letter or digit",
-        ));
-    }
-    Ok(())
+        "only lowercase letters, digits and '-' are allowed"
+    } else {
+        "must start and end with a letter or digit"
+    };
+    Err(InvalidName::new(what, s, why))
 }
 
 /// Checks a DNS-1123 subdomain: dot-separated DNS-1123 labels, at most 253 bytes.
@@ -72,218 +66,6 @@ pub fn check_dns_subdomain(what: &'static str, s: &str) -> Result<(), InvalidNam
         })?;
     }
     Ok(())
-}
-
-/// Implements `Display`, `FromStr`, string serde and `as_str` for a string newtype
-/// whose constructor is `parse`.
-macro_rules! string_newtype {
-    ($ty:ident) => {
-        impl $ty {
-            /// The validated text.
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-        impl FromStr for $ty {
-            type Err = InvalidName;
-            fn from_str(s: &str) -> Result<Self, InvalidName> {
-                Self::parse(s)
-            }
-        }
-        impl Serialize for $ty {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.0)
-            }
-        }
-        impl<'de> Deserialize<'de> for $ty {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                de_str(d, Self::parse)
-            }
-        }
-    };
-}
-
-/// The name of a cluster in the mesh (a DNS-1123 label, e.g. `cluster-a`).
-///
-/// It names the target cluster on the tunnel and in labels, so it is restricted to
-/// what both accept: gateways take the tunnel's `isthmus-cluster` header only as a
-/// label (no dots), and a label value is at most 63 characters. A dotted name would
-/// load here and then have every stream to its cluster refused at the gateway.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ClusterName(String);
-
-impl ClusterName {
-    /// Validates `s` as a cluster name.
-    pub fn parse(s: &str) -> Result<Self, InvalidName> {
-        check_dns_label("cluster name", s)?;
-        Ok(Self(s.to_owned()))
-    }
-}
-string_newtype!(ClusterName);
-
-// Lets maps keyed by cluster be queried with a plain `&str` (the tunnel's header).
-// Consistent with `Ord`/`Hash`, which are those of the inner string.
-impl std::borrow::Borrow<str> for ClusterName {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-/// A syntactically valid SPIFFE ID: `spiffe://<trust-domain>/<path>`.
-///
-/// The trust domain is lowercase letters, digits, `.`, `-` and `_`; the path is
-/// non-empty segments of unreserved characters, without `.`/`..` segments, query
-/// or fragment (the SPIFFE ID specification, section 2).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpiffeUri(String);
-
-impl SpiffeUri {
-    /// Validates `s` as a SPIFFE ID with a non-empty path.
-    pub fn parse(s: &str) -> Result<Self, InvalidName> {
-        const WHAT: &str = "SPIFFE ID";
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| InvalidName::new(WHAT, s, "must start with spiffe://"))?;
-        let (td, path) = rest
-            .split_once('/')
-            .ok_or_else(|| InvalidName::new(WHAT, s, "must have a path after the trust domain"))?;
-        if td.is_empty()
-            || td.len() > 255
-            || !td.bytes().all(|b| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-            })
-        {
-            return Err(InvalidName::new(
-                WHAT,
-                s,
-                "trust domain must be lowercase letters, digits, '.', '-' or '_'",
-            ));
-        }
-        for seg in path.split('/') {
-            if seg.is_empty() || seg == "." || seg == ".." {
-                return Err(InvalidName::new(
-                    WHAT,
-                    s,
-                    "path segments must be non-empty and not '.' or '..'",
-                ));
-            }
-            if !seg
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-            {
-                return Err(InvalidName::new(
-                    WHAT,
-                    s,
-                    "path may hold only letters, digits, '.', '-' and '_'",
-                ));
-            }
-        }
-        Ok(Self(s.to_owned()))
-    }
-
-    /// The trust domain part (between `spiffe://` and the first `/`).
-    pub fn trust_domain(&self) -> &str {
-        self.0["spiffe://".len()..]
-            .split('/')
-            .next()
-            .unwrap_or_default()
-    }
-}
-string_newtype!(SpiffeUri);
-
-/// `host:port` as a client names a service: a DNS name, an IPv4 address or a
-/// bracketed IPv6 address, and a non-zero port. The host is kept lowercase and
-/// without a trailing dot, so equal authorities compare equal.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Authority {
-    text: String,
-    /// Byte offset of the `:` before the port.
-    colon: usize,
-    port: u16,
-}
-
-impl Authority {
-    /// Parses and normalises `host:port`.
-    pub fn parse(s: &str) -> Result<Self, InvalidName> {
-        const WHAT: &str = "authority";
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| InvalidName::new(WHAT, s, "must be host:port"))?;
-        let port: u16 = port
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| InvalidName::new(WHAT, s, "port must be 1 to 65535"))?;
-        let host = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-            let ip: Ipv6Addr = v6
-                .parse()
-                .map_err(|_| InvalidName::new(WHAT, s, "bracketed host must be an IPv6 address"))?;
-            format!("[{ip}]")
-        } else {
-            let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
-            if host.parse::<Ipv4Addr>().is_err() {
-                check_dns_subdomain(WHAT, &host).map_err(|_| {
-                    InvalidName::new(WHAT, s, "host must be a DNS name or an IP address")
-                })?;
-            }
-            host
-        };
-        Ok(Self::from_parts(&host, port))
-    }
-
-    /// Builds `host:port` from already valid parts.
-    pub(crate) fn from_parts(host: &str, port: u16) -> Self {
-        Self {
-            text: format!("{host}:{port}"),
-            colon: host.len(),
-            port,
-        }
-    }
-
-    /// The host, lowercase, without trailing dot (IPv6 in brackets).
-    pub fn host(&self) -> &str {
-        &self.text[..self.colon]
-    }
-
-    /// The port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// `host:port`.
-    pub fn as_str(&self) -> &str {
-        &self.text
-    }
-}
-
-impl fmt::Display for Authority {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
-    }
-}
-
-impl FromStr for Authority {
-    type Err = InvalidName;
-    fn from_str(s: &str) -> Result<Self, InvalidName> {
-        Self::parse(s)
-    }
-}
-
-impl Serialize for Authority {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.text)
-    }
-}
-
-impl<'de> Deserialize<'de> for Authority {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        de_str(d, Self::parse)
-    }
 }
 
 /// A namespaced reference to a Service (`namespace/name`).
@@ -576,50 +358,6 @@ impl serde::de::Visitor<'_> for PortOrName {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cluster_names() {
-        assert!(ClusterName::parse("cluster-a").is_ok());
-        assert!(ClusterName::parse("east-prod").is_ok());
-        assert!(ClusterName::parse("east.prod").is_err());
-        assert!(ClusterName::parse("").is_err());
-        assert!(ClusterName::parse("Cluster").is_err());
-        assert!(ClusterName::parse("-a").is_err());
-        assert!(ClusterName::parse("a..b").is_err());
-    }
-
-    #[test]
-    fn spiffe_ids() {
-        let id = SpiffeUri::parse("spiffe://cluster-a.local/ns/isthmus/sa/gateway").unwrap();
-        assert_eq!(id.trust_domain(), "cluster-a.local");
-        for bad in [
-            "http://x/y",
-            "spiffe://",
-            "spiffe://td",
-            "spiffe://TD/x",
-            "spiffe://td/",
-            "spiffe://td/a//b",
-            "spiffe://td/a/../b",
-            "spiffe://td/a?q",
-        ] {
-            assert!(SpiffeUri::parse(bad).is_err(), "{bad} accepted");
-        }
-    }
-
-    #[test]
-    fn authorities_normalise() {
-        let a = Authority::parse("Hello.Default.SVC.cluster.local.:80").unwrap();
-        assert_eq!(a.as_str(), "hello.default.svc.cluster.local:80");
-        assert_eq!(a.host(), "hello.default.svc.cluster.local");
-        assert_eq!(a.port(), 80);
-        assert_eq!(Authority::parse("[::1]:8080").unwrap().host(), "[::1]");
-        assert_eq!(Authority::parse("10.0.0.1:1").unwrap().port(), 1);
-        for bad in [
-            "hello", "hello:0", "hello:x", ":80", "[zz]:80", "a b:80", "h:70000",
-        ] {
-            assert!(Authority::parse(bad).is_err(), "{bad} accepted");
-        }
-    }
 
     #[test]
     fn cidrs() {

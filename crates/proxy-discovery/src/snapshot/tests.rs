@@ -30,20 +30,20 @@ fn refusals() {
     let s = snap(HELLO);
     assert_eq!(
         s.exported_target("default", "nope", 80),
-        Err(Refusal::NoSuchService)
+        Err(ExportRefusal::NoSuchService)
     );
     assert_eq!(
         s.exported_target("default", "hello", 80),
-        Err(Refusal::NotExported)
+        Err(ExportRefusal::NotExported)
     );
     let s = snap(&format!("{SETTINGS}{HELLO}"));
     assert_eq!(
         s.exported_target("default", "hello", 81),
-        Err(Refusal::NoSuchPort)
+        Err(ExportRefusal::NoSuchPort)
     );
     assert_eq!(
         s.exported_target("default", "hello", 80),
-        Err(Refusal::NoEndpoints)
+        Err(ExportRefusal::NoEndpoints)
     );
 }
 
@@ -83,7 +83,7 @@ spec:
     let s = snap(&format!("{SETTINGS}{HELLO}{eps}"));
     assert_eq!(
         s.exported_target("default", "hello", 80),
-        Err(Refusal::NoSuchPort)
+        Err(ExportRefusal::NoSuchPort)
     );
     let s = snap(&format!("{SETTINGS}{HELLO}{eps}{dep}"));
     assert_eq!(
@@ -121,7 +121,7 @@ spec: {ports: [{port: 80}]}
     let s = snap(&format!("{SETTINGS}{svc}"));
     assert_eq!(
         s.exported_target("default", "m", 80),
-        Err(Refusal::NotExported)
+        Err(ExportRefusal::NotExported)
     );
 }
 
@@ -153,11 +153,15 @@ fn exported_target_for_an_authority() {
         "hello.default.svc.cluster.local",
         "x.y.z:80",
     ] {
-        assert_eq!(s.exported_target_for(a), Err(Refusal::NoSuchService), "{a}");
+        assert_eq!(
+            s.exported_target_for(a),
+            Err(ExportRefusal::NoSuchService),
+            "{a}"
+        );
     }
     assert_eq!(
         s.exported_target_for("hello.default:81"),
-        Err(Refusal::NoSuchPort)
+        Err(ExportRefusal::NoSuchPort)
     );
 }
 
@@ -309,4 +313,25 @@ ports: [{name: http, port: 8080}]
     let relabelled = PODS.replace("isthmus.io/meshed: \"true\"}}\nspec", "x: y}}\nspec");
     let plain = snap(&format!("{SETTINGS}{HELLO}{relabelled}{slice}"));
     assert!(!plain.exported_endpoints("default", "hello", 80).unwrap()[0].meshed);
+}
+
+#[test]
+fn export_refusals_answer_as_the_tunnel_refusals() {
+    for (refusal, wire) in [
+        (
+            ExportRefusal::NoSuchService,
+            isthmus_vocab::Refusal::NoRoute,
+        ),
+        (ExportRefusal::NoSuchPort, isthmus_vocab::Refusal::NoRoute),
+        (
+            ExportRefusal::NotExported,
+            isthmus_vocab::Refusal::NotExported,
+        ),
+        (
+            ExportRefusal::NoEndpoints,
+            isthmus_vocab::Refusal::NoEndpoints,
+        ),
+    ] {
+        assert_eq!(isthmus_vocab::Refusal::from(refusal), wire, "{refusal:?}");
+    }
 }

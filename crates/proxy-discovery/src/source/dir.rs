@@ -23,10 +23,11 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use isthmus_vocab::{ClusterName, error_chain};
 use tokio::task::JoinHandle;
 
-use super::{Discovery, DiscoveryError, error_chain};
-use crate::model::{ClusterName, ClusterView, Object, Parsed, parse_manifests};
+use super::{Discovery, DiscoveryError};
+use crate::model::{ClusterView, Object, Parsed, parse_manifests};
 use crate::reconcile::READY_CONDITION;
 use crate::snapshot::Snapshot;
 

@@ -41,6 +41,7 @@ use ::kube::runtime::watcher::{self, Event, watcher};
 use ::kube::runtime::{WatchStreamExt, reflector as reflect};
 use ::kube::{Client, Resource};
 use futures_util::StreamExt;
+use isthmus_vocab::{ClusterName, error_chain};
 use k8s_openapi::api::core::v1::{Pod as KubePod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice as KubeEndpointSlice;
 use serde::Serialize;
@@ -49,9 +50,9 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{Discovery, DiscoveryError, error_chain};
+use super::{Discovery, DiscoveryError};
 use crate::model::{
-    ClusterName, ClusterSettingsResource, ClusterView, LinkResource, Parsed, Pod, parse_manifests,
+    ClusterSettingsResource, ClusterView, LinkResource, Parsed, Pod, parse_manifests,
 };
 use crate::snapshot::Snapshot;
 

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::{ArcSwap, Guard};
+use isthmus_vocab::error_chain;
 use tokio::sync::watch;
 
 use crate::model::{ManifestError, ViewError};
@@ -52,7 +53,7 @@ pub enum DiscoveryError {
         path: PathBuf,
         /// Why the name is invalid.
         #[source]
-        source: crate::model::InvalidName,
+        source: isthmus_vocab::ClusterNameError,
     },
     /// A manifest does not parse or holds an invalid object.
     #[error(transparent)]
@@ -60,18 +61,6 @@ pub enum DiscoveryError {
     /// Objects that are each valid do not fit together (duplicates, mismatches).
     #[error(transparent)]
     View(#[from] ViewError),
-}
-
-/// `err` and its sources, joined with `: ` (for logs and `/config`).
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 /// How loading has gone, for `/config` and metrics.

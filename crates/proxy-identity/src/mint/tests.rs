@@ -140,13 +140,13 @@ fn directories_round_trip_with_private_keys_0600() {
     let anchor_dir = dir.path().join("anchor");
     anchor.write_dir(&anchor_dir, false).unwrap();
     let issuer_dir = dir.path().join("issuer");
-    let read = Authority::read_dir(&anchor_dir).unwrap();
+    let read = CertificateAuthority::read_dir(&anchor_dir).unwrap();
     assert!(read.is_anchor());
     issuer(&read, "cluster-a", hours(2), KeyAlgorithm::default())
         .unwrap()
         .write_dir(&issuer_dir, false)
         .unwrap();
-    let read_issuer = Authority::read_dir(&issuer_dir).unwrap();
+    let read_issuer = CertificateAuthority::read_dir(&issuer_dir).unwrap();
     assert!(!read_issuer.is_anchor());
     assert_eq!(read_issuer.anchors_pem, anchor.anchors_pem);
     let leaf_dir = dir.path().join("leaf");
@@ -181,6 +181,6 @@ fn directories_round_trip_with_private_keys_0600() {
     // A leaf directory is neither an anchor nor an issuer.
     fs::copy(leaf_dir.join("tls.crt"), leaf_dir.join("ca.crt")).unwrap();
     fs::copy(leaf_dir.join("tls.key"), leaf_dir.join("ca.key")).unwrap();
-    let err = Authority::read_dir(&leaf_dir).unwrap_err();
+    let err = CertificateAuthority::read_dir(&leaf_dir).unwrap_err();
     assert!(err.to_string().contains("not self-signed"), "{err}");
 }

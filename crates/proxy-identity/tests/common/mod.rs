@@ -11,14 +11,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use proxy_identity::mint::{self, Authority, KeyAlgorithm, LeafBundle, Validity};
+use isthmus_vocab::SpiffeId;
+use proxy_identity::mint::{self, CertificateAuthority, KeyAlgorithm, LeafBundle, Validity};
 use proxy_identity::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
 };
 use proxy_identity::rustls::pki_types::pem::PemObject;
 use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use proxy_identity::rustls::{self, ClientConfig, DigitallySignedStruct, ServerConfig};
-use proxy_identity::{CredentialPaths, CredentialStore, SpiffeId, crypto_provider};
+use proxy_identity::{CredentialPaths, CredentialStore, crypto_provider};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
@@ -46,9 +47,9 @@ pub fn frontend_id() -> SpiffeId {
 
 /// One trust anchor and an issuer per cluster.
 pub struct Pki {
-    pub anchor: Authority,
-    pub cluster_a: Authority,
-    pub cluster_b: Authority,
+    pub anchor: CertificateAuthority,
+    pub cluster_a: CertificateAuthority,
+    pub cluster_b: CertificateAuthority,
 }
 
 pub fn hours(n: u64) -> Validity {
@@ -78,11 +79,11 @@ pub fn pki() -> Pki {
     }
 }
 
-pub fn leaf(issuer: &Authority, id: &SpiffeId) -> LeafBundle {
+pub fn leaf(issuer: &CertificateAuthority, id: &SpiffeId) -> LeafBundle {
     mint::leaf(issuer, id, hours(1), KeyAlgorithm::default()).unwrap()
 }
 
-pub fn leaf_with(issuer: &Authority, id: &SpiffeId, validity: Validity) -> LeafBundle {
+pub fn leaf_with(issuer: &CertificateAuthority, id: &SpiffeId, validity: Validity) -> LeafBundle {
     mint::leaf(issuer, id, validity, KeyAlgorithm::default()).unwrap()
 }
 

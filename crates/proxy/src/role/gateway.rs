@@ -4,18 +4,20 @@
 use std::sync::Arc;
 
 use anyhow::Result;
+use isthmus_vocab::ports::DEFAULT_INBOUND_PORT;
+use isthmus_vocab::{ClusterName, SpiffeId};
 use proxy_core::gateway::{
     Gateway, GatewayConfig, GatewayMetrics, GatewayTls, LinkTlsError, LinkView,
 };
 use proxy_core::inbound::ListenerRole;
 use proxy_core::metrics::Direction;
 use proxy_identity::rustls::ClientConfig;
-use proxy_identity::{ClusterName, CredentialStore, PeerPolicy, SpiffeId};
+use proxy_identity::{CredentialStore, PeerPolicy};
 use serde_json::json;
 use tracing::info;
 
 use super::{Base, bind_admin, bind_all, pool_json};
-use crate::config::{Config, DEFAULT_INBOUND_PORT};
+use crate::config::Config;
 use crate::lookup::DiscoveryExports;
 
 /// The gateway's client TLS, from this proxy's identity.
@@ -65,7 +67,7 @@ pub async fn run(config: Config) -> Result<()> {
     metrics.register(&mut base.registry);
     let gateway = Gateway::new(
         GatewayConfig {
-            cluster: proxy_core::route::ClusterName::new(base.config.cluster.as_str()),
+            cluster: base.cluster.clone(),
             connect_timeout: base.config.limits.connect_timeout,
             own_addrs: inbound_listeners
                 .iter()

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
+use isthmus_vocab::{ClusterName, SpiffeId};
 use prometheus_client::registry::Registry;
 use proxy_core::addr::KernelOrigDst;
 use proxy_core::detect::DetectConfig;
@@ -23,8 +24,8 @@ use proxy_core::pool::{LinkState, Pool, PoolSettings};
 use proxy_core::tunnel::HandshakeObserver;
 use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelServer};
 use proxy_discovery::source::kube::KubeSource;
-use proxy_discovery::{ClusterName, DirSource, Discovery};
-use proxy_identity::{CredentialStore, IdentityMetrics, PeerPolicy, SpiffeId};
+use proxy_discovery::{DirSource, Discovery};
+use proxy_identity::{CredentialStore, IdentityMetrics, PeerPolicy};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -38,7 +39,7 @@ pub struct Base {
     pub config: Config,
     /// `--cluster`, as identities name it: the cluster this proxy's leaf must come
     /// from, and the one its mesh peers are checked against.
-    pub cluster: proxy_identity::ClusterName,
+    pub cluster: ClusterName,
     pub registry: Registry,
     pub metrics: ProxyMetrics,
     pub identity: Arc<CredentialStore>,
@@ -65,8 +66,8 @@ impl Base {
         let metrics = ProxyMetrics::default();
         metrics.register(&mut registry);
         let identity_metrics = IdentityMetrics::register(&mut registry);
-        let own_cluster = proxy_identity::ClusterName::parse(&config.cluster)
-            .map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
+        let own_cluster =
+            ClusterName::parse(&config.cluster).map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
         let identity = CredentialStore::for_cluster(config.identity.clone(), own_cluster.clone())
             .with_context(|| {
                 format!(
@@ -81,8 +82,7 @@ impl Base {
         tokio::spawn(identity.clone().watch(config.reload_interval));
 
         let shutdown = CancellationToken::new();
-        let cluster = ClusterName::parse(&config.cluster)
-            .map_err(|e| anyhow::anyhow!("--cluster {}: {e}", config.cluster))?;
+        let cluster = own_cluster.clone();
         let stopped = shutdown.child_token().cancelled_owned();
         let discovery = match &config.discovery {
             DiscoverySource::Dir(dir) => {
@@ -299,8 +299,7 @@ impl Base {
                 let store = self.identity.clone();
                 Arc::new(move |conn| Peer {
                     id: proxy_identity::peer_identity(conn).map(|id| Arc::from(id.to_string())),
-                    cluster: proxy_identity::peer_cluster(conn, &store)
-                        .map(|c| proxy_core::route::ClusterName::new(c.as_str())),
+                    cluster: proxy_identity::peer_cluster(conn, &store),
                     expires: proxy_identity::connection_deadline(conn, &store),
                 })
             },

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use isthmus_tests::multicluster::gateway_id;
-use proxy_identity::SpiffeId;
+use isthmus_vocab::SpiffeId;
 use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
 use proxy_identity::rustls::pki_types::CertificateDer;
 use proxy_identity::rustls::pki_types::pem::PemObject;
@@ -132,7 +132,7 @@ pub fn connect_through(listen: SocketAddr, target: SocketAddr) -> TcpStream {
 /// `cluster`'s gateway leaf under `issuer`, valid from a minute ago until `lifetime`
 /// from now: the expiry tests watch it run out.
 pub fn short_lived_gateway_leaf(
-    issuer: &mint::Authority,
+    issuer: &mint::CertificateAuthority,
     cluster: &str,
     lifetime: Duration,
 ) -> LeafBundle {

@@ -16,8 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use proxy_core::tunnel::{CLUSTER_HEADER, REFUSAL_HEADER};
-use proxy_identity::mint::{self, Authority, KeyAlgorithm, LeafBundle, Minted, Validity};
+use isthmus_vocab::{CLUSTER_HEADER, REFUSAL_HEADER, SpiffeId};
+use proxy_identity::crypto_provider;
+use proxy_identity::mint::{
+    self, CertificateAuthority, KeyAlgorithm, LeafBundle, Minted, Validity,
+};
 use proxy_identity::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
 };
@@ -27,7 +30,6 @@ use proxy_identity::rustls::server::danger::{ClientCertVerified, ClientCertVerif
 use proxy_identity::rustls::{
     self, ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
 };
-use proxy_identity::{SpiffeId, crypto_provider};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -54,8 +56,8 @@ pub fn id(s: &str) -> SpiffeId {
 /// One anchor and its issuers, keyed by a name (`cluster-a`, or `cluster-a-new` for
 /// a second issuer of cluster-a during a rollover).
 pub struct Pki {
-    pub anchor: Authority,
-    issuers: HashMap<String, Authority>,
+    pub anchor: CertificateAuthority,
+    issuers: HashMap<String, CertificateAuthority>,
 }
 
 pub fn validity() -> Validity {
@@ -83,7 +85,7 @@ impl Pki {
         self.issuers.insert(key.to_owned(), issuer);
     }
 
-    pub fn issuer(&self, key: &str) -> &Authority {
+    pub fn issuer(&self, key: &str) -> &CertificateAuthority {
         &self.issuers[key]
     }
 
@@ -102,7 +104,7 @@ impl Pki {
 }
 
 /// Signs `params` with `ca`'s key: a certificate the mint would refuse to make.
-pub fn forge(ca: &Authority, params: CertificateParams) -> Minted {
+pub fn forge(ca: &CertificateAuthority, params: CertificateParams) -> Minted {
     let ca_key = KeyPair::from_pem(&ca.ca.key_pem).unwrap();
     let issuer = Issuer::from_ca_cert_pem(&ca.ca.cert_pem, ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
@@ -114,7 +116,11 @@ pub fn forge(ca: &Authority, params: CertificateParams) -> Minted {
 }
 
 /// A CA under `parent` whose subject holds `unit` as its OU.
-pub fn forged_ca(parent: &Authority, unit: &str, path_len: Option<u8>) -> Authority {
+pub fn forged_ca(
+    parent: &CertificateAuthority,
+    unit: &str,
+    path_len: Option<u8>,
+) -> CertificateAuthority {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params
@@ -130,7 +136,7 @@ pub fn forged_ca(parent: &Authority, unit: &str, path_len: Option<u8>) -> Author
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params.use_authority_key_identifier_extension = true;
     let ca = forge(parent, params);
-    Authority {
+    CertificateAuthority {
         chain_pem: format!("{}{}", ca.cert_pem, parent.chain_pem),
         ca,
         anchors_pem: parent.anchors_pem.clone(),
@@ -138,7 +144,7 @@ pub fn forged_ca(parent: &Authority, unit: &str, path_len: Option<u8>) -> Author
 }
 
 /// A self-signed CA copying `like`'s subject (a cluster's issuer name, its own key).
-pub fn impostor_ca(cluster: &str) -> Authority {
+pub fn impostor_ca(cluster: &str) -> CertificateAuthority {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params
@@ -154,7 +160,7 @@ pub fn impostor_ca(cluster: &str) -> Authority {
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let key = KeyPair::generate().unwrap();
     let cert = params.self_signed(&key).unwrap();
-    Authority {
+    CertificateAuthority {
         chain_pem: cert.pem(),
         anchors_pem: cert.pem(),
         ca: Minted {
@@ -165,7 +171,7 @@ pub fn impostor_ca(cluster: &str) -> Authority {
 }
 
 /// A leaf for `spiffe` signed by `ca` whatever `ca` is (an anchor included).
-pub fn forged_leaf(ca: &Authority, spiffe: &str) -> LeafBundle {
+pub fn forged_leaf(ca: &CertificateAuthority, spiffe: &str) -> LeafBundle {
     let mut params = CertificateParams::default();
     params.subject_alt_names = vec![SanType::URI(spiffe.try_into().unwrap())];
     params.is_ca = IsCa::ExplicitNoCa;

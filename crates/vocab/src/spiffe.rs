@@ -8,7 +8,7 @@
 //! which [`SpiffeId::workload`] builds and [`SpiffeId::namespace`] reads back; other
 //! paths are valid IDs too (a gateway may be named otherwise).
 //!
-//! This module does not read certificates; see [`crate::verify`] for the URI SAN.
+//! This module does not read certificates: the identity crate reads the URI SAN.
 
 use std::fmt;
 use std::str::FromStr;
@@ -289,18 +289,6 @@ impl TryFrom<&str> for SpiffeId {
     type Error = IdError;
     fn try_from(s: &str) -> Result<Self, Self::Error> {
         Self::parse(s)
-    }
-}
-
-impl serde::Serialize for SpiffeId {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.uri)
-    }
-}
-
-impl serde::Serialize for TrustDomain {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
     }
 }
 
