@@ -39,7 +39,7 @@ use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::{CredentialStore, PeerPolicy, client_config, server_config};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// Bound on every wait of the setup and of each exchange, so a broken path fails
 /// the bench instead of hanging it.
@@ -72,7 +72,7 @@ async fn echo_server() -> SocketAddr {
 
 /// A sidecar inbound listener terminating mesh TLS and delivering tunnel streams to
 /// loopback ports, as `isthmus-proxy sidecar` runs it.
-async fn inbound(gateway: Arc<CredentialStore>, shutdown: watch::Receiver<bool>) -> SocketAddr {
+async fn inbound(gateway: Arc<CredentialStore>, shutdown: CancellationToken) -> SocketAddr {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
         .expect("bind the inbound listener");
@@ -175,7 +175,8 @@ fn bench(c: &mut Criterion) {
     let gateway = store(&issuer, GATEWAY_ID);
     let sidecar = store(&issuer, SIDECAR_ID);
 
-    let (stop, shutdown) = watch::channel(false);
+    let stop = CancellationToken::new();
+    let shutdown = stop.clone();
     let (echo, pool) = rt.block_on(async {
         let echo = echo_server().await;
         let inbound = inbound(gateway, shutdown.clone()).await;
@@ -260,7 +261,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.finish();
-    let _ = stop.send(true);
+    stop.cancel();
     summary();
 }
 

@@ -271,7 +271,7 @@ impl Pod {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let (_stop, stopped) = tokio::sync::watch::channel(false);
+                let stopped = tokio_util::sync::CancellationToken::new();
                 let pool = Pool::spawn(
                     test_peer(
                         "test/pod",

@@ -706,7 +706,7 @@ fn a_black_holed_peer_gateway_is_noticed_by_keepalive_and_recovers() {
             .build()
             .unwrap();
         runtime.block_on(async {
-            let (_stop, stopped) = tokio::sync::watch::channel(false);
+            let stopped = tokio_util::sync::CancellationToken::new();
             let pool = Pool::spawn(
                 test_peer(
                     "test/gateway-b",

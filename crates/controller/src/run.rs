@@ -15,8 +15,9 @@ use k8s_openapi::api::core::v1::{Namespace, Service as KubeService};
 use kube::Api;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::kinds::{LinkResource, MirrorObject};
 use crate::lease::{Elector, Leadership, LeaseConfig};
@@ -67,7 +68,8 @@ pub struct Running {
     metrics_addr: Option<SocketAddr>,
     leadership: Leadership,
     metrics: Metrics,
-    shutdown: watch::Sender<bool>,
+    /// Cancelled by [`Running::stop`]: every task holds a clone.
+    shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -94,7 +96,7 @@ impl Running {
 
     /// Stops writing at once, releases the Lease, and waits for every task.
     pub async fn stop(mut self) {
-        self.shutdown.send_replace(true);
+        self.shutdown.cancel();
         for task in std::mem::take(&mut self.tasks) {
             // A task that panicked has nothing left to clean up.
             let _ = task.await;
@@ -118,14 +120,10 @@ impl Drop for Running {
     }
 }
 
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    // The sender lives in `Running`; dropping it also means stop.
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
 /// Starts the controller on `client`'s cluster.
 pub async fn start(client: kube::Client, config: Config) -> Result<Running, RunError> {
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let shutdown = CancellationToken::new();
+    let shutdown_rx = shutdown.clone();
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
     let remotes_slot: Arc<Mutex<Option<Remotes>>> = Arc::new(Mutex::new(None));
@@ -134,7 +132,9 @@ pub async fn start(client: kube::Client, config: Config) -> Result<Running, RunE
     let leadership = match &config.lease {
         Some(lease) => {
             let (elector, leadership) = Elector::new(client.clone(), lease.clone());
-            tasks.push(tokio::spawn(elector.run(stopped(shutdown_rx.clone()))));
+            tasks.push(tokio::spawn(
+                elector.run(shutdown_rx.clone().cancelled_owned()),
+            ));
             leadership
         }
         None => Leadership::always(),
@@ -155,7 +155,7 @@ pub async fn start(client: kube::Client, config: Config) -> Result<Running, RunE
                 ready: ready.clone(),
             };
             tasks.push(tokio::spawn(
-                endpoint.serve(listener, stopped(shutdown_rx.clone())),
+                endpoint.serve(listener, shutdown_rx.clone().cancelled_owned()),
             ));
             Some(bound)
         }
@@ -170,14 +170,14 @@ pub async fn start(client: kube::Client, config: Config) -> Result<Running, RunE
             ready.store(true, Ordering::Release);
             loop {
                 tokio::select! {
-                    () = stopped(shutdown_rx.clone()) => break,
+                    () = shutdown_rx.cancelled() => break,
                     () = leadership.leading() => {}
                 }
                 metrics.set_leader(true);
                 tracing::info!(namespace = %config.namespace, "leading: reconciling ServiceMirrors");
                 let mut lost = leadership.clone();
                 tokio::select! {
-                    () = stopped(shutdown_rx.clone()) => {}
+                    () = shutdown_rx.cancelled() => {}
                     () = lost.lost() => {
                         tracing::warn!("not leading any more: stopped reconciling and writing");
                     }
@@ -193,7 +193,7 @@ pub async fn start(client: kube::Client, config: Config) -> Result<Running, RunE
                     remotes.clear();
                 }
                 metrics.set_leader(false);
-                if *shutdown_rx.borrow() {
+                if shutdown_rx.is_cancelled() {
                     break;
                 }
             }

@@ -235,7 +235,7 @@ fn exchange(wire: Vec<u8>, await_stream: bool) -> Vec<TunnelRequest> {
                 Direction::Gateway,
             );
             let (client, server_io) = tokio::io::duplex(1 << 20);
-            let (_drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+            let drain_rx = tokio_util::sync::CancellationToken::new();
             let serve = tokio::spawn(async move {
                 // A peer's garbage is a connection error, which is not what is checked.
                 let _ = server

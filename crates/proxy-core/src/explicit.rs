@@ -17,13 +17,14 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::forward::{ForwardConfig, forward_io};
 use crate::http::{HeadClock, HttpSettings, InFlight, RequestInFlight, Tracked};
-use crate::listen::{Accepted, ConnectionTasks, Handler, drained};
+use crate::listen::{Accepted, ConnectionTasks, Handler};
 use crate::metrics::{Direction, HttpLabels, HttpResponseLabels, ProxyMetrics};
+use crate::outcome::{Outcome, Reason, Side};
 use crate::pool::Pool;
 use isthmus_vocab::{Authority, REFUSAL_HEADER, Refusal};
 
@@ -46,7 +47,7 @@ pub struct Explicit<L> {
 }
 
 impl<L: RouteLookup> Handler for Explicit<L> {
-    async fn handle(self: Arc<Self>, conn: Accepted, mut drain: watch::Receiver<bool>) {
+    async fn handle(self: Arc<Self>, conn: Accepted, drain: CancellationToken) {
         let mut guard = self.metrics.open_connection(Direction::Outbound);
         let tasks = Arc::new(ConnectionTasks::default());
         let proxy = self.clone();
@@ -92,18 +93,18 @@ impl<L: RouteLookup> Handler for Explicit<L> {
         let result = tokio::select! {
             res = conn.as_mut() => res,
             () = head_expired => {
-                guard.set_reason("header_timeout");
+                guard.set_outcome(Outcome::new(Side::Downstream, Reason::HeaderTimeout));
                 debug!(timeout = ?header_timeout, "request head not complete in time, closing");
                 tasks.join().await;
                 return;
             }
-            _ = drained(&mut drain) => {
+            () = drain.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
         };
         if let Err(e) = result {
-            guard.set_reason("http_error");
+            guard.set_outcome(Outcome::new(Side::Downstream, Reason::Http));
             debug!(error = %e, "explicit proxy connection failed");
         }
         tasks.join().await;
@@ -129,7 +130,8 @@ impl<L: RouteLookup> Explicit<L> {
         let response = match self.open(&authority).await {
             Err(refusal) => {
                 info!(%authority, reason = refusal.as_str(), "explicit proxy request refused");
-                self.metrics.refused(Direction::Outbound, refusal.as_str());
+                self.metrics
+                    .refused(Direction::Outbound, Outcome::refused_here(refusal));
                 refuse(refusal)
             }
             Ok(upstream) if req.method() == Method::CONNECT => {

@@ -48,6 +48,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use crate::outcome::{Outcome, Reason};
+
 /// Default [`ForwardConfig::idle_timeout`]: one hour, the default of Envoy's TCP proxy
 /// that mesh users already expect. Long enough for pooled database connections that
 /// idle between bursts, short enough to reclaim connections whose peer vanished
@@ -71,36 +73,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// every read into an end of stream.
 const MIN_BUFFER_SIZE: usize = 512;
 
-/// Which side of a proxied connection failed; drives the reset, metric label and log field.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Side {
-    /// The client side: the application that opened the connection.
-    Downstream,
-    /// The server side: the destination the proxy connected to.
-    Upstream,
-    /// The proxy itself: its own resources (pipes, buffers) or its timers.
-    Local,
-    /// A decision of the proxy's configuration (routing, authorization).
-    Policy,
-}
-
-impl Side {
-    /// The label used in metrics and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Side::Downstream => "downstream",
-            Side::Upstream => "upstream",
-            Side::Local => "local",
-            Side::Policy => "policy",
-        }
-    }
-}
-
-impl fmt::Display for Side {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::outcome::Side;
 
 /// How one connection is forwarded.
 #[derive(Clone, Debug)]
@@ -281,53 +254,35 @@ impl ForwardError {
         self.peer
     }
 
-    /// The tunnel refusal that ended the connection: a tunnel stream is opened
-    /// optimistically, so its refusal arrives as the error of its first read.
-    pub fn refusal(&self) -> Option<isthmus_vocab::Refusal> {
-        crate::tunnel::client::refusal_of(&self.source)
+    /// How the connection ended, for its close label, reset and log line.
+    pub fn outcome(&self) -> Outcome {
+        let reason = match self.kind {
+            ErrorKind::IdleTimeout => Reason::IdleTimeout,
+            ErrorKind::ConnectTimeout => Reason::ConnectTimeout,
+            ErrorKind::Connect => Reason::ConnectError,
+            ErrorKind::Reset => Reason::Reset,
+            ErrorKind::Io => Reason::Error,
+        };
+        Outcome::new(self.side, reason)
     }
 
     /// The metric label for why the connection closed: `idle_timeout`,
     /// `connect_timeout`, `connect_error`, `upstream_reset`, `downstream_reset`, `upstream_error`,
-    /// `downstream_error`, `local_error` or `policy`.
+    /// `downstream_error`, `local_error` or `policy` ([`Outcome::close_label`]).
     pub fn close_reason(&self) -> &'static str {
-        match (self.kind, self.side) {
-            (ErrorKind::IdleTimeout, _) => "idle_timeout",
-            (ErrorKind::ConnectTimeout, _) => "connect_timeout",
-            (ErrorKind::Connect, _) => "connect_error",
-            (_, Side::Policy) => "policy",
-            (_, Side::Local) => "local_error",
-            (ErrorKind::Reset, Side::Upstream) => "upstream_reset",
-            (ErrorKind::Reset, Side::Downstream) => "downstream_reset",
-            (_, Side::Upstream) => "upstream_error",
-            (_, Side::Downstream) => "downstream_error",
-        }
+        self.outcome().close_label()
     }
 }
 
+/// A tunnel stream its peer reset (HTTP/2 `RST_STREAM` or `GOAWAY`) reads as
+/// `ConnectionReset` too: the tunnel maps it so when it turns h2's error into I/O.
 fn is_reset(error: &io::Error) -> bool {
-    if matches!(
+    matches!(
         error.kind(),
         io::ErrorKind::ConnectionReset
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::BrokenPipe
-    ) {
-        return true;
-    }
-    // A tunnel stream its peer reset (HTTP/2 RST_STREAM or GOAWAY) surfaces as an
-    // `Other` error wrapping the h2 error, possibly inside hyper's: the stream's
-    // equivalent of a TCP reset, and counted as one.
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = error
-        .get_ref()
-        .map(|inner| inner as &(dyn std::error::Error + 'static));
-    while let Some(e) = cause {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            // An h2 error with a reason is a stream ended by RST_STREAM or GOAWAY.
-            return h2.reason().is_some();
-        }
-        cause = e.source();
-    }
-    false
+    )
 }
 
 /// Which end of one direction failed: its source (read) or its destination (write).
@@ -468,7 +423,7 @@ pub async fn forward_tcp(
             let peer = match e.side {
                 Side::Downstream => downstream.peer_addr().ok(),
                 Side::Upstream => upstream.peer_addr().ok(),
-                Side::Local | Side::Policy => None,
+                Side::Peer | Side::Local | Side::Policy => None,
             };
             reset(&downstream);
             reset(&upstream);
@@ -621,7 +576,7 @@ mod tests {
 
     #[test]
     fn tunnel_stream_resets_count_as_resets() {
-        let cancelled = io::Error::other(h2::Error::from(h2::Reason::CANCEL));
+        let cancelled = crate::tunnel::h2_io_error(h2::Error::from(h2::Reason::CANCEL));
         let reset = ForwardError::new(Side::Downstream, cancelled, ForwardStats::default());
         assert!(reset.is_reset(), "{reset}");
         assert_eq!(reset.close_reason(), "downstream_reset");

@@ -26,17 +26,18 @@ use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use isthmus_vocab::Refusal;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{Mutex, oneshot, watch};
+use tokio::sync::{Mutex, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::detect::Protocol;
 use crate::forward::{ByteCounters, ForwardConfig, forward_io};
 use crate::listen::ConnectionTasks;
 use crate::metrics::{Direction, HttpLabels, HttpResponseLabels, ProxyMetrics};
-use crate::tunnel::client::{StreamRefused, refusal_of};
+use crate::outcome::{Outcome, Reason, Side};
+use crate::tunnel::client::{RefusalCell, StreamRefused};
 use crate::tunnel::{H2Settings, Io};
 
 /// Default [`HttpSettings::header_read_timeout`]: ten seconds from a request's first
@@ -105,24 +106,20 @@ pub enum HttpError {
 }
 
 impl HttpError {
-    /// The `tcp_close_total` reason of a connection that ended with this error.
-    pub fn close_reason(&self) -> &'static str {
-        if let Some(refusal) = self.refusal() {
-            return refusal.as_str();
-        }
+    /// How the connection ended. A tunnel refusal behind the error is not read from
+    /// it: the caller holds the stream's [`RefusalCell`].
+    pub fn outcome(&self) -> Outcome {
         match self {
-            HttpError::IdleTimeout(_) => "idle_timeout",
-            HttpError::HeaderTimeout(_) => "header_timeout",
-            _ => "http_error",
+            HttpError::UpstreamHandshake(_) => Outcome::new(Side::Upstream, Reason::Http),
+            HttpError::Downstream(_) => Outcome::new(Side::Downstream, Reason::Http),
+            HttpError::IdleTimeout(_) => Outcome::new(Side::Local, Reason::IdleTimeout),
+            HttpError::HeaderTimeout(_) => Outcome::new(Side::Downstream, Reason::HeaderTimeout),
         }
     }
 
-    /// The tunnel refusal that ended the connection, if one did.
-    pub fn refusal(&self) -> Option<Refusal> {
-        match self {
-            HttpError::Downstream(e) | HttpError::UpstreamHandshake(e) => refusal_of(e),
-            _ => None,
-        }
+    /// The `tcp_close_total` reason of a connection that ended with this error.
+    pub fn close_reason(&self) -> &'static str {
+        self.outcome().close_label()
     }
 }
 
@@ -142,6 +139,9 @@ struct Exchange {
     /// Label used when a request carries no authority of its own.
     fallback_authority: Arc<str>,
     counters: ByteCounters,
+    /// Where a tunnel upstream's refusal lands, so a failed request can be told
+    /// from a refused stream.
+    refusal: Option<RefusalCell>,
 }
 
 impl HttpProxy {
@@ -153,13 +153,37 @@ impl HttpProxy {
         upstream: U,
         protocol: Protocol,
         fallback_authority: &str,
-        drain: watch::Receiver<bool>,
+        drain: CancellationToken,
+    ) -> Result<(), HttpError> {
+        self.serve_refusable(
+            downstream,
+            upstream,
+            protocol,
+            fallback_authority,
+            drain,
+            None,
+        )
+        .await
+    }
+
+    /// [`serve`](Self::serve) against a tunnel stream whose refusal lands in
+    /// `refusal`: a request the refused stream failed ends the connection (the
+    /// caller resets the client) instead of being answered `502`.
+    pub async fn serve_refusable<D: Io, U: Io>(
+        &self,
+        downstream: D,
+        upstream: U,
+        protocol: Protocol,
+        fallback_authority: &str,
+        drain: CancellationToken,
+        refusal: Option<RefusalCell>,
     ) -> Result<(), HttpError> {
         let exchange = Arc::new(Exchange {
             proxy: self.clone(),
             upgrades: ConnectionTasks::default(),
             fallback_authority: self.metrics.authority_label(fallback_authority),
             counters: self.metrics.byte_counters(self.direction),
+            refusal,
         });
         // Every byte of an HTTP exchange crosses the downstream side, so watching it
         // alone is enough for the idle timeout the byte forwarder applies elsewhere.
@@ -193,7 +217,7 @@ impl HttpProxy {
         downstream: D,
         upstream: U,
         exchange: Arc<Exchange>,
-        mut drain: watch::Receiver<bool>,
+        drain: CancellationToken,
         idle: impl Future<Output = ()>,
         head: Option<Arc<HeadClock>>,
     ) -> Result<(), HttpError> {
@@ -272,7 +296,7 @@ impl HttpProxy {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
-            _ = crate::listen::drained(&mut drain) => {
+            () = drain.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
@@ -286,7 +310,7 @@ impl HttpProxy {
         downstream: D,
         upstream: U,
         exchange: Arc<Exchange>,
-        mut drain: watch::Receiver<bool>,
+        drain: CancellationToken,
         idle: impl Future<Output = ()>,
     ) -> Result<(), HttpError> {
         let h2 = &self.settings.h2;
@@ -339,7 +363,7 @@ impl HttpProxy {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
-            _ = crate::listen::drained(&mut drain) => {
+            () = drain.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
@@ -661,7 +685,7 @@ impl Exchange {
                 response.map(Either::Left)
             }
             Err(e) => {
-                if let Some(refusal) = refusal_of(&e) {
+                if let Some(refusal) = self.refusal.as_ref().and_then(RefusalCell::get) {
                     return Err(StreamRefused(refusal));
                 }
                 if fault.is_set() {

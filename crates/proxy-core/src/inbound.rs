@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use isthmus_vocab::{Refusal, error_chain};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::addr::{OrigDst, is_local_ip};
@@ -31,6 +31,7 @@ use crate::http::HttpProxy;
 use crate::listen::{Accepted, Handler, reset};
 use crate::metrics::{Direction, ProxyMetrics};
 use crate::outbound::{UpstreamIo, connect_while_detecting, serve_detected};
+use crate::outcome::{Outcome, Reason, Rejection, Side};
 use crate::tunnel::HandshakeObserver;
 use crate::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServer, Upstream};
 
@@ -79,7 +80,7 @@ pub struct Inbound<H> {
 }
 
 impl<H: TunnelHandler> Handler for Inbound<H> {
-    async fn handle(self: Arc<Self>, conn: Accepted, drain: watch::Receiver<bool>) {
+    async fn handle(self: Arc<Self>, conn: Accepted, drain: CancellationToken) {
         let Accepted {
             mut stream,
             client,
@@ -97,9 +98,7 @@ impl<H: TunnelHandler> Handler for Inbound<H> {
         };
         let mut guard = self.metrics.open_connection(Direction::Inbound);
         if self.cfg.proxy_ports.contains(&dst.0.port()) && is_local_ip(dst.0.ip()) {
-            self.metrics
-                .refused(Direction::Inbound, Refusal::Loop.as_str());
-            guard.set_reason("loop");
+            guard.refuse(Outcome::refused_here(Refusal::Loop));
             reset(stream);
             return;
         }
@@ -118,13 +117,13 @@ impl<H: TunnelHandler> Handler for Inbound<H> {
             Ok(both) => both,
             Err(e) => {
                 e.log(Some(client.0));
-                guard.set_reason(e.close_reason());
+                guard.set_outcome(e.outcome());
                 reset(stream);
                 return;
             }
         };
         let Ok(detected) = detected else {
-            guard.set_reason("downstream_error");
+            guard.set_outcome(Outcome::new(Side::Downstream, Reason::Error));
             return;
         };
         serve_detected(
@@ -148,10 +147,13 @@ impl<H: TunnelHandler> Inbound<H> {
         &self,
         stream: tokio::net::TcpStream,
         client: SocketAddr,
-        drain: watch::Receiver<bool>,
+        drain: CancellationToken,
     ) {
         let Some(tls) = &self.tls else {
-            self.metrics.refused(Direction::Inbound, "no_mesh_identity");
+            self.metrics.refused(
+                Direction::Inbound,
+                Outcome::rejected(Rejection::NoMeshIdentity),
+            );
             reset(stream);
             return;
         };
@@ -162,13 +164,18 @@ impl<H: TunnelHandler> Inbound<H> {
             Ok(Err(e)) => {
                 let reason = (self.handshake_failed)(&e, client);
                 debug!(%client, reason, "mesh TLS handshake refused");
-                self.metrics.refused(Direction::Inbound, "tls_handshake");
+                self.metrics.refused(
+                    Direction::Inbound,
+                    Outcome::rejected(Rejection::TlsHandshake),
+                );
                 return;
             }
             Err(_) => {
                 info!(%client, "mesh TLS handshake timed out");
-                self.metrics
-                    .refused(Direction::Inbound, "tls_handshake_timeout");
+                self.metrics.refused(
+                    Direction::Inbound,
+                    Outcome::rejected(Rejection::TlsHandshakeTimeout),
+                );
                 return;
             }
         };
@@ -256,13 +263,18 @@ impl DeliveryError {
         }
     }
 
+    /// How the connection ended: the proxy's own socket, or the app's.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Bind { .. } => Outcome::new(Side::Local, Reason::Error),
+            Self::Connect { .. } => Outcome::new(Side::Upstream, Reason::ConnectError),
+            Self::Timeout { .. } => Outcome::new(Side::Upstream, Reason::ConnectTimeout),
+        }
+    }
+
     /// The `tcp_close_total` reason.
     pub fn close_reason(&self) -> &'static str {
-        match self {
-            Self::Bind { .. } => "local_error",
-            Self::Connect { .. } => "connect_error",
-            Self::Timeout { .. } => "connect_timeout",
-        }
+        self.outcome().close_label()
     }
 
     fn log(&self, client: Option<SocketAddr>) {

@@ -14,6 +14,8 @@
 //! - [`gateway`]: the gateway's tunnel handler: relay policy, delivery to pods,
 //!   link pools.
 //! - [`explicit`]: the standalone role's explicit proxy (CONNECT, absolute-form).
+//! - [`outcome`]: how a connection ended (side and reason), from which its metric
+//!   labels, reset and log line derive.
 //! - [`metrics`]: the traffic metrics the hot path updates.
 //!
 //! proxy-core knows nothing of Kubernetes, files or certificates: it is handed a
@@ -31,6 +33,7 @@ pub mod listen;
 pub mod loops;
 pub mod metrics;
 pub mod outbound;
+pub mod outcome;
 pub mod pool;
 pub mod route;
 pub mod tunnel;

@@ -1,5 +1,10 @@
 //! Accept loops: bounded concurrency, prompt refusal past the bound, and a graceful
 //! drain on shutdown. What happens to one connection is a [`Handler`]'s business.
+//!
+//! Lifecycle: the process holds one `CancellationToken`, each role, listener and pool
+//! a child of it, and each connection a child of its listener's, so cancelling a
+//! node drains everything below it and nothing else. Tasks are counted by
+//! `TaskTracker`s, never by hand.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -7,12 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::addr::ClientAddr;
 use crate::metrics::{Direction, ProxyMetrics};
+use crate::outcome::{Outcome, Rejection};
 
 /// One accepted connection.
 #[derive(Debug)]
@@ -23,14 +30,14 @@ pub struct Accepted {
     pub local: SocketAddr,
 }
 
-/// Handles one connection to its end. `drain` turns true when the proxy shuts down:
-/// protocols that can (HTTP) finish in-flight work and close; byte streams may run
-/// on until the grace period ends.
+/// Handles one connection to its end. `drain` is cancelled when the proxy shuts
+/// down: protocols that can (HTTP) finish in-flight work and close; byte streams may
+/// run on until the grace period ends.
 pub trait Handler: Send + Sync + 'static {
     fn handle(
         self: Arc<Self>,
         conn: Accepted,
-        drain: watch::Receiver<bool>,
+        drain: CancellationToken,
     ) -> impl Future<Output = ()> + Send;
 }
 
@@ -42,40 +49,33 @@ pub struct ListenConfig {
     pub grace: Duration,
 }
 
-/// Resolves once `drain` turns true. A dropped sender means nobody can ask for a
-/// drain any more, so it then never resolves (rather than draining by accident).
-pub async fn drained(drain: &mut watch::Receiver<bool>) {
-    if drain.wait_for(|d| *d).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
 /// Pause after an accept error such as EMFILE, so a full descriptor table does not
 /// turn the loop into a busy spin while connections close.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(20);
 
-/// Accepts until `shutdown` turns true, then drains: returns when every connection
-/// has ended or the grace period has cut the rest.
+/// Accepts until `shutdown` is cancelled, then drains: returns when every
+/// connection has ended or the grace period has cut the rest.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     cfg: ListenConfig,
     metrics: ProxyMetrics,
     direction: Direction,
-    shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
-    let mut tasks = JoinSet::new();
-    let mut stop = shutdown.clone();
+    let tasks = TaskTracker::new();
+    // Cancelled once the grace period is over: a connection still open is dropped
+    // where it stands (its sockets closed, its guards counted).
+    let cut = CancellationToken::new();
     loop {
         tokio::select! {
             biased;
-            _ = drained(&mut stop) => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
-                        metrics.refused(direction, "max_connections");
+                        metrics.refused(direction, Outcome::rejected(Rejection::MaxConnections));
                         debug!(%client, ?direction, "connection limit reached, resetting");
                         reset(stream);
                         continue;
@@ -89,9 +89,10 @@ pub async fn serve<H: Handler>(
                     };
                     let conn = Accepted { stream, client: ClientAddr(client), local };
                     let handler = handler.clone();
-                    let drain = shutdown.clone();
+                    let drain = shutdown.child_token();
+                    let cut = cut.clone();
                     tasks.spawn(async move {
-                        handler.handle(conn, drain).await;
+                        cut.run_until_cancelled(handler.handle(conn, drain)).await;
                         drop(permit);
                     });
                 }
@@ -103,100 +104,68 @@ pub async fn serve<H: Handler>(
         }
     }
     drop(listener);
+    tasks.close();
     if tasks.is_empty() {
         return;
     }
     info!(?direction, open = tasks.len(), grace = ?cfg.grace, "draining connections");
-    let drained = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(cfg.grace, drained).await.is_err() {
+    if tokio::time::timeout(cfg.grace, tasks.wait()).await.is_err() {
         warn!(
             ?direction,
             cut = tasks.len(),
             "grace period over, closing remaining connections"
         );
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
+        cut.cancel();
+        tasks.wait().await;
     }
 }
 
 /// Tasks a connection spawned for streams that outlive its HTTP exchange (an
 /// upgraded WebSocket, a CONNECT tunnel), tied to the connection's own task: joined
 /// before the connection counts as finished, so drains wait for them and metrics
-/// stay true, and aborted if the connection's task is cut (grace period over).
-///
-/// A tunnel connection lives long and carries many streams, so finished tasks are
-/// pruned whenever the list has doubled since the last pruning: amortised O(1) per
-/// stream, and memory bounded by twice the streams alive.
+/// stay true, and cut if the connection's task is cut (grace period over) or drops
+/// them.
 #[derive(Debug, Default)]
-pub struct ConnectionTasks(std::sync::Mutex<TaskList>);
-
-#[derive(Debug, Default)]
-pub struct TaskList {
-    handles: Vec<tokio::task::JoinHandle<()>>,
-    prune_at: usize,
+pub struct ConnectionTasks {
+    tasks: TaskTracker,
+    cut: CancellationToken,
 }
-
-/// Below this many tasks pruning is not worth its scan.
-const MIN_PRUNE: usize = 64;
 
 impl ConnectionTasks {
     pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let handle = tokio::spawn(task);
-        let mut list = self.list();
-        if list.handles.len() >= list.prune_at.max(MIN_PRUNE) {
-            list.handles.retain(|h| !h.is_finished());
-            list.prune_at = list.handles.len() * 2;
-        }
-        list.handles.push(handle);
+        let cut = self.cut.clone();
+        self.tasks.spawn(async move {
+            cut.run_until_cancelled(task).await;
+        });
     }
 
-    /// Tasks tracked, finished ones not yet pruned included.
+    /// Tasks still running.
     pub fn len(&self) -> usize {
-        self.list().handles.len()
+        self.tasks.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.tasks.is_empty()
     }
 
-    /// Cuts every task spawned so far (a connection past its grace).
+    /// Cuts every task (a connection past its grace).
     pub fn abort(&self) {
-        for handle in self.list().handles.drain(..) {
-            handle.abort();
-        }
+        self.cut.cancel();
     }
 
     /// Waits for every task spawned so far, and for any they spawn meanwhile.
     pub async fn join(&self) {
-        loop {
-            let Some(handle) = self.list().handles.pop() else {
-                return;
-            };
-            // If this future is dropped mid-wait, the task must not run on alone.
-            let _abort = AbortOnDrop(handle.abort_handle());
-            let _ = handle.await;
-        }
-    }
-
-    fn list(&self) -> std::sync::MutexGuard<'_, TaskList> {
-        // A push, pop or prune cannot be torn by a panic.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        // If this future is dropped mid-wait, the tasks must not run on alone.
+        let cut_on_drop = self.cut.clone().drop_guard();
+        self.tasks.close();
+        self.tasks.wait().await;
+        cut_on_drop.disarm();
     }
 }
 
 impl Drop for ConnectionTasks {
     fn drop(&mut self) {
-        for handle in self.list().handles.drain(..) {
-            handle.abort();
-        }
-    }
-}
-
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+        self.cut.cancel();
     }
 }
 
@@ -218,9 +187,9 @@ mod tests {
             tasks.spawn(async {});
             tokio::task::yield_now().await;
         }
-        // Finished tasks are pruned as new ones come: never more than twice the
-        // live ones plus the pruning floor.
-        assert!(tasks.len() <= 2 * MIN_PRUNE, "{} tasks kept", tasks.len());
+        // Finished tasks are forgotten as they end: what is kept is bounded by
+        // the live ones, not by how many a long-lived connection ever spawned.
+        assert!(tasks.len() <= 128, "{} tasks kept", tasks.len());
 
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tasks.spawn(async move {

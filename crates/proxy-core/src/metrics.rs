@@ -16,6 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::forward::ByteCounters;
+use crate::outcome::Outcome;
 
 /// Which listener a connection came through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -52,7 +53,7 @@ pub struct TcpLabels {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TcpCloseLabels {
     pub direction: Direction,
-    /// `eof`, `idle_timeout`, `upstream_reset`, `connect_refused`, ... (a fixed set).
+    /// [`Outcome::close_label`]: `eof`, `idle_timeout`, `upstream_reset`, ... (a fixed set).
     pub reason: &'static str,
 }
 
@@ -79,7 +80,8 @@ pub struct HttpResponseLabels {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RefusalLabels {
     pub direction: Direction,
-    /// A [`isthmus_vocab::Refusal`] reason such as `not_exported`.
+    /// [`Outcome::refusal_label`]: a [`isthmus_vocab::Refusal`] such as
+    /// `not_exported`, or a rejection such as `max_connections`.
     pub reason: &'static str,
 }
 
@@ -222,7 +224,7 @@ impl ProxyMetrics {
     }
 
     /// Marks a connection open; the returned guard marks it closed when dropped,
-    /// with the reason last set on it (`eof` unless told otherwise).
+    /// with the outcome last set on it ([`Outcome::EOF`] unless told otherwise).
     pub fn open_connection(&self, direction: Direction) -> ConnectionGuard {
         let handles = &self.handles[index(direction)];
         handles.opened.inc();
@@ -230,14 +232,17 @@ impl ProxyMetrics {
         ConnectionGuard {
             metrics: self.clone(),
             direction,
-            reason: "eof",
+            outcome: Outcome::EOF,
         }
     }
 
-    pub fn refused(&self, direction: Direction, reason: &'static str) {
-        self.refusals
-            .get_or_create(&RefusalLabels { direction, reason })
-            .inc();
+    /// Counts `outcome` in `tunnel_refusals_total` if it is a refusal or rejection.
+    pub fn refused(&self, direction: Direction, outcome: Outcome) {
+        if let Some(reason) = outcome.refusal_label() {
+            self.refusals
+                .get_or_create(&RefusalLabels { direction, reason })
+                .inc();
+        }
     }
 
     /// The label value for an authority, bounded by [`MAX_AUTHORITY_LABELS`].
@@ -264,12 +269,19 @@ impl ProxyMetrics {
 pub struct ConnectionGuard {
     metrics: ProxyMetrics,
     direction: Direction,
-    reason: &'static str,
+    outcome: Outcome,
 }
 
 impl ConnectionGuard {
-    pub fn set_reason(&mut self, reason: &'static str) {
-        self.reason = reason;
+    /// How the connection ended: its close label when the guard drops.
+    pub fn set_outcome(&mut self, outcome: Outcome) {
+        self.outcome = outcome;
+    }
+
+    /// Ends the connection with `outcome` and counts it as a refusal if it is one.
+    pub fn refuse(&mut self, outcome: Outcome) {
+        self.metrics.refused(self.direction, outcome);
+        self.outcome = outcome;
     }
 }
 
@@ -281,7 +293,7 @@ impl Drop for ConnectionGuard {
             .tcp_closed
             .get_or_create(&TcpCloseLabels {
                 direction,
-                reason: self.reason,
+                reason: self.outcome.close_label(),
             })
             .inc();
     }
@@ -312,7 +324,10 @@ mod tests {
             direction: Direction::Outbound,
         };
         assert_eq!(metrics.tcp_open.get_or_create(&labels).get(), 1);
-        guard.set_reason("idle_timeout");
+        guard.set_outcome(Outcome::new(
+            crate::outcome::Side::Local,
+            crate::outcome::Reason::IdleTimeout,
+        ));
         drop(guard);
         assert_eq!(metrics.tcp_open.get_or_create(&labels).get(), 0);
         let closed = TcpCloseLabels {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use isthmus_vocab::Refusal;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::addr::{LocalAddrs, OrigDst, OrigDstAddr};
@@ -19,9 +19,10 @@ use crate::http::HttpProxy;
 use crate::listen::{Accepted, Handler, reset};
 use crate::loops::{self, LoopWarning, OwnSocket, OwnSockets};
 use crate::metrics::{ConnectionGuard, Direction, ProxyMetrics};
+use crate::outcome::{Outcome, Reason, Side};
 use crate::pool::Pool;
 use crate::route::{Route, RouteLookup};
-use crate::tunnel::client::TunnelStream;
+use crate::tunnel::client::{RefusalCell, TunnelStream};
 
 /// Settings of the outbound side.
 #[derive(Clone, Debug)]
@@ -69,16 +70,16 @@ impl Upstream {
 
     /// Why a failed upstream is refused: a loop when the connection came back into
     /// this proxy and was refused there.
-    fn refusal(&self) -> Refusal {
+    fn refusal(&self) -> Outcome {
         match self {
-            Upstream::Tcp(_, own) if own.looped() => Refusal::Loop,
-            _ => Refusal::UpstreamRefused,
+            Upstream::Tcp(_, own) if own.looped() => Outcome::refused_here(Refusal::Loop),
+            _ => Outcome::refused_here(Refusal::UpstreamRefused),
         }
     }
 }
 
 impl<L: RouteLookup> Handler for Outbound<L> {
-    async fn handle(self: Arc<Self>, conn: Accepted, drain: watch::Receiver<bool>) {
+    async fn handle(self: Arc<Self>, conn: Accepted, drain: CancellationToken) {
         let mut guard = self.metrics.open_connection(Direction::Outbound);
         let Accepted {
             mut stream,
@@ -89,7 +90,7 @@ impl<L: RouteLookup> Handler for Outbound<L> {
             Ok(dst) => dst,
             Err(e) => {
                 info!(%client, error = %e, "no original destination (not redirected?), refusing");
-                guard.set_reason("no_orig_dst");
+                guard.set_outcome(Outcome::new(Side::Downstream, Reason::NoOrigDst));
                 reset(stream);
                 return;
             }
@@ -99,27 +100,22 @@ impl<L: RouteLookup> Handler for Outbound<L> {
         if OwnSockets::shared().is_own_upstream(client.0, dst.0).await {
             OwnSockets::shared().mark_looped(client.0, dst.0);
             LoopWarning::shared().refused(client.0, Some(dst.0));
-            self.metrics
-                .refused(Direction::Outbound, Refusal::Loop.as_str());
-            guard.set_reason("loop");
+            guard.refuse(Outcome::refused_here(Refusal::Loop));
             reset(stream);
             return;
         }
         if LocalAddrs::shared().is_own(dst.0, self.cfg.proxy_ports.iter().copied()) {
             info!(%client, %dst, "connection to the proxy's own port refused (loop)");
-            self.metrics
-                .refused(Direction::Outbound, Refusal::Loop.as_str());
-            guard.set_reason("loop");
+            guard.refuse(Outcome::refused_here(Refusal::Loop));
             reset(stream);
             return;
         }
         let route = self.lookup.route_addr(dst);
         let (upstream, detected) = match self.connect_and_detect(&route, dst, &mut stream).await {
             Ok(both) => both,
-            Err(refusal) => {
-                info!(%client, %dst, route = ?route, reason = refusal.as_str(), "outbound connection refused");
-                self.metrics.refused(Direction::Outbound, refusal.as_str());
-                guard.set_reason(refusal.as_str());
+            Err(outcome) => {
+                info!(%client, %dst, route = ?route, reason = outcome.close_label(), "outbound connection {outcome}");
+                guard.refuse(outcome);
                 reset(stream);
                 return;
             }
@@ -128,7 +124,7 @@ impl<L: RouteLookup> Handler for Outbound<L> {
             Ok(detected) => detected,
             Err(e) => {
                 debug!(%client, error = %e, "client failed during detection");
-                guard.set_reason("downstream_error");
+                guard.set_outcome(Outcome::new(Side::Downstream, Reason::Error));
                 return;
             }
         };
@@ -140,7 +136,7 @@ impl<L: RouteLookup> Handler for Outbound<L> {
         // socket closed.
         let (upstream, _own) = match upstream {
             Upstream::Tcp(stream, own) => (UpstreamIo::Tcp(stream), Some(own)),
-            Upstream::Tunnel(s) => (UpstreamIo::Other(Box::new(s)), None),
+            Upstream::Tunnel(s) => (UpstreamIo::tunnel(s), None),
         };
         self.forward(stream, upstream, detected, &label, &mut guard, drain)
             .await;
@@ -158,7 +154,7 @@ impl<L: RouteLookup> Outbound<L> {
         route: &Route,
         dst: OrigDstAddr,
         stream: &mut TcpStream,
-    ) -> Result<(Upstream, std::io::Result<Detected>), Refusal> {
+    ) -> Result<(Upstream, std::io::Result<Detected>), Outcome> {
         let skip_detection = self.cfg.opaque_ports.contains(&dst.0.port());
         let detection = async {
             if skip_detection {
@@ -179,20 +175,25 @@ impl<L: RouteLookup> Outbound<L> {
         }
     }
 
-    async fn connect(&self, route: &Route, dst: OrigDstAddr) -> Result<Upstream, Refusal> {
+    async fn connect(&self, route: &Route, dst: OrigDstAddr) -> Result<Upstream, Outcome> {
         match route {
             Route::Passthrough => match loops::connect(dst.0, self.cfg.connect_timeout).await {
                 Ok((stream, own)) => Ok(Upstream::Tcp(stream, own)),
-                Err(e) if e.is_connect_timeout() => Err(Refusal::UpstreamTimeout),
-                Err(_) => Err(Refusal::UpstreamRefused),
+                Err(e) if e.is_connect_timeout() => {
+                    Err(Outcome::refused_here(Refusal::UpstreamTimeout))
+                }
+                Err(_) => Err(Outcome::refused_here(Refusal::UpstreamRefused)),
             },
             Route::Mirrored { cluster, authority } => {
-                let pool = self.gateway.as_ref().ok_or(Refusal::LinkDown)?;
+                let pool = self
+                    .gateway
+                    .as_ref()
+                    .ok_or(Outcome::refused_here(Refusal::LinkDown))?;
                 match pool.open(authority, Some(cluster)).await {
                     Ok(stream) => Ok(Upstream::Tunnel(stream)),
                     Err(e) => {
                         info!(%authority, %cluster, error = %e, "mirrored service unreachable");
-                        Err(e.refusal())
+                        Err(e.outcome())
                     }
                 }
             }
@@ -206,7 +207,7 @@ impl<L: RouteLookup> Outbound<L> {
         detected: Detected,
         label: &str,
         guard: &mut ConnectionGuard,
-        drain: watch::Receiver<bool>,
+        drain: CancellationToken,
     ) {
         serve_detected(
             stream,
@@ -243,7 +244,15 @@ pub(crate) async fn connect_while_detecting<U, E, D>(
 /// The upstream side of a connection once it is established.
 pub enum UpstreamIo {
     Tcp(TcpStream),
-    Other(crate::tunnel::BoxIo),
+    /// Any other stream; a tunnel stream comes with the cell its refusal lands in.
+    Other(crate::tunnel::BoxIo, Option<RefusalCell>),
+}
+
+impl UpstreamIo {
+    pub fn tunnel(stream: TunnelStream) -> Self {
+        let refusal = stream.refusal_cell();
+        UpstreamIo::Other(Box::new(stream), Some(refusal))
+    }
 }
 
 /// Forwards a detected downstream connection to its upstream: HTTP through the
@@ -260,31 +269,36 @@ pub(crate) async fn serve_detected(
     metrics: &ProxyMetrics,
     direction: Direction,
     guard: &mut ConnectionGuard,
-    drain: watch::Receiver<bool>,
+    drain: CancellationToken,
 ) {
     let counters = metrics.byte_counters(direction);
-    match (detected.protocol, upstream) {
+    let outcome = match (detected.protocol, upstream) {
         (Protocol::Opaque, UpstreamIo::Tcp(up)) => {
-            if let Err(e) = forward_tcp(downstream, up, &detected.prefix, forward, &counters).await
-            {
-                guard.set_reason(e.close_reason());
-                debug!(%label, error = %e, "connection ended with an error");
+            // forward_tcp resets both sockets itself on an error.
+            match forward_tcp(downstream, up, &detected.prefix, forward, &counters).await {
+                Ok(_) => return,
+                Err(e) => {
+                    debug!(%label, error = %e, "connection ended with an error");
+                    e.outcome()
+                }
             }
         }
-        (Protocol::Opaque, UpstreamIo::Other(up)) => {
+        (Protocol::Opaque, UpstreamIo::Other(up, refusal)) => {
             // Kept so the client can be reset if the tunnel side fails: the forwarder
             // drops generic streams as they are.
             let abort = AbortHandle::new(&downstream);
-            if let Err(e) = forward_io(downstream, up, &detected.prefix, forward, &counters).await {
-                match e.refusal() {
-                    Some(refusal) => refused(metrics, direction, guard, label, refusal),
-                    None => {
-                        guard.set_reason(e.close_reason());
-                        debug!(%label, error = %e, "tunnelled connection ended with an error");
-                    }
-                }
+            let Err(e) = forward_io(downstream, up, &detected.prefix, forward, &counters).await
+            else {
+                return;
+            };
+            let outcome = peer_refusal(refusal.as_ref()).unwrap_or_else(|| e.outcome());
+            if outcome.refusal().is_none() {
+                debug!(%label, error = %e, "tunnelled connection ended with an error");
+            }
+            if outcome.resets() {
                 abort.reset();
             }
+            outcome
         }
         (protocol, upstream) => {
             let downstream = Prefixed::new(detected.prefix.freeze(), downstream);
@@ -293,25 +307,41 @@ pub(crate) async fn serve_detected(
                     let _ = up.set_nodelay(true);
                     http.serve(downstream, up, protocol, label, drain).await
                 }
-                UpstreamIo::Other(up) => {
+                UpstreamIo::Other(up, refusal) => {
                     let abort = AbortHandle::new(downstream.get_ref());
-                    let result = http.serve(downstream, up, protocol, label, drain).await;
-                    if let Err(e) = &result
-                        && let Some(refusal) = e.refusal()
+                    let result = http
+                        .serve_refusable(downstream, up, protocol, label, drain, refusal.clone())
+                        .await;
+                    if result.is_err()
+                        && let Some(outcome) = peer_refusal(refusal.as_ref())
                     {
-                        refused(metrics, direction, guard, label, refusal);
+                        // A refused stream must look like a failed connect to the
+                        // client, not like an answer: reset, never a made-up response.
                         abort.reset();
+                        refused(metrics, direction, guard, label, outcome);
                         return;
                     }
                     result
                 }
             };
-            if let Err(e) = result {
-                guard.set_reason(e.close_reason());
-                debug!(%label, error = %e, "HTTP connection ended with an error");
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    debug!(%label, error = %e, "HTTP connection ended with an error");
+                    e.outcome()
+                }
             }
         }
+    };
+    match outcome.refusal() {
+        Some(_) => refused(metrics, direction, guard, label, outcome),
+        None => guard.set_outcome(outcome),
     }
+}
+
+/// The tunnel peer's refusal of the stream, if it refused it.
+fn peer_refusal(cell: Option<&RefusalCell>) -> Option<Outcome> {
+    cell?.get().map(Outcome::refused_by_peer)
 }
 
 /// Logs and counts a tunnel refusal that reached a connection already forwarding.
@@ -320,11 +350,11 @@ fn refused(
     direction: Direction,
     guard: &mut ConnectionGuard,
     label: &str,
-    refusal: Refusal,
+    outcome: Outcome,
 ) {
-    info!(%label, reason = refusal.as_str(), "tunnelled connection refused by the far end");
-    metrics.refused(direction, refusal.as_str());
-    guard.set_reason(refusal.as_str());
+    info!(%label, reason = outcome.close_label(), "tunnelled connection {outcome}");
+    metrics.refused(direction, outcome);
+    guard.set_outcome(outcome);
 }
 
 /// A second handle on a client socket, to turn its close into a reset after the

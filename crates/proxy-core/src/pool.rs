@@ -19,8 +19,11 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::outcome::Outcome;
 use crate::tunnel::client::{self, OpenError, TunnelSender, TunnelStream};
 use crate::tunnel::{ConnectionError, H2Settings, HandshakeObserver, PingFailed, Pinger};
 
@@ -95,9 +98,17 @@ pub enum PoolError {
 impl PoolError {
     /// The refusal to report downstream (metric label, status, log reason).
     pub fn refusal(&self) -> Refusal {
+        self.outcome().refusal().unwrap_or(Refusal::LinkDown)
+    }
+
+    /// A refusal the peer answered is the peer's; a link that cannot carry the
+    /// stream is this proxy's `link_down`.
+    pub fn outcome(&self) -> Outcome {
         match self {
-            PoolError::Refused { refusal, .. } => *refusal,
-            PoolError::LinkDown { .. } | PoolError::Connection { .. } => Refusal::LinkDown,
+            PoolError::Refused { refusal, .. } => Outcome::refused_by_peer(*refusal),
+            PoolError::LinkDown { .. } | PoolError::Connection { .. } => {
+                Outcome::refused_here(Refusal::LinkDown)
+            }
         }
     }
 }
@@ -169,8 +180,14 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// Starts the pool's connection tasks; they stop when `shutdown` turns true.
-    pub fn spawn(cfg: PeerConfig, shutdown: watch::Receiver<bool>) -> Pool {
+    /// Starts the pool's connection tasks; they stop when `stop` is cancelled.
+    pub fn spawn(cfg: PeerConfig, stop: CancellationToken) -> Pool {
+        Pool::spawn_on(cfg, stop, &TaskTracker::new())
+    }
+
+    /// [`Pool::spawn`], its tasks counted in `tasks` (the connections' own tasks
+    /// too), so whoever stops pools can tell that their tasks ended.
+    pub fn spawn_on(cfg: PeerConfig, stop: CancellationToken, tasks: &TaskTracker) -> Pool {
         let connections = cfg.connections.max(1);
         let (state, _) = watch::channel(LinkState::Connecting);
         let shared = Arc::new(Shared {
@@ -181,7 +198,7 @@ impl Pool {
             last_error: Mutex::new(None),
         });
         for slot in 0..connections {
-            tokio::spawn(maintain(shared.clone(), slot, shutdown.clone()));
+            tasks.spawn(maintain(shared.clone(), slot, stop.clone(), tasks.clone()));
         }
         Pool { shared }
     }
@@ -347,16 +364,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// accepted us; without this, a refused client would reconnect in a tight loop.
 const HEALTHY_AFTER: Duration = Duration::from_secs(1);
 
-async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receiver<bool>) {
+async fn maintain(
+    shared: Arc<Shared>,
+    slot: usize,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
     let cfg = &shared.cfg;
     let mut backoff = crate::backoff::Backoff::new(cfg.backoff_min, cfg.backoff_max);
     loop {
-        if *shutdown.borrow() {
+        if shutdown.is_cancelled() {
             return;
         }
         let attempt = tokio::select! {
             res = connect(cfg) => res,
-            _ = crate::listen::drained(&mut shutdown) => return,
+            () = shutdown.cancelled() => return,
         };
         match attempt {
             Ok((slot_conn, conn, expires)) => {
@@ -369,7 +391,7 @@ async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receive
                 // A task of its own: when the pool stops, streams in flight (a relay
                 // draining on SIGTERM) keep their connection, which closes once they
                 // are done and the pool dropped its handle.
-                let mut conn = tokio::spawn(conn);
+                let mut conn = tasks.spawn(conn);
                 lock(&shared.slots)[slot] = Some(slot_conn);
                 *lock(&shared.last_error) = None;
                 publish(&shared);
@@ -398,7 +420,7 @@ async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receive
                         info!(peer = %cfg.name, slot, "a leaf of this tunnel connection expired: retiring it");
                         None
                     }
-                    _ = crate::listen::drained(&mut shutdown) => {
+                    () = shutdown.cancelled() => {
                         lock(&shared.slots)[slot] = None;
                         return;
                     }
@@ -415,7 +437,7 @@ async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receive
                 // Died at once: a failed attempt, so back off like one.
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => {}
-                    _ = crate::listen::drained(&mut shutdown) => return,
+                    () = shutdown.cancelled() => return,
                 }
             }
             Err(e) => {
@@ -430,7 +452,7 @@ async fn maintain(shared: Arc<Shared>, slot: usize, mut shutdown: watch::Receive
                 publish(&shared);
                 tokio::select! {
                     _ = tokio::time::sleep(retry_in) => {}
-                    _ = crate::listen::drained(&mut shutdown) => return,
+                    () = shutdown.cancelled() => return,
                 }
             }
         }

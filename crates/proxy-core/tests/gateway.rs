@@ -34,6 +34,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 const A: &str = "cluster-a";
 const B: &str = "cluster-b";
@@ -155,13 +157,13 @@ struct GatewayUnderTest {
     table: Arc<Table>,
     metrics: ProxyMetrics,
     changes: watch::Sender<u64>,
-    shutdown: watch::Sender<bool>,
+    shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
 
 impl Drop for GatewayUnderTest {
     fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
         if let Some(task) = &self.task {
             task.abort();
         }
@@ -173,7 +175,8 @@ impl GatewayUnderTest {
         let identity = pki.identity(setup.cluster, GATEWAY_ID);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shutdown = CancellationToken::new();
+        let shutdown_rx = shutdown.clone();
         let gateway = Gateway::new(
             GatewayConfig {
                 cluster: ClusterName::parse(setup.cluster).unwrap(),
@@ -193,6 +196,7 @@ impl GatewayUnderTest {
             Arc::new(MintedTls(identity.clone())),
             GatewayMetrics::default(),
             shutdown_rx.clone(),
+            TaskTracker::new(),
         );
         let (changes, changes_rx) = watch::channel(0);
         tokio::spawn(gateway.clone().follow(changes_rx));
@@ -758,7 +762,7 @@ async fn a_drain_lets_open_streams_finish_and_takes_no_new_connection() {
     let mut stream = open(&pool, HELLO, None).await.unwrap();
     echo(&mut stream, b"before").await;
 
-    let _ = gw.shutdown.send(true);
+    gw.shutdown.cancel();
     // The stream in flight goes on across the drain.
     echo(&mut stream, b"during the drain").await;
     // The connection is told to go away (GOAWAY): no new stream opens on it.

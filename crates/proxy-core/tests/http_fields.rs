@@ -13,8 +13,8 @@ use proxy_core::forward::ForwardConfig;
 use proxy_core::http::{HttpProxy, HttpSettings};
 use proxy_core::metrics::{Direction, ProxyMetrics};
 use tokio::io::duplex;
-use tokio::sync::watch;
 use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
 
 const STEP: Duration = Duration::from_secs(10);
 
@@ -48,7 +48,7 @@ async fn padded_http2_field_values_are_refused_and_never_forwarded() {
         settings: HttpSettings::default(),
         forward: ForwardConfig::default(),
     };
-    let (_drain_tx, drain) = watch::channel(false);
+    let drain = CancellationToken::new();
     tokio::spawn(async move {
         let _ = proxy
             .serve(proxy_down, proxy_up, Protocol::Http2, "origin:80", drain)

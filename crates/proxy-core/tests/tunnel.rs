@@ -13,8 +13,8 @@ use proxy_core::tunnel::client::{self, OpenError};
 use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelRequest, TunnelServer, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
 
 const STEP: Duration = Duration::from_secs(10);
 
@@ -57,7 +57,7 @@ async fn echo_server() -> std::net::SocketAddr {
     addr
 }
 
-async fn tunnel_server(metrics: ProxyMetrics) -> (std::net::SocketAddr, watch::Sender<bool>) {
+async fn tunnel_server(metrics: ProxyMetrics) -> (std::net::SocketAddr, CancellationToken) {
     let echo = echo_server().await;
     let server = TunnelServer::new(
         Arc::new(EchoHandler { echo }),
@@ -68,7 +68,8 @@ async fn tunnel_server(metrics: ProxyMetrics) -> (std::net::SocketAddr, watch::S
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (tx, rx) = watch::channel(false);
+    let tx = CancellationToken::new();
+    let rx = tx.clone();
     tokio::spawn(async move {
         loop {
             let (s, _) = listener.accept().await.unwrap();
@@ -235,7 +236,7 @@ async fn a_connection_past_its_deadline_opens_nothing_and_ends_after_the_grace()
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let expires = std::time::SystemTime::now() + Duration::from_secs(1);
-    let (_drain, rx) = watch::channel(false);
+    let rx = CancellationToken::new();
     let served = tokio::spawn(async move {
         let (s, _) = listener.accept().await.unwrap();
         let peer = Peer {
@@ -286,4 +287,48 @@ async fn a_connection_past_its_deadline_opens_nothing_and_ends_after_the_grace()
     assert!(ended.is_ok(), "the stream in flight outlived the grace");
     let result = timeout(STEP, served).await.unwrap().unwrap();
     assert!(result.is_ok(), "{result:?}");
+}
+
+/// A refused stream handed to the forwarder (which sees only I/O errors) still
+/// leaves its typed refusal with the handler, whichever direction failed first, and
+/// the outcome blames the tunnel peer, never the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_reaches_the_handler_typed_through_the_forwarder() {
+    use proxy_core::forward::{ByteCounters, forward_io};
+    use proxy_core::outcome::{Outcome, Side};
+
+    let (addr, _drain) = tunnel_server(ProxyMetrics::default()).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = client::handshake(tcp, &H2Settings::default())
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let secret = Authority::parse("secret.test:7").unwrap();
+    let here = ClusterName::parse("here").unwrap();
+    for first_bytes in [&b""[..], b"hello", &[7u8; 300_000][..]] {
+        let stream = client::open(&mut sender, &secret, Some(&here), STEP)
+            .await
+            .unwrap();
+        let cell = stream.refusal_cell();
+        // The application side stays open and silent: only the tunnel can end this.
+        let (downstream, _app) = tokio::io::duplex(64 * 1024);
+        let forwarded = timeout(
+            STEP,
+            forward_io(
+                downstream,
+                stream,
+                first_bytes,
+                &ForwardConfig::default(),
+                &ByteCounters::default(),
+            ),
+        )
+        .await
+        .unwrap();
+        let error = forwarded.unwrap_err();
+        assert_ne!(error.side(), Side::Downstream, "{error}");
+        assert_eq!(cell.get(), Some(Refusal::NotExported), "{error}");
+        let outcome = Outcome::refused_by_peer(cell.get().unwrap());
+        assert_eq!(outcome.close_label(), "not_exported");
+        assert_eq!(outcome.refusal_label(), Some("not_exported"));
+    }
 }

@@ -37,7 +37,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// Produces the `/config` document on demand.
@@ -97,13 +98,13 @@ const MAX_BUF_SIZE: usize = 16 * 1024;
 const MAX_HEADERS: usize = 32;
 
 /// Starts the admin server on a thread named `admin` with its own current-thread
-/// runtime; it serves until `stop` turns true. `listener` must be non-blocking (as
+/// runtime; it serves until `stop` is cancelled. `listener` must be non-blocking (as
 /// tokio's `into_std` leaves it).
 pub fn spawn(
     admin: Arc<Admin>,
     listener: std::net::TcpListener,
     limits: AdminLimits,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -125,12 +126,12 @@ pub fn spawn(
 }
 
 impl Admin {
-    /// Accepts and serves admin connections until `stop` turns true.
+    /// Accepts and serves admin connections until `stop` is cancelled.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         limits: AdminLimits,
-        mut stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) {
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let mut acceptor = Acceptor {
@@ -139,7 +140,7 @@ impl Admin {
             backoff: proxy_core::backoff::Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX),
             failures: 0,
         };
-        while let Some((stream, peer, on_reserve)) = acceptor.next(&mut stop).await {
+        while let Some((stream, peer, on_reserve)) = acceptor.next(&stop).await {
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 debug!(%peer, max = limits.max_connections, "admin connection limit reached, resetting");
                 proxy_core::listen::reset(stream);
@@ -252,15 +253,12 @@ struct Acceptor {
 
 impl Acceptor {
     /// The next connection, and whether it holds the reserve's descriptor (to be
-    /// given back when it closes); `None` once `stop` turns true.
-    async fn next(
-        &mut self,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Option<(TcpStream, SocketAddr, bool)> {
+    /// given back when it closes); `None` once `stop` is cancelled.
+    async fn next(&mut self, stop: &CancellationToken) -> Option<(TcpStream, SocketAddr, bool)> {
         loop {
             let accepted = tokio::select! {
                 accepted = self.listener.accept() => accepted,
-                () = proxy_core::listen::drained(stop) => return None,
+                () = stop.cancelled() => return None,
             };
             let error = match accepted {
                 Ok((stream, peer)) => return Some(self.accepted(stream, peer, false)),
@@ -292,7 +290,7 @@ impl Acceptor {
             self.failures += 1;
             tokio::select! {
                 () = tokio::time::sleep(self.backoff.next_delay()) => {}
-                () = proxy_core::listen::drained(stop) => return None,
+                () = stop.cancelled() => return None,
             }
             self.reserve.refill();
         }

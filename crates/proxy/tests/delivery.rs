@@ -27,8 +27,8 @@ use proxy_identity::mint::{self, LeafBundle};
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
 
 /// Bound on any single step; a hang fails the test.
 const STEP: Duration = Duration::from_secs(15);
@@ -244,12 +244,13 @@ fn pod(name: &str, meshed: bool) -> String {
 /// A workload of cluster-a with a warm pool to its gateway.
 struct Client {
     pool: Pool,
-    _stop: watch::Sender<bool>,
+    _stop: CancellationToken,
 }
 
 impl Client {
     fn new(store: Arc<CredentialStore>, gateway: SocketAddr) -> Client {
-        let (stop, stopped) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
         let pool = Pool::spawn(
             test_peer(
                 &format!("test/{gateway}"),

@@ -32,8 +32,8 @@ use proxy_identity::mint::{self, LeafBundle};
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
 
 /// How often the gateways re-read their manifests.
 const RELOAD: &str = "200ms";
@@ -179,12 +179,13 @@ fn write_identity(dir: &Path, leaf: &LeafBundle) -> Arc<CredentialStore> {
 /// A test client's warm pool to one gateway; its tasks stop when dropped.
 struct Client {
     pool: Pool,
-    _stop: watch::Sender<bool>,
+    _stop: CancellationToken,
 }
 
 impl Client {
     fn new(store: Arc<CredentialStore>, gateway: SocketAddr, expect: SpiffeId) -> Client {
-        let (stop, stopped) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
         let pool = Pool::spawn(
             test_peer(
                 &format!("test/{gateway}"),
@@ -1369,4 +1370,50 @@ metadata:
     // And the plain path still serves pods without a sidecar.
     let plain = client.open(HELLO, "cluster-a").await.unwrap();
     assert!(round_trip(plain, b"plain").await == b"plain");
+}
+
+/// Rebuilding a link's pool (its Link changed) stops every task of the old pool:
+/// after several rebuilds gateway-b runs no more tasks than it did before them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuilding_a_link_leaves_no_task_behind() {
+    const REBUILDS: u16 = 5;
+    let mesh = Mesh::start(72).await;
+    let tasks = |config: &serde_json::Value| config["tasks"].as_u64().unwrap();
+    let baseline = tasks(&mesh.gw_b.config().await);
+    let link_file = mesh
+        .dir
+        .path()
+        .join("manifests-cluster-b/link-cluster-a.yaml");
+    let gateway_a = mesh.gw_a.inbound;
+    let sidecar = mesh.sidecar_b();
+    for rebuild in 1..=REBUILDS {
+        // Another probe port is another Link spec: gateway-b rebuilds the pool.
+        let probe = SocketAddr::new(gateway_a.ip(), 40_000 + rebuild);
+        std::fs::write(&link_file, link("cluster-a", gateway_a, probe)).unwrap();
+        eventually("the rebuilt link to be up", STEP, || async {
+            let config = mesh.gw_b.config().await;
+            let links = config["discovery"]["snapshot"]["links"].as_array()?.clone();
+            let seen = links
+                .iter()
+                .any(|l| l["spec"]["probeSpec"]["port"] == probe.port());
+            (seen && config["links"]["cluster-a"]["up"] == true).then_some(())
+        })
+        .await;
+        let stream = eventually("a stream over the rebuilt link", STEP, || async {
+            sidecar.open(HELLO, "cluster-a").await.ok()
+        })
+        .await;
+        assert_eq!(round_trip(stream, b"rebuilt").await, b"rebuilt");
+    }
+    let deadline = Instant::now() + STEP;
+    let mut left = tasks(&mesh.gw_b.config().await);
+    while left > baseline {
+        assert!(
+            Instant::now() < deadline,
+            "gateway-b runs {left} tasks after {REBUILDS} link rebuilds, {baseline} before them"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = tasks(&mesh.gw_b.config().await);
+    }
+    eprintln!("gateway-b tasks: {baseline} before {REBUILDS} link rebuilds, {left} after");
 }

@@ -243,7 +243,7 @@ fn rand_suffix() -> u64 {
 struct Bystander {
     runtime: tokio::runtime::Runtime,
     pool: Pool,
-    _stop: tokio::sync::watch::Sender<bool>,
+    _stop: tokio_util::sync::CancellationToken,
 }
 
 impl Bystander {
@@ -254,7 +254,8 @@ impl Bystander {
             .build()
             .unwrap();
         let store = fixture.store(&fixture.workload());
-        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
         let pool = runtime.block_on(async {
             Pool::spawn(
                 test_peer(

@@ -99,7 +99,7 @@ fn a_client_whose_leaf_expired_gets_no_stream_on_its_pooled_connection() {
     let expires = not_after(&client_dir);
     let store = Arc::new(CredentialStore::load(CredentialPaths::in_dir(&client_dir)).unwrap());
     let rt = runtime();
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let stopped = tokio_util::sync::CancellationToken::new();
     let authority = Authority::parse("nowhere.default.svc.cluster.local:80").unwrap();
     let (before, after) = rt.block_on(async {
         let pool = Pool::spawn(

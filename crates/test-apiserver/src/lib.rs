@@ -97,8 +97,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 pub use resource::ResourceType;
 pub use selector::{FieldSelector, LabelSelector};
@@ -211,7 +211,7 @@ impl Builder {
 }
 
 struct Running {
-    shutdown: watch::Sender<bool>,
+    shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -257,12 +257,12 @@ impl TestApiServer {
     }
 
     fn spawn(&self, listener: TcpListener) {
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shutdown = CancellationToken::new();
         let ctx = Arc::new(Ctx {
             store: self.store.clone(),
             settings: self.settings.clone(),
             addr: self.addr,
-            shutdown: shutdown_rx,
+            shutdown: shutdown.clone(),
         });
         let task = tokio::spawn(server::serve(listener, ctx));
         *self.lock() = Some(Running { shutdown, task });
@@ -368,7 +368,7 @@ impl TestApiServer {
     pub async fn stop(&self) {
         let running = self.lock().take();
         if let Some(running) = running {
-            running.shutdown.send_replace(true);
+            running.shutdown.cancel();
             let mut task = running.task;
             // The accept loop ends at once on shutdown; abort rather than wait
             // if it does not, so `stop` is bounded.
@@ -401,7 +401,7 @@ impl TestApiServer {
 impl Drop for TestApiServer {
     fn drop(&mut self) {
         if let Some(running) = self.lock().take() {
-            running.shutdown.send_replace(true);
+            running.shutdown.cancel();
             running.task.abort();
         }
     }

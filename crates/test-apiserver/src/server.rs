@@ -19,9 +19,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::apply::Scope;
 use crate::resource::{self, ResourceType};
@@ -52,14 +53,14 @@ pub(crate) struct Ctx {
     pub store: Store,
     pub settings: Settings,
     pub addr: SocketAddr,
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: CancellationToken,
 }
 
-/// Serves connections until `shutdown` turns true, then drops the listener and
+/// Serves connections until `shutdown` is cancelled, then drops the listener and
 /// every open connection (watches included).
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
-    let mut shutdown = ctx.shutdown.clone();
-    let mut connections = JoinSet::new();
+    let shutdown = ctx.shutdown.clone();
+    let connections = TaskTracker::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -72,33 +73,31 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
                     }
                 };
                 let ctx = ctx.clone();
+                let shutdown = shutdown.clone();
                 connections.spawn(async move {
                     let service = service_fn(move |req| {
                         let ctx = ctx.clone();
                         async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
                     });
-                    let result = hyper::server::conn::http1::Builder::new()
+                    let conn = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
                         // Clients keep idle connections pooled, as with a real server.
                         .header_read_timeout(None)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                        .serve_connection(TokioIo::new(stream), service);
+                    // Dropped where it stands on shutdown, as an outage would.
+                    let Some(result) = shutdown.run_until_cancelled(conn).await else {
+                        return;
+                    };
                     if let Err(e) = result {
                         tracing::debug!(error = %e, "test-apiserver: connection ended");
                     }
                 });
             }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            _ = stopped(&mut shutdown) => break,
+            () = shutdown.cancelled() => break,
         }
     }
-    connections.abort_all();
-}
-
-/// Resolves once the server is told to stop (or its handle is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    // The guard wait_for returns is not Send: drop it here, not in a select.
-    let _ = shutdown.wait_for(|stop| *stop).await;
+    // Every connection task ends on the same cancellation; nothing to wait for.
+    connections.close();
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -677,7 +676,7 @@ fn watch(
     };
     let (tx, rx) = mpsc::channel::<Bytes>(WATCH_BUFFER);
     let store = ctx.store.clone();
-    let mut shutdown = ctx.shutdown.clone();
+    let shutdown = ctx.shutdown.clone();
     let bookmark_every = ctx.settings.bookmark_interval;
     tokio::spawn(async move {
         let send = |bytes: Bytes| {
@@ -733,7 +732,7 @@ fn watch(
                     next_bookmark = Instant::now() + bookmark_every;
                 }
                 _ = sleep_until(deadline) => return,
-                _ = stopped(&mut shutdown) => return,
+                () = shutdown.cancelled() => return,
                 _ = tx.closed() => return,
             }
         }

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 
 use isthmus_vocab::{Authority, Refusal};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{Endpoint, Gateway, lock};
@@ -20,7 +20,7 @@ use crate::tunnel::server::TunnelRequest;
 /// when the pod stops being an endpoint.
 pub(super) struct PodTunnel {
     pool: Pool,
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
 }
 
 impl Gateway {
@@ -112,15 +112,17 @@ impl Gateway {
             return tunnel.pool.clone();
         }
         // Stopped when the pod is no longer an endpoint (`forget_departed_pods`).
-        let (stop, stopped) = watch::channel(false);
-        let pool = Pool::spawn(
+        // Not a child of the shutdown: streams still draining may need the pod.
+        let stop = CancellationToken::new();
+        let pool = Pool::spawn_on(
             self.cfg.pools.peer(
                 format!("pod/{ip}"),
                 SocketAddr::new(ip, self.cfg.pod_port),
                 self.tls.pod(),
                 1,
             ),
-            stopped,
+            stop.clone(),
+            &self.tasks,
         );
         pods.insert(
             ip,
@@ -138,7 +140,7 @@ impl Gateway {
         lock(&self.pods).retain(|ip, tunnel| {
             let keep = self.lookup.is_endpoint(*ip);
             if !keep {
-                let _ = tunnel.stop.send(true);
+                tunnel.stop.cancel();
             }
             keep
         });

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use isthmus_vocab::ClusterName;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{Gateway, LinkLabels, LinkTarget, lock};
@@ -17,7 +17,7 @@ use crate::pool::Pool;
 pub(super) struct LinkPool {
     target: LinkTarget,
     pub(super) pool: Pool,
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     probe: Arc<Mutex<ProbeResult>>,
 }
 
@@ -63,7 +63,7 @@ impl Gateway {
         links.retain(|cluster, link| {
             let keep = wanted.get(cluster) == Some(&link.target);
             if !keep {
-                let _ = link.stop.send(true);
+                link.stop.cancel();
                 info!(%cluster, "link removed or changed, closing its pool");
             }
             keep
@@ -91,31 +91,28 @@ impl Gateway {
         // The peer gateway must hold the Link's identity AND a leaf of the target
         // cluster's issuer: the TLS config checks both.
         let tls = self.tls.link(cluster, &target.identity);
-        let (stop, stopped) = watch::channel(false);
-        tokio::spawn(stop_on_shutdown(
-            self.shutdown.clone(),
-            stop.clone(),
-            stopped.clone(),
-        ));
+        // Cancelled with the process shutdown, or alone when the Link changes.
+        let stop = self.shutdown.child_token();
         let addr = SocketAddr::new(ip, target.port);
         info!(%cluster, %addr, identity = %target.identity, "linking to peer gateway");
-        let pool = Pool::spawn(
+        let pool = Pool::spawn_on(
             self.cfg.pools.peer(
                 format!("link/{cluster}"),
                 addr,
                 tls,
                 self.cfg.pools.connections,
             ),
-            stopped.clone(),
+            stop.clone(),
+            &self.tasks,
         );
         let probe = Arc::new(Mutex::new(ProbeResult::default()));
-        tokio::spawn(probe_link(
+        self.tasks.spawn(probe_link(
             cluster.to_string(),
             pool.clone(),
             target.probe_period,
             probe.clone(),
             self.metrics.probe_success(cluster.as_str()),
-            stopped,
+            stop.clone(),
         ));
         Some(LinkPool {
             target,
@@ -138,27 +135,14 @@ impl Gateway {
     }
 }
 
-/// Stops a link's pool on the process shutdown; ends with the pool, so a rebuilt
-/// Link leaves no task behind.
-async fn stop_on_shutdown(
-    mut shutdown: watch::Receiver<bool>,
-    stop: watch::Sender<bool>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    tokio::select! {
-        _ = crate::listen::drained(&mut shutdown) => { let _ = stop.send(true); }
-        _ = crate::listen::drained(&mut stopped) => {}
-    }
-}
-
-/// Probes one link every `period` until `stop` turns true.
+/// Probes one link every `period` until `stop` is cancelled.
 async fn probe_link(
     cluster: String,
     pool: Pool,
     period: Duration,
     result: Arc<Mutex<ProbeResult>>,
     success: Gauge,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     // A probe may take at most one period, and never more than a few seconds.
     let timeout = period.min(Duration::from_secs(5));
@@ -167,7 +151,7 @@ async fn probe_link(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = crate::listen::drained(&mut stop) => return,
+            () = stop.cancelled() => return,
         }
         let outcome = pool.ping(timeout).await.map_err(|e| e.to_string());
         let mut last = lock(&result);

@@ -35,6 +35,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::pool::{Pool, PoolSettings};
 
@@ -156,8 +158,11 @@ pub struct Gateway {
     /// The tunnel to each meshed pod's sidecar, made on first use.
     pods: Mutex<HashMap<IpAddr, deliver::PodTunnel>>,
     next_endpoint: AtomicUsize,
-    /// The process shutdown: every pool stops with it.
-    shutdown: watch::Receiver<bool>,
+    /// The gateway's node of the process's cancellation tree: each link pool's
+    /// token is a child of it.
+    shutdown: CancellationToken,
+    /// Where the pools' and probes' tasks are counted.
+    tasks: TaskTracker,
 }
 
 impl Gateway {
@@ -167,7 +172,8 @@ impl Gateway {
         lookup: Arc<dyn GatewayLookup>,
         tls: Arc<dyn GatewayTls>,
         metrics: GatewayMetrics,
-        shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
     ) -> Arc<Self> {
         Arc::new(Self {
             cfg,
@@ -178,6 +184,7 @@ impl Gateway {
             pods: Mutex::new(HashMap::new()),
             next_endpoint: AtomicUsize::new(0),
             shutdown,
+            tasks,
         })
     }
 
@@ -186,7 +193,7 @@ impl Gateway {
     /// health; returns on shutdown.
     pub async fn follow<T: Send + Sync>(self: Arc<Self>, mut changes: watch::Receiver<T>) {
         self.sync_links();
-        let mut shutdown = self.shutdown.clone();
+        let shutdown = self.shutdown.clone();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         // Once discovery is gone nothing changes any more; health is still published.
         let mut open = true;
@@ -197,7 +204,7 @@ impl Gateway {
                     Err(_) => open = false,
                 },
                 _ = tick.tick() => {}
-                _ = crate::listen::drained(&mut shutdown) => return,
+                () = shutdown.cancelled() => return,
             }
             self.forget_departed_pods();
             self.publish_link_health();

@@ -3,13 +3,16 @@
 //! A stream is opened optimistically: [`open`] returns as soon as the `CONNECT` is
 //! queued, and the application's first bytes follow it in the same flight instead
 //! of waiting a round trip for the answer. The answer is awaited by the first read
-//! (or by [`TunnelStream::verdict`]); a refusal fails that read with an error that
-//! names the [`Refusal`] ([`refusal_of`]). Bytes sent to a stream that is then
-//! refused are discarded by the far end, which never acted on them.
+//! (or by [`TunnelStream::verdict`]); a refusal fails that read with a
+//! [`StreamRefused`] error and is recorded, typed, in the stream's [`RefusalCell`],
+//! which the handler keeps after handing the stream to a forwarder or an HTTP
+//! client. Bytes sent to a stream that is then refused are discarded by the far
+//! end, which never acted on them.
 
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -30,29 +33,26 @@ pub type TunnelSender = h2::client::SendRequest<Bytes>;
 /// stream before it is dropped anyway (then with a reset).
 const LINGER: Duration = Duration::from_secs(2);
 
-/// The error a read of a refused stream fails with; [`refusal_of`] finds it in an
-/// error's source chain.
+/// The error a read of a refused stream fails with. It only carries the refusal
+/// into logs; the handler learns it from the stream's [`RefusalCell`].
 #[derive(Debug, thiserror::Error)]
 #[error("tunnel stream refused: {0}")]
 pub struct StreamRefused(pub Refusal);
 
-/// The refusal behind an I/O error, if a tunnel refusal caused it (directly, or
-/// wrapped by the layers above, such as an HTTP client).
-pub fn refusal_of(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        if let Some(StreamRefused(refusal)) = e.downcast_ref::<StreamRefused>() {
-            return Some(*refusal);
-        }
-        if let Some(io) = e.downcast_ref::<io::Error>()
-            && let Some(inner) = io.get_ref()
-            && let Some(StreamRefused(refusal)) = inner.downcast_ref::<StreamRefused>()
-        {
-            return Some(*refusal);
-        }
-        cause = e.source();
+/// The refusal a tunnel stream was answered with, readable after the stream itself
+/// went to a forwarder or an HTTP client (which only see I/O errors). Clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct RefusalCell(Arc<OnceLock<Refusal>>);
+
+impl RefusalCell {
+    /// The refusal, once the far end (or the answer's deadline) refused the stream.
+    pub fn get(&self) -> Option<Refusal> {
+        self.0.get().copied()
     }
-    None
+
+    fn set(&self, refusal: Refusal) {
+        let _ = self.0.set(refusal);
+    }
 }
 
 enum Answer {
@@ -76,6 +76,7 @@ pub struct TunnelStream {
     /// The answer must come by then: a peer that went silent (black-holed) would
     /// otherwise hold the stream until the connection's PING keepalive gives up.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    refusal: RefusalCell,
 }
 
 impl std::fmt::Debug for TunnelStream {
@@ -98,6 +99,7 @@ impl TunnelStream {
             io: Some(H2Io::new(send, None)),
             answer: Answer::Pending(response),
             deadline: Some(Box::pin(tokio::time::sleep(answer_within))),
+            refusal: RefusalCell::default(),
         }
     }
 
@@ -107,6 +109,17 @@ impl TunnelStream {
                 .as_mut()
                 .expect("the stream is only taken out in drop or into_pending"),
         )
+    }
+
+    /// Where the stream's refusal will be, for whoever hands the stream on.
+    pub fn refusal_cell(&self) -> RefusalCell {
+        self.refusal.clone()
+    }
+
+    fn refused(&mut self, refusal: Refusal) -> Poll<Result<(), OpenError>> {
+        self.answer = Answer::Refused(refusal);
+        self.refusal.set(refusal);
+        Poll::Ready(Err(OpenError::Refused(refusal)))
     }
 
     /// Waits for the far end's answer: `Ok` once it accepted the stream.
@@ -130,9 +143,8 @@ impl TunnelStream {
                 }
                 // No answer in time: as a refusal for timing out, so the caller
                 // resets its client and counts it; dropping the stream resets it.
-                self.answer = Answer::Refused(Refusal::UpstreamTimeout);
                 self.deadline = None;
-                return Poll::Ready(Err(OpenError::Refused(Refusal::UpstreamTimeout)));
+                return self.refused(Refusal::UpstreamTimeout);
             }
         };
         self.deadline = None;
@@ -145,8 +157,7 @@ impl TunnelStream {
             Ok(response) => {
                 let header = response.headers().get(REFUSAL_HEADER).map(|v| v.as_bytes());
                 let refusal = Refusal::from_response(response.status(), header);
-                self.answer = Answer::Refused(refusal);
-                Poll::Ready(Err(OpenError::Refused(refusal)))
+                self.refused(refusal)
             }
             Err(e) => {
                 self.answer = Answer::Failed;
@@ -160,9 +171,7 @@ impl TunnelStream {
     /// reading meets first. The refusal is what happened, so it is reported.
     fn refused_instead(&mut self, cx: &mut Context<'_>, error: io::Error) -> io::Error {
         match self.poll_answer(cx) {
-            Poll::Ready(Err(OpenError::Refused(refusal))) => {
-                io::Error::new(io::ErrorKind::ConnectionRefused, StreamRefused(refusal))
-            }
+            Poll::Ready(Err(OpenError::Refused(refusal))) => refused_error(refusal),
             _ => error,
         }
     }
@@ -187,13 +196,14 @@ impl AsyncRead for TunnelStream {
     ) -> Poll<io::Result<()>> {
         match ready!(self.poll_answer(cx)) {
             Ok(()) => self.io().poll_read(cx, buf),
-            Err(OpenError::Refused(refusal)) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                StreamRefused(refusal),
-            ))),
+            Err(OpenError::Refused(refusal)) => Poll::Ready(Err(refused_error(refusal))),
             Err(OpenError::Connection(e)) => Poll::Ready(Err(h2_io_error(e))),
         }
     }
+}
+
+fn refused_error(refusal: Refusal) -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionRefused, StreamRefused(refusal))
 }
 
 impl AsyncWrite for TunnelStream {

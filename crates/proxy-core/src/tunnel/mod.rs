@@ -19,6 +19,8 @@ pub mod server;
 mod stream;
 
 pub use stream::ConnectionError;
+#[cfg(test)]
+pub(crate) use stream::h2_io_error;
 pub(crate) use stream::{PingFailed, Pinger};
 
 use std::time::Duration;

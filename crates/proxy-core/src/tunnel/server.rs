@@ -17,7 +17,7 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Method, Request, Response};
 use isthmus_vocab::{Authority, CLUSTER_HEADER, ClusterName, REFUSAL_HEADER, Refusal};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::client::TunnelStream;
@@ -26,6 +26,7 @@ use super::{BoxIo, H2Settings, Io};
 use crate::forward::{ByteCounters, ForwardConfig, forward_io};
 use crate::listen::ConnectionTasks;
 use crate::metrics::{ConnectionGuard, Direction, ProxyMetrics};
+use crate::outcome::{Outcome, Reason, Side};
 
 /// A client that finished its TLS handshake must send the HTTP/2 preface within
 /// this time; the connection is closed otherwise.
@@ -127,13 +128,13 @@ impl<H: TunnelHandler> TunnelServer<H> {
         self.expiry_grace
     }
 
-    /// Serves one connection until the peer closes it or `drain` turns true, after
+    /// Serves one connection until the peer closes it or `drain` is cancelled, after
     /// which a GOAWAY lets streams in flight finish and refuses new ones.
     pub async fn serve_connection<I: Io>(
         self: &Arc<Self>,
         io: I,
         peer: Peer,
-        drain: watch::Receiver<bool>,
+        drain: CancellationToken,
     ) -> Result<(), ConnectionError> {
         self.serve_connection_on(io, peer, None, drain).await
     }
@@ -145,7 +146,7 @@ impl<H: TunnelHandler> TunnelServer<H> {
         io: I,
         peer: Peer,
         local: Option<SocketAddr>,
-        mut drain: watch::Receiver<bool>,
+        drain: CancellationToken,
     ) -> Result<(), ConnectionError> {
         let s = &self.settings;
         let handshake = h2::server::Builder::new()
@@ -189,7 +190,7 @@ impl<H: TunnelHandler> TunnelServer<H> {
                     None => break Ok(()),
                 },
                 missed = &mut keepalive => break missed,
-                _ = crate::listen::drained(&mut drain), if !draining => {
+                () = drain.cancelled(), if !draining => {
                     connection.graceful_shutdown();
                     draining = true;
                 }
@@ -239,7 +240,7 @@ impl<H: TunnelHandler> TunnelServer<H> {
                 let send = match respond.send_response(Response::new(()), false) {
                     Ok(send) => send,
                     Err(e) => {
-                        guard.set_reason("downstream_error");
+                        guard.set_outcome(Outcome::new(Side::Downstream, Reason::Error));
                         debug!(authority = %tunnel_request.authority, error = %e, "tunnel stream gone before its answer");
                         return;
                     }
@@ -248,7 +249,7 @@ impl<H: TunnelHandler> TunnelServer<H> {
                 if let Err(e) =
                     forward_io(downstream, upstream, &[], &self.forward, &counters).await
                 {
-                    guard.set_reason(e.close_reason());
+                    guard.set_outcome(e.outcome());
                     debug!(authority = %tunnel_request.authority, error = %e, "tunnel stream ended");
                 }
             }
@@ -271,7 +272,7 @@ impl<H: TunnelHandler> TunnelServer<H> {
         counters: &ByteCounters,
     ) {
         let Some((next_send, answer)) = next.into_pending() else {
-            guard.set_reason("local_error");
+            guard.set_outcome(Outcome::new(Side::Local, Reason::Error));
             return self.refuse(&mut respond, Refusal::LinkDown, Some(request));
         };
         let activity = AtomicU64::new(0);
@@ -284,7 +285,7 @@ impl<H: TunnelHandler> TunnelServer<H> {
                 sent = upload.run(&counters.to_upstream, &activity), if !upload.is_done() => {
                     if let Err(e) = sent {
                         // The client gave up (or its hop failed) before the answer.
-                        guard.set_reason(e.close_reason("downstream"));
+                        guard.set_outcome(e.outcome(Side::Downstream));
                         debug!(authority = %request.authority, error = %e, "relayed stream ended before its answer");
                         return;
                     }
@@ -295,20 +296,20 @@ impl<H: TunnelHandler> TunnelServer<H> {
             Ok(answer) => answer,
             Err(e) => {
                 info!(authority = %request.authority, error = %e, "the next hop's tunnel connection failed");
-                guard.set_reason(Refusal::LinkDown.as_str());
+                guard.set_outcome(Outcome::refused_here(Refusal::LinkDown));
                 return self.refuse(&mut respond, Refusal::LinkDown, Some(request));
             }
         };
         if !answer.status().is_success() {
             let header = answer.headers().get(REFUSAL_HEADER).map(|v| v.as_bytes());
             let refusal = Refusal::from_response(answer.status(), header);
-            guard.set_reason(refusal.as_str());
+            guard.set_outcome(Outcome::refused_by_peer(refusal));
             return self.refuse(&mut respond, refusal, Some(request));
         }
         let send = match respond.send_response(Response::new(()), false) {
             Ok(send) => send,
             Err(e) => {
-                guard.set_reason("downstream_error");
+                guard.set_outcome(Outcome::new(Side::Downstream, Reason::Error));
                 debug!(authority = %request.authority, error = %e, "relayed stream gone before its answer");
                 return;
             }
@@ -323,23 +324,23 @@ impl<H: TunnelHandler> TunnelServer<H> {
                     upload
                         .run(&counters.to_upstream, &activity)
                         .await
-                        .map_err(|e| ("downstream", e))
+                        .map_err(|e| (Side::Downstream, e))
                 },
                 async {
                     download
                         .run(&counters.to_downstream, &activity)
                         .await
-                        .map_err(|e| ("upstream", e))
+                        .map_err(|e| (Side::Upstream, e))
                 },
             )
         };
         let idle_timeout = self.forward.idle_timeout;
         let result = tokio::select! {
             result = both => result.map(|_| ()),
-            () = idle(&activity, idle_timeout) => Err(("local", RelayError::Idle(idle_timeout))),
+            () = idle(&activity, idle_timeout) => Err((Side::Local, RelayError::Idle(idle_timeout))),
         };
         if let Err((read_side, e)) = result {
-            guard.set_reason(e.close_reason(read_side));
+            guard.set_outcome(e.outcome(read_side));
             debug!(authority = %request.authority, error = %e, "relayed stream ended");
         }
     }
@@ -350,7 +351,8 @@ impl<H: TunnelHandler> TunnelServer<H> {
         refusal: Refusal,
         request: Option<&TunnelRequest>,
     ) {
-        self.metrics.refused(self.direction, refusal.as_str());
+        self.metrics
+            .refused(self.direction, Outcome::refused_here(refusal));
         match request {
             Some(r) => info!(
                 direction = ?self.direction,

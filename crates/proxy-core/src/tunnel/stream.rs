@@ -19,6 +19,8 @@ use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::outcome::{self, Outcome, Side};
+
 /// The bytes of one open stream, both ways.
 ///
 /// Received data is handed back to the peer's flow-control window as soon as it is
@@ -162,13 +164,17 @@ impl H2Io {
     }
 }
 
-/// An h2 error as an I/O error the forwarder can classify: an I/O failure of the
-/// connection stays one, anything else (a reset, a GOAWAY) is wrapped whole so its
-/// reason stays readable.
+/// An h2 error as an I/O error the forwarder can classify by its kind: an I/O
+/// failure of the connection stays one, a reset or GOAWAY is `ConnectionReset`, and
+/// the h2 error is wrapped whole so its reason stays readable in logs.
 pub(crate) fn h2_io_error(e: h2::Error) -> io::Error {
     if e.is_io() {
         e.into_io()
             .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"))
+    } else if e.reason().is_some() {
+        // A stream ended by RST_STREAM or GOAWAY: the stream's equivalent of a TCP
+        // reset, and classified as one by its kind alone.
+        io::Error::new(io::ErrorKind::ConnectionReset, e)
     } else {
         io::Error::other(e)
     }
@@ -306,15 +312,19 @@ pub(crate) enum RelayError {
 }
 
 impl RelayError {
-    /// The `tcp_close_total` reason, the side named as the forwarder names it.
-    pub(crate) fn close_reason(&self, read_side: &'static str) -> &'static str {
-        match (self, read_side) {
-            (RelayError::Idle(_), _) => "idle_timeout",
-            (RelayError::Read(_), "downstream") | (RelayError::Write(_), "upstream") => {
-                "downstream_reset"
+    /// How the relayed stream ended, given the side its failed pump reads from: a
+    /// read fails on that side, a write on the other. Either is a reset of a stream.
+    pub(crate) fn outcome(&self, read_side: Side) -> Outcome {
+        let side = match (self, read_side) {
+            (RelayError::Idle(_), _) => {
+                return Outcome::new(Side::Local, outcome::Reason::IdleTimeout);
             }
-            _ => "upstream_reset",
-        }
+            (RelayError::Read(_), Side::Downstream) | (RelayError::Write(_), Side::Upstream) => {
+                Side::Downstream
+            }
+            _ => Side::Upstream,
+        };
+        Outcome::new(side, outcome::Reason::Reset)
     }
 }
 

@@ -5,7 +5,7 @@ use super::*;
 /// A handler behind the production accept loop ([`proxy_core::listen::serve`]).
 pub struct Listening {
     pub addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
+    shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
 
@@ -30,7 +30,8 @@ impl Listening {
     ) -> Listening {
         let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (shutdown, rx) = watch::channel(false);
+        let shutdown = CancellationToken::new();
+        let rx = shutdown.clone();
         let task = tokio::spawn(proxy_core::listen::serve(
             listener,
             handler,
@@ -51,7 +52,7 @@ impl Listening {
 
     /// Starts the drain: the listener closes, connections in flight go on.
     pub fn drain(&self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
     }
 
     /// Waits for the accept loop to finish its drain.

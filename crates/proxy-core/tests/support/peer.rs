@@ -116,7 +116,7 @@ impl TunnelPeer {
 /// gateway under test as the far end of another test's tunnel, say).
 pub struct MeshListener {
     pub addr: SocketAddr,
-    drain: watch::Sender<bool>,
+    drain: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -139,7 +139,8 @@ impl MeshListener {
         let identify = identity.identify();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (drain, drain_rx) = watch::channel(false);
+        let drain = CancellationToken::new();
+        let drain_rx = drain.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -165,7 +166,7 @@ impl MeshListener {
 
     /// GOAWAY on every connection: streams in flight finish, no new ones.
     pub fn drain(&self) {
-        let _ = self.drain.send(true);
+        self.drain.cancel();
     }
 }
 

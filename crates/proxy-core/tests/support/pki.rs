@@ -131,6 +131,6 @@ impl Identity {
 }
 
 /// A drain signal nobody sends: its sender is gone, so it never fires.
-pub fn never_drained() -> watch::Receiver<bool> {
-    watch::channel(false).1
+pub fn never_drained() -> CancellationToken {
+    CancellationToken::new()
 }

@@ -80,9 +80,11 @@ pub async fn run(config: Config) -> Result<()> {
             pod_policy: base.own_cluster_policy(),
         }),
         metrics,
-        base.shutdown.clone(),
+        base.shutdown.child_token(),
+        base.tasks.clone(),
     );
-    tokio::spawn(gateway.clone().follow(base.discovery.subscribe()));
+    base.tasks
+        .spawn(gateway.clone().follow(base.discovery.subscribe()));
 
     let inbound = base.inbound(gateway.clone(), ListenerRole::Gateway);
     let tasks = base.serve(inbound_listeners, inbound, Direction::Gateway);

@@ -26,7 +26,8 @@ use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelServer};
 use proxy_discovery::{DirSource, Discovery};
 use proxy_identity::{CredentialStore, IdentityMetrics, PeerPolicy};
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin::{self, Admin, ConfigView, ReadyCheck};
@@ -43,8 +44,12 @@ pub struct Base {
     pub identity: Arc<CredentialStore>,
     pub identity_metrics: IdentityMetrics,
     pub discovery: Discovery,
-    pub shutdown: watch::Receiver<bool>,
-    shutdown_tx: watch::Sender<bool>,
+    /// The root of the process's cancellation tree: listeners, pools and their
+    /// connections hold children of it, and cancelling it drains them all.
+    pub shutdown: CancellationToken,
+    /// Every listener, pool and probe task the role starts, so `/config` can show
+    /// how many are alive (a rebuilt link must not leave any behind).
+    pub tasks: TaskTracker,
 }
 
 impl Base {
@@ -75,10 +80,9 @@ impl Base {
         let identity = Arc::new(identity);
         tokio::spawn(identity.clone().watch(config.reload_interval));
 
-        let (shutdown_tx, shutdown) = watch::channel(false);
-        let mut stop = shutdown.clone();
+        let shutdown = CancellationToken::new();
         let cluster = own_cluster.clone();
-        let stopped = async move { proxy_core::listen::drained(&mut stop).await };
+        let stopped = shutdown.child_token().cancelled_owned();
         let discovery = match &config.discovery {
             DiscoverySource::Dir(dir) => {
                 let (discovery, _task) = DirSource::new(dir)
@@ -110,7 +114,7 @@ impl Base {
             identity_metrics,
             discovery,
             shutdown,
-            shutdown_tx,
+            tasks: TaskTracker::new(),
         })
     }
 
@@ -217,9 +221,10 @@ impl Base {
         );
         let settings = self.pool_settings();
         let pool_name = format!("gateway/{}", self.config.cluster);
-        Ok(Some(Pool::spawn(
+        Ok(Some(Pool::spawn_on(
             settings.peer(pool_name, addr, tls, settings.connections),
-            self.shutdown.clone(),
+            self.shutdown.child_token(),
+            &self.tasks,
         )))
     }
 
@@ -247,13 +252,13 @@ impl Base {
         listeners
             .into_iter()
             .map(|listener| {
-                tokio::spawn(proxy_core::listen::serve(
+                self.tasks.spawn(proxy_core::listen::serve(
                     listener,
                     handler.clone(),
                     self.listen_config(),
                     self.metrics.clone(),
                     direction,
-                    self.shutdown.clone(),
+                    self.shutdown.child_token(),
                 ))
             })
             .collect()
@@ -324,11 +329,14 @@ impl Base {
         let discovery = self.discovery.clone();
         let cluster = self.config.cluster.clone();
         let limits = self.config.limits.to_json();
+        let tasks = self.tasks.clone();
         Arc::new(move || {
             let mut view = serde_json::json!({
                 "role": role,
                 "cluster": cluster,
                 "limits": limits,
+                // Listener, pool and probe tasks alive: flat while links are rebuilt.
+                "tasks": tasks.len(),
                 "identity": identity.status(),
                 "discovery": {
                     "status": discovery.status(),
@@ -373,7 +381,7 @@ impl Base {
             ready,
             config,
         });
-        let (stop_admin, admin_stopped) = watch::channel(false);
+        let stop_admin = CancellationToken::new();
         let admin_listener = admin_listener
             .into_std()
             .context("moving the admin listener to its thread")?;
@@ -381,16 +389,16 @@ impl Base {
             admin,
             admin_listener,
             self.config.limits.admin(),
-            admin_stopped,
+            stop_admin.clone(),
         )?;
         wait_for_signal().await?;
         info!(grace = ?self.config.shutdown_grace, "shutting down: no new connections, draining open ones");
         draining.store(true, Ordering::Release);
-        let _ = self.shutdown_tx.send(true);
+        self.shutdown.cancel();
         for task in tasks {
             let _ = task.await;
         }
-        let _ = stop_admin.send(true);
+        stop_admin.cancel();
         // The admin thread stops at once when told; it is not worth a hung exit.
         let joined = tokio::task::spawn_blocking(move || admin_thread.join());
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), joined).await;
