@@ -19,7 +19,8 @@ pub const DEFAULT_NAMESPACE: &str = "isthmus";
 pub const DEFAULT_LEASE_NAME: &str = "isthmus-controller";
 /// client-go's default lease duration.
 pub const DEFAULT_LEASE_DURATION: &str = "15s";
-/// The metrics endpoint when none is given (the admin port of DESIGN.md).
+/// The metrics endpoint when none is given: the mesh's admin port
+/// (`isthmus_vocab::ports::DEFAULT_ADMIN_PORT`, which a test holds it to).
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:4191";
 /// The sidecars' discovery ConfigMap when none is given.
 pub const DEFAULT_CONFIGMAP: &str = "isthmus-discovery";
@@ -195,6 +196,12 @@ impl RunArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_metrics_address_is_the_mesh_admin_port() {
+        let addr: std::net::SocketAddr = DEFAULT_METRICS_ADDR.parse().unwrap();
+        assert_eq!(addr.port(), isthmus_vocab::ports::DEFAULT_ADMIN_PORT);
+    }
 
     fn parse(args: &[&str]) -> Result<Config, String> {
         let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;

@@ -1,5 +1,5 @@
 //! `isthmus lab`: the clusters of a directory, built on one Linux machine and run
-//! with the real binaries (DESIGN.md, "The lab").
+//! with the real binaries (ARCHITECTURE.md, "The lab").
 //!
 //! # Layout
 //!
