@@ -50,6 +50,8 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 
 #[cfg(feature = "serde")]
 mod serde_impls;
+#[cfg(feature = "serde")]
+pub use serde_impls::de_str;
 
 #[cfg(test)]
 mod tests {

@@ -10,8 +10,9 @@ use crate::{Authority, ClusterName, SpiffeId, TrustDomain};
 
 /// Deserializes a string through `parse`, failing inside the deserializer so the
 /// error carries the field path (an error made after `String::deserialize` returns
-/// would be reported at the enclosing mapping).
-fn de_str<'de, D, T, E>(d: D, parse: fn(&str) -> Result<T, E>) -> Result<T, D::Error>
+/// would be reported at the enclosing mapping). Other crates' string-typed fields
+/// deserialize through it too.
+pub fn de_str<'de, D, T, E>(d: D, parse: fn(&str) -> Result<T, E>) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     E: fmt::Display,

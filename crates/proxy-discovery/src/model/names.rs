@@ -250,26 +250,7 @@ impl<'de> Deserialize<'de> for GoDuration {
     }
 }
 
-/// Deserializes a string through `parse`, failing inside the deserializer so the
-/// error carries the field path (an error made after `String::deserialize`
-/// returns would be reported at the enclosing mapping).
-pub(crate) fn de_str<'de, D, T, E>(d: D, parse: fn(&str) -> Result<T, E>) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    E: fmt::Display,
-{
-    struct Parse<T, E>(fn(&str) -> Result<T, E>);
-    impl<T, E: fmt::Display> serde::de::Visitor<'_> for Parse<T, E> {
-        type Value = T;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a string")
-        }
-        fn visit_str<Er: serde::de::Error>(self, s: &str) -> Result<T, Er> {
-            (self.0)(s).map_err(Er::custom)
-        }
-    }
-    d.deserialize_str(Parse(parse))
-}
+pub(crate) use isthmus_vocab::de_str;
 
 /// Deserializes a port given as a number or as a numeric string (linkerd's `Link`
 /// writes `gatewayPort: "4143"`), rejecting 0.
