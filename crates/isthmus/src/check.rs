@@ -693,9 +693,9 @@ fn mirror_status(mirror: &ServiceMirrorResource) -> Check {
              check that it is reachable from this cluster and re-run isthmus link --cluster \
              {cluster} (the mirror keeps its last known state meanwhile)"
         ),
-        "NoAddressLeft" => {
-            "the service range of ClusterSettings is full: widen serviceCIDR".to_owned()
-        }
+        "NoAddressLeft" => "the cluster's service range is full (the API server's \
+             --service-cluster-ip-range): delete unused Services or widen the range"
+            .to_owned(),
         other => format!("reason {other}: see the controller's logs"),
     };
     Check::fail(check, format!("{}: {}", c.reason, c.message), hint)
