@@ -224,9 +224,8 @@ fn stalled_prefixes_are_http1_only_when_they_start_like_a_request() {
         b"\r\nmkcol ",
         &[b'A'; 32],
     ] {
+        assert_stalled_as(prefix, Http1);
         let what = String::from_utf8_lossy(prefix);
-        assert_eq!(undecided(prefix, Stall::Timeout), Http1, "{what:?}");
-        assert_eq!(undecided(prefix, Stall::Limit), Http1, "{what:?}");
         assert_eq!(undecided(prefix, Stall::Eof), Opaque, "{what:?}");
     }
     // Plain TCP clients that write a few words and wait for an answer.
@@ -242,9 +241,15 @@ fn stalled_prefixes_are_http1_only_when_they_start_like_a_request() {
         // Longer than any method: a line of text.
         &[b'A'; 33],
     ] {
-        let what = String::from_utf8_lossy(prefix);
-        assert_eq!(undecided(prefix, Stall::Timeout), Opaque, "{what:?}");
-        assert_eq!(undecided(prefix, Stall::Limit), Opaque, "{what:?}");
+        assert_stalled_as(prefix, Opaque);
+    }
+}
+
+/// What a prefix that stalls is taken for, at the timeout and at the size limit alike.
+fn assert_stalled_as(prefix: &[u8], want: Protocol) {
+    let what = String::from_utf8_lossy(prefix);
+    for stall in [Stall::Timeout, Stall::Limit] {
+        assert_eq!(undecided(prefix, stall), want, "{what:?} at {stall:?}");
     }
 }
 

@@ -27,7 +27,7 @@ use proxy_identity::PeerPolicy;
 use proxy_identity::rustls::pki_types::ServerName;
 use support::{
     Answer, Behaviour, Ended, FakeOrigDst, GATEWAY_ID, HELLO, Identity, Origin, Pki, STEP,
-    TunnelPeer, WORKLOAD_ID, closes, refusals,
+    TunnelPeer, WORKLOAD_ID, closes, counts, refusals,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -731,10 +731,7 @@ async fn resets_cross_the_gateway_both_ways() {
     let ended = timeout(STEP, stream.read_to_end(&mut buf)).await.unwrap();
     assert!(ended.is_err(), "a reset upstream ended cleanly: {buf:?}");
     resetter.next_served().await;
-    support::eventually("the upstream reset to be counted", || {
-        closes(&gw.metrics, Direction::Gateway, "upstream_reset") == 1
-    })
-    .await;
+    counts(&gw.metrics, closes, Direction::Gateway, "upstream_reset", 1).await;
 
     // The client resets (drops its stream mid-way): the origin's connection is
     // closed, and the gateway blames the downstream.
@@ -744,9 +741,13 @@ async fn resets_cross_the_gateway_both_ways() {
     echo(&mut stream, b"then gone").await;
     drop(stream);
     assert_eq!(echo_origin.next_served().await.received, b"then gone");
-    support::eventually("the downstream reset to be counted", || {
-        closes(&gw.metrics, Direction::Gateway, "downstream_reset") == 1
-    })
+    counts(
+        &gw.metrics,
+        closes,
+        Direction::Gateway,
+        "downstream_reset",
+        1,
+    )
     .await;
 }
 

@@ -177,11 +177,7 @@ async fn redirected_tcp_reaches_the_app_at_its_original_destination() {
         "delivered from the client's address"
     );
     assert!(decoy.try_served().is_none(), "delivered to loopback");
-    sidecar
-        .counted("the connection is counted inbound", |m| {
-            closes(m, Direction::Inbound, "eof") == 1
-        })
-        .await;
+    counts(&sidecar.metrics, closes, Direction::Inbound, "eof", 1).await;
 }
 
 /// A target that is one of the proxy's own ports is refused as a loop, on both
@@ -196,11 +192,7 @@ async fn loops_and_closed_app_ports_are_refused() {
     let refused = open(&gateway, own_port).await.unwrap_err();
     assert_eq!(refused.refusal(), Refusal::Loop, "{refused}");
     assert_reset_early(sidecar.redirected([127, 0, 0, 1], own_port).await, "loop").await;
-    sidecar
-        .counted("both loops counted", |m| {
-            refusals(m, Direction::Inbound, "loop") == 2
-        })
-        .await;
+    counts(&sidecar.metrics, refusals, Direction::Inbound, "loop", 2).await;
 
     let closed = std::net::TcpListener::bind(SocketAddr::from((POD_IP, 0)))
         .unwrap()
@@ -341,11 +333,14 @@ async fn resets_propagate_both_ways() {
     stream.write_all(b"<abc>").await.unwrap();
     stream.read_exact(&mut back).await.unwrap();
     drop(stream);
-    sidecar
-        .counted("the reset stream counted as the downstream's", |m| {
-            closes(m, Direction::Inbound, "downstream_reset") == 2
-        })
-        .await;
+    counts(
+        &sidecar.metrics,
+        closes,
+        Direction::Inbound,
+        "downstream_reset",
+        2,
+    )
+    .await;
 }
 
 /// A draining inbound listener closes at once; a tunnel stream in flight runs on

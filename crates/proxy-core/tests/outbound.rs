@@ -119,10 +119,7 @@ async fn mirrored_destination_goes_through_the_tunnel_with_its_authority_and_clu
         }
     );
     assert_eq!(origin.next_served().await.ended, Ended::Eof);
-    eventually("the outbound connection is counted closed in order", || {
-        closes(&sidecar.metrics, Direction::Outbound, "eof") == 1
-    })
-    .await;
+    counts(&sidecar.metrics, closes, Direction::Outbound, "eof", 1).await;
 }
 
 /// A destination with no route is connected to as the app asked, not tunnelled.
@@ -221,15 +218,7 @@ async fn read_http_response(stream: &mut TcpStream) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refusal_from_the_tunnel_peer_resets_the_app_and_is_counted() {
     let pki = Pki::new();
-    let authorities: Vec<String> = (0..Refusal::ALL.len())
-        .map(|i| format!("refused{i}.test:80"))
-        .collect();
-    let answers: Vec<(&str, Answer)> = authorities
-        .iter()
-        .zip(Refusal::ALL)
-        .map(|(a, refusal)| (a.as_str(), Answer::Refuse(refusal)))
-        .collect();
-    let peer = TunnelPeer::spawn(&pki, &answers, Answer::Silent).await;
+    let (peer, authorities) = TunnelPeer::refusing_each(&pki).await;
     let mut routes = FixedRoutes::default();
     let dsts: Vec<SocketAddr> = (0..authorities.len())
         .map(|i| SocketAddr::from(([127, 0, 0, 1], 100 + i as u16)))
@@ -283,16 +272,24 @@ async fn silent_gateway_missing_gateway_and_refusing_upstream_reset_the_app() {
     let mut client = silent.connect(addr(HELLO_IP)).await;
     client.write_all(b"anyone?").await.unwrap();
     assert_reset(&mut client, "silent gateway").await;
-    eventually("upstream_timeout counted", || {
-        refusals(&silent.metrics, Direction::Outbound, "upstream_timeout") == 1
-    })
+    counts(
+        &silent.metrics,
+        refusals,
+        Direction::Outbound,
+        "upstream_timeout",
+        1,
+    )
     .await;
 
     let without = Sidecar::start(hello_routes(), None, &pki).await;
     assert_reset_early(without.try_connect(addr(HELLO_IP)).await, "no gateway").await;
-    eventually("link_down counted", || {
-        refusals(&without.metrics, Direction::Outbound, "link_down") == 1
-    })
+    counts(
+        &without.metrics,
+        refusals,
+        Direction::Outbound,
+        "link_down",
+        1,
+    )
     .await;
 
     // A closed port on loopback: the passthrough connect is refused.
@@ -301,9 +298,13 @@ async fn silent_gateway_missing_gateway_and_refusing_upstream_reset_the_app() {
         listener.local_addr().unwrap()
     };
     assert_reset_early(without.try_connect(closed).await, "refusing upstream").await;
-    eventually("upstream_refused counted", || {
-        refusals(&without.metrics, Direction::Outbound, "upstream_refused") == 1
-    })
+    counts(
+        &without.metrics,
+        refusals,
+        Direction::Outbound,
+        "upstream_refused",
+        1,
+    )
     .await;
 }
 
@@ -339,10 +340,7 @@ async fn loops_are_refused() {
         "looping connection",
     )
     .await;
-    eventually("both ends of the loop refused", || {
-        refusals(&looping.metrics, Direction::Outbound, "loop") == 2
-    })
-    .await;
+    counts(&looping.metrics, refusals, Direction::Outbound, "loop", 2).await;
 }
 
 /// The app's destination for an origin, on the passthrough path or through the

@@ -40,6 +40,27 @@ pub async fn eventually_or(
     }
 }
 
+/// The next item `rx` receives, failing the test after [`STEP`] with `none`.
+pub async fn next_within<T>(rx: &mut mpsc::UnboundedReceiver<T>, none: &str) -> T {
+    tokio::time::timeout(STEP, rx.recv())
+        .await
+        .expect(none)
+        .expect("the fixture's channel closed")
+}
+
+/// Waits until `count` ([`refusals`] or [`closes`]) of `direction` and `reason` is `n`.
+pub async fn counts(
+    metrics: &ProxyMetrics,
+    count: fn(&ProxyMetrics, Direction, &'static str) -> u64,
+    direction: Direction,
+    reason: &'static str,
+    n: u64,
+) {
+    let what = format!("{direction:?} {reason} counted {n} times");
+    let check = || count(metrics, direction, reason) == n;
+    eventually_or(&what, check, || metrics_text(metrics)).await
+}
+
 /// Reads until the connection ends and returns how: its bytes and whether the end
 /// was a reset (`Err`) or an orderly end of stream (`Ok`).
 pub async fn read_to_end<S: tokio::io::AsyncRead + Unpin>(
