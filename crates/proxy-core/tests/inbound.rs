@@ -102,6 +102,10 @@ impl Sidecar {
             .await
     }
 
+    async fn counts(&self, count: Count, reason: &'static str, n: u64) {
+        counts(&self.metrics, count, Direction::Inbound, reason, n).await
+    }
+
     async fn counted(&self, what: &str, check: impl Fn(&ProxyMetrics) -> bool) {
         eventually_or(
             what,
@@ -177,7 +181,7 @@ async fn redirected_tcp_reaches_the_app_at_its_original_destination() {
         "delivered from the client's address"
     );
     assert!(decoy.try_served().is_none(), "delivered to loopback");
-    counts(&sidecar.metrics, closes, Direction::Inbound, "eof", 1).await;
+    sidecar.counts(closes, "eof", 1).await;
 }
 
 /// A target that is one of the proxy's own ports is refused as a loop, on both
@@ -192,7 +196,7 @@ async fn loops_and_closed_app_ports_are_refused() {
     let refused = open(&gateway, own_port).await.unwrap_err();
     assert_eq!(refused.refusal(), Refusal::Loop, "{refused}");
     assert_reset_early(sidecar.redirected([127, 0, 0, 1], own_port).await, "loop").await;
-    counts(&sidecar.metrics, refusals, Direction::Inbound, "loop", 2).await;
+    sidecar.counts(refusals, "loop", 2).await;
 
     let closed = std::net::TcpListener::bind(SocketAddr::from((POD_IP, 0)))
         .unwrap()
@@ -333,14 +337,7 @@ async fn resets_propagate_both_ways() {
     stream.write_all(b"<abc>").await.unwrap();
     stream.read_exact(&mut back).await.unwrap();
     drop(stream);
-    counts(
-        &sidecar.metrics,
-        closes,
-        Direction::Inbound,
-        "downstream_reset",
-        2,
-    )
-    .await;
+    sidecar.counts(closes, "downstream_reset", 2).await;
 }
 
 /// A draining inbound listener closes at once; a tunnel stream in flight runs on

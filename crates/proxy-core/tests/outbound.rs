@@ -69,6 +69,10 @@ impl Sidecar {
         self.orig_dst.try_connect(self.proxy.addr, dst).await
     }
 
+    async fn counts(&self, count: Count, reason: &'static str, n: u64) {
+        counts(&self.metrics, count, Direction::Outbound, reason, n).await
+    }
+
     async fn counted(&self, what: &str, check: impl Fn(&ProxyMetrics) -> bool) {
         eventually_or(
             what,
@@ -119,7 +123,7 @@ async fn mirrored_destination_goes_through_the_tunnel_with_its_authority_and_clu
         }
     );
     assert_eq!(origin.next_served().await.ended, Ended::Eof);
-    counts(&sidecar.metrics, closes, Direction::Outbound, "eof", 1).await;
+    sidecar.counts(closes, "eof", 1).await;
 }
 
 /// A destination with no route is connected to as the app asked, not tunnelled.
@@ -272,25 +276,11 @@ async fn silent_gateway_missing_gateway_and_refusing_upstream_reset_the_app() {
     let mut client = silent.connect(addr(HELLO_IP)).await;
     client.write_all(b"anyone?").await.unwrap();
     assert_reset(&mut client, "silent gateway").await;
-    counts(
-        &silent.metrics,
-        refusals,
-        Direction::Outbound,
-        "upstream_timeout",
-        1,
-    )
-    .await;
+    silent.counts(refusals, "upstream_timeout", 1).await;
 
     let without = Sidecar::start(hello_routes(), None, &pki).await;
     assert_reset_early(without.try_connect(addr(HELLO_IP)).await, "no gateway").await;
-    counts(
-        &without.metrics,
-        refusals,
-        Direction::Outbound,
-        "link_down",
-        1,
-    )
-    .await;
+    without.counts(refusals, "link_down", 1).await;
 
     // A closed port on loopback: the passthrough connect is refused.
     let closed = {
@@ -298,14 +288,7 @@ async fn silent_gateway_missing_gateway_and_refusing_upstream_reset_the_app() {
         listener.local_addr().unwrap()
     };
     assert_reset_early(without.try_connect(closed).await, "refusing upstream").await;
-    counts(
-        &without.metrics,
-        refusals,
-        Direction::Outbound,
-        "upstream_refused",
-        1,
-    )
-    .await;
+    without.counts(refusals, "upstream_refused", 1).await;
 }
 
 /// A connection back to one of the proxy's own ports, or from the proxy's own
@@ -340,7 +323,7 @@ async fn loops_are_refused() {
         "looping connection",
     )
     .await;
-    counts(&looping.metrics, refusals, Direction::Outbound, "loop", 2).await;
+    looping.counts(refusals, "loop", 2).await;
 }
 
 /// The app's destination for an origin, on the passthrough path or through the

@@ -48,10 +48,13 @@ pub async fn next_within<T>(rx: &mut mpsc::UnboundedReceiver<T>, none: &str) -> 
         .expect("the fixture's channel closed")
 }
 
-/// Waits until `count` ([`refusals`] or [`closes`]) of `direction` and `reason` is `n`.
+/// A counter by direction and reason: [`refusals`] or [`closes`].
+pub type Count = fn(&ProxyMetrics, Direction, &'static str) -> u64;
+
+/// Waits until `count` of `direction` and `reason` is `n`.
 pub async fn counts(
     metrics: &ProxyMetrics,
-    count: fn(&ProxyMetrics, Direction, &'static str) -> u64,
+    count: Count,
     direction: Direction,
     reason: &'static str,
     n: u64,
