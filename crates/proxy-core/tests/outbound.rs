@@ -69,17 +69,9 @@ impl Sidecar {
         self.orig_dst.try_connect(self.proxy.addr, dst).await
     }
 
+    /// Waits until `count` of this sidecar's `reason` is `n`.
     async fn counts(&self, count: Count, reason: &'static str, n: u64) {
         counts(&self.metrics, count, Direction::Outbound, reason, n).await
-    }
-
-    async fn counted(&self, what: &str, check: impl Fn(&ProxyMetrics) -> bool) {
-        eventually_or(
-            what,
-            || check(&self.metrics),
-            || metrics_text(&self.metrics),
-        )
-        .await
     }
 }
 
@@ -106,11 +98,12 @@ async fn mirrored_destination_goes_through_the_tunnel_with_its_authority_and_clu
     let sidecar = Sidecar::start(hello_routes(), Some(&peer), &pki).await;
 
     let mut client = sidecar.connect(addr(HELLO_IP)).await;
-    client.write_all(b"ping through the tunnel").await.unwrap();
-    client.shutdown().await.unwrap();
-    let (echoed, end) = read_to_end(&mut client).await;
-    end.unwrap();
-    assert_eq!(echoed, b"ping through the tunnel");
+    assert_exchange(
+        &mut client,
+        b"ping through the tunnel",
+        b"ping through the tunnel",
+    )
+    .await;
 
     let seen = peer.next_request().await;
     assert_eq!(
@@ -136,11 +129,7 @@ async fn unrouted_destination_passes_through_to_the_original_destination() {
     let sidecar = Sidecar::start(hello_routes(), Some(&peer), &pki).await;
 
     let mut client = sidecar.connect(origin.addr).await;
-    client.write_all(b"straight").await.unwrap();
-    client.shutdown().await.unwrap();
-    let (echoed, end) = read_to_end(&mut client).await;
-    end.unwrap();
-    assert_eq!(echoed, b"straight");
+    assert_exchange(&mut client, b"straight", b"straight").await;
     let served = origin.next_served().await;
     assert_eq!(served.received, b"straight");
     // The proxy dialled from its own socket, not the app's.
@@ -236,12 +225,11 @@ async fn every_refusal_from_the_tunnel_peer_resets_the_app_and_is_counted() {
         let mut client = sidecar.connect(*dst).await;
         client.write_all(b"hello?").await.unwrap();
         assert_reset(&mut client, refusal.as_str()).await;
-        sidecar
-            .counted(&format!("{refusal} counted"), |m| {
-                refusals(m, Direction::Outbound, refusal.as_str()) == 1
-                    && closes(m, Direction::Outbound, refusal.as_str()) == 1
-            })
-            .await;
+        counted(&sidecar.metrics, &format!("{refusal} counted"), |m| {
+            refusals(m, Direction::Outbound, refusal.as_str()) == 1
+                && closes(m, Direction::Outbound, refusal.as_str()) == 1
+        })
+        .await;
     }
     for refusal in Refusal::ALL {
         assert_eq!(
@@ -259,11 +247,10 @@ async fn every_refusal_from_the_tunnel_peer_resets_the_app_and_is_counted() {
         .unwrap();
     assert_reset(&mut client, "refused HTTP request").await;
     let reason = Refusal::ALL[2].as_str();
-    sidecar
-        .counted("the HTTP refusal counted", |m| {
-            refusals(m, Direction::Outbound, reason) == 2
-        })
-        .await;
+    counted(&sidecar.metrics, "the HTTP refusal counted", |m| {
+        refusals(m, Direction::Outbound, reason) == 2
+    })
+    .await;
 }
 
 /// A gateway that never answers, no gateway at all, and an upstream that refuses:
