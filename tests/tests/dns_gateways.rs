@@ -50,58 +50,36 @@ const REFRESH: &str = "1s";
 const MOVE_WITHIN: Duration = Duration::from_secs(30);
 
 /// The seed's ServiceMirror: hello of cluster-a, in cluster-b.
-const MIRROR: &str = "apiVersion: linkerd.io/v1alpha1
-kind: ServiceMirror
-metadata:
-  name: hello-mirror
-  namespace: default
-spec:
-  cluster: cluster-a
-  service:
-    name: hello
-    namespace: default
-";
+const MIRROR: &str = "apiVersion: linkerd.io/v1alpha1\nkind: ServiceMirror
+metadata: {name: hello-mirror, namespace: default}
+spec: {cluster: cluster-a, service: {name: hello, namespace: default}}\n";
+
+/// A mesh object of `kind` named `name`, its spec in YAML flow style.
+fn mesh_object(kind: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: multicluster.isthmus.io/v1alpha1\nkind: {kind}\n\
+         metadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec: {spec}\n"
+    )
+}
 
 /// A Link to cluster-a's gateway by the name `address`.
 fn link_named(address: &str) -> String {
-    format!(
-        "apiVersion: multicluster.isthmus.io/v1alpha1
-kind: Link
-metadata:
-  name: cluster-a
-  namespace: {NAMESPACE}
-spec:
-  targetClusterName: cluster-a
-  gatewayAddress: {address}
-  gatewayPort: 4143
-  gatewayIdentity: {id}
-  probeSpec:
-    path: /ready
-    port: 4191
-    period: 1s
-",
-        id = gateway_id("cluster-a"),
-    )
+    let id = gateway_id("cluster-a");
+    let spec = format!(
+        "{{targetClusterName: cluster-a, gatewayAddress: {address}, gatewayPort: 4143, \
+         gatewayIdentity: '{id}', probeSpec: {{path: /ready, port: 4191, period: 1s}}}}"
+    );
+    mesh_object("Link", "cluster-a", &spec)
 }
 
 /// cluster-b's settings, naming its gateway `address`.
 fn settings_named(address: &str) -> String {
-    format!(
-        "apiVersion: multicluster.isthmus.io/v1alpha1
-kind: ClusterSettings
-metadata:
-  name: cluster-b
-  namespace: {NAMESPACE}
-spec:
-  clusterName: cluster-b
-  trustDomain: cluster.local
-  gateway:
-    address: {address}
-    port: 4143
-    identity: {id}
-",
-        id = gateway_id("cluster-b"),
-    )
+    let id = gateway_id("cluster-b");
+    let spec = format!(
+        "{{clusterName: cluster-b, trustDomain: cluster.local, \
+         gateway: {{address: {address}, port: 4143, identity: '{id}'}}}}"
+    );
+    mesh_object("ClusterSettings", "cluster-b", &spec)
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -137,14 +115,12 @@ struct World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            for log in &self.logs {
-                eprintln!(
-                    "--- {} ---\n{}",
-                    log.display(),
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
+        if !std::thread::panicking() {
+            return;
+        }
+        let read = |log: &PathBuf| std::fs::read_to_string(log).unwrap_or_default();
+        for log in &self.logs {
+            eprintln!("--- {} ---\n{}", log.display(), read(log));
         }
     }
 }
@@ -267,14 +243,10 @@ impl World {
             } else {
                 cmd.args(["--outbound-addr", OUTBOUND]);
             }
-            let child = cmd
-                .env_clear()
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            lab.adopt(child);
+            let out = std::fs::File::create(&log).unwrap();
+            let err = out.try_clone().unwrap();
+            cmd.env_clear().stdin(Stdio::null()).stdout(out).stderr(err);
+            lab.adopt(cmd.spawn().unwrap());
             logs.push(log);
         }
         World {
@@ -361,25 +333,33 @@ fn assert_dns(config: &str, want: &str) {
     );
 }
 
-#[test]
-fn a_link_named_by_dns_follows_its_name_without_a_restart() {
-    let world = World::start();
+/// Streams take the path through a1 while `name` points at `from` in `ns`'s hosts
+/// file; once it points at `to`, new streams reach a2 (the other path) without a
+/// restart, while a stream opened before finishes on the old path, and the proxy
+/// in `ns` shows the new address on `/config`.
+fn follows_a_moved_name(world: &World, ns: &Namespace, name: &str, from: &str, to: &str) {
     world.until_greeted_by("a1");
-    assert_dns(&World::config(&world.b1), "198.18.0.2:4143");
+    assert_dns(&World::config(ns), &format!("{from}:4143"));
     let (mut held, greeting) = world.open().unwrap();
     assert_eq!(greeting, "a1");
 
-    // gateway.cluster-a.test now points at a2, in gateway b1's hosts file only.
-    move_name(&world.b1, "198.18.0.3", A_NAME);
+    move_name(ns, to, name);
     let took = world.until_greeted_by("a2");
-    eprintln!("FIGURE dns_link_moved_ms = {}", took.as_millis());
-    assert_dns(&World::config(&world.b1), "198.18.0.3:4143");
-    // Every new stream goes to the new address...
+    eprintln!("FIGURE dns_{name}_moved_ms = {}", took.as_millis());
+    assert_dns(&World::config(ns), &format!("{to}:4143"));
+    // Every new stream takes the new path...
     for _ in 0..5 {
         assert_eq!(world.open().unwrap().1, "a2");
     }
     // ...while the stream opened before finishes on the old one.
     still_carries(&mut held, "still a1\n");
+}
+
+#[test]
+fn a_link_named_by_dns_follows_its_name_without_a_restart() {
+    let world = World::start();
+    // gateway.cluster-a.test moves from a1 to a2 in gateway b1's hosts file.
+    follows_a_moved_name(&world, &world.b1, A_NAME, "198.18.0.2", "198.18.0.3");
 
     // The name stops resolving (the namespace's nameserver does not answer): the
     // last good address keeps serving, and /config and the metrics say so.
@@ -403,19 +383,7 @@ fn a_link_named_by_dns_follows_its_name_without_a_restart() {
 #[test]
 fn a_cluster_gateway_named_by_dns_follows_its_name_without_a_restart() {
     let world = World::start();
-    world.until_greeted_by("a1");
-    assert_dns(&World::config(&world.client), "198.18.0.1:4143");
-    let (mut held, greeting) = world.open().unwrap();
-    assert_eq!(greeting, "a1");
-
-    // gateway.cluster-b.test now points at b2 (whose link goes to a2), in the
+    // gateway.cluster-b.test moves from b1 to b2 (whose link goes to a2) in the
     // client's hosts file.
-    move_name(&world.client, "198.18.0.4", B_NAME);
-    let took = world.until_greeted_by("a2");
-    eprintln!("FIGURE dns_cluster_gateway_moved_ms = {}", took.as_millis());
-    assert_dns(&World::config(&world.client), "198.18.0.4:4143");
-    for _ in 0..5 {
-        assert_eq!(world.open().unwrap().1, "a2");
-    }
-    still_carries(&mut held, "still a1\n");
+    follows_a_moved_name(&world, &world.client, B_NAME, "198.18.0.1", "198.18.0.4");
 }
