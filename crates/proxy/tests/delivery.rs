@@ -10,6 +10,8 @@
 //! is exactly where a plaintext fallback would land.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use isthmus_tests::peer::test_peer;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::round_trip_within;
 use isthmus_tests::identity::Pki;
 use isthmus_tests::multicluster::{cluster_settings, gateway_id};
 use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
@@ -280,20 +283,7 @@ impl Client {
             .open(service)
             .await
             .unwrap_or_else(|e| panic!("{service}: {e}"));
-        let (mut rd, mut wr) = tokio::io::split(stream);
-        let write = async {
-            wr.write_all(payload).await.unwrap();
-            wr.shutdown().await.unwrap();
-        };
-        let read = async {
-            let mut back = Vec::new();
-            rd.read_to_end(&mut back).await.unwrap();
-            back
-        };
-        let ((), back) = timeout(STEP, async { tokio::join!(write, read) })
-            .await
-            .expect("round trip hung");
-        back
+        round_trip_within(stream, payload, STEP).await
     }
 }
 

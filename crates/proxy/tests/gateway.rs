@@ -16,12 +16,15 @@
 //! `tests/`), and throughput (the benches).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use isthmus_tests::peer::test_peer;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{round_trip, spawn_standalone};
 use isthmus_test_support::echo::Echo;
 use isthmus_test_support::proxy::free_addr;
 use isthmus_test_support::{Pki, Proxy, STEP, eventually};
@@ -246,25 +249,6 @@ impl Client {
     }
 }
 
-/// Sends `payload` through an open tunnel stream, half-closes, and returns all that
-/// comes back until the far side closes.
-async fn round_trip(stream: proxy_core::tunnel::client::TunnelStream, payload: &[u8]) -> Vec<u8> {
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let write = async {
-        wr.write_all(payload).await.unwrap();
-        wr.shutdown().await.unwrap();
-    };
-    let read = async {
-        let mut back = Vec::with_capacity(payload.len());
-        rd.read_to_end(&mut back).await.unwrap();
-        back
-    };
-    let ((), back) = timeout(STEP, async { tokio::join!(write, read) })
-        .await
-        .expect("round trip through the gateways hung");
-    back
-}
-
 /// Two linked clusters on loopback, each with its gateway process.
 struct Mesh {
     pki: Pki,
@@ -387,11 +371,23 @@ impl Mesh {
 
     /// cluster-b's sidecar: a pool to gateway-b with its own identity.
     fn sidecar_b(&self) -> Client {
-        let store = write_identity(
-            &self.dir.path().join("identity-sidecar-b"),
-            &self.pki.leaf("cluster-b", &sidecar_b_id()),
-        );
-        Client::new(store, self.gw_b.inbound, gateway_id("cluster-b"))
+        let leaf = self.pki.leaf("cluster-b", &sidecar_b_id());
+        self.client("identity-sidecar-b", &leaf, self.gw_b.inbound, "cluster-b")
+    }
+
+    /// A pool holding `leaf` (written to the directory `name`) to `gateway`, which
+    /// must present `expect`'s gateway identity.
+    fn client(&self, name: &str, leaf: &LeafBundle, gateway: SocketAddr, expect: &str) -> Client {
+        let store = write_identity(&self.dir.path().join(name), leaf);
+        Client::new(store, gateway, gateway_id(expect))
+    }
+
+    /// gateway-b's own identity, as it is on disk now, dialling gateway-a: a peer
+    /// gateway.
+    fn gateway_b_to_a(&self) -> Client {
+        let paths = CredentialPaths::in_dir(self.dir.path().join("identity-cluster-b"));
+        let store = Arc::new(CredentialStore::load(paths).unwrap());
+        Client::new(store, self.gw_a.inbound, gateway_id("cluster-a"))
     }
 }
 
@@ -550,13 +546,7 @@ async fn refusals_are_prompt_and_reach_nothing() {
     let stream = sidecar.open(HELLO, "cluster-a").await.unwrap();
     assert_eq!(round_trip(stream, b"ping").await, b"ping");
     // A peer gateway (here, gateway-b's own identity) reaches cluster-a's exports.
-    let gateway_b_store = Arc::new(
-        CredentialStore::load(CredentialPaths::in_dir(
-            mesh.dir.path().join("identity-cluster-b"),
-        ))
-        .unwrap(),
-    );
-    let peer = Client::new(gateway_b_store, mesh.gw_a.inbound, gateway_id("cluster-a"));
+    let peer = mesh.gateway_b_to_a();
     let stream = peer.open(HELLO, "cluster-a").await.unwrap();
     assert_eq!(round_trip(stream, b"peer").await, b"peer");
     let reached = mesh.echo.accepted();
@@ -607,14 +597,8 @@ async fn refusals_are_prompt_and_reach_nothing() {
     // Nor may a workload of a linked cluster that dials gateway-a directly: only
     // leaves of cluster-a's own issuer may be relayed onward, whatever their
     // trust domain.
-    let stray_b = Client::new(
-        write_identity(
-            &mesh.dir.path().join("identity-stray-b"),
-            &mesh.pki.leaf("cluster-b", &sidecar_b_id()),
-        ),
-        mesh.gw_a.inbound,
-        gateway_id("cluster-a"),
-    );
+    let leaf = mesh.pki.leaf("cluster-b", &sidecar_b_id());
+    let stray_b = mesh.client("identity-stray-b", &leaf, mesh.gw_a.inbound, "cluster-a");
     assert_eq!(
         stray_b.refusal(HELLO, "cluster-b").await,
         Refusal::Forbidden
@@ -624,14 +608,10 @@ async fn refusals_are_prompt_and_reach_nothing() {
         Refusal::Forbidden
     );
     // Whereas a workload of cluster-a is told the link is down, not forbidden.
-    let sidecar_a_store = write_identity(
-        &mesh.dir.path().join("identity-sidecar-a"),
-        &mesh.pki.leaf(
-            "cluster-a",
-            &SpiffeId::parse("spiffe://cluster.local/ns/default/sa/hello-client").unwrap(),
-        ),
-    );
-    let sidecar_a = Client::new(sidecar_a_store, mesh.gw_a.inbound, gateway_id("cluster-a"));
+    let hello_client =
+        SpiffeId::parse("spiffe://cluster.local/ns/default/sa/hello-client").unwrap();
+    let leaf = mesh.pki.leaf("cluster-a", &hello_client);
+    let sidecar_a = mesh.client("identity-sidecar-a", &leaf, mesh.gw_a.inbound, "cluster-a");
     assert_eq!(
         sidecar_a.refusal(HELLO, "cluster-c").await,
         Refusal::LinkDown
@@ -643,10 +623,11 @@ async fn refusals_are_prompt_and_reach_nothing() {
     let foreign = Pki::new(&mint::default_anchor_name());
     let mut impostor = foreign.leaf("cluster-b", &sidecar_b_id());
     impostor.anchors_pem = format!("{}{}", impostor.anchors_pem, mesh.pki.anchor().anchors_pem);
-    let impostor = Client::new(
-        write_identity(&mesh.dir.path().join("identity-impostor"), &impostor),
+    let impostor = mesh.client(
+        "identity-impostor",
+        &impostor,
         mesh.gw_b.inbound,
-        gateway_id("cluster-b"),
+        "cluster-b",
     );
     let state = impostor
         .wait_state("down", |s| matches!(s, LinkState::Down { .. }))
@@ -689,14 +670,8 @@ async fn refusals_are_prompt_and_reach_nothing() {
 
     // A gateway presenting another identity than the one expected: the client
     // refuses it (cluster-b's gateway where cluster-a's was expected).
-    let misdirected = Client::new(
-        write_identity(
-            &mesh.dir.path().join("identity-sidecar-b2"),
-            &mesh.pki.leaf("cluster-b", &sidecar_b_id()),
-        ),
-        mesh.gw_b.inbound,
-        gateway_id("cluster-a"),
-    );
+    let leaf = mesh.pki.leaf("cluster-b", &sidecar_b_id());
+    let misdirected = mesh.client("identity-sidecar-b2", &leaf, mesh.gw_b.inbound, "cluster-a");
     let state = misdirected
         .wait_state("down", |s| matches!(s, LinkState::Down { .. }))
         .await;
@@ -1107,13 +1082,7 @@ async fn a_gateway_rotates_its_identity_without_dropping_streams() {
     // The stream opened under the old leaf carries on, both ways.
     assert_eq!(round_trip(stream, b"2").await, b"2");
     // A new peer connection handshakes with the renewed leaf.
-    let gateway_b_store = Arc::new(
-        CredentialStore::load(CredentialPaths::in_dir(
-            mesh.dir.path().join("identity-cluster-b"),
-        ))
-        .unwrap(),
-    );
-    let peer = Client::new(gateway_b_store, mesh.gw_a.inbound, gateway_id("cluster-a"));
+    let peer = mesh.gateway_b_to_a();
     let fresh = peer.open(HELLO, "cluster-a").await.unwrap();
     assert_eq!(round_trip(fresh, b"3").await, b"3");
 
@@ -1128,16 +1097,7 @@ async fn a_gateway_rotates_its_identity_without_dropping_streams() {
     .await;
     assert_eq!(refused["serial"], after["serial"], "{refused:#}");
     eprintln!("refused identity update: {}", refused["last_refusal"]);
-    let peer_again = Client::new(
-        Arc::new(
-            CredentialStore::load(CredentialPaths::in_dir(
-                mesh.dir.path().join("identity-cluster-b"),
-            ))
-            .unwrap(),
-        ),
-        mesh.gw_a.inbound,
-        gateway_id("cluster-a"),
-    );
+    let peer_again = mesh.gateway_b_to_a();
     let fresh = peer_again.open(HELLO, "cluster-a").await.unwrap();
     assert_eq!(round_trip(fresh, b"4").await, b"4");
 }
@@ -1217,18 +1177,14 @@ async fn a_mirror_added_at_run_time_is_reached_by_name_through_both_gateways() {
     );
     let listen = free_addr(Ipv4Addr::new(127, 0, 70, 4));
     let admin = free_addr(Ipv4Addr::new(127, 0, 70, 4));
-    let standalone = Proxy::command(
-        env!("CARGO_BIN_EXE_isthmus-proxy"),
-        "standalone",
-        "cluster-b",
+    let standalone = spawn_standalone(
         &root.join("identity-standalone-b"),
         &root.join("manifests-cluster-b"),
+        listen,
         admin,
-        root.join("standalone-b.log"),
-    )
-    .args(["--outbound-addr", &listen.to_string()])
-    .args(["--reload-interval", RELOAD])
-    .start();
+        &["--reload-interval", RELOAD],
+        &root.join("standalone-b.log"),
+    );
     let mut standalone = Gateway::other("cluster-b", root, listen, standalone);
     standalone.wait_ready().await;
     // Ready does not wait for the pool to gateway-b, which connects in the background.
