@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{round_trip, spawn_standalone};
+use common::{round_trip, spawn_standalone, write_files};
 use isthmus_test_support::echo::Echo;
 use isthmus_test_support::proxy::free_addr;
 use isthmus_test_support::{Pki, Proxy, STEP, eventually};
@@ -301,54 +301,62 @@ impl Mesh {
 
         let a = root.join("manifests-cluster-a");
         std::fs::create_dir_all(&a).unwrap();
-        std::fs::write(
-            a.join("settings.yaml"),
-            cluster_settings("cluster-a", inbound_a),
-        )
-        .unwrap();
-        std::fs::write(a.join("hello.yaml"), service("hello", echo.addr, true)).unwrap();
-        std::fs::write(a.join("secret.yaml"), service("secret", echo.addr, false)).unwrap();
+        write_files(
+            &a,
+            &[
+                ("settings.yaml", &cluster_settings("cluster-a", inbound_a)),
+                ("hello.yaml", &service("hello", echo.addr, true)),
+                ("secret.yaml", &service("secret", echo.addr, false)),
+            ],
+        );
         // Exported, but with nothing behind it: no Endpoints, a closed port, and
         // gateway-a's own tunnel listener.
         let without_endpoints = service("empty", echo.addr, true);
         let (without_endpoints, _) = without_endpoints.split_once("---").unwrap();
-        std::fs::write(a.join("empty.yaml"), without_endpoints).unwrap();
+        write_files(&a, &[("empty.yaml", &without_endpoints)]);
         let closed = free_addr(Ipv4Addr::LOCALHOST);
-        std::fs::write(a.join("dead.yaml"), service("dead", closed, true)).unwrap();
-        std::fs::write(a.join("looped.yaml"), service("looped", inbound_a, true)).unwrap();
-        std::fs::write(
-            a.join("links.yaml"),
-            format!(
-                "{}---\n{}",
-                link("cluster-b", inbound_b, admin_b),
-                link("cluster-c", cluster_c, cluster_c)
-            ),
-        )
-        .unwrap();
+        write_files(
+            &a,
+            &[
+                ("dead.yaml", &service("dead", closed, true)),
+                ("looped.yaml", &service("looped", inbound_a, true)),
+                (
+                    "links.yaml",
+                    &format!(
+                        "{}---\n{}",
+                        link("cluster-b", inbound_b, admin_b),
+                        link("cluster-c", cluster_c, cluster_c)
+                    ),
+                ),
+            ],
+        );
 
         let b = root.join("manifests-cluster-b");
         std::fs::create_dir_all(b.join("clusters/cluster-a")).unwrap();
-        std::fs::write(
-            b.join("settings.yaml"),
-            cluster_settings("cluster-b", inbound_b),
-        )
-        .unwrap();
-        std::fs::write(
-            b.join("link-cluster-a.yaml"),
-            link("cluster-a", inbound_a, admin_a),
-        )
-        .unwrap();
+        write_files(
+            &b,
+            &[
+                ("settings.yaml", &cluster_settings("cluster-b", inbound_b)),
+                (
+                    "link-cluster-a.yaml",
+                    &link("cluster-a", inbound_a, admin_a),
+                ),
+            ],
+        );
         // What cluster-b knows of cluster-a, as a controller watching it would see.
-        std::fs::write(
-            b.join("clusters/cluster-a/settings.yaml"),
-            cluster_settings("cluster-a", inbound_a),
-        )
-        .unwrap();
-        std::fs::write(
-            b.join("clusters/cluster-a/hello.yaml"),
-            service("hello", echo.addr, true),
-        )
-        .unwrap();
+        write_files(
+            &b,
+            &[
+                (
+                    "clusters/cluster-a/settings.yaml",
+                    &cluster_settings("cluster-a", inbound_a),
+                ),
+                (
+                    "clusters/cluster-a/hello.yaml",
+                    &service("hello", echo.addr, true),
+                ),
+            ],
+        );
 
         let mut gw_a = Gateway::spawn("cluster-a", root, inbound_a, admin_a);
         let mut gw_b = Gateway::spawn("cluster-b", root, inbound_b, admin_b);
@@ -851,11 +859,10 @@ async fn exports_and_links_reload_without_restart_and_bad_files_keep_the_old_rou
     assert_eq!(sidecar.refusal(HELLO2, "cluster-a").await, Refusal::NoRoute);
 
     let manifests = mesh.dir.path().join("manifests-cluster-a");
-    std::fs::write(
-        manifests.join("hello2.yaml"),
-        service("hello2", mesh.echo.addr, true),
-    )
-    .unwrap();
+    write_files(
+        &manifests,
+        &[("hello2.yaml", &service("hello2", mesh.echo.addr, true))],
+    );
     let started = Instant::now();
     let stream = eventually("hello2 to be routed", STEP, || async {
         sidecar.open(HELLO2, "cluster-a").await.ok()
@@ -868,11 +875,13 @@ async fn exports_and_links_reload_without_restart_and_bad_files_keep_the_old_rou
     assert_eq!(round_trip(stream, b"new").await, b"new");
 
     let generation = mesh.gw_a.config().await["discovery"]["status"]["generation"].clone();
-    std::fs::write(
-        manifests.join("broken.yaml"),
-        "apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n",
-    )
-    .unwrap();
+    write_files(
+        &manifests,
+        &[(
+            "broken.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n",
+        )],
+    );
     let status = eventually("gateway-a to report the bad manifest", STEP, || async {
         let status = mesh.gw_a.config().await["discovery"]["status"].clone();
         (status["stale"] == true).then_some(status)
@@ -959,13 +968,13 @@ async fn a_silent_peer_gateway_is_link_down_within_the_connect_timeout() {
     let silent_addr = silent.local_addr().unwrap().as_socket().unwrap();
 
     // A Link added at run time gets its pool without a restart.
-    std::fs::write(
-        mesh.dir
-            .path()
-            .join("manifests-cluster-b/link-cluster-d.yaml"),
-        link("cluster-d", silent_addr, silent_addr),
-    )
-    .unwrap();
+    write_files(
+        &mesh.dir.path().join("manifests-cluster-b"),
+        &[(
+            "link-cluster-d.yaml",
+            &link("cluster-d", silent_addr, silent_addr),
+        )],
+    );
     eventually(
         "gateway-b to pick up the Link to cluster-d",
         STEP,
@@ -1089,7 +1098,7 @@ async fn a_gateway_rotates_its_identity_without_dropping_streams() {
     // A broken update (a key that does not match the certificate) is refused and
     // the renewed leaf stays in use.
     let other = mesh.pki.leaf("cluster-a", &gateway_id("cluster-a"));
-    std::fs::write(dir.join("tls.key"), &other.key_pem).unwrap();
+    write_files(&dir, &[("tls.key", &other.key_pem)]);
     let refused = eventually("gateway-a to refuse the bad key", STEP, || async {
         let now = identity(mesh.gw_a.config().await);
         (now["refusals"].as_u64() > after["refusals"].as_u64()).then_some(now)
@@ -1199,7 +1208,10 @@ async fn a_mirror_added_at_run_time_is_reached_by_name_through_both_gateways() {
     );
 
     // Applying the seed's ServiceMirror makes the route appear without a restart.
-    std::fs::write(root.join("manifests-cluster-b/mirror.yaml"), SEED_MIRROR).unwrap();
+    write_files(
+        &root.join("manifests-cluster-b"),
+        &[("mirror.yaml", SEED_MIRROR)],
+    );
     let (head, mut stream) = eventually("the mirrored route", STEP, || async {
         let (head, stream) = connect_via(listen, HELLO).await;
         head.starts_with("HTTP/1.1 200").then_some((head, stream))
@@ -1271,11 +1283,10 @@ async fn streams_to_a_meshed_pod_enter_through_its_sidecar() {
     // meshed: a Pod labelled so, named by the endpoint's targetRef.
     let app = Echo::start(pod_ip.into()).await;
     let pod_endpoint = app.addr;
-    std::fs::write(
-        root.join("manifests-cluster-a/meshed.yaml"),
-        meshed_service("meshed", pod_endpoint, true),
-    )
-    .unwrap();
+    write_files(
+        &root.join("manifests-cluster-a"),
+        &[("meshed.yaml", &meshed_service("meshed", pod_endpoint, true))],
+    );
     let client = mesh.sidecar_b();
     let authority = "meshed.default.svc.cluster.local:80";
     let stream = eventually("the meshed service", STEP, || async {

@@ -1,7 +1,8 @@
 //! What the suites that run the standalone `isthmus-proxy` on loopback share: its
 //! command line (on the test-support process fixture), free ports, a minted
 //! identity, a thread-per-connection server (an echo server on it), reading an
-//! HTTP/1 head, a CONNECT tunnel and a round trip on any stream.
+//! HTTP/1 head, a CONNECT tunnel, a round trip on any stream and writing a
+//! directory of manifests.
 //!
 //! Deliberately not here: each suite's fixtures and readiness checks, and the
 //! gateway and sidecar roles' command lines (their flags differ per suite) and origin servers whose answers a suite
@@ -147,4 +148,14 @@ where
         .await
         .expect("round trip hung");
     back
+}
+
+/// Writes each `(file name, contents)` into the directory `dir`, creating it first.
+pub fn write_files<T: AsRef<[u8]>>(dir: &Path, files: &[(&str, T)]) {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    for (name, contents) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, contents)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
 }
