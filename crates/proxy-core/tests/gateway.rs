@@ -209,6 +209,7 @@ impl GatewayUnderTest {
                     h2: H2Settings::default(),
                     handshake_failed: None,
                     deadline: None,
+                    resolve: Default::default(),
                 },
             },
             table.clone(),

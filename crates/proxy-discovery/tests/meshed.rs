@@ -200,7 +200,12 @@ async fn watch(server: &TestApiServer) -> (Discovery, oneshot::Sender<()>) {
 
 #[tokio::test]
 async fn the_kube_source_watches_every_pod_and_joins_them_by_target_ref() {
-    let server = TestApiServer::builder().start().await.unwrap();
+    // The address the Service asks for must lie in the API server's range.
+    let server = TestApiServer::builder()
+        .service_cluster_ip_range("198.19.0.0/16".parse().unwrap())
+        .start()
+        .await
+        .unwrap();
     let post = PostParams::default();
     let services: Api<Service> = Api::namespaced(server.client(), "default");
     let slices: Api<EndpointSlice> = Api::namespaced(server.client(), "default");
