@@ -12,7 +12,7 @@
 //! the cluster's settings unless the caller adds more.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::binary::{WorldExecutable, binary};
-use crate::netns::{Lab, Namespace, run_checked};
+use crate::netns::{Fam, Lab, Namespace, Pair, run_checked};
 use crate::tcp;
 
 /// The UID the proxy runs as, which the capture exempts.
@@ -296,24 +296,9 @@ impl SidecarPod {
     /// [`SidecarPod::start`] with the family, log filter and flags of `options`.
     pub fn start_with(mint: impl FnOnce(&Path), options: PodOptions<'_>) -> anyhow::Result<Self> {
         let lab = Lab::new();
-        let pod = lab.namespace();
-        let server = lab.namespace();
-        let (pod_if, server_if) = lab.veth(&pod, &server)?;
-        pod.add_addr(&pod_if, "198.18.0.2/24")?;
-        pod.add_addr(&pod_if, "2001:2::2/64")?;
-        server.add_addr(&server_if, "198.18.0.1/24")?;
-        server.add_addr(&server_if, "2001:2::1/64")?;
-        let (pod_ip, server_ip) = if options.ipv6 {
-            (
-                IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2)),
-                IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1)),
-            )
-        } else {
-            (
-                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
-                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
-            )
-        };
+        let Pair { pod, server, .. } = lab.pair(true);
+        let fam = if options.ipv6 { Fam::V6 } else { Fam::V4 };
+        let (pod_ip, server_ip) = (fam.pod_ip(), fam.server_ip());
         let init = binary("isthmus-init");
         // For IPv6, isthmus-init also adds ::6 to lo, the sidecar's inbound delivery
         // source: the IPv6 inbound tests fail without it.

@@ -36,7 +36,7 @@ use isthmus_tests::binary::binary;
 use isthmus_tests::figure::figure;
 use isthmus_tests::identity::{self, Pki};
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, service};
-use isthmus_tests::netns::{Lab, Namespace};
+use isthmus_tests::netns::{Lab, Namespace, Pair};
 use isthmus_tests::pod::{self, SidecarPod, metric};
 use isthmus_tests::tcp::{self, WAIT, read_once};
 use isthmus_vocab::{Authority, ClusterName, SpiffeId};
@@ -563,11 +563,11 @@ impl Drop for Gateways {
 impl Gateways {
     fn start(pki: &Pki) -> Self {
         let lab = Lab::new();
-        let ns_a = lab.namespace();
-        let ns_b = lab.namespace();
-        let (if_b, if_a) = lab.veth(&ns_b, &ns_a).unwrap();
-        ns_b.add_addr(&if_b, "198.18.0.1/24").unwrap();
-        ns_a.add_addr(&if_a, "198.18.0.2/24").unwrap();
+        let Pair {
+            pod: ns_a,
+            server: ns_b,
+            ..
+        } = lab.pair(false);
         let gw_b: SocketAddr = "198.18.0.1:4143".parse().unwrap();
         // On loopback: the test reads gateway-b's /config, which answers loopback only.
         let admin_b: SocketAddr = "127.0.0.1:4191".parse().unwrap();

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use isthmus_tests::binary::{WorldExecutable, binary};
 use isthmus_tests::figure::figure;
 use isthmus_tests::identity;
-use isthmus_tests::netns::{Lab, Namespace};
+use isthmus_tests::netns::{Lab, Namespace, Pair};
 use isthmus_tests::pod::{self, metric};
 use isthmus_tests::tcp::{self, WAIT};
 
@@ -56,11 +56,7 @@ impl Drop for Setup {
 
 fn setup() -> Setup {
     let lab = Lab::new();
-    let pod = lab.namespace();
-    let server = lab.namespace();
-    let (pod_if, server_if) = lab.veth(&pod, &server).unwrap();
-    pod.add_addr(&pod_if, "198.18.0.2/24").unwrap();
-    server.add_addr(&server_if, "198.18.0.1/24").unwrap();
+    let Pair { pod, server, .. } = lab.pair(false);
     let uid = EXEMPT_UID.to_string();
     pod.exec(
         binary("isthmus-init").to_str().unwrap(),
@@ -249,11 +245,12 @@ fn an_endpoint_at_an_own_address_and_a_wildcard_listener_port_is_the_proxy() {
     use proxy_core::addr::LocalAddrs;
 
     let lab = Lab::new();
-    let gw = lab.namespace();
-    let peer = lab.namespace();
-    let (gw_if, peer_if) = lab.veth(&gw, &peer).unwrap();
-    gw.add_addr(&gw_if, "198.18.0.2/24").unwrap();
-    peer.add_addr(&peer_if, "198.18.0.1/24").unwrap();
+    // The peer namespace only gives the gateway's interface an address and a link.
+    let Pair {
+        pod: gw,
+        pod_if: gw_if,
+        ..
+    } = lab.pair(false);
     let listeners: Vec<SocketAddr> = ["0.0.0.0:4143", "[::]:4191"]
         .iter()
         .map(|l| l.parse().unwrap())

@@ -5,6 +5,7 @@
 //! in network namespaces, by the workspace's end-to-end tests.
 #![allow(clippy::unwrap_used)]
 
+use isthmus_test_support::test_cases;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -293,15 +294,10 @@ fn install_moves_the_capture(held: Mode) {
     assert_eq!(checked.len(), 4, "every backend and family is checked");
 }
 
-#[test]
-fn legacy_holds_the_capture_nft_install_moves_it() {
-    install_moves_the_capture(Mode::Legacy);
-}
-
-#[test]
-fn nft_holds_the_capture_legacy_install_moves_it() {
-    install_moves_the_capture(Mode::Nft);
-}
+test_cases!(install_moves_the_capture {
+    legacy_holds_the_capture_nft_install_moves_it: Mode::Legacy,
+    nft_holds_the_capture_legacy_install_moves_it: Mode::Nft,
+});
 
 #[test]
 fn cleanup_removes_copies_from_every_backend() {

@@ -307,10 +307,14 @@ fn objects(options: &InstallOptions) -> Result<Vec<serde_json::Value>> {
     for object in identity::objects(options) {
         push(object);
     }
-    push(
-        serde_json::to_value(Object::ClusterSettings(cluster_settings(options)?))
-            .context("rendering ClusterSettings")?,
-    );
+    let mut settings = serde_json::to_value(Object::ClusterSettings(cluster_settings(options)?))
+        .context("rendering ClusterSettings")?;
+    // The cluster's service range is the API server's, which allocates every
+    // ClusterIP; install cannot know it and the controller does not read it.
+    if let Some(spec) = settings.get_mut("spec").and_then(|s| s.as_object_mut()) {
+        spec.remove("serviceCIDR");
+    }
+    push(settings);
     push(to_json(&controller_deployment(options)));
     push(to_json(&gateway_deployment(options)));
     push(to_json(&gateway_service(options)));

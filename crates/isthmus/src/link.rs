@@ -189,6 +189,9 @@ pub async fn read(args: &LinkArgs) -> Result<LinkInput> {
     };
     let gateway_address =
         GatewayAddress::parse(&address).map_err(|e| anyhow::anyhow!("the gateway address: {e}"))?;
+    // The linking gateway would refuse it: say so now, in its words.
+    proxy_core::resolve::GatewayHost::parse(gateway_address.as_str())
+        .map_err(|e| anyhow::anyhow!("the gateway address: {e}"))?;
     let identity = match &args.gateway_identity {
         Some(id) => id.clone(),
         None => gateway

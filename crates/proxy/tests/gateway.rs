@@ -25,7 +25,7 @@ use std::time::Duration;
 use isthmus_test_support::echo::Echo;
 use isthmus_test_support::proxy::free_addr;
 use isthmus_test_support::{Pki, Proxy, STEP, eventually};
-use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, service};
+use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, meshed_service, service};
 use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
 use proxy_core::pool::{LinkState, Pool, PoolError};
 use proxy_identity::mint::{self, LeafBundle};
@@ -1317,35 +1317,7 @@ async fn streams_to_a_meshed_pod_enter_through_its_sidecar() {
     let pod_endpoint = app.addr;
     std::fs::write(
         root.join("manifests-cluster-a/meshed.yaml"),
-        format!(
-            "apiVersion: v1
-kind: Service
-metadata:
-  name: meshed
-  namespace: default
-  labels: {{mirror.isthmus.io/exported: \"true\"}}
-spec:
-  ports: [{{port: 80, protocol: TCP, targetPort: {port}}}]
----
-apiVersion: v1
-kind: Endpoints
-metadata: {{name: meshed, namespace: default}}
-subsets:
-- addresses:
-  - ip: '{ip}'
-    targetRef: {{kind: Pod, namespace: default, name: meshed-0}}
-  ports: [{{port: {port}, protocol: TCP}}]
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: meshed-0
-  namespace: default
-  labels: {{isthmus.io/meshed: \"true\"}}
-",
-            ip = pod_endpoint.ip(),
-            port = pod_endpoint.port(),
-        ),
+        meshed_service("meshed", pod_endpoint, true),
     )
     .unwrap();
     let client = mesh.sidecar_b();

@@ -265,18 +265,7 @@ async fn only_leaves_of_the_gateways_own_issuers_are_relayed() {
             "cluster-c's gateway with both of gateway-b's issuers",
             Presented::doctored(&c_gateway, &[&ib, &ib_new, &ic]),
         ),
-    ] {
-        for target in ["cluster-a", "cluster-c"] {
-            attacks.push(attack(
-                format!("{what} to {target}"),
-                &who,
-                HELLO,
-                &[target.as_bytes()],
-            ));
-        }
-    }
-    // Identities of cluster-b minted by other clusters' issuers.
-    for (what, who) in [
+        // Identities of cluster-b minted by other clusters' issuers.
         (
             "cluster-b's workload ID from cluster-c's issuer",
             Presented::doctored(&c_minted_b_workload, &[&ib, &ic]),

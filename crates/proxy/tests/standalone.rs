@@ -5,41 +5,31 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Proxy, STEP, connect_through, echo, free_port, mint_identity, spawn_standalone};
+use common::{
+    Proxy, STEP, connect_through, echo, free_port, mint_identity, read_head, serve_each,
+    spawn_standalone,
+};
 
 /// A tiny HTTP/1.1 origin that answers every request with its request line.
 fn origin() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                stream.set_read_timeout(Some(STEP)).unwrap();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if stream.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let line = String::from_utf8_lossy(&head);
-                let line = line.lines().next().unwrap_or_default().to_owned();
-                let body = format!("origin saw: {line}\n");
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            });
-        }
-    });
-    addr
+    serve_each(|mut stream| {
+        stream.set_read_timeout(Some(STEP)).unwrap();
+        let Some(head) = read_head(&mut stream) else {
+            return;
+        };
+        let line = String::from_utf8_lossy(&head);
+        let line = line.lines().next().unwrap_or_default().to_owned();
+        let body = format!("origin saw: {line}\n");
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    })
 }
 
 fn start(dir: &Path) -> (Proxy, SocketAddr, SocketAddr) {

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use super::*;
 
 fn store(history: usize) -> Store {
-    Store::new(Vec::new(), history)
+    Store::new(Vec::new(), history, ServiceRange::default())
 }
 
 fn cm(name: &str, extra: Value) -> Value {
