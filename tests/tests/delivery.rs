@@ -126,13 +126,9 @@ struct Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- sidecar log ---\n{}\n--- namespaces ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default(),
-                self._lab.diagnostics()
-            );
-        }
+        pod::show_log_if_failing(&self.log, "", || {
+            format!("\n--- namespaces ---\n{}", self._lab.diagnostics())
+        });
     }
 }
 
