@@ -18,25 +18,23 @@
 
 mod common;
 
-use isthmus_tests::peer::test_peer;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{round_trip, spawn_standalone, write_files};
+use common::{Client, round_trip, spawn_standalone, write_files};
 use isthmus_test_support::echo::Echo;
 use isthmus_test_support::proxy::free_addr;
 use isthmus_test_support::{Pki, Proxy, STEP, eventually};
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, meshed_service, service};
 use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
-use proxy_core::pool::{LinkState, Pool, PoolError};
+use proxy_core::pool::{LinkState, PoolError};
 use proxy_identity::mint::{self, LeafBundle};
-use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
+use proxy_identity::{CredentialPaths, CredentialStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
-use tokio_util::sync::CancellationToken;
 
 /// How often the gateways re-read their manifests.
 const RELOAD: &str = "200ms";
@@ -179,41 +177,8 @@ fn write_identity(dir: &Path, leaf: &LeafBundle) -> Arc<CredentialStore> {
     Arc::new(CredentialStore::load(CredentialPaths::in_dir(dir)).unwrap())
 }
 
-/// A test client's warm pool to one gateway; its tasks stop when dropped.
-struct Client {
-    pool: Pool,
-    _stop: CancellationToken,
-}
-
+/// What the gateway suite asks of a client beyond opening streams.
 impl Client {
-    fn new(store: Arc<CredentialStore>, gateway: SocketAddr, expect: SpiffeId) -> Client {
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        let pool = Pool::spawn(
-            test_peer(
-                &format!("test/{gateway}"),
-                gateway,
-                proxy_identity::client_config(store, PeerPolicy::Exact(expect)),
-                2,
-                STEP,
-            ),
-            stopped,
-        );
-        Client { pool, _stop: stop }
-    }
-
-    async fn open(
-        &self,
-        authority: &str,
-        cluster: &str,
-    ) -> Result<proxy_core::tunnel::client::TunnelStream, PoolError> {
-        let authority = Authority::parse(authority).unwrap();
-        let cluster = ClusterName::parse(cluster).unwrap();
-        timeout(STEP, self.pool.open_answered(&authority, Some(&cluster)))
-            .await
-            .unwrap_or_else(|_| panic!("opening {authority} in {cluster} hung"))
-    }
-
     /// The refusal a stream gets within [`FAIL_FAST_BOUND`], failing if it was
     /// opened, failed another way or kept waiting.
     async fn refusal(&self, authority: &str, cluster: &str) -> Refusal {
@@ -387,7 +352,7 @@ impl Mesh {
     /// must present `expect`'s gateway identity.
     fn client(&self, name: &str, leaf: &LeafBundle, gateway: SocketAddr, expect: &str) -> Client {
         let store = write_identity(&self.dir.path().join(name), leaf);
-        Client::new(store, gateway, gateway_id(expect))
+        Client::new(store, gateway, gateway_id(expect), 2, STEP)
     }
 
     /// gateway-b's own identity, as it is on disk now, dialling gateway-a: a peer
@@ -395,7 +360,7 @@ impl Mesh {
     fn gateway_b_to_a(&self) -> Client {
         let paths = CredentialPaths::in_dir(self.dir.path().join("identity-cluster-b"));
         let store = Arc::new(CredentialStore::load(paths).unwrap());
-        Client::new(store, self.gw_a.inbound, gateway_id("cluster-a"))
+        Client::new(store, self.gw_a.inbound, gateway_id("cluster-a"), 2, STEP)
     }
 }
 
@@ -1134,18 +1099,9 @@ async fn a_link_to_an_ipv6_gateway_carries_streams() {
     );
 }
 
-/// The seed's ServiceMirror, verbatim but for its comments.
-const SEED_MIRROR: &str = "apiVersion: linkerd.io/v1alpha1
-kind: ServiceMirror
-metadata:
-  name: hello-mirror
-  namespace: default
-spec:
-  cluster: cluster-a
-  service:
-    name: hello
-    namespace: default
-";
+/// The seed's ServiceMirror, as the example ships it.
+const SEED_MIRROR: &str =
+    include_str!("../../../examples/seed/cluster-b/cluster-b-servicemirror.yaml");
 
 /// Sends `CONNECT authority` through an explicit proxy; the answer's head and, on
 /// 200, the open stream.
