@@ -355,6 +355,16 @@ impl Mesh {
         Client::new(store, gateway, gateway_id(expect), 2, STEP)
     }
 
+    /// Waits until gateway-b's `gateway_link_up` for its link to cluster-a is
+    /// `value` (the gauge is refreshed periodically, not on every change).
+    async fn link_gauge_is(&self, value: u8) {
+        let sample = format!("gateway_link_up{{cluster=\"cluster-a\"}} {value}");
+        eventually(&sample, STEP, || async {
+            self.gw_b.metrics().await.contains(&sample).then_some(())
+        })
+        .await;
+    }
+
     /// gateway-b's own identity, as it is on disk now, dialling gateway-a: a peer
     /// gateway.
     fn gateway_b_to_a(&self) -> Client {
@@ -497,13 +507,7 @@ async fn streams_cross_both_gateways_over_a_pooled_link() {
     assert!(state.starts_with("up ("), "{config:#}");
     eprintln!("gateway-b /config link state: {state}");
     // The gauge and the probe are refreshed periodically, not on every change.
-    eventually("gateway_link_up to be 1", STEP, || async {
-        let metrics = mesh.gw_b.metrics().await;
-        metrics
-            .contains("gateway_link_up{cluster=\"cluster-a\"} 1")
-            .then_some(())
-    })
-    .await;
+    mesh.link_gauge_is(1).await;
     eventually("the link probe to succeed", STEP, || async {
         let config = mesh.gw_b.config().await;
         (config["links"]["cluster-a"]["probe"]["ok"] == true).then_some(())
@@ -784,13 +788,7 @@ async fn a_dead_peer_gateway_is_link_down_fast_and_the_link_recovers() {
         .to_owned();
     assert!(state.starts_with("down"), "{config:#}");
     eprintln!("gateway-b /config link state: {state}");
-    eventually("gateway_link_up to be 0", STEP, || async {
-        let metrics = mesh.gw_b.metrics().await;
-        metrics
-            .contains("gateway_link_up{cluster=\"cluster-a\"} 0")
-            .then_some(())
-    })
-    .await;
+    mesh.link_gauge_is(0).await;
     let probe = eventually("the link probe to fail", STEP, || async {
         let config = mesh.gw_b.config().await;
         let probe = config["links"]["cluster-a"]["probe"].clone();
