@@ -197,6 +197,18 @@ impl Client {
         }
     }
 
+    /// Waits until a stream to `authority` in `cluster` is refused with `refusal`
+    /// (`what` happened).
+    async fn until_refused(&self, what: &str, authority: &str, cluster: &str, refusal: Refusal) {
+        eventually(what, STEP, || async {
+            match self.open(authority, cluster).await {
+                Err(PoolError::Refused { refusal: got, .. }) if got == refusal => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+    }
+
     /// Waits until the pool's state satisfies `ok` (bounded), returning it.
     async fn wait_state(&self, what: &str, ok: impl Fn(&LinkState) -> bool) -> LinkState {
         let deadline = Instant::now() + STEP;
@@ -871,16 +883,14 @@ async fn exports_and_links_reload_without_restart_and_bad_files_keep_the_old_rou
     // Fixing the file resumes reloads; removing an export removes the route.
     std::fs::remove_file(manifests.join("broken.yaml")).unwrap();
     std::fs::remove_file(manifests.join("hello2.yaml")).unwrap();
-    eventually("hello2 to be withdrawn", STEP, || async {
-        match sidecar.open(HELLO2, "cluster-a").await {
-            Err(PoolError::Refused {
-                refusal: Refusal::NoRoute,
-                ..
-            }) => Some(()),
-            _ => None,
-        }
-    })
-    .await;
+    sidecar
+        .until_refused(
+            "hello2 to be withdrawn",
+            HELLO2,
+            "cluster-a",
+            Refusal::NoRoute,
+        )
+        .await;
 
     // Removing cluster-b's Link to cluster-a closes the link; restoring it reopens it.
     let link_file = mesh
@@ -889,16 +899,14 @@ async fn exports_and_links_reload_without_restart_and_bad_files_keep_the_old_rou
         .join("manifests-cluster-b/link-cluster-a.yaml");
     let link_yaml = std::fs::read_to_string(&link_file).unwrap();
     std::fs::remove_file(&link_file).unwrap();
-    eventually("cluster-a to become unknown at gateway-b", STEP, || async {
-        match sidecar.open(HELLO, "cluster-a").await {
-            Err(PoolError::Refused {
-                refusal: Refusal::UnknownCluster,
-                ..
-            }) => Some(()),
-            _ => None,
-        }
-    })
-    .await;
+    sidecar
+        .until_refused(
+            "cluster-a to become unknown at gateway-b",
+            HELLO,
+            "cluster-a",
+            Refusal::UnknownCluster,
+        )
+        .await;
     let config = mesh.gw_b.config().await;
     assert!(config["links"]["cluster-a"].is_null(), "{config:#}");
     std::fs::write(&link_file, link_yaml).unwrap();
