@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Client, round_trip, spawn_standalone, write_files};
+use common::{Client, assert_echoed, round_trip, spawn_standalone, write_files};
 use isthmus_test_support::echo::Echo;
 use isthmus_test_support::proxy::free_addr;
 use isthmus_test_support::{Pki, Proxy, STEP, eventually};
@@ -995,13 +995,7 @@ async fn sigterm_drains_relayed_streams_then_cuts_the_rest() {
     let mut finishing = sidecar.open(HELLO, "cluster-a").await.unwrap();
     let mut lingering = sidecar.open(HELLO, "cluster-a").await.unwrap();
     for stream in [&mut finishing, &mut lingering] {
-        stream.write_all(b"1").await.unwrap();
-        let mut byte = [0u8; 1];
-        timeout(STEP, stream.read_exact(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(&byte, b"1");
+        assert_echoed(stream, b"1").await;
     }
 
     mesh.gw_b.terminate();
@@ -1038,12 +1032,7 @@ async fn a_gateway_rotates_its_identity_without_dropping_streams() {
     let mesh = Mesh::start(68).await;
     let sidecar = mesh.sidecar_b();
     let mut stream = sidecar.open(HELLO, "cluster-a").await.unwrap();
-    stream.write_all(b"1").await.unwrap();
-    let mut byte = [0u8; 1];
-    timeout(STEP, stream.read_exact(&mut byte))
-        .await
-        .unwrap()
-        .unwrap();
+    assert_echoed(&mut stream, b"1").await;
     let identity = |config: serde_json::Value| config["identity"].clone();
     let before = identity(mesh.gw_a.config().await);
 

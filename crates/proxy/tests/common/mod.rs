@@ -2,7 +2,8 @@
 //! command line (on the test-support process fixture), free ports, a minted
 //! identity, a thread-per-connection server (an echo server on it), reading an
 //! HTTP/1 head, a CONNECT tunnel, a round trip on any stream, writing a
-//! directory of manifests, and a mesh client: a warm pool to one gateway.
+//! directory of manifests, an echo check, and a mesh client: a warm pool to one
+//! gateway.
 //!
 //! Deliberately not here: each suite's fixtures and readiness checks, and the
 //! gateway and sidecar roles' command lines (their flags differ per suite) and origin servers whose answers a suite
@@ -209,4 +210,20 @@ impl Client {
         .await
         .unwrap_or_else(|_| panic!("opening {authority} in {cluster} hung"))
     }
+}
+
+/// Sends `bytes` on `stream` and reads as many back, which must be the same: an
+/// echo that keeps the stream open.
+pub async fn assert_echoed<S>(stream: &mut S, bytes: &[u8])
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(bytes).await.unwrap();
+    let mut back = vec![0u8; bytes.len()];
+    tokio::time::timeout(STEP, stream.read_exact(&mut back))
+        .await
+        .expect("the echo hung")
+        .unwrap();
+    assert_eq!(back, bytes);
 }
