@@ -537,15 +537,7 @@ struct Gateways {
 
 impl Drop for Gateways {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            for log in &self.logs {
-                eprintln!(
-                    "--- {} ---\n{}",
-                    log.display(),
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-        }
+        pod::show_logs_if_failing(&self.logs);
     }
 }
 
