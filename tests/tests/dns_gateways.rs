@@ -4,7 +4,8 @@
 //!
 //! - a Link whose `gatewayAddress` is a name carries streams, and when the name
 //!   moves to another peer gateway, new streams follow without a restart while a
-//!   stream opened before finishes where it began;
+//!   stream opened before finishes where it began; when the name stops resolving,
+//!   the last good address keeps serving, and `/config` and the metrics say so;
 //! - the same for the gateway a cluster's settings name, which the outbound side
 //!   (here the standalone role, which dials its cluster's gateway exactly as the
 //!   sidecar does, without needing capture) keeps resolved.
@@ -25,7 +26,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use isthmus_test_support::eventually_blocking;
+use isthmus_test_support::{Metrics, eventually_blocking};
 use isthmus_tests::binary::binary;
 use isthmus_tests::identity::Pki;
 use isthmus_tests::multicluster::{
@@ -260,6 +261,16 @@ impl World {
         started.elapsed()
     }
 
+    /// A sample of `family` with the label `label` on gateway b1's `/metrics`.
+    fn b1_metric(&self, family: &str, label: &str) -> Option<f64> {
+        let response = self
+            .b1
+            .run(|| pod::http_get(addr(ADMIN), "/metrics"))
+            .unwrap();
+        let (_, body) = response.split_once("\r\n\r\n")?;
+        Metrics::parse(body).get(family, &[label])
+    }
+
     /// `/config` of the proxy in `ns`, without whitespace.
     fn config(ns: &Namespace) -> String {
         let response = ns.run(|| pod::http_get(addr(ADMIN), "/config")).unwrap();
@@ -328,6 +339,24 @@ fn follows_its_name(
     }
     // ...while the stream opened before finishes on the old one.
     still_carries(&mut held, "still a1\n");
+
+    // The name stops resolving (the namespace's nameserver does not answer): the
+    // last good address keeps serving, and /config and the metrics say so.
+    world.b1.write_hosts("").unwrap();
+    let config = eventually_blocking("the failing lookup on /config", MOVE_WITHIN, || {
+        Some(World::config(&world.b1)).filter(|c| c.contains("\"failing\":{"))
+    });
+    assert!(
+        config.contains(&format!("cannotresolve{A_NAME}")),
+        "/config does not say why: {config}"
+    );
+    assert_dns(&config, "198.18.0.3:4143");
+    let name = format!("name=\"{A_NAME}:4143\"");
+    assert_eq!(world.b1_metric("peer_dns_lookup_ok", &name), Some(0.0));
+    assert_eq!(world.b1_metric("peer_dns_addresses", &name), Some(1.0));
+    for _ in 0..3 {
+        assert_eq!(world.open().unwrap().1, "a2");
+    }
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! What the suites that run the standalone `isthmus-proxy` on loopback share: its
 //! command line (on the test-support process fixture), free ports, a minted
 //! identity, a thread-per-connection server (an echo server on it), reading an
-//! HTTP/1 head and a CONNECT tunnel.
+//! HTTP/1 head, a CONNECT tunnel, a round trip on any stream and writing a
+//! directory of manifests.
 //!
 //! Deliberately not here: each suite's fixtures and readiness checks, and the
 //! gateway and sidecar roles' command lines (their flags differ per suite) and origin servers whose answers a suite
@@ -12,6 +13,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use isthmus_test_support::{Pki, Proxy, STEP};
 
@@ -115,4 +117,45 @@ pub fn connect_through(listen: SocketAddr, target: SocketAddr) -> TcpStream {
         String::from_utf8_lossy(&head)
     );
     tunnel
+}
+
+/// Sends `payload` on `stream`, half-closes, and returns all that comes back until
+/// the far side closes; fails the test if that takes longer than [`STEP`].
+pub async fn round_trip<S>(stream: S, payload: &[u8]) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    round_trip_within(stream, payload, STEP).await
+}
+
+/// [`round_trip`] with a bound of `limit`.
+pub async fn round_trip_within<S>(stream: S, payload: &[u8], limit: Duration) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let write = async {
+        wr.write_all(payload).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let read = async {
+        let mut back = Vec::with_capacity(payload.len());
+        rd.read_to_end(&mut back).await.unwrap();
+        back
+    };
+    let ((), back) = tokio::time::timeout(limit, async { tokio::join!(write, read) })
+        .await
+        .expect("round trip hung");
+    back
+}
+
+/// Writes each `(file name, contents)` into the directory `dir`, creating it first.
+pub fn write_files<T: AsRef<[u8]>>(dir: &Path, files: &[(&str, T)]) {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    for (name, contents) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, contents)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
 }
