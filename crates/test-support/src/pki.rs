@@ -258,16 +258,7 @@ pub fn forged_ca_of(
 /// A self-signed CA copying a cluster issuer's subject, with its own key.
 pub fn impostor_ca(cluster: &str) -> CertificateAuthority {
     let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "isthmus");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("isthmus issuer {cluster}"));
-    params
-        .distinguished_name
-        .push(DnType::OrganizationalUnitName, cluster);
+    params.distinguished_name = mint::issuer_name(cluster);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let key = KeyPair::generate().unwrap();
