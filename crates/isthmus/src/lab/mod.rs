@@ -16,6 +16,8 @@
 //!   sidecar, containers), output, the end and its summary.
 //! - [`process`]: starting proxies and containers, their prefixed output, admin
 //!   queries, packet captures.
+//! - [`project`]: a pod's mounted volumes, updated as kubelet projects a
+//!   ConfigMap (the atomic `..data` swap).
 //! - [`summary`]: reading the proxies' `/metrics` into the end-of-run table.
 //! - [`hello`]: the built-in `nginxdemos/hello:plain-text`.
 //! - [`relay`]: the WAN delay relay behind `--wan-delay`.
@@ -27,6 +29,7 @@ pub mod hello;
 pub mod net;
 pub mod plan;
 pub mod process;
+pub mod project;
 pub mod relay;
 pub mod run;
 pub mod spec;

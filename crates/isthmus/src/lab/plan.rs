@@ -51,8 +51,8 @@ pub const TUNNEL_PORT: u16 = isthmus_vocab::ports::DEFAULT_INBOUND_PORT;
 pub const ADMIN_PORT: u16 = isthmus_vocab::ports::DEFAULT_ADMIN_PORT;
 /// Where a gateway's delay relay listens on the WAN, when `--wan-delay` is set.
 pub const RELAY_PORT: u16 = 4153;
-/// The namespace of gateway identities.
-pub const GATEWAY_NAMESPACE: &str = "isthmus-multicluster";
+/// The namespace of the gateway and the mesh's objects: `isthmus install`'s.
+pub const GATEWAY_NAMESPACE: &str = crate::install::NAMESPACE;
 /// The iptables chain that stands in for kube-proxy in every pod.
 pub const SERVICES_CHAIN: &str = "LAB_SERVICES";
 /// The pod-template annotation that keeps a pod out of the mesh when `disabled`.
@@ -596,7 +596,12 @@ fn place(index: usize, c: &ClusterSpec) -> Result<ClusterPlan, PlanError> {
         gateway_ip: net(2),
         wan_ip: Ipv4Addr::new(WAN_NET[0], WAN_NET[1], WAN_NET[2], third),
         service_cidr,
-        gateway_identity: format!("spiffe://{td}/ns/{GATEWAY_NAMESPACE}/sa/gateway-{}", c.name),
+        // What csi-driver-spiffe issues the gateway `isthmus install` renders: its
+        // ServiceAccount's identity, the same name in every cluster.
+        gateway_identity: format!(
+            "spiffe://{td}/ns/{GATEWAY_NAMESPACE}/sa/{}",
+            crate::install::GATEWAY
+        ),
         pods,
         services,
     })

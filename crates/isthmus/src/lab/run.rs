@@ -48,9 +48,11 @@ use super::process::{
     QUIET, admin_get, container_env, describe, not_ready, print_lines, proxy_command, spawn,
     start_capture, stop_capture, walk_dirs,
 };
+use super::project::{mount_dir, project};
 use super::spec::LabSpec;
 use super::summary::{self, ProxyReport};
 use super::{NEEDS_ROOT, UpArgs};
+use crate::install::{DISCOVERY_MOUNT, IDENTITY_MOUNT};
 
 /// The image the lab serves with its built-in hello server.
 pub const HELLO_IMAGE: &str = "nginxdemos/hello:plain-text";
@@ -351,7 +353,7 @@ impl Lab {
             );
             for (who, id) in leaves {
                 let spiffe = SpiffeId::parse(&id).with_context(|| format!("identity {id}"))?;
-                let dir = self.dir(&["identity", name, &who]);
+                let dir = mount_dir(&self.pod_root(name, &who), IDENTITY_MOUNT);
                 mint::leaf(&issuer, &spiffe, validity, alg)
                     .and_then(|leaf| leaf.write_dir(&dir, true))
                     .with_context(|| format!("minting {id} for {name}/{who}"))?;
@@ -369,10 +371,9 @@ impl Lab {
                 }
             }
         }
-        std::fs::set_permissions(
-            self.dir(&["identity"]),
-            std::fs::Permissions::from_mode(0o755),
-        )?;
+        for dir in walk_dirs(&self.dir(&["pods"])) {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        }
         Ok(())
     }
 
@@ -381,28 +382,33 @@ impl Lab {
         move |pod: &PodPlan| !self.gone.contains(&pod.ip)
     }
 
-    /// (Re)writes every cluster's manifests directory, each file replaced whole so
-    /// a proxy never reads half of one.
+    /// The root of a pod's files (`gateway` for the cluster's gateway): its
+    /// volumes sit below it at their mount paths.
+    fn pod_root(&self, cluster: &str, pod: &str) -> PathBuf {
+        self.dir(&["pods", cluster, pod])
+    }
+
+    /// (Re)projects every cluster's discovery manifests into the mounted
+    /// directory of each of its proxies, as kubelet updates a ConfigMap volume,
+    /// and into the cluster's own record (what [`Self::service_ips`] reads).
     fn write_manifests(&self) -> Result<()> {
         let ready = self.ready();
         for c in &self.plan.clusters {
-            let root = self.dir(&["manifests", c.spec.name.as_str()]);
-            for (rel, text) in self.plan.manifests(c, &ready, self.links) {
-                let path = root.join(&rel);
-                let parent = path.parent().context("manifest path without a directory")?;
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("creating {}", parent.display()))?;
-                let tmp = parent.join(format!(
-                    ".{}.tmp",
-                    path.file_name()
-                        .map(|f| f.to_string_lossy())
-                        .unwrap_or_default()
-                ));
-                std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-                std::fs::rename(&tmp, &path)
-                    .with_context(|| format!("writing {}", path.display()))?;
+            let name = c.spec.name.as_str();
+            let files = self.plan.manifests(c, &ready, self.links);
+            let mut dirs = vec![self.dir(&["manifests", name])];
+            for who in std::iter::once("gateway")
+                .chain(c.pods.iter().filter(|p| p.meshed).map(|p| p.name.as_str()))
+            {
+                dirs.push(mount_dir(&self.pod_root(name, who), DISCOVERY_MOUNT));
             }
-            for dir in walk_dirs(&self.dir(&["manifests"])) {
+            for dir in dirs {
+                project(&dir, &files)
+                    .with_context(|| format!("projecting the manifests of cluster {name}"))?;
+            }
+        }
+        for root in ["manifests", "pods"] {
+            for dir in walk_dirs(&self.dir(&[root])) {
                 std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
             }
         }
@@ -572,14 +578,14 @@ impl Lab {
         let log = log.as_str();
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
-            let manifests = self.dir(&["manifests", name]);
+            let root = self.pod_root(name, "gateway");
             let gw = &self.gateway_ns[ci];
             let mut cmd = proxy_command(
                 bin,
                 "gateway",
                 name,
-                &self.dir(&["identity", name, "gateway"]),
-                &manifests,
+                &mount_dir(&root, IDENTITY_MOUNT),
+                &mount_dir(&root, DISCOVERY_MOUNT),
                 log,
             );
             cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")]);
@@ -608,15 +614,15 @@ impl Lab {
         let log = log.as_str();
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
-            let manifests = self.dir(&["manifests", name]);
             for (pi, pod) in c.pods.iter().enumerate().filter(|(_, p)| p.meshed) {
                 let ns = &self.pod_ns[&(ci, pi)];
+                let root = self.pod_root(name, &pod.name);
                 let mut cmd = proxy_command(
                     bin,
                     "sidecar",
                     name,
-                    &self.dir(&["identity", name, &pod.name]),
-                    &manifests,
+                    &mount_dir(&root, IDENTITY_MOUNT),
+                    &mount_dir(&root, DISCOVERY_MOUNT),
                     log,
                 );
                 cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")])

@@ -205,9 +205,10 @@ impl DirSource {
 
     fn read_tree(&self) -> Result<Tree, DiscoveryError> {
         let mut hasher = DefaultHasher::new();
-        let local = read_manifest_files(&generation_dir(&self.dir), &mut hasher)?;
+        let base = generation_dir(&self.dir);
+        let local = read_manifest_files(&base, &mut hasher)?;
         let mut clusters = BTreeMap::new();
-        let clusters_dir = self.dir.join(CLUSTERS_DIR);
+        let clusters_dir = base.join(CLUSTERS_DIR);
         if clusters_dir.is_dir() {
             for (name, path) in list(&clusters_dir)? {
                 if !path.is_dir() {
