@@ -114,7 +114,7 @@ pub fn sweep(all: bool) -> Swept {
 
 /// Whether `pid` is an `isthmus` process (a pid reused by anything else is not a
 /// live lab).
-fn is_lab(pid: u32) -> bool {
+pub fn is_lab(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| {
             let first = c.split(|b| *b == 0).next().unwrap_or_default();

@@ -39,6 +39,7 @@ use tokio::sync::mpsc;
 
 use isthmus_netns::{Namespace, run_checked, run_with_input};
 
+use super::apiserver::ApiServer;
 use super::net::Net;
 use super::plan::{
     Plan, PodPlan, RELAY_PORT, SERVICES_CHAIN, TUNNEL_PORT, hosts_file, mirrored_routes,
@@ -53,6 +54,8 @@ use super::spec::LabSpec;
 use super::summary::{self, ProxyReport};
 use super::{NEEDS_ROOT, UpArgs};
 use crate::install::{DISCOVERY_MOUNT, IDENTITY_MOUNT};
+
+mod control;
 
 /// The image the lab serves with its built-in hello server.
 pub const HELLO_IMAGE: &str = "nginxdemos/hello:plain-text";
@@ -162,6 +165,8 @@ impl Drop for Quiet {
 struct Binaries {
     proxy: PathBuf,
     init: PathBuf,
+    controller: PathBuf,
+    apiserver: PathBuf,
     this: PathBuf,
 }
 
@@ -189,6 +194,8 @@ impl Binaries {
         };
         Ok(Self {
             proxy: find("isthmus-proxy")?,
+            controller: find("isthmus-controller")?,
+            apiserver: find("test-apiserver")?,
             init: find("isthmus-init")?,
             this,
         })
@@ -227,6 +234,12 @@ struct Lab {
     failures: Vec<String>,
     pod_ns: BTreeMap<(usize, usize), Namespace>,
     gateway_ns: Vec<Namespace>,
+    /// The namespace holding the bridges, once built.
+    lab_ns: Option<Namespace>,
+    /// Each cluster's bridge, in the lab namespace.
+    bridges: Vec<String>,
+    /// Each cluster's API server.
+    apiservers: Vec<ApiServer>,
     /// Whether the manifests carry the Links yet.
     links: bool,
     /// Per cluster, the Services its ServiceMirrors made (kube-proxy rejects
@@ -257,9 +270,18 @@ impl Lab {
             failures: Vec::new(),
             pod_ns: BTreeMap::new(),
             gateway_ns: Vec::new(),
+            lab_ns: None,
+            bridges: Vec::new(),
+            apiservers: Vec::new(),
             links: true,
             mirrored: Vec::new(),
         })
+    }
+
+    fn lab_ns(&self) -> Result<Namespace> {
+        self.lab_ns
+            .clone()
+            .context("the lab namespace is built before the clusters' control planes")
     }
 
     fn dir(&self, parts: &[&str]) -> PathBuf {
@@ -282,6 +304,8 @@ impl Lab {
         self.write_manifests()?;
         let service_ips = self.service_ips()?;
         let captures = self.build_topology(&service_ips, &bin)?;
+        self.start_control_plane().await?;
+        self.start_controllers(&bin).await?;
         // Gateways first, linked once they all listen: no gateway then dials a
         // peer that is not there yet.
         self.links = false;
@@ -320,7 +344,7 @@ impl Lab {
         let bin = self.dir(&["bin"]);
         std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
-        for source in [&self.bins.proxy, &self.bins.init] {
+        for source in [&self.bins.proxy, &self.bins.init, &self.bins.controller] {
             let name = source.file_name().context("binary without a name")?;
             let target = bin.join(name);
             std::fs::copy(source, &target)
@@ -480,6 +504,7 @@ impl Lab {
     ) -> Result<Vec<std::process::Child>> {
         let net = self.net.clone();
         let lab = net.namespace("lab")?;
+        self.lab_ns = Some(lab.clone());
         // The lab namespace joins the bridges but never routes between them: the
         // only way across is through the gateways.
         lab.sysctl(&["net.ipv4.ip_forward=0"])?;
@@ -491,17 +516,20 @@ impl Lab {
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
             let bridge = net.bridge_at(&lab, Some((c.bridge_ip, 24)))?;
+            self.bridges.push(bridge.clone());
             for (_, file) in self.args.capture_cluster.iter().filter(|(n, _)| n == name) {
                 captures.push(start_capture(&lab, &bridge, file)?);
             }
             let gw = net.namespace(&format!("{name}-gateway"))?;
             net.attach_at(&lab, &bridge, &gw, "eth0", (c.gateway_ip, 24))?;
             net.attach_at(&lab, &wan, &gw, "wan0", (c.wan_ip, 24))?;
+            gw.add_route(&control::api_route(), &c.bridge_ip.to_string())?;
             self.gateway_ns.push(gw);
             for (pi, pod) in c.pods.iter().enumerate() {
                 let ns = net.namespace(&format!("{name}-{}", pod.name))?;
                 net.attach_at(&lab, &bridge, &ns, "eth0", (pod.ip, 24))?;
                 ns.add_route(SERVICE_RANGE, &c.bridge_ip.to_string())?;
+                ns.add_route(&control::api_route(), &c.bridge_ip.to_string())?;
                 ns.write_hosts(&hosts_file(c, pod, &service_ips[ci]))?;
                 if pod.meshed {
                     run_checked(
