@@ -45,9 +45,21 @@ pub fn parse(origin: &str, text: &str) -> Result<Vec<DynamicObject>> {
 }
 
 /// Applies or deletes every object of `text` (from `origin`) on `client`'s
-/// server; returns `kind namespace/name` of each.
+/// server as kubectl; returns `kind namespace/name` of each.
 pub async fn run(
     client: &kube::Client,
+    verb: Verb,
+    origin: &str,
+    text: &str,
+) -> Result<Vec<String>> {
+    run_as(client, FIELD_MANAGER, verb, origin, text).await
+}
+
+/// [`run`] with another field manager: what it applies leaves the fields
+/// kubectl's applies own alone.
+pub async fn run_as(
+    client: &kube::Client,
+    manager: &str,
     verb: Verb,
     origin: &str,
     text: &str,
@@ -85,7 +97,7 @@ pub async fn run(
         };
         match verb {
             Verb::Apply => {
-                let params = PatchParams::apply(FIELD_MANAGER).force();
+                let params = PatchParams::apply(manager).force();
                 api.patch(&name, &params, &Patch::Apply(&object))
                     .await
                     .with_context(|| format!("{origin}: applying {what}"))?;
@@ -127,6 +139,26 @@ async fn resolve(
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// `text` with `change` made to every document, as YAML again.
+pub fn edit(
+    origin: &str,
+    text: &str,
+    mut change: impl FnMut(&mut serde_json::Value),
+) -> Result<String> {
+    let mut out = String::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let mut value = <serde_json::Value as serde::Deserialize>::deserialize(doc)
+            .with_context(|| format!("{origin}: document {} is not YAML", i + 1))?;
+        if value.is_null() {
+            continue;
+        }
+        change(&mut value);
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&value).context("writing YAML")?);
+    }
+    Ok(out)
 }
 
 /// Kinds a cluster serves before the mesh is installed, `(group, version,

@@ -1,10 +1,15 @@
-//! `isthmus lab up`: mints the identities, builds the topology, starts a gateway
-//! per cluster and, per pod, `isthmus-init`, the sidecar (UID 2102) and the
+//! `isthmus lab up`: mints the identities, builds the topology, brings up each
+//! cluster's control plane ([`control`]: API server, `isthmus install`, the
+//! controller, `isthmus link`), starts a gateway per cluster discovering through
+//! its API server and, per pod, `isthmus-init`, the sidecar (UID 2102, reading
+//! the controller's discovery ConfigMap projected into its volume) and the
 //! containers; streams their output; ends on Ctrl-C, SIGTERM or `--duration`
 //! with a summary read from the proxies; and removes everything it made.
 //!
-//! While the lab runs it keeps Endpoints (and the kube-proxy rules) in line with
-//! the pods: a pod whose containers have all exited leaves its Services.
+//! While the lab runs its node agents ([`kubelet`]) keep the API servers' Pods
+//! and EndpointSlices in line with the pods (a pod whose containers have all
+//! exited leaves its Services), and the pods' volumes, hosts files and
+//! kube-proxy rules in line with the API servers.
 //!
 //! An unmeshed pod (template annotation `isthmus.io/inject: disabled`) gets its
 //! namespace, hosts file and kube-proxy rules, but neither `isthmus-init`, nor a
@@ -25,14 +30,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use isthmus_vocab::SpiffeId;
 use isthmus_vocab::ports::PROXY_UID;
-use isthmus_vocab::{ClusterName, SpiffeId};
 use nix::sys::signal::{Signal as Sig, killpg};
 use nix::unistd::{Gid, Pid, Uid, chown};
-use proxy_discovery::DirSource;
 use proxy_discovery::ServiceRef;
-use proxy_discovery::model::{ConditionStatus, Service};
-use proxy_discovery::reconcile::READY_CONDITION;
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
@@ -42,20 +44,25 @@ use isthmus_netns::{Namespace, run_checked, run_with_input};
 use super::apiserver::ApiServer;
 use super::net::Net;
 use super::plan::{
-    Plan, PodPlan, RELAY_PORT, SERVICES_CHAIN, TUNNEL_PORT, hosts_file, mirrored_routes,
-    service_rules,
+    Plan, PodPlan, RELAY_PORT, SERVICES_CHAIN, TUNNEL_PORT, hosts_file, service_rules,
 };
 use super::process::{
-    QUIET, admin_get, container_env, describe, not_ready, print_lines, proxy_command, spawn,
-    start_capture, stop_capture, walk_dirs,
+    Discovery, QUIET, admin_get, container_env, describe, not_ready, print_lines, proxy_command,
+    spawn, start_capture, stop_capture, walk_dirs,
 };
-use super::project::{mount_dir, project};
+use super::project::mount_dir;
 use super::spec::LabSpec;
 use super::summary::{self, ProxyReport};
 use super::{NEEDS_ROOT, UpArgs};
 use crate::install::{DISCOVERY_MOUNT, IDENTITY_MOUNT};
 
 mod control;
+mod kubelet;
+
+/// How often the lab's node agents look at the API servers.
+const SYNC_INTERVAL: Duration = Duration::from_millis(300);
+/// How long a controller gets to publish the discovery ConfigMaps.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The image the lab serves with its built-in hello server.
 pub const HELLO_IMAGE: &str = "nginxdemos/hello:plain-text";
@@ -240,11 +247,15 @@ struct Lab {
     bridges: Vec<String>,
     /// Each cluster's API server.
     apiservers: Vec<ApiServer>,
-    /// Whether the manifests carry the Links yet.
-    links: bool,
-    /// Per cluster, the Services its ServiceMirrors made (kube-proxy rejects
-    /// their ClusterIPs: no local pod backs them).
-    mirrored: Vec<BTreeMap<ServiceRef, Service>>,
+    /// Per cluster, its Services as its API server held them at the last sync
+    /// (mirrored ones: kube-proxy rejects their ClusterIPs, no local pod backs
+    /// them).
+    views: Vec<kubelet::ServiceView>,
+    /// Clusters whose Pods and EndpointSlices changed since they were published.
+    unpublished: BTreeSet<usize>,
+    /// The last state printed of each ServiceMirror, by cluster and
+    /// `namespace/name`.
+    mirror_states: BTreeMap<(usize, String), String>,
     /// SIGINT and SIGTERM, caught from the start so that an interrupted start
     /// still cleans up.
     interrupt: Signal,
@@ -273,8 +284,9 @@ impl Lab {
             lab_ns: None,
             bridges: Vec::new(),
             apiservers: Vec::new(),
-            links: true,
-            mirrored: Vec::new(),
+            views: Vec::new(),
+            unpublished: BTreeSet::new(),
+            mirror_states: BTreeMap::new(),
         })
     }
 
@@ -300,20 +312,20 @@ impl Lab {
         );
         let bin = self.install_binaries()?;
         self.mint_identities()?;
-        // The hosts files need the mirrored Services, which need the Links.
-        self.write_manifests()?;
-        let service_ips = self.service_ips()?;
-        let captures = self.build_topology(&service_ips, &bin)?;
+        let captures = self.build_topology(&bin)?;
         self.start_control_plane().await?;
         self.start_controllers(&bin).await?;
+        for ci in 0..self.plan.clusters.len() {
+            self.publish_pods(ci).await?;
+            self.publish_gateway(ci).await?;
+        }
         // Gateways first, linked once they all listen: no gateway then dials a
         // peer that is not there yet.
-        self.links = false;
-        self.write_manifests()?;
         self.start_gateways(&bin)?;
         self.wait_ready(false).await?;
-        self.links = true;
-        self.write_manifests()?;
+        self.link_clusters().await?;
+        // As kubelet starts a pod only once its ConfigMap volumes exist.
+        self.wait_published().await?;
         self.start_sidecars(&bin)?;
         self.wait_ready(true).await?;
         self.start_containers().await?;
@@ -412,96 +424,11 @@ impl Lab {
         self.dir(&["pods", cluster, pod])
     }
 
-    /// (Re)projects every cluster's discovery manifests into the mounted
-    /// directory of each of its proxies, as kubelet updates a ConfigMap volume,
-    /// and into the cluster's own record (what [`Self::service_ips`] reads).
-    fn write_manifests(&self) -> Result<()> {
-        let ready = self.ready();
-        for c in &self.plan.clusters {
-            let name = c.spec.name.as_str();
-            let files = self.plan.manifests(c, &ready, self.links);
-            let mut dirs = vec![self.dir(&["manifests", name])];
-            for who in std::iter::once("gateway")
-                .chain(c.pods.iter().filter(|p| p.meshed).map(|p| p.name.as_str()))
-            {
-                dirs.push(mount_dir(&self.pod_root(name, who), DISCOVERY_MOUNT));
-            }
-            for dir in dirs {
-                project(&dir, &files)
-                    .with_context(|| format!("projecting the manifests of cluster {name}"))?;
-            }
-        }
-        for root in ["manifests", "pods"] {
-            for dir in walk_dirs(&self.dir(&[root])) {
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Every Service's ClusterIP per cluster, mirrored ones as the proxies'
-    /// discovery computes them from the manifests just written (kept in
-    /// `self.mirrored`); reports each ServiceMirror, with the reason of a refusal.
-    fn service_ips(&mut self) -> Result<Vec<BTreeMap<ServiceRef, IpAddr>>> {
-        let mut all = Vec::new();
-        for c in &self.plan.clusters {
-            let dir = self.dir(&["manifests", c.spec.name.as_str()]);
-            let snapshot = DirSource::new(&dir)
-                .with_cluster(ClusterName::clone(&c.spec.name))
-                .load()
-                .with_context(|| {
-                    format!("loading the manifests written for cluster {}", c.spec.name)
-                })?;
-            for m in snapshot.service_mirrors() {
-                let ready = m
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY_CONDITION));
-                match ready {
-                    Some(cond) if cond.status == ConditionStatus::True => println!(
-                        "[{}] ServiceMirror {}/{}: mirrored {} from {}",
-                        c.spec.name,
-                        m.metadata.namespace(),
-                        m.metadata.name,
-                        m.spec.service.name,
-                        m.spec.cluster
-                    ),
-                    Some(cond) => println!(
-                        "[{}] ServiceMirror {}/{}: {}: {}",
-                        c.spec.name,
-                        m.metadata.namespace(),
-                        m.metadata.name,
-                        cond.reason,
-                        cond.message
-                    ),
-                    None => {}
-                }
-            }
-            let mut ips = BTreeMap::new();
-            let mut mirrored = BTreeMap::new();
-            for (key, svc) in &snapshot.local().services {
-                if let Some(ip) = svc.cluster_ips().into_iter().next() {
-                    ips.insert(key.clone(), ip);
-                }
-                if !c.services.contains_key(key) {
-                    mirrored.insert(key.clone(), svc.clone());
-                }
-            }
-            all.push(ips);
-            self.mirrored.push(mirrored);
-        }
-        Ok(all)
-    }
-
     /// The lab namespace with the WAN and a bridge per cluster, a namespace per
     /// gateway and per pod, hosts files, capture and kube-proxy rules. Returns the
     /// packet captures asked for (a failed start leaves them to the namespace
     /// clean-up).
-    fn build_topology(
-        &mut self,
-        service_ips: &[BTreeMap<ServiceRef, IpAddr>],
-        bin: &Path,
-    ) -> Result<Vec<std::process::Child>> {
+    fn build_topology(&mut self, bin: &Path) -> Result<Vec<std::process::Child>> {
         let net = self.net.clone();
         let lab = net.namespace("lab")?;
         self.lab_ns = Some(lab.clone());
@@ -530,7 +457,7 @@ impl Lab {
                 net.attach_at(&lab, &bridge, &ns, "eth0", (pod.ip, 24))?;
                 ns.add_route(SERVICE_RANGE, &c.bridge_ip.to_string())?;
                 ns.add_route(&control::api_route(), &c.bridge_ip.to_string())?;
-                ns.write_hosts(&hosts_file(c, pod, &service_ips[ci]))?;
+                ns.write_hosts(&hosts_file(c, pod, &planned_ips(c)))?;
                 if pod.meshed {
                     run_checked(
                         ns.command(bin.join("isthmus-init"))
@@ -559,9 +486,7 @@ impl Lab {
     fn apply_rules(&self, ci: usize, first: bool) -> Result<()> {
         let c = &self.plan.clusters[ci];
         let mut routes = self.plan.service_routes(c, &self.ready());
-        if let Some(mirrored) = self.mirrored.get(ci) {
-            routes.extend(mirrored_routes(mirrored));
-        }
+        routes.extend(self.api_routes(ci));
         let rules = service_rules(&routes);
         for pi in 0..c.pods.len() {
             let Some(ns) = self.pod_ns.get(&(ci, pi)) else {
@@ -613,7 +538,7 @@ impl Lab {
                 "gateway",
                 name,
                 &mount_dir(&root, IDENTITY_MOUNT),
-                &mount_dir(&root, DISCOVERY_MOUNT),
+                Discovery::Kube(&self.apiservers[ci].pods_kubeconfig),
                 log,
             );
             cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")]);
@@ -650,7 +575,7 @@ impl Lab {
                     "sidecar",
                     name,
                     &mount_dir(&root, IDENTITY_MOUNT),
-                    &mount_dir(&root, DISCOVERY_MOUNT),
+                    Discovery::Dir(&mount_dir(&root, DISCOVERY_MOUNT)),
                     log,
                 );
                 cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")])
@@ -862,9 +787,8 @@ impl Lab {
                 if *left == 0 {
                     let ip = self.plan.clusters[cluster].pods[pod].ip;
                     self.gone.insert(ip);
-                    let updated = self
-                        .write_manifests()
-                        .and_then(|()| self.apply_rules(cluster, false));
+                    self.unpublished.insert(cluster);
+                    let updated = self.apply_rules(cluster, false);
                     if let Err(e) = updated {
                         self.failures.push(format!(
                             "updating Endpoints after {} ended: {e:#}",
@@ -885,8 +809,11 @@ impl Lab {
             }
         };
         tokio::pin!(end);
+        let mut sync = tokio::time::interval(SYNC_INTERVAL);
+        sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = sync.tick() => self.tick().await,
                 () = &mut end => {
                     println!("isthmus lab {}: --duration reached, stopping", self.net.prefix());
                     return;
@@ -903,6 +830,58 @@ impl Lab {
                     Some(exit) => self.record(exit),
                     None => return,
                 },
+            }
+        }
+    }
+
+    /// One pass of the node agents while the lab runs; a failure is reported
+    /// and the next pass tries again.
+    async fn tick(&mut self) {
+        let mut result = Ok(());
+        for ci in std::mem::take(&mut self.unpublished) {
+            if let Err(e) = self.publish_pods(ci).await {
+                self.unpublished.insert(ci);
+                result = Err(e);
+            }
+        }
+        if let Err(e) = result.and(self.sync().await.map(drop)) {
+            println!(
+                "isthmus lab {}: syncing with the API servers: {e:#}",
+                self.net.prefix()
+            );
+        }
+    }
+
+    /// Waits until every ServiceMirror is reconciled and every namespace with
+    /// meshed pods holds the discovery ConfigMap with every mirrored Service,
+    /// projected into their volumes: the applications' first calls then find
+    /// their names and their sidecars' routes (in a cluster, readiness gates).
+    async fn wait_published(&mut self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + PUBLISH_TIMEOUT;
+        loop {
+            let missing = self.sync().await?;
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let names: Vec<String> = missing
+                    .iter()
+                    .map(|(ci, what)| format!("{}: {what}", self.plan.clusters[*ci].spec.name))
+                    .collect();
+                // What stays unsettled is the manifests' business (a mirror of a
+                // Service that does not exist); the pods start all the same.
+                println!(
+                    "isthmus lab {}: after {}s still not settled: {}; starting the pods",
+                    self.net.prefix(),
+                    PUBLISH_TIMEOUT.as_secs(),
+                    names.join("; ")
+                );
+                return Ok(());
+            }
+            tokio::select! {
+                () = tokio::time::sleep(SYNC_INTERVAL) => {}
+                _ = self.interrupt.recv() => bail!("interrupted while starting"),
+                _ = self.terminate.recv() => bail!("terminated while starting"),
             }
         }
     }
@@ -946,6 +925,14 @@ impl Lab {
         }
         reports
     }
+}
+
+/// The ClusterIPs of `c`'s own Services, as planned.
+fn planned_ips(c: &super::plan::ClusterPlan) -> BTreeMap<ServiceRef, IpAddr> {
+    c.services
+        .iter()
+        .filter_map(|(k, s)| s.cluster_ips().into_iter().next().map(|ip| (k.clone(), ip)))
+        .collect()
 }
 
 /// How long a server container gets to listen on its port.

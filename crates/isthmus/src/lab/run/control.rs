@@ -62,18 +62,41 @@ impl Lab {
                 image: install::default_image(),
                 gateway_replicas: 1,
                 export_namespaces: c.spec.install.exported_namespaces.clone(),
-                gateway_cluster_ip: None,
+                gateway_cluster_ip: Some(c.gateway_cluster_ip),
                 issuer: None,
                 cert_manager_namespace: install::DEFAULT_CERT_MANAGER_NAMESPACE.to_owned(),
             };
             let origin = format!("isthmus install --cluster {name}");
             let text = install::render(&options).with_context(|| origin.clone())?;
+            // The cluster's real Service range, as an operator sets it.
+            let range = c.service_cidr.to_string();
+            let text = apply::edit(&origin, &text, |o| {
+                if o["kind"] == "ClusterSettings" {
+                    o["spec"]["serviceCIDR"] = range.clone().into();
+                }
+            })?;
             apply::run(&server.client, Verb::Apply, &origin, &text).await?;
             for (file, text) in &c.spec.files {
-                apply::run(&server.client, Verb::Apply, file, text).await?;
+                // The Services `isthmus.yaml` exports carry the export label.
+                let text = apply::edit(file, text, |o| {
+                    let key = proxy_discovery::ServiceRef::new(
+                        o["metadata"]["namespace"].as_str().unwrap_or("default"),
+                        o["metadata"]["name"].as_str().unwrap_or_default(),
+                    );
+                    if o["kind"] == "Service" && c.spec.exports.contains(&key) {
+                        o["metadata"]["labels"][proxy_discovery::model::EXPORTED_LABEL] =
+                            "true".into();
+                    }
+                })?;
+                apply::run(&server.client, Verb::Apply, file, &text).await?;
             }
             self.apiservers.push(server);
         }
+        Ok(())
+    }
+
+    /// Links every cluster to its peers with `isthmus link`'s output.
+    pub(super) async fn link_clusters(&mut self) -> Result<()> {
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             for l in &c.spec.links {
                 let Some(pi) = self.plan.clusters.iter().position(|p| &p.spec.name == l) else {
