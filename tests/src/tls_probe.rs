@@ -13,12 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use proxy_identity::mint::LeafBundle;
-use proxy_identity::rustls::client::danger::{
-    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
-};
+use proxy_identity::rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use proxy_identity::rustls::pki_types::pem::PemObject;
 use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use proxy_identity::rustls::{self, ClientConfig, DigitallySignedStruct, SignatureScheme};
+use proxy_identity::rustls::{self, ClientConfig};
 
 /// Accepts any server certificate, noting that one was shown: tells "refused
 /// before our certificate" from "refused after".
@@ -38,39 +36,8 @@ impl ServerCertVerifier for CertSeen {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &proxy_identity::crypto_provider().signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &proxy_identity::crypto_provider().signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        proxy_identity::crypto_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    proxy_identity::handshake_signature_checks!(_probe => proxy_identity::crypto_provider()
+        .signature_verification_algorithms);
 }
 
 /// A client config of the given TLS versions with ALPN `h2`, with `leaf` as client

@@ -15,6 +15,7 @@
 //! `isthmus-proxy` binaries (see `tests/README.md`).
 #![allow(clippy::unwrap_used)]
 
+use isthmus_test_support::test_cases;
 use isthmus_tests::peer::test_peer;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener};
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use isthmus_tests::binary::{WorldExecutable, binary};
 use isthmus_tests::identity::Pki;
-use isthmus_tests::netns::{Lab, Namespace};
+use isthmus_tests::netns::{Fam, Lab, Namespace, Pair};
 use isthmus_tests::pod::{self, ADMIN_PORT, INBOUND_PORT, PROXY_UID, READY, metric};
 use isthmus_tests::tcp::{self, WAIT};
 use isthmus_vocab::{Authority, SpiffeId};
@@ -40,12 +41,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const OPEN_PORT: u16 = 8080;
 /// The app port bound to loopback only.
 const PRIVATE_PORT: u16 = 8081;
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fam {
-    V4,
-    V6,
-}
 
 fn app_id() -> SpiffeId {
     SpiffeId::parse("spiffe://cluster.local/ns/default/sa/app").unwrap()
@@ -131,13 +126,9 @@ struct Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- sidecar log ---\n{}\n--- namespaces ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default(),
-                self._lab.diagnostics()
-            );
-        }
+        pod::show_log_if_failing(&self.log, "", || {
+            format!("\n--- namespaces ---\n{}", self._lab.diagnostics())
+        });
     }
 }
 
@@ -186,25 +177,12 @@ fn start_sidecar(
 impl Pod {
     fn start(fam: Fam, env: &[(&str, &str)]) -> Pod {
         let lab = Lab::new();
-        let pod = lab.namespace();
-        let outside = lab.namespace();
-        let (pod_if, outside_if) = lab.veth(&pod, &outside).unwrap();
-        pod.add_addr(&pod_if, "198.18.0.2/24").unwrap();
-        pod.add_addr(&pod_if, "2001:2::2/64").unwrap();
-        outside.add_addr(&outside_if, "198.18.0.1/24").unwrap();
-        outside.add_addr(&outside_if, "2001:2::1/64").unwrap();
-        let (pod_ip, any, loopback): (IpAddr, IpAddr, IpAddr) = match fam {
-            Fam::V4 => (
-                "198.18.0.2".parse().unwrap(),
-                "0.0.0.0".parse().unwrap(),
-                "127.0.0.1".parse().unwrap(),
-            ),
-            Fam::V6 => (
-                "2001:2::2".parse().unwrap(),
-                "::".parse().unwrap(),
-                "::1".parse().unwrap(),
-            ),
-        };
+        let Pair {
+            pod,
+            server: outside,
+            ..
+        } = lab.pair(true);
+        let (pod_ip, any, loopback) = (fam.pod_ip(), fam.any(), fam.loopback());
         let init = binary("isthmus-init");
         let init_args: &[&str] = match fam {
             Fam::V4 => &[],
@@ -423,15 +401,10 @@ fn the_pod_address_is_served_and_loopback_stays_private(fam: Fam) {
     );
 }
 
-#[test]
-fn the_pod_address_is_served_and_loopback_stays_private_v4() {
-    the_pod_address_is_served_and_loopback_stays_private(Fam::V4);
-}
-
-#[test]
-fn the_pod_address_is_served_and_loopback_stays_private_v6() {
-    the_pod_address_is_served_and_loopback_stays_private(Fam::V6);
-}
+test_cases!(the_pod_address_is_served_and_loopback_stays_private {
+    the_pod_address_is_served_and_loopback_stays_private_v4: Fam::V4,
+    the_pod_address_is_served_and_loopback_stays_private_v6: Fam::V6,
+});
 
 #[test]
 fn a_pod_that_opts_in_gets_loopback_delivery() {

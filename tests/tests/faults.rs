@@ -27,7 +27,6 @@ use isthmus_tests::peer::test_peer;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,31 +35,18 @@ use isthmus_tests::binary::binary;
 use isthmus_tests::figure::figure;
 use isthmus_tests::identity::{self, Pki};
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, service};
-use isthmus_tests::netns::{Lab, Namespace};
+use isthmus_tests::netns::{Lab, Namespace, Pair};
 use isthmus_tests::pod::{self, SidecarPod, metric};
 use isthmus_tests::tcp::{self, WAIT, read_once};
 use isthmus_vocab::{Authority, ClusterName, SpiffeId};
 use nix::sys::signal::Signal;
 
+/// How long an echo connection may stay quiet before the echo gives up on it.
+const ECHO_IDLE: Duration = Duration::from_secs(60);
+
 /// Writes the client pod's identity into `dir`.
 fn mint_pod(dir: &Path) {
     identity::mint_pod(dir, "faults anchor").unwrap();
-}
-
-/// An echo server on `listener` for any number of connections, each on a thread,
-/// until the test process ends.
-fn echo_forever(listener: TcpListener) {
-    listener.set_nonblocking(false).unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
-                let mut reader = stream.try_clone().unwrap();
-                let _ = io::copy(&mut reader, &mut stream);
-            });
-        }
-    });
 }
 
 /// How a connection that must end ended: `Ok(true)` reset, `Ok(false)` EOF, or the
@@ -84,7 +70,10 @@ fn ended(stream: &mut TcpStream) -> Result<bool, String> {
 fn a_killed_sidecar_resets_its_clients_and_captured_traffic_fails_closed() {
     const OPEN: usize = 20;
     let mut s = SidecarPod::start(mint_pod, &[]).unwrap();
-    echo_forever(s.server.run(|| tcp::listen(s.server_addr(9001))).unwrap());
+    tcp::echo_forever(
+        s.server.run(|| tcp::listen(s.server_addr(9001))).unwrap(),
+        ECHO_IDLE,
+    );
     let mut streams: Vec<TcpStream> = (0..OPEN)
         .map(|i| {
             let mut stream = s.pod.run(|| tcp::connect(s.server_addr(9001))).unwrap();
@@ -425,7 +414,7 @@ fn an_app_dialling_its_own_sidecar_gets_no_way_through() {
         .server
         .run(|| tcp::listen(s.server_addr(pod::OUTBOUND_PORT)))
         .unwrap();
-    echo_forever(remote);
+    tcp::echo_forever(remote, ECHO_IDLE);
     let mut stream = s
         .pod
         .run(|| tcp::connect(s.server_addr(pod::OUTBOUND_PORT)))
@@ -563,18 +552,18 @@ impl Drop for Gateways {
 impl Gateways {
     fn start(pki: &Pki) -> Self {
         let lab = Lab::new();
-        let ns_a = lab.namespace();
-        let ns_b = lab.namespace();
-        let (if_b, if_a) = lab.veth(&ns_b, &ns_a).unwrap();
-        ns_b.add_addr(&if_b, "198.18.0.1/24").unwrap();
-        ns_a.add_addr(&if_a, "198.18.0.2/24").unwrap();
+        let Pair {
+            pod: ns_a,
+            server: ns_b,
+            ..
+        } = lab.pair(false);
         let gw_b: SocketAddr = "198.18.0.1:4143".parse().unwrap();
         // On loopback: the test reads gateway-b's /config, which answers loopback only.
         let admin_b: SocketAddr = "127.0.0.1:4191".parse().unwrap();
         let gw_a: SocketAddr = "198.18.0.2:4143".parse().unwrap();
         let admin_a: SocketAddr = "198.18.0.2:4191".parse().unwrap();
         let backend: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        echo_forever(ns_a.run(|| tcp::listen(backend)).unwrap());
+        tcp::echo_forever(ns_a.run(|| tcp::listen(backend)).unwrap(), ECHO_IDLE);
 
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
@@ -609,9 +598,8 @@ impl Gateways {
             ("cluster-b", &ns_b, gw_b, admin_b),
         ] {
             let log = root.join(format!("gateway-{cluster}.log"));
-            let child = ns
-                .command(binary("isthmus-proxy"))
-                .args(["gateway", "--cluster", cluster, "--identity-dir"])
+            let mut cmd = ns.command(binary("isthmus-proxy"));
+            cmd.args(["gateway", "--cluster", cluster, "--identity-dir"])
                 .arg(root.join(format!("identity-{cluster}")))
                 .arg("--manifests")
                 .arg(root.join(format!("manifests-{cluster}")))
@@ -624,14 +612,8 @@ impl Gateways {
                 ])
                 .args(["--log", "info,proxy_core=debug", "--workers", "1"])
                 // The echo server is on the gateway namespace's loopback.
-                .arg("--allow-local-endpoints")
-                .env_clear()
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            lab.adopt(child);
+                .arg("--allow-local-endpoints");
+            lab.spawn_logged(&mut cmd, &log);
             logs.push(log);
         }
         let gateways = Gateways {
@@ -744,12 +726,13 @@ fn a_black_holed_peer_gateway_is_noticed_by_keepalive_and_recovers() {
             // A new stream now rides the dead link connection or a connect into the
             // black hole: either way it must fail, bounded by the connect timeout
             // or the keepalive, never hang.
-            let (_, first_err) = stream_fails(open().await, limit).await;
-            let first_took = holed.elapsed();
-            figure(
+            let first_took = timed_failure(
+                open().await,
+                limit,
+                holed,
                 "blackhole_first_stream_failed_ms",
-                format!("{} ({first_err})", first_took.as_millis()),
-            );
+            )
+            .await;
 
             // The established stream's loss is noticed: it ends, with no more bytes.
             let _ = held.write_all(b"lost?\n").await;
@@ -775,12 +758,13 @@ fn a_black_holed_peer_gateway_is_noticed_by_keepalive_and_recovers() {
 
             // Known down: refused at once.
             let started = Instant::now();
-            let (_, refusal) = stream_fails(open().await, limit).await;
-            let fast = started.elapsed();
-            figure(
+            let fast = timed_failure(
+                open().await,
+                limit,
+                started,
                 "blackhole_known_down_refusal_ms",
-                format!("{} ({refusal})", fast.as_millis()),
-            );
+            )
+            .await;
             assert!(fast < CONNECT_TIMEOUT + SLACK / 2, "{fast:?}");
 
             g.black_hole(false);
@@ -813,6 +797,20 @@ fn a_black_holed_peer_gateway_is_noticed_by_keepalive_and_recovers() {
 /// was opened, or (tunnel streams open optimistically, before the far end answers)
 /// ended with no bytes echoed when used. Fails the test if bytes came back or it
 /// did not fail within `limit`.
+/// [`stream_fails`] of `opened`, published as the figure `name`: the milliseconds
+/// since `since`, and how it failed. Returns that time.
+async fn timed_failure(
+    opened: Result<proxy_core::tunnel::client::TunnelStream, proxy_core::pool::PoolError>,
+    limit: Duration,
+    since: Instant,
+    name: &str,
+) -> Duration {
+    let (_, how) = stream_fails(opened, limit).await;
+    let took = since.elapsed();
+    figure(name, format!("{} ({how})", took.as_millis()));
+    took
+}
+
 async fn stream_fails(
     opened: Result<proxy_core::tunnel::client::TunnelStream, proxy_core::pool::PoolError>,
     limit: Duration,
@@ -883,7 +881,10 @@ fn hostile_first_bytes() -> Vec<Vec<u8>> {
 fn hostile_first_bytes_leave_a_live_sidecar_as_it_was() {
     const WORKERS: usize = 8;
     let s = SidecarPod::start(mint_pod, &[]).unwrap();
-    echo_forever(s.server.run(|| tcp::listen(s.server_addr(9400))).unwrap());
+    tcp::echo_forever(
+        s.server.run(|| tcp::listen(s.server_addr(9400))).unwrap(),
+        ECHO_IDLE,
+    );
     let target = s.server_addr(9400);
     let inputs = hostile_first_bytes();
     // Warm up once, so the baseline includes what the first connection allocates.
@@ -927,15 +928,13 @@ fn hostile_first_bytes_leave_a_live_sidecar_as_it_was() {
     });
     let took = started.elapsed();
     assert!(s.running(), "the sidecar died on hostile input");
-    let deadline = Instant::now() + WAIT;
-    while pod::open_fds(s.pid).unwrap() > fds_before + 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the sidecar holds {} descriptors after hostile input, {fds_before} before",
-            pod::open_fds(s.pid).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The slack covers the admin connections of the scrapes.
+    pod::fds_return_to(
+        s.pid,
+        fds_before + 2,
+        WAIT,
+        "the sidecar after hostile input",
+    );
     let (fds_after, rss_after) = (pod::open_fds(s.pid).unwrap(), pod::rss_kib(s.pid).unwrap());
     let [empty, answered, reset, hung] = *outcomes.lock().unwrap();
     figure(

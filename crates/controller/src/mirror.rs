@@ -23,7 +23,9 @@ use proxy_discovery::model::{
     ClusterSettings, ClusterSettingsSpec, ClusterView, Condition, ConditionStatus, Service,
     ServiceRef,
 };
-use proxy_discovery::reconcile::{LocalState, MirrorReason, owned_by, reconcile};
+use proxy_discovery::reconcile::{
+    ClusterIps, LocalState, MirrorReason, mirrored_condition, owned_by, reconcile,
+};
 
 use crate::kinds::{
     self, ClusterSettingsResource, FIELD_MANAGER, LinkResource, MIRRORED_CONDITION, MirrorObject,
@@ -230,11 +232,15 @@ async fn reconcile_inner(
     let ns = sm.namespace().unwrap_or_default();
     let mirror_ref = ObjectRef::<MirrorObject>::new(&sm.name_any()).within(&ns);
     let mirror = kinds::service_mirror_to_model(sm);
-    let settings = cluster_settings(&ctx.client, &ctx.namespace, &ctx.settings).await?;
+    // Nothing of the settings decides the Service any more (the API server
+    // allocates its address), but a controller pointed at settings that do not
+    // exist still says so on every reconcile.
+    cluster_settings(&ctx.client, &ctx.namespace, &ctx.settings).await?;
     let local = local_services(&ctx.services);
+    // The API server allocates the address, from the range only it knows.
     let local_state = LocalState {
         services: &local,
-        service_cidr: &settings.spec.service_cidr,
+        cluster_ips: ClusterIps::ApiServer,
     };
     let link = ctx
         .links
@@ -310,12 +316,11 @@ async fn reconcile_inner(
             let mut status = condition.map_or(ConditionStatus::Unknown, |c| c.status);
             let mut reason = outcome.reason.as_str();
             match &outcome.service {
-                Some(svc) => {
-                    let applied = apply_service(ctx, &services, sm, svc, key).await?;
-                    if applied == Applied::MirrorGone {
+                Some(svc) => match apply_service(ctx, &services, sm, svc, key).await? {
+                    Applied::MirrorGone => {
                         return Ok((reason.to_owned(), Action::await_change()));
                     }
-                    if applied == Applied::Conflict {
+                    Applied::Conflict => {
                         // A Service appeared that this mirror does not own.
                         status = ConditionStatus::False;
                         reason = MirrorReason::NameConflict.as_str();
@@ -324,7 +329,18 @@ async fn reconcile_inner(
                             sm.name_any()
                         );
                     }
-                }
+                    Applied::Done(live) => {
+                        // The address is the one the API server allocated.
+                        message = mirrored_condition(&mirror, &live).message;
+                    }
+                    Applied::NoAddressLeft(refusal) => {
+                        status = ConditionStatus::False;
+                        reason = MirrorReason::NoAddressLeft.as_str();
+                        message = format!(
+                            "the API server allocates no ClusterIP for {local_ref}: {refusal}"
+                        );
+                    }
+                },
                 None if outcome.reason != MirrorReason::NameConflict => {
                     delete_owned(ctx, &services, sm, &mirror, &local, &local_ref, key).await?;
                 }
@@ -450,10 +466,12 @@ fn ensure_leading(ctx: &Context, key: &str) -> Result<(), ReconcileError> {
 }
 
 /// What [`apply_service`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Applied {
-    /// The mirrored Service is as wanted.
-    Done,
+    /// The mirrored Service is as wanted; this is it as the API server holds it.
+    Done(Box<Service>),
+    /// The API server's service range is full (its message).
+    NoAddressLeft(String),
     /// A Service of that name exists that the mirror does not own: untouched.
     Conflict,
     /// The mirror was deleted meanwhile: nothing created for it.
@@ -494,7 +512,7 @@ async fn apply_service(
                 return Ok(Applied::Conflict);
             }
             if same_service(&model, svc) {
-                return Ok(Applied::Done);
+                return Ok(Applied::Done(Box::new(model)));
             }
             true
         }
@@ -512,16 +530,15 @@ async fn apply_service(
             return Ok(Applied::MirrorGone);
         }
     }
+    // Never an address: the API server allocates one on create and keeps it on
+    // every later apply, and this manager owning it would only pin it.
     let mut body = kinds::service_from_model(svc).map_err(|source| ReconcileError::Convert {
         mirror: key.to_owned(),
         source,
     })?;
-    if let Some(l) = &live {
-        // Keep the addresses the API server holds: they are immutable there.
-        if let (Some(spec), Some(live_spec)) = (body.spec.as_mut(), l.spec.as_ref()) {
-            spec.cluster_ip.clone_from(&live_spec.cluster_ip);
-            spec.cluster_ips.clone_from(&live_spec.cluster_ips);
-        }
+    if let Some(spec) = body.spec.as_mut() {
+        spec.cluster_ip = None;
+        spec.cluster_ips = None;
     }
     let mut value = serde_json::to_value(&body).map_err(|e| ReconcileError::Convert {
         mirror: key.to_owned(),
@@ -540,16 +557,26 @@ async fn apply_service(
         params = params.force();
     }
     ensure_leading(ctx, key)?;
-    services
-        .patch(name, &params, &Patch::Apply(&value))
-        .await
-        .map_err(api_err(format!(
-            "apply Service {}/{name}",
-            svc.metadata.namespace()
-        )))?;
+    let written = match services.patch(name, &params, &Patch::Apply(&value)).await {
+        Ok(written) => written,
+        // kube-apiserver's words when its service range is exhausted.
+        Err(kube::Error::Api(s)) if s.code == 500 && s.message.contains("range is full") => {
+            return Ok(Applied::NoAddressLeft(s.message));
+        }
+        Err(e) => {
+            return Err(api_err(format!(
+                "apply Service {}/{name}",
+                svc.metadata.namespace()
+            ))(e));
+        }
+    };
+    let written = kinds::service_to_model(&written).map_err(|source| ReconcileError::Convert {
+        mirror: key.to_owned(),
+        source,
+    })?;
     tracing::info!(service_mirror = %key, service = %format!("{}/{name}", svc.metadata.namespace()),
-        created = !owned, "applied mirrored Service");
-    Ok(Applied::Done)
+        created = !owned, cluster_ip = ?written.cluster_ips().first(), "applied mirrored Service");
+    Ok(Applied::Done(Box::new(written)))
 }
 
 /// Whether the live Service already is what the reconcile wants (labels,

@@ -310,6 +310,25 @@ fn install_output_reads_the_same_in_yaml_1_1() {
     );
 }
 
+#[test]
+fn undoing_output_reads_the_same_in_yaml_1_1() {
+    if !reader_available() {
+        return;
+    }
+    for name in TRICKY_NAMES {
+        let input = user_manifests(name);
+        let injected = isthmus(&["inject", "--cluster", name, "-"], &input);
+        let out = isthmus(&["uninject", "-"], &injected);
+        assert_same(&format!("isthmus uninject (of --cluster {name})"), &out);
+        assert_eq!(yaml11(&out).unwrap(), yaml11(&input).unwrap());
+        for command in ["uninstall", "unlink"] {
+            let out = isthmus(&[command, "--cluster", name], "");
+            assert_same(&format!("isthmus {command} --cluster {name}"), &out);
+            assert!(out.contains(&format!("name: '{name}'")), "{out}");
+        }
+    }
+}
+
 /// `isthmus link` against an API server holding what `install` rendered for a
 /// cluster named like a boolean, with a token that looks like one; the kubeconfig
 /// inside the Secret is checked too (client-go reads it as YAML 1.1).

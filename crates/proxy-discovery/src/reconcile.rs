@@ -2,8 +2,12 @@
 //! cluster gives the local mirrored Service and the mirror's status.
 //!
 //! [`reconcile`] decides one mirror and is a pure function of its inputs: no clock,
-//! no I/O, no randomness, so every process that sees the same manifests (the lab,
-//! each sidecar, each gateway) computes the same Service and the same ClusterIP.
+//! no I/O, no randomness, so every process that sees the same manifests computes
+//! the same Service. Where an API server runs (the controller), it allocates the
+//! mirrored Service's ClusterIP, as it does for every Service, and the reconcile
+//! leaves the address out ([`ClusterIps::ApiServer`]); a directory of manifests
+//! has no API server, and there the reconcile allocates from the cluster's
+//! `serviceCIDR` itself ([`ClusterIps::Allocate`]).
 //! [`reconcile_all`] runs it for every mirror of a cluster and applies the results,
 //! including deleting what a removed mirror made. Publishing the status and writing
 //! Services back to an API server is a source's business, not this module's.
@@ -54,13 +58,24 @@ impl MirrorReason {
     }
 }
 
+/// Who gives a new mirrored Service its ClusterIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterIps<'a> {
+    /// The API server, as for any Service created without `clusterIP`: the
+    /// reconcile leaves the address out (or keeps the one the Service has).
+    ApiServer,
+    /// The reconcile, from this range: where no API server runs (a directory of
+    /// manifests).
+    Allocate(&'a Cidr),
+}
+
 /// What the local cluster looks like to the reconcile of one mirror.
 #[derive(Debug, Clone, Copy)]
 pub struct LocalState<'a> {
     /// Every local Service, including mirrored ones made so far.
     pub services: &'a BTreeMap<ServiceRef, Service>,
-    /// The range ClusterIPs are allocated from.
-    pub service_cidr: &'a Cidr,
+    /// Where a new mirrored Service's ClusterIP comes from.
+    pub cluster_ips: ClusterIps<'a>,
 }
 
 /// The decision for one ServiceMirror.
@@ -84,8 +99,9 @@ pub struct MirrorOutcome {
 ///
 /// The mirrored Service is named as the remote one, lives in the mirror's
 /// namespace, has the remote ports (no `targetPort`: it has no pods), no selector,
-/// and a ClusterIP kept from the Service this mirror already owns or else
-/// allocated by [`allocate_cluster_ip`].
+/// and a ClusterIP kept from the Service this mirror already owns, or else
+/// allocated by [`allocate_cluster_ip`] or left to the API server (see
+/// [`ClusterIps`]).
 pub fn reconcile(
     mirror: &ServiceMirror,
     remote: Option<&ClusterView>,
@@ -138,23 +154,21 @@ pub fn reconcile(
     let kept = existing
         .map(Service::cluster_ips)
         .and_then(|ips| ips.first().copied());
-    let ip = match kept {
-        Some(ip) => ip,
-        None => {
+    let ip = match (kept, local.cluster_ips) {
+        (Some(ip), _) => Some(ip),
+        (None, ClusterIps::ApiServer) => None,
+        (None, ClusterIps::Allocate(cidr)) => {
             let used: BTreeSet<IpAddr> = local
                 .services
                 .values()
                 .flat_map(Service::cluster_ips)
                 .collect();
-            match allocate_cluster_ip(&local_ref, local.service_cidr, &used) {
-                Some(ip) => ip,
+            match allocate_cluster_ip(&local_ref, cidr, &used) {
+                Some(ip) => Some(ip),
                 None => {
                     return refuse(
                         MirrorReason::NoAddressLeft,
-                        format!(
-                            "no free address left in the service range {} for {local_ref}",
-                            local.service_cidr
-                        ),
+                        format!("no free address left in the service range {cidr} for {local_ref}"),
                     );
                 }
             }
@@ -162,24 +176,38 @@ pub fn reconcile(
     };
 
     let service = mirrored_service(mirror, remote.name(), remote, remote_svc, &local_ref, ip);
+    MirrorOutcome {
+        conditions: vec![mirrored_condition(mirror, &service)],
+        service: Some(service),
+        reason: MirrorReason::Mirrored,
+    }
+}
+
+/// The `Ready=True` condition of `mirror` once `service` is its mirrored
+/// Service, naming its address when it has one.
+pub fn mirrored_condition(mirror: &ServiceMirror, service: &Service) -> Condition {
+    let remote_ref = ServiceRef::new(mirror.remote_namespace(), &mirror.spec.service.name);
+    let local_ref = ServiceRef::new(service.metadata.namespace(), &service.metadata.name);
     let ports: Vec<String> = service
         .spec
         .ports
         .iter()
         .map(|p| format!("{}/{}", p.port, p.protocol.as_deref().unwrap_or("TCP")))
         .collect();
-    MirrorOutcome {
-        service: Some(service),
-        reason: MirrorReason::Mirrored,
-        conditions: vec![ready(
-            ConditionStatus::True,
-            MirrorReason::Mirrored,
-            format!(
-                "Service {remote_ref} of cluster {cluster} is mirrored as {local_ref} at {ip}, ports [{}]",
-                ports.join(", ")
-            ),
-        )],
-    }
+    let at = service
+        .cluster_ips()
+        .first()
+        .map(|ip| format!(" at {ip}"))
+        .unwrap_or_default();
+    ready(
+        ConditionStatus::True,
+        MirrorReason::Mirrored,
+        format!(
+            "Service {remote_ref} of cluster {} is mirrored as {local_ref}{at}, ports [{}]",
+            mirror.spec.cluster,
+            ports.join(", ")
+        ),
+    )
 }
 
 fn ready(status: ConditionStatus, reason: MirrorReason, message: String) -> Condition {
@@ -198,7 +226,7 @@ fn mirrored_service(
     remote: &ClusterView,
     remote_svc: &Service,
     local_ref: &ServiceRef,
-    ip: IpAddr,
+    ip: Option<IpAddr>,
 ) -> Service {
     let mut metadata = ObjectMeta::named(&local_ref.namespace, &local_ref.name);
     metadata
@@ -231,8 +259,8 @@ fn mirrored_service(
         metadata,
         spec: ServiceSpec {
             type_: Some("ClusterIP".to_owned()),
-            cluster_ip: Some(ClusterIp::Addr(ip)),
-            cluster_ips: vec![ClusterIp::Addr(ip)],
+            cluster_ip: ip.map(ClusterIp::Addr),
+            cluster_ips: ip.map(ClusterIp::Addr).into_iter().collect(),
             ports: remote_svc
                 .spec
                 .ports
@@ -371,7 +399,7 @@ pub fn reconcile_all(
             remote,
             LocalState {
                 services: &services,
-                service_cidr: &local.settings.spec.service_cidr,
+                cluster_ips: ClusterIps::Allocate(&local.settings.spec.service_cidr),
             },
         );
         let local_ref = ServiceRef::new(mirror.metadata.namespace(), &mirror.spec.service.name);

@@ -11,7 +11,7 @@ use isthmus_vocab::ClusterName;
 use proxy_discovery::model::{
     Cidr, ClusterView, ConditionStatus, Object, Service, ServiceMirror, parse_manifests,
 };
-use proxy_discovery::reconcile::{LocalState, MirrorReason, reconcile};
+use proxy_discovery::reconcile::{ClusterIps, LocalState, MirrorReason, reconcile};
 use proxy_discovery::{DirSource, ExportRefusal, Route, ServiceRef};
 
 fn parse(rel: &str) -> Vec<proxy_discovery::model::Parsed> {
@@ -64,7 +64,7 @@ fn reconcile_of_the_seed_gives_the_expected_mirrored_service() {
         Some(&cluster_a(true)),
         LocalState {
             services: &BTreeMap::new(),
-            service_cidr: &b_cidr(),
+            cluster_ips: ClusterIps::Allocate(&b_cidr()),
         },
     );
     assert_eq!(out.reason, MirrorReason::Mirrored);
@@ -93,7 +93,7 @@ fn refused(
         remote,
         LocalState {
             services: local,
-            service_cidr: &b_cidr(),
+            cluster_ips: ClusterIps::Allocate(&b_cidr()),
         },
     );
     assert_eq!(out.service, None);

@@ -10,6 +10,8 @@
 //! is exactly where a plaintext fallback would land.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use isthmus_tests::peer::test_peer;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::{round_trip_within, write_files};
 use isthmus_tests::identity::Pki;
 use isthmus_tests::multicluster::{cluster_settings, gateway_id};
 use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
@@ -280,20 +283,7 @@ impl Client {
             .open(service)
             .await
             .unwrap_or_else(|e| panic!("{service}: {e}"));
-        let (mut rd, mut wr) = tokio::io::split(stream);
-        let write = async {
-            wr.write_all(payload).await.unwrap();
-            wr.shutdown().await.unwrap();
-        };
-        let read = async {
-            let mut back = Vec::new();
-            rd.read_to_end(&mut back).await.unwrap();
-            back
-        };
-        let ((), back) = timeout(STEP, async { tokio::join!(write, read) })
-            .await
-            .expect("round trip hung");
-        back
+        round_trip_within(stream, payload, STEP).await
     }
 }
 
@@ -335,40 +325,42 @@ async fn a_meshed_endpoint_is_reached_over_its_sidecar_or_not_at_all() {
     let unmeshed = App::start(SocketAddr::new(ip(5), APP_PORT)).await;
 
     let gateway_addr = SocketAddr::new(ip(1), TUNNEL_PORT);
-    std::fs::write(
-        manifests.join("settings.yaml"),
-        cluster_settings("cluster-a", gateway_addr),
-    )
-    .unwrap();
-    std::fs::write(
-        manifests.join("pods.yaml"),
-        [
-            pod("down-0", true),
-            pod("impostor-0", true),
-            pod("healthy-0", true),
-            pod("unmeshed-0", false),
-        ]
-        .concat(),
-    )
-    .unwrap();
-    std::fs::write(
-        manifests.join("services.yaml"),
-        [
-            service("down", &[("down-0", ip(2))]),
-            service("impostor", &[("impostor-0", ip(3))]),
-            service("unmeshed", &[("unmeshed-0", ip(5))]),
-            service(
-                "mixed",
-                &[
-                    ("down-0", ip(2)),
-                    ("impostor-0", ip(3)),
-                    ("healthy-0", ip(4)),
-                ],
+    write_files(
+        &manifests,
+        &[
+            (
+                "settings.yaml",
+                &cluster_settings("cluster-a", gateway_addr),
             ),
-        ]
-        .concat(),
-    )
-    .unwrap();
+            (
+                "pods.yaml",
+                &[
+                    pod("down-0", true),
+                    pod("impostor-0", true),
+                    pod("healthy-0", true),
+                    pod("unmeshed-0", false),
+                ]
+                .concat(),
+            ),
+            (
+                "services.yaml",
+                &[
+                    service("down", &[("down-0", ip(2))]),
+                    service("impostor", &[("impostor-0", ip(3))]),
+                    service("unmeshed", &[("unmeshed-0", ip(5))]),
+                    service(
+                        "mixed",
+                        &[
+                            ("down-0", ip(2)),
+                            ("impostor-0", ip(3)),
+                            ("healthy-0", ip(4)),
+                        ],
+                    ),
+                ]
+                .concat(),
+            ),
+        ],
+    );
 
     let id =
         |sa: &str| SpiffeId::parse(&format!("spiffe://cluster.local/ns/default/sa/{sa}")).unwrap();

@@ -63,6 +63,18 @@
 //!   merge, server-side apply with managedFields, conflicts and `force`), and
 //!   `/status`; `dryRun=All` answers without writing. Writes that change nothing
 //!   keep the resourceVersion and send no event, as on a real server.
+//! - ClusterIPs: a Service written without `clusterIP` gets a free address of
+//!   the service range ([`Builder::service_cluster_ip_range`], default
+//!   10.96.0.0/12); one that asks for an address outside it or already taken is
+//!   refused (422); `clusterIP` is immutable; deleting the Service frees it.
+//! - Namespaces: `default`, `kube-system`, `kube-public` and `kube-node-lease`
+//!   exist from the start; creating an object in a namespace that does not
+//!   exist is 404, as on a real server.
+//! - Authorization, when asked ([`Builder::authorize_rbac`]): bearer tokens
+//!   (the admin's, TokenRequest's `POST .../serviceaccounts/NAME/token`, and
+//!   legacy `kubernetes.io/service-account-token` Secrets, which the server
+//!   fills in) checked against the stored Roles, ClusterRoles and bindings;
+//!   403 and 401 answered as the real server words them.
 //! - kube-runtime's `watcher`, `reflector` and `Controller` work unchanged, with
 //!   list-then-watch (the default) and streaming lists.
 //! - Watches: newline-delimited JSON events from a `resourceVersion` (or all
@@ -74,16 +86,17 @@
 //!
 //! # Deliberately not
 //!
-//! Authentication, authorization, admission webhooks, validation against
-//! OpenAPI schemas, defaulting (no ClusterIP allocation, no pod scheduling),
+//! Authentication and authorization other than the above, admission webhooks, validation against
+//! OpenAPI schemas, defaulting (no pod scheduling),
 //! protobuf, TLS, and HTTP/2. A list is not a consistent snapshot across pages
 //! (a page starts after the last key served), `resourceVersionMatch` is
 //! ignored, and a continue token never expires. Strategic merge patch is a
 //! JSON merge patch (lists replaced whole), and server-side apply treats lists
-//! as atomic: two managers applying different elements of one list conflict. A
-//! namespaced object may be created in a namespace that does not exist.
+//! as atomic: two managers applying different elements of one list conflict.
 
+mod allocate;
 mod apply;
+mod authz;
 mod patch;
 mod resource;
 mod selector;
@@ -105,7 +118,16 @@ pub use selector::{FieldSelector, LabelSelector};
 pub use status::ApiError;
 pub use store::Store;
 
+pub use allocate::DEFAULT_SERVICE_RANGE;
+use allocate::ServiceRange;
+use authz::Authenticator;
+pub use authz::User;
 use server::{Ctx, Settings};
+
+/// The namespaces every cluster starts with; an object in any other needs its
+/// namespace created first.
+pub const BUILTIN_NAMESPACES: [&str; 4] =
+    ["default", "kube-system", "kube-public", "kube-node-lease"];
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +158,8 @@ pub struct Builder {
     resources: Vec<ResourceType>,
     settings: Settings,
     history_limit: usize,
+    service_range: ServiceRange,
+    rbac: bool,
 }
 
 impl Default for Builder {
@@ -148,6 +172,8 @@ impl Default for Builder {
                 max_watch: Duration::from_secs(1800),
             },
             history_limit: 1000,
+            service_range: ServiceRange::default(),
+            rbac: false,
         }
     }
 }
@@ -185,6 +211,24 @@ impl Builder {
         self
     }
 
+    /// The range Services get their ClusterIPs from, as kube-apiserver's
+    /// `--service-cluster-ip-range` (default 10.96.0.0/12).
+    pub fn service_cluster_ip_range(mut self, range: ipnet::IpNet) -> Self {
+        self.service_range = ServiceRange::new(range);
+        self
+    }
+
+    /// Authorizes every request by its bearer token against the RBAC objects
+    /// stored in the server (kube-apiserver's `--authorization-mode=RBAC`).
+    /// [`TestApiServer::client`] and [`TestApiServer::kubeconfig`] stay
+    /// admin (`system:masters`); [`TestApiServer::service_account_client`]
+    /// and a Secret's or a TokenRequest's token act as a ServiceAccount.
+    /// Without it, every request is allowed, with or without a token.
+    pub fn authorize_rbac(mut self) -> Self {
+        self.rbac = true;
+        self
+    }
+
     /// Starts on `127.0.0.1` on a free port.
     pub async fn start(self) -> Result<TestApiServer, StartError> {
         self.start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
@@ -192,7 +236,14 @@ impl Builder {
 
     /// Starts on `addr` (for example the port of a server that was dropped).
     pub async fn start_on(self, addr: SocketAddr) -> Result<TestApiServer, StartError> {
-        let store = Store::new(self.resources, self.history_limit);
+        let store = Store::new(self.resources, self.history_limit, self.service_range);
+        for ns in BUILTIN_NAMESPACES {
+            store
+                .put_value(serde_json::json!({
+                    "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns},
+                }))
+                .expect("a namespace with a name is always stored");
+        }
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
@@ -201,6 +252,7 @@ impl Builder {
             .map_err(|source| StartError::Bind { addr, source })?;
         let server = TestApiServer {
             store,
+            auth: Authenticator::new(self.rbac),
             settings: self.settings,
             addr,
             running: Mutex::new(None),
@@ -218,6 +270,7 @@ struct Running {
 /// A running in-memory API server; dropping it stops it.
 pub struct TestApiServer {
     store: Store,
+    auth: Authenticator,
     settings: Settings,
     addr: SocketAddr,
     running: Mutex<Option<Running>>,
@@ -260,6 +313,7 @@ impl TestApiServer {
         let shutdown = CancellationToken::new();
         let ctx = Arc::new(Ctx {
             store: self.store.clone(),
+            auth: self.auth.clone(),
             settings: self.settings.clone(),
             addr: self.addr,
             shutdown: shutdown.clone(),
@@ -282,16 +336,55 @@ impl TestApiServer {
         format!("http://{}", self.addr)
     }
 
-    /// A kube config for this server: plain HTTP, no authentication, default
-    /// namespace `default`.
+    /// A kube config for this server: plain HTTP, the admin's bearer token
+    /// (group `system:masters`), default namespace `default`.
     pub fn config(&self) -> kube::Config {
+        self.config_with_token(self.auth.admin_token())
+    }
+
+    fn config_with_token(&self, token: &str) -> kube::Config {
         let uri: http::Uri = self
             .url()
             .parse()
             .expect("http://<socket address> is always a valid URI");
         let mut config = kube::Config::new(uri);
         config.default_namespace = "default".to_owned();
+        config.auth_info = auth_info(token);
         config
+    }
+
+    /// A fresh token of ServiceAccount `namespace/name`, as a TokenRequest
+    /// gives it; 404 when the ServiceAccount does not exist.
+    pub fn service_account_token(&self, namespace: &str, name: &str) -> Result<String, ApiError> {
+        self.auth.issue(&self.store, namespace, name)
+    }
+
+    /// A kube client acting as ServiceAccount `namespace/name` (default
+    /// namespace: its own).
+    pub fn service_account_client(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<kube::Client, ApiError> {
+        let token = self.service_account_token(namespace, name)?;
+        let mut config = self.config_with_token(&token);
+        config.default_namespace = namespace.to_owned();
+        kube::Client::try_from(config).map_err(|e| {
+            ApiError::bad_request(format!(
+                "kube client for ServiceAccount {namespace}/{name}: {e}"
+            ))
+        })
+    }
+
+    /// A kubeconfig acting as ServiceAccount `namespace/name`, as a pod's
+    /// mounted token would.
+    pub fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<kube::config::Kubeconfig, ApiError> {
+        let token = self.service_account_token(namespace, name)?;
+        Ok(self.kubeconfig_with(&token, namespace))
     }
 
     /// A kube client for this server.
@@ -314,10 +407,15 @@ impl TestApiServer {
     }
 
     /// A kubeconfig naming this server (cluster, user and context all called
-    /// `test-apiserver`), as a remote cluster's credentials would be handed over.
+    /// `test-apiserver`) with the admin's token, as a remote cluster's
+    /// credentials would be handed over.
     pub fn kubeconfig(&self) -> kube::config::Kubeconfig {
+        self.kubeconfig_with(self.auth.admin_token(), "default")
+    }
+
+    fn kubeconfig_with(&self, token: &str, namespace: &str) -> kube::config::Kubeconfig {
         use kube::config::{
-            AuthInfo, Cluster, Context, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext,
+            Cluster, Context, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext,
         };
         const NAME: &str = "test-apiserver";
         let cluster = Cluster {
@@ -327,7 +425,7 @@ impl TestApiServer {
         let context = Context {
             cluster: NAME.to_owned(),
             user: Some(NAME.to_owned()),
-            namespace: Some("default".to_owned()),
+            namespace: Some(namespace.to_owned()),
             ..Context::default()
         };
         Kubeconfig {
@@ -340,7 +438,7 @@ impl TestApiServer {
             }],
             auth_infos: vec![NamedAuthInfo {
                 name: NAME.to_owned(),
-                auth_info: Some(AuthInfo::default()),
+                auth_info: Some(auth_info(token)),
                 ..NamedAuthInfo::default()
             }],
             contexts: vec![NamedContext {
@@ -396,6 +494,13 @@ impl TestApiServer {
         self.spawn(listener);
         Ok(())
     }
+}
+
+/// Credentials holding `token` (through serde: kube keeps tokens in a secret
+/// string type this crate need not name).
+fn auth_info(token: &str) -> kube::config::AuthInfo {
+    serde_json::from_value(serde_json::json!({ "token": token }))
+        .expect("a kubeconfig user with a token deserializes")
 }
 
 impl Drop for TestApiServer {

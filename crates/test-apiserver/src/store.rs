@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::allocate::ServiceRange;
 use crate::apply::{self, Scope, Writer};
 use crate::patch::{json_patch, merge_patch};
 use crate::resource::{self, ResourceType};
@@ -110,6 +111,8 @@ struct State {
     /// For uids and generated names: unique per server, varied per process.
     counter: u64,
     seed: u64,
+    /// Where Services get their ClusterIPs.
+    service_range: ServiceRange,
 }
 
 /// The shared store. Cheap to clone; all clones see the same objects.
@@ -411,7 +414,11 @@ fn identity(obj: &Value) -> (String, String) {
 }
 
 impl Store {
-    pub(crate) fn new(extra: Vec<ResourceType>, history_limit: usize) -> Self {
+    pub(crate) fn new(
+        extra: Vec<ResourceType>,
+        history_limit: usize,
+        service_range: ServiceRange,
+    ) -> Self {
         let mut types = resource::builtin();
         for t in extra {
             types.retain(|e| !(e.same_resource(&t.group, &t.plural) && e.version == t.version));
@@ -433,6 +440,7 @@ impl Store {
                 history_limit: history_limit.max(1),
                 counter: 0,
                 seed,
+                service_range,
             })),
             changes,
         }
@@ -595,6 +603,7 @@ impl Store {
         apply::record_update(&mut entries, &writer(rt, opts), None, &obj);
         apply::write_managed(&mut obj, &entries);
         self.write_or_try(opts.dry_run, |state| {
+            state.admit(rt, ns, None, &mut obj)?;
             let created = state.create(rt, ns, obj)?;
             state.collect_if_orphaned(&created);
             Ok(created)
@@ -699,6 +708,7 @@ impl Store {
             }
             let mut new = Self::scoped_result(rt, opts.scope, &old, body);
             Self::check_finalizers(rt, name, &old, &new)?;
+            state.admit(rt, ns, Some(&old), &mut new)?;
             new["apiVersion"] = json!(rt.api_version());
             new["kind"] = json!(rt.kind);
             let mut entries = apply::read_managed(&old);
@@ -764,12 +774,14 @@ impl Store {
                         // starts from the old object, metadata included.
                         let mut new = Self::scoped_result(rt, opts.scope, &old, merged);
                         Self::check_finalizers(rt, name, &old, &new)?;
+                        state.admit(rt, ns, Some(&old), &mut new)?;
                         apply::write_managed(&mut new, &entries);
                         state.commit(&key, new)
                     }
                     None => {
                         let mut new = merged;
                         apply::write_managed(&mut new, &entries);
+                        state.admit(rt, ns, None, &mut new)?;
                         state.create(rt, ns, new)?
                     }
                 };
@@ -796,6 +808,7 @@ impl Store {
             }
             let mut new = Self::scoped_result(rt, opts.scope, &old, patched);
             Self::check_finalizers(rt, name, &old, &new)?;
+            state.admit(rt, ns, Some(&old), &mut new)?;
             let mut entries = apply::read_managed(&old);
             apply::record_update(&mut entries, &writer, Some(&old), &new);
             apply::write_managed(&mut new, &entries);
@@ -852,6 +865,7 @@ fn writer<'a>(rt: &ResourceType, opts: &WriteOpts<'a>) -> Writer<'a> {
     }
 }
 
+mod admission;
 mod direct;
 mod gc;
 

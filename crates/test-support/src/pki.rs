@@ -220,14 +220,27 @@ pub fn forged_ca(
     unit: &str,
     path_len: Option<u8>,
 ) -> CertificateAuthority {
+    forged_ca_of(parent, &[unit], path_len)
+}
+
+/// A CA under `parent` whose subject holds each of `units` as an OU (none, one or
+/// several: what the mint never makes).
+pub fn forged_ca_of(
+    parent: &CertificateAuthority,
+    units: &[&str],
+    path_len: Option<u8>,
+) -> CertificateAuthority {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("forged issuer {unit}"));
-    params
-        .distinguished_name
-        .push(DnType::OrganizationalUnitName, unit);
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("forged issuer {}", units.join(",")),
+    );
+    for unit in units {
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, *unit);
+    }
     params.is_ca = IsCa::Ca(match path_len {
         Some(n) => BasicConstraints::Constrained(n),
         None => BasicConstraints::Unconstrained,
@@ -399,6 +412,31 @@ impl AcceptAnything {
     }
 }
 
+/// The signature methods of [`AcceptAnything`], the same as a server's verifier and
+/// as a client's: every signature passes, every scheme is offered.
+macro_rules! accept_any_signature {
+    () => {
+        accept_any_signature!(verify_tls12_signature, verify_tls13_signature);
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            crypto_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+    ($($method:ident),+) => {
+        $(
+            fn $method(
+                &self,
+                _: &[u8],
+                _: &CertificateDer<'_>,
+                _: &DigitallySignedStruct,
+            ) -> Result<HandshakeSignatureValid, rustls::Error> {
+                Ok(HandshakeSignatureValid::assertion())
+            }
+        )+
+    };
+}
+
 impl ServerCertVerifier for AcceptAnything {
     fn verify_server_cert(
         &self,
@@ -411,25 +449,7 @@ impl ServerCertVerifier for AcceptAnything {
         self.server_certs.fetch_add(1, Ordering::SeqCst);
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
-    }
+    accept_any_signature!();
 }
 
 impl ClientCertVerifier for AcceptAnything {
@@ -450,31 +470,7 @@ impl ClientCertVerifier for AcceptAnything {
     ) -> Result<ClientCertVerified, rustls::Error> {
         Ok(ClientCertVerified::assertion())
     }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
-    }
-}
-
-fn schemes() -> Vec<SignatureScheme> {
-    crypto_provider()
-        .signature_verification_algorithms
-        .supported_schemes()
+    accept_any_signature!();
 }
 
 #[cfg(test)]

@@ -25,7 +25,6 @@ mod payloads;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use isthmus_tests::binary::binary;
@@ -352,6 +351,13 @@ fn write(path: PathBuf, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
+/// [`write`]s each file, named relative to `dir`.
+fn write_all(dir: &Path, files: &[(&str, String)]) {
+    for (name, text) in files {
+        write(dir.join(name), text);
+    }
+}
+
 #[test]
 fn smuggling_through_the_chain_reaches_the_origin_as_counted_and_well_framed() {
     let pki = Pki::new("smuggling chain anchor");
@@ -388,30 +394,34 @@ fn smuggling_through_the_chain_reaches_the_origin_as_counted_and_well_framed() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let a = root.join("manifests-cluster-a");
-    write(
-        a.join("settings.yaml"),
-        &cluster_settings("cluster-a", gw_a),
-    );
-    write(
-        a.join("hello.yaml"),
-        &meshed_service("hello", hello_pod, true),
-    );
-    write(a.join("link.yaml"), &link("cluster-b", gw_b, admin_b));
     let b = root.join("manifests-cluster-b");
     let remote = |m: &Path| {
-        write(
-            m.join("clusters/cluster-a/settings.yaml"),
-            &cluster_settings("cluster-a", gw_a),
+        write_all(
+            m,
+            &[
+                (
+                    "clusters/cluster-a/settings.yaml",
+                    cluster_settings("cluster-a", gw_a),
+                ),
+                (
+                    "clusters/cluster-a/hello.yaml",
+                    service("hello", hello_pod, true),
+                ),
+                ("link.yaml", link("cluster-a", gw_a, admin_a)),
+            ],
         );
-        write(
-            m.join("clusters/cluster-a/hello.yaml"),
-            &service("hello", hello_pod, true),
-        );
-        write(m.join("link.yaml"), &link("cluster-a", gw_a, admin_a));
     };
-    write(
-        b.join("settings.yaml"),
-        &cluster_settings("cluster-b", gw_b),
+    write_all(
+        &a,
+        &[
+            ("settings.yaml", cluster_settings("cluster-a", gw_a)),
+            ("hello.yaml", meshed_service("hello", hello_pod, true)),
+            ("link.yaml", link("cluster-b", gw_b, admin_b)),
+        ],
+    );
+    write_all(
+        &b,
+        &[("settings.yaml", cluster_settings("cluster-b", gw_b))],
     );
     remote(&b);
     let mut identities = vec![
@@ -466,10 +476,8 @@ fn smuggling_through_the_chain_reaches_the_origin_as_counted_and_well_framed() {
     for (name, role, cluster, addrs) in procs {
         let log = root.join(format!("{name}.log"));
         let manifests = if cluster == "cluster-a" { &a } else { &b };
-        let child = s
-            .server
-            .command(binary("isthmus-proxy"))
-            .args([role, "--cluster", cluster, "--identity-dir"])
+        let mut cmd = s.server.command(binary("isthmus-proxy"));
+        cmd.args([role, "--cluster", cluster, "--identity-dir"])
             .arg(root.join(format!("identity-{name}")))
             .arg("--manifests")
             .arg(manifests)
@@ -479,14 +487,8 @@ fn smuggling_through_the_chain_reaches_the_origin_as_counted_and_well_framed() {
                 "200ms",
                 "--log",
                 "info,proxy_core=debug",
-            ])
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        s.lab.adopt(child);
+            ]);
+        s.lab.spawn_logged(&mut cmd, &log);
         logs.0.push(log);
         if name == "hello" {
             let started = Instant::now();

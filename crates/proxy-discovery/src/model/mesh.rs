@@ -363,7 +363,9 @@ pub struct ClusterSettingsSpec {
     /// The DNS suffix of Services (`svc.<clusterDomain>`).
     #[serde(default = "default_domain")]
     pub cluster_domain: String,
-    /// The range mirrored Services get their ClusterIP from.
+    /// Ignored where an API server runs: it allocates every ClusterIP, mirrored
+    /// Services' too, from its own range. Only a directory of manifests without
+    /// an API server allocates mirrored Services' addresses from this one.
     #[serde(default = "default_service_cidr", rename = "serviceCIDR")]
     #[cfg_attr(feature = "kube", schemars(with = "String"))]
     pub service_cidr: Cidr,

@@ -192,18 +192,38 @@ metadata: {name: not-true, labels: {isthmus.io/meshed: \"yes\"}}
 ---
 ";
 
+/// An EndpointSlice of `hello` on its `http` port 8080, listing `endpoints`
+/// (the lines under `endpoints:`).
+fn hello_slice(endpoints: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: hello-abc, labels: {{kubernetes.io/service-name: hello}}}}
+addressType: IPv4
+endpoints:
+{endpoints}ports: [{{name: http, port: 8080}}]
+---
+"
+    )
+}
+
+/// `hello`'s exported endpoints on port 80, as address and whether meshed.
+fn hello_endpoints(s: &Snapshot) -> Vec<(String, bool)> {
+    s.exported_endpoints("default", "hello", 80)
+        .unwrap()
+        .iter()
+        .map(endpoint)
+        .collect()
+}
+
 fn endpoint(ep: &ExportedEndpoint) -> (String, bool) {
     (ep.addr.to_string(), ep.meshed)
 }
 
 #[test]
 fn endpoints_are_meshed_when_their_target_ref_names_a_labelled_pod_and_unknown_pods_are_left_out() {
-    let slice = "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: hello-abc, labels: {kubernetes.io/service-name: hello}}
-addressType: IPv4
-endpoints:
-- addresses: [198.18.1.10]
+    let slice = hello_slice(
+        "- addresses: [198.18.1.10]
   targetRef: {kind: Pod, namespace: default, name: meshed-0}
 - addresses: [198.18.1.11]
   targetRef: {kind: Pod, namespace: default, name: plain-0}
@@ -218,15 +238,10 @@ endpoints:
   targetRef: {kind: Node, namespace: default, name: meshed-0}
 - addresses: [198.18.1.17]
   targetRef: {kind: Pod, namespace: default, name: not-true}
-ports: [{name: http, port: 8080}]
-";
+",
+    );
     let s = snap(&format!("{SETTINGS}{HELLO}{PODS}{slice}"));
-    let got: Vec<_> = s
-        .exported_endpoints("default", "hello", 80)
-        .unwrap()
-        .iter()
-        .map(endpoint)
-        .collect();
+    let got = hello_endpoints(&s);
     let want = |ip: &str, meshed| (format!("{ip}:8080"), meshed);
     assert_eq!(
         got,
@@ -273,21 +288,9 @@ subsets:
 ";
     // The meshed pod's address also appears in a slice without a reference: it
     // must not become plain because one listing forgot to name the pod.
-    let slice = "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: hello-abc, labels: {kubernetes.io/service-name: hello}}
-addressType: IPv4
-endpoints:
-- addresses: [198.18.1.10]
-ports: [{name: http, port: 8080}]
-";
+    let slice = hello_slice("- addresses: [198.18.1.10]\n");
     let s = snap(&format!("{SETTINGS}{HELLO}{PODS}{endpoints}{slice}"));
-    let got: Vec<_> = s
-        .exported_endpoints("default", "hello", 80)
-        .unwrap()
-        .iter()
-        .map(endpoint)
-        .collect();
+    let got = hello_endpoints(&s);
     assert_eq!(
         got,
         vec![
@@ -299,15 +302,11 @@ ports: [{name: http, port: 8080}]
 
 #[test]
 fn a_pod_losing_its_label_is_no_longer_meshed() {
-    let slice = "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: hello-abc, labels: {kubernetes.io/service-name: hello}}
-addressType: IPv4
-endpoints:
-- addresses: [198.18.1.10]
+    let slice = hello_slice(
+        "- addresses: [198.18.1.10]
   targetRef: {kind: Pod, namespace: default, name: meshed-0}
-ports: [{name: http, port: 8080}]
-";
+",
+    );
     let meshed = snap(&format!("{SETTINGS}{HELLO}{PODS}{slice}"));
     assert!(meshed.exported_endpoints("default", "hello", 80).unwrap()[0].meshed);
     let relabelled = PODS.replace("isthmus.io/meshed: \"true\"}}\nspec", "x: y}}\nspec");
@@ -334,23 +333,14 @@ endpoints:
 ports: [{name: http, port: 8080}]
 ---
 ";
-    let slice = "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: hello-abc, labels: {kubernetes.io/service-name: hello}}
-addressType: IPv4
-endpoints:
-- addresses: [198.18.1.10]
+    let slice = hello_slice(
+        "- addresses: [198.18.1.10]
 - addresses: [198.18.1.11]
   conditions: {ready: false}
-ports: [{name: http, port: 8080}]
-";
+",
+    );
     let s = snap(&format!("{SETTINGS}{HELLO}{other}{slice}"));
-    let got: Vec<_> = s
-        .exported_endpoints("default", "hello", 80)
-        .unwrap()
-        .iter()
-        .map(endpoint)
-        .collect();
+    let got = hello_endpoints(&s);
     assert_eq!(got, vec![("198.18.1.10:8080".to_owned(), false)]);
     assert_eq!(
         s.exported_endpoints("other", "hello", 80),

@@ -1,6 +1,8 @@
 //! What the suites that run the standalone `isthmus-proxy` on loopback share: its
 //! command line (on the test-support process fixture), free ports, a minted
-//! identity, an echo server and a CONNECT tunnel.
+//! identity, a thread-per-connection server (an echo server on it), reading an
+//! HTTP/1 head, a CONNECT tunnel, a round trip on any stream and writing a
+//! directory of manifests.
 //!
 //! Deliberately not here: each suite's fixtures and readiness checks, and the
 //! gateway and sidecar roles' command lines (their flags differ per suite) and origin servers whose answers a suite
@@ -8,8 +10,10 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 pub use isthmus_test_support::{Pki, Proxy, STEP};
 
@@ -57,20 +61,43 @@ pub fn mint_identity(dir: &Path) {
         .unwrap();
 }
 
-/// A TCP echo server on loopback; it lives as long as the test binary.
-pub fn echo() -> SocketAddr {
+/// A loopback server that runs `serve` on a thread of its own for each connection;
+/// it lives as long as the test binary.
+pub fn serve_each(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let serve = Arc::new(serve);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut reader = stream.try_clone().unwrap();
-                let _ = std::io::copy(&mut reader, &mut stream);
-            });
+            let Ok(stream) = stream else { continue };
+            let serve = serve.clone();
+            std::thread::spawn(move || serve(stream));
         }
     });
     addr
+}
+
+/// A TCP echo server on loopback: it sends back what it reads, then ends its side.
+pub fn echo() -> SocketAddr {
+    serve_each(|mut stream| {
+        let mut reader = stream.try_clone().unwrap();
+        let _ = std::io::copy(&mut reader, &mut stream);
+        let _ = stream.shutdown(Shutdown::Write);
+    })
+}
+
+/// Reads an HTTP/1 head up to its blank line, byte by byte so that nothing after
+/// it is consumed; `None` if the stream ends (or fails) first.
+pub fn read_head(stream: &mut impl Read) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(head)
 }
 
 /// Opens a CONNECT tunnel through the proxy at `listen` to `target` and returns the
@@ -83,20 +110,52 @@ pub fn connect_through(listen: SocketAddr, target: SocketAddr) -> TcpStream {
         "CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n\r\n"
     )
     .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            tunnel.read(&mut byte).unwrap(),
-            1,
-            "CONNECT answer cut short"
-        );
-        head.push(byte[0]);
-    }
+    let head = read_head(&mut tunnel).expect("CONNECT answer cut short");
     assert!(
         head.starts_with(b"HTTP/1.1 200"),
         "{}",
         String::from_utf8_lossy(&head)
     );
     tunnel
+}
+
+/// Sends `payload` on `stream`, half-closes, and returns all that comes back until
+/// the far side closes; fails the test if that takes longer than [`STEP`].
+pub async fn round_trip<S>(stream: S, payload: &[u8]) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    round_trip_within(stream, payload, STEP).await
+}
+
+/// [`round_trip`] with a bound of `limit`.
+pub async fn round_trip_within<S>(stream: S, payload: &[u8], limit: Duration) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let write = async {
+        wr.write_all(payload).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let read = async {
+        let mut back = Vec::with_capacity(payload.len());
+        rd.read_to_end(&mut back).await.unwrap();
+        back
+    };
+    let ((), back) = tokio::time::timeout(limit, async { tokio::join!(write, read) })
+        .await
+        .expect("round trip hung");
+    back
+}
+
+/// Writes each `(file name, contents)` into the directory `dir`, creating it first.
+pub fn write_files<T: AsRef<[u8]>>(dir: &Path, files: &[(&str, T)]) {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    for (name, contents) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, contents)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
 }
