@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use isthmus_test_support::{Metrics, eventually_blocking};
 use isthmus_tests::binary::binary;
 use isthmus_tests::identity::Pki;
-use isthmus_tests::multicluster::{NAMESPACE, cluster_settings, gateway_id, link, service};
+use isthmus_tests::multicluster::{
+    MIRROR, NAMESPACE, cluster_settings, gateway_id, link, link_at, service, settings_at,
+};
 use isthmus_tests::netns::{Lab, Namespace};
 use isthmus_tests::pod;
 use isthmus_tests::tcp::{self, WAIT};
@@ -49,37 +51,16 @@ const REFRESH: &str = "1s";
 /// Generous for a debug build on a shared machine: a refresh, a connection, slack.
 const MOVE_WITHIN: Duration = Duration::from_secs(30);
 
-/// The seed's ServiceMirror: hello of cluster-a, in cluster-b.
-const MIRROR: &str = "apiVersion: linkerd.io/v1alpha1\nkind: ServiceMirror
-metadata: {name: hello-mirror, namespace: default}
-spec: {cluster: cluster-a, service: {name: hello, namespace: default}}\n";
-
-/// A mesh object of `kind` named `name`, its spec in YAML flow style.
-fn mesh_object(kind: &str, name: &str, spec: &str) -> String {
-    format!(
-        "apiVersion: multicluster.isthmus.io/v1alpha1\nkind: {kind}\n\
-         metadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec: {spec}\n"
-    )
-}
-
 /// A Link to cluster-a's gateway by the name `address`.
 fn link_named(address: &str) -> String {
-    let id = gateway_id("cluster-a");
-    let spec = format!(
-        "{{targetClusterName: cluster-a, gatewayAddress: {address}, gatewayPort: 4143, \
-         gatewayIdentity: '{id}', probeSpec: {{path: /ready, port: 4191, period: 1s}}}}"
-    );
-    mesh_object("Link", "cluster-a", &spec)
+    let id = gateway_id("cluster-a").to_string();
+    link_at(NAMESPACE, "cluster-a", address, 4143, &id, 4191)
 }
 
 /// cluster-b's settings, naming its gateway `address`.
 fn settings_named(address: &str) -> String {
-    let id = gateway_id("cluster-b");
-    let spec = format!(
-        "{{clusterName: cluster-b, trustDomain: cluster.local, \
-         gateway: {{address: {address}, port: 4143, identity: '{id}'}}}}"
-    );
-    mesh_object("ClusterSettings", "cluster-b", &spec)
+    let id = gateway_id("cluster-b").to_string();
+    settings_at(NAMESPACE, "cluster-b", address, 4143, &id)
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -115,13 +96,7 @@ struct World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        let read = |log: &PathBuf| std::fs::read_to_string(log).unwrap_or_default();
-        for log in &self.logs {
-            eprintln!("--- {} ---\n{}", log.display(), read(log));
-        }
+        pod::show_logs_if_failing(&self.logs);
     }
 }
 
@@ -243,10 +218,14 @@ impl World {
             } else {
                 cmd.args(["--outbound-addr", OUTBOUND]);
             }
-            let out = std::fs::File::create(&log).unwrap();
-            let err = out.try_clone().unwrap();
-            cmd.env_clear().stdin(Stdio::null()).stdout(out).stderr(err);
-            lab.adopt(cmd.spawn().unwrap());
+            let child = cmd
+                .env_clear()
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            lab.adopt(child);
             logs.push(log);
         }
         World {
@@ -333,33 +312,46 @@ fn assert_dns(config: &str, want: &str) {
     );
 }
 
-/// Streams take the path through a1 while `name` points at `from` in `ns`'s hosts
-/// file; once it points at `to`, new streams reach a2 (the other path) without a
-/// restart, while a stream opened before finishes on the old path, and the proxy
-/// in `ns` shows the new address on `/config`.
-fn follows_a_moved_name(world: &World, ns: &Namespace, name: &str, from: &str, to: &str) {
+/// The proxy in `resolver` reaches a1 through `name` at `before`; once `name` points
+/// at `after` in that namespace's hosts file (a gateway whose way leads to a2),
+/// every new stream goes there without a restart, published as `figure`, while
+/// the stream opened before finishes on the old address.
+fn follows_its_name(
+    resolver: fn(&World) -> &Namespace,
+    name: &str,
+    before: &str,
+    after: &str,
+    figure: &str,
+) -> World {
+    let world = World::start();
     world.until_greeted_by("a1");
-    assert_dns(&World::config(ns), &format!("{from}:4143"));
+    assert_dns(&World::config(resolver(&world)), &format!("{before}:4143"));
     let (mut held, greeting) = world.open().unwrap();
     assert_eq!(greeting, "a1");
 
-    move_name(ns, to, name);
+    move_name(resolver(&world), after, name);
     let took = world.until_greeted_by("a2");
-    eprintln!("FIGURE dns_{name}_moved_ms = {}", took.as_millis());
-    assert_dns(&World::config(ns), &format!("{to}:4143"));
-    // Every new stream takes the new path...
+    eprintln!("FIGURE {figure} = {}", took.as_millis());
+    assert_dns(&World::config(resolver(&world)), &format!("{after}:4143"));
+    // Every new stream goes to the new address...
     for _ in 0..5 {
         assert_eq!(world.open().unwrap().1, "a2");
     }
     // ...while the stream opened before finishes on the old one.
     still_carries(&mut held, "still a1\n");
+    world
 }
 
 #[test]
 fn a_link_named_by_dns_follows_its_name_without_a_restart() {
-    let world = World::start();
-    // gateway.cluster-a.test moves from a1 to a2 in gateway b1's hosts file.
-    follows_a_moved_name(&world, &world.b1, A_NAME, "198.18.0.2", "198.18.0.3");
+    // gateway.cluster-a.test moves to a2, in gateway b1's hosts file only.
+    let world = follows_its_name(
+        |w| &w.b1,
+        A_NAME,
+        "198.18.0.2",
+        "198.18.0.3",
+        "dns_link_moved_ms",
+    );
 
     // The name stops resolving (the namespace's nameserver does not answer): the
     // last good address keeps serving, and /config and the metrics say so.
@@ -382,8 +374,13 @@ fn a_link_named_by_dns_follows_its_name_without_a_restart() {
 
 #[test]
 fn a_cluster_gateway_named_by_dns_follows_its_name_without_a_restart() {
-    let world = World::start();
-    // gateway.cluster-b.test moves from b1 to b2 (whose link goes to a2) in the
-    // client's hosts file.
-    follows_a_moved_name(&world, &world.client, B_NAME, "198.18.0.1", "198.18.0.4");
+    // gateway.cluster-b.test moves to b2 (whose link goes to a2), in the client's
+    // hosts file.
+    drop(follows_its_name(
+        |w| &w.client,
+        B_NAME,
+        "198.18.0.1",
+        "198.18.0.4",
+        "dns_cluster_gateway_moved_ms",
+    ));
 }
