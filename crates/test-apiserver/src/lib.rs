@@ -451,6 +451,16 @@ impl TestApiServer {
         }
     }
 
+    /// Writes [`TestApiServer::kubeconfig`] to `path` as YAML, atomically
+    /// (through a sibling file renamed into place), so a process waiting for
+    /// the file never reads half of it.
+    pub fn write_kubeconfig(&self, path: &std::path::Path) -> io::Result<()> {
+        let text = serde_yaml_ng::to_string(&self.kubeconfig()).map_err(io::Error::other)?;
+        let partial = path.with_extension("partial");
+        std::fs::write(&partial, text)?;
+        std::fs::rename(&partial, path)
+    }
+
     /// The store, to seed and assert without HTTP.
     pub fn store(&self) -> &Store {
         &self.store

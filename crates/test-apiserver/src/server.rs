@@ -277,18 +277,16 @@ async fn read(req: Request<Incoming>, limit: usize) -> Result<Parsed, ApiError> 
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let aggregated = parts
-        .headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("as=APIGroupDiscoveryList"));
-    let metadata_only = parts
-        .headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("as=PartialObjectMetadata"));
+    let accepts = |what: &str| {
+        parts
+            .headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains(what))
+    };
+    let aggregated = accepts("as=APIGroupDiscoveryList");
+    let metadata_only = accepts("as=PartialObjectMetadata");
     let agent = parts
         .headers
         .get(header::USER_AGENT)
