@@ -20,7 +20,10 @@
 //! Addresses are checked to come from 198.18.0.0/15 or 2001:2::/48, and nothing here
 //! adds a default route or NAT.
 
-use std::process::Child;
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Once;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -84,6 +87,41 @@ impl Lab {
         Ok(self.net.veth(a, b)?)
     }
 
+    /// Two new namespaces joined by a veth pair, the topology every suite starts
+    /// from: the first (the pod) is 198.18.0.2/24, the second (what it talks to)
+    /// 198.18.0.1/24, and with `ipv6` also 2001:2::2/64 and 2001:2::1/64. Addresses
+    /// beyond these go on the returned interfaces.
+    ///
+    /// # Panics
+    ///
+    /// If a namespace, the link or an address cannot be made.
+    pub fn pair(&self, ipv6: bool) -> Pair {
+        let pod = self.namespace();
+        let server = self.namespace();
+        let (pod_if, server_if) = self
+            .net
+            .veth(&pod, &server)
+            .unwrap_or_else(|e| panic!("cannot join two namespaces: {e}"));
+        let mut addrs = vec![
+            (&pod, &pod_if, "198.18.0.2/24"),
+            (&server, &server_if, "198.18.0.1/24"),
+        ];
+        if ipv6 {
+            addrs.push((&pod, &pod_if, "2001:2::2/64"));
+            addrs.push((&server, &server_if, "2001:2::1/64"));
+        }
+        for (ns, iface, addr) in addrs {
+            ns.add_addr(iface, addr)
+                .unwrap_or_else(|e| panic!("cannot add {addr} to {iface}: {e}"));
+        }
+        Pair {
+            pod,
+            server,
+            pod_if,
+            server_if,
+        }
+    }
+
     /// A bridge inside `ns`, up; attach pods to it with [`Lab::attach`].
     pub fn bridge(&self, ns: &Namespace) -> anyhow::Result<String> {
         Ok(self.net.bridge(ns)?)
@@ -105,10 +143,88 @@ impl Lab {
         self.net.adopt(child);
     }
 
+    /// Starts `cmd` (a [`Namespace::command`]) with an empty environment, no input
+    /// and its stderr in `log`, and adopts it: it is killed when the lab drops.
+    ///
+    /// # Panics
+    ///
+    /// If `log` cannot be created or the program not started.
+    pub fn spawn_logged(&self, cmd: &mut Command, log: &Path) {
+        let file = File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        let child = cmd
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        self.adopt(child);
+    }
+
     /// Diagnostics of every namespace of the lab.
     pub fn diagnostics(&self) -> String {
         self.net.diagnostics()
     }
+}
+
+/// The address family a test runs in: the suites run most checks once for each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fam {
+    V4,
+    V6,
+}
+
+impl Fam {
+    /// The pod's address from [`Lab::pair`]: 198.18.0.2 or 2001:2::2.
+    pub fn pod_ip(self) -> IpAddr {
+        match self {
+            Fam::V4 => Ipv4Addr::new(198, 18, 0, 2).into(),
+            Fam::V6 => Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2).into(),
+        }
+    }
+
+    /// The server's address from [`Lab::pair`]: 198.18.0.1 or 2001:2::1.
+    pub fn server_ip(self) -> IpAddr {
+        match self {
+            Fam::V4 => Ipv4Addr::new(198, 18, 0, 1).into(),
+            Fam::V6 => Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1).into(),
+        }
+    }
+
+    /// The unspecified address, where a listener takes every address of a pod.
+    pub fn any(self) -> IpAddr {
+        match self {
+            Fam::V4 => Ipv4Addr::UNSPECIFIED.into(),
+            Fam::V6 => Ipv6Addr::UNSPECIFIED.into(),
+        }
+    }
+
+    /// The loopback address.
+    pub fn loopback(self) -> IpAddr {
+        match self {
+            Fam::V4 => Ipv4Addr::LOCALHOST.into(),
+            Fam::V6 => Ipv6Addr::LOCALHOST.into(),
+        }
+    }
+
+    /// The source a sidecar binds when it delivers inbound traffic to its app
+    /// (127.0.0.6 and ::6, which `isthmus-init --ipv6` puts on `lo`).
+    pub fn inbound_source(self) -> IpAddr {
+        match self {
+            Fam::V4 => Ipv4Addr::new(127, 0, 0, 6).into(),
+            Fam::V6 => Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6).into(),
+        }
+    }
+}
+
+/// Two namespaces of a [`Lab`] joined by a veth pair ([`Lab::pair`]).
+pub struct Pair {
+    /// 198.18.0.2 (and 2001:2::2).
+    pub pod: Namespace,
+    /// 198.18.0.1 (and 2001:2::1).
+    pub server: Namespace,
+    pub pod_if: String,
+    pub server_if: String,
 }
 
 impl Default for Lab {

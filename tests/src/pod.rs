@@ -11,8 +11,7 @@
 //! library) and does not decide what is mirrored: the manifests directory only holds
 //! the cluster's settings unless the caller adds more.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -21,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::binary::{WorldExecutable, binary};
-use crate::netns::{Lab, Namespace, run_checked};
+use crate::netns::{Fam, Lab, Namespace, Pair, run_checked};
 use crate::tcp;
 
 /// The UID the proxy runs as, which the capture exempts.
@@ -82,12 +81,32 @@ pub struct SidecarPod {
 
 impl Drop for SidecarPod {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        show_log_if_failing(&self.log, &self.earlier_runs, String::new);
+    }
+}
+
+/// While a test fails (its fixtures dropping during the panic), prints the
+/// sidecar's `log`, after what `earlier` runs logged and followed by what `more`
+/// makes (only then: diagnostics cost commands).
+pub fn show_log_if_failing(log: &Path, earlier: &str, more: impl FnOnce() -> String) {
+    if std::thread::panicking() {
+        eprintln!(
+            "--- sidecar log ({}) ---\n{earlier}{}{}",
+            log.display(),
+            std::fs::read_to_string(log).unwrap_or_default(),
+            more()
+        );
+    }
+}
+
+/// While a test fails, prints each of `logs`, headed by its path.
+pub fn show_logs_if_failing(logs: &[PathBuf]) {
+    if std::thread::panicking() {
+        for log in logs {
             eprintln!(
-                "--- sidecar log ({}) ---\n{}{}",
-                self.log.display(),
-                self.earlier_runs,
-                std::fs::read_to_string(&self.log).unwrap_or_default()
+                "--- {} ---\n{}",
+                log.display(),
+                std::fs::read_to_string(log).unwrap_or_default()
             );
         }
     }
@@ -167,7 +186,7 @@ pub fn fds_return_to(pid: u32, baseline: usize, limit: Duration, what: &str) {
         }
         assert!(
             Instant::now() < deadline,
-            "{what} still holds {now} descriptors, {baseline} before the hostile clients"
+            "{what} still holds {now} descriptors, at most {baseline} expected within {limit:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -184,18 +203,9 @@ pub fn running(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// A `GET` with `connection: close`, read to the end (bounded by [`tcp::WAIT`]).
-/// Call it on a thread in the namespace of `addr`.
-pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut stream = tcp::connect(addr)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )?;
-    let mut out = Vec::new();
-    stream.read_to_end(&mut out)?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
-}
+/// A `GET` with `connection: close`, read to the end. Call it on a thread in the
+/// namespace of `addr`.
+pub use isthmus_test_support::proxy::get_raw_blocking as http_get;
 
 /// Sum of the samples of `family` whose labels match every one of `labels`
 /// (`direction="outbound"`); 0 when there is none.
@@ -296,24 +306,9 @@ impl SidecarPod {
     /// [`SidecarPod::start`] with the family, log filter and flags of `options`.
     pub fn start_with(mint: impl FnOnce(&Path), options: PodOptions<'_>) -> anyhow::Result<Self> {
         let lab = Lab::new();
-        let pod = lab.namespace();
-        let server = lab.namespace();
-        let (pod_if, server_if) = lab.veth(&pod, &server)?;
-        pod.add_addr(&pod_if, "198.18.0.2/24")?;
-        pod.add_addr(&pod_if, "2001:2::2/64")?;
-        server.add_addr(&server_if, "198.18.0.1/24")?;
-        server.add_addr(&server_if, "2001:2::1/64")?;
-        let (pod_ip, server_ip) = if options.ipv6 {
-            (
-                IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2)),
-                IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1)),
-            )
-        } else {
-            (
-                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
-                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
-            )
-        };
+        let Pair { pod, server, .. } = lab.pair(true);
+        let fam = if options.ipv6 { Fam::V6 } else { Fam::V4 };
+        let (pod_ip, server_ip) = (fam.pod_ip(), fam.server_ip());
         let init = binary("isthmus-init");
         // For IPv6, isthmus-init also adds ::6 to lo, the sidecar's inbound delivery
         // source: the IPv6 inbound tests fail without it.

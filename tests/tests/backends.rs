@@ -6,6 +6,7 @@
 //! instructions, without it).
 #![allow(clippy::unwrap_used)]
 
+use isthmus_test_support::test_cases;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
 
@@ -110,15 +111,10 @@ fn install_over_the_other_backend(held: Mode) {
     assert!(said.contains("no capture rules remain in"), "{said}");
 }
 
-#[test]
-fn legacy_holds_the_capture_then_nft_install_and_cleanup() {
-    install_over_the_other_backend(Mode::Legacy);
-}
-
-#[test]
-fn nft_holds_the_capture_then_legacy_install_and_cleanup() {
-    install_over_the_other_backend(Mode::Nft);
-}
+test_cases!(install_over_the_other_backend {
+    legacy_holds_the_capture_then_nft_install_and_cleanup: Mode::Legacy,
+    nft_holds_the_capture_then_legacy_install_and_cleanup: Mode::Nft,
+});
 
 /// Both backends hold the capture (what an older `isthmus-init` left after
 /// `--backend nft` over a legacy install): whichever backend a cleanup is pointed

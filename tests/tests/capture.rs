@@ -4,6 +4,7 @@
 //! `isthmus-init` binary (`cargo test --workspace` builds it).
 #![allow(clippy::unwrap_used)]
 
+use isthmus_test_support::test_cases;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -13,23 +14,17 @@ use iptables_init::backend::{self, Mode};
 use iptables_init::config::{Config, Family};
 use iptables_init::rules::{self, NatState};
 use isthmus_tests::binary::{WorldExecutable, binary};
-use isthmus_tests::netns::{Lab, Namespace, wait_with_timeout};
+use isthmus_tests::netns::{Fam, Lab, Namespace, Pair, wait_with_timeout};
 use isthmus_tests::tcp::{self, WAIT};
+use isthmus_vocab::ports::{
+    DEFAULT_ADMIN_PORT as ADMIN, DEFAULT_INBOUND_PORT as INBOUND,
+    DEFAULT_OUTBOUND_PORT as OUTBOUND, PROXY_UID,
+};
 use proxy_core::addr::orig_dst;
 
-const PROXY_UID: u32 = 2102;
 /// Some other unprivileged user: the app.
 const APP_UID: u32 = 2103;
 const NOBODY: u32 = 65534;
-const OUTBOUND: u16 = 4140;
-const INBOUND: u16 = 4143;
-const ADMIN: u16 = 4191;
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fam {
-    V4,
-    V6,
-}
 
 /// The addresses of one family in the two-namespace topology.
 struct Net {
@@ -38,33 +33,18 @@ struct Net {
     /// The peer's address on a second subnet, routed through the peer.
     other: IpAddr,
     other_subnet: &'static str,
-    any: IpAddr,
-    loopback: IpAddr,
-    /// The source the proxy binds when it delivers inbound traffic to the app.
-    inbound_source: IpAddr,
 }
 
 fn net(fam: Fam) -> Net {
-    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-    match fam {
-        Fam::V4 => Net {
-            pod: ip("198.18.0.2"),
-            peer: ip("198.18.0.1"),
-            other: ip("198.19.0.1"),
-            other_subnet: "198.19.0.0/24",
-            any: ip("0.0.0.0"),
-            loopback: ip("127.0.0.1"),
-            inbound_source: ip("127.0.0.6"),
-        },
-        Fam::V6 => Net {
-            pod: ip("2001:2::2"),
-            peer: ip("2001:2::1"),
-            other: ip("2001:2:0:1::1"),
-            other_subnet: "2001:2:0:1::/64",
-            any: ip("::"),
-            loopback: ip("::1"),
-            inbound_source: ip("::6"),
-        },
+    let (other, other_subnet) = match fam {
+        Fam::V4 => ("198.19.0.1", "198.19.0.0/24"),
+        Fam::V6 => ("2001:2:0:1::1", "2001:2:0:1::/64"),
+    };
+    Net {
+        pod: fam.pod_ip(),
+        peer: fam.server_ip(),
+        other: other.parse().unwrap(),
+        other_subnet,
     }
 }
 
@@ -84,14 +64,13 @@ struct Pod {
 impl Pod {
     fn new(fam: Fam) -> Self {
         let lab = Lab::new();
-        let pod = lab.namespace();
-        let peer = lab.namespace();
-        let (pod_if, peer_if) = lab.veth(&pod, &peer).unwrap();
-        pod.add_addr(&pod_if, "198.18.0.2/24").unwrap();
-        pod.add_addr(&pod_if, "2001:2::2/64").unwrap();
-        peer.add_addr(&peer_if, "198.18.0.1/24").unwrap();
+        let Pair {
+            pod,
+            server: peer,
+            server_if: peer_if,
+            ..
+        } = lab.pair(true);
         peer.add_addr(&peer_if, "198.19.0.1/24").unwrap();
-        peer.add_addr(&peer_if, "2001:2::1/64").unwrap();
         peer.add_addr(&peer_if, "2001:2:0:1::1/64").unwrap();
         pod.add_route("198.19.0.0/24", "198.18.0.1").unwrap();
         pod.add_route("2001:2:0:1::/64", "2001:2::1").unwrap();
@@ -173,10 +152,19 @@ fn arrival(listener: &TcpListener, token: &str) -> (TcpStream, SocketAddr) {
     (stream, peer)
 }
 
-fn original_destination(stream: &TcpStream) -> SocketAddr {
-    orig_dst(stream, stream.local_addr().unwrap())
+/// [`arrival`] of a redirected connection, whose original destination must be
+/// `destination`.
+fn redirected(
+    listener: &TcpListener,
+    token: &str,
+    destination: SocketAddr,
+) -> (TcpStream, SocketAddr) {
+    let (stream, client) = arrival(listener, token);
+    let found = orig_dst(&stream, stream.local_addr().unwrap())
         .unwrap_or_else(|e| panic!("no original destination on {stream:?}: {e}"))
-        .0
+        .0;
+    assert_eq!(found, destination, "original destination of {token:?}");
+    (stream, client)
 }
 
 fn assert_nothing_at(listener: &TcpListener) {
@@ -189,35 +177,26 @@ fn assert_nothing_at(listener: &TcpListener) {
 
 // ---- outbound ----
 
-fn outbound_is_redirected_with_original_destination(fam: Fam) {
-    let p = Pod::new(fam);
-    p.init(&["--backend", "nft"]);
-    let outbound = p.listen(&p.pod, p.net.any, OUTBOUND);
+/// A connection from the pod to the peer's port 8080, sending `token`, lands on
+/// `outbound` with its original destination, and never at the peer.
+fn assert_captured(p: &Pod, outbound: &TcpListener, token: &str) {
     let server = p.listen(&p.peer, p.net.peer, 8080);
-
-    let _client = p.send_from(&p.pod, p.net.peer, 8080, "app");
-    let (stream, _) = arrival(&outbound, "app");
-    assert_eq!(
-        original_destination(&stream),
-        SocketAddr::new(p.net.peer, 8080)
-    );
+    let _client = p.send_from(&p.pod, p.net.peer, 8080, token);
+    let (_stream, _) = redirected(outbound, token, SocketAddr::new(p.net.peer, 8080));
     assert_nothing_at(&server);
 }
 
-#[test]
-fn outbound_is_redirected_with_original_destination_v4() {
-    outbound_is_redirected_with_original_destination(Fam::V4);
-}
-
-#[test]
-fn outbound_is_redirected_with_original_destination_v6() {
-    outbound_is_redirected_with_original_destination(Fam::V6);
+fn outbound_is_redirected_with_original_destination(fam: Fam) {
+    let p = Pod::new(fam);
+    p.init(&["--backend", "nft"]);
+    let outbound = p.listen(&p.pod, p.fam.any(), OUTBOUND);
+    assert_captured(&p, &outbound, "app");
 }
 
 fn proxy_uid_reaches_the_destination_directly(fam: Fam) {
     let p = Pod::new(fam);
     p.init(&[]);
-    let outbound = p.listen(&p.pod, p.net.any, OUTBOUND);
+    let outbound = p.listen(&p.pod, p.fam.any(), OUTBOUND);
     let server = p.listen(&p.peer, p.net.peer, 8080);
 
     let child = p.dial_as(PROXY_UID, p.net.peer, 8080, "proxy", None);
@@ -229,24 +208,10 @@ fn proxy_uid_reaches_the_destination_directly(fam: Fam) {
 
     // The same program under another UID is captured: the exemption is the UID's.
     let child = p.dial_as(APP_UID, p.net.peer, 8080, "app", None);
-    let (stream, _) = arrival(&outbound, "app");
-    assert_eq!(
-        original_destination(&stream),
-        SocketAddr::new(p.net.peer, 8080)
-    );
+    let (stream, _) = redirected(&outbound, "app", SocketAddr::new(p.net.peer, 8080));
     drop(stream);
     finish(child);
     assert_nothing_at(&server);
-}
-
-#[test]
-fn proxy_uid_reaches_the_destination_directly_v4() {
-    proxy_uid_reaches_the_destination_directly(Fam::V4);
-}
-
-#[test]
-fn proxy_uid_reaches_the_destination_directly_v6() {
-    proxy_uid_reaches_the_destination_directly(Fam::V6);
 }
 
 fn skipped_ports_subnets_and_loopback_are_not_captured(fam: Fam) {
@@ -257,12 +222,12 @@ fn skipped_ports_subnets_and_loopback_are_not_captured(fam: Fam) {
         "--skip-outbound-subnets",
         p.net.other_subnet,
     ]);
-    let outbound = p.listen(&p.pod, p.net.any, OUTBOUND);
+    let outbound = p.listen(&p.pod, p.fam.any(), OUTBOUND);
     let direct = [
         (&p.peer, p.net.peer, 8081, "skipped port"),
         (&p.peer, p.net.peer, 9005, "skipped range"),
         (&p.peer, p.net.other, 8080, "skipped subnet"),
-        (&p.pod, p.net.loopback, 8080, "loopback"),
+        (&p.pod, p.fam.loopback(), 8080, "loopback"),
         (&p.pod, p.net.pod, 8082, "own pod address"),
     ];
     for (ns, ip, port, token) in direct {
@@ -272,38 +237,17 @@ fn skipped_ports_subnets_and_loopback_are_not_captured(fam: Fam) {
         assert_nothing_at(&outbound);
     }
 
-    let server = p.listen(&p.peer, p.net.peer, 8080);
-    let _client = p.send_from(&p.pod, p.net.peer, 8080, "captured");
-    let (stream, _) = arrival(&outbound, "captured");
-    assert_eq!(
-        original_destination(&stream),
-        SocketAddr::new(p.net.peer, 8080)
-    );
-    assert_nothing_at(&server);
-}
-
-#[test]
-fn skipped_ports_subnets_and_loopback_are_not_captured_v4() {
-    skipped_ports_subnets_and_loopback_are_not_captured(Fam::V4);
-}
-
-#[test]
-fn skipped_ports_subnets_and_loopback_are_not_captured_v6() {
-    skipped_ports_subnets_and_loopback_are_not_captured(Fam::V6);
+    assert_captured(&p, &outbound, "captured");
 }
 
 fn include_subnets_limit_capture(fam: Fam) {
     let p = Pod::new(fam);
     p.init(&["--include-outbound-subnets", p.net.other_subnet]);
-    let outbound = p.listen(&p.pod, p.net.any, OUTBOUND);
+    let outbound = p.listen(&p.pod, p.fam.any(), OUTBOUND);
 
     let other = p.listen(&p.peer, p.net.other, 8080);
     let _c = p.send_from(&p.pod, p.net.other, 8080, "included");
-    let (stream, _) = arrival(&outbound, "included");
-    assert_eq!(
-        original_destination(&stream),
-        SocketAddr::new(p.net.other, 8080)
-    );
+    let (_stream, _) = redirected(&outbound, "included", SocketAddr::new(p.net.other, 8080));
     assert_nothing_at(&other);
 
     let server = p.listen(&p.peer, p.net.peer, 8080);
@@ -312,32 +256,17 @@ fn include_subnets_limit_capture(fam: Fam) {
     assert_nothing_at(&outbound);
 }
 
-#[test]
-fn include_subnets_limit_capture_v4() {
-    include_subnets_limit_capture(Fam::V4);
-}
-
-#[test]
-fn include_subnets_limit_capture_v6() {
-    include_subnets_limit_capture(Fam::V6);
-}
-
 // ---- inbound ----
 
 fn inbound_is_redirected_and_admin_is_not(fam: Fam) {
     let p = Pod::new(fam);
     p.init(&[]);
-    let inbound = p.listen(&p.pod, p.net.any, INBOUND);
-    let admin = p.listen(&p.pod, p.net.any, ADMIN);
-    let app = p.listen(&p.pod, p.net.any, 8080);
+    let [inbound, admin, app] =
+        [INBOUND, ADMIN, 8080].map(|port| p.listen(&p.pod, p.fam.any(), port));
 
     let _c = p.send_from(&p.peer, p.net.pod, 8080, "to app");
-    let (stream, client) = arrival(&inbound, "to app");
+    let (_stream, client) = redirected(&inbound, "to app", SocketAddr::new(p.net.pod, 8080));
     assert_eq!(client.ip(), p.net.peer);
-    assert_eq!(
-        original_destination(&stream),
-        SocketAddr::new(p.net.pod, 8080)
-    );
     assert_nothing_at(&app);
 
     let _c = p.send_from(&p.peer, p.net.pod, ADMIN, "probe");
@@ -351,32 +280,17 @@ fn inbound_is_redirected_and_admin_is_not(fam: Fam) {
     assert_eq!(stream.local_addr().unwrap().port(), INBOUND);
 }
 
-#[test]
-fn inbound_is_redirected_and_admin_is_not_v4() {
-    inbound_is_redirected_and_admin_is_not(Fam::V4);
-}
-
-#[test]
-fn inbound_is_redirected_and_admin_is_not_v6() {
-    inbound_is_redirected_and_admin_is_not(Fam::V6);
-}
-
 fn proxy_calling_its_own_pod_goes_through_inbound(fam: Fam) {
     let p = Pod::new(fam);
     // IPv4 has all of 127.0.0.0/8 on lo; IPv6 only ::1, so isthmus-init --ipv6
     // assigns the proxy's inbound source ::6 itself.
     p.init(&[]);
-    let inbound = p.listen(&p.pod, p.net.any, INBOUND);
-    let admin = p.listen(&p.pod, p.net.any, ADMIN);
-    let app = p.listen(&p.pod, p.net.any, 8080);
+    let [inbound, admin, app] =
+        [INBOUND, ADMIN, 8080].map(|port| p.listen(&p.pod, p.fam.any(), port));
 
     // The proxy forwarding to its own pod IP lands on its inbound port.
     let child = p.dial_as(PROXY_UID, p.net.pod, 8080, "self", None);
-    let (stream, _) = arrival(&inbound, "self");
-    assert_eq!(
-        original_destination(&stream),
-        SocketAddr::new(p.net.pod, 8080)
-    );
+    let (stream, _) = redirected(&inbound, "self", SocketAddr::new(p.net.pod, 8080));
     drop(stream);
     finish(child);
     assert_nothing_at(&app);
@@ -387,10 +301,10 @@ fn proxy_calling_its_own_pod_goes_through_inbound(fam: Fam) {
         p.net.pod,
         8080,
         "deliver",
-        Some(p.net.inbound_source),
+        Some(p.fam.inbound_source()),
     );
     let (stream, client) = arrival(&app, "deliver");
-    assert_eq!(client.ip(), p.net.inbound_source);
+    assert_eq!(client.ip(), p.fam.inbound_source());
     drop(stream);
     finish(child);
 
@@ -406,15 +320,15 @@ fn proxy_calling_its_own_pod_goes_through_inbound(fam: Fam) {
     assert_nothing_at(&inbound);
 }
 
-#[test]
-fn proxy_calling_its_own_pod_goes_through_inbound_v4() {
-    proxy_calling_its_own_pod_goes_through_inbound(Fam::V4);
-}
+test_cases!(for [v4: Fam::V4, v6: Fam::V6]
+    outbound_is_redirected_with_original_destination,
+    proxy_uid_reaches_the_destination_directly,
+    skipped_ports_subnets_and_loopback_are_not_captured,
+    include_subnets_limit_capture,
+    inbound_is_redirected_and_admin_is_not,
+    proxy_calling_its_own_pod_goes_through_inbound,
 
-#[test]
-fn proxy_calling_its_own_pod_goes_through_inbound_v6() {
-    proxy_calling_its_own_pod_goes_through_inbound(Fam::V6);
-}
+);
 
 // ---- lifecycle: idempotence, dry run, cleanup, atomicity, both backends ----
 
@@ -541,15 +455,10 @@ fn lifecycle(mode: Mode) {
     assert_eq!(snapshot(&p.pod, mode), before);
 }
 
-#[test]
-fn apply_twice_dry_run_and_cleanup_nft() {
-    lifecycle(Mode::Nft);
-}
-
-#[test]
-fn apply_twice_dry_run_and_cleanup_legacy() {
-    lifecycle(Mode::Legacy);
-}
+test_cases!(lifecycle {
+    apply_twice_dry_run_and_cleanup_nft: Mode::Nft,
+    apply_twice_dry_run_and_cleanup_legacy: Mode::Legacy,
+});
 
 /// A restore that fails at its last line leaves the previous rules as they were.
 fn failing_restore_changes_nothing(mode: Mode) {
@@ -582,15 +491,10 @@ fn failing_restore_changes_nothing(mode: Mode) {
     );
 }
 
-#[test]
-fn failing_restore_changes_nothing_nft() {
-    failing_restore_changes_nothing(Mode::Nft);
-}
-
-#[test]
-fn failing_restore_changes_nothing_legacy() {
-    failing_restore_changes_nothing(Mode::Legacy);
-}
+test_cases!(failing_restore_changes_nothing {
+    failing_restore_changes_nothing_nft: Mode::Nft,
+    failing_restore_changes_nothing_legacy: Mode::Legacy,
+});
 
 #[test]
 fn without_permission_it_fails_saying_so() {

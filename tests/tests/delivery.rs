@@ -15,7 +15,9 @@
 //! `isthmus-proxy` binaries (see `tests/README.md`).
 #![allow(clippy::unwrap_used)]
 
-use isthmus_tests::peer::test_peer;
+use isthmus_test_support::test_cases;
+use isthmus_tests::h2c;
+use isthmus_tests::peer::test_pool;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -27,11 +29,11 @@ use std::time::{Duration, Instant};
 
 use isthmus_tests::binary::{WorldExecutable, binary};
 use isthmus_tests::identity::Pki;
-use isthmus_tests::netns::{Lab, Namespace};
+use isthmus_tests::netns::{Fam, Lab, Namespace, Pair};
 use isthmus_tests::pod::{self, ADMIN_PORT, INBOUND_PORT, PROXY_UID, READY, metric};
 use isthmus_tests::tcp::{self, WAIT};
 use isthmus_vocab::{Authority, SpiffeId};
-use proxy_core::pool::{Pool, PoolError};
+use proxy_core::pool::PoolError;
 use proxy_identity::mint;
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -40,12 +42,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const OPEN_PORT: u16 = 8080;
 /// The app port bound to loopback only.
 const PRIVATE_PORT: u16 = 8081;
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fam {
-    V4,
-    V6,
-}
 
 fn app_id() -> SpiffeId {
     SpiffeId::parse("spiffe://cluster.local/ns/default/sa/app").unwrap()
@@ -131,13 +127,9 @@ struct Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- sidecar log ---\n{}\n--- namespaces ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default(),
-                self._lab.diagnostics()
-            );
-        }
+        pod::show_log_if_failing(&self.log, "", || {
+            format!("\n--- namespaces ---\n{}", self._lab.diagnostics())
+        });
     }
 }
 
@@ -186,25 +178,12 @@ fn start_sidecar(
 impl Pod {
     fn start(fam: Fam, env: &[(&str, &str)]) -> Pod {
         let lab = Lab::new();
-        let pod = lab.namespace();
-        let outside = lab.namespace();
-        let (pod_if, outside_if) = lab.veth(&pod, &outside).unwrap();
-        pod.add_addr(&pod_if, "198.18.0.2/24").unwrap();
-        pod.add_addr(&pod_if, "2001:2::2/64").unwrap();
-        outside.add_addr(&outside_if, "198.18.0.1/24").unwrap();
-        outside.add_addr(&outside_if, "2001:2::1/64").unwrap();
-        let (pod_ip, any, loopback): (IpAddr, IpAddr, IpAddr) = match fam {
-            Fam::V4 => (
-                "198.18.0.2".parse().unwrap(),
-                "0.0.0.0".parse().unwrap(),
-                "127.0.0.1".parse().unwrap(),
-            ),
-            Fam::V6 => (
-                "2001:2::2".parse().unwrap(),
-                "::".parse().unwrap(),
-                "::1".parse().unwrap(),
-            ),
-        };
+        let Pair {
+            pod,
+            server: outside,
+            ..
+        } = lab.pair(true);
+        let (pod_ip, any, loopback) = (fam.pod_ip(), fam.any(), fam.loopback());
         let init = binary("isthmus-init");
         let init_args: &[&str] = match fam {
             Fam::V4 => &[],
@@ -266,21 +245,13 @@ impl Pod {
         let store = Arc::new(CredentialStore::load(CredentialPaths::in_dir(dir.path())).unwrap());
         let peer = SocketAddr::new(self.pod_ip, INBOUND_PORT);
         self.outside.run(|| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let stopped = tokio_util::sync::CancellationToken::new();
-                let pool = Pool::spawn(
-                    test_peer(
-                        "test/pod",
-                        peer,
-                        proxy_identity::client_config(store, PeerPolicy::Exact(app_id())),
-                        1,
-                        WAIT,
-                    ),
-                    stopped,
+            // Each stream's open and exchange are bounded; this bounds them all.
+            let limit = WAIT * (2 * authorities.len() as u32 + 1);
+            h2c::block_on(limit, "the tunnel streams", async {
+                let pool = test_pool(
+                    "test/pod",
+                    peer,
+                    proxy_identity::client_config(store, PeerPolicy::Exact(app_id())),
                 );
                 let mut out = Vec::new();
                 for authority in authorities {
@@ -423,15 +394,10 @@ fn the_pod_address_is_served_and_loopback_stays_private(fam: Fam) {
     );
 }
 
-#[test]
-fn the_pod_address_is_served_and_loopback_stays_private_v4() {
-    the_pod_address_is_served_and_loopback_stays_private(Fam::V4);
-}
-
-#[test]
-fn the_pod_address_is_served_and_loopback_stays_private_v6() {
-    the_pod_address_is_served_and_loopback_stays_private(Fam::V6);
-}
+test_cases!(the_pod_address_is_served_and_loopback_stays_private {
+    the_pod_address_is_served_and_loopback_stays_private_v4: Fam::V4,
+    the_pod_address_is_served_and_loopback_stays_private_v6: Fam::V6,
+});
 
 #[test]
 fn a_pod_that_opts_in_gets_loopback_delivery() {

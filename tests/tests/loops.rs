@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use isthmus_tests::binary::{WorldExecutable, binary};
 use isthmus_tests::figure::figure;
 use isthmus_tests::identity;
-use isthmus_tests::netns::{Lab, Namespace};
+use isthmus_tests::netns::{Lab, Namespace, Pair};
 use isthmus_tests::pod::{self, metric};
 use isthmus_tests::tcp::{self, WAIT};
 
@@ -45,22 +45,13 @@ struct Setup {
 
 impl Drop for Setup {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- sidecar log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
+        pod::show_log_if_failing(&self.log, "", String::new);
     }
 }
 
 fn setup() -> Setup {
     let lab = Lab::new();
-    let pod = lab.namespace();
-    let server = lab.namespace();
-    let (pod_if, server_if) = lab.veth(&pod, &server).unwrap();
-    pod.add_addr(&pod_if, "198.18.0.2/24").unwrap();
-    server.add_addr(&server_if, "198.18.0.1/24").unwrap();
+    let Pair { pod, server, .. } = lab.pair(false);
     let uid = EXEMPT_UID.to_string();
     pod.exec(
         binary("isthmus-init").to_str().unwrap(),
@@ -106,16 +97,14 @@ fn setup() -> Setup {
     }
 }
 
+/// The sidecar's answer to `GET path` on its admin port, from inside the pod.
+fn admin(s: &Setup, path: &str) -> String {
+    let addr = SocketAddr::from(([127, 0, 0, 1], pod::ADMIN_PORT));
+    s.pod.run(|| pod::http_get(addr, path)).unwrap()
+}
+
 fn scrape(s: &Setup) -> String {
-    let response = s
-        .pod
-        .run(|| {
-            pod::http_get(
-                SocketAddr::from(([127, 0, 0, 1], pod::ADMIN_PORT)),
-                "/metrics",
-            )
-        })
-        .unwrap();
+    let response = admin(s, "/metrics");
     response.split_once("\r\n\r\n").unwrap().1.to_owned()
 }
 
@@ -223,15 +212,7 @@ fn an_unexempted_proxy_uid_costs_at_most_two_connections_and_names_the_cause() {
         "expected one line naming the cause for {ATTEMPTS} loops, found {causes}"
     );
     // The sidecar still serves: the loop did not exhaust it.
-    let ready = s
-        .pod
-        .run(|| {
-            pod::http_get(
-                SocketAddr::from(([127, 0, 0, 1], pod::ADMIN_PORT)),
-                "/ready",
-            )
-        })
-        .unwrap();
+    let ready = admin(&s, "/ready");
     assert!(
         ready.starts_with("HTTP/1.1 200"),
         "{ready}\n{}",
@@ -249,11 +230,12 @@ fn an_endpoint_at_an_own_address_and_a_wildcard_listener_port_is_the_proxy() {
     use proxy_core::addr::LocalAddrs;
 
     let lab = Lab::new();
-    let gw = lab.namespace();
-    let peer = lab.namespace();
-    let (gw_if, peer_if) = lab.veth(&gw, &peer).unwrap();
-    gw.add_addr(&gw_if, "198.18.0.2/24").unwrap();
-    peer.add_addr(&peer_if, "198.18.0.1/24").unwrap();
+    // The peer namespace only gives the gateway's interface an address and a link.
+    let Pair {
+        pod: gw,
+        pod_if: gw_if,
+        ..
+    } = lab.pair(false);
     let listeners: Vec<SocketAddr> = ["0.0.0.0:4143", "[::]:4191"]
         .iter()
         .map(|l| l.parse().unwrap())

@@ -13,6 +13,8 @@
 //!
 //! This module elects; it does not run the controller (see [`crate::run`]).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -84,6 +86,9 @@ pub enum LeaseError {
 pub struct Leadership {
     /// `Some(deadline)` while leading.
     rx: watch::Receiver<Option<Instant>>,
+    /// Set once the API server has answered a Lease round (this replica knows
+    /// who leads): a standby is then ready to take over.
+    answered: Arc<AtomicBool>,
 }
 
 impl Leadership {
@@ -95,7 +100,15 @@ impl Leadership {
         ));
         // The sender is dropped: the value stays.
         drop(tx);
-        Self { rx }
+        Self {
+            rx,
+            answered: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Whether the API server has answered one of this replica's Lease rounds.
+    pub fn has_answered(&self) -> bool {
+        self.answered.load(Ordering::Acquire)
     }
 
     /// Whether this replica leads now: it has renewed within the deadline.
@@ -146,6 +159,7 @@ pub struct Elector {
     api: Api<Lease>,
     config: LeaseConfig,
     tx: watch::Sender<Option<Instant>>,
+    answered: Arc<AtomicBool>,
     /// The last record seen held by someone else, and when (our clock) it changed.
     observed: Option<(Option<String>, Option<String>, Instant)>,
 }
@@ -161,14 +175,16 @@ impl Elector {
     pub fn new(client: kube::Client, config: LeaseConfig) -> (Self, Leadership) {
         let (tx, rx) = watch::channel(None);
         let api = Api::namespaced(client, &config.namespace);
+        let answered = Arc::new(AtomicBool::new(false));
         (
             Self {
                 api,
                 config,
                 tx,
+                answered: answered.clone(),
                 observed: None,
             },
-            Leadership { rx },
+            Leadership { rx, answered },
         )
     }
 
@@ -186,6 +202,9 @@ impl Elector {
             // A leader renews every third of the duration; retries and candidates
             // look more often, so a renewal has several tries before its deadline.
             let mut period = self.config.retry_period();
+            if attempt.is_ok() {
+                self.answered.store(true, Ordering::Release);
+            }
             match attempt {
                 Ok(Attempt::Leading(deadline)) => {
                     if !leading_before {
@@ -387,7 +406,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn leadership_ends_at_the_deadline_without_a_word_from_the_elector() {
         let (tx, rx) = watch::channel(None);
-        let mut leadership = Leadership { rx };
+        let mut leadership = Leadership {
+            rx,
+            answered: Arc::default(),
+        };
         assert!(!leadership.is_leading());
         let deadline = Instant::now() + Duration::from_secs(10);
         tx.send_replace(Some(deadline));

@@ -1,6 +1,16 @@
 //! The controller's metrics and its small HTTP endpoint: `/metrics` (OpenMetrics
-//! text), `/live`, `/ready` (200 once the controller runs; the body says whether
-//! this replica leads).
+//! text), `/live`, `/ready` (the body says whether this replica leads).
+//!
+//! `/ready` answers 200 once this replica has synced with the API server: as the
+//! leader, after its first full sync (the ServiceMirror, Service and Link caches
+//! hold the first full list, and the discovery ConfigMap was written from them);
+//! as a standby, once the API server has answered a Lease round, so a rolling
+//! update can replace a standby while the leader keeps the Lease. It stays 200
+//! after that, also while the API server is away: no Service routes to the
+//! controller, so readiness only gates rollouts, and a replica that lost its
+//! watches resyncs by itself when the API server is back; that it is cut off
+//! shows in the leader gauge, the staleness gauge and the log, and a standby
+//! blocked from taking over would only stall a rollout that cannot help.
 //!
 //! `isthmus_controller_remote_staleness_seconds{cluster}` is computed at scrape
 //! time from the remote watches, so it is never older than the scrape.
@@ -168,7 +178,7 @@ pub struct Endpoint {
     pub remotes: Arc<std::sync::Mutex<Option<Remotes>>>,
     /// Leadership, for `/ready`'s body.
     pub leadership: Leadership,
-    /// Whether the controller runs.
+    /// Set by the leader's first full sync.
     pub ready: Arc<AtomicBool>,
 }
 
@@ -208,13 +218,19 @@ impl Endpoint {
         }
     }
 
+    /// See the module's documentation.
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+            || (self.leadership.has_answered() && !self.leadership.is_leading())
+    }
+
     fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".to_owned());
         }
         match req.uri().path() {
             "/live" => text(StatusCode::OK, "live\n".to_owned()),
-            "/ready" if self.ready.load(Ordering::Acquire) => {
+            "/ready" if self.is_ready() => {
                 let role = if self.leadership.is_leading() {
                     "leader"
                 } else {

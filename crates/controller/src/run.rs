@@ -167,7 +167,6 @@ pub async fn start(client: kube::Client, config: Config) -> Result<Running, RunE
         let metrics = metrics.clone();
         let shutdown_rx = shutdown_rx.clone();
         async move {
-            ready.store(true, Ordering::Release);
             loop {
                 tokio::select! {
                     () = shutdown_rx.cancelled() => break,
@@ -181,7 +180,7 @@ pub async fn start(client: kube::Client, config: Config) -> Result<Running, RunE
                     () = lost.lost() => {
                         tracing::warn!("not leading any more: stopped reconciling and writing");
                     }
-                    () = lead(client.clone(), &config, metrics.clone(), leadership.clone(), remotes_slot.clone()) => {}
+                    () = lead(client.clone(), &config, metrics.clone(), leadership.clone(), remotes_slot.clone(), ready.clone()) => {}
                 }
                 // Dropping `lead` cancelled every write in flight; the remote
                 // watches go with it.
@@ -217,6 +216,7 @@ async fn lead(
     metrics: Metrics,
     leadership: Leadership,
     remotes_slot: Arc<Mutex<Option<Remotes>>>,
+    synced: Arc<AtomicBool>,
 ) {
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<MirrorObject>>();
     let remotes = Remotes::new(client.clone(), config.remote, trigger_tx);
@@ -267,7 +267,7 @@ async fn lead(
         watcher::Config::default(),
     );
     let mirrors = controller.store();
-    let (m1, m2) = (mirrors.clone(), mirrors.clone());
+    let (m1, m2, m3) = (mirrors.clone(), mirrors.clone(), mirrors.clone());
     let remote_triggers = futures_util::stream::unfold(trigger_rx, |mut rx| async move {
         rx.recv().await.map(|r| (r, rx))
     });
@@ -314,7 +314,9 @@ async fn lead(
         let interval = config.publish_interval;
         async move {
             // An empty cache must not be published as "no mirrored Services".
-            if services.wait_until_ready().await.is_err() || links.wait_until_ready().await.is_err()
+            if services.wait_until_ready().await.is_err()
+                || links.wait_until_ready().await.is_err()
+                || m3.wait_until_ready().await.is_err()
             {
                 return;
             }
@@ -352,6 +354,11 @@ async fn lead(
                             tracing::warn!(error = %isthmus_vocab::error_chain(&e), "cannot publish the discovery ConfigMap")
                         }
                     }
+                }
+                // The first full sync: every cache holds the API server's first
+                // list, and the discovery ConfigMap has been written from them.
+                if !synced.swap(true, Ordering::AcqRel) {
+                    tracing::info!("first full sync done: ready");
                 }
             }
         }

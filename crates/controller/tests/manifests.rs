@@ -37,6 +37,82 @@ fn deploy_crds_are_what_the_code_generates() {
     );
 }
 
+/// Every `description` under `value`, with where it is.
+fn descriptions(value: &serde_json::Value, at: &str, out: &mut Vec<(String, String)>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map {
+                match v {
+                    serde_json::Value::String(text) if key == "description" => {
+                        out.push((at.to_owned(), text.clone()));
+                    }
+                    _ => descriptions(v, &format!("{at}.{key}"), out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                descriptions(v, &format!("{at}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn crds_read_well_in_kubectl() {
+    for crd in manifests::crds() {
+        let kind = crd.spec.names.kind.clone();
+        let json = serde_json::to_value(&crd).unwrap();
+        let mut found = Vec::new();
+        descriptions(&json, &kind, &mut found);
+        assert!(
+            found.len() > 5,
+            "{kind}: its fields lost their descriptions"
+        );
+        for (at, text) in &found {
+            assert!(
+                !text.contains('`') && !text.contains('[') && !text.contains("Auto-generated"),
+                "{at}: the description {text:?} is rustdoc, not what kubectl explain should print"
+            );
+        }
+        for version in &crd.spec.versions {
+            let columns: Vec<_> = version
+                .additional_printer_columns
+                .iter()
+                .flatten()
+                .map(|c| (c.name.as_str(), c.json_path.as_str()))
+                .collect();
+            assert_eq!(
+                columns.last(),
+                Some(&("Age", ".metadata.creationTimestamp")),
+                "{kind}: no AGE column last"
+            );
+        }
+        let short = crd.spec.names.short_names.clone().unwrap_or_default();
+        match kind.as_str() {
+            "ServiceMirror" => {
+                assert_eq!(short, ["sm"]);
+                let columns: Vec<_> = crd.spec.versions[0]
+                    .additional_printer_columns
+                    .iter()
+                    .flatten()
+                    .map(|c| c.name.as_str())
+                    .collect();
+                for wanted in ["Cluster", "Service", "Status"] {
+                    assert!(columns.contains(&wanted), "ServiceMirror lacks {wanted}");
+                }
+            }
+            "Link" => assert_eq!(short, ["lnk"]),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        manifests::plain("see [`Link`] and [the docs](https://x/y) for `a`"),
+        "see Link and the docs for a"
+    );
+}
+
 #[test]
 fn deploy_rbac_is_what_the_code_generates() {
     let (path, text) = deploy("controller-rbac.yaml");

@@ -34,6 +34,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
 use kube::api::ListParams;
+use proxy_core::resolve::GatewayHost;
 use proxy_discovery::model::{
     ClusterSettingsResource, ConditionStatus, Link, LinkResource, ServiceMirrorResource,
 };
@@ -352,7 +353,16 @@ async fn cluster_settings(api: &Api<ClusterSettingsResource>, ns: &str, t: Durat
         "cluster {}, trust domain {}, gateway {}:{}",
         spec.cluster_name, spec.trust_domain, gateway.address, gateway.port
     );
-    // A DNS name (the gateway Service's) is resolved by each sidecar at start.
+    // A DNS name (the gateway Service's) is kept resolved by each sidecar, from
+    // inside the cluster: this command may not resolve it, so only an address no
+    // sidecar would dial fails here, in the sidecars' words.
+    if let Err(e) = GatewayHost::parse(gateway.address.as_str()) {
+        return Check::fail(
+            check,
+            format!("{detail}: {e}"),
+            "reinstall with a gateway the sidecars can dial: isthmus install --cluster NAME [--gateway-cluster-ip IP] | kubectl apply -f -",
+        );
+    }
     Check::pass(check, detail)
 }
 
@@ -579,6 +589,7 @@ async fn check_link(
 
     let target = format!("{}:{}", spec.gateway_address, spec.gateway_port);
     let check = format!("link {cluster} gateway {target}");
+    let host = spec.gateway_address.as_str();
     let roots = match anchors {
         Ok(roots) => roots,
         Err(why) => {
@@ -608,11 +619,26 @@ async fn check_link(
             return out;
         }
     };
-    let reached = handshake(&target, roots, expected.clone(), cluster_name, t).await;
+    let reached = handshake(
+        host,
+        spec.gateway_port,
+        roots,
+        expected.clone(),
+        cluster_name,
+        t,
+    )
+    .await;
     out.push(match reached {
-        Ok(addr) => Check::pass(
+        Ok(addrs) => Check::pass(
             check,
-            format!("reached {addr}, presents {expected} of cluster {cluster}"),
+            format!(
+                "reached {}, presents {expected} of cluster {cluster}",
+                addrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         ),
         Err(HandshakeError::Connect(detail)) => Check::fail(
             check,

@@ -28,11 +28,17 @@
 //!
 //! Objects of other kinds are passed through as parsed (comments are not kept). A
 //! workload annotated `isthmus.io/inject: disabled` (on the object or its pod
-//! template), or already injected, is passed through unchanged: injecting twice gives
-//! the same bytes. A `hostNetwork` pod is refused: its capture would rewrite the
-//! node's iptables. A refused object is reported on stderr and passed through
-//! unchanged with the others, and the command exits non-zero so a pipeline notices
+//! template) is passed through unchanged. An injected workload is injected again
+//! from what it was before (`isthmus uninject`), so the image, the
+//! cluster and the annotations' settings are today's, and injecting twice gives
+//! the same bytes as injecting once. A `hostNetwork` pod is refused: its capture
+//! would rewrite the node's iptables. A refused object is reported on stderr and
+//! passed through unchanged with the others, and the command exits non-zero so a
+//! pipeline notices
 //! (linkerd reports and skips; the exit status is what a script can check).
+//!
+//! Workloads are read as kubectl reads them: YAML 1.1, where `defaultMode: 0644` is
+//! octal and `tty: yes` a boolean.
 //!
 //! Not here: which names and paths the installed mesh uses ([`crate::install`] owns
 //! them), and validating the application's own containers beyond what their
@@ -45,23 +51,25 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use iptables_init::config::PortList;
-use isthmus_vocab::ports::{
-    DEFAULT_ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, PROXY_UID,
-};
-use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Probe, ResourceRequirements,
-    SecurityContext, VolumeMount,
-};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_yaml_ng::{Mapping, Value};
 
 use crate::install;
+
+mod containers;
+mod uninject;
+mod yaml11;
+
+pub use containers::{init_container, proxy_container};
+use containers::{pod_volumes, to_value};
+pub(crate) use containers::{resources, restricted};
 
 /// Annotation that opts a workload out of injection (value `disabled`).
 pub const INJECT_ANNOTATION: &str = "isthmus.io/inject";
 /// Pod annotation recording the version that injected it.
 pub const INJECTED_ANNOTATION: &str = "isthmus.io/injected";
+/// Pod annotation listing what the injection created (`metadata.labels`,
+/// `spec.volumes`, ...; `:null` where it replaced a null), which uninject removes.
+pub const CREATED_ANNOTATION: &str = "isthmus.io/injected-created";
 /// Pod annotation: more inbound ports for `isthmus-init` to leave alone.
 pub const SKIP_INBOUND_ANNOTATION: &str = "isthmus.io/skip-inbound-ports";
 /// Pod annotation: outbound ports for `isthmus-init` to leave alone.
@@ -118,14 +126,22 @@ pub struct Options {
 pub enum Outcome {
     /// The mesh was added.
     Injected,
-    /// It already had the mesh; left as it was.
+    /// It had the mesh, which was replaced by what a fresh injection gives.
+    Updated,
+    /// It had the mesh exactly as a fresh injection gives it; left as it was.
     AlreadyInjected,
+    /// The mesh was taken out (`isthmus uninject`).
+    Uninjected,
+    /// It had no mesh to take out; left as it was.
+    NotInjected,
     /// Annotated `isthmus.io/inject: disabled`; left as it was.
     Disabled,
     /// Not a workload; left as it was.
     NotWorkload,
     /// Cannot be injected, for this reason; left as it was.
     Refused(String),
+    /// Cannot be uninjected exactly, for this reason; left as it was.
+    CannotUninject(String),
 }
 
 /// One object's outcome, named `Kind namespace/name`.
@@ -139,16 +155,19 @@ pub struct Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let object = &self.object;
         match &self.outcome {
-            Outcome::Injected => write!(f, "{} injected", self.object),
-            Outcome::AlreadyInjected => write!(f, "{} already injected, left as is", self.object),
-            Outcome::Disabled => write!(
-                f,
-                "{} has {INJECT_ANNOTATION}: disabled, left as is",
-                self.object
-            ),
-            Outcome::NotWorkload => write!(f, "{} is not a workload, left as is", self.object),
-            Outcome::Refused(why) => write!(f, "{} cannot be injected: {why}", self.object),
+            Outcome::Injected => write!(f, "{object} injected"),
+            Outcome::Updated => write!(f, "{object} injected again, with this image and cluster"),
+            Outcome::AlreadyInjected => write!(f, "{object} already injected, left as is"),
+            Outcome::Uninjected => write!(f, "{object} uninjected"),
+            Outcome::NotInjected => write!(f, "{object} is not injected, left as is"),
+            Outcome::Disabled => {
+                write!(f, "{object} has {INJECT_ANNOTATION}: disabled, left as is")
+            }
+            Outcome::NotWorkload => write!(f, "{object} is not a workload, left as is"),
+            Outcome::Refused(why) => write!(f, "{object} cannot be injected: {why}"),
+            Outcome::CannotUninject(why) => write!(f, "{object} cannot be uninjected: {why}"),
         }
     }
 }
@@ -215,59 +234,117 @@ impl Injected {
     pub fn refused(&self) -> bool {
         self.reports
             .iter()
-            .any(|r| matches!(r.outcome, Outcome::Refused(_)))
+            .any(|r| matches!(r.outcome, Outcome::Refused(_) | Outcome::CannotUninject(_)))
     }
+}
+
+/// `isthmus uninject`.
+#[derive(Debug, Args)]
+pub struct UninjectArgs {
+    /// A manifest file (multi-document YAML), or `-` for stdin.
+    #[arg(value_name = "FILE")]
+    pub input: PathBuf,
+    /// Rewrite FILE instead of printing to stdout.
+    #[arg(long)]
+    pub in_place: bool,
 }
 
 /// Runs `isthmus inject`; `Ok(false)` when some object was refused.
 pub fn run(args: InjectArgs) -> Result<bool> {
     isthmus_vocab::ClusterName::parse(&args.cluster)
         .map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
-    let from_stdin = args.input.as_os_str() == "-";
-    if from_stdin && args.in_place {
-        anyhow::bail!("--in-place needs a file, not `-` (stdin)");
-    }
-    let input = if from_stdin {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("reading manifests from stdin")?;
-        text
-    } else {
-        std::fs::read_to_string(&args.input)
-            .with_context(|| format!("reading {}", args.input.display()))?
-    };
-    let source = if from_stdin {
-        "stdin".to_owned()
-    } else {
-        args.input.display().to_string()
-    };
     let options = Options {
         cluster: args.cluster,
         image: args.image,
     };
-    let injected = inject_text(&input, &options).with_context(|| format!("injecting {source}"))?;
-    for report in &injected.reports {
+    rewrite_file(&args.input, args.in_place, "injecting", |input| {
+        inject_text(input, &options)
+    })
+}
+
+/// Runs `isthmus uninject`; `Ok(false)` when some object could not be uninjected.
+pub fn run_uninject(args: UninjectArgs) -> Result<bool> {
+    rewrite_file(&args.input, args.in_place, "uninjecting", uninject_text)
+}
+
+/// Reads `input` (a file or `-`), rewrites it with `rewrite`, reports each object
+/// on stderr and prints the result (or writes it back with `in_place`).
+fn rewrite_file(
+    input: &std::path::Path,
+    in_place: bool,
+    doing: &str,
+    rewrite: impl FnOnce(&str) -> Result<Injected, InjectError>,
+) -> Result<bool> {
+    let from_stdin = input.as_os_str() == "-";
+    if from_stdin && in_place {
+        anyhow::bail!("--in-place needs a file, not `-` (stdin)");
+    }
+    let (text, source) = if from_stdin {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading manifests from stdin")?;
+        (text, "stdin".to_owned())
+    } else {
+        let text = std::fs::read_to_string(input)
+            .with_context(|| format!("reading {}", input.display()))?;
+        (text, input.display().to_string())
+    };
+    let rewritten = rewrite(&text).with_context(|| format!("{doing} {source}"))?;
+    for report in &rewritten.reports {
         eprintln!("{report}");
     }
-    if args.in_place {
-        std::fs::write(&args.input, &injected.text)
-            .with_context(|| format!("writing {}", args.input.display()))?;
+    if in_place {
+        std::fs::write(input, &rewritten.text)
+            .with_context(|| format!("writing {}", input.display()))?;
     } else {
-        print!("{}", injected.text);
+        print!("{}", rewritten.text);
     }
-    if injected.refused() {
+    if rewritten.refused() {
         eprintln!(
-            "some objects of {source} were not injected (see above); they are in the output unchanged"
+            "some objects of {source} were left as they were (see above); they are in the output unchanged"
         );
     }
-    Ok(!injected.refused())
+    Ok(!rewritten.refused())
 }
 
 /// Injects every workload of `input` (multi-document YAML). Deterministic: the same
-/// input and options always give the same text, and injecting that text again
-/// gives it back unchanged.
+/// input and options always give the same text. A workload injected before is
+/// uninjected first, so injecting the output again gives it back byte for byte,
+/// and a new image or cluster replaces the old one.
 pub fn inject_text(input: &str, options: &Options) -> Result<Injected, InjectError> {
+    rewrite_text(input, &mut |value, kind, object, document| {
+        inject_workload(value, kind, object, options, document)
+    })
+}
+
+/// Takes the mesh out of every injected workload of `input`: each comes out as it
+/// was before `isthmus inject`, as objects (the YAML's layout may differ).
+pub fn uninject_text(input: &str) -> Result<Injected, InjectError> {
+    rewrite_text(input, &mut |value, kind, object, document| {
+        let Some(template) = workload_template(value, kind, object, document)? else {
+            return Ok(Outcome::NotWorkload);
+        };
+        if !uninject::is_injected(template) {
+            return Ok(Outcome::NotInjected);
+        }
+        let mut bare = template.clone();
+        Ok(match uninject::remove(&mut bare) {
+            Ok(()) => {
+                *template = bare;
+                Outcome::Uninjected
+            }
+            Err(why) => Outcome::CannotUninject(why),
+        })
+    })
+}
+
+/// What one workload gets: its value, kind, `Kind ns/name` and document number.
+type Rewrite<'a> = dyn FnMut(&mut Value, &str, &str, usize) -> Result<Outcome, InjectError> + 'a;
+
+/// Applies `rewrite` to every object of every document (and each item of a
+/// `List`), and writes the documents back for a YAML 1.1 reader.
+fn rewrite_text(input: &str, rewrite: &mut Rewrite<'_>) -> Result<Injected, InjectError> {
     let mut docs = Vec::new();
     let mut reports = Vec::new();
     for (i, de) in serde_yaml_ng::Deserializer::from_str(input).enumerate() {
@@ -278,7 +355,7 @@ pub fn inject_text(input: &str, options: &Options) -> Result<Injected, InjectErr
             // An empty document (a leading or trailing `---`) carries nothing.
             continue;
         }
-        inject_object(&mut value, options, document, &mut reports)?;
+        rewrite_object(&mut value, rewrite, document, &mut reports)?;
         docs.push(
             proxy_discovery::kubectl_yaml::to_string(&value)
                 .map_err(|source| InjectError::Write { document, source })?,
@@ -288,6 +365,27 @@ pub fn inject_text(input: &str, options: &Options) -> Result<Injected, InjectErr
         text: docs.join("---\n"),
         reports,
     })
+}
+
+fn rewrite_object(
+    value: &mut Value,
+    rewrite: &mut Rewrite<'_>,
+    document: usize,
+    reports: &mut Vec<Report>,
+) -> Result<(), InjectError> {
+    let kind = str_at(value, &["kind"]).unwrap_or_default().to_owned();
+    if kind == "List" {
+        if let Some(Value::Sequence(items)) = value.get_mut("items") {
+            for item in items {
+                rewrite_object(item, rewrite, document, reports)?;
+            }
+        }
+        return Ok(());
+    }
+    let object = describe(value);
+    let outcome = rewrite(value, &kind, &object, document)?;
+    reports.push(Report { object, outcome });
+    Ok(())
 }
 
 /// Where a kind keeps its pod template, from the object's root.
@@ -317,25 +415,36 @@ fn describe(value: &Value) -> String {
     }
 }
 
-fn inject_object(
-    value: &mut Value,
-    options: &Options,
+/// The pod template of a workload of a kind inject supports (`None` for any other
+/// object), its YAML 1.1 scalars read as kubectl reads them, and the whole object
+/// checked against its k8s-openapi type.
+fn workload_template<'v>(
+    value: &'v mut Value,
+    kind: &str,
+    object: &str,
     document: usize,
-    reports: &mut Vec<Report>,
-) -> Result<(), InjectError> {
-    let kind = str_at(value, &["kind"]).unwrap_or_default().to_owned();
-    if kind == "List" {
-        if let Some(Value::Sequence(items)) = value.get_mut("items") {
-            for item in items {
-                inject_object(item, options, document, reports)?;
-            }
+) -> Result<Option<&'v mut Value>, InjectError> {
+    let api_version = str_at(value, &["apiVersion"]).unwrap_or_default();
+    let Some(path) = template_path(kind).filter(|_| {
+        matches!(
+            (kind, api_version),
+            ("Pod", "v1") | ("CronJob" | "Job", "batch/v1") | (_, "apps/v1")
+        )
+    }) else {
+        return Ok(None);
+    };
+    yaml11::read_as_kubectl(value, |v| validate(v, kind)).map_err(|source| {
+        InjectError::Invalid {
+            object: object.to_owned(),
+            document,
+            kind: kind.to_owned(),
+            source,
         }
-        return Ok(());
+    })?;
+    match path.iter().try_fold(value, |v, key| v.get_mut(*key)) {
+        Some(template) => Ok(Some(template)),
+        None => Err(invalid_shape(object, document, kind, path)),
     }
-    let object = describe(value);
-    let outcome = inject_workload(value, &kind, &object, options, document)?;
-    reports.push(Report { object, outcome });
-    Ok(())
 }
 
 fn inject_workload(
@@ -345,38 +454,21 @@ fn inject_workload(
     options: &Options,
     document: usize,
 ) -> Result<Outcome, InjectError> {
-    let api_version = str_at(value, &["apiVersion"]).unwrap_or_default();
-    let Some(path) = template_path(kind).filter(|_| {
-        matches!(
-            (kind, api_version),
-            ("Pod", "v1") | ("CronJob" | "Job", "batch/v1") | (_, "apps/v1")
-        )
-    }) else {
+    let disabled_object = annotation(value, &["metadata"], INJECT_ANNOTATION) == Some("disabled");
+    let Some(slot) = workload_template(value, kind, object, document)? else {
         return Ok(Outcome::NotWorkload);
     };
-    validate(value, kind, object, document)?;
-    if annotation(value, &["metadata"], INJECT_ANNOTATION) == Some("disabled") {
+    if disabled_object || annotation(slot, &["metadata"], INJECT_ANNOTATION) == Some("disabled") {
         return Ok(Outcome::Disabled);
     }
-    let Some(template) = path.iter().try_fold(&mut *value, |v, key| v.get_mut(*key)) else {
-        return Err(invalid_shape(object, document, kind, path));
-    };
-    if annotation(template, &["metadata"], INJECT_ANNOTATION) == Some("disabled") {
-        return Ok(Outcome::Disabled);
-    }
-    let already = annotation(template, &["metadata"], INJECTED_ANNOTATION).is_some()
-        || ["initContainers", "containers"].iter().any(|list| {
-            template
-                .get("spec")
-                .and_then(|s| s.get(*list))
-                .and_then(Value::as_sequence)
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| str_at(c, &["name"]) == Some(PROXY_CONTAINER))
-                })
-        });
-    if already {
-        return Ok(Outcome::AlreadyInjected);
+    // Work on a copy: a refusal leaves the object exactly as it came.
+    let before = slot.clone();
+    let mut template = before.clone();
+    let already = uninject::is_injected(&template);
+    if already && let Err(why) = uninject::remove(&mut template) {
+        return Ok(Outcome::Refused(format!(
+            "it holds a mesh that cannot be replaced exactly: {why}"
+        )));
     }
     if template
         .get("spec")
@@ -392,7 +484,7 @@ fn inject_workload(
         ));
     }
     let ports = |annotation_name: &'static str| -> Result<PortList, InjectError> {
-        annotation(template, &["metadata"], annotation_name)
+        annotation(&template, &["metadata"], annotation_name)
             .unwrap_or_default()
             .parse::<PortList>()
             .map_err(|source| InjectError::Annotation {
@@ -404,7 +496,7 @@ fn inject_workload(
     };
     let skip_inbound = ports(SKIP_INBOUND_ANNOTATION)?;
     let skip_outbound = ports(SKIP_OUTBOUND_ANNOTATION)?;
-    let inbound_loopback = match annotation(template, &["metadata"], INBOUND_LOOPBACK_ANNOTATION) {
+    let inbound_loopback = match annotation(&template, &["metadata"], INBOUND_LOOPBACK_ANNOTATION) {
         None | Some("false") => false,
         Some("true") => true,
         Some(other) => {
@@ -418,7 +510,10 @@ fn inject_workload(
     };
     let init = init_container(options, &skip_inbound, &skip_outbound);
     let proxy = proxy_container(options, inbound_loopback);
+    // What the injection creates, so that uninject takes out exactly that.
+    let created = uninject::created_slots(&template);
     let Some(template_map) = template.as_mapping_mut() else {
+        let path = template_path(kind).unwrap_or_default();
         return Err(invalid_shape(object, document, kind, path));
     };
     let metadata = child_mapping(template_map, "metadata");
@@ -428,13 +523,21 @@ fn inject_workload(
         Value::from(INJECTED_ANNOTATION),
         Value::from(env!("CARGO_PKG_VERSION")),
     );
+    if !created.is_empty() {
+        annotations.insert(Value::from(CREATED_ANNOTATION), Value::from(created));
+    }
     let spec = child_mapping(template_map, "spec");
     let inits = child_sequence(spec, "initContainers");
     inits.insert(0, to_value(&proxy));
     inits.insert(0, to_value(&init));
-    let volumes = child_sequence(spec, "volumes");
-    volumes.extend(pod_volumes());
-    Ok(Outcome::Injected)
+    child_sequence(spec, "volumes").extend(pod_volumes());
+    let outcome = match (already, template == before) {
+        (false, _) => Outcome::Injected,
+        (true, true) => Outcome::AlreadyInjected,
+        (true, false) => Outcome::Updated,
+    };
+    *slot = template;
+    Ok(outcome)
 }
 
 fn invalid_shape(object: &str, document: usize, kind: &str, path: &[&str]) -> InjectError {
@@ -455,12 +558,12 @@ fn invalid_shape(object: &str, document: usize, kind: &str, path: &[&str]) -> In
 
 /// Checks that a workload parses as its k8s-openapi type, so a typo is reported by
 /// field before anything is added to it.
-fn validate(value: &Value, kind: &str, object: &str, document: usize) -> Result<(), InjectError> {
+fn validate(value: &Value, kind: &str) -> Result<(), serde_yaml_ng::Error> {
     use k8s_openapi::api::{apps::v1 as apps, batch::v1 as batch, core::v1 as core};
     fn check<T: serde::de::DeserializeOwned>(value: &Value) -> Result<(), serde_yaml_ng::Error> {
         serde_yaml_ng::from_value::<T>(value.clone()).map(drop)
     }
-    let result = match kind {
+    match kind {
         "Pod" => check::<core::Pod>(value),
         "Deployment" => check::<apps::Deployment>(value),
         "StatefulSet" => check::<apps::StatefulSet>(value),
@@ -469,13 +572,7 @@ fn validate(value: &Value, kind: &str, object: &str, document: usize) -> Result<
         "Job" => check::<batch::Job>(value),
         "CronJob" => check::<batch::CronJob>(value),
         _ => Ok(()),
-    };
-    result.map_err(|source| InjectError::Invalid {
-        object: object.to_owned(),
-        document,
-        kind: kind.to_owned(),
-        source,
-    })
+    }
 }
 
 fn annotation<'a>(value: &'a Value, metadata: &[&str], key: &str) -> Option<&'a str> {
@@ -508,219 +605,4 @@ fn child_sequence<'a>(parent: &'a mut Mapping, key: &str) -> &'a mut Vec<Value> 
     }
     slot.as_sequence_mut()
         .expect("the slot was just made a sequence")
-}
-
-fn to_value<T: serde::Serialize>(object: &T) -> Value {
-    serde_yaml_ng::to_value(object).expect("k8s-openapi types serialize to YAML values")
-}
-
-/// The `isthmus-init` container: the capture for the proxy's UID and ports, leaving
-/// the admin port and the annotated ports alone.
-pub fn init_container(
-    options: &Options,
-    skip_inbound: &PortList,
-    skip_outbound: &PortList,
-) -> Container {
-    let mut inbound = format!("{DEFAULT_ADMIN_PORT}");
-    if !skip_inbound.is_empty() {
-        inbound = format!("{inbound},{skip_inbound}");
-    }
-    let mut args = vec![
-        "--proxy-uid".to_owned(),
-        PROXY_UID.to_string(),
-        "--outbound-port".to_owned(),
-        DEFAULT_OUTBOUND_PORT.to_string(),
-        "--inbound-port".to_owned(),
-        DEFAULT_INBOUND_PORT.to_string(),
-        "--skip-inbound-ports".to_owned(),
-        inbound,
-    ];
-    if !skip_outbound.is_empty() {
-        args.extend([
-            "--skip-outbound-ports".to_owned(),
-            skip_outbound.to_string(),
-        ]);
-    }
-    Container {
-        name: INIT_CONTAINER.to_owned(),
-        image: Some(options.image.clone()),
-        image_pull_policy: Some("IfNotPresent".to_owned()),
-        command: Some(vec!["isthmus-init".to_owned()]),
-        args: Some(args),
-        resources: Some(resources(("10m", "10Mi"), "50Mi")),
-        security_context: Some(SecurityContext {
-            // iptables needs root and these two capabilities in the pod's network
-            // namespace, and nothing else.
-            run_as_user: Some(0),
-            run_as_non_root: Some(false),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                add: Some(vec!["NET_ADMIN".to_owned(), "NET_RAW".to_owned()]),
-                drop: Some(vec!["ALL".to_owned()]),
-            }),
-            ..SecurityContext::default()
-        }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: INIT_RUN_VOLUME.to_owned(),
-            mount_path: "/run".to_owned(),
-            ..VolumeMount::default()
-        }]),
-        ..Container::default()
-    }
-}
-
-/// The proxy's UID and group (the group the CSI driver gives the identity files,
-/// its fs-group), no privilege, no capability, a read-only root.
-pub(crate) fn restricted() -> SecurityContext {
-    SecurityContext {
-        run_as_user: Some(i64::from(PROXY_UID)),
-        run_as_group: Some(i64::from(PROXY_UID)),
-        run_as_non_root: Some(true),
-        read_only_root_filesystem: Some(true),
-        allow_privilege_escalation: Some(false),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".to_owned()]),
-            ..Capabilities::default()
-        }),
-        ..SecurityContext::default()
-    }
-}
-
-/// Requests of CPU and memory, and a memory limit. No CPU limit: throttling a
-/// proxy stalls every connection of its pod, while the request already reserves
-/// its share.
-pub(crate) fn resources((cpu, memory): (&str, &str), memory_limit: &str) -> ResourceRequirements {
-    ResourceRequirements {
-        requests: Some(
-            [
-                ("cpu".to_owned(), Quantity(cpu.to_owned())),
-                ("memory".to_owned(), Quantity(memory.to_owned())),
-            ]
-            .into_iter()
-            .collect(),
-        ),
-        limits: Some(
-            [("memory".to_owned(), Quantity(memory_limit.to_owned()))]
-                .into_iter()
-                .collect(),
-        ),
-        ..ResourceRequirements::default()
-    }
-}
-
-fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
-    Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.to_owned()),
-            port: IntOrString::Int(i32::from(DEFAULT_ADMIN_PORT)),
-            ..HTTPGetAction::default()
-        }),
-        period_seconds: Some(period),
-        failure_threshold: Some(failures),
-        timeout_seconds: Some(1),
-        ..Probe::default()
-    }
-}
-
-fn env(name: &str, value: &str) -> EnvVar {
-    EnvVar {
-        name: name.to_owned(),
-        value: Some(value.to_owned()),
-        ..EnvVar::default()
-    }
-}
-
-/// The sidecar: `isthmus-proxy sidecar` as a native sidecar, configured through the
-/// `ISTHMUS_*` environment of `isthmus-proxy`; with `inbound_loopback` it delivers
-/// inbound connections to loopback rather than the pod's own address.
-pub fn proxy_container(options: &Options, inbound_loopback: bool) -> Container {
-    let mut env_vars = vec![
-        env("ISTHMUS_CLUSTER", &options.cluster),
-        env("ISTHMUS_IDENTITY_DIR", install::IDENTITY_MOUNT),
-        env("ISTHMUS_MANIFESTS", install::DISCOVERY_MOUNT),
-        env(
-            "ISTHMUS_ADMIN_ADDR",
-            &format!("0.0.0.0:{DEFAULT_ADMIN_PORT}"),
-        ),
-        env("ISTHMUS_LOG_FORMAT", "json"),
-    ];
-    if inbound_loopback {
-        env_vars.push(env(INBOUND_LOOPBACK_ENV, "true"));
-    }
-    Container {
-        name: PROXY_CONTAINER.to_owned(),
-        image: Some(options.image.clone()),
-        image_pull_policy: Some("IfNotPresent".to_owned()),
-        command: Some(vec!["isthmus-proxy".to_owned()]),
-        args: Some(vec!["sidecar".to_owned()]),
-        // A native sidecar: started before the app and kept running beside it.
-        restart_policy: Some("Always".to_owned()),
-        env: Some(env_vars),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some(install::TUNNEL_PORT_NAME.to_owned()),
-                container_port: i32::from(DEFAULT_INBOUND_PORT),
-                protocol: Some("TCP".to_owned()),
-                ..ContainerPort::default()
-            },
-            ContainerPort {
-                name: Some(install::ADMIN_PORT_NAME.to_owned()),
-                container_port: i32::from(DEFAULT_ADMIN_PORT),
-                protocol: Some("TCP".to_owned()),
-                ..ContainerPort::default()
-            },
-        ]),
-        // The app's containers start only once this answers: their first
-        // connections already find the proxy listening.
-        startup_probe: Some(http_probe("/ready", 1, 120)),
-        readiness_probe: Some(http_probe("/ready", 5, 3)),
-        liveness_probe: Some(http_probe("/live", 10, 3)),
-        resources: Some(resources(("100m", "20Mi"), "250Mi")),
-        security_context: Some(restricted()),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: IDENTITY_VOLUME.to_owned(),
-                mount_path: install::IDENTITY_MOUNT.to_owned(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: DISCOVERY_VOLUME.to_owned(),
-                mount_path: install::DISCOVERY_MOUNT.to_owned(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-        ]),
-        ..Container::default()
-    }
-}
-
-/// The volumes the two containers mount.
-fn pod_volumes() -> Vec<Value> {
-    use k8s_openapi::api::core::v1::{ConfigMapVolumeSource, EmptyDirVolumeSource, Volume};
-    let volumes = [
-        Volume {
-            name: INIT_RUN_VOLUME.to_owned(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                medium: Some("Memory".to_owned()),
-                ..EmptyDirVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-        // Readable by the proxy's group only.
-        install::identity_volume(IDENTITY_VOLUME, PROXY_UID),
-        Volume {
-            name: DISCOVERY_VOLUME.to_owned(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: install::DISCOVERY_CONFIGMAP.to_owned(),
-                // The proxy starts with an empty directory until the controller
-                // has published; it reloads when the ConfigMap appears.
-                optional: Some(true),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-    ];
-    volumes.iter().map(to_value).collect()
 }

@@ -240,12 +240,8 @@ pub fn render_crds() -> Result<String> {
         PART_OF.0,
         PART_OF.1
     );
-    for (i, crd) in crds().iter().enumerate() {
-        if i > 0 {
-            out.push_str("---\n");
-        }
-        out.push_str(&kubectl_yaml::to_string(crd).context("writing the CRDs as YAML")?);
-    }
+    let crds: Vec<serde_json::Value> = crds().iter().map(to_json).collect();
+    out.push_str(&documents(&crds).context("writing the CRDs as YAML")?);
     Ok(out)
 }
 
@@ -265,6 +261,31 @@ fn crds()
 
 /// The manifests of `options`, multi-document YAML in install order.
 pub fn render(options: &InstallOptions) -> Result<String> {
+    let mut out = format!(
+        "# isthmus install --cluster {} (isthmus {}): apply with kubectl apply -f -\n{}",
+        options.cluster,
+        env!("CARGO_PKG_VERSION"),
+        identity::prerequisites(options),
+    );
+    out.push_str(&documents(&objects(options)?).context("writing the manifests as YAML")?);
+    Ok(out)
+}
+
+/// `objects` as multi-document YAML for a YAML 1.1 reader.
+pub(crate) fn documents(objects: &[serde_json::Value]) -> Result<String, serde_yaml_ng::Error> {
+    let mut out = String::new();
+    for (i, object) in objects.iter().enumerate() {
+        if i > 0 {
+            out.push_str("---\n");
+        }
+        out.push_str(&kubectl_yaml::to_string(object)?);
+    }
+    Ok(out)
+}
+
+/// Every object of the install in apply order, each labelled [`PART_OF`] (so
+/// `kubectl get -l` finds them all, and uninstall names the same set).
+fn objects(options: &InstallOptions) -> Result<Vec<serde_json::Value>> {
     let mut docs: Vec<serde_json::Value> = Vec::new();
     let mut push = |v: serde_json::Value| docs.push(v);
     push(to_json(&namespace()));
@@ -299,19 +320,83 @@ pub fn render(options: &InstallOptions) -> Result<String> {
     push(to_json(&gateway_service(options)));
     push(to_json(&disruption_budget(CONTROLLER)));
     push(to_json(&disruption_budget(GATEWAY)));
-    let mut out = format!(
-        "# isthmus install --cluster {} (isthmus {}): apply with kubectl apply -f -\n{}",
+    for doc in &mut docs {
+        part_of(doc);
+    }
+    Ok(docs)
+}
+
+/// Labels `object` as part of the mesh.
+pub(crate) fn part_of(object: &mut serde_json::Value) {
+    let labels = &mut object["metadata"]["labels"];
+    if !labels.is_object() {
+        *labels = serde_json::json!({});
+    }
+    labels[PART_OF.0] = serde_json::Value::from(PART_OF.1);
+}
+
+/// What `kubectl delete -f -` needs of each object: its kind, name and namespace.
+pub(crate) fn deletion_stubs<'a>(
+    objects: impl IntoIterator<Item = &'a serde_json::Value>,
+) -> Vec<serde_json::Value> {
+    objects
+        .into_iter()
+        .map(|o| {
+            let mut metadata = serde_json::json!({ "name": o["metadata"]["name"] });
+            if let Some(ns) = o["metadata"].get("namespace") {
+                metadata["namespace"] = ns.clone();
+            }
+            serde_json::json!({
+                "apiVersion": o["apiVersion"],
+                "kind": o["kind"],
+                "metadata": metadata,
+            })
+        })
+        .collect()
+}
+
+/// `isthmus uninstall`.
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// The cluster's name, as `isthmus install --cluster` named it.
+    #[arg(long, env = "ISTHMUS_CLUSTER")]
+    pub cluster: String,
+    /// cert-manager's namespace, as `isthmus install` was given it.
+    #[arg(long, default_value = DEFAULT_CERT_MANAGER_NAMESPACE)]
+    pub cert_manager_namespace: String,
+}
+
+/// Runs `isthmus uninstall`: prints every object `isthmus install` creates (with
+/// or without `--issuer`), in the reverse order, for `kubectl delete -f -`.
+pub fn run_uninstall(args: UninstallArgs) -> Result<()> {
+    let cluster =
+        ClusterName::parse(&args.cluster).map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
+    let options = InstallOptions {
+        cluster,
+        trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+        image: default_image(),
+        gateway_replicas: 1,
+        export_namespaces: Vec::new(),
+        gateway_cluster_ip: None,
+        // Only the names of its Secret and ConfigMap are printed.
+        issuer: Some(IssuerPem {
+            cert_chain: String::new(),
+            key: String::new(),
+            anchors: String::new(),
+        }),
+        cert_manager_namespace: args.cert_manager_namespace,
+    };
+    let objects = objects(&options)?;
+    print!(
+        "# isthmus uninstall --cluster {} (isthmus {}): delete with\n\
+         # kubectl delete --ignore-not-found -f -\n\
+         # Deleting the CRDs deletes every ServiceMirror and Link, and the mirrored\n\
+         # Services with them.\n{}",
         options.cluster,
         env!("CARGO_PKG_VERSION"),
-        identity::prerequisites(options),
+        documents(&deletion_stubs(objects.iter().rev())).context("writing the objects as YAML")?
     );
-    for (i, doc) in docs.iter().enumerate() {
-        if i > 0 {
-            out.push_str("---\n");
-        }
-        out.push_str(&kubectl_yaml::to_string(doc).context("writing the manifests as YAML")?);
-    }
-    Ok(out)
+    Ok(())
 }
 
 fn to_json<T: serde::Serialize>(object: &T) -> serde_json::Value {

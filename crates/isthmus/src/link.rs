@@ -25,8 +25,8 @@ use clap::Args;
 use isthmus_vocab::{ClusterName, SpiffeId};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Secret, Service};
-use kube::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Resource as _};
 use proxy_discovery::kubectl_yaml;
 use proxy_discovery::model::{
     GatewayAddress, Link, LinkResource, LinkResourceSpec, LinkSpec, ProbeSpec,
@@ -189,6 +189,9 @@ pub async fn read(args: &LinkArgs) -> Result<LinkInput> {
     };
     let gateway_address =
         GatewayAddress::parse(&address).map_err(|e| anyhow::anyhow!("the gateway address: {e}"))?;
+    // The linking gateway would refuse it: say so now, in its words.
+    proxy_core::resolve::GatewayHost::parse(gateway_address.as_str())
+        .map_err(|e| anyhow::anyhow!("the gateway address: {e}"))?;
     let identity = match &args.gateway_identity {
         Some(id) => id.clone(),
         None => gateway
@@ -257,6 +260,47 @@ pub fn load_balancer_address(svc: &Service) -> Option<String> {
         .find_map(|i| i.ip.clone().or_else(|| i.hostname.clone()))
 }
 
+/// `isthmus unlink`.
+#[derive(Debug, Args)]
+pub struct UnlinkArgs {
+    /// The cluster linked to, as `isthmus link --cluster` named it.
+    #[arg(long)]
+    pub cluster: String,
+    /// The control plane's namespace, as `isthmus link --namespace` was given it.
+    #[arg(long, default_value = install::NAMESPACE)]
+    pub namespace: String,
+}
+
+/// Runs `isthmus unlink`: prints the Secret and the Link `isthmus link` rendered,
+/// for `kubectl delete -f -` in the importing cluster. Its mirrored Services go
+/// with their ServiceMirrors, which stay (they report the link missing).
+pub fn run_unlink(args: UnlinkArgs) -> Result<()> {
+    let cluster =
+        ClusterName::parse(&args.cluster).map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
+    proxy_discovery::model::check_dns_label("namespace", &args.namespace)
+        .map_err(|e| anyhow::anyhow!("--namespace: {e}"))?;
+    let ns = &args.namespace;
+    let objects = [
+        json!({
+            "apiVersion": LinkResource::api_version(&()),
+            "kind": LinkResource::kind(&()),
+            "metadata": { "name": cluster.as_str(), "namespace": ns },
+        }),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": { "name": credentials_secret_name(&cluster), "namespace": ns },
+        }),
+    ];
+    print!(
+        "# The link to cluster {cluster}: delete in the cluster that imports its services,\n\
+         # with kubectl delete --ignore-not-found -f -\n{}",
+        install::documents(&install::deletion_stubs(&objects))
+            .context("writing the objects as YAML")?
+    );
+    Ok(())
+}
+
 /// The name of the credentials Secret for a link to `cluster`.
 pub fn credentials_secret_name(cluster: &ClusterName) -> String {
     format!("{cluster}-credentials")
@@ -284,51 +328,16 @@ pub fn render(input: &LinkInput) -> Result<String> {
     });
     let kubeconfig =
         kubectl_yaml::to_string(&kubeconfig).context("writing the kubeconfig as YAML")?;
-    let secret_name = credentials_secret_name(&input.cluster);
-    let secret = Secret {
-        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-            name: Some(secret_name.clone()),
-            namespace: Some(input.namespace.clone()),
-            labels: Some(
-                [
-                    (install::PART_OF.0.to_owned(), install::PART_OF.1.to_owned()),
-                    (
-                        proxy_discovery::model::REMOTE_CLUSTER_LABEL.to_owned(),
-                        input.cluster.to_string(),
-                    ),
-                ]
-                .into(),
-            ),
-            ..Default::default()
-        },
-        type_: Some("Opaque".to_owned()),
-        data: Some(
-            [(
-                Link::CREDENTIALS_KEY.to_owned(),
-                ByteString(kubeconfig.into_bytes()),
-            )]
-            .into(),
-        ),
-        ..Secret::default()
-    };
-    let mut link = LinkResource::new(
-        input.cluster.as_str(),
-        LinkResourceSpec {
-            link: LinkSpec {
-                target_cluster_name: input.cluster.clone(),
-                gateway_address: input.gateway_address.clone(),
-                gateway_port: input.gateway_port,
-                gateway_identity: input.gateway_identity.clone(),
-                // The tunnel port: the admin port is not on the LoadBalancer.
-                probe_spec: ProbeSpec {
-                    port: input.gateway_port,
-                    ..ProbeSpec::default()
-                },
-            },
-            credentials_secret: Some(secret_name),
+    let (secret, link) = objects(
+        &input.cluster,
+        &input.namespace,
+        kubeconfig.into_bytes(),
+        LinkTarget {
+            gateway_address: input.gateway_address.clone(),
+            gateway_port: input.gateway_port,
+            gateway_identity: input.gateway_identity.clone(),
         },
     );
-    link.metadata.namespace = Some(input.namespace.clone());
     if ["://127.", "://localhost", "://[::1]"]
         .iter()
         .any(|local| input.api_server.contains(local))
@@ -347,4 +356,61 @@ pub fn render(input: &LinkInput) -> Result<String> {
     out.push_str("---\n");
     out.push_str(&kubectl_yaml::to_string(&link).context("writing the Link as YAML")?);
     Ok(out)
+}
+
+/// Where a Link points.
+struct LinkTarget {
+    gateway_address: GatewayAddress,
+    gateway_port: u16,
+    gateway_identity: SpiffeId,
+}
+
+/// The credentials Secret and the Link of a link to `cluster`, both labelled as
+/// part of the mesh.
+fn objects(
+    cluster: &ClusterName,
+    namespace: &str,
+    kubeconfig: Vec<u8>,
+    target: LinkTarget,
+) -> (Secret, LinkResource) {
+    let secret_name = credentials_secret_name(cluster);
+    let labels: std::collections::BTreeMap<String, String> = [
+        (install::PART_OF.0.to_owned(), install::PART_OF.1.to_owned()),
+        (
+            proxy_discovery::model::REMOTE_CLUSTER_LABEL.to_owned(),
+            cluster.to_string(),
+        ),
+    ]
+    .into();
+    let secret = Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(secret_name.clone()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels.clone()),
+            ..Default::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        data: Some([(Link::CREDENTIALS_KEY.to_owned(), ByteString(kubeconfig))].into()),
+        ..Secret::default()
+    };
+    let mut link = LinkResource::new(
+        cluster.as_str(),
+        LinkResourceSpec {
+            link: LinkSpec {
+                target_cluster_name: cluster.clone(),
+                gateway_address: target.gateway_address,
+                gateway_port: target.gateway_port,
+                gateway_identity: target.gateway_identity,
+                // The tunnel port: the admin port is not on the LoadBalancer.
+                probe_spec: ProbeSpec {
+                    port: target.gateway_port,
+                    ..ProbeSpec::default()
+                },
+            },
+            credentials_secret: Some(secret_name),
+        },
+    );
+    link.metadata.namespace = Some(namespace.to_owned());
+    link.metadata.labels = Some(labels);
+    (secret, link)
 }

@@ -325,3 +325,66 @@ fn every_flag_and_variable_the_manifests_pass_is_one_the_binary_accepts() {
     // The sidecar and init of the seed, then per cluster the controller and gateway.
     assert_eq!(seen, 6);
 }
+
+/// The value of `key = "..."` in a TOML file's text (the first such line).
+fn toml_string(text: &str, key: &str) -> String {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim().trim_matches('"').to_owned())
+        .unwrap_or_else(|| panic!("no {key} = \"...\" line"))
+}
+
+#[test]
+fn the_pinned_toolchain_is_the_workspace_s_and_the_image_s() {
+    let pinned = toml_string(
+        &std::fs::read_to_string(repo().join("rust-toolchain.toml")).unwrap(),
+        "channel",
+    );
+    let declared = toml_string(
+        &std::fs::read_to_string(repo().join("Cargo.toml")).unwrap(),
+        "rust-version",
+    );
+    assert!(
+        pinned == declared || pinned.starts_with(&format!("{declared}.")),
+        "rust-toolchain.toml pins {pinned}, the workspace declares rust-version {declared}"
+    );
+    let from = dockerfile()
+        .into_iter()
+        .find(|l| l.starts_with("FROM rust:"))
+        .unwrap();
+    assert!(
+        from.starts_with(&format!("FROM rust:{declared}-"))
+            || from.starts_with(&format!("FROM rust:{pinned}-")),
+        "the image builds with {from:?}, not Rust {pinned}"
+    );
+}
+
+#[test]
+fn the_readme_s_real_cluster_steps_run_the_pushed_image() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let section = readme
+        .split("## On real clusters")
+        .nth(1)
+        .and_then(|s| s.split("```sh").nth(1))
+        .and_then(|s| s.split("```").next())
+        .unwrap();
+    let commands = section.replace("\\\n", " ");
+    assert!(commands.contains("docker push"), "the steps push no image");
+    let mut rendering = 0;
+    for line in commands.lines().map(str::trim) {
+        let renders = (line.starts_with("isthmus install") && !line.contains("--crds"))
+            || line.starts_with("isthmus inject");
+        if renders {
+            rendering += 1;
+            assert!(
+                line.contains("--image"),
+                "README: {line:?} renders the default image, not the one pushed"
+            );
+        }
+    }
+    assert!(
+        rendering >= 4,
+        "README: the install and inject steps went missing"
+    );
+}

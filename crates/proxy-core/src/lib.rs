@@ -10,6 +10,7 @@
 //! - [`http`]: per-request HTTP proxying for connections detected as HTTP.
 //! - [`tunnel`]: the HTTP/2 `CONNECT` tunnel, client and server.
 //! - [`pool`]: warm pools of tunnel connections to one peer.
+//! - [`resolve`]: peers named by DNS, kept resolved for their pools.
 //! - [`outbound`], [`inbound`]: the sidecar's two connection handlers.
 //! - [`gateway`]: the gateway's tunnel handler: relay policy, delivery to pods,
 //!   link pools.
@@ -35,5 +36,6 @@ pub mod metrics;
 pub mod outbound;
 pub mod outcome;
 pub mod pool;
+pub mod resolve;
 pub mod route;
 pub mod tunnel;

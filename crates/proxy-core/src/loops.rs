@@ -234,7 +234,7 @@ impl Drop for OwnSocket {
 pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
-) -> Result<(TcpStream, OwnSocket), ForwardError> {
+) -> Result<(TcpStream, OwnSocket), ConnectError> {
     let local_failure = |e| ForwardError::connect_failed(Side::Local, addr, e);
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(local_failure)?;
@@ -242,8 +242,35 @@ pub async fn connect(
     let own = start_connect(OwnSockets::shared(), &socket, addr)?;
     let socket = std::net::TcpStream::from(socket);
     let stream = TcpStream::from_std(socket).map_err(local_failure)?;
-    let stream = connect_within(finish_connect(stream), addr, timeout).await?;
-    Ok((stream, own))
+    complete(stream, own, addr, timeout).await
+}
+
+/// An upstream connect that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The far end was this proxy's own listener, which refused the connection as
+    /// a loop.
+    #[error("the upstream is this proxy's own listener, which refused the connection as a loop")]
+    Looped(#[source] ForwardError),
+    /// Any other failure.
+    #[error(transparent)]
+    Failed(#[from] ForwardError),
+}
+
+/// Waits for a started connect. The loop's reset can reach the socket before a
+/// busy task sees the connect complete, so a failure is checked against the record
+/// the listener marked: otherwise the loop would be told as a refusing upstream.
+async fn complete(
+    stream: TcpStream,
+    own: OwnSocket,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(TcpStream, OwnSocket), ConnectError> {
+    match connect_within(finish_connect(stream), addr, timeout).await {
+        Ok(stream) => Ok((stream, own)),
+        Err(e) if own.looped() => Err(ConnectError::Looped(e)),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Starts a non-blocking connect and records the socket once the kernel picked its
@@ -420,6 +447,31 @@ mod tests {
         assert!(!t.is_own_upstream(other, dst).await);
         assert!(started.elapsed() <= IN_FLIGHT_WAIT + Duration::from_millis(2));
         t.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The reset of a connection refused as a loop may land before the connector
+    /// polled its connect: the failure is still the loop.
+    #[tokio::test]
+    async fn a_loop_reset_before_the_connect_completes_is_told_as_the_loop() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dst = listener.local_addr().unwrap();
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let own = start_connect(OwnSockets::shared(), &socket, dst).unwrap();
+        // What the outbound listener does with the connection that came back.
+        let (accepted, peer) = listener.accept().unwrap();
+        assert!(OwnSockets::shared().is_own_upstream(peer, dst).await);
+        OwnSockets::shared().mark_looped(peer, dst);
+        accepted.set_nonblocking(true).unwrap();
+        crate::listen::reset(TcpStream::from_std(accepted).unwrap());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while socket.peer_addr().is_ok() {
+            assert!(Instant::now() < deadline, "the reset never arrived");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let stream = TcpStream::from_std(socket.into()).unwrap();
+        let got = complete(stream, own, dst, Duration::from_secs(5)).await;
+        assert!(matches!(got, Err(ConnectError::Looped(_))), "{got:?}");
     }
 
     #[tokio::test(start_paused = true)]

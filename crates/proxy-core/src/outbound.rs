@@ -17,7 +17,7 @@ use crate::detect::{DetectConfig, Detected, Prefixed, Protocol, detect};
 use crate::forward::{ForwardConfig, forward_io, forward_tcp};
 use crate::http::HttpProxy;
 use crate::listen::{Accepted, Handler, reset};
-use crate::loops::{self, LoopWarning, OwnSocket, OwnSockets};
+use crate::loops::{self, ConnectError, LoopWarning, OwnSocket, OwnSockets};
 use crate::metrics::{ConnectionGuard, Direction, ProxyMetrics};
 use crate::outcome::{Outcome, Reason, Side};
 use crate::pool::Pool;
@@ -179,10 +179,13 @@ impl<L: RouteLookup> Outbound<L> {
         match route {
             Route::Passthrough => match loops::connect(dst.0, self.cfg.connect_timeout).await {
                 Ok((stream, own)) => Ok(Upstream::Tcp(stream, own)),
-                Err(e) if e.is_connect_timeout() => {
+                Err(ConnectError::Looped(_)) => Err(Outcome::refused_here(Refusal::Loop)),
+                Err(ConnectError::Failed(e)) if e.is_connect_timeout() => {
                     Err(Outcome::refused_here(Refusal::UpstreamTimeout))
                 }
-                Err(_) => Err(Outcome::refused_here(Refusal::UpstreamRefused)),
+                Err(ConnectError::Failed(_)) => {
+                    Err(Outcome::refused_here(Refusal::UpstreamRefused))
+                }
             },
             Route::Mirrored { cluster, authority } => {
                 let pool = self

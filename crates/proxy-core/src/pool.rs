@@ -6,9 +6,15 @@
 //! handshake, nor an extra round trip. The pool's [`LinkState`] is what `/config`
 //! shows and what makes streams fail fast while the peer is down.
 //!
+//! A peer named by DNS is every address its name resolves to: the pool follows an
+//! [`AddrWatch`], spreads its connections over the addresses (at least one each),
+//! dials new ones as they appear, and retires the connections of addresses that
+//! vanish: they take no new stream, and close once their streams are done.
+//!
 //! It does not choose peers or verify identities itself: the rustls client config it
 //! is handed carries the peer-identity check.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::outcome::Outcome;
+use crate::resolve::{AddrWatch, GatewayHost, ResolveSettings};
 use crate::tunnel::client::{self, OpenError, TunnelSender, TunnelStream};
 use crate::tunnel::{ConnectionError, H2Settings, HandshakeObserver, PingFailed, Pinger};
 
@@ -32,6 +39,8 @@ use crate::tunnel::{ConnectionError, H2Settings, HandshakeObserver, PingFailed, 
 pub struct PeerConfig {
     /// For logs and `/config`, e.g. `gateway/cluster-a`.
     pub name: Arc<str>,
+    /// The peer's address. A pool that follows a name ([`Pool::spawn_resolving`])
+    /// dials the name's addresses instead, at this port.
     pub addr: SocketAddr,
     /// SNI sent to the peer; identity is checked by the TLS config, not by this name.
     pub server_name: ServerName<'static>,
@@ -158,7 +167,12 @@ struct Slot {
 
 struct Shared {
     cfg: PeerConfig,
+    /// Where the connections go: one fixed address, or a name's.
+    addrs: AddrWatch,
+    /// Indexed by connection task; `None` while that task has no connection. An
+    /// index is reused only after its task ended ([`Shared::release`]).
     slots: Mutex<Vec<Option<Slot>>>,
+    free: Mutex<Vec<usize>>,
     next: AtomicUsize,
     state: watch::Sender<LinkState>,
     last_error: Mutex<Option<(SystemTime, Arc<str>)>>,
@@ -188,23 +202,50 @@ impl Pool {
     /// [`Pool::spawn`], its tasks counted in `tasks` (the connections' own tasks
     /// too), so whoever stops pools can tell that their tasks ended.
     pub fn spawn_on(cfg: PeerConfig, stop: CancellationToken, tasks: &TaskTracker) -> Pool {
-        let connections = cfg.connections.max(1);
+        let addrs = AddrWatch::fixed(cfg.addr);
+        Pool::spawn_resolving(cfg, addrs, stop, tasks)
+    }
+
+    /// [`Pool::spawn_on`] to every address `addrs` gives, following its changes
+    /// (see the module docs); `cfg.addr` is unused but for its port.
+    pub fn spawn_resolving(
+        cfg: PeerConfig,
+        addrs: AddrWatch,
+        stop: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Pool {
         let (state, _) = watch::channel(LinkState::Connecting);
         let shared = Arc::new(Shared {
             cfg,
-            slots: Mutex::new(vec![None; connections]),
+            addrs: addrs.clone(),
+            slots: Mutex::new(Vec::new()),
+            free: Mutex::new(Vec::new()),
             next: AtomicUsize::new(0),
             state,
             last_error: Mutex::new(None),
         });
-        for slot in 0..connections {
-            tasks.spawn(maintain(shared.clone(), slot, stop.clone(), tasks.clone()));
+        let mut dialing = Dialing::default();
+        dialing.plan(&shared, &stop, tasks);
+        if addrs.is_name() {
+            tasks.spawn(follow_addresses(
+                shared.clone(),
+                dialing,
+                addrs,
+                stop,
+                tasks.clone(),
+            ));
         }
         Pool { shared }
     }
 
     pub fn peer(&self) -> &PeerConfig {
         &self.shared.cfg
+    }
+
+    /// Where the pool's connections go: its address, or its name's addresses and
+    /// how their lookups went.
+    pub fn addresses(&self) -> &AddrWatch {
+        &self.shared.addrs
     }
 
     pub fn state(&self) -> LinkState {
@@ -364,9 +405,99 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// accepted us; without this, a refused client would reconnect in a tight loop.
 const HEALTHY_AFTER: Duration = Duration::from_secs(1);
 
-async fn maintain(
+/// The connection tasks of a pool, one per address and connection index, each
+/// with its own stop: an address that vanishes stops only its own.
+#[derive(Default)]
+struct Dialing {
+    running: HashMap<(SocketAddr, usize), CancellationToken>,
+}
+
+impl Dialing {
+    /// Starts and stops connection tasks so that every current address has its
+    /// share of the pool's connections (at least one).
+    fn plan(&mut self, shared: &Arc<Shared>, stop: &CancellationToken, tasks: &TaskTracker) {
+        let resolution = shared.addrs.current();
+        let per_addr = shared
+            .cfg
+            .connections
+            .max(1)
+            .div_ceil(resolution.addrs.len().max(1));
+        let wanted: HashSet<(SocketAddr, usize)> = resolution
+            .addrs
+            .iter()
+            .flat_map(|addr| (0..per_addr).map(move |i| (*addr, i)))
+            .collect();
+        self.running.retain(|(addr, i), task| {
+            let keep = wanted.contains(&(*addr, *i));
+            if !keep {
+                // The connection takes no new stream; those in flight finish on it.
+                info!(peer = %shared.cfg.name, %addr, connection = i, "address no longer wanted: retiring its connection");
+                task.cancel();
+            }
+            keep
+        });
+        for key in wanted {
+            if self.running.contains_key(&key) {
+                continue;
+            }
+            let task = stop.child_token();
+            let slot = shared.claim();
+            let (shared, dial, tracker) = (shared.clone(), task.clone(), tasks.clone());
+            tasks.spawn(async move {
+                maintain(&shared, slot, key.0, dial, tracker).await;
+                shared.release(slot);
+            });
+            self.running.insert(key, task);
+        }
+        if resolution.addrs.is_empty()
+            && let Some(failing) = &resolution.failing
+        {
+            *lock(&shared.last_error) = Some((failing.since, failing.error.clone()));
+            publish(shared);
+        }
+    }
+}
+
+/// Re-plans the pool's connections whenever its name resolves differently.
+async fn follow_addresses(
     shared: Arc<Shared>,
+    mut dialing: Dialing,
+    mut addrs: AddrWatch,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        tokio::select! {
+            more = addrs.changed() => if !more { return },
+            () = stop.cancelled() => return,
+        }
+        dialing.plan(&shared, &stop, &tasks);
+    }
+}
+
+impl Shared {
+    /// A slot index for a new connection task.
+    fn claim(&self) -> usize {
+        if let Some(slot) = lock(&self.free).pop() {
+            return slot;
+        }
+        let mut slots = lock(&self.slots);
+        slots.push(None);
+        slots.len() - 1
+    }
+
+    /// Frees the slot of a connection task that ended.
+    fn release(&self, slot: usize) {
+        lock(&self.slots)[slot] = None;
+        lock(&self.free).push(slot);
+        publish(self);
+    }
+}
+
+async fn maintain(
+    shared: &Shared,
     slot: usize,
+    addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -377,7 +508,7 @@ async fn maintain(
             return;
         }
         let attempt = tokio::select! {
-            res = connect(cfg) => res,
+            res = connect(cfg, addr) => res,
             () = shutdown.cancelled() => return,
         };
         match attempt {
@@ -394,8 +525,8 @@ async fn maintain(
                 let mut conn = tasks.spawn(conn);
                 lock(&shared.slots)[slot] = Some(slot_conn);
                 *lock(&shared.last_error) = None;
-                publish(&shared);
-                info!(peer = %cfg.name, addr = %cfg.addr, slot, "tunnel connection established");
+                publish(shared);
+                info!(peer = %cfg.name, %addr, slot, "tunnel connection established");
                 let lost: Option<Arc<str>> = tokio::select! {
                     res = &mut conn => match res {
                         Ok(Err(e)) => {
@@ -428,8 +559,10 @@ async fn maintain(
                 lock(&shared.slots)[slot] = None;
                 if let Some(lost) = lost {
                     *lock(&shared.last_error) = Some((SystemTime::now(), lost));
+                    // The address may be gone: the name's answer tells.
+                    shared.addrs.refresh();
                 }
-                publish(&shared);
+                publish(shared);
                 if established.elapsed() >= HEALTHY_AFTER {
                     backoff.reset();
                     continue;
@@ -449,7 +582,8 @@ async fn maintain(
                     let since = last.as_ref().map_or_else(SystemTime::now, |(t, _)| *t);
                     *last = Some((since, error));
                 }
-                publish(&shared);
+                publish(shared);
+                shared.addrs.refresh();
                 tokio::select! {
                     _ = tokio::time::sleep(retry_in) => {}
                     () = shutdown.cancelled() => return,
@@ -480,6 +614,7 @@ fn publish(shared: &Shared) {
 
 async fn connect(
     cfg: &PeerConfig,
+    addr: SocketAddr,
 ) -> Result<
     (
         Slot,
@@ -488,13 +623,10 @@ async fn connect(
     ),
     ConnectError,
 > {
-    let tcp = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(cfg.addr))
+    let tcp = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr))
         .await
-        .map_err(|_| ConnectError::Timeout(cfg.addr))?
-        .map_err(|source| ConnectError::Tcp {
-            addr: cfg.addr,
-            source,
-        })?;
+        .map_err(|_| ConnectError::Timeout(addr))?
+        .map_err(|source| ConnectError::Tcp { addr, source })?;
     // Small writes (stream headers, window updates) must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
     let tls = tokio::time::timeout(
@@ -502,27 +634,20 @@ async fn connect(
         TlsConnector::from(cfg.tls.clone()).connect(cfg.server_name.clone(), tcp),
     )
     .await
-    .map_err(|_| ConnectError::Timeout(cfg.addr))?
+    .map_err(|_| ConnectError::Timeout(addr))?
     .map_err(|source| {
         if let Some(observe) = &cfg.handshake_failed {
-            observe(&source, cfg.addr);
+            observe(&source, addr);
         }
-        ConnectError::Tls {
-            addr: cfg.addr,
-            source,
-        }
+        ConnectError::Tls { addr, source }
     })?;
     let expires = cfg
         .deadline
         .as_ref()
         .and_then(|deadline| deadline(tls.get_ref().1));
-    let (sender, pinger, driver) =
-        client::handshake_with_pinger(tls, &cfg.h2)
-            .await
-            .map_err(|source| ConnectError::H2 {
-                addr: cfg.addr,
-                source,
-            })?;
+    let (sender, pinger, driver) = client::handshake_with_pinger(tls, &cfg.h2)
+        .await
+        .map_err(|source| ConnectError::H2 { addr, source })?;
     Ok((Slot { sender, pinger }, driver, expires))
 }
 
@@ -542,6 +667,8 @@ pub struct PoolSettings {
     pub h2: H2Settings,
     pub handshake_failed: Option<HandshakeObserver>,
     pub deadline: Option<ConnectionDeadline>,
+    /// How a peer named by DNS is kept resolved.
+    pub resolve: ResolveSettings,
 }
 
 impl std::fmt::Debug for PoolSettings {
@@ -549,11 +676,37 @@ impl std::fmt::Debug for PoolSettings {
         f.debug_struct("PoolSettings")
             .field("connect_timeout", &self.connect_timeout)
             .field("connections", &self.connections)
+            .field("resolve", &self.resolve)
             .finish_non_exhaustive()
     }
 }
 
 impl PoolSettings {
+    /// A pool of `connections` to the peer at `host` and `port`, as a Link or a
+    /// cluster's settings name it: an IP address, or a DNS name kept resolved
+    /// (see [`crate::resolve`]) until `stop`. Its tasks are counted in `tasks`.
+    #[expect(clippy::too_many_arguments, reason = "each is one fact about the peer")]
+    pub fn spawn_to(
+        &self,
+        name: String,
+        host: &GatewayHost,
+        port: u16,
+        tls: Arc<rustls::ClientConfig>,
+        connections: usize,
+        stop: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Pool {
+        let addrs = AddrWatch::spawn(host, port, &self.resolve, stop.clone(), tasks);
+        // No SNI either way (an IP server name sends none): the mesh's listeners
+        // refuse any name but their identity's, and the TLS config checks that.
+        let ip = match host {
+            GatewayHost::Ip(ip) => *ip,
+            GatewayHost::Name(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        };
+        let cfg = self.peer(name, SocketAddr::new(ip, port), tls, connections);
+        Pool::spawn_resolving(cfg, addrs, stop, tasks)
+    }
+
     /// The config of a pool of `connections` to `addr` (named `name` in logs and
     /// `/config`), whose identity `tls` checks; reconnects back off from 100 ms
     /// to 5 s.

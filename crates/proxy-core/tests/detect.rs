@@ -224,9 +224,8 @@ fn stalled_prefixes_are_http1_only_when_they_start_like_a_request() {
         b"\r\nmkcol ",
         &[b'A'; 32],
     ] {
+        assert_stalled_as(prefix, Http1);
         let what = String::from_utf8_lossy(prefix);
-        assert_eq!(undecided(prefix, Stall::Timeout), Http1, "{what:?}");
-        assert_eq!(undecided(prefix, Stall::Limit), Http1, "{what:?}");
         assert_eq!(undecided(prefix, Stall::Eof), Opaque, "{what:?}");
     }
     // Plain TCP clients that write a few words and wait for an answer.
@@ -242,9 +241,15 @@ fn stalled_prefixes_are_http1_only_when_they_start_like_a_request() {
         // Longer than any method: a line of text.
         &[b'A'; 33],
     ] {
-        let what = String::from_utf8_lossy(prefix);
-        assert_eq!(undecided(prefix, Stall::Timeout), Opaque, "{what:?}");
-        assert_eq!(undecided(prefix, Stall::Limit), Opaque, "{what:?}");
+        assert_stalled_as(prefix, Opaque);
+    }
+}
+
+/// What a prefix that stalls is taken for, at the timeout and at the size limit alike.
+fn assert_stalled_as(prefix: &[u8], want: Protocol) {
+    let what = String::from_utf8_lossy(prefix);
+    for stall in [Stall::Timeout, Stall::Limit] {
+        assert_eq!(undecided(prefix, stall), want, "{what:?} at {stall:?}");
     }
 }
 
@@ -272,13 +277,7 @@ async fn silent_client_is_opaque_after_the_timeout() {
 async fn a_request_line_that_stalls_is_http1_on_timeout() {
     // A trickled request line must not pass as opaque: its rest could arrive after
     // the timeout and be read by the origin as a request the proxy never parsed.
-    let (mut client, mut server) = duplex(1024);
-    client.write_all(b"GET / HT").await.unwrap();
-    let d = detect(&mut server, &cfg(Duration::from_secs(1)))
-        .await
-        .unwrap();
-    assert_eq!((d.protocol, d.timed_out), (Http1, true));
-    assert_eq!(&d.prefix[..], b"GET / HT");
+    assert_detected(b"GET / HT", false, (Http1, true)).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -356,14 +355,21 @@ async fn preface_split_across_reads_is_http2() {
 
 #[tokio::test(start_paused = true)]
 async fn eof_before_a_decision_is_opaque() {
+    assert_detected(b"GET /", true, (Opaque, false)).await;
+}
+
+/// Detects over a client that wrote `written` and then, if `closed`, closed: the
+/// protocol and whether detection timed out are `want`, and the prefix is every
+/// byte written.
+async fn assert_detected(written: &[u8], closed: bool, want: (Protocol, bool)) {
     let (mut client, mut server) = duplex(1024);
-    client.write_all(b"GET /").await.unwrap();
-    drop(client);
+    client.write_all(written).await.unwrap();
+    let _open = (!closed).then_some(client);
     let d = detect(&mut server, &cfg(Duration::from_secs(1)))
         .await
         .unwrap();
-    assert_eq!((d.protocol, d.timed_out), (Opaque, false));
-    assert_eq!(&d.prefix[..], b"GET /");
+    assert_eq!((d.protocol, d.timed_out), want);
+    assert_eq!(&d.prefix[..], written);
 }
 
 #[tokio::test(start_paused = true)]

@@ -117,15 +117,7 @@ async fn connect_is_routed_by_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connects_answer_with_the_reason() {
     let pki = Pki::new();
-    let names: Vec<String> = (0..Refusal::ALL.len())
-        .map(|i| format!("refused{i}.test:80"))
-        .collect();
-    let answers: Vec<(&str, Answer)> = names
-        .iter()
-        .zip(Refusal::ALL)
-        .map(|(n, refusal)| (n.as_str(), Answer::Refuse(refusal)))
-        .collect();
-    let peer = TunnelPeer::spawn(&pki, &answers, Answer::Silent).await;
+    let (peer, names) = TunnelPeer::refusing_each(&pki).await;
     let routes = names
         .iter()
         .fold(FixedRoutes::default(), |r, n| r.mirror_name(n, CLUSTER, n));

@@ -29,6 +29,13 @@ async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
     }
 }
 
+/// How [`connect_upstream`] to `addr` fails, within 10 s.
+async fn connect_error(addr: SocketAddr, timeout: Duration) -> ForwardError {
+    within(10, "connect", connect_upstream(addr, timeout))
+        .await
+        .expect_err("the connect must fail")
+}
+
 fn config(splice: bool) -> ForwardConfig {
     ForwardConfig {
         splice,
@@ -731,13 +738,7 @@ async fn connect_upstream_names_the_refusing_peer() {
     // Bind then drop: the port is (almost certainly) closed right after.
     let (l, addr) = upstream_listener().await;
     drop(l);
-    let err = within(
-        10,
-        "connect",
-        connect_upstream(addr, Duration::from_secs(5)),
-    )
-    .await
-    .unwrap_err();
+    let err = connect_error(addr, Duration::from_secs(5)).await;
     assert_eq!(err.side(), Side::Upstream);
     assert_eq!(err.peer(), Some(addr));
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
@@ -760,13 +761,7 @@ async fn connect_upstream_times_out_on_a_silent_listener() {
     let _queued = within(10, "first connect", TcpStream::connect(addr))
         .await
         .unwrap();
-    let err = within(
-        10,
-        "connect",
-        connect_upstream(addr, Duration::from_millis(300)),
-    )
-    .await
-    .unwrap_err();
+    let err = connect_error(addr, Duration::from_millis(300)).await;
     assert!(err.is_connect_timeout(), "{err}");
     assert_eq!(err.close_reason(), "connect_timeout");
     assert_eq!(err.side(), Side::Upstream);

@@ -27,7 +27,8 @@ use proxy_identity::PeerPolicy;
 use proxy_identity::rustls::pki_types::ServerName;
 use support::{
     Answer, Behaviour, Ended, FakeOrigDst, GATEWAY_ID, HELLO, Identity, Origin, Pki, STEP,
-    TunnelPeer, WORKLOAD_ID, closes, refusals,
+    TunnelPeer, WORKLOAD_ID, assert_exchange, assert_heard_after_greeting, closes, counts,
+    refusals,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -171,6 +172,25 @@ impl Drop for GatewayUnderTest {
 }
 
 impl GatewayUnderTest {
+    /// A gateway of `cluster` that delivers [`HELLO`] to the plain `addrs`.
+    async fn plain(pki: &Pki, cluster: &'static str, addrs: &[SocketAddr]) -> GatewayUnderTest {
+        let table = Arc::new(Table::default());
+        table.plain(HELLO, addrs);
+        GatewayUnderTest::start(pki, Setup::new(cluster), table).await
+    }
+
+    /// A gateway of `cluster` with one Link, to `peer`'s gateway at `addr`.
+    async fn linked(
+        pki: &Pki,
+        cluster: &'static str,
+        peer: &str,
+        addr: SocketAddr,
+    ) -> GatewayUnderTest {
+        let table = Arc::new(Table::default());
+        table.link(peer, addr);
+        GatewayUnderTest::start(pki, Setup::new(cluster), table).await
+    }
+
     async fn start(pki: &Pki, setup: Setup, table: Arc<Table>) -> GatewayUnderTest {
         let identity = pki.identity(setup.cluster, GATEWAY_ID);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -190,6 +210,7 @@ impl GatewayUnderTest {
                     h2: H2Settings::default(),
                     handshake_failed: None,
                     deadline: None,
+                    resolve: Default::default(),
                 },
             },
             table.clone(),
@@ -317,9 +338,7 @@ async fn closed_port() -> SocketAddr {
 async fn a_sidecar_of_its_cluster_reaches_an_exported_service() {
     let pki = Pki::new();
     let mut origin = Origin::spawn(Behaviour::Echo).await;
-    let table = Arc::new(Table::default());
-    table.plain(HELLO, &[origin.addr]);
-    let gw = GatewayUnderTest::start(&pki, Setup::new(A), table).await;
+    let gw = GatewayUnderTest::plain(&pki, A, &[origin.addr]).await;
     let pool = gw.pool_from(&pki.identity(A, WORKLOAD_ID));
 
     let mut stream = open(&pool, HELLO, None).await.unwrap();
@@ -344,9 +363,7 @@ async fn a_dead_endpoint_is_skipped_for_a_live_one() {
     let pki = Pki::new();
     let origin = Origin::spawn(Behaviour::Echo).await;
     let dead = closed_port().await;
-    let table = Arc::new(Table::default());
-    table.plain(HELLO, &[dead, origin.addr]);
-    let gw = GatewayUnderTest::start(&pki, Setup::new(A), table).await;
+    let gw = GatewayUnderTest::plain(&pki, A, &[dead, origin.addr]).await;
     let pool = gw.pool_from(&pki.identity(A, WORKLOAD_ID));
     // Round-robin starts on each endpoint in turn; every stream still lands.
     for _ in 0..4 {
@@ -434,12 +451,8 @@ async fn a_pod_sidecars_verdict_on_its_app_stands() {
 /// gateway linked to it.
 async fn linked_pair(pki: &Pki) -> (GatewayUnderTest, GatewayUnderTest, Origin) {
     let origin = Origin::spawn(Behaviour::Echo).await;
-    let table_b = Arc::new(Table::default());
-    table_b.plain(HELLO, &[origin.addr]);
-    let gw_b = GatewayUnderTest::start(pki, Setup::new(B), table_b).await;
-    let table_a = Arc::new(Table::default());
-    table_a.link(B, gw_b.addr);
-    let gw_a = GatewayUnderTest::start(pki, Setup::new(A), table_a).await;
+    let gw_b = GatewayUnderTest::plain(pki, B, &[origin.addr]).await;
+    let gw_a = GatewayUnderTest::linked(pki, A, B, gw_b.addr).await;
     (gw_a, gw_b, origin)
 }
 
@@ -464,12 +477,8 @@ async fn a_link_whose_peer_is_not_that_clusters_gateway_carries_nothing() {
     let pki = Pki::new();
     // cluster-c's gateway holds the same SPIFFE ID; the Link says cluster-b.
     let origin = Origin::spawn(Behaviour::Echo).await;
-    let table_c = Arc::new(Table::default());
-    table_c.plain(HELLO, &[origin.addr]);
-    let gw_c = GatewayUnderTest::start(&pki, Setup::new("cluster-c"), table_c).await;
-    let table_a = Arc::new(Table::default());
-    table_a.link(B, gw_c.addr);
-    let gw_a = GatewayUnderTest::start(&pki, Setup::new(A), table_a).await;
+    let gw_c = GatewayUnderTest::plain(&pki, "cluster-c", &[origin.addr]).await;
+    let gw_a = GatewayUnderTest::linked(&pki, A, B, gw_c.addr).await;
     let pool = gw_a.pool_from(&pki.identity(A, WORKLOAD_ID));
     assert_eq!(refusal(&pool, HELLO, Some(B)).await, Refusal::LinkDown);
 }
@@ -523,9 +532,7 @@ async fn a_peer_gateway_may_not_relay_through_it_to_a_third_cluster() {
 async fn a_peer_gateway_reaches_only_this_clusters_exports() {
     let pki = Pki::new();
     let origin = Origin::spawn(Behaviour::Echo).await;
-    let table = Arc::new(Table::default());
-    table.plain(HELLO, &[origin.addr]);
-    let gw = GatewayUnderTest::start(&pki, Setup::new(A), table).await;
+    let gw = GatewayUnderTest::plain(&pki, A, &[origin.addr]).await;
     let pool = gw.pool_from(&pki.identity(B, GATEWAY_ID));
     // Its own cluster's exports: delivered, whoever asks.
     let mut stream = open(&pool, HELLO, Some(A)).await.unwrap();
@@ -593,9 +600,7 @@ async fn a_link_that_is_down_refuses_relays() {
 #[tokio::test]
 async fn an_endpoint_that_refuses_is_upstream_refused() {
     let pki = Pki::new();
-    let table = Arc::new(Table::default());
-    table.plain(HELLO, &[closed_port().await]);
-    let gw = GatewayUnderTest::start(&pki, Setup::new(A), table).await;
+    let gw = GatewayUnderTest::plain(&pki, A, &[closed_port().await]).await;
     let pool = gw.pool_from(&pki.identity(A, WORKLOAD_ID));
     assert_eq!(refusal(&pool, HELLO, None).await, Refusal::UpstreamRefused);
     assert_eq!(gw.refused("upstream_refused"), 1);
@@ -685,31 +690,14 @@ async fn half_close_crosses_the_gateway_both_ways() {
 
     // The client ends its side; the origin sees the end and still answers.
     let mut stream = open(&pool, HELLO, None).await.unwrap();
-    stream.write_all(b"twelve bytes").await.unwrap();
-    stream.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    timeout(STEP, stream.read_to_end(&mut reply))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(reply, b"got 12 bytes");
+    assert_exchange(&mut stream, b"twelve bytes", b"got 12 bytes").await;
     assert_eq!(replier.next_served().await.ended, Ended::Eof);
 
     // The origin ends its side; the client still sends, and the origin reads it.
     let mut stream = open(&pool, "greet.default.svc.cluster.local:80", None)
         .await
         .unwrap();
-    let mut greeting = Vec::new();
-    timeout(STEP, stream.read_to_end(&mut greeting))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(greeting, b"bye now");
-    stream.write_all(b"after your end").await.unwrap();
-    stream.shutdown().await.unwrap();
-    let served = greeter.next_served().await;
-    assert_eq!(served.received, b"after your end");
-    assert_eq!(served.ended, Ended::Eof);
+    assert_heard_after_greeting(&mut stream, b"bye now", b"after your end", &mut greeter).await;
 }
 
 #[tokio::test]
@@ -731,10 +719,7 @@ async fn resets_cross_the_gateway_both_ways() {
     let ended = timeout(STEP, stream.read_to_end(&mut buf)).await.unwrap();
     assert!(ended.is_err(), "a reset upstream ended cleanly: {buf:?}");
     resetter.next_served().await;
-    support::eventually("the upstream reset to be counted", || {
-        closes(&gw.metrics, Direction::Gateway, "upstream_reset") == 1
-    })
-    .await;
+    counts(&gw.metrics, closes, Direction::Gateway, "upstream_reset", 1).await;
 
     // The client resets (drops its stream mid-way): the origin's connection is
     // closed, and the gateway blames the downstream.
@@ -744,9 +729,13 @@ async fn resets_cross_the_gateway_both_ways() {
     echo(&mut stream, b"then gone").await;
     drop(stream);
     assert_eq!(echo_origin.next_served().await.received, b"then gone");
-    support::eventually("the downstream reset to be counted", || {
-        closes(&gw.metrics, Direction::Gateway, "downstream_reset") == 1
-    })
+    counts(
+        &gw.metrics,
+        closes,
+        Direction::Gateway,
+        "downstream_reset",
+        1,
+    )
     .await;
 }
 
@@ -754,9 +743,7 @@ async fn resets_cross_the_gateway_both_ways() {
 async fn a_drain_lets_open_streams_finish_and_takes_no_new_connection() {
     let pki = Pki::new();
     let origin = Origin::spawn(Behaviour::Echo).await;
-    let table = Arc::new(Table::default());
-    table.plain(HELLO, &[origin.addr]);
-    let mut gw = GatewayUnderTest::start(&pki, Setup::new(A), table).await;
+    let mut gw = GatewayUnderTest::plain(&pki, A, &[origin.addr]).await;
     let sidecar = pki.identity(A, WORKLOAD_ID);
     let pool = gw.pool_from(&sidecar);
     let mut stream = open(&pool, HELLO, None).await.unwrap();

@@ -102,13 +102,9 @@ impl Sidecar {
             .await
     }
 
-    async fn counted(&self, what: &str, check: impl Fn(&ProxyMetrics) -> bool) {
-        eventually_or(
-            what,
-            || check(&self.metrics),
-            || metrics_text(&self.metrics),
-        )
-        .await
+    /// Waits until `count` of this sidecar's `reason` is `n`.
+    async fn counts(&self, count: Count, reason: &'static str, n: u64) {
+        counts(&self.metrics, count, Direction::Inbound, reason, n).await
     }
 }
 
@@ -132,11 +128,7 @@ async fn tunnel_streams_reach_the_app_at_the_pod_address_or_loopback_when_chosen
         let (mut app, mut decoy) = app_and_decoy(Behaviour::Echo).await;
         let sidecar = Sidecar::start(&pki, choice, &[]).await;
         let mut stream = open(&sidecar.gateway(&pki), app.addr.port()).await.unwrap();
-        stream.write_all(b"to the app").await.unwrap();
-        stream.shutdown().await.unwrap();
-        let (echoed, end) = read_to_end(&mut stream).await;
-        end.unwrap();
-        assert_eq!(echoed, b"to the app");
+        assert_exchange(&mut stream, b"to the app", b"to the app").await;
         let (reached, other) = if expect_pod {
             (&mut app, &mut decoy)
         } else {
@@ -164,11 +156,7 @@ async fn redirected_tcp_reaches_the_app_at_its_original_destination() {
         .redirected(client_ip, app.addr.port())
         .await
         .unwrap();
-    client.write_all(b"<unmeshed>").await.unwrap();
-    client.shutdown().await.unwrap();
-    let (echoed, end) = read_to_end(&mut client).await;
-    end.unwrap();
-    assert_eq!(echoed, b"<unmeshed>");
+    assert_exchange(&mut client, b"<unmeshed>", b"<unmeshed>").await;
     let served = app.next_served().await;
     assert_eq!(served.local, app.addr);
     assert_ne!(
@@ -177,11 +165,7 @@ async fn redirected_tcp_reaches_the_app_at_its_original_destination() {
         "delivered from the client's address"
     );
     assert!(decoy.try_served().is_none(), "delivered to loopback");
-    sidecar
-        .counted("the connection is counted inbound", |m| {
-            closes(m, Direction::Inbound, "eof") == 1
-        })
-        .await;
+    sidecar.counts(closes, "eof", 1).await;
 }
 
 /// A target that is one of the proxy's own ports is refused as a loop, on both
@@ -196,11 +180,7 @@ async fn loops_and_closed_app_ports_are_refused() {
     let refused = open(&gateway, own_port).await.unwrap_err();
     assert_eq!(refused.refusal(), Refusal::Loop, "{refused}");
     assert_reset_early(sidecar.redirected([127, 0, 0, 1], own_port).await, "loop").await;
-    sidecar
-        .counted("both loops counted", |m| {
-            refusals(m, Direction::Inbound, "loop") == 2
-        })
-        .await;
+    sidecar.counts(refusals, "loop", 2).await;
 
     let closed = std::net::TcpListener::bind(SocketAddr::from((POD_IP, 0)))
         .unwrap()
@@ -214,12 +194,11 @@ async fn loops_and_closed_app_ports_are_refused() {
         "closed port",
     )
     .await;
-    sidecar
-        .counted("both closed ports counted", |m| {
-            refusals(m, Direction::Inbound, "upstream_refused") == 1
-                && closes(m, Direction::Inbound, "connect_error") == 1
-        })
-        .await;
+    counted(&sidecar.metrics, "both closed ports counted", |m| {
+        refusals(m, Direction::Inbound, "upstream_refused") == 1
+            && closes(m, Direction::Inbound, "connect_error") == 1
+    })
+    .await;
 }
 
 /// Mesh connections need mTLS from this cluster: a peer of another cluster is
@@ -234,22 +213,20 @@ async fn mesh_connections_need_an_identity_of_this_cluster() {
         .pool_to(&sidecar.identity, sidecar.proxy.addr);
     let refused = open(&stranger, app.addr.port()).await.unwrap_err();
     assert_eq!(refused.refusal(), Refusal::LinkDown, "{refused}");
-    sidecar
-        .counted("the handshake refused", |m| {
-            refusals(m, Direction::Inbound, "tls_handshake") >= 1
-        })
-        .await;
+    counted(&sidecar.metrics, "the handshake refused", |m| {
+        refusals(m, Direction::Inbound, "tls_handshake") >= 1
+    })
+    .await;
 
     let without = Sidecar::start_with(&pki, AppAddress::Pod, &[], |h| h.tls = None).await;
     let refused = open(&without.gateway(&pki), app.addr.port())
         .await
         .unwrap_err();
     assert_eq!(refused.refusal(), Refusal::LinkDown, "{refused}");
-    without
-        .counted("refused without a mesh identity", |m| {
-            refusals(m, Direction::Inbound, "no_mesh_identity") >= 1
-        })
-        .await;
+    counted(&without.metrics, "refused without a mesh identity", |m| {
+        refusals(m, Direction::Inbound, "no_mesh_identity") >= 1
+    })
+    .await;
 }
 
 /// Each side may end its half first, on a tunnel stream and on redirected TCP.
@@ -261,48 +238,22 @@ async fn half_close_works_in_both_directions() {
 
     let (mut app, _decoy) = app_and_decoy(Behaviour::ReplyAfterEof).await;
     let mut stream = open(&gateway, app.addr.port()).await.unwrap();
-    stream.write_all(b"request").await.unwrap();
-    stream.shutdown().await.unwrap();
-    let (reply, end) = read_to_end(&mut stream).await;
-    end.unwrap();
-    assert_eq!(reply, b"got 7 bytes");
+    assert_exchange(&mut stream, b"request", b"got 7 bytes").await;
     assert_eq!(app.next_served().await.ended, Ended::Eof);
     let mut client = sidecar
         .redirected([127, 0, 0, 1], app.addr.port())
         .await
         .unwrap();
-    client.write_all(b"<request>").await.unwrap();
-    client.shutdown().await.unwrap();
-    let (reply, end) = read_to_end(&mut client).await;
-    end.unwrap();
-    assert_eq!(reply, b"got 9 bytes");
+    assert_exchange(&mut client, b"<request>", b"got 9 bytes").await;
 
     let (mut app, _decoy) = app_and_decoy(Behaviour::GreetAndHalfClose(b"hi, bye")).await;
     let mut stream = open(&gateway, app.addr.port()).await.unwrap();
-    let (greeting, end) = read_to_end(&mut stream).await;
-    end.unwrap();
-    assert_eq!(greeting, b"hi, bye");
-    stream.write_all(b"late words").await.unwrap();
-    stream.shutdown().await.unwrap();
-    let served = app.next_served().await;
-    assert_eq!(
-        (served.received.as_slice(), served.ended),
-        (&b"late words"[..], Ended::Eof)
-    );
+    assert_heard_after_greeting(&mut stream, b"hi, bye", b"late words", &mut app).await;
     let mut client = sidecar
         .redirected([127, 0, 0, 1], app.addr.port())
         .await
         .unwrap();
-    let (greeting, end) = read_to_end(&mut client).await;
-    end.unwrap();
-    assert_eq!(greeting, b"hi, bye");
-    client.write_all(b"late words").await.unwrap();
-    client.shutdown().await.unwrap();
-    let served = app.next_served().await;
-    assert_eq!(
-        (served.received.as_slice(), served.ended),
-        (&b"late words"[..], Ended::Eof)
-    );
+    assert_heard_after_greeting(&mut client, b"hi, bye", b"late words", &mut app).await;
 }
 
 /// The app's reset reaches the mesh peer (a reset stream) and the unmeshed client
@@ -341,11 +292,7 @@ async fn resets_propagate_both_ways() {
     stream.write_all(b"<abc>").await.unwrap();
     stream.read_exact(&mut back).await.unwrap();
     drop(stream);
-    sidecar
-        .counted("the reset stream counted as the downstream's", |m| {
-            closes(m, Direction::Inbound, "downstream_reset") == 2
-        })
-        .await;
+    sidecar.counts(closes, "downstream_reset", 2).await;
 }
 
 /// A draining inbound listener closes at once; a tunnel stream in flight runs on

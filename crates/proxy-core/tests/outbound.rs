@@ -69,13 +69,9 @@ impl Sidecar {
         self.orig_dst.try_connect(self.proxy.addr, dst).await
     }
 
-    async fn counted(&self, what: &str, check: impl Fn(&ProxyMetrics) -> bool) {
-        eventually_or(
-            what,
-            || check(&self.metrics),
-            || metrics_text(&self.metrics),
-        )
-        .await
+    /// Waits until `count` of this sidecar's `reason` is `n`.
+    async fn counts(&self, count: Count, reason: &'static str, n: u64) {
+        counts(&self.metrics, count, Direction::Outbound, reason, n).await
     }
 }
 
@@ -102,11 +98,12 @@ async fn mirrored_destination_goes_through_the_tunnel_with_its_authority_and_clu
     let sidecar = Sidecar::start(hello_routes(), Some(&peer), &pki).await;
 
     let mut client = sidecar.connect(addr(HELLO_IP)).await;
-    client.write_all(b"ping through the tunnel").await.unwrap();
-    client.shutdown().await.unwrap();
-    let (echoed, end) = read_to_end(&mut client).await;
-    end.unwrap();
-    assert_eq!(echoed, b"ping through the tunnel");
+    assert_exchange(
+        &mut client,
+        b"ping through the tunnel",
+        b"ping through the tunnel",
+    )
+    .await;
 
     let seen = peer.next_request().await;
     assert_eq!(
@@ -119,10 +116,7 @@ async fn mirrored_destination_goes_through_the_tunnel_with_its_authority_and_clu
         }
     );
     assert_eq!(origin.next_served().await.ended, Ended::Eof);
-    eventually("the outbound connection is counted closed in order", || {
-        closes(&sidecar.metrics, Direction::Outbound, "eof") == 1
-    })
-    .await;
+    sidecar.counts(closes, "eof", 1).await;
 }
 
 /// A destination with no route is connected to as the app asked, not tunnelled.
@@ -135,11 +129,7 @@ async fn unrouted_destination_passes_through_to_the_original_destination() {
     let sidecar = Sidecar::start(hello_routes(), Some(&peer), &pki).await;
 
     let mut client = sidecar.connect(origin.addr).await;
-    client.write_all(b"straight").await.unwrap();
-    client.shutdown().await.unwrap();
-    let (echoed, end) = read_to_end(&mut client).await;
-    end.unwrap();
-    assert_eq!(echoed, b"straight");
+    assert_exchange(&mut client, b"straight", b"straight").await;
     let served = origin.next_served().await;
     assert_eq!(served.received, b"straight");
     // The proxy dialled from its own socket, not the app's.
@@ -221,15 +211,7 @@ async fn read_http_response(stream: &mut TcpStream) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refusal_from_the_tunnel_peer_resets_the_app_and_is_counted() {
     let pki = Pki::new();
-    let authorities: Vec<String> = (0..Refusal::ALL.len())
-        .map(|i| format!("refused{i}.test:80"))
-        .collect();
-    let answers: Vec<(&str, Answer)> = authorities
-        .iter()
-        .zip(Refusal::ALL)
-        .map(|(a, refusal)| (a.as_str(), Answer::Refuse(refusal)))
-        .collect();
-    let peer = TunnelPeer::spawn(&pki, &answers, Answer::Silent).await;
+    let (peer, authorities) = TunnelPeer::refusing_each(&pki).await;
     let mut routes = FixedRoutes::default();
     let dsts: Vec<SocketAddr> = (0..authorities.len())
         .map(|i| SocketAddr::from(([127, 0, 0, 1], 100 + i as u16)))
@@ -243,12 +225,11 @@ async fn every_refusal_from_the_tunnel_peer_resets_the_app_and_is_counted() {
         let mut client = sidecar.connect(*dst).await;
         client.write_all(b"hello?").await.unwrap();
         assert_reset(&mut client, refusal.as_str()).await;
-        sidecar
-            .counted(&format!("{refusal} counted"), |m| {
-                refusals(m, Direction::Outbound, refusal.as_str()) == 1
-                    && closes(m, Direction::Outbound, refusal.as_str()) == 1
-            })
-            .await;
+        counted(&sidecar.metrics, &format!("{refusal} counted"), |m| {
+            refusals(m, Direction::Outbound, refusal.as_str()) == 1
+                && closes(m, Direction::Outbound, refusal.as_str()) == 1
+        })
+        .await;
     }
     for refusal in Refusal::ALL {
         assert_eq!(
@@ -266,11 +247,10 @@ async fn every_refusal_from_the_tunnel_peer_resets_the_app_and_is_counted() {
         .unwrap();
     assert_reset(&mut client, "refused HTTP request").await;
     let reason = Refusal::ALL[2].as_str();
-    sidecar
-        .counted("the HTTP refusal counted", |m| {
-            refusals(m, Direction::Outbound, reason) == 2
-        })
-        .await;
+    counted(&sidecar.metrics, "the HTTP refusal counted", |m| {
+        refusals(m, Direction::Outbound, reason) == 2
+    })
+    .await;
 }
 
 /// A gateway that never answers, no gateway at all, and an upstream that refuses:
@@ -283,17 +263,11 @@ async fn silent_gateway_missing_gateway_and_refusing_upstream_reset_the_app() {
     let mut client = silent.connect(addr(HELLO_IP)).await;
     client.write_all(b"anyone?").await.unwrap();
     assert_reset(&mut client, "silent gateway").await;
-    eventually("upstream_timeout counted", || {
-        refusals(&silent.metrics, Direction::Outbound, "upstream_timeout") == 1
-    })
-    .await;
+    silent.counts(refusals, "upstream_timeout", 1).await;
 
     let without = Sidecar::start(hello_routes(), None, &pki).await;
     assert_reset_early(without.try_connect(addr(HELLO_IP)).await, "no gateway").await;
-    eventually("link_down counted", || {
-        refusals(&without.metrics, Direction::Outbound, "link_down") == 1
-    })
-    .await;
+    without.counts(refusals, "link_down", 1).await;
 
     // A closed port on loopback: the passthrough connect is refused.
     let closed = {
@@ -301,10 +275,7 @@ async fn silent_gateway_missing_gateway_and_refusing_upstream_reset_the_app() {
         listener.local_addr().unwrap()
     };
     assert_reset_early(without.try_connect(closed).await, "refusing upstream").await;
-    eventually("upstream_refused counted", || {
-        refusals(&without.metrics, Direction::Outbound, "upstream_refused") == 1
-    })
-    .await;
+    without.counts(refusals, "upstream_refused", 1).await;
 }
 
 /// A connection back to one of the proxy's own ports, or from the proxy's own
@@ -339,10 +310,7 @@ async fn loops_are_refused() {
         "looping connection",
     )
     .await;
-    eventually("both ends of the loop refused", || {
-        refusals(&looping.metrics, Direction::Outbound, "loop") == 2
-    })
-    .await;
+    looping.counts(refusals, "loop", 2).await;
 }
 
 /// The app's destination for an origin, on the passthrough path or through the

@@ -93,15 +93,51 @@ async fn tunnel_server(metrics: ProxyMetrics) -> (std::net::SocketAddr, Cancella
     (addr, tx)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_streams_share_one_connection_and_refusals_name_their_reason() {
-    let metrics = ProxyMetrics::default();
-    let (addr, _drain) = tunnel_server(metrics.clone()).await;
+/// A tunnel client connected to `addr`, its connection driven in the background.
+async fn connected(addr: std::net::SocketAddr) -> client::TunnelSender {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (sender, conn) = client::handshake(tcp, &H2Settings::default())
         .await
         .unwrap();
     tokio::spawn(conn);
+    sender
+}
+
+/// Opens a stream and waits for the far end's answer to it.
+async fn answer(
+    sender: &mut client::TunnelSender,
+    authority: &Authority,
+    cluster: &ClusterName,
+    answer_within: Duration,
+) -> Result<(), OpenError> {
+    timeout(STEP, async {
+        let mut stream = client::open(sender, authority, Some(cluster), answer_within).await?;
+        stream.verdict().await
+    })
+    .await
+    .expect("no answer within STEP")
+}
+
+/// Asserts the far end refused a stream to `authority` with `refusal`.
+async fn assert_refused(
+    sender: &mut client::TunnelSender,
+    authority: &Authority,
+    cluster: &ClusterName,
+    answer_within: Duration,
+    refusal: Refusal,
+) {
+    let got = answer(sender, authority, cluster, answer_within).await;
+    assert!(
+        matches!(got, Err(OpenError::Refused(r)) if r == refusal),
+        "{authority}: expected {refusal}, got {got:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streams_share_one_connection_and_refusals_name_their_reason() {
+    let metrics = ProxyMetrics::default();
+    let (addr, _drain) = tunnel_server(metrics.clone()).await;
+    let sender = connected(addr).await;
 
     let authority = Authority::parse("echo.test:7").unwrap();
     let here = ClusterName::parse("here").unwrap();
@@ -130,40 +166,20 @@ async fn many_streams_share_one_connection_and_refusals_name_their_reason() {
 
     let mut s = sender.clone();
     let secret = Authority::parse("secret.test:7").unwrap();
-    let refused = timeout(STEP, async {
-        let mut stream = client::open(&mut s, &secret, Some(&here), STEP).await?;
-        stream.verdict().await
-    })
-    .await
-    .unwrap();
-    assert!(
-        matches!(refused, Err(OpenError::Refused(Refusal::NotExported))),
-        "{refused:?}"
-    );
+    assert_refused(&mut s, &secret, &here, STEP, Refusal::NotExported).await;
     let elsewhere = ClusterName::parse("elsewhere").unwrap();
-    let refused = timeout(STEP, async {
-        let mut stream = client::open(&mut s, &authority, Some(&elsewhere), STEP).await?;
-        stream.verdict().await
-    })
-    .await
-    .unwrap();
-    assert!(
-        matches!(refused, Err(OpenError::Refused(Refusal::UnknownCluster))),
-        "{refused:?}"
-    );
+    assert_refused(
+        &mut s,
+        &authority,
+        &elsewhere,
+        STEP,
+        Refusal::UnknownCluster,
+    )
+    .await;
     // An answer that does not come within the bound times the stream out.
     let silent = Authority::parse("silent.test:7").unwrap();
-    let timed_out = timeout(STEP, async {
-        let mut stream =
-            client::open(&mut s, &silent, Some(&here), Duration::from_millis(200)).await?;
-        stream.verdict().await
-    })
-    .await
-    .unwrap();
-    assert!(
-        matches!(timed_out, Err(OpenError::Refused(Refusal::UpstreamTimeout))),
-        "{timed_out:?}"
-    );
+    let bound = Duration::from_millis(200);
+    assert_refused(&mut s, &silent, &here, bound, Refusal::UpstreamTimeout).await;
     let counted = metrics
         .refusals
         .get_or_create(&RefusalLabels {
@@ -180,11 +196,7 @@ async fn many_streams_share_one_connection_and_refusals_name_their_reason() {
 async fn a_stream_dropped_after_a_clean_shutdown_closes_in_order() {
     let metrics = ProxyMetrics::default();
     let (addr, _drain) = tunnel_server(metrics.clone()).await;
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = client::handshake(tcp, &H2Settings::default())
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connected(addr).await;
     let authority = Authority::parse("echo.test:7").unwrap();
     let mut stream = client::open(
         &mut sender,
@@ -246,11 +258,7 @@ async fn a_connection_past_its_deadline_opens_nothing_and_ends_after_the_grace()
         };
         server.serve_connection(s, peer, rx).await
     });
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = client::handshake(tcp, &H2Settings::default())
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connected(addr).await;
     let authority = Authority::parse("echo.test:7").unwrap();
     let here = ClusterName::parse("here").unwrap();
 
@@ -270,12 +278,7 @@ async fn a_connection_past_its_deadline_opens_nothing_and_ends_after_the_grace()
         .duration_since(std::time::SystemTime::now())
         .unwrap_or_default();
     tokio::time::sleep(wait + Duration::from_millis(50)).await;
-    let late = timeout(STEP, async {
-        let mut stream = client::open(&mut sender, &authority, Some(&here), STEP).await?;
-        stream.verdict().await
-    })
-    .await
-    .unwrap();
+    let late = answer(&mut sender, &authority, &here, STEP).await;
     assert!(
         late.is_err(),
         "a stream opened past the deadline was served"
@@ -298,11 +301,7 @@ async fn a_refusal_reaches_the_handler_typed_through_the_forwarder() {
     use proxy_core::outcome::{Outcome, Side};
 
     let (addr, _drain) = tunnel_server(ProxyMetrics::default()).await;
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = client::handshake(tcp, &H2Settings::default())
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connected(addr).await;
     let secret = Authority::parse("secret.test:7").unwrap();
     let here = ClusterName::parse("here").unwrap();
     for first_bytes in [&b""[..], b"hello", &[7u8; 300_000][..]] {

@@ -24,13 +24,121 @@ pub const NAME: &str = "isthmus-controller";
 
 /// The CRDs of the mesh's kinds: `ServiceMirror` (`linkerd.io/v1alpha1`, as the
 /// seed has it, with a status subresource), `Link` and `ClusterSettings`
-/// (`multicluster.isthmus.io/v1alpha1`).
+/// (`multicluster.isthmus.io/v1alpha1`), as `kubectl` shows them: short names, an
+/// AGE column, and descriptions in plain text (`kubectl explain` prints rustdoc's
+/// backticks and link brackets as they are).
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
-        ServiceMirrorResource::crd(),
-        LinkResource::crd(),
-        ClusterSettingsResource::crd(),
+        for_kubectl(
+            ServiceMirrorResource::crd(),
+            &["sm"],
+            "A Service of another cluster, made reachable here: a local Service of the \
+             same name, routed through the mesh to the cluster a Link names.",
+            &[(
+                "Status",
+                ".status.conditions[?(@.type==\"Mirrored\")].status",
+            )],
+        ),
+        for_kubectl(
+            LinkResource::crd(),
+            &["lnk"],
+            "A peer cluster: its gateway, the identity that gateway presents, and the \
+             credentials for its API server.",
+            &[],
+        ),
+        for_kubectl(
+            ClusterSettingsResource::crd(),
+            &[],
+            "This cluster's settings in the mesh: its name, trust domain, exported \
+             namespaces and gateway.",
+            &[],
+        ),
     ]
+}
+
+/// `crd` with `short_names`, a description of the kind, plain-text descriptions,
+/// `columns` (name, JSON path) and an AGE column last (as kubectl's own kinds).
+fn for_kubectl(
+    mut crd: CustomResourceDefinition,
+    short_names: &[&str],
+    description: &str,
+    columns: &[(&str, &str)],
+) -> CustomResourceDefinition {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceColumnDefinition as Column;
+    if !short_names.is_empty() {
+        crd.spec.names.short_names = Some(short_names.iter().map(|s| (*s).to_owned()).collect());
+    }
+    for version in &mut crd.spec.versions {
+        let printed = version
+            .additional_printer_columns
+            .get_or_insert_with(Vec::new);
+        let column = |name: &str, type_: &str, json_path: &str| Column {
+            name: name.to_owned(),
+            type_: type_.to_owned(),
+            json_path: json_path.to_owned(),
+            ..Column::default()
+        };
+        for (name, path) in columns {
+            printed.push(column(name, "string", path));
+        }
+        printed.push(column("Age", "date", ".metadata.creationTimestamp"));
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            schema.description = Some(description.to_owned());
+            let mut json = serde_json::to_value(&*schema).unwrap_or_default();
+            plain_descriptions(&mut json);
+            if let Ok(plain) = serde_json::from_value(json) {
+                *schema = plain;
+            }
+        }
+    }
+    crd
+}
+
+/// Every `description` under `value` without rustdoc's markup.
+fn plain_descriptions(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                match v {
+                    serde_json::Value::String(text) if key == "description" => {
+                        *text = plain(text);
+                    }
+                    _ => plain_descriptions(v),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(plain_descriptions),
+        _ => {}
+    }
+}
+
+/// `text` without backticks, and with `[x]`, `[`x`]` and `[x](target)` links
+/// written as `x`.
+pub fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        rest = &rest[c.len_utf8()..];
+        match c {
+            '`' => {}
+            '[' => match rest.find(']') {
+                Some(end) => {
+                    out.push_str(&plain(&rest[..end]));
+                    rest = &rest[end + 1..];
+                    if let Some(target) = rest.strip_prefix('(') {
+                        rest = target.find(')').map_or(rest, |close| &target[close + 1..]);
+                    }
+                }
+                None => out.push(c),
+            },
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 /// The controller's identity and permissions, for a controller running in

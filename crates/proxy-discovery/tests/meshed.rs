@@ -38,6 +38,11 @@ fn pair(addr: &str, meshed: bool) -> (String, bool) {
     (addr.to_owned(), meshed)
 }
 
+/// [`meshed`] of hello-a's and hello-b's endpoints, `a` and `b`.
+fn both(a: bool, b: bool) -> [(String, bool); 2] {
+    [pair("198.18.1.10:8080", a), pair("198.18.1.11:8080", b)]
+}
+
 // ---- the directory source ----
 
 const SERVICE_AND_SLICE: &str = "apiVersion: v1
@@ -97,13 +102,7 @@ fn the_directory_source_joins_pod_manifests_to_endpoints() {
         &(pod_yaml("hello-a", true) + &pod_yaml("hello-b", false)),
     );
     let snapshot = dir_source(dir.path()).load().unwrap();
-    assert_eq!(
-        meshed(&snapshot),
-        [
-            pair("198.18.1.10:8080", true),
-            pair("198.18.1.11:8080", false)
-        ]
-    );
+    assert_eq!(meshed(&snapshot), both(true, false));
 }
 
 #[tokio::test]
@@ -122,13 +121,7 @@ async fn the_directory_source_follows_a_pod_label_change() {
         })
         .await
         .unwrap();
-    assert_eq!(
-        meshed(&discovery.load()),
-        [
-            pair("198.18.1.10:8080", true),
-            pair("198.18.1.11:8080", false)
-        ]
-    );
+    assert_eq!(meshed(&discovery.load()), both(true, false));
     write(
         dir.path(),
         "pods.yaml",
@@ -136,10 +129,7 @@ async fn the_directory_source_follows_a_pod_label_change() {
     );
     assert_eventually!(within STEP, {
         meshed(&discovery.load())
-            == [
-                pair("198.18.1.10:8080", false),
-                pair("198.18.1.11:8080", true),
-            ]
+            == both(false, true)
     }, "the relabelled pods");
     let _ = stop.send(());
 }
@@ -232,13 +222,7 @@ async fn the_kube_source_watches_every_pod_and_joins_them_by_target_ref() {
         .unwrap();
 
     let (discovery, stop) = watch(&server).await;
-    assert_eq!(
-        meshed(&discovery.load()),
-        [
-            pair("198.18.1.10:8080", true),
-            pair("198.18.1.11:8080", false)
-        ]
-    );
+    assert_eq!(meshed(&discovery.load()), both(true, false));
     // Every pod is held, labelled or not (an unlabelled pod is known to be plain),
     // and of each only its metadata.
     let held: Vec<String> = discovery
@@ -255,10 +239,7 @@ async fn the_kube_source_watches_every_pod_and_joins_them_by_target_ref() {
     set_meshed(&pods, "hello-b", true).await;
     assert_eventually!(within STEP, {
         meshed(&discovery.load())
-            == [
-                pair("198.18.1.10:8080", false),
-                pair("198.18.1.11:8080", true),
-            ]
+            == both(false, true)
     }, "the relabelled pods");
     // A pod that goes away while its (stale) endpoint remains: the endpoint names
     // a pod discovery no longer knows, which may be meshed, so it is left out

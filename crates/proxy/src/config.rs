@@ -52,12 +52,6 @@ pub enum DiscoverySource {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Plain,
-    Json,
-}
-
 #[derive(Debug, Args)]
 pub struct CommonArgs {
     /// This cluster's name.
@@ -120,18 +114,22 @@ pub struct CommonArgs {
     /// How often the manifests and identity directories are checked for changes.
     #[arg(long, env = "ISTHMUS_RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub reload_interval: Duration,
-    /// Tunnel connections kept open to each peer gateway.
+    /// Tunnel connections kept open to each peer gateway (to each of its addresses
+    /// at least one, when its name resolves to several).
     #[arg(long, env = "ISTHMUS_TUNNEL_CONNECTIONS", default_value_t = 2)]
     pub tunnel_connections: usize,
+    /// How often a gateway named by DNS (a Link's gatewayAddress, the cluster
+    /// settings' gateway) is looked up again; also at once after a connection to it
+    /// fails, and sooner while lookups fail. The last good addresses serve until a
+    /// lookup succeeds.
+    #[arg(long, env = "ISTHMUS_DNS_REFRESH_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub dns_refresh_interval: Duration,
     /// Runtime worker threads. Default: 1 for a sidecar or standalone proxy (one
     /// per pod adds up), every core for a gateway (it carries a whole cluster).
     #[arg(long, env = "ISTHMUS_WORKERS")]
     pub workers: Option<usize>,
-    #[arg(long, env = "ISTHMUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
-    pub log_format: LogFormat,
-    /// Log filter (tracing's env-filter syntax).
-    #[arg(long, env = "ISTHMUS_LOG", default_value = "info")]
-    pub log: String,
+    #[command(flatten)]
+    pub log: isthmus_log::LogArgs,
 }
 
 /// The limits flags, one per [`Limits`] field. Their defaults are the values of
@@ -438,6 +436,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub reload_interval: Duration,
     pub tunnel_connections: usize,
+    /// Between two lookups of a gateway's DNS name (`--dns-refresh-interval`).
+    pub dns_refresh_interval: Duration,
     /// `None`: the role's default.
     pub workers: Option<usize>,
 }
@@ -557,6 +557,9 @@ impl Config {
         if args.reload_interval.is_zero() {
             return Err(invalid("reload-interval", "must be longer than zero"));
         }
+        if args.dns_refresh_interval.is_zero() {
+            return Err(invalid("dns-refresh-interval", "must be longer than zero"));
+        }
         if args.opaque_ports.contains(&0) {
             return Err(invalid("opaque-ports", "0 is not a port"));
         }
@@ -574,6 +577,7 @@ impl Config {
             shutdown_grace: args.shutdown_grace,
             reload_interval: args.reload_interval,
             tunnel_connections: args.tunnel_connections,
+            dns_refresh_interval: args.dns_refresh_interval,
             workers: args.workers,
         })
     }

@@ -16,12 +16,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
 mod trust;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
+use common::write_files;
 use isthmus_tests::multicluster::meshed_service;
 use trust::*;
 
@@ -36,12 +38,10 @@ fn ip(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, NET, n))
 }
 
+/// `files` written into `manifests-<name>` under `root`, which it returns.
 fn manifests(root: &Path, name: &str, files: &[(&str, String)]) -> std::path::PathBuf {
     let dir = root.join(format!("manifests-{name}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    for (file, text) in files {
-        std::fs::write(dir.join(file), text).unwrap();
-    }
+    write_files(&dir, files);
     dir
 }
 
@@ -53,6 +53,21 @@ fn identity(
     let dir = root.join(format!("identity-{name}"));
     write_identity(&dir, bundle);
     dir
+}
+
+/// Waits until `fake` has seen `connections` connections (`what` trying it), then
+/// gives its line of the report: `label`, and the connections and bytes it saw.
+async fn tried(
+    fake: &FakePeer,
+    what: &str,
+    connections: usize,
+    label: &'static str,
+) -> (&'static str, usize, usize) {
+    eventually(what, STEP, || async {
+        (fake.connections() >= connections).then_some(())
+    })
+    .await;
+    (label, fake.connections(), fake.bytes())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,20 +258,20 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
 
     // sidecar -> gateway, outward: the sidecar refuses a gateway of another cluster
     // holding its gateway's ID.
-    eventually("sidecar-b-wrong to try its gateway", STEP, || async {
-        (fake_gw_wrong.connections() >= 2).then_some(())
-    })
-    .await;
     // Its verdict, read once: the byte counts below are the test.
     let state = sidecars[0].config().await["gateway"]["state"]
         .as_str()
         .unwrap_or("")
         .to_owned();
-    report.push((
-        "sidecar -> gateway: gateway of another cluster with the gateway ID",
-        fake_gw_wrong.connections(),
-        fake_gw_wrong.bytes(),
-    ));
+    report.push(
+        tried(
+            &fake_gw_wrong,
+            "sidecar-b-wrong to try its gateway",
+            2,
+            "sidecar -> gateway: gateway of another cluster with the gateway ID",
+        )
+        .await,
+    );
     eprintln!("sidecar-b-wrong's gateway pool: {state}");
 
     // gateway -> peer gateway, outward: gateway-b refuses cluster-a's gateway at the
@@ -268,15 +283,15 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
         &[b"cluster-c"],
     )
     .await;
-    eventually("gateway-b to try its link to cluster-c", STEP, || async {
-        (fake_c.connections() >= 1).then_some(())
-    })
-    .await;
-    report.push((
-        "gateway -> peer gateway: another cluster's gateway at the link's address",
-        fake_c.connections(),
-        fake_c.bytes(),
-    ));
+    report.push(
+        tried(
+            &fake_c,
+            "gateway-b to try its link to cluster-c",
+            1,
+            "gateway -> peer gateway: another cluster's gateway at the link's address",
+        )
+        .await,
+    );
 
     // gateway -> pod sidecar, outward: gateway-a refuses a pod sidecar of cluster-b.
     let wrongpod_outcome = attempt(
@@ -286,15 +301,15 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
         &[b"cluster-a"],
     )
     .await;
-    eventually("gateway-a to try the pod's sidecar", STEP, || async {
-        (wrong_pod.connections() >= 1).then_some(())
-    })
-    .await;
-    report.push((
-        "gateway -> pod sidecar: a sidecar with a leaf of cluster-b's issuer",
-        wrong_pod.connections(),
-        wrong_pod.bytes(),
-    ));
+    report.push(
+        tried(
+            &wrong_pod,
+            "gateway-a to try the pod's sidecar",
+            1,
+            "gateway -> pod sidecar: a sidecar with a leaf of cluster-b's issuer",
+        )
+        .await,
+    );
 
     // Inward: callers with the wrong identity dial each listener; the app behind
     // counts what arrives.

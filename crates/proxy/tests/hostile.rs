@@ -15,7 +15,7 @@
 mod common;
 
 use isthmus_tests::peer::test_peer;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -35,7 +35,7 @@ use proxy_identity::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::{Proxy as Process, STEP};
+use common::{Proxy as Process, STEP, echo, read_head, serve_each, write_files};
 
 /// `--tls-handshake-timeout` and `--header-read-timeout` of the proxies under test.
 const SHORT_TIMEOUT: &str = "2s";
@@ -127,23 +127,6 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
     String::from_utf8_lossy(&response).into_owned()
 }
 
-/// A TCP echo server on loopback.
-fn echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut reader = stream.try_clone().unwrap();
-                let _ = io::copy(&mut reader, &mut stream);
-                let _ = stream.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
-
 /// cluster-a's PKI and the gateway's files: its identity, its cluster settings and
 /// an exported `hello` Service whose endpoint is an echo server.
 struct Fixture {
@@ -170,10 +153,12 @@ impl Fixture {
             .unwrap();
         let manifests = fixture.dir.path().join("manifests");
         std::fs::create_dir_all(&manifests).unwrap();
-        std::fs::write(
-            manifests.join("settings.yaml"),
-            format!(
-                "apiVersion: multicluster.isthmus.io/v1alpha1
+        write_files(
+            &manifests,
+            &[(
+                "settings.yaml",
+                &format!(
+                    "apiVersion: multicluster.isthmus.io/v1alpha1
 kind: ClusterSettings
 metadata: {{name: cluster-a, namespace: {NAMESPACE}}}
 spec:
@@ -181,17 +166,19 @@ spec:
   trustDomain: cluster.local
   gateway: {{address: '{ip}', port: {port}, identity: {id}}}
 ",
-                ip = gateway.ip(),
-                port = gateway.port(),
-                id = gateway_id(),
-            ),
-        )
-        .unwrap();
+                    ip = gateway.ip(),
+                    port = gateway.port(),
+                    id = gateway_id(),
+                ),
+            )],
+        );
         let backend = echo();
-        std::fs::write(
-            manifests.join("hello.yaml"),
-            format!(
-                "apiVersion: v1
+        write_files(
+            &manifests,
+            &[(
+                "hello.yaml",
+                &format!(
+                    "apiVersion: v1
 kind: Service
 metadata:
   name: hello
@@ -207,11 +194,11 @@ subsets:
 - addresses: [{{ip: '{ip}'}}]
   ports: [{{port: {port}, protocol: TCP}}]
 ",
-                ip = backend.ip(),
-                port = backend.port(),
-            ),
-        )
-        .unwrap();
+                    ip = backend.ip(),
+                    port = backend.port(),
+                ),
+            )],
+        );
         fixture
     }
 
@@ -717,29 +704,12 @@ fn start_standalone(net: u8) -> (Fixture, Proxy) {
 
 /// An HTTP/1.1 origin that answers `200 ok` to each request, keeping connections.
 fn origin() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                stream.set_read_timeout(Some(STEP)).unwrap();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                loop {
-                    if stream.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                    if head.ends_with(b"\r\n\r\n") {
-                        head.clear();
-                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
-                    }
-                }
-            });
+    serve_each(|mut stream| {
+        stream.set_read_timeout(Some(STEP)).unwrap();
+        while read_head(&mut stream).is_some() {
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
         }
-    });
-    addr
+    })
 }
 
 /// The status line of what `request` gets, and that the proxy closed afterwards.

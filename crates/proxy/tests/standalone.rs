@@ -5,41 +5,31 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Proxy, STEP, connect_through, echo, free_port, mint_identity, spawn_standalone};
+use common::{
+    Proxy, STEP, connect_through, echo, free_port, mint_identity, read_head, serve_each,
+    spawn_standalone, write_files,
+};
 
 /// A tiny HTTP/1.1 origin that answers every request with its request line.
 fn origin() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                stream.set_read_timeout(Some(STEP)).unwrap();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if stream.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let line = String::from_utf8_lossy(&head);
-                let line = line.lines().next().unwrap_or_default().to_owned();
-                let body = format!("origin saw: {line}\n");
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            });
-        }
-    });
-    addr
+    serve_each(|mut stream| {
+        stream.set_read_timeout(Some(STEP)).unwrap();
+        let Some(head) = read_head(&mut stream) else {
+            return;
+        };
+        let line = String::from_utf8_lossy(&head);
+        let line = line.lines().next().unwrap_or_default().to_owned();
+        let body = format!("origin saw: {line}\n");
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    })
 }
 
 fn start(dir: &Path) -> (Proxy, SocketAddr, SocketAddr) {
@@ -53,11 +43,13 @@ fn start_with(dir: &Path, extra: &[&str]) -> (Proxy, SocketAddr, SocketAddr) {
     mint_identity(&identity);
     // A test may have written its own settings first.
     if !manifests.join("settings.yaml").exists() {
-        std::fs::write(
-            manifests.join("settings.yaml"),
-            "apiVersion: multicluster.isthmus.io/v1alpha1\nkind: ClusterSettings\nmetadata: {name: cluster-b}\nspec: {clusterName: cluster-b}\n",
-        )
-        .unwrap();
+        write_files(
+            &manifests,
+            &[(
+                "settings.yaml",
+                "apiVersion: multicluster.isthmus.io/v1alpha1\nkind: ClusterSettings\nmetadata: {name: cluster-b}\nspec: {clusterName: cluster-b}\n",
+            )],
+        );
     }
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -202,15 +194,17 @@ fn a_gateway_named_by_dns_name_is_resolved() {
     let manifests = dir.path().join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
     let port = free_port();
-    std::fs::write(
-        manifests.join("settings.yaml"),
-        format!(
-            "apiVersion: multicluster.isthmus.io/v1alpha1\nkind: ClusterSettings\nmetadata: {{name: cluster-b}}\n\
+    write_files(
+        &manifests,
+        &[(
+            "settings.yaml",
+            &format!(
+                "apiVersion: multicluster.isthmus.io/v1alpha1\nkind: ClusterSettings\nmetadata: {{name: cluster-b}}\n\
              spec:\n  clusterName: cluster-b\n  gateway: {{address: localhost, port: {port}, \
              identity: 'spiffe://cluster.local/ns/isthmus-system/sa/isthmus-gateway'}}\n"
-        ),
-    )
-    .unwrap();
+            ),
+        )],
+    );
     let (_proxy, _listen, admin) = start(dir.path());
     let config = get(admin, "/config");
     let compact: String = config.split_whitespace().collect();

@@ -5,6 +5,8 @@
 //! - [`eventually`]: bounded retries instead of sleeps: [`eventually()`] and
 //!   [`eventually_blocking`] return what a check found, [`assert_eventually!`] waits
 //!   for a condition.
+//! - [`cases`]: [`test_cases!`], a `#[test]` per case of a table, for a check run
+//!   once per address family or backend.
 //! - [`echo`]: [`echo::Echo`], an echo origin that counts what reaches it.
 //! - [`metrics`]: [`Metrics`], the admin server's OpenMetrics text parsed once, and
 //!   matched by name and labels.
@@ -22,6 +24,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod cases;
 pub mod echo;
 pub mod eventually;
 pub mod metrics;

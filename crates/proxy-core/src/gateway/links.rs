@@ -1,7 +1,10 @@
 //! One warm pool per Link to another cluster's gateway, rebuilt when its Link
 //! changes, and the probe that tells an operator whether the peer answers.
+//!
+//! A Link may name the peer gateway by an IP address or by a DNS name (a cloud
+//! LoadBalancer's hostname): the pool then follows the name's addresses as
+//! [`crate::resolve`] keeps them, without a rebuild.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +15,7 @@ use tracing::{info, warn};
 
 use super::{Gateway, LinkLabels, LinkTarget, lock};
 use crate::pool::Pool;
+use crate::resolve::GatewayHost;
 
 /// One link's pool, and what it was built from (rebuilt when the Link changes).
 pub(super) struct LinkPool {
@@ -81,10 +85,10 @@ impl Gateway {
     /// A pool and its probe for the Link to `cluster`; `None` (with a warning) when
     /// the Link cannot be used.
     fn link_pool(&self, cluster: &ClusterName, target: LinkTarget) -> Option<LinkPool> {
-        let ip: IpAddr = match target.address.parse() {
-            Ok(ip) => ip,
-            Err(_) => {
-                warn!(%cluster, address = target.address, "link gateway address is not an IP address; link unusable");
+        let host = match GatewayHost::parse(&target.address) {
+            Ok(host) => host,
+            Err(e) => {
+                warn!(%cluster, error = %e, "link gateway address unusable; link unusable");
                 return None;
             }
         };
@@ -93,15 +97,13 @@ impl Gateway {
         let tls = self.tls.link(cluster, &target.identity);
         // Cancelled with the process shutdown, or alone when the Link changes.
         let stop = self.shutdown.child_token();
-        let addr = SocketAddr::new(ip, target.port);
-        info!(%cluster, %addr, identity = %target.identity, "linking to peer gateway");
-        let pool = Pool::spawn_on(
-            self.cfg.pools.peer(
-                format!("link/{cluster}"),
-                addr,
-                tls,
-                self.cfg.pools.connections,
-            ),
+        info!(%cluster, gateway = %host, port = target.port, identity = %target.identity, "linking to peer gateway");
+        let pool = self.cfg.pools.spawn_to(
+            format!("link/{cluster}"),
+            &host,
+            target.port,
+            tls,
+            self.cfg.pools.connections,
             stop.clone(),
             &self.tasks,
         );
@@ -147,7 +149,7 @@ async fn probe_link(
     // A probe may take at most one period, and never more than a few seconds.
     let timeout = period.min(Duration::from_secs(5));
     let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
-    let addr = pool.peer().addr;
+    let addr = pool.addresses().target().clone();
     loop {
         tokio::select! {
             _ = tick.tick() => {}

@@ -55,8 +55,8 @@ pub struct Endpoint {
 /// A Link to another cluster's gateway, as the gateway needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkTarget {
-    /// The peer gateway's address as the Link spells it (an IP address, or the
-    /// link is unusable).
+    /// The peer gateway's address as the Link spells it: an IP address, or a DNS
+    /// name the link's pool keeps resolved.
     pub address: String,
     pub port: u16,
     /// The SPIFFE ID the peer gateway must present.

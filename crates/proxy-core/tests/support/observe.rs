@@ -40,6 +40,71 @@ pub async fn eventually_or(
     }
 }
 
+/// The next item `rx` receives, failing the test after [`STEP`] with `none`.
+pub async fn next_within<T>(rx: &mut mpsc::UnboundedReceiver<T>, none: &str) -> T {
+    tokio::time::timeout(STEP, rx.recv())
+        .await
+        .expect(none)
+        .expect("the fixture's channel closed")
+}
+
+/// Waits until `check` holds of `metrics`, showing them if it does not.
+pub async fn counted(metrics: &ProxyMetrics, what: &str, check: impl Fn(&ProxyMetrics) -> bool) {
+    eventually_or(what, || check(metrics), || metrics_text(metrics)).await
+}
+
+/// A counter by direction and reason: [`refusals`] or [`closes`].
+pub type Count = fn(&ProxyMetrics, Direction, &'static str) -> u64;
+
+/// Waits until `count` of `direction` and `reason` is `n`.
+pub async fn counts(
+    metrics: &ProxyMetrics,
+    count: Count,
+    direction: Direction,
+    reason: &'static str,
+    n: u64,
+) {
+    let what = format!("{direction:?} {reason} counted {n} times");
+    let check = || count(metrics, direction, reason) == n;
+    eventually_or(&what, check, || metrics_text(metrics)).await
+}
+
+/// Writes `request`, ends the writing half, and asserts the reply read up to an
+/// orderly end is `reply`.
+pub async fn assert_exchange<S>(stream: &mut S, request: &[u8], reply: &[u8])
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(request).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let (got, end) = read_to_end(stream).await;
+    end.unwrap_or_else(|e| panic!("the reply to {request:?} ended with {e}"));
+    assert_eq!(got, reply, "the reply to {request:?}");
+}
+
+/// Reads `stream` to an orderly end, which must bring `greeting`; then sends
+/// `words` and ends the stream: `origin`, whose side ended first, must still read
+/// exactly `words`, up to an orderly end.
+pub async fn assert_heard_after_greeting<S>(
+    stream: &mut S,
+    greeting: &[u8],
+    words: &[u8],
+    origin: &mut Origin,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (got, end) = read_to_end(stream).await;
+    end.unwrap_or_else(|e| panic!("the greeting ended with {e}"));
+    assert_eq!(got, greeting);
+    stream.write_all(words).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let served = origin.next_served().await;
+    assert_eq!(
+        (served.received.as_slice(), served.ended),
+        (words, Ended::Eof)
+    );
+}
+
 /// Reads until the connection ends and returns how: its bytes and whether the end
 /// was a reset (`Err`) or an orderly end of stream (`Ok`).
 pub async fn read_to_end<S: tokio::io::AsyncRead + Unpin>(

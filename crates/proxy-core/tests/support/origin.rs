@@ -96,10 +96,11 @@ impl Origin {
 
     /// The next connection this origin finished serving.
     pub async fn next_served(&mut self) -> Served {
-        tokio::time::timeout(STEP, self.served.recv())
-            .await
-            .expect("the origin finished no connection in time")
-            .unwrap()
+        next_within(
+            &mut self.served,
+            "the origin finished no connection in time",
+        )
+        .await
     }
 
     /// A connection finished so far, if any (to prove none came).

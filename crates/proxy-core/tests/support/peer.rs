@@ -91,12 +91,28 @@ impl TunnelPeer {
         }
     }
 
+    /// A peer that refuses `refusedN.test:80` with the Nth of [`Refusal::ALL`] and
+    /// leaves any other stream unanswered; with those authorities, in that order.
+    pub async fn refusing_each(pki: &Pki) -> (TunnelPeer, Vec<String>) {
+        let authorities: Vec<String> = (0..Refusal::ALL.len())
+            .map(|i| format!("refused{i}.test:80"))
+            .collect();
+        let answers: Vec<(&str, Answer)> = authorities
+            .iter()
+            .zip(Refusal::ALL)
+            .map(|(a, refusal)| (a.as_str(), Answer::Refuse(refusal)))
+            .collect();
+        let peer = TunnelPeer::spawn(pki, &answers, Answer::Silent).await;
+        (peer, authorities)
+    }
+
     /// The next stream request the peer received.
     pub async fn next_request(&mut self) -> SeenRequest {
-        tokio::time::timeout(STEP, self.seen.recv())
-            .await
-            .expect("the tunnel peer received no request in time")
-            .unwrap()
+        next_within(
+            &mut self.seen,
+            "the tunnel peer received no request in time",
+        )
+        .await
     }
 
     /// A request received so far, if any (to prove none came).

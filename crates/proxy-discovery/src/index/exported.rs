@@ -150,13 +150,8 @@ fn endpoints_of(
     let mut unresolved = false;
     if let Some(eps) = cluster.endpoints.get(key) {
         for subset in &eps.subsets {
-            let target = if subset.ports.is_empty() {
-                resolve_target_port(cluster, svc, sp)
-            } else {
-                matching_port(&subset.ports, sp)
-            };
-            let Some(target) = target else {
-                unresolved |= subset.ports.is_empty();
+            let Some(target) = listing_target(cluster, svc, sp, &subset.ports, &mut unresolved)
+            else {
                 continue;
             };
             for a in &subset.addresses {
@@ -168,13 +163,7 @@ fn endpoints_of(
         }
     }
     for slice in slices {
-        let target = if slice.ports.is_empty() {
-            resolve_target_port(cluster, svc, sp)
-        } else {
-            matching_port(&slice.ports, sp)
-        };
-        let Some(target) = target else {
-            unresolved |= slice.ports.is_empty();
+        let Some(target) = listing_target(cluster, svc, sp, &slice.ports, &mut unresolved) else {
             continue;
         };
         for ep in &slice.endpoints {
@@ -201,6 +190,26 @@ fn endpoints_of(
         .into_iter()
         .map(|(addr, meshed)| ExportedEndpoint { addr, meshed })
         .collect())
+}
+
+/// The port an Endpoints subset's or an EndpointSlice's addresses serve `sp` on:
+/// its port of that name, or for a listing without ports the Service's target
+/// port. `None` leaves the listing out; a listing without ports whose target
+/// cannot be resolved also sets `unresolved`.
+fn listing_target(
+    cluster: &ClusterView,
+    svc: &Service,
+    sp: &ServicePort,
+    ports: &[EndpointPort],
+    unresolved: &mut bool,
+) -> Option<u16> {
+    let target = if ports.is_empty() {
+        resolve_target_port(cluster, svc, sp)
+    } else {
+        matching_port(ports, sp)
+    };
+    *unresolved |= target.is_none() && ports.is_empty();
+    target
 }
 
 /// `targetPort` as a number: itself, `port` when absent, or a container port of

@@ -32,19 +32,13 @@ fn refusals() {
         s.exported_target("default", "nope", 80),
         Err(ExportRefusal::NoSuchService)
     );
-    assert_eq!(
-        s.exported_target("default", "hello", 80),
-        Err(ExportRefusal::NotExported)
-    );
+    assert_eq!(hello_target(&s), Err(ExportRefusal::NotExported));
     let s = snap(&format!("{SETTINGS}{HELLO}"));
     assert_eq!(
         s.exported_target("default", "hello", 81),
         Err(ExportRefusal::NoSuchPort)
     );
-    assert_eq!(
-        s.exported_target("default", "hello", 80),
-        Err(ExportRefusal::NoEndpoints)
-    );
+    assert_eq!(hello_target(&s), Err(ExportRefusal::NoEndpoints));
 }
 
 #[test]
@@ -58,7 +52,7 @@ subsets:
   ports: [{name: http, port: 8080}, {name: other, port: 1}]
 ";
     let s = snap(&format!("{SETTINGS}{HELLO}{eps}"));
-    let got = s.exported_target("default", "hello", 80).unwrap();
+    let got = hello_target(&s).unwrap();
     assert_eq!(
         got,
         vec![
@@ -81,13 +75,10 @@ spec:
       containers: [{name: hello, image: i, ports: [{containerPort: 8080, name: web}]}]
 ";
     let s = snap(&format!("{SETTINGS}{HELLO}{eps}"));
-    assert_eq!(
-        s.exported_target("default", "hello", 80),
-        Err(ExportRefusal::NoSuchPort)
-    );
+    assert_eq!(hello_target(&s), Err(ExportRefusal::NoSuchPort));
     let s = snap(&format!("{SETTINGS}{HELLO}{eps}{dep}"));
     assert_eq!(
-        s.exported_target("default", "hello", 80).unwrap(),
+        hello_target(&s).unwrap(),
         vec!["198.18.0.10:8080".parse().unwrap()]
     );
 }
@@ -106,7 +97,7 @@ ports: [{name: http, port: 8080}]
 ";
     let s = snap(&format!("{SETTINGS}{HELLO}{slice}"));
     assert_eq!(
-        s.exported_target("default", "hello", 80).unwrap(),
+        hello_target(&s).unwrap(),
         vec!["[2001:2::5]:8080".parse().unwrap()]
     );
 }
@@ -192,18 +183,43 @@ metadata: {name: not-true, labels: {isthmus.io/meshed: \"yes\"}}
 ---
 ";
 
+/// An EndpointSlice of `hello` on its `http` port 8080, listing `endpoints`
+/// (the lines under `endpoints:`).
+fn hello_slice(endpoints: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: hello-abc, labels: {{kubernetes.io/service-name: hello}}}}
+addressType: IPv4
+endpoints:
+{endpoints}ports: [{{name: http, port: 8080}}]
+---
+"
+    )
+}
+
+/// Where a stream to `hello`'s port 80 goes.
+fn hello_target(s: &Snapshot) -> Result<Vec<SocketAddr>, ExportRefusal> {
+    s.exported_target("default", "hello", 80)
+}
+
+/// `hello`'s exported endpoints on port 80, as address and whether meshed.
+fn hello_endpoints(s: &Snapshot) -> Vec<(String, bool)> {
+    s.exported_endpoints("default", "hello", 80)
+        .unwrap()
+        .iter()
+        .map(endpoint)
+        .collect()
+}
+
 fn endpoint(ep: &ExportedEndpoint) -> (String, bool) {
     (ep.addr.to_string(), ep.meshed)
 }
 
 #[test]
 fn endpoints_are_meshed_when_their_target_ref_names_a_labelled_pod_and_unknown_pods_are_left_out() {
-    let slice = "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: hello-abc, labels: {kubernetes.io/service-name: hello}}
-addressType: IPv4
-endpoints:
-- addresses: [198.18.1.10]
+    let slice = hello_slice(
+        "- addresses: [198.18.1.10]
   targetRef: {kind: Pod, namespace: default, name: meshed-0}
 - addresses: [198.18.1.11]
   targetRef: {kind: Pod, namespace: default, name: plain-0}
@@ -218,15 +234,10 @@ endpoints:
   targetRef: {kind: Node, namespace: default, name: meshed-0}
 - addresses: [198.18.1.17]
   targetRef: {kind: Pod, namespace: default, name: not-true}
-ports: [{name: http, port: 8080}]
-";
+",
+    );
     let s = snap(&format!("{SETTINGS}{HELLO}{PODS}{slice}"));
-    let got: Vec<_> = s
-        .exported_endpoints("default", "hello", 80)
-        .unwrap()
-        .iter()
-        .map(endpoint)
-        .collect();
+    let got = hello_endpoints(&s);
     let want = |ip: &str, meshed| (format!("{ip}:8080"), meshed);
     assert_eq!(
         got,
@@ -254,7 +265,7 @@ ports: [{name: http, port: 8080}]
             .collect::<Vec<_>>(),
         got
     );
-    assert_eq!(s.exported_target("default", "hello", 80).unwrap().len(), 6);
+    assert_eq!(hello_target(&s).unwrap().len(), 6);
 }
 
 #[test]
@@ -273,21 +284,9 @@ subsets:
 ";
     // The meshed pod's address also appears in a slice without a reference: it
     // must not become plain because one listing forgot to name the pod.
-    let slice = "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: hello-abc, labels: {kubernetes.io/service-name: hello}}
-addressType: IPv4
-endpoints:
-- addresses: [198.18.1.10]
-ports: [{name: http, port: 8080}]
-";
+    let slice = hello_slice("- addresses: [198.18.1.10]\n");
     let s = snap(&format!("{SETTINGS}{HELLO}{PODS}{endpoints}{slice}"));
-    let got: Vec<_> = s
-        .exported_endpoints("default", "hello", 80)
-        .unwrap()
-        .iter()
-        .map(endpoint)
-        .collect();
+    let got = hello_endpoints(&s);
     assert_eq!(
         got,
         vec![
@@ -299,15 +298,11 @@ ports: [{name: http, port: 8080}]
 
 #[test]
 fn a_pod_losing_its_label_is_no_longer_meshed() {
-    let slice = "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: hello-abc, labels: {kubernetes.io/service-name: hello}}
-addressType: IPv4
-endpoints:
-- addresses: [198.18.1.10]
+    let slice = hello_slice(
+        "- addresses: [198.18.1.10]
   targetRef: {kind: Pod, namespace: default, name: meshed-0}
-ports: [{name: http, port: 8080}]
-";
+",
+    );
     let meshed = snap(&format!("{SETTINGS}{HELLO}{PODS}{slice}"));
     assert!(meshed.exported_endpoints("default", "hello", 80).unwrap()[0].meshed);
     let relabelled = PODS.replace("isthmus.io/meshed: \"true\"}}\nspec", "x: y}}\nspec");
@@ -334,23 +329,14 @@ endpoints:
 ports: [{name: http, port: 8080}]
 ---
 ";
-    let slice = "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: hello-abc, labels: {kubernetes.io/service-name: hello}}
-addressType: IPv4
-endpoints:
-- addresses: [198.18.1.10]
+    let slice = hello_slice(
+        "- addresses: [198.18.1.10]
 - addresses: [198.18.1.11]
   conditions: {ready: false}
-ports: [{name: http, port: 8080}]
-";
+",
+    );
     let s = snap(&format!("{SETTINGS}{HELLO}{other}{slice}"));
-    let got: Vec<_> = s
-        .exported_endpoints("default", "hello", 80)
-        .unwrap()
-        .iter()
-        .map(endpoint)
-        .collect();
+    let got = hello_endpoints(&s);
     assert_eq!(got, vec![("198.18.1.10:8080".to_owned(), false)]);
     assert_eq!(
         s.exported_endpoints("other", "hello", 80),

@@ -21,6 +21,7 @@ use proxy_core::inbound::{Inbound, InboundConfig, ListenerRole};
 use proxy_core::listen::{Handler, ListenConfig};
 use proxy_core::metrics::{Direction, ProxyMetrics};
 use proxy_core::pool::{LinkState, Pool, PoolSettings};
+use proxy_core::resolve::{GatewayHost, ResolveMetrics, ResolveSettings};
 use proxy_core::tunnel::HandshakeObserver;
 use proxy_core::tunnel::server::{Peer, TunnelHandler, TunnelServer};
 use proxy_discovery::{DirSource, Discovery};
@@ -43,6 +44,8 @@ pub struct Base {
     pub metrics: ProxyMetrics,
     pub identity: Arc<CredentialStore>,
     pub identity_metrics: IdentityMetrics,
+    /// How the lookups of gateways named by DNS go, by name.
+    pub resolve_metrics: ResolveMetrics,
     pub discovery: Discovery,
     /// The root of the process's cancellation tree: listeners, pools and their
     /// connections hold children of it, and cancelling it drains them all.
@@ -65,6 +68,8 @@ impl Base {
         let metrics = ProxyMetrics::default();
         metrics.register(&mut registry);
         let identity_metrics = IdentityMetrics::register(&mut registry);
+        let resolve_metrics = ResolveMetrics::default();
+        resolve_metrics.register(&mut registry);
         let own_cluster =
             ClusterName::parse(&config.cluster).map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
         let identity = CredentialStore::for_cluster(config.identity.clone(), own_cluster.clone())
@@ -112,6 +117,7 @@ impl Base {
             metrics,
             identity,
             identity_metrics,
+            resolve_metrics,
             discovery,
             shutdown,
             tasks: TaskTracker::new(),
@@ -170,9 +176,10 @@ impl Base {
     }
 
     /// A warm pool to this cluster's gateway, as the cluster settings name it at
-    /// start (an IP address, or a DNS name such as the gateway Service's, resolved
-    /// once here); `None` (with a warning) when they name none, so mirrored services
-    /// are refused rather than misrouted.
+    /// start: an IP address, or a DNS name such as the gateway Service's, which the
+    /// pool keeps resolved (a name that does not resolve yet leaves the pool down,
+    /// retrying, rather than stopping the proxy); `None` (with a warning) when they
+    /// name none, so mirrored services are refused rather than misrouted.
     pub async fn cluster_gateway(&self) -> Result<Option<Pool>> {
         let snapshot = self.discovery.snapshot();
         let Some(gateway) = snapshot.gateway() else {
@@ -185,34 +192,13 @@ impl Base {
                 self.config.cluster
             )
         })?;
-        let name = gateway.address.as_str();
-        let addr = match name.parse::<std::net::IpAddr>() {
-            Ok(ip) => SocketAddr::new(ip, gateway.port),
-            Err(_) => {
-                let timeout = self.config.limits.connect_timeout;
-                let resolved = tokio::time::timeout(
-                    timeout,
-                    tokio::net::lookup_host((name, gateway.port)),
-                )
-                .await
-                .map_err(|_| anyhow::anyhow!("no answer within {timeout:?}"))
-                .and_then(|found| Ok(found?))
-                .with_context(|| {
-                    format!(
-                        "resolving the gateway address {name:?} in the settings of cluster {}",
-                        self.config.cluster
-                    )
-                })?
-                .next();
-                resolved.with_context(|| {
-                    format!(
-                        "the gateway address {name:?} in the settings of cluster {} resolves to no address",
-                        self.config.cluster
-                    )
-                })?
-            }
-        };
-        info!(%addr, gateway = name, %identity, "mirrored services go through the cluster gateway");
+        let host = GatewayHost::parse(gateway.address.as_str()).with_context(|| {
+            format!(
+                "the gateway address in the settings of cluster {}",
+                self.config.cluster
+            )
+        })?;
+        info!(gateway = %host, port = gateway.port, %identity, "mirrored services go through the cluster gateway");
         // The gateway's ID alone would also match another cluster's gateway (they
         // may share one) or a leaf another cluster's issuer minted with it.
         let tls = proxy_identity::client_config(
@@ -220,9 +206,12 @@ impl Base {
             PeerPolicy::Exact(identity).in_cluster(self.cluster.clone()),
         );
         let settings = self.pool_settings();
-        let pool_name = format!("gateway/{}", self.config.cluster);
-        Ok(Some(Pool::spawn_on(
-            settings.peer(pool_name, addr, tls, settings.connections),
+        Ok(Some(settings.spawn_to(
+            format!("gateway/{}", self.config.cluster),
+            &host,
+            gateway.port,
+            tls,
+            settings.connections,
             self.shutdown.child_token(),
             &self.tasks,
         )))
@@ -239,6 +228,11 @@ impl Base {
                 let store = self.identity.clone();
                 Arc::new(move |conn| proxy_identity::connection_deadline(conn, &store))
             }),
+            resolve: ResolveSettings {
+                interval: self.config.dns_refresh_interval,
+                metrics: self.resolve_metrics.clone(),
+                ..ResolveSettings::default()
+            },
         }
     }
 
@@ -407,19 +401,35 @@ impl Base {
     }
 }
 
-/// A tunnel pool as `/config` shows it.
+/// A tunnel pool as `/config` shows it; a peer named by DNS also with the
+/// addresses its name resolves to, when it last resolved, and the failure of the
+/// lookups since, if they fail (the last good addresses serve meanwhile).
 pub fn pool_json(pool: &Pool) -> serde_json::Value {
     let state = pool.state();
-    serde_json::json!({
+    let addresses = pool.addresses();
+    let mut view = serde_json::json!({
         "peer": pool.peer().name.as_ref(),
-        "addr": pool.peer().addr.to_string(),
+        "addr": addresses.target().as_ref(),
         "up": state.is_up(),
         "state": match &state {
             LinkState::Connecting => "connecting".to_owned(),
             LinkState::Up { connections } => format!("up ({connections} connections)"),
             LinkState::Down { error, .. } => format!("down: {error}"),
         },
-    })
+    });
+    if addresses.is_name() {
+        let resolution = addresses.current();
+        view["dns"] = serde_json::json!({
+            "addresses": resolution.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "resolved_at": resolution.resolved_at.map(proxy_identity::format_rfc3339),
+            "failing": resolution.failing.map(|f| serde_json::json!({
+                "since": proxy_identity::format_rfc3339(f.since),
+                "error": f.error.as_ref(),
+                "consecutive": f.consecutive,
+            })),
+        });
+    }
+    view
 }
 
 async fn wait_for_signal() -> Result<()> {
