@@ -143,8 +143,7 @@ async fn every_component_works_with_its_rendered_grant_and_no_more() {
     // `isthmus link` on cluster-a (as its admin) hands cluster-b the link
     // reader's token; cluster-b's controller reads cluster-a with it.
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("a.kubeconfig");
-    a.write_kubeconfig(&path).unwrap();
+    let path = a.write_kubeconfig(dir.path()).unwrap();
     let path = path.to_str().unwrap();
     let link = isthmus(&["link", "--cluster", "cluster-a", "--kubeconfig", path]).await;
     apply(&b, &link).await;

@@ -58,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("starting on {}", cli.listen))?;
     server
-        .write_kubeconfig(&cli.kubeconfig_out)
+        .write_kubeconfig_file(&cli.kubeconfig_out)
         .with_context(|| format!("writing {}", cli.kubeconfig_out.display()))?;
     tracing::info!(
         addr = %server.addr(),
