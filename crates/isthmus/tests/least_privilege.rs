@@ -7,8 +7,6 @@
 
 use std::time::Duration;
 
-use isthmus_controller::mirror::{ReconcileTiming, SettingsSource};
-use isthmus_controller::remote::RemoteTiming;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::Api;
 use kube::api::{DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
@@ -71,18 +69,14 @@ fn forbidden(result: Result<impl std::fmt::Debug, kube::Error>, what: &str) {
     }
 }
 
-async fn rbac_cluster() -> TestApiServer {
-    TestApiServer::builder()
-        .authorize_rbac()
-        .start()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_component_works_with_its_rendered_grant_and_no_more() {
-    let a = rbac_cluster().await;
-    let b = rbac_cluster().await;
+    let [a, b] = [
+        TestApiServer::builder().authorize_rbac(),
+        TestApiServer::builder().authorize_rbac(),
+    ]
+    .map(|builder| builder.start());
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
     apply(
         &a,
         &isthmus(&[
@@ -149,20 +143,9 @@ async fn every_component_works_with_its_rendered_grant_and_no_more() {
     // `isthmus link` on cluster-a (as its admin) hands cluster-b the link
     // reader's token; cluster-b's controller reads cluster-a with it.
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("a.kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        serde_yaml_ng::to_string(&a.kubeconfig()).unwrap(),
-    )
-    .unwrap();
-    let link = isthmus(&[
-        "link",
-        "--cluster",
-        "cluster-a",
-        "--kubeconfig",
-        kubeconfig.to_str().unwrap(),
-    ])
-    .await;
+    let path = a.write_kubeconfig(dir.path()).unwrap();
+    let path = path.to_str().unwrap();
+    let link = isthmus(&["link", "--cluster", "cluster-a", "--kubeconfig", path]).await;
     apply(&b, &link).await;
     let reader = a.service_account_client(NS, "isthmus-link-reader").unwrap();
     forbidden(
@@ -179,28 +162,28 @@ async fn every_component_works_with_its_rendered_grant_and_no_more() {
             .await,
         "the controller listing Secrets of every namespace",
     );
-    let config = isthmus_controller::Config {
-        namespace: NS.to_owned(),
-        settings: SettingsSource::Object("cluster-b".to_owned()),
-        lease: Some(isthmus_controller::lease::LeaseConfig {
-            namespace: NS.to_owned(),
-            name: "isthmus-controller".to_owned(),
-            identity: "least-privilege".to_owned(),
-            lease_duration: Duration::from_secs(2),
-        }),
-        metrics_addr: None,
-        configmap: "isthmus-discovery".to_owned(),
-        publish_interval: Duration::from_millis(100),
-        remote: RemoteTiming {
-            probe_interval: Duration::from_millis(200),
-            call_timeout: Duration::from_secs(1),
-        },
-        timing: ReconcileTiming {
-            resync: Duration::from_secs(30),
-            stale_refresh: Duration::from_millis(300),
-            contact_refresh: Duration::from_secs(1),
-        },
+    // As the Deployment runs it, with quicker timings.
+    let cli = <isthmus_controller::config::Cli as clap::Parser>::try_parse_from([
+        "isthmus-controller",
+        "run",
+        "--namespace",
+        NS,
+        "--settings",
+        "cluster-b",
+        "--identity",
+        "least-privilege",
+        "--lease-duration",
+        "2s",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--remote-probe-interval",
+        "200ms",
+    ])
+    .unwrap();
+    let isthmus_controller::config::Command::Run(args) = cli.command else {
+        panic!("parsed as run")
     };
+    let config = args.into_config("least-privilege").unwrap();
     let running = tokio::time::timeout(STEP, isthmus_controller::start(controller, config))
         .await
         .unwrap()

@@ -30,16 +30,16 @@ use serde_json::json;
 use crate::status::ApiError;
 use crate::store::Store;
 
-/// The group whose members are always allowed, as on a real cluster.
-pub const MASTERS_GROUP: &str = "system:masters";
-/// The name the admin token authenticates as.
-pub const ADMIN_USER: &str = "kubernetes-admin";
-/// The type of a legacy ServiceAccount token Secret.
-pub const TOKEN_SECRET_TYPE: &str = "kubernetes.io/service-account-token";
-/// The annotation naming a token Secret's ServiceAccount.
-pub const SERVICE_ACCOUNT_NAME_ANNOTATION: &str = "kubernetes.io/service-account.name";
-/// The annotation with the uid of a token Secret's ServiceAccount.
-pub const SERVICE_ACCOUNT_UID_ANNOTATION: &str = "kubernetes.io/service-account.uid";
+/// The group whose members are always allowed (the admin's), as on a real
+/// cluster, and the name the admin token authenticates as.
+const MASTERS_GROUP: &str = "system:masters";
+const ADMIN_USER: &str = "kubernetes-admin";
+
+/// A legacy ServiceAccount token Secret: its type, and the annotations naming
+/// its ServiceAccount and that account's uid.
+pub(crate) const TOKEN_SECRET_TYPE: &str = "kubernetes.io/service-account-token";
+pub(crate) const SERVICE_ACCOUNT_NAME_ANNOTATION: &str = "kubernetes.io/service-account.name";
+pub(crate) const SERVICE_ACCOUNT_UID_ANNOTATION: &str = "kubernetes.io/service-account.uid";
 
 /// An authenticated (or anonymous) caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -404,40 +404,22 @@ mod tests {
             namespace: ns.map(str::to_owned),
             api_group: None,
         };
-        assert!(subject_matches(
-            &subject("ServiceAccount", "gw", Some("ns")),
-            "",
-            &sa
-        ));
-        assert!(subject_matches(
-            &subject("ServiceAccount", "gw", None),
-            "ns",
-            &sa
-        ));
-        assert!(!subject_matches(
-            &subject("ServiceAccount", "gw", Some("other")),
-            "",
-            &sa
-        ));
-        assert!(subject_matches(
-            &subject("Group", "system:serviceaccounts:ns", None),
-            "",
-            &sa
-        ));
-        assert!(subject_matches(
-            &subject("Group", "system:authenticated", None),
-            "",
-            &sa
-        ));
-        assert!(!subject_matches(
-            &subject("Group", "system:serviceaccounts:x", None),
-            "",
-            &sa
-        ));
-        assert!(subject_matches(
-            &subject("User", "system:serviceaccount:ns:gw", None),
-            "",
-            &sa
-        ));
+        // (kind, name, subject namespace, binding namespace, matches)
+        let cases = [
+            ("ServiceAccount", "gw", Some("ns"), "", true),
+            ("ServiceAccount", "gw", None, "ns", true),
+            ("ServiceAccount", "gw", Some("other"), "", false),
+            ("Group", "system:serviceaccounts:ns", None, "", true),
+            ("Group", "system:authenticated", None, "", true),
+            ("Group", "system:serviceaccounts:x", None, "", false),
+            ("User", "system:serviceaccount:ns:gw", None, "", true),
+        ];
+        for (kind, name, ns, binding_ns, matches) in cases {
+            assert_eq!(
+                subject_matches(&subject(kind, name, ns), binding_ns, &sa),
+                matches,
+                "{kind} {name} {ns:?} in {binding_ns:?}"
+            );
+        }
     }
 }

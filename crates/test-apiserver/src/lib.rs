@@ -418,8 +418,7 @@ impl TestApiServer {
     /// or `KUBECONFIG`; returns its path.
     pub fn write_kubeconfig(&self, dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
         let path = dir.join("kubeconfig");
-        let text = serde_json::to_string(&self.kubeconfig()).map_err(std::io::Error::other)?;
-        std::fs::write(&path, text)?;
+        self.write_kubeconfig_file(&path)?;
         Ok(path)
     }
 
@@ -459,6 +458,16 @@ impl TestApiServer {
             current_context: Some(NAME.to_owned()),
             ..Kubeconfig::default()
         }
+    }
+
+    /// Writes [`TestApiServer::kubeconfig`] to `path` as YAML, atomically
+    /// (through a sibling file renamed into place), so a process waiting for
+    /// the file never reads half of it.
+    pub fn write_kubeconfig_file(&self, path: &std::path::Path) -> io::Result<()> {
+        let text = serde_yaml_ng::to_string(&self.kubeconfig()).map_err(io::Error::other)?;
+        let partial = path.with_extension("partial");
+        std::fs::write(&partial, text)?;
+        std::fs::rename(&partial, path)
     }
 
     /// The store, to seed and assert without HTTP.

@@ -3,7 +3,7 @@
 //! once the port accepts connections, and serves until SIGTERM or SIGINT.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
@@ -39,14 +39,6 @@ struct Cli {
     kubeconfig_out: PathBuf,
 }
 
-fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
-    // Whoever waits for the file never reads half of it.
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -65,9 +57,9 @@ async fn main() -> anyhow::Result<()> {
         .start_on(cli.listen)
         .await
         .with_context(|| format!("starting on {}", cli.listen))?;
-    let kubeconfig =
-        serde_yaml_ng::to_string(&server.kubeconfig()).context("rendering the kubeconfig")?;
-    write_atomically(&cli.kubeconfig_out, &kubeconfig)?;
+    server
+        .write_kubeconfig_file(&cli.kubeconfig_out)
+        .with_context(|| format!("writing {}", cli.kubeconfig_out.display()))?;
     tracing::info!(
         addr = %server.addr(),
         service_cluster_ip_range = %cli.service_cluster_ip_range,

@@ -33,11 +33,22 @@ impl ApiError {
 
     /// 404 for an object, in the wording of the real server.
     pub fn not_found(group: &str, plural: &str, name: &str) -> Self {
-        let mut e = Self::new(
+        Self::about(
             404,
             "NotFound",
             format!("{} \"{name}\" not found", qualified(group, plural)),
-        );
+            (group, plural, name),
+        )
+    }
+
+    /// An error about one object, whose details name it.
+    fn about(
+        code: u16,
+        reason: &'static str,
+        message: String,
+        (group, plural, name): (&str, &str, &str),
+    ) -> Self {
+        let mut e = Self::new(code, reason, message);
         e.details = Some(json!({"name": name, "group": group, "kind": plural}));
         e
     }
@@ -53,27 +64,25 @@ impl ApiError {
 
     /// 409 AlreadyExists.
     pub fn already_exists(group: &str, plural: &str, name: &str) -> Self {
-        let mut e = Self::new(
+        Self::about(
             409,
             "AlreadyExists",
             format!("{} \"{name}\" already exists", qualified(group, plural)),
-        );
-        e.details = Some(json!({"name": name, "group": group, "kind": plural}));
-        e
+            (group, plural, name),
+        )
     }
 
     /// 409 Conflict on a stale `metadata.resourceVersion`.
     pub fn stale(group: &str, plural: &str, name: &str) -> Self {
-        let mut e = Self::new(
+        Self::about(
             409,
             "Conflict",
             format!(
                 "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
                 qualified(group, plural)
             ),
-        );
-        e.details = Some(json!({"name": name, "group": group, "kind": plural}));
-        e
+            (group, plural, name),
+        )
     }
 
     /// 409 Conflict: a delete precondition does not hold.
@@ -85,16 +94,15 @@ impl ApiError {
         expected: &str,
         actual: &str,
     ) -> Self {
-        let mut e = Self::new(
+        Self::about(
             409,
             "Conflict",
             format!(
                 "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: {field} in precondition: {expected}, {field} in object meta: {actual}",
                 qualified(group, plural)
             ),
-        );
-        e.details = Some(json!({"name": name, "group": group, "kind": plural}));
-        e
+            (group, plural, name),
+        )
     }
 
     /// 409 Conflict from server-side apply: `conflicts` are (other manager, field path).

@@ -405,6 +405,30 @@ impl State {
     }
 }
 
+impl State {
+    /// A non-apply update of the stored `old` to `new`, written through
+    /// `writer`'s scope: admission, managedFields, commit and collection.
+    fn update(
+        &mut self,
+        rt: &ResourceType,
+        old: &Value,
+        new: Value,
+        writer: &Writer<'_>,
+    ) -> Result<Value, ApiError> {
+        let (ns, name) = identity(old);
+        let key = &State::key(rt, &ns, &name);
+        let mut new = Store::scoped_result(rt, writer.scope, old, new);
+        Store::check_finalizers(rt, &name, old, &new)?;
+        self.admit(rt, &ns, Some(old), &mut new)?;
+        let mut entries = apply::read_managed(old);
+        apply::record_update(&mut entries, writer, Some(old), &new);
+        apply::write_managed(&mut new, &entries);
+        let written = self.commit(key, new);
+        self.collect_if_orphaned(&written);
+        Ok(present(rt, &written))
+    }
+}
+
 /// The object `rt` type names in messages and the store key of `obj`.
 fn identity(obj: &Value) -> (String, String) {
     (
@@ -706,17 +730,10 @@ impl Store {
             {
                 return Err(ApiError::stale(&rt.group, &rt.plural, name));
             }
-            let mut new = Self::scoped_result(rt, opts.scope, &old, body);
-            Self::check_finalizers(rt, name, &old, &new)?;
-            state.admit(rt, ns, Some(&old), &mut new)?;
+            let mut new = body;
             new["apiVersion"] = json!(rt.api_version());
             new["kind"] = json!(rt.kind);
-            let mut entries = apply::read_managed(&old);
-            apply::record_update(&mut entries, &writer(rt, opts), Some(&old), &new);
-            apply::write_managed(&mut new, &entries);
-            let written = state.commit(&key, new);
-            state.collect_if_orphaned(&written);
-            Ok(present(rt, &written))
+            state.update(rt, &old, new, &writer(rt, opts))
         })
     }
 
@@ -806,15 +823,7 @@ impl Store {
             if meta_str(&patched, "resourceVersion") != meta_str(&old, "resourceVersion") {
                 return Err(ApiError::stale(&rt.group, &rt.plural, name));
             }
-            let mut new = Self::scoped_result(rt, opts.scope, &old, patched);
-            Self::check_finalizers(rt, name, &old, &new)?;
-            state.admit(rt, ns, Some(&old), &mut new)?;
-            let mut entries = apply::read_managed(&old);
-            apply::record_update(&mut entries, &writer, Some(&old), &new);
-            apply::write_managed(&mut new, &entries);
-            let written = state.commit(&key, new);
-            state.collect_if_orphaned(&written);
-            Ok(present(rt, &written))
+            state.update(rt, &old, patched, &writer)
         })
     }
 

@@ -24,6 +24,11 @@ fn service(name: &str, spec: Value) -> Service {
     .unwrap()
 }
 
+async fn create(api: &Api<Service>, name: &str, spec: Value) -> Result<Service, kube::Error> {
+    api.create(&PostParams::default(), &service(name, spec))
+        .await
+}
+
 fn ip_of(svc: &Service) -> IpAddr {
     let spec = svc.spec.as_ref().unwrap();
     let ip: IpAddr = spec.cluster_ip.as_deref().unwrap().parse().unwrap();
@@ -56,13 +61,7 @@ async fn allocates_from_the_configured_range() {
         let (_server, api, range) = server(cidr).await;
         let mut seen = Vec::new();
         for i in 0..20 {
-            let created = api
-                .create(
-                    &PostParams::default(),
-                    &service(&format!("s{i}"), json!({})),
-                )
-                .await
-                .unwrap();
+            let created = create(&api, &format!("s{i}"), json!({})).await.unwrap();
             let ip = ip_of(&created);
             assert!(range.contains(&ip), "{ip} outside {range}");
             assert_ne!(
@@ -90,82 +89,52 @@ async fn allocates_from_the_configured_range() {
 #[tokio::test]
 async fn refuses_addresses_outside_the_range_or_taken() {
     let (_server, api, _) = server("10.96.0.0/16").await;
-    let err = api
-        .create(
-            &PostParams::default(),
-            &service("far", json!({"clusterIP": "10.100.0.10"})),
-        )
-        .await
-        .unwrap_err();
-    let (code, message) = refusal(err);
-    assert_eq!(code, 422);
-    assert!(
-        message.starts_with("Service \"far\" is invalid: spec.clusterIPs: Invalid value: [\"10.100.0.10\"]: failed to allocate IP 10.100.0.10: the provided IP (10.100.0.10) is not in the valid range. The range of valid IPs is 10.96.0.0/16"),
-        "{message}"
-    );
+    // (name, address, what the refusal says), as kube-apiserver words it.
+    let far = "Service \"far\" is invalid: spec.clusterIPs: Invalid value: [\"10.100.0.10\"]: failed to allocate IP 10.100.0.10: the provided IP (10.100.0.10) is not in the valid range. The range of valid IPs is 10.96.0.0/16";
+    let refused = [
+        ("far", "10.100.0.10", far),
+        ("twin", "10.96.0.10", "provided IP is already allocated"),
+    ];
 
-    let fixed = api
-        .create(
-            &PostParams::default(),
-            &service("fixed", json!({"clusterIP": "10.96.0.10"})),
-        )
+    let fixed = create(&api, "fixed", json!({"clusterIP": "10.96.0.10"}))
         .await
         .unwrap();
     assert_eq!(ip_of(&fixed), "10.96.0.10".parse::<IpAddr>().unwrap());
-    let err = api
-        .create(
-            &PostParams::default(),
-            &service("twin", json!({"clusterIP": "10.96.0.10"})),
-        )
-        .await
-        .unwrap_err();
-    let (code, message) = refusal(err);
-    assert_eq!(code, 422);
-    assert!(
-        message.contains("provided IP is already allocated"),
-        "{message}"
-    );
+    for (name, ip, said) in refused {
+        let err = create(&api, name, json!({"clusterIP": ip}))
+            .await
+            .unwrap_err();
+        let (code, message) = refusal(err);
+        assert_eq!(code, 422);
+        assert!(message.contains(said), "{message}");
+    }
 
     // Deleting frees the address.
     api.delete("fixed", &DeleteParams::default()).await.unwrap();
-    let twin = api
-        .create(
-            &PostParams::default(),
-            &service("twin", json!({"clusterIP": "10.96.0.10"})),
-        )
+    let twin = create(&api, "twin", json!({"clusterIP": "10.96.0.10"}))
         .await
         .unwrap();
     assert_eq!(ip_of(&twin), "10.96.0.10".parse::<IpAddr>().unwrap());
 
     // Headless and ExternalName Services take no address.
-    let headless = api
-        .create(
-            &PostParams::default(),
-            &service("headless", json!({"clusterIP": "None"})),
-        )
+    let headless = create(&api, "headless", json!({"clusterIP": "None"}))
         .await
         .unwrap();
     assert_eq!(headless.spec.unwrap().cluster_ip.as_deref(), Some("None"));
-    let external = api
-        .create(
-            &PostParams::default(),
-            &service(
-                "external",
-                json!({"type": "ExternalName", "externalName": "db.example"}),
-            ),
-        )
-        .await
-        .unwrap();
+    let external = create(
+        &api,
+        "external",
+        json!({"type": "ExternalName", "externalName": "db.example"}),
+    )
+    .await
+    .unwrap();
     assert_eq!(external.spec.unwrap().cluster_ip, None);
 }
 
 #[tokio::test]
 async fn cluster_ip_is_immutable() {
     let (_server, api, _) = server("10.96.0.0/16").await;
-    let created = api
-        .create(&PostParams::default(), &service("hello", json!({})))
-        .await
-        .unwrap();
+    let created = create(&api, "hello", json!({})).await.unwrap();
     let ip = ip_of(&created);
     let other = if ip.to_string() == "10.96.0.77" {
         "10.96.0.78"

@@ -51,6 +51,13 @@ fn refusal(err: kube::Error) -> (u16, String) {
     }
 }
 
+/// Asserts a 403 whose message starts with `prefix`.
+fn forbidden<T: std::fmt::Debug>(result: Result<T, kube::Error>, prefix: &str) {
+    let (code, message) = refusal(result.unwrap_err());
+    assert_eq!(code, 403, "{message}");
+    assert!(message.starts_with(prefix), "{message}");
+}
+
 fn namespace(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
 }
@@ -114,20 +121,15 @@ async fn a_service_account_gets_its_grant_and_nothing_more() {
         .create(&PostParams::default(), &svc)
         .await
         .unwrap();
-    let (code, message) = refusal(
+    forbidden(
         services
             .patch(
                 "hello",
                 &PatchParams::default(),
                 &Patch::Merge(json!({"metadata": {"labels": {"a": "b"}}})),
             )
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!(code, 403);
-    assert!(
-        message.starts_with("services \"hello\" is forbidden: User \"system:serviceaccount:shop:reader\" cannot patch resource \"services\""),
-        "{message}"
+            .await,
+        "services \"hello\" is forbidden: User \"system:serviceaccount:shop:reader\" cannot patch resource \"services\"",
     );
     services
         .patch_status(
@@ -177,16 +179,9 @@ async fn groups_and_cluster_roles_grant_across_namespaces() {
     let gw = server.service_account_client("other", "gw").unwrap();
     slices(gw).list(&ListParams::default()).await.unwrap();
     let reader = server.service_account_client("shop", "reader").unwrap();
-    let (code, message) = refusal(
-        slices(reader)
-            .list(&ListParams::default())
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!(code, 403);
-    assert!(
-        message.starts_with("endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:shop:reader\" cannot list resource \"endpointslices\" in API group \"discovery.k8s.io\" at the cluster scope"),
-        "{message}"
+    forbidden(
+        slices(reader).list(&ListParams::default()).await,
+        "endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:shop:reader\" cannot list resource \"endpointslices\" in API group \"discovery.k8s.io\" at the cluster scope",
     );
     // The admin is allowed everything.
     slices(server.client())

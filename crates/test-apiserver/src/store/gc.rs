@@ -10,6 +10,18 @@ use serde_json::{Value, json};
 
 use super::{EventKind, ObjKey, State, has_finalizers, identity, meta_str, now_rfc3339, set_meta};
 
+/// The uids of `obj`'s owners.
+fn owner_uids(obj: &Value) -> Vec<&str> {
+    obj.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .map(|refs| {
+            refs.iter()
+                .filter_map(|r| r.get("uid").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 impl State {
     /// Starts deletion: removes the object, or marks it when finalizers hold it.
     pub(super) fn delete_key(&mut self, key: &ObjKey, orphan: bool) -> Option<Value> {
@@ -50,15 +62,7 @@ impl State {
             .objects
             .iter()
             .filter(|(_, o)| {
-                let owners: Vec<&str> = o
-                    .pointer("/metadata/ownerReferences")
-                    .and_then(Value::as_array)
-                    .map(|refs| {
-                        refs.iter()
-                            .filter_map(|r| r.get("uid").and_then(Value::as_str))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let owners = owner_uids(o);
                 owners.contains(&uid) && owners.iter().all(|u| !live_uids.contains(*u))
             })
             .map(|(k, _)| k.clone())
@@ -72,15 +76,7 @@ impl State {
     /// whose owners are all gone (say, re-created by a controller that had not
     /// yet seen its owner's deletion): it deletes it. The write itself succeeds.
     pub(super) fn collect_if_orphaned(&mut self, written: &Value) {
-        let owners: Vec<&str> = written
-            .pointer("/metadata/ownerReferences")
-            .and_then(Value::as_array)
-            .map(|refs| {
-                refs.iter()
-                    .filter_map(|r| r.get("uid").and_then(Value::as_str))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let owners = owner_uids(written);
         if owners.is_empty() {
             return;
         }
