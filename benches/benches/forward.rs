@@ -9,12 +9,11 @@
 //! ratio to the direct baseline; quote the ratios, not the absolute figures, which
 //! depend on the machine.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use isthmus_benches::{Tally, runtime};
 use proxy_core::forward::{ByteCounters, ForwardConfig, forward_tcp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 const CHUNK: usize = 4 * 1024 * 1024;
 
 /// Total bytes and time per variant, for the ratio summary.
-static TALLY: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
+static TALLY: Tally = Tally::new();
 
 /// A server that reads and discards, answering one byte per `CHUNK` received.
 async fn sink() -> SocketAddr {
@@ -77,11 +76,7 @@ async fn forwarder(upstream: SocketAddr, cfg: ForwardConfig) -> SocketAddr {
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
+    let rt = runtime();
     let sink_addr = rt.block_on(sink());
     let copy = ForwardConfig {
         splice: false,
@@ -112,10 +107,7 @@ fn bench(c: &mut Criterion) {
                     }
                     start.elapsed()
                 });
-                let mut tally = TALLY.lock().expect("tally lock");
-                let entry = tally.entry(name).or_default();
-                entry.0 += iters * CHUNK as u64;
-                entry.1 += elapsed;
+                TALLY.add(name, iters * CHUNK as u64, elapsed);
                 elapsed
             })
         });
@@ -133,25 +125,17 @@ async fn send_chunk(client: &mut TcpStream, payload: &[u8]) {
 /// Prints each variant's mean throughput over warm-up and measurement, and its ratio
 /// to the direct baseline.
 fn summary() {
-    let tally = TALLY.lock().expect("tally lock");
-    let rate = |name: &str| {
-        tally
-            .get(name)
-            .map(|(bytes, time)| *bytes as f64 / time.as_secs_f64().max(f64::MIN_POSITIVE))
-    };
-    let Some(base) = rate("direct_loopback") else {
-        return;
-    };
-    println!("\nforward throughput relative to direct loopback (same run):");
-    for name in tally.keys() {
-        if let Some(r) = rate(name) {
-            println!(
-                "  {name:<16} {:>8.0} MiB/s  ratio {:.2}",
-                r / (1024.0 * 1024.0),
-                r / base
-            );
-        }
-    }
+    TALLY.summary(
+        "forward throughput relative to direct loopback (same run):",
+        "direct_loopback",
+        |bytes, time| Some(bytes as f64 / time.as_secs_f64().max(f64::MIN_POSITIVE)),
+        |name, rate, ratio| {
+            format!(
+                "{name:<16} {:>8.0} MiB/s  ratio {ratio:.2}",
+                rate / (1024.0 * 1024.0)
+            )
+        },
+    );
 }
 
 criterion_group!(benches, bench);

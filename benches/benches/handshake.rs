@@ -18,39 +18,33 @@ use isthmus_vocab::{SpiffeId, TrustDomain};
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
 use proxy_identity::rustls::{
-    self, ClientConfig, ClientConnection, ServerConfig, ServerConnection,
+    self, ClientConfig, ClientConnection, ConnectionCommon, ServerConfig, ServerConnection,
 };
 use proxy_identity::{PeerPolicy, client_config, crypto_provider, server_config};
 
 /// Moves records both ways until both sides finish the handshake.
 fn complete(client: &mut ClientConnection, server: &mut ServerConnection, buf: &mut Vec<u8>) {
     while client.is_handshaking() || server.is_handshaking() {
-        buf.clear();
-        while client.wants_write() {
-            client.write_tls(buf).expect("write to a Vec");
-        }
-        if !buf.is_empty() {
-            let mut records = &buf[..];
-            while !records.is_empty() {
-                server.read_tls(&mut records).expect("read from a slice");
-                server
-                    .process_new_packets()
-                    .expect("server accepts the handshake");
-            }
-        }
-        buf.clear();
-        while server.wants_write() {
-            server.write_tls(buf).expect("write to a Vec");
-        }
-        if !buf.is_empty() {
-            let mut records = &buf[..];
-            while !records.is_empty() {
-                client.read_tls(&mut records).expect("read from a slice");
-                client
-                    .process_new_packets()
-                    .expect("client accepts the handshake");
-            }
-        }
+        deliver(client, server, buf, "server accepts the handshake");
+        deliver(server, client, buf, "client accepts the handshake");
+    }
+}
+
+/// Hands everything `from` has to send to `to`, which must accept it (`what`).
+fn deliver<A, B>(
+    from: &mut ConnectionCommon<A>,
+    to: &mut ConnectionCommon<B>,
+    buf: &mut Vec<u8>,
+    what: &str,
+) {
+    buf.clear();
+    while from.wants_write() {
+        from.write_tls(buf).expect("write to a Vec");
+    }
+    let mut records = &buf[..];
+    while !records.is_empty() {
+        to.read_tls(&mut records).expect("read from a slice");
+        to.process_new_packets().expect(what);
     }
 }
 

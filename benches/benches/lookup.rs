@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use isthmus_vocab::ClusterName;
 use proxy_discovery::model::{ClusterView, parse_manifests};
 use proxy_discovery::{Discovery, Snapshot};
@@ -66,6 +67,17 @@ fn cycle<'a, T>(keys: &'a [T]) -> impl FnMut() -> &'a T {
     }
 }
 
+/// Benchmarks `lookup` over `keys`, one key after the other ([`cycle`]).
+fn bench_cycle<T, R>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    keys: &[T],
+    lookup: impl Fn(&T) -> R,
+) {
+    let mut next = cycle(keys);
+    g.bench_function(name, |b| b.iter(|| black_box(lookup(black_box(next())))));
+}
+
 fn lookups(c: &mut Criterion) {
     let snap = snapshot();
     let addrs: Vec<SocketAddr> = snap.index().addrs().keys().copied().collect();
@@ -98,37 +110,25 @@ fn lookups(c: &mut Criterion) {
     let discovery = Discovery::new(snap.clone());
 
     let mut g = c.benchmark_group("lookup");
-    let mut next = cycle(&addrs);
-    g.bench_function("baseline_hashmap_addr", |b| {
-        b.iter(|| black_box(base_addr.get(black_box(next()))))
+    bench_cycle(&mut g, "baseline_hashmap_addr", &addrs, |a| {
+        base_addr.get(a)
     });
-    let mut next = cycle(&addrs);
-    g.bench_function("addr_hit", |b| {
-        b.iter(|| black_box(snap.lookup_addr(black_box(next()))))
+    bench_cycle(&mut g, "addr_hit", &addrs, |a| snap.lookup_addr(a));
+    bench_cycle(&mut g, "addr_miss", &miss_addrs, |a| snap.lookup_addr(a));
+    bench_cycle(&mut g, "addr_hit_via_discovery_load", &addrs, |a| {
+        discovery.load().lookup_addr(a).is_some()
     });
-    let mut next = cycle(&miss_addrs);
-    g.bench_function("addr_miss", |b| {
-        b.iter(|| black_box(snap.lookup_addr(black_box(next()))))
+    bench_cycle(&mut g, "baseline_hashmap_authority", &authorities, |a| {
+        base_auth.get(a.as_str())
     });
-    let mut next = cycle(&addrs);
-    g.bench_function("addr_hit_via_discovery_load", |b| {
-        b.iter(|| black_box(discovery.load().lookup_addr(black_box(next())).is_some()))
+    bench_cycle(&mut g, "authority_hit", &authorities, |a| {
+        snap.lookup_authority(a)
     });
-    let mut next = cycle(&authorities);
-    g.bench_function("baseline_hashmap_authority", |b| {
-        b.iter(|| black_box(base_auth.get(black_box(next().as_str()))))
+    bench_cycle(&mut g, "authority_hit_uppercase", &upper, |a| {
+        snap.lookup_authority(a)
     });
-    let mut next = cycle(&authorities);
-    g.bench_function("authority_hit", |b| {
-        b.iter(|| black_box(snap.lookup_authority(black_box(next()))))
-    });
-    let mut next = cycle(&upper);
-    g.bench_function("authority_hit_uppercase", |b| {
-        b.iter(|| black_box(snap.lookup_authority(black_box(next()))))
-    });
-    let mut next = cycle(&miss_authorities);
-    g.bench_function("authority_miss", |b| {
-        b.iter(|| black_box(snap.lookup_authority(black_box(next()))))
+    bench_cycle(&mut g, "authority_miss", &miss_authorities, |a| {
+        snap.lookup_authority(a)
     });
     g.finish();
 }

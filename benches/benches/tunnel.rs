@@ -16,13 +16,15 @@
 //! `handshake` bench's subject. After criterion's report a summary prints each
 //! variant's mean time per stream and its ratio to the TCP baseline; quote the ratio.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use isthmus_benches::store;
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
+use isthmus_benches::{Tally, runtime, store};
 use isthmus_vocab::{Authority, ClusterName, SpiffeId, TrustDomain};
 use proxy_core::addr::FixedOrigDst;
 use proxy_core::detect::DetectConfig;
@@ -49,7 +51,7 @@ const GATEWAY_ID: &str = "spiffe://cluster.local/ns/default/sa/hello";
 const SIDECAR_ID: &str = "spiffe://cluster.local/ns/default/sa/frontend";
 
 /// Streams and time per variant, for the ratio summary.
-static TALLY: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
+static TALLY: Tally = Tally::new();
 
 /// A loopback server that echoes every connection until its peer closes.
 async fn echo_server() -> SocketAddr {
@@ -154,11 +156,7 @@ async fn one_byte_exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
+    let rt = runtime();
     let anchor = mint::trust_anchor(
         &mint::default_anchor_name(),
         Validity::from_now(mint::DEFAULT_ANCHOR_LIFETIME),
@@ -218,83 +216,60 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("tunnel");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("tcp_connect_loopback", |b| {
-        b.iter_custom(|iters| {
-            let elapsed = rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let exchange = async {
-                        let s = TcpStream::connect(echo).await.expect("connect the echo");
-                        s.set_nodelay(true).expect("TCP_NODELAY");
-                        one_byte_exchange(s).await;
-                    };
-                    tokio::time::timeout(STEP, exchange)
-                        .await
-                        .expect("a loopback exchange finishes within the step");
-                }
-                start.elapsed()
-            });
-            tally("tcp_connect_loopback", iters, elapsed);
-            elapsed
-        })
+    bench_exchange(&mut group, &rt, "tcp_connect_loopback", || async move {
+        let s = TcpStream::connect(echo).await.expect("connect the echo");
+        s.set_nodelay(true).expect("TCP_NODELAY");
+        one_byte_exchange(s).await;
     });
-    group.bench_function("tunnel_stream_warm_pool", |b| {
-        b.iter_custom(|iters| {
-            let elapsed = rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let exchange = async {
-                        let stream = pool
-                            .open(&authority, None)
-                            .await
-                            .expect("open a stream on the warm pool");
-                        one_byte_exchange(stream).await;
-                    };
-                    tokio::time::timeout(STEP, exchange)
-                        .await
-                        .expect("a tunnel exchange finishes within the step");
-                }
-                start.elapsed()
-            });
-            tally("tunnel_stream_warm_pool", iters, elapsed);
-            elapsed
-        })
+    let (pool, authority) = (&pool, &authority);
+    bench_exchange(&mut group, &rt, "tunnel_stream_warm_pool", || async move {
+        let stream = pool
+            .open(authority, None)
+            .await
+            .expect("open a stream on the warm pool");
+        one_byte_exchange(stream).await;
     });
     group.finish();
     stop.cancel();
     summary();
 }
 
-fn tally(name: &'static str, iters: u64, elapsed: Duration) {
-    let mut tally = TALLY.lock().expect("tally lock");
-    let entry = tally.entry(name).or_default();
-    entry.0 += iters;
-    entry.1 += elapsed;
+/// Benchmarks `name`: one `exchange` per iteration, each bounded by [`STEP`].
+fn bench_exchange<F, Fut>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &tokio::runtime::Runtime,
+    name: &'static str,
+    exchange: F,
+) where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let elapsed = rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    tokio::time::timeout(STEP, exchange())
+                        .await
+                        .unwrap_or_else(|_| panic!("{name}: an exchange finishes within the step"));
+                }
+                start.elapsed()
+            });
+            TALLY.add(name, iters, elapsed);
+            elapsed
+        })
+    });
 }
 
 /// Prints each variant's mean time per stream over warm-up and measurement, and its
 /// ratio to the TCP baseline.
 fn summary() {
-    let tally = TALLY.lock().expect("tally lock");
-    let mean = |name: &str| {
-        tally
-            .get(name)
-            .filter(|(n, _)| *n > 0)
-            .map(|(n, time)| time.as_secs_f64() / *n as f64)
-    };
-    let Some(base) = mean("tcp_connect_loopback") else {
-        return;
-    };
-    println!("\ntunnel stream setup relative to a fresh loopback TCP connection (same run):");
-    for name in tally.keys() {
-        if let Some(t) = mean(name) {
-            println!(
-                "  {name:<24} {:>8.1} us/stream  ratio {:.2}",
-                t * 1e6,
-                t / base
-            );
-        }
-    }
+    TALLY.summary(
+        "tunnel stream setup relative to a fresh loopback TCP connection (same run):",
+        "tcp_connect_loopback",
+        |streams, time| (streams > 0).then(|| time.as_secs_f64() / streams as f64),
+        |name, mean, ratio| format!("{name:<24} {:>8.1} us/stream  ratio {ratio:.2}", mean * 1e6),
+    );
 }
 
 criterion_group!(benches, bench);

@@ -11,6 +11,8 @@
 //! - [`tcp`]: listeners, dials and waits, each bounded by a timeout.
 //! - [`identity`]: the minted identity of a test pod, and a multi-cluster PKI.
 //! - [`multicluster`]: cluster settings, Link and Service manifests for gateways.
+//! - [`h2c`]: HTTP/2 origins and clients on threads of their own, each with a
+//!   current-thread runtime and a bound.
 //! - [`figure`]: `FIGURE name = value` lines for what tests measure.
 //! - [`tls_probe`]: a raw TLS client config for probing a mesh port's TLS policy.
 //! - [`peer`]: the pool configuration of a test client of a mesh port.
@@ -24,6 +26,7 @@
 
 pub mod binary;
 pub mod figure;
+pub mod h2c;
 pub mod identity;
 pub mod multicluster;
 pub mod netns;

@@ -20,8 +20,10 @@
 //! Addresses are checked to come from 198.18.0.0/15 or 2001:2::/48, and nothing here
 //! adds a default route or NAT.
 
+use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Once;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -139,6 +141,24 @@ impl Lab {
     /// Takes ownership of a child process: it is killed when the lab drops.
     pub fn adopt(&self, child: Child) {
         self.net.adopt(child);
+    }
+
+    /// Starts `cmd` (a [`Namespace::command`]) with an empty environment, no input
+    /// and its stderr in `log`, and adopts it: it is killed when the lab drops.
+    ///
+    /// # Panics
+    ///
+    /// If `log` cannot be created or the program not started.
+    pub fn spawn_logged(&self, cmd: &mut Command, log: &Path) {
+        let file = File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        let child = cmd
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        self.adopt(child);
     }
 
     /// Diagnostics of every namespace of the lab.

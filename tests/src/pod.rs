@@ -11,7 +11,6 @@
 //! library) and does not decide what is mirrored: the manifests directory only holds
 //! the cluster's settings unless the caller adds more.
 
-use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -82,12 +81,32 @@ pub struct SidecarPod {
 
 impl Drop for SidecarPod {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        show_log_if_failing(&self.log, &self.earlier_runs, String::new);
+    }
+}
+
+/// While a test fails (its fixtures dropping during the panic), prints the
+/// sidecar's `log`, after what `earlier` runs logged and followed by what `more`
+/// makes (only then: diagnostics cost commands).
+pub fn show_log_if_failing(log: &Path, earlier: &str, more: impl FnOnce() -> String) {
+    if std::thread::panicking() {
+        eprintln!(
+            "--- sidecar log ({}) ---\n{earlier}{}{}",
+            log.display(),
+            std::fs::read_to_string(log).unwrap_or_default(),
+            more()
+        );
+    }
+}
+
+/// While a test fails, prints each of `logs`, headed by its path.
+pub fn show_logs_if_failing(logs: &[PathBuf]) {
+    if std::thread::panicking() {
+        for log in logs {
             eprintln!(
-                "--- sidecar log ({}) ---\n{}{}",
-                self.log.display(),
-                self.earlier_runs,
-                std::fs::read_to_string(&self.log).unwrap_or_default()
+                "--- {} ---\n{}",
+                log.display(),
+                std::fs::read_to_string(log).unwrap_or_default()
             );
         }
     }
@@ -167,7 +186,7 @@ pub fn fds_return_to(pid: u32, baseline: usize, limit: Duration, what: &str) {
         }
         assert!(
             Instant::now() < deadline,
-            "{what} still holds {now} descriptors, {baseline} before the hostile clients"
+            "{what} still holds {now} descriptors, at most {baseline} expected within {limit:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -184,18 +203,9 @@ pub fn running(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// A `GET` with `connection: close`, read to the end (bounded by [`tcp::WAIT`]).
-/// Call it on a thread in the namespace of `addr`.
-pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut stream = tcp::connect(addr)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )?;
-    let mut out = Vec::new();
-    stream.read_to_end(&mut out)?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
-}
+/// A `GET` with `connection: close`, read to the end. Call it on a thread in the
+/// namespace of `addr`.
+pub use isthmus_test_support::proxy::get_raw_blocking as http_get;
 
 /// Sum of the samples of `family` whose labels match every one of `labels`
 /// (`direction="outbound"`); 0 when there is none.

@@ -157,3 +157,27 @@ pub fn read_response(stream: &mut TcpStream, limit: Duration) -> String {
     }
     head + &String::from_utf8_lossy(&body)
 }
+
+/// An echo server on `listener` for any number of connections, each on a small
+/// thread of its own that gives up after `idle` without a byte; runs until the test
+/// process ends.
+pub fn echo_forever(listener: TcpListener, idle: Duration) {
+    listener
+        .set_nonblocking(false)
+        .expect("a blocking listener");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    let _ = stream.set_read_timeout(Some(idle));
+                    let Ok(mut reader) = stream.try_clone() else {
+                        return;
+                    };
+                    let _ = io::copy(&mut reader, &mut stream);
+                })
+                .expect("an echo thread");
+        }
+    });
+}

@@ -177,15 +177,20 @@ fn assert_nothing_at(listener: &TcpListener) {
 
 // ---- outbound ----
 
+/// A connection from the pod to the peer's port 8080, sending `token`, lands on
+/// `outbound` with its original destination, and never at the peer.
+fn assert_captured(p: &Pod, outbound: &TcpListener, token: &str) {
+    let server = p.listen(&p.peer, p.net.peer, 8080);
+    let _client = p.send_from(&p.pod, p.net.peer, 8080, token);
+    let (_stream, _) = redirected(outbound, token, SocketAddr::new(p.net.peer, 8080));
+    assert_nothing_at(&server);
+}
+
 fn outbound_is_redirected_with_original_destination(fam: Fam) {
     let p = Pod::new(fam);
     p.init(&["--backend", "nft"]);
     let outbound = p.listen(&p.pod, p.fam.any(), OUTBOUND);
-    let server = p.listen(&p.peer, p.net.peer, 8080);
-
-    let _client = p.send_from(&p.pod, p.net.peer, 8080, "app");
-    let (_stream, _) = redirected(&outbound, "app", SocketAddr::new(p.net.peer, 8080));
-    assert_nothing_at(&server);
+    assert_captured(&p, &outbound, "app");
 }
 
 fn proxy_uid_reaches_the_destination_directly(fam: Fam) {
@@ -232,10 +237,7 @@ fn skipped_ports_subnets_and_loopback_are_not_captured(fam: Fam) {
         assert_nothing_at(&outbound);
     }
 
-    let server = p.listen(&p.peer, p.net.peer, 8080);
-    let _client = p.send_from(&p.pod, p.net.peer, 8080, "captured");
-    let (_stream, _) = redirected(&outbound, "captured", SocketAddr::new(p.net.peer, 8080));
-    assert_nothing_at(&server);
+    assert_captured(&p, &outbound, "captured");
 }
 
 fn include_subnets_limit_capture(fam: Fam) {
@@ -259,9 +261,8 @@ fn include_subnets_limit_capture(fam: Fam) {
 fn inbound_is_redirected_and_admin_is_not(fam: Fam) {
     let p = Pod::new(fam);
     p.init(&[]);
-    let inbound = p.listen(&p.pod, p.fam.any(), INBOUND);
-    let admin = p.listen(&p.pod, p.fam.any(), ADMIN);
-    let app = p.listen(&p.pod, p.fam.any(), 8080);
+    let [inbound, admin, app] =
+        [INBOUND, ADMIN, 8080].map(|port| p.listen(&p.pod, p.fam.any(), port));
 
     let _c = p.send_from(&p.peer, p.net.pod, 8080, "to app");
     let (_stream, client) = redirected(&inbound, "to app", SocketAddr::new(p.net.pod, 8080));
@@ -284,9 +285,8 @@ fn proxy_calling_its_own_pod_goes_through_inbound(fam: Fam) {
     // IPv4 has all of 127.0.0.0/8 on lo; IPv6 only ::1, so isthmus-init --ipv6
     // assigns the proxy's inbound source ::6 itself.
     p.init(&[]);
-    let inbound = p.listen(&p.pod, p.fam.any(), INBOUND);
-    let admin = p.listen(&p.pod, p.fam.any(), ADMIN);
-    let app = p.listen(&p.pod, p.fam.any(), 8080);
+    let [inbound, admin, app] =
+        [INBOUND, ADMIN, 8080].map(|port| p.listen(&p.pod, p.fam.any(), port));
 
     // The proxy forwarding to its own pod IP lands on its inbound port.
     let child = p.dial_as(PROXY_UID, p.net.pod, 8080, "self", None);

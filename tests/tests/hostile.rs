@@ -23,10 +23,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use isthmus_tests::identity;
 use isthmus_tests::pod::{self, PodOptions, SidecarPod};
 use isthmus_tests::tcp::{self, WAIT, closed_within, read_response};
 use isthmus_tests::tls_probe::{probe_config, tls_error};
+use isthmus_tests::{h2c, identity};
 use isthmus_vocab::SpiffeId;
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
@@ -153,17 +153,21 @@ fn bytes_received(received: &Received) -> Vec<Vec<u8>> {
         .collect()
 }
 
-#[test]
-fn malformed_http1_is_answered_by_the_sidecar_and_unrecognised_bytes_pass_through() {
-    let s = Sidecar::start(&[
-        "--http1-max-headers",
-        "50",
-        "--http1-max-head-bytes",
-        "16384",
-    ]);
+/// A sidecar started with `flags` (split on spaces), the origin on [`ORIGIN_PORT`]
+/// behind it, a bystander served, and the sidecar's descriptors then.
+fn with_origin(flags: &str) -> (Sidecar, Received, Arc<AtomicBool>, usize) {
+    let flags: Vec<&str> = flags.split(' ').collect();
+    let s = Sidecar::start(&flags);
     let (received, stop) = origin(s.listen(ORIGIN_PORT));
     s.bystander_served();
     let baseline = s.fds();
+    (s, received, stop, baseline)
+}
+
+#[test]
+fn malformed_http1_is_answered_by_the_sidecar_and_unrecognised_bytes_pass_through() {
+    let (s, received, stop, baseline) =
+        with_origin("--http1-max-headers 50 --http1-max-head-bytes 16384");
 
     let line = |rest: &str| format!("GET / HTTP/1.1\r\n{rest}\r\n").into_bytes();
     let parsed: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -259,17 +263,8 @@ fn malformed_http1_is_answered_by_the_sidecar_and_unrecognised_bytes_pass_throug
 
 #[test]
 fn slowloris_and_silent_clients_are_closed_by_their_timeouts_while_others_are_served() {
-    let s = Sidecar::start(&[
-        "--header-read-timeout",
-        "2s",
-        "--detect-timeout",
-        "500ms",
-        "--idle-timeout",
-        "4s",
-    ]);
-    let (_received, stop) = origin(s.listen(ORIGIN_PORT));
-    s.bystander_served();
-    let baseline = s.fds();
+    let (s, _received, stop, baseline) =
+        with_origin("--header-read-timeout 2s --detect-timeout 500ms --idle-timeout 4s");
 
     // A keep-alive connection idle between requests is the idle timeout's, not
     // the header timeout's: it serves a second request after 3 s of quiet.
@@ -332,18 +327,12 @@ fn slowloris_and_silent_clients_are_closed_by_their_timeouts_while_others_are_se
 
 /// An h2c origin answering every stream 200, until `stop` is set (bounded).
 fn h2_origin(listener: TcpListener, stop: Arc<AtomicBool>) {
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            listener.set_nonblocking(true).unwrap();
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    h2c::spawn_server(
+        listener,
+        Duration::from_secs(120),
+        move |listener| async move {
             while !stop.load(Ordering::SeqCst) {
-                let accepted = tokio::time::timeout_at(deadline, listener.accept()).await;
-                let Ok(Ok((socket, _))) = accepted else {
+                let Ok((socket, _)) = listener.accept().await else {
                     return;
                 };
                 tokio::spawn(async move {
@@ -356,8 +345,8 @@ fn h2_origin(listener: TcpListener, stop: Arc<AtomicBool>) {
                     }
                 });
             }
-        });
-    });
+        },
+    );
 }
 
 #[test]
@@ -368,37 +357,27 @@ fn an_http2_header_list_over_the_limit_is_refused_and_the_connection_lives_on() 
     let addr = SocketAddr::new(s.server_ip, ORIGIN_PORT);
     let baseline = s.fds();
     let (big, normal) = s.pod.run(|| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            tokio::time::timeout(WAIT * 2, async {
-                let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-                let (client, conn) = h2::client::handshake(socket).await.unwrap();
-                let driver = tokio::spawn(conn);
-                let mut client = client.ready().await.unwrap();
-                let request = http::Request::get(format!("http://{addr}/big"))
-                    .header("x-padding", "p".repeat(6000))
-                    .body(())
-                    .unwrap();
-                let (response, _) = client.send_request(request, true).unwrap();
-                let big = match response.await {
-                    Ok(response) => format!("status {}", response.status().as_u16()),
-                    Err(e) => format!("reset: {:?}", e.reason()),
-                };
-                let mut client = client.ready().await.unwrap();
-                let request = http::Request::get(format!("http://{addr}/ok"))
-                    .body(())
-                    .unwrap();
-                let (response, _) = client.send_request(request, true).unwrap();
-                let normal = response.await.map(|r| r.status().as_u16());
-                drop(client);
-                driver.abort();
-                (big, normal)
-            })
-            .await
-            .expect("the h2 exchange finished within its deadline")
+        h2c::block_on(WAIT * 2, "the h2 exchange", async {
+            let (client, driver) = h2c::connect(addr).await;
+            let mut client = client.ready().await.unwrap();
+            let request = http::Request::get(format!("http://{addr}/big"))
+                .header("x-padding", "p".repeat(6000))
+                .body(())
+                .unwrap();
+            let (response, _) = client.send_request(request, true).unwrap();
+            let big = match response.await {
+                Ok(response) => format!("status {}", response.status().as_u16()),
+                Err(e) => format!("reset: {:?}", e.reason()),
+            };
+            let mut client = client.ready().await.unwrap();
+            let request = http::Request::get(format!("http://{addr}/ok"))
+                .body(())
+                .unwrap();
+            let (response, _) = client.send_request(request, true).unwrap();
+            let normal = response.await.map(|r| r.status().as_u16());
+            drop(client);
+            driver.abort();
+            (big, normal)
         })
     });
     // h2 answers a header list over SETTINGS_MAX_HEADER_LIST_SIZE with 431 and

@@ -19,9 +19,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use isthmus_tests::figure::figure;
+use isthmus_tests::h2c;
 use isthmus_tests::identity;
 use isthmus_tests::pod::{self, SidecarPod, metric};
 use isthmus_tests::tcp::{self, read_once};
+use tokio_util::sync::CancellationToken;
 
 /// Upper bound of each load phase.
 const PHASE: Duration = Duration::from_secs(120);
@@ -29,24 +31,6 @@ const PHASE: Duration = Duration::from_secs(120);
 /// Writes the client pod's identity into `dir`.
 fn mint_pod(dir: &Path) {
     identity::mint_pod(dir, "load anchor").unwrap();
-}
-
-/// An echo server for any number of connections, each on a small thread.
-fn echo_forever(listener: TcpListener) {
-    listener.set_nonblocking(false).unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::Builder::new()
-                .stack_size(64 * 1024)
-                .spawn(move || {
-                    let _ = stream.set_read_timeout(Some(PHASE));
-                    let mut reader = stream.try_clone().unwrap();
-                    let _ = io::copy(&mut reader, &mut stream);
-                })
-                .unwrap();
-        }
-    });
 }
 
 fn echo_round_trip(stream: &mut TcpStream, token: &str) {
@@ -74,7 +58,10 @@ fn a_connection_storm_past_the_limit_is_refused_while_established_ones_carry_on(
     const LIMIT: usize = 50;
     const STORM: usize = 500;
     let s = SidecarPod::start(mint_pod, &["--max-connections", "50"]).unwrap();
-    echo_forever(s.server.run(|| tcp::listen(s.server_addr(9100))).unwrap());
+    tcp::echo_forever(
+        s.server.run(|| tcp::listen(s.server_addr(9100))).unwrap(),
+        PHASE,
+    );
     let target = s.server_addr(9100);
     let mut established: Vec<TcpStream> = (0..LIMIT)
         .map(|i| {
@@ -267,15 +254,12 @@ fn ten_thousand_idle_connections_are_held_and_their_memory_is_published() {
     }
     drop(clients);
     drop(listener);
-    let deadline = Instant::now() + PHASE;
-    while pod::open_fds(s.pid).unwrap() > fds_before + 4 {
-        assert!(
-            Instant::now() < deadline,
-            "the sidecar holds {} descriptors after the connections closed, {fds_before} before",
-            pod::open_fds(s.pid).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    pod::fds_return_to(
+        s.pid,
+        fds_before + 4,
+        PHASE,
+        "the sidecar after the connections closed",
+    );
     let rss_after = settled_rss(&s);
     let per_connection = rss_held.saturating_sub(rss_before) as f64 * 1024.0 / connections as f64;
     figure(
@@ -294,43 +278,39 @@ fn ten_thousand_idle_connections_are_held_and_their_memory_is_published() {
 // ---- HTTP/2: 1,000 connections x 100 streams ----
 
 /// An h2c origin that answers every request's headers at once and keeps each
-/// stream open (no end of stream) until the test ends; counts streams seen.
-fn h2_holding_origin(listener: TcpListener, streams: Arc<AtomicUsize>) {
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let _ = tokio::time::timeout(PHASE * 2, async move {
-                listener.set_nonblocking(true).unwrap();
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                loop {
-                    let Ok((socket, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let streams = streams.clone();
-                    tokio::spawn(async move {
-                        let Ok(mut conn) = h2::server::Builder::new()
-                            .max_concurrent_streams(1000)
-                            .handshake::<_, bytes::Bytes>(socket)
-                            .await
-                        else {
-                            return;
-                        };
-                        let mut held = Vec::new();
-                        while let Some(Ok((_request, mut respond))) = conn.accept().await {
-                            let response = http::Response::builder().status(200).body(()).unwrap();
-                            if let Ok(send) = respond.send_response(response, false) {
-                                held.push(send);
-                                streams.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    });
+/// stream open (no end of stream) until `stop` is cancelled; counts streams seen.
+/// Its lifetime is the test's, not a clock's: a bound of its own, shorter than the
+/// test's phases on a loaded machine, would drop every held stream while the test
+/// still counts them.
+fn h2_holding_origin(listener: TcpListener, streams: Arc<AtomicUsize>, stop: CancellationToken) {
+    h2c::spawn_server(listener, PHASE * 4, move |listener| async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = stop.cancelled() => return,
+            };
+            let Ok((socket, _)) = accepted else {
+                continue;
+            };
+            let streams = streams.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .max_concurrent_streams(1000)
+                    .handshake::<_, bytes::Bytes>(socket)
+                    .await
+                else {
+                    return;
+                };
+                let mut held = Vec::new();
+                while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                    let response = http::Response::builder().status(200).body(()).unwrap();
+                    if let Ok(send) = respond.send_response(response, false) {
+                        held.push(send);
+                        streams.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-            })
-            .await;
-        });
+            });
+        }
     });
 }
 
@@ -342,9 +322,13 @@ fn a_thousand_http2_connections_with_a_hundred_streams_each_are_held() {
     pod::raise_nofile(std::process::id(), 65_536).unwrap();
     pod::raise_nofile(s.pid, 65_536).unwrap();
     let seen = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    // Stopped when the test ends, passing or failing.
+    let _stop_origin = stop.clone().drop_guard();
     h2_holding_origin(
         s.server.run(|| tcp::listen(s.server_addr(9300))).unwrap(),
         seen.clone(),
+        stop,
     );
     let target = s.server_addr(9300);
     let rss_before = settled_rss(&s);
@@ -352,49 +336,36 @@ fn a_thousand_http2_connections_with_a_hundred_streams_each_are_held() {
     let (streams_tx, streams_rx) = std::sync::mpsc::channel::<()>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let pod_ns = s.pod.clone();
+    // The client holds its streams until the test says it has measured: each of the
+    // test's phases has its own bound below, and this one only covers them all.
     let client = std::thread::spawn(move || {
         pod_ns.run(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                tokio::time::timeout(PHASE * 2, async move {
-                    let mut senders = Vec::with_capacity(CONNECTIONS);
-                    for i in 0..CONNECTIONS {
-                        let socket = tokio::net::TcpStream::connect(target)
-                            .await
-                            .unwrap_or_else(|e| panic!("h2 connection {i}: {e}"));
-                        let (client, conn) = h2::client::handshake(socket).await.unwrap();
-                        tokio::spawn(async move {
-                            let _ = conn.await;
-                        });
-                        senders.push(client);
+            h2c::block_on(PHASE * 4, "the h2 client", async move {
+                let mut senders = Vec::with_capacity(CONNECTIONS);
+                for _ in 0..CONNECTIONS {
+                    senders.push(h2c::connect(target).await.0);
+                }
+                let mut settled = Vec::with_capacity(CONNECTIONS);
+                for client in senders {
+                    settled.push(client.ready().await.unwrap());
+                }
+                conns_tx.send(()).unwrap();
+                let mut held = Vec::with_capacity(CONNECTIONS * STREAMS);
+                for (i, client) in settled.iter_mut().enumerate() {
+                    for j in 0..STREAMS {
+                        let request = http::Request::post(format!("http://{target}/{i}/{j}"))
+                            .body(())
+                            .unwrap();
+                        let mut ready = client.clone().ready().await.unwrap();
+                        let (response, body) = ready.send_request(request, false).unwrap();
+                        held.push((response, body));
                     }
-                    // Each connection has made one round trip (its SETTINGS) by now.
-                    let mut settled = Vec::with_capacity(CONNECTIONS);
-                    for client in senders {
-                        settled.push(client.ready().await.unwrap());
-                    }
-                    conns_tx.send(()).unwrap();
-                    let mut held = Vec::with_capacity(CONNECTIONS * STREAMS);
-                    for (i, client) in settled.iter_mut().enumerate() {
-                        for j in 0..STREAMS {
-                            let request = http::Request::post(format!("http://{target}/{i}/{j}"))
-                                .body(())
-                                .unwrap();
-                            let mut ready = client.clone().ready().await.unwrap();
-                            let (response, body) = ready.send_request(request, false).unwrap();
-                            held.push((response, body));
-                        }
-                    }
-                    streams_tx.send(()).unwrap();
-                    // Held open until the test has measured.
-                    let _ = tokio::task::spawn_blocking(move || done_rx.recv_timeout(PHASE)).await;
-                    drop(held);
-                })
-                .await
-                .expect("the h2 client finished within its deadline");
+                }
+                streams_tx.send(()).unwrap();
+                // Held open until the test has measured (or failed: then the channel
+                // closes).
+                let _ = tokio::task::spawn_blocking(move || done_rx.recv()).await;
+                drop(held);
             });
         });
     });

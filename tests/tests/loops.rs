@@ -45,12 +45,7 @@ struct Setup {
 
 impl Drop for Setup {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- sidecar log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
+        pod::show_log_if_failing(&self.log, "", String::new);
     }
 }
 
@@ -102,16 +97,14 @@ fn setup() -> Setup {
     }
 }
 
+/// The sidecar's answer to `GET path` on its admin port, from inside the pod.
+fn admin(s: &Setup, path: &str) -> String {
+    let addr = SocketAddr::from(([127, 0, 0, 1], pod::ADMIN_PORT));
+    s.pod.run(|| pod::http_get(addr, path)).unwrap()
+}
+
 fn scrape(s: &Setup) -> String {
-    let response = s
-        .pod
-        .run(|| {
-            pod::http_get(
-                SocketAddr::from(([127, 0, 0, 1], pod::ADMIN_PORT)),
-                "/metrics",
-            )
-        })
-        .unwrap();
+    let response = admin(s, "/metrics");
     response.split_once("\r\n\r\n").unwrap().1.to_owned()
 }
 
@@ -219,15 +212,7 @@ fn an_unexempted_proxy_uid_costs_at_most_two_connections_and_names_the_cause() {
         "expected one line naming the cause for {ATTEMPTS} loops, found {causes}"
     );
     // The sidecar still serves: the loop did not exhaust it.
-    let ready = s
-        .pod
-        .run(|| {
-            pod::http_get(
-                SocketAddr::from(([127, 0, 0, 1], pod::ADMIN_PORT)),
-                "/ready",
-            )
-        })
-        .unwrap();
+    let ready = admin(&s, "/ready");
     assert!(
         ready.starts_with("HTTP/1.1 200"),
         "{ready}\n{}",

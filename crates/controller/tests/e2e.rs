@@ -521,6 +521,15 @@ async fn the_remote_cluster_settings_export_namespaces_and_name_the_domain() {
     // Not labelled: exported only because its namespace is.
     let mut svc = remote_service("db", &[5432], false);
     svc.metadata.namespace = Some("shared".to_owned());
+    let ns: Namespace = json(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shared"},
+    }));
+    timed(
+        "create namespace shared",
+        Api::<Namespace>::all(remote.clone()).create(&PostParams::default(), &ns),
+    )
+    .await
+    .unwrap();
     let shared: Api<Service> = Api::namespaced(remote, "shared");
     timed("create shared", shared.create(&PostParams::default(), &svc))
         .await

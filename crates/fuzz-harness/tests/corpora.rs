@@ -53,24 +53,19 @@ fn every_target_has_a_fuzz_target_file_and_a_corpus() {
     }
 }
 
-#[test]
-fn corpora_replay_without_failures() {
+/// Replays every input kept under `fuzz/<kind>/<target>` through its target's check.
+fn replay_all(kind: &str) {
     for (target, check) in TARGETS {
-        replay(
-            target,
-            check,
-            &inputs(&fuzz_dir().join("corpus").join(target)),
-        );
+        replay(target, check, &inputs(&fuzz_dir().join(kind).join(target)));
     }
 }
 
 #[test]
+fn corpora_replay_without_failures() {
+    replay_all("corpus");
+}
+
+#[test]
 fn regressions_replay_without_failures() {
-    for (target, check) in TARGETS {
-        replay(
-            target,
-            check,
-            &inputs(&fuzz_dir().join("regressions").join(target)),
-        );
-    }
+    replay_all("regressions");
 }

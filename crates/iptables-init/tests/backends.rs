@@ -315,12 +315,20 @@ fn cleanup_removes_copies_from_every_backend() {
     }
 }
 
+/// A fake holding the capture for IPv4 in each of `held`, whose legacy IPv4 tools
+/// misbehave as the set `fault` picks says.
+fn legacy_v4_faulty(held: &[Mode], fault: fn(&mut Fake) -> &mut HashSet<(Mode, Family)>) -> Fake {
+    let mut fake = Fake::new();
+    for &mode in held {
+        fake.install(mode, &[Family::V4]);
+    }
+    fault(&mut fake).insert((Mode::Legacy, Family::V4));
+    fake
+}
+
 #[test]
 fn a_leftover_that_cannot_be_removed_fails_the_cleanup_naming_it() {
-    let mut fake = Fake::new();
-    fake.install(Mode::Legacy, &[Family::V4]);
-    fake.install(Mode::Nft, &[Family::V4]);
-    fake.stuck.insert((Mode::Legacy, Family::V4));
+    let fake = legacy_v4_faulty(&[Mode::Legacy, Mode::Nft], |f| &mut f.stuck);
     let err = run(&fake, &config(BackendChoice::Nft, false), Action::Cleanup).unwrap_err();
     let msg = err.to_string();
     assert!(
@@ -337,10 +345,7 @@ fn a_leftover_that_cannot_be_removed_fails_the_cleanup_naming_it() {
 
 #[test]
 fn a_removal_that_fails_does_not_stop_the_others_and_is_named() {
-    let mut fake = Fake::new();
-    fake.install(Mode::Legacy, &[Family::V4]);
-    fake.install(Mode::Nft, &[Family::V4]);
-    fake.failing.insert((Mode::Legacy, Family::V4));
+    let fake = legacy_v4_faulty(&[Mode::Legacy, Mode::Nft], |f| &mut f.failing);
     let err = run(&fake, &config(BackendChoice::Auto, false), Action::Cleanup).unwrap_err();
     let cause = std::error::Error::source(&err).map(ToString::to_string);
     let msg = format!("{err}: {cause:?}");
@@ -354,9 +359,7 @@ fn a_removal_that_fails_does_not_stop_the_others_and_is_named() {
 
 #[test]
 fn an_install_whose_old_copy_stays_fails_with_the_new_capture_in_place() {
-    let mut fake = Fake::new();
-    fake.install(Mode::Legacy, &[Family::V4]);
-    fake.stuck.insert((Mode::Legacy, Family::V4));
+    let fake = legacy_v4_faulty(&[Mode::Legacy], |f| &mut f.stuck);
     let err = run(&fake, &config(BackendChoice::Nft, false), Action::Install).unwrap_err();
     assert!(
         err.to_string()
@@ -405,9 +408,7 @@ fn a_backend_without_tools_is_a_note_not_a_failure() {
 
 #[test]
 fn a_cleanup_that_cannot_read_the_other_backend_fails_naming_it() {
-    let mut fake = Fake::new();
-    fake.install(Mode::Legacy, &[Family::V4]);
-    fake.unreadable.insert((Mode::Legacy, Family::V4));
+    let fake = legacy_v4_faulty(&[Mode::Legacy], |f| &mut f.unreadable);
     let err = run(&fake, &config(BackendChoice::Nft, false), Action::Cleanup).unwrap_err();
     let message = err.to_string();
     assert!(

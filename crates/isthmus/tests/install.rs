@@ -425,9 +425,6 @@ fn the_link_reader_reads_what_a_linked_controller_needs_and_nothing_else() {
         ("", "services", "get"),
         ("", "services", "list"),
         ("", "services", "watch"),
-        ("discovery.k8s.io", "endpointslices", "get"),
-        ("discovery.k8s.io", "endpointslices", "list"),
-        ("discovery.k8s.io", "endpointslices", "watch"),
         ("multicluster.isthmus.io", "clustersettings", "list"),
     ]
     .iter()

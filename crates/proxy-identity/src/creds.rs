@@ -731,7 +731,11 @@ impl CredentialStore {
                 rotation.last_seen != Some(fingerprint(&contents))
                     || rotation.retry_at.is_some_and(|at| now >= at)
             };
-            if due {
+            // The three files are read one after the other: a kubelet swap of
+            // `..data` between two reads gives the old certificate with the new key,
+            // which is no update anyone wrote. Only contents read the same twice in a
+            // row are judged; a read that straddled a swap waits for the next tick.
+            if due && fingerprint(&read_all(&self.paths).await) == fingerprint(&contents) {
                 // The outcome is logged, counted and kept in the status already.
                 let _ = self.try_contents(&contents, now);
             }

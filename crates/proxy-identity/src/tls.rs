@@ -34,7 +34,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::cluster::{self, Usage};
 use crate::creds::CredentialStore;
-use crate::verify::{self, PeerPolicy, SpiffeClientVerifier, SpiffeServerVerifier};
+use crate::verify::{self, Anchors, PeerPolicy, SpiffeVerifier};
 
 /// The one ALPN protocol the mesh speaks between proxies.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -74,8 +74,8 @@ fn build_server_config(
     strict_sni: bool,
 ) -> Arc<ServerConfig> {
     let provider = crypto_provider();
-    let verifier = SpiffeClientVerifier::new(
-        store.clone(),
+    let verifier = SpiffeVerifier::new(
+        Anchors::Store(store.clone()),
         policy,
         provider.signature_verification_algorithms,
     );
@@ -94,41 +94,35 @@ fn build_server_config(
 /// leads to the store's anchors and whose SPIFFE ID `policy` allows. The server name
 /// passed to `connect` goes out as SNI and is otherwise ignored.
 pub fn client_config(store: Arc<CredentialStore>, policy: PeerPolicy) -> Arc<ClientConfig> {
-    let provider = crypto_provider();
-    let verifier = SpiffeServerVerifier::new(
-        store.clone(),
-        policy,
-        provider.signature_verification_algorithms,
-    );
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("the ring provider supports TLS 1.3")
-        // "dangerous" only in rustls' sense: the verifier is ours, not webpki's DNS one.
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(Arc::new(StoreResolver(store)));
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    config.resumption = Resumption::disabled();
-    Arc::new(config)
+    let builder = client_builder(Anchors::Store(store.clone()), policy);
+    finish_client(builder.with_client_cert_resolver(Arc::new(StoreResolver(store))))
 }
 
 /// A client config that presents no certificate and accepts a server whose chain
 /// leads to `roots` and whose SPIFFE ID and verified cluster `policy` allows: for
 /// a tool that checks a gateway from outside the mesh, with no identity to load.
 pub fn anchors_client_config(roots: Arc<RootCertStore>, policy: PeerPolicy) -> Arc<ClientConfig> {
+    finish_client(client_builder(Anchors::Fixed(roots), policy).with_no_client_auth())
+}
+
+/// A TLS 1.3 client config verifying servers against `anchors` and `policy`, up to
+/// its client certificate.
+fn client_builder(
+    anchors: Anchors,
+    policy: PeerPolicy,
+) -> rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert> {
     let provider = crypto_provider();
-    let verifier = SpiffeServerVerifier::with_anchors(
-        roots,
-        policy,
-        provider.signature_verification_algorithms,
-    );
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let verifier = SpiffeVerifier::new(anchors, policy, provider.signature_verification_algorithms);
+    ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("the ring provider supports TLS 1.3")
         // "dangerous" only in rustls' sense: the verifier is ours, not webpki's DNS one.
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+}
+
+/// The mesh's ALPN, and no resumption: every connection shows its certificate.
+fn finish_client(mut config: ClientConfig) -> Arc<ClientConfig> {
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.resumption = Resumption::disabled();
     Arc::new(config)

@@ -19,12 +19,11 @@ use std::io;
 use std::sync::Arc;
 
 use isthmus_vocab::{ClusterName, IdError, SpiffeId, TrustDomain};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, Error,
-    OtherError, RootCertStore, SignatureScheme,
+    AlertDescription, CertificateError, DistinguishedName, Error, OtherError, RootCertStore,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use x509_parser::extensions::GeneralName;
@@ -337,61 +336,86 @@ fn verify_peer(
         .map_err(VerifyError::into_rustls)
 }
 
-/// Where a server verifier finds the trust anchors.
+/// The handshake-signature methods of a rustls verifier, the same whatever it
+/// checks of the chain and for servers and clients alike: each checks with the
+/// algorithms `$algorithms` names, an expression of the verifier `$this`.
+///
+/// ```ignore
+/// impl ServerCertVerifier for MyVerifier {
+///     fn verify_server_cert(/* ... */) { /* ... */ }
+///     proxy_identity::handshake_signature_checks!(this => this.algorithms);
+/// }
+/// ```
+#[macro_export]
+macro_rules! handshake_signature_checks {
+    ($this:ident => $algorithms:expr) => {
+        // TLS 1.2 is unreachable with the mesh's configs (TLS 1.3 only), kept correct
+        // anyway.
+        $crate::handshake_signature_checks!(@check $this => $algorithms,
+            verify_tls12_signature, verify_tls13_signature);
+
+        fn supported_verify_schemes(&self) -> Vec<$crate::rustls::SignatureScheme> {
+            let $this = self;
+            $algorithms.supported_schemes()
+        }
+    };
+    (@check $this:ident => $algorithms:expr, $($method:ident),+) => {
+        $(
+            fn $method(
+                &self,
+                message: &[u8],
+                cert: &$crate::rustls::pki_types::CertificateDer<'_>,
+                dss: &$crate::rustls::DigitallySignedStruct,
+            ) -> Result<
+                $crate::rustls::client::danger::HandshakeSignatureValid,
+                $crate::rustls::Error,
+            > {
+                let $this = self;
+                $crate::rustls::crypto::$method(message, cert, dss, &$algorithms)
+            }
+        )+
+    };
+}
+
+/// Where a verifier finds the trust anchors.
 #[derive(Debug)]
-enum Anchors {
+pub(crate) enum Anchors {
     /// The store's current anchors, which follow its renewals.
     Store(Arc<CredentialStore>),
     /// A fixed bundle, for a client that holds no identity of its own.
     Fixed(Arc<RootCertStore>),
 }
 
-/// Verifies a server's chain and identity for a client config.
+/// Verifies a peer's chain and identity: a server's for a client config, a client's
+/// (always required) for a server config.
 #[derive(Debug)]
-pub(crate) struct SpiffeServerVerifier {
+pub(crate) struct SpiffeVerifier {
     anchors: Anchors,
     policy: PeerPolicy,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl SpiffeServerVerifier {
+impl SpiffeVerifier {
     pub(crate) fn new(
-        store: Arc<CredentialStore>,
+        anchors: Anchors,
         policy: PeerPolicy,
         algorithms: WebPkiSupportedAlgorithms,
     ) -> Self {
         Self {
-            anchors: Anchors::Store(store),
+            anchors,
             policy,
             algorithms,
         }
     }
 
-    /// A verifier against a fixed anchor bundle rather than a store's.
-    pub(crate) fn with_anchors(
-        roots: Arc<RootCertStore>,
-        policy: PeerPolicy,
-        algorithms: WebPkiSupportedAlgorithms,
-    ) -> Self {
-        Self {
-            anchors: Anchors::Fixed(roots),
-            policy,
-            algorithms,
-        }
-    }
-}
-
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
+    /// [`verify_peer`] against the current anchors, for a peer in the role `usage`.
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
         now: UnixTime,
-    ) -> Result<ServerCertVerified, Error> {
-        // The chain, validity and the serverAuth key usage, but no DNS name: the name
-        // is the SPIFFE ID.
+        usage: Usage,
+    ) -> Result<(), Error> {
         let creds;
         let roots = match &self.anchors {
             Anchors::Store(store) => {
@@ -407,58 +431,30 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             end_entity,
             intermediates,
             now,
-            Usage::Server,
-        )?;
+            usage,
+        )
+    }
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        // The chain, validity and the serverAuth key usage, but no DNS name: the name
+        // is the SPIFFE ID.
+        self.check(end_entity, intermediates, now, Usage::Server)?;
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        // Unreachable in practice (the configs offer TLS 1.3 only), kept correct anyway.
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
+    handshake_signature_checks!(this => this.algorithms);
 }
 
-/// Requires and verifies a client's chain and identity for a server config.
-#[derive(Debug)]
-pub(crate) struct SpiffeClientVerifier {
-    store: Arc<CredentialStore>,
-    policy: PeerPolicy,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl SpiffeClientVerifier {
-    pub(crate) fn new(
-        store: Arc<CredentialStore>,
-        policy: PeerPolicy,
-        algorithms: WebPkiSupportedAlgorithms,
-    ) -> Self {
-        Self {
-            store,
-            policy,
-            algorithms,
-        }
-    }
-}
-
-impl ClientCertVerifier for SpiffeClientVerifier {
+impl ClientCertVerifier for SpiffeVerifier {
     fn client_auth_mandatory(&self) -> bool {
         true
     }
@@ -475,39 +471,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        verify_peer(
-            self.store.current().roots(),
-            &self.policy,
-            &self.algorithms,
-            end_entity,
-            intermediates,
-            now,
-            Usage::Client,
-        )?;
+        self.check(end_entity, intermediates, now, Usage::Client)?;
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
+    handshake_signature_checks!(this => this.algorithms);
 }
 
 #[cfg(test)]

@@ -12,15 +12,12 @@ mod common;
 use std::time::SystemTime;
 
 use common::*;
+use isthmus_test_support::pki::{first_pem, forged_ca_of, forged_leaf};
 use isthmus_vocab::{ClusterName, TrustDomain};
-use proxy_identity::mint::{self, CertificateAuthority, KeyAlgorithm, LeafBundle};
+use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle};
 use proxy_identity::{
     CredentialPaths, CredentialStore, Credentials, CredsError, HandshakeFailure, PeerPolicy,
     client_config, server_config,
-};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
 };
 
 fn cluster(name: &str) -> ClusterName {
@@ -38,78 +35,6 @@ fn cluster_of(bundle: &LeafBundle, chain_pem: &str) -> Result<Option<String>, Cr
         SystemTime::now(),
     )
     .map(|creds| creds.cluster().map(|c| c.as_str().to_owned()))
-}
-
-fn first_pem(pem: &str) -> String {
-    let end = "-----END CERTIFICATE-----\n";
-    let at = pem.find(end).unwrap() + end.len();
-    pem[..at].to_owned()
-}
-
-/// Signs `params` with `ca`'s key, returning the certificate and its new key as PEM.
-fn forge(ca: &CertificateAuthority, params: CertificateParams) -> (String, String) {
-    let ca_key = KeyPair::from_pem(&ca.ca.key_pem).unwrap();
-    let issuer = Issuer::from_ca_cert_pem(&ca.ca.cert_pem, ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-fn leaf_params(id: &str) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.use_authority_key_identifier_extension = true;
-    params
-}
-
-fn ca_params(units: &[&str], path_len: Option<u8>) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("forged CA {units:?}"));
-    for unit in units {
-        params
-            .distinguished_name
-            .push(DnType::OrganizationalUnitName, *unit);
-    }
-    params.is_ca = IsCa::Ca(match path_len {
-        Some(n) => BasicConstraints::Constrained(n),
-        None => BasicConstraints::Unconstrained,
-    });
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params.use_authority_key_identifier_extension = true;
-    params
-}
-
-/// A CA `forge`d under `parent`, as an `CertificateAuthority` that `forge` can sign with.
-fn forged_ca(
-    parent: &CertificateAuthority,
-    units: &[&str],
-    path_len: Option<u8>,
-) -> CertificateAuthority {
-    let (cert_pem, key_pem) = forge(parent, ca_params(units, path_len));
-    CertificateAuthority {
-        chain_pem: format!("{cert_pem}{}", parent.chain_pem),
-        ca: mint::Minted { cert_pem, key_pem },
-        anchors_pem: parent.anchors_pem.clone(),
-    }
-}
-
-fn forged_leaf(ca: &CertificateAuthority, id: &str) -> LeafBundle {
-    let (cert, key) = forge(ca, leaf_params(id));
-    LeafBundle {
-        id: isthmus_vocab::SpiffeId::parse(id).unwrap(),
-        cert_chain_pem: format!("{cert}{}", ca.chain_pem),
-        key_pem: key,
-        anchors_pem: ca.anchors_pem.clone(),
-    }
 }
 
 #[test]
@@ -200,7 +125,7 @@ fn leaves_outside_the_anchor_issuer_leaf_shape_have_no_cluster() {
         &["cluster-a."][..],
         &[" cluster-a"][..],
     ] {
-        let unnamed = forged_ca(&pki.anchor, units, Some(0));
+        let unnamed = forged_ca_of(&pki.anchor, units, Some(0));
         let leaf = forged_leaf(&unnamed, "spiffe://cluster.local/ns/default/sa/x");
         assert_eq!(
             cluster_of(&leaf, &unnamed.chain_pem).unwrap(),
@@ -209,12 +134,12 @@ fn leaves_outside_the_anchor_issuer_leaf_shape_have_no_cluster() {
         );
     }
     // Two CAs deep, the upper one unconstrained and naming cluster-a: still none.
-    let upper = forged_ca(&pki.anchor, &["cluster-a"], None);
-    let lower = forged_ca(&upper, &["cluster-a"], Some(0));
+    let upper = forged_ca_of(&pki.anchor, &["cluster-a"], None);
+    let lower = forged_ca_of(&upper, &["cluster-a"], Some(0));
     let deep = forged_leaf(&lower, "spiffe://cluster.local/ns/default/sa/deep");
     assert_eq!(cluster_of(&deep, &lower.chain_pem).unwrap(), None);
     // A CA under a real issuer: the issuer's path length refuses the whole chain.
-    let sub = forged_ca(&pki.cluster_a, &["cluster-a"], Some(0));
+    let sub = forged_ca_of(&pki.cluster_a, &["cluster-a"], Some(0));
     let under_sub = forged_leaf(&sub, "spiffe://cluster.local/ns/default/sa/sub");
     let err = cluster_of(&under_sub, &sub.chain_pem).unwrap_err();
     assert!(matches!(err, CredsError::Untrusted { .. }), "{err}");

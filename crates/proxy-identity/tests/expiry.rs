@@ -15,6 +15,7 @@ use common::*;
 use isthmus_vocab::TrustDomain;
 use proxy_identity::creds::LeafValidity;
 use proxy_identity::mint::{LeafBundle, Validity};
+use proxy_identity::rustls::pki_types::CertificateDer;
 use proxy_identity::rustls::server::WebPkiClientVerifier;
 use proxy_identity::rustls::{RootCertStore, ServerConfig};
 use proxy_identity::{IdentityMetrics, PeerPolicy, crypto_provider};
@@ -52,6 +53,12 @@ fn optional_client_auth_server(bundle: &LeafBundle, anchors: &RootCertStore) -> 
 
 /// (certificates the store's side presented as a server, as a client) in one
 /// handshake each.
+/// 1 when the peer showed a certificate chain, 0 when it showed none or the
+/// handshake failed.
+fn shown(chain: Option<&[CertificateDer<'_>]>) -> usize {
+    chain.map_or(0, |c| usize::from(!c.is_empty()))
+}
+
 async fn presented(
     store: &Arc<proxy_identity::CredentialStore>,
     peer: &LeafBundle,
@@ -63,23 +70,15 @@ async fn presented(
         raw_client(Some(peer)),
     )
     .await;
-    let server_certs = as_server
-        .client
-        .as_ref()
-        .ok()
-        .and_then(|tls| tls.get_ref().1.peer_certificates())
-        .map_or(0, |c| usize::from(!c.is_empty()));
+    let client_end = as_server.client.as_ref().ok();
+    let server_certs = shown(client_end.and_then(|tls| tls.get_ref().1.peer_certificates()));
     let as_client = handshake(
         peer_server.clone(),
         proxy_identity::client_config(store.clone(), PeerPolicy::TrustDomain(td)),
     )
     .await;
-    let client_certs = as_client
-        .server
-        .as_ref()
-        .ok()
-        .and_then(|tls| tls.get_ref().1.peer_certificates())
-        .map_or(0, |c| usize::from(!c.is_empty()));
+    let server_end = as_client.server.as_ref().ok();
+    let client_certs = shown(server_end.and_then(|tls| tls.get_ref().1.peer_certificates()));
     (server_certs, client_certs)
 }
 

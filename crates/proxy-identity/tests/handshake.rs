@@ -6,12 +6,14 @@
 mod common;
 
 use std::io;
+use std::sync::Arc;
 
 use common::*;
 use isthmus_vocab::TrustDomain;
 use prometheus_client::registry::Registry;
 use proxy_identity::{
-    HandshakeFailure, IdentityMetrics, PeerPolicy, client_config, peer_identity, server_config,
+    CredentialStore, HandshakeFailure, IdentityMetrics, PeerPolicy, client_config, peer_identity,
+    server_config,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -111,22 +113,28 @@ async fn expired_and_not_yet_valid_peers_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let gateway = store_in(dir.path(), &leaf(&pki.cluster_a, &gateway_id()));
 
+    // Each client leaf, how the server refuses it and, where pinned, what the client
+    // is told.
     let stale = leaf_with(&pki.cluster_b, &frontend_id(), expired());
-    let result = handshake(
-        server_config(gateway.clone(), td_policy()),
-        raw_client(Some(&stale)),
-    )
-    .await;
-    assert_eq!(reason(&result.server), HandshakeFailure::Expired);
-    assert_eq!(reason(&result.client), HandshakeFailure::Expired);
-
     let early = leaf_with(&pki.cluster_b, &frontend_id(), future());
-    let result = handshake(
-        server_config(gateway.clone(), td_policy()),
-        raw_client(Some(&early)),
-    )
-    .await;
-    assert_eq!(reason(&result.server), HandshakeFailure::NotYetValid);
+    for (client, server_says, client_hears) in [
+        (
+            stale,
+            HandshakeFailure::Expired,
+            Some(HandshakeFailure::Expired),
+        ),
+        (early, HandshakeFailure::NotYetValid, None),
+    ] {
+        let result = handshake(
+            server_config(gateway.clone(), td_policy()),
+            raw_client(Some(&client)),
+        )
+        .await;
+        assert_eq!(reason(&result.server), server_says);
+        if let Some(expected) = client_hears {
+            assert_eq!(reason(&result.client), expected);
+        }
+    }
 
     // An expired server, seen by our client.
     let stale_server = leaf_with(&pki.cluster_a, &gateway_id(), expired());
@@ -138,6 +146,22 @@ async fn expired_and_not_yet_valid_peers_are_refused() {
     assert_eq!(reason(&result.client), HandshakeFailure::Expired);
 }
 
+/// A handshake between the mesh's configs: `server` takes its trust domain's
+/// clients, `client` wants the gateway's identity.
+async fn mesh_handshake(server: Arc<CredentialStore>, client: Arc<CredentialStore>) -> Handshake {
+    handshake(
+        server_config(server, td_policy()),
+        client_config(client, PeerPolicy::Exact(gateway_id())),
+    )
+    .await
+}
+
+/// The error of an end that must have failed for `expected`, as text.
+fn refusal<T>(end: &io::Result<T>, expected: HandshakeFailure) -> String {
+    assert_eq!(reason(end), expected);
+    end.as_ref().err().unwrap().to_string()
+}
+
 #[tokio::test]
 async fn valid_chain_with_another_identity_is_a_mismatch() {
     let pki = pki();
@@ -145,13 +169,8 @@ async fn valid_chain_with_another_identity_is_a_mismatch() {
     let impostor_id = id("spiffe://cluster.local/ns/default/sa/not-the-gateway");
     let impostor = store_in(dirs.0.path(), &leaf(&pki.cluster_a, &impostor_id));
     let sidecar = store_in(dirs.1.path(), &leaf(&pki.cluster_b, &frontend_id()));
-    let result = handshake(
-        server_config(impostor, td_policy()),
-        client_config(sidecar, PeerPolicy::Exact(gateway_id())),
-    )
-    .await;
-    assert_eq!(reason(&result.client), HandshakeFailure::IdentityMismatch);
-    let err = result.client.err().unwrap().to_string();
+    let result = mesh_handshake(impostor, sidecar).await;
+    let err = refusal(&result.client, HandshakeFailure::IdentityMismatch);
     assert!(
         err.contains("not-the-gateway") && err.contains("ns/isthmus/sa/gateway"),
         "{err}"
@@ -172,13 +191,8 @@ async fn other_trust_domain_under_our_anchor_is_a_mismatch() {
             &id("spiffe://elsewhere.example/ns/default/sa/frontend"),
         ),
     );
-    let result = handshake(
-        server_config(gateway, td_policy()),
-        client_config(stranger, PeerPolicy::Exact(gateway_id())),
-    )
-    .await;
-    assert_eq!(reason(&result.server), HandshakeFailure::IdentityMismatch);
-    let err = result.server.err().unwrap().to_string();
+    let result = mesh_handshake(gateway, stranger).await;
+    let err = refusal(&result.server, HandshakeFailure::IdentityMismatch);
     assert!(
         err.contains("any identity of trust domain cluster.local"),
         "{err}"

@@ -10,7 +10,8 @@
 //! is exactly where a plaintext fallback would land.
 #![allow(clippy::unwrap_used)]
 
-use isthmus_tests::peer::test_peer;
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,17 +19,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::{Client, round_trip_within, write_files};
 use isthmus_tests::identity::Pki;
 use isthmus_tests::multicluster::{cluster_settings, gateway_id};
-use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
-use proxy_core::pool::{Pool, PoolError};
+use isthmus_vocab::{Refusal, SpiffeId};
+use proxy_core::pool::PoolError;
 use proxy_core::tunnel::client::TunnelStream;
 use proxy_identity::mint::{self, LeafBundle};
-use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
+use proxy_identity::{CredentialPaths, CredentialStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::{Instant, timeout};
-use tokio_util::sync::CancellationToken;
 
 /// Bound on any single step; a hang fails the test.
 const STEP: Duration = Duration::from_secs(15);
@@ -241,59 +242,24 @@ fn pod(name: &str, meshed: bool) -> String {
     )
 }
 
-/// A workload of cluster-a with a warm pool to its gateway.
-struct Client {
-    pool: Pool,
-    _stop: CancellationToken,
-}
-
+/// What the delivery suite asks of a workload of cluster-a with a pool to its gateway.
 impl Client {
-    fn new(store: Arc<CredentialStore>, gateway: SocketAddr) -> Client {
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        let pool = Pool::spawn(
-            test_peer(
-                &format!("test/{gateway}"),
-                gateway,
-                proxy_identity::client_config(store, PeerPolicy::Exact(gateway_id("cluster-a"))),
-                1,
-                STEP,
-            ),
-            stopped,
-        );
-        Client { pool, _stop: stop }
-    }
-
-    async fn open(&self, service: &str) -> Result<TunnelStream, PoolError> {
-        let authority =
-            Authority::parse(&format!("{service}.default.svc.cluster.local:80")).unwrap();
-        let cluster = ClusterName::parse("cluster-a").unwrap();
-        timeout(STEP, self.pool.open_answered(&authority, Some(&cluster)))
-            .await
-            .unwrap_or_else(|_| panic!("opening {authority} hung"))
+    async fn open_service(&self, service: &str) -> Result<TunnelStream, PoolError> {
+        self.open(
+            &format!("{service}.default.svc.cluster.local:80"),
+            "cluster-a",
+        )
+        .await
     }
 
     /// Sends `payload` on a stream to `service`, half-closes, and returns what
     /// came back.
     async fn round_trip(&self, service: &str, payload: &[u8]) -> Vec<u8> {
         let stream = self
-            .open(service)
+            .open_service(service)
             .await
             .unwrap_or_else(|e| panic!("{service}: {e}"));
-        let (mut rd, mut wr) = tokio::io::split(stream);
-        let write = async {
-            wr.write_all(payload).await.unwrap();
-            wr.shutdown().await.unwrap();
-        };
-        let read = async {
-            let mut back = Vec::new();
-            rd.read_to_end(&mut back).await.unwrap();
-            back
-        };
-        let ((), back) = timeout(STEP, async { tokio::join!(write, read) })
-            .await
-            .expect("round trip hung");
-        back
+        round_trip_within(stream, payload, STEP).await
     }
 }
 
@@ -335,40 +301,42 @@ async fn a_meshed_endpoint_is_reached_over_its_sidecar_or_not_at_all() {
     let unmeshed = App::start(SocketAddr::new(ip(5), APP_PORT)).await;
 
     let gateway_addr = SocketAddr::new(ip(1), TUNNEL_PORT);
-    std::fs::write(
-        manifests.join("settings.yaml"),
-        cluster_settings("cluster-a", gateway_addr),
-    )
-    .unwrap();
-    std::fs::write(
-        manifests.join("pods.yaml"),
-        [
-            pod("down-0", true),
-            pod("impostor-0", true),
-            pod("healthy-0", true),
-            pod("unmeshed-0", false),
-        ]
-        .concat(),
-    )
-    .unwrap();
-    std::fs::write(
-        manifests.join("services.yaml"),
-        [
-            service("down", &[("down-0", ip(2))]),
-            service("impostor", &[("impostor-0", ip(3))]),
-            service("unmeshed", &[("unmeshed-0", ip(5))]),
-            service(
-                "mixed",
-                &[
-                    ("down-0", ip(2)),
-                    ("impostor-0", ip(3)),
-                    ("healthy-0", ip(4)),
-                ],
+    write_files(
+        &manifests,
+        &[
+            (
+                "settings.yaml",
+                &cluster_settings("cluster-a", gateway_addr),
             ),
-        ]
-        .concat(),
-    )
-    .unwrap();
+            (
+                "pods.yaml",
+                &[
+                    pod("down-0", true),
+                    pod("impostor-0", true),
+                    pod("healthy-0", true),
+                    pod("unmeshed-0", false),
+                ]
+                .concat(),
+            ),
+            (
+                "services.yaml",
+                &[
+                    service("down", &[("down-0", ip(2))]),
+                    service("impostor", &[("impostor-0", ip(3))]),
+                    service("unmeshed", &[("unmeshed-0", ip(5))]),
+                    service(
+                        "mixed",
+                        &[
+                            ("down-0", ip(2)),
+                            ("impostor-0", ip(3)),
+                            ("healthy-0", ip(4)),
+                        ],
+                    ),
+                ]
+                .concat(),
+            ),
+        ],
+    );
 
     let id =
         |sa: &str| SpiffeId::parse(&format!("spiffe://cluster.local/ns/default/sa/{sa}")).unwrap();
@@ -425,6 +393,9 @@ async fn a_meshed_endpoint_is_reached_over_its_sidecar_or_not_at_all() {
             &pki.leaf("cluster-a", &id("client")),
         ),
         gateway_addr,
+        gateway_id("cluster-a"),
+        1,
+        STEP,
     );
 
     // An unmeshed pod is served with plain TCP.
@@ -438,7 +409,7 @@ async fn a_meshed_endpoint_is_reached_over_its_sidecar_or_not_at_all() {
     for _ in 0..ATTEMPTS {
         for service in ["down", "impostor"] {
             // Bytes go right behind the CONNECT, as a real client's do.
-            let outcome = match client.open(service).await {
+            let outcome = match client.open_service(service).await {
                 Ok(mut stream) => {
                     let _ = stream.write_all(b"secret").await;
                     let _ = stream.shutdown().await;

@@ -10,6 +10,9 @@
 //! fresh leaf written to the identity directory must bring everything back.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::write_files;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
@@ -129,16 +132,13 @@ fn an_expired_leaf_is_never_presented_and_the_gateway_turns_unready() {
     let expires = not_after(&identity);
     let manifests = root.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
-    std::fs::write(
-        manifests.join("settings.yaml"),
-        cluster_settings("cluster-a", inbound),
-    )
-    .unwrap();
-    std::fs::write(
-        manifests.join("link.yaml"),
-        link("cluster-b", peer_addr, peer_addr),
-    )
-    .unwrap();
+    write_files(
+        &manifests,
+        &[
+            ("settings.yaml", &cluster_settings("cluster-a", inbound)),
+            ("link.yaml", &link("cluster-b", peer_addr, peer_addr)),
+        ],
+    );
 
     let peer_config = Presented::of(&peer_leaf).server_config();
     let peer_seen = Arc::new(Mutex::new(Vec::new()));

@@ -19,7 +19,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{STEP, connect_through, echo, free_port, mint_identity, spawn_standalone};
+use common::{
+    STEP, connect_through, echo, free_port, mint_identity, spawn_standalone, write_files,
+};
 use isthmus_test_support::{Metrics, Proxy, eventually_blocking};
 
 /// The proxy under test and where it listens.
@@ -66,8 +68,10 @@ fn start(dir: &Path, extra: &[&str]) -> Standalone {
     let manifests = dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
     mint_identity(&identity);
-    std::fs::write(manifests.join("settings.yaml"), SETTINGS).unwrap();
-    std::fs::write(manifests.join("hello.yaml"), HELLO).unwrap();
+    write_files(
+        &manifests,
+        &[("settings.yaml", &SETTINGS), ("hello.yaml", &HELLO)],
+    );
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let log = dir.join("proxy.log");

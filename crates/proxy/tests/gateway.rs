@@ -16,24 +16,25 @@
 //! `tests/`), and throughput (the benches).
 #![allow(clippy::unwrap_used)]
 
-use isthmus_tests::peer::test_peer;
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{Client, assert_echoed, round_trip, spawn_standalone, write_files};
 use isthmus_test_support::echo::Echo;
 use isthmus_test_support::proxy::free_addr;
 use isthmus_test_support::{Pki, Proxy, STEP, eventually};
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, meshed_service, service};
 use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
-use proxy_core::pool::{LinkState, Pool, PoolError};
+use proxy_core::pool::{LinkState, PoolError};
 use proxy_identity::mint::{self, LeafBundle};
-use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
+use proxy_identity::{CredentialPaths, CredentialStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
-use tokio_util::sync::CancellationToken;
 
 /// How often the gateways re-read their manifests.
 const RELOAD: &str = "200ms";
@@ -176,41 +177,8 @@ fn write_identity(dir: &Path, leaf: &LeafBundle) -> Arc<CredentialStore> {
     Arc::new(CredentialStore::load(CredentialPaths::in_dir(dir)).unwrap())
 }
 
-/// A test client's warm pool to one gateway; its tasks stop when dropped.
-struct Client {
-    pool: Pool,
-    _stop: CancellationToken,
-}
-
+/// What the gateway suite asks of a client beyond opening streams.
 impl Client {
-    fn new(store: Arc<CredentialStore>, gateway: SocketAddr, expect: SpiffeId) -> Client {
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        let pool = Pool::spawn(
-            test_peer(
-                &format!("test/{gateway}"),
-                gateway,
-                proxy_identity::client_config(store, PeerPolicy::Exact(expect)),
-                2,
-                STEP,
-            ),
-            stopped,
-        );
-        Client { pool, _stop: stop }
-    }
-
-    async fn open(
-        &self,
-        authority: &str,
-        cluster: &str,
-    ) -> Result<proxy_core::tunnel::client::TunnelStream, PoolError> {
-        let authority = Authority::parse(authority).unwrap();
-        let cluster = ClusterName::parse(cluster).unwrap();
-        timeout(STEP, self.pool.open_answered(&authority, Some(&cluster)))
-            .await
-            .unwrap_or_else(|_| panic!("opening {authority} in {cluster} hung"))
-    }
-
     /// The refusal a stream gets within [`FAIL_FAST_BOUND`], failing if it was
     /// opened, failed another way or kept waiting.
     async fn refusal(&self, authority: &str, cluster: &str) -> Refusal {
@@ -229,6 +197,18 @@ impl Client {
         }
     }
 
+    /// Waits until a stream to `authority` in `cluster` is refused with `refusal`
+    /// (`what` happened).
+    async fn until_refused(&self, what: &str, authority: &str, cluster: &str, refusal: Refusal) {
+        eventually(what, STEP, || async {
+            match self.open(authority, cluster).await {
+                Err(PoolError::Refused { refusal: got, .. }) if got == refusal => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+    }
+
     /// Waits until the pool's state satisfies `ok` (bounded), returning it.
     async fn wait_state(&self, what: &str, ok: impl Fn(&LinkState) -> bool) -> LinkState {
         let deadline = Instant::now() + STEP;
@@ -244,25 +224,6 @@ impl Client {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-}
-
-/// Sends `payload` through an open tunnel stream, half-closes, and returns all that
-/// comes back until the far side closes.
-async fn round_trip(stream: proxy_core::tunnel::client::TunnelStream, payload: &[u8]) -> Vec<u8> {
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let write = async {
-        wr.write_all(payload).await.unwrap();
-        wr.shutdown().await.unwrap();
-    };
-    let read = async {
-        let mut back = Vec::with_capacity(payload.len());
-        rd.read_to_end(&mut back).await.unwrap();
-        back
-    };
-    let ((), back) = timeout(STEP, async { tokio::join!(write, read) })
-        .await
-        .expect("round trip through the gateways hung");
-    back
 }
 
 /// Two linked clusters on loopback, each with its gateway process.
@@ -317,54 +278,62 @@ impl Mesh {
 
         let a = root.join("manifests-cluster-a");
         std::fs::create_dir_all(&a).unwrap();
-        std::fs::write(
-            a.join("settings.yaml"),
-            cluster_settings("cluster-a", inbound_a),
-        )
-        .unwrap();
-        std::fs::write(a.join("hello.yaml"), service("hello", echo.addr, true)).unwrap();
-        std::fs::write(a.join("secret.yaml"), service("secret", echo.addr, false)).unwrap();
+        write_files(
+            &a,
+            &[
+                ("settings.yaml", &cluster_settings("cluster-a", inbound_a)),
+                ("hello.yaml", &service("hello", echo.addr, true)),
+                ("secret.yaml", &service("secret", echo.addr, false)),
+            ],
+        );
         // Exported, but with nothing behind it: no Endpoints, a closed port, and
         // gateway-a's own tunnel listener.
         let without_endpoints = service("empty", echo.addr, true);
         let (without_endpoints, _) = without_endpoints.split_once("---").unwrap();
-        std::fs::write(a.join("empty.yaml"), without_endpoints).unwrap();
+        write_files(&a, &[("empty.yaml", &without_endpoints)]);
         let closed = free_addr(Ipv4Addr::LOCALHOST);
-        std::fs::write(a.join("dead.yaml"), service("dead", closed, true)).unwrap();
-        std::fs::write(a.join("looped.yaml"), service("looped", inbound_a, true)).unwrap();
-        std::fs::write(
-            a.join("links.yaml"),
-            format!(
-                "{}---\n{}",
-                link("cluster-b", inbound_b, admin_b),
-                link("cluster-c", cluster_c, cluster_c)
-            ),
-        )
-        .unwrap();
+        write_files(
+            &a,
+            &[
+                ("dead.yaml", &service("dead", closed, true)),
+                ("looped.yaml", &service("looped", inbound_a, true)),
+                (
+                    "links.yaml",
+                    &format!(
+                        "{}---\n{}",
+                        link("cluster-b", inbound_b, admin_b),
+                        link("cluster-c", cluster_c, cluster_c)
+                    ),
+                ),
+            ],
+        );
 
         let b = root.join("manifests-cluster-b");
         std::fs::create_dir_all(b.join("clusters/cluster-a")).unwrap();
-        std::fs::write(
-            b.join("settings.yaml"),
-            cluster_settings("cluster-b", inbound_b),
-        )
-        .unwrap();
-        std::fs::write(
-            b.join("link-cluster-a.yaml"),
-            link("cluster-a", inbound_a, admin_a),
-        )
-        .unwrap();
+        write_files(
+            &b,
+            &[
+                ("settings.yaml", &cluster_settings("cluster-b", inbound_b)),
+                (
+                    "link-cluster-a.yaml",
+                    &link("cluster-a", inbound_a, admin_a),
+                ),
+            ],
+        );
         // What cluster-b knows of cluster-a, as a controller watching it would see.
-        std::fs::write(
-            b.join("clusters/cluster-a/settings.yaml"),
-            cluster_settings("cluster-a", inbound_a),
-        )
-        .unwrap();
-        std::fs::write(
-            b.join("clusters/cluster-a/hello.yaml"),
-            service("hello", echo.addr, true),
-        )
-        .unwrap();
+        write_files(
+            &b,
+            &[
+                (
+                    "clusters/cluster-a/settings.yaml",
+                    &cluster_settings("cluster-a", inbound_a),
+                ),
+                (
+                    "clusters/cluster-a/hello.yaml",
+                    &service("hello", echo.addr, true),
+                ),
+            ],
+        );
 
         let mut gw_a = Gateway::spawn("cluster-a", root, inbound_a, admin_a);
         let mut gw_b = Gateway::spawn("cluster-b", root, inbound_b, admin_b);
@@ -387,11 +356,33 @@ impl Mesh {
 
     /// cluster-b's sidecar: a pool to gateway-b with its own identity.
     fn sidecar_b(&self) -> Client {
-        let store = write_identity(
-            &self.dir.path().join("identity-sidecar-b"),
-            &self.pki.leaf("cluster-b", &sidecar_b_id()),
-        );
-        Client::new(store, self.gw_b.inbound, gateway_id("cluster-b"))
+        let leaf = self.pki.leaf("cluster-b", &sidecar_b_id());
+        self.client("identity-sidecar-b", &leaf, self.gw_b.inbound, "cluster-b")
+    }
+
+    /// A pool holding `leaf` (written to the directory `name`) to `gateway`, which
+    /// must present `expect`'s gateway identity.
+    fn client(&self, name: &str, leaf: &LeafBundle, gateway: SocketAddr, expect: &str) -> Client {
+        let store = write_identity(&self.dir.path().join(name), leaf);
+        Client::new(store, gateway, gateway_id(expect), 2, STEP)
+    }
+
+    /// Waits until gateway-b's `gateway_link_up` for its link to cluster-a is
+    /// `value` (the gauge is refreshed periodically, not on every change).
+    async fn link_gauge_is(&self, value: u8) {
+        let sample = format!("gateway_link_up{{cluster=\"cluster-a\"}} {value}");
+        eventually(&sample, STEP, || async {
+            self.gw_b.metrics().await.contains(&sample).then_some(())
+        })
+        .await;
+    }
+
+    /// gateway-b's own identity, as it is on disk now, dialling gateway-a: a peer
+    /// gateway.
+    fn gateway_b_to_a(&self) -> Client {
+        let paths = CredentialPaths::in_dir(self.dir.path().join("identity-cluster-b"));
+        let store = Arc::new(CredentialStore::load(paths).unwrap());
+        Client::new(store, self.gw_a.inbound, gateway_id("cluster-a"), 2, STEP)
     }
 }
 
@@ -528,13 +519,7 @@ async fn streams_cross_both_gateways_over_a_pooled_link() {
     assert!(state.starts_with("up ("), "{config:#}");
     eprintln!("gateway-b /config link state: {state}");
     // The gauge and the probe are refreshed periodically, not on every change.
-    eventually("gateway_link_up to be 1", STEP, || async {
-        let metrics = mesh.gw_b.metrics().await;
-        metrics
-            .contains("gateway_link_up{cluster=\"cluster-a\"} 1")
-            .then_some(())
-    })
-    .await;
+    mesh.link_gauge_is(1).await;
     eventually("the link probe to succeed", STEP, || async {
         let config = mesh.gw_b.config().await;
         (config["links"]["cluster-a"]["probe"]["ok"] == true).then_some(())
@@ -550,13 +535,7 @@ async fn refusals_are_prompt_and_reach_nothing() {
     let stream = sidecar.open(HELLO, "cluster-a").await.unwrap();
     assert_eq!(round_trip(stream, b"ping").await, b"ping");
     // A peer gateway (here, gateway-b's own identity) reaches cluster-a's exports.
-    let gateway_b_store = Arc::new(
-        CredentialStore::load(CredentialPaths::in_dir(
-            mesh.dir.path().join("identity-cluster-b"),
-        ))
-        .unwrap(),
-    );
-    let peer = Client::new(gateway_b_store, mesh.gw_a.inbound, gateway_id("cluster-a"));
+    let peer = mesh.gateway_b_to_a();
     let stream = peer.open(HELLO, "cluster-a").await.unwrap();
     assert_eq!(round_trip(stream, b"peer").await, b"peer");
     let reached = mesh.echo.accepted();
@@ -607,14 +586,8 @@ async fn refusals_are_prompt_and_reach_nothing() {
     // Nor may a workload of a linked cluster that dials gateway-a directly: only
     // leaves of cluster-a's own issuer may be relayed onward, whatever their
     // trust domain.
-    let stray_b = Client::new(
-        write_identity(
-            &mesh.dir.path().join("identity-stray-b"),
-            &mesh.pki.leaf("cluster-b", &sidecar_b_id()),
-        ),
-        mesh.gw_a.inbound,
-        gateway_id("cluster-a"),
-    );
+    let leaf = mesh.pki.leaf("cluster-b", &sidecar_b_id());
+    let stray_b = mesh.client("identity-stray-b", &leaf, mesh.gw_a.inbound, "cluster-a");
     assert_eq!(
         stray_b.refusal(HELLO, "cluster-b").await,
         Refusal::Forbidden
@@ -624,14 +597,10 @@ async fn refusals_are_prompt_and_reach_nothing() {
         Refusal::Forbidden
     );
     // Whereas a workload of cluster-a is told the link is down, not forbidden.
-    let sidecar_a_store = write_identity(
-        &mesh.dir.path().join("identity-sidecar-a"),
-        &mesh.pki.leaf(
-            "cluster-a",
-            &SpiffeId::parse("spiffe://cluster.local/ns/default/sa/hello-client").unwrap(),
-        ),
-    );
-    let sidecar_a = Client::new(sidecar_a_store, mesh.gw_a.inbound, gateway_id("cluster-a"));
+    let hello_client =
+        SpiffeId::parse("spiffe://cluster.local/ns/default/sa/hello-client").unwrap();
+    let leaf = mesh.pki.leaf("cluster-a", &hello_client);
+    let sidecar_a = mesh.client("identity-sidecar-a", &leaf, mesh.gw_a.inbound, "cluster-a");
     assert_eq!(
         sidecar_a.refusal(HELLO, "cluster-c").await,
         Refusal::LinkDown
@@ -643,10 +612,11 @@ async fn refusals_are_prompt_and_reach_nothing() {
     let foreign = Pki::new(&mint::default_anchor_name());
     let mut impostor = foreign.leaf("cluster-b", &sidecar_b_id());
     impostor.anchors_pem = format!("{}{}", impostor.anchors_pem, mesh.pki.anchor().anchors_pem);
-    let impostor = Client::new(
-        write_identity(&mesh.dir.path().join("identity-impostor"), &impostor),
+    let impostor = mesh.client(
+        "identity-impostor",
+        &impostor,
         mesh.gw_b.inbound,
-        gateway_id("cluster-b"),
+        "cluster-b",
     );
     let state = impostor
         .wait_state("down", |s| matches!(s, LinkState::Down { .. }))
@@ -689,14 +659,8 @@ async fn refusals_are_prompt_and_reach_nothing() {
 
     // A gateway presenting another identity than the one expected: the client
     // refuses it (cluster-b's gateway where cluster-a's was expected).
-    let misdirected = Client::new(
-        write_identity(
-            &mesh.dir.path().join("identity-sidecar-b2"),
-            &mesh.pki.leaf("cluster-b", &sidecar_b_id()),
-        ),
-        mesh.gw_b.inbound,
-        gateway_id("cluster-a"),
-    );
+    let leaf = mesh.pki.leaf("cluster-b", &sidecar_b_id());
+    let misdirected = mesh.client("identity-sidecar-b2", &leaf, mesh.gw_b.inbound, "cluster-a");
     let state = misdirected
         .wait_state("down", |s| matches!(s, LinkState::Down { .. }))
         .await;
@@ -836,13 +800,7 @@ async fn a_dead_peer_gateway_is_link_down_fast_and_the_link_recovers() {
         .to_owned();
     assert!(state.starts_with("down"), "{config:#}");
     eprintln!("gateway-b /config link state: {state}");
-    eventually("gateway_link_up to be 0", STEP, || async {
-        let metrics = mesh.gw_b.metrics().await;
-        metrics
-            .contains("gateway_link_up{cluster=\"cluster-a\"} 0")
-            .then_some(())
-    })
-    .await;
+    mesh.link_gauge_is(0).await;
     let probe = eventually("the link probe to fail", STEP, || async {
         let config = mesh.gw_b.config().await;
         let probe = config["links"]["cluster-a"]["probe"].clone();
@@ -876,11 +834,10 @@ async fn exports_and_links_reload_without_restart_and_bad_files_keep_the_old_rou
     assert_eq!(sidecar.refusal(HELLO2, "cluster-a").await, Refusal::NoRoute);
 
     let manifests = mesh.dir.path().join("manifests-cluster-a");
-    std::fs::write(
-        manifests.join("hello2.yaml"),
-        service("hello2", mesh.echo.addr, true),
-    )
-    .unwrap();
+    write_files(
+        &manifests,
+        &[("hello2.yaml", &service("hello2", mesh.echo.addr, true))],
+    );
     let started = Instant::now();
     let stream = eventually("hello2 to be routed", STEP, || async {
         sidecar.open(HELLO2, "cluster-a").await.ok()
@@ -893,11 +850,13 @@ async fn exports_and_links_reload_without_restart_and_bad_files_keep_the_old_rou
     assert_eq!(round_trip(stream, b"new").await, b"new");
 
     let generation = mesh.gw_a.config().await["discovery"]["status"]["generation"].clone();
-    std::fs::write(
-        manifests.join("broken.yaml"),
-        "apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n",
-    )
-    .unwrap();
+    write_files(
+        &manifests,
+        &[(
+            "broken.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n",
+        )],
+    );
     let status = eventually("gateway-a to report the bad manifest", STEP, || async {
         let status = mesh.gw_a.config().await["discovery"]["status"].clone();
         (status["stale"] == true).then_some(status)
@@ -924,16 +883,14 @@ async fn exports_and_links_reload_without_restart_and_bad_files_keep_the_old_rou
     // Fixing the file resumes reloads; removing an export removes the route.
     std::fs::remove_file(manifests.join("broken.yaml")).unwrap();
     std::fs::remove_file(manifests.join("hello2.yaml")).unwrap();
-    eventually("hello2 to be withdrawn", STEP, || async {
-        match sidecar.open(HELLO2, "cluster-a").await {
-            Err(PoolError::Refused {
-                refusal: Refusal::NoRoute,
-                ..
-            }) => Some(()),
-            _ => None,
-        }
-    })
-    .await;
+    sidecar
+        .until_refused(
+            "hello2 to be withdrawn",
+            HELLO2,
+            "cluster-a",
+            Refusal::NoRoute,
+        )
+        .await;
 
     // Removing cluster-b's Link to cluster-a closes the link; restoring it reopens it.
     let link_file = mesh
@@ -942,16 +899,14 @@ async fn exports_and_links_reload_without_restart_and_bad_files_keep_the_old_rou
         .join("manifests-cluster-b/link-cluster-a.yaml");
     let link_yaml = std::fs::read_to_string(&link_file).unwrap();
     std::fs::remove_file(&link_file).unwrap();
-    eventually("cluster-a to become unknown at gateway-b", STEP, || async {
-        match sidecar.open(HELLO, "cluster-a").await {
-            Err(PoolError::Refused {
-                refusal: Refusal::UnknownCluster,
-                ..
-            }) => Some(()),
-            _ => None,
-        }
-    })
-    .await;
+    sidecar
+        .until_refused(
+            "cluster-a to become unknown at gateway-b",
+            HELLO,
+            "cluster-a",
+            Refusal::UnknownCluster,
+        )
+        .await;
     let config = mesh.gw_b.config().await;
     assert!(config["links"]["cluster-a"].is_null(), "{config:#}");
     std::fs::write(&link_file, link_yaml).unwrap();
@@ -984,13 +939,13 @@ async fn a_silent_peer_gateway_is_link_down_within_the_connect_timeout() {
     let silent_addr = silent.local_addr().unwrap().as_socket().unwrap();
 
     // A Link added at run time gets its pool without a restart.
-    std::fs::write(
-        mesh.dir
-            .path()
-            .join("manifests-cluster-b/link-cluster-d.yaml"),
-        link("cluster-d", silent_addr, silent_addr),
-    )
-    .unwrap();
+    write_files(
+        &mesh.dir.path().join("manifests-cluster-b"),
+        &[(
+            "link-cluster-d.yaml",
+            &link("cluster-d", silent_addr, silent_addr),
+        )],
+    );
     eventually(
         "gateway-b to pick up the Link to cluster-d",
         STEP,
@@ -1040,13 +995,7 @@ async fn sigterm_drains_relayed_streams_then_cuts_the_rest() {
     let mut finishing = sidecar.open(HELLO, "cluster-a").await.unwrap();
     let mut lingering = sidecar.open(HELLO, "cluster-a").await.unwrap();
     for stream in [&mut finishing, &mut lingering] {
-        stream.write_all(b"1").await.unwrap();
-        let mut byte = [0u8; 1];
-        timeout(STEP, stream.read_exact(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(&byte, b"1");
+        assert_echoed(stream, b"1").await;
     }
 
     mesh.gw_b.terminate();
@@ -1083,12 +1032,7 @@ async fn a_gateway_rotates_its_identity_without_dropping_streams() {
     let mesh = Mesh::start(68).await;
     let sidecar = mesh.sidecar_b();
     let mut stream = sidecar.open(HELLO, "cluster-a").await.unwrap();
-    stream.write_all(b"1").await.unwrap();
-    let mut byte = [0u8; 1];
-    timeout(STEP, stream.read_exact(&mut byte))
-        .await
-        .unwrap()
-        .unwrap();
+    assert_echoed(&mut stream, b"1").await;
     let identity = |config: serde_json::Value| config["identity"].clone();
     let before = identity(mesh.gw_a.config().await);
 
@@ -1107,20 +1051,14 @@ async fn a_gateway_rotates_its_identity_without_dropping_streams() {
     // The stream opened under the old leaf carries on, both ways.
     assert_eq!(round_trip(stream, b"2").await, b"2");
     // A new peer connection handshakes with the renewed leaf.
-    let gateway_b_store = Arc::new(
-        CredentialStore::load(CredentialPaths::in_dir(
-            mesh.dir.path().join("identity-cluster-b"),
-        ))
-        .unwrap(),
-    );
-    let peer = Client::new(gateway_b_store, mesh.gw_a.inbound, gateway_id("cluster-a"));
+    let peer = mesh.gateway_b_to_a();
     let fresh = peer.open(HELLO, "cluster-a").await.unwrap();
     assert_eq!(round_trip(fresh, b"3").await, b"3");
 
     // A broken update (a key that does not match the certificate) is refused and
     // the renewed leaf stays in use.
     let other = mesh.pki.leaf("cluster-a", &gateway_id("cluster-a"));
-    std::fs::write(dir.join("tls.key"), &other.key_pem).unwrap();
+    write_files(&dir, &[("tls.key", &other.key_pem)]);
     let refused = eventually("gateway-a to refuse the bad key", STEP, || async {
         let now = identity(mesh.gw_a.config().await);
         (now["refusals"].as_u64() > after["refusals"].as_u64()).then_some(now)
@@ -1128,16 +1066,7 @@ async fn a_gateway_rotates_its_identity_without_dropping_streams() {
     .await;
     assert_eq!(refused["serial"], after["serial"], "{refused:#}");
     eprintln!("refused identity update: {}", refused["last_refusal"]);
-    let peer_again = Client::new(
-        Arc::new(
-            CredentialStore::load(CredentialPaths::in_dir(
-                mesh.dir.path().join("identity-cluster-b"),
-            ))
-            .unwrap(),
-        ),
-        mesh.gw_a.inbound,
-        gateway_id("cluster-a"),
-    );
+    let peer_again = mesh.gateway_b_to_a();
     let fresh = peer_again.open(HELLO, "cluster-a").await.unwrap();
     assert_eq!(round_trip(fresh, b"4").await, b"4");
 }
@@ -1165,18 +1094,9 @@ async fn a_link_to_an_ipv6_gateway_carries_streams() {
     );
 }
 
-/// The seed's ServiceMirror, verbatim but for its comments.
-const SEED_MIRROR: &str = "apiVersion: linkerd.io/v1alpha1
-kind: ServiceMirror
-metadata:
-  name: hello-mirror
-  namespace: default
-spec:
-  cluster: cluster-a
-  service:
-    name: hello
-    namespace: default
-";
+/// The seed's ServiceMirror, as the example ships it.
+const SEED_MIRROR: &str =
+    include_str!("../../../examples/seed/cluster-b/cluster-b-servicemirror.yaml");
 
 /// Sends `CONNECT authority` through an explicit proxy; the answer's head and, on
 /// 200, the open stream.
@@ -1217,18 +1137,14 @@ async fn a_mirror_added_at_run_time_is_reached_by_name_through_both_gateways() {
     );
     let listen = free_addr(Ipv4Addr::new(127, 0, 70, 4));
     let admin = free_addr(Ipv4Addr::new(127, 0, 70, 4));
-    let standalone = Proxy::command(
-        env!("CARGO_BIN_EXE_isthmus-proxy"),
-        "standalone",
-        "cluster-b",
+    let standalone = spawn_standalone(
         &root.join("identity-standalone-b"),
         &root.join("manifests-cluster-b"),
+        listen,
         admin,
-        root.join("standalone-b.log"),
-    )
-    .args(["--outbound-addr", &listen.to_string()])
-    .args(["--reload-interval", RELOAD])
-    .start();
+        &["--reload-interval", RELOAD],
+        &root.join("standalone-b.log"),
+    );
     let mut standalone = Gateway::other("cluster-b", root, listen, standalone);
     standalone.wait_ready().await;
     // Ready does not wait for the pool to gateway-b, which connects in the background.
@@ -1243,7 +1159,10 @@ async fn a_mirror_added_at_run_time_is_reached_by_name_through_both_gateways() {
     );
 
     // Applying the seed's ServiceMirror makes the route appear without a restart.
-    std::fs::write(root.join("manifests-cluster-b/mirror.yaml"), SEED_MIRROR).unwrap();
+    write_files(
+        &root.join("manifests-cluster-b"),
+        &[("mirror.yaml", SEED_MIRROR)],
+    );
     let (head, mut stream) = eventually("the mirrored route", STEP, || async {
         let (head, stream) = connect_via(listen, HELLO).await;
         head.starts_with("HTTP/1.1 200").then_some((head, stream))
@@ -1315,11 +1234,10 @@ async fn streams_to_a_meshed_pod_enter_through_its_sidecar() {
     // meshed: a Pod labelled so, named by the endpoint's targetRef.
     let app = Echo::start(pod_ip.into()).await;
     let pod_endpoint = app.addr;
-    std::fs::write(
-        root.join("manifests-cluster-a/meshed.yaml"),
-        meshed_service("meshed", pod_endpoint, true),
-    )
-    .unwrap();
+    write_files(
+        &root.join("manifests-cluster-a"),
+        &[("meshed.yaml", &meshed_service("meshed", pod_endpoint, true))],
+    );
     let client = mesh.sidecar_b();
     let authority = "meshed.default.svc.cluster.local:80";
     let stream = eventually("the meshed service", STEP, || async {

@@ -35,7 +35,7 @@ use proxy_identity::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::{Proxy as Process, STEP, echo, read_head, serve_each};
+use common::{Proxy as Process, STEP, echo, read_head, serve_each, write_files};
 
 /// `--tls-handshake-timeout` and `--header-read-timeout` of the proxies under test.
 const SHORT_TIMEOUT: &str = "2s";
@@ -153,10 +153,12 @@ impl Fixture {
             .unwrap();
         let manifests = fixture.dir.path().join("manifests");
         std::fs::create_dir_all(&manifests).unwrap();
-        std::fs::write(
-            manifests.join("settings.yaml"),
-            format!(
-                "apiVersion: multicluster.isthmus.io/v1alpha1
+        write_files(
+            &manifests,
+            &[(
+                "settings.yaml",
+                &format!(
+                    "apiVersion: multicluster.isthmus.io/v1alpha1
 kind: ClusterSettings
 metadata: {{name: cluster-a, namespace: {NAMESPACE}}}
 spec:
@@ -164,17 +166,19 @@ spec:
   trustDomain: cluster.local
   gateway: {{address: '{ip}', port: {port}, identity: {id}}}
 ",
-                ip = gateway.ip(),
-                port = gateway.port(),
-                id = gateway_id(),
-            ),
-        )
-        .unwrap();
+                    ip = gateway.ip(),
+                    port = gateway.port(),
+                    id = gateway_id(),
+                ),
+            )],
+        );
         let backend = echo();
-        std::fs::write(
-            manifests.join("hello.yaml"),
-            format!(
-                "apiVersion: v1
+        write_files(
+            &manifests,
+            &[(
+                "hello.yaml",
+                &format!(
+                    "apiVersion: v1
 kind: Service
 metadata:
   name: hello
@@ -190,11 +194,11 @@ subsets:
 - addresses: [{{ip: '{ip}'}}]
   ports: [{{port: {port}, protocol: TCP}}]
 ",
-                ip = backend.ip(),
-                port = backend.port(),
-            ),
-        )
-        .unwrap();
+                    ip = backend.ip(),
+                    port = backend.port(),
+                ),
+            )],
+        );
         fixture
     }
 

@@ -10,6 +10,9 @@
 //!   connection end at notAfter.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::write_files;
 use isthmus_tests::peer::test_peer;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
@@ -56,13 +59,12 @@ fn gateway_leaf(pki: &Pki, cluster: &str, lifetime: Duration) -> LeafBundle {
 fn write_manifests(root: &Path, inbound: SocketAddr, peer: Option<SocketAddr>) {
     let manifests = root.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
-    std::fs::write(
-        manifests.join("settings.yaml"),
-        cluster_settings("cluster-a", inbound),
-    )
-    .unwrap();
+    write_files(
+        &manifests,
+        &[("settings.yaml", &cluster_settings("cluster-a", inbound))],
+    );
     if let Some(peer) = peer {
-        std::fs::write(manifests.join("link.yaml"), link("cluster-b", peer, peer)).unwrap();
+        write_files(&manifests, &[("link.yaml", &link("cluster-b", peer, peer))]);
     }
 }
 

@@ -7,6 +7,9 @@
 //! must fail once the peer gateway is gone.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::write_files;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -115,16 +118,13 @@ fn the_link_probe_is_a_ping_on_the_tunnel_not_a_call_to_the_admin_port() {
             .unwrap();
         let manifests = root.join(format!("manifests-{cluster}"));
         std::fs::create_dir_all(&manifests).unwrap();
-        std::fs::write(
-            manifests.join("settings.yaml"),
-            cluster_settings(cluster, own),
-        )
-        .unwrap();
-        std::fs::write(
-            manifests.join("link.yaml"),
-            link(peer, peer_inbound, nowhere),
-        )
-        .unwrap();
+        write_files(
+            &manifests,
+            &[
+                ("settings.yaml", &cluster_settings(cluster, own)),
+                ("link.yaml", &link(peer, peer_inbound, nowhere)),
+            ],
+        );
     }
     let gw_a = start("cluster-a", root, inbound_a, admin_a);
     let _gw_b = start("cluster-b", root, inbound_b, admin_b);

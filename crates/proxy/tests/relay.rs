@@ -13,6 +13,9 @@
 
 mod trust;
 
+mod common;
+
+use common::write_files;
 use std::net::{IpAddr, Ipv4Addr};
 
 use isthmus_tests::multicluster::service;
@@ -57,32 +60,32 @@ async fn mesh() -> Mesh {
         write_identity(&identity, &pki.leaf(cluster, GATEWAY_ID));
         let manifests = root.join(format!("manifests-{cluster}"));
         std::fs::create_dir_all(&manifests).unwrap();
-        std::fs::write(manifests.join("settings.yaml"), settings(cluster, gw[i])).unwrap();
+        write_files(&manifests, &[("settings.yaml", &settings(cluster, gw[i]))]);
         match cluster {
             "cluster-a" => {
-                std::fs::write(
-                    manifests.join("hello.yaml"),
-                    service("hello", echo_a.addr, true),
-                )
-                .unwrap();
+                write_files(
+                    &manifests,
+                    &[("hello.yaml", &service("hello", echo_a.addr, true))],
+                );
             }
             "cluster-c" => {
-                std::fs::write(
-                    manifests.join("hello.yaml"),
-                    service("hello", echo_c.addr, true),
-                )
-                .unwrap();
+                write_files(
+                    &manifests,
+                    &[("hello.yaml", &service("hello", echo_c.addr, true))],
+                );
             }
             _ => {
-                std::fs::write(
-                    manifests.join("links.yaml"),
-                    format!(
-                        "{}---\n{}",
-                        link("cluster-a", gw[0], admin[0]),
-                        link("cluster-c", gw[2], admin[2])
-                    ),
-                )
-                .unwrap();
+                write_files(
+                    &manifests,
+                    &[(
+                        "links.yaml",
+                        &format!(
+                            "{}---\n{}",
+                            link("cluster-a", gw[0], admin[0]),
+                            link("cluster-c", gw[2], admin[2])
+                        ),
+                    )],
+                );
             }
         }
         proxies.push(spawn(

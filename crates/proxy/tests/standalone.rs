@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     Proxy, STEP, connect_through, echo, free_port, mint_identity, read_head, serve_each,
-    spawn_standalone,
+    spawn_standalone, write_files,
 };
 
 /// A tiny HTTP/1.1 origin that answers every request with its request line.
@@ -43,11 +43,13 @@ fn start_with(dir: &Path, extra: &[&str]) -> (Proxy, SocketAddr, SocketAddr) {
     mint_identity(&identity);
     // A test may have written its own settings first.
     if !manifests.join("settings.yaml").exists() {
-        std::fs::write(
-            manifests.join("settings.yaml"),
-            "apiVersion: multicluster.isthmus.io/v1alpha1\nkind: ClusterSettings\nmetadata: {name: cluster-b}\nspec: {clusterName: cluster-b}\n",
-        )
-        .unwrap();
+        write_files(
+            &manifests,
+            &[(
+                "settings.yaml",
+                "apiVersion: multicluster.isthmus.io/v1alpha1\nkind: ClusterSettings\nmetadata: {name: cluster-b}\nspec: {clusterName: cluster-b}\n",
+            )],
+        );
     }
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -192,15 +194,17 @@ fn a_gateway_named_by_dns_name_is_resolved() {
     let manifests = dir.path().join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
     let port = free_port();
-    std::fs::write(
-        manifests.join("settings.yaml"),
-        format!(
-            "apiVersion: multicluster.isthmus.io/v1alpha1\nkind: ClusterSettings\nmetadata: {{name: cluster-b}}\n\
+    write_files(
+        &manifests,
+        &[(
+            "settings.yaml",
+            &format!(
+                "apiVersion: multicluster.isthmus.io/v1alpha1\nkind: ClusterSettings\nmetadata: {{name: cluster-b}}\n\
              spec:\n  clusterName: cluster-b\n  gateway: {{address: localhost, port: {port}, \
              identity: 'spiffe://cluster.local/ns/isthmus-system/sa/isthmus-gateway'}}\n"
-        ),
-    )
-    .unwrap();
+            ),
+        )],
+    );
     let (_proxy, _listen, admin) = start(dir.path());
     let config = get(admin, "/config");
     let compact: String = config.split_whitespace().collect();

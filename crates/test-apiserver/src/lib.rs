@@ -67,6 +67,14 @@
 //!   the service range ([`Builder::service_cluster_ip_range`], default
 //!   10.96.0.0/12); one that asks for an address outside it or already taken is
 //!   refused (422); `clusterIP` is immutable; deleting the Service frees it.
+//! - Namespaces: `default`, `kube-system`, `kube-public` and `kube-node-lease`
+//!   exist from the start; creating an object in a namespace that does not
+//!   exist is 404, as on a real server.
+//! - Authorization, when asked ([`Builder::authorize_rbac`]): bearer tokens
+//!   (the admin's, TokenRequest's `POST .../serviceaccounts/NAME/token`, and
+//!   legacy `kubernetes.io/service-account-token` Secrets, which the server
+//!   fills in) checked against the stored Roles, ClusterRoles and bindings;
+//!   403 and 401 answered as the real server words them.
 //! - kube-runtime's `watcher`, `reflector` and `Controller` work unchanged, with
 //!   list-then-watch (the default) and streaming lists.
 //! - Watches: newline-delimited JSON events from a `resourceVersion` (or all
@@ -78,14 +86,13 @@
 //!
 //! # Deliberately not
 //!
-//! Authentication, authorization, admission webhooks, validation against
+//! Authentication and authorization other than the above, admission webhooks, validation against
 //! OpenAPI schemas, defaulting (no pod scheduling),
 //! protobuf, TLS, and HTTP/2. A list is not a consistent snapshot across pages
 //! (a page starts after the last key served), `resourceVersionMatch` is
 //! ignored, and a continue token never expires. Strategic merge patch is a
 //! JSON merge patch (lists replaced whole), and server-side apply treats lists
-//! as atomic: two managers applying different elements of one list conflict. A
-//! namespaced object may be created in a namespace that does not exist.
+//! as atomic: two managers applying different elements of one list conflict.
 
 mod allocate;
 mod apply;
@@ -116,6 +123,11 @@ use allocate::ServiceRange;
 use authz::Authenticator;
 pub use authz::User;
 use server::{Ctx, Settings};
+
+/// The namespaces every cluster starts with; an object in any other needs its
+/// namespace created first.
+pub const BUILTIN_NAMESPACES: [&str; 4] =
+    ["default", "kube-system", "kube-public", "kube-node-lease"];
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +237,13 @@ impl Builder {
     /// Starts on `addr` (for example the port of a server that was dropped).
     pub async fn start_on(self, addr: SocketAddr) -> Result<TestApiServer, StartError> {
         let store = Store::new(self.resources, self.history_limit, self.service_range);
+        for ns in BUILTIN_NAMESPACES {
+            store
+                .put_value(serde_json::json!({
+                    "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns},
+                }))
+                .expect("a namespace with a name is always stored");
+        }
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;

@@ -135,6 +135,10 @@ async fn generate_name_and_all_namespaces() {
     let server = TestApiServer::start().await;
     let client = server.client();
     for ns in ["a", "b"] {
+        server
+            .store()
+            .put_value(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+            .unwrap();
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
         let cm: ConfigMap = serde_json::from_value(
             json!({"metadata": {"generateName": "cm-"}, "data": {"k": "v"}}),

@@ -6,7 +6,7 @@
 //! Nothing is checked in: every run mints its own, so nothing expires in the tree.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -220,14 +220,27 @@ pub fn forged_ca(
     unit: &str,
     path_len: Option<u8>,
 ) -> CertificateAuthority {
+    forged_ca_of(parent, &[unit], path_len)
+}
+
+/// A CA under `parent` whose subject holds each of `units` as an OU (none, one or
+/// several: what the mint never makes).
+pub fn forged_ca_of(
+    parent: &CertificateAuthority,
+    units: &[&str],
+    path_len: Option<u8>,
+) -> CertificateAuthority {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("forged issuer {unit}"));
-    params
-        .distinguished_name
-        .push(DnType::OrganizationalUnitName, unit);
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("forged issuer {}", units.join(",")),
+    );
+    for unit in units {
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, *unit);
+    }
     params.is_ca = IsCa::Ca(match path_len {
         Some(n) => BasicConstraints::Constrained(n),
         None => BasicConstraints::Unconstrained,
@@ -245,16 +258,7 @@ pub fn forged_ca(
 /// A self-signed CA copying a cluster issuer's subject, with its own key.
 pub fn impostor_ca(cluster: &str) -> CertificateAuthority {
     let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "isthmus");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("isthmus issuer {cluster}"));
-    params
-        .distinguished_name
-        .push(DnType::OrganizationalUnitName, cluster);
+    params.distinguished_name = mint::issuer_name(cluster);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let key = KeyPair::generate().unwrap();
@@ -390,13 +394,49 @@ fn h2(mut config: ClientConfig) -> Arc<ClientConfig> {
 #[derive(Debug, Default)]
 pub struct AcceptAnything {
     server_certs: AtomicUsize,
+    /// Set once a server showed a certificate, for a caller that holds only this.
+    shown: Option<Arc<AtomicBool>>,
 }
 
 impl AcceptAnything {
+    /// One that also sets `shown` once a server showed it a certificate: tells a
+    /// refusal before the server's certificate from one after it.
+    pub fn noting(shown: Arc<AtomicBool>) -> Self {
+        Self {
+            shown: Some(shown),
+            ..Self::default()
+        }
+    }
+
     /// How many server certificates handshakes through it were shown.
     pub fn server_certs_seen(&self) -> usize {
         self.server_certs.load(Ordering::SeqCst)
     }
+}
+
+/// The signature methods of [`AcceptAnything`], the same as a server's verifier and
+/// as a client's: every signature passes, every scheme is offered.
+macro_rules! accept_any_signature {
+    () => {
+        accept_any_signature!(verify_tls12_signature, verify_tls13_signature);
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            crypto_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+    ($($method:ident),+) => {
+        $(
+            fn $method(
+                &self,
+                _: &[u8],
+                _: &CertificateDer<'_>,
+                _: &DigitallySignedStruct,
+            ) -> Result<HandshakeSignatureValid, rustls::Error> {
+                Ok(HandshakeSignatureValid::assertion())
+            }
+        )+
+    };
 }
 
 impl ServerCertVerifier for AcceptAnything {
@@ -409,27 +449,12 @@ impl ServerCertVerifier for AcceptAnything {
         _: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         self.server_certs.fetch_add(1, Ordering::SeqCst);
+        if let Some(shown) = &self.shown {
+            shown.store(true, Ordering::SeqCst);
+        }
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
-    }
+    accept_any_signature!();
 }
 
 impl ClientCertVerifier for AcceptAnything {
@@ -450,31 +475,7 @@ impl ClientCertVerifier for AcceptAnything {
     ) -> Result<ClientCertVerified, rustls::Error> {
         Ok(ClientCertVerified::assertion())
     }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
-    }
-}
-
-fn schemes() -> Vec<SignatureScheme> {
-    crypto_provider()
-        .signature_verification_algorithms
-        .supported_schemes()
+    accept_any_signature!();
 }
 
 #[cfg(test)]

@@ -187,13 +187,18 @@ impl Proxy {
         }
     }
 
+    /// The process and its name, to wait for; fails the test if it was reaped already.
+    fn running_child(&mut self) -> (String, &mut Child) {
+        let name = self.name.clone();
+        match self.child.as_mut() {
+            Some(child) => (name, child),
+            None => panic!("{name} is not running"),
+        }
+    }
+
     /// Waits at most `limit` for the process to exit by itself.
     pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let name = self.name.clone();
-        let child = self
-            .child
-            .as_mut()
-            .unwrap_or_else(|| panic!("{name} is not running"));
+        let (name, child) = self.running_child();
         let status = eventually(&format!("{name} to exit"), limit, || {
             std::future::ready(child.try_wait().ok().flatten())
         })
@@ -204,11 +209,7 @@ impl Proxy {
 
     /// [`Proxy::wait_exit`] for tests on plain threads.
     pub fn wait_exit_blocking(&mut self, limit: Duration) -> ExitStatus {
-        let name = self.name.clone();
-        let child = self
-            .child
-            .as_mut()
-            .unwrap_or_else(|| panic!("{name} is not running"));
+        let (name, child) = self.running_child();
         let status = eventually_blocking(&format!("{name} to exit"), limit, || {
             child.try_wait().ok().flatten()
         });
@@ -274,15 +275,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
 /// A plain HTTP/1.1 GET from a plain thread (each read bounded by [`STEP`]): the
 /// status and body, whatever the status.
 pub fn get_blocking(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, STEP)?;
-    stream.set_read_timeout(Some(STEP))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let response = String::from_utf8_lossy(&response);
+    let response = get_raw_blocking(addr, path)?;
     let status = response
         .get(9..12)
         .and_then(|s| s.parse().ok())
@@ -292,6 +285,20 @@ pub fn get_blocking(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Strin
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// A plain HTTP/1.1 GET with `connection: close` from a plain thread (connect and
+/// each read bounded by [`STEP`]): the whole response as text.
+pub fn get_raw_blocking(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, STEP)?;
+    stream.set_read_timeout(Some(STEP))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    Ok(String::from_utf8_lossy(&response).into_owned())
 }
 
 /// A port nobody listens on at `ip` right now.

@@ -25,12 +25,13 @@ mod payloads;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use isthmus_tests::binary::binary;
 use isthmus_tests::identity::Pki;
-use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, meshed_service, service};
+use isthmus_tests::multicluster::{
+    MIRROR, cluster_settings, gateway_id, link, meshed_service, service,
+};
 use isthmus_tests::pod::{self, SidecarPod};
 use isthmus_tests::tcp;
 use isthmus_vocab::SpiffeId;
@@ -312,19 +313,6 @@ fn smuggling_through_the_sidecar_reaches_the_origin_as_counted_and_well_framed()
     target.origin.stop();
 }
 
-/// The seed's ServiceMirror.
-const MIRROR: &str = "apiVersion: linkerd.io/v1alpha1
-kind: ServiceMirror
-metadata:
-  name: hello-mirror
-  namespace: default
-spec:
-  cluster: cluster-a
-  service:
-    name: hello
-    namespace: default
-";
-
 /// Where cluster-b's mirrored Services get their ClusterIPs; `default/hello`
 /// lands on [`HELLO_IP`] (FNV-1a of `default/hello`, as the discovery fixtures pin).
 const SERVICE_CIDR: &str = "198.19.128.0/17";
@@ -335,21 +323,20 @@ struct Logs(Vec<PathBuf>);
 
 impl Drop for Logs {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            for log in &self.0 {
-                eprintln!(
-                    "--- {} ---\n{}",
-                    log.display(),
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-        }
+        pod::show_logs_if_failing(&self.0);
     }
 }
 
 fn write(path: PathBuf, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, text).unwrap();
+}
+
+/// [`write`]s each file, named relative to `dir`.
+fn write_all(dir: &Path, files: &[(&str, String)]) {
+    for (name, text) in files {
+        write(dir.join(name), text);
+    }
 }
 
 #[test]
@@ -388,30 +375,34 @@ fn smuggling_through_the_chain_reaches_the_origin_as_counted_and_well_framed() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let a = root.join("manifests-cluster-a");
-    write(
-        a.join("settings.yaml"),
-        &cluster_settings("cluster-a", gw_a),
-    );
-    write(
-        a.join("hello.yaml"),
-        &meshed_service("hello", hello_pod, true),
-    );
-    write(a.join("link.yaml"), &link("cluster-b", gw_b, admin_b));
     let b = root.join("manifests-cluster-b");
     let remote = |m: &Path| {
-        write(
-            m.join("clusters/cluster-a/settings.yaml"),
-            &cluster_settings("cluster-a", gw_a),
+        write_all(
+            m,
+            &[
+                (
+                    "clusters/cluster-a/settings.yaml",
+                    cluster_settings("cluster-a", gw_a),
+                ),
+                (
+                    "clusters/cluster-a/hello.yaml",
+                    service("hello", hello_pod, true),
+                ),
+                ("link.yaml", link("cluster-a", gw_a, admin_a)),
+            ],
         );
-        write(
-            m.join("clusters/cluster-a/hello.yaml"),
-            &service("hello", hello_pod, true),
-        );
-        write(m.join("link.yaml"), &link("cluster-a", gw_a, admin_a));
     };
-    write(
-        b.join("settings.yaml"),
-        &cluster_settings("cluster-b", gw_b),
+    write_all(
+        &a,
+        &[
+            ("settings.yaml", cluster_settings("cluster-a", gw_a)),
+            ("hello.yaml", meshed_service("hello", hello_pod, true)),
+            ("link.yaml", link("cluster-b", gw_b, admin_b)),
+        ],
+    );
+    write_all(
+        &b,
+        &[("settings.yaml", cluster_settings("cluster-b", gw_b))],
     );
     remote(&b);
     let mut identities = vec![
@@ -466,10 +457,8 @@ fn smuggling_through_the_chain_reaches_the_origin_as_counted_and_well_framed() {
     for (name, role, cluster, addrs) in procs {
         let log = root.join(format!("{name}.log"));
         let manifests = if cluster == "cluster-a" { &a } else { &b };
-        let child = s
-            .server
-            .command(binary("isthmus-proxy"))
-            .args([role, "--cluster", cluster, "--identity-dir"])
+        let mut cmd = s.server.command(binary("isthmus-proxy"));
+        cmd.args([role, "--cluster", cluster, "--identity-dir"])
             .arg(root.join(format!("identity-{name}")))
             .arg("--manifests")
             .arg(manifests)
@@ -479,14 +468,8 @@ fn smuggling_through_the_chain_reaches_the_origin_as_counted_and_well_framed() {
                 "200ms",
                 "--log",
                 "info,proxy_core=debug",
-            ])
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        s.lab.adopt(child);
+            ]);
+        s.lab.spawn_logged(&mut cmd, &log);
         logs.0.push(log);
         if name == "hello" {
             let started = Instant::now();

@@ -25,16 +25,18 @@ pub struct Parsed {
 }
 
 impl Parsed {
-    fn count(&self, name: &str) -> usize {
+    /// The values of every header named `name` (in any case), in order.
+    fn values(&self, name: &str) -> Vec<String> {
         self.headers
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .count()
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// Whether both framing headers arrived (what must never happen).
     pub fn has_cl_and_te(&self) -> bool {
-        self.count("content-length") > 0 && self.count("transfer-encoding") > 0
+        !self.values("content-length").is_empty() && !self.values("transfer-encoding").is_empty()
     }
 }
 
@@ -262,18 +264,8 @@ fn parse(buf: &[u8]) -> Step {
         headers,
         body: Vec::new(),
     };
-    let cl: Vec<&str> = parsed
-        .headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-        .map(|(_, v)| v.as_str())
-        .collect();
-    let te: Vec<&str> = parsed
-        .headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"))
-        .map(|(_, v)| v.as_str())
-        .collect();
+    let cl = parsed.values("content-length");
+    let te = parsed.values("transfer-encoding");
     if !cl.is_empty() && !te.is_empty() {
         return bad("both Content-Length and Transfer-Encoding");
     }

@@ -12,21 +12,33 @@
 //! - [`net`]: the run on `isthmus-netns` (namespaces, bridges, veth pairs,
 //!   processes in namespaces), its record, and the clean-up (also `isthmus lab
 //!   down`).
-//! - [`run`]: `isthmus lab up`: identities, topology, gateways, pods (init,
+//! - [`run`]: `isthmus lab up`: identities, topology, each cluster's control
+//!   plane (API server, install, link, controller), gateways, pods (init,
 //!   sidecar, containers), output, the end and its summary.
 //! - [`process`]: starting proxies and containers, their prefixed output, admin
 //!   queries, packet captures.
+//! - [`project`]: a pod's mounted volumes, updated as kubelet projects a
+//!   ConfigMap (the atomic `..data` swap).
 //! - [`summary`]: reading the proxies' `/metrics` into the end-of-run table.
+//! - [`attach`]: `isthmus lab apply`, `delete` and `kubeconfig`, on a running
+//!   lab found through its record.
+//! - [`apiserver`]: each cluster's API server (`test-apiserver`), and where the
+//!   lab's pods reach it.
+//! - [`apply`]: manifests onto an API server as `kubectl apply --server-side`.
 //! - [`hello`]: the built-in `nginxdemos/hello:plain-text`.
 //! - [`relay`]: the WAN delay relay behind `--wan-delay`.
 //!
 //! Not here: parsing manifests and the ServiceMirror reconcile (proxy-discovery),
 //! minting (proxy-identity), capture rules (`isthmus-init`), the proxy itself.
 
+pub mod apiserver;
+pub mod apply;
+pub mod attach;
 pub mod hello;
 pub mod net;
 pub mod plan;
 pub mod process;
+pub mod project;
 pub mod relay;
 pub mod run;
 pub mod spec;
@@ -47,6 +59,12 @@ pub enum LabCommand {
     Up(UpArgs),
     /// Remove what a killed `lab up` left behind: processes, namespaces, files.
     Down(DownArgs),
+    /// Apply manifests to a running lab's cluster, as `kubectl apply` would.
+    Apply(attach::ChangeArgs),
+    /// Delete the objects of manifests from a running lab's cluster.
+    Delete(attach::ChangeArgs),
+    /// Print a kubeconfig for a running lab's cluster's API server.
+    Kubeconfig(attach::KubeconfigArgs),
     /// The built-in server standing in for nginxdemos/hello:plain-text.
     #[command(hide = true)]
     Hello(HelloArgs),
@@ -132,6 +150,9 @@ pub fn run(command: LabCommand) -> Result<bool> {
     match command {
         LabCommand::Up(args) => run::up(args),
         LabCommand::Down(args) => down(args),
+        LabCommand::Apply(args) => attach::change(apply::Verb::Apply, &args).map(|()| true),
+        LabCommand::Delete(args) => attach::change(apply::Verb::Delete, &args).map(|()| true),
+        LabCommand::Kubeconfig(args) => attach::kubeconfig(&args).map(|()| true),
         LabCommand::Hello(args) => small_runtime()?.block_on(async move {
             hello::serve(args.port, args.name, args.address)
                 .await

@@ -61,6 +61,18 @@ impl Net {
     /// A bridge in `ns`, up, with `addr` (`a.b.c.d/len`) if given.
     pub fn bridge_at(&self, ns: &Namespace, addr: Option<(Ipv4Addr, u8)>) -> Result<String> {
         let bridge = self.inner.bridge(ns)?;
+        // A bridge whose address was never set takes the lowest of its ports'
+        // and changes it as ports join; a namespace attached while others talk
+        // would then strand their cached neighbour entry (the lab attaches
+        // controller namespaces after pods). Setting it pins it.
+        let link = ns.exec("ip", &["-o", "link", "show", "dev", &bridge])?;
+        let mac = link
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .with_context(|| format!("no address in `ip link show {bridge}`: {link}"))?
+            .to_owned();
+        ns.exec("ip", &["link", "set", "dev", &bridge, "address", &mac])?;
         if let Some((ip, len)) = addr {
             ns.add_addr(&bridge, &format!("{ip}/{len}"))?;
         }
@@ -114,7 +126,7 @@ pub fn sweep(all: bool) -> Swept {
 
 /// Whether `pid` is an `isthmus` process (a pid reused by anything else is not a
 /// live lab).
-fn is_lab(pid: u32) -> bool {
+pub fn is_lab(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| {
             let first = c.split(|b| *b == 0).next().unwrap_or_default();

@@ -1,9 +1,6 @@
-//! The lab's stand-in for Kubernetes: from the clusters as read, decides every
-//! address, pod and identity, and renders what the proxies and pods are given:
-//! the per-cluster manifests directory (Services with ClusterIPs, Pods labelled
-//! `isthmus.io/meshed: "true"` when meshed, Endpoints naming their pods,
-//! ClusterSettings, Links and the peers' views), the kube-proxy rules and the hosts
-//! files.
+//! The lab's scheduler and network plan: from the clusters as read, decides every
+//! address, pod and identity, each Service's Endpoints (the pods it selects), the
+//! kube-proxy rules and the hosts files.
 //!
 //! Everything here is a pure function of the input, so a plan can be checked
 //! without root. Addresses, all from the benchmarking range:
@@ -15,6 +12,9 @@
 //! | cluster `i`'s pods | `198.18.<i+1>.10` and up |
 //! | cluster `i`'s service range | `198.19.<8 i>.0/21` |
 //! | the WAN between gateways (`198.18.250.0/24`) | gateway `i` at `198.18.250.<i+1>` |
+//! | cluster `i`'s gateway Service (its ClusterIP) | `198.19.<8 i>.1` |
+//! | cluster `i`'s API server, as pods reach it | `198.18.251.<i+1>:6443` |
+//! | cluster `i`'s controller replicas | `198.18.<i+1>.3` to `.9` |
 //!
 //! A pod whose template carries the annotation `isthmus.io/inject: disabled` (as
 //! linkerd's `linkerd.io/inject: disabled`) is unmeshed ([`PodPlan::meshed`]): no
@@ -22,20 +22,17 @@
 //! kube-proxy rules, so it reaches its own cluster's ClusterIPs directly.
 //!
 //! Creating namespaces and processes is [`super::net`] and [`super::run`]'s job;
-//! the ServiceMirror reconcile (mirrored Services and their ClusterIPs) is
-//! `proxy_discovery`'s, run on the manifests written here.
+//! mirrored Services are the controller's, read back from each cluster's API
+//! server.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use isthmus_vocab::SpiffeId;
 use proxy_discovery::ServiceRef;
 use proxy_discovery::model::{
-    Cidr, ClusterIp, ClusterSettings, ClusterSettingsSpec, Container, EXPORTED_LABEL,
-    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, GatewayAddress, GatewaySpec, Link,
-    LinkSpec, MESHED_POD_LABEL, Object, ObjectMeta, ObjectReference, Pod, ProbeSpec, Service,
-    ServiceMirror, TargetPort,
+    Cidr, ClusterIp, Container, EXPORTED_LABEL, EndpointAddress, EndpointPort, EndpointSubset,
+    Endpoints, ObjectMeta, ObjectReference, Service, TargetPort,
 };
 use proxy_discovery::reconcile::allocate_cluster_ip;
 
@@ -51,8 +48,8 @@ pub const TUNNEL_PORT: u16 = isthmus_vocab::ports::DEFAULT_INBOUND_PORT;
 pub const ADMIN_PORT: u16 = isthmus_vocab::ports::DEFAULT_ADMIN_PORT;
 /// Where a gateway's delay relay listens on the WAN, when `--wan-delay` is set.
 pub const RELAY_PORT: u16 = 4153;
-/// The namespace of gateway identities.
-pub const GATEWAY_NAMESPACE: &str = "isthmus-multicluster";
+/// The namespace of the gateway and the mesh's objects: `isthmus install`'s.
+pub const GATEWAY_NAMESPACE: &str = crate::install::NAMESPACE;
 /// The iptables chain that stands in for kube-proxy in every pod.
 pub const SERVICES_CHAIN: &str = "LAB_SERVICES";
 /// The pod-template annotation that keeps a pod out of the mesh when `disabled`.
@@ -114,6 +111,9 @@ pub struct ClusterPlan {
     pub wan_ip: Ipv4Addr,
     /// `198.19.<8 i>.0/21`.
     pub service_cidr: Cidr,
+    /// The gateway Service's ClusterIP (`.1` of the service range, as
+    /// `isthmus install --gateway-cluster-ip` pins it).
+    pub gateway_cluster_ip: IpAddr,
     /// The gateway's SPIFFE ID.
     pub gateway_identity: String,
     /// The pods.
@@ -154,116 +154,6 @@ impl Plan {
     /// The cluster named `name`.
     pub fn cluster(&self, name: &str) -> Option<&ClusterPlan> {
         self.clusters.iter().find(|c| c.spec.name.as_str() == name)
-    }
-
-    /// The files of cluster `c`'s manifests directory, `(relative path, YAML)`,
-    /// with Endpoints listing only pods for which `ready` holds, and the Links to
-    /// peer gateways and the ServiceMirrors if `links` (a lab publishes them once
-    /// every gateway listens, as an operator links clusters after installing
-    /// them; a mirror without its Link would only be refused).
-    pub fn manifests(
-        &self,
-        c: &ClusterPlan,
-        ready: &dyn Fn(&PodPlan) -> bool,
-        links: bool,
-    ) -> Vec<(String, String)> {
-        let mut files = Vec::new();
-        // Links before the mirrors that need them: a reader polling between two
-        // writes sees links without mirrors, never a mirror without its Link.
-        let mut mesh = vec![Object::ClusterSettings(self.settings(c))];
-        for l in c.spec.links.iter().filter(|_| links) {
-            if let Some(peer) = self.cluster(l.as_str()) {
-                mesh.push(Object::Link(self.link(peer)));
-            }
-        }
-        files.push(("mesh.yaml".to_owned(), render(&mesh)));
-        let mut objects: Vec<Object> = c.services.values().cloned().map(Object::Service).collect();
-        objects.extend(
-            c.spec
-                .view
-                .deployments
-                .values()
-                .cloned()
-                .map(Object::Deployment),
-        );
-        // Before the Endpoints that name them (a separate, later file), so a
-        // reader never meets an endpoint of a meshed pod it does not know yet.
-        objects.extend(c.pods.iter().map(|p| Object::Pod(pod_object(p))));
-        objects.extend(
-            c.spec
-                .view
-                .service_mirrors
-                .values()
-                .filter(|_| links)
-                .cloned()
-                .map(|mut m: ServiceMirror| {
-                    m.status = None;
-                    Object::ServiceMirror(m)
-                }),
-        );
-        files.push(("objects.yaml".to_owned(), render(&objects)));
-        let endpoints = self.endpoints(c, ready);
-        files.push((
-            "endpoints.yaml".to_owned(),
-            render(
-                &endpoints
-                    .into_iter()
-                    .map(Object::Endpoints)
-                    .collect::<Vec<_>>(),
-            ),
-        ));
-        // What a controller watching each linked cluster would see of it.
-        for l in &c.spec.links {
-            let Some(peer) = self.cluster(l.as_str()) else {
-                continue;
-            };
-            let mut view = vec![Object::ClusterSettings(self.settings(peer))];
-            view.extend(peer.services.values().cloned().map(Object::Service));
-            view.extend(
-                self.endpoints(peer, ready)
-                    .into_iter()
-                    .map(Object::Endpoints),
-            );
-            files.push((format!("clusters/{l}/view.yaml"), render(&view)));
-        }
-        files
-    }
-
-    /// Cluster `c`'s ClusterSettings.
-    pub fn settings(&self, c: &ClusterPlan) -> ClusterSettings {
-        ClusterSettings {
-            metadata: ObjectMeta::named(GATEWAY_NAMESPACE, c.spec.name.as_str()),
-            spec: ClusterSettingsSpec {
-                cluster_name: c.spec.name.clone(),
-                trust_domain: c.spec.trust_domain().to_owned(),
-                cluster_domain: c.spec.cluster_domain().to_owned(),
-                service_cidr: c.service_cidr,
-                exported_namespaces: c.spec.install.exported_namespaces.clone(),
-                gateway: Some(GatewaySpec {
-                    address: gateway_address(c.gateway_ip),
-                    port: TUNNEL_PORT,
-                    identity: spiffe(&c.gateway_identity),
-                }),
-            },
-        }
-    }
-
-    /// The Link to `peer`'s gateway: on the WAN, through its delay relay if any.
-    pub fn link(&self, peer: &ClusterPlan) -> Link {
-        Link {
-            metadata: ObjectMeta::named(GATEWAY_NAMESPACE, peer.spec.name.as_str()),
-            spec: LinkSpec {
-                target_cluster_name: peer.spec.name.clone(),
-                gateway_address: gateway_address(peer.wan_ip),
-                gateway_port: if self.wan_delay_ms > 0 {
-                    RELAY_PORT
-                } else {
-                    TUNNEL_PORT
-                },
-                gateway_identity: spiffe(&peer.gateway_identity),
-                probe_spec: ProbeSpec::default(),
-            },
-        }
     }
 
     /// Endpoints of every selecting Service of `c` (those the user wrote are kept
@@ -368,28 +258,6 @@ impl Plan {
     }
 }
 
-/// What kube-proxy programs for Services that no pod of the cluster backs: the
-/// mirrored ones (`mirrored`, as the reconcile made them). Every TCP port gets no
-/// backend, so [`service_rules`] rejects it: only a sidecar can carry such a
-/// connection (it tunnels the ClusterIP without dialling it), and an unmeshed pod
-/// gets a prompt reset instead of a connection that hangs.
-pub fn mirrored_routes(mirrored: &BTreeMap<ServiceRef, Service>) -> Vec<ServiceRoute> {
-    let mut routes = Vec::new();
-    for (key, svc) in mirrored {
-        let Some(ip) = svc.cluster_ips().into_iter().next() else {
-            continue;
-        };
-        for sp in svc.spec.ports.iter().filter(|p| p.is_tcp()) {
-            routes.push(ServiceRoute {
-                service: key.clone(),
-                front: SocketAddr::new(ip, sp.port),
-                backends: Vec::new(),
-            });
-        }
-    }
-    routes
-}
-
 /// The `iptables-restore --noflush` input that (re)programs the kube-proxy chain:
 /// ClusterIP:port DNAT to a random ready backend, and a reset for a Service with
 /// none (as kube-proxy rejects Services without endpoints). The chain is flushed
@@ -452,31 +320,6 @@ pub fn hosts_file(c: &ClusterPlan, pod: &PodPlan, ips: &BTreeMap<ServiceRef, IpA
     out
 }
 
-fn render(objects: &[Object]) -> String {
-    let mut out = String::from("# Written by isthmus lab; rewritten while the lab runs.\n");
-    for (i, o) in objects.iter().enumerate() {
-        if i > 0 {
-            out.push_str("---\n");
-        }
-        match serde_yaml_ng::to_string(o) {
-            Ok(text) => out.push_str(&text),
-            // Every modelled object serialises; keep the file parseable if not.
-            Err(e) => {
-                let _ = writeln!(out, "# could not render {} : {e}", o.kind());
-            }
-        }
-    }
-    out
-}
-
-fn gateway_address(ip: Ipv4Addr) -> GatewayAddress {
-    GatewayAddress::parse(&ip.to_string()).expect("an IPv4 literal is a gateway address")
-}
-
-fn spiffe(id: &str) -> SpiffeId {
-    SpiffeId::parse(id).expect("the lab builds SPIFFE IDs from validated names")
-}
-
 /// The pods of `c` that `svc` selects (same namespace, every selector label).
 pub fn selected<'a>(c: &'a ClusterPlan, svc: &'a Service) -> impl Iterator<Item = &'a PodPlan> {
     let selector = svc.spec.selector.clone().unwrap_or_default();
@@ -485,19 +328,6 @@ pub fn selected<'a>(c: &'a ClusterPlan, svc: &'a Service) -> impl Iterator<Item 
             && p.namespace == svc.metadata.namespace()
             && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
     })
-}
-
-/// The Pod object of `pod`, as Kubernetes would hold it after `isthmus inject`:
-/// its template's labels, plus [`MESHED_POD_LABEL`] when it runs a sidecar.
-pub fn pod_object(pod: &PodPlan) -> Pod {
-    let mut metadata = ObjectMeta::named(&pod.namespace, &pod.name);
-    metadata.labels = pod.labels.clone();
-    if pod.meshed {
-        metadata
-            .labels
-            .insert(MESHED_POD_LABEL.to_owned(), "true".to_owned());
-    }
-    Pod { metadata }
 }
 
 /// `targetPort` on `pod`: the number, a container port of that name, or `port`.
@@ -560,7 +390,8 @@ fn place(index: usize, c: &ClusterSpec) -> Result<ClusterPlan, PlanError> {
         }
     }
     let mut services = c.view.services.clone();
-    let mut used: BTreeSet<IpAddr> = BTreeSet::new();
+    let gateway_cluster_ip = IpAddr::V4(Ipv4Addr::new(198, 19, third.saturating_sub(1) * 8, 1));
+    let mut used: BTreeSet<IpAddr> = BTreeSet::from([gateway_cluster_ip]);
     for (key, svc) in &services {
         for ip in svc.cluster_ips() {
             if !service_cidr.contains_usable(ip) {
@@ -596,7 +427,13 @@ fn place(index: usize, c: &ClusterSpec) -> Result<ClusterPlan, PlanError> {
         gateway_ip: net(2),
         wan_ip: Ipv4Addr::new(WAN_NET[0], WAN_NET[1], WAN_NET[2], third),
         service_cidr,
-        gateway_identity: format!("spiffe://{td}/ns/{GATEWAY_NAMESPACE}/sa/gateway-{}", c.name),
+        gateway_cluster_ip,
+        // What csi-driver-spiffe issues the gateway `isthmus install` renders: its
+        // ServiceAccount's identity, the same name in every cluster.
+        gateway_identity: format!(
+            "spiffe://{td}/ns/{GATEWAY_NAMESPACE}/sa/{}",
+            crate::install::GATEWAY
+        ),
         pods,
         services,
     })

@@ -19,6 +19,15 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use super::plan::{ADMIN_PORT, PodPlan};
 use super::summary;
 
+/// Where a proxy discovers services.
+#[derive(Debug, Clone, Copy)]
+pub enum Discovery<'a> {
+    /// A mounted directory (a sidecar's projected ConfigMap).
+    Dir(&'a Path),
+    /// The API server of this kubeconfig (`--discovery kube`, a gateway).
+    Kube(&'a Path),
+}
+
 /// `isthmus-proxy <role>` with the flags every lab proxy gets; nothing from the
 /// caller's environment (an `ISTHMUS_*` there must not reconfigure the lab).
 pub fn proxy_command(
@@ -26,7 +35,7 @@ pub fn proxy_command(
     role: &str,
     cluster: &str,
     identity: &Path,
-    manifests: &Path,
+    discovery: Discovery<'_>,
     log: &str,
 ) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(bin.join("isthmus-proxy"));
@@ -34,10 +43,14 @@ pub fn proxy_command(
         .arg(role)
         .args(["--cluster", cluster])
         .arg("--identity-dir")
-        .arg(identity)
-        .arg("--manifests")
-        .arg(manifests)
-        .args(["--admin-addr", &format!("0.0.0.0:{ADMIN_PORT}")])
+        .arg(identity);
+    match discovery {
+        Discovery::Dir(dir) => cmd.arg("--manifests").arg(dir),
+        Discovery::Kube(kubeconfig) => cmd
+            .args(["--discovery", "kube"])
+            .env("KUBECONFIG", kubeconfig),
+    };
+    cmd.args(["--admin-addr", &format!("0.0.0.0:{ADMIN_PORT}")])
         .args(["--log", log])
         .args(["--shutdown-grace", "1s"])
         .stdin(Stdio::null())

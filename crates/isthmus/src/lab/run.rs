@@ -1,10 +1,15 @@
-//! `isthmus lab up`: mints the identities, builds the topology, starts a gateway
-//! per cluster and, per pod, `isthmus-init`, the sidecar (UID 2102) and the
+//! `isthmus lab up`: mints the identities, builds the topology, brings up each
+//! cluster's control plane ([`control`]: API server, `isthmus install`, the
+//! controller, `isthmus link`), starts a gateway per cluster discovering through
+//! its API server and, per pod, `isthmus-init`, the sidecar (UID 2102, reading
+//! the controller's discovery ConfigMap projected into its volume) and the
 //! containers; streams their output; ends on Ctrl-C, SIGTERM or `--duration`
 //! with a summary read from the proxies; and removes everything it made.
 //!
-//! While the lab runs it keeps Endpoints (and the kube-proxy rules) in line with
-//! the pods: a pod whose containers have all exited leaves its Services.
+//! While the lab runs its node agents ([`kubelet`]) keep the API servers' Pods
+//! and EndpointSlices in line with the pods (a pod whose containers have all
+//! exited leaves its Services), and the pods' volumes, hosts files and
+//! kube-proxy rules in line with the API servers.
 //!
 //! An unmeshed pod (template annotation `isthmus.io/inject: disabled`) gets its
 //! namespace, hosts file and kube-proxy rules, but neither `isthmus-init`, nor a
@@ -25,32 +30,40 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use isthmus_vocab::SpiffeId;
 use isthmus_vocab::ports::PROXY_UID;
-use isthmus_vocab::{ClusterName, SpiffeId};
 use nix::sys::signal::{Signal as Sig, killpg};
 use nix::unistd::{Gid, Pid, Uid, chown};
-use proxy_discovery::DirSource;
 use proxy_discovery::ServiceRef;
-use proxy_discovery::model::{ConditionStatus, Service};
-use proxy_discovery::reconcile::READY_CONDITION;
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
 use isthmus_netns::{Namespace, run_checked, run_with_input};
 
+use super::apiserver::ApiServer;
 use super::net::Net;
 use super::plan::{
-    Plan, PodPlan, RELAY_PORT, SERVICES_CHAIN, TUNNEL_PORT, hosts_file, mirrored_routes,
-    service_rules,
+    Plan, PodPlan, RELAY_PORT, SERVICES_CHAIN, TUNNEL_PORT, hosts_file, service_rules,
 };
 use super::process::{
-    QUIET, admin_get, container_env, describe, not_ready, print_lines, proxy_command, spawn,
-    start_capture, stop_capture, walk_dirs,
+    Discovery, QUIET, admin_get, container_env, describe, not_ready, print_lines, proxy_command,
+    spawn, start_capture, stop_capture, walk_dirs,
 };
+use super::project::mount_dir;
 use super::spec::LabSpec;
 use super::summary::{self, ProxyReport};
 use super::{NEEDS_ROOT, UpArgs};
+use crate::install::{DISCOVERY_MOUNT, IDENTITY_MOUNT};
+
+mod containers;
+mod control;
+mod kubelet;
+
+/// How often the lab's node agents look at the API servers.
+const SYNC_INTERVAL: Duration = Duration::from_millis(300);
+/// How long a controller gets to publish the discovery ConfigMaps.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The image the lab serves with its built-in hello server.
 pub const HELLO_IMAGE: &str = "nginxdemos/hello:plain-text";
@@ -62,45 +75,6 @@ const SERVICE_RANGE: &str = "198.19.0.0/16";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long identities minted for a run stay valid.
 const CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// What a container runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Workload {
-    /// The built-in `nginxdemos/hello:plain-text` on these ports.
-    Hello(Vec<u16>),
-    /// `command` + `args`, with the host's tools.
-    Command(Vec<String>),
-}
-
-/// What `image`/`command`/`args` of a container run in the lab, or an error that
-/// names the container and lists what the lab can run.
-pub fn workload(
-    cluster: &str,
-    pod: &PodPlan,
-    container: &proxy_discovery::model::Container,
-) -> Result<Workload> {
-    if !container.command.is_empty() {
-        let mut argv = container.command.clone();
-        argv.extend(container.args.iter().cloned());
-        return Ok(Workload::Command(argv));
-    }
-    if container.image == HELLO_IMAGE {
-        let mut ports: Vec<u16> = container.ports.iter().map(|p| p.container_port).collect();
-        if ports.is_empty() {
-            ports.push(HELLO_DEFAULT_PORT);
-        }
-        return Ok(Workload::Hello(ports));
-    }
-    bail!(
-        "container {} of Deployment {}/{} in cluster {cluster}: the lab cannot run image {:?} without a `command`. \
-         It runs: {HELLO_IMAGE} (a built-in server answering like that image), and any image whose container has a `command` \
-         (run in the pod's namespace with this machine's tools, e.g. /bin/sh and curl)",
-        container.name,
-        pod.namespace,
-        pod.deployment,
-        container.image
-    )
-}
 
 /// Runs `isthmus lab up`; `Ok(false)` when a pod or proxy failed.
 pub fn up(args: UpArgs) -> Result<bool> {
@@ -122,7 +96,7 @@ pub fn up(args: UpArgs) -> Result<bool> {
     for c in &plan.clusters {
         for pod in &c.pods {
             for container in &pod.containers {
-                workload(c.spec.name.as_str(), pod, container)?;
+                containers::workload(c.spec.name.as_str(), pod, container)?;
             }
         }
     }
@@ -160,6 +134,8 @@ impl Drop for Quiet {
 struct Binaries {
     proxy: PathBuf,
     init: PathBuf,
+    controller: PathBuf,
+    apiserver: PathBuf,
     this: PathBuf,
 }
 
@@ -187,6 +163,8 @@ impl Binaries {
         };
         Ok(Self {
             proxy: find("isthmus-proxy")?,
+            controller: find("isthmus-controller")?,
+            apiserver: find("test-apiserver")?,
             init: find("isthmus-init")?,
             this,
         })
@@ -225,11 +203,21 @@ struct Lab {
     failures: Vec<String>,
     pod_ns: BTreeMap<(usize, usize), Namespace>,
     gateway_ns: Vec<Namespace>,
-    /// Whether the manifests carry the Links yet.
-    links: bool,
-    /// Per cluster, the Services its ServiceMirrors made (kube-proxy rejects
-    /// their ClusterIPs: no local pod backs them).
-    mirrored: Vec<BTreeMap<ServiceRef, Service>>,
+    /// The namespace holding the bridges, once built.
+    lab_ns: Option<Namespace>,
+    /// Each cluster's bridge, in the lab namespace.
+    bridges: Vec<String>,
+    /// Each cluster's API server.
+    apiservers: Vec<ApiServer>,
+    /// Per cluster, its Services as its API server held them at the last sync
+    /// (mirrored ones: kube-proxy rejects their ClusterIPs, no local pod backs
+    /// them).
+    views: Vec<kubelet::ServiceView>,
+    /// Clusters whose Pods and EndpointSlices changed since they were published.
+    unpublished: BTreeSet<usize>,
+    /// The last state printed of each ServiceMirror, by cluster and
+    /// `namespace/name`.
+    mirror_states: BTreeMap<(usize, String), String>,
     /// SIGINT and SIGTERM, caught from the start so that an interrupted start
     /// still cleans up.
     interrupt: Signal,
@@ -255,9 +243,19 @@ impl Lab {
             failures: Vec::new(),
             pod_ns: BTreeMap::new(),
             gateway_ns: Vec::new(),
-            links: true,
-            mirrored: Vec::new(),
+            lab_ns: None,
+            bridges: Vec::new(),
+            apiservers: Vec::new(),
+            views: Vec::new(),
+            unpublished: BTreeSet::new(),
+            mirror_states: BTreeMap::new(),
         })
+    }
+
+    fn lab_ns(&self) -> Result<Namespace> {
+        self.lab_ns
+            .clone()
+            .context("the lab namespace is built before the clusters' control planes")
     }
 
     fn dir(&self, parts: &[&str]) -> PathBuf {
@@ -276,18 +274,20 @@ impl Lab {
         );
         let bin = self.install_binaries()?;
         self.mint_identities()?;
-        // The hosts files need the mirrored Services, which need the Links.
-        self.write_manifests()?;
-        let service_ips = self.service_ips()?;
-        let captures = self.build_topology(&service_ips, &bin)?;
+        let captures = self.build_topology(&bin)?;
+        self.start_control_plane().await?;
+        self.start_controllers(&bin).await?;
+        for ci in 0..self.plan.clusters.len() {
+            self.publish_pods(ci).await?;
+            self.publish_gateway(ci).await?;
+        }
         // Gateways first, linked once they all listen: no gateway then dials a
         // peer that is not there yet.
-        self.links = false;
-        self.write_manifests()?;
         self.start_gateways(&bin)?;
         self.wait_ready(false).await?;
-        self.links = true;
-        self.write_manifests()?;
+        self.link_clusters().await?;
+        // As kubelet starts a pod only once its ConfigMap volumes exist.
+        self.wait_published().await?;
         self.start_sidecars(&bin)?;
         self.wait_ready(true).await?;
         self.start_containers().await?;
@@ -318,7 +318,7 @@ impl Lab {
         let bin = self.dir(&["bin"]);
         std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
-        for source in [&self.bins.proxy, &self.bins.init] {
+        for source in [&self.bins.proxy, &self.bins.init, &self.bins.controller] {
             let name = source.file_name().context("binary without a name")?;
             let target = bin.join(name);
             std::fs::copy(source, &target)
@@ -351,7 +351,7 @@ impl Lab {
             );
             for (who, id) in leaves {
                 let spiffe = SpiffeId::parse(&id).with_context(|| format!("identity {id}"))?;
-                let dir = self.dir(&["identity", name, &who]);
+                let dir = mount_dir(&self.pod_root(name, &who), IDENTITY_MOUNT);
                 mint::leaf(&issuer, &spiffe, validity, alg)
                     .and_then(|leaf| leaf.write_dir(&dir, true))
                     .with_context(|| format!("minting {id} for {name}/{who}"))?;
@@ -369,10 +369,9 @@ impl Lab {
                 }
             }
         }
-        std::fs::set_permissions(
-            self.dir(&["identity"]),
-            std::fs::Permissions::from_mode(0o755),
-        )?;
+        for dir in walk_dirs(&self.dir(&["pods"])) {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        }
         Ok(())
     }
 
@@ -381,99 +380,20 @@ impl Lab {
         move |pod: &PodPlan| !self.gone.contains(&pod.ip)
     }
 
-    /// (Re)writes every cluster's manifests directory, each file replaced whole so
-    /// a proxy never reads half of one.
-    fn write_manifests(&self) -> Result<()> {
-        let ready = self.ready();
-        for c in &self.plan.clusters {
-            let root = self.dir(&["manifests", c.spec.name.as_str()]);
-            for (rel, text) in self.plan.manifests(c, &ready, self.links) {
-                let path = root.join(&rel);
-                let parent = path.parent().context("manifest path without a directory")?;
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("creating {}", parent.display()))?;
-                let tmp = parent.join(format!(
-                    ".{}.tmp",
-                    path.file_name()
-                        .map(|f| f.to_string_lossy())
-                        .unwrap_or_default()
-                ));
-                std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-                std::fs::rename(&tmp, &path)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            for dir in walk_dirs(&self.dir(&["manifests"])) {
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Every Service's ClusterIP per cluster, mirrored ones as the proxies'
-    /// discovery computes them from the manifests just written (kept in
-    /// `self.mirrored`); reports each ServiceMirror, with the reason of a refusal.
-    fn service_ips(&mut self) -> Result<Vec<BTreeMap<ServiceRef, IpAddr>>> {
-        let mut all = Vec::new();
-        for c in &self.plan.clusters {
-            let dir = self.dir(&["manifests", c.spec.name.as_str()]);
-            let snapshot = DirSource::new(&dir)
-                .with_cluster(ClusterName::clone(&c.spec.name))
-                .load()
-                .with_context(|| {
-                    format!("loading the manifests written for cluster {}", c.spec.name)
-                })?;
-            for m in snapshot.service_mirrors() {
-                let ready = m
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY_CONDITION));
-                match ready {
-                    Some(cond) if cond.status == ConditionStatus::True => println!(
-                        "[{}] ServiceMirror {}/{}: mirrored {} from {}",
-                        c.spec.name,
-                        m.metadata.namespace(),
-                        m.metadata.name,
-                        m.spec.service.name,
-                        m.spec.cluster
-                    ),
-                    Some(cond) => println!(
-                        "[{}] ServiceMirror {}/{}: {}: {}",
-                        c.spec.name,
-                        m.metadata.namespace(),
-                        m.metadata.name,
-                        cond.reason,
-                        cond.message
-                    ),
-                    None => {}
-                }
-            }
-            let mut ips = BTreeMap::new();
-            let mut mirrored = BTreeMap::new();
-            for (key, svc) in &snapshot.local().services {
-                if let Some(ip) = svc.cluster_ips().into_iter().next() {
-                    ips.insert(key.clone(), ip);
-                }
-                if !c.services.contains_key(key) {
-                    mirrored.insert(key.clone(), svc.clone());
-                }
-            }
-            all.push(ips);
-            self.mirrored.push(mirrored);
-        }
-        Ok(all)
+    /// The root of a pod's files (`gateway` for the cluster's gateway): its
+    /// volumes sit below it at their mount paths.
+    fn pod_root(&self, cluster: &str, pod: &str) -> PathBuf {
+        self.dir(&["pods", cluster, pod])
     }
 
     /// The lab namespace with the WAN and a bridge per cluster, a namespace per
     /// gateway and per pod, hosts files, capture and kube-proxy rules. Returns the
     /// packet captures asked for (a failed start leaves them to the namespace
     /// clean-up).
-    fn build_topology(
-        &mut self,
-        service_ips: &[BTreeMap<ServiceRef, IpAddr>],
-        bin: &Path,
-    ) -> Result<Vec<std::process::Child>> {
+    fn build_topology(&mut self, bin: &Path) -> Result<Vec<std::process::Child>> {
         let net = self.net.clone();
         let lab = net.namespace("lab")?;
+        self.lab_ns = Some(lab.clone());
         // The lab namespace joins the bridges but never routes between them: the
         // only way across is through the gateways.
         lab.sysctl(&["net.ipv4.ip_forward=0"])?;
@@ -485,18 +405,21 @@ impl Lab {
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
             let bridge = net.bridge_at(&lab, Some((c.bridge_ip, 24)))?;
+            self.bridges.push(bridge.clone());
             for (_, file) in self.args.capture_cluster.iter().filter(|(n, _)| n == name) {
                 captures.push(start_capture(&lab, &bridge, file)?);
             }
             let gw = net.namespace(&format!("{name}-gateway"))?;
             net.attach_at(&lab, &bridge, &gw, "eth0", (c.gateway_ip, 24))?;
             net.attach_at(&lab, &wan, &gw, "wan0", (c.wan_ip, 24))?;
+            gw.add_route(&control::api_route(), &c.bridge_ip.to_string())?;
             self.gateway_ns.push(gw);
             for (pi, pod) in c.pods.iter().enumerate() {
                 let ns = net.namespace(&format!("{name}-{}", pod.name))?;
                 net.attach_at(&lab, &bridge, &ns, "eth0", (pod.ip, 24))?;
                 ns.add_route(SERVICE_RANGE, &c.bridge_ip.to_string())?;
-                ns.write_hosts(&hosts_file(c, pod, &service_ips[ci]))?;
+                ns.add_route(&control::api_route(), &c.bridge_ip.to_string())?;
+                ns.write_hosts(&hosts_file(c, pod, &planned_ips(c)))?;
                 if pod.meshed {
                     run_checked(
                         ns.command(bin.join("isthmus-init"))
@@ -525,9 +448,7 @@ impl Lab {
     fn apply_rules(&self, ci: usize, first: bool) -> Result<()> {
         let c = &self.plan.clusters[ci];
         let mut routes = self.plan.service_routes(c, &self.ready());
-        if let Some(mirrored) = self.mirrored.get(ci) {
-            routes.extend(mirrored_routes(mirrored));
-        }
+        routes.extend(self.api_routes(ci));
         let rules = service_rules(&routes);
         for pi in 0..c.pods.len() {
             let Some(ns) = self.pod_ns.get(&(ci, pi)) else {
@@ -572,14 +493,14 @@ impl Lab {
         let log = log.as_str();
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
-            let manifests = self.dir(&["manifests", name]);
+            let root = self.pod_root(name, "gateway");
             let gw = &self.gateway_ns[ci];
             let mut cmd = proxy_command(
                 bin,
                 "gateway",
                 name,
-                &self.dir(&["identity", name, "gateway"]),
-                &manifests,
+                &mount_dir(&root, IDENTITY_MOUNT),
+                Discovery::Kube(&self.apiservers[ci].pods_kubeconfig),
                 log,
             );
             cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")]);
@@ -608,15 +529,15 @@ impl Lab {
         let log = log.as_str();
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
-            let manifests = self.dir(&["manifests", name]);
             for (pi, pod) in c.pods.iter().enumerate().filter(|(_, p)| p.meshed) {
                 let ns = &self.pod_ns[&(ci, pi)];
+                let root = self.pod_root(name, &pod.name);
                 let mut cmd = proxy_command(
                     bin,
                     "sidecar",
                     name,
-                    &self.dir(&["identity", name, &pod.name]),
-                    &manifests,
+                    &mount_dir(&root, IDENTITY_MOUNT),
+                    Discovery::Dir(&mount_dir(&root, DISCOVERY_MOUNT)),
                     log,
                 );
                 cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")])
@@ -689,97 +610,6 @@ impl Lab {
         }
     }
 
-    /// Starts every pod's containers: the servers first, the others once those
-    /// listen. A client container's first call must not race its server's bind;
-    /// in a cluster a readiness probe would keep the pod out of its Endpoints
-    /// until then.
-    async fn start_containers(&mut self) -> Result<()> {
-        let mut servers = Vec::new();
-        let mut started = Vec::new();
-        for (ci, c) in self.plan.clusters.iter().enumerate() {
-            let name = c.spec.name.as_str();
-            for (pi, pod) in c.pods.iter().enumerate() {
-                let ns = &self.pod_ns[&(ci, pi)];
-                for container in &pod.containers {
-                    let label = format!("{name}/{}/{}", pod.name, container.name);
-                    let env: Vec<(String, String)> = container
-                        .env
-                        .iter()
-                        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
-                        .collect();
-                    match workload(name, pod, container)? {
-                        Workload::Hello(ports) => {
-                            for port in ports {
-                                let mut cmd = tokio::process::Command::new("ip");
-                                cmd.args(["netns", "exec", ns.name()])
-                                    .arg(&self.bins.this)
-                                    .args([
-                                        "lab",
-                                        "hello",
-                                        "--port",
-                                        &port.to_string(),
-                                        "--name",
-                                        &pod.name,
-                                    ])
-                                    .arg("--address")
-                                    .arg(pod.ip.to_string());
-                                container_env(&mut cmd, pod, &env);
-                                servers.push((cmd, label.clone(), ci, pi, port));
-                            }
-                        }
-                        Workload::Command(argv) => {
-                            let mut cmd = tokio::process::Command::new("ip");
-                            cmd.args(["netns", "exec", ns.name()]).args(&argv);
-                            container_env(&mut cmd, pod, &env);
-                            started.push((cmd, label, ci, pi));
-                        }
-                    }
-                }
-            }
-        }
-        let mut listening = Vec::new();
-        for (cmd, label, ci, pi, port) in servers {
-            let pid = self.start_container(cmd, label.clone(), ci, pi)?;
-            listening.push((pid, port, label));
-        }
-        for (pid, port, label) in listening {
-            if let Some(pid) = pid {
-                wait_listening(pid, port)
-                    .await
-                    .with_context(|| format!("container {label}"))?;
-            }
-        }
-        for (cmd, label, ci, pi) in started {
-            self.start_container(cmd, label, ci, pi)?;
-        }
-        Ok(())
-    }
-
-    /// Spawns one container and supervises it; returns its pid.
-    fn start_container(
-        &mut self,
-        cmd: tokio::process::Command,
-        label: String,
-        ci: usize,
-        pi: usize,
-    ) -> Result<Option<u32>> {
-        let child = spawn(cmd).with_context(|| format!("starting container {label}"))?;
-        let pid = child.id();
-        if let Some(pid) = pid {
-            self.containers.push(pid as i32);
-        }
-        *self.running.entry((ci, pi)).or_default() += 1;
-        self.supervise(
-            child,
-            label,
-            Role::Container {
-                cluster: ci,
-                pod: pi,
-            },
-        );
-        Ok(pid)
-    }
-
     /// Streams the child's output with `[label]` and reports its exit.
     fn supervise(&self, mut child: tokio::process::Child, label: String, role: Role) {
         let mut streams = Vec::new();
@@ -828,9 +658,8 @@ impl Lab {
                 if *left == 0 {
                     let ip = self.plan.clusters[cluster].pods[pod].ip;
                     self.gone.insert(ip);
-                    let updated = self
-                        .write_manifests()
-                        .and_then(|()| self.apply_rules(cluster, false));
+                    self.unpublished.insert(cluster);
+                    let updated = self.apply_rules(cluster, false);
                     if let Err(e) = updated {
                         self.failures.push(format!(
                             "updating Endpoints after {} ended: {e:#}",
@@ -851,8 +680,11 @@ impl Lab {
             }
         };
         tokio::pin!(end);
+        let mut sync = tokio::time::interval(SYNC_INTERVAL);
+        sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = sync.tick() => self.tick().await,
                 () = &mut end => {
                     println!("isthmus lab {}: --duration reached, stopping", self.net.prefix());
                     return;
@@ -873,18 +705,55 @@ impl Lab {
         }
     }
 
-    /// SIGTERM to each container's process group (the shell and what it started),
-    /// then SIGKILL to what is left after a grace period.
-    async fn stop_containers(&mut self) {
-        // Exits from here on are the lab's doing, not failures.
-        while let Ok(exit) = self.exits.try_recv() {
-            self.record(exit);
-        }
-        for signal in [Sig::SIGTERM, Sig::SIGKILL] {
-            for pgid in &self.containers {
-                let _ = killpg(Pid::from_raw(*pgid), signal);
+    /// One pass of the node agents while the lab runs; a failure is reported
+    /// and the next pass tries again.
+    async fn tick(&mut self) {
+        let mut result = Ok(());
+        for ci in std::mem::take(&mut self.unpublished) {
+            if let Err(e) = self.publish_pods(ci).await {
+                self.unpublished.insert(ci);
+                result = Err(e);
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if let Err(e) = result.and(self.sync().await.map(drop)) {
+            println!(
+                "isthmus lab {}: syncing with the API servers: {e:#}",
+                self.net.prefix()
+            );
+        }
+    }
+
+    /// Waits until every ServiceMirror is reconciled and every namespace with
+    /// meshed pods holds the discovery ConfigMap with every mirrored Service,
+    /// projected into their volumes: the applications' first calls then find
+    /// their names and their sidecars' routes (in a cluster, readiness gates).
+    async fn wait_published(&mut self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + PUBLISH_TIMEOUT;
+        loop {
+            let missing = self.sync().await?;
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let names: Vec<String> = missing
+                    .iter()
+                    .map(|(ci, what)| format!("{}: {what}", self.plan.clusters[*ci].spec.name))
+                    .collect();
+                // What stays unsettled is the manifests' business (a mirror of a
+                // Service that does not exist); the pods start all the same.
+                println!(
+                    "isthmus lab {}: after {}s still not settled: {}; starting the pods",
+                    self.net.prefix(),
+                    PUBLISH_TIMEOUT.as_secs(),
+                    names.join("; ")
+                );
+                return Ok(());
+            }
+            tokio::select! {
+                () = tokio::time::sleep(SYNC_INTERVAL) => {}
+                _ = self.interrupt.recv() => bail!("interrupted while starting"),
+                _ = self.terminate.recv() => bail!("terminated while starting"),
+            }
         }
     }
 
@@ -914,63 +783,10 @@ impl Lab {
     }
 }
 
-/// How long a server container gets to listen on its port.
-const LISTEN_WAIT: Duration = Duration::from_secs(10);
-
-/// Waits until process `pid` has a TCP socket listening on `port` in its network
-/// namespace (`/proc/PID/net/tcp*` lists that namespace's sockets).
-async fn wait_listening(pid: u32, port: u16) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + LISTEN_WAIT;
-    loop {
-        let mut alive = false;
-        for table in ["tcp", "tcp6"] {
-            if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
-                alive = true;
-                if listens_on(&text, port) {
-                    return Ok(());
-                }
-            }
-        }
-        if !alive {
-            bail!("exited before it listened on port {port}");
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!(
-                "not listening on port {port} after {}s",
-                LISTEN_WAIT.as_secs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Whether a `/proc/net/tcp`-style table has a socket in state LISTEN (`0A`) on `port`.
-fn listens_on(table: &str, port: u16) -> bool {
-    table.lines().skip(1).any(|line| {
-        let mut fields = line.split_whitespace();
-        let local = fields.nth(1);
-        let state = fields.nth(1);
-        state == Some("0A")
-            && local
-                .and_then(|l| l.rsplit_once(':'))
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
-                == Some(port)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::listens_on;
-
-    #[test]
-    fn a_listening_socket_is_found_by_port_and_state() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0A0012C6:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
-   1: 0A0012C6:0050 0B0012C6:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 20 4 30 10 -1
-";
-        assert!(listens_on(table, 8080));
-        // Port 80 is only an established connection here.
-        assert!(!listens_on(table, 80));
-        assert!(!listens_on(table, 9090));
-    }
+/// The ClusterIPs of `c`'s own Services, as planned.
+fn planned_ips(c: &super::plan::ClusterPlan) -> BTreeMap<ServiceRef, IpAddr> {
+    c.services
+        .iter()
+        .filter_map(|(k, s)| s.cluster_ips().into_iter().next().map(|ip| (k.clone(), ip)))
+        .collect()
 }

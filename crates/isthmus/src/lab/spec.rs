@@ -129,6 +129,9 @@ pub struct ClusterSpec {
     pub exports: BTreeSet<ServiceRef>,
     /// Resolved links (every other cluster unless the settings say otherwise).
     pub links: Vec<ClusterName>,
+    /// The manifest files as written, `(file, contents)`: what the lab applies
+    /// to the cluster's API server.
+    pub files: Vec<(String, String)>,
 }
 
 impl ClusterSpec {
@@ -251,6 +254,7 @@ fn read_cluster(
     let mut objects: Vec<Parsed> = Vec::new();
     let mut install = MeshInstall::default();
     let mut settings_path = None;
+    let mut manifests = Vec::new();
     for (file, text) in files {
         if file.ends_with(&format!("/{SETTINGS_FILE}")) {
             let path = PathBuf::from(&file);
@@ -284,6 +288,7 @@ fn read_cluster(
             }
         }
         objects.extend(parsed);
+        manifests.push((file, text));
     }
     let view = ClusterView::build(name.clone(), objects).map_err(|source| SpecError::View {
         cluster: name.to_string(),
@@ -362,6 +367,7 @@ fn read_cluster(
         install,
         exports,
         links,
+        files: manifests,
     })
 }
 

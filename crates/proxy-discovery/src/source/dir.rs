@@ -7,9 +7,13 @@
 //!   (its ClusterSettings, Services, Endpoints), as a controller watching that
 //!   cluster through the link would see it.
 //!
-//! Entries starting with `.` are skipped, and symlinks are followed, so a
-//! Kubernetes ConfigMap mount (files that are symlinks into a swapped `..data`
-//! directory) works. The cluster's name comes from, in order: the caller, the local
+//! Entries starting with `.` are skipped, and symlinks are followed. A Kubernetes
+//! ConfigMap mount is read one generation at a time: kubelet writes a new
+//! timestamped directory, renames a temporary symlink over `..data` to point at it,
+//! and only then adds and removes the key symlinks (`key -> ..data/key`) beside
+//! it; so when `DIR/..data` exists, the local files are read from its target, and
+//! a poll between the swap and the key updates sees the new generation whole,
+//! never a mix of keys of two. The cluster's name comes from, in order: the caller, the local
 //! ClusterSettings' `spec.clusterName`, the directory's own name.
 //!
 //! Watching polls a fingerprint of the contents every interval rather than using
@@ -36,6 +40,9 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The subdirectory holding linked clusters' views.
 pub const CLUSTERS_DIR: &str = "clusters";
+
+/// The symlink a ConfigMap volume swaps to publish a new generation.
+pub const DATA_LINK: &str = "..data";
 
 /// A directory of manifests to load, once or continuously.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,9 +205,10 @@ impl DirSource {
 
     fn read_tree(&self) -> Result<Tree, DiscoveryError> {
         let mut hasher = DefaultHasher::new();
-        let local = read_manifest_files(&self.dir, &mut hasher)?;
+        let base = generation_dir(&self.dir);
+        let local = read_manifest_files(&base, &mut hasher)?;
         let mut clusters = BTreeMap::new();
-        let clusters_dir = self.dir.join(CLUSTERS_DIR);
+        let clusters_dir = base.join(CLUSTERS_DIR);
         if clusters_dir.is_dir() {
             for (name, path) in list(&clusters_dir)? {
                 if !path.is_dir() {
@@ -269,6 +277,16 @@ fn parse_all(files: &[(PathBuf, String)]) -> Result<Vec<Parsed>, DiscoveryError>
     Ok(out)
 }
 
+/// Where the local files of `dir` are read: the target of a ConfigMap volume's
+/// `..data` when there is one (resolved once, so every file of a poll comes from
+/// the same generation), else `dir` itself.
+fn generation_dir(dir: &Path) -> PathBuf {
+    match std::fs::read_link(dir.join(DATA_LINK)) {
+        Ok(target) => dir.join(target),
+        Err(_) => dir.to_owned(),
+    }
+}
+
 /// Entries of `dir` not starting with `.`, sorted by name.
 fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>, DiscoveryError> {
     let read_err = |source| DiscoveryError::Read {
@@ -333,5 +351,75 @@ fn log_loaded(dir: &Path, generation: u64, snapshot: &Snapshot) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn service(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n\
+             spec:\n  clusterIP: {ip}\n  ports:\n  - port: 80\n"
+        )
+    }
+
+    /// Writes generation `dir/..<generation>` holding `files`, and swaps `..data`
+    /// to it as kubelet does (a temporary symlink renamed over it).
+    fn publish(dir: &Path, generation: &str, files: &[(&str, String)]) {
+        let target = dir.join(format!("..{generation}"));
+        std::fs::create_dir_all(&target).unwrap();
+        for (name, text) in files {
+            std::fs::write(target.join(name), text).unwrap();
+        }
+        let tmp = dir.join("..data_tmp");
+        symlink(format!("..{generation}"), &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join(DATA_LINK)).unwrap();
+    }
+
+    fn names(source: &DirSource) -> Vec<String> {
+        let snapshot = source.load().unwrap();
+        snapshot
+            .local()
+            .services
+            .keys()
+            .map(|k| k.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_configmap_volume_is_read_one_generation_at_a_time() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("cluster-b");
+        std::fs::create_dir_all(&dir).unwrap();
+        publish(
+            &dir,
+            "2026_01_01_00_00_00.1",
+            &[
+                ("a.yaml", service("one", "10.0.0.1")),
+                ("c.yaml", service("three", "10.0.0.3")),
+            ],
+        );
+        for key in ["a.yaml", "c.yaml"] {
+            symlink(format!("{DATA_LINK}/{key}"), dir.join(key)).unwrap();
+        }
+        let source = DirSource::new(&dir);
+        assert_eq!(names(&source), ["one", "three"]);
+
+        // Swapped, but the key symlinks not yet updated: `b.yaml` is new and has
+        // no symlink yet, `c.yaml`'s symlink dangles. The new generation is read
+        // whole all the same.
+        publish(
+            &dir,
+            "2026_01_01_00_00_01.2",
+            &[
+                ("a.yaml", service("one", "10.0.0.1")),
+                ("b.yaml", service("two", "10.0.0.2")),
+            ],
+        );
+        assert_eq!(names(&source), ["one", "two"]);
     }
 }

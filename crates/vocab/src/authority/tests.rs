@@ -122,22 +122,21 @@ fn parts_are_read_back() {
 
 #[test]
 fn from_parts_checks_as_parse_does() {
-    assert_eq!(
-        Authority::from_parts("hello.default.svc.cluster.local", 80),
-        Authority::parse("hello.default.svc.cluster.local:80")
-    );
-    assert_eq!(
-        Authority::from_parts("::1", 80),
-        Authority::parse("[::1]:80")
-    );
-    assert_eq!(
-        Authority::from_parts("[::1]", 80),
-        Authority::parse("[::1]:80")
-    );
-    assert_eq!(
-        Authority::from_parts("10.0.0.1", 80),
-        Authority::parse("10.0.0.1:80")
-    );
+    for (host, text) in [
+        (
+            "hello.default.svc.cluster.local",
+            "hello.default.svc.cluster.local:80",
+        ),
+        ("::1", "[::1]:80"),
+        ("[::1]", "[::1]:80"),
+        ("10.0.0.1", "10.0.0.1:80"),
+    ] {
+        assert_eq!(
+            Authority::from_parts(host, 80),
+            Authority::parse(text),
+            "{host}"
+        );
+    }
     assert!(Authority::from_parts("hello", 0).is_err());
     assert!(Authority::from_parts("a_b", 80).is_err());
     assert!(Authority::from_parts("", 80).is_err());

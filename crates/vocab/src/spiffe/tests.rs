@@ -40,78 +40,41 @@ fn workload_builds_and_checks_segments() {
     ));
 }
 
-/// An input and a predicate on the error it must give.
-type Case = (&'static str, fn(&IdError) -> bool);
+/// An input, and the error it must give: the variant's name, then what its `Debug`
+/// must also show (the offending character and where).
+type Case = (&'static str, &'static str);
 
 #[test]
 fn rejects_each_rule_with_its_reason() {
     let cases: &[Case] = &[
-        ("", |e| matches!(e, IdError::Empty)),
-        ("http://example.org/a", |e| {
-            matches!(e, IdError::Scheme { .. })
-        }),
-        ("SPIFFE://example.org/a", |e| {
-            matches!(e, IdError::Scheme { .. })
-        }),
-        ("spiffe:/example.org/a", |e| {
-            matches!(e, IdError::Scheme { .. })
-        }),
-        ("spiffe:///a", |e| {
-            matches!(e, IdError::MissingTrustDomain { .. })
-        }),
-        ("spiffe://Example.org/a", |e| {
-            matches!(e, IdError::TrustDomainChar { ch: 'E', at: 9, .. })
-        }),
-        ("spiffe://example.org:8080/a", |e| {
-            matches!(e, IdError::TrustDomainChar { ch: ':', .. })
-        }),
-        ("spiffe://user@example.org/a", |e| {
-            matches!(e, IdError::TrustDomainChar { ch: '@', .. })
-        }),
-        ("spiffe://example.org", |e| {
-            matches!(e, IdError::MissingPath { .. })
-        }),
-        ("spiffe://example.org/", |e| {
-            matches!(e, IdError::EmptySegment { .. })
-        }),
-        ("spiffe://example.org/a//b", |e| {
-            matches!(e, IdError::EmptySegment { .. })
-        }),
-        ("spiffe://example.org/a/", |e| {
-            matches!(e, IdError::EmptySegment { .. })
-        }),
-        ("spiffe://example.org/a/../b", |e| {
-            matches!(e, IdError::DotSegment { .. })
-        }),
-        ("spiffe://example.org/./b", |e| {
-            matches!(e, IdError::DotSegment { .. })
-        }),
-        ("spiffe://example.org/a?x=1", |e| {
-            matches!(
-                e,
-                IdError::PathChar {
-                    ch: '?',
-                    at: 22,
-                    ..
-                }
-            )
-        }),
-        ("spiffe://example.org/a#frag", |e| {
-            matches!(e, IdError::PathChar { ch: '#', .. })
-        }),
-        ("spiffe://example.org/a%20b", |e| {
-            matches!(e, IdError::PathChar { ch: '%', .. })
-        }),
-        ("spiffe://example.org/a b", |e| {
-            matches!(e, IdError::PathChar { ch: ' ', .. })
-        }),
-        ("spiffe://example.org/é", |e| {
-            matches!(e, IdError::PathChar { ch: 'é', .. })
-        }),
+        ("", "Empty"),
+        ("http://example.org/a", "Scheme"),
+        ("SPIFFE://example.org/a", "Scheme"),
+        ("spiffe:/example.org/a", "Scheme"),
+        ("spiffe:///a", "MissingTrustDomain"),
+        ("spiffe://Example.org/a", "TrustDomainChar ch: 'E', at: 9"),
+        ("spiffe://example.org:8080/a", "TrustDomainChar ch: ':'"),
+        ("spiffe://user@example.org/a", "TrustDomainChar ch: '@'"),
+        ("spiffe://example.org", "MissingPath"),
+        ("spiffe://example.org/", "EmptySegment"),
+        ("spiffe://example.org/a//b", "EmptySegment"),
+        ("spiffe://example.org/a/", "EmptySegment"),
+        ("spiffe://example.org/a/../b", "DotSegment"),
+        ("spiffe://example.org/./b", "DotSegment"),
+        ("spiffe://example.org/a?x=1", "PathChar ch: '?', at: 22"),
+        ("spiffe://example.org/a#frag", "PathChar ch: '#'"),
+        ("spiffe://example.org/a%20b", "PathChar ch: '%'"),
+        ("spiffe://example.org/a b", "PathChar ch: ' '"),
+        ("spiffe://example.org/é", "PathChar ch: 'é'"),
     ];
     for (input, expected) in cases {
+        let (variant, detail) = expected.split_once(' ').unwrap_or((*expected, ""));
         let err = SpiffeId::parse(input).unwrap_err();
-        assert!(expected(&err), "{input:?} gave {err:?}");
+        let debug = format!("{err:?}");
+        assert!(
+            debug.split([' ', '{']).next() == Some(variant) && debug.contains(detail),
+            "{input:?} gave {err:?}, expected {variant} with {detail:?}"
+        );
         if !input.is_empty() {
             assert!(err.to_string().contains(&format!("{input:?}")), "{err}");
         }

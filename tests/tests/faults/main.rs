@@ -27,7 +27,6 @@ use isthmus_tests::peer::test_peer;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,25 +41,14 @@ use isthmus_tests::tcp::{self, WAIT, read_once};
 use isthmus_vocab::{Authority, ClusterName, SpiffeId};
 use nix::sys::signal::Signal;
 
+mod gateway;
+
+/// How long an echo connection may stay quiet before the echo gives up on it.
+const ECHO_IDLE: Duration = Duration::from_secs(60);
+
 /// Writes the client pod's identity into `dir`.
 fn mint_pod(dir: &Path) {
     identity::mint_pod(dir, "faults anchor").unwrap();
-}
-
-/// An echo server on `listener` for any number of connections, each on a thread,
-/// until the test process ends.
-fn echo_forever(listener: TcpListener) {
-    listener.set_nonblocking(false).unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
-                let mut reader = stream.try_clone().unwrap();
-                let _ = io::copy(&mut reader, &mut stream);
-            });
-        }
-    });
 }
 
 /// How a connection that must end ended: `Ok(true)` reset, `Ok(false)` EOF, or the
@@ -84,7 +72,10 @@ fn ended(stream: &mut TcpStream) -> Result<bool, String> {
 fn a_killed_sidecar_resets_its_clients_and_captured_traffic_fails_closed() {
     const OPEN: usize = 20;
     let mut s = SidecarPod::start(mint_pod, &[]).unwrap();
-    echo_forever(s.server.run(|| tcp::listen(s.server_addr(9001))).unwrap());
+    tcp::echo_forever(
+        s.server.run(|| tcp::listen(s.server_addr(9001))).unwrap(),
+        ECHO_IDLE,
+    );
     let mut streams: Vec<TcpStream> = (0..OPEN)
         .map(|i| {
             let mut stream = s.pod.run(|| tcp::connect(s.server_addr(9001))).unwrap();
@@ -425,7 +416,7 @@ fn an_app_dialling_its_own_sidecar_gets_no_way_through() {
         .server
         .run(|| tcp::listen(s.server_addr(pod::OUTBOUND_PORT)))
         .unwrap();
-    echo_forever(remote);
+    tcp::echo_forever(remote, ECHO_IDLE);
     let mut stream = s
         .pod
         .run(|| tcp::connect(s.server_addr(pod::OUTBOUND_PORT)))
@@ -522,323 +513,6 @@ fn dial_with_http(s: &SidecarPod, addr: SocketAddr) -> (&'static str, Duration, 
     }
 }
 
-// ---- a black-holed peer gateway ----
-
-const HELLO: &str = "hello.default.svc.cluster.local:80";
-/// The gateways' connect timeout: the bound of a connect into a black hole.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// PING interval + timeout of the tunnel's HTTP/2 connections (their defaults).
-const KEEPALIVE: Duration = Duration::from_secs(15);
-/// Slack for a debug build on a shared machine.
-const SLACK: Duration = Duration::from_secs(10);
-
-/// Two gateways in two namespaces joined by a veth pair: gateway-b (198.18.0.1) in
-/// `ns_b`, where the test plays cluster-b's sidecar, and gateway-a (198.18.0.2) in
-/// `ns_a`, in front of an echo server on its loopback.
-struct Gateways {
-    ns_b: Namespace,
-    gw_a: SocketAddr,
-    gw_b: SocketAddr,
-    admin_b: SocketAddr,
-    dir: tempfile::TempDir,
-    logs: Vec<PathBuf>,
-    /// Dropped last: kills the gateways and deletes the namespaces.
-    _lab: Lab,
-}
-
-impl Drop for Gateways {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for log in &self.logs {
-                eprintln!(
-                    "--- {} ---\n{}",
-                    log.display(),
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-        }
-    }
-}
-
-impl Gateways {
-    fn start(pki: &Pki) -> Self {
-        let lab = Lab::new();
-        let Pair {
-            pod: ns_a,
-            server: ns_b,
-            ..
-        } = lab.pair(false);
-        let gw_b: SocketAddr = "198.18.0.1:4143".parse().unwrap();
-        // On loopback: the test reads gateway-b's /config, which answers loopback only.
-        let admin_b: SocketAddr = "127.0.0.1:4191".parse().unwrap();
-        let gw_a: SocketAddr = "198.18.0.2:4143".parse().unwrap();
-        let admin_a: SocketAddr = "198.18.0.2:4191".parse().unwrap();
-        let backend: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        echo_forever(ns_a.run(|| tcp::listen(backend)).unwrap());
-
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        for cluster in ["cluster-a", "cluster-b"] {
-            pki.leaf(cluster, &gateway_id(cluster))
-                .write_dir(&root.join(format!("identity-{cluster}")), false)
-                .unwrap();
-        }
-        let a = root.join("manifests-cluster-a");
-        std::fs::create_dir_all(&a).unwrap();
-        std::fs::write(a.join("settings.yaml"), cluster_settings("cluster-a", gw_a)).unwrap();
-        std::fs::write(a.join("hello.yaml"), service("hello", backend, true)).unwrap();
-        std::fs::write(a.join("link.yaml"), link("cluster-b", gw_b, admin_b)).unwrap();
-        let b = root.join("manifests-cluster-b");
-        std::fs::create_dir_all(b.join("clusters/cluster-a")).unwrap();
-        std::fs::write(b.join("settings.yaml"), cluster_settings("cluster-b", gw_b)).unwrap();
-        std::fs::write(b.join("link.yaml"), link("cluster-a", gw_a, admin_a)).unwrap();
-        std::fs::write(
-            b.join("clusters/cluster-a/settings.yaml"),
-            cluster_settings("cluster-a", gw_a),
-        )
-        .unwrap();
-        std::fs::write(
-            b.join("clusters/cluster-a/hello.yaml"),
-            service("hello", backend, true),
-        )
-        .unwrap();
-
-        let mut logs = Vec::new();
-        for (cluster, ns, inbound, admin) in [
-            ("cluster-a", &ns_a, gw_a, admin_a),
-            ("cluster-b", &ns_b, gw_b, admin_b),
-        ] {
-            let log = root.join(format!("gateway-{cluster}.log"));
-            let child = ns
-                .command(binary("isthmus-proxy"))
-                .args(["gateway", "--cluster", cluster, "--identity-dir"])
-                .arg(root.join(format!("identity-{cluster}")))
-                .arg("--manifests")
-                .arg(root.join(format!("manifests-{cluster}")))
-                .args(["--inbound-addr", &inbound.to_string()])
-                .args(["--admin-addr", &admin.to_string()])
-                .args(["--reload-interval", "200ms", "--tunnel-connections", "1"])
-                .args([
-                    "--connect-timeout",
-                    &format!("{}s", CONNECT_TIMEOUT.as_secs()),
-                ])
-                .args(["--log", "info,proxy_core=debug", "--workers", "1"])
-                // The echo server is on the gateway namespace's loopback.
-                .arg("--allow-local-endpoints")
-                .env_clear()
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            lab.adopt(child);
-            logs.push(log);
-        }
-        let gateways = Gateways {
-            ns_b,
-            gw_a,
-            gw_b,
-            admin_b,
-            dir,
-            logs,
-            _lab: lab,
-        };
-        gateways.eventually("gateway-b's link to cluster-a to come up", SLACK, || {
-            gateways.link_up_metric() == Some(1.0)
-        });
-        gateways
-    }
-
-    fn admin_b(&self, path: &str) -> String {
-        self.ns_b
-            .run(|| pod::http_get(self.admin_b, path))
-            .unwrap_or_default()
-    }
-
-    fn link_up_metric(&self) -> Option<f64> {
-        let response = self.admin_b("/metrics");
-        let (_, body) = response.split_once("\r\n\r\n")?;
-        Metrics::parse(body).get("gateway_link_up", &[r#"cluster="cluster-a""#])
-    }
-
-    /// Waits until `ok` holds, within `limit`; how long that took.
-    fn eventually(&self, what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-        let started = Instant::now();
-        eventually_blocking(what, limit, || ok().then_some(()));
-        started.elapsed()
-    }
-
-    /// DROPs everything between gateway-b and gateway-a, in gateway-b's namespace.
-    fn black_hole(&self, on: bool) {
-        let op = if on { "-I" } else { "-D" };
-        let peer = self.gw_a.ip().to_string();
-        for (chain, dir) in [("OUTPUT", "-d"), ("INPUT", "-s")] {
-            self.ns_b
-                .exec("iptables", &[op, chain, dir, &peer, "-j", "DROP"])
-                .unwrap();
-        }
-    }
-}
-
-#[test]
-fn a_black_holed_peer_gateway_is_noticed_by_keepalive_and_recovers() {
-    use proxy_core::pool::Pool;
-
-    use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::time::timeout;
-
-    let pki = Pki::new("faults anchor");
-    let g = Gateways::start(&pki);
-    let sidecar_dir = g.dir.path().join("identity-sidecar-b");
-    pki.leaf(
-        "cluster-b",
-        &SpiffeId::parse("spiffe://cluster.local/ns/default/sa/frontend").unwrap(),
-    )
-    .write_dir(&sidecar_dir, false)
-    .unwrap();
-    let store = Arc::new(CredentialStore::load(CredentialPaths::in_dir(&sidecar_dir)).unwrap());
-
-    // The test plays cluster-b's sidecar: a warm pool to gateway-b, from its namespace.
-    g.ns_b.run(|| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let stopped = tokio_util::sync::CancellationToken::new();
-            let pool = Pool::spawn(
-                test_peer(
-                    "test/gateway-b",
-                    g.gw_b,
-                    proxy_identity::client_config(
-                        store,
-                        PeerPolicy::Exact(gateway_id("cluster-b")),
-                    ),
-                    1,
-                    WAIT,
-                ),
-                stopped,
-            );
-            let authority = Authority::parse(HELLO).unwrap();
-            let cluster = ClusterName::parse("cluster-a").unwrap();
-            let limit = CONNECT_TIMEOUT + KEEPALIVE + SLACK;
-            let open = || async {
-                timeout(limit, pool.open(&authority, Some(&cluster)))
-                    .await
-                    .unwrap_or_else(|_| panic!("opening a stream hung past {limit:?}"))
-            };
-
-            let mut held = open().await.unwrap();
-            held.write_all(b"before\n").await.unwrap();
-            let mut back = [0u8; 7];
-            timeout(WAIT, held.read_exact(&mut back))
-                .await
-                .unwrap()
-                .unwrap();
-            assert_eq!(&back, b"before\n");
-
-            g.black_hole(true);
-            let holed = Instant::now();
-
-            // A new stream now rides the dead link connection or a connect into the
-            // black hole: either way it must fail, bounded by the connect timeout
-            // or the keepalive, never hang.
-            let (_, first_err) = stream_fails(open().await, limit).await;
-            let first_took = holed.elapsed();
-            figure(
-                "blackhole_first_stream_failed_ms",
-                format!("{} ({first_err})", first_took.as_millis()),
-            );
-
-            // The established stream's loss is noticed: it ends, with no more bytes.
-            let _ = held.write_all(b"lost?\n").await;
-            let mut rest = Vec::new();
-            let ended = timeout(limit, held.read_to_end(&mut rest)).await;
-            assert!(ended.is_ok(), "the held stream outlived the keepalive");
-            assert!(rest.is_empty(), "bytes crossed a black hole: {rest:?}");
-            figure(
-                "blackhole_established_stream_ended_ms",
-                holed.elapsed().as_millis(),
-            );
-
-            // The link is down on /metrics and /config.
-            let noticed = g.eventually("gateway_link_up to turn 0", limit, || {
-                g.link_up_metric() == Some(0.0)
-            });
-            figure(
-                "blackhole_link_down_noticed_ms",
-                (noticed + first_took).as_millis(),
-            );
-            let config = g.admin_b("/config");
-            assert!(config.contains("down"), "{config}");
-
-            // Known down: refused at once.
-            let started = Instant::now();
-            let (_, refusal) = stream_fails(open().await, limit).await;
-            let fast = started.elapsed();
-            figure(
-                "blackhole_known_down_refusal_ms",
-                format!("{} ({refusal})", fast.as_millis()),
-            );
-            assert!(fast < CONNECT_TIMEOUT + SLACK / 2, "{fast:?}");
-
-            g.black_hole(false);
-            let healed = Instant::now();
-            loop {
-                if let Ok(mut stream) = open().await {
-                    // Streams open optimistically: only the echo proves the path.
-                    let mut back = [0u8; 6];
-                    let echoed = async {
-                        stream.write_all(b"after\n").await?;
-                        stream.read_exact(&mut back).await
-                    };
-                    if timeout(WAIT, echoed).await.is_ok_and(|r| r.is_ok()) {
-                        assert_eq!(&back, b"after\n");
-                        break;
-                    }
-                }
-                assert!(
-                    healed.elapsed() < limit,
-                    "the link did not recover within {limit:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            figure("blackhole_recovery_ms", healed.elapsed().as_millis());
-        });
-    });
-}
-
-/// How long a stream across a broken path took to fail, and how: refused when it
-/// was opened, or (tunnel streams open optimistically, before the far end answers)
-/// ended with no bytes echoed when used. Fails the test if bytes came back or it
-/// did not fail within `limit`.
-async fn stream_fails(
-    opened: Result<proxy_core::tunnel::client::TunnelStream, proxy_core::pool::PoolError>,
-    limit: Duration,
-) -> (Duration, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let started = Instant::now();
-    let mut stream = match opened {
-        Err(e) => return (started.elapsed(), format!("refused: {e}")),
-        Ok(stream) => stream,
-    };
-    let mut rest = Vec::new();
-    let used = async {
-        stream.write_all(b"across?\n").await?;
-        stream.read_to_end(&mut rest).await
-    };
-    let ended = tokio::time::timeout(limit, used)
-        .await
-        .unwrap_or_else(|_| panic!("a stream across a broken path still waits after {limit:?}"));
-    assert!(rest.is_empty(), "bytes crossed a broken path: {rest:?}");
-    let how = match ended {
-        Ok(_) => "opened, then ended with no bytes".to_owned(),
-        Err(e) => format!("opened, then failed: {e}"),
-    };
-    (started.elapsed(), how)
-}
-
 // ---- hostile first bytes against a live sidecar ----
 
 /// The inputs: the `detect` fuzz corpus (its first byte only picks a read size, so
@@ -883,7 +557,10 @@ fn hostile_first_bytes() -> Vec<Vec<u8>> {
 fn hostile_first_bytes_leave_a_live_sidecar_as_it_was() {
     const WORKERS: usize = 8;
     let s = SidecarPod::start(mint_pod, &[]).unwrap();
-    echo_forever(s.server.run(|| tcp::listen(s.server_addr(9400))).unwrap());
+    tcp::echo_forever(
+        s.server.run(|| tcp::listen(s.server_addr(9400))).unwrap(),
+        ECHO_IDLE,
+    );
     let target = s.server_addr(9400);
     let inputs = hostile_first_bytes();
     // Warm up once, so the baseline includes what the first connection allocates.
@@ -927,15 +604,13 @@ fn hostile_first_bytes_leave_a_live_sidecar_as_it_was() {
     });
     let took = started.elapsed();
     assert!(s.running(), "the sidecar died on hostile input");
-    let deadline = Instant::now() + WAIT;
-    while pod::open_fds(s.pid).unwrap() > fds_before + 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the sidecar holds {} descriptors after hostile input, {fds_before} before",
-            pod::open_fds(s.pid).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The slack covers the admin connections of the scrapes.
+    pod::fds_return_to(
+        s.pid,
+        fds_before + 2,
+        WAIT,
+        "the sidecar after hostile input",
+    );
     let (fds_after, rss_after) = (pod::open_fds(s.pid).unwrap(), pod::rss_kib(s.pid).unwrap());
     let [empty, answered, reset, hung] = *outcomes.lock().unwrap();
     figure(
