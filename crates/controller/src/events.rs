@@ -125,7 +125,7 @@ mod tests {
         assert_eq!(said(None, "RemoteUnreachable"), None);
         assert_eq!(
             said(Some("Mirrored"), "RemoteUnreachable").as_deref(),
-            Some("Removed")
+            Some("Unreachable")
         );
     }
 }

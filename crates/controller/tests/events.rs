@@ -22,12 +22,7 @@ async fn reasons(lab: &Lab) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_s_events_tell_its_story() {
-    let lab = Lab::new().await;
-    lab.create_remote(&remote_service("hello", &[80], true))
-        .await;
-    let controller = lab.controller("a").await;
-    lab.apply_seed().await;
-    lab.reason("hello-mirror", "Mirrored").await;
+    let (lab, controller) = Lab::seed_mirrored().await;
     eventually("an Imported event", || async {
         (reasons(&lab).await == ["Imported"]).then_some(())
     })
