@@ -151,13 +151,7 @@ async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
     lab.local_service_gone("hola").await;
 
     // The remote Service is deleted: so is the mirror's, and the status says why.
-    timed(
-        "delete remote",
-        lab.remote_services()
-            .delete("hello", &DeleteParams::default()),
-    )
-    .await
-    .unwrap();
+    lab.delete_remote("hello").await;
     lab.local_service_gone("hello").await;
     let sm = lab.reason("hello-mirror", "RemoteServiceNotFound").await;
     assert_eq!(

@@ -27,13 +27,7 @@ async fn a_mirror_s_events_tell_its_story() {
         (reasons(&lab).await == ["Imported"]).then_some(())
     })
     .await;
-    timed(
-        "delete remote",
-        lab.remote_services()
-            .delete("hello", &DeleteParams::default()),
-    )
-    .await
-    .unwrap();
+    lab.delete_remote("hello").await;
     lab.reason("hello-mirror", "RemoteServiceNotFound").await;
     eventually("a Removed event after it", || async {
         (reasons(&lab).await == ["Imported", "Removed"]).then_some(())
