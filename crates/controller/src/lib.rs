@@ -15,6 +15,7 @@
 //!   remote Service, torn down when unused.
 //! - [`publish`]: the sidecars' discovery ConfigMap.
 //! - [`lease`]: Lease-based leader election.
+//! - [`events`]: Kubernetes Events on ServiceMirrors when their state changes.
 //! - [`metrics`]: counters, the staleness gauge and the HTTP endpoint.
 //! - [`config`], [`run`]: the command line and the wiring.
 //!
@@ -26,6 +27,7 @@
 //! path.
 
 pub mod config;
+pub mod events;
 pub mod kinds;
 pub mod lease;
 pub mod metrics;

@@ -82,6 +82,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Timing.
     pub timing: ReconcileTiming,
+    /// Events on the mirrors.
+    pub events: crate::events::Events,
     /// For each invalid mirror whose status this replica wrote, the
     /// resourceVersion that write produced: its own status change is no news.
     pub invalid_reported: std::sync::Mutex<std::collections::HashMap<String, String>>,
@@ -218,7 +220,10 @@ pub async fn reconcile_mirror(
     };
     let result = reconcile_inner(sm, &ctx, &key).await;
     match &result {
-        Ok((reason, _)) => ctx.metrics.reconciled(reason),
+        Ok((reason, _)) => {
+            ctx.metrics.reconciled(reason);
+            ctx.events.mirrored(sm, reason).await;
+        }
         Err(e) => ctx.metrics.failed(e.label()),
     }
     result.map(|(_, action)| action)

@@ -281,6 +281,13 @@ async fn lead(
         leadership: leadership.clone(),
         metrics: metrics.clone(),
         timing: config.timing,
+        events: crate::events::Events::new(
+            client.clone(),
+            config
+                .lease
+                .as_ref()
+                .map_or(crate::events::REPORTER, |l| l.identity.as_str()),
+        ),
         invalid_reported: std::sync::Mutex::default(),
     });
     let run = controller

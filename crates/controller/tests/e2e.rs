@@ -151,13 +151,7 @@ async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
     lab.local_service_gone("hola").await;
 
     // The remote Service is deleted: so is the mirror's, and the status says why.
-    timed(
-        "delete remote",
-        lab.remote_services()
-            .delete("hello", &DeleteParams::default()),
-    )
-    .await
-    .unwrap();
+    lab.delete_remote("hello").await;
     lab.local_service_gone("hello").await;
     let sm = lab.reason("hello-mirror", "RemoteServiceNotFound").await;
     assert_eq!(
@@ -331,13 +325,8 @@ async fn refusals_name_their_cause_and_never_touch_an_unowned_service() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_remote_keeps_the_mirror_and_says_how_stale_it_is() {
-    let lab = Lab::new().await;
-    lab.create_remote(&remote_service("hello", &[80], true))
-        .await;
-    let controller = lab.controller("a").await;
-    lab.apply_seed().await;
+    let (lab, controller) = Lab::seed_mirrored().await;
     let before = lab.local_service("hello", |s| ports(s) == [80]).await;
-    lab.reason("hello-mirror", "Mirrored").await;
 
     timed("stop remote", lab.remote.stop()).await;
     let sm = lab.reason("hello-mirror", "RemoteUnreachable").await;

@@ -209,6 +209,10 @@ fn crds_parse_as_kubernetes_objects_and_accept_the_seed() {
 /// `cluster` means in any namespace (ClusterRole), `namespace` only in its own
 /// (Role).
 const CALLS: &[(&str, &str, &str, &str)] = &[
+    // events.rs: kube-runtime's recorder creates an event, and patches it when
+    // the same one recurs.
+    ("events.k8s.io", "events", "create", "cluster"),
+    ("events.k8s.io", "events", "patch", "cluster"),
     // run.rs: the Controller's list+watch of ServiceMirrors; mirror.rs: a live
     // get before creating a Service for one or deleting an orphan; status patch.
     ("linkerd.io", "servicemirrors", "get", "cluster"),

@@ -15,6 +15,7 @@ use proxy_identity::mint::{self, KeyAlgorithm};
 use serde_json::json;
 use test_apiserver::TestApiServer;
 
+mod binary;
 #[path = "check/fixtures.rs"]
 mod fixtures;
 

@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod binary;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -15,16 +17,10 @@ use proxy_discovery::model::LinkResource;
 use serde_json::{Value, json};
 use test_apiserver::TestApiServer;
 
-const STEP: Duration = Duration::from_secs(20);
+use binary::STEP;
 
-/// Runs the `isthmus` binary without blocking the runtime the API server runs on.
 async fn isthmus(args: &[&str]) -> std::process::Output {
-    let cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
-        .env_clear()
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(STEP, cmd).await.unwrap().unwrap()
+    binary::run_async(args).await
 }
 
 fn docs(text: &str) -> Vec<Value> {

@@ -14,7 +14,6 @@
 
 mod binary;
 
-use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -94,20 +93,9 @@ fn reader_available() -> bool {
 }
 
 fn yaml11(text: &str) -> Result<Vec<Value>, String> {
-    let mut child = Command::new("python3")
-        .args(["-c", YAML11_READER])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut python = Command::new("python3");
+    python.args(["-c", YAML11_READER]);
+    let out = binary::pipe(python, text);
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
@@ -224,22 +212,12 @@ fn user_manifests(name: &str) -> String {
 /// `docs` in block style with every scalar single-quoted (PyYAML's writer); all
 /// of them are strings.
 fn quoted_yaml(docs: &[Value]) -> String {
-    let mut child = Command::new("python3")
-        .args([
-            "-c",
-            "import json, sys, yaml; sys.stdout.write(yaml.safe_dump_all(json.load(sys.stdin), sort_keys=False, default_style=\"'\"))",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(serde_json::to_string(docs).unwrap().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut python = Command::new("python3");
+    python.args([
+        "-c",
+        "import json, sys, yaml; sys.stdout.write(yaml.safe_dump_all(json.load(sys.stdin), sort_keys=False, default_style=\"'\"))",
+    ]);
+    let out = binary::pipe(python, &serde_json::to_string(docs).unwrap());
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()
 }

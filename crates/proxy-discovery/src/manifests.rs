@@ -207,6 +207,8 @@ pub fn rbac(namespace: &str) -> Rbac {
                 // pod can mount it.
                 rule("", &["namespaces"], &["list", "watch"]),
                 rule("", &["configmaps"], &["create", "patch"]),
+                // Events on ServiceMirrors (kube-runtime's recorder).
+                rule("events.k8s.io", &["events"], &["create", "patch"]),
             ]),
             ..ClusterRole::default()
         },

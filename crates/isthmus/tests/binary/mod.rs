@@ -9,9 +9,28 @@ use std::process::{Command, Output, Stdio};
 
 /// Runs `isthmus ARGS` with `stdin`, in a clean environment.
 pub fn run(args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_isthmus"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_isthmus"));
+    command.env_clear().args(args);
+    pipe(command, stdin)
+}
+
+/// How long an `isthmus` run may take on a loaded machine.
+pub const STEP: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs `isthmus ARGS` without blocking the runtime a test API server runs on,
+/// killed after [`STEP`].
+pub async fn run_async(args: &[&str]) -> Output {
+    let cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
         .env_clear()
         .args(args)
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(STEP, cmd).await.unwrap().unwrap()
+}
+
+/// Runs `command` with `stdin` written to it, and collects its output.
+pub fn pipe(mut command: Command, stdin: &str) -> Output {
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -14,16 +14,11 @@ use serde_json::{Value, json};
 use test_apiserver::{ResourceType, TestApiServer};
 use tokio::net::TcpListener;
 
-pub(crate) const STEP: Duration = Duration::from_secs(30);
+pub(crate) use crate::binary::STEP;
 pub(crate) const GATEWAY_ID: &str = "spiffe://cluster.local/ns/isthmus-system/sa/isthmus-gateway";
 
 pub(crate) async fn isthmus(args: &[&str]) -> std::process::Output {
-    let cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
-        .env_clear()
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(STEP, cmd).await.unwrap().unwrap()
+    crate::binary::run_async(args).await
 }
 
 pub(crate) fn docs(text: &str) -> Vec<Value> {
