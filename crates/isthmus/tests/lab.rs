@@ -5,11 +5,9 @@
 //! either they fail and say how to run them. They never skip.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -169,23 +167,7 @@ fn the_seed_runs_verbatim_and_crosses_both_gateways_encrypted() {
 #[test]
 fn lab_down_removes_what_a_killed_run_left() {
     require_root();
-    let mut child = isthmus()
-        .args(["lab", "up"])
-        .arg(example_dir("seed"))
-        .args(["--duration", "60s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let (mut child, rx) = lab_up_lines(&example_dir("seed"), "60s");
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut prefix = None;
     loop {

@@ -39,6 +39,34 @@ pub fn isthmus() -> Command {
     cmd
 }
 
+/// Starts `isthmus lab up DIR --duration DURATION`, its stdout read line by
+/// line into the receiver.
+pub fn lab_up_lines(dir: &Path, duration: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = isthmus()
+        .args(["lab", "up"])
+        .arg(dir)
+        .args(["--duration", duration])
+        .stdout(Stdio::piped())
+        // Errors show in the test's output.
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (child, rx)
+}
+
 /// Waits for `child` at most `timeout`, killing it after that.
 pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
     let deadline = Instant::now() + timeout;
