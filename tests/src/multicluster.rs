@@ -14,6 +14,19 @@ use isthmus_vocab::SpiffeId;
 /// The namespace of the gateways and of the multi-cluster resources.
 pub const NAMESPACE: &str = "isthmus-multicluster";
 
+/// The seed's ServiceMirror: hello of cluster-a, mirrored where it is applied.
+pub const MIRROR: &str = "apiVersion: linkerd.io/v1alpha1
+kind: ServiceMirror
+metadata:
+  name: hello-mirror
+  namespace: default
+spec:
+  cluster: cluster-a
+  service:
+    name: hello
+    namespace: default
+";
+
 /// The SPIFFE ID of `cluster`'s gateway.
 ///
 /// # Panics
@@ -38,6 +51,18 @@ pub fn cluster_settings(cluster: &str, gateway: SocketAddr) -> String {
 /// `ClusterSettings` for `cluster` in `namespace`, whose gateway listens at
 /// `gateway` and holds the SPIFFE ID `identity`.
 pub fn settings_in(namespace: &str, cluster: &str, gateway: SocketAddr, identity: &str) -> String {
+    let ip = gateway.ip().to_string();
+    settings_at(namespace, cluster, &ip, gateway.port(), identity)
+}
+
+/// [`settings_in`] with the gateway's address as written: an IP or a DNS name.
+pub fn settings_at(
+    namespace: &str,
+    cluster: &str,
+    host: &str,
+    port: u16,
+    identity: &str,
+) -> String {
     format!(
         "apiVersion: multicluster.isthmus.io/v1alpha1
 kind: ClusterSettings
@@ -48,12 +73,10 @@ spec:
   clusterName: {cluster}
   trustDomain: cluster.local
   gateway:
-    address: '{ip}'
+    address: '{host}'
     port: {port}
     identity: {identity}
-",
-        ip = gateway.ip(),
-        port = gateway.port(),
+"
     )
 }
 
@@ -77,6 +100,27 @@ pub fn link_in(
     identity: &str,
     admin: SocketAddr,
 ) -> String {
+    let ip = gateway.ip().to_string();
+    link_at(
+        namespace,
+        target,
+        &ip,
+        gateway.port(),
+        identity,
+        admin.port(),
+    )
+}
+
+/// [`link_in`] with the gateway's address as written (an IP or a DNS name) and
+/// the port its admin server answers probes on.
+pub fn link_at(
+    namespace: &str,
+    target: &str,
+    host: &str,
+    port: u16,
+    identity: &str,
+    probe: u16,
+) -> String {
     format!(
         "apiVersion: multicluster.isthmus.io/v1alpha1
 kind: Link
@@ -85,17 +129,14 @@ metadata:
   namespace: {namespace}
 spec:
   targetClusterName: {target}
-  gatewayAddress: '{ip}'
+  gatewayAddress: '{host}'
   gatewayPort: {port}
   gatewayIdentity: {identity}
   probeSpec:
     path: /ready
     port: {probe}
     period: 1s
-",
-        ip = gateway.ip(),
-        port = gateway.port(),
-        probe = admin.port(),
+"
     )
 }
 

@@ -9,10 +9,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proxy_core::pool::PeerConfig;
+use proxy_core::pool::{PeerConfig, Pool};
 use proxy_core::tunnel::H2Settings;
 use proxy_identity::rustls::ClientConfig;
 use proxy_identity::rustls::pki_types::ServerName;
+
+use crate::tcp::WAIT;
 
 /// The reconnect backoff of test clients: short, so a recovery is seen promptly.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -40,4 +42,13 @@ pub fn test_peer(
         handshake_failed: None,
         deadline: None,
     }
+}
+
+/// A [`test_peer`] pool of one connection, each connect bounded by [`WAIT`],
+/// running until the runtime it was spawned on ends. Call it inside a runtime.
+pub fn test_pool(name: &str, addr: SocketAddr, tls: Arc<ClientConfig>) -> Pool {
+    Pool::spawn(
+        test_peer(name, addr, tls, 1, WAIT),
+        tokio_util::sync::CancellationToken::new(),
+    )
 }

@@ -99,6 +99,19 @@ pub fn show_log_if_failing(log: &Path, earlier: &str, more: impl FnOnce() -> Str
     }
 }
 
+/// While a test fails, prints each of `logs`, headed by its path.
+pub fn show_logs_if_failing(logs: &[PathBuf]) {
+    if std::thread::panicking() {
+        for log in logs {
+            eprintln!(
+                "--- {} ---\n{}",
+                log.display(),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+}
+
 /// Raises the open-files limit of process `pid` (soft and hard) to `want` with
 /// `prlimit`: load tests hold more sockets than a default limit allows, in the test
 /// process and in the proxy alike. Without `CAP_SYS_RESOURCE` the hard limit cannot

@@ -9,36 +9,14 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use anyhow::Context as _;
+use isthmus_test_support::pki::AcceptAnything;
 use proxy_identity::mint::LeafBundle;
-use proxy_identity::rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use proxy_identity::rustls::pki_types::pem::PemObject;
-use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use proxy_identity::rustls::{self, ClientConfig};
-
-/// Accepts any server certificate, noting that one was shown: tells "refused
-/// before our certificate" from "refused after".
-#[derive(Debug)]
-struct CertSeen(Arc<AtomicBool>);
-
-impl ServerCertVerifier for CertSeen {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0.store(true, Ordering::SeqCst);
-        Ok(ServerCertVerified::assertion())
-    }
-
-    proxy_identity::handshake_signature_checks!(_probe => proxy_identity::crypto_provider()
-        .signature_verification_algorithms);
-}
 
 /// A client config of the given TLS versions with ALPN `h2`, with `leaf` as client
 /// certificate (or none), and the flag set once a server showed a certificate.
@@ -51,7 +29,7 @@ pub fn probe_config(
         .with_protocol_versions(versions)
         .with_context(|| format!("the crypto provider refuses the TLS versions {versions:?}"))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(CertSeen(seen.clone())));
+        .with_custom_certificate_verifier(Arc::new(AcceptAnything::noting(seen.clone())));
     let mut config = match leaf {
         Some(leaf) => {
             let chain: Vec<CertificateDer<'static>> =

@@ -16,7 +16,8 @@
 #![allow(clippy::unwrap_used)]
 
 use isthmus_test_support::test_cases;
-use isthmus_tests::peer::test_peer;
+use isthmus_tests::h2c;
+use isthmus_tests::peer::test_pool;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ use isthmus_tests::netns::{Fam, Lab, Namespace, Pair};
 use isthmus_tests::pod::{self, ADMIN_PORT, INBOUND_PORT, PROXY_UID, READY, metric};
 use isthmus_tests::tcp::{self, WAIT};
 use isthmus_vocab::{Authority, SpiffeId};
-use proxy_core::pool::{Pool, PoolError};
+use proxy_core::pool::PoolError;
 use proxy_identity::mint;
 use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -244,21 +245,13 @@ impl Pod {
         let store = Arc::new(CredentialStore::load(CredentialPaths::in_dir(dir.path())).unwrap());
         let peer = SocketAddr::new(self.pod_ip, INBOUND_PORT);
         self.outside.run(|| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let stopped = tokio_util::sync::CancellationToken::new();
-                let pool = Pool::spawn(
-                    test_peer(
-                        "test/pod",
-                        peer,
-                        proxy_identity::client_config(store, PeerPolicy::Exact(app_id())),
-                        1,
-                        WAIT,
-                    ),
-                    stopped,
+            // Each stream's open and exchange are bounded; this bounds them all.
+            let limit = WAIT * (2 * authorities.len() as u32 + 1);
+            h2c::block_on(limit, "the tunnel streams", async {
+                let pool = test_pool(
+                    "test/pod",
+                    peer,
+                    proxy_identity::client_config(store, PeerPolicy::Exact(app_id())),
                 );
                 let mut out = Vec::new();
                 for authority in authorities {

@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use isthmus_test_support::{Metrics, eventually_blocking};
 use isthmus_tests::binary::binary;
 use isthmus_tests::identity::Pki;
-use isthmus_tests::multicluster::{NAMESPACE, cluster_settings, gateway_id, link, service};
+use isthmus_tests::multicluster::{
+    MIRROR, NAMESPACE, cluster_settings, gateway_id, link, link_at, service, settings_at,
+};
 use isthmus_tests::netns::{Lab, Namespace};
 use isthmus_tests::pod;
 use isthmus_tests::tcp::{self, WAIT};
@@ -49,59 +51,16 @@ const REFRESH: &str = "1s";
 /// Generous for a debug build on a shared machine: a refresh, a connection, slack.
 const MOVE_WITHIN: Duration = Duration::from_secs(30);
 
-/// The seed's ServiceMirror: hello of cluster-a, in cluster-b.
-const MIRROR: &str = "apiVersion: linkerd.io/v1alpha1
-kind: ServiceMirror
-metadata:
-  name: hello-mirror
-  namespace: default
-spec:
-  cluster: cluster-a
-  service:
-    name: hello
-    namespace: default
-";
-
 /// A Link to cluster-a's gateway by the name `address`.
 fn link_named(address: &str) -> String {
-    format!(
-        "apiVersion: multicluster.isthmus.io/v1alpha1
-kind: Link
-metadata:
-  name: cluster-a
-  namespace: {NAMESPACE}
-spec:
-  targetClusterName: cluster-a
-  gatewayAddress: {address}
-  gatewayPort: 4143
-  gatewayIdentity: {id}
-  probeSpec:
-    path: /ready
-    port: 4191
-    period: 1s
-",
-        id = gateway_id("cluster-a"),
-    )
+    let id = gateway_id("cluster-a").to_string();
+    link_at(NAMESPACE, "cluster-a", address, 4143, &id, 4191)
 }
 
 /// cluster-b's settings, naming its gateway `address`.
 fn settings_named(address: &str) -> String {
-    format!(
-        "apiVersion: multicluster.isthmus.io/v1alpha1
-kind: ClusterSettings
-metadata:
-  name: cluster-b
-  namespace: {NAMESPACE}
-spec:
-  clusterName: cluster-b
-  trustDomain: cluster.local
-  gateway:
-    address: {address}
-    port: 4143
-    identity: {id}
-",
-        id = gateway_id("cluster-b"),
-    )
+    let id = gateway_id("cluster-b").to_string();
+    settings_at(NAMESPACE, "cluster-b", address, 4143, &id)
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -137,15 +96,7 @@ struct World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            for log in &self.logs {
-                eprintln!(
-                    "--- {} ---\n{}",
-                    log.display(),
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-        }
+        pod::show_logs_if_failing(&self.logs);
     }
 }
 
@@ -361,19 +312,27 @@ fn assert_dns(config: &str, want: &str) {
     );
 }
 
-#[test]
-fn a_link_named_by_dns_follows_its_name_without_a_restart() {
+/// The proxy in `resolver` reaches a1 through `name` at `before`; once `name` points
+/// at `after` in that namespace's hosts file (a gateway whose way leads to a2),
+/// every new stream goes there without a restart, published as `figure`, while
+/// the stream opened before finishes on the old address.
+fn follows_its_name(
+    resolver: fn(&World) -> &Namespace,
+    name: &str,
+    before: &str,
+    after: &str,
+    figure: &str,
+) {
     let world = World::start();
     world.until_greeted_by("a1");
-    assert_dns(&World::config(&world.b1), "198.18.0.2:4143");
+    assert_dns(&World::config(resolver(&world)), &format!("{before}:4143"));
     let (mut held, greeting) = world.open().unwrap();
     assert_eq!(greeting, "a1");
 
-    // gateway.cluster-a.test now points at a2, in gateway b1's hosts file only.
-    move_name(&world.b1, "198.18.0.3", A_NAME);
+    move_name(resolver(&world), after, name);
     let took = world.until_greeted_by("a2");
-    eprintln!("FIGURE dns_link_moved_ms = {}", took.as_millis());
-    assert_dns(&World::config(&world.b1), "198.18.0.3:4143");
+    eprintln!("FIGURE {figure} = {}", took.as_millis());
+    assert_dns(&World::config(resolver(&world)), &format!("{after}:4143"));
     // Every new stream goes to the new address...
     for _ in 0..5 {
         assert_eq!(world.open().unwrap().1, "a2");
@@ -401,21 +360,26 @@ fn a_link_named_by_dns_follows_its_name_without_a_restart() {
 }
 
 #[test]
-fn a_cluster_gateway_named_by_dns_follows_its_name_without_a_restart() {
-    let world = World::start();
-    world.until_greeted_by("a1");
-    assert_dns(&World::config(&world.client), "198.18.0.1:4143");
-    let (mut held, greeting) = world.open().unwrap();
-    assert_eq!(greeting, "a1");
+fn a_link_named_by_dns_follows_its_name_without_a_restart() {
+    // gateway.cluster-a.test moves to a2, in gateway b1's hosts file only.
+    follows_its_name(
+        |w| &w.b1,
+        A_NAME,
+        "198.18.0.2",
+        "198.18.0.3",
+        "dns_link_moved_ms",
+    );
+}
 
-    // gateway.cluster-b.test now points at b2 (whose link goes to a2), in the
-    // client's hosts file.
-    move_name(&world.client, "198.18.0.4", B_NAME);
-    let took = world.until_greeted_by("a2");
-    eprintln!("FIGURE dns_cluster_gateway_moved_ms = {}", took.as_millis());
-    assert_dns(&World::config(&world.client), "198.18.0.4:4143");
-    for _ in 0..5 {
-        assert_eq!(world.open().unwrap().1, "a2");
-    }
-    still_carries(&mut held, "still a1\n");
+#[test]
+fn a_cluster_gateway_named_by_dns_follows_its_name_without_a_restart() {
+    // gateway.cluster-b.test moves to b2 (whose link goes to a2), in the client's
+    // hosts file.
+    follows_its_name(
+        |w| &w.client,
+        B_NAME,
+        "198.18.0.1",
+        "198.18.0.4",
+        "dns_cluster_gateway_moved_ms",
+    );
 }

@@ -98,6 +98,8 @@ pub struct RunArgs {
     /// Re-reconcile every ServiceMirror this often.
     #[arg(long, env = "ISTHMUS_RESYNC", default_value = "5m")]
     pub resync: String,
+    #[command(flatten)]
+    pub log: isthmus_log::LogArgs,
 }
 
 /// A flag that does not hold a valid value.

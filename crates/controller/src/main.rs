@@ -16,12 +16,7 @@ async fn main() -> anyhow::Result<()> {
             print(&manifests::rbac_yaml(&namespace).context("rendering the RBAC objects")?)
         }
         Command::Run(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .init();
+            args.log.init();
             // Kubernetes sets HOSTNAME to the pod's name; a shell may not export it.
             let hostname = std::env::var("HOSTNAME")
                 .ok()

@@ -145,13 +145,7 @@ async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
     lab.local_service_gone("hello").await;
     // The watch of `hello` went with the need for it.
     let addr = controller.metrics_addr().unwrap();
-    eventually("one remote watch", || async {
-        metrics(addr)
-            .await
-            .contains("isthmus_controller_remote_watches 1\n")
-            .then_some(())
-    })
-    .await;
+    metrics_show(addr, "isthmus_controller_remote_watches 1\n").await;
     lab.retarget_mirror("hello-mirror", "hello").await;
     lab.local_service("hello", |s| ports(s) == [80, 9090]).await;
     lab.local_service_gone("hola").await;
@@ -198,13 +192,7 @@ async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
     );
     // No mirror needs the remote any more: its watch is gone.
     let addr = controller.metrics_addr().unwrap();
-    eventually("remote watches torn down", || async {
-        metrics(addr)
-            .await
-            .contains("isthmus_controller_remote_watches 0")
-            .then_some(())
-    })
-    .await;
+    metrics_show(addr, "isthmus_controller_remote_watches 0").await;
     timed("stop", controller.stop()).await;
 }
 

@@ -32,13 +32,7 @@ async fn a_leader_is_ready_only_after_its_first_full_sync() {
     .await
     .unwrap();
     let addr = running.metrics_addr().unwrap();
-    eventually("the controller leads", || async {
-        metrics(addr)
-            .await
-            .contains("isthmus_controller_leader 1")
-            .then_some(())
-    })
-    .await;
+    metrics_show(addr, "isthmus_controller_leader 1").await;
     // Leading, with its caches filling, but no settings to publish with: give a
     // wrong answer several publish rounds to show.
     for _ in 0..5 {

@@ -496,8 +496,9 @@ fn gateway_rbac() -> Vec<serde_json::Value> {
 /// and nothing more.
 pub fn link_reader_rules() -> Vec<PolicyRule> {
     vec![
+        // A linked cluster's controller mirrors Services; endpoints stay behind
+        // this cluster's gateway and are never read from outside.
         rule(&[""], &["services"], READ),
-        rule(&["discovery.k8s.io"], &["endpointslices"], READ),
         // The exported namespaces: without them a Service exported by namespace
         // looks unexported to the other cluster's controller.
         rule(

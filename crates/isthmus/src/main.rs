@@ -63,13 +63,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ISTHMUS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The CLI speaks to a person: warnings only, unless ISTHMUS_LOG asks for more.
+    let filter = std::env::var(isthmus_log::LOG_ENV).unwrap_or_else(|_| "warn".to_owned());
+    isthmus_log::init(&filter, isthmus_log::LogFormat::Plain);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Identity(command) => identity::run(command).map(|()| true),

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod binary;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -13,21 +15,11 @@ use proxy_identity::{CredentialPaths, Credentials};
 
 /// The binary with a clean environment, so no `ISTHMUS_*` variable of the caller leaks in.
 fn isthmus(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_isthmus"))
-        .env_clear()
-        .args(args)
-        .output()
-        .unwrap()
+    binary::run(args, "")
 }
 
 fn ok(args: &[&str]) -> String {
-    let out = isthmus(args);
-    assert!(
-        out.status.success(),
-        "isthmus {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    binary::ok(args, "")
 }
 
 fn fails(args: &[&str]) -> String {

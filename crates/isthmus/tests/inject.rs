@@ -6,35 +6,25 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod binary;
 
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use binary::docs;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_yaml_ng::Value;
 
-/// Runs `isthmus inject ARGS` with `stdin`, in a clean environment.
+/// Runs `isthmus inject --cluster cluster-b ARGS` with `stdin`, in a clean
+/// environment.
 fn inject(args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_isthmus"))
-        .env_clear()
-        .arg("inject")
-        .args(["--cluster", "cluster-b"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    binary::run(
+        &[&["inject", "--cluster", "cluster-b"][..], args].concat(),
+        stdin,
+    )
 }
 
 fn inject_ok(stdin: &str) -> (String, String) {
@@ -42,13 +32,6 @@ fn inject_ok(stdin: &str) -> (String, String) {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(out.status.success(), "isthmus inject failed: {stderr}");
     (String::from_utf8(out.stdout).unwrap(), stderr)
-}
-
-fn docs(text: &str) -> Vec<Value> {
-    serde_yaml_ng::Deserializer::from_str(text)
-        .map(|de| serde::Deserialize::deserialize(de).unwrap())
-        .filter(|v: &Value| !v.is_null())
-        .collect()
 }
 
 fn repo() -> PathBuf {

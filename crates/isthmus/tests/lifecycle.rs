@@ -120,6 +120,19 @@ fn uninject_gives_back_every_workload_as_it_was() {
     }
 }
 
+/// Uninjects `input`, which must be refused with `why` for its first object, and
+/// that object left as it was.
+fn refused_uninject(input: &str, why: &str) {
+    let out = run(&["uninject", "-"], input);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "uninject accepted it: {stderr}");
+    assert!(
+        stderr.contains("Pod p cannot be uninjected") && stderr.contains(why),
+        "{stderr}"
+    );
+    assert!(docs(&String::from_utf8(out.stdout).unwrap())[0] == docs(input)[0]);
+}
+
 #[test]
 fn uninject_refuses_what_it_cannot_undo_and_leaves_it_as_it_was() {
     // A sidecar added by hand: uninject cannot know what else came with it.
@@ -128,21 +141,7 @@ fn uninject_refuses_what_it_cannot_undo_and_leaves_it_as_it_was() {
         "  - name: web\n    image: nginx\n  - name: isthmus-proxy\n    image: mine\n",
         1,
     );
-    let out = run(&["uninject", "-"], &by_hand);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "uninject accepted a hand-made sidecar"
-    );
-    assert!(
-        stderr.contains("Pod p cannot be uninjected")
-            && stderr.contains("no isthmus.io/injected annotation"),
-        "{stderr}"
-    );
-    assert_eq!(
-        docs(&String::from_utf8(out.stdout).unwrap()),
-        docs(&by_hand)
-    );
+    refused_uninject(&by_hand, "no isthmus.io/injected annotation");
     // A record of created fields naming one inject never creates.
     let injected = inject(&[], &workloads(false));
     let tampered = injected.replacen(
@@ -151,17 +150,7 @@ fn uninject_refuses_what_it_cannot_undo_and_leaves_it_as_it_was() {
         1,
     );
     assert_ne!(tampered, injected);
-    let out = run(&["uninject", "-"], &tampered);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "uninject followed a record it cannot trust"
-    );
-    assert!(
-        stderr.contains("\"spec.containers\", which inject never creates"),
-        "{stderr}"
-    );
-    assert!(docs(&String::from_utf8(out.stdout).unwrap())[0] == docs(&tampered)[0]);
+    refused_uninject(&tampered, "\"spec.containers\", which inject never creates");
     // What the user added to a list inject created stays when the mesh goes.
     let grown = injected.replacen(
         "  volumes:\n",

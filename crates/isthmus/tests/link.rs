@@ -51,12 +51,7 @@ async fn install(server: &TestApiServer, cluster: &str) {
 }
 
 fn write_kubeconfig(server: &TestApiServer, dir: &Path) -> String {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        serde_yaml_ng::to_string(&server.kubeconfig()).unwrap(),
-    )
-    .unwrap();
+    let path = server.write_kubeconfig(dir).unwrap();
     path.to_str().unwrap().to_owned()
 }
 

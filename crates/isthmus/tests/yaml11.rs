@@ -12,6 +12,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod binary;
+
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -159,27 +161,7 @@ fn assert_same(what: &str, text: &str) {
 }
 
 fn isthmus(args: &[&str], stdin: &str) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_isthmus"))
-        .env_clear()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "isthmus {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    binary::ok(args, stdin)
 }
 
 /// A map of every tricky string to itself (and, as keys, prefixed so each is a
@@ -340,12 +322,7 @@ async fn link_output_reads_the_same_in_yaml_1_1() {
     for name in ["on", "0777", "null"] {
         let server = TestApiServer::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = dir.path().join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            serde_yaml_ng::to_string(&server.kubeconfig()).unwrap(),
-        )
-        .unwrap();
+        let kubeconfig = server.write_kubeconfig(dir.path()).unwrap();
         for doc in yaml12(&isthmus(&["install", "--cluster", name], "")) {
             if ["cert-manager.io/v1", "policy/v1"].contains(&doc["apiVersion"].as_str().unwrap()) {
                 continue;

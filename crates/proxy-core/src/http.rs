@@ -225,13 +225,7 @@ impl HttpProxy {
             .handshake::<_, RequestBody>(TokioIo::new(upstream))
             .await
             .map_err(HttpError::UpstreamHandshake)?;
-        let (closed_tx, mut upstream_closed) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                debug!(error = %e, "upstream HTTP/1 connection ended");
-            }
-            let _ = closed_tx.send(());
-        });
+        let closing = closing(drive_upstream(conn.with_upgrades(), "HTTP/1"), &drain);
         // HTTP/1 serves one request at a time, so this lock is never contended.
         let sender = Arc::new(Mutex::new(sender));
         let service_head = head.clone();
@@ -290,13 +284,7 @@ impl HttpProxy {
                 debug!(timeout = ?header_timeout, "request head not complete in time, closing");
                 return Err(HttpError::HeaderTimeout(header_timeout));
             }
-            _ = &mut upstream_closed => {
-                // The server closed its side: let the response in flight finish, then
-                // close ours too instead of answering the next request with an error.
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-            () = drain.cancelled() => {
+            () = closing => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
@@ -324,13 +312,7 @@ impl HttpProxy {
             .handshake::<_, Incoming>(TokioIo::new(upstream))
             .await
             .map_err(HttpError::UpstreamHandshake)?;
-        let (closed_tx, mut upstream_closed) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "upstream HTTP/2 connection ended");
-            }
-            let _ = closed_tx.send(());
-        });
+        let closing = closing(drive_upstream(conn, "HTTP/2"), &drain);
         let service = service_fn(move |req: Request<Incoming>| {
             let exchange = exchange.clone();
             let mut sender = sender.clone();
@@ -359,17 +341,41 @@ impl HttpProxy {
         let result = tokio::select! {
             biased;
             res = conn.as_mut() => res,
-            _ = &mut upstream_closed => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-            () = drain.cancelled() => {
+            () = closing => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
             () = idle => return Err(HttpError::IdleTimeout(self.forward.idle_timeout)),
         };
         result.map_err(HttpError::Downstream)
+    }
+}
+
+/// Drives an upstream client connection in a task of its own; the receiver
+/// resolves once the connection has ended.
+fn drive_upstream<F>(conn: F, protocol: &'static str) -> oneshot::Receiver<()>
+where
+    F: Future<Output = hyper::Result<()>> + Send + 'static,
+{
+    let (closed_tx, closed) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "upstream {protocol} connection ended");
+        }
+        let _ = closed_tx.send(());
+    });
+    closed
+}
+
+/// Resolves when a downstream connection is to close gracefully: the upstream
+/// connection ended (the server closed its side: the response in flight finishes,
+/// then ours closes too instead of answering the next request with an error), or a
+/// drain began.
+async fn closing(upstream_closed: oneshot::Receiver<()>, drain: &CancellationToken) {
+    tokio::select! {
+        biased;
+        _ = upstream_closed => {}
+        () = drain.cancelled() => {}
     }
 }
 

@@ -27,7 +27,8 @@ use proxy_identity::PeerPolicy;
 use proxy_identity::rustls::pki_types::ServerName;
 use support::{
     Answer, Behaviour, Ended, FakeOrigDst, GATEWAY_ID, HELLO, Identity, Origin, Pki, STEP,
-    TunnelPeer, WORKLOAD_ID, closes, counts, refusals,
+    TunnelPeer, WORKLOAD_ID, assert_exchange, assert_heard_after_greeting, closes, counts,
+    refusals,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -689,31 +690,14 @@ async fn half_close_crosses_the_gateway_both_ways() {
 
     // The client ends its side; the origin sees the end and still answers.
     let mut stream = open(&pool, HELLO, None).await.unwrap();
-    stream.write_all(b"twelve bytes").await.unwrap();
-    stream.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    timeout(STEP, stream.read_to_end(&mut reply))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(reply, b"got 12 bytes");
+    assert_exchange(&mut stream, b"twelve bytes", b"got 12 bytes").await;
     assert_eq!(replier.next_served().await.ended, Ended::Eof);
 
     // The origin ends its side; the client still sends, and the origin reads it.
     let mut stream = open(&pool, "greet.default.svc.cluster.local:80", None)
         .await
         .unwrap();
-    let mut greeting = Vec::new();
-    timeout(STEP, stream.read_to_end(&mut greeting))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(greeting, b"bye now");
-    stream.write_all(b"after your end").await.unwrap();
-    stream.shutdown().await.unwrap();
-    let served = greeter.next_served().await;
-    assert_eq!(served.received, b"after your end");
-    assert_eq!(served.ended, Ended::Eof);
+    assert_heard_after_greeting(&mut stream, b"bye now", b"after your end", &mut greeter).await;
 }
 
 #[tokio::test]

@@ -248,30 +248,12 @@ async fn half_close_works_in_both_directions() {
 
     let (mut app, _decoy) = app_and_decoy(Behaviour::GreetAndHalfClose(b"hi, bye")).await;
     let mut stream = open(&gateway, app.addr.port()).await.unwrap();
-    let (greeting, end) = read_to_end(&mut stream).await;
-    end.unwrap();
-    assert_eq!(greeting, b"hi, bye");
-    stream.write_all(b"late words").await.unwrap();
-    stream.shutdown().await.unwrap();
-    let served = app.next_served().await;
-    assert_eq!(
-        (served.received.as_slice(), served.ended),
-        (&b"late words"[..], Ended::Eof)
-    );
+    assert_heard_after_greeting(&mut stream, b"hi, bye", b"late words", &mut app).await;
     let mut client = sidecar
         .redirected([127, 0, 0, 1], app.addr.port())
         .await
         .unwrap();
-    let (greeting, end) = read_to_end(&mut client).await;
-    end.unwrap();
-    assert_eq!(greeting, b"hi, bye");
-    client.write_all(b"late words").await.unwrap();
-    client.shutdown().await.unwrap();
-    let served = app.next_served().await;
-    assert_eq!(
-        (served.received.as_slice(), served.ended),
-        (&b"late words"[..], Ended::Eof)
-    );
+    assert_heard_after_greeting(&mut client, b"hi, bye", b"late words", &mut app).await;
 }
 
 /// The app's reset reaches the mesh peer (a reset stream) and the unmeshed client

@@ -297,12 +297,7 @@ pub fn issuer(
         ));
     }
     let mut params = base_params(validity)?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("isthmus issuer {cluster}"));
-    params
-        .distinguished_name
-        .push(DnType::OrganizationalUnitName, cluster);
+    params.distinguished_name = issuer_name(cluster);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -537,6 +532,16 @@ impl Signer {
             .map_err(rcgen_err("sign the certificate"))?;
         Ok(cert.pem())
     }
+}
+
+/// The subject of `cluster`'s issuer: `O=isthmus, CN=isthmus issuer <cluster>,
+/// OU=<cluster>`, the OU naming the cluster ([`crate::cluster`] reads it).
+pub fn issuer_name(cluster: &str) -> rcgen::DistinguishedName {
+    let mut name = rcgen::DistinguishedName::new();
+    name.push(DnType::OrganizationName, "isthmus");
+    name.push(DnType::CommonName, format!("isthmus issuer {cluster}"));
+    name.push(DnType::OrganizationalUnitName, cluster);
+    name
 }
 
 fn base_params(validity: Validity) -> Result<CertificateParams, MintError> {

@@ -52,12 +52,6 @@ pub enum DiscoverySource {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Plain,
-    Json,
-}
-
 #[derive(Debug, Args)]
 pub struct CommonArgs {
     /// This cluster's name.
@@ -134,11 +128,8 @@ pub struct CommonArgs {
     /// per pod adds up), every core for a gateway (it carries a whole cluster).
     #[arg(long, env = "ISTHMUS_WORKERS")]
     pub workers: Option<usize>,
-    #[arg(long, env = "ISTHMUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
-    pub log_format: LogFormat,
-    /// Log filter (tracing's env-filter syntax).
-    #[arg(long, env = "ISTHMUS_LOG", default_value = "info")]
-    pub log: String,
+    #[command(flatten)]
+    pub log: isthmus_log::LogArgs,
 }
 
 /// The limits flags, one per [`Limits`] field. Their defaults are the values of

@@ -13,9 +13,8 @@ mod role;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
-use crate::config::{Cli, CommonArgs, Config, LogFormat, RoleCommand};
+use crate::config::{Cli, Config, RoleCommand};
 
 fn main() {
     let cli = Cli::parse();
@@ -24,7 +23,7 @@ fn main() {
         RoleCommand::Gateway(args) => ("gateway", args),
         RoleCommand::Standalone(args) => ("standalone", args),
     };
-    init_tracing(args);
+    args.log.init();
     let config = match Config::from_args(args) {
         Ok(config) => config,
         Err(e) => {
@@ -35,20 +34,6 @@ fn main() {
     if let Err(e) = run(&cli.role, config) {
         eprintln!("isthmus-proxy {role}: {e:#}");
         std::process::exit(1);
-    }
-}
-
-fn init_tracing(args: &CommonArgs) {
-    let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Colour codes only for a person at a terminal: a pod's log, a file or a pipe
-        // would keep them as escape sequences.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 

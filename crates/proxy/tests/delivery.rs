@@ -12,7 +12,6 @@
 
 mod common;
 
-use isthmus_tests::peer::test_peer;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,18 +19,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{round_trip_within, write_files};
+use common::{Client, round_trip_within, write_files};
 use isthmus_tests::identity::Pki;
 use isthmus_tests::multicluster::{cluster_settings, gateway_id};
-use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
-use proxy_core::pool::{Pool, PoolError};
+use isthmus_vocab::{Refusal, SpiffeId};
+use proxy_core::pool::PoolError;
 use proxy_core::tunnel::client::TunnelStream;
 use proxy_identity::mint::{self, LeafBundle};
-use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
+use proxy_identity::{CredentialPaths, CredentialStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::{Instant, timeout};
-use tokio_util::sync::CancellationToken;
 
 /// Bound on any single step; a hang fails the test.
 const STEP: Duration = Duration::from_secs(15);
@@ -244,43 +242,21 @@ fn pod(name: &str, meshed: bool) -> String {
     )
 }
 
-/// A workload of cluster-a with a warm pool to its gateway.
-struct Client {
-    pool: Pool,
-    _stop: CancellationToken,
-}
-
+/// What the delivery suite asks of a workload of cluster-a with a pool to its gateway.
 impl Client {
-    fn new(store: Arc<CredentialStore>, gateway: SocketAddr) -> Client {
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        let pool = Pool::spawn(
-            test_peer(
-                &format!("test/{gateway}"),
-                gateway,
-                proxy_identity::client_config(store, PeerPolicy::Exact(gateway_id("cluster-a"))),
-                1,
-                STEP,
-            ),
-            stopped,
-        );
-        Client { pool, _stop: stop }
-    }
-
-    async fn open(&self, service: &str) -> Result<TunnelStream, PoolError> {
-        let authority =
-            Authority::parse(&format!("{service}.default.svc.cluster.local:80")).unwrap();
-        let cluster = ClusterName::parse("cluster-a").unwrap();
-        timeout(STEP, self.pool.open_answered(&authority, Some(&cluster)))
-            .await
-            .unwrap_or_else(|_| panic!("opening {authority} hung"))
+    async fn open_service(&self, service: &str) -> Result<TunnelStream, PoolError> {
+        self.open(
+            &format!("{service}.default.svc.cluster.local:80"),
+            "cluster-a",
+        )
+        .await
     }
 
     /// Sends `payload` on a stream to `service`, half-closes, and returns what
     /// came back.
     async fn round_trip(&self, service: &str, payload: &[u8]) -> Vec<u8> {
         let stream = self
-            .open(service)
+            .open_service(service)
             .await
             .unwrap_or_else(|e| panic!("{service}: {e}"));
         round_trip_within(stream, payload, STEP).await
@@ -417,6 +393,9 @@ async fn a_meshed_endpoint_is_reached_over_its_sidecar_or_not_at_all() {
             &pki.leaf("cluster-a", &id("client")),
         ),
         gateway_addr,
+        gateway_id("cluster-a"),
+        1,
+        STEP,
     );
 
     // An unmeshed pod is served with plain TCP.
@@ -430,7 +409,7 @@ async fn a_meshed_endpoint_is_reached_over_its_sidecar_or_not_at_all() {
     for _ in 0..ATTEMPTS {
         for service in ["down", "impostor"] {
             // Bytes go right behind the CONNECT, as a real client's do.
-            let outcome = match client.open(service).await {
+            let outcome = match client.open_service(service).await {
                 Ok(mut stream) => {
                     let _ = stream.write_all(b"secret").await;
                     let _ = stream.shutdown().await;

@@ -18,25 +18,23 @@
 
 mod common;
 
-use isthmus_tests::peer::test_peer;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{round_trip, spawn_standalone, write_files};
+use common::{Client, assert_echoed, round_trip, spawn_standalone, write_files};
 use isthmus_test_support::echo::Echo;
 use isthmus_test_support::proxy::free_addr;
 use isthmus_test_support::{Pki, Proxy, STEP, eventually};
 use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, meshed_service, service};
 use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
-use proxy_core::pool::{LinkState, Pool, PoolError};
+use proxy_core::pool::{LinkState, PoolError};
 use proxy_identity::mint::{self, LeafBundle};
-use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
+use proxy_identity::{CredentialPaths, CredentialStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
-use tokio_util::sync::CancellationToken;
 
 /// How often the gateways re-read their manifests.
 const RELOAD: &str = "200ms";
@@ -179,41 +177,8 @@ fn write_identity(dir: &Path, leaf: &LeafBundle) -> Arc<CredentialStore> {
     Arc::new(CredentialStore::load(CredentialPaths::in_dir(dir)).unwrap())
 }
 
-/// A test client's warm pool to one gateway; its tasks stop when dropped.
-struct Client {
-    pool: Pool,
-    _stop: CancellationToken,
-}
-
+/// What the gateway suite asks of a client beyond opening streams.
 impl Client {
-    fn new(store: Arc<CredentialStore>, gateway: SocketAddr, expect: SpiffeId) -> Client {
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        let pool = Pool::spawn(
-            test_peer(
-                &format!("test/{gateway}"),
-                gateway,
-                proxy_identity::client_config(store, PeerPolicy::Exact(expect)),
-                2,
-                STEP,
-            ),
-            stopped,
-        );
-        Client { pool, _stop: stop }
-    }
-
-    async fn open(
-        &self,
-        authority: &str,
-        cluster: &str,
-    ) -> Result<proxy_core::tunnel::client::TunnelStream, PoolError> {
-        let authority = Authority::parse(authority).unwrap();
-        let cluster = ClusterName::parse(cluster).unwrap();
-        timeout(STEP, self.pool.open_answered(&authority, Some(&cluster)))
-            .await
-            .unwrap_or_else(|_| panic!("opening {authority} in {cluster} hung"))
-    }
-
     /// The refusal a stream gets within [`FAIL_FAST_BOUND`], failing if it was
     /// opened, failed another way or kept waiting.
     async fn refusal(&self, authority: &str, cluster: &str) -> Refusal {
@@ -230,6 +195,18 @@ impl Client {
             Ok(Err(PoolError::Refused { refusal, .. })) => refusal,
             Ok(Err(e)) => panic!("{authority} in {cluster}: expected a refusal, got: {e}"),
         }
+    }
+
+    /// Waits until a stream to `authority` in `cluster` is refused with `refusal`
+    /// (`what` happened).
+    async fn until_refused(&self, what: &str, authority: &str, cluster: &str, refusal: Refusal) {
+        eventually(what, STEP, || async {
+            match self.open(authority, cluster).await {
+                Err(PoolError::Refused { refusal: got, .. }) if got == refusal => Some(()),
+                _ => None,
+            }
+        })
+        .await;
     }
 
     /// Waits until the pool's state satisfies `ok` (bounded), returning it.
@@ -387,7 +364,17 @@ impl Mesh {
     /// must present `expect`'s gateway identity.
     fn client(&self, name: &str, leaf: &LeafBundle, gateway: SocketAddr, expect: &str) -> Client {
         let store = write_identity(&self.dir.path().join(name), leaf);
-        Client::new(store, gateway, gateway_id(expect))
+        Client::new(store, gateway, gateway_id(expect), 2, STEP)
+    }
+
+    /// Waits until gateway-b's `gateway_link_up` for its link to cluster-a is
+    /// `value` (the gauge is refreshed periodically, not on every change).
+    async fn link_gauge_is(&self, value: u8) {
+        let sample = format!("gateway_link_up{{cluster=\"cluster-a\"}} {value}");
+        eventually(&sample, STEP, || async {
+            self.gw_b.metrics().await.contains(&sample).then_some(())
+        })
+        .await;
     }
 
     /// gateway-b's own identity, as it is on disk now, dialling gateway-a: a peer
@@ -395,7 +382,7 @@ impl Mesh {
     fn gateway_b_to_a(&self) -> Client {
         let paths = CredentialPaths::in_dir(self.dir.path().join("identity-cluster-b"));
         let store = Arc::new(CredentialStore::load(paths).unwrap());
-        Client::new(store, self.gw_a.inbound, gateway_id("cluster-a"))
+        Client::new(store, self.gw_a.inbound, gateway_id("cluster-a"), 2, STEP)
     }
 }
 
@@ -532,13 +519,7 @@ async fn streams_cross_both_gateways_over_a_pooled_link() {
     assert!(state.starts_with("up ("), "{config:#}");
     eprintln!("gateway-b /config link state: {state}");
     // The gauge and the probe are refreshed periodically, not on every change.
-    eventually("gateway_link_up to be 1", STEP, || async {
-        let metrics = mesh.gw_b.metrics().await;
-        metrics
-            .contains("gateway_link_up{cluster=\"cluster-a\"} 1")
-            .then_some(())
-    })
-    .await;
+    mesh.link_gauge_is(1).await;
     eventually("the link probe to succeed", STEP, || async {
         let config = mesh.gw_b.config().await;
         (config["links"]["cluster-a"]["probe"]["ok"] == true).then_some(())
@@ -819,13 +800,7 @@ async fn a_dead_peer_gateway_is_link_down_fast_and_the_link_recovers() {
         .to_owned();
     assert!(state.starts_with("down"), "{config:#}");
     eprintln!("gateway-b /config link state: {state}");
-    eventually("gateway_link_up to be 0", STEP, || async {
-        let metrics = mesh.gw_b.metrics().await;
-        metrics
-            .contains("gateway_link_up{cluster=\"cluster-a\"} 0")
-            .then_some(())
-    })
-    .await;
+    mesh.link_gauge_is(0).await;
     let probe = eventually("the link probe to fail", STEP, || async {
         let config = mesh.gw_b.config().await;
         let probe = config["links"]["cluster-a"]["probe"].clone();
@@ -908,16 +883,14 @@ async fn exports_and_links_reload_without_restart_and_bad_files_keep_the_old_rou
     // Fixing the file resumes reloads; removing an export removes the route.
     std::fs::remove_file(manifests.join("broken.yaml")).unwrap();
     std::fs::remove_file(manifests.join("hello2.yaml")).unwrap();
-    eventually("hello2 to be withdrawn", STEP, || async {
-        match sidecar.open(HELLO2, "cluster-a").await {
-            Err(PoolError::Refused {
-                refusal: Refusal::NoRoute,
-                ..
-            }) => Some(()),
-            _ => None,
-        }
-    })
-    .await;
+    sidecar
+        .until_refused(
+            "hello2 to be withdrawn",
+            HELLO2,
+            "cluster-a",
+            Refusal::NoRoute,
+        )
+        .await;
 
     // Removing cluster-b's Link to cluster-a closes the link; restoring it reopens it.
     let link_file = mesh
@@ -926,16 +899,14 @@ async fn exports_and_links_reload_without_restart_and_bad_files_keep_the_old_rou
         .join("manifests-cluster-b/link-cluster-a.yaml");
     let link_yaml = std::fs::read_to_string(&link_file).unwrap();
     std::fs::remove_file(&link_file).unwrap();
-    eventually("cluster-a to become unknown at gateway-b", STEP, || async {
-        match sidecar.open(HELLO, "cluster-a").await {
-            Err(PoolError::Refused {
-                refusal: Refusal::UnknownCluster,
-                ..
-            }) => Some(()),
-            _ => None,
-        }
-    })
-    .await;
+    sidecar
+        .until_refused(
+            "cluster-a to become unknown at gateway-b",
+            HELLO,
+            "cluster-a",
+            Refusal::UnknownCluster,
+        )
+        .await;
     let config = mesh.gw_b.config().await;
     assert!(config["links"]["cluster-a"].is_null(), "{config:#}");
     std::fs::write(&link_file, link_yaml).unwrap();
@@ -1024,13 +995,7 @@ async fn sigterm_drains_relayed_streams_then_cuts_the_rest() {
     let mut finishing = sidecar.open(HELLO, "cluster-a").await.unwrap();
     let mut lingering = sidecar.open(HELLO, "cluster-a").await.unwrap();
     for stream in [&mut finishing, &mut lingering] {
-        stream.write_all(b"1").await.unwrap();
-        let mut byte = [0u8; 1];
-        timeout(STEP, stream.read_exact(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(&byte, b"1");
+        assert_echoed(stream, b"1").await;
     }
 
     mesh.gw_b.terminate();
@@ -1067,12 +1032,7 @@ async fn a_gateway_rotates_its_identity_without_dropping_streams() {
     let mesh = Mesh::start(68).await;
     let sidecar = mesh.sidecar_b();
     let mut stream = sidecar.open(HELLO, "cluster-a").await.unwrap();
-    stream.write_all(b"1").await.unwrap();
-    let mut byte = [0u8; 1];
-    timeout(STEP, stream.read_exact(&mut byte))
-        .await
-        .unwrap()
-        .unwrap();
+    assert_echoed(&mut stream, b"1").await;
     let identity = |config: serde_json::Value| config["identity"].clone();
     let before = identity(mesh.gw_a.config().await);
 
@@ -1134,18 +1094,9 @@ async fn a_link_to_an_ipv6_gateway_carries_streams() {
     );
 }
 
-/// The seed's ServiceMirror, verbatim but for its comments.
-const SEED_MIRROR: &str = "apiVersion: linkerd.io/v1alpha1
-kind: ServiceMirror
-metadata:
-  name: hello-mirror
-  namespace: default
-spec:
-  cluster: cluster-a
-  service:
-    name: hello
-    namespace: default
-";
+/// The seed's ServiceMirror, as the example ships it.
+const SEED_MIRROR: &str =
+    include_str!("../../../examples/seed/cluster-b/cluster-b-servicemirror.yaml");
 
 /// Sends `CONNECT authority` through an explicit proxy; the answer's head and, on
 /// 200, the open stream.

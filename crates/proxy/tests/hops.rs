@@ -16,12 +16,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
 mod trust;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
+use common::write_files;
 use isthmus_tests::multicluster::meshed_service;
 use trust::*;
 
@@ -36,12 +38,10 @@ fn ip(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, NET, n))
 }
 
+/// `files` written into `manifests-<name>` under `root`, which it returns.
 fn manifests(root: &Path, name: &str, files: &[(&str, String)]) -> std::path::PathBuf {
     let dir = root.join(format!("manifests-{name}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    for (file, text) in files {
-        std::fs::write(dir.join(file), text).unwrap();
-    }
+    write_files(&dir, files);
     dir
 }
 

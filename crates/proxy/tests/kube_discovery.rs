@@ -109,12 +109,7 @@ async fn a_gateway_discovers_its_cluster_through_the_api_server() {
     server.store().put(&slice).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        serde_json::to_string(&server.kubeconfig()).unwrap(),
-    )
-    .unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path()).unwrap();
     let validity = Validity::from_now(Duration::from_secs(3600));
     let anchor = mint::trust_anchor(
         &mint::default_anchor_name(),

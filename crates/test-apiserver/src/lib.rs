@@ -413,6 +413,16 @@ impl TestApiServer {
         self.kubeconfig_with(self.auth.admin_token(), "default")
     }
 
+    /// Writes [`TestApiServer::kubeconfig`] as `dir/kubeconfig` (JSON, which
+    /// kubeconfig readers take as YAML) for a process run with `--kubeconfig`
+    /// or `KUBECONFIG`; returns its path.
+    pub fn write_kubeconfig(&self, dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+        let path = dir.join("kubeconfig");
+        let text = serde_json::to_string(&self.kubeconfig()).map_err(std::io::Error::other)?;
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
     fn kubeconfig_with(&self, token: &str, namespace: &str) -> kube::config::Kubeconfig {
         use kube::config::{
             Cluster, Context, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext,

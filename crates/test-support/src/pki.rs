@@ -6,7 +6,7 @@
 //! Nothing is checked in: every run mints its own, so nothing expires in the tree.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -258,16 +258,7 @@ pub fn forged_ca_of(
 /// A self-signed CA copying a cluster issuer's subject, with its own key.
 pub fn impostor_ca(cluster: &str) -> CertificateAuthority {
     let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "isthmus");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("isthmus issuer {cluster}"));
-    params
-        .distinguished_name
-        .push(DnType::OrganizationalUnitName, cluster);
+    params.distinguished_name = mint::issuer_name(cluster);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let key = KeyPair::generate().unwrap();
@@ -403,9 +394,20 @@ fn h2(mut config: ClientConfig) -> Arc<ClientConfig> {
 #[derive(Debug, Default)]
 pub struct AcceptAnything {
     server_certs: AtomicUsize,
+    /// Set once a server showed a certificate, for a caller that holds only this.
+    shown: Option<Arc<AtomicBool>>,
 }
 
 impl AcceptAnything {
+    /// One that also sets `shown` once a server showed it a certificate: tells a
+    /// refusal before the server's certificate from one after it.
+    pub fn noting(shown: Arc<AtomicBool>) -> Self {
+        Self {
+            shown: Some(shown),
+            ..Self::default()
+        }
+    }
+
     /// How many server certificates handshakes through it were shown.
     pub fn server_certs_seen(&self) -> usize {
         self.server_certs.load(Ordering::SeqCst)
@@ -447,6 +449,9 @@ impl ServerCertVerifier for AcceptAnything {
         _: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         self.server_certs.fetch_add(1, Ordering::SeqCst);
+        if let Some(shown) = &self.shown {
+            shown.store(true, Ordering::SeqCst);
+        }
         Ok(ServerCertVerified::assertion())
     }
     accept_any_signature!();

@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use isthmus_tests::binary::binary;
 use isthmus_tests::identity::Pki;
-use isthmus_tests::multicluster::{cluster_settings, gateway_id, link, meshed_service, service};
+use isthmus_tests::multicluster::{
+    MIRROR, cluster_settings, gateway_id, link, meshed_service, service,
+};
 use isthmus_tests::pod::{self, SidecarPod};
 use isthmus_tests::tcp;
 use isthmus_vocab::SpiffeId;
@@ -311,19 +313,6 @@ fn smuggling_through_the_sidecar_reaches_the_origin_as_counted_and_well_framed()
     target.origin.stop();
 }
 
-/// The seed's ServiceMirror.
-const MIRROR: &str = "apiVersion: linkerd.io/v1alpha1
-kind: ServiceMirror
-metadata:
-  name: hello-mirror
-  namespace: default
-spec:
-  cluster: cluster-a
-  service:
-    name: hello
-    namespace: default
-";
-
 /// Where cluster-b's mirrored Services get their ClusterIPs; `default/hello`
 /// lands on [`HELLO_IP`] (FNV-1a of `default/hello`, as the discovery fixtures pin).
 const SERVICE_CIDR: &str = "198.19.128.0/17";
@@ -334,15 +323,7 @@ struct Logs(Vec<PathBuf>);
 
 impl Drop for Logs {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            for log in &self.0 {
-                eprintln!(
-                    "--- {} ---\n{}",
-                    log.display(),
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-        }
+        pod::show_logs_if_failing(&self.0);
     }
 }
 

@@ -321,12 +321,7 @@ pub(crate) async fn healthy(server: &TestApiServer, pki: &Pki) -> u16 {
 }
 
 pub(crate) fn kubeconfig(server: &TestApiServer, dir: &Path) -> String {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        serde_yaml_ng::to_string(&server.kubeconfig()).unwrap(),
-    )
-    .unwrap();
+    let path = server.write_kubeconfig(dir).unwrap();
     path.to_str().unwrap().to_owned()
 }
 

@@ -82,6 +82,29 @@ where
     assert_eq!(got, reply, "the reply to {request:?}");
 }
 
+/// Reads `stream` to an orderly end, which must bring `greeting`; then sends
+/// `words` and ends the stream: `origin`, whose side ended first, must still read
+/// exactly `words`, up to an orderly end.
+pub async fn assert_heard_after_greeting<S>(
+    stream: &mut S,
+    greeting: &[u8],
+    words: &[u8],
+    origin: &mut Origin,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (got, end) = read_to_end(stream).await;
+    end.unwrap_or_else(|e| panic!("the greeting ended with {e}"));
+    assert_eq!(got, greeting);
+    stream.write_all(words).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let served = origin.next_served().await;
+    assert_eq!(
+        (served.received.as_slice(), served.ended),
+        (words, Ended::Eof)
+    );
+}
+
 /// Reads until the connection ends and returns how: its bytes and whether the end
 /// was a reset (`Err`) or an orderly end of stream (`Ok`).
 pub async fn read_to_end<S: tokio::io::AsyncRead + Unpin>(

@@ -32,19 +32,13 @@ fn refusals() {
         s.exported_target("default", "nope", 80),
         Err(ExportRefusal::NoSuchService)
     );
-    assert_eq!(
-        s.exported_target("default", "hello", 80),
-        Err(ExportRefusal::NotExported)
-    );
+    assert_eq!(hello_target(&s), Err(ExportRefusal::NotExported));
     let s = snap(&format!("{SETTINGS}{HELLO}"));
     assert_eq!(
         s.exported_target("default", "hello", 81),
         Err(ExportRefusal::NoSuchPort)
     );
-    assert_eq!(
-        s.exported_target("default", "hello", 80),
-        Err(ExportRefusal::NoEndpoints)
-    );
+    assert_eq!(hello_target(&s), Err(ExportRefusal::NoEndpoints));
 }
 
 #[test]
@@ -58,7 +52,7 @@ subsets:
   ports: [{name: http, port: 8080}, {name: other, port: 1}]
 ";
     let s = snap(&format!("{SETTINGS}{HELLO}{eps}"));
-    let got = s.exported_target("default", "hello", 80).unwrap();
+    let got = hello_target(&s).unwrap();
     assert_eq!(
         got,
         vec![
@@ -81,13 +75,10 @@ spec:
       containers: [{name: hello, image: i, ports: [{containerPort: 8080, name: web}]}]
 ";
     let s = snap(&format!("{SETTINGS}{HELLO}{eps}"));
-    assert_eq!(
-        s.exported_target("default", "hello", 80),
-        Err(ExportRefusal::NoSuchPort)
-    );
+    assert_eq!(hello_target(&s), Err(ExportRefusal::NoSuchPort));
     let s = snap(&format!("{SETTINGS}{HELLO}{eps}{dep}"));
     assert_eq!(
-        s.exported_target("default", "hello", 80).unwrap(),
+        hello_target(&s).unwrap(),
         vec!["198.18.0.10:8080".parse().unwrap()]
     );
 }
@@ -106,7 +97,7 @@ ports: [{name: http, port: 8080}]
 ";
     let s = snap(&format!("{SETTINGS}{HELLO}{slice}"));
     assert_eq!(
-        s.exported_target("default", "hello", 80).unwrap(),
+        hello_target(&s).unwrap(),
         vec!["[2001:2::5]:8080".parse().unwrap()]
     );
 }
@@ -207,6 +198,11 @@ endpoints:
     )
 }
 
+/// Where a stream to `hello`'s port 80 goes.
+fn hello_target(s: &Snapshot) -> Result<Vec<SocketAddr>, ExportRefusal> {
+    s.exported_target("default", "hello", 80)
+}
+
 /// `hello`'s exported endpoints on port 80, as address and whether meshed.
 fn hello_endpoints(s: &Snapshot) -> Vec<(String, bool)> {
     s.exported_endpoints("default", "hello", 80)
@@ -269,7 +265,7 @@ fn endpoints_are_meshed_when_their_target_ref_names_a_labelled_pod_and_unknown_p
             .collect::<Vec<_>>(),
         got
     );
-    assert_eq!(s.exported_target("default", "hello", 80).unwrap().len(), 6);
+    assert_eq!(hello_target(&s).unwrap().len(), 6);
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! What the suites that run the standalone `isthmus-proxy` on loopback share: its
 //! command line (on the test-support process fixture), free ports, a minted
 //! identity, a thread-per-connection server (an echo server on it), reading an
-//! HTTP/1 head, a CONNECT tunnel, a round trip on any stream and writing a
-//! directory of manifests.
+//! HTTP/1 head, a CONNECT tunnel, a round trip on any stream, writing a
+//! directory of manifests, an echo check, and a mesh client: a warm pool to one
+//! gateway.
 //!
 //! Deliberately not here: each suite's fixtures and readiness checks, and the
 //! gateway and sidecar roles' command lines (their flags differ per suite) and origin servers whose answers a suite
@@ -158,4 +159,71 @@ pub fn write_files<T: AsRef<[u8]>>(dir: &Path, files: &[(&str, T)]) {
         std::fs::write(&path, contents)
             .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     }
+}
+
+/// A test client's warm pool to one gateway; its tasks stop when it is dropped.
+pub struct Client {
+    pub pool: proxy_core::pool::Pool,
+    limit: Duration,
+    _stop: tokio_util::sync::CancellationToken,
+}
+
+impl Client {
+    /// A pool of `connections` to `gateway`, which must present `expect`, holding
+    /// `store`'s identity; a connect or an answer may take `limit`.
+    pub fn new(
+        store: Arc<proxy_identity::CredentialStore>,
+        gateway: SocketAddr,
+        expect: isthmus_vocab::SpiffeId,
+        connections: usize,
+        limit: Duration,
+    ) -> Client {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let policy = proxy_identity::PeerPolicy::Exact(expect);
+        let peer = isthmus_tests::peer::test_peer(
+            &format!("test/{gateway}"),
+            gateway,
+            proxy_identity::client_config(store, policy),
+            connections,
+            limit,
+        );
+        let pool = proxy_core::pool::Pool::spawn(peer, stop.clone());
+        Client {
+            pool,
+            limit,
+            _stop: stop,
+        }
+    }
+
+    /// Opens a stream to `authority` in `cluster` and waits for its answer.
+    pub async fn open(
+        &self,
+        authority: &str,
+        cluster: &str,
+    ) -> Result<proxy_core::tunnel::client::TunnelStream, proxy_core::pool::PoolError> {
+        let authority = isthmus_vocab::Authority::parse(authority).unwrap();
+        let cluster = isthmus_vocab::ClusterName::parse(cluster).unwrap();
+        tokio::time::timeout(
+            self.limit,
+            self.pool.open_answered(&authority, Some(&cluster)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("opening {authority} in {cluster} hung"))
+    }
+}
+
+/// Sends `bytes` on `stream` and reads as many back, which must be the same: an
+/// echo that keeps the stream open.
+pub async fn assert_echoed<S>(stream: &mut S, bytes: &[u8])
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(bytes).await.unwrap();
+    let mut back = vec![0u8; bytes.len()];
+    tokio::time::timeout(STEP, stream.read_exact(&mut back))
+        .await
+        .expect("the echo hung")
+        .unwrap();
+    assert_eq!(back, bytes);
 }
