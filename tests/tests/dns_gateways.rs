@@ -322,7 +322,7 @@ fn follows_its_name(
     before: &str,
     after: &str,
     figure: &str,
-) {
+) -> World {
     let world = World::start();
     world.until_greeted_by("a1");
     assert_dns(&World::config(resolver(&world)), &format!("{before}:4143"));
@@ -339,6 +339,19 @@ fn follows_its_name(
     }
     // ...while the stream opened before finishes on the old one.
     still_carries(&mut held, "still a1\n");
+    world
+}
+
+#[test]
+fn a_link_named_by_dns_follows_its_name_without_a_restart() {
+    // gateway.cluster-a.test moves to a2, in gateway b1's hosts file only.
+    let world = follows_its_name(
+        |w| &w.b1,
+        A_NAME,
+        "198.18.0.2",
+        "198.18.0.3",
+        "dns_link_moved_ms",
+    );
 
     // The name stops resolving (the namespace's nameserver does not answer): the
     // last good address keeps serving, and /config and the metrics say so.
@@ -360,26 +373,14 @@ fn follows_its_name(
 }
 
 #[test]
-fn a_link_named_by_dns_follows_its_name_without_a_restart() {
-    // gateway.cluster-a.test moves to a2, in gateway b1's hosts file only.
-    follows_its_name(
-        |w| &w.b1,
-        A_NAME,
-        "198.18.0.2",
-        "198.18.0.3",
-        "dns_link_moved_ms",
-    );
-}
-
-#[test]
 fn a_cluster_gateway_named_by_dns_follows_its_name_without_a_restart() {
     // gateway.cluster-b.test moves to b2 (whose link goes to a2), in the client's
     // hosts file.
-    follows_its_name(
+    drop(follows_its_name(
         |w| &w.client,
         B_NAME,
         "198.18.0.1",
         "198.18.0.4",
         "dns_cluster_gateway_moved_ms",
-    );
+    ));
 }

@@ -1269,6 +1269,13 @@ async fn rebuilding_a_link_leaves_no_task_behind() {
     const REBUILDS: u16 = 5;
     let mesh = Mesh::start(72).await;
     let tasks = |config: &serde_json::Value| config["tasks"].as_u64().unwrap();
+    // The link is up with its first connection; the baseline counts them all.
+    let full = format!("up ({LINK_CONNECTIONS} connections)");
+    eventually("every connection of the link", STEP, || async {
+        let config = mesh.gw_b.config().await;
+        (config["links"]["cluster-a"]["state"] == full.as_str()).then_some(())
+    })
+    .await;
     let baseline = tasks(&mesh.gw_b.config().await);
     let link_file = mesh
         .dir

@@ -187,7 +187,8 @@ fn sigterm_cuts_connections_still_open_when_the_grace_period_ends() {
 }
 
 /// A gateway the settings name by DNS name (a Service name in a cluster) is
-/// resolved at start; `localhost` resolves from the hosts file, without a query.
+/// resolved, and kept resolved; `localhost` resolves from the hosts file, without
+/// a query.
 #[test]
 fn a_gateway_named_by_dns_name_is_resolved() {
     let dir = tempfile::tempdir().unwrap();
@@ -206,13 +207,21 @@ fn a_gateway_named_by_dns_name_is_resolved() {
         )],
     );
     let (_proxy, _listen, admin) = start(dir.path());
-    let config = get(admin, "/config");
-    let compact: String = config.split_whitespace().collect();
+    // The lookup runs beside the start: wait for its answer on /config.
     let loopback = [format!("127.0.0.1:{port}"), format!("[::1]:{port}")];
-    assert!(
-        loopback
-            .iter()
-            .any(|addr| compact.contains(&format!("\"addr\":\"{addr}\""))),
-        "{config}"
-    );
+    let deadline = Instant::now() + STEP;
+    loop {
+        let compact: String = get(admin, "/config").split_whitespace().collect();
+        let resolved = |addr: &String| compact.contains(&format!("\"addresses\":[\"{addr}\""));
+        if compact.contains(&format!("\"addr\":\"localhost:{port}\""))
+            && loopback.iter().any(resolved)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "localhost not resolved: {compact}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
