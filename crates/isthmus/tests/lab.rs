@@ -5,11 +5,9 @@
 //! either they fail and say how to run them. They never skip.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -169,23 +167,7 @@ fn the_seed_runs_verbatim_and_crosses_both_gateways_encrypted() {
 #[test]
 fn lab_down_removes_what_a_killed_run_left() {
     require_root();
-    let mut child = isthmus()
-        .args(["lab", "up"])
-        .arg(example_dir("seed"))
-        .args(["--duration", "60s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let (mut child, rx) = lab_up_lines(&example_dir("seed"), "60s");
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut prefix = None;
     loop {
@@ -315,23 +297,25 @@ fn run_one_cluster(manifests: &str, duration: &str) -> (std::process::Output, St
     let cluster = tmp.path().join("c1");
     std::fs::create_dir(&cluster).unwrap();
     std::fs::write(cluster.join("app.yaml"), manifests).unwrap();
-    let out = wait_output(
-        isthmus()
-            .args(["lab", "up"])
-            .arg(tmp.path())
-            .args(["--duration", duration])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    lab_up(
+        tmp.path(),
+        &["--duration", duration],
         Duration::from_secs(90),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let context = format!(
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out, stdout, context)
+    )
+}
+
+/// A Deployment `client` whose one container runs `script` with the host's shell.
+fn client(script: &str) -> String {
+    let body: String = script.lines().map(|l| format!("          {l}\n")).collect();
+    format!(
+        concat!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: client}}\n",
+            "spec:\n  template:\n    metadata: {{labels: {{app: client}}}}\n",
+            "    spec:\n      containers:\n      - name: client\n        image: busybox\n",
+            "        command: [/bin/sh, -c]\n        args:\n        - |\n{body}",
+        ),
+        body = body
+    )
 }
 
 const REPLICAS_LAB: &str = r#"apiVersion: v1
@@ -363,36 +347,22 @@ spec:
         - containerPort: 9000
           name: http
 ---
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: client
-spec:
-  template:
-    metadata:
-      labels:
-        app: client
-    spec:
-      containers:
-      - name: client
-        image: busybox
-        env:
-        - name: TARGET
-          value: web.default.svc.cluster.local
-        command: ["/bin/sh", "-c"]
-        args:
-        - |
-          sleep 1
-          for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
-            curl -s --fail -m 5 "http://$TARGET/" | grep 'Server name'
-          done
-          exit 3
+"#;
+
+const REPLICAS_LAB_CLIENT: &str = r#"sleep 1
+for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+  curl -s --fail -m 5 http://web.default.svc.cluster.local/ | grep 'Server name'
+done
+exit 3
 "#;
 
 #[test]
 fn a_local_service_spreads_over_replicas_and_a_failed_container_fails_the_run() {
     require_root();
-    let (out, stdout, context) = run_one_cluster(REPLICAS_LAB, "10s");
+    let (out, stdout, context) = run_one_cluster(
+        &format!("{REPLICAS_LAB}{}", client(REPLICAS_LAB_CLIENT)),
+        "10s",
+    );
     let answered_by = |replica: &str| {
         stdout
             .lines()
@@ -462,33 +432,22 @@ spec:
         image: busybox
         command: ["/bin/sh", "-c", "sleep 3; echo quitting"]
 ---
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: client
-spec:
-  template:
-    metadata:
-      labels:
-        app: client
-    spec:
-      containers:
-      - name: client
-        image: busybox
-        command: ["/bin/sh", "-c"]
-        args:
-        - |
-          sleep 6
-          for i in 1 2 3 4 5 6 7 8 9 10; do
-            curl -s --fail -m 3 http://web/ | grep 'Server name' || echo "call failed"
-          done
-          sleep 60
+"#;
+
+const ENDPOINTS_LAB_CLIENT: &str = r#"sleep 6
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  curl -s --fail -m 3 http://web/ | grep 'Server name' || echo "call failed"
+done
+sleep 60
 "#;
 
 #[test]
 fn endpoints_follow_the_pods() {
     require_root();
-    let (out, stdout, context) = run_one_cluster(ENDPOINTS_LAB, "12s");
+    let (out, stdout, context) = run_one_cluster(
+        &format!("{ENDPOINTS_LAB}{}", client(ENDPOINTS_LAB_CLIENT)),
+        "12s",
+    );
     // web-b never listens and quits after 3 s, exiting 0: not a failure. From
     // then on only web-a backs the Service, so every later call reaches it.
     assert!(out.status.success(), "{context}");
@@ -511,21 +470,10 @@ fn endpoints_follow_the_pods() {
 #[test]
 fn the_wan_delay_sits_on_the_path_between_the_gateways() {
     require_root();
-    let out = wait_output(
-        isthmus()
-            .args(["lab", "up"])
-            .arg(example_dir("seed"))
-            .args(["--duration", "8s", "--wan-delay", "100"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (out, stdout, context) = lab_up(
+        &example_dir("seed"),
+        &["--duration", "8s", "--wan-delay", "100"],
         Duration::from_secs(90),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let context = format!(
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{context}");
     let line = stdout

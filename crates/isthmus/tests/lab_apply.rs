@@ -7,9 +7,7 @@
 //! them, never skips.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -19,60 +17,28 @@ use common::*;
 /// The bound the issue sets for a change to show in the data path.
 const VISIBLE_WITHIN: Duration = Duration::from_secs(5);
 
-const CLUSTER_A: &str = r#"apiVersion: v1
-kind: Service
-metadata:
-  name: hello
-spec:
-  ports:
-  - port: 80
-    targetPort: 8080
-  selector:
-    app: hello
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: hello-two
-spec:
-  ports:
-  - port: 80
-    targetPort: 8080
-  selector:
-    app: hello
----
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: hello
-spec:
-  template:
-    metadata:
-      labels:
-        app: hello
-    spec:
-      containers:
-      - name: hello
-        image: nginxdemos/hello:plain-text
-        ports:
-        - containerPort: 8080
-"#;
+/// cluster-a: hello, behind two Services (`hello` and `hello-two`).
+fn cluster_a() -> String {
+    let mut out = String::new();
+    for service in ["hello", "hello-two"] {
+        out += &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {service}}}\n\
+             spec: {{ports: [{{port: 80, targetPort: 8080}}], selector: {{app: hello}}}}\n---\n"
+        );
+    }
+    out + concat!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: hello}\nspec:\n",
+        "  template:\n    metadata: {labels: {app: hello}}\n    spec:\n      containers:\n",
+        "      - {name: hello, image: 'nginxdemos/hello:plain-text', ports: [{containerPort: 8080}]}\n",
+    )
+}
 
-const CLUSTER_B: &str = r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: client
-spec:
-  template:
-    metadata:
-      labels:
-        app: client
-    spec:
-      containers:
-      - name: client
-        image: busybox
-        command: ["/bin/sh", "-c", "sleep 600"]
-"#;
+/// cluster-b: a meshed client that only waits (the test calls from its namespace).
+const CLUSTER_B: &str = concat!(
+    "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: client}\nspec:\n",
+    "  template:\n    metadata: {labels: {app: client}}\n    spec:\n      containers:\n",
+    "      - {name: client, image: busybox, command: [/bin/sh, -c, sleep 600]}\n",
+);
 
 const MIRROR: &str = r#"apiVersion: linkerd.io/v1alpha1
 kind: ServiceMirror
@@ -163,30 +129,16 @@ fn the_lab_runs_the_control_plane_and_follows_apply_and_delete_within_5s() {
     require_root();
     let tmp = tempfile::tempdir().unwrap();
     for (cluster, manifests, settings) in [
-        ("cluster-a", CLUSTER_A, "exportedNamespaces: [default]\n"),
-        ("cluster-b", CLUSTER_B, ""),
+        ("cluster-a", cluster_a(), "exportedNamespaces: [default]\n"),
+        ("cluster-b", CLUSTER_B.to_owned(), ""),
     ] {
         let dir = tmp.path().join(cluster);
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join("app.yaml"), manifests).unwrap();
         std::fs::write(dir.join("isthmus.yaml"), settings).unwrap();
     }
-    let mut child = isthmus()
-        .args(["lab", "up"])
-        .arg(tmp.path())
-        .args(["--duration", "240s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let (child, lines) = lab_up_lines(tmp.path(), "240s");
     let lab = Lab(child);
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(180);
     while !seen.iter().any(|l: &String| l.contains(": running")) {

@@ -9,7 +9,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
 use std::time::Duration;
 
 mod common;
@@ -59,21 +58,10 @@ fn calls(stdout: &str, cluster: &str, pod: &str, what: &str) -> Vec<Call> {
 #[test]
 fn three_clusters_mirror_refuse_and_keep_an_unmeshed_pod_apart() {
     require_root();
-    let out = wait_output(
-        isthmus()
-            .args(["lab", "up"])
-            .arg(example_dir("three-clusters"))
-            .args(["--duration", "25s"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (out, stdout, context) = lab_up(
+        &example_dir("three-clusters"),
+        &["--duration", "25s"],
         Duration::from_secs(100),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let context = format!(
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     assert!(
         out.status.success(),

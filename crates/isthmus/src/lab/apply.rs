@@ -141,6 +141,23 @@ async fn resolve(
     }
 }
 
+/// Creates each namespace the objects of `text` live in that `client`'s server
+/// does not hold yet, as `kubectl create namespace` before an apply.
+pub async fn ensure_namespaces(client: &kube::Client, origin: &str, text: &str) -> Result<()> {
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let wanted: std::collections::BTreeSet<String> = parse(origin, text)?
+        .into_iter()
+        .filter_map(|o| o.metadata.namespace)
+        .collect();
+    for ns in wanted {
+        if namespaces.get_opt(&ns).await?.is_none() {
+            let object = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n");
+            run(client, Verb::Apply, &format!("namespace {ns}"), &object).await?;
+        }
+    }
+    Ok(())
+}
+
 /// `text` with `change` made to every document, as YAML again.
 pub fn edit(
     origin: &str,

@@ -26,6 +26,13 @@ pub struct ChangeArgs {
     /// the cluster, as in `isthmus lab up DIR`].
     #[arg(long)]
     pub cluster: Option<String>,
+    #[command(flatten)]
+    pub lab: Running,
+}
+
+/// Which running lab.
+#[derive(Debug, Args)]
+pub struct Running {
     /// The running lab, by prefix (`isl...`) [default: the only one running].
     #[arg(long, value_name = "PREFIX")]
     pub run: Option<String>,
@@ -36,9 +43,8 @@ pub struct ChangeArgs {
 pub struct KubeconfigArgs {
     /// The cluster.
     pub cluster: String,
-    /// The running lab, by prefix (`isl...`) [default: the only one running].
-    #[arg(long, value_name = "PREFIX")]
-    pub run: Option<String>,
+    #[command(flatten)]
+    pub lab: Running,
 }
 
 /// The record directory of the running lab `prefix`, or of the only one.
@@ -93,7 +99,7 @@ fn kubeconfig_path(run: &Path, cluster: &str) -> Result<PathBuf> {
 
 /// Prints the kubeconfig of a running lab's cluster.
 pub fn kubeconfig(args: &KubeconfigArgs) -> Result<()> {
-    let run = find_run(args.run.as_deref())?;
+    let run = find_run(args.lab.run.as_deref())?;
     let path = kubeconfig_path(&run, &args.cluster)?;
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -103,7 +109,7 @@ pub fn kubeconfig(args: &KubeconfigArgs) -> Result<()> {
 
 /// Applies or deletes the files of `args` on the running lab.
 pub fn change(verb: Verb, args: &ChangeArgs) -> Result<()> {
-    let run = find_run(args.run.as_deref())?;
+    let run = find_run(args.lab.run.as_deref())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -121,7 +121,38 @@ impl Net {
 /// namespaces, hosts files and directories, including namespaces of the lab's
 /// naming that no run directory records.
 pub fn sweep(all: bool) -> Swept {
-    isthmus_netns::sweep(TAG, Some(Path::new(RUN_ROOT)), all, is_lab)
+    let swept = isthmus_netns::sweep(TAG, Some(Path::new(RUN_ROOT)), all, is_lab);
+    for prefix in &swept.removed {
+        kill_host_processes(prefix);
+    }
+    swept
+}
+
+/// Kills what a run started outside its namespaces (its API servers, on this
+/// machine's loopback): every process whose command line names the run's
+/// directory.
+fn kill_host_processes(prefix: &str) {
+    let needle = format!("{RUN_ROOT}/{prefix}/");
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let named = std::fs::read(entry.path().join("cmdline")).is_ok_and(|c| {
+            String::from_utf8_lossy(&c)
+                .replace('\0', " ")
+                .contains(&needle)
+        });
+        if named {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 /// Whether `pid` is an `isthmus` process (a pid reused by anything else is not a

@@ -133,22 +133,22 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn service(name: &str, ip: &str) -> String {
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n\
-             spec:\n  clusterIP: {ip}\n  ports:\n  - port: 80\n"
-        )
+    /// The files a reader sees through the visible entries, sorted.
+    fn seen(dir: &Path) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .map(|n| (n.clone(), std::fs::read_to_string(dir.join(&n)).unwrap()))
+            .collect();
+        out.sort();
+        out
     }
 
-    fn names(dir: &Path) -> Vec<String> {
-        proxy_discovery::DirSource::new(dir)
-            .with_cluster(isthmus_vocab::ClusterName::parse("c1").unwrap())
-            .load()
-            .unwrap()
-            .local()
-            .services
-            .keys()
-            .map(|k| k.name.clone())
+    fn payload(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
     }
 
@@ -156,12 +156,9 @@ mod tests {
     fn each_generation_is_swapped_in_whole_and_the_old_one_goes() {
         let root = tempfile::tempdir().unwrap();
         let dir = mount_dir(root.path(), "/var/run/isthmus/discovery");
-        let first = vec![
-            ("a.yaml".to_owned(), service("one", "10.0.0.1")),
-            ("c.yaml".to_owned(), service("three", "10.0.0.3")),
-        ];
+        let first = payload(&[("a.yaml", "one"), ("c.yaml", "three")]);
         assert!(project(&dir, &first).unwrap());
-        assert_eq!(names(&dir), ["one", "three"]);
+        assert_eq!(seen(&dir), first);
         assert_eq!(
             std::fs::read_link(dir.join("a.yaml")).unwrap(),
             Path::new("..data/a.yaml")
@@ -171,19 +168,17 @@ mod tests {
         assert!(!project(&dir, &first).unwrap());
         assert_eq!(std::fs::read_link(dir.join(DATA_LINK)).unwrap(), gen1);
 
-        let second = vec![
-            ("a.yaml".to_owned(), service("one", "10.0.0.1")),
-            ("b.yaml".to_owned(), service("two", "10.0.0.2")),
-        ];
+        let second = payload(&[("a.yaml", "one, again"), ("b.yaml", "two")]);
         assert!(project(&dir, &second).unwrap());
-        assert_eq!(names(&dir), ["one", "two"]);
+        assert_eq!(seen(&dir), second);
+        let gen2 = std::fs::read_link(dir.join(DATA_LINK)).unwrap();
+        assert_ne!(gen1, gen2);
+        // The previous generation and the key it no longer holds are gone.
         let mut entries: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         entries.sort();
-        let gen2 = std::fs::read_link(dir.join(DATA_LINK)).unwrap();
-        assert_ne!(gen1, gen2);
         assert_eq!(
             entries,
             [

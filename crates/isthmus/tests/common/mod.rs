@@ -39,6 +39,56 @@ pub fn isthmus() -> Command {
     cmd
 }
 
+/// Starts `isthmus lab up DIR --duration DURATION`, its stdout read line by
+/// line into the receiver.
+pub fn lab_up_lines(dir: &Path, duration: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = isthmus()
+        .args(["lab", "up"])
+        .arg(dir)
+        .args(["--duration", duration])
+        .stdout(Stdio::piped())
+        // Errors show in the test's output.
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Runs `isthmus lab up DIR ARGS...` to its end (at most `timeout`): its
+/// output, its stdout, and both as context for assertion messages.
+pub fn lab_up(dir: &Path, args: &[&str], timeout: Duration) -> (Output, String, String) {
+    let out = wait_output(
+        isthmus()
+            .args(["lab", "up"])
+            .arg(dir)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        timeout,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let context = format!(
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, stdout, context)
+}
+
 /// Waits for `child` at most `timeout`, killing it after that.
 pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
     let deadline = Instant::now() + timeout;

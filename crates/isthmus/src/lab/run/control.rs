@@ -68,13 +68,6 @@ impl Lab {
             };
             let origin = format!("isthmus install --cluster {name}");
             let text = install::render(&options).with_context(|| origin.clone())?;
-            // The cluster's real Service range, as an operator sets it.
-            let range = c.service_cidr.to_string();
-            let text = apply::edit(&origin, &text, |o| {
-                if o["kind"] == "ClusterSettings" {
-                    o["spec"]["serviceCIDR"] = range.clone().into();
-                }
-            })?;
             apply::run(&server.client, Verb::Apply, &origin, &text).await?;
             for (file, text) in &c.spec.files {
                 // The Services `isthmus.yaml` exports carry the export label.
@@ -88,6 +81,7 @@ impl Lab {
                             "true".into();
                     }
                 })?;
+                apply::ensure_namespaces(&server.client, file, &text).await?;
                 apply::run(&server.client, Verb::Apply, file, &text).await?;
             }
             self.apiservers.push(server);

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
-use proxy_discovery::model::{MESHED_POD_LABEL, MIRRORED_SERVICE_LABEL};
+use proxy_discovery::model::{ClusterIp, MESHED_POD_LABEL, MIRRORED_SERVICE_LABEL};
 use proxy_discovery::{DirSource, ServiceRef};
 use serde_json::json;
 
@@ -193,6 +193,13 @@ impl Lab {
             }
             let view = self.service_view(ci).await?;
             if self.views.get(ci) != Some(&view) {
+                // kube-proxy programs the ClusterIPs the API server allocated.
+                for (key, svc) in self.plan.clusters[ci].services.iter_mut() {
+                    if let Some(ip) = view.ips.get(key) {
+                        svc.spec.cluster_ip = Some(ClusterIp::Addr(*ip));
+                        svc.spec.cluster_ips.clear();
+                    }
+                }
                 let c = &self.plan.clusters[ci];
                 for (pi, pod) in c.pods.iter().enumerate() {
                     if let Some(ns) = self.pod_ns.get(&(ci, pi)) {
