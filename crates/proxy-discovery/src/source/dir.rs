@@ -208,7 +208,16 @@ impl DirSource {
         let base = generation_dir(&self.dir);
         let local = read_manifest_files(&base, &mut hasher)?;
         let mut clusters = BTreeMap::new();
-        let clusters_dir = base.join(CLUSTERS_DIR);
+        // Linked clusters' views come from the same generation when the volume
+        // projects them (`items` with `clusters/...` paths); a plain directory
+        // beside a projected volume (another mount, a file a person wrote) is read
+        // as it stands.
+        let projected = base.join(CLUSTERS_DIR);
+        let clusters_dir = if projected.is_dir() {
+            projected
+        } else {
+            self.dir.join(CLUSTERS_DIR)
+        };
         if clusters_dir.is_dir() {
             for (name, path) in list(&clusters_dir)? {
                 if !path.is_dir() {
