@@ -15,17 +15,7 @@ use isthmus_vocab::SpiffeId;
 pub const NAMESPACE: &str = "isthmus-multicluster";
 
 /// The seed's ServiceMirror: hello of cluster-a, mirrored where it is applied.
-pub const MIRROR: &str = "apiVersion: linkerd.io/v1alpha1
-kind: ServiceMirror
-metadata:
-  name: hello-mirror
-  namespace: default
-spec:
-  cluster: cluster-a
-  service:
-    name: hello
-    namespace: default
-";
+pub const MIRROR: &str = include_str!("../../examples/seed/cluster-b/cluster-b-servicemirror.yaml");
 
 /// The SPIFFE ID of `cluster`'s gateway.
 ///
