@@ -11,9 +11,17 @@ fn err(text: &str) -> ManifestError {
     parse_manifests("dir/m.yaml", text).expect_err("must be rejected")
 }
 
-/// The seed's ServiceMirror, as the seed ships it.
-const MIRROR: &str =
-    include_str!("../../../../../examples/seed/cluster-b/cluster-b-servicemirror.yaml");
+const MIRROR: &str = "apiVersion: linkerd.io/v1alpha1
+kind: ServiceMirror
+metadata:
+  name: hello-mirror
+  namespace: default
+spec:
+  cluster: cluster-a
+  service:
+    name: hello
+    namespace: default
+";
 
 #[test]
 fn parses_every_document_and_keeps_unknown_kinds() {
