@@ -11,6 +11,15 @@ use http::StatusCode;
 pub const CLUSTER_HEADER: &str = "isthmus-cluster";
 /// Response header naming the reason of a refusal (`not_exported`, `link_down`, ...).
 pub const REFUSAL_HEADER: &str = "isthmus-refusal";
+/// Request header on a stream that carries exactly one HTTP request, naming its
+/// protocol ([`ONE_REQUEST_HTTP1`] or [`ONE_REQUEST_H2`]): the hop that picks the
+/// endpoint may then read the response's status to score that endpoint. Absent on a
+/// stream that carries a whole connection's bytes.
+pub const ONE_REQUEST_HEADER: &str = "isthmus-one-request";
+/// [`ONE_REQUEST_HEADER`] value: one HTTP/1.1 request and its response.
+pub const ONE_REQUEST_HTTP1: &str = "http/1.1";
+/// [`ONE_REQUEST_HEADER`] value: an HTTP/2 connection that carries one request.
+pub const ONE_REQUEST_H2: &str = "h2";
 
 /// Why a tunnel stream (or the connection that would carry it) was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
