@@ -27,7 +27,9 @@ pub mod tunnel;
 pub use authority::{Authority, AuthorityError};
 pub use cluster::{ClusterName, ClusterNameError};
 pub use spiffe::{IdError, SpiffeId, TrustDomain};
-pub use tunnel::{CLUSTER_HEADER, REFUSAL_HEADER, Refusal};
+pub use tunnel::{
+    CLUSTER_HEADER, ONE_REQUEST_H2, ONE_REQUEST_HEADER, ONE_REQUEST_HTTP1, REFUSAL_HEADER, Refusal,
+};
 
 /// `error` and its sources on one line, `outer: inner: innermost`, for a log field,
 /// a status message or `/config`.
