@@ -212,6 +212,7 @@ impl GatewayUnderTest {
                     deadline: None,
                     resolve: Default::default(),
                 },
+                balance: Default::default(),
             },
             table.clone(),
             Arc::new(MintedTls(identity.clone())),
