@@ -6,7 +6,10 @@
 //! at as it passes (nothing is copied or held back):
 //! - a stream carrying one HTTP/1.1 request is sampled from the moment the
 //!   endpoint was dialled to its first answer byte, and that chunk's status line
-//!   is read: `429`, and `503` with `Retry-After`, are failures;
+//!   is read: `429`, and `503` with `Retry-After`, are failures (the forwarder
+//!   reads at least 512 bytes at a time, so the chunk holds the head of all but
+//!   a few answers; a `503` whose `Retry-After` comes later counts as a plain
+//!   one);
 //! - any other stream (a whole connection's bytes, or one request over an inner
 //!   HTTP/2 connection, whose statuses sit in HPACK-coded frames) was sampled by
 //!   its connect latency, and its first answer byte is a success;

@@ -110,17 +110,18 @@ async fn equal_endpoints_share_streams_evenly() {
 async fn streams_in_flight_weigh_on_the_choice() {
     let (balancer, _) = balancer();
     let eps = endpoints(&[1, 2]);
-    // Ten streams held open on whichever endpoint they went to.
-    let held: Vec<InFlight> = (0..10).map(|_| pick(&balancer, &eps)).collect();
-    let on_1 = held.iter().filter(|s| s.addr() == addr(1)).count();
-    let on_2 = held.len() - on_1;
-    assert!(on_1.abs_diff(on_2) <= 2, "held {on_1} and {on_2}");
-    assert_eq!(
-        endpoint_view(&balancer, 1).in_flight + endpoint_view(&balancer, 2).in_flight,
-        10
-    );
+    // Ten streams held open on endpoint 1 (endpoint 2 ruled out for them).
+    let held: Vec<InFlight> = (0..10)
+        .map(|_| balancer.pick(&service(), &eps, &[addr(2)]).unwrap().1)
+        .collect();
+    assert_eq!(endpoint_view(&balancer, 1).in_flight, 10);
+    // At equal latency, the idle endpoint wins every choice.
+    for _ in 0..20 {
+        assert_eq!(pick(&balancer, &eps).addr(), addr(2));
+    }
     drop(held);
     assert_eq!(endpoint_view(&balancer, 1).in_flight, 0);
+    assert_eq!(endpoint_view(&balancer, 2).in_flight, 0);
 }
 
 /// Fails streams to endpoint `last` until it is ejected; how many it took.
