@@ -18,8 +18,6 @@ use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
 use proxy_core::gateway::{
     Endpoint, Gateway, GatewayConfig, GatewayLookup, GatewayMetrics, GatewayTls, Health, LinkTarget,
 };
-use proxy_core::pool::PoolSettings;
-use proxy_core::tunnel::H2Settings;
 use proxy_core::tunnel::server::{OneRequest, Peer, TunnelHandler, TunnelRequest, Upstream};
 use support::{CLUSTER, GATEWAY_ID, HELLO, Identity, Pki, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -143,14 +141,7 @@ fn gateway(origins: &[Origin]) -> Arc<Gateway> {
             own_addrs: HashSet::new(),
             allow_local_endpoints: true,
             pod_port: 1,
-            pools: PoolSettings {
-                connect_timeout: timeouts,
-                connections: 1,
-                h2: H2Settings::default(),
-                handshake_failed: None,
-                deadline: None,
-                resolve: Default::default(),
-            },
+            pools: support::gateway_pools(timeouts),
             balance: Default::default(),
         },
         Arc::new(Exports(
