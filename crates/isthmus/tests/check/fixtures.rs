@@ -15,6 +15,8 @@ use test_apiserver::{ResourceType, TestApiServer};
 use tokio::net::TcpListener;
 
 pub(crate) use crate::binary::STEP;
+/// The gateway's Service as `isthmus install` renders it.
+pub(crate) const GATEWAY_SERVICE: &str = "v1 Service isthmus-system/isthmus-gateway";
 pub(crate) const GATEWAY_ID: &str = "spiffe://cluster.local/ns/isthmus-system/sa/isthmus-gateway";
 
 pub(crate) async fn isthmus(args: &[&str]) -> std::process::Output {
@@ -187,18 +189,57 @@ pub(crate) fn put(server: &TestApiServer, obj: Value) {
         .unwrap_or_else(|e| panic!("putting {} {}: {e:?}", obj["kind"], obj["metadata"]["name"]));
 }
 
-pub(crate) fn get(
-    server: &TestApiServer,
-    api: &str,
-    kind: &str,
-    ns: Option<&str>,
-    name: &str,
-) -> Value {
+/// The store's address of `object`, written `apiVersion Kind namespace/name`, or
+/// `apiVersion Kind name` for a cluster-scoped kind.
+fn address(object: &str) -> (&str, &str, Option<&str>, &str) {
+    let mut parts = object.split(' ');
+    let (Some(api), Some(kind), Some(place), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        panic!("{object:?} is not `apiVersion Kind [namespace/]name`")
+    };
+    match place.split_once('/') {
+        Some((ns, name)) => (api, kind, Some(ns), name),
+        None => (api, kind, None, place),
+    }
+}
+
+/// The object `object` (see [`address`]).
+pub(crate) fn get(server: &TestApiServer, object: &str) -> Value {
+    let (api, kind, ns, name) = address(object);
     server.store().get_value(api, kind, ns, name).unwrap()
 }
 
-pub(crate) fn delete(server: &TestApiServer, api: &str, kind: &str, ns: Option<&str>, name: &str) {
-    server.store().delete_value(api, kind, ns, name).unwrap();
+/// Deletes `object` (see [`address`]) and answers it, for the test to put back.
+pub(crate) fn delete(server: &TestApiServer, object: &str) -> Value {
+    let (api, kind, ns, name) = address(object);
+    server.store().delete_value(api, kind, ns, name).unwrap()
+}
+
+/// What the cluster does with the mesh's Deployments once installed: both replicas
+/// of the controller and of the gateway become ready.
+pub(crate) fn mesh_pods_ready(server: &TestApiServer) {
+    for name in ["isthmus-controller", "isthmus-gateway"] {
+        let deployment = format!("apps/v1 Deployment isthmus-system/{name}");
+        set_status(
+            server,
+            &deployment,
+            json!({"replicas": 2, "readyReplicas": 2}),
+        );
+    }
+}
+
+/// The cloud's load balancer gives the gateway Service the address `ip`.
+pub(crate) fn gateway_load_balancer(server: &TestApiServer, ip: &str) {
+    let status = json!({"loadBalancer": {"ingress": [{"ip": ip}]}});
+    set_status(server, GATEWAY_SERVICE, status);
+}
+
+/// Replaces the status of `object` (see [`address`]), as its controller would.
+pub(crate) fn set_status(server: &TestApiServer, object: &str, status: Value) {
+    let mut obj = get(server, object);
+    obj["status"] = status;
+    put(server, obj);
 }
 
 /// The ClusterIssuer's Secret as `isthmus install --issuer` renders it.
@@ -261,17 +302,7 @@ pub(crate) async fn healthy(server: &TestApiServer, pki: &Pki) -> u16 {
             put(server, doc);
         }
     }
-    for name in ["isthmus-controller", "isthmus-gateway"] {
-        let mut d = get(
-            server,
-            "apps/v1",
-            "Deployment",
-            Some("isthmus-system"),
-            name,
-        );
-        d["status"] = json!({"replicas": 2, "readyReplicas": 2});
-        put(server, d);
-    }
+    mesh_pods_ready(server);
     put(
         server,
         json!({
@@ -280,15 +311,7 @@ pub(crate) async fn healthy(server: &TestApiServer, pki: &Pki) -> u16 {
             "data": {"cluster.yaml": "", "links.yaml": "", "mirrored-services.yaml": ""},
         }),
     );
-    let mut svc = get(
-        server,
-        "v1",
-        "Service",
-        Some("isthmus-system"),
-        "isthmus-gateway",
-    );
-    svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.18.7.2"}]}});
-    put(server, svc);
+    gateway_load_balancer(server, "198.18.7.2");
     // cert-manager and csi-driver-spiffe, as their charts install them.
     put(server, csi_driver());
     put(server, approver(1));
