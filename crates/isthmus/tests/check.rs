@@ -18,8 +18,10 @@ use test_apiserver::TestApiServer;
 mod binary;
 #[path = "check/fixtures.rs"]
 mod fixtures;
+mod installed;
 
 use fixtures::*;
+use installed::*;
 
 #[tokio::test]
 async fn a_healthy_cluster_passes_every_check() {
@@ -90,9 +92,10 @@ async fn each_failure_fails_its_check_with_what_to_do() {
 
     // The gateway's pods are not ready.
     let d = get(&server, "apps/v1 Deployment isthmus-system/isthmus-gateway");
-    set_status(
+    set(
         &server,
         "apps/v1 Deployment isthmus-system/isthmus-gateway",
+        "status",
         json!({"replicas": 2, "readyReplicas": 0}),
     );
     failed_only(
@@ -115,7 +118,7 @@ async fn each_failure_fails_its_check_with_what_to_do() {
 
     // No LoadBalancer address.
     let svc = get(&server, GATEWAY_SERVICE);
-    set_status(&server, GATEWAY_SERVICE, json!({}));
+    set(&server, GATEWAY_SERVICE, "status", json!({}));
     failed_only(
         &check(&kubeconfig).await,
         "gateway Service isthmus-system/isthmus-gateway address",
@@ -457,12 +460,12 @@ async fn the_real_cluster_steps_mirror_hello_and_check_passes() {
     // What the clusters do after install: the load balancer's address, the reader's
     // token, cert-manager's certificates, ready pods.
     gateway_load_balancer(&a, "198.18.7.1");
-    let mut token = get(&a, "v1 Secret isthmus-system/isthmus-link-reader-token");
     let ca =
         mint::trust_anchor("api server of cluster-a", days(1), KeyAlgorithm::EcdsaP256).unwrap();
-    token["data"] =
-        json!({"token": b64(b"reader-token"), "ca.crt": b64(ca.ca.cert_pem.as_bytes())});
-    put(&a, token);
+    fill_reader_token(
+        &a,
+        &[("token", "reader-token"), ("ca.crt", &ca.ca.cert_pem)],
+    );
     put(&b, csi_driver());
     put(&b, approver(1));
     put(

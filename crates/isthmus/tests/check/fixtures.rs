@@ -15,23 +15,11 @@ use test_apiserver::{ResourceType, TestApiServer};
 use tokio::net::TcpListener;
 
 pub(crate) use crate::binary::STEP;
-/// The gateway's Service as `isthmus install` renders it.
-pub(crate) const GATEWAY_SERVICE: &str = "v1 Service isthmus-system/isthmus-gateway";
+use crate::installed::*;
 pub(crate) const GATEWAY_ID: &str = "spiffe://cluster.local/ns/isthmus-system/sa/isthmus-gateway";
 
 pub(crate) async fn isthmus(args: &[&str]) -> std::process::Output {
     crate::binary::run_async(args).await
-}
-
-pub(crate) fn docs(text: &str) -> Vec<Value> {
-    serde_yaml_ng::Deserializer::from_str(text)
-        .map(|de| serde::Deserialize::deserialize(de).unwrap())
-        .filter(|v: &Value| !v.is_null())
-        .collect()
-}
-
-pub(crate) fn b64(bytes: &[u8]) -> Value {
-    serde_json::to_value(k8s_openapi::ByteString(bytes.to_vec())).unwrap()
 }
 
 pub(crate) fn days(n: u64) -> Validity {
@@ -182,66 +170,6 @@ pub(crate) async fn gateway_a(leaf: &LeafBundle) -> u16 {
     port
 }
 
-pub(crate) fn put(server: &TestApiServer, obj: Value) {
-    server
-        .store()
-        .put_value(obj.clone())
-        .unwrap_or_else(|e| panic!("putting {} {}: {e:?}", obj["kind"], obj["metadata"]["name"]));
-}
-
-/// The store's address of `object`, written `apiVersion Kind namespace/name`, or
-/// `apiVersion Kind name` for a cluster-scoped kind.
-fn address(object: &str) -> (&str, &str, Option<&str>, &str) {
-    let mut parts = object.split(' ');
-    let (Some(api), Some(kind), Some(place), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        panic!("{object:?} is not `apiVersion Kind [namespace/]name`")
-    };
-    match place.split_once('/') {
-        Some((ns, name)) => (api, kind, Some(ns), name),
-        None => (api, kind, None, place),
-    }
-}
-
-/// The object `object` (see [`address`]).
-pub(crate) fn get(server: &TestApiServer, object: &str) -> Value {
-    let (api, kind, ns, name) = address(object);
-    server.store().get_value(api, kind, ns, name).unwrap()
-}
-
-/// Deletes `object` (see [`address`]) and answers it, for the test to put back.
-pub(crate) fn delete(server: &TestApiServer, object: &str) -> Value {
-    let (api, kind, ns, name) = address(object);
-    server.store().delete_value(api, kind, ns, name).unwrap()
-}
-
-/// What the cluster does with the mesh's Deployments once installed: both replicas
-/// of the controller and of the gateway become ready.
-pub(crate) fn mesh_pods_ready(server: &TestApiServer) {
-    for name in ["isthmus-controller", "isthmus-gateway"] {
-        let deployment = format!("apps/v1 Deployment isthmus-system/{name}");
-        set_status(
-            server,
-            &deployment,
-            json!({"replicas": 2, "readyReplicas": 2}),
-        );
-    }
-}
-
-/// The cloud's load balancer gives the gateway Service the address `ip`.
-pub(crate) fn gateway_load_balancer(server: &TestApiServer, ip: &str) {
-    let status = json!({"loadBalancer": {"ingress": [{"ip": ip}]}});
-    set_status(server, GATEWAY_SERVICE, status);
-}
-
-/// Replaces the status of `object` (see [`address`]), as its controller would.
-pub(crate) fn set_status(server: &TestApiServer, object: &str, status: Value) {
-    let mut obj = get(server, object);
-    obj["status"] = status;
-    put(server, obj);
-}
-
 /// The ClusterIssuer's Secret as `isthmus install --issuer` renders it.
 pub(crate) fn issuer_secret(issuer: &CertificateAuthority) -> Value {
     json!({
@@ -296,12 +224,7 @@ pub(crate) async fn healthy(server: &TestApiServer, pki: &Pki) -> u16 {
     ])
     .await;
     assert!(out.status.success());
-    for doc in docs(&String::from_utf8(out.stdout).unwrap()) {
-        // cert-manager's kinds and policy/v1 are not served by the test API server.
-        if !["cert-manager.io/v1", "policy/v1"].contains(&doc["apiVersion"].as_str().unwrap()) {
-            put(server, doc);
-        }
-    }
+    put_installed(server, &String::from_utf8(out.stdout).unwrap());
     mesh_pods_ready(server);
     put(
         server,
