@@ -20,13 +20,12 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use isthmus_test_support::eventually_blocking;
-use isthmus_tests::binary::binary;
 use isthmus_tests::identity::Pki;
 use isthmus_tests::multicluster::{
     MIRROR, NAMESPACE, cluster_settings, gateway_id, link_at, service,
@@ -34,6 +33,7 @@ use isthmus_tests::multicluster::{
 use isthmus_tests::netns::{Lab, Namespace};
 use isthmus_tests::pod;
 use isthmus_tests::tcp::{self, WAIT};
+use isthmus_tests::wan::{Wan, proxy_command, write_files};
 use isthmus_vocab::SpiffeId;
 
 const A_NAME: &str = "gateway.cluster-a.test";
@@ -110,7 +110,7 @@ type Proxy<'a> = (
     &'a str,
     &'a Namespace,
     &'a str,
-    &'a str,
+    Option<&'a str>,
     Vec<(&'a str, String)>,
 );
 
@@ -146,25 +146,18 @@ impl World {
     fn start() -> World {
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let lab = Lab::new();
-        let wan = lab.namespace();
-        let bridge = lab.bridge(&wan).unwrap();
-        let place = |ip: &str| {
-            let ns = lab.namespace();
-            let iface = lab.attach(&wan, &bridge, &ns).unwrap();
-            ns.add_addr(&iface, &format!("{ip}/24")).unwrap();
-            ns
-        };
-        let b = place("198.18.0.1");
-        let a1 = place("198.18.0.2");
-        let a2 = place("198.18.0.3");
-        let client = place("198.18.0.10");
+        let wan = Wan::new(&lab);
+        let b = wan.place("198.18.0.1");
+        let a1 = wan.place("198.18.0.2");
+        let a2 = wan.place("198.18.0.3");
+        let client = wan.place("198.18.0.10");
         b.write_hosts(&format!("198.18.0.2 {A_NAME}\n198.18.0.3 {A_NAME}\n"))
             .unwrap();
         let replicas: Vec<Replica> = REPLICAS
             .iter()
             .zip(["r1", "r2", "r3"])
             .map(|(ip, name)| {
-                let ns = place(ip);
+                let ns = wan.place(ip);
                 let listener = ns.run(|| TcpListener::bind((*ip, REPLICA_PORT))).unwrap();
                 Replica::start(listener, name)
             })
@@ -176,129 +169,67 @@ impl World {
             .iter()
             .map(|ip| format!("  - ip: '{ip}'\n"))
             .collect();
-        let hello = service(
-            "hello",
-            SocketAddr::new(REPLICAS[0].parse().unwrap(), REPLICA_PORT),
-            true,
-        )
-        .replace(&first, &every);
-        let a_link = link_at(
-            NAMESPACE,
-            "cluster-a",
-            A_NAME,
-            4143,
-            gateway_id("cluster-a").as_str(),
-            4191,
-        );
+        let backend = SocketAddr::new(REPLICAS[0].parse().unwrap(), REPLICA_PORT);
+        let hello = service("hello", backend, true).replace(&first, &every);
+        let a_id = gateway_id("cluster-a");
+        let a_link = link_at(NAMESPACE, "cluster-a", A_NAME, 4143, a_id.as_str(), 4191);
+        let b_gateway = addr("198.18.0.1:4143");
         let pki = Pki::new("balance anchor");
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let frontend = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/frontend").unwrap();
-        let proxies: [Proxy<'_>; 4] = [
-            (
-                "a1",
-                &a1,
-                "cluster-a",
-                "198.18.0.2:4143",
-                vec![
-                    (
-                        "settings.yaml",
-                        cluster_settings("cluster-a", addr("198.18.0.2:4143")),
-                    ),
-                    ("hello.yaml", hello.clone()),
-                ],
-            ),
-            (
-                "a2",
-                &a2,
-                "cluster-a",
-                "198.18.0.3:4143",
-                vec![
-                    (
-                        "settings.yaml",
-                        cluster_settings("cluster-a", addr("198.18.0.3:4143")),
-                    ),
-                    ("hello.yaml", hello.clone()),
-                ],
-            ),
-            (
-                "b",
-                &b,
-                "cluster-b",
-                "198.18.0.1:4143",
-                vec![
-                    (
-                        "settings.yaml",
-                        cluster_settings("cluster-b", addr("198.18.0.1:4143")),
-                    ),
-                    ("link.yaml", a_link.clone()),
-                ],
-            ),
-            (
-                "client",
-                &client,
-                "cluster-b",
-                "",
-                vec![
-                    (
-                        "settings.yaml",
-                        cluster_settings("cluster-b", addr("198.18.0.1:4143")),
-                    ),
-                    ("link.yaml", a_link),
-                    (
-                        "clusters/cluster-a/settings.yaml",
-                        cluster_settings("cluster-a", addr("198.18.0.2:4143")),
-                    ),
-                    ("clusters/cluster-a/hello.yaml", hello),
-                    ("mirror.yaml", MIRROR.to_owned()),
-                ],
-            ),
+        let mut proxies: Vec<Proxy<'_>> = Vec::new();
+        for (name, ns, own) in [
+            ("a1", &a1, "198.18.0.2:4143"),
+            ("a2", &a2, "198.18.0.3:4143"),
+        ] {
+            let settings = cluster_settings("cluster-a", addr(own));
+            let files = vec![("settings.yaml", settings), ("hello.yaml", hello.clone())];
+            proxies.push((name, ns, "cluster-a", Some(own), files));
+        }
+        let b_files = vec![
+            ("settings.yaml", cluster_settings("cluster-b", b_gateway)),
+            ("link.yaml", a_link.clone()),
         ];
+        proxies.push(("b", &b, "cluster-b", Some("198.18.0.1:4143"), b_files));
+        let a_settings = cluster_settings("cluster-a", addr("198.18.0.2:4143"));
+        let client_files = vec![
+            ("settings.yaml", cluster_settings("cluster-b", b_gateway)),
+            ("link.yaml", a_link),
+            ("clusters/cluster-a/settings.yaml", a_settings),
+            ("clusters/cluster-a/hello.yaml", hello),
+            ("mirror.yaml", MIRROR.to_owned()),
+        ];
+        proxies.push(("client", &client, "cluster-b", None, client_files));
+        let frontend = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/frontend").unwrap();
         let mut logs = Vec::new();
         let mut a2_child = None;
         for (proxy, ns, cluster, inbound, files) in proxies {
-            let manifests = root.join(format!("manifests-{proxy}"));
-            for (file, text) in files {
-                let path = manifests.join(file);
-                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-                std::fs::write(path, text).unwrap();
-            }
-            let identity = root.join(format!("identity-{proxy}"));
-            let id = if proxy == "client" {
-                frontend.clone()
-            } else {
+            write_files(&root.join(format!("manifests-{proxy}")), &files);
+            let id = if inbound.is_some() {
                 gateway_id(cluster)
-            };
-            pki.leaf(cluster, &id).write_dir(&identity, false).unwrap();
-            let role = if inbound.is_empty() {
-                "standalone"
             } else {
+                frontend.clone()
+            };
+            let identity = root.join(format!("identity-{proxy}"));
+            pki.leaf(cluster, &id).write_dir(&identity, false).unwrap();
+            let role = if inbound.is_some() {
                 "gateway"
+            } else {
+                "standalone"
+            };
+            let mut cmd = proxy_command(ns, role, cluster, root, proxy, ADMIN);
+            cmd.args(["--tunnel-connections", "2", "--log", "info"]);
+            match inbound {
+                Some(inbound) => cmd.args(["--inbound-addr", inbound]),
+                None => cmd.args(["--outbound-addr", OUTBOUND]),
             };
             let log = root.join(format!("{proxy}.log"));
-            let mut cmd = ns.command(binary("isthmus-proxy"));
-            cmd.args([role, "--cluster", cluster, "--identity-dir"])
-                .arg(&identity)
-                .arg("--manifests")
-                .arg(&manifests)
-                .args(["--admin-addr", ADMIN, "--tunnel-connections", "2"])
-                .args(["--connect-timeout", "2s", "--workers", "1", "--log", "info"]);
-            if inbound.is_empty() {
-                cmd.args(["--outbound-addr", OUTBOUND]);
-            } else {
-                cmd.args(["--inbound-addr", inbound]);
-            }
-            let child = cmd
-                .env_clear()
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
             if proxy == "a2" {
-                a2_child = Some(child);
+                // Its own child, for the test that kills it.
+                let stderr = std::fs::File::create(&log).unwrap();
+                a2_child = Some(cmd.env_clear().stderr(stderr).spawn().unwrap());
             } else {
-                lab.adopt(child);
+                lab.spawn_logged(&mut cmd, &log);
             }
             logs.push(log);
         }
