@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use isthmus_test_support::eventually_blocking;
+use isthmus_test_support::{Metrics, eventually_blocking};
 use isthmus_tests::identity::Pki;
 use isthmus_tests::multicluster::{
     MIRROR, NAMESPACE, cluster_settings, gateway_id, link_at, service,
@@ -275,6 +275,13 @@ impl World {
         response.split_whitespace().collect()
     }
 
+    /// `/metrics` of the proxy in `ns`.
+    fn metrics(ns: &Namespace) -> Metrics {
+        let response = ns.run(|| pod::http_get(addr(ADMIN), "/metrics")).unwrap();
+        let (_, body) = response.split_once("\r\n\r\n").unwrap();
+        Metrics::parse(body)
+    }
+
     /// Whether the gateway in `ns` shows the replica at `ip` in `state`.
     fn endpoint_is(ns: &Namespace, ip: &str, state: &str) -> bool {
         let endpoint = format!("\"address\":\"{ip}:{REPLICA_PORT}\"");
@@ -358,6 +365,17 @@ fn a_replica_that_resets_every_connection_is_ejected_then_tried_again() {
         failed <= 14,
         "{failed} requests failed before the ejections: five per gateway, and probes"
     );
+    // The metrics say so, for the known endpoints only.
+    let metrics = World::metrics(&world.a[0]);
+    let bad_endpoint = format!("endpoint=\"{}:{REPLICA_PORT}\"", REPLICAS[2]);
+    assert!(metrics.sum("gateway_endpoint_ejections_total", &[]) >= 1.0);
+    let states = |state: &str| {
+        let state = format!("state=\"{state}\"");
+        metrics.sum("gateway_endpoint_state", &[&bad_endpoint, &state])
+    };
+    // Published once a second: ejected now, or already back on probation.
+    assert_eq!(states("ejected") + states("probation"), 1.0, "{metrics:?}");
+    assert_eq!(metrics.sum("gateway_endpoint_in_flight", &[]), 0.0);
     // Ejected: nothing goes to it, and requests succeed, until its backoff ends.
     let seen = bad.requests();
     while ejected(&world.a[0]) && ejected(&world.a[1]) {
