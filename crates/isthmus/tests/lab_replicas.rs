@@ -65,11 +65,7 @@ fn until_pods(client_ns: &str, count: usize, what: &str) -> BTreeSet<String> {
 
 #[test]
 fn deployments_scale_and_a_deleted_pod_is_replaced_with_traffic_flowing() {
-    require_root();
-    let tmp = tempfile::tempdir().unwrap();
-    two_clusters(tmp.path(), 1, &mirror("hello"));
-    let lab = LiveLab::start(tmp.path(), "400s");
-    let client = lab.pod_ns("cluster-b", "client");
+    let (tmp, lab, client) = hello_lab();
     let first = until_pods(&client, 1, "the lab's first hello");
     let deployment = tmp.path().join("hello.yaml");
 

@@ -422,22 +422,11 @@ impl Lab {
     }
 
     fn start_gateways(&mut self, bin: &Path) -> Result<()> {
-        let log = self.log_filter();
-        let log = log.as_str();
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
-            let root = self.pod_root(name, "gateway");
             let gw = &self.gateway_ns[ci];
-            let mut cmd = proxy_command(
-                self.net
-                    .command_as(gw, bin.join("isthmus-proxy"), PROXY_UID, PROXY_UID),
-                "gateway",
-                name,
-                &mount_dir(&root, IDENTITY_MOUNT),
-                Discovery::Kube(&self.apiservers[ci].pods_kubeconfig),
-                log,
-            );
-            cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")]);
+            let kubeconfig = Discovery::Kube(&self.apiservers[ci].pods_kubeconfig);
+            let cmd = self.proxy(bin, gw, "gateway", name, "gateway", kubeconfig);
             let child = spawn(cmd)?;
             self.supervise(child, format!("{name}/gateway"), Role::Proxy);
             if self.plan.wan_delay_ms > 0 {
@@ -458,6 +447,26 @@ impl Lab {
         Ok(())
     }
 
+    /// `isthmus-proxy ROLE` in `ns` as the proxy UID, for `who` (a pod, or
+    /// `gateway`) of `cluster`: its identity volume, the tunnel port on every
+    /// address, the lab's log filter.
+    fn proxy(
+        &self,
+        bin: &Path,
+        ns: &Namespace,
+        role: &str,
+        cluster: &str,
+        who: &str,
+        discovery: Discovery<'_>,
+    ) -> tokio::process::Command {
+        let launch = (self.net).command_as(ns, bin.join("isthmus-proxy"), PROXY_UID, PROXY_UID);
+        let identity = mount_dir(&self.pod_root(cluster, who), IDENTITY_MOUNT);
+        let log = self.log_filter();
+        let mut cmd = proxy_command(launch, role, cluster, &identity, discovery, &log);
+        cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")]);
+        cmd
+    }
+
     fn start_sidecars(&mut self, bin: &Path) -> Result<()> {
         for ci in 0..self.plan.clusters.len() {
             for pi in 0..self.plan.clusters[ci].pods.len() {
@@ -475,19 +484,9 @@ impl Lab {
             return Ok(());
         }
         let ns = &self.pod_ns[&(ci, pi)];
-        let root = self.pod_root(name, &pod.name);
-        let log = self.log_filter();
-        let mut cmd = proxy_command(
-            self.net
-                .command_as(ns, bin.join("isthmus-proxy"), PROXY_UID, PROXY_UID),
-            "sidecar",
-            name,
-            &mount_dir(&root, IDENTITY_MOUNT),
-            Discovery::Dir(&mount_dir(&root, DISCOVERY_MOUNT)),
-            &log,
-        );
-        cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")])
-            .args(["--outbound-addr", "127.0.0.1:4140"]);
+        let volume = mount_dir(&self.pod_root(name, &pod.name), DISCOVERY_MOUNT);
+        let mut cmd = self.proxy(bin, ns, "sidecar", name, &pod.name, Discovery::Dir(&volume));
+        cmd.args(["--outbound-addr", "127.0.0.1:4140"]);
         let child = spawn(cmd)?;
         if let Some(pid) = child.id() {
             self.sidecars.insert((ci, pi), pid);

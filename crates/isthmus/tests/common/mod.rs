@@ -363,3 +363,14 @@ pub fn two_clusters(root: &Path, a_replicas: u32, b_extra: &str) {
         std::fs::write(dir.join("isthmus.yaml"), settings).unwrap();
     }
 }
+
+/// [`two_clusters`] with cluster-b mirroring hello, running: its directory (kept
+/// as long as the lab), the lab, and cluster-b's client namespace.
+pub fn hello_lab() -> (tempfile::TempDir, LiveLab, String) {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    two_clusters(tmp.path(), 1, &mirror("hello"));
+    let lab = LiveLab::start(tmp.path(), "400s");
+    let client = lab.pod_ns("cluster-b", "client");
+    (tmp, lab, client)
+}
