@@ -27,6 +27,7 @@ fn convert(route: Option<&DiscoveryRoute>) -> Route {
         }) => Route::Mirrored {
             cluster: cluster.clone(),
             authority: authority.clone(),
+            policy: Default::default(),
         },
         Some(DiscoveryRoute::Local { .. }) | None => Route::Passthrough,
     }
