@@ -403,9 +403,6 @@ async fn report_invalid(
     }
     tracing::warn!(service_mirror = %key, error, "ServiceMirror rejected");
     let message = format!("ServiceMirror {key}: {error}");
-    ensure_leading(ctx, key)?;
-    let api: Api<MirrorObject> =
-        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let patch = serde_json::json!({
         "status": {
             "conditions": [Condition {
@@ -418,18 +415,7 @@ async fn report_invalid(
             "observedGeneration": obj.meta().generation,
         }
     });
-    let written = api
-        .patch_status(
-            &obj.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-        .map_err(|source| ReconcileError::Api {
-            mirror: key.to_owned(),
-            action: "patch status".to_owned(),
-            source,
-        })?;
+    let written = patch_status(ctx, key, obj, &patch).await?;
     if let Some(rv) = written.resource_version() {
         ctx.invalid_reported
             .lock()
@@ -458,6 +444,36 @@ fn unreachable_message(sm: &ServiceMirrorResource, state: &RemoteState) -> Strin
             state.staleness().as_secs()
         ),
     }
+}
+
+/// Merge-patches the status of the mirror `key`, once this replica knows it leads, and
+/// answers the object as written. Generic because an invalid mirror is written through
+/// the guard that holds its metadata, a valid one as itself.
+async fn patch_status<K>(
+    ctx: &Context,
+    key: &str,
+    obj: &K,
+    patch: &serde_json::Value,
+) -> Result<K, ReconcileError>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    ensure_leading(ctx, key)?;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )
+    .await
+    .map_err(|source| ReconcileError::Api {
+        mirror: key.to_owned(),
+        action: "patch status".to_owned(),
+        source,
+    })
 }
 
 fn ensure_leading(ctx: &Context, key: &str) -> Result<(), ReconcileError> {
@@ -742,9 +758,6 @@ async fn write_status(
     if new == old {
         return Ok(());
     }
-    ensure_leading(ctx, key)?;
-    let api: Api<ServiceMirrorResource> =
-        Api::namespaced(ctx.client.clone(), &sm.namespace().unwrap_or_default());
     // A merge patch with explicit nulls, so a field that no longer applies goes.
     let patch = serde_json::json!({
         "status": {
@@ -754,17 +767,7 @@ async fn write_status(
             "lastRemoteContact": new.last_remote_contact,
         }
     });
-    api.patch_status(
-        &sm.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .map_err(|source| ReconcileError::Api {
-        mirror: key.to_owned(),
-        action: "patch status".to_owned(),
-        source,
-    })?;
+    patch_status(ctx, key, sm, &patch).await?;
     Ok(())
 }
 

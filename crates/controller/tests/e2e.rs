@@ -8,6 +8,15 @@
 mod fixture;
 
 use fixture::*;
+/// Where a mirrored Service says it comes from: the remote cluster (a label) and
+/// the remote Service as `name.namespace` (an annotation).
+fn mirrored_from(svc: &Service) -> (&str, &str) {
+    (
+        &svc.labels()["mirror.isthmus.io/remote-cluster"],
+        &svc.annotations()["mirror.isthmus.io/remote-service"],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
     let lab = Lab::new().await;
@@ -27,14 +36,7 @@ async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
         (owner.controller, owner.block_owner_deletion),
         (Some(true), Some(true))
     );
-    assert_eq!(
-        svc.labels()["mirror.isthmus.io/remote-cluster"],
-        "cluster-a"
-    );
-    assert_eq!(
-        svc.annotations()["mirror.isthmus.io/remote-service"],
-        "hello.default"
-    );
+    assert_eq!(mirrored_from(&svc), ("cluster-a", "hello.default"));
     let managers: Vec<_> = svc
         .managed_fields()
         .iter()
@@ -87,7 +89,7 @@ async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
             "apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": name, "labels": labels},
         }));
-        namespaces.create(&Default::default(), &ns).await.unwrap();
+        create(&format!("namespace {name}"), &namespaces, &ns).await;
     }
     let shop: Api<ConfigMap> = Api::namespaced(lab.local.client(), "shop");
     eventually("the ConfigMap in namespace shop", || async {
@@ -100,28 +102,12 @@ async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
         legacy.get_opt("isthmus-discovery").await.unwrap().is_none(),
         "a namespace labelled isthmus.io/discovery: disabled got the ConfigMap"
     );
-    let dir = tempfile::tempdir().unwrap();
-    for (k, v) in &data {
-        std::fs::write(dir.path().join(k), v).unwrap();
-    }
-    let snapshot = DirSource::new(dir.path()).load().unwrap();
-    let route = snapshot
-        .lookup_addr(&format!("{ip}:80").parse().unwrap())
-        .unwrap()
-        .clone();
-    match route {
-        Route::Remote {
-            cluster,
-            authority,
-            gateway,
-            ..
-        } => {
-            assert_eq!(cluster.as_str(), "cluster-a");
-            assert_eq!(authority.as_str(), "hello.default.svc.cluster.local:80");
-            assert_eq!(gateway.unwrap().address.as_str(), "198.18.1.1");
-        }
-        other => panic!("expected a remote route, got {other:?}"),
-    }
+    let snapshot = load_published(&data);
+    assert_routes_to_hello(
+        snapshot
+            .lookup_addr(&format!("{ip}:80").parse().unwrap())
+            .unwrap(),
+    );
 
     // The remote Service changes ports: the mirror follows, keeping its address.
     let patch = serde_json::json!({"spec": {"ports": [
@@ -166,13 +152,7 @@ async fn mirror_lifecycle_follows_the_remote_and_the_mirror() {
 
     // Deleting the ServiceMirror removes its Service (owner reference) and the
     // ConfigMap entry.
-    timed(
-        "delete mirror",
-        lab.mirrors()
-            .delete("hello-mirror", &DeleteParams::default()),
-    )
-    .await
-    .unwrap();
+    delete(&lab.mirrors(), "hello-mirror").await;
     lab.local_service_gone("hello").await;
     eventually("ConfigMap without hello", || async {
         let cm = cms.get_opt("isthmus-discovery").await.ok()??;
@@ -240,9 +220,7 @@ async fn refusals_name_their_cause_and_never_touch_an_unowned_service() {
         "default",
         &kube::api::ApiResource::erase::<ServiceMirrorResource>(&()),
     );
-    timed("create bad", raw.create(&PostParams::default(), &json(bad)))
-        .await
-        .unwrap();
+    create("bad mirror", &raw, &json(bad)).await;
     let bad = eventually("bad mirror reported", || async {
         let o = raw.get("bad").await.ok()?;
         let c = o.data.pointer("/status/conditions/0")?.clone();
@@ -260,17 +238,7 @@ async fn refusals_name_their_cause_and_never_touch_an_unowned_service() {
     assert_eq!(raw.get("bad").await.unwrap().resource_version(), rv);
 
     // A Link whose credentials Secret does not exist: the status names it.
-    let link: LinkResource = json(serde_json::json!({
-        "apiVersion": "multicluster.isthmus.io/v1alpha1", "kind": "Link",
-        "metadata": {"name": "cluster-c", "namespace": NS},
-        "spec": {"targetClusterName": "cluster-c", "gatewayAddress": "198.18.2.1",
-            "gatewayIdentity": "spiffe://cluster.local/ns/isthmus/sa/gateway",
-            "credentialsSecret": "cluster-c-kubeconfig"}
-    }));
-    let links: Api<LinkResource> = Api::namespaced(lab.local.client(), NS);
-    timed("create Link", links.create(&PostParams::default(), &link))
-        .await
-        .unwrap();
+    lab.create_link("cluster-c", "198.18.2.1").await;
     let sm: ServiceMirrorResource = json(serde_json::json!({
         "apiVersion": "linkerd.io/v1alpha1", "kind": "ServiceMirror",
         "metadata": {"name": "c", "namespace": "default"},
@@ -289,12 +257,7 @@ async fn refusals_name_their_cause_and_never_touch_an_unowned_service() {
         "metadata": {"name": "hello", "namespace": "default", "labels": {"team": "web"}},
         "spec": {"clusterIP": "10.96.5.5", "ports": [{"port": 8443}], "selector": {"app": "web"}}
     }));
-    let theirs = timed(
-        "create local",
-        lab.local_services().create(&PostParams::default(), &theirs),
-    )
-    .await
-    .unwrap();
+    let theirs = create("local Service", &lab.local_services(), &theirs).await;
     lab.apply_seed().await;
     let sm = lab.reason("hello-mirror", "NameConflict").await;
     assert_eq!(
@@ -310,13 +273,7 @@ async fn refusals_name_their_cause_and_never_touch_an_unowned_service() {
     assert!(now.metadata.owner_references.is_none());
 
     // Once their Service goes, the mirror takes the name.
-    timed(
-        "delete theirs",
-        lab.local_services()
-            .delete("hello", &DeleteParams::default()),
-    )
-    .await
-    .unwrap();
+    delete(&lab.local_services(), "hello").await;
     lab.local_service("hello", |s| s.metadata.owner_references.is_some())
         .await;
     lab.reason("hello-mirror", "Mirrored").await;
@@ -374,6 +331,25 @@ async fn an_unreachable_remote_keeps_the_mirror_and_says_how_stale_it_is() {
     timed("stop", controller.stop()).await;
 }
 
+/// Samples both replicas' leadership until `to` (named `name`) leads, failing if
+/// both ever lead at once or `to` has not taken over by the deadline. It watches
+/// views that outlive the replicas, so `from` may stop or be dropped meanwhile.
+fn watch_takeover(from: &Running, to: &Running, name: &str) -> tokio::task::JoinHandle<()> {
+    let (from, to, name) = (from.leadership(), to.leadership(), name.to_owned());
+    tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        while start.elapsed() < DEADLINE {
+            let (x, y) = (from.is_leading(), to.is_leading());
+            assert!(!(x && y), "two replicas led at once");
+            if y {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("{name} did not take over within {DEADLINE:?}");
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_fails_over_and_only_the_leader_writes() {
     let lab = Lab::new().await;
@@ -407,19 +383,7 @@ async fn leadership_fails_over_and_only_the_leader_writes() {
     assert_eq!(holder("a").await.lease_transitions, Some(0));
 
     // Watch both replicas while a goes away: never two leaders at once.
-    let (la, lb) = (a.leadership(), b.leadership());
-    let sampler = tokio::spawn(async move {
-        let start = tokio::time::Instant::now();
-        while start.elapsed() < DEADLINE {
-            let (x, y) = (la.is_leading(), lb.is_leading());
-            assert!(!(x && y), "two replicas led at once");
-            if y {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        panic!("b did not take over within {DEADLINE:?}");
-    });
+    let sampler = watch_takeover(&a, &b, "b");
     let stopped_at = tokio::time::Instant::now();
     timed("a stops", a.stop()).await;
     timed("b takes over", sampler).await.unwrap();
@@ -448,21 +412,9 @@ async fn leadership_fails_over_and_only_the_leader_writes() {
     let c = lab.controller("c").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!c.is_leading());
-    let (lb, lc) = (b.leadership(), c.leadership());
+    let sampler = watch_takeover(&b, &c, "c");
     let crashed_at = tokio::time::Instant::now();
     drop(b);
-    let sampler = tokio::spawn(async move {
-        let start = tokio::time::Instant::now();
-        while start.elapsed() < DEADLINE {
-            let (x, y) = (lb.is_leading(), lc.is_leading());
-            assert!(!(x && y), "two replicas led at once");
-            if y {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        panic!("c did not take over within {DEADLINE:?}");
-    });
     timed("c takes over", sampler).await.unwrap();
     eprintln!(
         "takeover after a crash (2s Lease): {:?}",
@@ -474,12 +426,7 @@ async fn leadership_fails_over_and_only_the_leader_writes() {
     );
     let spec = holder("c").await;
     assert_eq!(spec.lease_transitions, Some(2));
-    timed(
-        "delete for c",
-        lab.mirrors().delete("second", &DeleteParams::default()),
-    )
-    .await
-    .unwrap();
+    delete(&lab.mirrors(), "second").await;
     lab.local_service_gone("second").await;
     timed("stop c", c.stop()).await;
 }
@@ -488,41 +435,17 @@ async fn leadership_fails_over_and_only_the_leader_writes() {
 async fn the_remote_cluster_settings_export_namespaces_and_name_the_domain() {
     let lab = Lab::new().await;
     let remote = lab.remote.client();
-    let crds: Api<CustomResourceDefinition> = Api::all(remote.clone());
-    let crd = manifests::crds()
-        .into_iter()
-        .find(|c| c.spec.names.kind == "ClusterSettings")
-        .unwrap();
-    timed("remote CRD", crds.create(&PostParams::default(), &crd))
-        .await
-        .unwrap();
-    let settings: ClusterSettingsResource = json(serde_json::json!({
-        "apiVersion": "multicluster.isthmus.io/v1alpha1", "kind": "ClusterSettings",
-        "metadata": {"name": "cluster", "namespace": NS},
-        "spec": {"clusterName": "cluster-a", "clusterDomain": "a.example",
-            "exportedNamespaces": ["shared"]}
-    }));
-    let api: Api<ClusterSettingsResource> = Api::namespaced(remote.clone(), NS);
-    eventually("remote ClusterSettings served", || async {
-        api.create(&PostParams::default(), &settings).await.ok()
-    })
+    create_cluster_settings(
+        &remote,
+        serde_json::json!({"clusterName": "cluster-a", "clusterDomain": "a.example",
+            "exportedNamespaces": ["shared"]}),
+    )
     .await;
     // Not labelled: exported only because its namespace is.
     let mut svc = remote_service("db", &[5432], false);
     svc.metadata.namespace = Some("shared".to_owned());
-    let ns: Namespace = json(serde_json::json!({
-        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shared"},
-    }));
-    timed(
-        "create namespace shared",
-        Api::<Namespace>::all(remote.clone()).create(&PostParams::default(), &ns),
-    )
-    .await
-    .unwrap();
-    let shared: Api<Service> = Api::namespaced(remote, "shared");
-    timed("create shared", shared.create(&PostParams::default(), &svc))
-        .await
-        .unwrap();
+    create_namespace(&remote, "shared").await;
+    create("shared", &Api::namespaced(remote.clone(), "shared"), &svc).await;
     let controller = lab.controller("a").await;
     let sm: ServiceMirrorResource = json(serde_json::json!({
         "apiVersion": "linkerd.io/v1alpha1", "kind": "ServiceMirror",
@@ -535,18 +458,12 @@ async fn the_remote_cluster_settings_export_namespaces_and_name_the_domain() {
         svc.annotations()["mirror.isthmus.io/remote-cluster-domain"],
         "a.example"
     );
-    assert_eq!(
-        svc.annotations()["mirror.isthmus.io/remote-service"],
-        "db.shared"
-    );
-    assert_eq!(
-        svc.labels()["mirror.isthmus.io/remote-cluster"],
-        "cluster-a"
-    );
+    assert_eq!(mirrored_from(&svc), ("cluster-a", "db.shared"));
     lab.reason("db", "Mirrored").await;
 
     // The remote stops exporting the namespace: the mirror goes.
     let patch = serde_json::json!({"spec": {"exportedNamespaces": []}});
+    let api: Api<ClusterSettingsResource> = Api::namespaced(remote, NS);
     timed(
         "unexport",
         api.patch("cluster", &PatchParams::default(), &Patch::Merge(&patch)),

@@ -3,12 +3,15 @@
 //! cluster's gateway.
 #![allow(clippy::unwrap_used)]
 
+mod fixture;
+
+use fixture::{assert_routes_to_hello, load_published};
+
 use isthmus_controller::kinds::LinkResource;
 use isthmus_controller::publish::{SERVICES_KEY, SETTINGS_KEY, render};
 use isthmus_vocab::{ClusterName, SpiffeId};
 use k8s_openapi::api::core::v1::Service;
 use proxy_discovery::model::{ClusterSettings, GatewayAddress, GatewaySpec};
-use proxy_discovery::{DirSource, Route};
 
 fn service(json: serde_json::Value) -> Service {
     serde_json::from_value(json).unwrap()
@@ -63,34 +66,14 @@ fn the_configmap_loads_with_the_directory_source_and_routes_to_the_remote() {
     assert!(data[SETTINGS_KEY].contains("198.18.1.1"));
     assert!(!data.values().any(|v| v.contains("credentials")));
 
-    let dir = tempfile::tempdir().unwrap();
-    for (k, v) in &data {
-        std::fs::write(dir.path().join(k), v).unwrap();
-    }
-    let snapshot = DirSource::new(dir.path()).load().unwrap();
+    let snapshot = load_published(&data);
     assert_eq!(snapshot.cluster().as_str(), "cluster-b");
     assert!(snapshot.link("cluster-a").is_some());
-    let route = snapshot
-        .lookup_addr(&"10.96.7.7:80".parse().unwrap())
-        .unwrap();
-    match route {
-        Route::Remote {
-            cluster,
-            authority,
-            gateway,
-            ..
-        } => {
-            assert_eq!(cluster.as_str(), "cluster-a");
-            assert_eq!(authority.as_str(), "hello.default.svc.cluster.local:80");
-            let gateway = gateway.as_ref().unwrap();
-            assert_eq!(gateway.address.as_str(), "198.18.1.1");
-            assert_eq!(
-                gateway.identity.as_str(),
-                "spiffe://cluster.local/ns/isthmus/sa/gateway"
-            );
-        }
-        other => panic!("expected a remote route, got {other:?}"),
-    }
+    assert_routes_to_hello(
+        snapshot
+            .lookup_addr(&"10.96.7.7:80".parse().unwrap())
+            .unwrap(),
+    );
     // Rendering is deterministic: same inputs, same bytes (no needless writes).
     assert_eq!(
         render("isthmus/isthmus-discovery", &settings, &[], &[]).unwrap(),

@@ -18,8 +18,10 @@ use test_apiserver::TestApiServer;
 mod binary;
 #[path = "check/fixtures.rs"]
 mod fixtures;
+mod installed;
 
 use fixtures::*;
+use installed::*;
 
 #[tokio::test]
 async fn a_healthy_cluster_passes_every_check() {
@@ -89,16 +91,13 @@ async fn each_failure_fails_its_check_with_what_to_do() {
     assert!(check(&kubeconfig).await.0);
 
     // The gateway's pods are not ready.
-    let d = get(
+    let d = get(&server, "apps/v1 Deployment isthmus-system/isthmus-gateway");
+    set(
         &server,
-        "apps/v1",
-        "Deployment",
-        Some("isthmus-system"),
-        "isthmus-gateway",
+        "apps/v1 Deployment isthmus-system/isthmus-gateway",
+        "status",
+        json!({"replicas": 2, "readyReplicas": 0}),
     );
-    let mut down = d.clone();
-    down["status"] = json!({"replicas": 2, "readyReplicas": 0});
-    put(&server, down);
     failed_only(
         &check(&kubeconfig).await,
         "gateway Deployment isthmus-system/isthmus-gateway ready",
@@ -108,20 +107,7 @@ async fn each_failure_fails_its_check_with_what_to_do() {
     put(&server, d);
 
     // The controller has not published the proxies' ConfigMap.
-    let cm = get(
-        &server,
-        "v1",
-        "ConfigMap",
-        Some("isthmus-system"),
-        "isthmus-discovery",
-    );
-    delete(
-        &server,
-        "v1",
-        "ConfigMap",
-        Some("isthmus-system"),
-        "isthmus-discovery",
-    );
+    let cm = delete(&server, "v1 ConfigMap isthmus-system/isthmus-discovery");
     failed_only(
         &check(&kubeconfig).await,
         "discovery ConfigMap isthmus-system/isthmus-discovery",
@@ -131,16 +117,8 @@ async fn each_failure_fails_its_check_with_what_to_do() {
     put(&server, cm);
 
     // No LoadBalancer address.
-    let svc = get(
-        &server,
-        "v1",
-        "Service",
-        Some("isthmus-system"),
-        "isthmus-gateway",
-    );
-    let mut bare = svc.clone();
-    bare["status"] = json!({});
-    put(&server, bare);
+    let svc = get(&server, GATEWAY_SERVICE);
+    set(&server, GATEWAY_SERVICE, "status", json!({}));
     failed_only(
         &check(&kubeconfig).await,
         "gateway Service isthmus-system/isthmus-gateway address",
@@ -173,20 +151,7 @@ async fn each_failure_fails_its_check_with_what_to_do() {
     put(&server, issuer_secret(&pki.issuer_b));
 
     // The issuer's Secret is missing.
-    let issuer = get(
-        &server,
-        "v1",
-        "Secret",
-        Some("cert-manager"),
-        "isthmus-issuer",
-    );
-    delete(
-        &server,
-        "v1",
-        "Secret",
-        Some("cert-manager"),
-        "isthmus-issuer",
-    );
+    let issuer = delete(&server, "v1 Secret cert-manager/isthmus-issuer");
     let (ok, out) = check(&kubeconfig).await;
     assert!(!ok);
     assert!(
@@ -231,20 +196,7 @@ async fn each_failure_fails_its_check_with_what_to_do() {
     put(&server, link(port, GATEWAY_ID));
 
     // The Link's credentials are missing.
-    let creds = get(
-        &server,
-        "v1",
-        "Secret",
-        Some("isthmus-system"),
-        "cluster-a-credentials",
-    );
-    delete(
-        &server,
-        "v1",
-        "Secret",
-        Some("isthmus-system"),
-        "cluster-a-credentials",
-    );
+    let creds = delete(&server, "v1 Secret isthmus-system/cluster-a-credentials");
     failed_only(
         &check(&kubeconfig).await,
         "link cluster-a credentials",
@@ -284,10 +236,7 @@ async fn each_failure_fails_its_check_with_what_to_do() {
     // The CRDs are gone (the Link and mirror CRDs take their objects with them).
     delete(
         &server,
-        "apiextensions.k8s.io/v1",
-        "CustomResourceDefinition",
-        None,
-        "clustersettings.multicluster.isthmus.io",
+        "apiextensions.k8s.io/v1 CustomResourceDefinition clustersettings.multicluster.isthmus.io",
     );
     let (ok, out) = check(&kubeconfig).await;
     assert!(!ok);
@@ -341,13 +290,7 @@ async fn the_identity_set_up_is_verified_with_what_to_fix() {
         put(&server, cert_manager(args));
         assert!(check(&kubeconfig).await.0, "{args:?}");
     }
-    delete(
-        &server,
-        "apps/v1",
-        "Deployment",
-        Some("cert-manager"),
-        "cert-manager",
-    );
+    delete(&server, "apps/v1 Deployment cert-manager/cert-manager");
     failed_only(
         &check(&kubeconfig).await,
         "cert-manager cert-manager/cert-manager leaves approval",
@@ -359,10 +302,7 @@ async fn the_identity_set_up_is_verified_with_what_to_fix() {
     // csi-driver-spiffe is not installed, or its approver is not ready.
     delete(
         &server,
-        "storage.k8s.io/v1",
-        "CSIDriver",
-        None,
-        "spiffe.csi.cert-manager.io",
+        "storage.k8s.io/v1 CSIDriver spiffe.csi.cert-manager.io",
     );
     failed_only(
         &check(&kubeconfig).await,
@@ -380,10 +320,7 @@ async fn the_identity_set_up_is_verified_with_what_to_fix() {
     );
     delete(
         &server,
-        "apps/v1",
-        "Deployment",
-        Some("cert-manager"),
-        "cert-manager-csi-driver-spiffe-approver",
+        "apps/v1 Deployment cert-manager/cert-manager-csi-driver-spiffe-approver",
     );
     failed_only(
         &check(&kubeconfig).await,
@@ -420,13 +357,8 @@ async fn the_identity_set_up_is_verified_with_what_to_fix() {
             &format!("CertificateRequestPolicy {name} selects it"),
             &format!("narrow spec.selector.issuerRef of {name}"),
         );
-        delete(
-            &server,
-            "policy.cert-manager.io/v1alpha1",
-            "CertificateRequestPolicy",
-            None,
-            name,
-        );
+        let policy = format!("policy.cert-manager.io/v1alpha1 CertificateRequestPolicy {name}");
+        delete(&server, &policy);
     }
 }
 
@@ -527,27 +459,13 @@ async fn the_real_cluster_steps_mirror_hello_and_check_passes() {
     apply(&b, &ok(&install_b).await);
     // What the clusters do after install: the load balancer's address, the reader's
     // token, cert-manager's certificates, ready pods.
-    let mut svc = get(
-        &a,
-        "v1",
-        "Service",
-        Some("isthmus-system"),
-        "isthmus-gateway",
-    );
-    svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.18.7.1"}]}});
-    put(&a, svc);
-    let mut token = get(
-        &a,
-        "v1",
-        "Secret",
-        Some("isthmus-system"),
-        "isthmus-link-reader-token",
-    );
+    gateway_load_balancer(&a, "198.18.7.1");
     let ca =
         mint::trust_anchor("api server of cluster-a", days(1), KeyAlgorithm::EcdsaP256).unwrap();
-    token["data"] =
-        json!({"token": b64(b"reader-token"), "ca.crt": b64(ca.ca.cert_pem.as_bytes())});
-    put(&a, token);
+    fill_reader_token(
+        &a,
+        &[("token", "reader-token"), ("ca.crt", &ca.ca.cert_pem)],
+    );
     put(&b, csi_driver());
     put(&b, approver(1));
     put(
@@ -555,20 +473,8 @@ async fn the_real_cluster_steps_mirror_hello_and_check_passes() {
         cert_manager(&["--controllers=*,-certificaterequests-approver"]),
     );
     put(&b, issuer_secret(&pki.issuer_b));
-    for name in ["isthmus-controller", "isthmus-gateway"] {
-        let mut d = get(&b, "apps/v1", "Deployment", Some("isthmus-system"), name);
-        d["status"] = json!({"replicas": 2, "readyReplicas": 2});
-        put(&b, d);
-    }
-    let mut svc = get(
-        &b,
-        "v1",
-        "Service",
-        Some("isthmus-system"),
-        "isthmus-gateway",
-    );
-    svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.18.7.2"}]}});
-    put(&b, svc);
+    mesh_pods_ready(&b);
+    gateway_load_balancer(&b, "198.18.7.2");
 
     // 3. Link cluster-b to cluster-a. The gateway answering for cluster-a is a TLS
     // server on loopback, so the address and port are given.

@@ -175,11 +175,8 @@ fn the_image_builds_and_copies_workspace_binaries() {
     );
 }
 
-#[test]
-fn every_binary_the_manifests_run_is_in_the_image() {
-    let copied = copied(&dockerfile());
-    let mut run = BTreeSet::new();
-
+/// The seed's cluster-a manifests as `isthmus inject` prints them.
+fn injected_seed() -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_isthmus"))
         .env_clear()
         .args(["inject", "--cluster", "cluster-a"])
@@ -187,7 +184,15 @@ fn every_binary_the_manifests_run_is_in_the_image() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let injected = commands(&String::from_utf8(out.stdout).unwrap(), &image());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn every_binary_the_manifests_run_is_in_the_image() {
+    let copied = copied(&dockerfile());
+    let mut run = BTreeSet::new();
+
+    let injected = commands(&injected_seed(), &image());
     assert_eq!(
         injected,
         BTreeSet::from(["isthmus-init".to_owned(), "isthmus-proxy".to_owned()])
@@ -287,14 +292,7 @@ fn containers(text: &str) -> Vec<(String, Vec<String>, Vec<String>)> {
 
 #[test]
 fn every_flag_and_variable_the_manifests_pass_is_one_the_binary_accepts() {
-    let out = Command::new(env!("CARGO_BIN_EXE_isthmus"))
-        .env_clear()
-        .args(["inject", "--cluster", "cluster-a"])
-        .arg(repo().join("examples/seed/cluster-a/cluster-a.yaml"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let mut texts = vec![String::from_utf8(out.stdout).unwrap()];
+    let mut texts = vec![injected_seed()];
     for cluster in ["cluster-a", "cluster-b"] {
         texts.push(std::fs::read_to_string(repo().join(format!("deploy/{cluster}.yaml"))).unwrap());
     }

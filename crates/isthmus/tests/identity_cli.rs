@@ -14,6 +14,9 @@ use isthmus_vocab::SpiffeId;
 use proxy_identity::{CredentialPaths, Credentials};
 
 /// The binary with a clean environment, so no `ISTHMUS_*` variable of the caller leaks in.
+/// A well-formed workload id for the cases where the id is not what is tested.
+const ID: &str = "spiffe://td/ns/a/sa/b";
+
 fn isthmus(args: &[&str]) -> Output {
     binary::run(args, "")
 }
@@ -28,6 +31,43 @@ fn fails(args: &[&str]) -> String {
     String::from_utf8(out.stderr).unwrap()
 }
 
+/// `isthmus identity issuer` for `cluster`, signed by the anchor in `anchor`, written to `out`.
+fn issuer_cmd<'a>(
+    anchor: &'a Path,
+    cluster: &'a str,
+    out: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "identity",
+        "issuer",
+        "--anchor",
+        s(anchor),
+        "--cluster",
+        cluster,
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// `isthmus identity leaf` for `id`, signed by the issuer in `issuer`, written to `out`.
+fn leaf_cmd<'a>(issuer: &'a Path, id: &'a str, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "identity",
+        "leaf",
+        "--issuer",
+        s(issuer),
+        "--id",
+        id,
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 fn openssl(args: &[&str]) -> String {
     let out = Command::new("openssl").args(args).output().unwrap();
     assert!(
@@ -37,6 +77,16 @@ fn openssl(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Whether openssl exits 0: for checks whose answer is the exit status.
+fn openssl_succeeds(args: &[&str]) -> bool {
+    Command::new("openssl")
+        .args(args)
+        .output()
+        .unwrap()
+        .status
+        .success()
 }
 
 fn s(p: &Path) -> &str {
@@ -56,54 +106,21 @@ fn mints_a_two_cluster_set_that_openssl_verifies() {
     let (hello, frontend) = (root.join("hello"), root.join("frontend"));
 
     ok(&["identity", "trust-anchor", "--out", s(&anchor)]);
-    ok(&[
-        "identity",
-        "issuer",
-        "--anchor",
-        s(&anchor),
-        "--cluster",
-        "cluster-a",
-        "--out",
-        s(&issuer_a),
-    ]);
-    ok(&[
-        "identity",
-        "issuer",
-        "--anchor",
-        s(&anchor),
-        "--cluster",
-        "cluster-b",
-        "--out",
-        s(&issuer_b),
-    ]);
+    ok(&issuer_cmd(&anchor, "cluster-a", &issuer_a, &[]));
+    ok(&issuer_cmd(&anchor, "cluster-b", &issuer_b, &[]));
     let hello_id = "spiffe://cluster.local/ns/default/sa/hello";
     let frontend_id = "spiffe://cluster.local/ns/default/sa/frontend";
-    let report = ok(&[
-        "identity",
-        "leaf",
-        "--issuer",
-        s(&issuer_a),
-        "--id",
-        hello_id,
-        "--out",
-        s(&hello),
-    ]);
+    let report = ok(&leaf_cmd(&issuer_a, hello_id, &hello, &[]));
     assert!(
         report.contains(hello_id) && report.contains("tls.key"),
         "{report}"
     );
-    ok(&[
-        "identity",
-        "leaf",
-        "--issuer",
-        s(&issuer_b),
-        "--id",
+    ok(&leaf_cmd(
+        &issuer_b,
         frontend_id,
-        "--out",
-        s(&frontend),
-        "--valid-for",
-        "2h",
-    ]);
+        &frontend,
+        &["--valid-for", "2h"],
+    ));
 
     assert_eq!(mode(&anchor.join("ca.key")), 0o600);
     assert_eq!(mode(&issuer_a.join("ca.key")), 0o600);
@@ -162,44 +179,21 @@ fn mints_a_two_cluster_set_that_openssl_verifies() {
         );
     }
     // The leaf names its issuer: cluster-a's leaf does not verify with cluster-b's chain.
-    let out = Command::new("openssl")
-        .args([
-            "verify",
-            "-CAfile",
-            s(&ca),
-            "-untrusted",
-            s(&issuer_b.join("ca.crt")),
-            s(&hello.join("tls.crt")),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    assert!(!openssl_succeeds(&[
+        "verify",
+        "-CAfile",
+        s(&ca),
+        "-untrusted",
+        s(&issuer_b.join("ca.crt")),
+        s(&hello.join("tls.crt")),
+    ]));
 
     // A lifetime flag changes the leaf's notAfter: 2h from now, within a minute.
-    let end = openssl(&[
-        "x509",
-        "-in",
-        s(&frontend.join("tls.crt")),
-        "-noout",
-        "-checkend",
-        "7140",
-    ]);
-    assert!(end.contains("will not expire"), "{end}");
-    let out = Command::new("openssl")
-        .args([
-            "x509",
-            "-in",
-            s(&frontend.join("tls.crt")),
-            "-noout",
-            "-checkend",
-            "7260",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "the leaf outlives its --valid-for 2h"
-    );
+    let frontend_crt = frontend.join("tls.crt");
+    let valid_in =
+        |secs| openssl_succeeds(&["x509", "-in", s(&frontend_crt), "-noout", "-checkend", secs]);
+    assert!(valid_in("7140"), "the leaf ends before its --valid-for 2h");
+    assert!(!valid_in("7260"), "the leaf outlives its --valid-for 2h");
 }
 
 #[test]
@@ -217,109 +211,42 @@ fn bad_input_is_named() {
     );
     ok(&["identity", "trust-anchor", "--out", s(&anchor), "--force"]);
 
-    let err = fails(&[
-        "identity",
-        "issuer",
-        "--anchor",
-        s(&root.join("nope")),
-        "--cluster",
-        "a",
-        "--out",
-        s(&issuer),
-    ]);
+    let err = fails(&issuer_cmd(&root.join("nope"), "a", &issuer, &[]));
     assert!(err.contains("--anchor") && err.contains("nope"), "{err}");
 
-    let err = fails(&[
-        "identity",
-        "issuer",
-        "--anchor",
-        s(&anchor),
-        "--cluster",
-        "Cluster A",
-        "--out",
-        s(&issuer),
-    ]);
+    let err = fails(&issuer_cmd(&anchor, "Cluster A", &issuer, &[]));
     assert!(err.contains("\"Cluster A\" is not a DNS label"), "{err}");
 
-    ok(&[
-        "identity",
-        "issuer",
-        "--anchor",
-        s(&anchor),
-        "--cluster",
+    ok(&issuer_cmd(
+        &anchor,
         "cluster-a",
-        "--out",
-        s(&issuer),
-        "--valid-for",
-        "1d",
-    ]);
-    let err = fails(&[
-        "identity",
-        "issuer",
-        "--anchor",
-        s(&issuer),
-        "--cluster",
-        "b",
-        "--out",
-        s(&root.join("x")),
-    ]);
+        &issuer,
+        &["--valid-for", "1d"],
+    ));
+    let err = fails(&issuer_cmd(&issuer, "b", &root.join("x"), &[]));
     assert!(err.contains("not a trust anchor"), "{err}");
 
+    let l = root.join("l");
     // The anchor signs issuers only.
-    let err = fails(&[
-        "identity",
-        "leaf",
-        "--issuer",
-        s(&anchor),
-        "--id",
-        "spiffe://td/ns/a/sa/b",
-        "--out",
-        s(&root.join("l")),
-    ]);
+    let err = fails(&leaf_cmd(&anchor, ID, &l, &[]));
     assert!(err.contains("signs issuers only"), "{err}");
 
-    let err = fails(&[
-        "identity",
-        "leaf",
-        "--issuer",
-        s(&issuer),
-        "--id",
+    let err = fails(&leaf_cmd(
+        &issuer,
         "spiffe://Cluster.local/ns/a/sa/b",
-        "--out",
-        s(&root.join("l")),
-    ]);
+        &l,
+        &[],
+    ));
     assert!(
         err.contains("--id") && err.contains("trust domain character 'C'"),
         "{err}"
     );
 
-    let err = fails(&[
-        "identity",
-        "leaf",
-        "--issuer",
-        s(&issuer),
-        "--id",
-        "spiffe://td/ns/a/sa/b",
-        "--out",
-        s(&root.join("l")),
-        "--valid-for",
-        "2d",
-    ]);
+    let err = fails(&leaf_cmd(&issuer, ID, &l, &["--valid-for", "2d"]));
     assert!(err.contains("before the requested notAfter"), "{err}");
 
-    let err = fails(&[
-        "identity",
-        "leaf",
-        "--issuer",
-        s(&issuer),
-        "--id",
-        "spiffe://td/ns/a/sa/b",
-        "--out",
-        s(&root.join("l")),
-        "--valid-for",
-        // Weeks are days; a year has no fixed length.
-        "1y",
-    ]);
+    // Weeks are days; a year has no fixed length.
+    let err = fails(&leaf_cmd(&issuer, ID, &l, &["--valid-for", "1y"]));
     assert!(err.contains("--valid-for") && err.contains("unit"), "{err}");
 
     let err = fails(&[
@@ -354,30 +281,8 @@ fn other_key_algorithms() {
             "--key-alg",
             alg,
         ]);
-        ok(&[
-            "identity",
-            "issuer",
-            "--anchor",
-            s(&anchor),
-            "--cluster",
-            "c",
-            "--out",
-            s(&issuer),
-            "--key-alg",
-            alg,
-        ]);
-        ok(&[
-            "identity",
-            "leaf",
-            "--issuer",
-            s(&issuer),
-            "--id",
-            "spiffe://td/ns/a/sa/b",
-            "--out",
-            s(&leaf),
-            "--key-alg",
-            alg,
-        ]);
+        ok(&issuer_cmd(&anchor, "c", &issuer, &["--key-alg", alg]));
+        ok(&leaf_cmd(&issuer, ID, &leaf, &["--key-alg", alg]));
         let crt = leaf.join("tls.crt");
         let out = openssl(&[
             "verify",

@@ -34,6 +34,24 @@ fn inject_ok(stdin: &str) -> (String, String) {
     (String::from_utf8(out.stdout).unwrap(), stderr)
 }
 
+/// The stderr of an injection of `stdin` that is refused as a whole: it fails and
+/// writes nothing, so a pipe into kubectl applies nothing half-injected.
+fn inject_refused(stdin: &str) -> String {
+    let out = inject(&["-"], stdin);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success(), "isthmus inject accepted it");
+    assert!(out.stdout.is_empty(), "something was written: {stderr}");
+    stderr
+}
+
+/// Asserts that the error `stderr` names every one of `parts`: the object, the
+/// annotation and the bad value.
+fn assert_names(stderr: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(stderr.contains(part), "{part} is not named: {stderr}");
+    }
+}
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -381,18 +399,10 @@ fn inbound_loopback_is_set_only_for_pods_that_opt_in() {
         // The opt-in survives a second injection unchanged.
         assert_eq!(inject_ok(&out).0, out, "{input}");
     }
-    let out = inject(&["-"], &pod("isthmus.io/inbound-loopback: 'yes'"));
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(!out.status.success());
-    assert!(
-        out.stdout.is_empty(),
-        "nothing is written on a bad annotation"
-    );
-    assert!(
-        stderr.contains("Pod apps/debug")
-            && stderr.contains("isthmus.io/inbound-loopback")
-            && stderr.contains("\"yes\""),
-        "{stderr}"
+    let stderr = inject_refused(&pod("isthmus.io/inbound-loopback: 'yes'"));
+    assert_names(
+        &stderr,
+        &["Pod apps/debug", "isthmus.io/inbound-loopback", "\"yes\""],
     );
 }
 
@@ -482,36 +492,27 @@ fn skip_port_annotations_reach_isthmus_init_and_bad_ones_are_named() {
     );
 
     let bad = input.replace("'22'", "'ssh'");
-    let out = inject(&["-"], &bad);
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(!out.status.success());
-    assert!(
-        out.stdout.is_empty(),
-        "nothing is written on a bad annotation"
-    );
-    assert!(
-        stderr.contains("Pod apps/db-client")
-            && stderr.contains("isthmus.io/skip-inbound-ports")
-            && stderr.contains("\"ssh\""),
-        "{stderr}"
+    let stderr = inject_refused(&bad);
+    assert_names(
+        &stderr,
+        &[
+            "Pod apps/db-client",
+            "isthmus.io/skip-inbound-ports",
+            "\"ssh\"",
+        ],
     );
 }
 
 #[test]
 fn invalid_workloads_and_yaml_are_reported_by_place() {
-    let out = inject(
-        &["-"],
+    let stderr = inject_refused(
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: broken}\nspec:\n  replicas: many\n",
     );
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(!out.status.success());
     assert!(
         stderr.contains("Deployment broken (document 2) is not a valid Deployment"),
         "{stderr}"
     );
-    let out = inject(&["-"], "a: [\n");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(!out.status.success());
+    let stderr = inject_refused("a: [\n");
     assert!(stderr.contains("document 1 is not valid YAML"), "{stderr}");
 }
 

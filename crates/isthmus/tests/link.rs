@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod binary;
+mod installed;
 
 use std::path::Path;
 use std::time::Duration;
@@ -18,32 +19,24 @@ use serde_json::{Value, json};
 use test_apiserver::TestApiServer;
 
 use binary::STEP;
+use installed::*;
 
 async fn isthmus(args: &[&str]) -> std::process::Output {
     binary::run_async(args).await
 }
 
-fn docs(text: &str) -> Vec<Value> {
-    serde_yaml_ng::Deserializer::from_str(text)
-        .map(|de| serde::Deserialize::deserialize(de).unwrap())
-        .filter(|v: &Value| !v.is_null())
-        .collect()
+/// `isthmus link --cluster CLUSTER --kubeconfig KUBECONFIG EXTRA`.
+async fn run_link(kubeconfig: &str, cluster: &str, extra: &[&str]) -> std::process::Output {
+    let args = ["link", "--cluster", cluster, "--kubeconfig", kubeconfig];
+    isthmus(&[&args[..], extra].concat()).await
 }
 
 /// Puts every object of `isthmus install --cluster NAME` that the API server
-/// serves (cert-manager's kinds are not installed there).
+/// serves.
 async fn install(server: &TestApiServer, cluster: &str) {
     let out = isthmus(&["install", "--cluster", cluster]).await;
     assert!(out.status.success());
-    for doc in docs(&String::from_utf8(out.stdout).unwrap()) {
-        // cert-manager's kinds and policy/v1 are not served by the test API server.
-        if ["cert-manager.io/v1", "policy/v1"].contains(&doc["apiVersion"].as_str().unwrap()) {
-            continue;
-        }
-        server.store().put_value(doc.clone()).unwrap_or_else(|e| {
-            panic!("putting {} {}: {e:?}", doc["kind"], doc["metadata"]["name"])
-        });
-    }
+    put_installed(server, &String::from_utf8(out.stdout).unwrap());
 }
 
 fn write_kubeconfig(server: &TestApiServer, dir: &Path) -> String {
@@ -55,31 +48,16 @@ fn write_kubeconfig(server: &TestApiServer, dir: &Path) -> String {
 /// token controller fills the link reader's Secret.
 fn cluster_catches_up(server: &TestApiServer, lb: bool, token: bool) {
     if lb {
-        let mut svc: Value = server
-            .store()
-            .get_value("v1", "Service", Some("isthmus-system"), "isthmus-gateway")
-            .unwrap();
-        svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.18.7.1"}]}});
-        server.store().put_value(svc).unwrap();
+        gateway_load_balancer(server, "198.18.7.1");
     }
     if token {
-        let mut secret: Value = server
-            .store()
-            .get_value(
-                "v1",
-                "Secret",
-                Some("isthmus-system"),
-                "isthmus-link-reader-token",
-            )
-            .unwrap();
-        let b64 =
-            |s: &str| serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec())).unwrap();
-        secret["data"] = json!({
-            "token": b64("reader-token-123"),
-            "ca.crt": b64(&api_server_ca()),
-            "namespace": b64("isthmus-system"),
-        });
-        server.store().put_value(secret).unwrap();
+        let ca = api_server_ca();
+        let data = [
+            ("token", "reader-token-123"),
+            ("ca.crt", &ca),
+            ("namespace", "isthmus-system"),
+        ];
+        fill_reader_token(server, &data);
     }
 }
 
@@ -104,14 +82,7 @@ async fn link_prints_a_working_kubeconfig_and_the_link() {
     install(&server, "cluster-a").await;
     cluster_catches_up(&server, true, true);
 
-    let out = isthmus(&[
-        "link",
-        "--cluster",
-        "cluster-a",
-        "--kubeconfig",
-        &kubeconfig,
-    ])
-    .await;
+    let out = run_link(&kubeconfig, "cluster-a", &[]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     // The test server's URL is a loopback one: the user is told.
@@ -177,17 +148,16 @@ async fn link_prints_a_working_kubeconfig_and_the_link() {
     assert_eq!(gateway.metadata.name.as_deref(), Some("isthmus-gateway"));
 
     // --api-server and --gateway-address override what the cluster says.
-    let out = isthmus(&[
-        "link",
-        "--cluster",
-        "cluster-a",
-        "--kubeconfig",
+    let out = run_link(
         &kubeconfig,
-        "--api-server",
-        "https://api.cluster-a.example:6443",
-        "--gateway-address",
-        "gateway.cluster-a.example",
-    ])
+        "cluster-a",
+        &[
+            "--api-server",
+            "https://api.cluster-a.example:6443",
+            "--gateway-address",
+            "gateway.cluster-a.example",
+        ],
+    )
     .await;
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
@@ -199,25 +169,15 @@ async fn link_prints_a_working_kubeconfig_and_the_link() {
 
     // A gateway Service of an older install still lists the admin port: the Link
     // probes the tunnel port all the same, and follows the tunnel port it is given.
-    let mut svc: Value = server
-        .store()
-        .get_value("v1", "Service", Some("isthmus-system"), "isthmus-gateway")
-        .unwrap();
+    let mut svc = get(&server, GATEWAY_SERVICE);
     svc["spec"]["ports"] = json!([
         {"name": "isthmus-tunnel", "port": 14143, "targetPort": "isthmus-tunnel", "protocol": "TCP"},
         {"name": "isthmus-admin", "port": 4191, "targetPort": "isthmus-admin", "protocol": "TCP"},
     ]);
-    server.store().put_value(svc).unwrap();
+    put(&server, svc);
     for (extra, port) in [(None, 14143), (Some("4243"), 4243)] {
-        let mut args = vec![
-            "link",
-            "--cluster",
-            "cluster-a",
-            "--kubeconfig",
-            &kubeconfig,
-        ];
-        args.extend(extra.iter().flat_map(|p| ["--gateway-port", p]));
-        let out = isthmus(&args).await;
+        let args: Vec<&str> = extra.iter().flat_map(|p| ["--gateway-port", p]).collect();
+        let out = run_link(&kubeconfig, "cluster-a", &args).await;
         assert!(out.status.success());
         let text = String::from_utf8(out.stdout).unwrap();
         let link = text.split("---\n").nth(1).unwrap();
@@ -232,16 +192,9 @@ async fn what_is_missing_is_named_with_what_to_do() {
     let server = TestApiServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = write_kubeconfig(&server, dir.path());
-    let args = [
-        "link",
-        "--cluster",
-        "cluster-a",
-        "--kubeconfig",
-        &kubeconfig,
-    ];
-    let link = || isthmus(&args);
+    let link_a = || run_link(&kubeconfig, "cluster-a", &[]);
 
-    let out = link().await;
+    let out = link_a().await;
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
@@ -251,7 +204,7 @@ async fn what_is_missing_is_named_with_what_to_do() {
     );
 
     install(&server, "cluster-a").await;
-    let out = link().await;
+    let out = link_a().await;
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
@@ -260,7 +213,7 @@ async fn what_is_missing_is_named_with_what_to_do() {
     );
 
     cluster_catches_up(&server, true, false);
-    let out = link().await;
+    let out = link_a().await;
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
@@ -269,25 +222,11 @@ async fn what_is_missing_is_named_with_what_to_do() {
     );
 
     cluster_catches_up(&server, false, true);
-    assert!(link().await.status.success());
+    assert!(link_a().await.status.success());
 
-    let out = isthmus(&[
-        "link",
-        "--cluster",
-        "Cluster A",
-        "--kubeconfig",
-        &kubeconfig,
-    ])
-    .await;
+    let out = run_link(&kubeconfig, "Cluster A", &[]).await;
     assert!(String::from_utf8(out.stderr).unwrap().contains("--cluster"));
-    let out = isthmus(&[
-        "link",
-        "--cluster",
-        "a",
-        "--kubeconfig",
-        "/nonexistent/kubeconfig",
-    ])
-    .await;
+    let out = run_link("/nonexistent/kubeconfig", "a", &[]).await;
     assert!(
         String::from_utf8(out.stderr)
             .unwrap()

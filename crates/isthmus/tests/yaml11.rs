@@ -13,10 +13,12 @@
 #![allow(clippy::unwrap_used)]
 
 mod binary;
+mod installed;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use installed::{fill_reader_token, put_installed};
 use serde_json::{Value, json};
 use test_apiserver::TestApiServer;
 
@@ -301,24 +303,11 @@ async fn link_output_reads_the_same_in_yaml_1_1() {
         let server = TestApiServer::start().await;
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = server.write_kubeconfig(dir.path()).unwrap();
-        for doc in yaml12(&isthmus(&["install", "--cluster", name], "")) {
-            if ["cert-manager.io/v1", "policy/v1"].contains(&doc["apiVersion"].as_str().unwrap()) {
-                continue;
-            }
-            server.store().put_value(doc).unwrap();
-        }
-        let mut secret: Value = server
-            .store()
-            .get_value(
-                "v1",
-                "Secret",
-                Some("isthmus-system"),
-                "isthmus-link-reader-token",
-            )
-            .unwrap();
-        let b64 = |s: &str| serde_json::to_value(k8s_openapi::ByteString(s.into())).unwrap();
-        secret["data"] = json!({"token": b64("yes"), "namespace": b64("isthmus-system")});
-        server.store().put_value(secret).unwrap();
+        put_installed(&server, &isthmus(&["install", "--cluster", name], ""));
+        fill_reader_token(
+            &server,
+            &[("token", "yes"), ("namespace", "isthmus-system")],
+        );
 
         let args: Vec<String> = [
             "link",

@@ -11,12 +11,18 @@
 //! dials new ones as they appear, and retires the connections of addresses that
 //! vanish: they take no new stream, and close once their streams are done.
 //!
+//! Streams go round-robin over the live connections, so over every address. A
+//! connection whose peer said `GOAWAY` (a gateway draining) refuses new streams
+//! at once, without a round trip: the stream is retried on the next connection,
+//! and the draining one takes no new stream while another is live, until its
+//! task replaces it.
+//!
 //! It does not choose peers or verify identities itself: the rustls client config it
 //! is handed carries the peer-identity check.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -163,6 +169,9 @@ enum ConnectError {
 struct Slot {
     sender: TunnelSender,
     pinger: Option<Pinger>,
+    /// Set once the connection refused a new stream (its peer said `GOAWAY`, or
+    /// it failed): it is picked only when no other connection is live.
+    draining: Arc<AtomicBool>,
 }
 
 struct Shared {
@@ -274,12 +283,15 @@ impl Pool {
         carries: Carries,
     ) -> Result<TunnelStream, PoolError> {
         let peer = &self.shared.cfg.name;
-        // One retry: a connection that died between pick and use never saw the stream.
-        for attempt in 0..2 {
-            let mut sender = match self.pick() {
-                Some(slot) => slot.sender,
-                None => self.wait_for_connection().await?.sender,
+        // A connection that died or drains between pick and use never saw the
+        // stream: it is retried on another, each connection tried at most once.
+        let attempts = lock(&self.shared.slots).len().max(1) + 1;
+        for attempt in 1..=attempts {
+            let slot = match self.pick() {
+                Some(slot) => slot,
+                None => self.wait_for_connection().await?,
             };
+            let mut sender = slot.sender;
             // The far end connects within its own connect timeout; the same bound
             // on its answer catches a peer that went silent.
             let answer_within = self.shared.cfg.connect_timeout;
@@ -294,17 +306,18 @@ impl Pool {
                     });
                 }
                 Err(OpenError::Connection(source)) => {
-                    if attempt == 1 {
+                    slot.draining.store(true, Ordering::Relaxed);
+                    if attempt == attempts {
                         return Err(PoolError::Connection {
                             peer: peer.clone(),
                             source,
                         });
                     }
-                    debug!(peer = %peer, error = %source, "retrying stream on another connection");
+                    debug!(peer = %peer, error = %source, "connection takes no new stream: retrying on another");
                 }
             }
         }
-        unreachable!("the loop returns on its second attempt")
+        unreachable!("the loop returns on its last attempt")
     }
 
     /// Opens a stream and waits for the far end's answer, for callers that decide
@@ -372,10 +385,16 @@ impl Pool {
         }
     }
 
+    /// The next live connection round-robin, one that drains only if no other is
+    /// live.
     fn pick(&self) -> Option<Slot> {
         let slots = lock(&self.shared.slots);
         let start = self.shared.next.fetch_add(1, Ordering::Relaxed);
-        (0..slots.len()).find_map(|i| slots[(start + i) % slots.len()].clone())
+        let live = (0..slots.len()).filter_map(|i| slots[(start + i) % slots.len()].as_ref());
+        live.clone()
+            .find(|slot| !slot.draining.load(Ordering::Relaxed))
+            .or_else(|| live.clone().next())
+            .cloned()
     }
 
     async fn wait_for_connection(&self) -> Result<Slot, PoolError> {
@@ -661,7 +680,12 @@ async fn connect(
     let (sender, pinger, driver) = client::handshake_with_pinger(tls, &cfg.h2)
         .await
         .map_err(|source| ConnectError::H2 { addr, source })?;
-    Ok((Slot { sender, pinger }, driver, expires))
+    let slot = Slot {
+        sender,
+        pinger,
+        draining: Arc::default(),
+    };
+    Ok((slot, driver, expires))
 }
 
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {

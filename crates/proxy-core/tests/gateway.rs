@@ -19,7 +19,7 @@ use proxy_core::gateway::{
 use proxy_core::inbound::{AppAddress, Inbound, InboundConfig, ListenerRole};
 use proxy_core::listen::ListenConfig;
 use proxy_core::metrics::{Direction, ProxyMetrics};
-use proxy_core::pool::{Pool, PoolSettings};
+use proxy_core::pool::Pool;
 use proxy_core::tunnel::H2Settings;
 use proxy_core::tunnel::client::TunnelStream;
 use proxy_core::tunnel::server::TunnelServer;
@@ -204,14 +204,8 @@ impl GatewayUnderTest {
                 own_addrs: HashSet::from([addr]),
                 allow_local_endpoints: setup.allow_local_endpoints,
                 pod_port: setup.pod_port,
-                pools: PoolSettings {
-                    connect_timeout: setup.connect_timeout,
-                    connections: 1,
-                    h2: H2Settings::default(),
-                    handshake_failed: None,
-                    deadline: None,
-                    resolve: Default::default(),
-                },
+                pools: support::gateway_pools(setup.connect_timeout),
+                balance: Default::default(),
             },
             table.clone(),
             Arc::new(MintedTls(identity.clone())),

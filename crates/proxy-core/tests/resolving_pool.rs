@@ -14,7 +14,6 @@ use futures_util::future::BoxFuture;
 use isthmus_vocab::{Authority, ClusterName};
 use proxy_core::pool::{LinkState, Pool, PoolSettings};
 use proxy_core::resolve::{GatewayHost, Lookup, ResolveSettings};
-use proxy_core::tunnel::H2Settings;
 use proxy_core::tunnel::client::TunnelStream;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,6 +34,27 @@ impl Lookup for Scripted {
         let addrs = self.0.lock().unwrap().clone();
         Box::pin(async move { Ok(addrs) })
     }
+}
+
+/// A pool to the peer named `gateway.cluster-a.test`, resolved as `resolve` says.
+fn named_pool(
+    resolve: ResolveSettings,
+    tls: Arc<proxy_identity::rustls::ClientConfig>,
+    stop: &CancellationToken,
+) -> Pool {
+    let pools = PoolSettings {
+        resolve,
+        ..support::gateway_pools(Duration::from_secs(2))
+    };
+    pools.spawn_to(
+        "gateway/test".to_owned(),
+        &GatewayHost::parse("gateway.cluster-a.test").unwrap(),
+        4143,
+        tls,
+        1,
+        stop.clone(),
+        &TaskTracker::new(),
+    )
 }
 
 /// Waits until `ok` holds, polling, within [`STEP`].
@@ -84,28 +104,16 @@ async fn a_named_peers_pool_follows_its_addresses_and_drains_the_vanished() {
     let app = pki.identity(CLUSTER, WORKLOAD_ID);
 
     let answer = Arc::new(Scripted(Mutex::new(vec![one.addr])));
-    let pools = PoolSettings {
-        connect_timeout: Duration::from_secs(2),
-        connections: 1,
-        h2: H2Settings::default(),
-        handshake_failed: None,
-        deadline: None,
-        resolve: ResolveSettings {
+    let stop = CancellationToken::new();
+    let pool = named_pool(
+        ResolveSettings {
             interval: Duration::from_millis(50),
             min_interval: Duration::from_millis(10),
             lookup: answer.clone(),
             ..ResolveSettings::default()
         },
-    };
-    let stop = CancellationToken::new();
-    let pool = pools.spawn_to(
-        "gateway/test".to_owned(),
-        &GatewayHost::parse("gateway.cluster-a.test").unwrap(),
-        4143,
         app.client_config(one.identity.as_peer()),
-        1,
-        stop.clone(),
-        &TaskTracker::new(),
+        &stop,
     );
 
     // One address: the stream goes there, and stays open.
@@ -143,5 +151,62 @@ async fn a_named_peers_pool_follows_its_addresses_and_drains_the_vanished() {
 
     // ...and the stream in flight on it finishes there.
     assert_eq!(echo_once(&mut held, b"still here").await, b"still here");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn draining_peers_get_no_new_stream_while_another_is_live() {
+    let pki = Pki::new();
+    let origin = Origin::spawn(Behaviour::Echo).await;
+    let mut peers = Vec::new();
+    for _ in 0..3 {
+        peers.push(TunnelPeer::spawn(&pki, &[], Answer::Deliver(origin.addr)).await);
+    }
+    let app = pki.identity(CLUSTER, WORKLOAD_ID);
+    let addrs: Vec<SocketAddr> = peers.iter().map(|p| p.addr).collect();
+    let stop = CancellationToken::new();
+    let pool = named_pool(
+        ResolveSettings {
+            lookup: Arc::new(Scripted(Mutex::new(addrs))),
+            ..ResolveSettings::default()
+        },
+        app.client_config(peers[0].identity.as_peer()),
+        &stop,
+    );
+    until("a connection to each replica", || {
+        pool.state() == LinkState::Up { connections: 3 }
+    })
+    .await;
+    // Streams on every replica, held open so that the draining connections stay.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(echoed(&pool, b"before").await);
+    }
+    for peer in &mut peers {
+        assert_eq!(taken(peer), 2, "streams go round-robin over the replicas");
+    }
+    // Two replicas drain (GOAWAY): every new stream still opens, and once their
+    // GOAWAYs arrived, all go to the third.
+    peers[0].drain();
+    peers[1].drain();
+    let mut on_third_in_a_row = 0;
+    tokio::time::timeout(STEP, async {
+        while on_third_in_a_row < 10 {
+            drop(echoed(&pool, b"during").await);
+            let drained = taken(&mut peers[0]) + taken(&mut peers[1]);
+            let third = taken(&mut peers[2]);
+            on_third_in_a_row = if drained == 0 && third == 1 {
+                on_third_in_a_row + 1
+            } else {
+                0
+            };
+        }
+    })
+    .await
+    .expect("new streams kept going to draining replicas");
+    // The streams in flight on the draining replicas finish there.
+    for stream in &mut held {
+        assert_eq!(echo_once(stream, b"still here").await, b"still here");
+    }
     stop.cancel();
 }

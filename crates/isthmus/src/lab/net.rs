@@ -1,6 +1,6 @@
 //! The lab's run on [`isthmus_netns`]: where it records itself, how it starts
-//! processes as the proxy UID, and how `isthmus lab down` finds what a killed run
-//! left.
+//! processes as the proxy UID (seeing their namespace's hosts file), and how
+//! `isthmus lab down` finds what a killed run left.
 //!
 //! Every name of a run starts with its prefix, `isl<pid in hex>`: namespaces are
 //! `<prefix>-<what>`, interfaces `<prefix><letter><n>`. A run records itself in
@@ -27,6 +27,7 @@ const TAG: &str = "isl";
 pub struct Net {
     inner: isthmus_netns::Net,
     run_dir: PathBuf,
+    tools: Tools,
 }
 
 impl std::ops::Deref for Net {
@@ -41,6 +42,7 @@ impl Net {
     /// Records a new run in `/run/isthmus-lab/<prefix>/` (mode 0755, so the proxy
     /// UID can read its files there).
     pub fn create() -> Result<Self> {
+        let tools = Tools::locate()?;
         let inner = isthmus_netns::Net::create(Options {
             record_root: Some(RUN_ROOT.into()),
             ..Options::new(TAG)
@@ -50,7 +52,11 @@ impl Net {
             .run_dir()
             .context("a run with a record root has a run directory")?
             .to_owned();
-        Ok(Self { inner, run_dir })
+        Ok(Self {
+            inner,
+            run_dir,
+            tools,
+        })
     }
 
     /// The run's directory (removed at the end).
@@ -96,24 +102,53 @@ impl Net {
         Ok(())
     }
 
-    /// Starts `cmd` inside `ns` as `uid`/`gid` (supplementary groups dropped).
+    /// `program` to be run inside `ns` as `uid`/`gid` (supplementary groups
+    /// dropped), with an empty environment, ready for arguments.
     ///
-    /// `ip netns exec` cannot drop privileges, so a thread enters the namespace and
-    /// forks there: the child starts in the thread's namespace.
-    pub fn spawn_as(
+    /// It starts as a pod's process does: `ip netns exec` gives it the
+    /// namespace's own `/etc/hosts` and `resolv.conf` (bind-mounted from
+    /// `/etc/netns/<ns>/` in a mount namespace of its own, as kubelet mounts a
+    /// pod's), then `setpriv` drops to the UID. Both exec, so the process
+    /// started is the program itself (its pid, its command line).
+    pub fn command_as(
         &self,
         ns: &Namespace,
-        mut cmd: tokio::process::Command,
+        program: impl AsRef<std::ffi::OsStr>,
         uid: u32,
         gid: u32,
-    ) -> Result<tokio::process::Child> {
-        cmd.uid(uid).gid(gid);
-        let handle = tokio::runtime::Handle::current();
-        ns.try_run(move || {
-            // The child's reaper is the runtime's, not this thread's.
-            let _runtime = handle.enter();
-            cmd.spawn().with_context(|| format!("starting {cmd:?}"))
-        })?
+    ) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.tools.ip);
+        cmd.env_clear()
+            .args(["netns", "exec", ns.name()])
+            .arg(&self.tools.setpriv)
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .args(["--clear-groups", "--"])
+            .arg(program);
+        cmd
+    }
+}
+
+/// The host's programs [`Net::command_as`] goes through, found once.
+struct Tools {
+    ip: PathBuf,
+    setpriv: PathBuf,
+}
+
+impl Tools {
+    fn locate() -> Result<Self> {
+        let find = |name: &str, package: &str| -> Result<PathBuf> {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            std::env::split_paths(&path)
+                .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+                .map(|dir| dir.join(name))
+                .find(|p| p.is_file())
+                .with_context(|| format!("{name} not found on PATH: install {package}"))
+        };
+        Ok(Self {
+            ip: find("ip", "iproute2")?,
+            setpriv: find("setpriv", "util-linux")?,
+        })
     }
 }
 

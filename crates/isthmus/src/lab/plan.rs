@@ -11,7 +11,7 @@
 //! | cluster `i`'s gateway on that bridge | `198.18.<i+1>.2` |
 //! | cluster `i`'s pods | `198.18.<i+1>.10` and up |
 //! | cluster `i`'s service range | `198.19.<8 i>.0/21` |
-//! | the WAN between gateways (`198.18.250.0/24`) | gateway `i` at `198.18.250.<i+1>` |
+//! | the WAN between gateways (`198.18.250.0/24`) | gateway `i` at `198.18.250.<i+1>`, named `gateway.<cluster>.isthmus-lab.test` |
 //! | cluster `i`'s gateway Service (its ClusterIP) | `198.19.<8 i>.1` |
 //! | cluster `i`'s API server, as pods reach it | `198.18.251.<i+1>:6443` |
 //! | cluster `i`'s controller replicas | `198.18.<i+1>.3` to `.9` |
@@ -56,6 +56,10 @@ pub const SERVICES_CHAIN: &str = "LAB_SERVICES";
 pub const INJECT_ANNOTATION: &str = "isthmus.io/inject";
 /// The WAN's network, prefix 24.
 pub const WAN_NET: [u8; 3] = [198, 18, 250];
+/// The first lines of every hosts file the lab writes.
+const LOCALHOST: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+/// The domain of the gateways' public names (a reserved test domain, RFC 2606).
+pub const GATEWAY_DOMAIN: &str = "isthmus-lab.test";
 
 /// A plan that cannot work.
 #[derive(Debug, thiserror::Error)]
@@ -305,7 +309,7 @@ pub fn service_rules(routes: &[ServiceRoute]) -> String {
 /// mirrored, `ips`) as `name.namespace`, `name.namespace.svc`,
 /// `name.namespace.svc.<domain>`, plus the bare `name` for its own namespace.
 pub fn hosts_file(c: &ClusterPlan, pod: &PodPlan, ips: &BTreeMap<ServiceRef, IpAddr>) -> String {
-    let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    let mut out = String::from(LOCALHOST);
     let _ = writeln!(out, "{}\t{}", pod.ip, pod.name);
     let domain = c.spec.cluster_domain();
     for (key, ip) in ips {
@@ -316,6 +320,22 @@ pub fn hosts_file(c: &ClusterPlan, pod: &PodPlan, ips: &BTreeMap<ServiceRef, IpA
             names.push_str(name);
         }
         let _ = writeln!(out, "{ip}\t{names}");
+    }
+    out
+}
+
+/// The public DNS name of `cluster`'s gateway, as a cloud load balancer gets one:
+/// what the lab's Links name, resolved through the gateways' hosts files.
+pub fn gateway_name(cluster: &str) -> String {
+    format!("gateway.{cluster}.{GATEWAY_DOMAIN}")
+}
+
+/// The hosts file of every gateway: each cluster's gateway name at its WAN
+/// address, as public DNS answers for every load balancer.
+pub fn gateway_hosts_file(plan: &Plan) -> String {
+    let mut out = String::from(LOCALHOST);
+    for c in &plan.clusters {
+        let _ = writeln!(out, "{}\t{}", c.wan_ip, gateway_name(c.spec.name.as_str()));
     }
     out
 }

@@ -28,17 +28,19 @@ pub enum Discovery<'a> {
     Kube(&'a Path),
 }
 
-/// `isthmus-proxy <role>` with the flags every lab proxy gets; nothing from the
-/// caller's environment (an `ISTHMUS_*` there must not reconfigure the lab).
+/// `proxy` (a command that runs `isthmus-proxy`, such as
+/// [`super::net::Net::command_as`] gives) with `<role>` and the flags every lab
+/// proxy gets; nothing from the caller's environment (an `ISTHMUS_*` there must
+/// not reconfigure the lab).
 pub fn proxy_command(
-    bin: &Path,
+    mut proxy: tokio::process::Command,
     role: &str,
     cluster: &str,
     identity: &Path,
     discovery: Discovery<'_>,
     log: &str,
 ) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(bin.join("isthmus-proxy"));
+    let cmd = &mut proxy;
     cmd.env_clear()
         .arg(role)
         .args(["--cluster", cluster])
@@ -57,7 +59,7 @@ pub fn proxy_command(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    cmd
+    proxy
 }
 
 /// The environment a container sees: the host's `PATH`, `HOME=/root`, the pod's

@@ -44,7 +44,8 @@ use isthmus_netns::{Namespace, run_checked, run_with_input};
 use super::apiserver::ApiServer;
 use super::net::Net;
 use super::plan::{
-    Plan, PodPlan, RELAY_PORT, SERVICES_CHAIN, TUNNEL_PORT, hosts_file, service_rules,
+    Plan, PodPlan, RELAY_PORT, SERVICES_CHAIN, TUNNEL_PORT, gateway_hosts_file, hosts_file,
+    service_rules,
 };
 use super::process::{
     Discovery, QUIET, admin_get, container_env, describe, not_ready, print_lines, proxy_command,
@@ -413,6 +414,7 @@ impl Lab {
             net.attach_at(&lab, &bridge, &gw, "eth0", (c.gateway_ip, 24))?;
             net.attach_at(&lab, &wan, &gw, "wan0", (c.wan_ip, 24))?;
             gw.add_route(&control::api_route(), &c.bridge_ip.to_string())?;
+            gw.write_hosts(&gateway_hosts_file(&self.plan))?;
             self.gateway_ns.push(gw);
             for (pi, pod) in c.pods.iter().enumerate() {
                 let ns = net.namespace(&format!("{name}-{}", pod.name))?;
@@ -496,7 +498,8 @@ impl Lab {
             let root = self.pod_root(name, "gateway");
             let gw = &self.gateway_ns[ci];
             let mut cmd = proxy_command(
-                bin,
+                self.net
+                    .command_as(gw, bin.join("isthmus-proxy"), PROXY_UID, PROXY_UID),
                 "gateway",
                 name,
                 &mount_dir(&root, IDENTITY_MOUNT),
@@ -504,7 +507,7 @@ impl Lab {
                 log,
             );
             cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")]);
-            let child = self.net.spawn_as(gw, cmd, PROXY_UID, PROXY_UID)?;
+            let child = spawn(cmd)?;
             self.supervise(child, format!("{name}/gateway"), Role::Proxy);
             if self.plan.wan_delay_ms > 0 {
                 let mut relay = tokio::process::Command::new("ip");
@@ -533,7 +536,8 @@ impl Lab {
                 let ns = &self.pod_ns[&(ci, pi)];
                 let root = self.pod_root(name, &pod.name);
                 let mut cmd = proxy_command(
-                    bin,
+                    self.net
+                        .command_as(ns, bin.join("isthmus-proxy"), PROXY_UID, PROXY_UID),
                     "sidecar",
                     name,
                     &mount_dir(&root, IDENTITY_MOUNT),
@@ -542,7 +546,7 @@ impl Lab {
                 );
                 cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")])
                     .args(["--outbound-addr", "127.0.0.1:4140"]);
-                let child = self.net.spawn_as(ns, cmd, PROXY_UID, PROXY_UID)?;
+                let child = spawn(cmd)?;
                 self.supervise(
                     child,
                     format!("{name}/{}/isthmus-proxy", pod.name),

@@ -15,21 +15,11 @@ use test_apiserver::{ResourceType, TestApiServer};
 use tokio::net::TcpListener;
 
 pub(crate) use crate::binary::STEP;
+use crate::installed::*;
 pub(crate) const GATEWAY_ID: &str = "spiffe://cluster.local/ns/isthmus-system/sa/isthmus-gateway";
 
 pub(crate) async fn isthmus(args: &[&str]) -> std::process::Output {
     crate::binary::run_async(args).await
-}
-
-pub(crate) fn docs(text: &str) -> Vec<Value> {
-    serde_yaml_ng::Deserializer::from_str(text)
-        .map(|de| serde::Deserialize::deserialize(de).unwrap())
-        .filter(|v: &Value| !v.is_null())
-        .collect()
-}
-
-pub(crate) fn b64(bytes: &[u8]) -> Value {
-    serde_json::to_value(k8s_openapi::ByteString(bytes.to_vec())).unwrap()
 }
 
 pub(crate) fn days(n: u64) -> Validity {
@@ -180,27 +170,6 @@ pub(crate) async fn gateway_a(leaf: &LeafBundle) -> u16 {
     port
 }
 
-pub(crate) fn put(server: &TestApiServer, obj: Value) {
-    server
-        .store()
-        .put_value(obj.clone())
-        .unwrap_or_else(|e| panic!("putting {} {}: {e:?}", obj["kind"], obj["metadata"]["name"]));
-}
-
-pub(crate) fn get(
-    server: &TestApiServer,
-    api: &str,
-    kind: &str,
-    ns: Option<&str>,
-    name: &str,
-) -> Value {
-    server.store().get_value(api, kind, ns, name).unwrap()
-}
-
-pub(crate) fn delete(server: &TestApiServer, api: &str, kind: &str, ns: Option<&str>, name: &str) {
-    server.store().delete_value(api, kind, ns, name).unwrap();
-}
-
 /// The ClusterIssuer's Secret as `isthmus install --issuer` renders it.
 pub(crate) fn issuer_secret(issuer: &CertificateAuthority) -> Value {
     json!({
@@ -255,23 +224,8 @@ pub(crate) async fn healthy(server: &TestApiServer, pki: &Pki) -> u16 {
     ])
     .await;
     assert!(out.status.success());
-    for doc in docs(&String::from_utf8(out.stdout).unwrap()) {
-        // cert-manager's kinds and policy/v1 are not served by the test API server.
-        if !["cert-manager.io/v1", "policy/v1"].contains(&doc["apiVersion"].as_str().unwrap()) {
-            put(server, doc);
-        }
-    }
-    for name in ["isthmus-controller", "isthmus-gateway"] {
-        let mut d = get(
-            server,
-            "apps/v1",
-            "Deployment",
-            Some("isthmus-system"),
-            name,
-        );
-        d["status"] = json!({"replicas": 2, "readyReplicas": 2});
-        put(server, d);
-    }
+    put_installed(server, &String::from_utf8(out.stdout).unwrap());
+    mesh_pods_ready(server);
     put(
         server,
         json!({
@@ -280,15 +234,7 @@ pub(crate) async fn healthy(server: &TestApiServer, pki: &Pki) -> u16 {
             "data": {"cluster.yaml": "", "links.yaml": "", "mirrored-services.yaml": ""},
         }),
     );
-    let mut svc = get(
-        server,
-        "v1",
-        "Service",
-        Some("isthmus-system"),
-        "isthmus-gateway",
-    );
-    svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.18.7.2"}]}});
-    put(server, svc);
+    gateway_load_balancer(server, "198.18.7.2");
     // cert-manager and csi-driver-spiffe, as their charts install them.
     put(server, csi_driver());
     put(server, approver(1));

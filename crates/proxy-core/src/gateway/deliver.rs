@@ -1,14 +1,16 @@
-//! Delivery to this cluster's exported Services: endpoint choice (round-robin,
-//! skipping dead pods and anything on this host), meshed pods over their
-//! sidecar's tunnel, unmeshed ones with plain TCP.
+//! Delivery to this cluster's exported Services: endpoint choice (by the
+//! [`super::balance`]r, skipping what failed for this stream and anything on this
+//! host), meshed pods over their sidecar's tunnel, unmeshed ones with plain TCP,
+//! and the stream observed for the balancer ([`super::observe`]).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 
 use isthmus_vocab::{Authority, Refusal};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::observe::Observed;
 use super::{Endpoint, Gateway, lock};
 use crate::addr::LocalAddrs;
 use crate::forward::connect_upstream;
@@ -29,16 +31,19 @@ impl Gateway {
         if endpoints.is_empty() {
             return Err(Refusal::NoEndpoints);
         }
-        let start = self.next_endpoint.fetch_add(1, Ordering::Relaxed);
         let mut last = Refusal::NoEndpoints;
-        // Try each endpoint once, starting round-robin, so one dead pod does not
-        // fail the stream while others are up.
-        for i in 0..endpoints.len() {
-            let endpoint = endpoints[(start + i) % endpoints.len()];
+        let mut tried = Vec::new();
+        // Each endpoint at most once per stream, so one dead pod does not fail the
+        // stream while others are up.
+        while let Some((endpoint, mut in_flight)) =
+            self.balancer.pick(&request.authority, &endpoints, &tried)
+        {
+            tried.push(endpoint.addr);
             // Whatever its port, an endpoint on this host reaches the gateway's own
             // admin server (which trusts a loopback peer) or a neighbour on the
             // host, never a pod of the Service. Listeners are wildcards by default:
             // the tunnel's ports are refused even where local endpoints are allowed.
+            // Not the endpoint's failure: its score is left alone.
             let local = LocalAddrs::shared();
             if (!self.cfg.allow_local_endpoints && local.is_this_host(endpoint.addr.ip()))
                 || local.is_own(
@@ -49,9 +54,18 @@ impl Gateway {
                 last = Refusal::Loop;
                 continue;
             }
+            let opened = Instant::now();
             match self.connect_endpoint(endpoint).await {
-                Ok(stream) => return Ok(stream),
+                Ok(stream) => {
+                    return Ok(Box::new(Observed::new(
+                        stream,
+                        in_flight,
+                        opened,
+                        request.one_request,
+                    )));
+                }
                 Err(refusal) => {
+                    in_flight.failed();
                     warn!(authority = %request.authority, endpoint = %endpoint.addr, meshed = endpoint.meshed, reason = refusal.as_str(), "endpoint unreachable");
                     last = refusal;
                 }

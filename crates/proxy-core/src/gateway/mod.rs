@@ -16,21 +16,25 @@
 //!
 //! # Layout
 //! - [`relay`]: the policy, per stream: deliver, relay or refuse.
-//! - [`deliver`]: endpoint choice and delivery to pods, meshed or plain.
+//! - [`deliver`]: delivery to pods, meshed or plain.
+//! - [`balance`]: which endpoint a stream goes to, by latency, load and failures.
+//! - [`observe`]: what an endpoint's answer tells the balancer.
 //! - [`links`]: one warm pool per Link and its probe.
 
+mod balance;
 mod deliver;
 mod links;
+mod observe;
 mod relay;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use isthmus_vocab::{Authority, ClusterName, Refusal, SpiffeId};
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -40,6 +44,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::pool::{Pool, PoolSettings};
 
+pub use balance::{
+    BalanceSettings, DEFAULT_DECAY, DEFAULT_FAILURES_TO_EJECT, DEFAULT_RTT, EndpointView, Health,
+    ServiceView,
+};
 pub use links::{LinkView, ProbeResult};
 
 /// One endpoint of an exported Service.
@@ -111,6 +119,8 @@ pub struct GatewayConfig {
     pub pod_port: u16,
     /// How pools to links and pods connect.
     pub pools: PoolSettings,
+    /// How endpoints are scored and ejected.
+    pub balance: BalanceSettings,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -118,11 +128,37 @@ struct LinkLabels {
     cluster: String,
 }
 
-/// The gateway's own metrics: link health by cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndpointLabels {
+    service: String,
+    endpoint: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndpointStateLabels {
+    service: String,
+    endpoint: String,
+    state: &'static str,
+}
+
+/// The gateway's own metrics: link health by cluster, and the exported Services'
+/// endpoints as the balancer sees them. Endpoint series exist only for the
+/// endpoints the balancer currently knows.
 #[derive(Clone, Default)]
 pub struct GatewayMetrics {
     link_up: Family<LinkLabels, Gauge>,
     probe_success: Family<LinkLabels, Gauge>,
+    endpoint_ewma: Family<EndpointLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    endpoint_in_flight: Family<EndpointLabels, Gauge>,
+    endpoint_state: Family<EndpointStateLabels, Gauge>,
+    ejections: Family<ServiceLabels, Counter>,
+    /// The endpoint series published last, so departed endpoints' are removed.
+    published: Arc<Mutex<HashSet<EndpointLabels>>>,
 }
 
 impl GatewayMetrics {
@@ -137,6 +173,77 @@ impl GatewayMetrics {
             "Whether the last probe of a peer gateway (a PING on the link's mTLS connection, every probeSpec period) succeeded",
             self.probe_success.clone(),
         );
+        registry.register(
+            "gateway_endpoint_latency_ewma_ms",
+            "An exported Service endpoint's peak-EWMA latency in milliseconds, as the balancer scores it",
+            self.endpoint_ewma.clone(),
+        );
+        registry.register(
+            "gateway_endpoint_in_flight",
+            "Streams open to an exported Service endpoint",
+            self.endpoint_in_flight.clone(),
+        );
+        registry.register(
+            "gateway_endpoint_state",
+            "1 for an exported Service endpoint's balancer state (active, ejected, probation), 0 for the others",
+            self.endpoint_state.clone(),
+        );
+        registry.register(
+            "gateway_endpoint_ejections",
+            "Ejections of an exported Service's endpoints after consecutive failures",
+            self.ejections.clone(),
+        );
+    }
+
+    fn ejections(&self, service: &Authority) -> Counter {
+        self.ejections
+            .get_or_create(&ServiceLabels {
+                service: service.to_string(),
+            })
+            .clone()
+    }
+
+    /// Sets every known endpoint's series and removes those of departed ones.
+    fn publish_endpoints(&self, services: &[ServiceView]) {
+        let mut current = HashSet::new();
+        for service in services {
+            for endpoint in &service.endpoints {
+                let labels = EndpointLabels {
+                    service: service.service.to_string(),
+                    endpoint: endpoint.addr.to_string(),
+                };
+                self.endpoint_ewma
+                    .get_or_create(&labels)
+                    .set(endpoint.ewma_ms);
+                self.endpoint_in_flight
+                    .get_or_create(&labels)
+                    .set(i64::try_from(endpoint.in_flight).unwrap_or(i64::MAX));
+                for health in Health::ALL {
+                    self.endpoint_state
+                        .get_or_create(&state_labels(&labels, health))
+                        .set(i64::from(health == endpoint.health));
+                }
+                current.insert(labels);
+            }
+        }
+        let mut published = lock(&self.published);
+        for gone in published.difference(&current) {
+            self.endpoint_ewma.remove(gone);
+            self.endpoint_in_flight.remove(gone);
+            for health in Health::ALL {
+                self.endpoint_state.remove(&state_labels(gone, health));
+            }
+        }
+        // A Service no longer exported loses its ejection count too.
+        let live: HashSet<&str> = current.iter().map(|l| l.service.as_str()).collect();
+        for service in published.iter().map(|l| &l.service) {
+            if !live.contains(service.as_str()) {
+                self.ejections.remove(&ServiceLabels {
+                    service: service.clone(),
+                });
+            }
+        }
+        *published = current;
     }
 
     fn probe_success(&self, cluster: &str) -> Gauge {
@@ -157,7 +264,7 @@ pub struct Gateway {
     links: Mutex<HashMap<ClusterName, links::LinkPool>>,
     /// The tunnel to each meshed pod's sidecar, made on first use.
     pods: Mutex<HashMap<IpAddr, deliver::PodTunnel>>,
-    next_endpoint: AtomicUsize,
+    balancer: balance::Balancer,
     /// The gateway's node of the process's cancellation tree: each link pool's
     /// token is a child of it.
     shutdown: CancellationToken,
@@ -175,6 +282,10 @@ impl Gateway {
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Arc<Self> {
+        let ejections = metrics.clone();
+        let balancer = balance::Balancer::new(cfg.balance.clone(), move |service| {
+            ejections.ejections(service)
+        });
         Arc::new(Self {
             cfg,
             lookup,
@@ -182,15 +293,15 @@ impl Gateway {
             metrics,
             links: Mutex::new(HashMap::new()),
             pods: Mutex::new(HashMap::new()),
-            next_endpoint: AtomicUsize::new(0),
+            balancer,
             shutdown,
             tasks,
         })
     }
 
     /// Keeps one warm pool per Link (rebuilt when its Link changes) each time
-    /// `changes` fires, and every second forgets departed pods and publishes link
-    /// health; returns on shutdown.
+    /// `changes` fires, and every second forgets departed pods and endpoints and
+    /// publishes link health and endpoint scores; returns on shutdown.
     pub async fn follow<T: Send + Sync>(self: Arc<Self>, mut changes: watch::Receiver<T>) {
         self.sync_links();
         let shutdown = self.shutdown.clone();
@@ -207,8 +318,17 @@ impl Gateway {
                 () = shutdown.cancelled() => return,
             }
             self.forget_departed_pods();
+            self.balancer
+                .retain(|service| self.lookup.exported(service).ok());
+            self.metrics.publish_endpoints(&self.balancer.view());
             self.publish_link_health();
         }
+    }
+
+    /// Every exported Service the gateway delivered to, with its endpoints'
+    /// scores and states, for `/config`.
+    pub fn endpoints(&self) -> Vec<ServiceView> {
+        self.balancer.view()
     }
 
     /// Every link with its pool and last probe, for `/config`.
@@ -221,6 +341,14 @@ impl Gateway {
 
     fn pool_for(&self, cluster: &str) -> Option<Pool> {
         lock(&self.links).get(cluster).map(|l| l.pool.clone())
+    }
+}
+
+fn state_labels(endpoint: &EndpointLabels, health: Health) -> EndpointStateLabels {
+    EndpointStateLabels {
+        service: endpoint.service.clone(),
+        endpoint: endpoint.endpoint.clone(),
+        state: health.as_str(),
     }
 }
 

@@ -16,7 +16,10 @@ use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Method, Request, Response};
-use isthmus_vocab::{Authority, CLUSTER_HEADER, ClusterName, REFUSAL_HEADER, Refusal};
+use isthmus_vocab::{
+    Authority, CLUSTER_HEADER, ClusterName, ONE_REQUEST_H2, ONE_REQUEST_HEADER, ONE_REQUEST_HTTP1,
+    REFUSAL_HEADER, Refusal,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -61,6 +64,41 @@ pub struct TunnelRequest {
     /// The local address the tunnel connection arrived on, when it is a socket: a
     /// sidecar delivers to its app at this address, the pod's own.
     pub local: Option<SocketAddr>,
+    /// Set when the stream carries exactly one HTTP request
+    /// ([`ONE_REQUEST_HEADER`]); `None` for a whole connection's bytes.
+    pub one_request: Option<OneRequest>,
+}
+
+/// What a stream marked with [`ONE_REQUEST_HEADER`] carries: the endpoint's
+/// answer is one response the gateway may read the status of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OneRequest {
+    /// One HTTP/1.1 request and its response.
+    Http1,
+    /// An HTTP/2 connection that carries one request.
+    H2,
+}
+
+impl OneRequest {
+    /// The header's value; an unknown one is ignored, and the stream's bytes are
+    /// carried as a connection's, which they still are.
+    pub fn parse(value: &[u8]) -> Option<Self> {
+        if value == ONE_REQUEST_HTTP1.as_bytes() {
+            Some(Self::Http1)
+        } else if value == ONE_REQUEST_H2.as_bytes() {
+            Some(Self::H2)
+        } else {
+            None
+        }
+    }
+
+    /// The header value that marks such a stream.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => ONE_REQUEST_HTTP1,
+            Self::H2 => ONE_REQUEST_H2,
+        }
+    }
 }
 
 /// Where a handler sends a stream.
@@ -414,11 +452,16 @@ fn parse_request<B>(
             Some(ClusterName::parse(name).map_err(|_| Refusal::BadRequest)?)
         }
     };
+    let one_request = req
+        .headers()
+        .get(ONE_REQUEST_HEADER)
+        .and_then(|v| OneRequest::parse(v.as_bytes()));
     Ok(TunnelRequest {
         authority,
         cluster,
         peer,
         local,
+        one_request,
     })
 }
 
@@ -444,6 +487,18 @@ mod tests {
         .unwrap();
         assert_eq!(ok.authority.as_str(), "hello.default.svc.cluster.local:80");
         assert_eq!(ok.cluster.unwrap().as_str(), "cluster-a");
+        assert_eq!(ok.one_request, None);
+        let mut one = connect("hello.default.svc.cluster.local:80", None);
+        for (value, expected) in [
+            ("http/1.1", Some(OneRequest::Http1)),
+            ("h2", Some(OneRequest::H2)),
+            ("spdy/3", None),
+        ] {
+            one.headers_mut()
+                .insert(ONE_REQUEST_HEADER, value.parse().unwrap());
+            let parsed = parse_request(&one, Peer::default(), None).unwrap();
+            assert_eq!(parsed.one_request, expected, "{value}");
+        }
         assert_eq!(
             parse_request(
                 &connect("hello:80", Some("Cluster A")),

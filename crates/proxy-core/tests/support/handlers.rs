@@ -166,3 +166,15 @@ pub fn explicit(
         metrics: metrics.clone(),
     })
 }
+
+/// The pools of a gateway under test: one connection per peer, no DNS.
+pub fn gateway_pools(connect_timeout: Duration) -> proxy_core::pool::PoolSettings {
+    proxy_core::pool::PoolSettings {
+        connect_timeout,
+        connections: 1,
+        h2: H2Settings::default(),
+        handshake_failed: None,
+        deadline: None,
+        resolve: Default::default(),
+    }
+}

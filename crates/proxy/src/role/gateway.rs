@@ -6,7 +6,9 @@ use std::sync::Arc;
 use anyhow::Result;
 use isthmus_vocab::ports::DEFAULT_INBOUND_PORT;
 use isthmus_vocab::{ClusterName, SpiffeId};
-use proxy_core::gateway::{Gateway, GatewayConfig, GatewayMetrics, GatewayTls, LinkView};
+use proxy_core::gateway::{
+    Gateway, GatewayConfig, GatewayMetrics, GatewayTls, LinkView, ServiceView,
+};
 use proxy_core::inbound::ListenerRole;
 use proxy_core::metrics::Direction;
 use proxy_identity::rustls::ClientConfig;
@@ -52,6 +54,25 @@ fn link_json(link: &LinkView) -> serde_json::Value {
     entry
 }
 
+/// An exported Service's endpoints as the balancer scores them, for `/config`.
+fn service_json(service: &ServiceView) -> serde_json::Value {
+    let endpoints: Vec<serde_json::Value> = service
+        .endpoints
+        .iter()
+        .map(|e| {
+            json!({
+                "address": e.addr.to_string(),
+                "state": e.health.as_str(),
+                "ewma_ms": (e.ewma_ms * 1000.0).round() / 1000.0,
+                "in_flight": e.in_flight,
+                "consecutive_failures": e.consecutive_failures,
+                "ejections": e.ejections,
+            })
+        })
+        .collect();
+    json!(endpoints)
+}
+
 pub async fn run(config: Config) -> Result<()> {
     let inbound_listeners = bind_all("inbound-addr", &config.inbound_addrs)?;
     let admin_listener = bind_admin(config.admin_addr).await?;
@@ -71,6 +92,7 @@ pub async fn run(config: Config) -> Result<()> {
             allow_local_endpoints: base.config.allow_local_endpoints,
             pod_port: DEFAULT_INBOUND_PORT,
             pools: base.pool_settings(),
+            balance: Default::default(),
         },
         Arc::new(DiscoveryExports {
             discovery: base.discovery.clone(),
@@ -96,7 +118,12 @@ pub async fn run(config: Config) -> Result<()> {
             .iter()
             .map(|link| (link.cluster.to_string(), link_json(link)))
             .collect();
-        json!({ "links": links })
+        let exported: serde_json::Map<String, serde_json::Value> = gateway
+            .endpoints()
+            .iter()
+            .map(|service| (service.service.to_string(), service_json(service)))
+            .collect();
+        json!({ "links": links, "exported": exported })
     });
     base.run(admin_listener, view, tasks).await
 }

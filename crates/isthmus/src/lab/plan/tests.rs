@@ -101,6 +101,21 @@ fn hosts_files_name_services_as_kubernetes_dns_does() {
     );
 }
 
+#[test]
+fn gateways_resolve_every_clusters_gateway_name_to_its_wan_address() {
+    let plan = seed_plan(0);
+    let hosts = gateway_hosts_file(&plan);
+    for (cluster, wan) in [("cluster-a", "198.18.250.1"), ("cluster-b", "198.18.250.2")] {
+        let name = gateway_name(cluster);
+        assert_eq!(name, format!("gateway.{cluster}.isthmus-lab.test"));
+        assert!(
+            proxy_discovery::model::GatewayAddress::parse(&name).is_ok_and(|a| a.ip().is_none()),
+            "{name} is a name a Link accepts"
+        );
+        assert!(hosts.contains(&format!("{wan}\t{name}\n")), "{hosts}");
+    }
+}
+
 fn three_clusters() -> Plan {
     let dir =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/three-clusters");

@@ -17,7 +17,7 @@ use proxy_discovery::model::GatewayAddress;
 
 use super::super::apiserver::{self, API_NET};
 use super::super::apply::{self, Verb};
-use super::super::plan::{RELAY_PORT, TUNNEL_PORT};
+use super::super::plan::{RELAY_PORT, TUNNEL_PORT, gateway_name};
 use super::super::process::spawn;
 use super::{Lab, Role};
 use crate::install::{self, CONTROLLER, InstallOptions, LINK_READER_TOKEN, NAMESPACE};
@@ -108,7 +108,8 @@ impl Lab {
 
     /// What `isthmus link --cluster PEER` prints, run against cluster `pi`: its
     /// link reader's token, its API server as the lab's pods reach it, its
-    /// gateway on the WAN (through the delay relay with `--wan-delay`).
+    /// gateway on the WAN by its public name (as a cloud load balancer's
+    /// hostname; through the delay relay with `--wan-delay`).
     async fn link_output(&self, pi: usize) -> Result<String> {
         let peer = &self.plan.clusters[pi];
         let secrets: Api<Secret> = Api::namespaced(self.apiservers[pi].client.clone(), NAMESPACE);
@@ -127,7 +128,7 @@ impl Lab {
         let input = LinkInput {
             cluster: peer.spec.name.clone(),
             namespace: NAMESPACE.to_owned(),
-            gateway_address: GatewayAddress::parse(&peer.wan_ip.to_string())
+            gateway_address: GatewayAddress::parse(&gateway_name(peer.spec.name.as_str()))
                 .map_err(|e| anyhow::anyhow!("the gateway address of {}: {e}", peer.spec.name))?,
             gateway_port: if self.plan.wan_delay_ms > 0 {
                 RELAY_PORT
@@ -180,9 +181,10 @@ impl Lab {
                 let program = command
                     .first()
                     .context("the controller container has no command")?;
-                let mut cmd = tokio::process::Command::new(bin.join(program));
-                cmd.env_clear()
-                    .args(&command[1..])
+                let mut cmd = self
+                    .net
+                    .command_as(&ns, bin.join(program), PROXY_UID, PROXY_UID);
+                cmd.args(&command[1..])
                     .args(container.args.clone().unwrap_or_default())
                     .env("HOSTNAME", &pod)
                     .env("KUBECONFIG", &self.apiservers[ci].pods_kubeconfig)
@@ -191,11 +193,7 @@ impl Lab {
                 for e in container.env.iter().flatten() {
                     cmd.env(&e.name, e.value.clone().unwrap_or_default());
                 }
-                cmd.stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .kill_on_drop(true);
-                let child = self.net.spawn_as(&ns, cmd, PROXY_UID, PROXY_UID)?;
+                let child = spawn(cmd)?;
                 self.supervise(child, format!("{name}/{pod}"), Role::Proxy);
             }
         }
