@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use isthmus_vocab::{Refusal, ServicePolicy};
 use proxy_core::http::{BudgetSettings, RetryBudgets};
 use proxy_core::metrics::{Direction, ProxyMetrics, RetryLabels, TimeoutLabels};
-use proxy_core::tunnel::server::{TunnelHandler, TunnelRequest, Upstream};
+use proxy_core::tunnel::server::{OneRequest, TunnelHandler, TunnelRequest, Upstream};
 use support::*;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -37,10 +37,13 @@ struct Scripted {
     script: Mutex<VecDeque<Answer>>,
     then: Answer,
     streams: Arc<AtomicUsize>,
+    /// What each stream said it carries, in order.
+    marks: Arc<Mutex<Vec<Option<OneRequest>>>>,
 }
 
 impl TunnelHandler for Scripted {
-    async fn open(&self, _request: &TunnelRequest) -> Result<Upstream, Refusal> {
+    async fn open(&self, request: &TunnelRequest) -> Result<Upstream, Refusal> {
+        self.marks.lock().unwrap().push(request.one_request);
         self.streams.fetch_add(1, Ordering::SeqCst);
         let answer = self.script.lock().unwrap().pop_front();
         match answer.unwrap_or_else(|| self.then.clone()) {
@@ -60,6 +63,7 @@ struct Fixture {
     orig_dst: Arc<FakeOrigDst>,
     metrics: ProxyMetrics,
     streams: Arc<AtomicUsize>,
+    marks: Arc<Mutex<Vec<Option<OneRequest>>>>,
     _gateway: MeshListener,
 }
 
@@ -77,10 +81,12 @@ impl Fixture {
         let pki = Pki::new();
         let gateway_id = pki.identity(CLUSTER, GATEWAY_ID);
         let streams = Arc::new(AtomicUsize::new(0));
+        let marks = Arc::default();
         let handler = Scripted {
             script: Mutex::new(script.into()),
             then,
             streams: streams.clone(),
+            marks: Arc::clone(&marks),
         };
         let gateway_metrics = ProxyMetrics::default();
         let gateway = MeshListener::spawn(
@@ -116,6 +122,7 @@ impl Fixture {
             orig_dst,
             metrics,
             streams,
+            marks,
             _gateway: gateway,
         }
     }
@@ -143,6 +150,10 @@ impl Fixture {
 
     fn streams(&self) -> usize {
         self.streams.load(Ordering::SeqCst)
+    }
+
+    fn marks(&self) -> Vec<Option<OneRequest>> {
+        self.marks.lock().unwrap().clone()
     }
 
     fn retries(&self, reason: &'static str) -> u64 {
@@ -230,7 +241,7 @@ async fn keep_alive_http1_requests_each_ride_a_stream_of_their_own() {
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(body_text(response).await, format!("GET {path} host=hello"));
     }
-    assert_eq!(fixture.streams(), 3);
+    assert_eq!(fixture.marks(), [Some(OneRequest::Http1); 3]);
     // Each stream reached the origin as a connection of its own.
     for _ in 0..3 {
         assert_eq!(origin.next_served().await.ended, Ended::ByOrigin);
@@ -257,7 +268,7 @@ async fn http2_requests_each_ride_a_stream_of_their_own() {
         }
     });
     futures_util::future::join_all(requests).await;
-    assert_eq!(fixture.streams(), 3);
+    assert_eq!(fixture.marks(), [Some(OneRequest::H2); 3]);
 }
 
 /// A GET whose stream the far side refused with a retryable reason is sent again
