@@ -33,8 +33,13 @@ impl TunnelHandler for Gateway {
         };
         // Relayed as soon as the stream is open: the client's bytes cross the link
         // behind the CONNECT, and the peer gateway's answer is passed back as it is.
-        pool.open(&request.authority, request.cluster.as_ref())
-            .await
+        // The far gateway, which picks the endpoint, learns what the stream carries.
+        pool.open_carrying(
+            &request.authority,
+            request.cluster.as_ref(),
+            request.carries(),
+        )
+        .await
             .map(Upstream::Relayed)
             .map_err(|e| {
                 info!(cluster = target, authority = %request.authority, error = %e, "relay to peer gateway failed");

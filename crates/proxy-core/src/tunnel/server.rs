@@ -23,7 +23,7 @@ use isthmus_vocab::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::client::TunnelStream;
+use super::client::{Carries, TunnelStream};
 use super::stream::{ConnectionError, H2Io, Pump, RelayError, drive_with_keepalive, idle};
 use super::{BoxIo, H2Settings, Io};
 use crate::forward::{ByteCounters, ForwardConfig, forward_io};
@@ -67,6 +67,17 @@ pub struct TunnelRequest {
     /// Set when the stream carries exactly one HTTP request
     /// ([`ONE_REQUEST_HEADER`]); `None` for a whole connection's bytes.
     pub one_request: Option<OneRequest>,
+}
+
+impl TunnelRequest {
+    /// What the stream carries, to say so again on the next hop's stream.
+    pub fn carries(&self) -> Carries {
+        match self.one_request {
+            None => Carries::Connection,
+            Some(OneRequest::Http1) => Carries::Http1Request,
+            Some(OneRequest::H2) => Carries::H2Request,
+        }
+    }
 }
 
 /// What a stream marked with [`ONE_REQUEST_HEADER`] carries: the endpoint's
