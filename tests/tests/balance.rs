@@ -8,7 +8,10 @@
 //! - a replica that resets every connection is ejected by both gateways, after
 //!   which no request fails on it, and it is tried again later;
 //! - one of the two cluster-a gateway replicas killed: once the link's pool
-//!   noticed, new connections see no failure.
+//!   noticed, new connections see no failure;
+//! - a replica 100 ms slower gets under 10% of one-request streams (each marked
+//!   `isthmus-one-request: http/1.1`, as a sidecar's per-request streams are, sent
+//!   to a cluster-a gateway directly) once measured.
 //!
 //! The world: one bridge joins b (198.18.0.1, cluster-b's gateway), a1 and a2
 //! (198.18.0.2 and .3, cluster-a's gateways, both named `gateway.cluster-a.test`
@@ -26,15 +29,20 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use isthmus_test_support::{Metrics, eventually_blocking};
+use isthmus_tests::h2c;
 use isthmus_tests::identity::Pki;
 use isthmus_tests::multicluster::{
     MIRROR, NAMESPACE, cluster_settings, gateway_id, link_at, service,
 };
 use isthmus_tests::netns::{Lab, Namespace};
+use isthmus_tests::peer::test_pool;
 use isthmus_tests::pod;
 use isthmus_tests::tcp::{self, WAIT};
 use isthmus_tests::wan::{Wan, proxy_command, write_files};
-use isthmus_vocab::SpiffeId;
+use isthmus_vocab::{Authority, SpiffeId};
+use proxy_core::tunnel::client::Carries;
+use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const A_NAME: &str = "gateway.cluster-a.test";
 const HELLO: &str = "hello.default.svc.cluster.local:80";
@@ -55,6 +63,8 @@ struct Replica {
     name: &'static str,
     requests: Arc<AtomicUsize>,
     resets: Arc<AtomicBool>,
+    /// Answers 100 ms late.
+    slow: Arc<AtomicBool>,
 }
 
 impl Replica {
@@ -63,11 +73,13 @@ impl Replica {
             Arc::new(AtomicUsize::new(0)),
             Arc::new(AtomicBool::new(false)),
         );
-        let (counted, resetting) = (requests.clone(), resets.clone());
+        let slow = Arc::new(AtomicBool::new(false));
+        let (counted, resetting, slowed) = (requests.clone(), resets.clone(), slow.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
                 let (counted, resetting) = (counted.clone(), resetting.clone());
+                let slowed = slowed.clone();
                 std::thread::spawn(move || {
                     stream.set_read_timeout(Some(WAIT)).unwrap();
                     let mut head = [0u8; 1024];
@@ -77,6 +89,9 @@ impl Replica {
                     counted.fetch_add(1, Ordering::SeqCst);
                     if resetting.load(Ordering::SeqCst) {
                         return reset(stream);
+                    }
+                    if slowed.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(100));
                     }
                     let _ = write!(
                         stream,
@@ -90,6 +105,7 @@ impl Replica {
             name,
             requests,
             resets,
+            slow,
         }
     }
 
@@ -126,6 +142,8 @@ struct World {
     /// The second cluster-a gateway, which a test kills.
     a2: Option<Child>,
     logs: Vec<PathBuf>,
+    /// Where a client of cluster-a's gateways finds its identity.
+    client_identity: PathBuf,
     _dir: tempfile::TempDir,
     /// Dropped last: kills the other proxies and deletes the namespaces.
     _lab: Lab,
@@ -233,7 +251,14 @@ impl World {
             }
             logs.push(log);
         }
+        // A workload of cluster-a, to speak to its gateways directly.
+        let client_identity = root.join("identity-workload");
+        let workload = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/workload").unwrap();
+        pki.leaf("cluster-a", &workload)
+            .write_dir(&client_identity, false)
+            .unwrap();
         let world = World {
+            client_identity,
             client,
             b,
             a: [a1, a2],
@@ -422,4 +447,49 @@ fn a_killed_gateway_replica_fails_no_new_connection_once_noticed() {
     for replica in &world.replicas {
         assert!(replica.requests() > 0, "{} got nothing", replica.name);
     }
+}
+
+#[test]
+fn a_slow_replica_gets_few_one_request_streams_once_measured() {
+    let world = World::start();
+    let slow = &world.replicas[2];
+    slow.slow.store(true, Ordering::SeqCst);
+    let store = CredentialStore::load(CredentialPaths::in_dir(&world.client_identity)).unwrap();
+    let tls =
+        proxy_identity::client_config(Arc::new(store), PeerPolicy::Exact(gateway_id("cluster-a")));
+    // Streams to cluster-a's gateway a1, each carrying one HTTP/1.1 request and
+    // marked so, as a sidecar sends them: the gateway scores each answer.
+    let counts = world.client.run(|| {
+        h2c::block_on(WITHIN * 4, "the one-request streams", async {
+            let pool = test_pool("test/a1", addr("198.18.0.2:4143"), tls);
+            let authority = Authority::parse(HELLO).unwrap();
+            let one = async || {
+                let opened = pool.open_carrying(&authority, None, Carries::Http1Request);
+                let mut stream = tokio::time::timeout(WAIT, opened).await.ok()?.ok()?;
+                let exchange = async {
+                    stream
+                        .write_all(b"GET / HTTP/1.1\r\nhost: hello\r\n\r\n")
+                        .await?;
+                    let mut answer = Vec::new();
+                    stream.read_to_end(&mut answer).await?;
+                    Ok::<_, std::io::Error>(answer)
+                };
+                tokio::time::timeout(WAIT, exchange).await.ok()?.ok()
+            };
+            // Warm-up: every replica measured.
+            for _ in 0..30 {
+                one().await;
+            }
+            let before = slow.requests();
+            for i in 0..300 {
+                assert!(one().await.is_some(), "request {i} failed");
+            }
+            slow.requests() - before
+        })
+    });
+    eprintln!("FIGURE balance_slow_replica_share_of_300 = {counts}");
+    assert!(
+        counts < 30,
+        "the slow replica got {counts} of 300 (at most 10%)"
+    );
 }
