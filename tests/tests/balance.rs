@@ -390,16 +390,18 @@ fn a_replica_that_resets_every_connection_is_ejected_then_tried_again() {
         failed <= 14,
         "{failed} requests failed before the ejections: five per gateway, and probes"
     );
-    // The metrics say so, for the known endpoints only.
-    let metrics = World::metrics(&world.a[0]);
+    // The metrics say so (published once a second), for the known endpoints only.
     let bad_endpoint = format!("endpoint=\"{}:{REPLICA_PORT}\"", REPLICAS[2]);
+    let metrics = eventually_blocking("the ejection in the metrics", WITHIN, || {
+        let metrics = World::metrics(&world.a[0]);
+        let states = |state: &str| {
+            let state = format!("state=\"{state}\"");
+            metrics.sum("gateway_endpoint_state", &[&bad_endpoint, &state])
+        };
+        // Ejected, or already back on probation.
+        (states("ejected") + states("probation") == 1.0).then_some(metrics)
+    });
     assert!(metrics.sum("gateway_endpoint_ejections_total", &[]) >= 1.0);
-    let states = |state: &str| {
-        let state = format!("state=\"{state}\"");
-        metrics.sum("gateway_endpoint_state", &[&bad_endpoint, &state])
-    };
-    // Published once a second: ejected now, or already back on probation.
-    assert_eq!(states("ejected") + states("probation"), 1.0, "{metrics:?}");
     assert_eq!(metrics.sum("gateway_endpoint_in_flight", &[]), 0.0);
     // Ejected: nothing goes to it, and requests succeed, until its backoff ends.
     let seen = bad.requests();
