@@ -172,7 +172,9 @@ impl<L: RouteLookup> Explicit<L> {
 
     async fn open(&self, authority: &Authority) -> Result<BoxIo, Refusal> {
         match self.lookup.route_authority(authority) {
-            Route::Mirrored { cluster, authority } => {
+            Route::Mirrored {
+                cluster, authority, ..
+            } => {
                 let pool = self.gateway.as_ref().ok_or(Refusal::LinkDown)?;
                 // The client is answered with the far end's verdict, so wait for it.
                 pool.open_answered(&authority, Some(&cluster))

@@ -1,10 +1,12 @@
 //! HTTP-aware forwarding: once detection has seen HTTP, hyper proxies it request by
 //! request so each request, status and latency is counted.
 //!
-//! The proxy stays transparent: one upstream connection per downstream connection
-//! (no re-balancing, no header rewriting), HTTP/1 stays HTTP/1 and HTTP/2 stays
-//! HTTP/2, and `Upgrade` (WebSocket) or `CONNECT` exchanges become raw byte streams
-//! through [`forward_io`] after the upstream agrees.
+//! The proxy stays transparent (no header rewriting): HTTP/1 stays HTTP/1 and
+//! HTTP/2 stays HTTP/2, and `Upgrade` (WebSocket) or `CONNECT` exchanges become raw
+//! byte streams through [`forward_io`] after the upstream agrees. A passthrough or
+//! inbound connection keeps one upstream connection; a mirrored Service's requests
+//! each ride a tunnel stream of their own, under the Service's timeouts and retries
+//! ([`upstream`], [`retry`], [`replay`]).
 //!
 //! Bad input is answered here, never forwarded: detection sends here whatever an
 //! origin might read as a request (or the HTTP/2 preface), so a head hyper cannot
@@ -14,10 +16,7 @@
 //! [`HttpSettings::header_read_timeout`], and HTTP/2 errors get `RST_STREAM` or
 //! `GOAWAY` under the limits of [`H2Settings`], a padded field value `400`.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,7 +25,6 @@ use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Mutex, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -84,11 +82,29 @@ impl Default for HttpSettings {
     }
 }
 
+mod clock;
 mod framing;
+mod replay;
+mod retry;
+mod upstream;
 
+use clock::IdleClock;
+pub(crate) use clock::{HeadClock, InFlight, RequestInFlight, Tracked};
 use framing::{BodyFault, RequestBody, h1_framing, h2_fields};
+pub use replay::DEFAULT_REPLAY_LIMIT;
+pub use retry::{BudgetSettings, RetryBudget, RetryBudgets, RetryReason};
+use upstream::{Failure, h2_client};
+pub use upstream::{MirroredTarget, PerRequest, UpstreamBody, UpstreamBodyError};
 
-type ProxyBody = Either<Incoming, Empty<Bytes>>;
+type ProxyBody = Either<UpstreamBody, Empty<Bytes>>;
+
+/// Where a connection's requests go.
+pub enum HttpUpstream<U> {
+    /// All of them over one upstream connection (HTTP/1 in turn, HTTP/2 multiplexed).
+    Shared(U),
+    /// Each on a tunnel stream of its own.
+    PerRequest(Arc<PerRequest>),
+}
 
 /// Why an HTTP-proxied connection ended badly.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +194,31 @@ impl HttpProxy {
         drain: CancellationToken,
         refusal: Option<RefusalCell>,
     ) -> Result<(), HttpError> {
+        let upstream = HttpUpstream::Shared(upstream);
+        self.serve_upstream(
+            downstream,
+            upstream,
+            protocol,
+            fallback_authority,
+            drain,
+            refusal,
+        )
+        .await
+    }
+
+    /// [`serve_refusable`](Self::serve_refusable) against either kind of upstream.
+    /// With [`HttpUpstream::PerRequest`], a request whose streams were refused is not
+    /// answered: an HTTP/1 connection ends (the caller resets the client, reading
+    /// the refusal from the [`PerRequest`]), an HTTP/2 request's stream is reset.
+    pub async fn serve_upstream<D: Io, U: Io>(
+        &self,
+        downstream: D,
+        upstream: HttpUpstream<U>,
+        protocol: Protocol,
+        fallback_authority: &str,
+        drain: CancellationToken,
+        refusal: Option<RefusalCell>,
+    ) -> Result<(), HttpError> {
         let exchange = Arc::new(Exchange {
             proxy: self.clone(),
             upgrades: ConnectionTasks::default(),
@@ -192,11 +233,7 @@ impl HttpProxy {
             (Protocol::Http2, _) | (_, None) => None,
             (_, Some(_)) => Some(Arc::new(HeadClock::new())),
         };
-        let downstream = Tracked {
-            inner: downstream,
-            clock: clock.clone(),
-            head: head.clone(),
-        };
+        let downstream = Tracked::new(downstream, clock.clone(), head.clone());
         let idle = clock.idle(self.forward.idle_timeout);
         let served = match protocol {
             Protocol::Http2 => {
@@ -215,19 +252,26 @@ impl HttpProxy {
     async fn serve_h1<D: Io, U: Io>(
         &self,
         downstream: D,
-        upstream: U,
+        upstream: HttpUpstream<U>,
         exchange: Arc<Exchange>,
         drain: CancellationToken,
         idle: impl Future<Output = ()>,
         head: Option<Arc<HeadClock>>,
     ) -> Result<(), HttpError> {
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake::<_, RequestBody>(TokioIo::new(upstream))
-            .await
-            .map_err(HttpError::UpstreamHandshake)?;
-        let closing = closing(drive_upstream(conn.with_upgrades(), "HTTP/1"), &drain);
-        // HTTP/1 serves one request at a time, so this lock is never contended.
-        let sender = Arc::new(Mutex::new(sender));
+        let (sender, upstream_closed) = match upstream {
+            HttpUpstream::Shared(upstream) => {
+                let (sender, conn) = hyper::client::conn::http1::Builder::new()
+                    .handshake::<_, RequestBody>(TokioIo::new(upstream))
+                    .await
+                    .map_err(HttpError::UpstreamHandshake)?;
+                let closed = drive_upstream(conn.with_upgrades(), "HTTP/1");
+                // HTTP/1 serves one request at a time, so this lock is never contended.
+                (HttpUpstream::Shared(Mutex::new(sender)), Some(closed))
+            }
+            HttpUpstream::PerRequest(upstream) => (HttpUpstream::PerRequest(upstream), None),
+        };
+        let closing = closing(upstream_closed, &drain);
+        let sender = Arc::new(sender);
         let service_head = head.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let exchange = exchange.clone();
@@ -244,12 +288,20 @@ impl HttpProxy {
             async move {
                 let response = match framing {
                     Err(why) => exchange.refuse(&req, why),
-                    Ok(()) => {
-                        let mut sender = sender.lock().await;
-                        exchange
-                            .forward(req, |req| sender.send_request(req), &fault)
-                            .await?
-                    }
+                    Ok(()) => match &*sender {
+                        HttpUpstream::Shared(sender) => {
+                            let mut sender = sender.lock().await;
+                            let send = |req| async move {
+                                Ok(sender.send_request(req).await?.map(UpstreamBody::shared))
+                            };
+                            exchange.forward(req, send, &fault).await?
+                        }
+                        HttpUpstream::PerRequest(upstream) => {
+                            exchange
+                                .forward(req, |req| upstream.send(req), &fault)
+                                .await?
+                        }
+                    },
                 };
                 Ok::<_, StreamRefused>(response.map(|body| InFlight::new(body, request)))
             }
@@ -296,33 +348,50 @@ impl HttpProxy {
     async fn serve_h2<D: Io, U: Io>(
         &self,
         downstream: D,
-        upstream: U,
+        upstream: HttpUpstream<U>,
         exchange: Arc<Exchange>,
         drain: CancellationToken,
         idle: impl Future<Output = ()>,
     ) -> Result<(), HttpError> {
         let h2 = &self.settings.h2;
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(h2.stream_window)
-            .initial_connection_window_size(h2.connection_window)
-            .max_header_list_size(h2.max_header_list_size)
-            .max_send_buf_size(h2.max_send_buf_size)
-            .max_pending_accept_reset_streams(h2.max_pending_accept_reset_streams)
-            .handshake::<_, Incoming>(TokioIo::new(upstream))
-            .await
-            .map_err(HttpError::UpstreamHandshake)?;
-        let closing = closing(drive_upstream(conn, "HTTP/2"), &drain);
+        let (sender, upstream_closed) = match upstream {
+            HttpUpstream::Shared(upstream) => {
+                let (sender, conn) = h2_client(h2)
+                    .handshake::<_, Incoming>(TokioIo::new(upstream))
+                    .await
+                    .map_err(HttpError::UpstreamHandshake)?;
+                (
+                    HttpUpstream::Shared(sender),
+                    Some(drive_upstream(conn, "HTTP/2")),
+                )
+            }
+            HttpUpstream::PerRequest(upstream) => (HttpUpstream::PerRequest(upstream), None),
+        };
+        let closing = closing(upstream_closed, &drain);
         let service = service_fn(move |req: Request<Incoming>| {
             let exchange = exchange.clone();
-            let mut sender = sender.clone();
+            let sender = match &sender {
+                HttpUpstream::Shared(sender) => HttpUpstream::Shared(sender.clone()),
+                HttpUpstream::PerRequest(upstream) => HttpUpstream::PerRequest(upstream.clone()),
+            };
             async move {
                 if let Err(why) = h2_fields(&req) {
                     return Ok(exchange.refuse(&req, why));
                 }
-                exchange
-                    .forward(req, |req| sender.send_request(req), &BodyFault::default())
-                    .await
+                let fault = BodyFault::default();
+                match sender {
+                    HttpUpstream::Shared(mut sender) => {
+                        let send = |req| async move {
+                            Ok(sender.send_request(req).await?.map(UpstreamBody::shared))
+                        };
+                        exchange.forward(req, send, &fault).await
+                    }
+                    HttpUpstream::PerRequest(upstream) => {
+                        exchange
+                            .forward(req, |req| upstream.send(req), &fault)
+                            .await
+                    }
+                }
             }
         });
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -371,253 +440,19 @@ where
 /// connection ended (the server closed its side: the response in flight finishes,
 /// then ours closes too instead of answering the next request with an error), or a
 /// drain began.
-async fn closing(upstream_closed: oneshot::Receiver<()>, drain: &CancellationToken) {
+async fn closing(upstream_closed: Option<oneshot::Receiver<()>>, drain: &CancellationToken) {
+    let upstream_closed = async {
+        match upstream_closed {
+            Some(closed) => {
+                let _ = closed.await;
+            }
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         biased;
-        _ = upstream_closed => {}
+        () = upstream_closed => {}
         () = drain.cancelled() => {}
-    }
-}
-
-/// When bytes last moved through a connection, for its idle timeout.
-#[derive(Debug)]
-struct IdleClock {
-    origin: Instant,
-    /// Milliseconds after `origin`.
-    last: AtomicU64,
-}
-
-impl IdleClock {
-    fn new() -> Self {
-        Self {
-            origin: Instant::now(),
-            last: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
-    }
-
-    /// Resolves once no byte moved for `timeout`; never when `timeout` is zero.
-    async fn idle(&self, timeout: Duration) {
-        if timeout.is_zero() {
-            return std::future::pending().await;
-        }
-        loop {
-            let last = self.origin + Duration::from_millis(self.last.load(Ordering::Relaxed));
-            let deadline = last + timeout;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    }
-}
-
-/// The header read timeout of one HTTP/1 connection: started by the first byte
-/// read while no request is in flight, stopped when hyper hands over the parsed
-/// head, and re-armed once that request's body and response are both done.
-///
-/// hyper's own `header_read_timeout` cannot do this: it runs whenever hyper waits
-/// for a head, idle keep-alive time included.
-#[derive(Debug)]
-pub(crate) struct HeadClock {
-    origin: Instant,
-    /// [`WAITING`], [`BUSY`], or one plus the milliseconds after `origin` at which
-    /// the current head's first byte arrived.
-    state: AtomicU64,
-    started: tokio::sync::Notify,
-}
-
-/// No request in flight and no byte of the next head seen.
-const WAITING: u64 = 0;
-/// A request is in flight: bytes read are its body, not a head.
-const BUSY: u64 = u64::MAX;
-
-impl HeadClock {
-    pub(crate) fn new() -> Self {
-        Self {
-            origin: Instant::now(),
-            state: AtomicU64::new(WAITING),
-            started: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// Bytes were read from the client.
-    fn on_read(&self) {
-        if self.state.load(Ordering::Relaxed) != WAITING {
-            return;
-        }
-        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(BUSY - 2);
-        if self
-            .state
-            .compare_exchange(WAITING, ms + 1, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            self.started.notify_one();
-        }
-    }
-
-    /// Resolves once a head has been coming in for `timeout` without completing.
-    pub(crate) async fn expired(&self, timeout: Duration) {
-        loop {
-            let started = self.started.notified();
-            tokio::pin!(started);
-            // Registered before the state is read, so a start in between still wakes us.
-            started.as_mut().enable();
-            let state = self.state.load(Ordering::Acquire);
-            if state == WAITING || state == BUSY {
-                started.await;
-                continue;
-            }
-            let deadline = self.origin + Duration::from_millis(state - 1) + timeout;
-            tokio::time::sleep_until(deadline).await;
-            if self.state.load(Ordering::Acquire) == state {
-                return;
-            }
-        }
-    }
-}
-
-/// One request from its parsed head until both its body and its response are done
-/// (the last clone dropped), when the [`HeadClock`] waits for the next head again.
-#[derive(Debug)]
-pub(crate) struct RequestInFlight(Option<Arc<HeadClock>>);
-
-impl RequestInFlight {
-    pub(crate) fn start(clock: Option<Arc<HeadClock>>) -> Arc<Self> {
-        if let Some(clock) = &clock {
-            clock.state.store(BUSY, Ordering::Release);
-        }
-        Arc::new(Self(clock))
-    }
-}
-
-impl Drop for RequestInFlight {
-    fn drop(&mut self) {
-        if let Some(clock) = &self.0 {
-            let _ =
-                clock
-                    .state
-                    .compare_exchange(BUSY, WAITING, Ordering::AcqRel, Ordering::Relaxed);
-        }
-    }
-}
-
-/// A body that keeps its request "in flight" until hyper drops it, which it does
-/// once the body is fully sent (or abandoned).
-#[derive(Debug)]
-pub(crate) struct InFlight<B> {
-    inner: B,
-    _request: Arc<RequestInFlight>,
-}
-
-impl<B> InFlight<B> {
-    pub(crate) fn new(inner: B, request: Arc<RequestInFlight>) -> Self {
-        Self {
-            inner,
-            _request: request,
-        }
-    }
-}
-
-impl<B: hyper::body::Body + Unpin> hyper::body::Body for InFlight<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// An [`Io`] that marks its [`IdleClock`] whenever bytes move through it, and its
-/// [`HeadClock`] (if any) whenever bytes arrive.
-pub(crate) struct Tracked<T> {
-    inner: T,
-    clock: Arc<IdleClock>,
-    head: Option<Arc<HeadClock>>,
-}
-
-impl<T> Tracked<T> {
-    /// Tracks only request heads, for a connection with no idle timeout of its own.
-    pub(crate) fn head_only(inner: T, head: Option<Arc<HeadClock>>) -> Self {
-        Self {
-            inner,
-            clock: Arc::new(IdleClock::new()),
-            head,
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.clock.touch();
-            if let Some(head) = &this.head {
-                head.on_read();
-            }
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.clock.touch();
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.clock.touch();
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -637,7 +472,7 @@ impl Exchange {
     ) -> Result<Response<ProxyBody>, StreamRefused>
     where
         F: FnOnce(Request<B>) -> Fut,
-        Fut: std::future::Future<Output = Result<Response<Incoming>, hyper::Error>>,
+        Fut: std::future::Future<Output = Result<Response<UpstreamBody>, Failure>>,
     {
         let proxy = &self.proxy;
         let start = Instant::now();
@@ -690,7 +525,19 @@ impl Exchange {
                 }
                 response.map(Either::Left)
             }
-            Err(e) => {
+            Err(Failure::Refused(outcome)) => {
+                let refusal = outcome
+                    .refusal()
+                    .unwrap_or(isthmus_vocab::Refusal::LinkDown);
+                return Err(StreamRefused(refusal));
+            }
+            Err(Failure::TimedOut(timeout)) => {
+                debug!(?timeout, authority = %authority, "no response head before the deadline");
+                let mut response = Response::new(Either::Right(Empty::new()));
+                *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+                response
+            }
+            Err(Failure::Http(e)) => {
                 if let Some(refusal) = self.refusal.as_ref().and_then(RefusalCell::get) {
                     return Err(StreamRefused(refusal));
                 }
@@ -764,74 +611,4 @@ fn request_authority<B>(req: &Request<B>) -> Option<&str> {
         .authority()
         .map(|a| a.as_str())
         .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    #[tokio::test(start_paused = true)]
-    async fn idle_fires_only_after_a_quiet_timeout() {
-        let clock = Arc::new(IdleClock::new());
-        let (a, mut b) = tokio::io::duplex(64);
-        let mut tracked = Tracked {
-            inner: a,
-            clock: clock.clone(),
-            head: None,
-        };
-        let timeout = Duration::from_secs(2);
-        let start = Instant::now();
-        let idle = clock.idle(timeout);
-        tokio::pin!(idle);
-        // Bytes each way at 1.5s and 3s keep it alive; quiet from 3s, it fires at 5s.
-        tokio::select! {
-            () = &mut idle => panic!("idle fired while bytes were moving"),
-            () = async {
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                b.write_all(b"in").await.unwrap();
-                let mut buf = [0u8; 2];
-                tracked.read_exact(&mut buf).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                tracked.write_all(b"out").await.unwrap();
-            } => {}
-        }
-        idle.await;
-        assert_eq!(start.elapsed(), Duration::from_secs(5));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_zero_timeout_never_fires() {
-        let clock = IdleClock::new();
-        let waited = tokio::time::timeout(Duration::from_secs(3600), clock.idle(Duration::ZERO));
-        assert!(waited.await.is_err());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_head_timer_starts_at_a_heads_first_byte_not_while_idle() {
-        let head = Arc::new(HeadClock::new());
-        let timeout = Duration::from_secs(2);
-        let expired = head.expired(timeout);
-        tokio::pin!(expired);
-        // A connection idle for an hour between requests is not the head timer's.
-        let idle = tokio::time::timeout(Duration::from_secs(3600), expired.as_mut());
-        assert!(idle.await.is_err());
-        // The first byte starts it; the head completing (a request in flight)
-        // stops it, however long the request takes.
-        let start = Instant::now();
-        head.on_read();
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let request = RequestInFlight::start(Some(head.clone()));
-        head.on_read();
-        let busy = tokio::time::timeout(Duration::from_secs(3600), expired.as_mut());
-        assert!(busy.await.is_err());
-        // Done: the next head's first byte starts it again, and a head that does not
-        // complete is cut `timeout` after that byte.
-        drop(request);
-        let next = Instant::now();
-        head.on_read();
-        expired.await;
-        assert_eq!(next.elapsed(), timeout);
-        assert!(start.elapsed() > timeout);
-    }
 }

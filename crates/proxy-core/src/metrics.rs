@@ -85,6 +85,18 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub authority: Arc<str>,
+    /// [`crate::http::RetryReason::as_str`]: `refused`, `failed`, `attempt_timeout`, `status`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    pub authority: Arc<str>,
+}
+
 /// Distinct authority label values kept before new ones become `other`.
 pub const MAX_AUTHORITY_LABELS: usize = 256;
 
@@ -99,6 +111,10 @@ pub struct ProxyMetrics {
     pub http_responses: Family<HttpResponseLabels, Counter>,
     pub http_latency: Family<HttpLabels, Histogram>,
     pub refusals: Family<RefusalLabels, Counter>,
+    /// Requests to mirrored Services sent again, by why.
+    pub request_retries: Family<RetryLabels, Counter>,
+    /// Requests to mirrored Services answered `504` at their deadline.
+    pub request_timeouts: Family<TimeoutLabels, Counter>,
     authorities: Arc<Mutex<HashSet<Arc<str>>>>,
     /// Per-direction handles looked up once, so a new connection costs atomic adds
     /// rather than four trips through the families' locks.
@@ -168,6 +184,8 @@ impl Default for ProxyMetrics {
             http_responses: Family::default(),
             http_latency: Family::new_with_constructor(latency_histogram),
             refusals: Family::default(),
+            request_retries: Family::default(),
+            request_timeouts: Family::default(),
             authorities: Arc::default(),
             handles: Arc::new(handles),
         }
@@ -176,6 +194,16 @@ impl Default for ProxyMetrics {
 
 impl ProxyMetrics {
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "request_retries",
+            "HTTP requests to mirrored Services sent again, by reason",
+            self.request_retries.clone(),
+        );
+        registry.register(
+            "request_timeouts",
+            "HTTP requests to mirrored Services answered 504 at their deadline",
+            self.request_timeouts.clone(),
+        );
         registry.register(
             "tcp_open",
             "TCP connections accepted",

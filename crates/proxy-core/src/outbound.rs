@@ -15,14 +15,14 @@ use tracing::{debug, info};
 use crate::addr::{LocalAddrs, OrigDst, OrigDstAddr};
 use crate::detect::{DetectConfig, Detected, Prefixed, Protocol, detect};
 use crate::forward::{ForwardConfig, forward_io, forward_tcp};
-use crate::http::HttpProxy;
+use crate::http::{HttpProxy, HttpUpstream, MirroredTarget, PerRequest, RetryBudgets};
 use crate::listen::{Accepted, Handler, reset};
 use crate::loops::{self, ConnectError, LoopWarning, OwnSocket, OwnSockets};
 use crate::metrics::{ConnectionGuard, Direction, ProxyMetrics};
 use crate::outcome::{Outcome, Reason, Side};
-use crate::pool::Pool;
+use crate::pool::{LinkState, Pool};
 use crate::route::{Route, RouteLookup};
-use crate::tunnel::client::{RefusalCell, TunnelStream};
+use crate::tunnel::client::{Carries, RefusalCell, TunnelStream};
 
 /// Settings of the outbound side.
 #[derive(Clone, Debug)]
@@ -46,12 +46,24 @@ pub struct Outbound<L> {
     pub cfg: OutboundConfig,
     pub http: HttpProxy,
     pub metrics: ProxyMetrics,
+    /// Per mirrored Service, the retries its requests may still spend.
+    pub retry_budgets: Arc<RetryBudgets>,
+}
+
+/// Why a connection got no upstream.
+enum Unserved {
+    /// The upstream was refused or failed: the client is reset.
+    Refused(Outcome),
+    /// The client failed while its protocol was being detected.
+    Client(std::io::Error),
 }
 
 enum Upstream {
     /// A passthrough connection, recorded as the proxy's own socket.
     Tcp(TcpStream, OwnSocket),
     Tunnel(TunnelStream),
+    /// HTTP to a mirrored Service: a stream per request, the first already open.
+    PerRequest(Arc<PerRequest>),
 }
 
 impl Upstream {
@@ -64,7 +76,7 @@ impl Upstream {
                     std::future::pending::<()>().await;
                 }
             }
-            Upstream::Tunnel(_) => std::future::pending().await,
+            Upstream::Tunnel(_) | Upstream::PerRequest(_) => std::future::pending().await,
         }
     }
 
@@ -111,18 +123,30 @@ impl<L: RouteLookup> Handler for Outbound<L> {
             return;
         }
         let route = self.lookup.route_addr(dst);
-        let (upstream, detected) = match self.connect_and_detect(&route, dst, &mut stream).await {
+        let served = match &route {
+            Route::Mirrored {
+                cluster,
+                authority,
+                policy,
+            } if !self.cfg.opaque_ports.contains(&dst.0.port()) => {
+                let target = MirroredTarget {
+                    cluster: cluster.clone(),
+                    authority: authority.clone(),
+                    policy: policy.clone(),
+                };
+                self.detect_and_open(target, &mut stream).await
+            }
+            _ => self.connect_and_detect(&route, dst, &mut stream).await,
+        };
+        let (upstream, detected) = match served {
             Ok(both) => both,
-            Err(outcome) => {
+            Err(Unserved::Refused(outcome)) => {
                 info!(%client, %dst, route = ?route, reason = outcome.close_label(), "outbound connection {outcome}");
                 guard.refuse(outcome);
                 reset(stream);
                 return;
             }
-        };
-        let detected = match detected {
-            Ok(detected) => detected,
-            Err(e) => {
+            Err(Unserved::Client(e)) => {
                 debug!(%client, error = %e, "client failed during detection");
                 guard.set_outcome(Outcome::new(Side::Downstream, Reason::Error));
                 return;
@@ -137,6 +161,7 @@ impl<L: RouteLookup> Handler for Outbound<L> {
         let (upstream, _own) = match upstream {
             Upstream::Tcp(stream, own) => (UpstreamIo::Tcp(stream), Some(own)),
             Upstream::Tunnel(s) => (UpstreamIo::tunnel(s), None),
+            Upstream::PerRequest(p) => (UpstreamIo::PerRequest(p), None),
         };
         self.forward(stream, upstream, detected, &label, &mut guard, drain)
             .await;
@@ -154,7 +179,7 @@ impl<L: RouteLookup> Outbound<L> {
         route: &Route,
         dst: OrigDstAddr,
         stream: &mut TcpStream,
-    ) -> Result<(Upstream, std::io::Result<Detected>), Outcome> {
+    ) -> Result<(Upstream, Detected), Unserved> {
         let skip_detection = self.cfg.opaque_ports.contains(&dst.0.port());
         let detection = async {
             if skip_detection {
@@ -166,13 +191,68 @@ impl<L: RouteLookup> Outbound<L> {
         let mut detection = std::pin::pin!(detection);
         let mut connect = std::pin::pin!(self.connect(route, dst));
         let upstream = tokio::select! {
-            upstream = &mut connect => upstream?,
-            detected = &mut detection => return Ok((connect.await?, detected)),
+            upstream = &mut connect => upstream.map_err(Unserved::Refused)?,
+            detected = &mut detection => {
+                let upstream = connect.await.map_err(Unserved::Refused)?;
+                return Ok((upstream, detected.map_err(Unserved::Client)?));
+            }
         };
         tokio::select! {
-            detected = &mut detection => Ok((upstream, detected)),
-            () = upstream.failed() => Err(upstream.refusal()),
+            detected = &mut detection => Ok((upstream, detected.map_err(Unserved::Client)?)),
+            () = upstream.failed() => Err(Unserved::Refused(upstream.refusal())),
         }
+    }
+
+    /// Detects first, then opens the mirrored Service's stream marked with what it
+    /// carries: the mark travels in the `CONNECT` itself, and opening costs no round
+    /// trip (the request's bytes follow the `CONNECT` at once), so nothing is lost by
+    /// waiting for detection. HTTP then gets a stream per request, this one first.
+    /// A link known to be down still refuses the client at once, not after detection.
+    async fn detect_and_open(
+        &self,
+        target: MirroredTarget,
+        stream: &mut TcpStream,
+    ) -> Result<(Upstream, Detected), Unserved> {
+        let pool = self
+            .gateway
+            .as_ref()
+            .ok_or(Unserved::Refused(Outcome::refused_here(Refusal::LinkDown)))?;
+        if let LinkState::Down { error, .. } = pool.state() {
+            info!(authority = %target.authority, cluster = %target.cluster, %error, "mirrored service unreachable");
+            return Err(Unserved::Refused(Outcome::refused_here(Refusal::LinkDown)));
+        }
+        let detected = detect(stream, &self.cfg.detect)
+            .await
+            .map_err(Unserved::Client)?;
+        let carries = match detected.protocol {
+            Protocol::Http1 => Carries::Http1Request,
+            Protocol::Http2 => Carries::H2Request,
+            Protocol::Opaque => Carries::Connection,
+        };
+        let opened = pool
+            .open_carrying(&target.authority, Some(&target.cluster), carries)
+            .await;
+        let first = match opened {
+            Ok(first) => first,
+            Err(e) => {
+                info!(authority = %target.authority, cluster = %target.cluster, error = %e, "mirrored service unreachable");
+                return Err(Unserved::Refused(e.outcome()));
+            }
+        };
+        if carries == Carries::Connection {
+            return Ok((Upstream::Tunnel(first), detected));
+        }
+        let budget = self.retry_budgets.get(&target.authority);
+        let per_request = PerRequest::new(
+            pool.clone(),
+            target,
+            carries,
+            first,
+            self.http.settings.h2.clone(),
+            budget,
+            self.metrics.clone(),
+        );
+        Ok((Upstream::PerRequest(Arc::new(per_request)), detected))
     }
 
     async fn connect(&self, route: &Route, dst: OrigDstAddr) -> Result<Upstream, Outcome> {
@@ -187,7 +267,9 @@ impl<L: RouteLookup> Outbound<L> {
                     Err(Outcome::refused_here(Refusal::UpstreamRefused))
                 }
             },
-            Route::Mirrored { cluster, authority } => {
+            Route::Mirrored {
+                cluster, authority, ..
+            } => {
                 let pool = self
                     .gateway
                     .as_ref()
@@ -249,6 +331,8 @@ pub enum UpstreamIo {
     Tcp(TcpStream),
     /// Any other stream; a tunnel stream comes with the cell its refusal lands in.
     Other(crate::tunnel::BoxIo, Option<RefusalCell>),
+    /// A mirrored Service's HTTP: a tunnel stream per request.
+    PerRequest(Arc<PerRequest>),
 }
 
 impl UpstreamIo {
@@ -303,9 +387,29 @@ pub(crate) async fn serve_detected(
             }
             outcome
         }
+        (Protocol::Opaque, UpstreamIo::PerRequest(_)) => {
+            // Never built for a connection that is not HTTP.
+            debug!(%label, "opaque connection without a connection stream");
+            Outcome::new(Side::Local, Reason::Error)
+        }
         (protocol, upstream) => {
             let downstream = Prefixed::new(detected.prefix.freeze(), downstream);
             let result = match upstream {
+                UpstreamIo::PerRequest(per_request) => {
+                    let abort = AbortHandle::new(downstream.get_ref());
+                    let upstream = HttpUpstream::<TcpStream>::PerRequest(per_request.clone());
+                    let result = http
+                        .serve_upstream(downstream, upstream, protocol, label, drain, None)
+                        .await;
+                    if result.is_err()
+                        && let Some(outcome) = per_request.refused()
+                    {
+                        abort.reset();
+                        refused(metrics, direction, guard, label, outcome);
+                        return;
+                    }
+                    result
+                }
                 UpstreamIo::Tcp(up) => {
                     let _ = up.set_nodelay(true);
                     http.serve(downstream, up, protocol, label, drain).await

@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::outcome::Outcome;
 use crate::resolve::{AddrWatch, GatewayHost, ResolveSettings};
-use crate::tunnel::client::{self, OpenError, TunnelSender, TunnelStream};
+use crate::tunnel::client::{self, Carries, OpenError, TunnelSender, TunnelStream};
 use crate::tunnel::{ConnectionError, H2Settings, HandshakeObserver, PingFailed, Pinger};
 
 /// How to reach one peer.
@@ -271,6 +271,17 @@ impl Pool {
         authority: &Authority,
         cluster: Option<&ClusterName>,
     ) -> Result<TunnelStream, PoolError> {
+        self.open_carrying(authority, cluster, Carries::Connection)
+            .await
+    }
+
+    /// [`Pool::open`] for a stream that carries what `carries` says.
+    pub async fn open_carrying(
+        &self,
+        authority: &Authority,
+        cluster: Option<&ClusterName>,
+        carries: Carries,
+    ) -> Result<TunnelStream, PoolError> {
         let peer = &self.shared.cfg.name;
         // A connection that died or drains between pick and use never saw the
         // stream: it is retried on another, each connection tried at most once.
@@ -284,7 +295,9 @@ impl Pool {
             // The far end connects within its own connect timeout; the same bound
             // on its answer catches a peer that went silent.
             let answer_within = self.shared.cfg.connect_timeout;
-            match client::open(&mut sender, authority, cluster, answer_within).await {
+            match client::open_carrying(&mut sender, authority, cluster, carries, answer_within)
+                .await
+            {
                 Ok(stream) => return Ok(stream),
                 Err(OpenError::Refused(refusal)) => {
                     return Err(PoolError::Refused {

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use isthmus_vocab::{Authority, ClusterName};
+use isthmus_vocab::{Authority, ClusterName, ServicePolicy};
 
 use crate::addr::OrigDstAddr;
 
@@ -15,10 +15,13 @@ use crate::addr::OrigDstAddr;
 pub enum Route {
     /// Not a mirrored service: connect to the original destination as the app asked.
     Passthrough,
-    /// A mirrored service: open a tunnel stream through the cluster's gateway.
+    /// A mirrored service: open a tunnel stream through the cluster's gateway (one
+    /// per HTTP request, else one per connection).
     Mirrored {
         cluster: ClusterName,
         authority: Authority,
+        /// The Service's timeouts and retries, applied to each HTTP request.
+        policy: Arc<ServicePolicy>,
     },
 }
 

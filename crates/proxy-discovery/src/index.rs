@@ -10,10 +10,12 @@ pub mod exported;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
-use isthmus_vocab::{Authority, ClusterName, SpiffeId};
+use isthmus_vocab::{Authority, ClusterName, ServicePolicy, SpiffeId};
 use serde::Serialize;
 
+use crate::model::policy::read_policy;
 use crate::model::{
     ClusterView, GatewayAddress, MIRRORED_SERVICE_LABEL, REMOTE_CLUSTER_LABEL,
     REMOTE_DOMAIN_ANNOTATION, REMOTE_SERVICE_ANNOTATION, Service, ServiceRef,
@@ -44,7 +46,40 @@ pub enum Route {
         /// This cluster's gateway; `None` when ClusterSettings names none, in
         /// which case the connection cannot be tunnelled and must be refused.
         gateway: Option<GatewayRef>,
+        /// The Service's timeouts and retries, from its policy annotations.
+        #[serde(serialize_with = "serialize_policy")]
+        policy: Arc<ServicePolicy>,
     },
+}
+
+/// A policy as `/config` shows it: durations as text, absent settings as `null`.
+fn serialize_policy<S: serde::Serializer>(
+    policy: &Arc<ServicePolicy>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct View {
+        request_timeout: Option<String>,
+        response_timeout: Option<String>,
+        retry_limit: u32,
+        retry_timeout: Option<String>,
+        retry_statuses: Vec<String>,
+        retry_any_method: bool,
+    }
+    let text = |d: Option<std::time::Duration>| d.map(|d| crate::model::GoDuration(d).to_string());
+    View {
+        request_timeout: text(policy.request_timeout),
+        response_timeout: text(policy.response_timeout),
+        retry_limit: policy.retry_limit,
+        retry_timeout: text(policy.retry_timeout),
+        retry_statuses: policy
+            .retry_statuses
+            .iter()
+            .map(|r| r.to_string())
+            .collect(),
+        retry_any_method: policy.retry_any_method,
+    }
+    .serialize(s)
 }
 
 /// A gateway to dial, and the identity it must prove.
@@ -84,23 +119,33 @@ impl Index {
                 tracing::warn!(service = %key,
                     "mirrored Service lacks valid remote-cluster/remote-service labels; routing it as local");
             }
+            let policy = remote.as_ref().map(|_| {
+                let (policy, ignored) = read_policy(&svc.metadata.annotations);
+                for error in ignored {
+                    tracing::warn!(service = %key, "mirrored Service {error}");
+                }
+                Arc::new(policy)
+            });
             for sp in svc.spec.ports.iter().filter(|p| p.is_tcp()) {
-                let route = match &remote {
-                    Some((cluster, host)) => match Authority::from_parts(host, sp.port) {
-                        Ok(authority) => Route::Remote {
-                            service: key.clone(),
-                            cluster: cluster.clone(),
-                            authority,
-                            gateway: gateway.cloned(),
-                        },
-                        // Port 0, which manifests refuse already: no route rather
-                        // than a tunnel to an authority the far gateway refuses.
-                        Err(e) => {
-                            tracing::warn!(service = %key, error = %e, "mirrored Service port has no valid authority; not routed");
-                            continue;
+                let route = match (&remote, &policy) {
+                    (Some((cluster, host)), Some(policy)) => {
+                        match Authority::from_parts(host, sp.port) {
+                            Ok(authority) => Route::Remote {
+                                service: key.clone(),
+                                cluster: cluster.clone(),
+                                authority,
+                                gateway: gateway.cloned(),
+                                policy: policy.clone(),
+                            },
+                            // Port 0, which manifests refuse already: no route rather
+                            // than a tunnel to an authority the far gateway refuses.
+                            Err(e) => {
+                                tracing::warn!(service = %key, error = %e, "mirrored Service port has no valid authority; not routed");
+                                continue;
+                            }
                         }
-                    },
-                    None => Route::Local {
+                    }
+                    _ => Route::Local {
                         service: key.clone(),
                         port: sp.port,
                     },

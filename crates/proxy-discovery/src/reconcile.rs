@@ -17,6 +17,7 @@ use std::net::IpAddr;
 
 use isthmus_vocab::ClusterName;
 
+use crate::model::policy::{policy_annotations, read_policy};
 use crate::model::{
     Cidr, ClusterIp, ClusterView, Condition, ConditionStatus, MIRRORED_SERVICE_LABEL, ObjectMeta,
     OwnerReference, REMOTE_CLUSTER_LABEL, REMOTE_DOMAIN_ANNOTATION, REMOTE_SERVICE_ANNOTATION,
@@ -199,11 +200,15 @@ pub fn mirrored_condition(mirror: &ServiceMirror, service: &Service) -> Conditio
         .first()
         .map(|ip| format!(" at {ip}"))
         .unwrap_or_default();
+    // A policy value that does not parse is ignored, and said here where the
+    // mirror's author looks.
+    let (_, ignored) = read_policy(&service.metadata.annotations);
+    let ignored: String = ignored.iter().map(|e| format!("; {e}")).collect();
     ready(
         ConditionStatus::True,
         MirrorReason::Mirrored,
         format!(
-            "Service {remote_ref} of cluster {} is mirrored as {local_ref}{at}, ports [{}]",
+            "Service {remote_ref} of cluster {} is mirrored as {local_ref}{at}, ports [{}]{ignored}",
             mirror.spec.cluster,
             ports.join(", ")
         ),
@@ -247,6 +252,11 @@ fn mirrored_service(
         REMOTE_DOMAIN_ANNOTATION.to_owned(),
         remote.settings.spec.cluster_domain.clone(),
     );
+    // The Service's timeouts and retries, set on the mirror, travel with the Service
+    // the sidecars' route index is built from.
+    for (key, value) in policy_annotations(&mirror.metadata.annotations) {
+        metadata.annotations.insert(key.clone(), value.clone());
+    }
     metadata.owner_references.push(OwnerReference {
         api_version: ServiceMirror::API_VERSION.to_owned(),
         kind: ServiceMirror::KIND.to_owned(),

@@ -23,10 +23,14 @@ pub struct DiscoveryRoutes {
 fn convert(route: Option<&DiscoveryRoute>) -> Route {
     match route {
         Some(DiscoveryRoute::Remote {
-            cluster, authority, ..
+            cluster,
+            authority,
+            policy,
+            ..
         }) => Route::Mirrored {
             cluster: cluster.clone(),
             authority: authority.clone(),
+            policy: policy.clone(),
         },
         Some(DiscoveryRoute::Local { .. }) | None => Route::Passthrough,
     }

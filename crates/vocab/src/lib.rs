@@ -12,6 +12,8 @@
 //! - [`spiffe`]: [`SpiffeId`] and [`TrustDomain`], after the SPIFFE ID specification.
 //! - [`tunnel`]: the tunnel's header names and its [`Refusal`] reasons with their
 //!   HTTP statuses.
+//! - [`policy`]: a Service's request [`ServicePolicy`] (timeouts, retries) and the
+//!   annotations that set it.
 //! - [`ports`]: the mesh's default ports and the proxy's UID.
 //! - [`error_chain`]: one error and its causes on one line.
 //!
@@ -20,12 +22,14 @@
 
 pub mod authority;
 pub mod cluster;
+pub mod policy;
 pub mod ports;
 pub mod spiffe;
 pub mod tunnel;
 
 pub use authority::{Authority, AuthorityError};
 pub use cluster::{ClusterName, ClusterNameError};
+pub use policy::ServicePolicy;
 pub use spiffe::{IdError, SpiffeId, TrustDomain};
 pub use tunnel::{
     CLUSTER_HEADER, ONE_REQUEST_H2, ONE_REQUEST_HEADER, ONE_REQUEST_HTTP1, REFUSAL_HEADER, Refusal,

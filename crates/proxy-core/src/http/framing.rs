@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{Request, header};
 use hyper::body::Incoming;
 
-use super::InFlight;
+use super::clock::InFlight;
 
 /// Framing hyper lets through but an origin may read differently: the request is
 /// refused rather than forwarded.

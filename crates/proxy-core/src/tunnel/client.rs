@@ -20,7 +20,10 @@ use bytes::Bytes;
 use h2::SendStream;
 use h2::client::ResponseFuture;
 use http::{Method, Request};
-use isthmus_vocab::{Authority, CLUSTER_HEADER, ClusterName, REFUSAL_HEADER, Refusal};
+use isthmus_vocab::{
+    Authority, CLUSTER_HEADER, ClusterName, ONE_REQUEST_H2, ONE_REQUEST_HEADER, ONE_REQUEST_HTTP1,
+    REFUSAL_HEADER, Refusal,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::stream::{ConnectionError, H2Io, Pinger, drive_with_pinger, h2_io_error};
@@ -320,6 +323,29 @@ pub(crate) async fn handshake_with_pinger<I: Io>(
     Ok((sender, pinger, driver))
 }
 
+/// What a stream carries, as the far end learns it from the `CONNECT`'s
+/// [`ONE_REQUEST_HEADER`]: the hop that picks an endpoint may score it by the
+/// response of a stream that carries one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Carries {
+    /// A whole connection's bytes, whatever they are (no header).
+    Connection,
+    /// One HTTP/1.1 request and its response.
+    Http1Request,
+    /// An HTTP/2 connection that carries one request.
+    H2Request,
+}
+
+impl Carries {
+    fn header(self) -> Option<&'static str> {
+        match self {
+            Carries::Connection => None,
+            Carries::Http1Request => Some(ONE_REQUEST_HTTP1),
+            Carries::H2Request => Some(ONE_REQUEST_H2),
+        }
+    }
+}
+
 /// Opens one stream to `authority` in `cluster` (no cluster: the peer's own pod).
 /// Returns once the `CONNECT` is queued, before the far end answered; an answer
 /// that has not come within `answer_within` counts as `upstream_timeout`.
@@ -329,11 +355,32 @@ pub async fn open(
     cluster: Option<&ClusterName>,
     answer_within: Duration,
 ) -> Result<TunnelStream, OpenError> {
+    open_carrying(
+        sender,
+        authority,
+        cluster,
+        Carries::Connection,
+        answer_within,
+    )
+    .await
+}
+
+/// [`open`] for a stream that carries what `carries` says.
+pub async fn open_carrying(
+    sender: &mut TunnelSender,
+    authority: &Authority,
+    cluster: Option<&ClusterName>,
+    carries: Carries,
+    answer_within: Duration,
+) -> Result<TunnelStream, OpenError> {
     let mut request = Request::builder()
         .method(Method::CONNECT)
         .uri(authority.as_str());
     if let Some(cluster) = cluster {
         request = request.header(CLUSTER_HEADER, cluster.as_str());
+    }
+    if let Some(protocol) = carries.header() {
+        request = request.header(ONE_REQUEST_HEADER, protocol);
     }
     let request = request
         .body(())

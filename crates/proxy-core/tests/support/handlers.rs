@@ -103,6 +103,7 @@ pub fn outbound(
         },
         http: http_proxy(metrics, Direction::Outbound),
         metrics: metrics.clone(),
+        retry_budgets: Default::default(),
     })
 }
 

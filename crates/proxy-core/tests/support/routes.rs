@@ -17,6 +17,22 @@ impl FixedRoutes {
         self
     }
 
+    /// [`FixedRoutes::mirror_addr`] for a Service with its own timeouts and retries.
+    pub fn mirror_addr_with(
+        mut self,
+        dst: SocketAddr,
+        cluster: &str,
+        authority: &str,
+        policy: isthmus_vocab::ServicePolicy,
+    ) -> Self {
+        let mut route = mirrored(cluster, authority);
+        if let Route::Mirrored { policy: slot, .. } = &mut route {
+            *slot = Arc::new(policy);
+        }
+        self.by_addr.insert(dst, route);
+        self
+    }
+
     /// An explicit proxy's `CONNECT name` goes to `cluster`'s `authority`.
     pub fn mirror_name(mut self, name: &str, cluster: &str, authority: &str) -> Self {
         self.by_authority
@@ -29,6 +45,7 @@ fn mirrored(cluster: &str, authority: &str) -> Route {
     Route::Mirrored {
         cluster: ClusterName::parse(cluster).unwrap(),
         authority: Authority::parse(authority).unwrap(),
+        policy: Arc::default(),
     }
 }
 

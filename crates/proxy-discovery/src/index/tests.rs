@@ -95,6 +95,7 @@ fn mirrored_services_route_to_the_remote_authority_via_the_gateway() {
         cluster,
         authority,
         gateway,
+        ..
     } = route
     else {
         panic!("{route:?}")
@@ -119,4 +120,48 @@ fn serialises_for_config() {
     assert_eq!(json["authorities"]["web.shop:80"]["service"]["name"], "web");
     assert_eq!(s.index().addr_len(), 3);
     assert_eq!(s.index().authority_len(), 6);
+}
+
+/// The ServiceMirror's policy annotations reach the route (and `/config`); a value
+/// that does not parse is named in the mirror's status and only it is ignored.
+#[test]
+fn a_mirrors_policy_annotations_ride_its_route() {
+    let annotated = LOCAL.replace(
+        "metadata: {name: hello-mirror, namespace: default}",
+        "metadata:
+  name: hello-mirror
+  namespace: default
+  annotations:
+    timeout.isthmus.io/request: 200ms
+    retry.isthmus.io/limit: \"5\"
+    retry.isthmus.io/http: sometimes",
+    );
+    let b = ClusterName::parse("cluster-b").unwrap();
+    let a = ClusterName::parse("cluster-a").unwrap();
+    let local = ClusterView::build(b, parse_manifests("l.yaml", &annotated).unwrap()).unwrap();
+    let remote = ClusterView::build(a.clone(), parse_manifests("r.yaml", REMOTE).unwrap()).unwrap();
+    let s = Snapshot::build(local, BTreeMap::from([(a, remote)]));
+    let Some(Route::Remote { policy, .. }) = s.lookup_authority("hello.default.svc.b.example:8080")
+    else {
+        panic!("no remote route")
+    };
+    assert_eq!(
+        **policy,
+        ServicePolicy {
+            request_timeout: Some(std::time::Duration::from_millis(200)),
+            retry_limit: 5,
+            ..ServicePolicy::default()
+        }
+    );
+    let json = serde_json::to_value(s.index()).unwrap();
+    let shown = &json["authorities"]["hello.default.svc.b.example:8080"]["policy"];
+    assert_eq!(shown["request_timeout"], "200ms");
+    assert_eq!(shown["retry_limit"], 5);
+    assert_eq!(shown["response_timeout"], serde_json::Value::Null);
+    let mirror = s.service_mirror("default", "hello-mirror").unwrap();
+    let status = serde_json::to_string(&mirror.status).unwrap();
+    assert!(
+        status.contains("annotation retry.isthmus.io/http: \\\"sometimes\\\""),
+        "{status}"
+    );
 }

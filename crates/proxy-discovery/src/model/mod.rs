@@ -11,6 +11,7 @@ pub mod manifest;
 mod mesh;
 mod meta;
 mod names;
+pub mod policy;
 
 pub use self::cluster::{ClusterView, EndpointMesh, ViewError};
 pub use self::core::{

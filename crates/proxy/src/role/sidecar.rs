@@ -41,6 +41,7 @@ pub async fn run(config: Config) -> Result<()> {
         },
         http: base.http_proxy(Direction::Outbound),
         metrics: base.metrics.clone(),
+        retry_budgets: Default::default(),
     });
 
     let app = base.config.app_address();
