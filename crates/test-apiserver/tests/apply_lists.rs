@@ -76,13 +76,8 @@ async fn service_ports_merge_by_port_and_protocol() {
     let http = json!([{"name": "http", "port": 80, "targetPort": 8080}]);
     apply(&api, "app", service(http)).await.unwrap();
     // Another manager adds its own port: both stay.
-    let both = apply(
-        &api,
-        "metrics",
-        service(json!([{"name": "metrics", "port": 9090}])),
-    )
-    .await
-    .unwrap();
+    let metrics = json!([{"name": "metrics", "port": 9090}]);
+    let both = apply(&api, "metrics", service(metrics)).await.unwrap();
     assert_eq!(
         ports(&both),
         vec![(80, Some("8080".to_owned())), (9090, None)]
@@ -121,13 +116,8 @@ async fn service_ports_merge_by_port_and_protocol() {
     assert_eq!(ports(&udp).len(), 3);
 
     // The first manager stops applying its port: it goes, the others stay.
-    let left = apply(
-        &api,
-        "app",
-        service(json!([{"name": "https", "port": 443}])),
-    )
-    .await
-    .unwrap();
+    let https = json!([{"name": "https", "port": 443}]);
+    let left = apply(&api, "app", service(https)).await.unwrap();
     assert_eq!(ports(&left), vec![(9090, None), (9090, None), (443, None)]);
 }
 
