@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use isthmus_vocab::SpiffeId;
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
-use proxy_identity::{CredentialPaths, CredentialStore, Credentials};
+use proxy_identity::{CredentialPaths, CredentialStore};
 
 /// An in-memory identity for `id` under `issuer`: nothing is written, the store only
 /// names the paths.
@@ -21,14 +21,9 @@ pub fn store(issuer: &mint::CertificateAuthority, id: &str) -> Arc<CredentialSto
     )
     .expect("mint a leaf");
     let paths = CredentialPaths::in_dir("bench");
-    let creds = Credentials::from_pem(
-        &paths,
-        bundle.cert_chain_pem.as_bytes(),
-        bundle.key_pem.as_bytes(),
-        bundle.anchors_pem.as_bytes(),
-        SystemTime::now(),
-    )
-    .expect("fresh credentials are valid");
+    let creds = bundle
+        .credentials(&paths, SystemTime::now())
+        .expect("fresh credentials are valid");
     Arc::new(CredentialStore::from_credentials(paths, creds))
 }
 

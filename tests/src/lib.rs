@@ -18,6 +18,8 @@
 //! - [`peer`]: the pool configuration of a test client of a mesh port.
 //! - [`pod`]: one pod with the real capture and sidecar, and a server namespace,
 //!   for the fault and load tests; process probes (RSS, descriptors, limits).
+//! - [`wan`]: namespaces of several clusters on one bridge, and a proxy's command
+//!   line with its files in one folder.
 //!
 //! Addresses come only from 198.18.0.0/15 and 2001:2::/48, inside namespaces the tests
 //! create; nothing gets a default route or NAT to the host. This crate is never a
@@ -34,3 +36,4 @@ pub mod peer;
 pub mod pod;
 pub mod tcp;
 pub mod tls_probe;
+pub mod wan;

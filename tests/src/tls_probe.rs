@@ -4,19 +4,21 @@
 //! failed handshake as text.
 //!
 //! It deliberately trusts any server certificate: the probes check what the
-//! server refuses and when, not who it is. Running the handshake and reading the
-//! frames after it stay with each test, which reads different amounts.
+//! server refuses and when, not who it is. [`handshake_over`] runs a handshake to
+//! the server's first HTTP/2 frame; what is read after it stays with each test.
 
-use std::io;
+use std::io::{self, Read as _};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use isthmus_test_support::pki::AcceptAnything;
 use proxy_identity::mint::LeafBundle;
 use proxy_identity::rustls::pki_types::pem::PemObject;
 use proxy_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use proxy_identity::rustls::{self, ClientConfig};
+use proxy_identity::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
 
 /// A client config of the given TLS versions with ALPN `h2`, with `leaf` as client
 /// certificate (or none), and the flag set once a server showed a certificate.
@@ -58,4 +60,31 @@ pub fn tls_error(e: &io::Error) -> String {
         Some(tls) => format!("{tls:?}"),
         None => format!("{:?}: {e}", e.kind()),
     }
+}
+
+/// Runs the handshake of `conn` over `sock`, each read bounded by `timeout`, and
+/// reads the server's first frame whole, so later frames start on a frame boundary.
+/// `Ok` with the stream when that frame is the SETTINGS of a served HTTP/2
+/// connection; else the error (a late alert, say) as text.
+pub fn handshake_over(
+    mut sock: TcpStream,
+    mut conn: ClientConnection,
+    timeout: Duration,
+) -> Result<StreamOwned<ClientConnection, TcpStream>, String> {
+    const SETTINGS: u8 = 0x4;
+    sock.set_read_timeout(Some(timeout))
+        .map_err(|e| format!("setting the read timeout: {e}"))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).map_err(|e| tls_error(&e))?;
+    }
+    let mut stream = StreamOwned::new(conn, sock);
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).map_err(|e| tls_error(&e))?;
+    if head[3] != SETTINGS {
+        return Err(format!("first frame is of type {}, not SETTINGS", head[3]));
+    }
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).map_err(|e| tls_error(&e))?;
+    Ok(stream)
 }

@@ -27,7 +27,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use isthmus_test_support::{Metrics, eventually_blocking};
-use isthmus_tests::binary::binary;
 use isthmus_tests::identity::Pki;
 use isthmus_tests::multicluster::{
     MIRROR, NAMESPACE, cluster_settings, gateway_id, link, link_at, service, settings_at,
@@ -35,6 +34,7 @@ use isthmus_tests::multicluster::{
 use isthmus_tests::netns::{Lab, Namespace};
 use isthmus_tests::pod;
 use isthmus_tests::tcp::{self, WAIT};
+use isthmus_tests::wan::{Wan, proxy_command, write_files};
 use isthmus_vocab::SpiffeId;
 
 const A_NAME: &str = "gateway.cluster-a.test";
@@ -103,14 +103,8 @@ impl Drop for World {
 impl World {
     fn start() -> Self {
         let lab = Lab::new();
-        let wan = lab.namespace();
-        let bridge = lab.bridge(&wan).unwrap();
-        let place = |ip: &str| {
-            let ns = lab.namespace();
-            let iface = lab.attach(&wan, &bridge, &ns).unwrap();
-            ns.add_addr(&iface, &format!("{ip}/24")).unwrap();
-            ns
-        };
+        let wan = Wan::new(&lab);
+        let place = |ip: &str| wan.place(ip);
         let b1 = place("198.18.0.1");
         let a1 = place("198.18.0.2");
         let a2 = place("198.18.0.3");
@@ -128,12 +122,7 @@ impl World {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let write = |proxy: &str, files: &[(&str, String)]| {
-            let manifests = root.join(format!("manifests-{proxy}"));
-            for (file, text) in files {
-                let path = manifests.join(file);
-                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-                std::fs::write(path, text).unwrap();
-            }
+            write_files(&root.join(format!("manifests-{proxy}")), files);
         };
         for (proxy, own) in [("a1", "198.18.0.2:4143"), ("a2", "198.18.0.3:4143")] {
             write(
@@ -203,14 +192,9 @@ impl World {
                 "cluster-b"
             };
             let log = root.join(format!("{proxy}.log"));
-            let mut cmd = ns.command(binary("isthmus-proxy"));
-            cmd.args([role, "--cluster", cluster, "--identity-dir"])
-                .arg(root.join(format!("identity-{proxy}")))
-                .arg("--manifests")
-                .arg(root.join(format!("manifests-{proxy}")))
-                .args(["--admin-addr", ADMIN, "--dns-refresh-interval", REFRESH])
+            let mut cmd = proxy_command(ns, role, cluster, root, proxy, ADMIN);
+            cmd.args(["--dns-refresh-interval", REFRESH])
                 .args(["--reload-interval", "200ms", "--tunnel-connections", "1"])
-                .args(["--connect-timeout", "2s", "--workers", "1"])
                 .args(["--log", "info,proxy_core=debug"]);
             if role == "gateway" {
                 // The backends are on the gateway namespaces' loopback.

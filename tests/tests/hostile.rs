@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 
 use isthmus_tests::pod::{self, PodOptions, SidecarPod};
 use isthmus_tests::tcp::{self, WAIT, closed_within, read_response};
-use isthmus_tests::tls_probe::{probe_config, tls_error};
+use isthmus_tests::tls_probe::{handshake_over, probe_config};
 use isthmus_tests::{h2c, identity};
 use isthmus_vocab::SpiffeId;
 use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use proxy_identity::rustls::pki_types::ServerName;
-use proxy_identity::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
+use proxy_identity::rustls::{self, ClientConfig, ClientConnection};
 
 /// Bound on "the proxy closed it": several times any timeout the tests set.
 const CLOSE_BOUND: Duration = Duration::from_secs(20);
@@ -395,19 +395,8 @@ fn an_http2_header_list_over_the_limit_is_refused_and_the_connection_lives_on() 
 /// A handshake over `sock`, then the server's first bytes (its HTTP/2 SETTINGS, or
 /// a late alert). `Ok` when served.
 fn handshake(sock: TcpStream, config: Arc<ClientConfig>, peer: IpAddr) -> Result<(), String> {
-    let mut conn = ClientConnection::new(config, ServerName::IpAddress(peer.into())).unwrap();
-    sock.set_read_timeout(Some(WAIT)).unwrap();
-    let mut sock = sock;
-    while conn.is_handshaking() {
-        conn.complete_io(&mut sock).map_err(|e| tls_error(&e))?;
-    }
-    let mut stream = StreamOwned::new(conn, sock);
-    let mut head = [0u8; 9];
-    stream.read_exact(&mut head).map_err(|e| tls_error(&e))?;
-    match head[3] {
-        0x4 => Ok(()),
-        other => Err(format!("first frame of type {other}, not SETTINGS")),
-    }
+    let conn = ClientConnection::new(config, ServerName::IpAddress(peer.into())).unwrap();
+    handshake_over(sock, conn, WAIT).map(drop)
 }
 
 #[test]

@@ -285,18 +285,10 @@ impl Elector {
                     ..LeaseSpec::default()
                 }),
             };
-            return match self
-                .call("create", self.api.create(&PostParams::default(), &lease))
-                .await
-            {
-                Ok(_) => Ok(Attempt::Leading(deadline)),
-                // Another replica created it first.
-                Err(LeaseError::Api {
-                    source: kube::Error::Api(s),
-                    ..
-                }) if s.code == 409 => Ok(Attempt::Following),
-                Err(e) => Err(e),
-            };
+            // A conflict: another replica created it first.
+            let params = PostParams::default();
+            let create = self.api.create(&params, &lease);
+            return self.claim("create", create, deadline).await;
         };
         let mut spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
@@ -334,6 +326,24 @@ impl Elector {
         self.write(lease, deadline, "take over").await
     }
 
+    /// Makes the write of the Lease `write`: done, this replica leads until
+    /// `deadline`; refused with a conflict (409), another replica wrote first.
+    async fn claim(
+        &self,
+        action: &'static str,
+        write: impl Future<Output = Result<Lease, kube::Error>>,
+        deadline: Instant,
+    ) -> Result<Attempt, LeaseError> {
+        match self.call(action, write).await {
+            Ok(_) => Ok(Attempt::Leading(deadline)),
+            Err(LeaseError::Api {
+                source: kube::Error::Api(s),
+                ..
+            }) if s.code == 409 => Ok(Attempt::Following),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Replaces the Lease with the resourceVersion it was read at: a conflict
     /// means someone else wrote first.
     async fn write(
@@ -342,21 +352,9 @@ impl Elector {
         deadline: Instant,
         action: &'static str,
     ) -> Result<Attempt, LeaseError> {
-        match self
-            .call(
-                action,
-                self.api
-                    .replace(&self.config.name, &PostParams::default(), &lease),
-            )
-            .await
-        {
-            Ok(_) => Ok(Attempt::Leading(deadline)),
-            Err(LeaseError::Api {
-                source: kube::Error::Api(s),
-                ..
-            }) if s.code == 409 => Ok(Attempt::Following),
-            Err(e) => Err(e),
-        }
+        let params = PostParams::default();
+        let replace = self.api.replace(&self.config.name, &params, &lease);
+        self.claim(action, replace, deadline).await
     }
 
     async fn release(self) {

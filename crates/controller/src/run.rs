@@ -224,39 +224,16 @@ async fn lead(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(remotes.clone());
 
-    let (services, services_writer) = reflector::store::<KubeService>();
-    let service_events = reflector::reflector(
-        services_writer,
-        watcher(
-            Api::<KubeService>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .touched_objects();
-    let (links, links_writer) = reflector::store::<LinkResource>();
-    let link_events = reflector::reflector(
-        links_writer,
-        watcher(
-            Api::<LinkResource>::namespaced(client.clone(), &config.namespace),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .touched_objects();
+    let (services, service_events) = cache(Api::<KubeService>::all(client.clone()));
+    let service_events = service_events.touched_objects();
+    let links = Api::<LinkResource>::namespaced(client.clone(), &config.namespace);
+    let (links, link_events) = cache(links);
+    let link_events = link_events.touched_objects();
 
     // Where the discovery ConfigMap is published: every namespace, so a pod of any
     // namespace can mount it (a ConfigMap volume reads its own namespace only).
-    let (namespaces, namespaces_writer) = reflector::store::<Namespace>();
-    let namespace_events = reflector::reflector(
-        namespaces_writer,
-        watcher(
-            Api::<Namespace>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .for_each(|event| async move {
+    let (namespaces, namespace_events) = cache(Api::<Namespace>::all(client.clone()));
+    let namespace_events = namespace_events.for_each(|event| async move {
         if let Err(e) = event {
             tracing::debug!(error = %e, "namespace watch");
         }
@@ -397,6 +374,28 @@ pub const DISCOVERY_LABEL: &str = "isthmus.io/discovery";
 /// The namespaces that get the discovery ConfigMap: the control plane's, and
 /// every other one that is not the cluster's own (`kube-*`), not being deleted, and
 /// not labelled `isthmus.io/discovery: disabled`.
+/// A cache of what `api` lists, and the stream of watch events that keeps it (and
+/// must be polled for it to fill), backing off while the API server errs.
+fn cache<K>(
+    api: Api<K>,
+) -> (
+    reflector::Store<K>,
+    impl futures_util::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let events = reflector::reflector(writer, watcher(api, watcher::Config::default()));
+    (store, events.default_backoff())
+}
+
 fn discovery_namespaces(control_plane: &str, namespaces: &[Arc<Namespace>]) -> BTreeSet<String> {
     let mut wanted: BTreeSet<String> = namespaces
         .iter()

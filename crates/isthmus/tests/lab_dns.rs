@@ -61,11 +61,7 @@ fn answers(client_ns: &str) -> bool {
 
 #[test]
 fn a_link_named_by_dns_moves_with_its_name_without_a_restart() {
-    require_root();
-    let tmp = tempfile::tempdir().unwrap();
-    two_clusters(tmp.path(), 1, &mirror("hello"));
-    let lab = LiveLab::start(tmp.path(), "400s");
-    let client_ns = lab.pod_ns("cluster-b", "client");
+    let (_dir, lab, client_ns) = hello_lab();
     let (a_gw, b_gw) = (lab.gateway_ns("cluster-a"), lab.gateway_ns("cluster-b"));
     let pid = gateway_pid(&lab.prefix);
     assert!(

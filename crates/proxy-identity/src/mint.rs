@@ -440,6 +440,22 @@ impl LeafBundle {
             overwrite,
         )
     }
+
+    /// The bundle validated as the proxy validates what it loads, at `now`, without
+    /// touching files: `paths` only name the files in errors.
+    pub fn credentials(
+        &self,
+        paths: &crate::CredentialPaths,
+        now: SystemTime,
+    ) -> Result<crate::Credentials, crate::CredsError> {
+        crate::Credentials::from_pem(
+            paths,
+            self.cert_chain_pem.as_bytes(),
+            self.key_pem.as_bytes(),
+            self.anchors_pem.as_bytes(),
+            now,
+        )
+    }
 }
 
 const KEY_MODE: u32 = 0o600;

@@ -13,13 +13,13 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Client, round_trip_within, write_files};
+use common::{Client, Proxy, round_trip_within, write_files};
+use isthmus_test_support::proxy::http_get;
 use isthmus_tests::identity::Pki;
 use isthmus_tests::multicluster::{cluster_settings, gateway_id};
 use isthmus_vocab::{Refusal, SpiffeId};
@@ -101,102 +101,34 @@ impl App {
     }
 }
 
-/// A proxy process (gateway or sidecar); killed when dropped, its log shown if
-/// the test is failing.
-struct Proxy {
-    name: String,
-    child: Child,
-    log: PathBuf,
-    admin: SocketAddr,
-}
-
-impl Proxy {
-    fn spawn(
-        role: &str,
-        name: &str,
-        root: &Path,
-        identity: &Path,
-        inbound: SocketAddr,
-        extra: &[String],
-    ) -> Proxy {
-        let log = root.join(format!("{name}.log"));
-        let admin = free_addr(inbound.ip());
-        let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
-            .arg(role)
-            .args((role == "gateway").then_some("--allow-local-endpoints"))
-            .args(["--cluster", "cluster-a"])
-            .arg("--identity-dir")
-            .arg(identity)
-            .arg("--manifests")
-            .arg(root.join("manifests"))
-            .args(["--inbound-addr", &inbound.to_string()])
-            .args(["--admin-addr", &admin.to_string()])
-            .args(["--reload-interval", "200ms"])
-            .args(["--connect-timeout", "2s"])
-            .args(["--log", "info,proxy_core=debug"])
-            .args(extra)
-            .env_clear()
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Proxy {
-            name: name.to_owned(),
-            child,
-            log,
-            admin,
-        }
-    }
-
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + STEP;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("{} exited: {status}", self.name);
-            }
-            if http_get(self.admin, "/ready").await == "ready\n" {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never became ready",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- {} log ---\n{}",
-                self.name,
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-/// The body of a plain HTTP/1.1 GET (empty on any failure; bounded).
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
-    };
-    timeout(STEP, attempt)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+/// A proxy of cluster-a (gateway or sidecar) named `name`, reading the manifests
+/// under `root` and tunnelling in at `inbound`, its admin server on the same
+/// address.
+fn spawn(
+    role: &str,
+    name: &str,
+    root: &Path,
+    identity: &Path,
+    inbound: SocketAddr,
+    extra: &[String],
+) -> Proxy {
+    Proxy::command(
+        env!("CARGO_BIN_EXE_isthmus-proxy"),
+        role,
+        "cluster-a",
+        identity,
+        &root.join("manifests"),
+        free_addr(inbound.ip()),
+        root.join(format!("{name}.log")),
+    )
+    .named(name)
+    .args((role == "gateway").then_some("--allow-local-endpoints"))
+    .args(["--inbound-addr", &inbound.to_string()])
+    .args(["--reload-interval", "200ms"])
+    .args(["--connect-timeout", "2s"])
+    .args(["--log", "info,proxy_core=debug"])
+    .args(extra)
+    .start()
 }
 
 /// An exported Service `name` whose Endpoints list `pods` (`(pod name, address)`)
@@ -353,7 +285,7 @@ async fn a_meshed_endpoint_is_reached_over_its_sidecar_or_not_at_all() {
         &foreign.leaf("cluster-a", &id("impostor")),
     );
 
-    let mut gateway = Proxy::spawn(
+    let mut gateway = spawn(
         "gateway",
         "gateway",
         root,
@@ -361,28 +293,20 @@ async fn a_meshed_endpoint_is_reached_over_its_sidecar_or_not_at_all() {
         gateway_addr,
         &[],
     );
-    let outbound = |host| {
-        vec![
-            "--outbound-addr".to_owned(),
-            free_addr(ip(host)).to_string(),
-        ]
+    // The sidecar of the pod at `ip(host)`, with the identity written for `name`.
+    let sidecar = |name: &str, host| {
+        let outbound = free_addr(ip(host)).to_string();
+        spawn(
+            "sidecar",
+            &format!("sidecar-{name}"),
+            root,
+            &root.join(format!("identity-{name}")),
+            SocketAddr::new(ip(host), TUNNEL_PORT),
+            &["--outbound-addr".to_owned(), outbound],
+        )
     };
-    let mut healthy_sidecar = Proxy::spawn(
-        "sidecar",
-        "sidecar-healthy",
-        root,
-        &root.join("identity-healthy"),
-        SocketAddr::new(ip(4), TUNNEL_PORT),
-        &outbound(4),
-    );
-    let mut impostor_sidecar = Proxy::spawn(
-        "sidecar",
-        "sidecar-impostor",
-        root,
-        &root.join("identity-impostor"),
-        SocketAddr::new(ip(3), TUNNEL_PORT),
-        &outbound(3),
-    );
+    let mut healthy_sidecar = sidecar("healthy", 4);
+    let mut impostor_sidecar = sidecar("impostor", 3);
     gateway.wait_ready().await;
     healthy_sidecar.wait_ready().await;
     impostor_sidecar.wait_ready().await;
@@ -423,14 +347,18 @@ async fn a_meshed_endpoint_is_reached_over_its_sidecar_or_not_at_all() {
             outcomes.push((service, outcome));
         }
     }
-    for (name, app) in [("down", &down), ("impostor", &impostor)] {
-        assert_eq!(
-            (app.accepted(), app.bytes()),
-            (0, 0),
-            "the {name} pod's app got plaintext (connections, bytes) at {}",
-            app.addr
-        );
-    }
+    // Neither the stopped nor the impostor pod's app is ever given plaintext.
+    let no_plaintext = || {
+        for (name, app) in [("down", &down), ("impostor", &impostor)] {
+            assert_eq!(
+                (app.accepted(), app.bytes()),
+                (0, 0),
+                "the {name} pod's app got plaintext (connections, bytes) at {}",
+                app.addr
+            );
+        }
+    };
+    no_plaintext();
     for (service, outcome) in &outcomes {
         assert_eq!(outcome, Refusal::UpstreamRefused.as_str(), "{service}");
     }
@@ -446,14 +374,7 @@ async fn a_meshed_endpoint_is_reached_over_its_sidecar_or_not_at_all() {
     }
     assert_eq!(healthy.accepted(), ATTEMPTS);
 
-    for (name, app) in [("down", &down), ("impostor", &impostor)] {
-        assert_eq!(
-            (app.accepted(), app.bytes()),
-            (0, 0),
-            "the {name} pod's app got plaintext connections (accepted, bytes) at {}",
-            app.addr
-        );
-    }
+    no_plaintext();
     let metrics = http_get(healthy_sidecar.admin, "/metrics").await;
     assert!(
         metrics.contains("tcp_open_total{direction=\"inbound\"} 10"),

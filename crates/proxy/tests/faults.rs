@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use common::{
     STEP, connect_through, echo, free_port, mint_identity, spawn_standalone, write_files,
 };
+use isthmus_test_support::cases::fuzz_corpus;
 use isthmus_test_support::{Metrics, Proxy, eventually_blocking};
 
 /// The proxy under test and where it listens.
@@ -370,13 +371,7 @@ fn footprint(pid: u32) -> (usize, u64) {
 
 #[test]
 fn every_fuzzed_manifest_fed_to_a_live_proxy_leaves_it_serving() {
-    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/manifest");
-    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&corpus)
-        .unwrap_or_else(|e| panic!("the manifest corpus {}: {e}", corpus.display()))
-        .map(|entry| entry.unwrap().path())
-        .collect();
-    inputs.sort();
-    assert!(!inputs.is_empty(), "{} is empty", corpus.display());
+    let inputs = fuzz_corpus("manifest");
     let dir = tempfile::tempdir().unwrap();
     let mut proxy = start(dir.path(), &["--reload-interval", "10ms"]);
     let echo = echo();

@@ -122,15 +122,19 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
         &Presented::of(&pki.leaf("cluster-b", WORKLOAD_ID)),
     )
     .await;
-    let mut gw_a = spawn(
-        "gateway",
-        "cluster-a",
-        &identity(root, "gateway-a", &pki.leaf("cluster-a", GATEWAY_ID)),
-        &gw_a_dir,
-        &[("inbound-addr", gw_a_addr)],
-        gw_a_admin,
-        root.join("gateway-a.log"),
-    );
+    // A cluster's gateway, with its leaf written as `name`'s identity.
+    let gateway = |cluster: &str, name: &str, dir: &Path, addr, admin| {
+        spawn(
+            "gateway",
+            cluster,
+            &identity(root, name, &pki.leaf(cluster, GATEWAY_ID)),
+            dir,
+            &[("inbound-addr", addr)],
+            admin,
+            root.join(format!("{name}.log")),
+        )
+    };
+    let mut gw_a = gateway("cluster-a", "gateway-a", &gw_a_dir, gw_a_addr, gw_a_admin);
     // The meshed pod's sidecar.
     let pod_dir = manifests(
         root,
@@ -173,15 +177,7 @@ async fn no_hop_talks_to_a_peer_of_the_wrong_identity() {
             ),
         ],
     );
-    let mut gw_b = spawn(
-        "gateway",
-        "cluster-b",
-        &identity(root, "gateway-b", &pki.leaf("cluster-b", GATEWAY_ID)),
-        &gw_b_dir,
-        &[("inbound-addr", gw_b_addr)],
-        gw_b_admin,
-        root.join("gateway-b.log"),
-    );
+    let mut gw_b = gateway("cluster-b", "gateway-b", &gw_b_dir, gw_b_addr, gw_b_admin);
     // Two sidecars of cluster-b whose settings name a gateway that is not theirs
     // (the gateway ID from cluster-a's issuer), and the same from cluster-b's.
     let fake_gw_wrong = FakePeer::start(

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use isthmus_tests::multicluster::{self, NAMESPACE};
 use isthmus_tests::pod;
 use isthmus_tests::tcp::{closed_within, read_response};
-use isthmus_tests::tls_probe::{probe_config, tls_error};
+use isthmus_tests::tls_probe::{handshake_over, probe_config};
 use isthmus_vocab::{Authority, ClusterName, SpiffeId};
 use proxy_core::pool::Pool;
 use proxy_identity::mint::{self, KeyAlgorithm, LeafBundle, Validity};
@@ -287,39 +287,13 @@ fn no_sni(addr: SocketAddr) -> ServerName<'static> {
     ServerName::IpAddress(addr.ip().into())
 }
 
-/// Runs a handshake over `sock` and reads the server's first bytes (the HTTP/2
-/// SETTINGS of a served connection, or a late alert). `Ok` with the stream when
-/// served, else the error as text.
-fn handshake_over(
-    sock: TcpStream,
-    mut conn: ClientConnection,
-) -> Result<StreamOwned<ClientConnection, TcpStream>, String> {
-    sock.set_read_timeout(Some(STEP)).unwrap();
-    let mut sock = sock;
-    while conn.is_handshaking() {
-        conn.complete_io(&mut sock).map_err(|e| tls_error(&e))?;
-    }
-    let mut stream = StreamOwned::new(conn, sock);
-    // A served connection starts with the server's SETTINGS frame: read it whole,
-    // so frames read later start on a frame boundary.
-    let mut head = [0u8; 9];
-    stream.read_exact(&mut head).map_err(|e| tls_error(&e))?;
-    if head[3] != SETTINGS {
-        return Err(format!("first frame is of type {}, not SETTINGS", head[3]));
-    }
-    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).map_err(|e| tls_error(&e))?;
-    Ok(stream)
-}
-
 fn handshake(
     addr: SocketAddr,
     config: Arc<ClientConfig>,
     name: ServerName<'static>,
 ) -> Result<StreamOwned<ClientConnection, TcpStream>, String> {
     let sock = TcpStream::connect_timeout(&addr, STEP).unwrap();
-    handshake_over(sock, ClientConnection::new(config, name).unwrap())
+    handshake_over(sock, ClientConnection::new(config, name).unwrap(), STEP)
 }
 
 /// The client's first flight (its ClientHello record), and the connection that
@@ -336,21 +310,19 @@ fn client_hello(
     (conn, hello)
 }
 
-fn start_gateway(net: u8) -> (Fixture, Proxy, Bystander) {
+/// A proxy in `role` with `flags`, listening on `127.0.<net>.1`, and its fixture.
+fn start(role: &str, net: u8, flags: &[&str]) -> (Fixture, Proxy) {
     let listen = free_addr(IpAddr::V4(Ipv4Addr::new(127, 0, net, 1)));
     let fixture = Fixture::new(listen);
-    let proxy = Proxy::spawn(
-        "gateway",
-        fixture.dir.path(),
-        listen,
-        &[
-            "--tls-handshake-timeout",
-            SHORT_TIMEOUT,
-            "--h2-max-header-list-size",
-            "4096",
-        ],
-    );
-    let bystander = Bystander::new(&fixture, listen);
+    let proxy = Proxy::spawn(role, fixture.dir.path(), listen, flags);
+    (fixture, proxy)
+}
+
+fn start_gateway(net: u8) -> (Fixture, Proxy, Bystander) {
+    let limits = ["--h2-max-header-list-size", "4096"];
+    let flags = [&["--tls-handshake-timeout", SHORT_TIMEOUT][..], &limits].concat();
+    let (fixture, proxy) = start("gateway", net, &flags);
+    let bystander = Bystander::new(&fixture, proxy.listen);
     bystander.served();
     (fixture, proxy, bystander)
 }
@@ -451,7 +423,7 @@ fn broken_split_and_slow_handshakes_are_handled_and_release_their_descriptors() 
         sock.write_all(std::slice::from_ref(byte)).unwrap();
         std::thread::sleep(Duration::from_millis(1));
     }
-    if let Err(e) = handshake_over(sock, conn) {
+    if let Err(e) = handshake_over(sock, conn, STEP) {
         panic!("1-byte segments: {e}");
     }
 
@@ -468,7 +440,7 @@ fn broken_split_and_slow_handshakes_are_handled_and_release_their_descriptors() 
     assert!(body.len() > 80, "at least three records");
     let mut sock = TcpStream::connect_timeout(&addr, STEP).unwrap();
     sock.write_all(&records).unwrap();
-    if let Err(e) = handshake_over(sock, conn) {
+    if let Err(e) = handshake_over(sock, conn, STEP) {
         panic!("fragmented records: {e}");
     }
 
@@ -684,22 +656,17 @@ fn invalid_http2_on_the_tunnel_gets_goaway_or_rst_stream() {
 }
 
 fn start_standalone(net: u8) -> (Fixture, Proxy) {
-    let listen = free_addr(IpAddr::V4(Ipv4Addr::new(127, 0, net, 1)));
-    let fixture = Fixture::new(listen);
-    let proxy = Proxy::spawn(
+    let limits = [
+        "--http1-max-headers",
+        "50",
+        "--http1-max-head-bytes",
+        "16384",
+    ];
+    start(
         "standalone",
-        fixture.dir.path(),
-        listen,
-        &[
-            "--header-read-timeout",
-            SHORT_TIMEOUT,
-            "--http1-max-headers",
-            "50",
-            "--http1-max-head-bytes",
-            "16384",
-        ],
-    );
-    (fixture, proxy)
+        net,
+        &[&["--header-read-timeout", SHORT_TIMEOUT][..], &limits].concat(),
+    )
 }
 
 /// An HTTP/1.1 origin that answers `200 ok` to each request, keeping connections.
@@ -729,68 +696,47 @@ fn malformed_and_oversize_http1_heads_get_400_or_431_on_the_explicit_proxy() {
     assert!(status_and_close(addr, good.as_bytes()).starts_with("HTTP/1.1 200"));
 
     let line = |rest: &str| format!("GET http://{origin}/ HTTP/1.1\r\n{rest}\r\n");
-    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        (
-            "a bare CR",
-            line("host: x\rfoo: bar\r\n").into_bytes(),
-            "400",
-        ),
-        (
-            "a NUL in a value",
-            line("host: x\r\nx-a: b\0c\r\n").into_bytes(),
-            "400",
-        ),
-        (
-            "obs-fold",
-            line("host: x\r\nx-a: b\r\n  folded\r\n").into_bytes(),
-            "400",
-        ),
-        (
-            "a space before the colon",
-            line("host : x\r\n").into_bytes(),
-            "400",
-        ),
+    let malformed = [
+        ("a bare CR", line("host: x\rfoo: bar\r\n")),
+        ("a NUL in a value", line("host: x\r\nx-a: b\0c\r\n")),
+        ("obs-fold", line("host: x\r\nx-a: b\r\n  folded\r\n")),
+        ("a space before the colon", line("host : x\r\n")),
         (
             "a bad version",
-            format!("GET http://{origin}/ HTTP/9.7\r\nhost: x\r\n\r\n").into_bytes(),
-            "400",
+            format!("GET http://{origin}/ HTTP/9.7\r\nhost: x\r\n\r\n"),
         ),
         (
             "a bad method",
-            format!("G(T http://{origin}/ HTTP/1.1\r\nhost: x\r\n\r\n").into_bytes(),
-            "400",
+            format!("G(T http://{origin}/ HTTP/1.1\r\nhost: x\r\n\r\n"),
         ),
+    ];
+    let (huge, many) = ("h".repeat(20_000), "x-h: 1\r\n");
+    let oversize = [
         (
             "a huge URI",
-            format!(
-                "GET http://{origin}/{} HTTP/1.1\r\nhost: x\r\n\r\n",
-                "a".repeat(20_000)
-            )
-            .into_bytes(),
-            "431",
+            format!("GET http://{origin}/{huge} HTTP/1.1\r\nhost: x\r\n\r\n"),
         ),
         (
             "one huge header",
-            line(&format!("host: x\r\nx-big: {}\r\n", "b".repeat(20_000))).into_bytes(),
-            "431",
+            line(&format!("host: x\r\nx-big: {huge}\r\n")),
         ),
         (
             "thousands of small headers",
-            line(&format!("host: x\r\n{}", "x-h: 1\r\n".repeat(2000))).into_bytes(),
-            "431",
+            line(&format!("host: x\r\n{}", many.repeat(2000))),
         ),
         (
             "more headers than --http1-max-headers",
-            line(&format!("host: x\r\n{}", "x-h: 1\r\n".repeat(60))).into_bytes(),
-            "431",
+            line(&format!("host: x\r\n{}", many.repeat(60))),
         ),
     ];
-    for (what, request, status) in &cases {
-        let got = status_and_close(addr, request);
-        assert!(
-            got.starts_with(&format!("HTTP/1.1 {status}")),
-            "{what}: expected {status}, got {got:?}"
-        );
+    for (status, cases) in [("400", &malformed[..]), ("431", &oversize[..])] {
+        for (what, request) in cases {
+            let got = status_and_close(addr, request.as_bytes());
+            assert!(
+                got.starts_with(&format!("HTTP/1.1 {status}")),
+                "{what}: expected {status}, got {got:?}"
+            );
+        }
     }
     assert!(status_and_close(addr, good.as_bytes()).starts_with("HTTP/1.1 200"));
     proxy.fds_return_to(baseline);

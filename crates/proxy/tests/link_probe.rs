@@ -9,10 +9,9 @@
 
 mod common;
 
-use common::write_files;
+use common::{Proxy, write_files};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use isthmus_tests::identity::Pki;
@@ -22,48 +21,24 @@ use proxy_identity::mint;
 
 const STEP: Duration = Duration::from_secs(10);
 
-struct Gateway {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- {} ---\n{}",
-                self.log.display(),
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
-
 fn free_addr(ip: Ipv4Addr) -> SocketAddr {
     TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
 }
 
-fn start(cluster: &str, root: &Path, inbound: SocketAddr, admin: SocketAddr) -> Gateway {
-    let log = root.join(format!("{cluster}.log"));
-    let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
-        .arg("gateway")
-        .arg("--allow-local-endpoints")
-        .args(["--cluster", cluster])
-        .arg("--identity-dir")
-        .arg(root.join(format!("identity-{cluster}")))
-        .arg("--manifests")
-        .arg(root.join(format!("manifests-{cluster}")))
-        .args(["--inbound-addr", &inbound.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(["--connect-timeout", "2s"])
-        .env_clear()
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Gateway { child, log }
+fn start(cluster: &str, root: &Path, inbound: SocketAddr, admin: SocketAddr) -> Proxy {
+    Proxy::command(
+        env!("CARGO_BIN_EXE_isthmus-proxy"),
+        "gateway",
+        cluster,
+        &root.join(format!("identity-{cluster}")),
+        &root.join(format!("manifests-{cluster}")),
+        admin,
+        root.join(format!("{cluster}.log")),
+    )
+    .arg("--allow-local-endpoints")
+    .args(["--inbound-addr", &inbound.to_string()])
+    .args(["--connect-timeout", "2s"])
+    .start()
 }
 
 fn body(admin: SocketAddr, path: &str) -> String {

@@ -3,7 +3,10 @@
 //! A check written once and run for each address family or backend would otherwise
 //! be a column of three-line `#[test]` wrappers; [`test_cases!`](crate::test_cases)
 //! writes them from a table, so each case still fails under its own name and runs
-//! alone with `cargo test NAME`.
+//! alone with `cargo test NAME`. [`fuzz_corpus`] gives the inputs a fuzz target
+//! has collected, for suites that replay them against live processes.
+
+use std::path::{Path, PathBuf};
 
 /// One `#[test]` per case, each calling `check` with the case's argument.
 ///
@@ -52,4 +55,19 @@ macro_rules! test_cases {
             }
         )+
     };
+}
+
+/// The files of the fuzz target `target`'s corpus (`fuzz/corpus/<target>`), in name
+/// order; a missing or empty corpus fails the test.
+pub fn fuzz_corpus(target: &str) -> Vec<PathBuf> {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/corpus")
+        .join(target);
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&corpus)
+        .unwrap_or_else(|e| panic!("the {target} corpus {}: {e}", corpus.display()))
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    inputs.sort();
+    assert!(!inputs.is_empty(), "{} is empty", corpus.display());
+    inputs
 }

@@ -22,6 +22,7 @@
 //! only generous upper bounds are asserted. Needs root, like every test here.
 #![allow(clippy::unwrap_used)]
 
+use isthmus_test_support::cases::fuzz_corpus;
 use isthmus_test_support::{Metrics, eventually_blocking};
 use isthmus_tests::peer::test_peer;
 use std::io::{self, Read, Write};
@@ -520,14 +521,7 @@ fn dial_with_http(s: &SidecarPod, addr: SocketAddr) -> (&'static str, Duration, 
 /// request line or the HTTP/2 preface so they get past detection into the parsers.
 fn hostile_first_bytes() -> Vec<Vec<u8>> {
     const RANDOM: usize = 1_000;
-    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/detect");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&corpus)
-        .unwrap_or_else(|e| panic!("the detect corpus {}: {e}", corpus.display()))
-        .map(|entry| entry.unwrap().path())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "{} is empty", corpus.display());
-    let mut inputs: Vec<Vec<u8>> = files
+    let mut inputs: Vec<Vec<u8>> = fuzz_corpus("detect")
         .iter()
         .map(|f| std::fs::read(f).unwrap().into_iter().skip(1).collect())
         .collect();

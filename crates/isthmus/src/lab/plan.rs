@@ -31,8 +31,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use proxy_discovery::ServiceRef;
 use proxy_discovery::model::{
-    Cidr, ClusterIp, Container, EXPORTED_LABEL, EndpointAddress, EndpointPort, EndpointSubset,
-    Endpoints, ObjectMeta, ObjectReference, Service, TargetPort,
+    Cidr, ClusterIp, Container, Deployment, EXPORTED_LABEL, EndpointAddress, EndpointPort,
+    EndpointSubset, Endpoints, ObjectMeta, ObjectReference, Service, TargetPort,
 };
 use proxy_discovery::reconcile::allocate_cluster_ip;
 
@@ -120,7 +120,10 @@ pub struct ClusterPlan {
     pub gateway_cluster_ip: IpAddr,
     /// The gateway's SPIFFE ID.
     pub gateway_identity: String,
-    /// The pods.
+    /// The pods, in the order they were made: those of the manifests, then any
+    /// a Deployment scaled up or a deleted pod's replacement added while the
+    /// lab runs. None is ever removed, so a pod's name and address are never
+    /// reused within a run.
     pub pods: Vec<PodPlan>,
     /// Local Services with their ClusterIP (and the export label for `exports`).
     pub services: BTreeMap<ServiceRef, Service>,
@@ -158,6 +161,22 @@ impl Plan {
     /// The cluster named `name`.
     pub fn cluster(&self, name: &str) -> Option<&ClusterPlan> {
         self.clusters.iter().find(|c| c.spec.name.as_str() == name)
+    }
+
+    /// The next pod of Deployment `key` (`d`, as the API server holds it now) in
+    /// cluster `ci`, as a ReplicaSet scaling up would make it (see
+    /// `ClusterPlan::pods` for how names and addresses are chosen).
+    pub fn next_pod(
+        &self,
+        ci: usize,
+        key: &ServiceRef,
+        d: &Deployment,
+    ) -> Result<PodPlan, PlanError> {
+        let c = &self.clusters[ci];
+        let third = c.bridge_ip.octets()[2];
+        pod_for(&c.spec, &c.pods, key, d, |host| {
+            Ipv4Addr::new(198, 18, third, host)
+        })
     }
 
     /// Endpoints of every selecting Service of `c` (those the user wrote are kept
@@ -369,44 +388,10 @@ fn place(index: usize, c: &ClusterSpec) -> Result<ClusterPlan, PlanError> {
     let net = |host: u8| Ipv4Addr::new(198, 18, third, host);
     let service_cidr = Cidr::parse(&format!("198.19.{}.0/21", index * 8))
         .expect("a /21 of 198.19.0.0/16 is a valid CIDR");
-    let td = c.trust_domain();
     let mut pods = Vec::new();
     for (key, d) in &c.view.deployments {
-        let meshed = match d.spec.template.metadata.annotations.get(INJECT_ANNOTATION) {
-            None => true,
-            Some(v) if v == "enabled" => true,
-            Some(v) if v == "disabled" => false,
-            Some(v) => {
-                return Err(PlanError::Invalid(format!(
-                    "Deployment {key} of cluster {}: spec.template.metadata.annotations[{INJECT_ANNOTATION:?}] is {v:?}; use \"enabled\" (the default) or \"disabled\"",
-                    c.name
-                )));
-            }
-        };
-        let hash = fnv1a(&format!(
-            "{}/{}/{}",
-            c.name,
-            key,
-            serde_yaml_ng::to_string(&d.spec.template).unwrap_or_default()
-        ));
-        for r in 0..d.spec.replicas {
-            if pods.len() >= MAX_PODS {
-                return Err(PlanError::Invalid(format!(
-                    "cluster {} asks for more than {MAX_PODS} pods (Deployment {key} has replicas: {})",
-                    c.name, d.spec.replicas
-                )));
-            }
-            let host = u8::try_from(10 + pods.len()).expect("bounded by MAX_PODS");
-            pods.push(PodPlan {
-                name: format!("{}-{:05x}-{r}", key.name, hash & 0xfffff),
-                namespace: key.namespace.clone(),
-                deployment: key.name.clone(),
-                ip: net(host),
-                labels: d.spec.template.metadata.labels.clone(),
-                containers: d.spec.template.spec.containers.clone(),
-                identity: format!("spiffe://{td}/ns/{}/sa/default", key.namespace),
-                meshed,
-            });
+        for _ in 0..d.spec.replicas {
+            pods.push(pod_for(c, &pods, key, d, net)?);
         }
     }
     let mut services = c.view.services.clone();
@@ -451,11 +436,67 @@ fn place(index: usize, c: &ClusterSpec) -> Result<ClusterPlan, PlanError> {
         // What csi-driver-spiffe issues the gateway `isthmus install` renders: its
         // ServiceAccount's identity, the same name in every cluster.
         gateway_identity: format!(
-            "spiffe://{td}/ns/{GATEWAY_NAMESPACE}/sa/{}",
+            "spiffe://{}/ns/{GATEWAY_NAMESPACE}/sa/{}",
+            c.trust_domain(),
             crate::install::GATEWAY
         ),
         pods,
         services,
+    })
+}
+
+/// The next pod of Deployment `key` (`d`) in cluster `c`, which already holds
+/// `pods`: the next replica number of that Deployment and the next address of
+/// the cluster (neither ever reused within a run, so a name or an address
+/// always means one pod).
+fn pod_for(
+    c: &ClusterSpec,
+    pods: &[PodPlan],
+    key: &ServiceRef,
+    d: &Deployment,
+    net: impl Fn(u8) -> Ipv4Addr,
+) -> Result<PodPlan, PlanError> {
+    let meshed = match d.spec.template.metadata.annotations.get(INJECT_ANNOTATION) {
+        None => true,
+        Some(v) if v == "enabled" => true,
+        Some(v) if v == "disabled" => false,
+        Some(v) => {
+            return Err(PlanError::Invalid(format!(
+                "Deployment {key} of cluster {}: spec.template.metadata.annotations[{INJECT_ANNOTATION:?}] is {v:?}; use \"enabled\" (the default) or \"disabled\"",
+                c.name
+            )));
+        }
+    };
+    if pods.len() >= MAX_PODS {
+        return Err(PlanError::Invalid(format!(
+            "cluster {} asks for more than {MAX_PODS} pods (Deployment {key} has replicas: {})",
+            c.name, d.spec.replicas
+        )));
+    }
+    let hash = fnv1a(&format!(
+        "{}/{}/{}",
+        c.name,
+        key,
+        serde_yaml_ng::to_string(&d.spec.template).unwrap_or_default()
+    ));
+    let replica = pods
+        .iter()
+        .filter(|p| p.namespace == key.namespace && p.deployment == key.name)
+        .count();
+    let host = u8::try_from(10 + pods.len()).expect("bounded by MAX_PODS");
+    Ok(PodPlan {
+        name: format!("{}-{:05x}-{replica}", key.name, hash & 0xfffff),
+        namespace: key.namespace.clone(),
+        deployment: key.name.clone(),
+        ip: net(host),
+        labels: d.spec.template.metadata.labels.clone(),
+        containers: d.spec.template.spec.containers.clone(),
+        identity: format!(
+            "spiffe://{}/ns/{}/sa/default",
+            c.trust_domain(),
+            key.namespace
+        ),
+        meshed,
     })
 }
 

@@ -9,7 +9,8 @@
 //! While the lab runs its node agents ([`kubelet`]) keep the API servers' Pods
 //! and EndpointSlices in line with the pods (a pod whose containers have all
 //! exited leaves its Services), and the pods' volumes, hosts files and
-//! kube-proxy rules in line with the API servers.
+//! kube-proxy rules in line with the API servers; and they start and stop pods
+//! as the Deployments' `replicas` and deleted Pods ask ([`replicas`]).
 //!
 //! An unmeshed pod (template annotation `isthmus.io/inject: disabled`) gets its
 //! namespace, hosts file and kube-proxy rules, but neither `isthmus-init`, nor a
@@ -39,14 +40,11 @@ use proxy_identity::mint::{self, KeyAlgorithm, Validity};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
-use isthmus_netns::{Namespace, run_checked, run_with_input};
+use isthmus_netns::Namespace;
 
 use super::apiserver::ApiServer;
 use super::net::Net;
-use super::plan::{
-    Plan, PodPlan, RELAY_PORT, SERVICES_CHAIN, TUNNEL_PORT, gateway_hosts_file, hosts_file,
-    service_rules,
-};
+use super::plan::{Plan, PodPlan, RELAY_PORT, TUNNEL_PORT, gateway_hosts_file};
 use super::process::{
     Discovery, QUIET, admin_get, container_env, describe, not_ready, print_lines, proxy_command,
     spawn, start_capture, stop_capture, walk_dirs,
@@ -59,7 +57,11 @@ use crate::install::{DISCOVERY_MOUNT, IDENTITY_MOUNT};
 
 mod containers;
 mod control;
+mod identity;
 mod kubelet;
+mod replicas;
+
+use kubelet::jump_to_services;
 
 /// How often the lab's node agents look at the API servers.
 const SYNC_INTERVAL: Duration = Duration::from_millis(300);
@@ -76,6 +78,8 @@ const SERVICE_RANGE: &str = "198.19.0.0/16";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long identities minted for a run stay valid.
 const CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The keys of every identity the lab mints.
+const KEY_ALGORITHM: KeyAlgorithm = KeyAlgorithm::EcdsaP256;
 
 /// Runs `isthmus lab up`; `Ok(false)` when a pod or proxy failed.
 pub fn up(args: UpArgs) -> Result<bool> {
@@ -176,6 +180,7 @@ impl Binaries {
 #[derive(Debug, Clone)]
 enum Role {
     Proxy,
+    Sidecar { cluster: usize, pod: usize },
     Container { cluster: usize, pod: usize },
     Helper,
 }
@@ -194,10 +199,11 @@ struct Lab {
     net: Arc<Net>,
     exits_tx: mpsc::UnboundedSender<Exit>,
     exits: mpsc::UnboundedReceiver<Exit>,
-    /// Process-group ids of the containers, to stop them at the end.
-    containers: Vec<i32>,
-    /// Addresses of pods whose containers have all exited (pod addresses are
-    /// unique across the lab).
+    /// Process-group ids of each pod's containers, to stop them.
+    containers: BTreeMap<(usize, usize), Vec<i32>>,
+    /// Addresses of pods out of their Services' Endpoints: starting, stopped, or
+    /// whose containers have all exited (pod addresses are unique across the
+    /// lab).
     gone: BTreeSet<Ipv4Addr>,
     /// Running containers per pod.
     running: BTreeMap<(usize, usize), usize>,
@@ -210,6 +216,21 @@ struct Lab {
     bridges: Vec<String>,
     /// Each cluster's API server.
     apiservers: Vec<ApiServer>,
+    /// Each cluster's issuer, for the identities of pods started later.
+    issuers: Vec<mint::CertificateAuthority>,
+    /// The validity of every certificate of the run: a leaf minted later must
+    /// not outlive its issuer.
+    validity: Validity,
+    /// Pods the lab stopped (scaled down or deleted): their exits are not
+    /// failures, and they never come back.
+    stopped: BTreeSet<(usize, usize)>,
+    /// Pods whose Pod object the API server has held.
+    published: BTreeSet<(usize, usize)>,
+    /// Each meshed pod's sidecar, by pid.
+    sidecars: BTreeMap<(usize, usize), u32>,
+    /// Deployment templates (by cluster and Deployment) the lab said it cannot
+    /// run, so it says so once.
+    refused: BTreeSet<(usize, ServiceRef, String)>,
     /// Per cluster, its Services as its API server held them at the last sync
     /// (mirrored ones: kube-proxy rejects their ClusterIPs, no local pod backs
     /// them).
@@ -238,7 +259,7 @@ impl Lab {
             net,
             exits_tx,
             exits,
-            containers: Vec::new(),
+            containers: BTreeMap::new(),
             gone: BTreeSet::new(),
             running: BTreeMap::new(),
             failures: Vec::new(),
@@ -247,6 +268,12 @@ impl Lab {
             lab_ns: None,
             bridges: Vec::new(),
             apiservers: Vec::new(),
+            issuers: Vec::new(),
+            validity: Validity::from_now(CERT_LIFETIME),
+            stopped: BTreeSet::new(),
+            published: BTreeSet::new(),
+            sidecars: BTreeMap::new(),
+            refused: BTreeSet::new(),
             views: Vec::new(),
             unpublished: BTreeSet::new(),
             mirror_states: BTreeMap::new(),
@@ -291,7 +318,10 @@ impl Lab {
         self.wait_published().await?;
         self.start_sidecars(&bin)?;
         self.wait_ready(true).await?;
-        self.start_containers().await?;
+        let pods: Vec<(usize, usize)> = (self.plan.clusters.iter().enumerate())
+            .flat_map(|(ci, c)| (0..c.pods.len()).map(move |pi| (ci, pi)))
+            .collect();
+        self.start_containers(&pods).await?;
         println!(
             "isthmus lab {}: running{}; Ctrl-C to stop",
             self.net.prefix(),
@@ -329,53 +359,6 @@ impl Lab {
         Ok(bin)
     }
 
-    /// One trust anchor, one issuer per cluster, a leaf per gateway and per pod;
-    /// the leaves' directories belong to the proxy UID.
-    fn mint_identities(&self) -> Result<()> {
-        let validity = Validity::from_now(CERT_LIFETIME);
-        let alg = KeyAlgorithm::EcdsaP256;
-        let anchor = mint::trust_anchor(&mint::default_anchor_name(), validity, alg)
-            .context("minting the lab's trust anchor")?;
-        anchor
-            .write_dir(&self.dir(&["identity", "trust-anchor"]), true)
-            .context("writing the trust anchor")?;
-        for c in &self.plan.clusters {
-            let name = c.spec.name.as_str();
-            let issuer = mint::issuer(&anchor, name, validity, alg)
-                .with_context(|| format!("minting the issuer of cluster {name}"))?;
-            let mut leaves = vec![("gateway".to_owned(), c.gateway_identity.clone())];
-            leaves.extend(
-                c.pods
-                    .iter()
-                    .filter(|p| p.meshed)
-                    .map(|p| (p.name.clone(), p.identity.clone())),
-            );
-            for (who, id) in leaves {
-                let spiffe = SpiffeId::parse(&id).with_context(|| format!("identity {id}"))?;
-                let dir = mount_dir(&self.pod_root(name, &who), IDENTITY_MOUNT);
-                mint::leaf(&issuer, &spiffe, validity, alg)
-                    .and_then(|leaf| leaf.write_dir(&dir, true))
-                    .with_context(|| format!("minting {id} for {name}/{who}"))?;
-                for path in std::iter::once(dir.clone()).chain(
-                    std::fs::read_dir(&dir)?
-                        .filter_map(Result::ok)
-                        .map(|e| e.path()),
-                ) {
-                    chown(
-                        &path,
-                        Some(Uid::from_raw(PROXY_UID)),
-                        Some(Gid::from_raw(PROXY_UID)),
-                    )
-                    .with_context(|| format!("handing {} to UID {PROXY_UID}", path.display()))?;
-                }
-            }
-        }
-        for dir in walk_dirs(&self.dir(&["pods"])) {
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-        }
-        Ok(())
-    }
-
     /// Whether a pod counts as ready for Endpoints: until its containers are gone.
     fn ready(&self) -> impl Fn(&PodPlan) -> bool + '_ {
         move |pod: &PodPlan| !self.gone.contains(&pod.ip)
@@ -403,7 +386,8 @@ impl Lab {
         if let Some(file) = &self.args.capture_wan {
             captures.push(start_capture(&lab, &wan, file)?);
         }
-        for (ci, c) in self.plan.clusters.iter().enumerate() {
+        for ci in 0..self.plan.clusters.len() {
+            let c = &self.plan.clusters[ci];
             let name = c.spec.name.as_str();
             let bridge = net.bridge_at(&lab, Some((c.bridge_ip, 24)))?;
             self.bridges.push(bridge.clone());
@@ -416,69 +400,16 @@ impl Lab {
             gw.add_route(&control::api_route(), &c.bridge_ip.to_string())?;
             gw.write_hosts(&gateway_hosts_file(&self.plan))?;
             self.gateway_ns.push(gw);
-            for (pi, pod) in c.pods.iter().enumerate() {
-                let ns = net.namespace(&format!("{name}-{}", pod.name))?;
-                net.attach_at(&lab, &bridge, &ns, "eth0", (pod.ip, 24))?;
-                ns.add_route(SERVICE_RANGE, &c.bridge_ip.to_string())?;
-                ns.add_route(&control::api_route(), &c.bridge_ip.to_string())?;
-                ns.write_hosts(&hosts_file(c, pod, &planned_ips(c)))?;
-                if pod.meshed {
-                    run_checked(
-                        ns.command(bin.join("isthmus-init"))
-                            .args(["--backend", "nft"]),
-                    )
-                    .with_context(|| {
-                        format!("installing the capture in pod {name}/{}", pod.name)
-                    })?;
-                }
-                println!(
-                    "[{name}] pod {}/{} at {}{} (ip netns exec {ns} ...)",
-                    pod.namespace,
-                    pod.name,
-                    pod.ip,
-                    if pod.meshed { "" } else { ", unmeshed" }
-                );
-                self.pod_ns.insert((ci, pi), ns);
+            let ips = planned_ips(c);
+            for pi in 0..c.pods.len() {
+                self.place_pod(ci, pi, bin, &ips)?;
             }
-            self.apply_rules(ci, true)?;
+            self.apply_rules(ci)?;
+            for pi in 0..self.plan.clusters[ci].pods.len() {
+                jump_to_services(&self.pod_ns[&(ci, pi)])?;
+            }
         }
         Ok(captures)
-    }
-
-    /// (Re)programs cluster `ci`'s Services in each of its pods, after the
-    /// capture's own jump so the app's connections reach the sidecar first.
-    fn apply_rules(&self, ci: usize, first: bool) -> Result<()> {
-        let c = &self.plan.clusters[ci];
-        let mut routes = self.plan.service_routes(c, &self.ready());
-        routes.extend(self.api_routes(ci));
-        let rules = service_rules(&routes);
-        for pi in 0..c.pods.len() {
-            let Some(ns) = self.pod_ns.get(&(ci, pi)) else {
-                continue;
-            };
-            run_with_input(ns.command("iptables-nft-restore").arg("--noflush"), &rules)
-                .with_context(|| {
-                    format!(
-                        "programming the Services of cluster {} in {ns}",
-                        c.spec.name
-                    )
-                })?;
-            if first {
-                for table in ["nat", "filter"] {
-                    run_checked(ns.command("iptables-nft").args([
-                        "-t",
-                        table,
-                        "-A",
-                        "OUTPUT",
-                        "-p",
-                        "tcp",
-                        "-j",
-                        SERVICES_CHAIN,
-                    ]))?;
-                }
-            }
-        }
-        Ok(())
     }
 
     /// The proxies' log filter.
@@ -491,22 +422,11 @@ impl Lab {
     }
 
     fn start_gateways(&mut self, bin: &Path) -> Result<()> {
-        let log = self.log_filter();
-        let log = log.as_str();
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
-            let root = self.pod_root(name, "gateway");
             let gw = &self.gateway_ns[ci];
-            let mut cmd = proxy_command(
-                self.net
-                    .command_as(gw, bin.join("isthmus-proxy"), PROXY_UID, PROXY_UID),
-                "gateway",
-                name,
-                &mount_dir(&root, IDENTITY_MOUNT),
-                Discovery::Kube(&self.apiservers[ci].pods_kubeconfig),
-                log,
-            );
-            cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")]);
+            let kubeconfig = Discovery::Kube(&self.apiservers[ci].pods_kubeconfig);
+            let cmd = self.proxy(bin, gw, "gateway", name, "gateway", kubeconfig);
             let child = spawn(cmd)?;
             self.supervise(child, format!("{name}/gateway"), Role::Proxy);
             if self.plan.wan_delay_ms > 0 {
@@ -527,33 +447,59 @@ impl Lab {
         Ok(())
     }
 
-    fn start_sidecars(&mut self, bin: &Path) -> Result<()> {
+    /// `isthmus-proxy ROLE` in `ns` as the proxy UID, for `who` (a pod, or
+    /// `gateway`) of `cluster`: its identity volume, the tunnel port on every
+    /// address, the lab's log filter.
+    fn proxy(
+        &self,
+        bin: &Path,
+        ns: &Namespace,
+        role: &str,
+        cluster: &str,
+        who: &str,
+        discovery: Discovery<'_>,
+    ) -> tokio::process::Command {
+        let launch = (self.net).command_as(ns, bin.join("isthmus-proxy"), PROXY_UID, PROXY_UID);
+        let identity = mount_dir(&self.pod_root(cluster, who), IDENTITY_MOUNT);
         let log = self.log_filter();
-        let log = log.as_str();
-        for (ci, c) in self.plan.clusters.iter().enumerate() {
-            let name = c.spec.name.as_str();
-            for (pi, pod) in c.pods.iter().enumerate().filter(|(_, p)| p.meshed) {
-                let ns = &self.pod_ns[&(ci, pi)];
-                let root = self.pod_root(name, &pod.name);
-                let mut cmd = proxy_command(
-                    self.net
-                        .command_as(ns, bin.join("isthmus-proxy"), PROXY_UID, PROXY_UID),
-                    "sidecar",
-                    name,
-                    &mount_dir(&root, IDENTITY_MOUNT),
-                    Discovery::Dir(&mount_dir(&root, DISCOVERY_MOUNT)),
-                    log,
-                );
-                cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")])
-                    .args(["--outbound-addr", "127.0.0.1:4140"]);
-                let child = spawn(cmd)?;
-                self.supervise(
-                    child,
-                    format!("{name}/{}/isthmus-proxy", pod.name),
-                    Role::Proxy,
-                );
+        let mut cmd = proxy_command(launch, role, cluster, &identity, discovery, &log);
+        cmd.args(["--inbound-addr", &format!("0.0.0.0:{TUNNEL_PORT}")]);
+        cmd
+    }
+
+    fn start_sidecars(&mut self, bin: &Path) -> Result<()> {
+        for ci in 0..self.plan.clusters.len() {
+            for pi in 0..self.plan.clusters[ci].pods.len() {
+                self.start_sidecar(ci, pi, bin)?;
             }
         }
+        Ok(())
+    }
+
+    /// The sidecar of pod `pi` of cluster `ci`, if it is meshed.
+    fn start_sidecar(&mut self, ci: usize, pi: usize, bin: &Path) -> Result<()> {
+        let c = &self.plan.clusters[ci];
+        let (name, pod) = (c.spec.name.as_str(), &c.pods[pi]);
+        if !pod.meshed {
+            return Ok(());
+        }
+        let ns = &self.pod_ns[&(ci, pi)];
+        let volume = mount_dir(&self.pod_root(name, &pod.name), DISCOVERY_MOUNT);
+        let mut cmd = self.proxy(bin, ns, "sidecar", name, &pod.name, Discovery::Dir(&volume));
+        cmd.args(["--outbound-addr", "127.0.0.1:4140"]);
+        let child = spawn(cmd)?;
+        if let Some(pid) = child.id() {
+            self.sidecars.insert((ci, pi), pid);
+        }
+        let label = format!("{name}/{}/isthmus-proxy", pod.name);
+        self.supervise(
+            child,
+            label,
+            Role::Sidecar {
+                cluster: ci,
+                pod: pi,
+            },
+        );
         Ok(())
     }
 
@@ -575,7 +521,7 @@ impl Lab {
         }
         loop {
             while let Ok(exit) = self.exits.try_recv() {
-                if let Role::Proxy = exit.role {
+                if let Role::Proxy | Role::Sidecar { .. } = exit.role {
                     bail!(
                         "{} exited while starting ({})",
                         exit.label,
@@ -643,35 +589,38 @@ impl Lab {
     fn record(&mut self, exit: Exit) {
         let ok = exit.status.as_ref().is_ok_and(ExitStatus::success);
         println!("[{}] exited ({})", exit.label, describe(&exit.status));
+        let failed = format!("{} exited ({})", exit.label, describe(&exit.status));
         match exit.role {
-            Role::Proxy | Role::Helper => self.failures.push(format!(
-                "{} exited ({})",
-                exit.label,
-                describe(&exit.status)
-            )),
+            Role::Proxy | Role::Helper => self.failures.push(failed),
+            Role::Sidecar { cluster, pod } => {
+                if !self.stopped.contains(&(cluster, pod)) {
+                    self.failures.push(failed);
+                }
+            }
             Role::Container { cluster, pod } => {
-                if !ok {
-                    self.failures.push(format!(
-                        "container {} exited ({})",
-                        exit.label,
-                        describe(&exit.status)
-                    ));
+                if !ok && !self.stopped.contains(&(cluster, pod)) {
+                    self.failures.push(format!("container {failed}"));
                 }
                 let left = self.running.entry((cluster, pod)).or_default();
                 *left = left.saturating_sub(1);
                 if *left == 0 {
-                    let ip = self.plan.clusters[cluster].pods[pod].ip;
-                    self.gone.insert(ip);
-                    self.unpublished.insert(cluster);
-                    let updated = self.apply_rules(cluster, false);
-                    if let Err(e) = updated {
-                        self.failures.push(format!(
-                            "updating Endpoints after {} ended: {e:#}",
-                            exit.label
-                        ));
-                    }
+                    self.leave_endpoints(cluster, pod, &exit.label);
                 }
             }
+        }
+    }
+
+    /// Takes pod `pi` of cluster `ci` out of its Services' Endpoints and its Pod
+    /// object off the API server (at the next publication).
+    fn leave_endpoints(&mut self, ci: usize, pi: usize, why: &str) {
+        let ip = self.plan.clusters[ci].pods[pi].ip;
+        if !self.gone.insert(ip) {
+            return;
+        }
+        self.unpublished.insert(ci);
+        if let Err(e) = self.apply_rules(ci) {
+            self.failures
+                .push(format!("updating Endpoints after {why} ended: {e:#}"));
         }
     }
 
@@ -712,6 +661,15 @@ impl Lab {
     /// One pass of the node agents while the lab runs; a failure is reported
     /// and the next pass tries again.
     async fn tick(&mut self) {
+        for ci in 0..self.plan.clusters.len() {
+            if let Err(e) = self.follow_replicas(ci).await {
+                println!(
+                    "isthmus lab {}: following the Deployments of cluster {}: {e:#}",
+                    self.net.prefix(),
+                    self.plan.clusters[ci].spec.name
+                );
+            }
+        }
         let mut result = Ok(());
         for ci in std::mem::take(&mut self.unpublished) {
             if let Err(e) = self.publish_pods(ci).await {
@@ -773,13 +731,18 @@ impl Lab {
                 metrics: admin_get(gw, "/metrics").await.map(|t| summary::parse(&t)),
             });
             for (pi, pod) in c.pods.iter().enumerate().filter(|(_, p)| p.meshed) {
+                // A pod stopped while the lab ran took its sidecar's counts along.
+                let Some(ns) = self.pod_ns.get(&(ci, pi)) else {
+                    continue;
+                };
+                if self.stopped.contains(&(ci, pi)) {
+                    continue;
+                }
                 reports.push(ProxyReport {
                     cluster: cluster.clone(),
                     name: pod.name.clone(),
                     gateway: false,
-                    metrics: admin_get(&self.pod_ns[&(ci, pi)], "/metrics")
-                        .await
-                        .map(|t| summary::parse(&t)),
+                    metrics: admin_get(ns, "/metrics").await.map(|t| summary::parse(&t)),
                 });
             }
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use isthmus_vocab::{SpiffeId, TrustDomain};
 use proxy_identity::mint::{self, CertificateAuthority, KeyAlgorithm, LeafBundle, Validity};
-use proxy_identity::{CredentialPaths, CredentialStore, Credentials, PeerPolicy};
+use proxy_identity::{CredentialPaths, CredentialStore, PeerPolicy};
 use serde_json::{Value, json};
 use test_apiserver::{ResourceType, TestApiServer};
 use tokio::net::TcpListener;
@@ -134,14 +134,9 @@ pub(crate) fn pki() -> Pki {
 
 pub(crate) fn store(leaf: &LeafBundle) -> Arc<CredentialStore> {
     let paths = CredentialPaths::in_dir("minted");
-    let creds = Credentials::from_pem(
-        &paths,
-        leaf.cert_chain_pem.as_bytes(),
-        leaf.key_pem.as_bytes(),
-        leaf.anchors_pem.as_bytes(),
-        std::time::SystemTime::now(),
-    )
-    .unwrap();
+    let creds = leaf
+        .credentials(&paths, std::time::SystemTime::now())
+        .unwrap();
     Arc::new(CredentialStore::from_credentials(paths, creds))
 }
 

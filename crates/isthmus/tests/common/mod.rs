@@ -187,8 +187,13 @@ impl LiveLab {
                 Err(_) => panic!("the lab did not start:\n{}", lab.started.join("\n")),
             }
         }
-        // What it says later is not read: a full pipe must not block it.
-        std::thread::spawn(move || while lines.recv().is_ok() {});
+        // What it says later goes to the test's own output (shown when it
+        // fails), and a full pipe never blocks the lab.
+        std::thread::spawn(move || {
+            while let Ok(line) = lines.recv() {
+                eprintln!("{line}");
+            }
+        });
         lab.prefix = run_prefix(&lab.context());
         lab
     }
@@ -308,7 +313,12 @@ pub fn cluster_a(replicas: u32) -> String {
              spec: {{ports: [{{port: 80, targetPort: 8080}}], selector: {{app: hello}}}}\n---\n"
         );
     }
-    out + &format!(
+    out + &hello_deployment(replicas)
+}
+
+/// cluster-a's Deployment `hello`: `replicas` of `nginxdemos/hello` on 8080.
+pub fn hello_deployment(replicas: u32) -> String {
+    format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: hello}}\nspec:\n  \
          replicas: {replicas}\n  template:\n    metadata: {{labels: {{app: hello}}}}\n    \
          spec:\n      containers:\n      - {{name: hello, image: 'nginxdemos/hello:plain-text', \
@@ -352,4 +362,15 @@ pub fn two_clusters(root: &Path, a_replicas: u32, b_extra: &str) {
         std::fs::write(dir.join("app.yaml"), manifests).unwrap();
         std::fs::write(dir.join("isthmus.yaml"), settings).unwrap();
     }
+}
+
+/// [`two_clusters`] with cluster-b mirroring hello, running: its directory (kept
+/// as long as the lab), the lab, and cluster-b's client namespace.
+pub fn hello_lab() -> (tempfile::TempDir, LiveLab, String) {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    two_clusters(tmp.path(), 1, &mirror("hello"));
+    let lab = LiveLab::start(tmp.path(), "400s");
+    let client = lab.pod_ns("cluster-b", "client");
+    (tmp, lab, client)
 }

@@ -4,12 +4,17 @@
 //!
 //! - **Score.** Each endpoint keeps an exponentially weighted moving average of its
 //!   latency samples with time constant [`BalanceSettings::decay`]. It is
-//!   peak-sensitive: a sample above the average replaces it at once, one below
-//!   pulls it down slowly, so one slow answer is enough to steer traffic away and
-//!   a recovery earns it back over seconds. An idle endpoint's average decays
+//!   peak-sensitive: a sample above the average replaces it (once a second one in
+//!   a row confirms it is no blip), one below pulls it down slowly, so two slow
+//!   answers are enough to steer traffic away and a recovery earns it back over
+//!   seconds. An idle endpoint's average decays
 //!   towards zero, so one that was slow is tried again eventually. An endpoint with
-//!   no sample yet starts at [`BalanceSettings::default_rtt`]. The cost compared is
-//!   `ewma * (in_flight + 1)`.
+//!   no sample yet counts as [`BalanceSettings::default_rtt`], fading ten times
+//!   faster than a measured average, and its first sample replaces it. The cost compared is
+//!   `max(ewma, floor) * (in_flight + 1)`: latencies under
+//!   [`BalanceSettings::latency_floor`] count as equal, since on a busy host
+//!   scheduling alone varies that much, and a peak-sensitive score would otherwise
+//!   starve an endpoint for tens of seconds after one such blip.
 //! - **Choice.** Two distinct endpoints drawn at random among those available; the
 //!   cheaper wins. Unlike the least-loaded endpoint overall, it never sends every
 //!   new stream to the same one while its score is stale.
@@ -44,6 +49,8 @@ use crate::backoff::Backoff;
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
 /// Default [`BalanceSettings::default_rtt`], Linkerd's.
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Default [`BalanceSettings::latency_floor`].
+pub const DEFAULT_LATENCY_FLOOR: Duration = Duration::from_millis(20);
 /// Default [`BalanceSettings::failures_to_eject`], Linkerd's.
 pub const DEFAULT_FAILURES_TO_EJECT: u32 = 5;
 
@@ -55,6 +62,8 @@ pub struct BalanceSettings {
     pub decay: Duration,
     /// The latency assumed of an endpoint with no sample yet.
     pub default_rtt: Duration,
+    /// Latencies below this are compared as equal (see the module docs).
+    pub latency_floor: Duration,
     /// Consecutive failures that eject an endpoint.
     pub failures_to_eject: u32,
     /// The first ejection's backoff (jitter may add as much again).
@@ -68,6 +77,7 @@ impl Default for BalanceSettings {
         Self {
             decay: DEFAULT_DECAY,
             default_rtt: DEFAULT_RTT,
+            latency_floor: DEFAULT_LATENCY_FLOOR,
             failures_to_eject: DEFAULT_FAILURES_TO_EJECT,
             eject_min: Duration::from_secs(1),
             eject_max: Duration::from_secs(60),
@@ -136,6 +146,10 @@ struct Scored {
     /// Latency average in nanoseconds as of `stamp`.
     ewma_ns: f64,
     stamp: Instant,
+    /// Whether `ewma_ns` is still the default.
+    sampled: bool,
+    /// Whether the last sample was above the average, unconfirmed.
+    above: bool,
     in_flight: usize,
     failures: u32,
     standing: Standing,
@@ -148,6 +162,8 @@ impl Scored {
         Self {
             ewma_ns: nanos(settings.default_rtt),
             stamp: now,
+            sampled: false,
+            above: false,
             in_flight: 0,
             failures: 0,
             standing: Standing::Active,
@@ -163,22 +179,42 @@ impl Scored {
 
     fn weight_kept(&self, decay: Duration, now: Instant) -> f64 {
         let elapsed = nanos(now.saturating_duration_since(self.stamp));
+        // The default is a penalty for an endpoint nobody measured yet (a pod that
+        // may still be warming up), not a measurement: it fades ten times faster,
+        // so an endpoint that joins a fast Service gets its first stream within a
+        // second or two instead of tens of seconds.
+        let decay = if self.sampled { decay } else { decay / 10 };
         (-elapsed / nanos(decay).max(1.0)).exp()
     }
 
-    fn cost(&self, decay: Duration, now: Instant) -> f64 {
-        self.ewma(decay, now) * (self.in_flight as f64 + 1.0)
+    fn cost(&self, settings: &BalanceSettings, now: Instant) -> f64 {
+        let latency = self
+            .ewma(settings.decay, now)
+            .max(nanos(settings.latency_floor));
+        latency * (self.in_flight as f64 + 1.0)
     }
 
-    fn sample(&mut self, latency: Duration, decay: Duration, now: Instant) {
+    fn sample(&mut self, latency: Duration, settings: &BalanceSettings, now: Instant) {
         let sample = nanos(latency);
-        let kept = self.weight_kept(decay, now);
-        self.ewma_ns = if sample > self.ewma_ns {
-            sample
+        let kept = self.weight_kept(settings.decay, now);
+        let current = self.ewma_ns * kept;
+        if !self.sampled {
+            // The default is a guess, not a history to average with.
+            self.ewma_ns = sample;
+        } else if sample > current && sample > nanos(settings.latency_floor) {
+            // One slow sample may be this host's scheduling blip, and a peak
+            // would starve the endpoint for many seconds: the second in a row
+            // confirms it.
+            if !std::mem::replace(&mut self.above, true) {
+                return;
+            }
+            self.ewma_ns = sample;
         } else {
-            self.ewma_ns * kept + sample * (1.0 - kept)
-        };
+            self.above = false;
+            self.ewma_ns = current + sample * (1.0 - kept);
+        }
         self.stamp = now;
+        self.sampled = true;
     }
 
     /// Whether a stream may go to it now; an ejection that ran out becomes
@@ -302,7 +338,7 @@ impl Balancer {
                     state
                         .endpoints
                         .get(&e.addr)
-                        .map_or(0.0, |s| s.cost(service.settings.decay, now))
+                        .map_or(0.0, |s| s.cost(&service.settings, now))
                 };
                 let (a, b) = (*candidates[first], *candidates[second]);
                 if cost(&b) < cost(&a) { b } else { a }
@@ -412,10 +448,9 @@ impl InFlight {
     /// A latency sample: connect time for a connection, time to the first byte of
     /// the response for one request.
     pub(crate) fn sample(&self, latency: Duration) {
-        let decay = self.service.settings.decay;
         let now = Instant::now();
         if let Some(scored) = lock(&self.service.state).endpoints.get_mut(&self.addr) {
-            scored.sample(latency, decay, now);
+            scored.sample(latency, &self.service.settings, now);
         }
     }
 

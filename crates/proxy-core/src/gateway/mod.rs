@@ -45,8 +45,8 @@ use tokio_util::task::TaskTracker;
 use crate::pool::{Pool, PoolSettings};
 
 pub use balance::{
-    BalanceSettings, DEFAULT_DECAY, DEFAULT_FAILURES_TO_EJECT, DEFAULT_RTT, EndpointView, Health,
-    ServiceView,
+    BalanceSettings, DEFAULT_DECAY, DEFAULT_FAILURES_TO_EJECT, DEFAULT_LATENCY_FLOOR, DEFAULT_RTT,
+    EndpointView, Health, ServiceView,
 };
 pub use links::{LinkView, ProbeResult};
 

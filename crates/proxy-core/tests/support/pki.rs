@@ -52,14 +52,7 @@ impl Pki {
         .unwrap();
         // The paths only name files in errors: nothing is read or watched.
         let paths = CredentialPaths::in_dir("/nonexistent/in-memory");
-        let creds = Credentials::from_pem(
-            &paths,
-            leaf.cert_chain_pem.as_bytes(),
-            leaf.key_pem.as_bytes(),
-            leaf.anchors_pem.as_bytes(),
-            SystemTime::now(),
-        )
-        .unwrap();
+        let creds = leaf.credentials(&paths, SystemTime::now()).unwrap();
         Identity {
             id,
             cluster: cluster.to_owned(),

@@ -52,14 +52,7 @@ subsets:
   ports: [{name: http, port: 8080}, {name: other, port: 1}]
 ";
     let s = snap(&format!("{SETTINGS}{HELLO}{eps}"));
-    let got = hello_target(&s).unwrap();
-    assert_eq!(
-        got,
-        vec![
-            "198.18.0.10:8080".parse().unwrap(),
-            "198.18.0.20:8080".parse().unwrap()
-        ]
-    );
+    assert_targets(&s, &["198.18.0.10:8080", "198.18.0.20:8080"]);
 }
 
 #[test]
@@ -77,10 +70,7 @@ spec:
     let s = snap(&format!("{SETTINGS}{HELLO}{eps}"));
     assert_eq!(hello_target(&s), Err(ExportRefusal::NoSuchPort));
     let s = snap(&format!("{SETTINGS}{HELLO}{eps}{dep}"));
-    assert_eq!(
-        hello_target(&s).unwrap(),
-        vec!["198.18.0.10:8080".parse().unwrap()]
-    );
+    assert_targets(&s, &["198.18.0.10:8080"]);
 }
 
 #[test]
@@ -96,10 +86,7 @@ endpoints:
 ports: [{name: http, port: 8080}]
 ";
     let s = snap(&format!("{SETTINGS}{HELLO}{slice}"));
-    assert_eq!(
-        hello_target(&s).unwrap(),
-        vec!["[2001:2::5]:8080".parse().unwrap()]
-    );
+    assert_targets(&s, &["[2001:2::5]:8080"]);
 }
 
 #[test]
@@ -201,6 +188,12 @@ endpoints:
 /// Where a stream to `hello`'s port 80 goes.
 fn hello_target(s: &Snapshot) -> Result<Vec<SocketAddr>, ExportRefusal> {
     s.exported_target("default", "hello", 80)
+}
+
+/// Asserts that `hello` on port 80 is exported to exactly `addrs`, in order.
+fn assert_targets(s: &Snapshot, addrs: &[&str]) {
+    let want: Vec<SocketAddr> = addrs.iter().map(|a| a.parse().unwrap()).collect();
+    assert_eq!(hello_target(s), Ok(want));
 }
 
 /// `hello`'s exported endpoints on port 80, as address and whether meshed.

@@ -261,41 +261,17 @@ impl KubeSource {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(Discovery, JoinHandle<()>), KubeSourceError> {
         let (tx, mut rx) = mpsc::channel(64);
-        let mut tasks = Vec::new();
-        let all = watcher::Config::default;
-        let (services, task) =
-            reflect_into(self.api::<KubeService>(), all(), "services", tx.clone());
-        tasks.push(task);
-        let (slices, task) = reflect_into(
-            self.api::<KubeEndpointSlice>(),
-            all(),
-            "endpointslices",
-            tx.clone(),
-        );
-        tasks.push(task);
+        let mut tasks = Tasks(Vec::new());
+        let services = tasks.reflect(self.api::<KubeService>(), "services", &tx);
+        let slices = tasks.reflect(self.api::<KubeEndpointSlice>(), "endpointslices", &tx);
         // Every pod, not only the labelled ones: an unlabelled pod is known to be
         // unmeshed, where a pod not seen at all is unknown and is not reached.
-        let (pods, task) = reflect_into(
-            self.api::<PartialObjectMeta<KubePod>>(),
-            all(),
-            "pods",
-            tx.clone(),
-        );
-        tasks.push(task);
+        let pods = tasks.reflect(self.api::<PartialObjectMeta<KubePod>>(), "pods", &tx);
         let (mut links, mut settings) = (None, None);
         if self.mesh_kinds {
-            let (store, task) =
-                reflect_into(self.api::<LinkResource>(), all(), "links", tx.clone());
-            tasks.push(task);
-            links = Some(store);
-            let (store, task) = reflect_into(
-                self.api::<ClusterSettingsResource>(),
-                all(),
-                "clustersettings",
-                tx.clone(),
-            );
-            tasks.push(task);
-            settings = Some(store);
+            links = Some(tasks.reflect(self.api::<LinkResource>(), "links", &tx));
+            let kind = self.api::<ClusterSettingsResource>();
+            settings = Some(tasks.reflect(kind, "clustersettings", &tx));
         }
         let stores = Stores {
             services,
@@ -306,7 +282,6 @@ impl KubeSource {
             converted: Mutex::new(Converted::default()),
         };
         drop(tx);
-        let tasks = Tasks(tasks);
 
         self.initial_sync(&stores, &mut rx).await?;
         let snapshot = self
@@ -515,41 +490,48 @@ where
     futures_util::FutureExt::now_or_never(store.wait_until_ready()).is_some()
 }
 
-/// Starts a reflector for the objects of `api` that `config` selects, which
-/// signals every change and failure on `tx`.
-fn reflect_into<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    resource: &'static str,
-    tx: mpsc::Sender<Signal>,
-) -> (Store<K>, JoinHandle<()>)
-where
-    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let path = api.resource_url().to_owned();
-    let stream = reflect(writer, watcher(api, config).default_backoff());
-    let task = tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(item) = stream.next().await {
-            let signal = match item {
-                // A relist is applied to the store as a whole at InitDone.
-                Ok(Event::Init | Event::InitApply(_)) => continue,
-                Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_)) => Signal::Changed,
-                Err(e) => Signal::Failed(DiscoveryError::Read {
-                    path: PathBuf::from(&path),
-                    source: io::Error::other(e),
-                }),
-            };
-            // A full channel already holds a pending rebuild; a failure dropped
-            // here is already reflected by the ones queued before it.
-            if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(signal) {
-                break;
+impl Tasks {
+    /// Starts a reflector for every object of `api`, which signals every change and
+    /// failure on `tx`, and keeps its task; answers the store it fills.
+    fn reflect<K>(
+        &mut self,
+        api: Api<K>,
+        resource: &'static str,
+        tx: &mpsc::Sender<Signal>,
+    ) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    {
+        let tx = tx.clone();
+        let (reader, writer) = reflector::store();
+        let path = api.resource_url().to_owned();
+        let stream = reflect(
+            writer,
+            watcher(api, watcher::Config::default()).default_backoff(),
+        );
+        let task = tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(item) = stream.next().await {
+                let signal = match item {
+                    // A relist is applied to the store as a whole at InitDone.
+                    Ok(Event::Init | Event::InitApply(_)) => continue,
+                    Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_)) => Signal::Changed,
+                    Err(e) => Signal::Failed(DiscoveryError::Read {
+                        path: PathBuf::from(&path),
+                        source: io::Error::other(e),
+                    }),
+                };
+                // A full channel already holds a pending rebuild; a failure dropped
+                // here is already reflected by the ones queued before it.
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(signal) {
+                    break;
+                }
             }
-        }
-        tracing::debug!(resource, "kubernetes discovery reflector ended");
-    });
-    (reader, task)
+            tracing::debug!(resource, "kubernetes discovery reflector ended");
+        });
+        self.0.push(task);
+        reader
+    }
 }
 
 /// One batch's conversion: reuses what is unchanged since the last one.

@@ -42,14 +42,9 @@ fn anchor_issuer_leaf_load_as_credentials() {
             bundle.cert_chain_pem.matches("BEGIN CERTIFICATE").count(),
             2
         );
-        let creds = Credentials::from_pem(
-            &CredentialPaths::in_dir("mem"),
-            bundle.cert_chain_pem.as_bytes(),
-            bundle.key_pem.as_bytes(),
-            bundle.anchors_pem.as_bytes(),
-            SystemTime::now(),
-        )
-        .unwrap();
+        let creds = bundle
+            .credentials(&CredentialPaths::in_dir("mem"), SystemTime::now())
+            .unwrap();
         assert_eq!(creds.id(), &workload);
         assert_eq!(creds.certified_key().cert.len(), 2);
     }

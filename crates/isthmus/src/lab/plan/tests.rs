@@ -198,3 +198,21 @@ fn a_multi_port_service_with_replicas_routes_each_port_to_every_replica() {
         ])
     );
 }
+
+#[test]
+fn pods_added_later_take_new_names_and_addresses() {
+    let plan = seed_plan(0);
+    let a = plan.cluster("cluster-a").expect("a");
+    let key = ServiceRef::new("default", "hello-deployment");
+    let d = a.spec.view.deployments[&key].clone();
+    let mut plan = plan.clone();
+    let first = plan.next_pod(0, &key, &d).expect("a second pod");
+    assert_eq!(first.ip, Ipv4Addr::new(198, 18, 1, 11));
+    assert!(first.name.ends_with("-1"), "{}", first.name);
+    assert_eq!(first.labels, a.pods[0].labels);
+    plan.clusters[0].pods.push(first.clone());
+    let second = plan.next_pod(0, &key, &d).expect("a third pod");
+    assert_eq!(second.ip, Ipv4Addr::new(198, 18, 1, 12));
+    assert!(second.name.ends_with("-2"), "{}", second.name);
+    assert_ne!(second.name, first.name);
+}

@@ -44,16 +44,18 @@ pub fn workload(
 }
 
 impl Lab {
-    /// Starts every pod's containers: the servers first, the others once those
-    /// listen. A client container's first call must not race its server's bind;
-    /// in a cluster a readiness probe would keep the pod out of its Endpoints
-    /// until then.
-    pub(super) async fn start_containers(&mut self) -> Result<()> {
+    /// Starts the containers of `pods` (cluster, pod): the servers first, the
+    /// others once those listen. A client container's first call must not race
+    /// its server's bind; in a cluster a readiness probe would keep the pod out
+    /// of its Endpoints until then.
+    pub(super) async fn start_containers(&mut self, pods: &[(usize, usize)]) -> Result<()> {
         let mut servers = Vec::new();
         let mut started = Vec::new();
-        for (ci, c) in self.plan.clusters.iter().enumerate() {
+        for &(ci, pi) in pods {
+            let c = &self.plan.clusters[ci];
             let name = c.spec.name.as_str();
-            for (pi, pod) in c.pods.iter().enumerate() {
+            {
+                let pod = &c.pods[pi];
                 let ns = &self.pod_ns[&(ci, pi)];
                 for container in &pod.containers {
                     let label = format!("{name}/{}/{}", pod.name, container.name);
@@ -121,7 +123,10 @@ impl Lab {
         let child = spawn(cmd).with_context(|| format!("starting container {label}"))?;
         let pid = child.id();
         if let Some(pid) = pid {
-            self.containers.push(pid as i32);
+            self.containers
+                .entry((ci, pi))
+                .or_default()
+                .push(pid as i32);
         }
         *self.running.entry((ci, pi)).or_default() += 1;
         self.supervise(
@@ -143,7 +148,7 @@ impl Lab {
             self.record(exit);
         }
         for signal in [Sig::SIGTERM, Sig::SIGKILL] {
-            for pgid in &self.containers {
+            for pgid in self.containers.values().flatten() {
                 let _ = killpg(Pid::from_raw(*pgid), signal);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

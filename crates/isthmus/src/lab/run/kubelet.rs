@@ -4,7 +4,9 @@
 //! (kubelet and the endpoints controller); each meshed pod's discovery volume is
 //! the `isthmus-discovery` ConfigMap of its namespace, projected as kubelet does;
 //! and every pod's hosts file (DNS) and kube-proxy rules follow the Services the
-//! API server holds, mirrored ones included.
+//! API server holds, mirrored ones included. Also here: a pod's place on the
+//! node (its namespace on the cluster's bridge, routes, hosts file, capture)
+//! and the kube-proxy chain in each pod.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -17,9 +19,13 @@ use proxy_discovery::model::{ClusterIp, MESHED_POD_LABEL, MIRRORED_SERVICE_LABEL
 use proxy_discovery::{DirSource, ServiceRef};
 use serde_json::json;
 
-use super::super::plan::{ServiceRoute, TUNNEL_PORT, hosts_file};
+use std::path::Path;
+
+use isthmus_netns::{Namespace, run_checked, run_with_input};
+
+use super::super::plan::{SERVICES_CHAIN, ServiceRoute, TUNNEL_PORT, hosts_file, service_rules};
 use super::super::project::{mount_dir, project};
-use super::Lab;
+use super::{Lab, SERVICE_RANGE, control};
 use crate::install::{DISCOVERY_CONFIGMAP, DISCOVERY_MOUNT, GATEWAY, NAMESPACE};
 
 /// The field manager of what the lab's node agents write.
@@ -39,16 +45,21 @@ pub(super) struct ServiceView {
 impl Lab {
     /// Writes cluster `ci`'s Pods and its Services' EndpointSlices as they are
     /// now (pods whose containers are all gone are deleted and leave the slices).
-    pub(super) async fn publish_pods(&self, ci: usize) -> Result<()> {
+    pub(super) async fn publish_pods(&mut self, ci: usize) -> Result<()> {
         let c = &self.plan.clusters[ci];
         let client = &self.apiservers[ci].client;
         let apply = PatchParams::apply(NODE_MANAGER).force();
         let ready = self.ready();
-        for pod in &c.pods {
+        let mut published = Vec::new();
+        let mut withdrawn = Vec::new();
+        for (pi, pod) in c.pods.iter().enumerate() {
             let pods: Api<k8s_openapi::api::core::v1::Pod> =
                 Api::namespaced(client.clone(), &pod.namespace);
             if !ready(pod) {
-                let _ = pods.delete(&pod.name, &DeleteParams::default()).await;
+                if self.published.contains(&(ci, pi)) {
+                    let _ = pods.delete(&pod.name, &DeleteParams::default()).await;
+                    withdrawn.push((ci, pi));
+                }
                 continue;
             }
             let mut labels = pod.labels.clone();
@@ -63,6 +74,7 @@ impl Lab {
             pods.patch(&pod.name, &apply, &Patch::Apply(&object))
                 .await
                 .with_context(|| format!("publishing Pod {}/{}", pod.namespace, pod.name))?;
+            published.push((ci, pi));
         }
         for e in self.plan.endpoints(c, &ready) {
             let ns = e.metadata.namespace().to_owned();
@@ -105,6 +117,11 @@ impl Lab {
                     .with_context(|| format!("publishing EndpointSlice {ns}/{name}"))?;
             }
         }
+        drop(ready);
+        for key in withdrawn {
+            self.published.remove(&key);
+        }
+        self.published.extend(published);
         Ok(())
     }
 
@@ -210,7 +227,7 @@ impl Lab {
                     self.views.resize(ci + 1, ServiceView::default());
                 }
                 self.views[ci] = view;
-                self.apply_rules(ci, false)?;
+                self.apply_rules(ci)?;
             }
             let c = &self.plan.clusters[ci];
             let namespaces: BTreeSet<&str> = c
@@ -349,4 +366,83 @@ impl Lab {
         }
         routes
     }
+}
+
+impl Lab {
+    /// Pod `pi` of cluster `ci`: its namespace on the cluster's bridge, its hosts
+    /// file naming the Services `ips`, and the capture when it is meshed.
+    pub(super) fn place_pod(
+        &mut self,
+        ci: usize,
+        pi: usize,
+        bin: &Path,
+        ips: &BTreeMap<ServiceRef, IpAddr>,
+    ) -> Result<()> {
+        let lab = self.lab_ns()?;
+        let c = &self.plan.clusters[ci];
+        let name = c.spec.name.as_str();
+        let pod = &c.pods[pi];
+        let ns = self.net.namespace(&format!("{name}-{}", pod.name))?;
+        self.net
+            .attach_at(&lab, &self.bridges[ci], &ns, "eth0", (pod.ip, 24))?;
+        ns.add_route(SERVICE_RANGE, &c.bridge_ip.to_string())?;
+        ns.add_route(&control::api_route(), &c.bridge_ip.to_string())?;
+        ns.write_hosts(&hosts_file(c, pod, ips))?;
+        if pod.meshed {
+            run_checked(
+                ns.command(bin.join("isthmus-init"))
+                    .args(["--backend", "nft"]),
+            )
+            .with_context(|| format!("installing the capture in pod {name}/{}", pod.name))?;
+        }
+        println!(
+            "[{name}] pod {}/{} at {}{} (ip netns exec {ns} ...)",
+            pod.namespace,
+            pod.name,
+            pod.ip,
+            if pod.meshed { "" } else { ", unmeshed" }
+        );
+        self.pod_ns.insert((ci, pi), ns);
+        Ok(())
+    }
+
+    /// (Re)programs cluster `ci`'s Services in each of its pods (the chain
+    /// [`jump_to_services`] leads to).
+    pub(super) fn apply_rules(&self, ci: usize) -> Result<()> {
+        let c = &self.plan.clusters[ci];
+        let mut routes = self.plan.service_routes(c, &self.ready());
+        routes.extend(self.api_routes(ci));
+        let rules = service_rules(&routes);
+        for pi in 0..c.pods.len() {
+            let Some(ns) = self.pod_ns.get(&(ci, pi)) else {
+                continue;
+            };
+            run_with_input(ns.command("iptables-nft-restore").arg("--noflush"), &rules)
+                .with_context(|| {
+                    format!(
+                        "programming the Services of cluster {} in {ns}",
+                        c.spec.name
+                    )
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// Sends the connections of the pod in `ns` through the kube-proxy chain, after
+/// the capture's own jump so the app's connections reach the sidecar first.
+pub(super) fn jump_to_services(ns: &Namespace) -> Result<()> {
+    for table in ["nat", "filter"] {
+        run_checked(ns.command("iptables-nft").args([
+            "-t",
+            table,
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-j",
+            SERVICES_CHAIN,
+        ]))?;
+    }
+    Ok(())
 }

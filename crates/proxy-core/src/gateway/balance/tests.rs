@@ -107,6 +107,25 @@ async fn equal_endpoints_share_streams_evenly() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn latencies_under_the_floor_count_as_equal() {
+    let (balancer, _) = balancer();
+    let eps = endpoints(&[1, 2]);
+    // Measured at 1 ms and 15 ms: both under the floor, so a blip of a few
+    // milliseconds does not starve endpoint 2.
+    for (last, ms) in [(1, 1), (2, 15)] {
+        let stream = balancer
+            .pick(&service(), &eps, &[addr(3 - last)])
+            .unwrap()
+            .1;
+        stream.sample(Duration::from_millis(ms));
+    }
+    let on_2 = (0..100)
+        .filter(|_| pick(&balancer, &eps).addr() == addr(2))
+        .count();
+    assert!((30..=70).contains(&on_2), "endpoint 2 got {on_2} of 100");
+}
+
+#[tokio::test(start_paused = true)]
 async fn streams_in_flight_weigh_on_the_choice() {
     let (balancer, _) = balancer();
     let eps = endpoints(&[1, 2]);
@@ -255,9 +274,14 @@ async fn an_idle_slow_endpoints_score_fades_so_it_is_tried_again() {
     let faded = endpoint_view(&balancer, 1).ewma_ms;
     assert!((fresh - 200.0).abs() < 1.0, "{fresh}");
     assert!((faded - 200.0 / std::f64::consts::E).abs() < 1.0, "{faded}");
-    // A sample above the average replaces it at once; one below pulls it down
-    // by the weight of the time since the last.
+    // A sample above the average replaces it once a second confirms it; one
+    // below pulls it down by the weight of the time since the last.
     let stream = pick(&balancer, &eps);
+    stream.sample(Duration::from_millis(300));
+    assert!(
+        (endpoint_view(&balancer, 1).ewma_ms - faded).abs() < 1.0,
+        "a lone blip"
+    );
     stream.sample(Duration::from_millis(300));
     assert!((endpoint_view(&balancer, 1).ewma_ms - 300.0).abs() < 1.0);
     tokio::time::advance(Duration::from_secs(1)).await;
