@@ -418,8 +418,7 @@ async fn ok(args: &[&str]) -> String {
 /// `isthmus check` on cluster-b passes. (The data path is the lab's to prove.)
 #[tokio::test]
 async fn the_real_cluster_steps_mirror_hello_and_check_passes() {
-    use isthmus_controller::mirror::{ReconcileTiming, SettingsSource};
-    use isthmus_controller::remote::RemoteTiming;
+    use clap::Parser as _;
     use k8s_openapi::api::core::v1::Service;
     use kube::Api;
     use proxy_discovery::model::ServiceMirrorResource;
@@ -519,27 +518,23 @@ async fn the_real_cluster_steps_mirror_hello_and_check_passes() {
         &std::fs::read_to_string(seed("cluster-b/cluster-b-servicemirror.yaml")).unwrap(),
     );
 
-    // The controller of cluster-b, as install runs it (one replica, no Lease).
-    let controller = isthmus_controller::start(
-        b.client(),
-        isthmus_controller::Config {
-            namespace: "isthmus-system".to_owned(),
-            settings: SettingsSource::Object("cluster-b".to_owned()),
-            lease: None,
-            metrics_addr: None,
-            configmap: "isthmus-discovery".to_owned(),
-            publish_interval: Duration::from_millis(100),
-            remote: RemoteTiming {
-                probe_interval: Duration::from_millis(200),
-                call_timeout: Duration::from_secs(1),
-            },
-            timing: ReconcileTiming {
-                resync: Duration::from_secs(30),
-                stale_refresh: Duration::from_millis(300),
-                contact_refresh: Duration::from_secs(1),
-            },
-        },
-    );
+    // The controller of cluster-b with the arguments install gave it, as one
+    // replica without a Lease, its metrics on a free loopback port.
+    let deployment = get(&b, "apps/v1 Deployment isthmus-system/isthmus-controller");
+    let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
+    let mut args: Vec<String> = serde_json::from_value(args.clone()).unwrap();
+    let metrics = args.iter().position(|a| a == "--metrics-addr").unwrap();
+    args[metrics + 1] = "127.0.0.1:0".to_owned();
+    let cli = isthmus_controller::config::Cli::try_parse_from(
+        std::iter::once("isthmus-controller")
+            .chain(args.iter().map(String::as_str))
+            .chain(["--no-leader-election"]),
+    )
+    .unwrap();
+    let isthmus_controller::config::Command::Run(run) = cli.command else {
+        panic!("install runs the controller with {args:?}")
+    };
+    let controller = isthmus_controller::start(b.client(), run.into_config("check").unwrap());
     let controller = tokio::time::timeout(STEP, controller)
         .await
         .unwrap()

@@ -33,7 +33,12 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
             ServiceMirrorResource::crd(),
             &["sm"],
             "A Service of another cluster, made reachable here: a local Service of the \
-             same name, routed through the mesh to the cluster a Link names.",
+             same name, routed through the mesh to the cluster a Link names. Annotations \
+             set its HTTP requests' policy: timeout.isthmus.io/request (to the response \
+             head; 504 past it), timeout.isthmus.io/response (to the response's end), \
+             retry.isthmus.io/limit (retries, default 2), retry.isthmus.io/timeout (per \
+             attempt), retry.isthmus.io/http (statuses retried: 5xx, gateway-error, \
+             503, 500-504), retry.isthmus.io/any-method (true: retry any method).",
             &[(
                 "Status",
                 ".status.conditions[?(@.type==\"Mirrored\")].status",

@@ -141,6 +141,19 @@ fn attack(name: impl Into<String>, who: &Presented, authority: &str, clusters: &
     }
 }
 
+/// `who` asking gateway-b for [`HELLO`] in cluster-a (back where it came from) and
+/// in cluster-c (onward), named `<what> to <cluster>`.
+fn back_and_onward(what: &str, who: &Presented) -> [Attack; 2] {
+    ["cluster-a", "cluster-c"].map(|target| {
+        attack(
+            format!("{what} to {target}"),
+            who,
+            HELLO,
+            &[target.as_bytes()],
+        )
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_leaves_of_the_gateways_own_issuers_are_relayed() {
     let mesh = mesh().await;
@@ -241,14 +254,10 @@ async fn only_leaves_of_the_gateways_own_issuers_are_relayed() {
     ];
     for (what, rest) in &doctored {
         let who = Presented::doctored(&a_workload, rest);
-        for target in ["cluster-a", "cluster-c"] {
-            attacks.push(attack(
-                format!("cluster-a workload, {what}, to {target}"),
-                &who,
-                HELLO,
-                &[target.as_bytes()],
-            ));
-        }
+        attacks.extend(back_and_onward(
+            &format!("cluster-a workload, {what},"),
+            &who,
+        ));
     }
     attacks.push(attack(
         "cluster-a workload sending only gateway-b's issuer",
@@ -278,14 +287,7 @@ async fn only_leaves_of_the_gateways_own_issuers_are_relayed() {
             Presented::of(&a_minted_b_gateway),
         ),
     ] {
-        for target in ["cluster-a", "cluster-c"] {
-            attacks.push(attack(
-                format!("{what} to {target}"),
-                &who,
-                HELLO,
-                &[target.as_bytes()],
-            ));
-        }
+        attacks.extend(back_and_onward(what, &who));
     }
     // Forged CAs and leaves outside the anchor -> issuer -> leaf shape.
     for (what, who) in [

@@ -1,19 +1,23 @@
 //! Field ownership for server-side apply: `metadata.managedFields` (FieldsV1),
 //! conflicts between managers, and removal of fields a manager stops applying.
 //!
-//! Approximations, on purpose: a field is a path of map keys; lists are atomic
-//! (owned and compared whole, never merged by key), so two managers applying
-//! different elements of one list conflict where the real server would merge
-//! them. `k:`/`v:`/`i:` entries in managedFields written by someone else are read
-//! as ownership of the whole list. Non-apply writes (create, update, patch)
-//! record an `Update` entry for the fields they changed and take those fields
-//! from other managers, as the real server does.
+//! A field is a path of map keys and, inside the lists a real server merges by
+//! key ([`listmap`]: Service ports, containers, their ports and env), of
+//! elements named as FieldsV1 names them (`k:{"port":80,"protocol":"TCP"}`):
+//! managers own such elements field by field, two managers applying different
+//! elements both keep theirs, and a manager that stops applying an element
+//! removes it unless someone else owns a field of it. Approximations, on
+//! purpose: every other list is atomic (owned and compared whole), and `v:`/`i:`
+//! entries in managedFields written by someone else are read as ownership of
+//! the whole list. Non-apply writes (create, update, patch) record an `Update`
+//! entry for the fields they changed and take those fields from other
+//! managers, as the real server does.
 
 use std::collections::BTreeSet;
 
 use serde_json::{Map, Value, json};
 
-use crate::patch::merge_patch;
+use crate::listmap::{self, is_element};
 
 /// A field: the map keys leading to it from the object's root.
 pub(crate) type FieldPath = Vec<String>;
@@ -92,26 +96,42 @@ pub(crate) fn leaves(obj: &Value, scope: Scope) -> BTreeSet<FieldPath> {
             if let Value::Object(meta) = v {
                 for (mk, mv) in meta {
                     if !SERVER_METADATA.contains(&mk.as_str()) {
-                        collect(mv, vec![k.clone(), mk.clone()], &mut out);
+                        collect(kind(obj), mv, vec![k.clone(), mk.clone()], &mut out);
                     }
                 }
             }
             continue;
         }
-        collect(v, vec![k.clone()], &mut out);
+        collect(kind(obj), v, vec![k.clone()], &mut out);
     }
     out
 }
 
-fn collect(v: &Value, path: FieldPath, out: &mut BTreeSet<FieldPath>) {
+fn kind(obj: &Value) -> &str {
+    obj.get("kind").and_then(Value::as_str).unwrap_or_default()
+}
+
+fn collect(kind: &str, v: &Value, path: FieldPath, out: &mut BTreeSet<FieldPath>) {
     match v {
         Value::Object(map) if !map.is_empty() => {
             for (k, child) in map {
                 let mut p = path.clone();
                 p.push(k.clone());
-                collect(child, p, out);
+                collect(kind, child, p, out);
             }
         }
+        Value::Array(items) => match listmap::segments(kind, &path, items) {
+            Some(segments) => {
+                for (item, segment) in items.iter().zip(segments) {
+                    let mut p = path.clone();
+                    p.push(segment);
+                    collect(kind, item, p, out);
+                }
+            }
+            None => {
+                out.insert(path);
+            }
+        },
         _ => {
             out.insert(path);
         }
@@ -121,25 +141,45 @@ fn collect(v: &Value, path: FieldPath, out: &mut BTreeSet<FieldPath>) {
 pub(crate) fn value_at<'a>(obj: &'a Value, path: &[String]) -> Option<&'a Value> {
     let mut at = obj;
     for segment in path {
-        at = at.get(segment)?;
+        at = match at {
+            Value::Array(items) if is_element(segment) => &items[listmap::find(items, segment)?],
+            _ => at.get(segment)?,
+        };
     }
     Some(at)
 }
 
-/// Removes the field, then any map it leaves empty below the top level.
+/// Removes the field (or list element), then any map it leaves empty below
+/// the top level.
 fn remove_at(obj: &mut Value, path: &[String]) {
     let Some((last, parents)) = path.split_last() else {
         return;
     };
     let mut at = &mut *obj;
     for segment in parents {
-        match at.get_mut(segment) {
+        let index = match &*at {
+            Value::Array(items) if is_element(segment) => Some(listmap::find(items, segment)),
+            _ => None,
+        };
+        let next = match index {
+            Some(i) => i.and_then(|i| at.get_mut(i)),
+            None => at.get_mut(segment),
+        };
+        match next {
             Some(next) => at = next,
             None => return,
         }
     }
-    if let Value::Object(map) = at {
-        map.remove(last);
+    match at {
+        Value::Object(map) => {
+            map.remove(last);
+        }
+        Value::Array(items) if is_element(last) => {
+            if let Some(i) = listmap::find(items, last) {
+                items.remove(i);
+            }
+        }
+        _ => {}
     }
     if parents.len() >= 2
         && value_at(obj, parents).is_some_and(|v| v.as_object().is_some_and(Map::is_empty))
@@ -162,9 +202,15 @@ fn touches(p: &[String], q: &[String], applied: &Value) -> bool {
         && !value_at(applied, p).is_some_and(|v| v.as_object().is_some_and(Map::is_empty))
 }
 
-/// `.spec.ports`, as the real server names fields in conflicts.
+/// `.spec.ports[port=80,protocol="TCP"].targetPort`, as the real server names
+/// fields in conflicts.
 pub(crate) fn display(path: &[String]) -> String {
-    path.iter().map(|s| format!(".{s}")).collect()
+    path.iter()
+        .map(|s| match is_element(s) {
+            true => listmap::display(s),
+            false => format!(".{s}"),
+        })
+        .collect()
 }
 
 fn decode(map: &Map<String, Value>, prefix: &FieldPath, out: &mut BTreeSet<FieldPath>) {
@@ -181,8 +227,18 @@ fn decode(map: &Map<String, Value>, prefix: &FieldPath, out: &mut BTreeSet<Field
                     out.insert(p);
                 }
             }
+        } else if is_element(k) && !prefix.is_empty() {
+            let mut p = prefix.clone();
+            p.push(k.clone());
+            match v {
+                // An element with fields of its own owned: those fields.
+                Value::Object(child) if child.keys().any(|f| f != ".") => decode(child, &p, out),
+                _ => {
+                    out.insert(p);
+                }
+            }
         } else if k != "." && !prefix.is_empty() {
-            // k:/v:/i: keys address list elements; lists are atomic here.
+            // v:/i: keys address elements of lists kept atomic here.
             out.insert(prefix.clone());
         }
     }
@@ -193,9 +249,14 @@ fn encode(fields: &BTreeSet<FieldPath>) -> Value {
     for path in fields {
         let mut at = &mut root;
         for segment in path {
-            let entry = at
-                .entry(format!("f:{segment}"))
-                .or_insert_with(|| Value::Object(Map::new()));
+            let key = match is_element(segment) {
+                true => segment.clone(),
+                false => format!("f:{segment}"),
+            };
+            let entry = at.entry(key).or_insert_with(|| Value::Object(Map::new()));
+            if let (true, Value::Object(element)) = (is_element(segment), &mut *entry) {
+                element.insert(".".to_owned(), Value::Object(Map::new()));
+            }
             if !entry.is_object() {
                 *entry = Value::Object(Map::new());
             }
@@ -367,7 +428,7 @@ pub(crate) fn apply(
     }
 
     let mut merged = current.clone();
-    merge_patch(&mut merged, applied);
+    listmap::merge(kind(applied), &mut merged, applied, &mut Vec::new());
     let subresource = writer.scope.subresource().map(str::to_owned);
     let is_mine = |e: &ManagedEntry| {
         e.manager == writer.manager && e.operation == "Apply" && e.subresource == subresource
@@ -377,13 +438,29 @@ pub(crate) fn apply(
         .filter(|e| is_mine(e))
         .flat_map(|e| e.fields.iter().cloned())
         .collect();
+    let others: Vec<&FieldPath> = (entries.iter().filter(|e| !is_mine(e)))
+        .flat_map(|e| &e.fields)
+        .collect();
+    // Nobody keeps `p`: neither this manager (below it) nor anyone else
+    // (anywhere along it).
+    let unowned = |p: &[String]| {
+        !applied_fields.iter().any(|a| a.starts_with(p)) && !others.iter().any(|q| overlaps(q, p))
+    };
     for dropped in previously.difference(&applied_fields) {
-        let still_applied = applied_fields.iter().any(|p| p.starts_with(dropped));
-        let owned_elsewhere = entries
-            .iter()
-            .filter(|e| !is_mine(e))
-            .any(|e| e.fields.iter().any(|q| overlaps(q, dropped)));
-        if !still_applied && !owned_elsewhere {
+        // The outermost list element nobody owns a field of any more goes whole.
+        let element = (1..=dropped.len())
+            .filter(|n| is_element(&dropped[n - 1]))
+            .map(|n| &dropped[..n])
+            .find(|p| unowned(p));
+        if let Some(element) = element {
+            remove_at(&mut merged, element);
+            continue;
+        }
+        let is_key = match dropped.as_slice() {
+            [.., element, field] => is_element(element) && listmap::is_key_field(element, field),
+            _ => false,
+        };
+        if unowned(dropped) && !is_key {
             remove_at(&mut merged, dropped);
         }
     }

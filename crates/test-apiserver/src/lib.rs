@@ -91,12 +91,15 @@
 //! protobuf, TLS, and HTTP/2. A list is not a consistent snapshot across pages
 //! (a page starts after the last key served), `resourceVersionMatch` is
 //! ignored, and a continue token never expires. Strategic merge patch is a
-//! JSON merge patch (lists replaced whole), and server-side apply treats lists
-//! as atomic: two managers applying different elements of one list conflict.
+//! JSON merge patch (lists replaced whole), and server-side apply keeps lists
+//! atomic except those a real server merges by key (Service ports, containers,
+//! their ports and env): two managers applying different elements of another
+//! list conflict.
 
 mod allocate;
 mod apply;
 mod authz;
+mod listmap;
 mod patch;
 mod resource;
 mod selector;

@@ -45,6 +45,29 @@ async fn within<F: Future>(f: F) -> F::Output {
     tokio::time::timeout(STEP, f).await.expect("step timed out")
 }
 
+/// Creates `obj` through `api` within a step; the object as stored.
+async fn create<K>(api: &Api<K>, obj: &K) -> K
+where
+    K: Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    within(api.create(&PostParams::default(), obj))
+        .await
+        .unwrap()
+}
+
+/// A reflector of `api` with `config`, backing off on errors, once its first list
+/// is in; abort the task to stop it.
+async fn reflect(
+    api: &Api<Service>,
+    config: watcher::Config,
+) -> (reflector::Store<Service>, tokio::task::JoinHandle<()>) {
+    let (reader, writer) = reflector::store();
+    let stream = reflector(writer, watcher(api.clone(), config).default_backoff());
+    let task = tokio::spawn(stream.for_each(|_| async {}));
+    within(reader.wait_until_ready()).await.unwrap();
+    (reader, task)
+}
+
 fn service(name: &str, labels: serde_json::Value, port: i32) -> Service {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service",
@@ -65,9 +88,7 @@ fn code(err: kube::Error) -> (u16, String) {
 async fn crud_and_stale_replace() {
     let server = TestApiServer::start().await;
     let api: Api<Service> = Api::namespaced(server.client(), "default");
-    let created = within(api.create(&PostParams::default(), &service("hello", json!({}), 80)))
-        .await
-        .unwrap();
+    let created = create(&api, &service("hello", json!({}), 80)).await;
     assert!(created.metadata.uid.is_some());
     assert_eq!(created.metadata.generation, Some(1));
     assert!(created.metadata.creation_timestamp.is_some());
@@ -144,9 +165,7 @@ async fn generate_name_and_all_namespaces() {
             json!({"metadata": {"generateName": "cm-"}, "data": {"k": "v"}}),
         )
         .unwrap();
-        let created = within(api.create(&PostParams::default(), &cm))
-            .await
-            .unwrap();
+        let created = create(&api, &cm).await;
         assert!(created.name_any().starts_with("cm-"));
         assert_eq!(created.namespace().as_deref(), Some(ns));
     }
@@ -180,9 +199,7 @@ async fn label_and_field_selectors() {
         ("db", json!({"app": "db", "tier": "back"})),
         ("bare", json!({})),
     ] {
-        within(api.create(&PostParams::default(), &service(name, labels, 80)))
-            .await
-            .unwrap();
+        create(&api, &service(name, labels, 80)).await;
     }
     let names = |selector: &str, fields: &str| {
         let api = api.clone();
@@ -230,9 +247,7 @@ async fn watch_reports_changes_in_order() {
         .await
         .unwrap()
         .boxed();
-    within(api.create(&PostParams::default(), &service("w", json!({}), 80)))
-        .await
-        .unwrap();
+    create(&api, &service("w", json!({}), 80)).await;
     within(api.patch(
         "w",
         &PatchParams::default(),
@@ -260,9 +275,7 @@ async fn watch_reports_changes_in_order() {
     assert_eq!(seen, [("ADDED", 80), ("MODIFIED", 81), ("DELETED", 81)]);
 
     // From "0": the current objects first.
-    within(api.create(&PostParams::default(), &service("x", json!({}), 80)))
-        .await
-        .unwrap();
+    create(&api, &service("x", json!({}), 80)).await;
     let mut from_zero = within(api.watch(&WatchParams::default().timeout(30), "0"))
         .await
         .unwrap()
@@ -284,9 +297,7 @@ async fn too_old_resource_version_is_gone() {
     for i in 0..6 {
         let cm: ConfigMap =
             serde_json::from_value(json!({"metadata": {"name": format!("c{i}")}})).unwrap();
-        within(api.create(&PostParams::default(), &cm))
-            .await
-            .unwrap();
+        create(&api, &cm).await;
     }
     let mut stream = within(api.watch(&WatchParams::default(), "1"))
         .await
@@ -406,9 +417,7 @@ async fn status_subresource_is_isolated() {
         },
     );
     w.status = Some(WidgetStatus { ready: true });
-    let created = within(api.create(&PostParams::default(), &w))
-        .await
-        .unwrap();
+    let created = create(&api, &w).await;
     assert_eq!(created.status, None, "create ignores .status");
 
     let mut with_status = created.clone();
@@ -495,9 +504,7 @@ async fn crd_creation_makes_the_kind_servable() {
     let before = within(widgets.list(&ListParams::default())).await;
     assert_eq!(code(before.unwrap_err()).0, 404);
     let crds: Api<CustomResourceDefinition> = Api::all(server.client());
-    within(crds.create(&PostParams::default(), &Widget::crd()))
-        .await
-        .unwrap();
+    create(&crds, &Widget::crd()).await;
     let w = Widget::new(
         "w",
         WidgetSpec {
@@ -505,9 +512,7 @@ async fn crd_creation_makes_the_kind_servable() {
             color: Some("red".into()),
         },
     );
-    within(widgets.create(&PostParams::default(), &w))
-        .await
-        .unwrap();
+    create(&widgets, &w).await;
     let got = within(widgets.get("w")).await.unwrap();
     assert_eq!(got.spec, w.spec);
 
@@ -548,18 +553,14 @@ async fn finalizers_and_owner_garbage_collection() {
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     let secrets: Api<Secret> = Api::namespaced(client, "default");
     let owner: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "owner"}})).unwrap();
-    let owner = within(cms.create(&PostParams::default(), &owner))
-        .await
-        .unwrap();
+    let owner = create(&cms, &owner).await;
     let dependent: Secret = serde_json::from_value(json!({"metadata": {
         "name": "dep",
         "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
                              "uid": owner.uid().unwrap()}],
     }}))
     .unwrap();
-    within(secrets.create(&PostParams::default(), &dependent))
-        .await
-        .unwrap();
+    create(&secrets, &dependent).await;
 
     // A finalizer holds the owner: deletion only marks it.
     within(cms.patch(
@@ -601,9 +602,7 @@ async fn finalizers_and_owner_garbage_collection() {
 
     // A dependent written after its owner is gone is collected as the
     // garbage collector would: the write succeeds, the object does not stay.
-    let late = within(secrets.create(&PostParams::default(), &dependent))
-        .await
-        .unwrap();
+    let late = create(&secrets, &dependent).await;
     assert_eq!(late.name_any(), "dep");
     assert_eq!(code(within(secrets.get("dep")).await.unwrap_err()).0, 404);
 }
@@ -679,15 +678,9 @@ async fn reflector_survives_outage_and_relists_after_410() {
         .await
         .unwrap();
     let api: Api<Service> = Api::namespaced(server.client(), "default");
-    within(api.create(&PostParams::default(), &service("first", json!({}), 80)))
-        .await
-        .unwrap();
+    create(&api, &service("first", json!({}), 80)).await;
 
-    let (reader, writer) = reflector::store();
-    let config = watcher::Config::default();
-    let stream = reflector(writer, watcher(api.clone(), config).default_backoff());
-    let task = tokio::spawn(stream.for_each(|_| async {}));
-    within(reader.wait_until_ready()).await.unwrap();
+    let (reader, task) = reflect(&api, watcher::Config::default()).await;
     assert_eventually!(within STEP, reader.len() == 1, "first in the reflector");
 
     server.stop().await;
@@ -715,9 +708,7 @@ async fn reflector_survives_outage_and_relists_after_410() {
         names.sort();
         names == ["during-0", "during-1", "during-2", "during-3", "during-4"]
     }, "the reflector to catch up after the outage");
-    within(api.create(&PostParams::default(), &service("after", json!({}), 80)))
-        .await
-        .unwrap();
+    create(&api, &service("after", json!({}), 80)).await;
     assert_eventually!(within STEP, reader.len() == 6, "a live change after recovery");
     task.abort();
 }
@@ -726,20 +717,10 @@ async fn reflector_survives_outage_and_relists_after_410() {
 async fn streaming_list_watcher() {
     let server = TestApiServer::start().await;
     let api: Api<Service> = Api::namespaced(server.client(), "default");
-    within(api.create(&PostParams::default(), &service("a", json!({}), 80)))
-        .await
-        .unwrap();
-    let (reader, writer) = reflector::store();
-    let stream = reflector(
-        writer,
-        watcher(api.clone(), watcher::Config::default().streaming_lists()),
-    );
-    let task = tokio::spawn(stream.for_each(|_| async {}));
-    within(reader.wait_until_ready()).await.unwrap();
+    create(&api, &service("a", json!({}), 80)).await;
+    let (reader, task) = reflect(&api, watcher::Config::default().streaming_lists()).await;
     assert_eq!(reader.len(), 1);
-    within(api.create(&PostParams::default(), &service("b", json!({}), 80)))
-        .await
-        .unwrap();
+    create(&api, &service("b", json!({}), 80)).await;
     assert_eventually!(within STEP, reader.len() == 2, "b via the streaming watcher");
     task.abort();
 }
@@ -775,9 +756,7 @@ async fn dry_run_and_delete_preconditions() {
     assert_eq!(answered.name_any(), "dry");
     assert_eq!(code(within(api.get("dry")).await.unwrap_err()).0, 404);
 
-    let created = within(api.create(&PostParams::default(), &service("real", json!({}), 80)))
-        .await
-        .unwrap();
+    let created = create(&api, &service("real", json!({}), 80)).await;
     within(api.delete("real", &DeleteParams::default().dry_run()))
         .await
         .unwrap();
@@ -819,9 +798,7 @@ async fn pages_do_not_repeat_after_concurrent_deletes() {
     let api: Api<ConfigMap> = Api::namespaced(server.client(), "default");
     for name in ["a", "b", "c", "d"] {
         let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-        within(api.create(&PostParams::default(), &cm))
-            .await
-            .unwrap();
+        create(&api, &cm).await;
     }
     let first = within(api.list(&ListParams::default().limit(2)))
         .await
@@ -881,9 +858,7 @@ async fn kube_runtime_controller_reconciles_and_gc_follows() {
 
     let cm: ConfigMap =
         serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": {"k": "v1"}})).unwrap();
-    within(cms.create(&PostParams::default(), &cm))
-        .await
-        .unwrap();
+    create(&cms, &cm).await;
     let store = server.store().clone();
     assert_eventually!(within STEP, {
         store.get::<Secret>(Some("default"), "cfg-secret").is_some()
@@ -980,9 +955,7 @@ async fn kube_runtime_event_recorder_publishes() {
     let client = server.client();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "cfg"}})).unwrap();
-    let cm = within(cms.create(&PostParams::default(), &cm))
-        .await
-        .unwrap();
+    let cm = create(&cms, &cm).await;
     let recorder = Recorder::new(
         client,
         Reporter {

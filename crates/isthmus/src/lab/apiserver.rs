@@ -1,21 +1,30 @@
 //! Each lab cluster's API server: a `test-apiserver` process on this machine's
 //! loopback (where `isthmus lab apply` and kubectl reach it), and the address
 //! the lab's pods reach it at, `198.18.251.<i+1>:6443` in the lab namespace,
-//! relayed by the lab itself to the loopback port. Two kubeconfigs per cluster
-//! are recorded in the run's directory: `kube/<cluster>/kubeconfig` (loopback,
-//! what `isthmus lab kubeconfig` prints) and `kube/<cluster>/pods.kubeconfig`
-//! (the pods' address).
+//! relayed by the lab itself to the loopback port. It authorizes by RBAC, as a
+//! cluster's does. Kubeconfigs are recorded in the run's directory:
+//! `kube/<cluster>/kubeconfig` (the admin's, on loopback: the lab's own and
+//! what `isthmus lab kubeconfig` prints) and, per component,
+//! `kube/<cluster>/sa-<namespace>-<name>.kubeconfig` (a ServiceAccount's token,
+//! at the pods' address: what a pod running as it holds).
 //!
 //! Not here: what is applied to it ([`super::apply`]), or the processes that
 //! read it (the controller and gateways, [`super::run`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use isthmus_netns::Namespace;
+use isthmus_vocab::ports::PROXY_UID;
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::Api;
+use kube::api::PostParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use nix::unistd::{Gid, Uid, chown};
 
 /// The network of the API servers' addresses as pods reach them (on the lab
 /// namespace's loopback, routed through each cluster's bridge).
@@ -29,8 +38,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct ApiServer {
     /// The kubeconfig for this machine (loopback).
     pub kubeconfig: PathBuf,
-    /// The kubeconfig for the lab's pods.
-    pub pods_kubeconfig: PathBuf,
+    /// The admin's kubeconfig at the pods' address: what a ServiceAccount's
+    /// kubeconfig is made from.
+    pods_config: Kubeconfig,
     /// Where pods reach it.
     pub public: SocketAddr,
     /// A client for the lab itself.
@@ -54,13 +64,14 @@ pub fn command(bin: &Path, service_range: &str, kubeconfig: &Path) -> tokio::pro
         .env("RUST_LOG", "warn")
         .args(["--listen", "127.0.0.1:0"])
         .args(["--service-cluster-ip-range", service_range])
+        .args(["--authorization-mode", "RBAC"])
         .arg("--kubeconfig-out")
         .arg(kubeconfig);
     cmd
 }
 
-/// Waits for the kubeconfig of a started API server, relays `public` (in the lab
-/// namespace) to it, and writes the pods' kubeconfig beside it.
+/// Waits for the kubeconfig of a started API server and relays `public` (in the
+/// lab namespace) to it.
 pub async fn connect(lab: &Namespace, kubeconfig: &Path, public: SocketAddr) -> Result<ApiServer> {
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     while !kubeconfig.is_file() {
@@ -97,10 +108,6 @@ pub async fn connect(lab: &Namespace, kubeconfig: &Path, public: SocketAddr) -> 
     for c in pods.clusters.iter_mut().filter_map(|c| c.cluster.as_mut()) {
         c.server = Some(format!("http://{public}"));
     }
-    let pods_kubeconfig = kubeconfig.with_file_name("pods.kubeconfig");
-    let text = serde_yaml_ng::to_string(&pods).context("rendering the pods' kubeconfig")?;
-    std::fs::write(&pods_kubeconfig, text)
-        .with_context(|| format!("writing {}", pods_kubeconfig.display()))?;
 
     let client_config = kube::Config::from_custom_kubeconfig(config, &KubeConfigOptions::default())
         .await
@@ -108,10 +115,49 @@ pub async fn connect(lab: &Namespace, kubeconfig: &Path, public: SocketAddr) -> 
     let client = kube::Client::try_from(client_config).context("building the lab's API client")?;
     Ok(ApiServer {
         kubeconfig: kubeconfig.to_owned(),
-        pods_kubeconfig,
+        pods_config: pods,
         public,
         client,
     })
+}
+
+impl ApiServer {
+    /// A kubeconfig at the pods' address holding a token of ServiceAccount
+    /// `namespace/name` (a TokenRequest, as kubelet projects one into a pod):
+    /// what a component running as it may do is what RBAC grants it.
+    pub async fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> Result<PathBuf> {
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let issued = accounts
+            .create_token_request(name, &PostParams::default(), &TokenRequest::default())
+            .await
+            .with_context(|| format!("requesting a token of ServiceAccount {namespace}/{name}"))?;
+        let token = issued
+            .status
+            .map(|s| s.token)
+            .with_context(|| format!("the token of ServiceAccount {namespace}/{name} is empty"))?;
+        let mut config = self.pods_config.clone();
+        for user in config
+            .auth_infos
+            .iter_mut()
+            .filter_map(|a| a.auth_info.as_mut())
+        {
+            user.token = Some(token.clone().into());
+        }
+        let path = self
+            .kubeconfig
+            .with_file_name(format!("sa-{namespace}-{name}.kubeconfig"));
+        let text = serde_yaml_ng::to_string(&config).context("rendering a kubeconfig")?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        // Only the proxy UID, which every lab component runs as, reads a token.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let owner = (
+            Some(Uid::from_raw(PROXY_UID)),
+            Some(Gid::from_raw(PROXY_UID)),
+        );
+        chown(&path, owner.0, owner.1)
+            .with_context(|| format!("handing {} to UID {PROXY_UID}", path.display()))?;
+        Ok(path)
+    }
 }
 
 /// Accepts on `public` inside `lab` and relays each connection to `local` on

@@ -53,7 +53,7 @@ use super::project::mount_dir;
 use super::spec::LabSpec;
 use super::summary::{self, ProxyReport};
 use super::{NEEDS_ROOT, UpArgs};
-use crate::install::{DISCOVERY_MOUNT, IDENTITY_MOUNT};
+use crate::install::{DISCOVERY_MOUNT, GATEWAY, IDENTITY_MOUNT};
 
 mod containers;
 mod control;
@@ -311,7 +311,11 @@ impl Lab {
         }
         // Gateways first, linked once they all listen: no gateway then dials a
         // peer that is not there yet.
-        self.start_gateways(&bin)?;
+        let mut gateway_kubeconfigs = Vec::new();
+        for ci in 0..self.plan.clusters.len() {
+            gateway_kubeconfigs.push(self.account_kubeconfig(ci, GATEWAY).await?);
+        }
+        self.start_gateways(&bin, &gateway_kubeconfigs)?;
         self.wait_ready(false).await?;
         self.link_clusters().await?;
         // As kubelet starts a pod only once its ConfigMap volumes exist.
@@ -421,11 +425,13 @@ impl Lab {
         }
     }
 
-    fn start_gateways(&mut self, bin: &Path) -> Result<()> {
+    /// Each cluster's gateway, discovering through its API server with the
+    /// kubeconfig of its ServiceAccount (`kubeconfigs`, by cluster).
+    fn start_gateways(&mut self, bin: &Path, kubeconfigs: &[PathBuf]) -> Result<()> {
         for (ci, c) in self.plan.clusters.iter().enumerate() {
             let name = c.spec.name.as_str();
             let gw = &self.gateway_ns[ci];
-            let kubeconfig = Discovery::Kube(&self.apiservers[ci].pods_kubeconfig);
+            let kubeconfig = Discovery::Kube(&kubeconfigs[ci]);
             let cmd = self.proxy(bin, gw, "gateway", name, "gateway", kubeconfig);
             let child = spawn(cmd)?;
             self.supervise(child, format!("{name}/gateway"), Role::Proxy);

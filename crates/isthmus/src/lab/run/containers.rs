@@ -54,42 +54,40 @@ impl Lab {
         for &(ci, pi) in pods {
             let c = &self.plan.clusters[ci];
             let name = c.spec.name.as_str();
-            {
-                let pod = &c.pods[pi];
-                let ns = &self.pod_ns[&(ci, pi)];
-                for container in &pod.containers {
-                    let label = format!("{name}/{}/{}", pod.name, container.name);
-                    let env: Vec<(String, String)> = container
-                        .env
-                        .iter()
-                        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
-                        .collect();
-                    match workload(name, pod, container)? {
-                        Workload::Hello(ports) => {
-                            for port in ports {
-                                let mut cmd = tokio::process::Command::new("ip");
-                                cmd.args(["netns", "exec", ns.name()])
-                                    .arg(&self.bins.this)
-                                    .args([
-                                        "lab",
-                                        "hello",
-                                        "--port",
-                                        &port.to_string(),
-                                        "--name",
-                                        &pod.name,
-                                    ])
-                                    .arg("--address")
-                                    .arg(pod.ip.to_string());
-                                container_env(&mut cmd, pod, &env);
-                                servers.push((cmd, label.clone(), ci, pi, port));
-                            }
-                        }
-                        Workload::Command(argv) => {
+            let pod = &c.pods[pi];
+            let ns = &self.pod_ns[&(ci, pi)];
+            for container in &pod.containers {
+                let label = format!("{name}/{}/{}", pod.name, container.name);
+                let env: Vec<(String, String)> = container
+                    .env
+                    .iter()
+                    .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+                    .collect();
+                match workload(name, pod, container)? {
+                    Workload::Hello(ports) => {
+                        for port in ports {
                             let mut cmd = tokio::process::Command::new("ip");
-                            cmd.args(["netns", "exec", ns.name()]).args(&argv);
+                            cmd.args(["netns", "exec", ns.name()])
+                                .arg(&self.bins.this)
+                                .args([
+                                    "lab",
+                                    "hello",
+                                    "--port",
+                                    &port.to_string(),
+                                    "--name",
+                                    &pod.name,
+                                ])
+                                .arg("--address")
+                                .arg(pod.ip.to_string());
                             container_env(&mut cmd, pod, &env);
-                            started.push((cmd, label, ci, pi));
+                            servers.push((cmd, label.clone(), ci, pi, port));
                         }
+                    }
+                    Workload::Command(argv) => {
+                        let mut cmd = tokio::process::Command::new("ip");
+                        cmd.args(["netns", "exec", ns.name()]).args(&argv);
+                        container_env(&mut cmd, pod, &env);
+                        started.push((cmd, label, ci, pi));
                     }
                 }
             }

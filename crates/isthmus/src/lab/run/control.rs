@@ -5,7 +5,7 @@
 //! and replicas, one network namespace per replica on the cluster's bridge, as
 //! the proxy UID), electing its leader by Lease.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use isthmus_vocab::SpiffeId;
@@ -144,8 +144,23 @@ impl Lab {
         link::render(&input)
     }
 
+    /// A kubeconfig holding a token of the ServiceAccount that Deployment
+    /// `deployment` of the mesh's namespace runs as in cluster `ci`: a
+    /// component gets what `isthmus install` grants it, nothing more.
+    pub(super) async fn account_kubeconfig(&self, ci: usize, deployment: &str) -> Result<PathBuf> {
+        let server = &self.apiservers[ci];
+        let d = Api::<Deployment>::namespaced(server.client.clone(), NAMESPACE)
+            .get(deployment)
+            .await
+            .with_context(|| format!("reading Deployment {NAMESPACE}/{deployment}"))?;
+        let account = (d.spec.and_then(|s| s.template.spec))
+            .and_then(|s| s.service_account_name)
+            .unwrap_or_else(|| "default".to_owned());
+        server.service_account_kubeconfig(NAMESPACE, &account).await
+    }
+
     /// Runs each cluster's controller as its Deployment says: command and
-    /// arguments, environment values, replicas.
+    /// arguments, environment values, replicas, ServiceAccount.
     pub(super) async fn start_controllers(&mut self, bin: &Path) -> Result<()> {
         let lab = self.lab_ns()?;
         let log = self.log_filter();
@@ -165,6 +180,7 @@ impl Lab {
                     format!("Deployment {NAMESPACE}/{CONTROLLER} of {name} has no container")
                 })?;
             let replicas = usize::try_from(spec.replicas.unwrap_or(1)).unwrap_or(1);
+            let kubeconfig = self.account_kubeconfig(ci, CONTROLLER).await?;
             for r in 0..replicas.min(MAX_CONTROLLERS) {
                 let pod = format!("{CONTROLLER}-{r}");
                 let host = u8::try_from(3 + r).expect("bounded by MAX_CONTROLLERS");
@@ -187,7 +203,7 @@ impl Lab {
                 cmd.args(&command[1..])
                     .args(container.args.clone().unwrap_or_default())
                     .env("HOSTNAME", &pod)
-                    .env("KUBECONFIG", &self.apiservers[ci].pods_kubeconfig)
+                    .env("KUBECONFIG", &kubeconfig)
                     .env("RUST_LOG", &log)
                     .env("ISTHMUS_LOG", &log);
                 for e in container.env.iter().flatten() {
