@@ -13,7 +13,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::Stdio;
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -174,22 +174,17 @@ fn a_request_past_its_services_timeout_gets_504_and_the_endpoint_sees_it_end() {
             .write_dir(&identity, false)
             .unwrap();
         let log = root.join(format!("gateway-{name}.log"));
-        let child = pod
-            .server
-            .command(binary("isthmus-proxy"))
-            .args(["gateway", "--cluster", cluster, "--identity-dir"])
+        let mut cmd = Command::new(binary("isthmus-proxy"));
+        cmd.args(["gateway", "--cluster", cluster, "--identity-dir"])
             .arg(&identity)
             .arg("--manifests")
             .arg(root.join(format!("manifests-{name}")))
             .args(["--inbound-addr", listen, "--admin-addr", admin])
             .args(["--allow-local-endpoints", "--reload-interval", "200ms"])
             .args(["--log", "info,proxy_core=debug"])
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .env_clear();
+        // As root, like a cluster's gateway pod: only the sidecar runs as the proxy UID.
+        let child = pod.server.spawn_logged_as(cmd, 0, 0, &log).unwrap();
         pod.lab.adopt(child);
         logs.push(log);
     }
