@@ -584,25 +584,34 @@ fn annotation<'a>(value: &'a Value, metadata: &[&str], key: &str) -> Option<&'a 
         .as_str()
 }
 
-fn child_mapping<'a>(parent: &'a mut Mapping, key: &str) -> &'a mut Mapping {
-    let slot = parent
-        .entry(Value::from(key))
-        .or_insert_with(|| Value::Mapping(Mapping::new()));
-    if !slot.is_mapping() {
-        // `metadata: null` or `annotations: null` as some generators write them.
-        *slot = Value::Mapping(Mapping::new());
+/// The value of `key` in `parent`, made `empty` when missing or not `is_kind`
+/// (`metadata: null` or `annotations: null`, as some generators write them).
+fn child<'a>(
+    parent: &'a mut Mapping,
+    key: &str,
+    is_kind: fn(&Value) -> bool,
+    empty: Value,
+) -> &'a mut Value {
+    let slot = parent.entry(Value::from(key)).or_insert(Value::Null);
+    if !is_kind(slot) {
+        *slot = empty;
     }
-    slot.as_mapping_mut()
-        .expect("the slot was just made a mapping")
+    slot
+}
+
+fn child_mapping<'a>(parent: &'a mut Mapping, key: &str) -> &'a mut Mapping {
+    child(
+        parent,
+        key,
+        Value::is_mapping,
+        Value::Mapping(Mapping::new()),
+    )
+    .as_mapping_mut()
+    .expect("the slot was just made a mapping")
 }
 
 fn child_sequence<'a>(parent: &'a mut Mapping, key: &str) -> &'a mut Vec<Value> {
-    let slot = parent
-        .entry(Value::from(key))
-        .or_insert_with(|| Value::Sequence(Vec::new()));
-    if !slot.is_sequence() {
-        *slot = Value::Sequence(Vec::new());
-    }
-    slot.as_sequence_mut()
+    child(parent, key, Value::is_sequence, Value::Sequence(Vec::new()))
+        .as_sequence_mut()
         .expect("the slot was just made a sequence")
 }

@@ -6,7 +6,8 @@
 //!   [`eventually_blocking`] return what a check found, [`assert_eventually!`] waits
 //!   for a condition.
 //! - [`cases`]: [`test_cases!`], a `#[test]` per case of a table, for a check run
-//!   once per address family or backend.
+//!   once per address family or backend; [`cases::fuzz_corpus`], a fuzz target's
+//!   collected inputs, for suites that replay them.
 //! - [`echo`]: [`echo::Echo`], an echo origin that counts what reaches it.
 //! - [`metrics`]: [`Metrics`], the admin server's OpenMetrics text parsed once, and
 //!   matched by name and labels.
