@@ -405,6 +405,23 @@ impl SidecarPod {
             .with_context(|| format!("sending {signal} to the sidecar ({pid})"))
     }
 
+    /// Kills the sidecar and starts it again: what a test does after it changed the
+    /// settings the sidecar only reads when it starts (its cluster's gateway).
+    pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGKILL)?;
+        let deadline = Instant::now() + READY;
+        while self.running() {
+            if Instant::now() >= deadline {
+                bail!(
+                    "the sidecar ({}) still ran {READY:?} after SIGKILL",
+                    self.pid
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.restart()
+    }
+
     /// Whether the sidecar still runs.
     pub fn running(&self) -> bool {
         running(self.pid)
