@@ -4,12 +4,14 @@
 //! chooses among three replicas for every request (not once per connection).
 //!
 //! The world: the sidecar pod (198.18.0.2, capture by `isthmus-init`) and, in the
-//! server namespace (198.18.0.1), cluster-b's gateway on :4143, cluster-a's gateway
-//! on :5143 and the replicas on loopback addresses 127.0.0.21 to .23, each speaking
+//! server namespace (198.18.0.1), cluster-b's two gateway replicas b1 and b2
+//! (198.18.0.3 and .4, both `gateway.cluster-b.test` in the pod's hosts file),
+//! cluster-a's gateway on 198.18.0.1:5143 and the replicas on loopback addresses 127.0.0.21 to .23, each speaking
 //! HTTP/1.1 or h2c (whichever a connection opens with) and answering its name.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -18,7 +20,7 @@ use isthmus_test_support::eventually_blocking;
 use isthmus_tests::h2c;
 use isthmus_tests::identity::{self, Pki};
 use isthmus_tests::multicluster::{
-    MIRROR, NAMESPACE, cluster_settings, gateway_id, link, service, settings_in,
+    MIRROR, NAMESPACE, cluster_settings, gateway_id, link, service, settings_at,
 };
 use isthmus_tests::pod::{self, SidecarPod};
 use isthmus_tests::wan::{proxy_command, write_files};
@@ -28,8 +30,13 @@ use super::{WITHIN, addr, read_head};
 
 const GATEWAY_A: &str = "198.18.0.1:5143";
 const ADMIN_A: &str = "127.0.0.1:5191";
-const GATEWAY_B: &str = "198.18.0.1:4143";
-const ADMIN_B: &str = "127.0.0.1:4192";
+/// cluster-b's gateway replicas (name, address, admin server), on addresses of
+/// their own in the server namespace, both named [`B_NAME`] in the pod.
+const GATEWAYS_B: [(&str, &str, &str); 2] = [
+    ("b1", "198.18.0.3:4143", "127.0.0.1:4192"),
+    ("b2", "198.18.0.4:4143", "127.0.0.1:4193"),
+];
+const B_NAME: &str = "gateway.cluster-b.test";
 const REPLICAS: [&str; 3] = ["127.0.0.21", "127.0.0.22", "127.0.0.23"];
 /// Mirrored Services get addresses on the pod's own link, so the app's connect
 /// is routed (and then captured).
@@ -123,7 +130,7 @@ impl Origin {
 /// mirrored Services get their addresses.
 fn sidecar_settings() -> String {
     let id = gateway_id("cluster-b").to_string();
-    settings_in(NAMESPACE, "cluster-b", addr(GATEWAY_B), &id).replace(
+    settings_at(NAMESPACE, "cluster-b", B_NAME, 4143, &id).replace(
         "  trustDomain: cluster.local\n",
         &format!("  trustDomain: cluster.local\n  serviceCIDR: {SERVICE_CIDR}\n"),
     )
@@ -190,6 +197,8 @@ fn h2_client(pod: &SidecarPod, hello: SocketAddr) -> Vec<String> {
 
 /// The pod, both gateways and the replicas.
 struct World {
+    /// The second of cluster-b's gateway replicas, which a test kills.
+    b2: Option<Child>,
     /// Dropped first, while the logs are still there.
     _show: ShowLogs,
     pod: SidecarPod,
@@ -198,6 +207,9 @@ struct World {
     hello: SocketAddr,
     _dir: tempfile::TempDir,
 }
+
+/// A gateway of the world: its name, cluster, address, admin server and manifests.
+type Gateway<'a> = (&'a str, &'a str, &'a str, &'a str, Vec<(&'a str, String)>);
 
 fn start() -> World {
     let pki = Pki::new("balance through a sidecar anchor");
@@ -223,42 +235,52 @@ fn start() -> World {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let mut logs = vec![pod.log.clone()];
-    for (name, cluster, listen, admin, files) in [
-        (
-            "a",
-            "cluster-a",
-            GATEWAY_A,
-            ADMIN_A,
-            vec![
-                ("settings.yaml", a_settings.clone()),
-                ("hello.yaml", hello.clone()),
-            ],
-        ),
-        (
-            "b",
-            "cluster-b",
-            GATEWAY_B,
-            ADMIN_B,
-            vec![
-                (
-                    "settings.yaml",
-                    cluster_settings("cluster-b", addr(GATEWAY_B)),
-                ),
-                ("link.yaml", a_link.clone()),
-            ],
-        ),
-    ] {
+    let mut gateways: Vec<Gateway<'_>> = vec![(
+        "a",
+        "cluster-a",
+        GATEWAY_A,
+        ADMIN_A,
+        vec![
+            ("settings.yaml", a_settings.clone()),
+            ("hello.yaml", hello.clone()),
+        ],
+    )];
+    for (name, listen, admin) in GATEWAYS_B {
+        let settings = cluster_settings("cluster-b", addr(listen));
+        let files = vec![("settings.yaml", settings), ("link.yaml", a_link.clone())];
+        gateways.push((name, "cluster-b", listen, admin, files));
+    }
+    let mut b2 = None;
+    for (name, cluster, listen, admin, files) in gateways {
         write_files(&root.join(format!("manifests-{name}")), &files);
         pki.leaf(cluster, &gateway_id(cluster))
             .write_dir(&root.join(format!("identity-{name}")), false)
             .unwrap();
+        let ip = addr(listen).ip().to_string();
+        if ip != "198.18.0.1" {
+            pod.server
+                .exec("ip", &["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+                .unwrap();
+        }
         let mut cmd = proxy_command(&pod.server, "gateway", cluster, root, name, admin);
         cmd.args(["--inbound-addr", listen, "--allow-local-endpoints"])
             .args(["--reload-interval", "200ms", "--log", "info"]);
         let log = root.join(format!("gateway-{name}.log"));
-        pod.lab.spawn_logged(&mut cmd, &log);
+        if name == "b2" {
+            // Its own child, for the test that kills it.
+            let stderr = std::fs::File::create(&log).unwrap();
+            b2 = Some(cmd.env_clear().stderr(stderr).spawn().unwrap());
+        } else {
+            pod.lab.spawn_logged(&mut cmd, &log);
+        }
         logs.push(log);
     }
+    // Both of cluster-b's gateway replicas answer to its name, in the pod.
+    let hosts: String = GATEWAYS_B
+        .iter()
+        .map(|(_, listen, _)| format!("{} {B_NAME}\n", addr(listen).ip()))
+        .collect();
+    pod.pod.write_hosts(&hosts).unwrap();
     write_files(
         &pod.manifests,
         &[
@@ -283,11 +305,21 @@ fn start() -> World {
         })
     });
     World {
+        b2,
         _show: ShowLogs(logs),
         pod,
         origins,
         hello,
         _dir: dir,
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(mut b2) = self.b2.take() {
+            let _ = b2.kill();
+            let _ = b2.wait();
+        }
     }
 }
 
@@ -340,4 +372,70 @@ fn keep_alive_and_h2_clients_through_a_sidecar_spread_over_every_replica() {
             origin.name
         );
     }
+}
+
+/// Sends GETs on one keep-alive connection (a new one after a failure) until
+/// `count` were sent, counting them in `sent`: the indices of those that failed.
+fn keep_alive_failures(
+    pod: &SidecarPod,
+    hello: SocketAddr,
+    count: usize,
+    sent: &AtomicUsize,
+) -> Vec<usize> {
+    pod.pod.run(|| {
+        let connect = || {
+            let stream = TcpStream::connect_timeout(&hello, WITHIN).ok()?;
+            stream.set_read_timeout(Some(WITHIN)).ok()?;
+            Some(stream)
+        };
+        let mut stream = connect();
+        let mut failed = Vec::new();
+        for i in 0..count {
+            if stream.as_mut().and_then(get).is_none() {
+                failed.push(i);
+                stream = connect();
+            }
+            sent.fetch_add(1, Ordering::SeqCst);
+        }
+        failed
+    })
+}
+
+#[test]
+fn a_killed_local_gateway_replica_fails_no_idempotent_request() {
+    let _turn = super::ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let mut world = start();
+    let mut b2 = world.b2.take().unwrap();
+    let (pod, hello) = (&world.pod, world.hello);
+    let pool_is = |state: &str| {
+        let config: String = pod.admin("/config").ok()?.split_whitespace().collect();
+        config.contains(state).then_some(())
+    };
+    eventually_blocking(
+        "the sidecar's pool on both gateway replicas",
+        WITHIN,
+        || pool_is("\"state\":\"up(2connections)\""),
+    );
+    let sent = AtomicUsize::new(0);
+    let failed = std::thread::scope(|scope| {
+        let client = scope.spawn(|| keep_alive_failures(pod, hello, 2 * REQUESTS, &sent));
+        eventually_blocking("a first hundred requests", WITHIN, || {
+            (sent.load(Ordering::SeqCst) >= 100).then_some(())
+        });
+        b2.kill().unwrap();
+        b2.wait().unwrap();
+        client.join().unwrap()
+    });
+    assert_eq!(
+        failed,
+        Vec::<usize>::new(),
+        "requests that failed (of {}; b2 was killed after 100)",
+        2 * REQUESTS
+    );
+    // The kill was seen, not missed: the pool holds only b1's connection.
+    eventually_blocking("the sidecar's pool to drop b2", WITHIN, || {
+        pool_is("\"state\":\"up(1connections)\"")
+    });
 }
