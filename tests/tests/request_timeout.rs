@@ -13,7 +13,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::Stdio;
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -27,11 +27,14 @@ use isthmus_vocab::SpiffeId;
 const TIMEOUT: Duration = Duration::from_millis(200);
 /// The silent endpoint, on the server namespace's loopback.
 const ENDPOINT: &str = "127.0.0.1:8080";
-/// cluster-a's gateway and its admin server (probed by cluster-b's Link).
+/// Each cluster's gateway and its admin server (cluster-a's probed by cluster-b's
+/// Link), both in the server namespace.
+const GATEWAYS: [(&str, &str, &str); 2] = [
+    ("cluster-a", GATEWAY_A, "127.0.0.1:5191"),
+    ("cluster-b", GATEWAY_B, "127.0.0.1:4192"),
+];
 const GATEWAY_A: &str = "198.18.0.1:5143";
-const ADMIN_A: &str = "127.0.0.1:5191";
 const GATEWAY_B: &str = "198.18.0.1:4143";
-const ADMIN_B: &str = "127.0.0.1:4192";
 /// Mirrored Services get addresses here: on the pod's own link, so the app's
 /// connect is routed (and then captured).
 const SERVICE_CIDR: &str = "198.18.0.128/25";
@@ -129,15 +132,9 @@ fn get(pod: &SidecarPod, hello: SocketAddr) -> Option<(String, Duration)> {
 fn a_request_past_its_services_timeout_gets_504_and_the_endpoint_sees_it_end() {
     let pki = Pki::new("request timeout anchor");
     let frontend = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/frontend").unwrap();
-    let mut pod = SidecarPod::start(
-        |dir| {
-            pki.leaf("cluster-b", &frontend)
-                .write_dir(dir, false)
-                .unwrap();
-        },
-        &["--reload-interval", "200ms"],
-    )
-    .unwrap();
+    let leaf = pki.leaf("cluster-b", &frontend);
+    let mint = |dir: &Path| drop(leaf.write_dir(dir, false).unwrap());
+    let mut pod = SidecarPod::start(mint, &["--reload-interval", "200ms"]).unwrap();
 
     let (ended_tx, ended) = mpsc::channel();
     silent_endpoint(
@@ -165,37 +162,29 @@ fn a_request_past_its_services_timeout_gets_504_and_the_endpoint_sees_it_end() {
             ),
             (
                 "link.yaml",
-                link("cluster-a", addr(GATEWAY_A), addr(ADMIN_A)),
+                link("cluster-a", addr(GATEWAY_A), addr(GATEWAYS[0].2)),
             ),
         ],
     );
     let mut logs = vec![pod.log.clone()];
-    for (cluster, listen, admin) in [
-        ("cluster-a", GATEWAY_A, ADMIN_A),
-        ("cluster-b", GATEWAY_B, ADMIN_B),
-    ] {
+    for (cluster, listen, admin) in GATEWAYS {
         let name = &cluster[cluster.len() - 1..];
         let identity = root.join(format!("identity-{name}"));
         pki.leaf(cluster, &gateway_id(cluster))
             .write_dir(&identity, false)
             .unwrap();
         let log = root.join(format!("gateway-{name}.log"));
-        let child = pod
-            .server
-            .command(binary("isthmus-proxy"))
-            .args(["gateway", "--cluster", cluster, "--identity-dir"])
+        let mut cmd = Command::new(binary("isthmus-proxy"));
+        cmd.args(["gateway", "--cluster", cluster, "--identity-dir"])
             .arg(&identity)
             .arg("--manifests")
             .arg(root.join(format!("manifests-{name}")))
             .args(["--inbound-addr", listen, "--admin-addr", admin])
             .args(["--allow-local-endpoints", "--reload-interval", "200ms"])
             .args(["--log", "info,proxy_core=debug"])
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .env_clear();
+        // As root, like a cluster's gateway pod: only the sidecar runs as the proxy UID.
+        let child = pod.server.spawn_logged_as(cmd, 0, 0, &log).unwrap();
         pod.lab.adopt(child);
         logs.push(log);
     }
@@ -208,7 +197,7 @@ fn a_request_past_its_services_timeout_gets_504_and_the_endpoint_sees_it_end() {
             ("settings.yaml", sidecar_settings()),
             (
                 "link.yaml",
-                link("cluster-a", addr(GATEWAY_A), addr(ADMIN_A)),
+                link("cluster-a", addr(GATEWAY_A), addr(GATEWAYS[0].2)),
             ),
             (
                 "clusters/cluster-a/settings.yaml",
