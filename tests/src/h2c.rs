@@ -71,3 +71,19 @@ pub async fn connect(addr: SocketAddr) -> (SendRequest<Bytes>, tokio::task::Join
     });
     (client, driver)
 }
+
+/// Reads `body` to its end, giving back flow-control capacity as it goes (or the
+/// peer stops sending once the window is used up).
+///
+/// # Errors
+///
+/// When the stream is reset or its connection fails.
+pub async fn read_body(mut body: h2::RecvStream) -> Result<Vec<u8>, h2::Error> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        body.flow_control().release_capacity(chunk.len())?;
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}

@@ -52,3 +52,22 @@ pub fn mint_pod(dir: &Path, anchor: &str) -> anyhow::Result<()> {
 
 /// One trust anchor and an issuer per cluster, as `isthmus identity` makes them.
 pub use isthmus_test_support::Pki;
+
+/// What [`crate::pod::SidecarPod::start`] calls to write the pod's identity:
+/// `sa/frontend` in `default` of [`CLUSTER`], under `pki` (whose other leaves are
+/// the gateways the pod's sidecar dials).
+///
+/// # Panics
+///
+/// When the leaf cannot be written.
+pub fn frontend_of(pki: &Pki) -> impl FnOnce(&Path) + '_ {
+    move |dir| {
+        let frontend = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/frontend")
+            .unwrap_or_else(|e| panic!("the frontend's SPIFFE ID: {e}"));
+        pki.leaf(CLUSTER, &frontend)
+            .write_dir(dir, false)
+            .unwrap_or_else(|e| {
+                panic!("writing the frontend's identity to {}: {e}", dir.display())
+            });
+    }
+}

@@ -254,7 +254,20 @@ pub fn start_sidecar(
     flags: &[&str],
     log: &Path,
 ) -> anyhow::Result<Child> {
-    let mut cmd = Command::new(bin);
+    // A pod with a hosts file of its own (`Namespace::write_hosts`) resolves names
+    // with it, as a pod's containers do: only `ip netns exec` mounts it over
+    // /etc/hosts, and it must start as root, so setpriv drops to the proxy UID.
+    let hosts = Path::new("/etc/netns").join(pod.name()).join("hosts");
+    let (mut cmd, uid) = if hosts.exists() {
+        let mut cmd = pod.command("setpriv");
+        cmd.arg(format!("--reuid={PROXY_UID}"))
+            .arg(format!("--regid={PROXY_UID}"))
+            .args(["--clear-groups", "--"])
+            .arg(bin);
+        (cmd, 0)
+    } else {
+        (Command::new(bin), PROXY_UID)
+    };
     cmd.args(["sidecar", "--cluster", "cluster-b", "--identity-dir"])
         .arg(identity)
         .arg("--manifests")
@@ -262,7 +275,7 @@ pub fn start_sidecar(
         .args(flags)
         // Only the flags above configure it, whatever the test's environment holds.
         .env_clear();
-    let mut child = pod.spawn_logged_as(cmd, PROXY_UID, PROXY_UID, log)?;
+    let mut child = pod.spawn_logged_as(cmd, uid, uid, log)?;
     let deadline = Instant::now() + READY;
     loop {
         if let Some(status) = child.try_wait()? {
@@ -403,6 +416,23 @@ impl SidecarPod {
         let pid = i32::try_from(self.pid).context("a pid fits in i32")?;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
             .with_context(|| format!("sending {signal} to the sidecar ({pid})"))
+    }
+
+    /// Kills the sidecar and starts it again: what a test does after it changed the
+    /// settings the sidecar only reads when it starts (its cluster's gateway).
+    pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGKILL)?;
+        let deadline = Instant::now() + READY;
+        while self.running() {
+            if Instant::now() >= deadline {
+                bail!(
+                    "the sidecar ({}) still ran {READY:?} after SIGKILL",
+                    self.pid
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.restart()
     }
 
     /// Whether the sidecar still runs.

@@ -18,7 +18,12 @@
 //! in b's hosts file), the replicas r1 to r3 (198.18.0.21 to .23, HTTP servers that
 //! answer with their name and close) and the client (198.18.0.10). Needs root,
 //! like every test here.
+//!
+//! [`through_sidecar`] checks the same choice per request, from keep-alive and
+//! HTTP/2 clients under a sidecar's capture.
 #![allow(clippy::unwrap_used)]
+
+mod through_sidecar;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
